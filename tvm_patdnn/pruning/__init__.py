@@ -1,0 +1,49 @@
+"""PatDNN pruning: pattern/connectivity projections, one-shot ONNX pruning, ADMM training.
+
+The numpy core (:mod:`.projection`) and ONNX pruning (:mod:`.onnx_prune`) need no torch, so
+this package imports without it; the torch-based ADMM trainer lives in its own module.
+"""
+
+from .onnx_prune import (
+    LayerRecord,
+    PruneResult,
+    load_onnx_model,
+    prune_onnx,
+    save_model_atomic,
+    write_bytes_atomic,
+)
+from .projection import (
+    assign_patterns,
+    kept_kernel_count,
+    pattern_frequencies,
+    project_connectivity,
+    project_pattern_and_connectivity,
+    project_patterns,
+    prunable_reason,
+    select_pattern_set,
+    top_shape,
+)
+
+__all__ = [
+    # projections (numpy)
+    "top_shape",
+    "pattern_frequencies",
+    "select_pattern_set",
+    "assign_patterns",
+    "project_patterns",
+    "kept_kernel_count",
+    "project_connectivity",
+    "project_pattern_and_connectivity",
+    "prunable_reason",
+    # one-shot ONNX pruning
+    "LayerRecord",
+    "PruneResult",
+    "load_onnx_model",
+    "prune_onnx",
+    "save_model_atomic",
+    "write_bytes_atomic",
+]
+
+# --- ADMM training (tvm_patdnn.pruning.admm, needs torch) --------------------------------
+# Exports of the ADMM module go here. Import torch lazily there (or guard the import here)
+# so that `import tvm_patdnn.pruning` keeps working without torch.
