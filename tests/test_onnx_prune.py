@@ -176,6 +176,48 @@ def test_shared_weight_with_dense_user_stays_dense(model):
     assert by_name["shared_b"].action == "dense"
 
 
+def test_storage_variants(model, tmp_path):
+    """Typed (float_data) and external-data weights are pruned; a runtime weight stays dense."""
+    edited = onnx.ModelProto.FromString(model.SerializeToString())
+    w1 = next(t for t in edited.graph.initializer if t.name == "w1")
+    values = numpy_helper.to_array(w1)
+    w1.CopyFrom(helper.make_tensor("w1", TensorProto.FLOAT, values.shape, values.ravel().tolist()))
+    assert not w1.raw_data and w1.float_data
+    src = tmp_path / "external.onnx"
+    onnx.save_model(edited, str(src), save_as_external_data=True, location="external.data", size_threshold=0)
+    res = prune_onnx(src)
+    expected = prune_onnx(model)
+    for name, array in weights_of(expected.model).items():
+        assert weights_of(res.model)[name].tobytes() == array.tobytes()
+    save_model_atomic(res.model, tmp_path / "single.onnx")  # one self-contained file
+    assert weights_of(onnx.load(str(tmp_path / "single.onnx"), load_external_data=False))["w1"].any()
+
+    edited = onnx.ModelProto.FromString(model.SerializeToString())
+    w5 = next(t for t in edited.graph.initializer if t.name == "w5")
+    edited.graph.initializer.remove(w5)
+    edited.graph.input.append(helper.make_tensor_value_info("w5", TensorProto.FLOAT, [16, 16, 3, 3]))
+    by_name = {rec.name: rec for rec in prune_onnx(edited).layers}
+    assert by_name["shared_a"].reason == "weight is not a constant tensor"
+
+
+def test_weight_used_elsewhere_stays_dense(model):
+    """Pruning a weight that another op (here inside an If branch) reads would change that op."""
+    edited = onnx.ModelProto.FromString(model.SerializeToString())
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["w1"], ["w1_copy"])], "branch", [],
+        [helper.make_tensor_value_info("w1_copy", TensorProto.FLOAT, [16, 16, 3, 3])],
+    )
+    edited.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    edited.graph.node.append(
+        helper.make_node("If", ["cond"], ["w1_out"], then_branch=branch, else_branch=branch)
+    )
+    edited.graph.output.append(helper.make_tensor_value_info("w1_out", TensorProto.FLOAT, [16, 16, 3, 3]))
+    onnx.checker.check_model(edited)
+    by_name = {rec.name: rec for rec in prune_onnx(edited).layers}
+    assert by_name["conv1"].reason == "weight also used by Identity in a subgraph"
+    assert by_name["from_constant"].action == "pruned"
+
+
 def test_overrides_and_options(model):
     res = prune_onnx(model, n_patterns=4, connectivity=None, layers={"first": True, "w5": False})
     by_name = {rec.name: rec for rec in res.layers}

@@ -30,7 +30,7 @@ from tvm_patdnn.pruning import (
 
 CANDIDATES = candidate_patterns()
 CENTRE = 1 << 4
-SETTINGS = settings(deadline=None, max_examples=60)
+SETTINGS = settings(deadline=None, max_examples=100)
 
 # Values include exact zeros and repeated magnitudes so ties and empty kernels are exercised.
 values = st.one_of(st.just(0.0), st.sampled_from([1.0, -1.0, 0.5]), st.floats(-4, 4, width=32))
@@ -283,6 +283,7 @@ def test_kept_kernel_count():
     [
         ((64, 32, 3, 3), {}, None),
         ((64, 3, 3, 3), {}, "first layer (3 input channels) kept dense"),
+        ((32, 1, 3, 3), {}, "first layer (1 input channel) kept dense"),
         ((64, 3, 3, 3), {"first_layer_dense": False}, None),
         ((64, 32, 1, 1), {}, "kernel 1x1 is not 3x3"),
         ((64, 32, 5, 5), {}, "kernel 5x5 is not 3x3"),

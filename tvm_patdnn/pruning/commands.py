@@ -36,7 +36,7 @@ def add_prune_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="input ONNX model")
     parser.add_argument("-o", "--output", required=True, help="where to write the pruned ONNX model")
     parser.add_argument("--patterns", type=int, default=8, metavar="N",
-                        help="size of the pattern set (PatDNN uses 8; default %(default)s)")
+                        help="size of the pattern set (PatDNN uses 8; the compiler handles up to 12; default %(default)s)")
     parser.add_argument("--connectivity", type=_rate, default=3.6, metavar="RATE",
                         help="keep round(kernels/RATE) kernels per layer; 'none' disables "
                              "(default %(default)s)")

@@ -183,7 +183,6 @@ def _store(tensor: onnx.TensorProto, array: np.ndarray) -> None:
 @dataclass
 class _Conv:
     name: str
-    node: onnx.NodeProto
     weight: str
     tensor: onnx.TensorProto | None
     shape: tuple[int, ...]
@@ -232,9 +231,9 @@ def _find_convs(
             reason = prunable_reason(shape, groups, dilations, first_layer_dense and override is not True)
         if override is True and reason is not None:
             raise PatDNNError(f"layer {name} cannot be pattern-pruned: {reason}")
-        if override is False:
+        if override is False and reason is None:
             reason = "skipped by request"
-        convs.append(_Conv(name, node, weight, tensor, shape, reason))
+        convs.append(_Conv(name, weight, tensor, shape, reason))
     if unused:
         known = ", ".join(c.name for c in convs) or "none"
         raise PatDNNError(f"no Conv layer or weight named {', '.join(sorted(unused))} (conv layers: {known})")
@@ -242,14 +241,26 @@ def _find_convs(
     return convs
 
 
+def _nested_nodes(graph: onnx.GraphProto):
+    """Nodes of the subgraphs (If/Loop/Scan bodies) of a graph's nodes, recursively."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from sub.node
+                yield from _nested_nodes(sub)
+
+
 def _keep_shared_weights_consistent(graph: onnx.GraphProto, convs: list[_Conv]) -> None:
-    """A weight is pruned only if every consumer is a prunable Conv, so all uses agree."""
+    """A weight is pruned only if every consumer is a prunable top-level Conv, so all uses agree."""
     consumers: dict[str, list[str]] = {}
-    for index, node in enumerate(graph.node):
+    for node in graph.node:
         for position, name in enumerate(node.input):
             if name:
                 is_conv_weight = node.op_type == "Conv" and position == 1
                 consumers.setdefault(name, []).append("" if is_conv_weight else node.op_type)
+    for node in _nested_nodes(graph):
+        for name in node.input:
+            consumers.setdefault(name, []).append(f"{node.op_type} in a subgraph")
     outputs = {o.name for o in graph.output}
     by_weight: dict[str, list[_Conv]] = {}
     for conv in convs:

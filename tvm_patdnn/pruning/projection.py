@@ -263,5 +263,6 @@ def prunable_reason(
     if any(int(d) != 1 for d in dilations):
         return f"dilated (dilations={tuple(int(d) for d in dilations)})"
     if first_layer_dense and i_per_group <= 3:
-        return f"first layer ({i_per_group} input channels) kept dense"
+        plural = "s" if i_per_group != 1 else ""
+        return f"first layer ({i_per_group} input channel{plural}) kept dense"
     return None
