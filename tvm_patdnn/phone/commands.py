@@ -1,0 +1,71 @@
+"""``patdnn phone-emulator``: start the emulated aarch64 phone behind an RPC tracker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from ..errors import PatDNNError
+
+
+def _parse_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def add_phone_emulator_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``phone-emulator`` subcommand (handler in ``func``)."""
+    parser = subparsers.add_parser(
+        "phone-emulator",
+        help="serve an emulated aarch64 phone (qemu-user) to a TVM RPC tracker",
+        description=(
+            "Register an emulated aarch64 phone with a TVM RPC tracker. Each RPC session runs "
+            "TVM's aarch64 runtime in a fresh qemu-aarch64 process, so "
+            "rpc.connect_tracker(...).request(KEY) and meta_schedule's RPCRunner see a normal "
+            "device. Needs Debian qemu-user and g++-aarch64-linux-gnu; downloads the aarch64 "
+            "TVM runtime wheels once. Timings are 20-50x slower than a real phone."
+        ),
+    )
+    parser.add_argument("--tracker", type=_parse_addr, required=True, metavar="HOST:PORT",
+                        help="RPC tracker address, e.g. 127.0.0.1:9190")
+    parser.add_argument("--key", default="android", help="device key clients request")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=9090,
+                        help="first port to try; the next free one up to port+100 is used")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only fetch the aarch64 runtime and build the server, then exit")
+    parser.set_defaults(func=run_phone_emulator)
+
+
+def run_phone_emulator(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; those end the current session and exit cleanly."""
+    from . import runtime
+    from .emulator import PhoneEmulator
+
+    runtime.check_tools()
+    runtime.fetch_aarch64_runtime()
+    if args.prepare_only:
+        print(f"phone RPC server ready: {runtime.build_server()}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        emulator = PhoneEmulator(key=args.key, tracker=args.tracker, host=args.host,
+                                 port=args.port, port_end=args.port + 100)
+    except OSError as err:
+        raise PatDNNError(f"cannot listen on {args.host}:{args.port}: {err}") from err
+    previous = {sig: signal.signal(sig, lambda *_: emulator.stop())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    # The "listening" line tells scripts (and tests) which port was taken and that we are up.
+    print(f"phone-emulator listening on {args.host}:{emulator.port}, key {args.key!r}, "
+          f"tracker {args.tracker[0]}:{args.tracker[1]}", flush=True)
+    try:
+        emulator.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("phone-emulator stopped", file=sys.stderr)
+    return 0
