@@ -1,0 +1,377 @@
+"""Shared driver of the accuracy experiments: dense vs one-shot vs magnitude vs ADMM.
+
+Each experiment script supplies a dense model (pretrained or trained here) and its data;
+this module runs, for every connectivity rate and seed:
+
+* ``oneshot``   – project the dense weights onto both constraints, no retraining;
+* ``magnitude`` – the same projection, then masked fine-tuning for the whole epoch budget;
+* ``admm``      – extended ADMM for ``admm_epochs``, hard pruning, masked retraining for
+  ``retrain_epochs`` (same total budget as ``magnitude``).
+
+Results are appended to a JSON file after every run (written atomically), so an
+interrupted experiment resumes where it stopped; the markdown table and the plots are
+regenerated from that JSON at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tvm_patdnn.kernel_patterns import format_pattern
+from tvm_patdnn.pruning.admm import (
+    PatternADMMPruner,
+    default_config,
+    evaluate,
+    export_pruned_onnx,
+    magnitude_prune,
+    train_epoch,
+)
+from tvm_patdnn.pruning.onnx_prune import write_bytes_atomic
+from tvm_patdnn.pruning.plots import plot_pattern_frequencies
+from tvm_patdnn.pruning.projection import pattern_frequencies
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Connectivity rates of the one-shot sweep in the accuracy-vs-rate plot (no retraining, cheap).
+ONESHOT_SWEEP = (1.0, 1.5, 2.0, 2.5, 3.0, 3.6, 4.5, 6.0, 8.0)
+
+
+@dataclass
+class Budget:
+    """Training budget and ADMM hyperparameters shared by the two retraining methods."""
+
+    admm_epochs: int
+    retrain_epochs: int
+    batch_size: int = 128
+    lr_admm: float = 0.01
+    lr_retrain: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rounds_per_epoch: int = 4
+    rho: float = 1e-3
+    rho_growth: float = 1.5
+    rho_max: float = 1.0
+    n_patterns: int = 8
+
+    @property
+    def total_epochs(self) -> int:
+        return self.admm_epochs + self.retrain_epochs
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, admm_epochs: int, retrain_epochs: int, seeds: list[int]) -> None:
+    parser.add_argument("--admm-epochs", type=int, default=admm_epochs)
+    parser.add_argument("--retrain-epochs", type=int, default=retrain_epochs)
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--rates", type=float, nargs="+", default=[3.6],
+                        help="connectivity rates for the retraining methods (3.6 = 8x with 4-entry patterns)")
+    parser.add_argument("--rho", type=float, default=1e-3)
+    parser.add_argument("--rho-growth", type=float, default=1.5)
+    parser.add_argument("--rho-max", type=float, default=1.0)
+    parser.add_argument("--rounds-per-epoch", type=int, default=4)
+    parser.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/tvm_patdnn_accuracy"),
+                        help="dense checkpoints and pruned ONNX models (not committed)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted run")
+    parser.add_argument("--progress", action="store_true", default=None, help="force tqdm bars (default: only on a TTY)")
+
+
+def budget_from_args(args: argparse.Namespace, **overrides: Any) -> Budget:
+    return Budget(admm_epochs=args.admm_epochs, retrain_epochs=args.retrain_epochs, rho=args.rho,
+                  rho_growth=args.rho_growth, rho_max=args.rho_max, rounds_per_epoch=args.rounds_per_epoch,
+                  **overrides)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _sgd(model: nn.Module, lr: float, budget: Budget) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=budget.momentum, weight_decay=budget.weight_decay)
+
+
+def _cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+
+
+def conv_compression(model: nn.Module) -> float:
+    """Dense / nonzero weights over all conv layers (the first, dense conv included)."""
+    total = nonzero = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            total += m.weight.numel()
+            nonzero += int((m.weight != 0).sum())
+    return total / max(nonzero, 1)
+
+
+def _pruned_compression(report: list[dict[str, Any]]) -> float:
+    return sum(r["kernels"] * 9 for r in report) / max(sum(r["nonzeros"] for r in report), 1)
+
+
+def run_oneshot(model: nn.Module, config: list[dict[str, Any]], budget: Budget, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    pruner = magnitude_prune(model, config, n_patterns=budget.n_patterns)
+    pruner.squash_mask()
+    pruner.verify()
+    return _summary(model, pruner, data, epochs=0)
+
+
+def run_magnitude(model: nn.Module, config: list[dict[str, Any]], budget: Budget, data: dict[str, torch.Tensor],
+                  seed: int, progress: bool | None) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = _sgd(model, budget.lr_retrain, budget)
+    pruner = magnitude_prune(model, config, n_patterns=budget.n_patterns, optimizer=optimizer)
+    steps = budget.total_epochs * math.ceil(len(data["xtr"]) / budget.batch_size)
+    scheduler = _cosine(optimizer, steps)
+    history = []
+    for epoch in range(budget.total_epochs):
+        loss = train_epoch(model, data["xtr"], data["ytr"], optimizer, batch_size=budget.batch_size,
+                           generator=generator, scheduler=scheduler, progress=progress, desc=f"magnitude ep{epoch}")
+        history.append({"epoch": epoch, "loss": loss, "test_acc": evaluate(model, data["xte"], data["yte"])})
+        log(f"  magnitude epoch {epoch}: loss {loss:.4f} acc {history[-1]['test_acc']:.4f}")
+    pruner.squash_mask()
+    pruner.verify()
+    return _summary(model, pruner, data, epochs=budget.total_epochs, history=history)
+
+
+def run_admm(model: nn.Module, config: list[dict[str, Any]], budget: Budget, data: dict[str, torch.Tensor],
+             seed: int, progress: bool | None, onnx_path: Path | None) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    batches_per_epoch = math.ceil(len(data["xtr"]) / budget.batch_size)
+    pruner = PatternADMMPruner(budget.n_patterns, rho=budget.rho, rho_growth=budget.rho_growth,
+                               rho_max=budget.rho_max,
+                               admm_interval=max(1, batches_per_epoch // budget.rounds_per_epoch))
+    pruner.prepare(model, config)
+    optimizer = _sgd(model, budget.lr_admm, budget)
+    history = []
+    for epoch in range(budget.admm_epochs):
+        loss = train_epoch(model, data["xtr"], data["ytr"], optimizer, pruner=pruner, batch_size=budget.batch_size,
+                           generator=generator, progress=progress, desc=f"admm ep{epoch}")
+        res = pruner.residuals()
+        worst = max(max(r.values()) for r in res.values())
+        history.append({"epoch": epoch, "phase": "admm", "loss": loss, "rho": pruner.rho, "max_residual": worst,
+                        "test_acc": evaluate(model, data["xte"], data["yte"])})
+        log(f"  admm epoch {epoch}: loss {loss:.4f} rho {pruner.rho:.3g} max residual {worst:.3f} "
+            f"acc(unpruned) {history[-1]['test_acc']:.4f}")
+    retrain = _sgd(model, budget.lr_retrain, budget)
+    pruner.hard_prune(retrain)
+    hard_acc = evaluate(model, data["xte"], data["yte"])
+    log(f"  admm hard-pruned (no retraining yet): acc {hard_acc:.4f}")
+    scheduler = _cosine(retrain, budget.retrain_epochs * batches_per_epoch)
+    for epoch in range(budget.retrain_epochs):
+        loss = train_epoch(model, data["xtr"], data["ytr"], retrain, batch_size=budget.batch_size,
+                           generator=generator, scheduler=scheduler, progress=progress, desc=f"retrain ep{epoch}")
+        history.append({"epoch": budget.admm_epochs + epoch, "phase": "retrain", "loss": loss,
+                        "test_acc": evaluate(model, data["xte"], data["yte"])})
+        log(f"  retrain epoch {epoch}: loss {loss:.4f} acc {history[-1]['test_acc']:.4f}")
+    pruner.squash_mask()
+    pruner.verify()
+    summary = _summary(model, pruner, data, epochs=budget.total_epochs, history=history)
+    summary["acc_after_hard_prune"] = hard_acc
+    if onnx_path is not None:
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        export_pruned_onnx(model, data["xte"][:1], onnx_path)
+        summary["onnx"] = str(onnx_path)
+    return summary
+
+
+def _summary(model: nn.Module, pruner: PatternADMMPruner, data: dict[str, torch.Tensor], *, epochs: int,
+             history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    report = pruner.report()
+    return {
+        "test_acc": evaluate(model, data["xte"], data["yte"]),
+        "epochs": epochs,
+        "patterns": pruner.patterns,
+        "pruned_layer_compression": _pruned_compression(report),
+        "conv_compression": conv_compression(model),
+        "layers": report,
+        "history": history or [],
+    }
+
+
+def run_experiment(
+    *,
+    name: str,
+    title: str,
+    args: argparse.Namespace,
+    budget: Budget,
+    data: dict[str, torch.Tensor],
+    dense_model: Callable[[int], nn.Module],
+    extra_meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Run every (method, rate, seed) not yet in ``results/<name>.json``, then table + plots."""
+    torch.set_num_threads(args.threads)
+    args.results.mkdir(parents=True, exist_ok=True)
+    json_path = args.results / f"{name}.json"
+    state: dict[str, Any] = {"runs": []}
+    if json_path.exists() and not args.fresh:
+        state = json.loads(json_path.read_text())
+        log(f"resuming: {len(state['runs'])} runs already in {json_path}")
+    state["meta"] = {
+        "experiment": name, "title": title, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "budget": asdict(budget), "seeds": args.seeds, "rates": args.rates, "threads": args.threads,
+        "train_images": len(data["xtr"]), "test_images": len(data["xte"]),
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+        **extra_meta,
+    }
+    done = {(r["method"], r["rate"], r["seed"]) for r in state["runs"]}
+
+    def record(run: dict[str, Any]) -> None:
+        state["runs"].append(run)
+        write_json_atomic(json_path, state)
+
+    for seed in args.seeds:
+        t0 = time.time()
+        dense = dense_model(seed)
+        dense_time = time.time() - t0
+        dense_state = copy.deepcopy(dense.state_dict())
+        config = default_config(dense)
+        if ("dense", None, seed) not in done:
+            record({"method": "dense", "rate": None, "seed": seed, "test_acc": evaluate(dense, data["xte"], data["yte"]),
+                    "conv_compression": conv_compression(dense), "pruned_layer_compression": 1.0,
+                    "wall_s": dense_time, "epochs": extra_meta.get("dense_epochs", 0)})
+            log(f"seed {seed}: dense acc {state['runs'][-1]['test_acc']:.4f}")
+        if seed == args.seeds[0] and "pattern_frequencies" not in state:
+            weights = [dense.get_parameter(c["tensor_fqn"]).detach().numpy() for c in config]
+            freqs = pattern_frequencies(weights)
+            patterns = PatternADMMPruner(budget.n_patterns).prepare(copy.deepcopy(dense), config).patterns
+            state["pattern_frequencies"] = {str(k): v for k, v in freqs.items()}
+            state["selected_patterns"] = patterns
+            write_json_atomic(json_path, state)
+        for rate in sorted(set(ONESHOT_SWEEP) | set(args.rates)):
+            if ("oneshot", rate, seed) in done:
+                continue
+            model = copy.deepcopy(dense)
+            t0 = time.time()
+            run = run_oneshot(model, [dict(c, connectivity=rate) for c in config], budget, data)
+            record({"method": "oneshot", "rate": rate, "seed": seed, "wall_s": time.time() - t0, **run})
+            log(f"seed {seed} rate {rate}: one-shot acc {run['test_acc']:.4f}")
+        for rate in args.rates:
+            cfg = [dict(c, connectivity=rate) for c in config]
+            for method in ("magnitude", "admm"):
+                if (method, rate, seed) in done:
+                    continue
+                log(f"seed {seed} rate {rate}: {method} ({budget.total_epochs} epochs)")
+                model = copy.deepcopy(dense)
+                model.load_state_dict(dense_state)
+                torch.manual_seed(seed)
+                t0 = time.time()
+                if method == "magnitude":
+                    run = run_magnitude(model, cfg, budget, data, seed, args.progress)
+                else:
+                    onnx_path = args.workdir / f"{name}_admm_rate{rate}_seed{seed}.onnx"
+                    run = run_admm(model, cfg, budget, data, seed, args.progress, onnx_path)
+                record({"method": method, "rate": rate, "seed": seed, "wall_s": time.time() - t0, **run})
+                log(f"seed {seed} rate {rate}: {method} acc {run['test_acc']:.4f} ({time.time() - t0:.0f} s)")
+    state["wall_s_total"] = sum(r.get("wall_s", 0.0) for r in state["runs"])
+    write_json_atomic(json_path, state)
+    write_outputs(state, args.results, name)
+    return state
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table_markdown(state: dict[str, Any]) -> str:
+    """Markdown table: method, rate, compression, accuracy (mean ± std over seeds), delta vs dense."""
+    meta = state["meta"]
+    runs = state["runs"]
+    dense_acc, _ = _stats([r["test_acc"] for r in runs if r["method"] == "dense"])
+    rates = meta["rates"]
+    rows = [("dense", None)] + [(m, r) for r in rates for m in ("oneshot", "magnitude", "admm")]
+    label = {"dense": "dense (unpruned)", "oneshot": "one-shot projection, no retraining",
+             "magnitude": "magnitude projection + masked fine-tune", "admm": "extended ADMM + masked retrain"}
+    lines = [f"### {meta['title']}", "",
+             "| method | connectivity | compression (pruned convs / all convs) | epochs | test accuracy | vs dense | seeds | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, rate in rows:
+        sel = [r for r in runs if r["method"] == method and r["rate"] == rate]
+        if not sel:
+            continue
+        mean, std = _stats([100 * r["test_acc"] for r in sel])
+        comp = f"{sel[0]['pruned_layer_compression']:.2f}x / {sel[0]['conv_compression']:.2f}x"
+        wall = statistics.fmean(r["wall_s"] for r in sel)
+        lines.append(f"| {label[method]} | {'-' if rate is None else f'{rate:g}x'} | {comp} | {sel[0].get('epochs', 0)} | "
+                     f"{mean:.2f} ± {std:.2f} % | {mean - 100 * dense_acc:+.2f} pp | "
+                     f"{','.join(str(r['seed']) for r in sel)} | {wall / 60:.1f} min |")
+    b = meta["budget"]
+    lines += ["", f"Budget: ADMM {b['admm_epochs']} epochs ({b['rounds_per_epoch']} ADMM rounds/epoch, rho {b['rho']:g} "
+              f"x{b['rho_growth']:g}/round, cap {b['rho_max']:g}) + {b['retrain_epochs']} masked-retrain epochs; "
+              f"magnitude baseline fine-tunes {b['admm_epochs'] + b['retrain_epochs']} epochs. SGD momentum {b['momentum']}, "
+              f"weight decay {b['weight_decay']}, batch {b['batch_size']}, {b['n_patterns']} patterns (4 taps, centre kept). "
+              f"Train images {meta['train_images']}, test images {meta['test_images']}, {meta['threads']} thread(s), "
+              f"torch {meta['torch']}.",
+              f"Selected patterns: {', '.join(format_pattern(p) for p in state.get('selected_patterns', []))}.",
+              f"Command: `python benchmarks/accuracy/{meta['command']}`; total measured wall time "
+              f"{state.get('wall_s_total', 0) / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(state: dict[str, Any], results: Path, name: str) -> None:
+    """Markdown table, pattern-frequency histogram and accuracy-vs-rate plot (all atomic)."""
+    write_bytes_atomic(results / f"{name}.md", table_markdown(state).encode())
+    if "pattern_frequencies" in state:
+        plot_pattern_frequencies({int(k): v for k, v in state["pattern_frequencies"].items()},
+                                 results / f"{name}_pattern_frequencies.png",
+                                 title=f"{state['meta']['title']}: top-4 kernel shapes of the dense weights",
+                                 selected=state["selected_patterns"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = state["runs"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = [100 * r["test_acc"] for r in runs if r["method"] == "dense"]
+    if dense:
+        ax.axhline(statistics.fmean(dense), color="black", linestyle="--", label="dense")
+    styles = {"oneshot": ("tab:gray", "o", "one-shot projection"), "magnitude": ("tab:orange", "s", "magnitude + fine-tune"),
+              "admm": ("tab:blue", "D", "ADMM + retrain")}
+    for method, (color, marker, label) in styles.items():
+        by_rate: dict[float, list[dict[str, Any]]] = {}
+        for r in runs:
+            if r["method"] == method:
+                by_rate.setdefault(r["rate"], []).append(r)
+        if not by_rate:
+            continue
+        xs = sorted(by_rate)
+        comp = [statistics.fmean(r["pruned_layer_compression"] for r in by_rate[x]) for x in xs]
+        acc = [statistics.fmean(100 * r["test_acc"] for r in by_rate[x]) for x in xs]
+        ax.plot(comp, acc, color=color, marker=marker, label=label)
+    ax.set_xlabel("compression of the pruned conv layers (dense weights / nonzeros)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{state['meta']['title']}: accuracy vs pruning rate")
+    ax.set_xscale("log", base=2)
+    lo = min([100 * r["test_acc"] for r in runs if r["method"] != "oneshot"] + [100.0])
+    ax.set_ylim(max(0.0, lo - 3), 100.0 if lo > 97 else None)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes_atomic(results / f"{name}_accuracy_vs_rate.png", buffer.getvalue())
+
+
+def as_tensors(x: np.ndarray, y: np.ndarray, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float tensor images and int64 labels."""
+    return (torch.from_numpy(x) - mean) / std, torch.from_numpy(y)

@@ -1,0 +1,105 @@
+"""Experiment (b): a small VGG-style CNN trained from scratch on Fashion-MNIST, pruned at 8x.
+
+Six 3x3 convs (16,16 | 32,32 | 64,64 channels, BatchNorm, max-pool after each pair) and a
+576→128→10 classifier, sized so the whole experiment fits in about an hour on one shared
+core. All convs but the first get 8 patterns (4 taps) and 3.6x connectivity: 8.1x fewer
+weights in the pruned layers. One command::
+
+    python benchmarks/accuracy/fashion_vgg.py
+    python benchmarks/accuracy/fashion_vgg.py --dense-epochs 10 --seeds 0 1 --rates 2 3.6
+
+The dense model of each seed is checkpointed in ``--workdir`` (with its training time), so a
+rerun or a resumed run reuses it. Data: Debian ``dataset-fashion-mnist`` (60k train / 10k test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from common import add_common_args, as_tensors, budget_from_args, log, run_experiment  # noqa: E402
+from tvm_patdnn.datasets import load_fashion_mnist  # noqa: E402
+from tvm_patdnn.pruning.admm import evaluate, load_checkpoint, save_checkpoint, train_epoch  # noqa: E402
+
+#: Fashion-MNIST training-set pixel mean and std.
+MEAN, STD = 0.2860, 0.3530
+
+
+class SmallVGG(nn.Module):
+    """VGG-style: three stages of two conv3x3-BN-ReLU and a 2x2 max-pool, then an MLP head."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), n_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for width in widths:
+            for _ in range(2):
+                layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                c_in = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 3 * 3, 128), nn.ReLU(inplace=True), nn.Linear(128, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def train_dense(seed: int, epochs: int, data: dict[str, torch.Tensor], workdir: Path, progress: bool | None) -> nn.Module:
+    """Train (or reload) the dense model of ``seed``: SGD momentum, cosine LR from 0.05."""
+    path = workdir / f"fashion_vgg_dense_seed{seed}_ep{epochs}_n{len(data['xtr'])}.pt"
+    torch.manual_seed(seed)
+    model = SmallVGG()
+    if path.exists():
+        info = load_checkpoint(path, model=model)
+        log(f"dense seed {seed}: reloaded {path} (trained in {info['extra']['train_s'] / 60:.1f} min)")
+        return model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = epochs * math.ceil(len(data["xtr"]) / 128)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for epoch in range(epochs):
+        loss = train_epoch(model, data["xtr"], data["ytr"], optimizer, batch_size=128, generator=generator,
+                           scheduler=scheduler, progress=progress, desc=f"dense ep{epoch}")
+        log(f"dense seed {seed} epoch {epoch}: loss {loss:.4f} acc {evaluate(model, data['xte'], data['yte']):.4f}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, model=model, epoch=epochs, extra={"train_s": time.time() - t0})
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, admm_epochs=4, retrain_epochs=3, seeds=[0])
+    parser.add_argument("--dense-epochs", type=int, default=8)
+    parser.add_argument("--dense-only", action="store_true", help="train/cache the dense models and stop")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    xtr, ytr = as_tensors(*load_fashion_mnist("train"), MEAN, STD)
+    xte, yte = as_tensors(*load_fashion_mnist("test"), MEAN, STD)
+    if args.train_subset:
+        xtr, ytr = xtr[: args.train_subset], ytr[: args.train_subset]
+    data = {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
+    log(f"Fashion-MNIST: {len(xtr)} train / {len(xte)} test images")
+    if args.dense_only:
+        for seed in args.seeds:
+            train_dense(seed, args.dense_epochs, data, args.workdir, args.progress)
+        return
+    run_experiment(
+        name="fashion_vgg", title="Small VGG (6 conv3x3) on Fashion-MNIST", args=args,
+        budget=budget_from_args(args), data=data,
+        dense_model=lambda seed: train_dense(seed, args.dense_epochs, data, args.workdir, args.progress),
+        extra_meta={"dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "model": "SmallVGG widths 16/32/64 + BN",
+                    "dense_epochs": args.dense_epochs},
+    )
+
+
+if __name__ == "__main__":
+    main()
