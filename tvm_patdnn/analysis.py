@@ -1,0 +1,111 @@
+"""Weight analysis: is a convolution pattern-sparse, and with which patterns?
+
+The compiler only rewrites a conv2d when every kept kernel's nonzeros fit one shape of a
+small pattern set, because that is what lets it generate one code path per pattern instead of
+decoding an index per weight. This module decides that from the constant weight alone, so the
+answer does not depend on how the model was pruned (our pruner, another tool, or by hand).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+
+from .kernel_patterns import kernel_masks, popcount
+
+__all__ = ["ConvWeightAnalysis", "analyze_conv_weight", "cover_masks"]
+
+
+@dataclass(frozen=True)
+class ConvWeightAnalysis:
+    """What the pattern pass needs to know about one OIHW weight.
+
+    ``patterns`` holds the layer's pattern set (bit masks with ``taps`` taps each) and
+    ``assignment`` the pattern index of every kernel (-1 for removed kernels), so packing never
+    has to search again.
+    """
+
+    kind: str  # "pattern" or "dense"
+    reason: str | None
+    kernel_size: tuple[int, int]
+    total_kernels: int
+    kept_kernels: int
+    nonzeros: int
+    patterns: tuple[int, ...] = ()
+    taps: int = 0
+    assignment: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def density(self) -> float:
+        """Fraction of the dense weight's entries that are nonzero."""
+        kh, kw = self.kernel_size
+        return self.nonzeros / max(1, self.total_kernels * kh * kw)
+
+
+def cover_masks(masks: np.ndarray, taps: int, kernel_size: int = 3) -> list[int]:
+    """A small set of ``taps``-tap patterns such that every mask is a subset of one of them.
+
+    Masks that already have ``taps`` taps must be patterns themselves; smaller masks are
+    covered greedily by the candidate shape that covers most of the still-uncovered ones
+    (minimum set cover is NP-hard, and greedy is exact in the common case where the small
+    masks are subsets of the full ones).
+    """
+    distinct = sorted({int(m) for m in np.unique(masks) if m != 0})
+    full = [m for m in distinct if bin(m).count("1") == taps]
+    chosen = list(full)
+    uncovered = [m for m in distinct if not any(m & p == m for p in chosen)]
+    if uncovered:
+        k2 = kernel_size * kernel_size
+        candidates = [sum(1 << k for k in c) for c in combinations(range(k2), taps)]
+        while uncovered:
+            best = max(candidates, key=lambda p: (sum(m & p == m for m in uncovered), -p))
+            chosen.append(best)
+            uncovered = [m for m in uncovered if m & best != m]
+    return chosen
+
+
+def analyze_conv_weight(weight: np.ndarray, entries: int = 4, max_patterns: int = 12) -> ConvWeightAnalysis:
+    """Decide whether an OIHW conv weight is pattern-sparse.
+
+    A layer is pattern-sparse when it is 3x3, every kept kernel has at most ``entries``
+    nonzeros, and all kept kernels fit at most ``max_patterns`` shapes. A kernel with fewer
+    nonzeros than its pattern is a subset of it and needs no shape of its own.
+    """
+    weight = np.asarray(weight)
+    o, i, kh, kw = weight.shape
+    masks = kernel_masks(weight)
+    counts = popcount(masks)
+    common = dict(
+        kernel_size=(kh, kw),
+        total_kernels=o * i,
+        kept_kernels=int((masks != 0).sum()),
+        nonzeros=int(counts.sum()),
+    )
+
+    def dense(reason: str) -> ConvWeightAnalysis:
+        return ConvWeightAnalysis(kind="dense", reason=reason, **common)
+
+    if (kh, kw) != (3, 3):
+        return dense(f"kernel {kh}x{kw} is not 3x3")
+    if common["kept_kernels"] == 0:
+        return dense("all kernels are zero")
+    most = int(counts.max())
+    if most > entries:
+        return dense(f"kernels have up to {most} nonzeros, more than the {entries} of a pattern")
+    patterns = cover_masks(masks, most, kh)
+    if len(patterns) > max_patterns:
+        return dense(f"kernels need {len(patterns)} patterns, more than max_patterns={max_patterns}")
+    assignment = np.full(masks.shape, -1, dtype=np.int64)
+    for index in reversed(range(len(patterns))):
+        fits = (masks != 0) & ((masks & patterns[index]) == masks)
+        assignment[fits] = index
+    return ConvWeightAnalysis(
+        kind="pattern",
+        reason=None,
+        patterns=tuple(patterns),
+        taps=most,
+        assignment=assignment,
+        **common,
+    )

@@ -1,0 +1,144 @@
+"""``tvm_patdnn.compile``: a (pruned) model in, a runnable and exportable module out."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+
+from .errors import PatDNNError
+from .frontend import ImportedModel, import_onnx
+from .pipeline import get_pipeline
+from .report import ConvRecord, format_report
+from .targets import resolve_target
+
+__all__ = ["CompiledModel", "compile"]
+
+
+@dataclass
+class CompiledModel:
+    """A compiled model: ``run`` it on the host, ``export_library`` it, read its ``report``."""
+
+    executable: relax.VMExecutable
+    target: tvm.target.Target
+    input_names: list[str]
+    input_shapes: dict[str, tuple[int, ...]]
+    input_dtypes: dict[str, str]
+    output_names: list[str]
+    report: list[ConvRecord] = field(default_factory=list)
+    _vm: relax.VirtualMachine | None = field(default=None, repr=False)
+
+    def run(self, inputs: dict[str, np.ndarray] | None = None, **named: np.ndarray) -> list[np.ndarray]:
+        """Run on this machine's CPU; returns the graph's outputs in ONNX order."""
+        given = {**(inputs or {}), **named}
+        missing = [n for n in self.input_names if n not in given]
+        unknown = [n for n in given if n not in self.input_names]
+        if missing or unknown:
+            raise PatDNNError(
+                f"inputs must be exactly {self.input_names}; missing {missing}, unknown {unknown}"
+            )
+        args = []
+        for name in self.input_names:
+            value = np.ascontiguousarray(given[name], dtype=self.input_dtypes[name])
+            if value.shape != self.input_shapes[name]:
+                raise PatDNNError(f"input {name!r} has shape {value.shape}, the model expects {self.input_shapes[name]}")
+            args.append(tvm.runtime.tensor(value))
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        result = self._vm["main"](*args)
+        outputs = list(result) if isinstance(result, (tvm.ir.Array, list, tuple)) else [result]
+        return [o.numpy() for o in outputs]
+
+    def export_library(self, path: str | os.PathLike, **kwargs) -> Path:
+        """Write the compiled library atomically (a temp file in the same folder, then rename)."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise PatDNNError(f"cannot write {path}: folder {path.parent} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".so", dir=path.parent)
+        os.close(fd)
+        try:
+            self.executable.export_library(tmp, **kwargs)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def format_report(self) -> str:
+        return format_report(self.report)
+
+
+def compile(  # noqa: A001 - mirrors tvm.compile
+    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule,
+    target: str | dict | tvm.target.Target = "x86",
+    *,
+    params: dict[str, np.ndarray] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    entries: int = 4,
+    max_patterns: int = 12,
+) -> CompiledModel:
+    """Compile a pattern-pruned model with the pattern pass.
+
+    ``model`` is an ONNX file path, an ``onnx.ModelProto`` or a Relax IRModule (whose
+    ``main`` takes the inputs first and then the weights named in ``params``).
+    """
+    resolved = resolve_target(target)
+    imported = _import(model, params, input_shapes)
+    records: list[ConvRecord] = []
+    try:
+        executable = tvm.compile(imported.mod, resolved, relax_pipeline=get_pipeline(resolved, entries, max_patterns, records.append))
+    except PatDNNError:
+        raise
+    except Exception as err:  # TVM's errors name C++ internals; say which stage failed
+        raise PatDNNError(f"TVM failed to compile the model for {resolved}: {str(err).strip().splitlines()[-1]}") from err
+    return CompiledModel(
+        executable=executable,
+        target=resolved,
+        input_names=imported.input_names,
+        input_shapes=imported.input_shapes,
+        input_dtypes=imported.input_dtypes,
+        output_names=imported.output_names,
+        report=records,
+    )
+
+
+def _import(model, params, input_shapes) -> ImportedModel:
+    if isinstance(model, tvm.IRModule):
+        return _from_relax(model, params or {})
+    if params:
+        raise PatDNNError("params are only for Relax IRModules: ONNX models carry their weights")
+    return import_onnx(model, input_shapes)
+
+
+def _from_relax(mod: tvm.IRModule, params: dict[str, np.ndarray]) -> ImportedModel:
+    if "main" not in mod or not isinstance(mod["main"], relax.Function):
+        raise PatDNNError("a Relax IRModule needs a Relax function named 'main'")
+    func = mod["main"]
+    names = [p.name for p in func.params]
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise PatDNNError(f"params name no parameter of main: {', '.join(unknown)}")
+    if params:
+        mod = relax.transform.BindParams("main", {k: np.asarray(v) for k, v in params.items()})(mod)
+    inputs = [p for p in mod["main"].params]
+    shapes, dtypes = {}, {}
+    for var in inputs:
+        shape = getattr(var.ty, "shape", None)
+        try:
+            shapes[var.name] = tuple(int(d) for d in shape.values)
+        except (AttributeError, TypeError, ValueError):
+            raise PatDNNError(f"input {var.name!r} of main has no static shape") from None
+        dtypes[var.name] = str(var.ty.dtype)
+    return ImportedModel(
+        mod=mod,
+        input_names=[v.name for v in inputs],
+        input_shapes=shapes,
+        input_dtypes=dtypes,
+        output_names=["output"],
+    )

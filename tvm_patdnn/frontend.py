@@ -1,0 +1,139 @@
+"""ONNX import with the checks a user needs: clear errors before TVM sees a bad model.
+
+Weights are bound as Relax constants whose span carries the ONNX Conv node's name, so the
+pattern pass can report layers under the names the user knows.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+from onnx import numpy_helper
+from tvm import relax
+
+from .errors import PatDNNError
+
+__all__ = ["ImportedModel", "load_onnx", "import_onnx", "MIN_OPSET", "MAX_OPSET"]
+
+MIN_OPSET = 7
+MAX_OPSET = onnx.defs.onnx_opset_version()
+
+
+@dataclass
+class ImportedModel:
+    """A Relax module with its constants bound, and the graph's input/output signature."""
+
+    mod: tvm.IRModule
+    input_names: list[str]
+    input_shapes: dict[str, tuple[int, ...]]
+    input_dtypes: dict[str, str]
+    output_names: list[str]
+
+
+def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read and check an ONNX model; every failure is a :class:`PatDNNError`."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise PatDNNError(f"ONNX file not found: {path}")
+        try:
+            proto = onnx.load(str(path))
+        except Exception as err:  # protobuf raises DecodeError and friends
+            raise PatDNNError(f"cannot read {path}: not a valid ONNX model ({type(err).__name__}: {err})") from None
+    if not proto.graph.node:
+        raise PatDNNError("the ONNX model has no nodes (empty or corrupt file?)")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise PatDNNError("the ONNX model declares no ai.onnx opset")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise PatDNNError(f"ONNX opset {opset} is not supported (supported: {MIN_OPSET}..{MAX_OPSET})")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        raise PatDNNError(f"invalid ONNX model: {str(err).splitlines()[0]}") from None
+    return proto
+
+
+def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]):
+    initializers = {i.name for i in proto.graph.initializer}
+    names, shapes, dtypes = [], {}, {}
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        if value.name in overrides:
+            shape = tuple(int(d) for d in overrides[value.name])
+        else:
+            dims = tensor_type.shape.dim if tensor_type.HasField("shape") else None
+            if dims is None or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+                shown = "?" if dims is None else "x".join(d.dim_param or (str(d.dim_value) if d.dim_value > 0 else "?") for d in dims)
+                raise PatDNNError(
+                    f"input {value.name!r} has a dynamic shape ({shown}); give static shapes with "
+                    f"input_shapes={{'{value.name}': (1, 3, 224, 224)}} / --input-shape {value.name}=1,3,224,224"
+                )
+            shape = tuple(int(d.dim_value) for d in dims)
+        names.append(value.name)
+        shapes[value.name] = shape
+        dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise PatDNNError(f"input_shapes names unknown inputs: {', '.join(sorted(unknown))} (inputs: {', '.join(names)})")
+    return names, shapes, dtypes
+
+
+def _check_ops(proto: onnx.ModelProto) -> None:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    supported = set(_get_convert_map()) | {"Constant", "If"}
+    unsupported = sorted({n.op_type for n in proto.graph.node if n.op_type not in supported or n.domain not in ("", "ai.onnx")})
+    if unsupported:
+        raise PatDNNError(f"unsupported ONNX operator(s): {', '.join(unsupported)}")
+
+
+def import_onnx(
+    model: str | os.PathLike | onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> ImportedModel:
+    """Load, check and import an ONNX model into Relax with its weights as named constants."""
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = load_onnx(model)
+    names, shapes, dtypes = _static_inputs(proto, dict(input_shapes or {}))
+    _check_ops(proto)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = from_onnx(proto, shape_dict=shapes, keep_params_in_input=True, sanitize_input_names=False)
+    except Exception as err:  # the importer raises anything from ValueError to TVMError
+        raise PatDNNError(f"TVM cannot import the ONNX model: {str(err).strip().splitlines()[-1]}") from None
+    mod, params = detach_params(mod)
+    conv_names = {n.input[1]: n.name or n.output[0] for n in proto.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+    func = mod["main"]
+    weights = list(params.get("main", []))
+    param_vars = list(func.params)[len(func.params) - len(weights):]
+    bound = {}
+    for var, tensor in zip(param_vars, weights):
+        span = tvm.ir.Span(tvm.ir.SourceName(conv_names.get(var.name, var.name)), 0, 0, 0, 0)
+        bound[var.name] = tvm.ir.GenericConst(tensor, var.ty, span)
+    if bound:
+        mod = relax.transform.BindParams("main", bound)(mod)
+    return ImportedModel(
+        mod=mod,
+        input_names=names,
+        input_shapes=shapes,
+        input_dtypes=dtypes,
+        output_names=[o.name for o in proto.graph.output],
+    )
+
+
+def onnx_initializer_arrays(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """All initializers as numpy arrays (for inspection without TVM)."""
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}

@@ -1,0 +1,69 @@
+"""The tvm_patdnn compilation pipeline, as lists of passes by stage.
+
+Same shape as TVM's ``relax/backend/cpu_generic/pipeline.py``, with two stages of our own:
+the pattern stage (fold constants so weights and biases are literal, then rewrite pattern-
+sparse convs) before legalization, and the schedule stage (our rules for the pattern conv
+and the dense fallbacks, then dlight's CPU rules) after fusion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+from tvm.s_tir import dlight
+
+from .report import ConvRecord
+from .schedule_rules import DenseConv2dCPU, PatternConvCPU
+from .targets import vector_lanes
+from .transform import PatternConvRewrite
+
+__all__ = ["pattern_passes", "schedule_passes", "get_pipeline"]
+
+
+def pattern_passes(
+    target: tvm.target.Target,
+    entries: int = 4,
+    max_patterns: int = 12,
+    on_conv: Callable[[ConvRecord], None] | None = None,
+) -> list[tvm.transform.Pass]:
+    """Detect pattern-sparse convs and rewrite them into the pattern-conv operator."""
+    return [
+        relax.transform.FoldConstant(),
+        PatternConvRewrite(entries, max_patterns, vector_lanes(target), on_conv),
+    ]
+
+
+def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """Default schedules for every PrimFunc: pattern conv, dense conv/pool, then dlight's."""
+    return [
+        dlight.ApplyDefaultSchedule(
+            PatternConvCPU(), DenseConv2dCPU(), dlight.cpu.GEMV(), dlight.cpu.Reduction()
+        )
+    ]
+
+
+def get_pipeline(
+    target: tvm.target.Target,
+    entries: int = 4,
+    max_patterns: int = 12,
+    on_conv: Callable[[ConvRecord], None] | None = None,
+) -> tvm.transform.Pass:
+    """The whole Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``."""
+
+    @tvm.transform.module_pass(opt_level=0, name="PatDNNPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                pattern_passes(target, entries, max_patterns, on_conv)
+                + cpu_generic.library_dispatch_passes(target)
+                + cpu_generic.legalize_passes(target)
+                + schedule_passes(target)
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline

@@ -1,0 +1,68 @@
+"""Per-convolution report: what the compiler did with each conv2d and why."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["ConvRecord", "format_report"]
+
+
+@dataclass(frozen=True)
+class ConvRecord:
+    """One conv2d of the model as the pattern pass saw it.
+
+    ``kind`` is "pattern" when the layer runs on the pattern-conv operator and "dense" when
+    it stays on TVM's dense path, with ``reason`` saying why.
+    """
+
+    name: str
+    kind: str
+    reason: str | None
+    data_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    n_patterns: int
+    kept_kernels: int
+    total_kernels: int
+    density: float
+    dense_flops: int
+    nonzero_flops: int
+    fused: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def format_report(records: list[ConvRecord]) -> str:
+    """A fixed-width table of the records, one line per conv2d, for terminals."""
+    header = ("layer", "weight", "out", "stride", "patterns", "kept kernels", "density", "MFLOPs dense/nz", "verdict")
+    rows = []
+    for r in records:
+        verdict = "pattern" + (" +" + "+".join(r.fused) if r.fused else "") if r.kind == "pattern" else f"dense: {r.reason}"
+        rows.append(
+            (
+                r.name,
+                "x".join(map(str, r.weight_shape)),
+                "x".join(map(str, r.output_shape)),
+                "x".join(map(str, r.stride)),
+                str(r.n_patterns) if r.kind == "pattern" else "-",
+                f"{r.kept_kernels}/{r.total_kernels}",
+                f"{r.density:.3f}",
+                f"{r.dense_flops / 1e6:.1f}/{r.nonzero_flops / 1e6:.1f}",
+                verdict,
+            )
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    pattern_flops = sum(r.nonzero_flops for r in records)
+    dense_flops = sum(r.dense_flops for r in records)
+    n_pattern = sum(r.kind == "pattern" for r in records)
+    lines.append(
+        f"{len(records)} conv2d layers, {n_pattern} pattern-sparse; "
+        f"{dense_flops / 1e6:.1f} MFLOPs dense, {pattern_flops / 1e6:.1f} MFLOPs nonzero"
+        + (f" ({dense_flops / pattern_flops:.2f}x fewer)" if pattern_flops else "")
+    )
+    return "\n".join(lines)

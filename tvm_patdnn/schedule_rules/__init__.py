@@ -1,0 +1,6 @@
+"""Schedule rules in the style of TVM's dlight: ``apply(func, target, tunable) -> Schedule | None``."""
+
+from .dense_conv_cpu import DenseConv2dCPU
+from .pattern_conv_cpu import PatternConvCPU
+
+__all__ = ["DenseConv2dCPU", "PatternConvCPU"]

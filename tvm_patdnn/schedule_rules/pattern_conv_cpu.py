@@ -1,0 +1,55 @@
+"""Default CPU schedule of the pattern convolution.
+
+Per (batch, filter) in parallel, per output row and vector of output columns, the
+accumulator lives in registers while the loops over patterns, kernels and taps run; patterns
+and taps are unrolled so every tap offset is a constant and each kernel costs one channel
+index load plus ``taps`` vector FMAs.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from ..ops.pattern_conv import PATTERN_CONV_ATTR
+
+
+class PatternConvCPU(ScheduleRule):
+    """The untuned CPU schedule of pattern-conv PrimFuncs (others: not applicable)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs:
+            return None
+        if target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        schedule_pattern_conv_cpu(sch, int(func.attrs[PATTERN_CONV_ATTR]["vector_width"]))
+        return sch
+
+
+def schedule_pattern_conv_cpu(sch: s_tir.Schedule, vector_width: int) -> None:
+    """Apply the default CPU schedule to the blocks of :func:`pattern_conv2d_primfunc`."""
+    pad, acc, out = sch.get_sblock("pad"), sch.get_sblock("acc"), sch.get_sblock("out")
+
+    n, c, h, phase, q = sch.get_loops(pad)
+    sch.parallel(sch.fuse(n, c))
+
+    n, f, y, x, rp, rj, rt = sch.get_loops(acc)
+    vectors = int(sch.get(x).extent) // vector_width
+    x_tile = max(t for t in range(1, 9) if vectors % t == 0)
+    xo, xt, xi = sch.split(x, [None, x_tile, vector_width])
+    sch.reorder(n, f, y, xo, rp, rj, rt, xt, xi)
+    sch.parallel(sch.fuse(n, f))
+    sch.unroll(rp)
+    sch.unroll(rt)
+    sch.unroll(xt)
+    sch.vectorize(xi)
+    store = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(store, xo)
+    sch.vectorize(sch.get_loops(store)[-1])
+    init = sch.decompose_reduction(acc, rp)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+    n, f, y, x = sch.get_loops(out)
+    sch.parallel(sch.fuse(n, f))

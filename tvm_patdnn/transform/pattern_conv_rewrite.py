@@ -1,0 +1,230 @@
+"""Relax pass: rewrite pattern-sparse conv2d (+ bias add, + ReLU) into the pattern-conv operator.
+
+A dpl pattern finds conv2d with a constant weight, optionally followed by the add of a
+constant per-channel bias and by ReLU; the rewriter analyses the weight, packs it in FKW
+form at compile time and replaces the whole chain by one ``call_tir`` of a pattern-conv
+PrimFunc. Everything it does not rewrite stays on TVM's dense path, and every conv2d is
+reported (through ``on_conv``) with the reason for the decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+from ..analysis import analyze_conv_weight
+from ..fkw import pack_fkw
+from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
+from ..report import ConvRecord
+
+__all__ = ["PatternConvRewrite", "conv_report"]
+
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge (and re-schedule) our op
+
+
+def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    try:
+        return tuple(int(d) for d in shape.values)
+    except (TypeError, ValueError):
+        return None
+
+
+def _conv_name(weight: relax.Expr, index: int) -> str:
+    """The ONNX node (or weight) name the importer left on the weight's span, else a counter."""
+    span = getattr(weight, "span", None)
+    if span is not None and span.source_name is not None and span.source_name.name:
+        return str(span.source_name.name)
+    return f"conv2d_{index}"
+
+
+def _per_channel_bias(bias: relax.Expr, channels: int) -> np.ndarray | None:
+    """The bias as a (channels,) vector when the constant broadcasts per output channel."""
+    if not isinstance(bias, tvm.ir.GenericConst):
+        return None
+    value = bias.value.numpy()
+    if value.dtype != np.float32:
+        return None
+    if value.size == channels and value.shape in {(1, channels, 1, 1), (channels, 1, 1)}:
+        return value.reshape(channels)
+    if value.size == 1:
+        return np.full(channels, value.reshape(()), dtype=np.float32)
+    return None
+
+
+def _constant_array(expr: relax.Expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
+@tvm.transform.module_pass(opt_level=0, name="PatternConvRewrite")
+class PatternConvRewrite:
+    """Rewrite pattern-sparse conv2d chains into pattern-conv ``call_tir``s.
+
+    Parameters
+    ----------
+    entries, max_patterns:
+        A layer is pattern-sparse when every kept 3x3 kernel has at most ``entries`` nonzeros
+        and all fit at most ``max_patterns`` shapes.
+    vector_width:
+        fp32 lanes of the target's vectors; the operator pads output rows to a multiple.
+    on_conv:
+        Called with a :class:`ConvRecord` for every conv2d met, rewritten or not.
+    """
+
+    def __init__(
+        self,
+        entries: int = 4,
+        max_patterns: int = 12,
+        vector_width: int = 8,
+        on_conv: Callable[[ConvRecord], None] | None = None,
+    ):
+        self.entries = entries
+        self.max_patterns = max_patterns
+        self.vector_width = vector_width
+        self.on_conv = on_conv or (lambda record: None)
+
+        self.data = wildcard()
+        self.weight = wildcard()
+        self.bias = is_const()
+        self.conv = is_op("relax.nn.conv2d")(self.data, self.weight)
+        self.add = is_op("relax.add")(self.conv, self.bias) | is_op("relax.add")(self.bias, self.conv)
+        self.relu = is_op("relax.nn.relu")(self.add | self.conv)
+        self.pattern = self.relu | self.add | self.conv
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        self._builder = relax.BlockBuilder(mod)
+        # rewrite_call offers a conv once per matching root (conv, add, relu) and again until
+        # nothing changes: analyse each conv once, build each variant once, keep the record of
+        # the largest fusion (the one left in the module), drop unused variants at the end.
+        self._analyses: dict[relax.Expr, tuple] = {}
+        self._variants: dict[tuple, relax.GlobalVar] = {}
+        self._records: dict[relax.Expr, ConvRecord] = {}
+        self._order: dict[relax.Expr, int] = {}
+        for gvar, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function) or func.attrs and func.attrs.get("Primitive", 0):
+                continue
+            for block in getattr(func.body, "blocks", []):
+                for binding in block.bindings:
+                    if isinstance(binding.value, relax.Call) and binding.value.op.same_as(_CONV2D):
+                        self._order[binding.value] = len(self._order)
+            self._builder.update_func(gvar, rewrite_call(self.pattern, self._rewrite, func))
+        for conv in sorted(self._records, key=lambda c: self._order.get(c, len(self._order))):
+            self.on_conv(self._records[conv])
+        return relax.transform.DeadCodeElimination()(self._builder.get())
+
+    def _analyse(self, conv: relax.Call, weight: relax.Expr):
+        """(record fields, analysis or None, dense reason or None) of one conv2d."""
+        attrs = conv.attrs
+        data = conv.args[0]
+        data_shape, weight_shape, out_shape = _static_shape(data), _static_shape(weight), _static_shape(conv)
+        fields = dict(
+            name=_conv_name(weight, self._order.get(conv, len(self._analyses))),
+            data_shape=data_shape or (),
+            weight_shape=weight_shape or (),
+            output_shape=out_shape or (),
+            stride=tuple(int(s) for s in attrs.strides),
+            padding=tuple(int(p) for p in attrs.padding),
+        )
+        reason = None
+        if data_shape is None or out_shape is None or weight_shape is None:
+            reason = "shapes are not static"
+        elif conv.ty.dtype != "float32" or data.ty.dtype != "float32":
+            reason = f"dtype {conv.ty.dtype} is not float32"
+        elif (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+            reason = f"layout {attrs.data_layout}/{attrs.kernel_layout} is not NCHW/OIHW"
+        elif int(attrs.groups) != 1:
+            reason = "grouped/depthwise convolution"
+        elif any(int(d) != 1 for d in attrs.dilation):
+            reason = "dilated convolution"
+        elif not isinstance(weight, tvm.ir.GenericConst):
+            reason = "weight is not a constant"
+        analysis = None
+        if reason is None:
+            analysis = analyze_conv_weight(_constant_array(weight), self.entries, self.max_patterns)
+            reason = analysis.reason
+        return fields, analysis, reason
+
+    def _record(self, conv, fields, analysis, reason, fused=()) -> None:
+        previous = self._records.get(conv)
+        if previous is not None and len(previous.fused) > len(fused):
+            return
+        weight_shape, out_shape = fields["weight_shape"], fields["output_shape"]
+        kh, kw = weight_shape[2:] if weight_shape else (0, 0)
+        total = weight_shape[0] * weight_shape[1] if weight_shape else 0
+        out_pixels = int(np.prod(out_shape)) // out_shape[1] if out_shape else 0
+        nonzeros = analysis.nonzeros if analysis is not None else total * kh * kw
+        self._records[conv] = ConvRecord(
+            kind="dense" if reason else "pattern",
+            reason=reason,
+            n_patterns=len(analysis.patterns) if analysis is not None else 0,
+            kept_kernels=analysis.kept_kernels if analysis is not None else total,
+            total_kernels=total,
+            density=analysis.density if analysis is not None else 1.0,
+            dense_flops=2 * out_pixels * total * kh * kw,
+            nonzero_flops=2 * out_pixels * nonzeros,
+            fused=fused,
+            **fields,
+        )
+
+    def _rewrite(self, expr: relax.Expr, matches) -> relax.Expr:
+        conv, weight = matches[self.conv], matches[self.weight]
+        if conv not in self._analyses:
+            self._analyses[conv] = self._analyse(conv, weight)
+        fields, analysis, reason = self._analyses[conv]
+        if reason is not None:
+            self._record(conv, fields, analysis, reason)
+            return expr
+
+        out_channels = fields["weight_shape"][0]
+        bias = trailing_add = None
+        if self.bias in matches:
+            bias = _per_channel_bias(matches[self.bias], out_channels)
+            if bias is None:
+                trailing_add = matches[self.bias]
+        relu = self.relu in matches and trailing_add is None
+        fused = (("bias",) if bias is not None else ()) + (("relu",) if relu else ())
+        key = (conv, fused, None if bias is None else bias.tobytes())
+        if key not in self._variants:
+            self._variants[key] = self._build(conv, weight, analysis, fields, bias, relu)
+        gvar, args = self._variants[key]
+        result = relax.call_tir(gvar, args, relax.TensorType(fields["output_shape"], "float32"))
+        self._record(conv, fields, analysis, None, fused)
+        if trailing_add is not None:
+            # Not a per-channel bias: keep that add (and any ReLU) on the dense path.
+            result = relax.op.add(result, trailing_add)
+            if self.relu in matches:
+                result = relax.op.nn.relu(result)
+        return result
+
+    def _build(self, conv, weight, analysis, fields, bias, relu):
+        """Pack the weight in FKW form and add the pattern-conv PrimFunc to the module."""
+        fkw = pack_fkw(_constant_array(weight), analysis)
+        spec = PatternConvSpec.from_fkw(
+            fkw, fields["data_shape"], fields["stride"], fields["padding"], bias is not None, relu, self.vector_width
+        )
+        func = pattern_conv2d_primfunc(spec).with_attr("op_pattern", OPAQUE)
+        name = "pattern_conv2d_" + "".join(ch if ch.isalnum() else "_" for ch in fields["name"])
+        gvar = self._builder.add_func(func, name)
+        args = [
+            conv.args[0],
+            relax.const(fkw.values),
+            relax.const(fkw.channels),
+            relax.const(fkw.offsets),
+            relax.const(np.argsort(fkw.order).astype(np.int32)),
+        ] + ([relax.const(bias)] if bias is not None else [])
+        return gvar, args
+
+
+def conv_report(mod: IRModule, entries: int = 4, max_patterns: int = 12) -> list[ConvRecord]:
+    """What :class:`PatternConvRewrite` would do with every conv2d of ``mod``."""
+    records: list[ConvRecord] = []
+    PatternConvRewrite(entries, max_patterns, on_conv=records.append)(mod)
+    return records
