@@ -2,10 +2,21 @@
 
 ``compile`` imports a (pattern-pruned) model, rewrites its pattern-sparse convolutions into
 the pattern-conv operator and builds it with TVM; ``tvm_patdnn.pruning`` makes such models.
+The compiler is imported on first use so that pruning alone does not pay TVM's import time.
 """
 
-from .compiler import CompiledModel, compile
 from .errors import PatDNNError
-from .report import ConvRecord
 
-__all__ = ["CompiledModel", "ConvRecord", "PatDNNError", "compile"]
+__all__ = ["CompiledModel", "ConvRecord", "PatDNNError", "compile", "inspect"]
+
+
+def __getattr__(name: str):
+    if name in ("compile", "CompiledModel", "inspect"):
+        from . import compiler
+
+        return getattr(compiler, name)
+    if name == "ConvRecord":
+        from .report import ConvRecord
+
+        return ConvRecord
+    raise AttributeError(f"module 'tvm_patdnn' has no attribute {name!r}")

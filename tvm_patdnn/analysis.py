@@ -94,7 +94,13 @@ def analyze_conv_weight(weight: np.ndarray, entries: int = 4, max_patterns: int 
     most = int(counts.max())
     if most > entries:
         return dense(f"kernels have up to {most} nonzeros, more than the {entries} of a pattern")
-    patterns = cover_masks(masks, most, kh)
+    # Patterns as small as the largest kernel do the least work, but when pruning left no
+    # kernel with all of its taps, the full-size patterns the pruner chose may be the
+    # smaller set: take whichever cover needs fewer patterns.
+    covers = [(most, cover_masks(masks, most, kh))]
+    if most < entries:
+        covers.append((entries, cover_masks(masks, entries, kh)))
+    most, patterns = min(covers, key=lambda cover: len(cover[1]))
     if len(patterns) > max_patterns:
         return dense(f"kernels need {len(patterns)} patterns, more than max_patterns={max_patterns}")
     assignment = np.full(masks.shape, -1, dtype=np.int64)

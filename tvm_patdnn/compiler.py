@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,12 +12,14 @@ import tvm
 from tvm import relax
 
 from .errors import PatDNNError
+from .fileio import write_file_atomic
 from .frontend import ImportedModel, import_onnx
 from .pipeline import get_pipeline
 from .report import ConvRecord, format_report
 from .targets import resolve_target
+from .transform import conv_report
 
-__all__ = ["CompiledModel", "compile"]
+__all__ = ["CompiledModel", "compile", "inspect"]
 
 
 @dataclass
@@ -57,18 +58,7 @@ class CompiledModel:
 
     def export_library(self, path: str | os.PathLike, **kwargs) -> Path:
         """Write the compiled library atomically (a temp file in the same folder, then rename)."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise PatDNNError(f"cannot write {path}: folder {path.parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".so", dir=path.parent)
-        os.close(fd)
-        try:
-            self.executable.export_library(tmp, **kwargs)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_file_atomic(path, lambda tmp: self.executable.export_library(tmp, **kwargs))
 
     def format_report(self) -> str:
         return format_report(self.report)
@@ -106,6 +96,20 @@ def compile(  # noqa: A001 - mirrors tvm.compile
         output_names=imported.output_names,
         report=records,
     )
+
+
+def inspect(
+    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule,
+    *,
+    params: dict[str, np.ndarray] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    entries: int = 4,
+    max_patterns: int = 12,
+) -> list[ConvRecord]:
+    """What ``compile`` would do with every conv2d of the model, without building anything."""
+    imported = _import(model, params, input_shapes)
+    mod = relax.transform.FoldConstant()(imported.mod)
+    return conv_report(mod, entries, max_patterns)
 
 
 def _import(model, params, input_shapes) -> ImportedModel:

@@ -9,20 +9,15 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import onnx
 import tvm
-from onnx import numpy_helper
 from tvm import relax
 
 from .errors import PatDNNError
+from .fileio import load_onnx_model
 
-__all__ = ["ImportedModel", "load_onnx", "import_onnx", "MIN_OPSET", "MAX_OPSET"]
-
-MIN_OPSET = 7
-MAX_OPSET = onnx.defs.onnx_opset_version()
+__all__ = ["ImportedModel", "import_onnx"]
 
 
 @dataclass
@@ -34,32 +29,6 @@ class ImportedModel:
     input_shapes: dict[str, tuple[int, ...]]
     input_dtypes: dict[str, str]
     output_names: list[str]
-
-
-def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read and check an ONNX model; every failure is a :class:`PatDNNError`."""
-    if isinstance(model, onnx.ModelProto):
-        proto = model
-    else:
-        path = Path(model)
-        if not path.is_file():
-            raise PatDNNError(f"ONNX file not found: {path}")
-        try:
-            proto = onnx.load(str(path))
-        except Exception as err:  # protobuf raises DecodeError and friends
-            raise PatDNNError(f"cannot read {path}: not a valid ONNX model ({type(err).__name__}: {err})") from None
-    if not proto.graph.node:
-        raise PatDNNError("the ONNX model has no nodes (empty or corrupt file?)")
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None:
-        raise PatDNNError("the ONNX model declares no ai.onnx opset")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise PatDNNError(f"ONNX opset {opset} is not supported (supported: {MIN_OPSET}..{MAX_OPSET})")
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as err:
-        raise PatDNNError(f"invalid ONNX model: {str(err).splitlines()[0]}") from None
-    return proto
 
 
 def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]):
@@ -105,7 +74,7 @@ def import_onnx(
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx
 
-    proto = load_onnx(model)
+    proto = load_onnx_model(model)
     names, shapes, dtypes = _static_inputs(proto, dict(input_shapes or {}))
     _check_ops(proto)
     try:
@@ -132,8 +101,3 @@ def import_onnx(
         input_dtypes=dtypes,
         output_names=[o.name for o in proto.graph.output],
     )
-
-
-def onnx_initializer_arrays(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """All initializers as numpy arrays (for inspection without TVM)."""
-    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}

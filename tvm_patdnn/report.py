@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["ConvRecord", "format_report"]
+from .kernel_patterns import format_pattern
+
+__all__ = ["ConvRecord", "format_report", "format_pattern_usage"]
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,22 @@ class ConvRecord:
     dense_flops: int
     nonzero_flops: int
     fused: tuple[str, ...] = ()
+    patterns: tuple[int, ...] = ()  # the layer's pattern set (kernel_patterns bit masks)
+    pattern_counts: tuple[int, ...] = ()  # kept kernels using each pattern
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def format_pattern_usage(records: list[ConvRecord]) -> str:
+    """One line per pattern layer: its patterns (drawn as rows/of/taps) by kernel count."""
+    lines = []
+    for r in records:
+        if r.kind != "pattern":
+            continue
+        usage = sorted(zip(r.pattern_counts, r.patterns), reverse=True)
+        lines.append(f"{r.name}: " + "  ".join(f"{format_pattern(p)} x{c}" for c, p in usage))
+    return "\n".join(lines)
 
 
 def format_report(records: list[ConvRecord]) -> str:

@@ -9,9 +9,7 @@ is recovered separately by ADMM/masked retraining.
 
 from __future__ import annotations
 
-import copy
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import PatDNNError
+from ..fileio import load_onnx_model, save_model_atomic, write_bytes_atomic
 from ..kernel_patterns import format_pattern, kernel_masks
 from .projection import (
     pattern_frequencies,
@@ -97,72 +96,6 @@ class PruneResult:
         )
         lines.append("pattern set: " + "  ".join(format_pattern(p) for p in self.pattern_set))
         return "\n".join(lines)
-
-
-def load_onnx_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read and check an ONNX model; a given ModelProto is copied, never modified."""
-    if isinstance(model, onnx.ModelProto):
-        proto = copy.deepcopy(model)
-        source = "the given model"
-    else:
-        path = Path(model)
-        source = str(path)
-        if not path.is_file():
-            raise PatDNNError(f"ONNX model {path} does not exist or is not a file")
-        try:
-            proto = onnx.load(str(path))
-        except Exception as exc:  # protobuf decode errors, missing external data, ...
-            raise PatDNNError(f"cannot read ONNX model {path}: {exc}") from exc
-    if not proto.graph.node:
-        raise PatDNNError(f"{source} is not an ONNX model (it has no graph nodes)")
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as exc:
-        raise PatDNNError(f"{source} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from exc
-    return proto
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
-
-    The bytes go to a temporary file in the same directory (same file system) which then
-    replaces ``path``; on any failure the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise PatDNNError(f"cannot write {path}: directory {path.parent} does not exist")
-    if path.exists():
-        mode = path.stat().st_mode & 0o777
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise PatDNNError(f"cannot write {path}: {exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise PatDNNError(f"cannot write {path}: {exc}") from exc
-        raise
-
-
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Save an ONNX model as one file, atomically (see :func:`write_bytes_atomic`)."""
-    try:
-        data = model.SerializeToString()
-    except Exception as exc:  # protobuf refuses messages over 2 GB
-        raise PatDNNError(f"cannot serialise the model for {path}: {exc}") from exc
-    write_bytes_atomic(path, data)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default):

@@ -171,6 +171,12 @@ class PatternConvRewrite:
             dense_flops=2 * out_pixels * total * kh * kw,
             nonzero_flops=2 * out_pixels * nonzeros,
             fused=fused,
+            patterns=tuple(analysis.patterns) if analysis is not None else (),
+            pattern_counts=tuple(
+                int(c) for c in np.bincount(analysis.assignment[analysis.assignment >= 0], minlength=len(analysis.patterns))
+            )
+            if analysis is not None and analysis.assignment is not None
+            else (),
             **fields,
         )
 
