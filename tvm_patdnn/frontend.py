@@ -33,6 +33,12 @@ class ImportedModel:
 
 def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]):
     initializers = {i.name for i in proto.graph.initializer}
+    graph_inputs = [v.name for v in proto.graph.input if v.name not in initializers]
+    unknown = set(overrides) - set(graph_inputs)
+    if unknown:
+        raise PatDNNError(
+            f"input_shapes names unknown inputs: {', '.join(sorted(unknown))} (inputs: {', '.join(graph_inputs)})"
+        )
     names, shapes, dtypes = [], {}, {}
     for value in proto.graph.input:
         if value.name in initializers:
@@ -52,9 +58,6 @@ def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]
         names.append(value.name)
         shapes[value.name] = shape
         dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
-    unknown = set(overrides) - set(names)
-    if unknown:
-        raise PatDNNError(f"input_shapes names unknown inputs: {', '.join(sorted(unknown))} (inputs: {', '.join(names)})")
     return names, shapes, dtypes
 
 

@@ -48,7 +48,7 @@ def resolve_target(target: str | dict | Target) -> Target:
         raise PatDNNError(f"a target is a name, a JSON string or a dict, not {type(target).__name__}")
     try:
         resolved = Target(target)
-    except (tvm.error.TVMError, ValueError, TypeError, KeyError) as err:
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise PatDNNError(f"TVM does not accept target {json.dumps(target)}: {str(err).splitlines()[-1]}") from None
     if resolved.kind.name != "llvm":
         raise PatDNNError(f"target kind {resolved.kind.name!r} is not supported yet (only llvm CPU targets)")

@@ -23,6 +23,10 @@ from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR"]
 
+# Vector accumulators a register tile may use: half of AVX2's/NEON's 16/32 registers, the
+# rest hold the broadcast weights and the loaded input vectors.
+ACCUMULATORS = 8
+
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
 
@@ -62,6 +66,22 @@ class PatternConvSpec:
         v = self.vector_width
         return (self.out_width + v - 1) // v * v
 
+    @property
+    def column_tile(self) -> int:
+        """Output vectors per row held in registers at once (a divisor of the padded row)."""
+        vectors = self.padded_out_width // self.vector_width
+        return max(t for t in range(1, ACCUMULATORS + 1) if vectors % t == 0)
+
+    @property
+    def row_tile(self) -> int:
+        """Output rows computed together, so each loaded weight serves rows x columns vectors."""
+        return max(1, min(ACCUMULATORS // self.column_tile, self.out_height))
+
+    @property
+    def padded_out_height(self) -> int:
+        r = self.row_tile
+        return (self.out_height + r - 1) // r * r
+
     @classmethod
     def from_fkw(cls, fkw: FKWWeight, data_shape, strides, padding, has_bias, relu, vector_width=8):
         n, c, h, w = (int(d) for d in data_shape)
@@ -98,7 +118,7 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
     """Build the TE stages (pad, acc, out) of a pattern convolution; returns the output tensor."""
     sh, sw = spec.strides
     top, left = spec.padding[0], spec.padding[1]
-    oh, owp = spec.out_height, spec.padded_out_width
+    oh, owp = spec.padded_out_height, spec.padded_out_width
     hp = (oh - 1) * sh + 3
     wq = owp + 2 // sw  # padded columns per phase
     n_patterns = len(spec.patterns)
@@ -142,7 +162,7 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
             value = tirx.max(value, tirx.const(0.0, "float32"))
         return value
 
-    return te.compute((spec.batch, spec.out_channels, oh, spec.out_width), epilogue, name="out")
+    return te.compute((spec.batch, spec.out_channels, spec.out_height, spec.out_width), epilogue, name="out")
 
 
 def pattern_conv2d_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
@@ -170,5 +190,7 @@ def _spec_attr(spec: PatternConvSpec) -> dict:
         "n_patterns": len(spec.patterns),
         "taps": spec.taps,
         "vector_width": spec.vector_width,
+        "column_tile": spec.column_tile,
+        "row_tile": spec.row_tile,
         "relu": int(spec.relu),
     }

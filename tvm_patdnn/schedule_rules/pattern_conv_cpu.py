@@ -19,30 +19,34 @@ class PatternConvCPU(ScheduleRule):
     """The untuned CPU schedule of pattern-conv PrimFuncs (others: not applicable)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs:
+        if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs or target.kind.name != "llvm":
             return None
-        if target.kind.name != "llvm":
-            return None
+        layout = func.attrs[PATTERN_CONV_ATTR]
         sch = s_tir.Schedule(func)
-        schedule_pattern_conv_cpu(sch, int(func.attrs[PATTERN_CONV_ATTR]["vector_width"]))
+        schedule_pattern_conv_cpu(sch, int(layout["vector_width"]), int(layout["column_tile"]), int(layout["row_tile"]))
         return sch
 
 
-def schedule_pattern_conv_cpu(sch: s_tir.Schedule, vector_width: int) -> None:
-    """Apply the default CPU schedule to the blocks of :func:`pattern_conv2d_primfunc`."""
+def schedule_pattern_conv_cpu(sch: s_tir.Schedule, vector_width: int, column_tile: int, row_tile: int) -> None:
+    """Apply the default CPU schedule to the blocks of :func:`pattern_conv2d_primfunc`.
+
+    Loop order: row blocks outermost (in parallel), then filters, so the few input rows a row
+    block reads stay in cache while every filter uses them; inside, the kernels of each
+    pattern, and the register tile of ``row_tile x column_tile`` vectors innermost.
+    """
     pad, acc, out = sch.get_sblock("pad"), sch.get_sblock("acc"), sch.get_sblock("out")
 
     n, c, h, phase, q = sch.get_loops(pad)
     sch.parallel(sch.fuse(n, c))
 
     n, f, y, x, rp, rj, rt = sch.get_loops(acc)
-    vectors = int(sch.get(x).extent) // vector_width
-    x_tile = max(t for t in range(1, 9) if vectors % t == 0)
-    xo, xt, xi = sch.split(x, [None, x_tile, vector_width])
-    sch.reorder(n, f, y, xo, rp, rj, rt, xt, xi)
-    sch.parallel(sch.fuse(n, f))
+    yo, yt = sch.split(y, [None, row_tile])
+    xo, xt, xi = sch.split(x, [None, column_tile, vector_width])
+    sch.reorder(n, yo, f, xo, rp, rj, rt, yt, xt, xi)
+    sch.parallel(sch.fuse(n, yo))
     sch.unroll(rp)
     sch.unroll(rt)
+    sch.unroll(yt)
     sch.unroll(xt)
     sch.vectorize(xi)
     store = sch.cache_write(acc, 0, "local")
