@@ -62,8 +62,8 @@ class Budget:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     rounds_per_epoch: int = 4
-    rho: float = 1e-3
-    rho_growth: float = 1.5
+    rho: float = 1e-2
+    rho_growth: float = 2.0
     rho_max: float = 1.0
     n_patterns: int = 8
 
@@ -78,8 +78,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, admm_epochs: int, retrai
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
     parser.add_argument("--rates", type=float, nargs="+", default=[3.6],
                         help="connectivity rates for the retraining methods (3.6 = 8x with 4-entry patterns)")
-    parser.add_argument("--rho", type=float, default=1e-3)
-    parser.add_argument("--rho-growth", type=float, default=1.5)
+    parser.add_argument("--rho", type=float, default=1e-2)
+    parser.add_argument("--rho-growth", type=float, default=2.0)
     parser.add_argument("--rho-max", type=float, default=1.0)
     parser.add_argument("--rounds-per-epoch", type=int, default=4)
     parser.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
