@@ -85,8 +85,11 @@ def _conv_modules(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 
 def default_config(model: nn.Module, connectivity: float | None = DEFAULT_CONNECTIVITY) -> list[dict[str, Any]]:
-    """Every prunable 3x3 conv except the first one (PatDNN keeps the first layer dense:
-    it has few input channels, so pruning it costs accuracy and saves almost no work)."""
+    """Every prunable 3x3 conv except the first one (in module registration order).
+
+    PatDNN keeps the first layer dense: it has few input channels, so pruning it costs
+    accuracy and saves almost no work.
+    """
     convs = _conv_modules(model)
     config = []
     for index, (name, conv) in enumerate(convs):
@@ -281,6 +284,7 @@ class PatternADMMPruner:
     def residuals(self) -> dict[str, dict[str, float]]:
         """Relative primal residuals ``||W - Z|| / ||W||`` and ``||W - Y|| / ||W||`` per layer:
         how far the weights still are from each constraint (they should fall towards 0)."""
+        self._require("residuals", "admm")
         out = {}
         for t in self._targets:
             norm = float(t.param.norm()) or 1.0
@@ -349,7 +353,8 @@ class PatternADMMPruner:
         return {t.fqn: t.mask for t in self._targets if t.mask is not None}
 
     def squash_mask(self) -> None:
-        """Make pruning permanent: zeros stay in the weights, hooks and masks are removed."""
+        """Make pruning permanent: zeros stay in the weights, the gradient and optimizer hooks
+        are removed (the masks stay readable through :meth:`masks`)."""
         self._require("squash_mask", "masked")
         self.apply_masks()
         for t in self._targets:
