@@ -13,6 +13,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from .kernel_runs import bound_kernel_runs
 
 
 class PatternConvCPU(ScheduleRule):
@@ -24,7 +25,7 @@ class PatternConvCPU(ScheduleRule):
         layout = func.attrs[PATTERN_CONV_ATTR]
         sch = s_tir.Schedule(func)
         schedule_pattern_conv_cpu(sch, int(layout["vector_width"]), int(layout["column_tile"]), int(layout["row_tile"]))
-        return sch
+        return s_tir.Schedule(bound_kernel_runs(sch.mod["main"]))
 
 
 def schedule_pattern_conv_cpu(sch: s_tir.Schedule, vector_width: int, column_tile: int, row_tile: int) -> None:
