@@ -64,7 +64,7 @@ def test_dynamic_input_shape(model):
 @pytest.mark.parametrize(
     "target, message",
     [("cuda-ish", "unknown target"), ("{not json", "not valid JSON"), ('{"kind":"nonsense"}', "TVM does not accept"),
-     ("adreno", "not supported yet"), ({"kind": "c"}, "not supported yet")],
+     ({"kind": "c"}, "not supported")],
 )
 def test_bad_target(model, target, message):
     with pytest.raises(PatDNNError, match=message):
