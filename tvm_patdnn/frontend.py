@@ -50,9 +50,11 @@ def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]
             dims = tensor_type.shape.dim if tensor_type.HasField("shape") else None
             if dims is None or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
                 shown = "?" if dims is None else "x".join(d.dim_param or (str(d.dim_value) if d.dim_value > 0 else "?") for d in dims)
+                example = [d.dim_value if d.dim_value > 0 else 1 for d in dims] if dims else [1, 3, 224, 224]
                 raise PatDNNError(
                     f"input {value.name!r} has a dynamic shape ({shown}); give static shapes with "
-                    f"input_shapes={{'{value.name}': (1, 3, 224, 224)}} / --input-shape {value.name}=1,3,224,224"
+                    f"input_shapes={{'{value.name}': {tuple(example)}}} / "
+                    f"--input-shape {value.name}={','.join(map(str, example))}"
                 )
             shape = tuple(int(d.dim_value) for d in dims)
         names.append(value.name)
