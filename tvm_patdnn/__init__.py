@@ -7,7 +7,7 @@ The compiler is imported on first use so that pruning alone does not pay TVM's i
 
 from .errors import PatDNNError
 
-__all__ = ["CompiledModel", "ConvRecord", "PatDNNError", "compile", "inspect"]
+__all__ = ["CompiledModel", "ConvRecord", "PatDNNError", "compile", "deploy", "inspect"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from . import compiler
 
         return getattr(compiler, name)
+    if name == "deploy":
+        from .phone.deploy import deploy
+
+        return deploy
     if name == "ConvRecord":
         from .report import ConvRecord
 

@@ -12,6 +12,7 @@ import sys
 
 from .errors import PatDNNError
 from .phone.commands import add_phone_emulator_command
+from .phone.deploy import add_deploy_command
 from .pruning.commands import add_prune_command
 
 __all__ = ["main"]
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prune_command(sub)
     add_phone_emulator_command(sub)
+    add_deploy_command(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ from .fileio import write_file_atomic
 from .frontend import ImportedModel, import_onnx
 from .pipeline import get_pipeline
 from .report import ConvRecord, format_report
-from .targets import resolve_target
+from .targets import is_host_runnable, resolve_target
 from .transform import conv_report
 
 __all__ = ["CompiledModel", "compile", "inspect"]
@@ -37,19 +37,12 @@ class CompiledModel:
 
     def run(self, inputs: dict[str, np.ndarray] | None = None, **named: np.ndarray) -> list[np.ndarray]:
         """Run on this machine's CPU; returns the graph's outputs in ONNX order."""
-        given = {**(inputs or {}), **named}
-        missing = [n for n in self.input_names if n not in given]
-        unknown = [n for n in given if n not in self.input_names]
-        if missing or unknown:
+        if not is_host_runnable(self.target):
             raise PatDNNError(
-                f"inputs must be exactly {self.input_names}; missing {missing}, unknown {unknown}"
+                f"the model is compiled for {self.target.kind.name} target {self.target}, which this machine "
+                "cannot run: run it on the device with `patdnn deploy` or tvm_patdnn.deploy(...)"
             )
-        args = []
-        for name in self.input_names:
-            value = np.ascontiguousarray(given[name], dtype=self.input_dtypes[name])
-            if value.shape != self.input_shapes[name]:
-                raise PatDNNError(f"input {name!r} has shape {value.shape}, the model expects {self.input_shapes[name]}")
-            args.append(tvm.runtime.tensor(value))
+        args = [tvm.runtime.tensor(a) for a in check_inputs(self, {**(inputs or {}), **named})]
         if self._vm is None:
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
         result = self._vm["main"](*args)
@@ -57,11 +50,29 @@ class CompiledModel:
         return [o.numpy() for o in outputs]
 
     def export_library(self, path: str | os.PathLike, **kwargs) -> Path:
-        """Write the compiled library atomically (a temp file in the same folder, then rename)."""
-        return write_file_atomic(path, lambda tmp: self.executable.export_library(tmp, **kwargs))
+        """Write the library atomically (temp file, then rename); aarch64 targets are
+        cross-linked (phone.cross) and every .so is checked to be an ELF for the target's CPU."""
+        from .phone.cross import export_checked
+
+        return write_file_atomic(path, lambda tmp: export_checked(self.executable, tmp, self.target, **kwargs))
 
     def format_report(self) -> str:
         return format_report(self.report)
+
+
+def check_inputs(model: CompiledModel | ImportedModel, given: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The inputs as contiguous arrays in ``model.input_names`` order; PatDNNError if they do not fit."""
+    missing = [n for n in model.input_names if n not in given]
+    unknown = [n for n in given if n not in model.input_names]
+    if missing or unknown:
+        raise PatDNNError(f"inputs must be exactly {model.input_names}; missing {missing}, unknown {unknown}")
+    arrays = []
+    for name in model.input_names:
+        value = np.ascontiguousarray(given[name], dtype=model.input_dtypes[name])
+        if value.shape != model.input_shapes[name]:
+            raise PatDNNError(f"input {name!r} has shape {value.shape}, the model expects {model.input_shapes[name]}")
+        arrays.append(value)
+    return arrays
 
 
 def compile(  # noqa: A001 - mirrors tvm.compile

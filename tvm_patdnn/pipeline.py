@@ -16,7 +16,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight
 
 from .report import ConvRecord
-from .schedule_rules import DenseConv2dCPU, PatternConvCPU
+from .schedule_rules import DenseConv2dCPU, PatternConvCPU, PatternConvGPU
 from .targets import vector_lanes
 from .transform import PatternConvRewrite
 
@@ -37,7 +37,15 @@ def pattern_passes(
 
 
 def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """Default schedules for every PrimFunc: pattern conv, dense conv/pool, then dlight's."""
+    """Default schedules for every PrimFunc: pattern conv, dense conv/pool, then dlight's.
+
+    GPU targets (OpenCL/Adreno) get dlight's GPU rules, which is all the generic GPU
+    legalization adds to the CPU one; the rest of the pipeline is the same for both.
+    """
+    if "gpu" in target.keys:
+        return [dlight.ApplyDefaultSchedule(PatternConvGPU(), dlight.gpu.Matmul(), dlight.gpu.GEMV(),
+                                            dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(),
+                                            dlight.gpu.Fallback())]
     return [
         dlight.ApplyDefaultSchedule(
             PatternConvCPU(), DenseConv2dCPU(), dlight.cpu.GEMV(), dlight.cpu.Reduction()

@@ -1,22 +1,58 @@
-"""Targets by name (``x86``, later ``arm_cpu`` and ``adreno``) or as TVM target JSON."""
+"""Targets by name (``x86``, ``arm_cpu``, ``galaxy-s10``, ``arm_cpu-linux``, ``adreno``) or as TVM target JSON.
+
+The phone presets exist because the right TVM target for a phone is easy to get subtly wrong:
+an Android triple (so the library links against Bionic with the NDK), NEON and ARMv8.2
+dot-product features, and for the GPU an OpenCL target whose host code is aarch64.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
-import tvm
 from tvm.target import Target, codegen
 
 from .errors import PatDNNError
 
-__all__ = ["resolve_target", "vector_lanes", "TARGET_NAMES"]
+__all__ = [
+    "resolve_target",
+    "vector_lanes",
+    "is_aarch64",
+    "is_host_runnable",
+    "PRESETS",
+    "TARGET_NAMES",
+]
 
-TARGET_NAMES = ("x86", "arm_cpu", "adreno")
-_NOT_YET = {
-    "arm_cpu": "phone CPU targets (arm_cpu) are not supported yet: they land with the phone deployment work",
-    "adreno": "the Adreno OpenCL target is not supported yet: it lands with the phone deployment work",
+_ARM_FEATURES = ["+neon", "+v8.2a", "+dotprod"]
+_ARM_CPU = {
+    "kind": "llvm",
+    "mtriple": "aarch64-linux-android",
+    "mattr": _ARM_FEATURES,
+    "keys": ["arm_cpu", "cpu"],
 }
+
+# Named phone targets; every value is plain TVM target JSON (what `--target` also accepts).
+PRESETS: dict[str, dict] = {
+    # Any ARMv8.2 Android phone CPU (Snapdragon 845 and later, Exynos 9810 and later).
+    "arm_cpu": _ARM_CPU,
+    # Samsung Galaxy S10 (Snapdragon 855): Kryo 485 gold cores are Cortex-A76 derivatives;
+    # 4 threads = the 1+3 big cores, where TVM's runtime pins its workers by default.
+    "galaxy-s10": {**_ARM_CPU, "mcpu": "cortex-a76", "num-cores": 4},
+    # aarch64 GNU/Linux boards (and the emulated phone's own userland); plain ARMv8 NEON.
+    "arm_cpu-linux": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "keys": ["arm_cpu", "cpu"]},
+    # Adreno GPUs through OpenCL (buffers, not textures); the host code runs on the phone CPU.
+    # Adreno 6xx runs waves of 64 fibres and allows 1024 work items per work group.
+    "adreno": {
+        "kind": "opencl",
+        "device": "adreno",
+        "max_num_threads": 1024,
+        "thread_warp_size": 64,
+        "host": _ARM_CPU,
+    },
+}
+TARGET_NAMES = ("x86", *PRESETS)
+_SUPPORTED_KINDS = ("llvm", "opencl")
 
 
 def _host_target() -> dict:
@@ -27,14 +63,14 @@ def _host_target() -> dict:
 def resolve_target(target: str | dict | Target) -> Target:
     """A :class:`tvm.target.Target` from a name, a JSON string, a dict or a Target."""
     if isinstance(target, Target):
-        return target
+        return _checked(target, str(target))
     if isinstance(target, str):
         name = target.strip()
         if name in ("x86", "host", "llvm"):
             return Target(_host_target())
-        if name in _NOT_YET:
-            raise PatDNNError(_NOT_YET[name])
-        if name.startswith("{"):
+        if name in PRESETS:
+            target = copy.deepcopy(PRESETS[name])
+        elif name.startswith("{"):
             try:
                 target = json.loads(name)
             except json.JSONDecodeError as err:
@@ -50,13 +86,40 @@ def resolve_target(target: str | dict | Target) -> Target:
         resolved = Target(target)
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise PatDNNError(f"TVM does not accept target {json.dumps(target)}: {str(err).splitlines()[-1]}") from None
-    if resolved.kind.name != "llvm":
-        raise PatDNNError(f"target kind {resolved.kind.name!r} is not supported yet (only llvm CPU targets)")
-    return resolved
+    return _checked(resolved, json.dumps(target))
+
+
+def _checked(target: Target, text: str) -> Target:
+    if target.kind.name not in _SUPPORTED_KINDS:
+        raise PatDNNError(
+            f"target kind {target.kind.name!r} of {text} is not supported yet "
+            f"(supported kinds: {', '.join(_SUPPORTED_KINDS)})"
+        )
+    if target.kind.name == "opencl" and (target.host is None or target.host.kind.name != "llvm"):
+        raise PatDNNError(f"OpenCL target {text} needs an llvm host, e.g. \"host\": {json.dumps(_ARM_CPU)}")
+    return target
+
+
+def _cpu(target: Target) -> Target:
+    """The CPU that runs the target's code: the target itself, or an OpenCL target's host."""
+    return target if target.kind.name == "llvm" else target.host
+
+
+def is_aarch64(target: Target) -> bool:
+    """Whether the target's (host) code is aarch64, so exporting it needs a cross compiler."""
+    return str(_cpu(target).attrs.get("mtriple", "")).startswith(("aarch64", "arm64"))
+
+
+def is_host_runnable(target: Target) -> bool:
+    """Whether ``CompiledModel.run`` can execute it here: an LLVM target for this machine's arch."""
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
+    return triple.split("-")[0] == codegen.llvm_get_system_triple().split("-")[0]
 
 
 def vector_lanes(target: Target) -> int:
-    """fp32 lanes of the target's widest vector unit (AVX-512: 16, AVX2/AVX: 8, else 4)."""
+    """fp32 lanes of the target's widest vector unit (AVX-512: 16, AVX2/AVX: 8; NEON, OpenCL float4: 4)."""
     if target.kind.name != "llvm":
         return 4
     if codegen.llvm_cpu_has_features(["avx512f"], target):

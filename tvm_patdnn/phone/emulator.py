@@ -35,6 +35,8 @@ _PING_PERIOD = 2.0  # seconds between tracker polls while idle
 _UNUSED_KEY_TIMEOUT = 6.0  # re-advertise if a client took our key but never came
 _POLL = 0.25  # how often blocking waits look at the stop flag
 _HANDSHAKE_TIMEOUT = 10.0
+# Session work directories (here and in minirpc_server.cc): clients recognise the emulator by it.
+WORKDIR_PREFIX = "patdnn-phone-"
 
 
 def popen_session() -> tvm.rpc.RPCSession:
@@ -204,7 +206,7 @@ class PhoneEmulator:
 
     def _serve_session(self, conn: socket.socket, timeout: float | None) -> None:
         """Run one RPC session in a fresh qemu process that owns the client socket."""
-        workdir = tempfile.mkdtemp(prefix="patdnn-phone-")
+        workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
         fd = conn.fileno()
         deadline = None if timeout is None else time.monotonic() + timeout
         logger.info("session started (timeout %s s), workdir %s", timeout, workdir)

@@ -2,5 +2,6 @@
 
 from .dense_conv_cpu import DenseConv2dCPU
 from .pattern_conv_cpu import PatternConvCPU
+from .pattern_conv_gpu import PatternConvGPU
 
-__all__ = ["DenseConv2dCPU", "PatternConvCPU"]
+__all__ = ["DenseConv2dCPU", "PatternConvCPU", "PatternConvGPU"]

@@ -1,0 +1,159 @@
+"""Phone targets, cross export and ``patdnn deploy`` on the emulated phone through a real tracker.
+
+The tracker and ``phone-emulator`` are real processes on 127.0.0.1 (fixtures shared with
+test_phone_emulator); libraries are linked by the real aarch64 cross compiler and run by TVM's
+aarch64 runtime under qemu.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from model_factory import ConvSpec, build_cnn, reference_outputs
+from test_phone_emulator import HOST, _free_devices, _free_port, _start_emulator, _stop_group, _wait_until, tracker_port  # noqa: F401
+
+import tvm_patdnn
+from tvm_patdnn import PatDNNError
+from tvm_patdnn.cli import main
+from tvm_patdnn.phone.cross import DEBIAN_CROSS_CXX, NDK_ENV, check_library_machine, elf_machine
+from tvm_patdnn.targets import PRESETS, resolve_target
+
+EM_AARCH64, EM_X86_64 = 183, 62
+KEY = "android-deploy"
+
+
+@pytest.fixture(scope="module")
+def emulator(tracker_port: int, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+    proc = _start_emulator(tracker_port, KEY, tmp_path_factory.mktemp("phone") / "emulator.log")
+    try:
+        yield f"{HOST}:{tracker_port}"
+    finally:
+        assert _stop_group(proc) == 0
+
+
+def _pattern_cnn(seed: int) -> onnx.ModelProto:
+    """Two pattern convs (one strided), a dense conv and a pool+gemm head."""
+    convs = [ConvSpec(8), ConvSpec(8, stride=2), ConvSpec(8, kind="dense")]
+    return build_cnn(np.random.default_rng(seed), (1, 4, 12, 12), convs, head=True)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "pattern_cnn.onnx"
+    onnx.save(_pattern_cnn(0), path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["arm_cpu", "galaxy-s10", "arm_cpu-linux", "adreno"])
+def test_presets_resolve(name: str) -> None:
+    target = resolve_target(name)
+    cpu = target if target.kind.name == "llvm" else target.host
+    assert cpu.kind.name == "llvm" and str(cpu.attrs["mtriple"]).startswith("aarch64")
+    assert "arm_cpu" in cpu.keys
+    # The same JSON given explicitly is accepted as well.
+    assert resolve_target(json.dumps(PRESETS[name])).kind.name == target.kind.name
+
+
+def test_galaxy_s10_is_cortex_a76_with_dotprod() -> None:
+    target = resolve_target("galaxy-s10")
+    assert target.attrs["mcpu"] == "cortex-a76"
+    assert bool(target.attrs["feature.has_dotprod"]) and bool(target.attrs["feature.has_asimd"])
+    assert str(target.attrs["mtriple"]) == "aarch64-linux-android"
+
+
+def test_adreno_is_opencl_with_aarch64_host() -> None:
+    target = resolve_target("adreno")
+    assert target.kind.name == "opencl" and target.attrs["device"] == "adreno"
+    assert str(target.host.attrs["mtriple"]) == "aarch64-linux-android"
+
+
+def test_export_is_aarch64_elf_and_run_points_to_deploy(model_file: Path, tmp_path: Path) -> None:
+    compiled = tvm_patdnn.compile(model_file, "arm_cpu")
+    path = compiled.export_library(tmp_path / "model.so")
+    assert elf_machine(path) == EM_AARCH64
+    with pytest.raises(PatDNNError, match="patdnn deploy"):
+        compiled.run(input=np.zeros((1, 4, 12, 12), np.float32))
+
+
+def test_ndk_compiler_from_environment(model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Any standalone aarch64 compiler driver works as TVM_NDK_CC; the Debian one stands in for the NDK's.
+    monkeypatch.setenv(NDK_ENV, shutil.which(DEBIAN_CROSS_CXX))
+    path = tvm_patdnn.compile(model_file, "arm_cpu").export_library(tmp_path / "ndk.so")
+    assert elf_machine(path) == EM_AARCH64
+    monkeypatch.setenv(NDK_ENV, str(tmp_path / "no-such-clang++"))
+    with pytest.raises(PatDNNError, match="TVM_NDK_CC"):
+        tvm_patdnn.compile(model_file, "arm_cpu").export_library(tmp_path / "bad.so")
+    assert not (tmp_path / "bad.so").exists()
+
+
+def test_missing_cross_compiler_is_named(model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled = tvm_patdnn.compile(model_file, "arm_cpu")
+    monkeypatch.delenv(NDK_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(PatDNNError, match="g\\+\\+-aarch64-linux-gnu"):
+        compiled.export_library(tmp_path / "model.so")
+
+
+def test_wrong_elf_machine_is_rejected(model_file: Path, tmp_path: Path) -> None:
+    host_lib = tvm_patdnn.compile(model_file, "x86").export_library(tmp_path / "host.so")
+    assert elf_machine(host_lib) == EM_X86_64
+    with pytest.raises(PatDNNError, match="x86-64 ELF but target .* needs AArch64"):
+        check_library_machine(host_lib, resolve_target("arm_cpu"))
+
+
+def test_deploy_cli_matches_reference(emulator: str, model_file: Path, capsys: pytest.CaptureFixture) -> None:
+    started = time.monotonic()
+    status = main(["deploy", str(model_file), "--target", "arm_cpu", "--tracker", emulator, "--key", KEY,
+                   "--number", "2", "--repeat", "2"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "outputs match the ONNX reference" in out
+    assert "remote latency on 'android-deploy'" in out and " ms mean" in out
+    assert "not phone timings" in out
+    assert time.monotonic() - started < 120
+
+
+def test_deploy_given_library_that_differs_exits_1(emulator: str, model_file: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    other = tvm_patdnn.compile(_pattern_cnn(1), "arm_cpu-linux").export_library(tmp_path / "other.so")
+    status = main(["deploy", str(model_file), "--target", "arm_cpu-linux", "--tracker", emulator, "--key", KEY,
+                   "--so", str(other), "--number", "1", "--repeat", "1"])
+    assert status == 1
+    assert "DIFFER from the ONNX reference" in capsys.readouterr().out
+
+
+def test_deploy_api_with_inputs_frees_the_device(emulator: str, model_file: Path) -> None:
+    x = np.random.default_rng(5).standard_normal((1, 4, 12, 12)).astype(np.float32)
+    result = tvm_patdnn.deploy(model_file, "galaxy-s10", tracker=emulator, key=KEY, inputs={"input": x},
+                               number=1, repeat=1)
+    assert result.ok and result.emulated and len(result.latency_ms) == 1
+    np.testing.assert_allclose(result.outputs[0], reference_outputs(onnx.load(model_file), {"input": x})[0],
+                               rtol=1e-4, atol=1e-4)
+    host, port = emulator.rsplit(":", 1)
+    # Every remote object was dropped: the device is offered again without waiting for a timeout.
+    _wait_until(lambda: _free_devices(int(port), KEY) == 1, 15, "the device to return to the tracker")
+
+
+def test_deploy_errors_name_the_problem(emulator: str, model_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(PatDNNError, match=f"no device registered under key 'nokey'.*{KEY}"):
+        tvm_patdnn.deploy(model_file, "arm_cpu", tracker=emulator, key="nokey")
+    with pytest.raises(PatDNNError, match="no TVM RPC tracker answers"):
+        tvm_patdnn.deploy(model_file, "arm_cpu", tracker=f"{HOST}:{_free_port()}", key=KEY)
+    with pytest.raises(PatDNNError, match="does not exist"):
+        tvm_patdnn.deploy(model_file, "arm_cpu", tracker=emulator, key=KEY, library=tmp_path / "missing.so")
+    assert main(["deploy", str(model_file), "--tracker", "nonsense", "--key", KEY]) == 2
+    assert os.listdir(tmp_path) == []
+
+
+def test_adreno_deploy_to_emulator_says_it_has_no_opencl(emulator: str, model_file: Path) -> None:
+    with pytest.raises(PatDNNError, match="has no opencl runtime.*PoCL"):
+        tvm_patdnn.deploy(model_file, "adreno", tracker=emulator, key=KEY)
+    host, port = emulator.rsplit(":", 1)
+    _wait_until(lambda: _free_devices(int(port), KEY) == 1, 15, "the device to return to the tracker")

@@ -1,0 +1,91 @@
+"""Linking compiled models into libraries a phone can load, and checking what was written.
+
+TVM's default ``export_library`` links with the host's ``g++``, which silently produces an
+x86 library (or fails obscurely) for aarch64 code; a phone only says "dlopen failed" later.
+So aarch64 targets are linked with the Android NDK (``TVM_NDK_CC``, what a real phone needs:
+Bionic libc) or else Debian's ``aarch64-linux-gnu-g++`` (glibc: aarch64 Linux boards and the
+emulated phone), and the ELF machine type of every written library is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import tvm
+from tvm.support import cc, ndk
+from tvm.target import codegen
+
+from ..errors import PatDNNError
+from ..targets import is_aarch64
+
+__all__ = ["DEBIAN_CROSS_CXX", "NDK_ENV", "export_checked", "linker_for", "check_library_machine", "elf_machine"]
+
+DEBIAN_CROSS_CXX = "aarch64-linux-gnu-g++"
+NDK_ENV = "TVM_NDK_CC"
+
+# ELF e_machine values of the architectures TVM's LLVM backend targets here.
+_EM = {"x86_64": 62, "aarch64": 183, "arm64": 183, "i386": 3, "i686": 3, "riscv64": 243}
+_EM_NAMES = {62: "x86-64", 183: "AArch64", 3: "x86", 243: "RISC-V", 40: "ARM (32-bit)"}
+
+
+def linker_for(target: tvm.target.Target) -> Callable | None:
+    """The ``fcompile`` for ``export_library``: None (TVM's host default) unless aarch64."""
+    if not is_aarch64(target):
+        return None
+    ndk_cc = os.environ.get(NDK_ENV)
+    if ndk_cc:
+        if shutil.which(ndk_cc) is None:
+            raise PatDNNError(f"{NDK_ENV}={ndk_cc} is not an executable compiler (point it at the NDK's "
+                              "aarch64-linux-android<API>-clang++)")
+        return ndk.create_shared  # reads TVM_NDK_CC when called
+    if shutil.which(DEBIAN_CROSS_CXX) is None:
+        raise PatDNNError(
+            f"exporting for aarch64 needs a cross linker: set {NDK_ENV} to the Android NDK's "
+            f"aarch64-linux-android<API>-clang++, or apt-get install g++-aarch64-linux-gnu "
+            f"(provides {DEBIAN_CROSS_CXX})"
+        )
+    return cc.cross_compiler(DEBIAN_CROSS_CXX)
+
+
+def elf_machine(path: str | os.PathLike) -> int | None:
+    """The ELF e_machine of a file, or None when it is not ELF."""
+    with open(path, "rb") as handle:
+        header = handle.read(20)
+    if len(header) < 20 or header[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+
+
+def _expected_machine(target: tvm.target.Target) -> int | None:
+    cpu = target if target.kind.name == "llvm" else target.host
+    triple = str(cpu.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
+    return _EM.get(triple.split("-")[0])
+
+
+def check_library_machine(path: str | os.PathLike, target: tvm.target.Target) -> None:
+    """Raise PatDNNError unless the shared library at ``path`` is an ELF for the target's CPU."""
+    expected = _expected_machine(target)
+    if Path(path).suffix != ".so" or expected is None:
+        return  # .tar/.o artifacts and unknown architectures: nothing to compare with
+    machine = elf_machine(path)
+    if machine is None:
+        raise PatDNNError(f"the exported library {path} is not an ELF file")
+    if machine != expected:
+        raise PatDNNError(
+            f"the exported library is an {_EM_NAMES.get(machine, f'e_machine {machine}')} ELF but target "
+            f"{target} needs {_EM_NAMES.get(expected, f'e_machine {expected}')}: the wrong linker was used"
+        )
+
+
+def export_checked(executable: tvm.runtime.Module, path: str, target: tvm.target.Target, **kwargs) -> None:
+    """``executable.export_library(path)`` with the right linker for ``target``, then the ELF check."""
+    if "fcompile" not in kwargs:
+        kwargs["fcompile"] = linker_for(target)
+    try:
+        executable.export_library(path, **kwargs)
+    except RuntimeError as err:  # the linker's own message (missing symbols, bad flags, ...)
+        raise PatDNNError(f"linking the library for {target} failed: {str(err).strip()}") from err
+    check_library_machine(path, target)

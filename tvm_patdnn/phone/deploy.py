@@ -1,0 +1,246 @@
+"""Deploy a model to a device behind a TVM RPC tracker: upload, run, check, time.
+
+The check against ``onnx.reference`` runs on every deployment because a library that loads
+and runs on a phone can still compute garbage (wrong target features, a miscompiled
+schedule); the latency comes from TVM's ``time_evaluator`` on the device itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import PatDNNError
+from ..fileio import load_onnx_model
+
+__all__ = ["DeployResult", "deploy", "add_deploy_command", "parse_tracker", "onnx_reference", "relative_error"]
+
+DEFAULT_RTOL = 1e-4
+EMULATOR_NOTE = (
+    "note: this device is the emulated phone (qemu-user on this machine): its timings are "
+    "20-50x slower than a phone's and are not phone timings"
+)
+
+
+@dataclass
+class DeployResult:
+    """What a deployment measured; ``ok`` when every output matches the ONNX reference."""
+
+    outputs: list[np.ndarray]
+    reference: list[np.ndarray]
+    errors: list[float]  # per output: max |actual - expected| / max |expected|
+    rtol: float
+    latency_ms: list[float]  # one mean per repeat, from time_evaluator on the device
+    target: str
+    key: str
+    emulated: bool
+
+    @property
+    def ok(self) -> bool:
+        return all(e <= self.rtol for e in self.errors)
+
+    def summary(self) -> str:
+        verdict = "match" if self.ok else "DIFFER from"
+        errors = ", ".join(f"{e:.2e}" for e in self.errors)
+        lines = [
+            f"outputs {verdict} the ONNX reference (relative error {errors}; tolerance {self.rtol:g})",
+            f"remote latency on {self.key!r}: {np.mean(self.latency_ms):.3f} ms mean, "
+            f"{np.min(self.latency_ms):.3f} ms best of {len(self.latency_ms)} repeats",
+        ]
+        if self.emulated:
+            lines.append(EMULATOR_NOTE)
+        return "\n".join(lines)
+
+
+def parse_tracker(text: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise PatDNNError(f"tracker address must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def deploy(
+    model: str | os.PathLike | onnx.ModelProto,
+    target: str | dict = "arm_cpu",
+    *,
+    tracker: str | tuple[str, int] = ("127.0.0.1", 9190),
+    key: str = "android",
+    library: str | os.PathLike | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    entries: int = 4,
+    max_patterns: int = 12,
+    rtol: float = DEFAULT_RTOL,
+    number: int = 5,
+    repeat: int = 3,
+    session_timeout: float = 600,
+) -> DeployResult:
+    """Compile ``model`` for ``target`` (or take the compiled ``library``), run it on a device
+    of ``key`` behind ``tracker``, compare with ``onnx.reference`` and time it there.
+
+    ``inputs`` default to seeded standard-normal arrays of the model's input shapes.
+    """
+    from ..compiler import check_inputs
+    from ..compiler import compile as compile_model
+    from ..frontend import import_onnx
+    from ..targets import resolve_target
+    from .cross import check_library_machine
+
+    proto = load_onnx_model(model)
+    resolved = resolve_target(target)
+    host, port = parse_tracker(tracker) if isinstance(tracker, str) else tracker
+    session = _tracker(host, port, key)  # before compiling: fail fast on a wrong address or key
+    with tempfile.TemporaryDirectory(prefix="patdnn-deploy-") as workdir:
+        if library is None:
+            compiled = compile_model(proto, resolved, input_shapes=input_shapes, entries=entries,
+                                     max_patterns=max_patterns)
+            signature = compiled
+            path = compiled.export_library(Path(workdir) / "patdnn_model.so")
+        else:
+            path = Path(library)
+            if not path.is_file():
+                raise PatDNNError(f"compiled library {path} does not exist or is not a file")
+            check_library_machine(path, resolved)
+            signature = import_onnx(proto, input_shapes)
+        if inputs is None:
+            rng = np.random.default_rng(0)
+            inputs = {name: rng.standard_normal(signature.input_shapes[name]).astype(signature.input_dtypes[name])
+                      for name in signature.input_names}
+        arrays = check_inputs(signature, inputs)
+        reference = onnx_reference(proto, dict(zip(signature.input_names, arrays)))
+        outputs, latency, emulated = _run_remote(path, resolved, session, key, arrays, number, repeat,
+                                                 session_timeout)
+    if len(outputs) != len(reference):
+        raise PatDNNError(f"the library returned {len(outputs)} outputs, the ONNX model has {len(reference)}: "
+                          "is the library compiled from this model?")
+    errors = [relative_error(a, e) for a, e in zip(outputs, reference)]
+    return DeployResult(outputs, reference, errors, rtol, latency, str(resolved), key, emulated)
+
+
+def onnx_reference(proto: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    return [np.asarray(o) for o in ReferenceEvaluator(proto).run(None, inputs)]
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    if actual.shape != expected.shape:
+        return float("inf")
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-6)
+    return float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0)) / scale
+
+
+def _tracker(host: str, port: int, key: str):
+    """The tracker session, once it is known to serve ``key``; else PatDNNError naming what is missing."""
+    from tvm import rpc
+
+    try:  # connect_tracker itself retries for a minute before giving up
+        socket.create_connection((host, port), timeout=5).close()
+        tracker = rpc.connect_tracker(host, port)
+        servers = tracker.summary()["server_info"]
+    except (OSError, RuntimeError) as err:
+        raise PatDNNError(f"no TVM RPC tracker answers at {host}:{port}: {err}") from None
+    keys = sorted({str(s.get("key", "")).removeprefix("server:") for s in servers} - {""})
+    if key not in keys:
+        raise PatDNNError(
+            f"no device registered under key {key!r} at tracker {host}:{port} "
+            f"(registered keys: {', '.join(keys) or 'none'}); start one with "
+            f"`patdnn phone-emulator --tracker {host}:{port} --key {key}` or the TVM RPC app"
+        )
+    return tracker
+
+
+def _run_remote(path: Path, target, tracker, key: str, arrays: list[np.ndarray],
+                number: int, repeat: int, session_timeout: float) -> tuple[list[np.ndarray], list[float], bool]:
+    """Upload, run once, time. Errors are raised only after the session's frame is gone, so
+    that no traceback keeps a remote object alive: the device returns to the tracker at once
+    instead of at ``session_timeout``."""
+    import tvm
+
+    try:
+        remote = tracker.request(key, session_timeout=session_timeout)
+    except (OSError, RuntimeError) as err:
+        raise PatDNNError(f"the tracker gave no session on {key!r}: {err}") from None
+    problem = None
+    try:
+        outcome = _session_run(remote, path, target, key, arrays, number, repeat)
+    except PatDNNError as err:
+        problem = str(err)
+    except (tvm.TVMError, RuntimeError, OSError) as err:
+        problem = f"running the model on {key!r} failed: {str(err).strip().splitlines()[-1]}"
+    del remote
+    gc.collect()
+    if problem is not None:
+        raise PatDNNError(problem)
+    return outcome
+
+
+def _session_run(remote, path: Path, target, key: str, arrays: list[np.ndarray], number: int,
+                 repeat: int) -> tuple[list[np.ndarray], list[float], bool]:
+    import tvm
+    from tvm import relax
+
+    from .emulator import WORKDIR_PREFIX
+
+    workdir = Path(remote.get_function("tvm.rpc.server.workpath")("x")).parent
+    emulated = workdir.name.startswith(WORKDIR_PREFIX)
+    dev = remote.cl(0) if target.kind.name == "opencl" else remote.cpu(0)
+    if not dev.exist:
+        raise PatDNNError(f"the device {key!r} has no {target.kind.name} runtime"
+                          + (" (the emulated phone has none: verify Adreno kernels with PoCL instead)" if emulated else ""))
+    remote.upload(str(path), "patdnn_model.so")
+    vm = relax.VirtualMachine(remote.load_module("patdnn_model.so"), dev)
+    args = [tvm.runtime.tensor(a, dev) for a in arrays]
+    result = vm["main"](*args)
+    results = list(result) if isinstance(result, (tvm.ir.Array, list, tuple)) else [result]
+    outputs = [r.numpy() for r in results]
+    latency = [float(t) * 1e3 for t in vm.time_evaluator("main", dev, number=number, repeat=repeat)(*args).results]
+    return outputs, latency, emulated
+
+
+def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``patdnn deploy`` (exit status 0: outputs match, 1: they differ, 2: error)."""
+    from ..cli import _add_model_options  # the model options every model command shares
+
+    parser = subparsers.add_parser(
+        "deploy",
+        help="compile (or take a .so), run on a device behind a TVM RPC tracker, check and time it",
+        description=(
+            "Upload the compiled model to a device registered under KEY at a TVM RPC tracker "
+            "(a phone running the TVM RPC app, or `patdnn phone-emulator`), run it, compare its "
+            "outputs with onnx.reference (exit status 1 when they differ) and print the latency "
+            "measured on the device."
+        ),
+    )
+    _add_model_options(parser)
+    parser.add_argument("--target", default="arm_cpu",
+                        help="arm_cpu, galaxy-s10, arm_cpu-linux, adreno or a TVM target JSON (default %(default)s)")
+    parser.add_argument("--tracker", required=True, metavar="HOST:PORT", help="RPC tracker, e.g. 127.0.0.1:9190")
+    parser.add_argument("--key", default="android", help="device key at the tracker (default %(default)s)")
+    parser.add_argument("--so", metavar="LIBRARY", help="an already compiled library of MODEL (skip compiling)")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                        help="max error relative to the largest reference output (default %(default)g)")
+    parser.add_argument("--number", type=int, default=5, help="runs averaged per timing (default %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3, help="timings taken (default %(default)s)")
+    parser.add_argument("--session-timeout", type=float, default=600,
+                        help="seconds the device serves this session at most (default %(default)s)")
+    parser.set_defaults(func=_run_deploy)
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    result = deploy(
+        args.model, args.target, tracker=parse_tracker(args.tracker), key=args.key, library=args.so,
+        input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
+        rtol=args.rtol, number=args.number, repeat=args.repeat, session_timeout=args.session_timeout,
+    )
+    print(result.summary())
+    return 0 if result.ok else 1
