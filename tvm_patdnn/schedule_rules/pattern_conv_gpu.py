@@ -11,6 +11,7 @@ Work groups are whole waves (64 on Adreno 6xx), and no larger than the layer nee
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
@@ -39,6 +40,9 @@ class PatternConvGPU(ScheduleRule):
         layout = func.attrs[PATTERN_CONV_ATTR]
         wave = int(target.attrs.get("thread_warp_size", 1))
         wave = wave if wave > 1 else 32  # generic OpenCL reports 1: assume a 32-wide SIMD
+        # The operator indexes in int64 (FuseTIR needs it; fusion is over by now); GPUs emulate
+        # 64-bit integer multiply/divide, and every index here is far below 2**31.
+        func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
         sch = s_tir.Schedule(func)
         schedule_pattern_conv_gpu(sch, int(layout["vector_width"]), int(layout["taps"]), wave,
                                   int(target.attrs.get("max_num_threads", 256)))
