@@ -8,6 +8,7 @@ APT_PACKAGES=(
   dataset-fashion-mnist   # real Fashion-MNIST for the pruning tests and accuracy benchmarks
   qemu-user               # the emulated aarch64 phone
   g++-aarch64-linux-gnu   # cross compiler for phone libraries (pulls libc6-arm64-cross)
+  pocl-opencl-icd         # CPU OpenCL: checks the Adreno kernels without a GPU
 )
 if command -v apt-get >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
