@@ -7,7 +7,7 @@ The compiler is imported on first use so that pruning alone does not pay TVM's i
 
 from .errors import PatDNNError
 
-__all__ = ["CompiledModel", "ConvRecord", "PatDNNError", "compile", "deploy", "inspect"]
+__all__ = ["CompiledModel", "ConvRecord", "PatDNNError", "compile", "deploy", "inspect", "tune"]
 
 
 def __getattr__(name: str):
@@ -19,6 +19,10 @@ def __getattr__(name: str):
         from .phone.deploy import deploy
 
         return deploy
+    if name == "tune":
+        from .tuning.tuner import tune
+
+        return tune
     if name == "ConvRecord":
         from .report import ConvRecord
 

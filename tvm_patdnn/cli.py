@@ -14,6 +14,7 @@ from .errors import PatDNNError
 from .phone.commands import add_phone_emulator_command
 from .phone.deploy import add_deploy_command
 from .pruning.commands import add_prune_command
+from .tuning.commands import add_tune_command
 
 __all__ = ["main"]
 
@@ -70,7 +71,8 @@ def _run_compile(args: argparse.Namespace) -> int:
     from .report import format_report
 
     compiled = compile_model(
-        args.model, args.target, input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns
+        args.model, args.target, input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
+        tuning_db=args.tuning_db,
     )
     path = compiled.export_library(args.output)
     print(format_report(compiled.report))
@@ -93,11 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser.add_argument("--target", default="x86",
                                 help="x86 (host CPU), arm_cpu, adreno, or a TVM target JSON (default %(default)s)")
     compile_parser.add_argument("-o", "--output", required=True, help="shared library to write (.so)")
+    compile_parser.add_argument("--tuning-db", metavar="DIR",
+                                help="apply the records of `patdnn tune --db DIR` (default: the shipped schedules/)")
     compile_parser.set_defaults(func=_run_compile)
 
     add_prune_command(sub)
     add_phone_emulator_command(sub)
     add_deploy_command(sub)
+    add_tune_command(sub)
     return parser
 
 

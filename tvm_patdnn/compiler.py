@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -83,17 +84,24 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     entries: int = 4,
     max_patterns: int = 12,
+    tuning_db: str | os.PathLike | Literal[False] | None = None,
 ) -> CompiledModel:
     """Compile a pattern-pruned model with the pattern pass.
 
     ``model`` is an ONNX file path, an ``onnx.ModelProto`` or a Relax IRModule (whose
     ``main`` takes the inputs first and then the weights named in ``params``).
+    ``tuning_db`` is a database directory written by ``tvm_patdnn.tune``; its records for the
+    target's device schedule the kernels they cover. None uses the database shipped in
+    ``schedules/`` for the device, if any; False uses the default schedules only.
     """
     resolved = resolve_target(target)
     imported = _import(model, params, input_shapes)
     records: list[ConvRecord] = []
+    tuned = _tuning_records(tuning_db, resolved)
     try:
-        executable = tvm.compile(imported.mod, resolved, relax_pipeline=get_pipeline(resolved, entries, max_patterns, records.append))
+        executable = tvm.compile(
+            imported.mod, resolved, relax_pipeline=get_pipeline(resolved, entries, max_patterns, records.append, tuned)
+        )
     except PatDNNError:
         raise
     except Exception as err:  # TVM's errors name C++ internals; say which stage failed
@@ -107,6 +115,16 @@ def compile(  # noqa: A001 - mirrors tvm.compile
         output_names=imported.output_names,
         report=records,
     )
+
+
+def _tuning_records(tuning_db, target: tvm.target.Target) -> tvm.transform.Pass | None:
+    """The pass applying ``tuning_db``'s records (see ``compile``), or None."""
+    if tuning_db is False:
+        return None
+    from .tuning.database import apply_tuning_records, load_records, shipped_database
+
+    path = shipped_database(target) if tuning_db is None else tuning_db
+    return None if path is None else apply_tuning_records(load_records(path, target))
 
 
 def inspect(

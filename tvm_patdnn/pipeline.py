@@ -20,7 +20,7 @@ from .schedule_rules import DenseConv2dCPU, PatternConvCPU, PatternConvGPU
 from .targets import vector_lanes
 from .transform import PatternConvRewrite
 
-__all__ = ["pattern_passes", "schedule_passes", "get_pipeline"]
+__all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
 
 
 def pattern_passes(
@@ -36,21 +36,35 @@ def pattern_passes(
     ]
 
 
-def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """Default schedules for every PrimFunc: pattern conv, dense conv/pool, then dlight's.
+def default_schedule_rules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
+    """The untuned rules, in order: pattern conv, dense conv/pool, then dlight's.
 
     GPU targets (OpenCL/Adreno) get dlight's GPU rules, which is all the generic GPU
     legalization adds to the CPU one; the rest of the pipeline is the same for both.
     """
     if "gpu" in target.keys:
-        return [dlight.ApplyDefaultSchedule(PatternConvGPU(), dlight.gpu.Matmul(), dlight.gpu.GEMV(),
-                                            dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(),
-                                            dlight.gpu.Fallback())]
-    return [
-        dlight.ApplyDefaultSchedule(
-            PatternConvCPU(), DenseConv2dCPU(), dlight.cpu.GEMV(), dlight.cpu.Reduction()
-        )
-    ]
+        return [PatternConvGPU(), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
+    return [PatternConvCPU(), DenseConv2dCPU(), dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+
+
+def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """Default schedules for every PrimFunc not scheduled yet (by the tuning records)."""
+    return [dlight.ApplyDefaultSchedule(*default_schedule_rules(target))]
+
+
+def fusion_passes(
+    target: tvm.target.Target,
+    entries: int = 4,
+    max_patterns: int = 12,
+    on_conv: Callable[[ConvRecord], None] | None = None,
+) -> list[tvm.transform.Pass]:
+    """Everything before scheduling: its PrimFuncs are the tuning tasks (tvm_patdnn.tuning)."""
+    return (
+        pattern_passes(target, entries, max_patterns, on_conv)
+        + cpu_generic.library_dispatch_passes(target)
+        + cpu_generic.legalize_passes(target)
+    )
 
 
 def get_pipeline(
@@ -58,16 +72,20 @@ def get_pipeline(
     entries: int = 4,
     max_patterns: int = 12,
     on_conv: Callable[[ConvRecord], None] | None = None,
+    tuning_records: tvm.transform.Pass | None = None,
 ) -> tvm.transform.Pass:
-    """The whole Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``."""
+    """The whole Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
+
+    ``tuning_records`` (``tvm_patdnn.tuning.apply_tuning_records``) schedules the PrimFuncs it
+    has records for; the default rules schedule the rest.
+    """
 
     @tvm.transform.module_pass(opt_level=0, name="PatDNNPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                pattern_passes(target, entries, max_patterns, on_conv)
-                + cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
+                fusion_passes(target, entries, max_patterns, on_conv)
+                + ([tuning_records] if tuning_records is not None else [])
                 + schedule_passes(target)
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)

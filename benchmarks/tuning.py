@@ -1,0 +1,92 @@
+"""Untuned default schedules vs meta_schedule-tuned ones, one pattern layer and one dense layer.
+
+Each single-layer model (conv3x3 + bias + ReLU, see layers.py) is tuned with
+``tvm_patdnn.tune`` for the same number of trials, then compiled twice: default schedules only
+(``tuning_db=False``) and with the tuning records. Both modules of a layer are timed in
+interleaved rounds (the box is shared) and the table gives medians and the tuned/default ratio.
+The pattern layer is pruned by the project's pruning core (8 magnitude-chosen patterns + 3.6x
+connectivity); the dense layer is the same kind of layer unpruned, on TVM's dense path.
+
+    .venv/bin/python benchmarks/tuning.py [--trials 32] [--rounds 5] [--db DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from layers import conv_model, time_ms, vm_of
+
+import tvm_patdnn
+from tvm_patdnn.fileio import write_bytes_atomic
+from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
+from tvm_patdnn.targets import resolve_target
+
+# (name, channels, size, pruned?)
+LAYERS = [("pattern 64ch 56x56, 8x", 64, 56, True), ("dense 64ch 28x28", 64, 28, False)]
+
+
+def layer(channels: int, size: int, pruned: bool):
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(channels * 9)).astype(np.float32)
+    if pruned:
+        weight = project_pattern_and_connectivity(weight, select_pattern_set([weight], n_patterns=8), 3.6)
+    return conv_model(weight, size), rng.standard_normal((1, channels, size, size)).astype(np.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=32, help="search trials per layer (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--db", type=Path, help="keep the tuning records here (default: a temporary directory)")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/tuning.json"))
+    args = parser.parse_args()
+
+    target = resolve_target("x86")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="patdnn-bench-tune-") as scratch:
+        db = args.db or Path(scratch)
+        for name, channels, size, pruned in LAYERS:
+            model, x = layer(channels, size, pruned)
+            started = time.monotonic()
+            tvm_patdnn.tune(model, target, trials=args.trials, database=db, progress=sys.stderr)
+            tune_s = time.monotonic() - started
+            default = tvm_patdnn.compile(model, target, tuning_db=False)
+            tuned = tvm_patdnn.compile(model, target, tuning_db=db)
+            assert default.report[0].kind == ("pattern" if pruned else "dense"), default.report[0]
+            expected, actual = default.run(x=x)[0], tuned.run(x=x)[0]
+            assert np.allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()), "tuned output differs"
+            vms = {"default": vm_of(default.executable), "tuned": vm_of(tuned.executable)}
+            tx = tvm.runtime.tensor(x)
+            samples = {key: [] for key in vms}
+            for _ in range(args.rounds):
+                for key, vm in vms.items():
+                    samples[key].append(time_ms(vm, tx, number=3))
+            median = {key: statistics.median(values) for key, values in samples.items()}
+            rows.append({"layer": name, "trials": args.trials, "tune_s": tune_s, "default_ms": median["default"],
+                         "tuned_ms": median["tuned"], "default_over_tuned": median["default"] / median["tuned"]})
+
+    print("| layer | trials | tune time s | default ms | tuned ms | default / tuned |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layer']} | {r['trials']} | {r['tune_s']:.0f} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | "
+              f"{r['default_over_tuned']:.2f}x |")
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
+            "target": str(target), "rounds": args.rounds}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(args.json, json.dumps({"meta": meta, "rows": rows}, indent=2).encode())
+    print(f"\n{meta['date']}, {meta['target']}; results in {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Auto-tuning: tuned models against the ONNX reference, resume after a kill, bad input.
+
+Tunes use a few trials on small models (each a few seconds to ~30 s on a loaded 2-core box);
+no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from model_factory import ConvSpec, build_cnn, reference_outputs
+from tvm import s_tir
+
+import tvm_patdnn
+from tvm_patdnn import PatDNNError
+from tvm_patdnn.cli import main
+from tvm_patdnn.compiler import _import
+from tvm_patdnn.pipeline import fusion_passes
+from tvm_patdnn.targets import resolve_target
+from tvm_patdnn.tuning.database import (
+    RECORDS,
+    WORKLOADS,
+    apply_tuning_records,
+    load_records,
+)
+from tvm_patdnn.tuning.measure import PackedArguments, build_kernel, signature
+from tvm_patdnn.tuning.space import pattern_conv_space
+from tvm_patdnn.tuning.tasks import extract_tasks
+
+PATDNN = Path(sys.executable).parent / "patdnn"
+
+
+def small_model() -> onnx.ModelProto:
+    """A dense conv, a pattern conv and a strided pattern conv: three kernels to tune."""
+    convs = [ConvSpec(8, kind="dense"), ConvSpec(16, connectivity=2.0), ConvSpec(8, stride=2)]
+    return build_cnn(np.random.default_rng(7), (1, 4, 12, 12), convs)
+
+
+def assert_matches_reference(model: onnx.ModelProto, compiled: tvm_patdnn.CompiledModel) -> None:
+    x = np.random.default_rng(1).standard_normal(compiled.input_shapes["input"]).astype(np.float32)
+    actual, expected = compiled.run(input=x)[0], reference_outputs(model, {"input": x})[0]
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    assert float(np.abs(actual - expected).max()) / scale <= 1e-4
+
+
+def scheduled_by_records(model: onnx.ModelProto, database: Path) -> set[str]:
+    """The kernels the database's records schedule when compiling ``model``."""
+    target = resolve_target("x86")
+    with target:
+        fused = tvm.transform.Sequential(fusion_passes(target))(_import(model, None, None).mod)
+        tuned = apply_tuning_records(load_records(database, target))(fused)
+    return {gv.name_hint for gv, f in tuned.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled", False)}
+
+
+def record_lines(database: Path) -> int:
+    return len((database / RECORDS).read_text().splitlines())
+
+
+def test_design_space_samples_compute_the_default_result():
+    """Random points of the pattern-conv space (tiles, filter blocks, unroll, parallel) are exact."""
+    model = build_cnn(np.random.default_rng(3), (1, 6, 10, 13), [ConvSpec(12, connectivity=2.0)])
+    target = resolve_target("x86")
+    (task,) = [t for t in extract_tasks(_import(model, None, None).mod, target, 4, 12) if t.kind == "pattern"]
+    arguments = PackedArguments.write(str(Path(os.environ.get("TMPDIR", "/tmp")) / f"args-{os.getpid()}.npz"),
+                                      {signature(task.args_info): task.int_args})
+    try:
+        args = arguments.local(tvm.cpu(), task.args_info, 1)[0]
+    finally:
+        os.unlink(arguments.path)
+    reference = None
+    for seed in range(1, 7):
+        space = pattern_conv_space(s_tir.Schedule(task.mod, seed=seed))[seed % 2]
+        args[-1] = tvm.runtime.empty(args[-1].shape, "float32")
+        build_kernel(space.mod, target)["main"](*args)
+        result = args[-1].numpy()
+        if reference is None:
+            unscheduled = tvm.tirx.build(task.mod, target=target)
+            expected = tvm.runtime.empty(args[-1].shape, "float32")
+            unscheduled["main"](*args[:-1], expected)
+            reference = expected.numpy()
+        np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def searched_only(database: Path, into: Path) -> Path:
+    """A copy of ``database`` without the default-schedule seeds (their traces decide nothing)."""
+    into.mkdir()
+    (into / WORKLOADS).write_bytes((database / WORKLOADS).read_bytes())
+    # A record line is [workload, [[instructions, decisions], run_secs, target, args]].
+    lines = (database / RECORDS).read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)[1][0][1]]
+    (into / RECORDS).write_text("".join(f"{line}\n" for line in kept))
+    return into
+
+
+def test_tune_applies_and_reruns(tmp_path):
+    model = small_model()
+    database = tmp_path / "db"
+    results = tvm_patdnn.tune(model, "x86", trials=6, database=database, trials_per_iter=2, progress=None)
+    assert {r.kind for r in results} == {"pattern", "generic"}
+    assert all(r.default_ms is not None and r.best_ms is not None and r.best_ms <= r.default_ms for r in results)
+    assert sum(r.trials for r in results) >= 3
+
+    # Every kernel is scheduled by its records, and the tuned model is exact.
+    assert scheduled_by_records(model, database) == {r.name for r in results}
+    assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=database))
+    # So are the searched schedules alone (without the seeds they would lose to).
+    searched = searched_only(database, tmp_path / "searched")
+    assert scheduled_by_records(model, searched)
+    assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=searched))
+
+    # The same budget again finds it spent and measures nothing.
+    lines = record_lines(database)
+    again = tvm_patdnn.tune(model, "x86", trials=sum(r.trials for r in results), database=database, progress=None)
+    assert record_lines(database) == lines
+    assert [r.trials for r in again] == [r.trials for r in results]
+
+
+def test_killed_tune_leaves_a_usable_database_and_resumes(tmp_path):
+    model = small_model()
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    database = tmp_path / "db"
+    proc = subprocess.Popen(
+        [str(PATDNN), "tune", str(path), "--trials", "500", "--trials-per-iter", "2", "--db", str(database)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        # Wait for the three default seeds plus a few searched records, then kill without warning.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (database / RECORDS).is_file() and record_lines(database) >= 5:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with open(database / RECORDS, "a") as handle:
+        handle.write('[0, [[["GetSBlock"')  # what a kill in the middle of a write leaves
+
+    kept = record_lines(database) - 1
+    assert kept >= 5
+    assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=database))
+    done = kept - 3  # three default seeds, the rest searched
+    results = tvm_patdnn.tune(model, "x86", trials=done + 2, database=database, trials_per_iter=2, progress=None)
+    text = (database / RECORDS).read_text()
+    assert text.endswith("\n") and "GetSBlock\"\n" not in text  # the torn line is gone, nothing else
+    assert kept < record_lines(database) <= kept + 2  # resumed: only the remaining trials
+    assert done < sum(r.trials for r in results) <= done + 2
+    assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=database))
+
+
+@pytest.mark.parametrize("rpc", ["localhost", "host:port:key", "host:9190", ":9190:android", "h:99999:k", "h:1:"])
+def test_bad_rpc_string(rpc, tmp_path):
+    with pytest.raises(PatDNNError, match="TRACKER_HOST:PORT:DEVICE_KEY"):
+        tvm_patdnn.tune(small_model(), rpc=rpc, database=tmp_path / "db")
+    assert not (tmp_path / "db").exists()
+
+
+def test_unreachable_tracker(tmp_path):
+    with pytest.raises(PatDNNError, match="cannot reach the RPC tracker"):
+        tvm_patdnn.tune(small_model(), rpc="127.0.0.1:1:android", database=tmp_path / "db", progress=None)
+
+
+def test_unknown_target(tmp_path):
+    with pytest.raises(PatDNNError, match="unknown target"):
+        tvm_patdnn.tune(small_model(), "pentium", database=tmp_path / "db")
+
+
+def test_unreadable_database(tmp_path):
+    model = small_model()
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(PatDNNError):
+        tvm_patdnn.tune(model, database=not_a_dir, progress=None)
+    with pytest.raises(PatDNNError, match="not a directory"):
+        tvm_patdnn.compile(model, tuning_db=not_a_dir)
+    with pytest.raises(PatDNNError, match="does not exist"):
+        tvm_patdnn.compile(model, tuning_db=tmp_path / "absent")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / WORKLOADS).write_text("this is not json\n")
+    (garbage / RECORDS).write_text("[0, 1]\n")
+    with pytest.raises(PatDNNError, match="garbage"):
+        tvm_patdnn.compile(model, tuning_db=garbage)
+    with pytest.raises(PatDNNError, match="garbage"):
+        tvm_patdnn.tune(model, database=garbage, progress=None)
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    path = tmp_path / "model.onnx"
+    onnx.save(small_model(), path)
+    assert main(["tune", str(path), "--db", str(tmp_path / "db"), "--rpc", "nonsense"]) == 2
+    assert "error: --rpc expects" in capsys.readouterr().err
+    assert main(["tune", str(path), "--db", str(tmp_path / "db"), "--target", "pentium"]) == 2
+    assert "error: unknown target" in capsys.readouterr().err

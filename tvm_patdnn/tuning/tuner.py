@@ -1,0 +1,381 @@
+"""``tvm_patdnn.tune``: meta_schedule over a model's kernels, records appended to a database.
+
+Flow: the model goes through the compiler's passes up to fusion; every distinct PrimFunc is a
+task (pattern convs in ``space.py``'s design space, everything else in meta_schedule's space for
+the target). Each task is first measured with its default schedule, committed as an ordinary
+record (so the best record is never slower than the untuned default, and the progress display
+can say how much tuning won), then the gradient task scheduler runs evolutionary search guided
+by the XGBoost cost model, measuring on this machine (LocalRunner) or on a device behind an RPC
+tracker (RPCRunner). Records are appended as they are measured; a re-run with the same database
+counts what is already there and only measures the remaining trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import onnx
+import tvm
+from tvm import s_tir
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from ..compiler import _import
+from ..errors import PatDNNError
+from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from ..phone.cross import linker_for
+from ..pipeline import default_schedule_rules
+from ..schedule_rules.pattern_conv_cpu import schedule_pattern_conv_cpu
+from ..targets import resolve_target
+from .database import open_for_tuning, target_key
+from .measure import LibraryExport, PackedArguments, build_kernel, signature
+from .space import pattern_conv_space_generator
+from .tasks import Task, extract_tasks
+
+__all__ = ["TaskResult", "parse_rpc", "tune"]
+
+
+@dataclass
+class TaskResult:
+    """How one task stands after tuning (times in ms; None when never measured successfully)."""
+
+    name: str
+    kind: str
+    weight: int
+    trials: int
+    default_ms: float | None
+    best_ms: float | None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.default_ms is None or self.best_ms is None:
+            return None
+        return self.default_ms / self.best_ms
+
+
+def parse_rpc(text: str) -> ms.runner.RPCConfig:
+    """``host:port:key`` (an RPC tracker and the device key) as meta_schedule's RPCConfig."""
+    parts = text.split(":")
+    if len(parts) != 3 or not parts[0] or not parts[2] or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536:
+        raise PatDNNError(f"--rpc expects TRACKER_HOST:PORT:DEVICE_KEY (e.g. 127.0.0.1:9190:android), got {text!r}")
+    return ms.runner.RPCConfig(tracker_host=parts[0], tracker_port=int(parts[1]), tracker_key=parts[2],
+                               session_priority=1, session_timeout_sec=120)
+
+
+@contextlib.contextmanager
+def _without_tensor_intrinsics() -> Iterator[None]:
+    """TuneContext imports ``tvm.s_tir.tensor_intrin`` (~50 s of CPU, CUDA's intrinsics mostly);
+    fp32 CPU spaces use none of them, so an empty module stands in while the contexts are made."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        sys.modules.pop(name, None)
+
+
+@derived_object
+class _InProcessBuilder(ms.builder.PyBuilder):
+    """Builds candidates in this process, one after the other.
+
+    LocalBuilder starts a fresh worker pool for every batch, and each worker spends ~5-10 s
+    importing TVM on this 2-core box: more than building a whole batch of these small kernels.
+    A build that crashes LLVM takes the tune down, but every record measured so far is on disk.
+    """
+
+    def __init__(self, export: LibraryExport):
+        super().__init__()
+        self.export = export
+
+    def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
+        results = []
+        for item in build_inputs:
+            try:
+                results.append(ms.builder.BuilderResult(self.export(build_kernel(item.mod, item.target)), None))
+            except Exception as err:  # a candidate TVM cannot lower is a failed trial, not a failed tune
+                results.append(ms.builder.BuilderResult(None, f"{type(err).__name__}: {str(err).strip()[-2000:]}"))
+        return results
+
+
+def _default_schedule(task: Task, target: tvm.target.Target) -> s_tir.Schedule | None:
+    """The untuned compiler's schedule of a task as a replayable trace, or None if it has none."""
+    func = task.mod["main"]
+    if task.kind == "pattern":
+        layout = func.attrs[PATTERN_CONV_ATTR]
+        sch = s_tir.Schedule(task.mod)
+        schedule_pattern_conv_cpu(sch, int(layout["vector_width"]), int(layout["column_tile"]), int(layout["row_tile"]))
+        return sch
+    for rule in default_schedule_rules(target):
+        result = rule.apply(func, target, False)
+        if isinstance(result, list):
+            result = result[0] if result else None
+        if result is not None:
+            return result if result.trace is not None and len(result.trace.insts) else None
+    return None
+
+
+def _mean_ms(run_secs) -> float | None:
+    if not run_secs:
+        return None
+    seconds = [float(s) for s in run_secs]
+    return None if max(seconds) >= 1e9 else float(np.mean(seconds)) * 1e3  # 1e10: a failed run
+
+
+def _records_of(database: ms.database.Database, task: Task) -> list[ms.database.TuningRecord]:
+    if not database.has_workload(task.mod):
+        return []
+    workload = database.commit_workload(task.mod)
+    return [r for r in database.get_all_tuning_records() if r.workload.same_as(workload)]
+
+
+def _is_seed(record: ms.database.TuningRecord) -> bool:
+    """Default-schedule records are the ones whose traces sample nothing."""
+    return len(record.trace.decisions) == 0
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """One line per measured batch: trials so far, the task, its best time against its default."""
+
+    def __init__(self, tasks: list[Task], defaults: dict[str, float | None], best: dict[str, float | None],
+                 done: int, total: int, stream: TextIO | None):
+        self.tasks, self.defaults, self.best = tasks, defaults, best
+        self.done, self.total, self.stream = done, total, stream
+        self.start = time.monotonic()
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        task = self.tasks[task_id]
+        self.done += len(measure_candidates)
+        failed = 0
+        for built, ran in zip(builder_results, runner_results):
+            ms_ = _mean_ms(ran.run_secs) if built.error_msg is None and ran.error_msg is None else None
+            if ms_ is None:
+                failed += 1
+            elif self.best[task.name] is None or ms_ < self.best[task.name]:
+                self.best[task.name] = ms_
+        if self.stream is None:
+            return
+        best, default = self.best[task.name], self.defaults.get(task.name)
+        text = f"best {best:.4g} ms" if best is not None else "no valid candidate yet"
+        if best is not None and default is not None:
+            text += f" (default {default:.4g} ms, {default / best:.2f}x)"
+        if failed:
+            text += f", {failed} failed"
+        print(f"[{self.done:>5}/{self.total}] {time.monotonic() - self.start:6.0f}s  {task.name:<36} {text}",
+              file=self.stream, flush=True)
+
+
+def _check_runnable_here(target: tvm.target.Target) -> None:
+    triple = str(target.attrs.get("mtriple") or "")
+    arch = triple.split("-")[0]
+    here = platform.machine()
+    if arch and arch not in (here, {"x86_64": "amd64", "aarch64": "arm64"}.get(here)):
+        raise PatDNNError(f"target {target} is for {arch}, this machine is {here}: tune on the device with "
+                          "rpc='TRACKER_HOST:PORT:DEVICE_KEY'")
+
+
+def tune(
+    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule,
+    target: str | dict | tvm.target.Target = "x86",
+    *,
+    trials: int = 64,
+    database: str | os.PathLike = "tuning_db",
+    rpc: str | None = None,
+    params: dict[str, np.ndarray] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    entries: int = 4,
+    max_patterns: int = 12,
+    trials_per_iter: int = 16,
+    timeout: float = 60.0,
+    seed: int = 0,
+    progress: TextIO | None = sys.stderr,
+) -> list[TaskResult]:
+    """Tune a model's kernels for ``target`` and append the records to ``database`` (a directory).
+
+    ``trials`` is the search budget over all tasks, counting search records already in the
+    database (so an interrupted tune, re-run, finishes its budget); each task's default schedule
+    is measured once on top. ``rpc`` = ``"tracker_host:port:device_key"`` measures on that device.
+    Apply the result with ``compile(model, target, tuning_db=database)``.
+    """
+    resolved = resolve_target(target)
+    if not isinstance(trials, int) or trials < 0:
+        raise PatDNNError(f"trials must be a non-negative integer, got {trials!r}")
+    rpc_config = parse_rpc(rpc) if rpc is not None else None
+    if rpc_config is None:
+        _check_runnable_here(resolved)
+    imported = _import(model, params, input_shapes)
+    tasks = extract_tasks(imported.mod, resolved, entries, max_patterns)
+    if not tasks:
+        raise PatDNNError("the model has no kernels to tune")
+    db = open_for_tuning(database, resolved)
+    cores = int(resolved.attrs.get("num-cores") or os.cpu_count() or 1)
+
+    with tempfile.TemporaryDirectory(prefix="patdnn-tune-") as scratch:
+        arguments = PackedArguments.write(
+            os.path.join(scratch, "arguments.npz"), {signature(t.args_info): t.int_args for t in tasks}
+        )
+        builder = _InProcessBuilder(LibraryExport(linker_for(resolved), scratch))
+        evaluator = ms.runner.EvaluatorConfig(number=2, repeat=3, min_repeat_ms=40, enable_cpu_cache_flush=False)
+        if rpc_config is None:
+            runner = ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator,
+                                           f_alloc_argument=arguments.local)
+        else:
+            _check_tracker(rpc_config)
+            runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator,
+                                         f_alloc_argument=arguments.remote, max_workers=1)
+
+        defaults = _measure_defaults(tasks, resolved, db, builder, runner, progress)
+        records = {t.name: _records_of(db, t) for t in tasks}
+        best = {name: min((m for r in recs if (m := _mean_ms(r.run_secs)) is not None), default=None)
+                for name, recs in records.items()}
+        searched = sum(sum(not _is_seed(r) for r in recs) for recs in records.values())
+        remaining = max(0, trials - searched)
+        if progress is not None:
+            print(f"tuning {len(tasks)} kernel(s) ({sum(t.kind == 'pattern' for t in tasks)} pattern conv) for "
+                  f"{target_key(resolved)}: {searched} trials in {database} already, {remaining} to go",
+                  file=progress, flush=True)
+        if remaining:
+            _search(tasks, resolved, db, builder, runner, remaining, trials_per_iter, cores, seed,
+                    _Progress(tasks, defaults, best, searched, trials, progress), str(database))
+
+    results = []
+    for task in tasks:
+        recs = _records_of(db, task)
+        times = [m for r in recs if (m := _mean_ms(r.run_secs)) is not None]
+        seeds = [m for r in recs if _is_seed(r) and (m := _mean_ms(r.run_secs)) is not None]
+        results.append(TaskResult(task.name, task.kind, task.weight, sum(not _is_seed(r) for r in recs),
+                                  min(seeds, default=None), min(times, default=None)))
+    return results
+
+
+def _check_tracker(config: ms.runner.RPCConfig) -> None:
+    """Fail now, in plain words, when the tracker is unreachable or has no such device."""
+    try:
+        socket.create_connection((config.tracker_host, config.tracker_port), timeout=10).close()
+        summary = tvm.rpc.connect_tracker(config.tracker_host, config.tracker_port).summary()
+    except Exception as err:  # connection refused, handshake errors
+        raise PatDNNError(f"cannot reach the RPC tracker at {config.tracker_host}:{config.tracker_port}: {err}") from None
+    keys = {key for server in summary.get("server_info", []) for key in [str(server.get("key", "")).split(":")[-1]]}
+    queue = set(summary.get("queue_info", {}))
+    if config.tracker_key not in keys | queue:
+        raise PatDNNError(f"the RPC tracker at {config.tracker_host}:{config.tracker_port} has no device with key "
+                          f"{config.tracker_key!r} (it has: {', '.join(sorted(keys | queue)) or 'none'})")
+
+
+def _measure_defaults(tasks, target, db, builder, runner, progress) -> dict[str, float | None]:
+    """Measure and commit the default schedule of every task that has no record yet."""
+    defaults: dict[str, float | None] = {}
+    todo = []
+    for task in tasks:
+        recs = _records_of(db, task)
+        seeds = [m for r in recs if _is_seed(r) and (m := _mean_ms(r.run_secs)) is not None]
+        defaults[task.name] = min(seeds, default=None)
+        if not recs:
+            sch = _default_schedule(task, target)
+            if sch is not None:
+                todo.append((task, sch))
+    if not todo:
+        return defaults
+    if progress is not None:
+        print(f"measuring the default schedule of {len(todo)} kernel(s)", file=progress, flush=True)
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _task, sch in todo])
+    inputs = [(task, sch, b) for (task, sch), b in zip(todo, built) if b.error_msg is None]
+    futures = runner.run([
+        ms.runner.RunnerInput(b.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]))
+        for task, _sch, b in inputs
+    ])
+    for (task, sch, _b), future in zip(inputs, futures):
+        result = future.result()
+        if result.error_msg is not None:
+            continue
+        workload = db.commit_workload(task.mod)
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, result.run_secs, target, ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
+        ))
+        defaults[task.name] = _mean_ms(result.run_secs)
+    return defaults
+
+
+@contextlib.contextmanager
+def _log_files(work_dir: str, tasks: list[Task]) -> Iterator[list[logging.Logger]]:
+    """Per-task loggers and the task scheduler's log, written to ``work_dir/logs`` only.
+
+    (meta_schedule's own logger set-up also prints every step to the console, and breaks when
+    another handler without a name, such as pytest's, is installed.)
+    """
+    logs = Path(work_dir) / "logs"
+    logs.mkdir(exist_ok=True)
+    formatter = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s")
+    attached: list[tuple[logging.Logger, logging.Handler, int, bool]] = []
+
+    def to_file(logger: logging.Logger, filename: str) -> logging.Logger:
+        handler = logging.FileHandler(logs / filename)
+        handler.setFormatter(formatter)
+        attached.append((logger, handler, logger.level, logger.propagate))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        return logger
+
+    try:
+        to_file(logging.getLogger("tvm.s_tir.meta_schedule.task_scheduler"), "task_scheduler.log")
+        yield [to_file(logging.getLogger(f"tvm_patdnn.tuning.task{i}"), f"task_{i}_{task.name}.log")
+               for i, task in enumerate(tasks)]
+    finally:
+        for logger, handler, level, propagate in attached:
+            logger.removeHandler(handler)
+            handler.close()
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, seed, progress, work_dir) -> None:
+    """meta_schedule's gradient task scheduler + evolutionary search + XGBoost over the tasks."""
+    with _log_files(work_dir, tasks) as loggers:
+        contexts = []
+        with _without_tensor_intrinsics():
+            for index, (task, logger) in enumerate(zip(tasks, loggers)):
+                space = pattern_conv_space_generator() if task.kind == "pattern" else "post-order-apply"
+                contexts.append(ms.TuneContext(
+                    mod=task.mod,
+                    target=target,
+                    space_generator=space,
+                    search_strategy=ms.search_strategy.EvolutionarySearch(
+                        population_size=96, init_min_unmeasured=16, genetic_num_iters=3
+                    ),
+                    task_name=task.name,
+                    logger=logger,
+                    rand_state=seed + index,
+                    num_threads=cores,
+                ).clone())
+        per_iter = max(1, min(trials_per_iter, trials // len(tasks) or 1))
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=[float(t.weight) for t in tasks],
+            work_dir=work_dir,
+            max_trials_global=trials,
+            max_trials_per_task=trials,
+            num_trials_per_iter=per_iter,
+            builder=builder,
+            runner=runner,
+            database=db,
+            cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [progress],
+            task_scheduler="gradient",
+        )
