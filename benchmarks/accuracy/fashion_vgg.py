@@ -52,15 +52,18 @@ class SmallVGG(nn.Module):
         return self.classifier(self.features(x))
 
 
-def train_dense(seed: int, epochs: int, data: dict[str, torch.Tensor], workdir: Path, progress: bool | None) -> nn.Module:
-    """Train (or reload) the dense model of ``seed``: SGD momentum, cosine LR from 0.05."""
+def train_dense(seed: int, epochs: int, data: dict[str, torch.Tensor], workdir: Path,
+                progress: bool | None) -> tuple[nn.Module, float]:
+    """Train (or reload) the dense model of ``seed``: SGD momentum, cosine LR from 0.05.
+
+    Returns the model and the seconds its training took (when it was trained)."""
     path = workdir / f"fashion_vgg_dense_seed{seed}_ep{epochs}_n{len(data['xtr'])}.pt"
     torch.manual_seed(seed)
     model = SmallVGG()
     if path.exists():
         info = load_checkpoint(path, model=model)
         log(f"dense seed {seed}: reloaded {path} (trained in {info['extra']['train_s'] / 60:.1f} min)")
-        return model
+        return model, info["extra"]["train_s"]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * math.ceil(len(data["xtr"]) / 128)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -71,8 +74,9 @@ def train_dense(seed: int, epochs: int, data: dict[str, torch.Tensor], workdir: 
                            scheduler=scheduler, progress=progress, desc=f"dense ep{epoch}")
         log(f"dense seed {seed} epoch {epoch}: loss {loss:.4f} acc {evaluate(model, data['xte'], data['yte']):.4f}")
     workdir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, model=model, epoch=epochs, extra={"train_s": time.time() - t0})
-    return model
+    train_s = time.time() - t0
+    save_checkpoint(path, model=model, epoch=epochs, extra={"train_s": train_s})
+    return model, train_s
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,16 +92,15 @@ def main(argv: list[str] | None = None) -> None:
         xtr, ytr = xtr[: args.train_subset], ytr[: args.train_subset]
     data = {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
     log(f"Fashion-MNIST: {len(xtr)} train / {len(xte)} test images")
+    dense = {seed: train_dense(seed, args.dense_epochs, data, args.workdir, args.progress) for seed in args.seeds}
     if args.dense_only:
-        for seed in args.seeds:
-            train_dense(seed, args.dense_epochs, data, args.workdir, args.progress)
         return
     run_experiment(
         name="fashion_vgg", title="Small VGG (6 conv3x3) on Fashion-MNIST", args=args,
         budget=budget_from_args(args), data=data,
-        dense_model=lambda seed: train_dense(seed, args.dense_epochs, data, args.workdir, args.progress),
+        dense_model=lambda seed: dense[seed][0],
         extra_meta={"dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "model": "SmallVGG widths 16/32/64 + BN",
-                    "dense_epochs": args.dense_epochs},
+                    "dense_epochs": args.dense_epochs, "dense_train_s": {str(s): d[1] for s, d in dense.items()}},
     )
 
 
