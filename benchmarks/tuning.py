@@ -7,7 +7,10 @@ interleaved rounds (the box is shared) and the table gives medians and the tuned
 The pattern layer is pruned by the project's pruning core (8 magnitude-chosen patterns + 3.6x
 connectivity); the dense layer is the same kind of layer unpruned, on TVM's dense path.
 
-    .venv/bin/python benchmarks/tuning.py [--trials 32] [--rounds 5] [--db DIR] [--json out.json]
+    .venv/bin/python benchmarks/tuning.py [--trials 32] [--rounds 5] [--db DIR] [--shipped] [--json out.json]
+
+``--shipped`` adds the whole VGG-16 CIFAR benchmark model (schedules/vgg16_cifar.py), default
+schedules vs the database shipped for this machine in schedules/ (no tuning in the run).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import tvm_patdnn
 from tvm_patdnn.fileio import write_bytes_atomic
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
 from tvm_patdnn.targets import resolve_target
+from tvm_patdnn.tuning.database import RECORDS, SCHEDULES_DIR, shipped_database, target_key
 
 # (name, channels, size, pruned?)
 LAYERS = [("pattern 64ch 56x56, 8x", 64, 56, True), ("dense 64ch 28x28", 64, 28, False)]
@@ -44,11 +48,32 @@ def layer(channels: int, size: int, pruned: bool):
     return conv_model(weight, size), rng.standard_normal((1, channels, size, size)).astype(np.float32)
 
 
+def compare(model, x: np.ndarray, database, rounds: int) -> dict[str, float]:
+    """Median ms of the model compiled with default schedules only and with the records."""
+    target = resolve_target("x86")
+    default = tvm_patdnn.compile(model, target, tuning_db=False)
+    tuned = tvm_patdnn.compile(model, target, tuning_db=database)
+    name = default.input_names[0]
+    expected, actual = default.run({name: x})[0], tuned.run({name: x})[0]
+    assert np.allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()), "tuned output differs"
+    vms = {"default": vm_of(default.executable), "tuned": vm_of(tuned.executable)}
+    tx = tvm.runtime.tensor(x)
+    samples = {key: [] for key in vms}
+    for _ in range(rounds):
+        for key, vm in vms.items():
+            samples[key].append(time_ms(vm, tx, number=3))
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    return {"default_ms": median["default"], "tuned_ms": median["tuned"],
+            "default_over_tuned": median["default"] / median["tuned"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=32, help="search trials per layer (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--db", type=Path, help="keep the tuning records here (default: a temporary directory)")
+    parser.add_argument("--shipped", action="store_true",
+                        help="also compare VGG-16 CIFAR (schedules/vgg16_cifar.py) with the shipped schedules/ database")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/tuning.json"))
     args = parser.parse_args()
 
@@ -60,21 +85,19 @@ def main() -> None:
             model, x = layer(channels, size, pruned)
             started = time.monotonic()
             tvm_patdnn.tune(model, target, trials=args.trials, database=db, progress=sys.stderr)
-            tune_s = time.monotonic() - started
-            default = tvm_patdnn.compile(model, target, tuning_db=False)
-            tuned = tvm_patdnn.compile(model, target, tuning_db=db)
-            assert default.report[0].kind == ("pattern" if pruned else "dense"), default.report[0]
-            expected, actual = default.run(x=x)[0], tuned.run(x=x)[0]
-            assert np.allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()), "tuned output differs"
-            vms = {"default": vm_of(default.executable), "tuned": vm_of(tuned.executable)}
-            tx = tvm.runtime.tensor(x)
-            samples = {key: [] for key in vms}
-            for _ in range(args.rounds):
-                for key, vm in vms.items():
-                    samples[key].append(time_ms(vm, tx, number=3))
-            median = {key: statistics.median(values) for key, values in samples.items()}
-            rows.append({"layer": name, "trials": args.trials, "tune_s": tune_s, "default_ms": median["default"],
-                         "tuned_ms": median["tuned"], "default_over_tuned": median["default"] / median["tuned"]})
+            rows.append({"layer": name, "trials": args.trials, "tune_s": time.monotonic() - started,
+                         **compare(model, x, db, args.rounds)})
+    if args.shipped:
+        sys.path.insert(0, str(SCHEDULES_DIR))
+        from vgg16_cifar import build_model
+
+        shipped = shipped_database(target)
+        if shipped is None:
+            raise SystemExit(f"no shipped database for {target_key(target)} in {SCHEDULES_DIR}")
+        x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+        trials = sum(1 for line in (shipped / RECORDS).read_text().splitlines() if json.loads(line)[1][0][1])
+        rows.append({"layer": "VGG-16 CIFAR 8x, whole model (shipped schedules)", "trials": trials, "tune_s": float("nan"),
+                     **compare(build_model(), x, shipped, args.rounds)})
 
     print("| layer | trials | tune time s | default ms | tuned ms | default / tuned |")
     print("|---|---|---|---|---|---|")

@@ -12,6 +12,7 @@ about another. Shipped databases live in ``schedules/<target key>/`` at the proj
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -114,13 +115,22 @@ def _record_targets(path: Path) -> set[str]:
 
 
 def load_records(path: str | os.PathLike, target: Target) -> ms.database.MemoryDatabase:
-    """The records of ``target``'s device in a database directory, in memory (read only)."""
+    """The records of ``target``'s device in a database directory, in memory (read only).
+
+    Cached while the files are unchanged: every ``compile`` reads the shipped database.
+    """
     path = Path(path)
     if not path.is_dir():
         raise PatDNNError(f"tuning database {path} does not exist or is not a directory")
     if not (path / WORKLOADS).is_file():
         raise PatDNNError(f"{path} is not a tuning database (no {WORKLOADS})")
-    key = target_key(target)
+    stamps = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
+                   for f in (path / WORKLOADS, path / RECORDS))
+    return _load_records(path.resolve(), stamps, target_key(target))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_records(path: Path, _stamps: tuple, key: str) -> ms.database.MemoryDatabase:
     memory = ms.database.MemoryDatabase()
     workloads = []
     try:

@@ -15,7 +15,9 @@ that decide the pattern conv's speed, all as sampling instructions the mutators 
   over the filters of a block.
 
 Patterns, taps and the register tile are always unrolled (the tap offsets become constants) and
-the output vector is always ``vector_width`` lanes wide (the compute pads rows to it).
+the output vector is always ``vector_width`` lanes wide (the compute pads rows to it). The
+untuned rule (``schedule_rules.pattern_conv_cpu``) is one point of this space (its tiles,
+``fi = F``, threads over row blocks, no unroll pragma); ``tune`` measures it first as a seed.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ Flow: the model goes through the compiler's passes up to fusion; every distinct 
 task (pattern convs in ``space.py``'s design space, everything else in meta_schedule's space for
 the target). Each task is first measured with its default schedule, committed as an ordinary
 record (so the best record is never slower than the untuned default, and the progress display
-can say how much tuning won), then the gradient task scheduler runs evolutionary search guided
-by the XGBoost cost model, measuring on this machine (LocalRunner) or on a device behind an RPC
-tracker (RPCRunner). Records are appended as they are measured; a re-run with the same database
-counts what is already there and only measures the remaining trials.
+can say how much tuning won), then evolutionary search guided by the XGBoost cost model runs
+round robin over the tasks, measuring on this machine (LocalRunner) or on a device behind an
+RPC tracker (RPCRunner). Records are appended batch by batch as they are measured; a re-run
+with the same database counts what is already there and only measures the remaining trials.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import platform
+import shutil
 import socket
 import sys
 import tempfile
@@ -149,8 +150,7 @@ def _is_seed(record: ms.database.TuningRecord) -> bool:
     return len(record.trace.decisions) == 0
 
 
-@derived_object
-class _Progress(ms.measure_callback.PyMeasureCallback):
+class _Progress:
     """One line per measured batch: trials so far, the task, its best time against its default."""
 
     def __init__(self, tasks: list[Task], defaults: dict[str, float | None], best: dict[str, float | None],
@@ -159,16 +159,15 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.done, self.total, self.stream = done, total, stream
         self.start = time.monotonic()
 
-    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
-        task = self.tasks[task_id]
-        self.done += len(measure_candidates)
+    def report(self, task: Task, results: list[ms.runner.RunnerResult]) -> None:
+        self.done += len(results)
         failed = 0
-        for built, ran in zip(builder_results, runner_results):
-            ms_ = _mean_ms(ran.run_secs) if built.error_msg is None and ran.error_msg is None else None
-            if ms_ is None:
+        for result in results:
+            measured = _mean_ms(result.run_secs) if result.error_msg is None else None
+            if measured is None:
                 failed += 1
-            elif self.best[task.name] is None or ms_ < self.best[task.name]:
-                self.best[task.name] = ms_
+            elif self.best[task.name] is None or measured < self.best[task.name]:
+                self.best[task.name] = measured
         if self.stream is None:
             return
         best, default = self.best[task.name], self.defaults.get(task.name)
@@ -294,27 +293,20 @@ def _measure_defaults(tasks, target, db, builder, runner, progress) -> dict[str,
         return defaults
     if progress is not None:
         print(f"measuring the default schedule of {len(todo)} kernel(s)", file=progress, flush=True)
-    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _task, sch in todo])
-    inputs = [(task, sch, b) for (task, sch), b in zip(todo, built) if b.error_msg is None]
-    futures = runner.run([
-        ms.runner.RunnerInput(b.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]))
-        for task, _sch, b in inputs
-    ])
-    for (task, sch, _b), future in zip(inputs, futures):
-        result = future.result()
-        if result.error_msg is not None:
-            continue
-        workload = db.commit_workload(task.mod)
-        db.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, result.run_secs, target, ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
-        ))
-        defaults[task.name] = _mean_ms(result.run_secs)
+    candidates = [ms.search_strategy.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]))
+                  for task, sch in todo]
+    for (task, sch), candidate, result in zip(todo, candidates, _measure(builder, runner, target, candidates)):
+        if result.error_msg is None:  # a failed default is retried by the next tune
+            db.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, db.commit_workload(task.mod), result.run_secs, target, candidate.args_info
+            ))
+            defaults[task.name] = _mean_ms(result.run_secs)
     return defaults
 
 
 @contextlib.contextmanager
 def _log_files(work_dir: str, tasks: list[Task]) -> Iterator[list[logging.Logger]]:
-    """Per-task loggers and the task scheduler's log, written to ``work_dir/logs`` only.
+    """Per-task loggers (search strategy, design spaces) writing to ``work_dir/logs`` only.
 
     (meta_schedule's own logger set-up also prints every step to the console, and breaks when
     another handler without a name, such as pytest's, is installed.)
@@ -334,7 +326,6 @@ def _log_files(work_dir: str, tasks: list[Task]) -> Iterator[list[logging.Logger
         return logger
 
     try:
-        to_file(logging.getLogger("tvm.s_tir.meta_schedule.task_scheduler"), "task_scheduler.log")
         yield [to_file(logging.getLogger(f"tvm_patdnn.tuning.task{i}"), f"task_{i}_{task.name}.log")
                for i, task in enumerate(tasks)]
     finally:
@@ -345,8 +336,29 @@ def _log_files(work_dir: str, tasks: list[Task]) -> Iterator[list[logging.Logger
             logger.propagate = propagate
 
 
+def _measure(builder, runner, target, candidates: list) -> list[ms.runner.RunnerResult]:
+    """Build and run a batch to completion (a failed build is a failed run)."""
+    built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
+    ok = [(c, b) for c, b in zip(candidates, built) if b.error_msg is None]
+    futures = iter(runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info) for c, b in ok]))
+    results = [next(futures).result() if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
+               for b in built]
+    for b in built:
+        if b.artifact_path is not None:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    return results
+
+
 def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, seed, progress, work_dir) -> None:
-    """meta_schedule's gradient task scheduler + evolutionary search + XGBoost over the tasks."""
+    """Evolutionary search with the XGBoost cost model, round robin over the tasks.
+
+    meta_schedule's task scheduler commits a batch only when it next joins that task (after a
+    whole first round over all tasks), and builds one task while the previous one runs; this
+    loop measures each batch alone (2 cores: a build would disturb the timing) and appends its
+    records before the next batch starts, so a killed tune loses at most the batch in flight.
+    """
+    per_iter = max(1, min(trials_per_iter, trials // len(tasks) or 1))
+    cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)
     with _log_files(work_dir, tasks) as loggers:
         contexts = []
         with _without_tensor_intrinsics():
@@ -364,18 +376,27 @@ def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, 
                     rand_state=seed + index,
                     num_threads=cores,
                 ).clone())
-        per_iter = max(1, min(trials_per_iter, trials // len(tasks) or 1))
-        ms.tune.tune_tasks(
-            tasks=contexts,
-            task_weights=[float(t.weight) for t in tasks],
-            work_dir=work_dir,
-            max_trials_global=trials,
-            max_trials_per_task=trials,
-            num_trials_per_iter=per_iter,
-            builder=builder,
-            runner=runner,
-            database=db,
-            cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
-            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [progress],
-            task_scheduler="gradient",
-        )
+        for ctx in contexts:
+            ctx.pre_tuning(trials, per_iter, ctx.generate_design_space(), db, cost_model)
+        active = list(range(len(tasks)))
+        try:
+            while trials > 0 and active:
+                for index in list(active):
+                    candidates = contexts[index].generate_measure_candidates() if trials > 0 else None
+                    if not candidates:
+                        active.remove(index)  # budget spent, or the space has nothing new
+                        continue
+                    candidates = list(candidates)[:trials]
+                    results = _measure(builder, runner, target, candidates)
+                    workload = db.commit_workload(tasks[index].mod)
+                    for candidate, result in zip(candidates, results):
+                        db.commit_tuning_record(ms.database.TuningRecord(
+                            candidate.sch.trace, workload, result.run_secs, target, candidate.args_info
+                        ))
+                    contexts[index].notify_runner_results(candidates, results)
+                    cost_model.update(contexts[index], candidates, results)
+                    progress.report(tasks[index], results)
+                    trials -= len(candidates)
+        finally:
+            for ctx in contexts:
+                ctx.post_tuning()
