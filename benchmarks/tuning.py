@@ -96,13 +96,14 @@ def main() -> None:
             raise SystemExit(f"no shipped database for {target_key(target)} in {SCHEDULES_DIR}")
         x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
         trials = sum(1 for line in (shipped / RECORDS).read_text().splitlines() if json.loads(line)[1][0][1])
-        rows.append({"layer": "VGG-16 CIFAR 8x, whole model (shipped schedules)", "trials": trials, "tune_s": float("nan"),
+        rows.append({"layer": "VGG-16 CIFAR 8x, whole model (shipped schedules)", "trials": trials, "tune_s": None,
                      **compare(build_model(), x, shipped, args.rounds)})
 
     print("| layer | trials | tune time s | default ms | tuned ms | default / tuned |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layer']} | {r['trials']} | {r['tune_s']:.0f} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | "
+        tune_s = "-" if r["tune_s"] is None else f"{r['tune_s']:.0f}"
+        print(f"| {r['layer']} | {r['trials']} | {tune_s} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | "
               f"{r['default_over_tuned']:.2f}x |")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
             "target": str(target), "rounds": args.rounds}
