@@ -1,0 +1,609 @@
+"""tvm_patdnn against its peers on whole models, batch 1 fp32, measured side by side in one run.
+
+Models (``--models``): VGG-16 for CIFAR (32x32, no BN; the model of ``schedules/vgg16_cifar.py``,
+so the records shipped in ``schedules/`` apply), VGG-16 ImageNet (224x224) and ResNet-50 ImageNet
+(BN folded into the convs). All carry random He-normal weights from a fixed seed: no pretrained
+weights can be downloaded here. Each is pruned one-shot by the project's pruning core
+(``prune_onnx(model, n_patterns=8, connectivity=3.6)``: 8 magnitude-chosen patterns, 3.6x
+connectivity, first conv dense) and run, on the same pruned weights, by
+
+- tvm_patdnn with the shipped schedules (``compile(pruned, "x86")``) and with default schedules only
+  (``tuning_db=False``); with ``--tune-trials N`` also tuned for N trials;
+- TVM dense: the *unpruned* model on TVM's dense path with our default dense schedule rule
+  (``compile(dense, "x86", tuning_db=False)``), tuned with the same N trials when asked;
+- ONNX Runtime, MNN (session API) and PyTorch (eager, the pruned weights loaded into the module).
+
+Every runtime's output is checked against ``onnx.reference`` (CIFAR) or ONNX Runtime (ImageNet
+models: the reference interpreter is too slow there), relative 1e-3, before anything is timed.
+``runtime.config_threadpool`` does not change TVM's thread count in apache-tvm 0.27 (measured:
+CPU time / wall time stays 1.0), so each thread count runs in its own worker process with
+``TVM_NUM_THREADS``/``OMP_NUM_THREADS`` set; ORT, MNN and PyTorch get the count through their APIs.
+Runtimes are timed in interleaved rounds (the box is shared) and medians are reported.
+Per-layer table: every conv of VGG-16 CIFAR compiled alone (``layers.conv_model``), against the
+FMA peak measured at run time by a small AVX2/FMA C loop.
+
+    .venv/bin/python benchmarks/peers.py [--models vgg16_cifar vgg16 resnet50] [--threads 1 2]
+        [--rounds 5] [--tune-trials 0] [--json benchmarks/results/peers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "schedules"))
+from layers import conv_model, time_ms  # noqa: E402
+
+import tvm_patdnn  # noqa: E402
+from tvm_patdnn.fileio import save_model_atomic, write_bytes_atomic  # noqa: E402
+from tvm_patdnn.pruning import prune_onnx  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = {"vgg16_cifar": (1, 3, 32, 32), "vgg16": (1, 3, 224, 224), "resnet50": (1, 3, 224, 224)}
+TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224", "resnet50": "ResNet-50 ImageNet 224x224"}
+VGG_STAGES = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+RTOL = 1e-3
+MIN_SAMPLE_MS = 200.0
+
+FMA_C = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+/* 12 independent accumulators of 8 floats, one vfmadd231ps each per iteration: throughput-bound. */
+int main(int argc, char **argv) {
+    long iters = atol(argv[1]); int threads = atoi(argv[2]); float sink = 0.f;
+    double t0 = omp_get_wtime();
+    #pragma omp parallel num_threads(threads) reduction(+:sink)
+    {
+        __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(1e-4f);
+        __m256 c0 = _mm256_set1_ps(0), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+        for (long i = 0; i < iters; ++i) {
+            c0 = _mm256_fmadd_ps(c0, a, b); c1 = _mm256_fmadd_ps(c1, a, b); c2 = _mm256_fmadd_ps(c2, a, b);
+            c3 = _mm256_fmadd_ps(c3, a, b); c4 = _mm256_fmadd_ps(c4, a, b); c5 = _mm256_fmadd_ps(c5, a, b);
+            c6 = _mm256_fmadd_ps(c6, a, b); c7 = _mm256_fmadd_ps(c7, a, b); c8 = _mm256_fmadd_ps(c8, a, b);
+            c9 = _mm256_fmadd_ps(c9, a, b); c10 = _mm256_fmadd_ps(c10, a, b); c11 = _mm256_fmadd_ps(c11, a, b);
+        }
+        __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
+                   _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7)),
+                   _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11))));
+        float out[8]; _mm256_storeu_ps(out, s); sink += out[0];
+    }
+    double seconds = omp_get_wtime() - t0;
+    printf("%f %f\n", 2.0 * 8 * 12 * (double)iters * threads / seconds / 1e9, sink);
+    return 0;
+}
+"""
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def torch_vgg16(image: int, classes: int):
+    """VGG-16 without BN: 13 conv3x3+ReLU, five max-pools, a CIFAR (512->classes) or ImageNet classifier."""
+    import torch.nn as nn
+
+    layers, channels = [], 3
+    for stage in VGG_STAGES:
+        if stage == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(channels, stage, 3, padding=1), nn.ReLU()]
+            channels = stage
+    if image == 32:
+        head = [nn.Flatten(), nn.Linear(512, classes)]
+    else:
+        head = [nn.Flatten(), nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, classes)]
+    return nn.Sequential(*layers, *head)
+
+
+def torch_resnet50(classes: int = 1000):
+    """ResNet-50 (torchvision's v1.5 layout: stride on the 3x3 conv), BN layers included."""
+    import torch.nn as nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, inplanes: int, planes: int, stride: int) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+            self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+            self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+            self.relu = nn.ReLU()
+            self.downsample = None
+            if stride != 1 or inplanes != planes * 4:
+                self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    blocks, inplanes = [], 64
+    for planes, count, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+        for index in range(count):
+            blocks.append(Bottleneck(inplanes, planes, stride if index == 0 else 1))
+            inplanes = planes * 4
+    return nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                         *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, classes))
+
+
+def fold_batchnorm(module) -> None:
+    """Fold every eval-mode BatchNorm2d into the conv before it (in place; the BN becomes Identity)."""
+    import torch.nn as nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    children = list(module.named_children())
+    for (name, child), (next_name, next_child) in zip(children, children[1:]):
+        if isinstance(child, nn.Conv2d) and isinstance(next_child, nn.BatchNorm2d):
+            setattr(module, name, fuse_conv_bn_eval(child, next_child))
+            setattr(module, next_name, nn.Identity())
+    for _, child in module.named_children():
+        fold_batchnorm(child)
+
+
+def he_init(module, seed: int = 0) -> None:
+    """He-normal convs/linears, small random biases and BN statistics, from a fixed seed."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.normal_(m.bias, std=0.01)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.0)
+            nn.init.normal_(m.bias, std=0.01)
+            m.running_mean.normal_(std=0.01)
+            m.running_var.uniform_(0.8, 1.2)
+
+
+def export_onnx(module, shape: tuple[int, ...]) -> onnx.ModelProto:
+    """The torch module as ONNX (opset 17, input ``input``, output ``logits``)."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(module, (torch.zeros(shape),), str(path), input_names=["input"], output_names=["logits"],
+                          opset_version=17, dynamo=False, do_constant_folding=True)
+        return onnx.load(str(path))
+
+
+def build_models(name: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(dense, pruned) ONNX of a benchmark model."""
+    if name == "vgg16_cifar":
+        import vgg16_cifar  # schedules/vgg16_cifar.py: the model the shipped records were tuned for
+
+        # Its build_model() prunes at the end; take the graph before that step for the dense twin.
+        with mock.patch.object(vgg16_cifar, "prune_onnx", lambda model, **_: mock.Mock(model=model)):
+            dense = vgg16_cifar.build_model()
+    else:
+        module = torch_vgg16(224, 1000) if name == "vgg16" else torch_resnet50()
+        he_init(module)
+        module.eval()
+        fold_batchnorm(module)
+        dense = export_onnx(module, MODELS[name])
+    return dense, prune_onnx(dense, n_patterns=8, connectivity=3.6).model
+
+
+def torch_module_with(name: str, model: onnx.ModelProto):
+    """The torch module of ``name`` carrying ``model``'s (pruned) weights, matched by execution order."""
+    import torch
+    import torch.nn as nn
+
+    module = torch_vgg16(32, 10) if name == "vgg16_cifar" else torch_vgg16(224, 1000) if name == "vgg16" else torch_resnet50()
+    if name == "resnet50":
+        module.eval()
+        fold_batchnorm(module)
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: order.append(m)) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        module.eval()(torch.zeros(MODELS[name]))
+    for hook in hooks:
+        hook.remove()
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert len(nodes) == len(order), f"{len(nodes)} ONNX conv/gemm nodes, {len(order)} torch layers"
+    with torch.no_grad():
+        for node, layer in zip(nodes, order):
+            weight = inits[node.input[1]]
+            weight = weight.T if node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB")) else weight
+            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+            if layer.bias is not None:
+                bias = inits.get(node.input[2]) if len(node.input) > 2 else None
+                layer.bias.copy_(torch.from_numpy(bias) if bias is not None else torch.zeros_like(layer.bias))
+    return module.eval()
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), 0)
+
+
+# ----------------------------------------------------------------------------- runtimes
+
+
+def sample_ms(run: Callable[[], object]) -> float:
+    """Mean ms of ``run`` over at least MIN_SAMPLE_MS of repetitions."""
+    count, start = 0, time.perf_counter()
+    while (elapsed := (time.perf_counter() - start) * 1e3) < MIN_SAMPLE_MS or count == 0:
+        run()
+        count += 1
+    return elapsed / count
+
+
+class TVMRunner:
+    """A compiled tvm_patdnn/TVM module, timed with TVM's time_evaluator (as layers.py)."""
+
+    def __init__(self, compiled: tvm_patdnn.CompiledModel, x: np.ndarray) -> None:
+        import tvm
+        from tvm import relax
+
+        self.compiled, self.x = compiled, x
+        self.vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
+        self.tx = tvm.runtime.tensor(x)
+
+    def output(self) -> np.ndarray:
+        return self.compiled.run({self.compiled.input_names[0]: self.x})[0]
+
+    def time(self) -> float:
+        return time_ms(self.vm, self.tx, number=1)
+
+
+class FnRunner:
+    """Any runtime given as a zero-argument callable returning the output."""
+
+    def __init__(self, run: Callable[[], np.ndarray]) -> None:
+        self.run = run
+
+    def output(self) -> np.ndarray:
+        return np.asarray(self.run())
+
+    def time(self) -> float:
+        return sample_ms(self.run)
+
+
+def ort_runner(model: onnx.ModelProto, x: np.ndarray, threads: int) -> FnRunner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x}
+    return FnRunner(lambda: session.run(None, feed)[0])
+
+
+def mnn_convert(onnx_path: Path, mnn_path: Path) -> None:
+    """ONNX -> MNN with MNN's converter extension called directly (the `mnnconvert` command and
+    MNN.tools import a logger that pip-installs an SDK and sends usage logs)."""
+    import _tools  # MNN's converter, shipped by the PyPI MNN wheel
+
+    _tools.mnnconvert(["mnnconvert", "-f", "ONNX", "--modelFile", str(onnx_path), "--MNNModel", str(mnn_path), "--bizCode", "MNN"])
+    if not mnn_path.exists():
+        raise RuntimeError(f"MNN conversion of {onnx_path} failed")
+
+
+def mnn_runner(mnn_path: Path, x: np.ndarray, threads: int) -> FnRunner:
+    import MNN
+
+    interpreter = MNN.Interpreter(str(mnn_path))
+    session = interpreter.createSession({"numThread": threads, "precision": "normal", "backend": "CPU"})
+    source = interpreter.getSessionInput(session)
+    source.copyFrom(MNN.Tensor(x.shape, MNN.Halide_Type_Float, x, MNN.Tensor_DimensionType_Caffe))
+    sink = interpreter.getSessionOutput(session)
+
+    def run() -> np.ndarray:
+        interpreter.runSession(session)
+        host = MNN.Tensor(sink.getShape(), MNN.Halide_Type_Float, np.zeros(sink.getShape(), np.float32), MNN.Tensor_DimensionType_Caffe)
+        sink.copyToHostTensor(host)
+        return np.array(host.getData(), np.float32).reshape(sink.getShape())
+
+    return FnRunner(run)
+
+
+def torch_runner(name: str, model: onnx.ModelProto, x: np.ndarray, threads: int) -> FnRunner:
+    import torch
+
+    torch.set_num_threads(threads)
+    module, tx = torch_module_with(name, model), torch.from_numpy(x)
+
+    def run() -> np.ndarray:
+        with torch.inference_mode():
+            return module(tx).numpy()
+
+    return FnRunner(run)
+
+
+def agree(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Max abs difference relative to the reference's max magnitude."""
+    return float(np.abs(actual.reshape(expected.shape) - expected).max() / max(np.abs(expected).max(), 1e-30))
+
+
+# ----------------------------------------------------------------------------- FMA peak
+
+
+def fma_peak_gflops(threads: int, workdir: Path) -> float:
+    """This machine's fp32 FMA peak at ``threads`` threads: best of 5 runs of an AVX2 FMA loop."""
+    binary = workdir / "fma_peak"
+    if not binary.exists():
+        source = workdir / "fma_peak.c"
+        source.write_text(FMA_C)
+        subprocess.run(["gcc", "-O3", "-mavx2", "-mfma", "-fopenmp", str(source), "-o", str(binary)], check=True)
+    runs = [float(subprocess.run([str(binary), "200000000", str(threads)], capture_output=True, text=True, check=True).stdout.split()[0])
+            for _ in range(5)]
+    return max(runs)
+
+
+# ----------------------------------------------------------------------------- worker (one thread count)
+
+
+def compile_variants(dense: onnx.ModelProto, pruned: onnx.ModelProto, dbs: dict[str, str]) -> dict[str, tvm_patdnn.CompiledModel]:
+    variants = {
+        "tvm_patdnn": tvm_patdnn.compile(pruned, "x86"),
+        "tvm_patdnn untuned": tvm_patdnn.compile(pruned, "x86", tuning_db=False),
+        "TVM dense": tvm_patdnn.compile(dense, "x86", tuning_db=False),
+    }
+    if dbs:
+        variants["tvm_patdnn tuned"] = tvm_patdnn.compile(pruned, "x86", tuning_db=dbs["pattern"])
+        variants["TVM dense tuned"] = tvm_patdnn.compile(dense, "x86", tuning_db=dbs["dense"])
+    return variants
+
+
+def worker_model(name: str, threads: int, rounds: int, workdir: Path, dbs: dict[str, str]) -> dict:
+    """Check agreement, then time every runtime on model ``name`` in interleaved rounds."""
+    dense, pruned = onnx.load(str(workdir / f"{name}.dense.onnx")), onnx.load(str(workdir / f"{name}.pruned.onnx"))
+    x = np.random.default_rng(0).standard_normal(MODELS[name]).astype(np.float32)
+    compiled = compile_variants(dense, pruned, dbs)
+    runners: dict[str, TVMRunner | FnRunner] = {key: TVMRunner(c, x) for key, c in compiled.items()}
+    runners["ONNX Runtime"] = ort_runner(pruned, x, threads)
+    runners["MNN"] = mnn_runner(workdir / f"{name}.pruned.mnn", x, threads)
+    runners["PyTorch"] = torch_runner(name, pruned, x, threads)
+
+    # Agreement first: pruned-model runtimes against the pruned reference, TVM dense against the dense one.
+    if name == "vgg16_cifar":
+        from onnx.reference import ReferenceEvaluator
+
+        ref_pruned = ReferenceEvaluator(pruned).run(None, {"input": x})[0]
+        ref_dense = ReferenceEvaluator(dense).run(None, {"input": x})[0]
+        reference = "onnx.reference"
+    else:
+        ref_pruned = runners["ONNX Runtime"].output()
+        ref_dense = ort_runner(dense, x, threads).output()
+        reference = "ONNX Runtime"
+    errors = {key: agree(r.output(), ref_dense if key.startswith("TVM dense") else ref_pruned) for key, r in runners.items()}
+    bad = {key: e for key, e in errors.items() if e > RTOL}
+    if bad:
+        raise RuntimeError(f"{name}: outputs disagree with {reference} (relative max error): {bad}")
+
+    samples: dict[str, list[float]] = {key: [] for key in runners}
+    for key, runner in runners.items():  # warm-up
+        runner.time()
+    for _ in range(rounds):
+        for key, runner in runners.items():
+            samples[key].append(runner.time())
+    report = compiled["tvm_patdnn"].report
+    return {
+        "model": name, "threads": threads, "rounds": rounds, "reference": reference, "rel_error": errors,
+        "median_ms": {key: statistics.median(v) for key, v in samples.items()}, "samples_ms": samples,
+        "dense_gflop": sum(r.dense_flops for r in report) / 1e9, "nonzero_gflop": sum(r.nonzero_flops for r in report) / 1e9,
+        "pattern_convs": sum(r.kind == "pattern" for r in report), "convs": len(report),
+    }
+
+
+def worker_layers(threads: int, rounds: int, workdir: Path) -> list[dict]:
+    """Every conv of the pruned VGG-16 CIFAR compiled alone (conv + bias + ReLU), timed interleaved."""
+    import tvm
+
+    pruned = onnx.load(str(workdir / "vgg16_cifar.pruned.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    records = tvm_patdnn.compile(pruned, "x86").report
+    layers = []
+    for record in records:
+        weight = inits[f"{record.name}.weight"] if f"{record.name}.weight" in inits else None
+        assert weight is not None and tuple(weight.shape) == tuple(record.weight_shape), record.name
+        size = record.data_shape[-1]
+        single = tvm_patdnn.compile(conv_model(weight, size), "x86")
+        x = np.random.default_rng(0).standard_normal(record.data_shape).astype(np.float32)
+        layers.append((record, TVMRunner(single, x)))
+    samples: list[list[float]] = [[] for _ in layers]
+    for _ in range(rounds):
+        for index, (_, runner) in enumerate(layers):
+            samples[index].append(runner.time())
+    rows = []
+    for (record, _), values in zip(layers, samples):
+        ms = statistics.median(values)
+        rows.append({"layer": record.name, "kind": record.kind, "threads": threads, "shape": f"{record.weight_shape[0]}x{record.weight_shape[1]} {record.data_shape[-1]}x{record.data_shape[-1]}",
+                     "density": record.density, "ms": ms, "dense_gflop": record.dense_flops / 1e9, "nonzero_gflop": record.nonzero_flops / 1e9,
+                     "dense_gflops": record.dense_flops / ms / 1e6, "nonzero_gflops": record.nonzero_flops / ms / 1e6})
+    return rows
+
+
+def worker(args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir)
+    dbs = json.loads(args.dbs)
+    out = {"threads": args.threads, "fma_peak_gflops": fma_peak_gflops(args.threads, workdir), "models": [], "layers": []}
+    for name in args.models:
+        print(f"[{args.threads} thread(s)] {name} ...", file=sys.stderr, flush=True)
+        try:
+            out["models"].append(worker_model(name, args.threads, args.rounds if name == "vgg16_cifar" else max(3, args.rounds - 2), workdir, dbs.get(name, {})))
+        except Exception as err:  # keep the other models' results; the error goes into the JSON
+            print(f"[{args.threads} thread(s)] {name} failed: {err!r}", file=sys.stderr, flush=True)
+            out.setdefault("errors", []).append({"model": name, "threads": args.threads, "error": repr(err)})
+        partial = workdir / f"worker{args.threads}.json"
+        write_bytes_atomic(partial, json.dumps(out).encode())
+    if "vgg16_cifar" in args.models and not args.no_layers:
+        print(f"[{args.threads} thread(s)] per-layer table ...", file=sys.stderr, flush=True)
+        out["layers"] = worker_layers(args.threads, args.rounds, workdir)
+    out["fma_peak_gflops_after"] = fma_peak_gflops(args.threads, workdir)
+    write_bytes_atomic(workdir / f"worker{args.threads}.json", json.dumps(out).encode())
+
+
+# ----------------------------------------------------------------------------- report
+
+
+PEERS = ["TVM dense", "ONNX Runtime", "MNN", "PyTorch"]
+
+
+def markdown(result: dict) -> str:
+    lines = ["| model | threads | tvm_patdnn ms | untuned ms | TVM dense ms | ORT ms | MNN ms | PyTorch ms "
+             "| vs TVM dense | vs ORT | vs MNN | vs PyTorch |", "|" + "---|" * 12]
+    tuned = any("tvm_patdnn tuned" in row["median_ms"] for row in result["rows"])
+    if tuned:
+        lines[0] += " tuned ms | TVM dense tuned ms | tuned vs dense tuned |"
+        lines[1] += "---|" * 3
+    for row in result["rows"]:
+        m = row["median_ms"]
+        ours = m["tvm_patdnn"]
+        cells = [TITLES[row["model"]], str(row["threads"]), f"{ours:.2f}", f"{m['tvm_patdnn untuned']:.2f}"]
+        cells += [f"{m[peer]:.2f}" for peer in PEERS] + [f"{m[peer] / ours:.2f}x" for peer in PEERS]
+        if tuned:
+            cells += [f"{m['tvm_patdnn tuned']:.2f}", f"{m['TVM dense tuned']:.2f}", f"{m['TVM dense tuned'] / m['tvm_patdnn tuned']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["layers"]:
+        lines += ["", "| layer | kind | weight, input | threads | ms | dense GFLOP/s | nonzero GFLOP/s | nonzero % of FMA peak |", "|" + "---|" * 8]
+        for row in result["layers"]:
+            peak = result["fma_peak_gflops"][str(row["threads"])]
+            lines.append(f"| {row['layer']} | {row['kind']} | {row['shape']} | {row['threads']} | {row['ms']:.3f} | {row['dense_gflops']:.1f} "
+                         f"| {row['nonzero_gflops']:.1f} | {100 * row['nonzero_gflops'] / peak:.0f}% |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(row["model"] for row in result["rows"]))
+    runtimes = ["tvm_patdnn", "tvm_patdnn untuned", *PEERS]
+    runtimes += [key for key in ("tvm_patdnn tuned", "TVM dense tuned") if key in result["rows"][0]["median_ms"]]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [row for row in result["rows"] if row["model"] == model]
+        width = 0.8 / len(runtimes)
+        for index, runtime in enumerate(runtimes):
+            xs = [i + (index - (len(runtimes) - 1) / 2) * width for i in range(len(rows))]
+            ax.bar(xs, [row["median_ms"][runtime] for row in rows], width, label=runtime)
+        ax.set_xticks(range(len(rows)), [f"{row['threads']} thread(s)" for row in rows])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (median, log scale)")
+        ax.set_title(f"{TITLES[model]}, 8x pattern-pruned")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(runtimes), fontsize=8)
+    fig.suptitle(f"batch 1 fp32, {result['meta']['date']}, {result['meta']['cpu']}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["vgg16_cifar"])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ImageNet models: rounds - 2, at least 3)")
+    parser.add_argument("--tune-trials", type=int, default=0, help="also tune tvm_patdnn and TVM dense with this many trials each")
+    parser.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
+    parser.add_argument("--json", type=Path, default=RESULTS / "peers.json")
+    parser.add_argument("--md", type=Path, default=RESULTS / "peers.md")
+    parser.add_argument("--png", type=Path, default=RESULTS / "peers.png")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--dbs", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--from-json", type=Path, help="only re-render the markdown and PNG from this JSON")
+    args = parser.parse_args()
+    if args.from_json:
+        render(json.loads(args.from_json.read_text()), args.md, args.png)
+        return
+    if args.worker:
+        args.threads = args.threads[0]
+        worker(args)
+        return
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="peers_") as tmp:
+        workdir = Path(tmp)
+        dbs: dict[str, dict[str, str]] = {}
+        build_errors, models = [], []
+        for name in args.models:
+            print(f"building {name} ...", file=sys.stderr, flush=True)
+            try:
+                dense, pruned = build_models(name)
+            except Exception as err:  # measure the others
+                print(f"{name} failed to build: {err!r}", file=sys.stderr, flush=True)
+                build_errors.append({"model": name, "threads": "any", "error": repr(err)})
+                continue
+            models.append(name)
+            save_model_atomic(dense, workdir / f"{name}.dense.onnx")
+            save_model_atomic(pruned, workdir / f"{name}.pruned.onnx")
+            mnn_convert(workdir / f"{name}.pruned.onnx", workdir / f"{name}.pruned.mnn")
+            if args.tune_trials:
+                dbs[name] = {kind: str(workdir / f"{name}.{kind}.db") for kind in ("pattern", "dense")}
+                for kind, model in (("pattern", pruned), ("dense", dense)):
+                    tvm_patdnn.tune(model, "x86", trials=args.tune_trials, database=dbs[name][kind], progress=sys.stderr)
+        workers = []
+        for threads in args.threads:
+            env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+            command = [sys.executable, __file__, "--worker", "--workdir", str(workdir), "--threads", str(threads),
+                       "--rounds", str(args.rounds), "--dbs", json.dumps(dbs), "--models", *models]
+            command += ["--no-layers"] if args.no_layers else []
+            subprocess.run(command, env=env, check=True)
+            workers.append(json.loads((workdir / f"worker{threads}.json").read_text()))
+
+    import tvm
+    from tvm_patdnn.targets import resolve_target
+
+    result = {
+        "meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "target": str(resolve_target("x86")),
+                 "tvm": tvm.__version__, "command": " ".join(["benchmarks/peers.py", *sys.argv[1:]]), "tune_trials": args.tune_trials,
+                 "wall_s": round(time.time() - started), "load_average": os.getloadavg(),
+                 "weights": "random He-normal from a fixed seed (no pretrained weights are available offline); "
+                            "pruned with prune_onnx(n_patterns=8, connectivity=3.6), first conv dense"},
+        "fma_peak_gflops": {str(w["threads"]): w["fma_peak_gflops"] for w in workers},
+        "fma_peak_gflops_after": {str(w["threads"]): w["fma_peak_gflops_after"] for w in workers},
+        "rows": [row for w in workers for row in w["models"]],
+        "layers": [row for w in workers for row in w["layers"]],
+        "errors": build_errors + [error for w in workers for error in w.get("errors", [])],
+    }
+    write_bytes_atomic(args.json, json.dumps(result, indent=2).encode())
+    render(result, args.md, args.png)
+    print(f"results in {args.json}, {args.md}, {args.png}")
+
+
+def render(result: dict, md: Path, png: Path) -> None:
+    """Write (and print) the markdown tables and draw the PNG chart."""
+    table = markdown(result)
+    peaks = ", ".join(f"{t} thread(s) {p:.1f}" for t, p in result["fma_peak_gflops"].items())
+    text = (f"{table}\n\nMeasured {result['meta']['date']} on {result['meta']['cpu']} ({result['meta']['target']}), "
+            f"`.venv/bin/python {result['meta']['command']}`; FMA peak (GFLOP/s, AVX2 loop): {peaks}. "
+            f"Weights: {result['meta']['weights']}.\n")
+    text += "".join(f"\nNot measured: {e['model']} at {e['threads']} thread(s): {e['error']}\n" for e in result["errors"])
+    write_bytes_atomic(md, text.encode())
+    plot(result, png)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
