@@ -180,3 +180,23 @@ def test_run_checks_inputs():
         compiled.run({})
     with pytest.raises(PatDNNError, match="shape"):
         compiled.run({"input": np.zeros((1, 2, 6, 5), np.float32)})
+
+
+@pytest.mark.parametrize("batch, features, classes", [(1, 300, 37), (2, 300, 32), (3, 64, 1), (1, 1152, 256)])
+def test_fully_connected_fallback_matches_reference(batch, features, classes):
+    """Gemm (+ReLU) on the dense path with the project's FC schedule, including widths with no vector divisor."""
+    rng = np.random.default_rng(classes)
+    weight = rng.standard_normal((classes, features)).astype(np.float32)
+    bias = rng.standard_normal(classes).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1), onnx.helper.make_node("Relu", ["y"], ["z"])],
+        "fc", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, features])],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [batch, classes])],
+        [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(bias, "b")],
+    )
+    check_against_reference(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), 1)
+
+
+def test_dense_conv_with_single_output_pixel_matches_reference():
+    model = build_cnn(np.random.default_rng(9), (1, 5, 3, 3), [ConvSpec(3, kind="dense", pads=(0, 0, 0, 0))])
+    check_against_reference(model, 9)

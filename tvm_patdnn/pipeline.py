@@ -16,7 +16,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight
 
 from .report import ConvRecord
-from .schedule_rules import DenseConv2dCPU, PatternConvCPU, PatternConvGPU
+from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternConvGPU
 from .targets import vector_lanes
 from .transform import PatternConvRewrite
 
@@ -37,7 +37,7 @@ def pattern_passes(
 
 
 def default_schedule_rules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
-    """The untuned rules, in order: pattern conv, dense conv/pool, then dlight's.
+    """The untuned rules, in order: pattern conv, dense conv/pool, fully connected, then dlight's.
 
     GPU targets (OpenCL/Adreno) get dlight's GPU rules, which is all the generic GPU
     legalization adds to the CPU one; the rest of the pipeline is the same for both.
@@ -45,7 +45,7 @@ def default_schedule_rules(target: tvm.target.Target) -> list[dlight.ScheduleRul
     if "gpu" in target.keys:
         return [PatternConvGPU(), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                 dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
-    return [PatternConvCPU(), DenseConv2dCPU(), dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+    return [PatternConvCPU(), DenseConv2dCPU(), MatmulCPU(), dlight.cpu.GEMV(), dlight.cpu.Reduction()]
 
 
 def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:

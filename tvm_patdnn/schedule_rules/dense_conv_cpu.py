@@ -17,6 +17,7 @@ from tvm.target import Target
 
 from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from ..targets import vector_lanes
+from .register_tile import accumulate_in_registers
 
 _SPATIAL, _REDUCE = 0, 2  # tirx.IterVar kinds: DataPar, CommReduce
 
@@ -76,13 +77,4 @@ def _schedule(sch: s_tir.Schedule, blocks, main, lanes: int) -> None:
     sch.unroll(fi)
     sch.unroll(xt)
     sch.vectorize(xi)
-    store = sch.cache_write(main, 0, "local")
-    sch.reverse_compute_at(store, xo)
-    for block in consumers:
-        try:
-            sch.reverse_compute_inline(block)  # bias/activation epilogues write from registers
-        except s_tir.ScheduleError:
-            break  # a non-injective consumer stays a loop nest of its own
-    sch.vectorize(sch.get_loops(store)[-1])
-    init = sch.decompose_reduction(main, reductions[0])
-    sch.vectorize(sch.get_loops(init)[-1])
+    accumulate_in_registers(sch, main, xo, reductions[0], consumers)
