@@ -11,45 +11,28 @@ fused bias/activation epilogues written straight from registers.
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from ..ops.pattern_conv import PATTERN_CONV_ATTR
-from ..targets import vector_lanes
-from .register_tile import accumulate_in_registers
-
-_SPATIAL, _REDUCE = 0, 2  # tirx.IterVar kinds: DataPar, CommReduce
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+from .register_tile import REDUCE, SPATIAL, accumulate_in_registers, largest_divisor, schedule_main_block
 
 
 class DenseConv2dCPU(ScheduleRule):
     """Register-tiled schedule for dense NCHW conv2d / pooling PrimFuncs on LLVM targets."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if target.kind.name != "llvm" or (func.attrs is not None and PATTERN_CONV_ATTR in func.attrs):
+        if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(get_root_block(sch))
-        main = [b for b in blocks if _is_window_reduction(sch.get(b))]
-        if len(main) != 1:
-            return None
-        try:
-            _schedule(sch, blocks, main[0], vector_lanes(target))
-        except s_tir.ScheduleError:
-            return None
-        return sch
+        return schedule_main_block(func, target, _is_window_reduction, _schedule)
 
 
 def _is_window_reduction(block) -> bool:
     kinds = [int(iv.iter_type) for iv in block.iter_vars]
     return (
         len(kinds) >= 6
-        and kinds[:4] == [_SPATIAL] * 4
-        and all(k == _REDUCE for k in kinds[4:])
+        and kinds[:4] == [SPATIAL] * 4
+        and all(k == REDUCE for k in kinds[4:])
         and len(block.writes) == 1
         and len(block.writes[0].region) == 4
     )
@@ -67,9 +50,9 @@ def _schedule(sch: s_tir.Schedule, blocks, main, lanes: int) -> None:
     n, f, y, x = loops[:4]
     reductions = loops[4:]
     extents = [int(sch.get(loop).extent) for loop in (f, x)]
-    f_tile = _largest_divisor(extents[0], 4)
-    x_vec = _largest_divisor(extents[1], lanes)
-    x_tile = _largest_divisor(extents[1] // x_vec, 2)
+    f_tile = largest_divisor(extents[0], 4)
+    x_vec = largest_divisor(extents[1], lanes)
+    x_tile = largest_divisor(extents[1] // x_vec, 2)
     fo, fi = sch.split(f, [None, f_tile])
     xo, xt, xi = sch.split(x, [None, x_tile, x_vec])
     sch.reorder(n, fo, y, xo, *reductions, fi, xt, xi)

@@ -1,8 +1,44 @@
-"""The tail the CPU rules share: accumulate a register tile, then write it out with its epilogue."""
+"""What the dense CPU rules share: find their one reduction block, accumulate a register tile,
+then write it out with its epilogue."""
 
 from __future__ import annotations
 
-from tvm import s_tir
+from collections.abc import Callable
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.target import Target
+
+from ..targets import vector_lanes
+
+SPATIAL, REDUCE = 0, 2  # tirx.IterVar kinds: DataPar, CommReduce
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest tile size up to ``limit`` that divides ``n`` (no tail, no predicate)."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def schedule_main_block(
+    func: tirx.PrimFunc,
+    target: Target,
+    is_main: Callable[[s_tir.SBlock], bool],
+    schedule: Callable[[s_tir.Schedule, list, s_tir.schedule.SBlockRV, int], None],
+) -> s_tir.Schedule | None:
+    """``schedule(sch, blocks, main, lanes)`` when exactly one block of ``func`` is ``is_main``
+    on an LLVM target; None (rule not applicable) otherwise or when the schedule does not fit."""
+    if target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(get_root_block(sch))
+    main = [b for b in blocks if is_main(sch.get(b))]
+    if len(main) != 1:
+        return None
+    try:
+        schedule(sch, blocks, main[0], vector_lanes(target))
+    except s_tir.ScheduleError:
+        return None
+    return sch
 
 
 def _vectorize_innermost_below(sch: s_tir.Schedule, block, outer) -> None:
