@@ -63,6 +63,15 @@ def time_ms(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, number: int) -> flo
     return evaluator("main").mean * 1e3
 
 
+def save_results(path: Path, target, rounds: int, rows: list[dict]) -> None:
+    """Write the rows with when/where they were measured (atomically) and say where."""
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
+            "target": str(target), "rounds": rounds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps({"meta": meta, "rows": rows}, indent=2).encode())
+    print(f"\n{meta['date']}, {meta['target']}; results in {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -124,11 +133,7 @@ def main() -> None:
             f"{r['dense_rule_ms']:.2f} | {r['speedup_vs_default']:.1f}x | {r['speedup_vs_dense_rule']:.2f}x | "
             f"{r['nonzero_gflops']:.1f} | {r['dense_gflops_rule']:.1f} |"
         )
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
-            "target": str(target), "rounds": args.rounds}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(args.json, json.dumps({"meta": meta, "rows": rows}, indent=2).encode())
-    print(f"\n{meta['date']}, {meta['target']}; results in {args.json}")
+    save_results(args.json, target, args.rounds, rows)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,10 +27,9 @@ import numpy as np
 import tvm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from layers import conv_model, time_ms, vm_of
+from layers import conv_model, save_results, time_ms, vm_of
 
 import tvm_patdnn
-from tvm_patdnn.fileio import write_bytes_atomic
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
 from tvm_patdnn.targets import resolve_target
 from tvm_patdnn.tuning.database import RECORDS, SCHEDULES_DIR, shipped_database, target_key
@@ -105,11 +103,7 @@ def main() -> None:
         tune_s = "-" if r["tune_s"] is None else f"{r['tune_s']:.0f}"
         print(f"| {r['layer']} | {r['trials']} | {tune_s} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | "
               f"{r['default_over_tuned']:.2f}x |")
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
-            "target": str(target), "rounds": args.rounds}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(args.json, json.dumps({"meta": meta, "rows": rows}, indent=2).encode())
-    print(f"\n{meta['date']}, {meta['target']}; results in {args.json}")
+    save_results(args.json, target, args.rounds, rows)
 
 
 if __name__ == "__main__":
