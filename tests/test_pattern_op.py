@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_factory import pattern_weight
+from model_factory import ConvSpec, build_cnn, pattern_weight, reference_outputs
+from onnx import numpy_helper
 
 from tvm_patdnn.analysis import analyze_conv_weight, cover_masks
 from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.kernel_patterns import kernel_masks, popcount
-from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
+from tvm_patdnn.ops.pattern_conv import PatternConvSpec, choose_layout, pattern_conv2d_primfunc
 from tvm_patdnn.schedule_rules import PatternConvCPU
+from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
 
 @settings(max_examples=60, deadline=None)
@@ -59,3 +64,63 @@ def test_cpu_rule_bounds_kernel_loops_by_run_length():
     assert "for rj in range(T.min(" in scheduled  # the guarded loop became a bounded loop
     assert "T.if_then_else" not in scheduled.split('T.sblock("acc_update")')[1].split("T.sblock")[0]
     assert PatternConvCPU().apply(func, tvm.target.Target({"kind": "c"}), False) is None
+
+
+def _run_op(spec: PatternConvSpec, fkw, x: np.ndarray, bias: np.ndarray, target) -> np.ndarray:
+    scheduled = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
+    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target)
+    out = tvm.runtime.tensor(np.zeros((1, spec.out_channels, spec.out_height, spec.out_width), np.float32))
+    args = [x, fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize(
+    "size, stride, pads, flat, accumulators, partials",
+    [
+        (2, 1, (1, 1, 1, 1), True, 8, None),  # VGG's 2x2 layers: flat, four tap partials
+        (4, 1, (1, 1, 1, 1), True, 8, None),
+        (4, 1, (1, 1, 1, 1), False, 8, None),  # row layout with partials
+        (5, 1, (0, 1, 2, 1), True, 16, None),  # uneven padding, 32-register budget
+        (7, 1, (1, 1, 1, 1), True, 8, 1),
+        (9, 2, (1, 1, 1, 1), False, 8, 2),  # strided: row layout, phase-split input
+        (12, 1, (1, 1, 1, 1), False, 1, None),  # no register tile at all
+        (33, 1, (1, 1, 1, 1), None, 16, None),  # layout chosen by choose_layout
+    ],
+)
+def test_every_layout_matches_the_onnx_reference(size, stride, pads, flat, accumulators, partials):
+    rng = np.random.default_rng(size)
+    model = build_cnn(rng, (1, 6, size, size), [ConvSpec(10, stride=stride, pads=pads, connectivity=2.0)])
+    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    spec = PatternConvSpec.from_fkw(fkw, (1, 6, size, size), (stride, stride), pads, True, True)
+    spec = choose_layout(spec, accumulators, flat=flat)
+    assert spec.row_tile * spec.column_tile * spec.partials <= accumulators
+    if partials is not None:  # any layout is correct, whether it fits the registers or not
+        spec = dataclasses.replace(spec, partials=partials)
+    x = rng.standard_normal((1, 6, size, size)).astype(np.float32)
+    expected = reference_outputs(model, {"input": x})[0]
+    got = _run_op(spec, fkw, x, bias, tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layout_fills_vectors_and_registers_per_target():
+    weight = pattern_weight(np.random.default_rng(2), 8, 8, n_patterns=4)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+
+    def layout(size, lanes=8, accumulators=8, stride=1):
+        spec = PatternConvSpec.from_fkw(fkw, (1, 8, size, size), (stride, stride), (1, 1, 1, 1), False, False,
+                                        lanes, accumulators)
+        return spec.flat, spec.row_tile, spec.column_tile, spec.partials
+
+    assert layout(2) == (True, 1, 1, 4)  # 4 outputs in one flat vector, each tap its own chain
+    assert layout(4) == (True, 1, 3, 2)  # 4 rows x 6 padded columns = 3 vectors
+    assert layout(8) == (False, 8, 1, 1)  # whole rows fill the vectors: rows x columns tile
+    assert layout(32) == (False, 2, 4, 1)
+    assert layout(4, stride=2) == (False, 2, 1, 4)  # strided convs keep the row layout
+    assert layout(32, lanes=16, accumulators=16) == (False, 8, 2, 1)
+    assert [accumulator_registers(resolve_target(name)) for name in ("arm_cpu", "adreno")] == [16, 1]
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    assert (accumulator_registers(avx2), accumulator_registers(avx512)) == (8, 16)
+    assert (vector_lanes(avx2), vector_lanes(avx512)) == (8, 16)

@@ -17,7 +17,7 @@ from tvm.s_tir import dlight
 
 from .report import ConvRecord
 from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternConvGPU
-from .targets import vector_lanes
+from .targets import accumulator_registers, vector_lanes
 from .transform import PatternConvRewrite
 
 __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
@@ -32,7 +32,7 @@ def pattern_passes(
     """Detect pattern-sparse convs and rewrite them into the pattern-conv operator."""
     return [
         relax.transform.FoldConstant(),
-        PatternConvRewrite(entries, max_patterns, vector_lanes(target), on_conv),
+        PatternConvRewrite(entries, max_patterns, vector_lanes(target), accumulator_registers(target), on_conv),
     ]
 
 

@@ -18,6 +18,7 @@ from .errors import PatDNNError
 __all__ = [
     "resolve_target",
     "vector_lanes",
+    "accumulator_registers",
     "is_aarch64",
     "is_host_runnable",
     "PRESETS",
@@ -116,6 +117,16 @@ def is_host_runnable(target: Target) -> bool:
         return False
     triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
     return triple.split("-")[0] == codegen.llvm_get_system_triple().split("-")[0]
+
+
+def accumulator_registers(target: Target) -> int:
+    """Output vectors a pattern-conv register tile may accumulate: half the vector register file
+    (AVX-512 and aarch64 NEON have 32, AVX2 16), the rest holding broadcast weights and loaded
+    inputs; 1 on GPUs, where a work item computes one output vector."""
+    if target.kind.name != "llvm":
+        return 1
+    wide = is_aarch64(target) or codegen.llvm_cpu_has_features(["avx512f"], target)
+    return 16 if wide else 8
 
 
 def vector_lanes(target: Target) -> int:

@@ -2,15 +2,26 @@
 
 One reduction block computes every output pixel of every (reordered) filter as
 
-    acc[n, f, y, x] = sum_{p, j, t} values[k, t] * xpad[n, channels[k], y*s + dy(p, t), x*s + dx(p, t)]
-                      with k = offsets[f*P + p] + j and j < run length of (f, p)
+    acc[n, f, y, q, x] = sum_{p, j, t = t' * Q + q} values[k, t] * xpad[n, channels[k], y*s + dy(p, t), x*s + dx(p, t)]
+                         with k = offsets[f*P + p] + j and j < run length of (f, p)
 
 The pattern index ``p`` and the tap index ``t`` have constant extents and the tap offsets
 ``dy(p, t)``, ``dx(p, t)`` are expressions of them alone, so once a schedule unrolls ``p`` and
 ``t`` every tap offset is a compile-time constant: code per pattern, with only the input
-channel gathered at run time. The output width is computed rounded up to a multiple of the
-vector width (and cropped in the epilogue) so the innermost loop vectorises with no tail.
-The epilogue restores the user's filter order and fuses bias and ReLU.
+channel gathered at run time. The epilogue restores the user's filter order, adds the ``Q``
+partial sums and fuses bias and ReLU.
+
+The layout (:class:`PatternConvSpec`'s tile fields) is chosen per target from its vector width
+and register count, because the compute pads its output to it:
+
+* output rows and columns are rounded up to the register tile (``row_tile x column_tile``
+  vectors), so the innermost loop vectorises with no tail;
+* ``partials`` (Q) splits each output vector's sum over the taps into Q independent
+  accumulators when the tile alone has too few to hide the FMA latency (small images: a 2x2
+  output is one vector, whose four taps per kernel would otherwise form one dependency chain);
+* ``flat`` (small images, stride 1) computes over the row-major flattened padded image, where a
+  tap is the constant shift ``dy * Wp + dx`` and one vector spans several output rows: a 2x2
+  output fills half an 8-lane vector instead of a quarter, a 4x4 two thirds instead of half.
 """
 
 from __future__ import annotations
@@ -21,19 +32,24 @@ from tvm import te, tirx
 
 from ..fkw import FKWWeight
 
-__all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR"]
-
-# Vector accumulators a register tile may use: half of AVX2's/NEON's 16/32 registers, the
-# rest hold the broadcast weights and the loaded input vectors.
-ACCUMULATORS = 8
+__all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "choose_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
 @dataclass(frozen=True)
 class PatternConvSpec:
-    """Static shape information of one pattern convolution (everything but the weights)."""
+    """Static shape information of one pattern convolution (everything but the weights) and
+    the layout its compute is padded to (see the module docstring)."""
 
     batch: int
     in_channels: int
@@ -48,6 +64,16 @@ class PatternConvSpec:
     has_bias: bool
     relu: bool
     vector_width: int = 8
+    row_tile: int = 1
+    column_tile: int = 1
+    partials: int = 1
+    flat: bool = False
+
+    def __post_init__(self):
+        if self.flat and self.strides != (1, 1):
+            raise ValueError("the flat layout needs stride 1")
+        if self.taps % self.partials:
+            raise ValueError(f"{self.partials} partial sums do not divide {self.taps} taps")
 
     @property
     def taps(self) -> int:
@@ -62,30 +88,25 @@ class PatternConvSpec:
         return (self.width + self.padding[1] + self.padding[3] - 3) // self.strides[1] + 1
 
     @property
-    def padded_out_width(self) -> int:
-        v = self.vector_width
-        return (self.out_width + v - 1) // v * v
+    def padded_width(self) -> int:
+        """Columns of the padded input: the flat layout's row pitch."""
+        return self.width + self.padding[1] + self.padding[3]
 
     @property
-    def column_tile(self) -> int:
-        """Output vectors per row held in registers at once (a divisor of the padded row)."""
-        vectors = self.padded_out_width // self.vector_width
-        return max(t for t in range(1, ACCUMULATORS + 1) if vectors % t == 0)
+    def acc_rows(self) -> int:
+        """Rows of the accumulator: output rows rounded up to the row tile (flat: one)."""
+        return 1 if self.flat else _round_up(self.out_height, self.row_tile)
 
     @property
-    def row_tile(self) -> int:
-        """Output rows computed together, so each loaded weight serves rows x columns vectors."""
-        return max(1, min(ACCUMULATORS // self.column_tile, self.out_height))
-
-    @property
-    def padded_out_height(self) -> int:
-        r = self.row_tile
-        return (self.out_height + r - 1) // r * r
+    def acc_columns(self) -> int:
+        """Columns of the accumulator, a whole number of column tiles."""
+        length = self.out_height * self.padded_width if self.flat else self.out_width
+        return _round_up(length, self.vector_width * self.column_tile)
 
     @classmethod
-    def from_fkw(cls, fkw: FKWWeight, data_shape, strides, padding, has_bias, relu, vector_width=8):
+    def from_fkw(cls, fkw: FKWWeight, data_shape, strides, padding, has_bias, relu, vector_width=8, accumulators=8):
         n, c, h, w = (int(d) for d in data_shape)
-        return cls(
+        shape = cls(
             batch=n,
             in_channels=c,
             height=h,
@@ -100,6 +121,29 @@ class PatternConvSpec:
             relu=bool(relu),
             vector_width=int(vector_width),
         )
+        return choose_layout(shape, accumulators)
+
+
+def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = None) -> PatternConvSpec:
+    """``spec`` with the register tile for ``accumulators`` vector registers.
+
+    Flat when that fills more vector lanes (and the stride is 1) unless ``flat`` says; then
+    as many output vectors per tile as divide the output (columns first: they share loaded
+    weights and rows), then partial sums over the taps with the registers left.
+    """
+    v = spec.vector_width
+    if flat is None:
+        row_fill = spec.out_width / _round_up(spec.out_width, v)
+        flat_length = spec.out_height * spec.padded_width
+        flat_fill = spec.out_height * spec.out_width / _round_up(flat_length, v)
+        flat = spec.strides == (1, 1) and flat_fill > row_fill
+    rows = 1 if flat else spec.out_height
+    vectors = _round_up(spec.out_height * spec.padded_width if flat else spec.out_width, v) // v
+    column_tile = _largest_divisor(vectors, accumulators)
+    row_tile = max(1, min(accumulators // column_tile, rows))
+    partials = _largest_divisor(spec.taps, accumulators // (row_tile * column_tile))
+    return PatternConvSpec(**{**spec.__dict__, "row_tile": row_tile, "column_tile": column_tile,
+                              "partials": partials, "flat": flat})
 
 
 def _tap_table(patterns, p, t, component):
@@ -114,48 +158,64 @@ def _tap_table(patterns, p, t, component):
     return expr
 
 
+def _padded_input(spec: PatternConvSpec, data):
+    """The zero-padded input, laid out so that every tap of an output vector is a contiguous
+    vector: (n, c, 1, 1, flat index) when flat, else (n, c, row, phase, q) with the columns
+    split by stride phase (column = q * sw + phase), since x*sw + dx == (x + dx//sw)*sw + dx%sw."""
+    sh, sw = spec.strides
+    top, left = spec.padding[0], spec.padding[1]
+    zero = tirx.const(0.0, "float32")
+
+    def at(n, c, h, w):
+        inside = tirx.all(h >= top, h < top + spec.height, w >= left, w < left + spec.width)
+        return tirx.if_then_else(inside, data[n, c, h - top, w - left], zero)
+
+    if spec.flat:
+        pitch = spec.padded_width
+        length = spec.acc_columns + 2 * pitch + 2
+        return te.compute((spec.batch, spec.in_channels, 1, 1, length),
+                          lambda n, c, _h, _p, i: at(n, c, i // pitch, i % pitch), name="pad")
+    rows = (spec.acc_rows - 1) * sh + 3
+    columns = spec.acc_columns + 2 // sw
+    return te.compute((spec.batch, spec.in_channels, rows, sw, columns),
+                      lambda n, c, h, phase, q: at(n, c, h, q * sw + phase), name="pad")
+
+
 def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inverse_order, bias=None):
     """Build the TE stages (pad, acc, out) of a pattern convolution; returns the output tensor."""
     sh, sw = spec.strides
-    top, left = spec.padding[0], spec.padding[1]
-    oh, owp = spec.padded_out_height, spec.padded_out_width
-    hp = (oh - 1) * sh + 3
-    wq = owp + 2 // sw  # padded columns per phase
-    n_patterns = len(spec.patterns)
-
-    # Padded input with its columns split by phase (column = q * sw + phase), so that a
-    # strided conv reads every tap as a contiguous vector: x * sw + dx == (x + dx // sw) * sw + dx % sw.
-    def pad_value(n, c, h, phase, q):
-        w = q * sw + phase
-        inside = tirx.all(h >= top, h < top + spec.height, w >= left, w < left + spec.width)
-        return tirx.if_then_else(inside, data[n, c, h - top, w - left], tirx.const(0.0, "float32"))
-
-    xpad = te.compute((spec.batch, spec.in_channels, hp, sw, wq), pad_value, name="pad")
+    n_patterns, partials = len(spec.patterns), spec.partials
+    xpad = _padded_input(spec, data)
     rp = te.reduce_axis((0, n_patterns), name="rp")
     rj = te.reduce_axis((0, max(1, spec.max_run)), name="rj")
-    rt = te.reduce_axis((0, spec.taps), name="rt")
+    rt = te.reduce_axis((0, spec.taps // partials), name="rt")
 
-    def acc_body(n, f, y, x):
+    def acc_body(n, f, y, q, x):
         run = f * n_patterns + rp
         k = offsets[run] + rj
-        dy = _tap_table(spec.patterns, rp, rt, lambda tap: tap[0])
-        phase = _tap_table(spec.patterns, rp, rt, lambda tap: tap[1] % sw)
-        shift = _tap_table(spec.patterns, rp, rt, lambda tap: tap[1] // sw)
+        t = rt * partials + q
+        if spec.flat:
+            shift = _tap_table(spec.patterns, rp, t, lambda tap: tap[0] * spec.padded_width + tap[1])
+            tap_input = xpad[n, channels[k], 0, 0, x + shift]
+        else:
+            dy = _tap_table(spec.patterns, rp, t, lambda tap: tap[0])
+            phase = _tap_table(spec.patterns, rp, t, lambda tap: tap[1] % sw)
+            shift = _tap_table(spec.patterns, rp, t, lambda tap: tap[1] // sw)
+            tap_input = xpad[n, channels[k], y * sh + dy, phase, x + shift]
         # The run-length guard is part of the body because te.create_prim_func drops a
         # reduction's `where`; if_then_else is lazy, so skipped slots load nothing.
         return te.sum(
-            tirx.if_then_else(
-                rj < offsets[run + 1] - offsets[run],
-                values[k, rt] * xpad[n, channels[k], y * sh + dy, phase, x + shift],
-                tirx.const(0.0, "float32"),
-            ),
+            tirx.if_then_else(rj < offsets[run + 1] - offsets[run], values[k, t] * tap_input, tirx.const(0.0, "float32")),
             axis=[rp, rj, rt],
         )
 
-    acc = te.compute((spec.batch, spec.out_channels, oh, owp), acc_body, name="acc")
+    acc = te.compute((spec.batch, spec.out_channels, spec.acc_rows, partials, spec.acc_columns), acc_body, name="acc")
 
     def epilogue(n, f, y, x):
-        value = acc[n, inverse_order[f], y, x]
+        row, column = (0, y * spec.padded_width + x) if spec.flat else (y, x)
+        value = acc[n, inverse_order[f], row, 0, column]
+        for q in range(1, partials):
+            value = value + acc[n, inverse_order[f], row, q, column]
         if bias is not None:
             value = value + bias[f]
         if spec.relu:
@@ -184,7 +244,7 @@ def pattern_conv2d_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
 
 
 def _spec_attr(spec: PatternConvSpec) -> dict:
-    """The spec as a plain dict of ints so it survives in PrimFunc attributes."""
+    """The layout as a plain dict of ints so it survives in PrimFunc attributes."""
     return {
         "strides": list(spec.strides),
         "n_patterns": len(spec.patterns),
@@ -192,5 +252,7 @@ def _spec_attr(spec: PatternConvSpec) -> dict:
         "vector_width": spec.vector_width,
         "column_tile": spec.column_tile,
         "row_tile": spec.row_tile,
+        "partials": spec.partials,
+        "flat": int(spec.flat),
         "relu": int(spec.relu),
     }

@@ -1,9 +1,10 @@
-"""Default CPU schedule of the pattern convolution.
+"""Default CPU schedule of the pattern convolution (x86 AVX2/AVX-512 and aarch64 NEON).
 
-Per (batch, filter) in parallel, per output row and vector of output columns, the
-accumulator lives in registers while the loops over patterns, kernels and taps run; patterns
-and taps are unrolled so every tap offset is a constant and each kernel costs one channel
-index load plus ``taps`` vector FMAs.
+Per register tile of output vectors (rows x columns x partial sums, sized by the operator's
+layout for the target's vector width and register count), the accumulators live in registers
+while the loops over patterns, kernels and taps run; patterns, taps and the tile are unrolled,
+so every tap offset is a constant, each kernel costs one channel index load plus one vector FMA
+per tap and tile vector, and an input vector two taps of the tile share is loaded once.
 """
 
 from __future__ import annotations
@@ -31,24 +32,23 @@ class PatternConvCPU(ScheduleRule):
 def schedule_pattern_conv_cpu(sch: s_tir.Schedule, vector_width: int, column_tile: int, row_tile: int) -> None:
     """Apply the default CPU schedule to the blocks of :func:`pattern_conv2d_primfunc`.
 
-    Loop order: row blocks outermost (in parallel), then filters, so the few input rows a row
-    block reads stay in cache while every filter uses them; inside, the kernels of each
-    pattern, and the register tile of ``row_tile x column_tile`` vectors innermost.
+    Loop order: row blocks outermost, then filters, so the few input rows a row block reads
+    stay in cache while every filter uses them, both in parallel (small images have a single
+    row block); inside, the kernels of each pattern, and the register tile of
+    ``row_tile x column_tile`` vectors (times the layout's partial sums) innermost.
     """
     pad, acc, out = sch.get_sblock("pad"), sch.get_sblock("acc"), sch.get_sblock("out")
 
     n, c, h, phase, q = sch.get_loops(pad)
     sch.parallel(sch.fuse(n, c))
 
-    n, f, y, x, rp, rj, rt = sch.get_loops(acc)
+    n, f, y, q, x, rp, rj, rt = sch.get_loops(acc)
     yo, yt = sch.split(y, [None, row_tile])
     xo, xt, xi = sch.split(x, [None, column_tile, vector_width])
-    sch.reorder(n, yo, f, xo, rp, rj, rt, yt, xt, xi)
-    sch.parallel(sch.fuse(n, yo))
-    sch.unroll(rp)
-    sch.unroll(rt)
-    sch.unroll(yt)
-    sch.unroll(xt)
+    sch.reorder(n, yo, f, xo, rp, rj, rt, q, yt, xt, xi)
+    sch.parallel(sch.fuse(n, yo, f))
+    for loop in (rp, rt, q, yt, xt):
+        sch.unroll(loop)
     sch.vectorize(xi)
     store = sch.cache_write(acc, 0, "local")
     sch.reverse_compute_at(store, xo)

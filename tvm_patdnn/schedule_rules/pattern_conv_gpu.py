@@ -68,10 +68,10 @@ def schedule_pattern_conv_gpu(sch: s_tir.Schedule, vector_width: int, taps: int,
     pad, acc, out = sch.get_sblock("pad"), sch.get_sblock("acc"), sch.get_sblock("out")
     _bind_flat(sch, sch.get_loops(pad), wave, max_threads)
 
-    n, f, y, x, rp, rj, rt = sch.get_loops(acc)
+    n, f, y, q, x, rp, rj, rt = sch.get_loops(acc)
     xo, xi = sch.split(x, [None, vector_width])
-    sch.reorder(n, f, y, xo, rp, rj, rt, xi)
-    _bind_flat(sch, [n, f, y, xo], wave, max_threads)
+    sch.reorder(n, f, y, q, xo, rp, rj, rt, xi)
+    _bind_flat(sch, [n, f, y, q, xo], wave, max_threads)
     sch.unroll(rp)
     sch.unroll(rt)
     store = sch.cache_write(acc, 0, "local")

@@ -73,8 +73,9 @@ class PatternConvRewrite:
     entries, max_patterns:
         A layer is pattern-sparse when every kept 3x3 kernel has at most ``entries`` nonzeros
         and all fit at most ``max_patterns`` shapes.
-    vector_width:
-        fp32 lanes of the target's vectors; the operator pads output rows to a multiple.
+    vector_width, accumulators:
+        fp32 lanes of the target's vectors and the output vectors a register tile may hold
+        (:func:`tvm_patdnn.targets.accumulator_registers`): the operator's layout.
     on_conv:
         Called with a :class:`ConvRecord` for every conv2d met, rewritten or not.
     """
@@ -84,11 +85,13 @@ class PatternConvRewrite:
         entries: int = 4,
         max_patterns: int = 12,
         vector_width: int = 8,
+        accumulators: int = 8,
         on_conv: Callable[[ConvRecord], None] | None = None,
     ):
         self.entries = entries
         self.max_patterns = max_patterns
         self.vector_width = vector_width
+        self.accumulators = accumulators
         self.on_conv = on_conv or (lambda record: None)
 
         self.data = wildcard()
@@ -214,7 +217,8 @@ class PatternConvRewrite:
         """Pack the weight in FKW form and add the pattern-conv PrimFunc to the module."""
         fkw = pack_fkw(_constant_array(weight), analysis)
         spec = PatternConvSpec.from_fkw(
-            fkw, fields["data_shape"], fields["stride"], fields["padding"], bias is not None, relu, self.vector_width
+            fkw, fields["data_shape"], fields["stride"], fields["padding"], bias is not None, relu, self.vector_width,
+            self.accumulators,
         )
         func = pattern_conv2d_primfunc(spec).with_attr("op_pattern", OPAQUE)
         name = "pattern_conv2d_" + "".join(ch if ch.isalnum() else "_" for ch in fields["name"])

@@ -43,14 +43,14 @@ def _schedule(sch: s_tir.Schedule, vector_width: int, parallel_filters: bool) ->
     n, c, _h, _phase, _q = sch.get_loops(pad)
     sch.parallel(sch.fuse(n, c))
 
-    n, f, y, x, rp, rj, rt = sch.get_loops(acc)
+    n, f, y, q, x, rp, rj, rt = sch.get_loops(acc)
     yo, yt = sch.split(y, sch.sample_perfect_tile(y, n=2, max_innermost_factor=_MAX_TILE))
     xv, xi = sch.split(x, [None, vector_width])
     xo, xt = sch.split(xv, sch.sample_perfect_tile(xv, n=2, max_innermost_factor=_MAX_TILE))
     fo, fi = sch.split(f, sch.sample_perfect_tile(f, n=2, max_innermost_factor=int(sch.get(f).extent)))
-    sch.reorder(n, fo, yo, fi, xo, rp, rj, rt, yt, xt, xi)
+    sch.reorder(n, fo, yo, fi, xo, rp, rj, rt, q, yt, xt, xi)
     sch.parallel(sch.fuse(n, fo, yo, fi) if parallel_filters else sch.fuse(n, fo, yo))
-    for loop in (rp, rt, yt, xt):
+    for loop in (rp, rt, q, yt, xt):
         sch.unroll(loop)
     sch.vectorize(xi)
     unroll = sch.sample_categorical(UNROLL_STEPS, [1.0 / len(UNROLL_STEPS)] * len(UNROLL_STEPS))
