@@ -25,17 +25,31 @@ class PatternConvCPU(ScheduleRule):
             return None
         layout = func.attrs[PATTERN_CONV_ATTR]
         sch = s_tir.Schedule(func)
-        schedule_pattern_conv_cpu(sch, int(layout["vector_width"]), int(layout["column_tile"]), int(layout["row_tile"]))
+        schedule_pattern_conv_cpu(sch, int(layout["vector_width"]), int(layout["column_tile"]), int(layout["row_tile"]),
+                                  threads=int(target.attrs.get("num-cores", 8)))
         return s_tir.Schedule(bound_kernel_runs(sch.mod["main"]))
 
 
-def schedule_pattern_conv_cpu(sch: s_tir.Schedule, vector_width: int, column_tile: int, row_tile: int) -> None:
+def schedule_pattern_conv_cpu(
+    sch: s_tir.Schedule,
+    vector_width: int,
+    column_tile: int,
+    row_tile: int,
+    *,
+    code_per_pattern: bool = True,
+    parallel_filters: bool | None = None,
+    threads: int = 8,
+) -> None:
     """Apply the default CPU schedule to the blocks of :func:`pattern_conv2d_primfunc`.
 
     Loop order: row blocks outermost, then filters, so the few input rows a row block reads
-    stay in cache while every filter uses them, both in parallel (small images have a single
-    row block); inside, the kernels of each pattern, and the register tile of
-    ``row_tile x column_tile`` vectors (times the layout's partial sums) innermost.
+    stay in cache while every filter uses them; inside, the kernels of each pattern, and the
+    register tile of ``row_tile x column_tile`` vectors (times the layout's partial sums)
+    innermost. Threads share the row blocks, and the filters too when there are fewer than two
+    row blocks per thread (small images have one; with enough row blocks, adding the filters
+    measured 0.7-0.85x even on one thread). ``code_per_pattern=False`` (pattern and tap loops
+    not unrolled: every tap's offset looked up at run time) and ``parallel_filters`` exist to
+    measure what those choices are worth (``benchmarks/optimisations.py``).
     """
     pad, acc, out = sch.get_sblock("pad"), sch.get_sblock("acc"), sch.get_sblock("out")
 
@@ -46,8 +60,10 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, vector_width: int, column_til
     yo, yt = sch.split(y, [None, row_tile])
     xo, xt, xi = sch.split(x, [None, column_tile, vector_width])
     sch.reorder(n, yo, f, xo, rp, rj, rt, q, yt, xt, xi)
-    sch.parallel(sch.fuse(n, yo, f))
-    for loop in (rp, rt, q, yt, xt):
+    if parallel_filters is None:
+        parallel_filters = int(sch.get(n).extent) * int(sch.get(yo).extent) < 2 * threads
+    sch.parallel(sch.fuse(n, yo, f) if parallel_filters else sch.fuse(n, yo))
+    for loop in (rp, rt, q, yt, xt) if code_per_pattern else (q, yt, xt):
         sch.unroll(loop)
     sch.vectorize(xi)
     store = sch.cache_write(acc, 0, "local")

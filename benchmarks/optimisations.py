@@ -1,0 +1,186 @@
+"""What each pattern-conv optimisation is worth, layer by layer, measured side by side in one run.
+
+The twelve pattern layers of the shipped benchmark model (VGG-16 CIFAR pruned to 8 magnitude-
+chosen patterns + 3.6x connectivity, ``schedules/vgg16_cifar.py``) are built with the default
+operator and schedule for this machine, and again with one optimisation taken away at a time:
+
+* code per pattern: pattern and tap loops unrolled so every tap offset is a constant
+  (without: the offsets are looked up per tap at run time);
+* bounded kernel runs: each (filter, pattern) kernel loop runs to its own length
+  (without: to the layer's longest run, guarded);
+* register tile: rows x columns of output vectors accumulate in registers, and the input vectors
+  their taps share are loaded once (without: one output vector at a time);
+* tap partial sums: small tiles split each vector's sum over the taps into independent chains;
+* flat small-image layout: 4x4 and 2x2 outputs computed over the flattened padded image;
+* filter-kernel reorder: filters sorted by kernel count (without: the model's filter order);
+* threads over filters: when an image has few row blocks, threads share its filters too
+  (without: row blocks only, so a small image with a single row block runs on one thread);
+  "threads always over filters" adds the filters for every layer instead.
+
+Every variant is checked against a numpy convolution first. The ratio is time without / time
+with (above 1: the optimisation pays). TVM's thread count is fixed when its runtime starts:
+
+    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/optimisations.py [--rounds 5]
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/optimisations.py --json benchmarks/results/optimisations.2t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+from onnx import numpy_helper, shape_inference
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "schedules"))
+from layers import save_results  # noqa: E402
+from vgg16_cifar import build_model  # noqa: E402
+
+from tvm_patdnn.analysis import analyze_conv_weight  # noqa: E402
+from tvm_patdnn.fkw import FKWWeight, pack_fkw  # noqa: E402
+from tvm_patdnn.ops.pattern_conv import PatternConvSpec, choose_layout, pattern_conv2d_primfunc  # noqa: E402
+from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs  # noqa: E402
+from tvm_patdnn.schedule_rules.pattern_conv_cpu import schedule_pattern_conv_cpu  # noqa: E402
+from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way to build a layer: the default, or the default minus one optimisation."""
+
+    code_per_pattern: bool = True
+    bounded_runs: bool = True
+    register_tile: bool = True
+    partials: bool = True
+    flat: bool = True
+    reorder_filters: bool = True
+    parallel_filters: bool | None = None  # None: the rule's choice
+
+
+VARIANTS = {
+    "default": Variant(),
+    "code per pattern": Variant(code_per_pattern=False),
+    "bounded kernel runs": Variant(bounded_runs=False),
+    "register tile": Variant(register_tile=False),
+    "tap partial sums": Variant(partials=False),
+    "flat small images": Variant(flat=False),
+    "filter reorder": Variant(reorder_filters=False),
+    "threads over filters": Variant(parallel_filters=False),
+    "threads always over filters": Variant(parallel_filters=True),
+}
+
+
+def unsorted(fkw: FKWWeight) -> FKWWeight:
+    """The same packing with the filters in the model's order (no filter-kernel reorder)."""
+    n_patterns = len(fkw.patterns)
+    position = np.argsort(fkw.order)  # reordered index of each original filter
+    runs = [(fkw.offsets[position[f] * n_patterns + p], fkw.offsets[position[f] * n_patterns + p + 1])
+            for f in range(fkw.out_channels) for p in range(n_patterns)]
+    kernels = np.concatenate([np.arange(a, b) for a, b in runs]).astype(np.int64)
+    offsets = np.zeros(len(runs) + 1, np.int32)
+    offsets[1:] = np.cumsum([b - a for a, b in runs])
+    return dataclasses.replace(fkw, order=np.arange(fkw.out_channels, dtype=np.int32), offsets=offsets,
+                               channels=fkw.channels[kernels], values=fkw.values[kernels])
+
+
+def build(weight: np.ndarray, bias: np.ndarray, data_shape, target, variant: Variant) -> tuple[Callable, list]:
+    """The layer's compiled function and its weight arguments, built the way ``variant`` says."""
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    if not variant.reorder_filters:
+        fkw = unsorted(fkw)
+    accumulators = accumulator_registers(target) if variant.register_tile else 1
+    spec = PatternConvSpec.from_fkw(fkw, data_shape, (1, 1), (1, 1, 1, 1), True, True, vector_lanes(target))
+    spec = choose_layout(spec, accumulators, flat=None if variant.flat else False)
+    if not variant.partials:
+        spec = dataclasses.replace(spec, partials=1)
+    sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))
+    schedule_pattern_conv_cpu(sch, spec.vector_width, spec.column_tile, spec.row_tile,
+                              code_per_pattern=variant.code_per_pattern, parallel_filters=variant.parallel_filters,
+                              threads=int(target.attrs.get("num-cores", 8)))  # as PatternConvCPU does
+    func = bound_kernel_runs(sch.mod["main"]) if variant.bounded_runs else sch.mod["main"]
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    args = [fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]
+    return lib.mod, [tvm.runtime.tensor(a) for a in args]
+
+
+def reference_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """conv3x3 (pad 1) + bias + ReLU in numpy, the judge of every variant."""
+    _, _, h, w = x.shape
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = sum(np.einsum("oc,nchw->nohw", weight[:, :, dy, dx], padded[:, :, dy:dy + h, dx:dx + w])
+              for dy in range(3) for dx in range(3))
+    return np.maximum(out + bias[None, :, None, None], 0.0)
+
+
+def pattern_layers(model: onnx.ModelProto) -> list[tuple[str, np.ndarray, np.ndarray, tuple]]:
+    """(name, weight, bias, input shape) of every pattern-sparse conv of ``model``."""
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight, bias = inits[node.input[1]], inits[node.input[2]]
+        if analyze_conv_weight(weight).kind == "pattern":
+            layers.append((node.name, weight, bias, shapes[node.input[0]]))
+    return layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/optimisations.1t.json"))
+    args = parser.parse_args()
+
+    target = resolve_target("x86")
+    threads = os.environ.get("TVM_NUM_THREADS", "default")
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, weight, bias, shape in pattern_layers(build_model()):
+        x = rng.standard_normal(shape).astype(np.float32)
+        expected = reference_conv(x, weight, bias)
+        out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
+        timers = {}
+        for label, variant in VARIANTS.items():
+            fn, weights = build(weight, bias, shape, target, variant)
+            call_args = [tvm.runtime.tensor(x), *weights, out]
+            fn["main"](*call_args)
+            np.testing.assert_allclose(out.numpy(), expected, rtol=1e-3, atol=1e-3, err_msg=f"{name}, {label}")
+            evaluator = fn.time_evaluator("main", tvm.cpu(), number=5, repeat=1, min_repeat_ms=50)
+            timers[label] = (evaluator, call_args)
+        samples = {label: [] for label in timers}
+        order = list(timers)
+        for round_ in range(args.rounds):  # interleaved, each round starting one variant later
+            for label in order[round_ % len(order):] + order[:round_ % len(order)]:
+                evaluator, call_args = timers[label]
+                samples[label].append(evaluator(*call_args).mean * 1e3)
+        median = {label: statistics.median(values) for label, values in samples.items()}
+        nonzero_flops = 2 * np.count_nonzero(weight) * shape[2] * shape[3]
+        rows.append({"layer": name, "shape": f"{weight.shape[0]}x{weight.shape[1]} {shape[2]}x{shape[3]}",
+                     "threads": threads, "ms": median, "nonzero_gflops": nonzero_flops / median["default"] / 1e6})
+        print(f"{name}: " + ", ".join(f"{label} {ms:.3f}" for label, ms in median.items()), flush=True)
+
+    labels = [label for label in VARIANTS if label != "default"]
+    print(f"\n| layer | weight, input | threads | default ms | nonzero GFLOP/s | " + " | ".join(labels) + " |")
+    print("|" + "---|" * (5 + len(labels)))
+    total = {label: sum(r["ms"][label] for r in rows) for label in VARIANTS}
+    for r in rows + [{"layer": "all pattern layers", "shape": "", "threads": threads, "ms": total, "nonzero_gflops": None}]:
+        gflops = "" if r["nonzero_gflops"] is None else f"{r['nonzero_gflops']:.1f}"
+        ratios = " | ".join(f"{r['ms'][label] / r['ms']['default']:.2f}x" for label in labels)
+        print(f"| {r['layer']} | {r['shape']} | {r['threads']} | {r['ms']['default']:.3f} | {gflops} | {ratios} |")
+    print("\nEach ratio: time without that optimisation / time with everything (above 1: it pays).")
+    save_results(args.json, target, args.rounds, rows)
+
+
+if __name__ == "__main__":
+    main()
