@@ -1,5 +1,79 @@
 import sys
 from pathlib import Path
 
-# tests/ helpers (model_factory) import as plain modules
+# tests/ helpers (model_factory, phone_helpers) import as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+import subprocess
+from collections.abc import Callable, Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def phone_runtime() -> None:
+    """Skip without qemu/cross compiler; fail if setup did not cache the aarch64 runtime."""
+    from phone_helpers import missing_tools
+
+    from tvm_patdnn.phone import runtime
+
+    reason = missing_tools()
+    if reason is not None:
+        pytest.skip(reason)
+    if not runtime.runtime_is_cached():
+        pytest.fail(
+            f"aarch64 TVM runtime not cached in {runtime.cache_dir()}: setup/CI must run "
+            "`python -m tvm_patdnn.phone.runtime` first (tests never download)"
+        )
+
+
+@pytest.fixture(scope="session")
+def tracker_port() -> Iterator[int]:
+    """A real ``tvm.exec.rpc_tracker`` on 127.0.0.1, in its own process group."""
+    from phone_helpers import HOST, accepts, free_port, stop_group, wait_until
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port", str(port),
+         "--port-end", str(port + 1), "--silent"],
+        start_new_session=True, stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: accepts(port) or proc.poll() is not None, 60, "the tracker")
+        assert proc.poll() is None, "rpc_tracker exited at start"
+        yield port
+    finally:
+        stop_group(proc)
+
+
+@pytest.fixture
+def start_phone(phone_runtime, tracker_port: int, tmp_path: Path) -> Iterator[Callable]:
+    """Start emulated phones (``start_phone(key, host=...)``); whatever is left is killed after the test."""
+    from phone_helpers import EmulatedPhone
+
+    started = []
+
+    def start(key: str, **kwargs) -> EmulatedPhone:
+        phone = EmulatedPhone(tracker_port, key, tmp_path / f"emulator-{len(started)}-{key}.log", **kwargs)
+        started.append(phone)
+        return phone
+
+    try:
+        yield start
+    finally:
+        for phone in started:
+            phone.kill()
+
+
+@pytest.fixture(scope="module")
+def emulator(request: pytest.FixtureRequest, phone_runtime, tracker_port: int,
+             tmp_path_factory: pytest.TempPathFactory):
+    """The module's emulated phone, registered under the module's ``PHONE_KEY`` (default "android")."""
+    from phone_helpers import EmulatedPhone
+
+    key = getattr(request.module, "PHONE_KEY", "android")
+    phone = EmulatedPhone(tracker_port, key, tmp_path_factory.mktemp("phone") / "emulator.log")
+    try:
+        yield phone
+    finally:
+        assert phone.stop() == 0

@@ -1,7 +1,7 @@
 """Phone targets, cross export and ``patdnn deploy`` on the emulated phone through a real tracker.
 
-The tracker and ``phone-emulator`` are real processes on 127.0.0.1 (fixtures shared with
-test_phone_emulator); libraries are linked by the real aarch64 cross compiler and run by TVM's
+The tracker and ``phone-emulator`` are real processes on 127.0.0.1 (the shared fixtures in
+conftest.py); libraries are linked by the real aarch64 cross compiler and run by TVM's
 aarch64 runtime under qemu.
 """
 
@@ -17,25 +17,24 @@ import numpy as np
 import onnx
 import pytest
 from model_factory import ConvSpec, build_cnn, reference_outputs
-from test_phone_emulator import HOST, _free_devices, _free_port, _start_emulator, _stop_group, _wait_until, tracker_port  # noqa: F401
+from phone_helpers import HOST, free_devices, free_port, missing_tools, wait_until
 
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
 from tvm_patdnn.cli import main
-from tvm_patdnn.phone.cross import DEBIAN_CROSS_CXX, NDK_ENV, check_library_machine, elf_machine
+from tvm_patdnn.phone.cross import (
+    DEBIAN_CROSS_CXX,
+    NDK_ENV,
+    check_library_machine,
+    elf_machine,
+)
 from tvm_patdnn.targets import PRESETS, resolve_target
 
 EM_AARCH64, EM_X86_64 = 183, 62
-KEY = "android-deploy"
+if missing_tools() is not None:
+    pytest.skip(missing_tools(), allow_module_level=True)
 
-
-@pytest.fixture(scope="module")
-def emulator(tracker_port: int, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
-    proc = _start_emulator(tracker_port, KEY, tmp_path_factory.mktemp("phone") / "emulator.log")
-    try:
-        yield f"{HOST}:{tracker_port}"
-    finally:
-        assert _stop_group(proc) == 0
+PHONE_KEY = KEY = "android-deploy"  # the module's emulator (conftest)
 
 
 def _pattern_cnn(seed: int) -> onnx.ModelProto:
@@ -108,9 +107,9 @@ def test_wrong_elf_machine_is_rejected(model_file: Path, tmp_path: Path) -> None
         check_library_machine(host_lib, resolve_target("arm_cpu"))
 
 
-def test_deploy_cli_matches_reference(emulator: str, model_file: Path, capsys: pytest.CaptureFixture) -> None:
+def test_deploy_cli_matches_reference(emulator, model_file: Path, capsys: pytest.CaptureFixture) -> None:
     started = time.monotonic()
-    status = main(["deploy", str(model_file), "--target", "arm_cpu", "--tracker", emulator, "--key", KEY,
+    status = main(["deploy", str(model_file), "--target", "arm_cpu", "--tracker", emulator.tracker, "--key", KEY,
                    "--number", "2", "--repeat", "2"])
     out = capsys.readouterr().out
     assert status == 0, out
@@ -120,40 +119,38 @@ def test_deploy_cli_matches_reference(emulator: str, model_file: Path, capsys: p
     assert time.monotonic() - started < 120
 
 
-def test_deploy_given_library_that_differs_exits_1(emulator: str, model_file: Path, tmp_path: Path,
+def test_deploy_given_library_that_differs_exits_1(emulator, model_file: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     other = tvm_patdnn.compile(_pattern_cnn(1), "arm_cpu-linux").export_library(tmp_path / "other.so")
-    status = main(["deploy", str(model_file), "--target", "arm_cpu-linux", "--tracker", emulator, "--key", KEY,
+    status = main(["deploy", str(model_file), "--target", "arm_cpu-linux", "--tracker", emulator.tracker, "--key", KEY,
                    "--so", str(other), "--number", "1", "--repeat", "1"])
     assert status == 1
     assert "DIFFER from the ONNX reference" in capsys.readouterr().out
 
 
-def test_deploy_api_with_inputs_frees_the_device(emulator: str, model_file: Path) -> None:
+def test_deploy_api_with_inputs_frees_the_device(emulator, model_file: Path) -> None:
     x = np.random.default_rng(5).standard_normal((1, 4, 12, 12)).astype(np.float32)
-    result = tvm_patdnn.deploy(model_file, "galaxy-s10", tracker=emulator, key=KEY, inputs={"input": x},
+    result = tvm_patdnn.deploy(model_file, "galaxy-s10", tracker=emulator.tracker, key=KEY, inputs={"input": x},
                                number=1, repeat=1)
     assert result.ok and result.emulated and len(result.latency_ms) == 1
     np.testing.assert_allclose(result.outputs[0], reference_outputs(onnx.load(model_file), {"input": x})[0],
                                rtol=1e-4, atol=1e-4)
-    host, port = emulator.rsplit(":", 1)
     # Every remote object was dropped: the device is offered again without waiting for a timeout.
-    _wait_until(lambda: _free_devices(int(port), KEY) == 1, 15, "the device to return to the tracker")
+    wait_until(lambda: free_devices(emulator.tracker_port, KEY) == 1, 15, "the device to return to the tracker")
 
 
-def test_deploy_errors_name_the_problem(emulator: str, model_file: Path, tmp_path: Path) -> None:
+def test_deploy_errors_name_the_problem(emulator, model_file: Path, tmp_path: Path) -> None:
     with pytest.raises(PatDNNError, match=f"no device registered under key 'nokey'.*{KEY}"):
-        tvm_patdnn.deploy(model_file, "arm_cpu", tracker=emulator, key="nokey")
+        tvm_patdnn.deploy(model_file, "arm_cpu", tracker=emulator.tracker, key="nokey")
     with pytest.raises(PatDNNError, match="no TVM RPC tracker answers"):
-        tvm_patdnn.deploy(model_file, "arm_cpu", tracker=f"{HOST}:{_free_port()}", key=KEY)
+        tvm_patdnn.deploy(model_file, "arm_cpu", tracker=f"{HOST}:{free_port()}", key=KEY)
     with pytest.raises(PatDNNError, match="does not exist"):
-        tvm_patdnn.deploy(model_file, "arm_cpu", tracker=emulator, key=KEY, library=tmp_path / "missing.so")
+        tvm_patdnn.deploy(model_file, "arm_cpu", tracker=emulator.tracker, key=KEY, library=tmp_path / "missing.so")
     assert main(["deploy", str(model_file), "--tracker", "nonsense", "--key", KEY]) == 2
     assert os.listdir(tmp_path) == []
 
 
-def test_adreno_deploy_to_emulator_says_it_has_no_opencl(emulator: str, model_file: Path) -> None:
+def test_adreno_deploy_to_emulator_says_it_has_no_opencl(emulator, model_file: Path) -> None:
     with pytest.raises(PatDNNError, match="has no opencl runtime.*PoCL"):
-        tvm_patdnn.deploy(model_file, "adreno", tracker=emulator, key=KEY)
-    host, port = emulator.rsplit(":", 1)
-    _wait_until(lambda: _free_devices(int(port), KEY) == 1, 15, "the device to return to the tracker")
+        tvm_patdnn.deploy(model_file, "adreno", tracker=emulator.tracker, key=KEY)
+    wait_until(lambda: free_devices(emulator.tracker_port, KEY) == 1, 15, "the device to return to the tracker")

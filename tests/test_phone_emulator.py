@@ -1,6 +1,7 @@
 """The emulated aarch64 phone, end to end with real processes on 127.0.0.1.
 
-A real RPC tracker and ``phone-emulator`` run as separate process groups; a Relax model is
+A real RPC tracker and ``phone-emulator`` run as separate process groups (fixtures in
+conftest.py, helpers in phone_helpers.py); a Relax model is
 cross-compiled for aarch64, uploaded through ``request(key)``, run by the Relax VM under
 qemu and checked against numpy.  Needs Debian qemu-user + g++-aarch64-linux-gnu and the
 cached aarch64 runtime (``python -m tvm_patdnn.phone.runtime``, run by setup/CI).
@@ -10,134 +11,37 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-
 import tvm
+from phone_helpers import (
+    HOST,
+    alive,
+    free_devices,
+    listening_addresses,
+    missing_tools,
+    wait_until,
+)
 from tvm import relax, rpc
 from tvm.support import cc
+
 from tvm_patdnn.errors import PatDNNError
 from tvm_patdnn.phone import runtime
 
-if shutil.which(runtime.QEMU) is None or shutil.which(runtime.CROSS_CXX) is None:
-    pytest.skip(
-        "emulated phone needs qemu-aarch64 and aarch64-linux-gnu-g++ "
-        "(apt-get install qemu-user g++-aarch64-linux-gnu)",
-        allow_module_level=True,
-    )
+if missing_tools() is not None:
+    pytest.skip(missing_tools(), allow_module_level=True)
 
 TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 EM_AARCH64 = 183
-HOST = "127.0.0.1"
-# The subcommand exactly as the project CLI wires it: parser -> add_phone_emulator_command.
-EMULATOR_MAIN = """
-import argparse, sys
-from tvm_patdnn.phone.commands import add_phone_emulator_command
-parser = argparse.ArgumentParser()
-add_phone_emulator_command(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-    """Signal the process group and wait; SIGKILL the group if it does not go."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
-
-
-def _free_devices(tracker_port: int, key: str) -> int:
-    queue = rpc.connect_tracker(HOST, tracker_port).summary()["queue_info"]
-    return queue.get(key, {}).get("free", 0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _runtime_cached() -> None:
-    if not runtime.runtime_is_cached():
-        pytest.fail(
-            f"aarch64 TVM runtime not cached in {runtime.cache_dir()}: setup/CI must run "
-            "`python -m tvm_patdnn.phone.runtime` first (tests never download)"
-        )
-
-
-@pytest.fixture(scope="module")
-def tracker_port() -> Iterator[int]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port", str(port),
-         "--port-end", str(port + 1), "--silent"],
-        start_new_session=True, stdout=subprocess.DEVNULL,
-    )
-    try:
-        _wait_until(lambda: _accepts(port) or proc.poll() is not None, 60, "the tracker")
-        assert proc.poll() is None, "rpc_tracker exited at start"
-        yield port
-    finally:
-        _stop_group(proc)
-
-
-def _start_emulator(tracker_port: int, key: str, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", EMULATOR_MAIN, "phone-emulator", "--tracker",
-             f"{HOST}:{tracker_port}", "--key", key, "--host", HOST, "--port", str(_free_port())],
-            start_new_session=True, stdout=subprocess.PIPE, stderr=err, text=True,
-        )
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        _stop_group(proc)
-        pytest.fail(f"phone-emulator did not start: {line!r}\n{log.read_text()}")
-    _wait_until(lambda: _free_devices(tracker_port, key) >= 1, 30, f"key {key} at the tracker")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def emulator(tracker_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    key = "android"
-    proc = _start_emulator(tracker_port, key, tmp_path_factory.mktemp("phone") / "emulator.log")
-    try:
-        yield key
-    finally:
-        assert _stop_group(proc) == 0
+PHONE_KEY = "android"  # the module's emulator (conftest)
+pytestmark = pytest.mark.usefixtures("phone_runtime")
 
 
 @pytest.fixture(scope="module")
@@ -194,22 +98,27 @@ def test_popen_session_runs_relax_model(phone_model) -> None:
     assert mean > 0
 
 
-def test_tracker_request_runs_relax_model(tracker_port: int, emulator: str, phone_model) -> None:
+def test_tracker_request_runs_relax_model(tracker_port: int, emulator, phone_model) -> None:
     path, x_np, reference = phone_model
-    remote = rpc.connect_tracker(HOST, tracker_port).request(emulator, session_timeout=60)
+    remote = rpc.connect_tracker(HOST, tracker_port).request(emulator.key, session_timeout=60)
     out, mean = _run_on_phone(remote, path, x_np)
     del remote
     gc.collect()
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4)
     assert mean > 0
     # The session ended, so the device is offered again.
-    _wait_until(lambda: _free_devices(tracker_port, emulator) == 1, 20, "the device to return")
+    wait_until(lambda: free_devices(tracker_port, emulator.key) == 1, 20, "the device to return")
 
 
-def test_meta_schedule_rpc_runner(tracker_port: int, emulator: str, tmp_path: Path) -> None:
+def test_meta_schedule_rpc_runner(tracker_port: int, emulator, tmp_path: Path) -> None:
     from tvm import te
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner, RunnerInput
+    from tvm.s_tir.meta_schedule.runner import (
+        EvaluatorConfig,
+        RPCConfig,
+        RPCRunner,
+        RunnerInput,
+    )
 
     a = te.placeholder((32, 32), name="A")
     b = te.placeholder((32, 32), name="B")
@@ -220,7 +129,7 @@ def test_meta_schedule_rpc_runner(tracker_port: int, emulator: str, tmp_path: Pa
     tvm.tirx.build(func, target=tvm.target.Target(TARGET)).export_library(
         str(artifact), fcompile=cc.cross_compiler(runtime.CROSS_CXX))
     runner = RPCRunner(
-        RPCConfig(tracker_host=HOST, tracker_port=tracker_port, tracker_key=emulator,
+        RPCConfig(tracker_host=HOST, tracker_port=tracker_port, tracker_key=emulator.key,
                   session_timeout_sec=60),
         EvaluatorConfig(number=2, repeat=1, min_repeat_ms=0),
         max_workers=1,
@@ -231,37 +140,74 @@ def test_meta_schedule_rpc_runner(tracker_port: int, emulator: str, tmp_path: Pa
     assert len(result.run_secs) == 1 and float(result.run_secs[0]) > 0
 
 
-def test_session_timeout_then_device_is_back(tracker_port: int, emulator: str) -> None:
-    remote = rpc.connect_tracker(HOST, tracker_port).request(emulator, session_timeout=2)
+def test_session_timeout_then_device_is_back(tracker_port: int, emulator) -> None:
+    remote = rpc.connect_tracker(HOST, tracker_port).request(emulator.key, session_timeout=2)
     workpath = remote.get_function("tvm.rpc.server.workpath")
     time.sleep(3.5)
     with pytest.raises(Exception, match="RPCSessionTimeoutError"):
         workpath("x")
     del workpath, remote
     gc.collect()
-    remote = rpc.connect_tracker(HOST, tracker_port).request(emulator, session_timeout=30)
+    remote = rpc.connect_tracker(HOST, tracker_port).request(emulator.key, session_timeout=30)
     assert remote.get_function("tvm.rpc.server.workpath")("x").endswith("/x")
     del remote
     gc.collect()
 
 
-def test_sigterm_kills_live_session(tracker_port: int, tmp_path: Path) -> None:
-    key = "android-sigterm"
-    proc = _start_emulator(tracker_port, key, tmp_path / "emulator.log")
-    try:
-        remote = rpc.connect_tracker(HOST, tracker_port).request(key)
-        dev = remote.cpu()
-        servers = psutil.Process(proc.pid).children(recursive=True)
-        assert any("qemu" in p.name() for p in servers), [p.name() for p in servers]
-        started = time.monotonic()
-        assert _stop_group(proc) == 0
-        assert time.monotonic() - started < 10
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in servers)
-        del dev, remote
-        gc.collect()
-        _wait_until(lambda: _free_devices(tracker_port, key) == 0, 10, "the tracker to drop it")
-    finally:
-        _stop_group(proc, signal.SIGKILL)
+def test_sigterm_kills_live_session(tracker_port: int, start_phone) -> None:
+    phone = start_phone("android-sigterm")
+    remote = rpc.connect_tracker(HOST, tracker_port).request(phone.key)
+    dev = remote.cpu()
+    servers = phone.sessions()
+    assert servers, [p.name() for p in phone.processes()]
+    started = time.monotonic()
+    assert phone.stop() == 0
+    assert time.monotonic() - started < 10
+    assert not any(alive(p) for p in servers)
+    del dev, remote
+    gc.collect()
+    wait_until(lambda: free_devices(tracker_port, phone.key) == 0, 10, "the tracker to drop it")
+
+
+def test_sigkill_of_the_emulator_takes_its_session_down(tracker_port: int, start_phone) -> None:
+    """A crashed emulator (SIGKILL: no handler runs) leaves no qemu session serving on."""
+    phone = start_phone("android-sigkill")
+    remote = rpc.connect_tracker(HOST, tracker_port).request(phone.key)
+    servers = phone.sessions()
+    assert servers, [p.name() for p in phone.processes()]
+    os.killpg(phone.proc.pid, signal.SIGKILL)  # the emulator's group only: each session has a group of its own
+    phone.proc.wait()
+    wait_until(lambda: not any(alive(p) for p in servers), 10, "the session to die with the emulator")
+    with pytest.raises((RuntimeError, OSError)):  # its socket is closed (TVM errors are RuntimeErrors)
+        remote.get_function("tvm.rpc.server.workpath")("x")
+    del remote
+    gc.collect()
+    wait_until(lambda: free_devices(tracker_port, phone.key) == 0, 10, "the tracker to drop it")
+
+
+def test_kill_switches_the_phone_off(tracker_port: int, start_phone) -> None:
+    phone = start_phone("android-kill")
+    remote = rpc.connect_tracker(HOST, tracker_port).request(phone.key)
+    assert phone.sessions()
+    killed = phone.kill()
+    assert len(killed) >= 2 and not any(alive(p) for p in killed)  # the emulator and its qemu session
+    del remote
+    gc.collect()
+    wait_until(lambda: free_devices(tracker_port, phone.key) == 0, 10, "the tracker to drop it")
+
+
+def test_tracker_and_emulator_listen_on_localhost_only(tracker_port: int, start_phone) -> None:
+    """Nothing here is reachable from the network unless told otherwise: the emulator started
+    without --host listens on 127.0.0.1 only and registers that address; so does the tracker
+    the tests (and the README's command) start."""
+    phone = start_phone("android-bind", host=None)
+    assert listening_addresses(phone.proc.pid) == {"127.0.0.1"}
+    servers = rpc.connect_tracker(HOST, tracker_port).summary()["server_info"]
+    (mine,) = [s for s in servers if s["key"] == f"server:{phone.key}"]
+    assert mine["addr"] == ["127.0.0.1", phone.port]
+    (tracker,) = [c for c in psutil.net_connections(kind="inet")
+                  if c.status == psutil.CONN_LISTEN and c.laddr.port == tracker_port]
+    assert tracker.laddr.ip == "127.0.0.1"
 
 
 def test_missing_tools_name_debian_packages(monkeypatch: pytest.MonkeyPatch) -> None:

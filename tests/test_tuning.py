@@ -6,6 +6,7 @@ no timing is asserted.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -159,6 +160,30 @@ def test_killed_tune_leaves_a_usable_database_and_resumes(tmp_path):
     assert kept < record_lines(database) <= kept + 2  # resumed: only the remaining trials
     assert done < sum(r.trials for r in results) <= done + 2
     assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=database))
+
+
+def test_tune_gives_up_after_batches_that_all_fail(tmp_path, monkeypatch):
+    """A device that answers but fails every trial: the tune stops after MAX_FAILED_BATCHES
+    batches, says why, and counts the failed trials with their error."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_patdnn.tuning import tuner
+
+    def failing(builder, runner, target, candidates):
+        return [ms.runner.RunnerResult(None, "RPCRunner: An exception occurred\nTraceback ...\nOSError: broken")
+                for _ in candidates]
+
+    monkeypatch.setattr(tuner, "_measure", failing)
+    model = build_cnn(np.random.default_rng(3), (1, 4, 8, 8), [ConvSpec(8)])
+    progress = io.StringIO()
+    results = tvm_patdnn.tune(model, "x86", trials=20, trials_per_iter=2, database=tmp_path / "db", progress=progress)
+    (task,) = results
+    assert results.stopped == f"{tuner.MAX_FAILED_BATCHES} batches in a row failed every trial, last error: OSError: broken"
+    assert task.failed == results.failed == 1 + 2 * tuner.MAX_FAILED_BATCHES  # the default, then the batches
+    assert task.error == "OSError: broken" and task.best_ms is None
+    text = progress.getvalue()
+    assert "default schedule of" in text and "2 failed (OSError: broken)" in text
+    assert f"tuning stopped early: {results.stopped}" in text
 
 
 @pytest.mark.parametrize("rpc", ["localhost", "host:port:key", "host:9190", ":9190:android", "h:99999:k", "h:1:"])

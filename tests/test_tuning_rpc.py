@@ -1,41 +1,169 @@
-"""Tuning on the emulated aarch64 phone through a real RPC tracker (RPCRunner), then running the
-tuned, cross-compiled model there against the ONNX reference. Two trials: qemu is slow."""
+"""Tuning on the emulated aarch64 phone through a real RPC tracker (RPCRunner): a tune whose
+tuned, cross-compiled model then runs there against the ONNX reference, and a tune during which
+the phone is switched off. Few trials on one small conv: qemu is slow."""
 
 from __future__ import annotations
 
+import io
+import json
+import threading
+
 import numpy as np
+import onnx
 import pytest
 from model_factory import ConvSpec, build_cnn
-from test_phone_emulator import HOST, _start_emulator, _stop_group, tracker_port  # noqa: F401
+from phone_helpers import missing_tools, wait_until
 
 import tvm_patdnn
+from tvm_patdnn.cli import main
 from tvm_patdnn.targets import resolve_target
-from tvm_patdnn.tuning.database import load_records, target_key
+from tvm_patdnn.tuning import tuner
+from tvm_patdnn.tuning.commands import format_results
+from tvm_patdnn.tuning.database import RECORDS, load_records, target_key
 
-KEY = "android-tune"
+if missing_tools() is not None:
+    pytest.skip(missing_tools(), allow_module_level=True)
+
+PHONE_KEY = KEY = "android-tune"  # the module's emulator (conftest)
 TARGET = "arm_cpu-linux"  # glibc aarch64: what the Debian cross compiler links for the emulator
+HANG_GUARD = 900  # seconds: only so that a hanging tune fails the test instead of blocking it
 
 
-@pytest.fixture(scope="module")
-def emulator(tracker_port: int, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
-    proc = _start_emulator(tracker_port, KEY, tmp_path_factory.mktemp("phone") / "emulator.log")
-    try:
-        yield f"{HOST}:{tracker_port}"
-    finally:
-        assert _stop_group(proc) == 0
-
-
-def test_rpc_tune_then_deploy_tuned_model(emulator: str, tmp_path) -> None:
+def test_rpc_tune_then_deploy_tuned_model(emulator, tmp_path) -> None:
     model = build_cnn(np.random.default_rng(11), (1, 4, 10, 10), [ConvSpec(8, connectivity=2.0)])
     database = tmp_path / "phone-db"
-    results = tvm_patdnn.tune(model, TARGET, trials=2, database=database, rpc=f"{emulator}:{KEY}", progress=None)
+    results = tvm_patdnn.tune(model, TARGET, trials=2, database=database, rpc=emulator.rpc, progress=None)
     assert [r.kind for r in results] == ["pattern"]
     assert results[0].default_ms is not None and results[0].best_ms is not None
+    assert results.failed == 0 and results.stopped is None
     target = resolve_target(TARGET)
     assert len(load_records(database, target).get_all_tuning_records()) >= 2
     assert target_key(target).startswith("llvm-aarch64")
 
     library = tmp_path / "tuned.so"
     tvm_patdnn.compile(model, TARGET, tuning_db=database).export_library(library)
-    result = tvm_patdnn.deploy(model, TARGET, tracker=emulator, key=KEY, library=library, number=1, repeat=1)
+    result = tvm_patdnn.deploy(model, TARGET, tracker=emulator.tracker, key=KEY, library=library, number=1, repeat=1)
     assert result.ok, result.errors
+
+
+class _Progress(io.StringIO):
+    """tune's progress stream; ``batch`` is set once the first searched batch is reported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch = threading.Event()
+
+    def write(self, text: str) -> int:
+        if text.lstrip().startswith("[") and "/" in text.split("]")[0]:
+            self.batch.set()
+        return super().write(text)
+
+
+def test_phone_switched_off_mid_tune(start_phone, tmp_path) -> None:
+    """The phone dies (emulator and its live qemu session, SIGKILL) while a search candidate is
+    on it: the tune ends on its own, reports the failed trials, and leaves a database that loads,
+    resumes once the phone is back, and compiles a model that matches the ONNX reference."""
+    phone = start_phone("android-off")
+    model = build_cnn(np.random.default_rng(5), (1, 4, 8, 8), [ConvSpec(8, kind="dense")])
+    database = tmp_path / "db"
+    progress = _Progress()
+    outcome: dict = {}
+
+    def run_tune() -> None:
+        try:
+            outcome["results"] = tvm_patdnn.tune(model, TARGET, trials=6, trials_per_iter=2, database=database,
+                                                 rpc=phone.rpc, timeout=10, progress=progress)
+        except BaseException as err:  # noqa: BLE001 (re-raised in the test's thread)
+            outcome["error"] = err
+
+    tune_thread = threading.Thread(target=run_tune, daemon=True)
+    tune_thread.start()
+    # Deterministic kill point: the first searched batch is on disk (the progress line comes
+    # after its records are committed) and the next candidate is uploaded to a live session.
+    wait_until(lambda: progress.batch.is_set() or not tune_thread.is_alive(), HANG_GUARD, "the first batch")
+    if "error" in outcome:
+        raise outcome["error"]
+    assert progress.batch.is_set(), f"the tune ended before its first batch\n{progress.getvalue()}"
+    written = (database / RECORDS).read_text()
+    before_kill = written[:written.rfind("\n") + 1].splitlines()  # complete lines only
+    wait_until(lambda: phone.uploaded() or not tune_thread.is_alive(), 300, "a candidate uploaded to the phone",
+               period=0.05)
+    assert tune_thread.is_alive(), f"the tune ended before the phone could be killed\n{progress.getvalue()}"
+    live = phone.sessions()
+    killed = phone.kill()
+    assert live and {p.pid for p in live} <= {p.pid for p in killed}  # the live qemu session went too
+
+    tune_thread.join(HANG_GUARD)
+    assert not tune_thread.is_alive(), f"the tune hangs after the phone died\n{progress.getvalue()}"
+    if "error" in outcome:
+        raise outcome["error"]
+    results = outcome["results"]
+    text = progress.getvalue()
+    print(text, format_results(results), sep="\n")  # shown when the test fails
+
+    # Failures are reported: in the results, the progress output and the CLI's summary.
+    (task,) = results
+    assert results.stopped is not None and "device unavailable" in results.stopped
+    assert results.failed == task.failed >= 1 and task.error
+    assert "failed (" in text and f"tuning stopped early: {results.stopped}" in text
+    assert f"{results.failed} trial(s) failed" in text
+    summary = format_results(results)
+    assert f"{results.failed} trial(s) failed" in summary and "tuning stopped early" in summary
+    assert f"last error: {task.error}" in summary
+
+    # The database: every line a complete record, all written before the kill still there.
+    lines = (database / RECORDS).read_text().splitlines()
+    assert lines[:len(before_kill)] == before_kill and len(before_kill) >= 3  # default + first batch
+    assert all(isinstance(json.loads(line), list) for line in lines)
+    target = resolve_target(TARGET)
+    records = load_records(database, target).get_all_tuning_records()
+    assert len(records) == len(lines)
+    searched = sum(len(r.trace.decisions) > 0 for r in records)
+    library = tmp_path / "tuned.so"
+    tvm_patdnn.compile(model, TARGET, tuning_db=database).export_library(library)
+
+    # The phone comes back: the model compiled with the records runs there and matches the
+    # ONNX reference, and the same tune resumes (only the missing trials).
+    back = start_phone("android-off")
+    result = tvm_patdnn.deploy(model, TARGET, tracker=back.tracker, key=back.key, library=library,
+                               number=1, repeat=1)
+    assert result.ok, result.errors
+    again = tvm_patdnn.tune(model, TARGET, trials=searched + 1, trials_per_iter=2, database=database,
+                            rpc=back.rpc, timeout=10, progress=None)
+    assert again.stopped is None and again.failed == 0
+    assert again[0].trials == searched + 1
+
+
+def test_session_request_gives_up_without_a_device(tracker_port: int) -> None:
+    """TVM's tracker request waits forever for a key nobody serves; the tuner's gives up."""
+    from tvm.s_tir.meta_schedule.runner import RPCConfig
+
+    from tvm_patdnn.tuning.measure import DEVICE_UNAVAILABLE, TrackerSession
+
+    config = RPCConfig(tracker_host="127.0.0.1", tracker_port=tracker_port, tracker_key="nobody-serves-this",
+                       session_timeout_sec=30)
+    with pytest.raises(RuntimeError, match=f"^{DEVICE_UNAVAILABLE}: no device 'nobody-serves-this' .* within 1 s"):
+        TrackerSession(wait=1)(config)
+
+
+def test_cli_prints_failed_trials_and_exits_1_when_stopped(tmp_path, monkeypatch, capsys) -> None:
+    """What `patdnn tune --rpc` prints when the device went away (the tune itself is faked:
+    the real one is test_phone_switched_off_mid_tune)."""
+    path = tmp_path / "model.onnx"
+    onnx.save(build_cnn(np.random.default_rng(5), (1, 4, 8, 8), [ConvSpec(8, kind="dense")]), path)
+    error = "RuntimeError: device unavailable: no device 'android' at the RPC tracker 127.0.0.1:9190 became free"
+    seen = {}
+
+    def fake_tune(model, target, **kwargs):
+        seen.update(kwargs)
+        task = tuner.TaskResult("fused_conv2d_add_relu", "generic", 1, 2, 1.5, 1.2, failed=3, error=error)
+        return tuner.TuneResults([task], stopped=error)
+
+    monkeypatch.setattr(tuner, "tune", fake_tune)
+    status = main(["tune", str(path), "--target", TARGET, "--db", str(tmp_path / "db"),
+                   "--rpc", "127.0.0.1:9190:android", "--timeout", "5"])
+    out = capsys.readouterr()
+    assert status == 1
+    assert seen["rpc"] == "127.0.0.1:9190:android" and seen["timeout"] == 5.0
+    assert "3 trial(s) failed" in out.out and f"fused_conv2d_add_relu: 3 failed, last error: {error}" in out.out
+    assert f"tuning stopped early: {error}" in out.out

@@ -164,8 +164,6 @@ def _run_remote(path: Path, target, tracker, key: str, arrays: list[np.ndarray],
     """Upload, run once, time. Errors are raised only after the session's frame is gone, so
     that no traceback keeps a remote object alive: the device returns to the tracker at once
     instead of at ``session_timeout``."""
-    import tvm
-
     try:
         remote = tracker.request(key, session_timeout=session_timeout)
     except (OSError, RuntimeError) as err:
@@ -175,7 +173,7 @@ def _run_remote(path: Path, target, tracker, key: str, arrays: list[np.ndarray],
         outcome = _session_run(remote, path, target, key, arrays, number, repeat)
     except PatDNNError as err:
         problem = str(err)
-    except (tvm.TVMError, RuntimeError, OSError) as err:
+    except (RuntimeError, OSError) as err:  # TVM's errors (tvm.error.*) are RuntimeErrors
         problem = f"running the model on {key!r} failed: {str(err).strip().splitlines()[-1]}"
     del remote
     gc.collect()

@@ -6,10 +6,15 @@ hands each accepted connection (the raw socket fd) to a fresh ``qemu-aarch64`` p
 running our ``minirpc_server`` on TVM's aarch64 runtime, so every byte of the RPC session is
 served by the code a phone would run.  Like a real ``tvm.rpc.Server`` it serves one session
 at a time and advertises itself again when the session ends.
+
+Each session's qemu runs in its own process group (so a session is ended by killing its group)
+and is asked by the kernel to die with the emulator (``PR_SET_PDEATHSIG``): an emulator killed
+without warning takes its live session down, as a phone that is switched off would.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -19,9 +24,11 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import tvm.rpc
 from tvm.rpc import base
@@ -37,6 +44,30 @@ _POLL = 0.25  # how often blocking waits look at the stop flag
 _HANDSHAKE_TIMEOUT = 10.0
 # Session work directories (here and in minirpc_server.cc): clients recognise the emulator by it.
 WORKDIR_PREFIX = "patdnn-phone-"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get SIGKILL when this process dies (Linux), else None.
+
+    libc is looked up here, in the parent: the child, between fork and exec, only calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def popen_session() -> tvm.rpc.RPCSession:
@@ -215,6 +246,7 @@ class PhoneEmulator:
             pass_fds=(fd,),
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: we kill the whole group
+            preexec_fn=_die_with_parent(),  # noqa: PLW1509 (only prctl runs) and it dies with us, however we die
         )
         try:
             while proc.poll() is None:

@@ -34,17 +34,31 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
                         help="measure on the device registered as KEY with the RPC tracker at HOST:PORT")
     parser.add_argument("--trials-per-iter", type=int, default=16,
                         help="candidates measured per search round of a kernel (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="limit of one local measurement; with --rpc, how long to wait for the device "
+                             "before the tune ends (default %(default)s)")
     parser.set_defaults(func=run_tune)
 
 
 def format_results(results) -> str:
-    """A table of the tuned kernels: default and best time, speedup."""
-    lines = [f"{'kernel':<36} {'kind':<8} {'calls':>5} {'trials':>6} {'default ms':>11} {'tuned ms':>10} {'speedup':>8}"]
+    """A table of the tuned kernels (default and best time, speedup, trials failed in this tune),
+    then each failing kernel's last error and why the tune stopped early, if it did."""
+    lines = [(f"{'kernel':<36} {'kind':<8} {'calls':>5} {'trials':>6} {'default ms':>11} {'tuned ms':>10} "
+              f"{'speedup':>8} {'failed':>6}")]
     for r in results:
         default = f"{r.default_ms:.4g}" if r.default_ms is not None else "-"
         best = f"{r.best_ms:.4g}" if r.best_ms is not None else "-"
         speedup = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
-        lines.append(f"{r.name:<36} {r.kind:<8} {r.weight:>5} {r.trials:>6} {default:>11} {best:>10} {speedup:>8}")
+        failed = getattr(r, "failed", 0)
+        lines.append(f"{r.name:<36} {r.kind:<8} {r.weight:>5} {r.trials:>6} {default:>11} {best:>10} {speedup:>8} "
+                     f"{failed:>6}")
+    failing = [r for r in results if getattr(r, "failed", 0)]
+    if failing:
+        lines.append(f"\n{sum(r.failed for r in failing)} trial(s) failed:")
+        lines.extend(f"  {r.name}: {r.failed} failed, last error: {r.error}" for r in failing)
+    stopped = getattr(results, "stopped", None)
+    if stopped:
+        lines.append(f"\ntuning stopped early: {stopped}")
     return "\n".join(lines)
 
 
@@ -54,8 +68,8 @@ def run_tune(args: argparse.Namespace) -> int:
     results = tune(
         args.model, args.target, trials=args.trials, database=args.db, rpc=args.rpc,
         input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
-        trials_per_iter=args.trials_per_iter, progress=sys.stderr,
+        trials_per_iter=args.trials_per_iter, timeout=args.timeout, progress=sys.stderr,
     )
     print(format_results(results))
     print(f"\nrecords in {args.db}; apply with: patdnn compile {args.model} --tuning-db {args.db} -o model.so")
-    return 0
+    return 1 if results.stopped else 0  # stopped early: records kept, budget not spent

@@ -8,6 +8,8 @@
 * ``PackedArguments`` gives every candidate its real integer arguments (the pattern conv's
   packed channels/offsets/inverse order: random indices crash or time the wrong work) and
   random floats for the rest, locally or through an RPC session.
+* ``TrackerSession`` replaces RPCRunner's session request, which waits for the device forever
+  once it is gone; this one gives up after a while with a :data:`DEVICE_UNAVAILABLE` error.
 
 This module is imported by the builder/runner worker processes: keep its imports light.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +30,12 @@ import tvm
 from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from ..schedule_rules.kernel_runs import bound_kernel_runs
 
-__all__ = ["LibraryExport", "PackedArguments", "build_kernel", "finish_schedule", "signature"]
+__all__ = ["DEVICE_UNAVAILABLE", "LibraryExport", "PackedArguments", "TrackerSession", "build_kernel",
+           "finish_schedule", "signature"]
+
+# Starts the error of a measurement that never reached the device (no session): the tuner ends
+# the tune on it instead of waiting again for every remaining candidate.
+DEVICE_UNAVAILABLE = "device unavailable"
 
 
 def finish_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
@@ -105,3 +114,45 @@ class PackedArguments:
 
     def remote(self, _session, device, args_info: list, alloc_repeat: int) -> list[list]:
         return self.local(device, args_info, alloc_repeat)
+
+
+@dataclass(frozen=True)
+class TrackerSession:
+    """RPCRunner ``f_create_session``: a session on the tracker's device, waiting at most ``wait`` s.
+
+    TVM's ``TrackerSession.request`` blocks until the tracker hands out a device under the key,
+    which with the device gone (killed, unplugged) is never. This sends the same REQUEST but
+    gives up after ``wait`` seconds; closing the connection withdraws the request (the tracker
+    skips requests whose connection is closed). Every way of not getting a session raises a
+    RuntimeError starting with :data:`DEVICE_UNAVAILABLE`.
+    """
+
+    wait: float
+
+    def __call__(self, config):
+        from tvm import rpc
+        from tvm.rpc import base
+
+        host, port, key = config.tracker_host, int(config.tracker_port), config.tracker_key
+        where = f"{key!r} of the RPC tracker {host}:{port}"
+        try:
+            with socket.create_connection((host, port), timeout=self.wait) as sock:
+                sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+                if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+                    raise RuntimeError(f"{host}:{port} is not an RPC tracker")
+                base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", config.session_priority])
+                reply = base.recvjson(sock)
+        except TimeoutError:
+            raise RuntimeError(f"{DEVICE_UNAVAILABLE}: no device {where} became free within "
+                               f"{self.wait:g} s (it stopped, or another client holds it)") from None
+        except (OSError, RuntimeError, struct.error, ValueError) as err:
+            raise RuntimeError(f"{DEVICE_UNAVAILABLE}: cannot request {where}: {err}") from None
+        if not isinstance(reply, list) or reply[0] != base.TrackerCode.SUCCESS:
+            raise RuntimeError(f"{DEVICE_UNAVAILABLE}: the tracker refused the request for {where}: {reply}")
+        url, server_port, matchkey = reply[1]
+        try:
+            return rpc.connect(url, server_port, matchkey, config.session_timeout_sec)
+        except Exception as err:  # noqa: BLE001 (any TVM/socket error: the tracker listed a server that is gone)
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"{DEVICE_UNAVAILABLE}: the device {where} (server {url}:{server_port}) "
+                               f"does not answer: {last}") from None

@@ -8,11 +8,18 @@ can say how much tuning won), then evolutionary search guided by the XGBoost cos
 round robin over the tasks, measuring on this machine (LocalRunner) or on a device behind an
 RPC tracker (RPCRunner). Records are appended batch by batch as they are measured; a re-run
 with the same database counts what is already there and only measures the remaining trials.
+
+Failed trials (a candidate that does not build or run) are counted per task and reported with
+their error. A device that cannot be reached (no session from the tracker within ``timeout``)
+ends the tune at once, as do ``MAX_FAILED_BATCHES`` batches in a row in which every trial
+failed; the results then say why (``TuneResults.stopped``) and the database keeps everything
+measured, so the same call resumes once the device is back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import platform
@@ -42,11 +49,20 @@ from ..pipeline import default_schedule_rules
 from ..schedule_rules.pattern_conv_cpu import schedule_pattern_conv_cpu
 from ..targets import resolve_target
 from .database import open_for_tuning, target_key
-from .measure import LibraryExport, PackedArguments, build_kernel, signature
+from .measure import (
+    DEVICE_UNAVAILABLE,
+    LibraryExport,
+    PackedArguments,
+    TrackerSession,
+    build_kernel,
+    signature,
+)
 from .space import pattern_conv_space_generator
 from .tasks import Task, extract_tasks
 
-__all__ = ["TaskResult", "parse_rpc", "tune"]
+__all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TuneResults", "parse_rpc", "tune"]
+
+MAX_FAILED_BATCHES = 3  # batches in a row with every trial failed before the tune gives up
 
 
 @dataclass
@@ -59,12 +75,60 @@ class TaskResult:
     trials: int
     default_ms: float | None
     best_ms: float | None
+    failed: int = 0  # trials of this tune that failed (default schedule included)
+    error: str | None = None  # the last failed trial's error, in one line
 
     @property
     def speedup(self) -> float | None:
         if self.default_ms is None or self.best_ms is None:
             return None
         return self.default_ms / self.best_ms
+
+
+class TuneResults(list):
+    """``tune``'s result: a list of :class:`TaskResult`, plus ``stopped``, why the tune ended
+    before its budget was spent (None when it was not), and ``failed``, all failed trials."""
+
+    def __init__(self, results=(), stopped: str | None = None):
+        super().__init__(results)
+        self.stopped = stopped
+
+    @property
+    def failed(self) -> int:
+        return sum(r.failed for r in self)
+
+
+class _Failures:
+    """Failed trials of this tune per task, the last error of each, and why the tune stopped."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.error: dict[str, str] = {}
+        self.stopped: str | None = None
+
+    def add(self, task: Task, result: ms.runner.RunnerResult) -> str:
+        error = _short_error(result.error_msg)
+        self.count[task.name] = self.count.get(task.name, 0) + 1
+        self.error[task.name] = error
+        return error
+
+
+def _failed(result: ms.runner.RunnerResult) -> bool:
+    return result.error_msg is not None or _mean_ms(result.run_secs) is None
+
+
+def _short_error(message: str | None) -> str:
+    """The line of a runner's error that says what happened (its last one, after any traceback)."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    text = lines[-1] if lines else "no run time measured"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _device_unavailable(results: list[ms.runner.RunnerResult]) -> str | None:
+    for result in results:
+        if result.error_msg is not None and DEVICE_UNAVAILABLE in result.error_msg:
+            return _short_error(result.error_msg)
+    return None
 
 
 def parse_rpc(text: str) -> ms.runner.RPCConfig:
@@ -77,15 +141,21 @@ def parse_rpc(text: str) -> ms.runner.RPCConfig:
 
 
 @contextlib.contextmanager
-def _without_tensor_intrinsics() -> Iterator[None]:
+def _without_tensor_intrinsics(target: tvm.target.Target) -> Iterator[None]:
     """TuneContext imports ``tvm.s_tir.tensor_intrin`` (~50 s of CPU, CUDA's intrinsics mostly);
-    fp32 CPU spaces use none of them, so an empty module stands in while the contexts are made."""
+    fp32 CPU spaces use none of them, so an empty package stands in while the contexts are made.
+    meta_schedule's ARM rules look up the ARM intrinsics by name when they are made, so for
+    AArch64/ARM targets that one submodule (~3 s) is imported through the stand-in."""
     name = "tvm.s_tir.tensor_intrin"
     if name in sys.modules:
         yield
         return
-    sys.modules[name] = types.ModuleType(name)
+    stub = types.ModuleType(name)
+    stub.__path__ = [os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin")]
+    sys.modules[name] = stub
     try:
+        if str(target.attrs.get("mtriple") or "").startswith(("aarch64", "arm")):
+            importlib.import_module(f"{name}.arm_cpu")  # stays imported: its intrinsics are registered
         yield
     finally:
         sys.modules.pop(name, None)
@@ -154,18 +224,20 @@ class _Progress:
     """One line per measured batch: trials so far, the task, its best time against its default."""
 
     def __init__(self, tasks: list[Task], defaults: dict[str, float | None], best: dict[str, float | None],
-                 done: int, total: int, stream: TextIO | None):
+                 done: int, total: int, stream: TextIO | None, failures: _Failures):
         self.tasks, self.defaults, self.best = tasks, defaults, best
         self.done, self.total, self.stream = done, total, stream
+        self.failures = failures
         self.start = time.monotonic()
 
     def report(self, task: Task, results: list[ms.runner.RunnerResult]) -> None:
         self.done += len(results)
-        failed = 0
+        failed, error = 0, None
         for result in results:
             measured = _mean_ms(result.run_secs) if result.error_msg is None else None
             if measured is None:
                 failed += 1
+                error = self.failures.add(task, result)
             elif self.best[task.name] is None or measured < self.best[task.name]:
                 self.best[task.name] = measured
         if self.stream is None:
@@ -175,7 +247,7 @@ class _Progress:
         if best is not None and default is not None:
             text += f" (default {default:.4g} ms, {default / best:.2f}x)"
         if failed:
-            text += f", {failed} failed"
+            text += f", {failed} failed ({error})"
         print(f"[{self.done:>5}/{self.total}] {time.monotonic() - self.start:6.0f}s  {task.name:<36} {text}",
               file=self.stream, flush=True)
 
@@ -210,7 +282,14 @@ def tune(
     ``trials`` is the search budget over all tasks, counting search records already in the
     database (so an interrupted tune, re-run, finishes its budget); each task's default schedule
     is measured once on top. ``rpc`` = ``"tracker_host:port:device_key"`` measures on that device.
+    ``timeout``: seconds a local measurement may take; over RPC, how long to wait for the tracker
+    to hand out the device before the tune ends (the device is gone or busy).
     Apply the result with ``compile(model, target, tuning_db=database)``.
+
+    Returns a :class:`TuneResults` (a list of :class:`TaskResult`): failed trials per task with
+    their last error, and ``stopped`` set when the tune ended early (device unreachable, or
+    ``MAX_FAILED_BATCHES`` batches in a row failed every trial); the records measured until then
+    are in the database and a re-run resumes.
     """
     resolved = resolve_target(target)
     if not isinstance(trials, int) or trials < 0:
@@ -237,29 +316,42 @@ def tune(
         else:
             _check_tracker(rpc_config)
             runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator,
+                                         f_create_session=TrackerSession(wait=timeout),
                                          f_alloc_argument=arguments.remote, max_workers=1)
+            # RPCRunner waits for its worker without a limit: a device that vanishes without
+            # closing the connection would block the tune forever. Bound each candidate by the
+            # wait for the device plus the session's own limit (the worker is killed after it).
+            if hasattr(runner.pool, "_timeout"):
+                runner.pool._timeout = timeout + rpc_config.session_timeout_sec + 30
 
-        defaults = _measure_defaults(tasks, resolved, db, builder, runner, progress)
+        failures = _Failures()
+        defaults = _measure_defaults(tasks, resolved, db, builder, runner, progress, failures)
         records = {t.name: _records_of(db, t) for t in tasks}
         best = {name: min((m for r in recs if (m := _mean_ms(r.run_secs)) is not None), default=None)
                 for name, recs in records.items()}
         searched = sum(sum(not _is_seed(r) for r in recs) for recs in records.values())
         remaining = max(0, trials - searched)
-        if progress is not None:
+        if progress is not None and failures.stopped is None:
             print(f"tuning {len(tasks)} kernel(s) ({sum(t.kind == 'pattern' for t in tasks)} pattern conv) for "
                   f"{target_key(resolved)}: {searched} trials in {database} already, {remaining} to go",
                   file=progress, flush=True)
-        if remaining:
+        if remaining and failures.stopped is None:
             _search(tasks, resolved, db, builder, runner, remaining, trials_per_iter, cores, seed,
-                    _Progress(tasks, defaults, best, searched, trials, progress), str(database))
+                    _Progress(tasks, defaults, best, searched, trials, progress, failures), str(database))
 
-    results = []
+    results = TuneResults(stopped=failures.stopped)
     for task in tasks:
         recs = _records_of(db, task)
         times = [m for r in recs if (m := _mean_ms(r.run_secs)) is not None]
         seeds = [m for r in recs if _is_seed(r) and (m := _mean_ms(r.run_secs)) is not None]
         results.append(TaskResult(task.name, task.kind, task.weight, sum(not _is_seed(r) for r in recs),
-                                  min(seeds, default=None), min(times, default=None)))
+                                  min(seeds, default=None), min(times, default=None),
+                                  failures.count.get(task.name, 0), failures.error.get(task.name)))
+    if progress is not None and (results.failed or results.stopped):
+        if results.stopped:
+            print(f"tuning stopped early: {results.stopped}", file=progress, flush=True)
+        print(f"{results.failed} trial(s) failed; the records measured are in {database}"
+              + (" (re-run the same command to resume)" if results.stopped else ""), file=progress, flush=True)
     return results
 
 
@@ -277,7 +369,7 @@ def _check_tracker(config: ms.runner.RPCConfig) -> None:
                           f"{config.tracker_key!r} (it has: {', '.join(sorted(keys | queue)) or 'none'})")
 
 
-def _measure_defaults(tasks, target, db, builder, runner, progress) -> dict[str, float | None]:
+def _measure_defaults(tasks, target, db, builder, runner, progress, failures: _Failures) -> dict[str, float | None]:
     """Measure and commit the default schedule of every task that has no record yet."""
     defaults: dict[str, float | None] = {}
     todo = []
@@ -295,12 +387,20 @@ def _measure_defaults(tasks, target, db, builder, runner, progress) -> dict[str,
         print(f"measuring the default schedule of {len(todo)} kernel(s)", file=progress, flush=True)
     candidates = [ms.search_strategy.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]))
                   for task, sch in todo]
-    for (task, sch), candidate, result in zip(todo, candidates, _measure(builder, runner, target, candidates)):
-        if result.error_msg is None:  # a failed default is retried by the next tune
-            db.commit_tuning_record(ms.database.TuningRecord(
-                sch.trace, db.commit_workload(task.mod), result.run_secs, target, candidate.args_info
-            ))
-            defaults[task.name] = _mean_ms(result.run_secs)
+    results = _measure(builder, runner, target, candidates)
+    for (task, sch), candidate, result in zip(todo, candidates, results):
+        if _failed(result):  # a failed default is retried by the next tune
+            error = failures.add(task, result)
+            if progress is not None:
+                print(f"default schedule of {task.name} failed: {error}", file=progress, flush=True)
+            continue
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, db.commit_workload(task.mod), result.run_secs, target, candidate.args_info
+        ))
+        defaults[task.name] = _mean_ms(result.run_secs)
+    gone = _device_unavailable(results)
+    if gone is not None:
+        failures.stopped = gone
     return defaults
 
 
@@ -337,12 +437,23 @@ def _log_files(work_dir: str, tasks: list[Task]) -> Iterator[list[logging.Logger
 
 
 def _measure(builder, runner, target, candidates: list) -> list[ms.runner.RunnerResult]:
-    """Build and run a batch to completion (a failed build is a failed run)."""
+    """Build and run a batch to completion (a failed build is a failed run).
+
+    Candidates run one after the other (the runners have one worker anyway); once one finds
+    the device unavailable the rest are not sent, each would wait for it again.
+    """
     built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
-    ok = [(c, b) for c, b in zip(candidates, built) if b.error_msg is None]
-    futures = iter(runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info) for c, b in ok]))
-    results = [next(futures).result() if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
-               for b in built]
+    results: list[ms.runner.RunnerResult] = []
+    unavailable = None
+    for candidate, b in zip(candidates, built):
+        if b.error_msg is not None:
+            results.append(ms.runner.RunnerResult(None, b.error_msg))
+        elif unavailable is not None:
+            results.append(ms.runner.RunnerResult(None, f"not measured: {unavailable}"))
+        else:
+            (future,) = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", candidate.args_info)])
+            results.append(future.result())
+            unavailable = _device_unavailable(results[-1:])
     for b in built:
         if b.artifact_path is not None:
             shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
@@ -356,17 +467,25 @@ def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, 
     whole first round over all tasks), and builds one task while the previous one runs; this
     loop measures each batch alone (2 cores: a build would disturb the timing) and appends its
     records before the next batch starts, so a killed tune loses at most the batch in flight.
+
+    Stops early (``progress.failures.stopped`` says why) when the device becomes unavailable:
+    that batch's failed trials are then not recorded (they were never measured, a re-run
+    measures them), or after ``MAX_FAILED_BATCHES`` batches in a row failed every trial.
     """
     per_iter = max(1, min(trials_per_iter, trials // len(tasks) or 1))
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)
     with _log_files(work_dir, tasks) as loggers:
         contexts = []
-        with _without_tensor_intrinsics():
+        # meta_schedule's parallel rules need the core count; phone presets leave it to the device.
+        space_target = target
+        if not target.attrs.get("num-cores"):
+            space_target = tvm.target.Target({**target.export(), "num-cores": cores})
+        with _without_tensor_intrinsics(target):
             for index, (task, logger) in enumerate(zip(tasks, loggers)):
                 space = pattern_conv_space_generator() if task.kind == "pattern" else "post-order-apply"
                 contexts.append(ms.TuneContext(
                     mod=task.mod,
-                    target=target,
+                    target=space_target,
                     space_generator=space,
                     search_strategy=ms.search_strategy.EvolutionarySearch(
                         population_size=96, init_min_unmeasured=16, genetic_num_iters=3
@@ -379,8 +498,10 @@ def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, 
         for ctx in contexts:
             ctx.pre_tuning(trials, per_iter, ctx.generate_design_space(), db, cost_model)
         active = list(range(len(tasks)))
+        failures = progress.failures
+        failed_batches = 0
         try:
-            while trials > 0 and active:
+            while trials > 0 and active and failures.stopped is None:
                 for index in list(active):
                     candidates = contexts[index].generate_measure_candidates() if trials > 0 else None
                     if not candidates:
@@ -388,15 +509,25 @@ def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, 
                         continue
                     candidates = list(candidates)[:trials]
                     results = _measure(builder, runner, target, candidates)
+                    gone = _device_unavailable(results)
                     workload = db.commit_workload(tasks[index].mod)
                     for candidate, result in zip(candidates, results):
-                        db.commit_tuning_record(ms.database.TuningRecord(
-                            candidate.sch.trace, workload, result.run_secs, target, candidate.args_info
-                        ))
+                        if gone is None or not _failed(result):
+                            db.commit_tuning_record(ms.database.TuningRecord(
+                                candidate.sch.trace, workload, result.run_secs, target, candidate.args_info
+                            ))
                     contexts[index].notify_runner_results(candidates, results)
                     cost_model.update(contexts[index], candidates, results)
                     progress.report(tasks[index], results)
                     trials -= len(candidates)
+                    failed_batches = failed_batches + 1 if all(map(_failed, results)) else 0
+                    if gone is not None:
+                        failures.stopped = gone
+                    elif failed_batches >= MAX_FAILED_BATCHES:
+                        failures.stopped = (f"{failed_batches} batches in a row failed every trial, last error: "
+                                            f"{failures.error[tasks[index].name]}")
+                    if failures.stopped is not None:
+                        break
         finally:
             for ctx in contexts:
                 ctx.post_tuning()
