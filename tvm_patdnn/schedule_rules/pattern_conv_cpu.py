@@ -23,11 +23,17 @@ class PatternConvCPU(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs or target.kind.name != "llvm":
             return None
-        layout = func.attrs[PATTERN_CONV_ATTR]
         sch = s_tir.Schedule(func)
-        schedule_pattern_conv_cpu(sch, int(layout["vector_width"]), int(layout["column_tile"]), int(layout["row_tile"]),
-                                  threads=int(target.attrs.get("num-cores", 8)))
+        apply_default_schedule(sch, target)
         return s_tir.Schedule(bound_kernel_runs(sch.mod["main"]))
+
+
+def apply_default_schedule(sch: s_tir.Schedule, target: Target) -> None:
+    """:func:`schedule_pattern_conv_cpu` with the layout the operator was built with (a
+    traceable schedule: the tuner replays it as its first candidate)."""
+    layout = sch.mod["main"].attrs[PATTERN_CONV_ATTR]
+    schedule_pattern_conv_cpu(sch, int(layout["vector_width"]), int(layout["column_tile"]), int(layout["row_tile"]),
+                              threads=int(target.attrs.get("num-cores", 8)))
 
 
 def schedule_pattern_conv_cpu(

@@ -43,10 +43,9 @@ from tvm.s_tir import meta_schedule as ms
 
 from ..compiler import _import
 from ..errors import PatDNNError
-from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from ..phone.cross import linker_for
 from ..pipeline import default_schedule_rules
-from ..schedule_rules.pattern_conv_cpu import schedule_pattern_conv_cpu
+from ..schedule_rules.pattern_conv_cpu import apply_default_schedule
 from ..targets import resolve_target
 from .database import open_for_tuning, target_key
 from .measure import (
@@ -188,9 +187,8 @@ def _default_schedule(task: Task, target: tvm.target.Target) -> s_tir.Schedule |
     """The untuned compiler's schedule of a task as a replayable trace, or None if it has none."""
     func = task.mod["main"]
     if task.kind == "pattern":
-        layout = func.attrs[PATTERN_CONV_ATTR]
         sch = s_tir.Schedule(task.mod)
-        schedule_pattern_conv_cpu(sch, int(layout["vector_width"]), int(layout["column_tile"]), int(layout["row_tile"]))
+        apply_default_schedule(sch, target)
         return sch
     for rule in default_schedule_rules(target):
         result = rule.apply(func, target, False)
