@@ -510,9 +510,11 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("ms (median, log scale)")
         ax.set_title(f"{TITLES[model]}, 8x pattern-pruned")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(runtimes), fontsize=8)
+    columns = min(len(runtimes), 4 * len(models))  # legend rows that fit the figure's width
+    legend_rows = -(-len(runtimes) // columns)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8)
     fig.suptitle(f"batch 1 fp32, {result['meta']['date']}, {result['meta']['cpu']}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.045 * legend_rows + 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 

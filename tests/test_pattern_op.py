@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from model_factory import ConvSpec, build_cnn, pattern_weight, reference_outputs
 from onnx import numpy_helper
 
+import tvm_patdnn
 from tvm_patdnn.analysis import analyze_conv_weight, cover_masks
 from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.kernel_patterns import kernel_masks, popcount
@@ -124,3 +125,10 @@ def test_layout_fills_vectors_and_registers_per_target():
     avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
     assert (accumulator_registers(avx2), accumulator_registers(avx512)) == (8, 16)
     assert (vector_lanes(avx2), vector_lanes(avx512)) == (8, 16)
+
+
+def test_avx512_layout_compiles():
+    # This box cannot run AVX-512 code; the 16-lane, 16-accumulator layout must still build.
+    model = build_cnn(np.random.default_rng(3), (1, 8, 6, 6), [ConvSpec(16), ConvSpec(16, stride=2)])
+    compiled = tvm_patdnn.compile(model, {"kind": "llvm", "mcpu": "skylake-avx512"})
+    assert [r.kind for r in compiled.report] == ["pattern", "pattern"]

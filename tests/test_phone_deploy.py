@@ -7,6 +7,7 @@ aarch64 runtime under qemu.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -154,3 +155,19 @@ def test_adreno_deploy_to_emulator_says_it_has_no_opencl(emulator, model_file: P
     with pytest.raises(PatDNNError, match="has no opencl runtime.*PoCL"):
         tvm_patdnn.deploy(model_file, "adreno", tracker=emulator.tracker, key=KEY)
     wait_until(lambda: free_devices(emulator.tracker_port, KEY) == 1, 15, "the device to return to the tracker")
+
+
+def test_deploy_gives_up_on_a_device_that_never_becomes_free(emulator, model_file: Path, tmp_path: Path) -> None:
+    # Another client holds the only device: TVM's own tracker.request would wait forever.
+    from tvm import rpc
+
+    library = tvm_patdnn.compile(model_file, "arm_cpu-linux").export_library(tmp_path / "model.so")
+    held = rpc.connect_tracker(HOST, emulator.tracker_port).request(KEY, session_timeout=60)
+    try:
+        with pytest.raises(PatDNNError, match="no device 'android-deploy' .* became free within 2 s"):
+            tvm_patdnn.deploy(model_file, "arm_cpu-linux", tracker=emulator.tracker, key=KEY, timeout=2,
+                              library=library)
+    finally:
+        del held
+        gc.collect()
+    wait_until(lambda: free_devices(emulator.tracker_port, KEY) == 1, 30, "the device to return to the tracker")

@@ -14,6 +14,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -83,11 +84,13 @@ def deploy(
     number: int = 5,
     repeat: int = 3,
     session_timeout: float = 600,
+    timeout: float = 60,
 ) -> DeployResult:
     """Compile ``model`` for ``target`` (or take the compiled ``library``), run it on a device
     of ``key`` behind ``tracker``, compare with ``onnx.reference`` and time it there.
 
-    ``inputs`` default to seeded standard-normal arrays of the model's input shapes.
+    ``inputs`` default to seeded standard-normal arrays of the model's input shapes. A device
+    that does not become free within ``timeout`` seconds (gone, or busy) is an error.
     """
     from ..compiler import check_inputs
     from ..compiler import compile as compile_model
@@ -98,7 +101,7 @@ def deploy(
     proto = load_onnx_model(model)
     resolved = resolve_target(target)
     host, port = parse_tracker(tracker) if isinstance(tracker, str) else tracker
-    session = _tracker(host, port, key)  # before compiling: fail fast on a wrong address or key
+    _check_tracker(host, port, key)  # before compiling: fail fast on a wrong address or key
     with tempfile.TemporaryDirectory(prefix="patdnn-deploy-") as workdir:
         if library is None:
             compiled = compile_model(proto, resolved, input_shapes=input_shapes, entries=entries,
@@ -117,8 +120,8 @@ def deploy(
                       for name in signature.input_names}
         arrays = check_inputs(signature, inputs)
         reference = onnx_reference(proto, dict(zip(signature.input_names, arrays)))
-        outputs, latency, emulated = _run_remote(path, resolved, session, key, arrays, number, repeat,
-                                                 session_timeout)
+        outputs, latency, emulated = _run_remote(path, resolved, host, port, key, arrays, number, repeat,
+                                                 session_timeout, timeout)
     if len(outputs) != len(reference):
         raise PatDNNError(f"the library returned {len(outputs)} outputs, the ONNX model has {len(reference)}: "
                           "is the library compiled from this model?")
@@ -139,14 +142,15 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0)) / scale
 
 
-def _tracker(host: str, port: int, key: str):
-    """The tracker session, once it is known to serve ``key``; else PatDNNError naming what is missing."""
+def _check_tracker(host: str, port: int, key: str) -> None:
+    """PatDNNError naming what is missing unless a tracker at ``host:port`` lists a ``key`` device."""
     from tvm import rpc
 
     try:  # connect_tracker itself retries for a minute before giving up
         socket.create_connection((host, port), timeout=5).close()
         tracker = rpc.connect_tracker(host, port)
         servers = tracker.summary()["server_info"]
+        tracker.close()
     except (OSError, RuntimeError) as err:
         raise PatDNNError(f"no TVM RPC tracker answers at {host}:{port}: {err}") from None
     keys = sorted({str(s.get("key", "")).removeprefix("server:") for s in servers} - {""})
@@ -156,17 +160,22 @@ def _tracker(host: str, port: int, key: str):
             f"(registered keys: {', '.join(keys) or 'none'}); start one with "
             f"`patdnn phone-emulator --tracker {host}:{port} --key {key}` or the TVM RPC app"
         )
-    return tracker
 
 
-def _run_remote(path: Path, target, tracker, key: str, arrays: list[np.ndarray],
-                number: int, repeat: int, session_timeout: float) -> tuple[list[np.ndarray], list[float], bool]:
+def _run_remote(path: Path, target, host: str, port: int, key: str, arrays: list[np.ndarray],
+                number: int, repeat: int, session_timeout: float,
+                timeout: float) -> tuple[list[np.ndarray], list[float], bool]:
     """Upload, run once, time. Errors are raised only after the session's frame is gone, so
     that no traceback keeps a remote object alive: the device returns to the tracker at once
     instead of at ``session_timeout``."""
+    from ..tuning.measure import TrackerSession
+
+    # Not TVM's tracker.request, which waits forever for a device that has gone away.
+    config = SimpleNamespace(tracker_host=host, tracker_port=port, tracker_key=key,
+                             session_priority=1, session_timeout_sec=session_timeout)
     try:
-        remote = tracker.request(key, session_timeout=session_timeout)
-    except (OSError, RuntimeError) as err:
+        remote = TrackerSession(wait=timeout)(config)
+    except RuntimeError as err:
         raise PatDNNError(f"the tracker gave no session on {key!r}: {err}") from None
     problem = None
     try:
@@ -231,6 +240,8 @@ def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timings taken (default %(default)s)")
     parser.add_argument("--session-timeout", type=float, default=600,
                         help="seconds the device serves this session at most (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60, metavar="SECONDS",
+                        help="how long to wait for the device to become free (default %(default)s)")
     parser.set_defaults(func=_run_deploy)
 
 
@@ -239,6 +250,7 @@ def _run_deploy(args: argparse.Namespace) -> int:
         args.model, args.target, tracker=parse_tracker(args.tracker), key=args.key, library=args.so,
         input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
         rtol=args.rtol, number=args.number, repeat=args.repeat, session_timeout=args.session_timeout,
+        timeout=args.timeout,
     )
     print(result.summary())
     return 0 if result.ok else 1
