@@ -68,7 +68,15 @@ def schedule_pattern_conv_cpu(
     sch.reorder(n, yo, f, xo, rp, rj, rt, q, yt, xt, xi)
     if parallel_filters is None:
         parallel_filters = int(sch.get(n).extent) * int(sch.get(yo).extent) < 2 * threads
-    sch.parallel(sch.fuse(n, yo, f) if parallel_filters else sch.fuse(n, yo))
+    if parallel_filters:
+        # Thread t takes filters t, t + T, t + 2T, ...: FKW sorts filters by kernel count, so
+        # TVM's contiguous per-thread chunks of the filter loop would get unequal work.
+        stride = threads if int(sch.get(f).extent) % threads == 0 else 1
+        fo, fi = sch.split(f, [None, stride])
+        sch.reorder(n, yo, fi, fo)
+        sch.parallel(sch.fuse(n, yo, fi))
+    else:
+        sch.parallel(sch.fuse(n, yo))
     for loop in (rp, rt, q, yt, xt) if code_per_pattern else (q, yt, xt):
         sch.unroll(loop)
     sch.vectorize(xi)
