@@ -1,7 +1,8 @@
 """FKW packing: PatDNN's compact weight format for pattern-sparse convolutions.
 
 Filters are reordered by their number of kept kernels (so filters that do the same amount
-of work sit next to each other and parallel chunks stay balanced), and inside each filter the
+of work sit next to each other: a GPU work group's filters finish together, and CPU threads that
+take every T-th filter get equal shares), and inside each filter the
 kernels are grouped by pattern. Only kept kernels are stored, each as its pattern's taps, so
 the operator loops over "kernels of pattern p of filter f" with the tap offsets known at
 compile time: there is no per-weight index to decode at run time, only one input-channel
