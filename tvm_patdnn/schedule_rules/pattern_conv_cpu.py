@@ -53,7 +53,7 @@ def schedule_pattern_conv_cpu(
     register tile of ``row_tile x column_tile`` vectors (times the layout's partial sums)
     innermost. Threads share the row blocks, and the filters too when there are fewer than two
     row blocks per thread (small images have one; with enough row blocks, adding the filters
-    measured 0.7-0.85x even on one thread). ``code_per_pattern=False`` (pattern and tap loops
+    does not pay), each thread taking every T-th filter. ``code_per_pattern=False`` (pattern and tap loops
     not unrolled: every tap's offset looked up at run time) and ``parallel_filters`` exist to
     measure what those choices are worth (``benchmarks/optimisations.py``).
     """
@@ -68,13 +68,14 @@ def schedule_pattern_conv_cpu(
     sch.reorder(n, yo, f, xo, rp, rj, rt, q, yt, xt, xi)
     if parallel_filters is None:
         parallel_filters = int(sch.get(n).extent) * int(sch.get(yo).extent) < 2 * threads
-    if parallel_filters:
+    if parallel_filters and threads > 1 and int(sch.get(f).extent) % threads == 0:
         # Thread t takes filters t, t + T, t + 2T, ...: FKW sorts filters by kernel count, so
         # TVM's contiguous per-thread chunks of the filter loop would get unequal work.
-        stride = threads if int(sch.get(f).extent) % threads == 0 else 1
-        fo, fi = sch.split(f, [None, stride])
+        fo, fi = sch.split(f, [None, threads])
         sch.reorder(n, yo, fi, fo)
         sch.parallel(sch.fuse(n, yo, fi))
+    elif parallel_filters:
+        sch.parallel(sch.fuse(n, yo, f))
     else:
         sch.parallel(sch.fuse(n, yo))
     for loop in (rp, rt, q, yt, xt) if code_per_pattern else (q, yt, xt):
