@@ -91,9 +91,8 @@ def unsorted(fkw: FKWWeight) -> FKWWeight:
                                channels=fkw.channels[kernels], values=fkw.values[kernels])
 
 
-def build(weight: np.ndarray, bias: np.ndarray, data_shape, target, variant: Variant) -> tuple[Callable, list]:
+def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant) -> tuple[Callable, list]:
     """The layer's compiled function and its weight arguments, built the way ``variant`` says."""
-    fkw = pack_fkw(weight, analyze_conv_weight(weight))
     if not variant.reorder_filters:
         fkw = unsorted(fkw)
     accumulators = accumulator_registers(target) if variant.register_tile else 1
@@ -150,9 +149,10 @@ def main() -> None:
         x = rng.standard_normal(shape).astype(np.float32)
         expected = reference_conv(x, weight, bias)
         out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
+        fkw = pack_fkw(weight, analyze_conv_weight(weight))
         timers = {}
         for label, variant in VARIANTS.items():
-            fn, weights = build(weight, bias, shape, target, variant)
+            fn, weights = build(fkw, bias, shape, target, variant)
             call_args = [tvm.runtime.tensor(x), *weights, out]
             fn["main"](*call_args)
             np.testing.assert_allclose(out.numpy(), expected, rtol=1e-3, atol=1e-3, err_msg=f"{name}, {label}")

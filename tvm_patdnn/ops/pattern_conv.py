@@ -26,13 +26,15 @@ and register count, because the compute pads its output to it:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from tvm import te, tirx
 
 from ..fkw import FKWWeight
 
-__all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "choose_layout"]
+__all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "choose_layout",
+           "largest_divisor"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
@@ -42,8 +44,9 @@ def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
-def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest tile size up to ``limit`` that divides ``n`` (no tail, no predicate)."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 @dataclass(frozen=True)
@@ -131,19 +134,19 @@ def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     as many output vectors per tile as divide the output (columns first: they share loaded
     weights and rows), then partial sums over the taps with the registers left.
     """
-    v = spec.vector_width
+    def untiled(flat: bool) -> PatternConvSpec:
+        return dataclasses.replace(spec, row_tile=1, column_tile=1, partials=1, flat=flat)
+
+    def lane_fill(layout: PatternConvSpec) -> float:
+        return layout.out_height * layout.out_width / (layout.acc_rows * layout.acc_columns)
+
     if flat is None:
-        row_fill = spec.out_width / _round_up(spec.out_width, v)
-        flat_length = spec.out_height * spec.padded_width
-        flat_fill = spec.out_height * spec.out_width / _round_up(flat_length, v)
-        flat = spec.strides == (1, 1) and flat_fill > row_fill
-    rows = 1 if flat else spec.out_height
-    vectors = _round_up(spec.out_height * spec.padded_width if flat else spec.out_width, v) // v
-    column_tile = _largest_divisor(vectors, accumulators)
-    row_tile = max(1, min(accumulators // column_tile, rows))
-    partials = _largest_divisor(spec.taps, accumulators // (row_tile * column_tile))
-    return PatternConvSpec(**{**spec.__dict__, "row_tile": row_tile, "column_tile": column_tile,
-                              "partials": partials, "flat": flat})
+        flat = spec.strides == (1, 1) and lane_fill(untiled(True)) > lane_fill(untiled(False))
+    layout = untiled(flat)
+    column_tile = largest_divisor(layout.acc_columns // spec.vector_width, accumulators)
+    row_tile = max(1, min(accumulators // column_tile, layout.acc_rows))
+    partials = largest_divisor(spec.taps, accumulators // (row_tile * column_tile))
+    return dataclasses.replace(layout, row_tile=row_tile, column_tile=column_tile, partials=partials)
 
 
 def _tap_table(patterns, p, t, component):

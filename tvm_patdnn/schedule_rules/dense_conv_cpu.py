@@ -14,8 +14,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from ..ops.pattern_conv import PATTERN_CONV_ATTR
-from .register_tile import REDUCE, SPATIAL, accumulate_in_registers, largest_divisor, schedule_main_block
+from ..ops.pattern_conv import PATTERN_CONV_ATTR, largest_divisor
+from .register_tile import REDUCE, SPATIAL, accumulate_in_registers, schedule_main_block
 
 
 class DenseConv2dCPU(ScheduleRule):

@@ -14,11 +14,6 @@ from ..targets import vector_lanes
 SPATIAL, REDUCE = 0, 2  # tirx.IterVar kinds: DataPar, CommReduce
 
 
-def largest_divisor(n: int, limit: int) -> int:
-    """The largest tile size up to ``limit`` that divides ``n`` (no tail, no predicate)."""
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
 def schedule_main_block(
     func: tirx.PrimFunc,
     target: Target,
