@@ -1,7 +1,7 @@
 """What each pattern-conv optimisation is worth, layer by layer, measured side by side in one run.
 
 The twelve pattern layers of the shipped benchmark model (VGG-16 CIFAR pruned to 8 magnitude-
-chosen patterns + 3.6x connectivity, ``schedules/vgg16_cifar.py``) are built with the default
+chosen patterns + 3.6x connectivity, ``benchmarks/vgg16_cifar.py``) are built with the default
 operator and schedule for this machine, and again with one optimisation taken away at a time:
 
 * code per pattern: pattern and tap loops unrolled so every tap offset is a constant
@@ -40,7 +40,7 @@ import tvm
 from onnx import numpy_helper, shape_inference
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "schedules"))
+sys.path.insert(0, str(Path(__file__).parent))
 from layers import save_results  # noqa: E402
 from vgg16_cifar import build_model  # noqa: E402
 
@@ -48,7 +48,7 @@ from tvm_patdnn.analysis import analyze_conv_weight  # noqa: E402
 from tvm_patdnn.fkw import FKWWeight, pack_fkw  # noqa: E402
 from tvm_patdnn.ops.pattern_conv import PatternConvSpec, choose_layout, pattern_conv2d_primfunc  # noqa: E402
 from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs  # noqa: E402
-from tvm_patdnn.schedule_rules.pattern_conv_cpu import schedule_pattern_conv_cpu  # noqa: E402
+from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs, schedule_pattern_conv_cpu  # noqa: E402
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes  # noqa: E402
 
 
@@ -101,9 +101,8 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
     if not variant.partials:
         spec = dataclasses.replace(spec, partials=1)
     sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))
-    schedule_pattern_conv_cpu(sch, spec.vector_width, spec.column_tile, spec.row_tile,
-                              code_per_pattern=variant.code_per_pattern, parallel_filters=variant.parallel_filters,
-                              threads=int(target.attrs.get("num-cores", 8)))  # as PatternConvCPU does
+    knobs = default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8)), variant.parallel_filters)
+    schedule_pattern_conv_cpu(sch, knobs, code_per_pattern=variant.code_per_pattern)  # as PatternConvCPU does
     func = bound_kernel_runs(sch.mod["main"]) if variant.bounded_runs else sch.mod["main"]
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     args = [fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]

@@ -1,91 +1,158 @@
-"""Default CPU schedule of the pattern convolution (x86 AVX2/AVX-512 and aarch64 NEON).
+"""The CPU schedule of the pattern convolution (x86 AVX2/AVX-512 and aarch64 NEON): one loop
+nest for both the untuned default and the tuning design space.
 
-Per register tile of output vectors (rows x columns x partial sums, sized by the operator's
-layout for the target's vector width and register count), the accumulators live in registers
-while the loops over patterns, kernels and taps run; patterns, taps and the tile are unrolled,
-so every tap offset is a constant, each kernel costs one channel index load plus one vector FMA
-per tap and tile vector, and an input vector two taps of the tile share is loaded once.
+Per register tile of output vectors (rows x columns x partial sums), the accumulators live in
+registers while the loops over patterns, kernels and taps run; patterns, taps and the tile are
+unrolled, so every tap offset is a constant, each kernel costs one channel index load plus one
+vector FMA per tap and tile vector, and an input vector two taps of the tile share is loaded once.
+
+The nest has four knobs (:class:`Knobs`). Following dlight's ``apply(func, target, tunable)``,
+a tunable schedule *samples* them (``sample_perfect_tile`` / ``sample_categorical``, which
+meta_schedule's mutators understand) and the default *fixes* them to :func:`default_knobs`;
+every other instruction is the same, so the default is the point of the space whose decisions
+are the default knobs (``tests/test_pattern_schedule.py`` replays it). What the compute fixes
+before scheduling (the padding of rows and columns to the layout's tile, the tap partial sums,
+the flat small-image formulation) is not a knob: tiles are divisors of the padded extents.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from .kernel_runs import bound_kernel_runs
 
+__all__ = ["UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
+           "schedule_pattern_conv_cpu"]
 
-class PatternConvCPU(ScheduleRule):
-    """The untuned CPU schedule of pattern-conv PrimFuncs (others: not applicable)."""
+# LLVM unroll depth of the nest (meta_schedule's "unroll_explicit" annotation, MutateUnroll).
+UNROLL_STEPS = (0, 16, 64, 512)
+_MAX_TILE = 8  # accumulator vectors per tile dimension sampled at least; their product is left to the cost model
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """One point of the pattern-conv space, in the order the nest samples it.
+
+    ``rows`` = (row blocks, row tile) over the padded output rows; ``columns`` = (column
+    blocks, column tile) over the output vectors of a row; ``filters`` = (filter blocks,
+    filters run one after the other, filters interleaved over the threads) with loop order
+    blocks > row blocks > interleaved > serial, so (1, F, 1) keeps row blocks outermost (a row
+    block's inputs stay in cache for every filter), (B, F/B, 1) blocks the filters too (a
+    block's weights stay in cache for every row) and (1, F/T, T) gives thread t the filters
+    t, t+T, ...; ``unroll`` indexes :data:`UNROLL_STEPS`.
+    """
+
+    rows: tuple[int, int]
+    columns: tuple[int, int]
+    filters: tuple[int, int, int]
+    unroll: int = 0
+
+    def decisions(self) -> list:
+        """The knobs as the decisions of the space's sampling instructions, in trace order."""
+        return [list(self.rows), list(self.columns), list(self.filters), self.unroll]
+
+
+def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | None = None) -> Knobs:
+    """The untuned choice: the register tile the operator's layout was padded to; row blocks
+    outermost; threads share the row blocks, and the filters too when there are fewer than two
+    row blocks per thread (small images have one), thread t taking filters t, t+T, ... (FKW sorts
+    filters by kernel count, so TVM's contiguous per-thread chunks would get unequal work), or
+    contiguous chunks when the threads do not divide the filters. ``parallel_filters`` overrides
+    when threads share the filters (``benchmarks/optimisations.py`` measures what it is worth)."""
+    layout = func.attrs[PATTERN_CONV_ATTR]
+    batch, filters, rows, _partials, columns = _acc_shape(func)
+    row_tile, column_tile = int(layout["row_tile"]), int(layout["column_tile"])
+    vectors = columns // int(layout["vector_width"])
+    if parallel_filters is None:
+        parallel_filters = batch * (rows // row_tile) < 2 * threads
+    if threads == 1 or not parallel_filters:
+        split = (1, filters, 1)
+    elif filters % threads == 0:
+        split = (1, filters // threads, threads)
+    else:
+        split = (1, 1, filters)
+    return Knobs((rows // row_tile, row_tile), (vectors // column_tile, column_tile), split)
+
+
+def _acc_shape(func: tirx.PrimFunc) -> tuple[int, ...]:
+    """(batch, filters, rows, partials, columns) of the accumulator the compute pads to."""
+    sch = s_tir.Schedule(func)
+    return tuple(int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("acc"))[:5])
+
+
+class PatternConvCPU(CPUScheduleRule):
+    """Pattern-conv PrimFuncs on CPUs (others: not applicable).
+
+    ``tunable``: the design space (sampled knobs, traced; the tuner's builder bounds the kernel
+    runs after replay). Otherwise the default knobs for the target's core count, with the kernel
+    runs bounded (:mod:`.kernel_runs`).
+    """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs or target.kind.name != "llvm":
+        if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
+        if tunable:
+            schedule_pattern_conv_cpu(sch)
+            return sch
         apply_default_schedule(sch, target)
         return s_tir.Schedule(bound_kernel_runs(sch.mod["main"]))
 
 
 def apply_default_schedule(sch: s_tir.Schedule, target: Target) -> None:
-    """:func:`schedule_pattern_conv_cpu` with the layout the operator was built with (a
-    traceable schedule: the tuner replays it as its first candidate)."""
-    layout = sch.mod["main"].attrs[PATTERN_CONV_ATTR]
-    schedule_pattern_conv_cpu(sch, int(layout["vector_width"]), int(layout["column_tile"]), int(layout["row_tile"]),
-                              threads=int(target.attrs.get("num-cores", 8)))
+    """The default knobs for ``target``'s cores, as a traceable schedule (the tuner measures it
+    first, as a seed), before the kernel-run bounds."""
+    schedule_pattern_conv_cpu(sch, default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8))))
 
 
-def schedule_pattern_conv_cpu(
-    sch: s_tir.Schedule,
-    vector_width: int,
-    column_tile: int,
-    row_tile: int,
-    *,
-    code_per_pattern: bool = True,
-    parallel_filters: bool | None = None,
-    threads: int = 8,
-) -> None:
-    """Apply the default CPU schedule to the blocks of :func:`pattern_conv2d_primfunc`.
+def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *, code_per_pattern: bool = True) -> None:
+    """Schedule the blocks of :func:`~tvm_patdnn.ops.pattern_conv.pattern_conv2d_primfunc`:
+    sampled knobs when ``knobs`` is None (the design space), else those.
 
-    Loop order: row blocks outermost, then filters, so the few input rows a row block reads
-    stay in cache while every filter uses them; inside, the kernels of each pattern, and the
-    register tile of ``row_tile x column_tile`` vectors (times the layout's partial sums)
-    innermost. Threads share the row blocks, and the filters too when there are fewer than two
-    row blocks per thread (small images have one; with enough row blocks, adding the filters
-    does not pay), each thread taking every T-th filter. ``code_per_pattern=False`` (pattern and tap loops
-    not unrolled: every tap's offset looked up at run time) and ``parallel_filters`` exist to
-    measure what those choices are worth (``benchmarks/optimisations.py``).
+    Loop order: filter blocks, row blocks, interleaved filters (these three share the threads),
+    serial filters, column blocks; inside, the kernels of each pattern, and the register tile of
+    rows x columns vectors (times the layout's partial sums) innermost.
+    ``code_per_pattern=False`` (pattern and tap loops not unrolled: every tap's offset looked up
+    at run time) exists to measure what unrolling is worth (``benchmarks/optimisations.py``).
     """
+    func = sch.mod["main"]
+    layout = func.attrs[PATTERN_CONV_ATTR]
+    vector_width = int(layout["vector_width"])
     pad, acc, out = sch.get_sblock("pad"), sch.get_sblock("acc"), sch.get_sblock("out")
 
-    n, c, h, phase, q = sch.get_loops(pad)
+    def tile(loop, n: int, limit: int, knob: str) -> list:
+        if knobs is None:
+            return sch.sample_perfect_tile(loop, n=n, max_innermost_factor=limit)
+        return list(getattr(knobs, knob))
+
+    n, c, _h, _phase, _q = sch.get_loops(pad)
     sch.parallel(sch.fuse(n, c))
 
     n, f, y, q, x, rp, rj, rt = sch.get_loops(acc)
-    yo, yt = sch.split(y, [None, row_tile])
-    xo, xt, xi = sch.split(x, [None, column_tile, vector_width])
-    sch.reorder(n, yo, f, xo, rp, rj, rt, q, yt, xt, xi)
-    if parallel_filters is None:
-        parallel_filters = int(sch.get(n).extent) * int(sch.get(yo).extent) < 2 * threads
-    if parallel_filters and threads > 1 and int(sch.get(f).extent) % threads == 0:
-        # Thread t takes filters t, t + T, t + 2T, ...: FKW sorts filters by kernel count, so
-        # TVM's contiguous per-thread chunks of the filter loop would get unequal work.
-        fo, fi = sch.split(f, [None, threads])
-        sch.reorder(n, yo, fi, fo)
-        sch.parallel(sch.fuse(n, yo, fi))
-    elif parallel_filters:
-        sch.parallel(sch.fuse(n, yo, f))
-    else:
-        sch.parallel(sch.fuse(n, yo))
+    yo, yt = sch.split(y, tile(y, 2, max(_MAX_TILE, int(layout["row_tile"])), "rows"))
+    xv, xi = sch.split(x, [None, vector_width])
+    xo, xt = sch.split(xv, tile(xv, 2, max(_MAX_TILE, int(layout["column_tile"])), "columns"))
+    fb, fi, ft = sch.split(f, tile(f, 3, int(sch.get(f).extent), "filters"))
+    sch.reorder(n, fb, yo, ft, fi, xo, rp, rj, rt, q, yt, xt, xi)
+    sch.parallel(sch.fuse(n, fb, yo, ft))
     for loop in (rp, rt, q, yt, xt) if code_per_pattern else (q, yt, xt):
         sch.unroll(loop)
     sch.vectorize(xi)
+    unroll = (sch.sample_categorical(list(UNROLL_STEPS), [1.0 / len(UNROLL_STEPS)] * len(UNROLL_STEPS))
+              if knobs is None else tirx.IntImm("int32", UNROLL_STEPS[knobs.unroll]))
+    sch.annotate(acc, "meta_schedule.unroll_explicit", unroll)
     store = sch.cache_write(acc, 0, "local")
-    sch.reverse_compute_at(store, xo)
+    # Unit loops stay, so the number of loops (instruction outputs in the trace) is the same
+    # for every tile size a mutator may pick.
+    sch.reverse_compute_at(store, xo, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(store)[-1])
     init = sch.decompose_reduction(acc, rp)
     sch.vectorize(sch.get_loops(init)[-1])
 
-    n, f, y, x = sch.get_loops(out)
+    n, f, _y, _x = sch.get_loops(out)
     sch.parallel(sch.fuse(n, f))

@@ -480,7 +480,7 @@ def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, 
             space_target = tvm.target.Target({**target.export(), "num-cores": cores})
         with _without_tensor_intrinsics(target):
             for index, (task, logger) in enumerate(zip(tasks, loggers)):
-                space = pattern_conv_space_generator() if task.kind == "pattern" else "post-order-apply"
+                space = pattern_conv_space_generator(space_target) if task.kind == "pattern" else "post-order-apply"
                 contexts.append(ms.TuneContext(
                     mod=task.mod,
                     target=space_target,

@@ -1,0 +1,88 @@
+"""The pattern-conv CPU schedule is one definition: the untuned default is a point of the
+tuning space (the space's trace, given the default's knobs as decisions, is the default)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from model_factory import pattern_weight
+from tvm import s_tir
+
+from tvm_patdnn.analysis import analyze_conv_weight
+from tvm_patdnn.fkw import pack_fkw
+from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
+from tvm_patdnn.schedule_rules import PatternConvCPU
+from tvm_patdnn.schedule_rules.pattern_conv_cpu import apply_default_schedule, default_knobs
+from tvm_patdnn.tuning.space import pattern_conv_space
+
+SAMPLERS = ("SamplePerfectTile", "SampleCategorical")
+
+
+def pattern_conv(filters: int, channels: int, size: int, stride: int = 1, batch: int = 1, lanes: int = 8,
+                 accumulators: int = 8) -> tvm.tirx.PrimFunc:
+    weight = pattern_weight(np.random.default_rng(size), filters, channels, n_patterns=4, connectivity=2.0)
+    spec = PatternConvSpec.from_fkw(pack_fkw(weight, analyze_conv_weight(weight)), (batch, channels, size, size),
+                                    (stride, stride), (1, 1, 1, 1), True, True, lanes, accumulators)
+    return pattern_conv2d_primfunc(spec)
+
+
+def cpu(cores: int) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": cores})
+
+
+LAYERS = {
+    "2x2 flat, tap partials": dict(filters=16, channels=8, size=2),
+    "4x4 flat": dict(filters=16, channels=8, size=4),
+    "8x8 rows": dict(filters=12, channels=6, size=8),
+    "32x32 rows and columns": dict(filters=8, channels=4, size=32),
+    "strided": dict(filters=8, channels=4, size=9, stride=2),
+    "filters not a multiple of the threads": dict(filters=7, channels=4, size=4),
+    "batch of two": dict(filters=8, channels=4, size=6, batch=2),
+    "16 lanes, 16 accumulators": dict(filters=8, channels=4, size=16, lanes=16, accumulators=16),
+}
+
+
+@pytest.mark.parametrize("cores", [1, 2, 8])
+@pytest.mark.parametrize("layer", LAYERS)
+def test_default_is_the_space_with_the_default_knobs(layer, cores):
+    func, target = pattern_conv(**LAYERS[layer]), cpu(cores)
+    trace = PatternConvCPU().apply(func, target, True).trace
+    samplers = [inst for inst in trace.insts if inst.kind.name in SAMPLERS]
+    decisions = default_knobs(func, cores).decisions()
+    assert len(samplers) == len(decisions)
+    for inst, decision in zip(samplers, decisions):
+        if inst.kind.name == "SamplePerfectTile":  # a decision the sampler itself could draw
+            n, max_innermost_factor = (int(a) for a in inst.attrs)
+            assert len(decision) == n and decision[-1] <= max_innermost_factor
+        trace = trace.with_decision(inst, decision, remove_postproc=True)
+    replayed = s_tir.Schedule(func)
+    trace.apply_to_schedule(replayed, remove_postproc=True)
+
+    default = s_tir.Schedule(func)
+    apply_default_schedule(default, target)
+    tvm.ir.assert_structural_equal(replayed.mod, default.mod)
+    # The default never samples: it is a plain (replayable) trace, as dlight asks of untuned rules.
+    assert not any(inst.kind.name in SAMPLERS for inst in default.trace.insts)
+
+
+def test_tile_decisions_divide_the_padded_extents():
+    """Perfect tiles: each default split multiplies out to the loop it splits."""
+    func = pattern_conv(filters=24, channels=4, size=32)
+    sch = s_tir.Schedule(func)
+    _n, filters, rows, _q, columns = (int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("acc"))[:5])
+    knobs = default_knobs(func, 2)
+    assert np.prod(knobs.rows) == rows and np.prod(knobs.filters) == filters
+    assert np.prod(knobs.columns) * 8 == columns
+
+
+def test_space_is_sampled_with_the_callers_random_state():
+    func, target = pattern_conv(filters=16, channels=8, size=16), cpu(2)
+
+    def decisions(seed: int) -> list:
+        (space,) = pattern_conv_space(s_tir.Schedule(func, seed=seed), target)
+        return [[int(v) for v in d] if isinstance(d, (list, tvm.ir.Array)) else int(d)
+                for d in space.trace.decisions.values()]
+
+    assert decisions(5) == decisions(5)
+    assert len({str(decisions(seed)) for seed in range(1, 9)}) > 1
