@@ -1,7 +1,7 @@
 """tvm_patdnn against its peers on whole models, batch 1 fp32, measured side by side in one run.
 
-Models (``--models``): VGG-16 for CIFAR (32x32, no BN; the model of ``schedules/vgg16_cifar.py``,
-so the records shipped in ``schedules/`` apply), VGG-16 ImageNet (224x224) and ResNet-50 ImageNet
+Models (``--models``): VGG-16 for CIFAR (32x32, no BN; the model of ``vgg16_cifar.py``,
+so the records shipped in ``tvm_patdnn/schedules/`` apply), VGG-16 ImageNet (224x224) and ResNet-50 ImageNet
 (BN folded into the convs). All carry random He-normal weights from a fixed seed: no pretrained
 weights can be downloaded here. Each is pruned one-shot by the project's pruning core
 (``prune_onnx(model, n_patterns=8, connectivity=3.6)``: 8 magnitude-chosen patterns, 3.6x
@@ -20,7 +20,8 @@ CPU time / wall time stays 1.0), so each thread count runs in its own worker pro
 ``TVM_NUM_THREADS``/``OMP_NUM_THREADS`` set; ORT, MNN and PyTorch get the count through their APIs.
 Runtimes are timed in interleaved rounds (the box is shared) and medians are reported.
 Per-layer table: every conv of VGG-16 CIFAR compiled alone (``layers.conv_model``), against the
-FMA peak measured at run time by a small AVX2/FMA C loop.
+FMA peak measured at run time with the widest FMA the host has (``machine.py``: 512-bit on
+AVX-512 hosts, 256-bit on AVX2, NEON on aarch64); the ISA is named in the output.
 
     .venv/bin/python benchmarks/peers.py [--models vgg16_cifar vgg16 resnet50] [--threads 1 2]
         [--rounds 5] [--tune-trials 0] [--json benchmarks/results/peers.json]
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,8 +45,8 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "schedules"))
 from layers import conv_model, time_ms  # noqa: E402
+from machine import cpu_name, fma_peak_gflops, widest_isa  # noqa: E402
 
 import tvm_patdnn  # noqa: E402
 from tvm_patdnn.fileio import save_model_atomic, write_bytes_atomic  # noqa: E402
@@ -58,42 +58,6 @@ TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224
 VGG_STAGES = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 RTOL = 1e-3
 MIN_SAMPLE_MS = 200.0
-
-FMA_C = r"""
-#include <immintrin.h>
-#include <omp.h>
-#include <stdio.h>
-#include <stdlib.h>
-/* 12 independent accumulators of 8 floats, one vfmadd231ps each per iteration: throughput-bound. */
-int main(int argc, char **argv) {
-    long iters = atol(argv[1]); int threads = atoi(argv[2]); float sink = 0.f;
-    double t0 = omp_get_wtime();
-    #pragma omp parallel num_threads(threads) reduction(+:sink)
-    {
-        __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(1e-4f);
-        /* Distinct run-time starting values: identical chains get merged by the compiler into one
-           (measured: one vfmadd in the loop, and a "peak" 1.5x above the real one). */
-        float s0 = (float)argc * 1e-3f;
-        __m256 c0 = _mm256_set1_ps(s0), c1 = _mm256_set1_ps(s0 + 1), c2 = _mm256_set1_ps(s0 + 2), c3 = _mm256_set1_ps(s0 + 3),
-               c4 = _mm256_set1_ps(s0 + 4), c5 = _mm256_set1_ps(s0 + 5), c6 = _mm256_set1_ps(s0 + 6), c7 = _mm256_set1_ps(s0 + 7),
-               c8 = _mm256_set1_ps(s0 + 8), c9 = _mm256_set1_ps(s0 + 9), c10 = _mm256_set1_ps(s0 + 10), c11 = _mm256_set1_ps(s0 + 11);
-        for (long i = 0; i < iters; ++i) {
-            c0 = _mm256_fmadd_ps(c0, a, b); c1 = _mm256_fmadd_ps(c1, a, b); c2 = _mm256_fmadd_ps(c2, a, b);
-            c3 = _mm256_fmadd_ps(c3, a, b); c4 = _mm256_fmadd_ps(c4, a, b); c5 = _mm256_fmadd_ps(c5, a, b);
-            c6 = _mm256_fmadd_ps(c6, a, b); c7 = _mm256_fmadd_ps(c7, a, b); c8 = _mm256_fmadd_ps(c8, a, b);
-            c9 = _mm256_fmadd_ps(c9, a, b); c10 = _mm256_fmadd_ps(c10, a, b); c11 = _mm256_fmadd_ps(c11, a, b);
-        }
-        __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
-                   _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7)),
-                   _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11))));
-        float out[8]; _mm256_storeu_ps(out, s); sink += out[0];
-    }
-    double seconds = omp_get_wtime() - t0;
-    printf("%f %f\n", 2.0 * 8 * 12 * (double)iters * threads / seconds / 1e9, sink);
-    return 0;
-}
-"""
-
 
 # ----------------------------------------------------------------------------- models
 
@@ -192,7 +156,7 @@ def export_onnx(module, shape: tuple[int, ...]) -> onnx.ModelProto:
 def build_models(name: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(dense, pruned) ONNX of a benchmark model."""
     if name == "vgg16_cifar":
-        import vgg16_cifar  # schedules/vgg16_cifar.py: the model the shipped records were tuned for
+        import vgg16_cifar  # benchmarks/vgg16_cifar.py: the model the shipped records were tuned for
 
         # Its build_model() prunes at the end; take the graph before that step for the dense twin.
         with mock.patch.object(vgg16_cifar, "prune_onnx", lambda model, **_: mock.Mock(model=model)):
@@ -340,21 +304,6 @@ def agree(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual.reshape(expected.shape) - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
-# ----------------------------------------------------------------------------- FMA peak
-
-
-def fma_peak_gflops(threads: int, workdir: Path) -> float:
-    """This machine's fp32 FMA peak at ``threads`` threads: best of 5 runs of an AVX2 FMA loop."""
-    binary = workdir / "fma_peak"
-    if not binary.exists():
-        source = workdir / "fma_peak.c"
-        source.write_text(FMA_C)
-        subprocess.run(["gcc", "-O3", "-mavx2", "-mfma", "-fopenmp", str(source), "-o", str(binary)], check=True)
-    runs = [float(subprocess.run([str(binary), "200000000", str(threads)], capture_output=True, text=True, check=True).stdout.split()[0])
-            for _ in range(5)]
-    return max(runs)
-
-
 # ----------------------------------------------------------------------------- worker (one thread count)
 
 
@@ -481,7 +430,7 @@ def markdown(result: dict) -> str:
             cells += [f"{m['tvm_patdnn tuned']:.2f}", f"{m['TVM dense tuned']:.2f}", f"{m['TVM dense tuned'] / m['tvm_patdnn tuned']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     if result["layers"]:
-        lines += ["", "| layer | kind | weight, input | threads | ms | dense GFLOP/s | nonzero GFLOP/s | nonzero % of FMA peak |", "|" + "---|" * 8]
+        lines += ["", f"| layer | kind | weight, input | threads | ms | dense GFLOP/s | nonzero GFLOP/s | nonzero % of {result['meta'].get('fma_isa', 'avx2')} FMA peak |", "|" + "---|" * 8]
         for row in result["layers"]:
             peak = result["fma_peak_gflops"][str(row["threads"])]
             lines.append(f"| {row['layer']} | {row['kind']} | {row['shape']} | {row['threads']} | {row['ms']:.3f} | {row['dense_gflops']:.1f} "
@@ -517,13 +466,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.045 * legend_rows + 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -583,7 +525,7 @@ def main() -> None:
     from tvm_patdnn.targets import resolve_target
 
     result = {
-        "meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "target": str(resolve_target("x86")),
+        "meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "fma_isa": widest_isa(), "target": str(resolve_target("x86")),
                  "tvm": tvm.__version__, "command": " ".join(["benchmarks/peers.py", *sys.argv[1:]]), "tune_trials": args.tune_trials,
                  "wall_s": round(time.time() - started), "load_average": os.getloadavg(),
                  "weights": "random He-normal from a fixed seed (no pretrained weights are available offline); "
@@ -604,7 +546,7 @@ def render(result: dict, md: Path, png: Path) -> None:
     table = markdown(result)
     peaks = ", ".join(f"{t} thread(s) {p:.1f}" for t, p in result["fma_peak_gflops"].items())
     text = (f"{table}\n\nMeasured {result['meta']['date']} on {result['meta']['cpu']} ({result['meta']['target']}), "
-            f"`.venv/bin/python {result['meta']['command']}`; FMA peak (GFLOP/s, AVX2 loop): {peaks}. "
+            f"`.venv/bin/python {result['meta']['command']}`; FMA peak (GFLOP/s, {result['meta'].get('fma_isa', 'avx2')} loop): {peaks}. "
             f"Weights: {result['meta']['weights']}.\n")
     text += "".join(f"\nNot measured: {e['model']} at {e['threads']} thread(s): {e['error']}\n" for e in result["errors"])
     write_bytes_atomic(md, text.encode())

@@ -9,8 +9,8 @@ connectivity); the dense layer is the same kind of layer unpruned, on TVM's dens
 
     .venv/bin/python benchmarks/tuning.py [--trials 32] [--rounds 5] [--db DIR] [--shipped] [--json out.json]
 
-``--shipped`` adds the whole VGG-16 CIFAR benchmark model (schedules/vgg16_cifar.py), default
-schedules vs the database shipped for this machine in schedules/ (no tuning in the run).
+``--shipped`` adds the whole VGG-16 CIFAR benchmark model (benchmarks/vgg16_cifar.py), default
+schedules vs the database shipped for this machine in tvm_patdnn/schedules/ (no tuning in the run).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--db", type=Path, help="keep the tuning records here (default: a temporary directory)")
     parser.add_argument("--shipped", action="store_true",
-                        help="also compare VGG-16 CIFAR (schedules/vgg16_cifar.py) with the shipped schedules/ database")
+                        help="also compare VGG-16 CIFAR (benchmarks/vgg16_cifar.py) with the shipped tvm_patdnn/schedules/ database")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/tuning.json"))
     args = parser.parse_args()
 
@@ -86,7 +86,7 @@ def main() -> None:
             rows.append({"layer": name, "trials": args.trials, "tune_s": time.monotonic() - started,
                          **compare(model, x, db, args.rounds)})
     if args.shipped:
-        sys.path.insert(0, str(SCHEDULES_DIR))
+        sys.path.insert(0, str(Path(__file__).parent))
         from vgg16_cifar import build_model
 
         shipped = shipped_database(target)

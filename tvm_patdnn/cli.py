@@ -72,8 +72,9 @@ def _run_compile(args: argparse.Namespace) -> int:
 
     compiled = compile_model(
         args.model, args.target, input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
-        tuning_db=args.tuning_db,
+        tuning_db=False if args.no_tuned_schedules else args.tuning_db,
     )
+    print(compiled.schedules, file=sys.stderr)
     path = compiled.export_library(args.output)
     print(format_report(compiled.report))
     print(f"\ncompiled for {compiled.target} -> {path}")
@@ -95,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser.add_argument("--target", default="x86",
                                 help="x86 (host CPU), arm_cpu, adreno, or a TVM target JSON (default %(default)s)")
     compile_parser.add_argument("-o", "--output", required=True, help="shared library to write (.so)")
-    compile_parser.add_argument("--tuning-db", metavar="DIR",
-                                help="apply the records of `patdnn tune --db DIR` (default: the shipped schedules/)")
+    tuned = compile_parser.add_mutually_exclusive_group()
+    tuned.add_argument("--tuning-db", metavar="DIR",
+                       help="apply the records of `patdnn tune --db DIR` (default: the schedules shipped for the device)")
+    tuned.add_argument("--no-tuned-schedules", action="store_true",
+                       help="default schedule rules only, no tuning records (tuning_db=False)")
     compile_parser.set_defaults(func=_run_compile)
 
     add_prune_command(sub)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx
@@ -19,6 +19,9 @@ from .pipeline import get_pipeline
 from .report import ConvRecord, format_report
 from .targets import is_host_runnable, resolve_target
 from .transform import conv_report
+
+if TYPE_CHECKING:
+    from .tuning.database import ScheduleSource
 
 __all__ = ["CompiledModel", "compile", "inspect"]
 
@@ -34,6 +37,7 @@ class CompiledModel:
     input_dtypes: dict[str, str]
     output_names: list[str]
     report: list[ConvRecord] = field(default_factory=list)
+    schedules: ScheduleSource | None = None  # which tuning records scheduled which kernels
     _vm: relax.VirtualMachine | None = field(default=None, repr=False)
 
     def run(self, inputs: dict[str, np.ndarray] | None = None, **named: np.ndarray) -> list[np.ndarray]:
@@ -58,7 +62,8 @@ class CompiledModel:
         return write_file_atomic(path, lambda tmp: export_checked(self.executable, tmp, self.target, **kwargs))
 
     def format_report(self) -> str:
-        return format_report(self.report)
+        table = format_report(self.report)
+        return table if self.schedules is None else f"{table}\n{self.schedules}"
 
 
 def check_inputs(model: CompiledModel | ImportedModel, given: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -92,12 +97,15 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     ``main`` takes the inputs first and then the weights named in ``params``).
     ``tuning_db`` is a database directory written by ``tvm_patdnn.tune``; its records for the
     target's device schedule the kernels they cover. None uses the database shipped in
-    ``schedules/`` for the device, if any; False uses the default schedules only.
+    ``tvm_patdnn/schedules/`` for the device, if any; False uses the default schedules only.
+    Which records were applied to how many kernels is in ``CompiledModel.schedules``.
     """
+    from .tuning.database import tuning_records_pass
+
     resolved = resolve_target(target)
     imported = _import(model, params, input_shapes)
     records: list[ConvRecord] = []
-    tuned = _tuning_records(tuning_db, resolved)
+    tuned, schedules = tuning_records_pass(tuning_db, resolved)
     try:
         executable = tvm.compile(
             imported.mod, resolved, relax_pipeline=get_pipeline(resolved, entries, max_patterns, records.append, tuned)
@@ -114,17 +122,8 @@ def compile(  # noqa: A001 - mirrors tvm.compile
         input_dtypes=imported.input_dtypes,
         output_names=imported.output_names,
         report=records,
+        schedules=schedules,
     )
-
-
-def _tuning_records(tuning_db, target: tvm.target.Target) -> tvm.transform.Pass | None:
-    """The pass applying ``tuning_db``'s records (see ``compile``), or None."""
-    if tuning_db is False:
-        return None
-    from .tuning.database import apply_tuning_records, load_records, shipped_database
-
-    path = shipped_database(target) if tuning_db is None else tuning_db
-    return None if path is None else apply_tuning_records(load_records(path, target))
 
 
 def inspect(

@@ -59,7 +59,7 @@ from .measure import (
 from .space import pattern_conv_space_generator
 from .tasks import Task, extract_tasks
 
-__all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TuneResults", "parse_rpc", "tune"]
+__all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TuneResults", "parse_rpc", "tune", "tuning_contexts"]
 
 MAX_FAILED_BATCHES = 3  # batches in a row with every trial failed before the tune gives up
 
@@ -139,25 +139,41 @@ def parse_rpc(text: str) -> ms.runner.RPCConfig:
                                session_priority=1, session_timeout_sec=120)
 
 
+_TENSOR_INTRINSICS = "tvm.s_tir.tensor_intrin"
+
+
+def _intrinsics_module(target: tvm.target.Target) -> str:
+    """The one submodule of ``tvm.s_tir.tensor_intrin`` whose intrinsics meta_schedule's default
+    rules for ``target`` look up by name when they are made: on x86 the int8 dot products
+    (``dot_16x4_vnni`` on AVX-512 VNNI / AMX / Zen 4 CPUs, ``dot_16x4_avx512`` on AVX-512BW), on
+    ARM the NEON/SDOT/UDOT ones (``+dotprod`` or not)."""
+    cpu = target if target.kind.name == "llvm" else target.host
+    triple = str((cpu.attrs.get("mtriple") if cpu is not None else "") or tvm.target.codegen.llvm_get_system_triple())
+    return "arm_cpu" if triple.startswith(("aarch64", "arm")) else "x86"
+
+
 @contextlib.contextmanager
-def _without_tensor_intrinsics(target: tvm.target.Target) -> Iterator[None]:
-    """TuneContext imports ``tvm.s_tir.tensor_intrin`` (~50 s of CPU, CUDA's intrinsics mostly);
-    fp32 CPU spaces use none of them, so an empty package stands in while the contexts are made.
-    meta_schedule's ARM rules look up the ARM intrinsics by name when they are made, so for
-    AArch64/ARM targets that one submodule (~3 s) is imported through the stand-in."""
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
+def _only_needed_tensor_intrinsics(target: tvm.target.Target) -> Iterator[None]:
+    """Register exactly the tensor intrinsics the target's rules need while contexts are made.
+
+    TuneContext imports the whole ``tvm.s_tir.tensor_intrin`` package (~50 s of CPU here, CUDA's
+    intrinsics mostly), which the fp32 CPU spaces never use; but the rules are built for the
+    target's CPU features and fail on a name that is not registered ("TensorIntrin
+    'dot_16x4_vnni' is not registered" on AVX-512 VNNI hosts). So an empty package stands in for
+    the slow one and the target's own submodule (x86: instant, arm_cpu: ~3 s) is imported
+    through it; it stays imported, its intrinsics stay registered.
+    """
+    if _TENSOR_INTRINSICS in sys.modules:
         yield
         return
-    stub = types.ModuleType(name)
+    stub = types.ModuleType(_TENSOR_INTRINSICS)
     stub.__path__ = [os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin")]
-    sys.modules[name] = stub
+    sys.modules[_TENSOR_INTRINSICS] = stub
     try:
-        if str(target.attrs.get("mtriple") or "").startswith(("aarch64", "arm")):
-            importlib.import_module(f"{name}.arm_cpu")  # stays imported: its intrinsics are registered
+        importlib.import_module(f"{_TENSOR_INTRINSICS}.{_intrinsics_module(target)}")
         yield
     finally:
-        sys.modules.pop(name, None)
+        sys.modules.pop(_TENSOR_INTRINSICS, None)
 
 
 @derived_object
@@ -458,6 +474,51 @@ def _measure(builder, runner, target, candidates: list) -> list[ms.runner.Runner
     return results
 
 
+def tuning_contexts(
+    tasks: list[Task],
+    target: tvm.target.Target,
+    cores: int,
+    seed: int = 0,
+    loggers: list[logging.Logger] | None = None,
+) -> list[tuple[ms.TuneContext, list[s_tir.Schedule]]]:
+    """One meta_schedule TuneContext per task with its design space (pattern convs: ours; the
+    rest: meta_schedule's default space for the target's CPU), nothing measured.
+
+    Any error of meta_schedule here is a PatDNNError naming the kernel and the target: the
+    default rules differ per CPU family (VNNI, AVX-512, NEON dot product), so a failure is
+    about this target, not about the model.
+    """
+    # meta_schedule's CPU parallel rules need the core count; phone presets leave it to the device.
+    space_target = target
+    if target.kind.name == "llvm" and not target.attrs.get("num-cores"):
+        space_target = tvm.target.Target({**target.export(), "num-cores": cores})
+    contexts = []
+    with _only_needed_tensor_intrinsics(target):
+        for index, task in enumerate(tasks):
+            try:
+                ctx = ms.TuneContext(
+                    mod=task.mod,
+                    target=space_target,
+                    space_generator=pattern_conv_space_generator(space_target) if task.kind == "pattern" else "post-order-apply",
+                    search_strategy=ms.search_strategy.EvolutionarySearch(
+                        population_size=96, init_min_unmeasured=16, genetic_num_iters=3
+                    ),
+                    task_name=task.name,
+                    logger=loggers[index] if loggers else None,
+                    rand_state=seed + index,
+                    num_threads=cores,
+                ).clone()
+                space = list(ctx.generate_design_space())
+            except Exception as err:  # meta_schedule raises ValueError/TVMError from C++ for its rules
+                message = [line for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+                raise PatDNNError(f"meta_schedule cannot tune kernel {task.name} for target {target_key(target)}: "
+                                  f"{message[-1].strip()}") from err
+            if not space:
+                raise PatDNNError(f"meta_schedule has no schedule for kernel {task.name} on target {target_key(target)}")
+            contexts.append((ctx, space))
+    return contexts
+
+
 def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, seed, progress, work_dir) -> None:
     """Evolutionary search with the XGBoost cost model, round robin over the tasks.
 
@@ -474,27 +535,9 @@ def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, 
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)
     with _log_files(work_dir, tasks) as loggers:
         contexts = []
-        # meta_schedule's parallel rules need the core count; phone presets leave it to the device.
-        space_target = target
-        if not target.attrs.get("num-cores"):
-            space_target = tvm.target.Target({**target.export(), "num-cores": cores})
-        with _without_tensor_intrinsics(target):
-            for index, (task, logger) in enumerate(zip(tasks, loggers)):
-                space = pattern_conv_space_generator(space_target) if task.kind == "pattern" else "post-order-apply"
-                contexts.append(ms.TuneContext(
-                    mod=task.mod,
-                    target=space_target,
-                    space_generator=space,
-                    search_strategy=ms.search_strategy.EvolutionarySearch(
-                        population_size=96, init_min_unmeasured=16, genetic_num_iters=3
-                    ),
-                    task_name=task.name,
-                    logger=logger,
-                    rand_state=seed + index,
-                    num_threads=cores,
-                ).clone())
-        for ctx in contexts:
-            ctx.pre_tuning(trials, per_iter, ctx.generate_design_space(), db, cost_model)
+        for ctx, space in tuning_contexts(tasks, target, cores, seed, loggers):
+            ctx.pre_tuning(trials, per_iter, space, db, cost_model)
+            contexts.append(ctx)
         active = list(range(len(tasks)))
         failures = progress.failures
         failed_batches = 0

@@ -1,4 +1,4 @@
-"""The benchmark model whose tuning records ship in ``schedules/``, and the command that tunes it.
+"""The benchmark model whose tuning records ship in ``tvm_patdnn/schedules/``, and the command that tunes it.
 
 VGG-16 for CIFAR (32x32 input, 13 conv3x3 + BN folded into bias + ReLU, five max-pools, a
 512->10 classifier) with He-normal weights from a fixed seed, pruned one-shot by the project's
@@ -6,7 +6,7 @@ pruning core (8 magnitude-chosen patterns, 3.6x connectivity; the first conv sta
 Everything is deterministic, so ``build_model()`` gives the same weights (and therefore the same
 pattern-conv kernels, which carry their patterns in the code) on every machine.
 
-    .venv/bin/python schedules/vgg16_cifar.py --trials 320     # tunes into schedules/<target key>/
+    .venv/bin/python benchmarks/vgg16_cifar.py --trials 320     # tunes into tvm_patdnn/schedules/<target key>/
 """
 
 from __future__ import annotations
