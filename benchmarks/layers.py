@@ -10,7 +10,8 @@ rounds (this box is shared and noisy) and the table reports medians and ratios.
     TVM_NUM_THREADS=1 .venv/bin/python benchmarks/layers.py [--rounds 5] [--json out.json]
 
 The thread count is TVM's (``TVM_NUM_THREADS``, read when the runtime starts): calling
-``runtime.config_threadpool`` later does not change it.
+``runtime.config_threadpool`` later does not change it. "% of peak" is against the widest FMA
+unit of the host (``machine.py``), measured on as many threads.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 import tvm_patdnn
+from machine import cpu_name, fma_peak_gflops, widest_isa
 from tvm_patdnn.fileio import write_bytes_atomic
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
@@ -63,10 +64,27 @@ def time_ms(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, number: int) -> flo
     return evaluator("main").mean * 1e3
 
 
-def save_results(path: Path, target, rounds: int, rows: list[dict]) -> None:
-    """Write the rows with when/where they were measured (atomically) and say where."""
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
-            "target": str(target), "rounds": rounds}
+def tvm_threads() -> int:
+    """TVM's thread count: ``TVM_NUM_THREADS`` if set (read when its runtime starts), else every core."""
+    return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+
+
+def add_peak_percent(rows: list[dict], peak_before: float) -> float:
+    """Give every row its ``nonzero_peak_percent``; returns the peak used: the better of the FMA
+    peak measured before the rows and now (on a shared box the FMA loop too can lose its core)."""
+    peak = max(peak_before, fma_peak_gflops(tvm_threads()))
+    for row in rows:
+        row["nonzero_peak_percent"] = 100 * row["nonzero_gflops"] / peak
+    return peak
+
+
+def save_results(path: Path, target, rounds: int, rows: list[dict], peak_gflops: float | None = None) -> None:
+    """Write the rows with when/where they were measured (atomically) and say where; with the
+    FMA peak the rows' percentages are taken against, when they have some."""
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_name(),
+            "target": str(target), "rounds": rounds, "threads": tvm_threads()}
+    if peak_gflops is not None:
+        meta.update(fma_isa=widest_isa(), fma_peak_gflops=peak_gflops)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, json.dumps({"meta": meta, "rows": rows}, indent=2).encode())
     print(f"\n{meta['date']}, {meta['target']}; results in {path}")
@@ -79,6 +97,7 @@ def main() -> None:
     args = parser.parse_args()
 
     target = resolve_target("x86")
+    peak_before = fma_peak_gflops(tvm_threads())  # the widest FMA this host has, on TVM's threads
     rows = []
     for layer_name, channels, size in LAYERS:
         rng = np.random.default_rng(0)
@@ -102,7 +121,7 @@ def main() -> None:
         check = modules["tvm dense, patdnn dense rule"]["main"](x).numpy()
         assert np.allclose(check, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()), "dense outputs differ"
 
-        threads = os.environ.get("TVM_NUM_THREADS", "default")
+        threads = tvm_threads()
         samples = {name: [] for name in modules}
         for _ in range(args.rounds):
             for name, vm in modules.items():
@@ -124,16 +143,19 @@ def main() -> None:
                 }
             )
 
-    header = "| layer | pruning | threads | pattern ms | TVM dense default ms | TVM dense + our rule ms | speedup vs default | speedup vs dense rule | pattern nonzero GFLOP/s | dense GFLOP/s |"
+    peak = add_peak_percent(rows, peak_before)
+    header = ("| layer | pruning | threads | pattern ms | TVM dense default ms | TVM dense + our rule ms | speedup vs default "
+              f"| speedup vs dense rule | pattern nonzero GFLOP/s | % of {widest_isa()} FMA peak | dense GFLOP/s |")
     print(header)
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     for r in rows:
         print(
             f"| {r['layer']} | {r['pruning']} | {r['threads']} | {r['pattern_ms']:.2f} | {r['dense_default_ms']:.1f} | "
             f"{r['dense_rule_ms']:.2f} | {r['speedup_vs_default']:.1f}x | {r['speedup_vs_dense_rule']:.2f}x | "
-            f"{r['nonzero_gflops']:.1f} | {r['dense_gflops_rule']:.1f} |"
+            f"{r['nonzero_gflops']:.1f} | {r['nonzero_peak_percent']:.0f}% | {r['dense_gflops_rule']:.1f} |"
         )
-    save_results(args.json, target, args.rounds, rows)
+    print(f"\nFMA peak ({widest_isa()}, {tvm_threads()} thread(s)): {peak:.1f} GFLOP/s")
+    save_results(args.json, target, args.rounds, rows, peak)
 
 
 if __name__ == "__main__":

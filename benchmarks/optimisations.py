@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -40,8 +39,8 @@ import tvm
 from onnx import numpy_helper, shape_inference
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent))
-from layers import save_results  # noqa: E402
+from layers import add_peak_percent, save_results, tvm_threads  # noqa: E402
+from machine import fma_peak_gflops, widest_isa  # noqa: E402
 from vgg16_cifar import build_model  # noqa: E402
 
 from tvm_patdnn.analysis import analyze_conv_weight  # noqa: E402
@@ -141,7 +140,8 @@ def main() -> None:
     args = parser.parse_args()
 
     target = resolve_target("x86")
-    threads = os.environ.get("TVM_NUM_THREADS", "default")
+    threads = tvm_threads()
+    peak_before = fma_peak_gflops(threads)  # the widest FMA this host has, on TVM's threads
     rng = np.random.default_rng(0)
     rows = []
     for name, weight, bias, shape in pattern_layers(build_model()):
@@ -169,16 +169,23 @@ def main() -> None:
                      "threads": threads, "ms": median, "nonzero_gflops": nonzero_flops / median["default"] / 1e6})
         print(f"{name}: " + ", ".join(f"{label} {ms:.3f}" for label, ms in median.items()), flush=True)
 
+    peak = add_peak_percent(rows, peak_before)
     labels = [label for label in VARIANTS if label != "default"]
-    print(f"\n| layer | weight, input | threads | default ms | nonzero GFLOP/s | " + " | ".join(labels) + " |")
-    print("|" + "---|" * (5 + len(labels)))
+    print(f"\n| layer | weight, input | threads | default ms | nonzero GFLOP/s | % of {widest_isa()} FMA peak | "
+          + " | ".join(labels) + " |")
+    print("|" + "---|" * (6 + len(labels)))
     total = {label: sum(r["ms"][label] for r in rows) for label in VARIANTS}
-    for r in rows + [{"layer": "all pattern layers", "shape": "", "threads": threads, "ms": total, "nonzero_gflops": None}]:
-        gflops = "" if r["nonzero_gflops"] is None else f"{r['nonzero_gflops']:.1f}"
+    all_flops = sum(r["nonzero_gflops"] * r["ms"]["default"] for r in rows)  # GFLOP/s x ms: the same sum of work
+    everything = {"layer": "all pattern layers", "shape": "", "threads": threads, "ms": total,
+                  "nonzero_gflops": all_flops / total["default"],
+                  "nonzero_peak_percent": 100 * all_flops / total["default"] / peak}
+    for r in rows + [everything]:
         ratios = " | ".join(f"{r['ms'][label] / r['ms']['default']:.2f}x" for label in labels)
-        print(f"| {r['layer']} | {r['shape']} | {r['threads']} | {r['ms']['default']:.3f} | {gflops} | {ratios} |")
-    print("\nEach ratio: time without that optimisation / time with everything (above 1: it pays).")
-    save_results(args.json, target, args.rounds, rows)
+        print(f"| {r['layer']} | {r['shape']} | {r['threads']} | {r['ms']['default']:.3f} | {r['nonzero_gflops']:.1f} "
+              f"| {r['nonzero_peak_percent']:.0f}% | {ratios} |")
+    print("\nEach ratio: time without that optimisation / time with everything (above 1: it pays). "
+          f"FMA peak ({widest_isa()}, {threads} thread(s)): {peak:.1f} GFLOP/s.")
+    save_results(args.json, target, args.rounds, rows, peak)
 
 
 if __name__ == "__main__":
