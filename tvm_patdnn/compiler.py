@@ -23,7 +23,7 @@ from .transform import conv_report
 if TYPE_CHECKING:
     from .tuning.database import ScheduleSource
 
-__all__ = ["CompiledModel", "compile", "inspect"]
+__all__ = ["CompiledModel", "check_pattern_options", "compile", "inspect"]
 
 
 @dataclass
@@ -66,6 +66,15 @@ class CompiledModel:
         return table if self.schedules is None else f"{table}\n{self.schedules}"
 
 
+def check_pattern_options(entries: int, max_patterns: int) -> None:
+    """PatDNNError unless ``entries`` (nonzeros a pattern kernel may have) is 1..9 and
+    ``max_patterns`` is positive: out of range, every layer would silently stay dense."""
+    if isinstance(entries, bool) or not isinstance(entries, int) or not 1 <= entries <= 9:
+        raise PatDNNError(f"entries (the nonzeros a pattern kernel may keep) must be 1..9, got {entries!r}")
+    if isinstance(max_patterns, bool) or not isinstance(max_patterns, int) or max_patterns < 1:
+        raise PatDNNError(f"max_patterns (patterns per layer) must be a positive integer, got {max_patterns!r}")
+
+
 def check_inputs(model: CompiledModel | ImportedModel, given: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The inputs as contiguous arrays in ``model.input_names`` order; PatDNNError if they do not fit."""
     missing = [n for n in model.input_names if n not in given]
@@ -74,7 +83,15 @@ def check_inputs(model: CompiledModel | ImportedModel, given: dict[str, np.ndarr
         raise PatDNNError(f"inputs must be exactly {model.input_names}; missing {missing}, unknown {unknown}")
     arrays = []
     for name in model.input_names:
-        value = np.ascontiguousarray(given[name], dtype=model.input_dtypes[name])
+        value = given[name]
+        if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # tvm.runtime.Tensor, torch.Tensor
+            value = value.numpy()
+        if not isinstance(value, (np.ndarray, np.generic, list, tuple, int, float)):
+            raise PatDNNError(f"input {name!r} must be a numpy array, not {type(value).__name__}")
+        try:
+            value = np.ascontiguousarray(value, dtype=model.input_dtypes[name])
+        except (TypeError, ValueError) as err:
+            raise PatDNNError(f"input {name!r} cannot be read as a {model.input_dtypes[name]} array: {err}") from None
         if value.shape != model.input_shapes[name]:
             raise PatDNNError(f"input {name!r} has shape {value.shape}, the model expects {model.input_shapes[name]}")
         arrays.append(value)
@@ -102,6 +119,7 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     """
     from .tuning.database import tuning_records_pass
 
+    check_pattern_options(entries, max_patterns)
     resolved = resolve_target(target)
     imported = _import(model, params, input_shapes)
     records: list[ConvRecord] = []
@@ -135,6 +153,7 @@ def inspect(
     max_patterns: int = 12,
 ) -> list[ConvRecord]:
     """What ``compile`` would do with every conv2d of the model, without building anything."""
+    check_pattern_options(entries, max_patterns)
     imported = _import(model, params, input_shapes)
     mod = relax.transform.FoldConstant()(imported.mod)
     return conv_report(mod, entries, max_patterns)

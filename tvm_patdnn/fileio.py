@@ -14,14 +14,18 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from .errors import PatDNNError
 
-__all__ = ["load_onnx_model", "write_bytes_atomic", "write_file_atomic", "save_model_atomic", "MIN_OPSET", "MAX_OPSET"]
+__all__ = ["check_output_path", "load_onnx_model", "write_bytes_atomic", "write_file_atomic", "save_model_atomic",
+           "MIN_OPSET", "MAX_OPSET"]
 
 MIN_OPSET = 7
 MAX_OPSET = onnx.defs.onnx_opset_version()
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def load_onnx_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -49,7 +53,40 @@ def load_onnx_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelPro
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise PatDNNError(f"{source} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from exc
+    _check_finite_weights(proto, source)
     return proto
+
+
+def _check_finite_weights(proto: onnx.ModelProto, source: str) -> None:
+    """A NaN or infinite weight is a broken model, not a value to compute with: a ReLU turns
+    NaNs into zeros in the compiled code and into NaNs elsewhere, and pruning would rank them
+    arbitrarily. So both ``prune`` and ``compile`` refuse it, naming the weight."""
+    tensors = list(proto.graph.initializer) + [
+        a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for tensor in tensors:
+        if tensor.data_type not in _FLOAT_TYPES:
+            continue
+        values = onnx.numpy_helper.to_array(tensor)
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise PatDNNError(f"{source}: weight {tensor.name!r} has {int(finite.size - finite.sum())} non-finite "
+                              "value(s) (NaN or infinity); fix or retrain the model")
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """The file to write for output ``path`` (a symlink's target), or PatDNNError when it cannot
+    be one: its directory is missing, or it exists and is not a regular file. Only regular files
+    are replaced: a rename over a device node, a FIFO or a socket would swap the system's file for
+    ours (``-o /dev/null`` as root) and hand it the device's mode."""
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if not path.parent.is_dir():
+        raise PatDNNError(f"cannot write {path}: directory {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise PatDNNError(f"cannot write {path}: it is {kind}; give the path of a file to create or replace")
+    return path
 
 
 def write_file_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -58,12 +95,12 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> 
     The temporary file sits in the same directory (same file system, so the rename is
     atomic) and keeps ``path``'s suffix, because some writers (``export_library``,
     ``savefig``) choose the format from it. On any failure it is removed and ``path`` is
-    untouched. The result gets the mode a plain ``open`` would have given it.
+    untouched. Only regular files are replaced (:func:`check_output_path`); a symlink is followed,
+    so the link stays and its target gets the new content. A new file gets the mode a plain
+    ``open`` would give it, a replaced one keeps its own.
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise PatDNNError(f"cannot write {path}: directory {path.parent} does not exist")
-    if path.exists():
+    path = check_output_path(path)
+    if path.is_file():
         mode = path.stat().st_mode & 0o777
     else:
         umask = os.umask(0)

@@ -46,6 +46,9 @@ def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]
         tensor_type = value.type.tensor_type
         if value.name in overrides:
             shape = tuple(int(d) for d in overrides[value.name])
+            if not shape or any(d <= 0 for d in shape):
+                raise PatDNNError(f"input_shapes gives {value.name!r} the shape {shape}: every dimension must be a "
+                                  "positive integer")
         else:
             dims = tensor_type.shape.dim if tensor_type.HasField("shape") else None
             if dims is None or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
@@ -61,6 +64,16 @@ def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]
         shapes[value.name] = shape
         dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
     return names, shapes, dtypes
+
+
+def _drop_initializer_inputs(proto: onnx.ModelProto) -> None:
+    """Older exporters (IR version < 4) list every initializer as a graph input too; they are
+    weights, not inputs, and TVM's importer crashes on them."""
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [v for v in proto.graph.input if v.name not in initializers]
+    if len(inputs) != len(proto.graph.input):
+        del proto.graph.input[:]
+        proto.graph.input.extend(inputs)
 
 
 def _check_ops(proto: onnx.ModelProto) -> None:
@@ -80,6 +93,7 @@ def import_onnx(
     from tvm.relax.frontend.onnx import from_onnx
 
     proto = load_onnx_model(model)
+    _drop_initializer_inputs(proto)
     names, shapes, dtypes = _static_inputs(proto, dict(input_shapes or {}))
     _check_ops(proto)
     try:

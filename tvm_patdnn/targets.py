@@ -19,6 +19,7 @@ __all__ = [
     "resolve_target",
     "vector_lanes",
     "accumulator_registers",
+    "vector_registers",
     "is_aarch64",
     "is_host_runnable",
     "PRESETS",
@@ -98,7 +99,18 @@ def _checked(target: Target, text: str) -> Target:
         )
     if target.kind.name == "opencl" and (target.host is None or target.host.kind.name != "llvm"):
         raise PatDNNError(f"OpenCL target {text} needs an llvm host, e.g. \"host\": {json.dumps(_ARM_CPU)}")
+    _check_cpu(_cpu(target), text)
     return target
+
+
+def _check_cpu(cpu: Target, text: str) -> None:
+    """LLVM takes an unknown ``mcpu`` with a flood of "is not a recognized processor" lines and
+    builds generic code; say so before anything is built."""
+    mcpu = str(cpu.attrs.get("mcpu") or "")
+    triple = str(cpu.attrs.get("mtriple") or "") or codegen.llvm_get_system_triple()
+    if mcpu and not codegen.llvm_is_valid_cpu(mcpu, triple):
+        raise PatDNNError(f"LLVM knows no CPU {mcpu!r} for {triple} (target {text}); `llc -mtriple={triple} "
+                          "-mcpu=help` lists them, e.g. znver3, skylake-avx512, cortex-a76")
 
 
 def _cpu(target: Target) -> Target:
@@ -119,14 +131,20 @@ def is_host_runnable(target: Target) -> bool:
     return triple.split("-")[0] == codegen.llvm_get_system_triple().split("-")[0]
 
 
+def vector_registers(target: Target) -> int:
+    """Architectural vector registers of a CPU target: 32 on AVX-512 and aarch64 (NEON), 16 on
+    AVX2/AVX/SSE. Register tiles are sized from it."""
+    wide = is_aarch64(target) or codegen.llvm_cpu_has_features(["avx512f"], target)
+    return 32 if wide else 16
+
+
 def accumulator_registers(target: Target) -> int:
-    """Output vectors a pattern-conv register tile may accumulate: half the vector register file
-    (AVX-512 and aarch64 NEON have 32, AVX2 16), the rest holding broadcast weights and loaded
-    inputs; 1 on GPUs, where a work item computes one output vector."""
+    """Output vectors a pattern-conv register tile may accumulate: half the vector register file,
+    the rest holding broadcast weights and loaded inputs; 1 on GPUs, where a work item computes
+    one output vector."""
     if target.kind.name != "llvm":
         return 1
-    wide = is_aarch64(target) or codegen.llvm_cpu_has_features(["avx512f"], target)
-    return 16 if wide else 8
+    return vector_registers(target) // 2
 
 
 def vector_lanes(target: Target) -> int:

@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
 import sys
 
 from ..errors import PatDNNError
+from .deploy import parse_tracker
+
+EXPOSED_WARNING = (
+    "WARNING: --host {host} is not a loopback address: anyone who can reach {host}:{port} can run "
+    "any code as this user (qemu-user is no sandbox, and TVM RPC has no authentication). Bind "
+    "127.0.0.1 unless the network is yours alone."
+)
 
 
 def _parse_addr(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return parse_tracker(text)
+    except PatDNNError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _first_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 65535 - 100:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65435 (ports PORT..PORT+100 are tried), got {text!r}")
+    return int(text)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def add_phone_emulator_command(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +55,7 @@ def add_phone_emulator_command(subparsers: argparse._SubParsersAction) -> None:
                         help="RPC tracker address, e.g. 127.0.0.1:9190")
     parser.add_argument("--key", default="android", help="device key clients request")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=9090,
+    parser.add_argument("--port", type=_first_port, default=9090, metavar="PORT",
                         help="first port to try; the next free one up to port+100 is used")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only fetch the aarch64 runtime and build the server, then exit")
@@ -57,6 +78,8 @@ def run_phone_emulator(args: argparse.Namespace) -> int:
                                  port=args.port, port_end=args.port + 100)
     except OSError as err:
         raise PatDNNError(f"cannot listen on {args.host}:{args.port}: {err}") from err
+    if not _is_loopback(args.host):
+        print(EXPOSED_WARNING.format(host=args.host, port=emulator.port), file=sys.stderr, flush=True)
     previous = {sig: signal.signal(sig, lambda *_: emulator.stop())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     # The "listening" line tells scripts (and tests) which port was taken and that we are up.

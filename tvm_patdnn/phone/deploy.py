@@ -8,9 +8,9 @@ schedule); the latency comes from TVM's ``time_evaluator`` on the device itself.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +64,8 @@ class DeployResult:
 def parse_tracker(text: str) -> tuple[str, int]:
     """``host:port`` -> (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise PatDNNError(f"tracker address must be HOST:PORT, got {text!r}")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PatDNNError(f"tracker address must be HOST:PORT with a port in 1..65535, got {text!r}")
     return host, int(port)
 
 
@@ -90,18 +90,31 @@ def deploy(
     of ``key`` behind ``tracker``, compare with ``onnx.reference`` and time it there.
 
     ``inputs`` default to seeded standard-normal arrays of the model's input shapes. A device
-    that does not become free within ``timeout`` seconds (gone, or busy) is an error.
+    that does not become free within ``timeout`` seconds (gone, or busy) is an error, as is a
+    tracker or device handshake that takes longer, or a session longer than ``session_timeout``.
     """
+    for name, value in (("timeout", timeout), ("session_timeout", session_timeout)):
+        if not value > 0:
+            raise PatDNNError(f"{name} must be a positive number of seconds, got {value!r}")
+    for name, value in (("number", number), ("repeat", repeat)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PatDNNError(f"{name} must be a positive integer, got {value!r}")
+    if not rtol >= 0:
+        raise PatDNNError(f"rtol must be a non-negative number, got {rtol!r}")
     from ..compiler import check_inputs
     from ..compiler import compile as compile_model
     from ..frontend import import_onnx
     from ..targets import resolve_target
+    from ..tuning.measure import check_tracker
     from .cross import check_library_machine
 
     proto = load_onnx_model(model)
     resolved = resolve_target(target)
     host, port = parse_tracker(tracker) if isinstance(tracker, str) else tracker
-    _check_tracker(host, port, key)  # before compiling: fail fast on a wrong address or key
+    try:  # before compiling: fail fast on a wrong address or key
+        check_tracker(host, port, key, timeout)
+    except RuntimeError as err:
+        raise PatDNNError(str(err)) from None
     with tempfile.TemporaryDirectory(prefix="patdnn-deploy-") as workdir:
         if library is None:
             compiled = compile_model(proto, resolved, input_shapes=input_shapes, entries=entries,
@@ -142,33 +155,13 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0)) / scale
 
 
-def _check_tracker(host: str, port: int, key: str) -> None:
-    """PatDNNError naming what is missing unless a tracker at ``host:port`` lists a ``key`` device."""
-    from tvm import rpc
-
-    try:  # connect_tracker itself retries for a minute before giving up
-        socket.create_connection((host, port), timeout=5).close()
-        tracker = rpc.connect_tracker(host, port)
-        servers = tracker.summary()["server_info"]
-        tracker.close()
-    except (OSError, RuntimeError) as err:
-        raise PatDNNError(f"no TVM RPC tracker answers at {host}:{port}: {err}") from None
-    keys = sorted({str(s.get("key", "")).removeprefix("server:") for s in servers} - {""})
-    if key not in keys:
-        raise PatDNNError(
-            f"no device registered under key {key!r} at tracker {host}:{port} "
-            f"(registered keys: {', '.join(keys) or 'none'}); start one with "
-            f"`patdnn phone-emulator --tracker {host}:{port} --key {key}` or the TVM RPC app"
-        )
-
-
 def _run_remote(path: Path, target, host: str, port: int, key: str, arrays: list[np.ndarray],
                 number: int, repeat: int, session_timeout: float,
                 timeout: float) -> tuple[list[np.ndarray], list[float], bool]:
     """Upload, run once, time. Errors are raised only after the session's frame is gone, so
     that no traceback keeps a remote object alive: the device returns to the tracker at once
     instead of at ``session_timeout``."""
-    from ..tuning.measure import TrackerSession
+    from ..tuning.measure import TrackerSession, call_with_deadline
 
     # Not TVM's tracker.request, which waits forever for a device that has gone away.
     config = SimpleNamespace(tracker_host=host, tracker_port=port, tracker_key=key,
@@ -178,13 +171,16 @@ def _run_remote(path: Path, target, host: str, port: int, key: str, arrays: list
     except RuntimeError as err:
         raise PatDNNError(f"the tracker gave no session on {key!r}: {err}") from None
     problem = None
-    try:
-        outcome = _session_run(remote, path, target, key, arrays, number, repeat)
+    try:  # a device that stops answering mid-session would block TVM's calls forever
+        session_run = functools.partial(_session_run, remote, path, target, key, arrays, number, repeat)
+        outcome = call_with_deadline(session_run, session_timeout, f"the device {key!r}")
     except PatDNNError as err:
         problem = str(err)
+    except TimeoutError as err:
+        problem = f"{err} (--session-timeout): upload, run and timing did not finish"
     except (RuntimeError, OSError) as err:  # TVM's errors (tvm.error.*) are RuntimeErrors
         problem = f"running the model on {key!r} failed: {str(err).strip().splitlines()[-1]}"
-    del remote
+    del remote, session_run
     gc.collect()
     if problem is not None:
         raise PatDNNError(problem)
@@ -239,9 +235,11 @@ def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--number", type=int, default=5, help="runs averaged per timing (default %(default)s)")
     parser.add_argument("--repeat", type=int, default=3, help="timings taken (default %(default)s)")
     parser.add_argument("--session-timeout", type=float, default=600,
-                        help="seconds the device serves this session at most (default %(default)s)")
+                        help="seconds the device serves this session at most; upload, run and timing must "
+                             "finish within it (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60, metavar="SECONDS",
-                        help="how long to wait for the device to become free (default %(default)s)")
+                        help="limit of every step before the session: the tracker's answer, the device "
+                             "becoming free, its handshake (default %(default)s)")
     parser.set_defaults(func=_run_deploy)
 
 

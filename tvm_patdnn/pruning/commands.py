@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import PatDNNError
+from ..fileio import check_output_path
 from .onnx_prune import prune_onnx, save_model_atomic
 
 __all__ = ["add_prune_command"]
@@ -62,10 +63,8 @@ def run_prune(args: argparse.Namespace) -> int:
     both = sorted(set(args.skip) & set(args.force))
     if both:
         raise PatDNNError(f"layer(s) both skipped and forced: {', '.join(both)}")
-    outputs = [Path(args.output)] + ([Path(args.plot)] if args.plot else [])
-    for path in outputs:  # fail before the (slow) pruning, and before writing anything
-        if not path.parent.is_dir():
-            raise PatDNNError(f"cannot write {path}: directory {path.parent} does not exist")
+    for path in [args.output] + ([args.plot] if args.plot else []):  # fail before the (slow) pruning
+        check_output_path(path)
     layers = {name: False for name in args.skip} | {name: True for name in args.force}
     result = prune_onnx(
         args.model,
@@ -76,9 +75,9 @@ def run_prune(args: argparse.Namespace) -> int:
         first_layer_dense=args.first_layer_dense,
         force_centre=args.force_centre,
     )
-    save_model_atomic(result.model, args.output)
-    print(result.summary())
-    print(f"wrote {args.output}")
+    # The plot first: if it cannot be written, neither is the model (nothing is written unless the
+    # command succeeds); if the model then cannot be written, a plot that is new goes again.
+    new_plot = bool(args.plot) and not Path(args.plot).exists()
     if args.plot:
         from .plots import plot_pattern_frequencies
 
@@ -86,5 +85,14 @@ def run_prune(args: argparse.Namespace) -> int:
             result.frequencies, args.plot, title=f"Kernel shapes of {Path(args.model).name}",
             selected=result.pattern_set,
         )
+    try:
+        save_model_atomic(result.model, args.output)
+    except BaseException:
+        if new_plot:
+            Path(args.plot).unlink(missing_ok=True)
+        raise
+    print(result.summary())
+    print(f"wrote {args.output}")
+    if args.plot:
         print(f"wrote {args.plot}")
     return 0

@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import PatDNNError
 from ..kernel_patterns import mask_array
-from .onnx_prune import write_bytes_atomic
+from ..fileio import check_output_path, write_bytes_atomic
 
 __all__ = ["plot_pattern_frequencies"]
 
@@ -40,11 +39,9 @@ def plot_pattern_frequencies(
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     from matplotlib.patches import Patch
 
-    path = Path(path)
     if not freqs:
         raise PatDNNError("no pattern frequencies to plot")
-    if not path.parent.is_dir():
-        raise PatDNNError(f"cannot write {path}: directory {path.parent} does not exist")
+    path = check_output_path(path)
     chosen = {int(p) for p in selected or ()}
     items = sorted(((int(m), int(c)) for m, c in freqs.items()), key=lambda mc: (-mc[1], mc[0]))
     # Selected patterns that never occurred still get a (zero) bar so the whole set is visible.

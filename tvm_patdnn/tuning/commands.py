@@ -35,8 +35,8 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trials-per-iter", type=int, default=16,
                         help="candidates measured per search round of a kernel (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="limit of one local measurement; with --rpc, how long to wait for the device "
-                             "before the tune ends (default %(default)s)")
+                        help="limit of one measurement; with --rpc also of the tracker's answer, the device "
+                             "becoming free and its handshake, after which the tune ends (default %(default)s)")
     parser.set_defaults(func=run_tune)
 
 

@@ -1,9 +1,12 @@
 """Tuning records on disk: meta_schedule's JSONDatabase format, one directory per device.
 
 A database directory holds ``database_workload.json`` and ``database_tuning_record.json``, one
-JSON document per line, only ever appended to (meta_schedule opens, appends one line and closes
-per record), so a killed tune loses at most the line being written. That torn last line is the
-one thing dropped when a tune reopens the database; readers (``compile``) skip it.
+JSON document per line (meta_schedule's JSONDatabase format), only ever appended to, so a killed
+tune loses at most the line being written. That torn last line is the one thing dropped when a
+tune reopens the database; readers (``compile``) skip it. Tunes write through
+:class:`AppendOnlyDatabase`, which appends each line in one write under a lock file, so several
+processes can tune into one directory at once (meta_schedule's own writer appends a record and
+its newline in two writes, unlocked, and numbers workloads by what it alone has seen).
 
 Records carry their target. ``compile`` applies only records whose target key (kind, triple,
 CPU, features; not the core count) matches its own: a record tuned for one CPU says nothing
@@ -13,15 +16,20 @@ a wheel install has them too.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import importlib.resources
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
 from tvm import relax
+from tvm.ir import IRModule
+from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
@@ -30,6 +38,7 @@ from .measure import finish_schedule
 from .tasks import normalize
 
 __all__ = [
+    "AppendOnlyDatabase",
     "RECORDS",
     "SCHEDULES_DIR",
     "ScheduleSource",
@@ -45,6 +54,7 @@ __all__ = [
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
+LOCK = ".lock"  # flock()ed by every writer while it reads new lines and appends its own
 SCHEDULES_DIR = Path(str(importlib.resources.files("tvm_patdnn") / "schedules"))
 
 
@@ -60,36 +70,135 @@ def target_key(target: Target) -> str:
     return "-".join(parts).replace("/", "_")
 
 
-def _drop_torn_line(path: Path) -> None:
-    """Cut a last line a killed writer left without its newline (it holds no complete record)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        if data.endswith(b"\n"):
-            return
-        handle.truncate(data.rfind(b"\n") + 1)
-
-
-def open_for_tuning(path: str | os.PathLike, target: Target) -> ms.database.JSONDatabase:
+def open_for_tuning(path: str | os.PathLike, target: Target) -> AppendOnlyDatabase:
     """Open (creating it) a database directory to append records for ``target``."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        for name in (WORKLOADS, RECORDS):
-            _drop_torn_line(path / name)
     except OSError as err:
         raise PatDNNError(f"cannot use tuning database {path}: {err}") from err
+    database = AppendOnlyDatabase(path)
     foreign = {key for key in record_targets(path) if key != target_key(target)}
     if foreign:
         raise PatDNNError(
             f"tuning database {path} holds records for {', '.join(sorted(foreign))}, not {target_key(target)}: "
             "use one database directory per device"
         )
-    try:
-        return ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=True)
-    except Exception as err:  # TVM's JSON parser errors
-        raise PatDNNError(f"tuning database {path} is not readable: {str(err).strip().splitlines()[-1]}") from err
+    return database
+
+
+@derived_object
+class AppendOnlyDatabase(ms.database.PyDatabase):
+    """meta_schedule's JSON database, safe for several writers (processes) at once.
+
+    Queries go to an in-memory copy. Every append takes an exclusive ``flock`` on the
+    directory's lock file, first reads the lines other writers appended since (so a record's
+    workload index is its line in the file *now*, not in this process's view of it), then
+    writes the whole line, newline included, in one ``write``. A last line without its newline
+    found under the lock was left by a killed writer and is cut.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+        self.memory = ms.database.MemoryDatabase()
+        self._workload_lines: list[ms.database.Workload] = []  # the workload file, line by line
+        self._read = {WORKLOADS: (0, 0), RECORDS: (0, 0)}  # file -> (bytes read, lines read)
+        try:
+            with self._locked():
+                self._sync()
+        except PatDNNError:
+            raise
+        except Exception as err:  # OSError, TVM's errors on malformed entries
+            raise PatDNNError(f"tuning database {self.path} is not readable: {str(err).strip().splitlines()[-1]}") from err
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.path / LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _new_lines(self, name: str) -> list[tuple[int, object]]:
+        """Complete lines appended to ``name`` since the last read (under the lock), numbered."""
+        file = self.path / name
+        offset, count = self._read[name]
+        if not file.is_file():
+            return []
+        with open(file, "rb+") as handle:
+            handle.seek(offset)
+            data = handle.read()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):  # a killed writer's torn line: nobody else writes while we hold the lock
+                handle.truncate(offset + end)
+        lines = []
+        for raw in data[:end].split(b"\n")[:-1]:
+            if raw.strip():
+                try:
+                    lines.append((count, json.loads(raw)))
+                except json.JSONDecodeError as err:
+                    raise PatDNNError(f"{file}: line {count + 1} is not a tuning record ({err.msg})") from None
+                count += 1
+        self._read[name] = (offset + end, count)
+        return lines
+
+    def _sync(self) -> None:
+        for _index, entry in self._new_lines(WORKLOADS):
+            self._workload_lines.append(self.memory.commit_workload(ms.database.Workload.from_json(entry).mod))
+        for number, (index, record) in self._new_lines(RECORDS):
+            if not isinstance(index, int) or not 0 <= index < len(self._workload_lines):
+                raise PatDNNError(f"{self.path / RECORDS}: record {number + 1} names workload {index}, which does not exist")
+            self.memory.commit_tuning_record(ms.database.TuningRecord.from_json(record, self._workload_lines[index]))
+
+    def _index(self, workload: ms.database.Workload) -> int | None:
+        return next((i for i, w in enumerate(self._workload_lines) if w.same_as(workload)), None)
+
+    def _append(self, name: str, entry: object) -> None:
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        offset, count = self._read[name]
+        self._read[name] = (offset + len(line), count + 1)
+
+    def _file_index(self, workload: ms.database.Workload) -> int:
+        """The workload's line in the file, appending it if no writer has (call under the lock)."""
+        self._sync()
+        index = self._index(workload)
+        if index is None:
+            index = len(self._workload_lines)
+            self._append(WORKLOADS, workload.as_json())
+            self._workload_lines.append(workload)
+        return index
+
+    def has_workload(self, mod: IRModule) -> bool:
+        return self.memory.has_workload(mod)
+
+    def commit_workload(self, mod: IRModule) -> ms.database.Workload:
+        workload = self.memory.commit_workload(mod)
+        if self._index(workload) is None:
+            with self._locked():
+                self._file_index(workload)
+        return workload
+
+    def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
+        workload = self.memory.commit_workload(record.workload.mod)
+        with self._locked():
+            self._append(RECORDS, [self._file_index(workload), record.as_json()])
+        self.memory.commit_tuning_record(record)
+
+    def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[ms.database.TuningRecord]:
+        return self.memory.get_top_k(workload, top_k)
+
+    def get_all_tuning_records(self) -> list[ms.database.TuningRecord]:
+        return self.memory.get_all_tuning_records()
+
+    def __len__(self) -> int:
+        return len(self.memory)
 
 
 def _lines(path: Path) -> list[tuple[int, object]]:

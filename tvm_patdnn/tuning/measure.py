@@ -10,6 +10,9 @@
   random floats for the rest, locally or through an RPC session.
 * ``TrackerSession`` replaces RPCRunner's session request, which waits for the device forever
   once it is gone; this one gives up after a while with a :data:`DEVICE_UNAVAILABLE` error.
+* ``check_tracker`` asks a tracker what it serves, and ``call_with_deadline`` bounds any
+  blocking RPC step: TVM's own tracker and device handshakes wait forever on a peer that
+  accepts a connection and never answers.
 
 This module is imported by the builder/runner worker processes: keep its imports light.
 """
@@ -21,6 +24,7 @@ import os
 import socket
 import struct
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +35,7 @@ from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from ..schedule_rules.kernel_runs import bound_kernel_runs
 
 __all__ = ["DEVICE_UNAVAILABLE", "LibraryExport", "PackedArguments", "TrackerSession", "build_kernel",
-           "finish_schedule", "signature"]
+           "call_with_deadline", "check_tracker", "finish_schedule", "signature"]
 
 # Starts the error of a measurement that never reached the device (no session): the tuner ends
 # the tune on it instead of waiting again for every remaining candidate.
@@ -116,6 +120,66 @@ class PackedArguments:
         return self.local(device, args_info, alloc_repeat)
 
 
+def call_with_deadline(call: Callable, seconds: float, what: str):
+    """``call()``, or TimeoutError naming ``what`` once ``seconds`` have passed without an answer.
+
+    TVM's RPC handshakes and remote calls block in C++ without a time limit, so the call runs in
+    a daemon thread; one that never returns is abandoned (it ends with the process)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed back to the caller's thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name=f"patdnn: {what}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"{what} did not answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _tracker_call(host: str, port: int, request: list, timeout: float):
+    """One request to an RPC tracker over a fresh connection, every step within ``timeout``."""
+    from tvm.rpc import base
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+            raise RuntimeError(f"{host}:{port} is not an RPC tracker")
+        base.sendjson(sock, request)
+        return base.recvjson(sock)
+
+
+def check_tracker(host: str, port: int, key: str, timeout: float) -> None:
+    """RuntimeError in plain words unless a tracker answers at ``host:port`` within ``timeout``
+    and has a device under ``key`` (registered, or already asked for by another client)."""
+    from tvm.rpc import base
+
+    try:
+        reply = _tracker_call(host, port, [base.TrackerCode.SUMMARY], timeout)
+    except TimeoutError:
+        raise RuntimeError(f"no TVM RPC tracker answers at {host}:{port} within {timeout:g} s") from None
+    except (OSError, RuntimeError, struct.error, ValueError) as err:
+        raise RuntimeError(f"no TVM RPC tracker answers at {host}:{port}: {err}") from None
+    if not isinstance(reply, list) or reply[0] != base.TrackerCode.SUCCESS or not isinstance(reply[1], dict):
+        raise RuntimeError(f"{host}:{port} does not answer like a TVM RPC tracker: {reply!r}")
+    summary = reply[1]
+    keys = {str(server.get("key", "")).split(":")[-1] for server in summary.get("server_info", [])}
+    keys = (keys | set(summary.get("queue_info", {}))) - {""}
+    if key not in keys:
+        raise RuntimeError(
+            f"no device registered under key {key!r} at tracker {host}:{port} "
+            f"(registered keys: {', '.join(sorted(keys)) or 'none'}); start one with "
+            f"`patdnn phone-emulator --tracker {host}:{port} --key {key}` or the TVM RPC app"
+        )
+
+
 @dataclass(frozen=True)
 class TrackerSession:
     """RPCRunner ``f_create_session``: a session on the tracker's device, waiting at most ``wait`` s.
@@ -123,8 +187,9 @@ class TrackerSession:
     TVM's ``TrackerSession.request`` blocks until the tracker hands out a device under the key,
     which with the device gone (killed, unplugged) is never. This sends the same REQUEST but
     gives up after ``wait`` seconds; closing the connection withdraws the request (the tracker
-    skips requests whose connection is closed). Every way of not getting a session raises a
-    RuntimeError starting with :data:`DEVICE_UNAVAILABLE`.
+    skips requests whose connection is closed). The device's own handshake is bounded by
+    ``wait`` too. Every way of not getting a session raises a RuntimeError starting with
+    :data:`DEVICE_UNAVAILABLE`.
     """
 
     wait: float
@@ -151,7 +216,8 @@ class TrackerSession:
             raise RuntimeError(f"{DEVICE_UNAVAILABLE}: the tracker refused the request for {where}: {reply}")
         url, server_port, matchkey = reply[1]
         try:
-            return rpc.connect(url, server_port, matchkey, config.session_timeout_sec)
+            return call_with_deadline(lambda: rpc.connect(url, server_port, matchkey, config.session_timeout_sec),
+                                      self.wait, f"the device's RPC server {url}:{server_port}")
         except Exception as err:  # noqa: BLE001 (any TVM/socket error: the tracker listed a server that is gone)
             last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise RuntimeError(f"{DEVICE_UNAVAILABLE}: the device {where} (server {url}:{server_port}) "

@@ -24,7 +24,6 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from ..compiler import _import
+from ..compiler import _import, check_pattern_options
 from ..errors import PatDNNError
 from ..phone.cross import linker_for
 from ..pipeline import default_schedule_rules
@@ -54,6 +53,7 @@ from .measure import (
     PackedArguments,
     TrackerSession,
     build_kernel,
+    check_tracker,
     signature,
 )
 from .space import pattern_conv_space_generator
@@ -130,13 +130,14 @@ def _device_unavailable(results: list[ms.runner.RunnerResult]) -> str | None:
     return None
 
 
-def parse_rpc(text: str) -> ms.runner.RPCConfig:
-    """``host:port:key`` (an RPC tracker and the device key) as meta_schedule's RPCConfig."""
+def parse_rpc(text: str, session_timeout: float = 120) -> ms.runner.RPCConfig:
+    """``host:port:key`` (an RPC tracker and the device key) as meta_schedule's RPCConfig; the
+    device ends a session after ``session_timeout`` seconds."""
     parts = text.split(":")
     if len(parts) != 3 or not parts[0] or not parts[2] or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536:
         raise PatDNNError(f"--rpc expects TRACKER_HOST:PORT:DEVICE_KEY (e.g. 127.0.0.1:9190:android), got {text!r}")
     return ms.runner.RPCConfig(tracker_host=parts[0], tracker_port=int(parts[1]), tracker_key=parts[2],
-                               session_priority=1, session_timeout_sec=120)
+                               session_priority=1, session_timeout_sec=session_timeout)
 
 
 _TENSOR_INTRINSICS = "tvm.s_tir.tensor_intrin"
@@ -296,8 +297,9 @@ def tune(
     ``trials`` is the search budget over all tasks, counting search records already in the
     database (so an interrupted tune, re-run, finishes its budget); each task's default schedule
     is measured once on top. ``rpc`` = ``"tracker_host:port:device_key"`` measures on that device.
-    ``timeout``: seconds a local measurement may take; over RPC, how long to wait for the tracker
-    to hand out the device before the tune ends (the device is gone or busy).
+    ``timeout``: seconds a local measurement may take; over RPC, the limit of every step (the
+    tracker's answer, the device becoming free, its handshake, one measurement): a device that
+    does not become free or answer in time ends the tune (it is gone or busy).
     Apply the result with ``compile(model, target, tuning_db=database)``.
 
     Returns a :class:`TuneResults` (a list of :class:`TaskResult`): failed trials per task with
@@ -306,9 +308,14 @@ def tune(
     are in the database and a re-run resumes.
     """
     resolved = resolve_target(target)
+    check_pattern_options(entries, max_patterns)
     if not isinstance(trials, int) or trials < 0:
         raise PatDNNError(f"trials must be a non-negative integer, got {trials!r}")
-    rpc_config = parse_rpc(rpc) if rpc is not None else None
+    if not isinstance(trials_per_iter, int) or trials_per_iter < 1:
+        raise PatDNNError(f"trials_per_iter must be a positive integer, got {trials_per_iter!r}")
+    if not timeout > 0:
+        raise PatDNNError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    rpc_config = parse_rpc(rpc, session_timeout=timeout) if rpc is not None else None
     if rpc_config is None:
         _check_runnable_here(resolved)
     imported = _import(model, params, input_shapes)
@@ -328,15 +335,18 @@ def tune(
             runner = ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator,
                                            f_alloc_argument=arguments.local)
         else:
-            _check_tracker(rpc_config)
+            try:  # fail now, in plain words, when the tracker is unreachable or has no such device
+                check_tracker(rpc_config.tracker_host, rpc_config.tracker_port, rpc_config.tracker_key, timeout)
+            except RuntimeError as err:
+                raise PatDNNError(f"cannot tune over RPC: {err}") from None
             runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator,
                                          f_create_session=TrackerSession(wait=timeout),
                                          f_alloc_argument=arguments.remote, max_workers=1)
             # RPCRunner waits for its worker without a limit: a device that vanishes without
             # closing the connection would block the tune forever. Bound each candidate by the
-            # wait for the device plus the session's own limit (the worker is killed after it).
+            # wait for the device plus one measurement (the worker is killed after it).
             if hasattr(runner.pool, "_timeout"):
-                runner.pool._timeout = timeout + rpc_config.session_timeout_sec + 30
+                runner.pool._timeout = 2 * timeout + 10
 
         failures = _Failures()
         defaults = _measure_defaults(tasks, resolved, db, builder, runner, progress, failures)
@@ -367,20 +377,6 @@ def tune(
         print(f"{results.failed} trial(s) failed; the records measured are in {database}"
               + (" (re-run the same command to resume)" if results.stopped else ""), file=progress, flush=True)
     return results
-
-
-def _check_tracker(config: ms.runner.RPCConfig) -> None:
-    """Fail now, in plain words, when the tracker is unreachable or has no such device."""
-    try:
-        socket.create_connection((config.tracker_host, config.tracker_port), timeout=10).close()
-        summary = tvm.rpc.connect_tracker(config.tracker_host, config.tracker_port).summary()
-    except Exception as err:  # connection refused, handshake errors
-        raise PatDNNError(f"cannot reach the RPC tracker at {config.tracker_host}:{config.tracker_port}: {err}") from None
-    keys = {key for server in summary.get("server_info", []) for key in [str(server.get("key", "")).split(":")[-1]]}
-    queue = set(summary.get("queue_info", {}))
-    if config.tracker_key not in keys | queue:
-        raise PatDNNError(f"the RPC tracker at {config.tracker_host}:{config.tracker_port} has no device with key "
-                          f"{config.tracker_key!r} (it has: {', '.join(sorted(keys | queue)) or 'none'})")
 
 
 def _measure_defaults(tasks, target, db, builder, runner, progress, failures: _Failures) -> dict[str, float | None]:

@@ -1,0 +1,118 @@
+"""The tuning database on disk: concurrent writers, torn lines, foreign devices, target filtering.
+
+Fast tests on real files: records are made from tiny PrimFuncs with their untuned schedule, no
+tuning or measuring involved.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tvm import s_tir, te
+from tvm.s_tir import meta_schedule as ms
+from tvm.target import Target
+
+from tvm_patdnn import PatDNNError
+from tvm_patdnn.tuning.database import RECORDS, WORKLOADS, AppendOnlyDatabase, load_records, open_for_tuning
+from tvm_patdnn.tuning.tasks import normalize
+
+ZEN3 = Target({"kind": "llvm", "mcpu": "znver3"})
+HASWELL = Target({"kind": "llvm", "mcpu": "haswell"})
+
+# One writer process: commits a workload of its own and one shared with the other writer, then
+# N records alternating between them, each record's run time naming the workload it belongs to
+# (own: size, shared: 1000 + size), so a record attached to the wrong workload is detectable.
+WRITER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_tuning_database import ZEN3, add_one, record
+from tvm_patdnn.tuning.database import open_for_tuning
+db = open_for_tuning(Path(sys.argv[1]), ZEN3)
+size, count = int(sys.argv[2]), int(sys.argv[3])
+own, shared = add_one(size), add_one(7)
+for i in range(count):
+    mod, seconds = (own, size) if i % 2 == 0 else (shared, 1000 + size)
+    db.commit_tuning_record(record(db, mod, seconds))
+"""
+
+
+def add_one(size: int):
+    data = te.placeholder((size,), name="data")
+    return normalize(te.create_prim_func([data, te.compute((size,), lambda i: data[i] + 1.0, name="out")]))
+
+
+def record(db, mod, seconds: float, target: Target = ZEN3) -> ms.database.TuningRecord:
+    workload = db.commit_workload(mod)
+    return ms.database.TuningRecord(s_tir.Schedule(mod).trace, workload, [float(seconds)], target,
+                                    ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+
+
+def seconds_by_size(database) -> dict[int, set[float]]:
+    """Run times of the records per workload, keyed by the workload's buffer size."""
+    found: dict[int, set[float]] = {}
+    for r in database.get_all_tuning_records():
+        size = int(r.args_info[0].shape[0])
+        found.setdefault(size, set()).add(float(r.run_secs[0]))
+    return found
+
+
+def test_two_writer_processes_leave_every_line_whole_and_every_record_on_its_workload(tmp_path):
+    db_dir = tmp_path / "db"
+    open_for_tuning(db_dir, ZEN3)
+    script = WRITER.format(tests=str(Path(__file__).parent))
+    count = 400
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(db_dir), str(size), str(count)])
+               for size in (3, 5)]
+    assert [w.wait(timeout=600) for w in writers] == [0, 0]
+
+    for name in (WORKLOADS, RECORDS):
+        lines = (db_dir / name).read_text().split("\n")
+        assert lines[-1] == ""
+        for line in lines[:-1]:
+            json.loads(line)  # every line is one whole JSON document
+    assert len((db_dir / WORKLOADS).read_text().splitlines()) == 3  # own x2 + the shared one, once
+    expected = {3: {3.0}, 5: {5.0}, 7: {1003.0, 1005.0}}
+    assert seconds_by_size(load_records(db_dir, ZEN3)) == expected
+    assert seconds_by_size(AppendOnlyDatabase(db_dir)) == expected
+    assert len(AppendOnlyDatabase(db_dir)) == 2 * count
+
+
+def test_a_torn_last_line_is_ignored_by_readers_and_cut_by_the_next_writer(tmp_path):
+    db_dir = tmp_path / "db"
+    db = open_for_tuning(db_dir, ZEN3)
+    db.commit_tuning_record(record(db, add_one(4), 1.0))
+    with open(db_dir / RECORDS, "a") as handle:
+        handle.write('[0,[[["GetSBlock"')  # a writer killed mid-line
+    assert len(load_records(db_dir, ZEN3).get_all_tuning_records()) == 1
+    db = open_for_tuning(db_dir, ZEN3)
+    db.commit_tuning_record(record(db, add_one(4), 2.0))
+    assert sorted(seconds_by_size(load_records(db_dir, ZEN3))[4]) == [1.0, 2.0]
+    assert (db_dir / RECORDS).read_text().count("GetSBlock\"\n") == 0
+
+
+def test_records_of_another_device_are_refused_for_tuning_and_ignored_by_compile(tmp_path):
+    db_dir = tmp_path / "db"
+    db = open_for_tuning(db_dir, HASWELL)
+    db.commit_tuning_record(record(db, add_one(4), 1.0, HASWELL))
+    with pytest.raises(PatDNNError, match="holds records for llvm-haswell, not llvm-znver3"):
+        open_for_tuning(db_dir, ZEN3)
+    assert load_records(db_dir, ZEN3).get_all_tuning_records() == []
+    assert len(load_records(db_dir, HASWELL).get_all_tuning_records()) == 1
+
+
+def test_a_record_naming_a_missing_workload_is_a_clear_error(tmp_path):
+    db_dir = tmp_path / "db"
+    db = open_for_tuning(db_dir, ZEN3)
+    db.commit_tuning_record(record(db, add_one(4), 1.0))
+    line = (db_dir / RECORDS).read_text()
+    (db_dir / RECORDS).write_text(line.replace("[0,", "[9,", 1))
+    with pytest.raises(PatDNNError, match="names workload 9, which does not exist"):
+        load_records(db_dir, ZEN3)
+    with pytest.raises(PatDNNError, match="names workload 9, which does not exist"):
+        open_for_tuning(db_dir, ZEN3)
+
