@@ -143,6 +143,9 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     for loop in (rp, rt, q, yt, xt) if code_per_pattern else (q, yt, xt):
         sch.unroll(loop)
     sch.vectorize(xi)
+    # meta_schedule's postprocessor turns the annotation into LLVM unroll pragmas (the untuned
+    # compile runs none: its 0, no unrolling, stays inert). A fixed value must be an IntImm: a
+    # plain int does not come back from a database record as an expression the postprocessor reads.
     unroll = (sch.sample_categorical(list(UNROLL_STEPS), [1.0 / len(UNROLL_STEPS)] * len(UNROLL_STEPS))
               if knobs is None else tirx.IntImm("int32", UNROLL_STEPS[knobs.unroll]))
     sch.annotate(acc, "meta_schedule.unroll_explicit", unroll)
