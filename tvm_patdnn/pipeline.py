@@ -2,7 +2,7 @@
 
 Same shape as TVM's ``relax/backend/cpu_generic/pipeline.py``, with two stages of our own:
 the pattern stage (fold constants so weights and biases are literal, then rewrite pattern-
-sparse convs) before legalization, and the schedule stage (our rules for the pattern conv
+sparse convs, and on CPUs the remaining dense convs) before legalization, and the schedule stage (our rules for the pattern conv
 and the dense fallbacks, then dlight's CPU rules) after fusion.
 """
 
@@ -17,8 +17,8 @@ from tvm.s_tir import dlight
 
 from .report import ConvRecord
 from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternConvGPU
-from .targets import accumulator_registers, vector_lanes
-from .transform import PatternConvRewrite
+from .targets import accumulator_registers, vector_lanes, vector_registers
+from .transform import DenseConvRewrite, PatternConvRewrite
 
 __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
 
@@ -28,12 +28,19 @@ def pattern_passes(
     entries: int = 4,
     max_patterns: int = 12,
     on_conv: Callable[[ConvRecord], None] | None = None,
+    dense_kernels: bool = True,
 ) -> list[tvm.transform.Pass]:
-    """Detect pattern-sparse convs and rewrite them into the pattern-conv operator."""
-    return [
+    """Detect pattern-sparse convs and rewrite them into the pattern-conv operator; on CPUs,
+    rewrite dense convs into the packed-GEMM kernel (``dense_kernels=False`` leaves them
+    to the legalized conv2d and its schedule rule: the old dense path, kept for benchmarks)."""
+    passes = [
         relax.transform.FoldConstant(),
         PatternConvRewrite(entries, max_patterns, vector_lanes(target), accumulator_registers(target), on_conv),
     ]
+    if dense_kernels and target.kind.name == "llvm":
+        cores = int(target.attrs.get("num-cores", 1))
+        passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target), cores))
+    return passes
 
 
 def default_schedule_rules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
@@ -58,10 +65,11 @@ def fusion_passes(
     entries: int = 4,
     max_patterns: int = 12,
     on_conv: Callable[[ConvRecord], None] | None = None,
+    dense_kernels: bool = True,
 ) -> list[tvm.transform.Pass]:
     """Everything before scheduling: its PrimFuncs are the tuning tasks (tvm_patdnn.tuning)."""
     return (
-        pattern_passes(target, entries, max_patterns, on_conv)
+        pattern_passes(target, entries, max_patterns, on_conv, dense_kernels)
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
     )
@@ -73,6 +81,7 @@ def get_pipeline(
     max_patterns: int = 12,
     on_conv: Callable[[ConvRecord], None] | None = None,
     tuning_records: tvm.transform.Pass | None = None,
+    dense_kernels: bool = True,
 ) -> tvm.transform.Pass:
     """The whole Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
 
@@ -84,7 +93,7 @@ def get_pipeline(
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                fusion_passes(target, entries, max_patterns, on_conv)
+                fusion_passes(target, entries, max_patterns, on_conv, dense_kernels)
                 + ([tuning_records] if tuning_records is not None else [])
                 + schedule_passes(target)
                 + cpu_generic.dataflow_lower_passes(target)

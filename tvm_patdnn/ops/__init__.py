@@ -1,5 +1,6 @@
 """Tensor-expression operators of tvm_patdnn."""
 
+from .dense_conv import DenseConvSpec, dense_conv_primfunc
 from .pattern_conv import PatternConvSpec, pattern_conv2d, pattern_conv2d_primfunc
 
-__all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc"]
+__all__ = ["DenseConvSpec", "dense_conv_primfunc", "PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc"]

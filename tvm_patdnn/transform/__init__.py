@@ -1,5 +1,6 @@
 """Relax passes of tvm_patdnn."""
 
+from .dense_conv_rewrite import DenseConvRewrite
 from .pattern_conv_rewrite import PatternConvRewrite, conv_report
 
-__all__ = ["PatternConvRewrite", "conv_report"]
+__all__ = ["DenseConvRewrite", "PatternConvRewrite", "conv_report"]

@@ -1,0 +1,205 @@
+"""Dense layers: tvm_patdnn's dense 1x1 kernel vs ONNX Runtime vs the old dense schedule rule.
+
+Per layer (every distinct 1x1 conv of ResNet-50, each as Conv 1x1 + bias + ReLU at batch 1 fp32,
+random weights), measured side by side in one process, in interleaved rounds (the box is shared),
+medians reported:
+
+- ``tvm_patdnn``: the default pipeline (``compile(model, "x86", tuning_db=False)``), i.e. the
+  packed-GEMM kernel of ``tvm_patdnn/ops/dense_conv.py``;
+- ``ORT``: onnxruntime, ``ORT_ENABLE_ALL``, as many intra-op threads as TVM has;
+- ``old rule``: the legalized conv2d with the ``DenseConv2dCPU`` schedule (``dense_kernels=False``);
+- ablations, one optimisation taken away at a time: ``no panel copy`` (the micro-kernel reads the
+  NCHW input in place) and ``1 pixel vector`` (register tile of 1 pixel vector x more filters
+  instead of 2 vectors).
+
+Each layer's GFLOP/s is also given as a share of the fp32 FMA peak measured now with the widest
+ISA the host has (``machine.py``). ``--resnet50`` adds the whole dense ResNet-50 (``peers.py``'s
+builder, BN folded) against ORT and the old rule. Every variant's output is checked against ORT
+(relative 1e-3) before anything is timed.
+
+    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/dense.py [--rounds 5] [--resnet50]
+        [--json benchmarks/results/dense.1t.json]
+
+The thread count is TVM's ``TVM_NUM_THREADS``, read when the runtime starts (one process per
+thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+from tvm import relax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from layers import time_ms, vm_of  # noqa: E402
+from machine import machine_summary  # noqa: E402
+from peers import agree, export_onnx, fold_batchnorm, he_init, ort_runner, torch_resnet50  # noqa: E402
+
+import tvm_patdnn  # noqa: E402
+from tvm_patdnn.fileio import write_bytes_atomic  # noqa: E402
+from tvm_patdnn.frontend import import_onnx  # noqa: E402
+from tvm_patdnn.pipeline import get_pipeline  # noqa: E402
+from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers  # noqa: E402
+from tvm_patdnn.transform import DenseConvRewrite  # noqa: E402
+
+# (in channels, out channels, input size, stride, kernel): the distinct dense convs of ResNet-50
+# v1.5 (stride on the 3x3), 1x1 first, then the 3x3s and the 7x7 stem (padding kernel // 2).
+RESNET50_CONVS = [
+    (64, 64, 56, 1, 1), (64, 256, 56, 1, 1), (256, 64, 56, 1, 1), (256, 128, 56, 1, 1), (256, 512, 56, 2, 1),
+    (128, 512, 28, 1, 1), (512, 128, 28, 1, 1), (512, 256, 28, 1, 1), (512, 1024, 28, 2, 1),
+    (256, 1024, 14, 1, 1), (1024, 256, 14, 1, 1), (1024, 512, 14, 1, 1), (1024, 2048, 14, 2, 1),
+    (512, 2048, 7, 1, 1), (2048, 512, 7, 1, 1),
+    (3, 64, 224, 2, 7), (64, 64, 56, 1, 3), (128, 128, 56, 2, 3), (128, 128, 28, 1, 3), (256, 256, 28, 2, 3),
+    (256, 256, 14, 1, 3), (512, 512, 14, 2, 3), (512, 512, 7, 1, 3),
+]
+RTOL = 1e-3
+
+
+def conv_model(in_c: int, out_c: int, size: int, stride: int, kernel: int) -> onnx.ModelProto:
+    """Conv (+ bias, padding kernel // 2) + ReLU as ONNX, He-normal weights from a fixed seed."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((out_c, in_c, kernel, kernel)) * np.sqrt(2 / in_c / kernel**2)).astype(np.float32)
+    bias = (rng.standard_normal(out_c) * 0.01).astype(np.float32)
+    pad = kernel // 2
+    out = (size + 2 * pad - kernel) // stride + 1
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", strides=[stride, stride], pads=[pad] * 4),
+         helper.make_node("Relu", ["c"], ["y"])],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_c, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_c, out, out])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def resnet50_model() -> onnx.ModelProto:
+    """Dense ResNet-50 (BN folded, random He-normal weights) from ``peers.py``'s builders."""
+    module = torch_resnet50()
+    he_init(module)
+    module.eval()
+    fold_batchnorm(module)
+    return export_onnx(module, (1, 3, 224, 224))
+
+
+def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Target):
+    """The compiled model of one variant (see the module docstring)."""
+    if variant == "tvm_patdnn":
+        return tvm_patdnn.compile(model, target, tuning_db=False).executable
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    if variant != "old rule":
+        ablation = {"no panel copy": {"pack_panel": False}, "1 pixel vector": {"vectors": 1}}[variant]
+        mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), int(target.attrs["num-cores"]),
+                               **ablation)(mod)
+    return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
+
+
+class Runner:
+    """One variant of one model, ready to run and time."""
+
+    def __init__(self, run: Callable[[], np.ndarray], time_one: Callable[[], float]) -> None:
+        self.run, self.time = run, time_one
+
+
+def tvm_runner(executable, x: np.ndarray) -> Runner:
+    vm, tx = vm_of(executable), tvm.runtime.tensor(x)
+    return Runner(lambda: vm["main"](tx).numpy(), lambda: time_ms(vm, tx, number=1))
+
+
+def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, rounds: int) -> dict[str, float]:
+    """Median ms of every variant and ORT over interleaved rounds, after checking their outputs."""
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    ort = ort_runner(model, x, threads)
+    runners = {"ORT": Runner(ort.output, ort.time)}
+    expected = ort.output()
+    for variant in variants:
+        runners[variant] = tvm_runner(compile_variant(model, variant, target), x)
+        error = agree(runners[variant].run(), expected)
+        if error > RTOL:
+            raise RuntimeError(f"{variant} differs from ORT by {error:.1e}")
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name].append(runner.time())
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def layer_table(rows: list[dict], peak: float, variants: list[str]) -> str:
+    head = "| layer | MFLOP | " + " | ".join(f"{v} ms" for v in ["ORT", *variants]) + \
+        " | tvm_patdnn GFLOP/s (% peak) | ORT GFLOP/s (% peak) | vs ORT | vs old rule |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        ms = row["ms"]
+        ours, ort = row["mflop"] / ms["tvm_patdnn"], row["mflop"] / ms["ORT"]  # MFLOP/ms = GFLOP/s
+        lines.append(
+            f"| {row['layer']} | {row['mflop']:.0f} | " + " | ".join(f"{ms[v]:.3f}" for v in ["ORT", *variants])
+            + f" | {ours:.1f} ({100 * ours / peak:.0f}%) | {ort:.1f} ({100 * ort / peak:.0f}%)"
+            + f" | {ms['ORT'] / ms['tvm_patdnn']:.2f}x | {ms['old rule'] / ms['tvm_patdnn']:.2f}x |"
+        )
+    total = {v: sum(r["ms"][v] for r in rows) for v in ["ORT", *variants]}
+    lines.append("| all layers (sum) | " + f"{sum(r['mflop'] for r in rows):.0f} | "
+                 + " | ".join(f"{total[v]:.3f}" for v in ["ORT", *variants])
+                 + f" | | | {total['ORT'] / total['tvm_patdnn']:.2f}x | {total['old rule'] / total['tvm_patdnn']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--resnet50", action="store_true", help="also the whole dense ResNet-50")
+    parser.add_argument("--layers", type=int, nargs="*", help="indices into RESNET50_CONVS (default: all)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
+    target = resolve_target("x86")
+    with tempfile.TemporaryDirectory() as scratch:
+        machine = machine_summary([threads], Path(scratch))
+    peak = machine["fma_peak_gflops"][str(threads)]
+    print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
+
+    variants = ["tvm_patdnn", "old rule", "no panel copy", "1 pixel vector"]
+    rows = []
+    for index in args.layers if args.layers is not None else range(len(RESNET50_CONVS)):
+        in_c, out_c, size, stride, kernel = RESNET50_CONVS[index]
+        out = (size + 2 * (kernel // 2) - kernel) // stride + 1
+        pointwise = kernel == 1 and stride == 1
+        layer_variants = [v for v in variants if pointwise or v != "no panel copy"]
+        ms = measure(conv_model(in_c, out_c, size, stride, kernel), layer_variants, target, threads, args.rounds)
+        name = f"{kernel}x{kernel} {in_c}->{out_c} {size}x{size}" + (f" s{stride}" if stride != 1 else "")
+        rows.append({"layer": name, "mflop": 2 * in_c * kernel * kernel * out_c * out * out / 1e6, "ms": ms})
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()), flush=True)
+    for row in rows:
+        row["ms"].setdefault("no panel copy", float("nan"))
+    table = layer_table(rows, peak, variants)
+    print("\n" + table)
+
+    models = {}
+    if args.resnet50:
+        ms = measure(resnet50_model(), ["tvm_patdnn", "old rule"], target, threads, args.rounds)
+        models["resnet50"] = ms
+        print(f"\nResNet-50 dense, {threads} thread(s): " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
+              + f"; tvm_patdnn vs ORT {ms['ORT'] / ms['tvm_patdnn']:.2f}x, vs old rule {ms['old rule'] / ms['tvm_patdnn']:.2f}x")
+
+    if args.json:
+        result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,
+                  "target": str(target), "rounds": args.rounds, "layers": rows, "models": models, "table": table}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(args.json, json.dumps(result, indent=2, allow_nan=True).encode())
+        print(f"results in {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The dense packed-GEMM conv kernel: models against onnx.reference, the pass's fusion, the tile choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from model_factory import ConvSpec, build_cnn
+from test_compiler import assert_close, check_against_reference
+from tvm import relax
+
+import tvm_patdnn
+from tvm_patdnn.ops.dense_conv import DENSE_CONV_ATTR, register_tile
+from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
+from tvm_patdnn.transform import DenseConvRewrite
+
+
+def dense_kernel_calls(compiled: tvm_patdnn.CompiledModel) -> int:
+    """How many calls of the dense conv kernel the compiled model makes."""
+    return sum(line.strip().startswith("call  dense_conv") for line in compiled.executable.as_text().splitlines())
+
+
+@st.composite
+def dense_models(draw):
+    """Chains of dense 1x1 and 3x3 convs: odd sizes, channels that no register tile divides,
+    strides, paddings, bias, ReLU, residual adds, batch 1 and 2, images smaller than a vector.
+    Returns the model, its seed and how many of its convs the dense kernel takes here."""
+    seed = draw(st.integers(0, 2**31))
+    lanes = vector_lanes(resolve_target("x86"))
+    channels, height, width = draw(st.integers(1, 20)), draw(st.integers(1, 13)), draw(st.integers(1, 13))
+    shape = (draw(st.sampled_from([1, 2])), channels, height, width)
+    convs, taken = [], 0
+    for _ in range(draw(st.integers(1, 3))):
+        residual = draw(st.booleans())
+        kind = draw(st.sampled_from(["1x1", "dense"]))
+        pads = tuple(draw(st.integers(0, 2)) for _ in range(4)) if kind == "dense" else (0, 0, 0, 0)
+        if residual:
+            pads = (1, 1, 1, 1)
+        if kind == "dense" and (height + pads[0] + pads[2] < 3 or width + pads[1] + pads[3] < 3):
+            kind = "1x1"
+        out_c = channels if residual else draw(st.integers(1, 40))
+        stride = 1 if residual else draw(st.sampled_from([1, 2, 3]))
+        convs.append(ConvSpec(out_channels=out_c, stride=stride, pads=pads, bias=draw(st.booleans()),
+                              relu=draw(st.booleans()), residual=residual, kind=kind))
+        taken += kind == "1x1" or out_c >= 4 * lanes
+        k = 1 if kind == "1x1" else 3
+        height = (height + (pads[0] + pads[2] if k == 3 else 0) - k) // stride + 1
+        width = (width + (pads[1] + pads[3] if k == 3 else 0) - k) // stride + 1
+        channels = out_c
+    return build_cnn(np.random.default_rng(seed), shape, convs), seed, taken
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dense_models())
+def test_random_dense_chains_match_reference_on_the_dense_kernel(case):
+    model, seed, taken = case
+    compiled = check_against_reference(model, seed)
+    assert dense_kernel_calls(compiled) == taken
+
+
+def test_dense_and_pattern_layers_alternate_in_one_model():
+    convs = [
+        ConvSpec(64, kind="dense"),  # 3-channel dense 3x3 stem
+        ConvSpec(13, kind="1x1"),
+        ConvSpec(13, connectivity=2.0),  # pattern
+        ConvSpec(13, kind="1x1", residual=True),
+        ConvSpec(40, kind="1x1", stride=2, relu=False),
+        ConvSpec(40, residual=True),  # pattern + residual
+        ConvSpec(16, kind="1x1", bias=False),
+    ]
+    model = build_cnn(np.random.default_rng(4), (2, 3, 19, 17), convs, head=True)
+    compiled = check_against_reference(model, 4)
+    assert [r.kind for r in compiled.report] == ["dense", "dense", "pattern", "dense", "dense", "pattern", "dense"]
+    assert dense_kernel_calls(compiled) == 5
+
+
+def _relax_conv_chain(shape, weight, bias, residual: bool, activation):
+    """x -> conv1x1 -> + bias -> (+ x) -> activation, as a Relax module with constant weights."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight)))
+            y = bb.emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))))
+            if residual:
+                y = bb.emit(relax.op.add(x, y))
+            out = bb.emit_output(activation(y) if activation is not None else y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("activation, numpy_activation", [
+    (relax.op.nn.relu, lambda v: np.maximum(v, 0)),
+    (lambda v: relax.op.clip(v, 0.0, 6.0), lambda v: np.clip(v, 0, 6)),  # ReLU6
+    (lambda v: relax.op.clip(v, -0.5, 0.25), lambda v: np.clip(v, -0.5, 0.25)),
+    (None, lambda v: v),
+])
+def test_bias_residual_and_activation_fuse_into_one_kernel(activation, numpy_activation):
+    rng = np.random.default_rng(8)
+    shape = (2, 12, 7, 9)
+    weight = rng.standard_normal((12, 12, 1, 1)).astype(np.float32) * 0.3
+    bias = rng.standard_normal(12).astype(np.float32)
+    mod = _relax_conv_chain(shape, weight, bias, True, activation)
+
+    with resolve_target("x86"):
+        rewritten = DenseConvRewrite()(relax.transform.FoldConstant()(mod))
+    bindings = [b.value for block in rewritten["main"].body.blocks for b in block.bindings]
+    assert [b.op.name for b in bindings if isinstance(b, relax.Call)] == ["relax.call_tir"]  # nothing left over
+    assert DENSE_CONV_ATTR in rewritten[bindings[0].args[0]].attrs
+
+    x = rng.standard_normal(shape).astype(np.float32)
+    compiled = tvm_patdnn.compile(mod, "x86")
+    expected = numpy_activation(np.einsum("fc,nchw->nfhw", weight[:, :, 0, 0], x) + bias.reshape(1, -1, 1, 1) + x)
+    assert_close(compiled.run({"x": x})[0], expected)
+    assert dense_kernel_calls(compiled) == 1
+
+
+def _single_conv(in_c, out_c, size, kernel=1, **attrs) -> onnx.ModelProto:
+    weight = np.random.default_rng(2).standard_normal((out_c, in_c // attrs.get("group", 1), kernel, kernel))
+    pads, stride = attrs.get("pads", [0] * 4), attrs.get("strides", [1])[0]
+    out_h = (size + pads[0] + pads[2] - kernel) // stride + 1
+    out_w = (size + pads[1] + pads[3] - kernel) // stride + 1
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[kernel, kernel], **attrs)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, in_c, size, size])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, out_c, out_h, out_w])],
+        [onnx.numpy_helper.from_array((weight / np.sqrt(weight[0].size)).astype(np.float32), "w")],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("in_c, out_c, size, kernel, attrs", [
+    (3, 64, 23, 7, {"strides": [2, 2], "pads": [3, 3, 3, 3]}),  # a ResNet-like stem, odd size
+    (5, 65, 9, 3, {"pads": [1, 1, 1, 1]}),
+    (6, 67, 10, 3, {"strides": [2, 2], "pads": [0, 1, 2, 0]}),  # asymmetric padding
+    (4, 68, 7, 5, {"strides": [3, 3], "pads": [2, 2, 2, 2]}),
+    (40, 66, 6, 3, {"pads": [1, 1, 1, 1]}),  # 360 taps: several reduction blocks
+    (300, 13, 5, 1, {}),  # 300 channels: several reduction blocks of a 1x1
+    (7, 70, 3, 3, {}),  # one output pixel
+])
+def test_kxk_convs_match_reference_on_the_dense_kernel(in_c, out_c, size, kernel, attrs):
+    """Output channels are at least 4 x 16 lanes: the kernel takes them on AVX2 and AVX-512 hosts."""
+    compiled = check_against_reference(_single_conv(in_c, out_c, size, kernel, **attrs), kernel)
+    assert dense_kernel_calls(compiled) == 1
+
+
+@pytest.mark.parametrize("in_c, out_c, kernel, attrs", [
+    (6, 8, 1, {"pads": [1, 1, 1, 1], "group": 2}),  # grouped
+    (6, 8, 3, {"dilations": [2, 2]}),  # dilated
+    (3, 31, 3, {"pads": [1, 1, 1, 1]}),  # 3x3 with fewer than 4 x 8 filters (AVX2)
+])
+def test_convs_the_kernel_does_not_take_stay_on_the_dense_path(in_c, out_c, kernel, attrs):
+    compiled = check_against_reference(_single_conv(in_c, out_c, 9, kernel, **attrs), 1)
+    assert dense_kernel_calls(compiled) == 0
+
+
+def test_register_tile_follows_the_target():
+    assert register_tile(16, 8, 3136) == (6, 2, 8)  # AVX2: 12 accumulators + 2 inputs + broadcast + spare
+    assert register_tile(32, 16, 3136) == (14, 2, 16)  # AVX-512: 28 of 32 zmm
+    assert register_tile(32, 4, 49) == (14, 2, 4)  # NEON
+    assert register_tile(16, 8, 9) == (13, 1, 8)  # one vector of pixels: more filters
+    assert register_tile(16, 8, 5) == (13, 1, 5)  # smaller than a vector: a narrower one
+    targets = {
+        '{"kind":"llvm","mcpu":"znver3"}': (16, 8),
+        '{"kind":"llvm","mcpu":"skylake-avx512"}': (32, 16),
+        "galaxy-s10": (32, 4),
+    }
+    for name, expected in targets.items():
+        target = resolve_target(name)
+        assert (vector_registers(target), vector_lanes(target)) == expected
+
+
+@pytest.mark.parametrize("target", ['{"kind":"llvm","mcpu":"skylake-avx512","num-cores":2}', "galaxy-s10"])
+def test_kernel_builds_for_avx512_and_neon(target):
+    """Code generation only (this host may not run it): the wider tiles compile."""
+    convs = [ConvSpec(64, kind="dense"), ConvSpec(40, kind="1x1"), ConvSpec(40, kind="1x1", residual=True)]
+    compiled = tvm_patdnn.compile(build_cnn(np.random.default_rng(6), (1, 20, 9, 9), convs), target)
+    assert dense_kernel_calls(compiled) == 3

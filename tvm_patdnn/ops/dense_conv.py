@@ -1,0 +1,334 @@
+"""Dense convolution (and its bias / residual / ReLU / clip epilogue) as a packed GEMM kernel.
+
+A conv over NCHW is the matrix product ``out[n, f, p] = sum_r w[f, r] * cols[n, r, p]`` over the
+flattened output pixels ``p`` and the window taps ``r = (c, dy, dx)`` (for a 1x1 conv, ``cols`` is
+the input itself). Why it gets its own kernel instead of a schedule of the legalized conv
+(measured on ResNet-50 shapes, see ``benchmarks/dense.py``): vectors along the flattened pixels
+use every lane whatever the image width (56, 28, 14, 7 leave 14 of 16 or 7 of 8 lanes to a
+row-wise vector), and the loop nest is the one of a GEMM micro-kernel:
+
+* weights are packed at compile time as ``[F / MR][C * KH * KW][MR]``: the ``MR`` filters of a
+  register tile are one contiguous run per tap, read as ``MR`` broadcasts;
+* per tile of ``NR`` pixel vectors, the panel ``[C * KH * KW][NR * lanes]`` of the tile's windows
+  is first copied into a contiguous buffer (a 1x1 stride-1 conv copies rows of the input: its
+  rows are ``H*W*4`` bytes apart, which maps a whole panel onto a few L1 sets; measured 53 -> 64
+  GFLOP/s on 256->64 at 56x56), then every filter tile sweeps it from L1 with ``MR x NR``
+  accumulators in registers (``MR * NR + NR + 2`` vector registers: AVX2 6x2 of its 16,
+  AVX-512 and NEON 14x2 of their 32). Other convs gather the panel from a zero-padded copy of
+  the input (im2col one tile at a time: it stays in cache and costs one copy per tap and pixel,
+  against ``F`` multiply-adds);
+* the last pixel tile overlaps the one before instead of running a masked tail (stores of the
+  overlap write identical values), so every load and store is a full vector;
+* bias, a residual input, ReLU or clip are applied to the accumulators before the one store.
+
+The function is written directly as (scheduled) TIR, so no schedule rule or tuning touches it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+__all__ = ["DenseConvSpec", "DENSE_CONV_ATTR", "dense_conv_primfunc", "pack_dense_conv_weight", "register_tile"]
+
+# PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
+DENSE_CONV_ATTR = "patdnn.dense_conv"
+ACTIVATIONS = ("none", "relu", "clip")
+# Input panel budget: half of the smallest L1 data cache of the targets (32 KB on Zen 3 and on
+# Cortex-A76), the rest for the weights being broadcast and the output tile.
+PANEL_BYTES = 16384
+MAX_GROUP = 16
+
+
+def register_tile(registers: int, lanes: int, pixels: int, vectors: int = 2) -> tuple[int, int, int]:
+    """(filters MR, pixel vectors NR, lanes per vector) of the accumulator tile.
+
+    ``vectors`` pixel vectors per tile (2: the loads per FMA stay low while small images waste
+    little in the overlapping last tile); fewer when the image is smaller than that, and one
+    narrower vector when it is smaller than one vector. The filters take the registers left after
+    the accumulators' input vectors, one broadcast weight and one spare (LLVM spills otherwise:
+    AVX2 4x3, which needs all 16, ran 10-50% slower than 6x2).
+    """
+    if pixels < lanes:
+        lanes, vectors = pixels, 1
+    vectors = max(1, min(vectors, pixels // lanes))
+    filters = max(1, (registers - vectors - 2) // vectors)
+    return filters, vectors, lanes
+
+
+@dataclass(frozen=True)
+class DenseConvSpec:
+    """Static description of one dense conv (groups 1, dilation 1) and its register tile."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    has_bias: bool = False
+    residual: bool = False
+    activation: str = "none"  # ACTIVATIONS; "clip" uses clip_min/clip_max
+    clip_min: float = 0.0
+    clip_max: float = 6.0
+    filter_tile: int = 6  # MR
+    vectors: int = 2  # NR
+    lanes: int = 8
+    pack_panel: bool = True  # False (pointwise only): read the NCHW input in place, to measure the copy's worth
+    cores: int = 1  # threads the tiles are shared by
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if not self.pack_panel and not self.pointwise:
+            raise ValueError("only a 1x1 stride-1 unpadded conv can read its input in place")
+        if self.out_height < 1 or self.out_width < 1:
+            raise ValueError("the kernel is larger than the padded input")
+        if self.lanes > self.pixels:
+            raise ValueError(f"{self.lanes} lanes exceed the {self.pixels} output pixels")
+
+    @classmethod
+    def for_target(cls, registers: int, lanes: int, vectors: int = 2, **shape) -> DenseConvSpec:
+        """The spec with the register tile (:func:`register_tile`) of a target with ``registers``
+        vectors of ``lanes``."""
+        probe = cls(**shape, lanes=1, filter_tile=1, vectors=1)
+        filters, vectors, lanes = register_tile(registers, lanes, probe.pixels, vectors)
+        return cls(**shape, filter_tile=filters, vectors=vectors, lanes=lanes)
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 stride-1 unpadded conv: its panel rows are contiguous runs of the input."""
+        return self.kernel == (1, 1) and self.strides == (1, 1) and self.padding == (0, 0, 0, 0)
+
+    @property
+    def padded_height(self) -> int:
+        return self.height + self.padding[0] + self.padding[2]
+
+    @property
+    def padded_width(self) -> int:
+        return self.width + self.padding[1] + self.padding[3]
+
+    @property
+    def out_height(self) -> int:
+        return (self.padded_height - self.kernel[0]) // self.strides[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.padded_width - self.kernel[1]) // self.strides[1] + 1
+
+    @property
+    def pixels(self) -> int:
+        return self.out_height * self.out_width
+
+    @property
+    def taps(self) -> int:
+        """The reduction length: input channels x kernel taps."""
+        return self.in_channels * self.kernel[0] * self.kernel[1]
+
+    @property
+    def pixel_tile(self) -> int:
+        return self.vectors * self.lanes
+
+    @property
+    def tiles_per_task(self) -> int:
+        """Pixel tiles one parallel task computes together, so that each filter tile's weights,
+        once in L1, serve several tiles (small images have few tiles and many weights, which
+        would otherwise stream from L3 once per tile): as many tasks as needed to give every
+        core the same number, with at most MAX_GROUP tiles (their panels stay in L2)."""
+        tiles = -(-self.pixels // self.pixel_tile)
+        tasks = self.cores * -(-tiles // (self.cores * MAX_GROUP))
+        return -(-tiles // tasks)
+
+    @property
+    def channel_block(self) -> int:
+        """Input channels per reduction block: the block's panel fits PANEL_BYTES (in L1 while every
+        filter tile sweeps it), blocks of equal size. A block's partial sums wait in a per-tile
+        buffer, not in the output: overlapping pixel tiles must not read each other's results."""
+        per_channel = self.kernel[0] * self.kernel[1] * self.pixel_tile * 4
+        blocks = -(-self.in_channels // max(1, PANEL_BYTES // per_channel))
+        return -(-self.in_channels // blocks)
+
+    @property
+    def filter_tiles(self) -> int:
+        return -(-self.out_channels // self.filter_tile)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.batch * self.out_channels * self.taps * self.pixels
+
+
+def pack_dense_conv_weight(weight: np.ndarray, filter_tile: int) -> np.ndarray:
+    """OIHW weight as ``[ceil(O / MR)][I * KH * KW][MR]``, the filters past O zero."""
+    out_c = weight.shape[0]
+    rows = weight.reshape(out_c, -1)
+    tiles = -(-out_c // filter_tile)
+    padded = np.zeros((tiles * filter_tile, rows.shape[1]), dtype=np.float32)
+    padded[:out_c] = rows
+    return np.ascontiguousarray(padded.reshape(tiles, filter_tile, rows.shape[1]).transpose(0, 2, 1))
+
+
+def _padded_input(spec: DenseConvSpec, data):
+    """A zero-padded copy of the input (n, c, padded pixel) in a workspace, filled in parallel;
+    the input itself when there is no padding."""
+    n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
+    hp, wp = spec.padded_height, spec.padded_width
+    if (hp, wp) == (h_, w_):
+        return T.decl_buffer((n_, c_, h_ * w_), "float32", data=data.data)
+    top, left = spec.padding[0], spec.padding[1]
+    padded = T.decl_buffer((n_, c_, hp * wp), "float32")
+    with T.parallel(0, n_ * c_) as nc:
+        with T.serial(0, hp) as y:
+            with T.serial(0, wp) as x:
+                inside = tirx.all(y >= top, y < top + h_, x >= left, x < left + w_)
+                value = tirx.if_then_else(inside, data[nc // c_, nc % c_, y - top, x - left], tirx.const(0.0, "float32"))
+                T.buffer_store(padded, value, [nc // c_, nc % c_, y * wp + x])
+    return padded
+
+
+def _pack_panel(spec: DenseConvSpec, source, panel, b, n, base, first, count) -> None:
+    """``panel[r * tile + j]`` = the tap ``r = (c - first, dy, dx)`` of the window of pixel
+    ``base + j``, for the ``count`` channels from ``first``."""
+    tp, kh, kw = spec.pixel_tile, spec.kernel[0], spec.kernel[1]
+    if spec.pointwise:
+        with T.serial(0, count) as c:
+            with T.vectorized(0, tp) as j:
+                T.buffer_store(panel, source[n, first + c, base + j], [b, c * tp + j])
+        return
+    wp = spec.padded_width
+
+    def copy_windows(offset, vectorized: bool) -> None:
+        loop = T.vectorized if vectorized else T.unroll
+        with T.serial(0, count) as c:
+            with T.serial(0, kh) as dy:
+                with T.serial(0, kw) as dx:
+                    with loop(0, tp) as j:
+                        T.buffer_store(panel, source[n, first + c, offset(j) + dy * wp + dx],
+                                       [b, ((c * kh + dy) * kw + dx) * tp + j])
+
+    def window_start(pixel):
+        """Where the window of ``pixel`` starts in the padded image."""
+        return pixel // spec.out_width * spec.strides[0] * wp + pixel % spec.out_width * spec.strides[1]
+
+    # Each pixel's window start, computed once per tile.
+    start = T.decl_buffer((tp,), "int32", scope="local")
+    with T.unroll(0, tp) as j:
+        T.buffer_store(start, window_start(base + j), [j])
+    if spec.strides[1] != 1:
+        copy_windows(lambda j: start[j], vectorized=False)
+        return
+    # Stride 1 and the tile within one output row: each tap is a contiguous run of the input.
+    with T.If(base % spec.out_width + tp <= spec.out_width):
+        with T.Then():
+            copy_windows(lambda j: window_start(base) + j, vectorized=True)
+        with T.Else():
+            copy_windows(lambda j: start[j], vectorized=False)
+
+
+def _micro_kernel(spec: DenseConvSpec, panel, partial, source, weight, b, n, base, ft, kb, first, count, blocks,
+                  epilogue) -> None:
+    """One filter tile x one pixel tile over one reduction block, accumulated in registers; the
+    partial sums wait in ``partial`` until the last block, which writes the output."""
+    mr, nr, lanes, tp = spec.filter_tile, spec.vectors, spec.lanes, spec.pixel_tile
+    window = spec.kernel[0] * spec.kernel[1]
+    zero = tirx.const(0.0, "float32")
+    acc = T.decl_buffer((mr * tp,), "float32", scope="local")
+    with T.unroll(0, mr) as i:
+        with T.vectorized(0, tp) as j:
+            start = zero if partial is None else T.if_then_else(kb == 0, zero, partial[b, (ft * mr + i) * tp + j])
+            T.buffer_store(acc, start, [i * tp + j])
+    with T.serial(0, count * window) as r:
+        with T.unroll(0, mr) as i:
+            with T.unroll(0, nr) as jo:
+                with T.vectorized(0, lanes) as ji:
+                    slot = i * tp + jo * lanes + ji
+                    column = jo * lanes + ji
+                    x = panel[b, r * tp + column] if panel is not None else source[n, first + r, base + column]
+                    T.buffer_store(acc, acc[slot] + weight[ft, first * window + r, i] * x, [slot])
+    if partial is None:
+        _store_output(spec, acc, *epilogue, n, ft, base)
+        return
+    with T.If(kb < blocks - 1):
+        with T.Then():
+            with T.unroll(0, mr) as i:
+                with T.vectorized(0, tp) as j:
+                    T.buffer_store(partial, acc[i * tp + j], [b, (ft * mr + i) * tp + j])
+        with T.Else():
+            _store_output(spec, acc, *epilogue, n, ft, base)
+
+
+def _store_output(spec: DenseConvSpec, acc, bias, flat_res, flat_out, n, ft, base) -> None:
+    """The epilogue: each accumulator row (a real filter) plus bias and residual, activated, stored once."""
+    mr, tp, zero = spec.filter_tile, spec.pixel_tile, tirx.const(0.0, "float32")
+    with T.unroll(0, mr) as i:
+        f = ft * mr + i
+        with T.If(f < spec.out_channels):
+            with T.Then():
+                with T.vectorized(0, tp) as j:
+                    value = acc[i * tp + j]
+                    if bias is not None:
+                        value = value + bias[f]
+                    if flat_res is not None:
+                        value = value + flat_res[n, f, base + j]
+                    if spec.activation == "relu":
+                        value = T.max(value, zero)
+                    elif spec.activation == "clip":
+                        value = T.min(T.max(value, tirx.const(spec.clip_min, "float32")),
+                                      tirx.const(spec.clip_max, "float32"))
+                    T.buffer_store(flat_out, value, [n, f, base + j])
+
+
+def dense_conv_primfunc(spec: DenseConvSpec) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of one dense conv.
+
+    Arguments, in order: data (N, C, H, W), packed weight, [bias (F,)], [residual (N, F, OH, OW)], out.
+    """
+    n_, f_, p_, k_ = spec.batch, spec.out_channels, spec.pixels, spec.taps
+    mr, nr, lanes, tp = spec.filter_tile, spec.vectors, spec.lanes, spec.pixel_tile
+    tiles = -(-p_ // tp)
+    out_shape = (n_, f_, spec.out_height, spec.out_width)
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name("main")
+            data = T.arg("data", T.buffer((n_, spec.in_channels, spec.height, spec.width), "float32"))
+            weight = T.arg("weight", T.buffer((spec.filter_tiles, k_, mr), "float32"))
+            bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
+            residual = T.arg("residual", T.buffer(out_shape, "float32")) if spec.residual else None
+            out = T.arg("out", T.buffer(out_shape, "float32"))
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            # Flat (pixel-major) views of the NCHW tensors.
+            flat_out = T.decl_buffer((n_, f_, p_), "float32", data=out.data)
+            flat_res = T.decl_buffer((n_, f_, p_), "float32", data=residual.data) if residual is not None else None
+            source = _padded_input(spec, data)
+            window = spec.kernel[0] * spec.kernel[1]
+            cb = spec.channel_block
+            blocks = -(-spec.in_channels // cb)
+            group = spec.tiles_per_task
+            groups = -(-tiles // group)
+            with T.parallel(0, n_ * groups) as task:
+                n = task // groups
+                # A tile's base pixel; a last group past the end redoes the last tile (same values).
+
+                def base_of(b):
+                    return T.min(T.min((task % groups) * group + b, tiles - 1) * tp, p_ - tp)
+
+                panel = T.decl_buffer((group, cb * window * tp), "float32") if spec.pack_panel else None
+                partial = T.decl_buffer((group, spec.filter_tiles * mr * tp), "float32") if blocks > 1 else None
+                with T.serial(0, blocks) as kb:
+                    first = kb * cb
+                    count = T.min(cb, spec.in_channels - first)
+                    if panel is not None:
+                        with T.serial(0, group) as b:
+                            _pack_panel(spec, source, panel, b, n, base_of(b), first, count)
+                    with T.serial(0, spec.filter_tiles) as ft:
+                        with T.serial(0, group) as b:  # the filter tile's weights stay in L1 for the whole group
+                            _micro_kernel(spec, panel, partial, source, weight, b, n, base_of(b), ft, kb, first, count,
+                                          blocks, (bias, flat_res, flat_out))
+    func = builder.get().without_attr("global_symbol")  # the module names it when it is added
+    return func.with_attr(DENSE_CONV_ATTR, {"filter_tile": mr, "vectors": nr, "lanes": lanes,
+                                            "kernel": list(spec.kernel)})

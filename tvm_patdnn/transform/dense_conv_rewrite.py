@@ -1,0 +1,174 @@
+"""Relax pass: rewrite dense conv2d (+ bias)(+ residual add)(+ ReLU / clip, which is also ReLU6)
+into the packed-GEMM kernel of :mod:`tvm_patdnn.ops.dense_conv`.
+
+Runs after :class:`~tvm_patdnn.transform.PatternConvRewrite`, on the convs it left dense, with
+constant weights, so the weight is packed for the target's register tile at compile time and
+the whole chain becomes one ``call_tir`` writing each output once from registers. Taken: every
+1x1 conv, and other kernel sizes with at least ``4 x lanes`` output channels: copying the input
+windows costs about a cycle per element, and the multiply-adds sharing each copied element take
+``out_channels / (2 x lanes)`` cycles (two FMA vectors a cycle), so fewer filters would spend
+more than a third of the time copying.
+Left on the legalized conv2d and the :class:`~tvm_patdnn.schedule_rules.DenseConv2dCPU` schedule
+(and in the tuning space): grouped/depthwise and dilated convs, non-constant weights, those few-
+filter convs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+from ..ops.dense_conv import DenseConvSpec, dense_conv_primfunc, pack_dense_conv_weight
+from .pattern_conv_rewrite import OPAQUE, _per_channel_bias, _static_shape
+
+__all__ = ["DenseConvRewrite"]
+
+
+def _is_dense_conv(conv: relax.Call, weight: relax.Expr) -> bool:
+    attrs = conv.attrs
+    shapes = _static_shape(conv.args[0]), _static_shape(weight), _static_shape(conv)
+    return (
+        all(s is not None and len(s) == 4 for s in shapes)
+        and isinstance(weight, tvm.ir.GenericConst)
+        and conv.ty.dtype == "float32"
+        and conv.args[0].ty.dtype == "float32"
+        and str(weight.ty.dtype) == "float32"
+        and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")
+        and int(attrs.groups) == 1
+        and all(int(d) == 1 for d in attrs.dilation)
+    )
+
+
+def _float_value(expr: relax.Expr) -> float | None:
+    value = getattr(expr, "value", None)
+    try:
+        return float(getattr(value, "value", value))
+    except (TypeError, ValueError):
+        return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="DenseConvRewrite")
+class DenseConvRewrite:
+    """Rewrite dense conv2d chains into packed-GEMM ``call_tir``s.
+
+    ``registers`` and ``lanes`` are the target's vector registers and fp32 lanes
+    (:func:`tvm_patdnn.targets.vector_registers`, :func:`~tvm_patdnn.targets.vector_lanes`),
+    ``cores`` its threads;
+    ``vectors`` (pixel vectors per register tile) and ``pack_panel`` (copy each input panel
+    before the filters sweep it; strided convs always do) exist to measure what they are worth.
+    """
+
+    def __init__(self, registers: int = 16, lanes: int = 8, cores: int = 1, vectors: int = 2, pack_panel: bool = True):
+        self.registers, self.lanes, self.cores = registers, lanes, cores
+        self.vectors, self.pack_panel = vectors, pack_panel
+        self.data, self.weight, self.bias = wildcard(), is_const(), is_const()
+        self.residual = ~is_const()  # a constant there is a bias
+        self.conv = is_op("relax.nn.conv2d")(self.data, self.weight)
+        self.biased = is_op("relax.add")(self.conv, self.bias) | is_op("relax.add")(self.bias, self.conv)
+        pre = self.biased | self.conv
+        self.added = is_op("relax.add")(pre, self.residual) | is_op("relax.add")(self.residual, pre)
+        body = self.added | pre
+        self.relu = is_op("relax.nn.relu")(body)
+        self.clip = is_op("relax.clip")(body, wildcard(), wildcard())
+        self.pattern = self.relu | self.clip | body
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        self._builder = relax.BlockBuilder(mod)
+        self._kernels: dict[DenseConvSpec, relax.GlobalVar] = {}
+        self._packed: dict[tuple[relax.Expr, int], relax.Expr] = {}
+        for gvar, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function) or func.attrs and func.attrs.get("Primitive", 0):
+                continue
+            self._fusions = self._plan(func)
+            self._builder.update_func(gvar, rewrite_call(self.pattern, self._rewrite, func))
+        return relax.transform.DeadCodeElimination()(self._builder.get())
+
+    def _plan(self, func: relax.Function) -> dict[relax.Expr, tuple]:
+        """The chain each dense conv fuses: the largest match whose inner values nothing else uses
+        (fusing a value that has other users would compute it twice), chosen from the outputs
+        back. ``rewrite_call`` offers every sub-chain and rounds until nothing changes, so it
+        rewrites exactly these roots."""
+        var2val = self._var2val = relax.analysis.get_var2val(func)
+        uses: dict[relax.Var, int] = {}
+
+        def count(expr: relax.Expr) -> None:
+            if isinstance(expr, relax.Var):
+                uses[expr] = uses.get(expr, 0) + 1
+
+        relax.analysis.post_order_visit(func.body, count)
+        bindings = [b for block in getattr(func.body, "blocks", []) for b in block.bindings]
+        single_use = {b.value for b in bindings if uses.get(b.var, 0) == 1}
+        fusions: dict[relax.Expr, tuple] = {}
+        taken: set[relax.Expr] = set()
+        for binding in reversed(bindings):
+            root = binding.value
+            matches = self.pattern.extract_matched_expr(root, var2val) if root not in taken else None
+            fusion = self._fusion(root, matches) if matches else None
+            if fusion is None:
+                continue
+            inner = [matches[p] for p in (self.conv, self.biased, self.added) if p in matches]
+            inner = [v for v in inner if not v.same_as(root)]
+            if all(v in single_use for v in inner):
+                fusions[root] = fusion
+                taken.update(inner)
+        return fusions
+
+    def _fusion(self, expr: relax.Call, matches) -> tuple | None:
+        """(conv, spec, bias, residual) of a match the kernel can take, else None."""
+        conv, weight = matches[self.conv], matches[self.weight]
+        if not _is_dense_conv(conv, weight):
+            return None
+        out_shape = _static_shape(conv)
+        bias = None
+        if self.bias in matches:
+            bias = _per_channel_bias(matches[self.bias], out_shape[1])
+            if bias is None:
+                return None  # not a per-channel bias: a smaller match takes the conv
+        residual = None
+        if self.added in matches:  # the add's other operand, as the variable (the match is its value)
+            pre = matches[self.biased] if self.biased in matches else conv
+            operands = matches[self.added].args
+            first = self._var2val.get(operands[0])
+            residual = operands[1] if first is not None and first.same_as(pre) else operands[0]
+        if residual is not None and (_static_shape(residual) != out_shape or residual.ty.dtype != "float32"):
+            return None  # a broadcasting add
+        activation = ("none", 0.0, 0.0)
+        if self.relu in matches:
+            activation = ("relu", 0.0, 0.0)
+        elif self.clip in matches:
+            bounds = _float_value(expr.args[1]), _float_value(expr.args[2])
+            if None in bounds:
+                return None
+            activation = ("clip", *bounds)
+        n, c, h, w = _static_shape(conv.args[0])
+        spec = DenseConvSpec.for_target(
+            self.registers, self.lanes, self.vectors, batch=n, in_channels=c, height=h, width=w,
+            out_channels=out_shape[1], kernel=_static_shape(weight)[2:],
+            strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
+            has_bias=bias is not None, residual=residual is not None,
+            activation=activation[0], clip_min=activation[1], clip_max=activation[2], cores=self.cores,
+        )
+        if spec.kernel != (1, 1) and spec.out_channels < 4 * self.lanes:
+            return None  # the window copy would cost more than half the multiply-adds it feeds
+        if not self.pack_panel and spec.pointwise:
+            spec = dataclasses.replace(spec, pack_panel=False)
+        return conv, spec, bias, residual
+
+    def _rewrite(self, expr: relax.Expr, matches) -> relax.Expr:
+        if expr not in self._fusions:
+            return expr
+        conv, spec, bias, residual = self._fusions[expr]
+        if spec not in self._kernels:
+            func = dense_conv_primfunc(spec).with_attr("op_pattern", OPAQUE)
+            self._kernels[spec] = self._builder.add_func(func, "dense_conv")
+        weight = conv.args[1]
+        key = (weight, spec.filter_tile)
+        if key not in self._packed:
+            self._packed[key] = relax.const(pack_dense_conv_weight(weight.value.numpy(), spec.filter_tile))
+        args = [conv.args[0], self._packed[key]]
+        args += [relax.const(bias)] if bias is not None else []
+        args += [residual] if residual is not None else []
+        return relax.call_tir(self._kernels[spec], args, relax.TensorType(_static_shape(conv), "float32"))
