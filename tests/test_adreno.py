@@ -107,3 +107,27 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert "pattern_conv2d_conv0_kernel_1: global (" in out and "outputs match the ONNX reference" in out
     assert main([str(path), "--target", "arm_cpu"]) == 2
+
+
+def test_a_wrong_kernel_is_reported_as_a_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """The check has teeth: the same kernels with the padded input doubled (a mutation of the
+    generated OpenCL C, as a codegen bug would be) must fail it, from Python and the CLI."""
+    from tvm_patdnn.phone import opencl_check
+
+    generated = opencl_check._opencl_sources
+
+    def doubled_input(executable):
+        sources = generated(executable)
+        name = next(n for n, source in sources.items() if "condval = data_ptr[" in source)
+        sources[name] = sources[name].replace("condval = data_ptr[", "condval = 2.0f * data_ptr[", 1)
+        return sources
+
+    monkeypatch.setattr(opencl_check, "_opencl_sources", doubled_input)
+    result = check_opencl(_model(0), "adreno")
+    assert not result.ok and max(result.errors) > 1e-2
+    assert "outputs DIFFER from the ONNX reference" in result.summary()
+    path = tmp_path / "model.onnx"
+    onnx.save(_model(0), path)
+    assert main([str(path)]) == 1
+    assert "DIFFER" in capsys.readouterr().out

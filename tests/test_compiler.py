@@ -14,11 +14,14 @@ from tvm import relax
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
 
-RTOL = 1e-4
+# The largest error measured over 60 random pattern models was 1.6e-7 of the output's magnitude
+# (fp32 sums in another order than onnx.reference's); 10x that leaves room for other orders
+# without hiding a wrong tap or a dropped ReLU, which err by 1e-2 and more.
+RTOL = 2e-6
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
-    """Relative error (to the output's magnitude) at most 1e-4."""
+    """Relative error (to the output's magnitude) at most RTOL."""
     assert actual.shape == expected.shape
     scale = max(float(np.abs(expected).max()), 1e-6)
     error = float(np.abs(actual - expected).max()) / scale
@@ -38,22 +41,25 @@ def check_against_reference(model: onnx.ModelProto, seed: int = 0, **compile_arg
 
 @st.composite
 def pattern_models(draw):
-    """Random chains of pattern-pruned convs: strides, paddings, sizes, channels, bias, ReLU, residuals."""
+    """Random graphs of pattern-pruned convs: row and column strides (independently 1-3),
+    paddings, sizes, channels, 3-5 tap patterns, bias, constant adds (per channel, scalar, per
+    element), ReLU, residuals, intermediate outputs."""
     seed = draw(st.integers(0, 2**31))
     batch = draw(st.sampled_from([1, 2]))
     channels = draw(st.integers(1, 9))
     height, width = draw(st.integers(3, 13)), draw(st.integers(3, 13))
+    taps = draw(st.sampled_from([3, 4, 5]))
     convs = []
     h, w, c = height, width, channels
     for _ in range(draw(st.integers(1, 3))):
-        stride = draw(st.sampled_from([1, 2]))
+        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
         pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
         if h + pads[0] + pads[2] < 3 or w + pads[1] + pads[3] < 3:
             pads = (1, 1, 1, 1)
         residual = draw(st.booleans())
         out_c = c if residual else draw(st.integers(1, 12))
         if residual:
-            stride, pads = 1, (1, 1, 1, 1)
+            stride, pads = (1, 1), (1, 1, 1, 1)
         convs.append(
             ConvSpec(
                 out_channels=out_c,
@@ -64,20 +70,23 @@ def pattern_models(draw):
                 residual=residual,
                 n_patterns=draw(st.integers(1, 12)),
                 connectivity=draw(st.sampled_from([1.0, 2.0, 3.6])),
+                taps=taps,
+                add=draw(st.sampled_from([None, None, "channel", "scalar", "full"])),
+                output=draw(st.booleans()),
             )
         )
-        h = (h + pads[0] + pads[2] - 3) // stride + 1
-        w = (w + pads[1] + pads[3] - 3) // stride + 1
+        h = (h + pads[0] + pads[2] - 3) // stride[0] + 1
+        w = (w + pads[1] + pads[3] - 3) // stride[1] + 1
         c = out_c
     model = build_cnn(np.random.default_rng(seed), (batch, channels, height, width), convs)
-    return model, seed
+    return model, seed, taps
 
 
 @settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pattern_models())
 def test_random_pattern_models_match_reference(case):
-    model, seed = case
-    compiled = check_against_reference(model, seed)
+    model, seed, taps = case
+    compiled = check_against_reference(model, seed, entries=max(taps, 4))
     # Every conv of these models is pattern-sparse (unless connectivity emptied it entirely).
     for record in compiled.report:
         assert record.kind == "pattern" or record.reason == "all kernels are zero", record

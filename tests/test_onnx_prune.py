@@ -158,10 +158,20 @@ def test_round_trip_keeps_sparsity_exactly(result, tmp_path):
         assert array.tobytes() == original[name].tobytes()
 
 
-def test_pruned_model_still_runs(model, result):
+def test_pruned_model_computes_the_dense_graph_with_the_pruned_weights(model, result):
+    """Pruning changes weights and nothing else: the dense graph run with the pruned weights
+    substituted by name gives exactly the pruned model's output (and not the dense output)."""
     x = np.random.default_rng(0).standard_normal((1, 3, 10, 10)).astype(np.float32)
+    substituted = onnx.ModelProto.FromString(model.SerializeToString())
+    after = weights_of(result.model)
+    for tensor in substituted.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(after[tensor.name], tensor.name))
+    for node in substituted.graph.node:
+        if node.op_type == "Constant":
+            node.attribute[0].t.CopyFrom(numpy_helper.from_array(after[node.output[0]], node.output[0]))
     dense, pruned = run(model, x), run(result.model, x)
     assert dense.shape == pruned.shape == (1, 8, 10, 10)
+    assert np.array_equal(run(substituted, x), pruned)
     assert np.isfinite(pruned).all() and not np.allclose(dense, pruned)
 
 

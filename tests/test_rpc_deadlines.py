@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,14 +83,12 @@ def silent_device(tracker_port: int, request: pytest.FixtureRequest):
 
 
 def test_deploy_to_something_that_is_not_a_tracker_gives_up_after_the_timeout(mute_tracker, model_file):
-    started = time.monotonic()
     shown = subprocess.run([str(PATDNN), "deploy", str(model_file), "--target", "arm_cpu-linux", "--tracker",
                             f"{HOST}:{mute_tracker}", "--timeout", str(TIMEOUT)],
                            capture_output=True, text=True, timeout=BOUND)
     assert shown.returncode == 2, shown.stderr
     assert f"error: no TVM RPC tracker answers at {HOST}:{mute_tracker} within {TIMEOUT} s" in shown.stderr
     assert "Traceback" not in shown.stderr
-    assert time.monotonic() - started < BOUND
 
 
 def test_tune_against_something_that_is_not_a_tracker_gives_up_after_the_timeout(mute_tracker, model_file, tmp_path):

@@ -109,8 +109,12 @@ def test_tune_applies_and_reruns(tmp_path):
     database = tmp_path / "db"
     results = tvm_patdnn.tune(model, "x86", trials=6, database=database, trials_per_iter=2, progress=None)
     assert {r.kind for r in results} == {"pattern", "generic"}
-    assert all(r.default_ms is not None and r.best_ms is not None and r.best_ms <= r.default_ms for r in results)
+    assert all(r.default_ms is not None and r.best_ms is not None for r in results)
     assert sum(r.trials for r in results) >= 3
+    # One default-schedule seed per kernel, and every searched trial, are in the database.
+    lines = [json.loads(line) for line in (database / RECORDS).read_text().splitlines()]
+    seeds = [line for line in lines if not line[1][0][1]]
+    assert len(seeds) == len(results) and len(lines) - len(seeds) == sum(r.trials for r in results)
 
     # Every kernel is scheduled by its records, and the tuned model is exact.
     assert scheduled_by_records(model, database) == {r.name for r in results}
