@@ -49,11 +49,17 @@ def test_unsupported_op():
         tvm_patdnn.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
-def test_dynamic_input_shape(model):
-    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    dim.ClearField("dim_value")
-    dim.dim_param = "batch"
-    with pytest.raises(PatDNNError, match="dynamic shape.*batch"):
+def test_dynamic_input_shape(model, caplog):
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].ClearField("dim_value")
+    dims[0].dim_param = "batch"
+    with caplog.at_level("WARNING", logger="tvm_patdnn"):
+        assert tvm_patdnn.inspect(model) and tvm_patdnn.compile(model).input_shapes["input"] == (1, 3, 8, 8)
+    assert ("note: input 'input' has a dynamic batch dimension (batch): compiling for batch 1 "
+            "(--input-shape input=N,3,8,8 or input_shapes= sets another)") in caplog.messages
+    dims[2].ClearField("dim_value")
+    dims[2].dim_param = "height"
+    with pytest.raises(PatDNNError, match=r"dynamic shape \(batchx3xheightx8\)"):
         tvm_patdnn.compile(model)
     compiled = tvm_patdnn.compile(model, input_shapes={"input": (2, 3, 8, 8)})
     assert compiled.input_shapes["input"] == (2, 3, 8, 8)

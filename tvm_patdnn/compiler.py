@@ -21,6 +21,8 @@ from .targets import is_host_runnable, resolve_target
 from .transform import conv_report
 
 if TYPE_CHECKING:
+    import torch
+
     from .tuning.database import ScheduleSource
 
 __all__ = ["CompiledModel", "check_pattern_options", "compile", "inspect"]
@@ -99,9 +101,10 @@ def check_inputs(model: CompiledModel | ImportedModel, given: dict[str, np.ndarr
 
 
 def compile(  # noqa: A001 - mirrors tvm.compile
-    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule,
+    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule | torch.nn.Module,
     target: str | dict | tvm.target.Target = "x86",
     *,
+    example_inputs: tuple | None = None,
     params: dict[str, np.ndarray] | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     entries: int = 4,
@@ -110,8 +113,10 @@ def compile(  # noqa: A001 - mirrors tvm.compile
 ) -> CompiledModel:
     """Compile a pattern-pruned model with the pattern pass.
 
-    ``model`` is an ONNX file path, an ``onnx.ModelProto`` or a Relax IRModule (whose
-    ``main`` takes the inputs first and then the weights named in ``params``).
+    ``model`` is an ONNX file path, an ``onnx.ModelProto``, a Relax IRModule (whose ``main``
+    takes the inputs first and then the weights named in ``params``) or a ``torch.nn.Module``
+    with ``example_inputs`` (a tuple of tensors; exported through ONNX, see ``torch_frontend``;
+    the report names convs after their modules).
     ``tuning_db`` is a database directory written by ``tvm_patdnn.tune``; its records for the
     target's device schedule the kernels they cover. None uses the database shipped in
     ``tvm_patdnn/schedules/`` for the device, if any; False uses the default schedules only.
@@ -121,7 +126,7 @@ def compile(  # noqa: A001 - mirrors tvm.compile
 
     check_pattern_options(entries, max_patterns)
     resolved = resolve_target(target)
-    imported = _import(model, params, input_shapes)
+    imported = _import(model, params, input_shapes, example_inputs)
     records: list[ConvRecord] = []
     tuned, schedules = tuning_records_pass(tuning_db, resolved)
     try:
@@ -145,8 +150,9 @@ def compile(  # noqa: A001 - mirrors tvm.compile
 
 
 def inspect(
-    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule,
+    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule | torch.nn.Module,
     *,
+    example_inputs: tuple | None = None,
     params: dict[str, np.ndarray] | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     entries: int = 4,
@@ -154,16 +160,27 @@ def inspect(
 ) -> list[ConvRecord]:
     """What ``compile`` would do with every conv2d of the model, without building anything."""
     check_pattern_options(entries, max_patterns)
-    imported = _import(model, params, input_shapes)
+    imported = _import(model, params, input_shapes, example_inputs)
     mod = relax.transform.FoldConstant()(imported.mod)
     return conv_report(mod, entries, max_patterns)
 
 
-def _import(model, params, input_shapes) -> ImportedModel:
+def _import(model, params, input_shapes, example_inputs=None) -> ImportedModel:
+    from .torch_frontend import export_onnx, is_torch_module
+
+    if example_inputs is not None and not is_torch_module(model):
+        raise PatDNNError("example_inputs are only for torch.nn.Module models")
+    if is_torch_module(model):
+        if example_inputs is None:
+            raise PatDNNError("a torch.nn.Module needs example_inputs, e.g. compile(module, example_inputs=(x,))")
+        model = export_onnx(model, example_inputs)
     if isinstance(model, tvm.IRModule):
         return _from_relax(model, params or {})
     if params:
         raise PatDNNError("params are only for Relax IRModules: ONNX models carry their weights")
+    if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        raise PatDNNError(f"a model is an ONNX path or ModelProto, a Relax IRModule or a torch.nn.Module "
+                          f"(with example_inputs), not {type(model).__name__}")
     return import_onnx(model, input_shapes)
 
 

@@ -6,6 +6,7 @@ pattern pass can report layers under the names the user knows.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from .fileio import load_onnx_model
 
 __all__ = ["ImportedModel", "import_onnx"]
 
+_log = logging.getLogger("tvm_patdnn")
+
 
 @dataclass
 class ImportedModel:
@@ -29,6 +32,10 @@ class ImportedModel:
     input_shapes: dict[str, tuple[int, ...]]
     input_dtypes: dict[str, str]
     output_names: list[str]
+
+
+def _dynamic(dim) -> bool:
+    return not dim.HasField("dim_value") or dim.dim_value <= 0
 
 
 def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]):
@@ -51,7 +58,15 @@ def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]
                                   "positive integer")
         else:
             dims = tensor_type.shape.dim if tensor_type.HasField("shape") else None
-            if dims is None or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+            if dims is not None and len(dims) > 1 and _dynamic(dims[0]) and not any(map(_dynamic, dims[1:])):
+                # A dynamic batch (what torch.onnx.export's dynamic_axes usually makes): batch 1.
+                shown = dims[0].dim_param or "?"
+                rest = [int(d.dim_value) for d in dims[1:]]
+                _log.warning("note: input %r has a dynamic batch dimension (%s): compiling for batch 1 "
+                             "(--input-shape %s=N,%s or input_shapes= sets another)",
+                             value.name, shown, value.name, ",".join(map(str, rest)))
+                shape = (1, *rest)
+            elif dims is None or any(map(_dynamic, dims)):
                 shown = "?" if dims is None else "x".join(d.dim_param or (str(d.dim_value) if d.dim_value > 0 else "?") for d in dims)
                 example = [d.dim_value if d.dim_value > 0 else 1 for d in dims] if dims else [1, 3, 224, 224]
                 raise PatDNNError(
@@ -59,7 +74,8 @@ def _static_inputs(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]
                     f"input_shapes={{'{value.name}': {tuple(example)}}} / "
                     f"--input-shape {value.name}={','.join(map(str, example))}"
                 )
-            shape = tuple(int(d.dim_value) for d in dims)
+            else:
+                shape = tuple(int(d.dim_value) for d in dims)
         names.append(value.name)
         shapes[value.name] = shape
         dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
@@ -103,7 +119,9 @@ def import_onnx(
     except Exception as err:  # the importer raises anything from ValueError to TVMError
         raise PatDNNError(f"TVM cannot import the ONNX model: {str(err).strip().splitlines()[-1]}") from None
     mod, params = detach_params(mod)
-    conv_names = {n.input[1]: n.name or n.output[0] for n in proto.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+    # Keyed as the importer names the weight's variable (it drops an "onnx::" prefix).
+    conv_names = {n.input[1].removeprefix("onnx::"): n.name or n.output[0]
+                  for n in proto.graph.node if n.op_type == "Conv" and len(n.input) > 1}
     func = mod["main"]
     weights = list(params.get("main", []))
     param_vars = list(func.params)[len(func.params) - len(weights):]

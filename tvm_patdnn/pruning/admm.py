@@ -37,7 +37,6 @@ import io
 import math
 import os
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -542,32 +541,23 @@ def export_pruned_onnx(
 ) -> "Any":
     """Export ``model`` (eval mode) to ONNX and verify that pruned weights stayed exactly 0.0.
 
-    Uses the TorchScript exporter (no onnxscript dependency). In eval mode it folds
-    BatchNorm into the preceding conv, which rescales each filter but cannot create
+    Exported by ``torch_frontend.export_onnx`` (TorchScript exporter, eval mode, dynamic batch),
+    which folds BatchNorm into the preceding conv: that rescales each filter but cannot create
     nonzeros, so each pruned conv weight (``check_fqns``: default, every conv weight with a
     zero) must reappear as an initializer with exactly the same zero positions. The file is
     written atomically. Returns the ``onnx.ModelProto``.
     """
-    import onnx
+    import onnx.numpy_helper
 
-    was_training = model.training
-    model.eval()
+    from ..torch_frontend import export_onnx
+
     params = dict(model.named_parameters())
     if check_fqns is None:
         check_fqns = [f"{n}.weight" if n else "weight" for n, m in _conv_modules(model) if bool((m.weight == 0).any())]
     unknown = [f for f in check_fqns if f not in params]
     if unknown:
         raise PatDNNError(f"check_fqns names tensors the model does not have: {unknown}")
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example_input,), buffer, dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-    finally:
-        model.train(was_training)
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = export_onnx(model, (example_input,), opset=opset, dynamic_batch=True)
     initializers = {init.name: onnx.numpy_helper.to_array(init) for init in proto.graph.initializer}
     used: set[str] = set()
     for fqn in check_fqns:
