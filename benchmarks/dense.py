@@ -101,8 +101,7 @@ def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Tar
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     if variant != "old rule":
         ablation = {"no panel copy": {"pack_panel": False}, "1 pixel vector": {"vectors": 1}}[variant]
-        mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), int(target.attrs["num-cores"]),
-                               **ablation)(mod)
+        mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), **ablation)(mod)
     return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
 
 

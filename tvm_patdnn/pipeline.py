@@ -38,8 +38,7 @@ def pattern_passes(
         PatternConvRewrite(entries, max_patterns, vector_lanes(target), accumulator_registers(target), on_conv),
     ]
     if dense_kernels and target.kind.name == "llvm":
-        cores = int(target.attrs.get("num-cores", 1))
-        passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target), cores))
+        passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target)))
     return passes
 
 

@@ -17,6 +17,8 @@ row-wise vector), and the loop nest is the one of a GEMM micro-kernel:
   AVX-512 and NEON 14x2 of their 32). Other convs gather the panel from a zero-padded copy of
   the input (im2col one tile at a time: it stays in cache and costs one copy per tap and pixel,
   against ``F`` multiply-adds);
+* a long reduction (many channels x taps) runs in blocks whose panel fits ``PANEL_BYTES``, the
+  partial sums waiting in a per-tile buffer (not in the output: tiles overlap, see below);
 * the last pixel tile overlaps the one before instead of running a masked tail (stores of the
   overlap write identical values), so every load and store is a full vector;
 * bias, a residual input, ReLU or clip are applied to the accumulators before the one store.
@@ -41,7 +43,6 @@ ACTIVATIONS = ("none", "relu", "clip")
 # Input panel budget: half of the smallest L1 data cache of the targets (32 KB on Zen 3 and on
 # Cortex-A76), the rest for the weights being broadcast and the output tile.
 PANEL_BYTES = 16384
-MAX_GROUP = 16
 
 
 def register_tile(registers: int, lanes: int, pixels: int, vectors: int = 2) -> tuple[int, int, int]:
@@ -81,7 +82,6 @@ class DenseConvSpec:
     vectors: int = 2  # NR
     lanes: int = 8
     pack_panel: bool = True  # False (pointwise only): read the NCHW input in place, to measure the copy's worth
-    cores: int = 1  # threads the tiles are shared by
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -136,20 +136,9 @@ class DenseConvSpec:
         return self.vectors * self.lanes
 
     @property
-    def tiles_per_task(self) -> int:
-        """Pixel tiles one parallel task computes together, so that each filter tile's weights,
-        once in L1, serve several tiles (small images have few tiles and many weights, which
-        would otherwise stream from L3 once per tile): as many tasks as needed to give every
-        core the same number, with at most MAX_GROUP tiles (their panels stay in L2)."""
-        tiles = -(-self.pixels // self.pixel_tile)
-        tasks = self.cores * -(-tiles // (self.cores * MAX_GROUP))
-        return -(-tiles // tasks)
-
-    @property
     def channel_block(self) -> int:
         """Input channels per reduction block: the block's panel fits PANEL_BYTES (in L1 while every
-        filter tile sweeps it), blocks of equal size. A block's partial sums wait in a per-tile
-        buffer, not in the output: overlapping pixel tiles must not read each other's results."""
+        filter tile sweeps it), blocks of equal size."""
         per_channel = self.kernel[0] * self.kernel[1] * self.pixel_tile * 4
         blocks = -(-self.in_channels // max(1, PANEL_BYTES // per_channel))
         return -(-self.in_channels // blocks)
@@ -191,14 +180,14 @@ def _padded_input(spec: DenseConvSpec, data):
     return padded
 
 
-def _pack_panel(spec: DenseConvSpec, source, panel, b, n, base, first, count) -> None:
+def _pack_panel(spec: DenseConvSpec, source, panel, n, base, first, count) -> None:
     """``panel[r * tile + j]`` = the tap ``r = (c - first, dy, dx)`` of the window of pixel
     ``base + j``, for the ``count`` channels from ``first``."""
     tp, kh, kw = spec.pixel_tile, spec.kernel[0], spec.kernel[1]
     if spec.pointwise:
         with T.serial(0, count) as c:
             with T.vectorized(0, tp) as j:
-                T.buffer_store(panel, source[n, first + c, base + j], [b, c * tp + j])
+                T.buffer_store(panel, source[n, first + c, base + j], [c * tp + j])
         return
     wp = spec.padded_width
 
@@ -209,7 +198,7 @@ def _pack_panel(spec: DenseConvSpec, source, panel, b, n, base, first, count) ->
                 with T.serial(0, kw) as dx:
                     with loop(0, tp) as j:
                         T.buffer_store(panel, source[n, first + c, offset(j) + dy * wp + dx],
-                                       [b, ((c * kh + dy) * kw + dx) * tp + j])
+                                       [((c * kh + dy) * kw + dx) * tp + j])
 
     def window_start(pixel):
         """Where the window of ``pixel`` starts in the padded image."""
@@ -230,7 +219,7 @@ def _pack_panel(spec: DenseConvSpec, source, panel, b, n, base, first, count) ->
             copy_windows(lambda j: start[j], vectorized=False)
 
 
-def _micro_kernel(spec: DenseConvSpec, panel, partial, source, weight, b, n, base, ft, kb, first, count, blocks,
+def _micro_kernel(spec: DenseConvSpec, panel, partial, source, weight, n, base, ft, kb, first, count, blocks,
                   epilogue) -> None:
     """One filter tile x one pixel tile over one reduction block, accumulated in registers; the
     partial sums wait in ``partial`` until the last block, which writes the output."""
@@ -240,7 +229,7 @@ def _micro_kernel(spec: DenseConvSpec, panel, partial, source, weight, b, n, bas
     acc = T.decl_buffer((mr * tp,), "float32", scope="local")
     with T.unroll(0, mr) as i:
         with T.vectorized(0, tp) as j:
-            start = zero if partial is None else T.if_then_else(kb == 0, zero, partial[b, (ft * mr + i) * tp + j])
+            start = zero if partial is None else T.if_then_else(kb == 0, zero, partial[(ft * mr + i) * tp + j])
             T.buffer_store(acc, start, [i * tp + j])
     with T.serial(0, count * window) as r:
         with T.unroll(0, mr) as i:
@@ -248,7 +237,7 @@ def _micro_kernel(spec: DenseConvSpec, panel, partial, source, weight, b, n, bas
                 with T.vectorized(0, lanes) as ji:
                     slot = i * tp + jo * lanes + ji
                     column = jo * lanes + ji
-                    x = panel[b, r * tp + column] if panel is not None else source[n, first + r, base + column]
+                    x = panel[r * tp + column] if panel is not None else source[n, first + r, base + column]
                     T.buffer_store(acc, acc[slot] + weight[ft, first * window + r, i] * x, [slot])
     if partial is None:
         _store_output(spec, acc, *epilogue, n, ft, base)
@@ -257,7 +246,7 @@ def _micro_kernel(spec: DenseConvSpec, panel, partial, source, weight, b, n, bas
         with T.Then():
             with T.unroll(0, mr) as i:
                 with T.vectorized(0, tp) as j:
-                    T.buffer_store(partial, acc[i * tp + j], [b, (ft * mr + i) * tp + j])
+                    T.buffer_store(partial, acc[i * tp + j], [(ft * mr + i) * tp + j])
         with T.Else():
             _store_output(spec, acc, *epilogue, n, ft, base)
 
@@ -308,27 +297,19 @@ def dense_conv_primfunc(spec: DenseConvSpec) -> tirx.PrimFunc:
             window = spec.kernel[0] * spec.kernel[1]
             cb = spec.channel_block
             blocks = -(-spec.in_channels // cb)
-            group = spec.tiles_per_task
-            groups = -(-tiles // group)
-            with T.parallel(0, n_ * groups) as task:
-                n = task // groups
-                # A tile's base pixel; a last group past the end redoes the last tile (same values).
-
-                def base_of(b):
-                    return T.min(T.min((task % groups) * group + b, tiles - 1) * tp, p_ - tp)
-
-                panel = T.decl_buffer((group, cb * window * tp), "float32") if spec.pack_panel else None
-                partial = T.decl_buffer((group, spec.filter_tiles * mr * tp), "float32") if blocks > 1 else None
+            with T.parallel(0, n_ * tiles) as task:
+                n = task // tiles
+                base = T.min((task % tiles) * tp, p_ - tp)
+                panel = T.decl_buffer((cb * window * tp,), "float32") if spec.pack_panel else None
+                partial = T.decl_buffer((spec.filter_tiles * mr * tp,), "float32") if blocks > 1 else None
                 with T.serial(0, blocks) as kb:
                     first = kb * cb
                     count = T.min(cb, spec.in_channels - first)
                     if panel is not None:
-                        with T.serial(0, group) as b:
-                            _pack_panel(spec, source, panel, b, n, base_of(b), first, count)
+                        _pack_panel(spec, source, panel, n, base, first, count)
                     with T.serial(0, spec.filter_tiles) as ft:
-                        with T.serial(0, group) as b:  # the filter tile's weights stay in L1 for the whole group
-                            _micro_kernel(spec, panel, partial, source, weight, b, n, base_of(b), ft, kb, first, count,
-                                          blocks, (bias, flat_res, flat_out))
+                        _micro_kernel(spec, panel, partial, source, weight, n, base, ft, kb, first, count, blocks,
+                                      (bias, flat_res, flat_out))
     func = builder.get().without_attr("global_symbol")  # the module names it when it is added
     return func.with_attr(DENSE_CONV_ATTR, {"filter_tile": mr, "vectors": nr, "lanes": lanes,
                                             "kernel": list(spec.kernel)})

@@ -55,15 +55,13 @@ class DenseConvRewrite:
     """Rewrite dense conv2d chains into packed-GEMM ``call_tir``s.
 
     ``registers`` and ``lanes`` are the target's vector registers and fp32 lanes
-    (:func:`tvm_patdnn.targets.vector_registers`, :func:`~tvm_patdnn.targets.vector_lanes`),
-    ``cores`` its threads;
+    (:func:`tvm_patdnn.targets.vector_registers`, :func:`~tvm_patdnn.targets.vector_lanes`);
     ``vectors`` (pixel vectors per register tile) and ``pack_panel`` (copy each input panel
     before the filters sweep it; strided convs always do) exist to measure what they are worth.
     """
 
-    def __init__(self, registers: int = 16, lanes: int = 8, cores: int = 1, vectors: int = 2, pack_panel: bool = True):
-        self.registers, self.lanes, self.cores = registers, lanes, cores
-        self.vectors, self.pack_panel = vectors, pack_panel
+    def __init__(self, registers: int = 16, lanes: int = 8, vectors: int = 2, pack_panel: bool = True):
+        self.registers, self.lanes, self.vectors, self.pack_panel = registers, lanes, vectors, pack_panel
         self.data, self.weight, self.bias = wildcard(), is_const(), is_const()
         self.residual = ~is_const()  # a constant there is a bias
         self.conv = is_op("relax.nn.conv2d")(self.data, self.weight)
@@ -149,7 +147,7 @@ class DenseConvRewrite:
             out_channels=out_shape[1], kernel=_static_shape(weight)[2:],
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
             has_bias=bias is not None, residual=residual is not None,
-            activation=activation[0], clip_min=activation[1], clip_max=activation[2], cores=self.cores,
+            activation=activation[0], clip_min=activation[1], clip_max=activation[2],
         )
         if spec.kernel != (1, 1) and spec.out_channels < 4 * self.lanes:
             return None  # the window copy would cost more than half the multiply-adds it feeds
