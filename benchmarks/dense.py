@@ -1,21 +1,22 @@
-"""Dense layers: tvm_patdnn's dense 1x1 kernel vs ONNX Runtime vs the old dense schedule rule.
+"""Dense layers: tvm_patdnn's dense conv kernel vs ONNX Runtime vs the old dense schedule rule.
 
-Per layer (every distinct 1x1 conv of ResNet-50, each as Conv 1x1 + bias + ReLU at batch 1 fp32,
-random weights), measured side by side in one process, in interleaved rounds (the box is shared),
-medians reported:
+Per layer (every distinct dense conv of ResNet-50: the 1x1s, the 3x3s and the 7x7 stem, each as
+Conv + bias + ReLU at batch 1 fp32, random weights), measured side by side in one process, in
+interleaved rounds (the box is shared), medians reported:
 
 - ``tvm_patdnn``: the default pipeline (``compile(model, "x86", tuning_db=False)``), i.e. the
   packed-GEMM kernel of ``tvm_patdnn/ops/dense_conv.py``;
 - ``ORT``: onnxruntime, ``ORT_ENABLE_ALL``, as many intra-op threads as TVM has;
 - ``old rule``: the legalized conv2d with the ``DenseConv2dCPU`` schedule (``dense_kernels=False``);
-- ablations, one optimisation taken away at a time: ``no panel copy`` (the micro-kernel reads the
-  NCHW input in place) and ``1 pixel vector`` (register tile of 1 pixel vector x more filters
-  instead of 2 vectors).
+- ablations, one optimisation taken away at a time: ``no panel copy`` (1x1 stride 1 only: the
+  micro-kernel reads the NCHW input in place) and ``1 pixel vector`` (register tile of 1 pixel
+  vector x more filters instead of 2 vectors).
 
-Each layer's GFLOP/s is also given as a share of the fp32 FMA peak measured now with the widest
-ISA the host has (``machine.py``). ``--resnet50`` adds the whole dense ResNet-50 (``peers.py``'s
-builder, BN folded) against ORT and the old rule. Every variant's output is checked against ORT
-(relative 1e-3) before anything is timed.
+Each layer's GFLOP/s is also given as a share of the fp32 FMA peak measured at the start with the
+widest ISA the host has (``machine.py``); speed-ups are medians of the per-round ratios (the load
+of the shared box changes between rounds more than within one). ``--resnet50`` adds the whole
+dense ResNet-50 (``peers.py``'s builder, BN folded) against ORT and the old rule. Every
+variant's output is checked against ORT (relative 1e-3) before anything is timed.
 
     TVM_NUM_THREADS=1 .venv/bin/python benchmarks/dense.py [--rounds 5] [--resnet50]
         [--json benchmarks/results/dense.1t.json]
@@ -117,8 +118,8 @@ def tvm_runner(executable, x: np.ndarray) -> Runner:
     return Runner(lambda: vm["main"](tx).numpy(), lambda: time_ms(vm, tx, number=1))
 
 
-def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, rounds: int) -> dict[str, float]:
-    """Median ms of every variant and ORT over interleaved rounds, after checking their outputs."""
+def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, rounds: int) -> dict[str, list[float]]:
+    """ms of every variant and ORT in each of ``rounds`` interleaved rounds, after checking outputs."""
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     ort = ort_runner(model, x, threads)
@@ -133,7 +134,16 @@ def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, r
     for _ in range(rounds):
         for name, runner in runners.items():
             times[name].append(runner.time())
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def speedup(times: dict[str, list[float]], over: str) -> float:
+    """Median over rounds of ``over``'s time / tvm_patdnn's in the same round."""
+    return statistics.median(a / b for a, b in zip(times[over], times["tvm_patdnn"]))
 
 
 def layer_table(rows: list[dict], peak: float, variants: list[str]) -> str:
@@ -141,14 +151,14 @@ def layer_table(rows: list[dict], peak: float, variants: list[str]) -> str:
         " | tvm_patdnn GFLOP/s (% peak) | ORT GFLOP/s (% peak) | vs ORT | vs old rule |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
-        ms = row["ms"]
+        ms = medians(row["ms"])
         ours, ort = row["mflop"] / ms["tvm_patdnn"], row["mflop"] / ms["ORT"]  # MFLOP/ms = GFLOP/s
         lines.append(
             f"| {row['layer']} | {row['mflop']:.0f} | " + " | ".join(f"{ms[v]:.3f}" for v in ["ORT", *variants])
             + f" | {ours:.1f} ({100 * ours / peak:.0f}%) | {ort:.1f} ({100 * ort / peak:.0f}%)"
-            + f" | {ms['ORT'] / ms['tvm_patdnn']:.2f}x | {ms['old rule'] / ms['tvm_patdnn']:.2f}x |"
+            + f" | {speedup(row['ms'], 'ORT'):.2f}x | {speedup(row['ms'], 'old rule'):.2f}x |"
         )
-    total = {v: sum(r["ms"][v] for r in rows) for v in ["ORT", *variants]}
+    total = {v: sum(medians(r["ms"])[v] for r in rows) for v in ["ORT", *variants]}
     lines.append("| all layers (sum) | " + f"{sum(r['mflop'] for r in rows):.0f} | "
                  + " | ".join(f"{total[v]:.3f}" for v in ["ORT", *variants])
                  + f" | | | {total['ORT'] / total['tvm_patdnn']:.2f}x | {total['old rule'] / total['tvm_patdnn']:.2f}x |")
@@ -179,18 +189,18 @@ def main() -> None:
         ms = measure(conv_model(in_c, out_c, size, stride, kernel), layer_variants, target, threads, args.rounds)
         name = f"{kernel}x{kernel} {in_c}->{out_c} {size}x{size}" + (f" s{stride}" if stride != 1 else "")
         rows.append({"layer": name, "mflop": 2 * in_c * kernel * kernel * out_c * out * out / 1e6, "ms": ms})
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()), flush=True)
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in medians(ms).items()), flush=True)
     for row in rows:
-        row["ms"].setdefault("no panel copy", float("nan"))
+        row["ms"].setdefault("no panel copy", [float("nan")])
     table = layer_table(rows, peak, variants)
     print("\n" + table)
 
     models = {}
     if args.resnet50:
-        ms = measure(resnet50_model(), ["tvm_patdnn", "old rule"], target, threads, args.rounds)
-        models["resnet50"] = ms
-        print(f"\nResNet-50 dense, {threads} thread(s): " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
-              + f"; tvm_patdnn vs ORT {ms['ORT'] / ms['tvm_patdnn']:.2f}x, vs old rule {ms['old rule'] / ms['tvm_patdnn']:.2f}x")
+        times = measure(resnet50_model(), ["tvm_patdnn", "old rule"], target, threads, args.rounds)
+        models["resnet50"] = times
+        print(f"\nResNet-50 dense, {threads} thread(s): " + ", ".join(f"{k} {v:.1f} ms" for k, v in medians(times).items())
+              + f"; tvm_patdnn vs ORT {speedup(times, 'ORT'):.2f}x, vs old rule {speedup(times, 'old rule'):.2f}x")
 
     if args.json:
         result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,
