@@ -86,3 +86,24 @@ def test_space_is_sampled_with_the_callers_random_state():
 
     assert decisions(5) == decisions(5)
     assert len({str(decisions(seed)) for seed in range(1, 9)}) > 1
+
+
+def test_default_trace_survives_a_database_round_trip(tmp_path):
+    """The tuner stores the default as its seed record: as committed and as read back, the
+    record's trace replays to the default's TIR and passes the postprocessor tuned schedules get."""
+    from tvm.s_tir import meta_schedule as ms
+
+    func, target = pattern_conv(filters=16, channels=8, size=4), cpu(2)
+    default = s_tir.Schedule(func)
+    apply_default_schedule(default, target)
+    paths = str(tmp_path / "workloads.json"), str(tmp_path / "records.json")
+    database = ms.database.JSONDatabase(*paths, allow_missing=True)
+    workload = database.commit_workload(tvm.IRModule({"main": func}))
+    database.commit_tuning_record(ms.database.TuningRecord(default.trace, workload, [1e-3], target, None))
+
+    for stored in (database, ms.database.JSONDatabase(*paths)):  # as committed, and as read back
+        (record,) = stored.get_all_tuning_records()
+        replayed = s_tir.Schedule(func)
+        record.trace.apply_to_schedule(replayed, remove_postproc=True)
+        tvm.ir.assert_structural_equal(replayed.mod, default.mod)
+        assert ms.postproc.RewriteParallelVectorizeUnroll().apply(replayed)
