@@ -192,7 +192,12 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
         self.memory.commit_tuning_record(record)
 
     def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[ms.database.TuningRecord]:
-        return self.memory.get_top_k(workload, top_k)
+        """The best ``top_k`` *searched* records: evolutionary search breeds its population from
+        these by mutating their decisions. A default-schedule seed has none to mutate, and its
+        fixed unroll annotation (an IntImm, not a sampled value) fails MutateUnroll's check, so
+        seeds stay out of the search (they are still records: ``compile`` applies the best)."""
+        ranked = self.memory.get_top_k(workload, max(len(self.memory), top_k))
+        return [record for record in ranked if len(record.trace.decisions)][:top_k]
 
     def get_all_tuning_records(self) -> list[ms.database.TuningRecord]:
         return self.memory.get_all_tuning_records()
@@ -306,6 +311,8 @@ def apply_tuning_records(database: ms.database.Database, source: ScheduleSource 
     Like meta_schedule's ApplyDatabase, but the function keeps its own attributes (no
     ``global_symbol`` it did not have) and gets the compiler's post-schedule rewrites.
     ``source`` counts the kernels (PrimFuncs that run, not reshape views) and those scheduled.
+    A record whose trace no longer replays on its workload (tuned with an older design space)
+    leaves its kernel to the default rules, like a kernel without records.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="PatDNNApplyTuningRecords")
@@ -318,7 +325,10 @@ def apply_tuning_records(database: ms.database.Database, source: ScheduleSource 
                 continue
             if not relax.analysis.has_reshape_pattern(func):
                 kernels += 1
-            sch = database.query_schedule(normalize(func), target, gvar.name_hint)
+            try:
+                sch = database.query_schedule(normalize(func), target, gvar.name_hint)
+            except Exception:  # noqa: BLE001 - a record that no longer replays (older space): default rule
+                sch = None
             if sch is None:
                 continue
             tuned = sch.mod["main"].without_attr("global_symbol")

@@ -35,7 +35,7 @@ from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from ..schedule_rules.kernel_runs import bound_kernel_runs
 
 __all__ = ["DEVICE_UNAVAILABLE", "LibraryExport", "PackedArguments", "TrackerSession", "build_kernel",
-           "call_with_deadline", "check_tracker", "finish_schedule", "signature"]
+           "call_with_deadline", "check_tracker", "finish_schedule", "signature", "tracker_devices"]
 
 # Starts the error of a measurement that never reached the device (no session): the tuner ends
 # the tune on it instead of waiting again for every remaining candidate.
@@ -156,9 +156,7 @@ def _tracker_call(host: str, port: int, request: list, timeout: float):
         return base.recvjson(sock)
 
 
-def check_tracker(host: str, port: int, key: str, timeout: float) -> None:
-    """RuntimeError in plain words unless a tracker answers at ``host:port`` within ``timeout``
-    and has a device under ``key`` (registered, or already asked for by another client)."""
+def _tracker_summary(host: str, port: int, timeout: float) -> dict:
     from tvm.rpc import base
 
     try:
@@ -169,7 +167,20 @@ def check_tracker(host: str, port: int, key: str, timeout: float) -> None:
         raise RuntimeError(f"no TVM RPC tracker answers at {host}:{port}: {err}") from None
     if not isinstance(reply, list) or reply[0] != base.TrackerCode.SUCCESS or not isinstance(reply[1], dict):
         raise RuntimeError(f"{host}:{port} does not answer like a TVM RPC tracker: {reply!r}")
-    summary = reply[1]
+    return reply[1]
+
+
+def tracker_devices(host: str, port: int, key: str, timeout: float) -> list[str]:
+    """``host:port`` of every device (RPC server) registered under ``key``, free or busy."""
+    servers = _tracker_summary(host, port, timeout).get("server_info", [])
+    return sorted(f"{s['addr'][0]}:{s['addr'][1]}" for s in servers
+                  if str(s.get("key", "")).split(":")[-1] == key and len(s.get("addr") or ()) == 2)
+
+
+def check_tracker(host: str, port: int, key: str, timeout: float) -> None:
+    """RuntimeError in plain words unless a tracker answers at ``host:port`` within ``timeout``
+    and has a device under ``key`` (registered, or already asked for by another client)."""
+    summary = _tracker_summary(host, port, timeout)
     keys = {str(server.get("key", "")).split(":")[-1] for server in summary.get("server_info", [])}
     keys = (keys | set(summary.get("queue_info", {}))) - {""}
     if key not in keys:
@@ -216,8 +227,10 @@ class TrackerSession:
             raise RuntimeError(f"{DEVICE_UNAVAILABLE}: the tracker refused the request for {where}: {reply}")
         url, server_port, matchkey = reply[1]
         try:
-            return call_with_deadline(lambda: rpc.connect(url, server_port, matchkey, config.session_timeout_sec),
-                                      self.wait, f"the device's RPC server {url}:{server_port}")
+            session = call_with_deadline(lambda: rpc.connect(url, server_port, matchkey, config.session_timeout_sec),
+                                         self.wait, f"the device's RPC server {url}:{server_port}")
+            session.patdnn_device = f"{url}:{server_port}"  # which device measured (tuning.farm)
+            return session
         except Exception as err:  # noqa: BLE001 (any TVM/socket error: the tracker listed a server that is gone)
             last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise RuntimeError(f"{DEVICE_UNAVAILABLE}: the device {where} (server {url}:{server_port}) "

@@ -47,11 +47,11 @@ from ..pipeline import default_schedule_rules
 from ..schedule_rules.pattern_conv_cpu import apply_default_schedule
 from ..targets import resolve_target
 from .database import open_for_tuning, target_key
+from .farm import DeviceFarm, DeviceStats
 from .measure import (
     DEVICE_UNAVAILABLE,
     LibraryExport,
     PackedArguments,
-    TrackerSession,
     build_kernel,
     check_tracker,
     signature,
@@ -86,11 +86,13 @@ class TaskResult:
 
 class TuneResults(list):
     """``tune``'s result: a list of :class:`TaskResult`, plus ``stopped``, why the tune ended
-    before its budget was spent (None when it was not), and ``failed``, all failed trials."""
+    before its budget was spent (None when it was not), ``failed``, all failed trials, and
+    ``devices``, over RPC the trials each device measured (``{"host:port": DeviceStats}``)."""
 
-    def __init__(self, results=(), stopped: str | None = None):
+    def __init__(self, results=(), stopped: str | None = None, devices: dict[str, DeviceStats] | None = None):
         super().__init__(results)
         self.stopped = stopped
+        self.devices = devices or {}
 
     @property
     def failed(self) -> int:
@@ -239,10 +241,11 @@ class _Progress:
     """One line per measured batch: trials so far, the task, its best time against its default."""
 
     def __init__(self, tasks: list[Task], defaults: dict[str, float | None], best: dict[str, float | None],
-                 done: int, total: int, stream: TextIO | None, failures: _Failures):
+                 done: int, total: int, stream: TextIO | None, failures: _Failures, runner=None):
         self.tasks, self.defaults, self.best = tasks, defaults, best
         self.done, self.total, self.stream = done, total, stream
         self.failures = failures
+        self.farm = runner if isinstance(runner, DeviceFarm) else None
         self.start = time.monotonic()
 
     def report(self, task: Task, results: list[ms.runner.RunnerResult]) -> None:
@@ -263,6 +266,8 @@ class _Progress:
             text += f" (default {default:.4g} ms, {default / best:.2f}x)"
         if failed:
             text += f", {failed} failed ({error})"
+        if self.farm is not None:
+            text += f"  [{self.farm.devices} device{'s' if self.farm.devices != 1 else ''}]"
         print(f"[{self.done:>5}/{self.total}] {time.monotonic() - self.start:6.0f}s  {task.name:<36} {text}",
               file=self.stream, flush=True)
 
@@ -289,6 +294,7 @@ def tune(
     max_patterns: int = 12,
     trials_per_iter: int = 16,
     timeout: float = 60.0,
+    devices: int | None = None,
     seed: int = 0,
     progress: TextIO | None = sys.stderr,
 ) -> list[TaskResult]:
@@ -296,7 +302,9 @@ def tune(
 
     ``trials`` is the search budget over all tasks, counting search records already in the
     database (so an interrupted tune, re-run, finishes its budget); each task's default schedule
-    is measured once on top. ``rpc`` = ``"tracker_host:port:device_key"`` measures on that device.
+    is measured once on top. ``rpc`` = ``"tracker_host:port:device_key"`` measures on the devices
+    registered under that key, up to ``devices`` at once (default: all the tracker lists, re-read
+    before every batch, so phones that join later get work; see ``tuning.farm``).
     ``timeout``: seconds a local measurement may take; over RPC, the limit of every step (the
     tracker's answer, the device becoming free, its handshake, one measurement): a device that
     does not become free or answer in time ends the tune (it is gone or busy).
@@ -315,6 +323,10 @@ def tune(
         raise PatDNNError(f"trials_per_iter must be a positive integer, got {trials_per_iter!r}")
     if not timeout > 0:
         raise PatDNNError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if devices is not None and (rpc is None or isinstance(devices, bool) or not isinstance(devices, int)
+                                or devices < 1):
+        raise PatDNNError(f"devices (how many devices measure at once) must be a positive integer and needs "
+                          f"rpc=, got {devices!r}")
     rpc_config = parse_rpc(rpc, session_timeout=timeout) if rpc is not None else None
     if rpc_config is None:
         _check_runnable_here(resolved)
@@ -339,14 +351,7 @@ def tune(
                 check_tracker(rpc_config.tracker_host, rpc_config.tracker_port, rpc_config.tracker_key, timeout)
             except RuntimeError as err:
                 raise PatDNNError(f"cannot tune over RPC: {err}") from None
-            runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator,
-                                         f_create_session=TrackerSession(wait=timeout),
-                                         f_alloc_argument=arguments.remote, max_workers=1)
-            # RPCRunner waits for its worker without a limit: a device that vanishes without
-            # closing the connection would block the tune forever. Bound each candidate by the
-            # wait for the device plus one measurement (the worker is killed after it).
-            if hasattr(runner.pool, "_timeout"):
-                runner.pool._timeout = 2 * timeout + 10
+            runner = DeviceFarm(rpc_config, evaluator, arguments, wait=timeout, max_devices=devices)
 
         failures = _Failures()
         defaults = _measure_defaults(tasks, resolved, db, builder, runner, progress, failures)
@@ -359,11 +364,15 @@ def tune(
             print(f"tuning {len(tasks)} kernel(s) ({sum(t.kind == 'pattern' for t in tasks)} pattern conv) for "
                   f"{target_key(resolved)}: {searched} trials in {database} already, {remaining} to go",
                   file=progress, flush=True)
-        if remaining and failures.stopped is None:
-            _search(tasks, resolved, db, builder, runner, remaining, trials_per_iter, cores, seed,
-                    _Progress(tasks, defaults, best, searched, trials, progress, failures), str(database))
+        try:
+            if remaining and failures.stopped is None:
+                _search(tasks, resolved, db, builder, runner, remaining, trials_per_iter, cores, seed,
+                        _Progress(tasks, defaults, best, searched, trials, progress, failures, runner), str(database))
+        finally:
+            if isinstance(runner, DeviceFarm):
+                runner.close()
 
-    results = TuneResults(stopped=failures.stopped)
+    results = TuneResults(stopped=failures.stopped, devices=runner.stats if isinstance(runner, DeviceFarm) else None)
     for task in tasks:
         recs = _records_of(db, task)
         times = [m for r in recs if (m := _mean_ms(r.run_secs)) is not None]
@@ -453,6 +462,15 @@ def _measure(builder, runner, target, candidates: list) -> list[ms.runner.Runner
     the device unavailable the rest are not sent, each would wait for it again.
     """
     built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
+    if isinstance(runner, DeviceFarm):  # every device of the farm at once
+        runnable = [i for i, b in enumerate(built) if b.error_msg is None]
+        measured = iter(runner.measure([ms.runner.RunnerInput(built[i].artifact_path, "cpu", candidates[i].args_info)
+                                        for i in runnable]))
+        results = [next(measured) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg) for b in built]
+        for b in built:
+            if b.artifact_path is not None:
+                shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+        return results
     results: list[ms.runner.RunnerResult] = []
     unavailable = None
     for candidate, b in zip(candidates, built):

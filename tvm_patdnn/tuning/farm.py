@@ -1,0 +1,148 @@
+"""Measuring on every device a tracker lists under one key at once (a phone farm).
+
+Teams tune on racks of phones behind one TVM RPC tracker; the tracker already hands each
+session request a free device of the key, so measuring ``n`` candidates at once on ``n``
+devices is ``n`` meta_schedule RPCRunner workers asking at the same time. What this adds:
+
+* the pool follows the farm: before every batch the tracker's list of devices under the key is
+  read again (bounded by the timeout); a phone that joined gets work, one that left takes its
+  worker with it, and the tune stops only when no device is left;
+* per-device accounting: each worker's upload names the device it was handed in a small file
+  beside the candidate's library (the workers are processes of this machine), so every trial is
+  counted against the device that measured it;
+* a candidate whose device vanished mid-measurement is measured once more (on another device,
+  if the tracker has one): a device that dies is the farm's problem, not the candidate's.
+
+Builds stay local and are shared by all devices. Devices of different phone models belong under
+different keys and in different databases: one key is one device kind.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.runner.rpc_runner import default_upload_module
+
+from .measure import DEVICE_UNAVAILABLE, PackedArguments, TrackerSession, tracker_devices
+
+__all__ = ["DeviceFarm", "DeviceStats", "RecordingUpload"]
+
+MARKER = ".device"  # suffix of the file naming the device that measured a library
+
+
+@dataclass(frozen=True)
+class RecordingUpload:
+    """RPCRunner ``f_upload_module``: the default upload, after writing which device the worker's
+    session runs on next to the library (``TrackerSession`` tags the session with it)."""
+
+    def __call__(self, session, local_path: str, remote_path: str):
+        with open(local_path + MARKER, "w") as marker:
+            marker.write(getattr(session, "patdnn_device", "unknown device"))
+        return default_upload_module(session, local_path, remote_path)
+
+
+@dataclass
+class DeviceStats:
+    """Trials one device measured in this tune, and how many of them failed."""
+
+    trials: int = 0
+    failed: int = 0
+
+
+@dataclass
+class DeviceFarm:
+    """An RPCRunner with one worker per device of ``key`` (at most ``max_devices``), kept in step
+    with the tracker. ``measure`` runs a batch on all of them and says who measured what."""
+
+    config: ms.runner.RPCConfig
+    evaluator: ms.runner.EvaluatorConfig
+    arguments: PackedArguments
+    wait: float
+    max_devices: int | None = None
+    stats: dict[str, DeviceStats] = field(default_factory=dict)
+    devices: int = 0  # devices in use for the current batch
+    _runner: ms.runner.RPCRunner | None = None
+
+    def _listed(self) -> int:
+        listed = len(tracker_devices(self.config.tracker_host, self.config.tracker_port, self.config.tracker_key,
+                                     self.wait))
+        return listed if self.max_devices is None else min(listed, self.max_devices)
+
+    def refresh(self) -> int:
+        """Size the worker pool to the devices the tracker lists now; 0 when none is left."""
+        count = self._listed()
+        if count and count != self.devices:
+            if self._runner is not None:
+                self._runner.pool.shutdown(wait=False)
+            self._runner = ms.runner.RPCRunner(
+                rpc_config=self.config, evaluator_config=self.evaluator,
+                f_create_session=TrackerSession(wait=self.wait), f_upload_module=RecordingUpload(),
+                f_alloc_argument=self.arguments.remote, max_workers=count)
+            # RPCRunner waits for its workers without a limit: a device that vanishes without
+            # closing the connection would block the tune forever. Bound each candidate by the
+            # wait for a device plus one measurement (the worker is killed after it).
+            if hasattr(self._runner.pool, "_timeout"):
+                self._runner.pool._timeout = 2 * self.wait + 10
+        self.devices = count
+        return count
+
+    def measure(self, inputs: list[ms.runner.RunnerInput]) -> list[ms.runner.RunnerResult]:
+        """Run ``inputs`` on the farm's devices at once; a candidate whose device was lost is
+        measured once more. Results in input order; ``stats`` counts them per device."""
+        if not self.refresh():
+            return [ms.runner.RunnerResult(None, f"{DEVICE_UNAVAILABLE}: no device is left under "
+                                                 f"{self.config.tracker_key!r}") for _ in inputs]
+        results, devices = self._run(inputs)
+        lost = [i for i, (result, device) in enumerate(zip(results, devices))
+                if result.error_msg is not None and device is not None and _lost(result.error_msg)]
+        if lost and self.refresh():
+            again, again_devices = self._run([inputs[i] for i in lost])
+            for i, result, device in zip(lost, again, again_devices):
+                self._count(devices[i], failed=True)  # the first try is accounted for, as a failure
+                results[i], devices[i] = result, device
+        for result, device in zip(results, devices):
+            if device is not None:
+                self._count(device, failed=result.error_msg is not None)
+        return results
+
+    def _run(self, inputs: list[ms.runner.RunnerInput]) -> tuple[list[ms.runner.RunnerResult], list[str | None]]:
+        for runner_input in inputs:
+            _remove(str(runner_input.artifact_path) + MARKER)
+        results = [future.result() for future in self._runner.run(inputs)]
+        return results, [_read(str(runner_input.artifact_path) + MARKER) for runner_input in inputs]
+
+    def _count(self, device: str, failed: bool) -> None:
+        stats = self.stats.setdefault(device, DeviceStats())
+        stats.trials += 1
+        stats.failed += int(failed)
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.pool.shutdown(wait=False)
+            self._runner = None
+
+
+def _lost(error: str) -> bool:
+    """Whether a failed measurement lost its device rather than failed on it: the worker was
+    killed waiting for it, or the connection broke (a candidate's own crash on a phone also breaks
+    the session; it then fails once more and counts as failed)."""
+    return DEVICE_UNAVAILABLE not in error and any(
+        sign in error for sign in ("Timeout", "connection", "Connection", "socket", "Socket", "closed", "EOF",
+                                   "RPCSessionTimeoutError", "Broken pipe", "reset by peer"))
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as marker:
+            return marker.read().strip() or None
+    except OSError:
+        return None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
