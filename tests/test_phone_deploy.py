@@ -127,6 +127,29 @@ def test_deploy_given_library_that_differs_exits_1(emulator, model_file: Path, t
     assert "DIFFER from the ONNX reference" in capsys.readouterr().out
 
 
+def test_deploy_of_a_library_for_another_cpu_says_so(emulator, model_file: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    host_lib = tvm_patdnn.compile(model_file, "x86").export_library(tmp_path / "host.so")
+    status = main(["deploy", str(model_file), "--target", "arm_cpu-linux", "--tracker", emulator.tracker, "--key", KEY,
+                   "--so", str(host_lib)])
+    err = capsys.readouterr().err
+    assert status == 2 and "wrong linker" not in err
+    assert "is an x86-64 ELF but target" in err and "needs AArch64: it was compiled for another target" in err
+    assert "patdnn compile MODEL --target arm_cpu-linux" in err
+
+
+def test_deploy_takes_a_tuning_database(emulator, model_file: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    # the database reaches compile: a missing one is named (an empty one would just apply nothing)
+    status = main(["deploy", str(model_file), "--target", "arm_cpu-linux", "--tracker", emulator.tracker, "--key", KEY,
+                   "--tuning-db", str(tmp_path / "phone_db")])
+    assert status == 2 and f"tuning database {tmp_path / 'phone_db'} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["deploy", str(model_file), "--tracker", emulator.tracker, "--so", "m.so", "--tuning-db", "db"])
+    with pytest.raises(PatDNNError, match="tuning database applies when compiling"):
+        tvm_patdnn.deploy(model_file, tracker=emulator.tracker, library=tmp_path / "m.so", tuning_db=tmp_path)
+
+
 def test_deploy_api_with_inputs_frees_the_device(emulator, model_file: Path) -> None:
     x = np.random.default_rng(5).standard_normal((1, 4, 12, 12)).astype(np.float32)
     result = tvm_patdnn.deploy(model_file, "galaxy-s10", tracker=emulator.tracker, key=KEY, inputs={"input": x},

@@ -7,11 +7,11 @@ The compiler is imported on first use so that pruning alone does not pay TVM's i
 
 from .errors import PatDNNError
 
-__all__ = ["CompiledModel", "ConvRecord", "PatDNNError", "compile", "deploy", "inspect", "tune"]
+__all__ = ["CompiledModel", "ConvRecord", "PatDNNError", "compile", "deploy", "inspect", "load", "tune"]
 
 
 def __getattr__(name: str):
-    if name in ("compile", "CompiledModel", "inspect"):
+    if name in ("compile", "CompiledModel", "inspect", "load"):
         from . import compiler
 
         return getattr(compiler, name)

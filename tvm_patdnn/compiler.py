@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -25,14 +26,17 @@ if TYPE_CHECKING:
 
     from .tuning.database import ScheduleSource
 
-__all__ = ["CompiledModel", "check_pattern_options", "compile", "inspect"]
+__all__ = ["CompiledModel", "check_pattern_options", "compile", "inspect", "load"]
 
 
 @dataclass
 class CompiledModel:
-    """A compiled model: ``run`` it on the host, ``export_library`` it, read its ``report``."""
+    """A compiled model: ``run`` it on the host, ``export_library`` it, read its ``report``.
 
-    executable: relax.VMExecutable
+    ``tvm_patdnn.load`` gives the same interface for an exported library (``library`` is its path;
+    ``report`` is empty and ``schedules`` None, since nothing was compiled in this process)."""
+
+    executable: relax.VMExecutable | tvm.runtime.Module
     target: tvm.target.Target
     input_names: list[str]
     input_shapes: dict[str, tuple[int, ...]]
@@ -40,32 +44,72 @@ class CompiledModel:
     output_names: list[str]
     report: list[ConvRecord] = field(default_factory=list)
     schedules: ScheduleSource | None = None  # which tuning records scheduled which kernels
+    library: Path | None = None  # the file it was loaded from (tvm_patdnn.load)
     _vm: relax.VirtualMachine | None = field(default=None, repr=False)
 
-    def run(self, inputs: dict[str, np.ndarray] | None = None, **named: np.ndarray) -> list[np.ndarray]:
-        """Run on this machine's CPU; returns the graph's outputs in ONNX order."""
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        """The Relax VM that runs the model on this machine's CPU (made on first use), for callers
+        that keep inputs as ``tvm.runtime.Tensor`` and call ``vm["main"]`` themselves."""
         if not is_host_runnable(self.target):
             raise PatDNNError(
                 f"the model is compiled for {self.target.kind.name} target {self.target}, which this machine "
                 "cannot run: run it on the device with `patdnn deploy` or tvm_patdnn.deploy(...)"
             )
-        args = [tvm.runtime.tensor(a) for a in check_inputs(self, {**(inputs or {}), **named})]
         if self._vm is None:
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
-        result = self._vm["main"](*args)
+        return self._vm
+
+    def run(self, inputs: dict[str, np.ndarray] | None = None, **named: np.ndarray) -> list[np.ndarray]:
+        """Run on this machine's CPU; returns the graph's outputs in ONNX order."""
+        vm = self.vm
+        args = [tvm.runtime.tensor(a) for a in check_inputs(self, {**(inputs or {}), **named})]
+        result = vm["main"](*args)
         outputs = list(result) if isinstance(result, (tvm.ir.Array, list, tuple)) else [result]
         return [o.numpy() for o in outputs]
 
     def export_library(self, path: str | os.PathLike, **kwargs) -> Path:
-        """Write the library atomically (temp file, then rename); aarch64 targets are
-        cross-linked (phone.cross) and every .so is checked to be an ELF for the target's CPU."""
+        """Write the library atomically (temp file, then rename), then its signature file
+        ``PATH.json`` (tvm_patdnn.signature) that ``tvm_patdnn.load`` reads; aarch64 targets are
+        cross-linked (phone.cross) and every .so is checked to be an ELF for the target's CPU.
+        A loaded model's library is copied: TVM cannot serialise a loaded library again."""
         from .phone.cross import export_checked
+        from .signature import write_signature
+        from .tvm_noise import filter_tvm_noise
 
-        return write_file_atomic(path, lambda tmp: export_checked(self.executable, tmp, self.target, **kwargs))
+        if self.library is not None:
+            written = write_file_atomic(path, lambda tmp: shutil.copyfile(self.library, tmp))
+        else:
+            with filter_tvm_noise():  # "Scope Saving" lines after run(): see tvm_noise
+                written = write_file_atomic(path, lambda tmp: export_checked(self.executable, tmp, self.target, **kwargs))
+        write_signature(written, self)
+        return written
 
     def format_report(self) -> str:
         table = format_report(self.report)
         return table if self.schedules is None else f"{table}\n{self.schedules}"
+
+
+def load(library: str | os.PathLike) -> CompiledModel:
+    """A library written by ``CompiledModel.export_library`` or ``patdnn compile``, back as a
+    ``CompiledModel`` (``run``, input names/shapes/dtypes, output names, target), read from the
+    library and its signature file (see tvm_patdnn.signature)."""
+    from .signature import read_signature
+    from .tvm_noise import filter_tvm_noise
+
+    fields = read_signature(library)
+    target = resolve_target(fields.pop("target"))
+    if not is_host_runnable(target):
+        raise PatDNNError(
+            f"{library} is compiled for {target}, which this machine cannot load: run it on its device with "
+            f"`patdnn deploy MODEL.onnx --so {library}` or tvm_patdnn.deploy(..., library=...)"
+        )
+    try:
+        with filter_tvm_noise():  # "Scope Loaded" lines: see tvm_noise
+            module = tvm.runtime.load_module(os.fspath(library))
+    except (RuntimeError, OSError) as err:
+        raise PatDNNError(f"cannot load {library}: {str(err).strip().splitlines()[-1]}") from None
+    return CompiledModel(executable=module, target=target, library=Path(library), **fields)
 
 
 def check_pattern_options(entries: int, max_patterns: int) -> None:

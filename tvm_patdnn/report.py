@@ -36,7 +36,11 @@ class ConvRecord:
     pattern_counts: tuple[int, ...] = ()  # kept kernels using each pattern
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The record for JSON: each pattern drawn as its 3x3 kernel's rows (``["x.x", ".x.",
+        "..x"]``, x = kept weight), readable where a bit mask is not."""
+        record = asdict(self)
+        record["patterns"] = [format_pattern(p).split("/") for p in self.patterns]
+        return record
 
 
 def format_pattern_usage(records: list[ConvRecord]) -> str:

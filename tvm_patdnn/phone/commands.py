@@ -1,4 +1,5 @@
-"""``patdnn phone-emulator``: start the emulated aarch64 phone behind an RPC tracker."""
+"""``patdnn phone-emulator`` (the emulated aarch64 phone behind an RPC tracker) and ``patdnn
+opencl-check`` (the Adreno kernels verified on PoCL): the phone commands that need no device."""
 
 from __future__ import annotations
 
@@ -60,6 +61,38 @@ def add_phone_emulator_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prepare-only", action="store_true",
                         help="only fetch the aarch64 runtime and build the server, then exit")
     parser.set_defaults(func=run_phone_emulator)
+
+
+def add_opencl_check_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``patdnn opencl-check`` (exit status 0: the kernels match, 1: they differ, 2: error)."""
+    from ..cli import _add_model_options, add_target_option
+
+    parser = subparsers.add_parser(
+        "opencl-check",
+        help="compile for an OpenCL target (adreno) and verify every kernel on this CPU with PoCL",
+        description=(
+            "Compile MODEL for an OpenCL target, build every generated OpenCL kernel with PoCL (CPU OpenCL) and "
+            "replay the kernel launches the phone would make, then compare the outputs with onnx.reference. "
+            "Needs Debian pocl-opencl-icd and the `opencl` extra (pyopencl). Exit status 1 when the outputs differ."
+        ),
+    )
+    _add_model_options(parser)
+    add_target_option(parser, "adreno", "an OpenCL target: adreno or a TVM target JSON of kind opencl")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to the largest output")
+    parser.add_argument("--launches", action="store_true", help="list every kernel launch")
+    parser.set_defaults(func=run_opencl_check)
+
+
+def run_opencl_check(args: argparse.Namespace) -> int:
+    from .opencl_check import check_opencl
+
+    result = check_opencl(args.model, args.target, input_shapes=dict(args.input_shape), entries=args.entries,
+                          max_patterns=args.max_patterns, rtol=args.rtol)
+    if args.launches:
+        for launch in result.launches:
+            print(f"{launch.kernel}: global {launch.global_size}, local {launch.local_size}")
+    print(result.summary())
+    return 0 if result.ok else 1
 
 
 def run_phone_emulator(args: argparse.Namespace) -> int:

@@ -4,13 +4,16 @@ TVM's default ``export_library`` links with the host's ``g++``, which silently p
 x86 library (or fails obscurely) for aarch64 code; a phone only says "dlopen failed" later.
 So aarch64 targets are linked with the Android NDK (``TVM_NDK_CC``, what a real phone needs:
 Bionic libc) or else Debian's ``aarch64-linux-gnu-g++`` (glibc: aarch64 Linux boards and the
-emulated phone), and the ELF machine type of every written library is checked.
+emulated phone), and the ELF machine type of every written library is checked. Linking an
+Android target without the NDK still works (the emulated phone runs such a library) but warns,
+because a real phone's loader rejects a glibc library.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from tvm.target import codegen
 from ..errors import PatDNNError
 from ..targets import is_aarch64
 
-__all__ = ["DEBIAN_CROSS_CXX", "NDK_ENV", "export_checked", "linker_for", "check_library_machine", "elf_machine"]
+__all__ = ["DEBIAN_CROSS_CXX", "NDK_ENV", "export_checked", "linker_for", "check_library_machine", "elf_machine",
+           "machine_name"]
 
 DEBIAN_CROSS_CXX = "aarch64-linux-gnu-g++"
 NDK_ENV = "TVM_NDK_CC"
@@ -47,6 +51,12 @@ def linker_for(target: tvm.target.Target) -> Callable | None:
             f"aarch64-linux-android<API>-clang++, or apt-get install g++-aarch64-linux-gnu "
             f"(provides {DEBIAN_CROSS_CXX})"
         )
+    if "android" in str(target.attrs.get("mtriple", "") or (target.host and target.host.attrs.get("mtriple", ""))):
+        warnings.warn(
+            f"{NDK_ENV} is not set: linking this Android target with {DEBIAN_CROSS_CXX} gives a glibc library, "
+            f"which the emulated phone and aarch64 Linux boards load but an Android phone does not; set {NDK_ENV} "
+            "to the NDK's aarch64-linux-android<API>-clang++ for a phone, or use --target arm_cpu-linux "
+            "(target='arm_cpu-linux') for Linux", UserWarning, stacklevel=2)
     return cc.cross_compiler(DEBIAN_CROSS_CXX)
 
 
@@ -65,18 +75,25 @@ def _expected_machine(target: tvm.target.Target) -> int | None:
     return _EM.get(triple.split("-")[0])
 
 
-def check_library_machine(path: str | os.PathLike, target: tvm.target.Target) -> None:
-    """Raise PatDNNError unless the shared library at ``path`` is an ELF for the target's CPU."""
+def machine_name(machine: int) -> str:
+    """An ELF e_machine as a CPU architecture name ("x86-64", "AArch64", ...)."""
+    return _EM_NAMES.get(machine, f"e_machine {machine}")
+
+
+def check_library_machine(path: str | os.PathLike, target: tvm.target.Target,
+                          remedy: str = "the wrong linker was used") -> None:
+    """Raise PatDNNError unless the shared library at ``path`` is an ELF for the target's CPU;
+    ``remedy`` ends the message (the caller knows why the two could differ)."""
     expected = _expected_machine(target)
     if Path(path).suffix != ".so" or expected is None:
         return  # .tar/.o artifacts and unknown architectures: nothing to compare with
     machine = elf_machine(path)
     if machine is None:
-        raise PatDNNError(f"the exported library {path} is not an ELF file")
+        raise PatDNNError(f"the library {path} is not an ELF file")
     if machine != expected:
         raise PatDNNError(
-            f"the exported library is an {_EM_NAMES.get(machine, f'e_machine {machine}')} ELF but target "
-            f"{target} needs {_EM_NAMES.get(expected, f'e_machine {expected}')}: the wrong linker was used"
+            f"the library {path} is an {machine_name(machine)} ELF but target {target} needs "
+            f"{machine_name(expected)}: {remedy}"
         )
 
 

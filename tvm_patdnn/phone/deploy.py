@@ -80,6 +80,7 @@ def deploy(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     entries: int = 4,
     max_patterns: int = 12,
+    tuning_db: str | os.PathLike | None = None,
     rtol: float = DEFAULT_RTOL,
     number: int = 5,
     repeat: int = 3,
@@ -89,6 +90,8 @@ def deploy(
     """Compile ``model`` for ``target`` (or take the compiled ``library``), run it on a device
     of ``key`` behind ``tracker``, compare with ``onnx.reference`` and time it there.
 
+    ``tuning_db`` is a ``tvm_patdnn.tune`` database for the device (e.g. measured on it with
+    ``patdnn tune --rpc``); None uses the schedules shipped for the target, if any.
     ``inputs`` default to seeded standard-normal arrays of the model's input shapes. A device
     that does not become free within ``timeout`` seconds (gone, or busy) is an error, as is a
     tracker or device handshake that takes longer, or a session longer than ``session_timeout``.
@@ -101,6 +104,9 @@ def deploy(
             raise PatDNNError(f"{name} must be a positive integer, got {value!r}")
     if not rtol >= 0:
         raise PatDNNError(f"rtol must be a non-negative number, got {rtol!r}")
+    if library is not None and tuning_db is not None:
+        raise PatDNNError("a tuning database applies when compiling: give it to `patdnn compile` for the library, "
+                          "or deploy the ONNX model without --so")
     from ..compiler import check_inputs
     from ..compiler import compile as compile_model
     from ..frontend import import_onnx
@@ -118,14 +124,17 @@ def deploy(
     with tempfile.TemporaryDirectory(prefix="patdnn-deploy-") as workdir:
         if library is None:
             compiled = compile_model(proto, resolved, input_shapes=input_shapes, entries=entries,
-                                     max_patterns=max_patterns)
+                                     max_patterns=max_patterns, tuning_db=tuning_db)
             signature = compiled
             path = compiled.export_library(Path(workdir) / "patdnn_model.so")
         else:
             path = Path(library)
             if not path.is_file():
                 raise PatDNNError(f"compiled library {path} does not exist or is not a file")
-            check_library_machine(path, resolved)
+            name = target if isinstance(target, str) else "TARGET"
+            check_library_machine(path, resolved, remedy=(
+                f"it was compiled for another target. Compile it for this one (`patdnn compile MODEL --target {name} "
+                "-o LIB`), or deploy with the --target it was compiled for"))
             signature = import_onnx(proto, input_shapes)
         if inputs is None:
             rng = np.random.default_rng(0)
@@ -212,7 +221,7 @@ def _session_run(remote, path: Path, target, key: str, arrays: list[np.ndarray],
 
 def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``patdnn deploy`` (exit status 0: outputs match, 1: they differ, 2: error)."""
-    from ..cli import _add_model_options  # the model options every model command shares
+    from ..cli import TARGET_HELP, _add_model_options, add_target_option  # shared by every model command
 
     parser = subparsers.add_parser(
         "deploy",
@@ -225,21 +234,25 @@ def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_model_options(parser)
-    parser.add_argument("--target", default="arm_cpu",
-                        help="arm_cpu, galaxy-s10, arm_cpu-linux, adreno or a TVM target JSON (default %(default)s)")
+    add_target_option(parser, "arm_cpu", TARGET_HELP + "; arm_cpu and galaxy-s10 are Android phones (link with "
+                      "TVM_NDK_CC), arm_cpu-linux aarch64 Linux and the emulated phone")
     parser.add_argument("--tracker", required=True, metavar="HOST:PORT", help="RPC tracker, e.g. 127.0.0.1:9190")
-    parser.add_argument("--key", default="android", help="device key at the tracker (default %(default)s)")
-    parser.add_argument("--so", metavar="LIBRARY", help="an already compiled library of MODEL (skip compiling)")
+    parser.add_argument("--key", default="android", help="device key at the tracker")
+    compiled = parser.add_mutually_exclusive_group()
+    compiled.add_argument("--so", metavar="LIBRARY", help="an already compiled library of MODEL (skip compiling)")
+    compiled.add_argument("--tuning-db", metavar="DIR",
+                          help="compile with the records of `patdnn tune --db DIR` (tuned on this device with --rpc); "
+                               "default: the schedules shipped for the target")
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                        help="max error relative to the largest reference output (default %(default)g)")
-    parser.add_argument("--number", type=int, default=5, help="runs averaged per timing (default %(default)s)")
-    parser.add_argument("--repeat", type=int, default=3, help="timings taken (default %(default)s)")
+                        help="max error relative to the largest reference output")
+    parser.add_argument("--number", type=int, default=5, help="runs averaged per timing")
+    parser.add_argument("--repeat", type=int, default=3, help="timings taken")
     parser.add_argument("--session-timeout", type=float, default=600,
                         help="seconds the device serves this session at most; upload, run and timing must "
-                             "finish within it (default %(default)s)")
+                             "finish within it")
     parser.add_argument("--timeout", type=float, default=60, metavar="SECONDS",
                         help="limit of every step before the session: the tracker's answer, the device "
-                             "becoming free, its handshake (default %(default)s)")
+                             "becoming free, its handshake")
     parser.set_defaults(func=_run_deploy)
 
 
@@ -247,7 +260,7 @@ def _run_deploy(args: argparse.Namespace) -> int:
     result = deploy(
         args.model, args.target, tracker=parse_tracker(args.tracker), key=args.key, library=args.so,
         input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
-        rtol=args.rtol, number=args.number, repeat=args.repeat, session_timeout=args.session_timeout,
+        tuning_db=args.tuning_db, rtol=args.rtol, number=args.number, repeat=args.repeat, session_timeout=args.session_timeout,
         timeout=args.timeout,
     )
     print(result.summary())

@@ -366,30 +366,12 @@ def check_opencl(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tvm_patdnn.phone.opencl_check MODEL``: exit 0 when the kernels match, 1 when not, 2 on errors."""
-    import argparse
+    """``python -m tvm_patdnn.phone.opencl_check MODEL``: the same as ``patdnn opencl-check MODEL``."""
     import sys
 
-    from ..cli import _add_model_options
+    from ..cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m tvm_patdnn.phone.opencl_check",
-                                     description="compile for an OpenCL target and verify every kernel on PoCL")
-    _add_model_options(parser)
-    parser.add_argument("--target", default="adreno", help="an OpenCL target name or JSON (default %(default)s)")
-    parser.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to the largest output")
-    parser.add_argument("--launches", action="store_true", help="list every kernel launch")
-    args = parser.parse_args(argv)
-    try:
-        result = check_opencl(args.model, args.target, input_shapes=dict(args.input_shape), entries=args.entries,
-                              max_patterns=args.max_patterns, rtol=args.rtol)
-    except PatDNNError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.launches:
-        for launch in result.launches:
-            print(f"{launch.kernel}: global {launch.global_size}, local {launch.local_size}")
-    print(result.summary())
-    return 0 if result.ok else 1
+    return cli_main(["opencl-check", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 __all__ = ["add_tune_command", "format_results"]
@@ -10,9 +11,7 @@ __all__ = ["add_tune_command", "format_results"]
 
 def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``tune`` (handler in ``func``)."""
-    from ..cli import (
-        _add_model_options,  # the cli module is loaded by the time parsers are built
-    )
+    from ..cli import _add_model_options, add_target_option  # the cli module is loaded by the time parsers are built
 
     parser = subparsers.add_parser(
         "tune",
@@ -26,17 +25,19 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_model_options(parser)
-    parser.add_argument("--target", default="x86",
-                        help="x86 (host CPU), a phone preset or a TVM target JSON (default %(default)s)")
-    parser.add_argument("--trials", type=int, default=64, help="search trials over all kernels (default %(default)s)")
+    add_target_option(parser, "x86")
+    parser.add_argument("--trials", type=int, default=64, help="search trials over all kernels")
     parser.add_argument("--db", required=True, metavar="DIR", help="tuning database directory (created if missing)")
     parser.add_argument("--rpc", metavar="HOST:PORT:KEY",
                         help="measure on the device registered as KEY with the RPC tracker at HOST:PORT")
     parser.add_argument("--trials-per-iter", type=int, default=16,
-                        help="candidates measured per search round of a kernel (default %(default)s)")
+                        help="candidates measured per search round of a kernel")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="with --rpc: measure on up to N devices of the key at once (default: every device "
+                             "the tracker lists, re-read before each batch)")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="limit of one measurement; with --rpc also of the tracker's answer, the device "
-                             "becoming free and its handshake, after which the tune ends (default %(default)s)")
+                             "becoming free and its handshake, after which the tune ends")
     parser.set_defaults(func=run_tune)
 
 
@@ -56,20 +57,39 @@ def format_results(results) -> str:
     if failing:
         lines.append(f"\n{sum(r.failed for r in failing)} trial(s) failed:")
         lines.extend(f"  {r.name}: {r.failed} failed, last error: {r.error}" for r in failing)
+    devices = getattr(results, "devices", {})
+    if devices:
+        lines.append("\ndevices:")
+        lines.extend(f"  {device}: {stats.trials} trial(s) measured, {stats.failed} failed"
+                     for device, stats in sorted(devices.items()))
     stopped = getattr(results, "stopped", None)
     if stopped:
         lines.append(f"\ntuning stopped early: {stopped}")
     return "\n".join(lines)
 
 
+def apply_command(args: argparse.Namespace) -> str:
+    """The ``patdnn compile`` command that applies this tune's records: same model, target, shapes
+    and pattern options (records only match kernels compiled the same way)."""
+    words = ["patdnn", "compile", args.model, "--target", args.target]
+    for name, dims in args.input_shape:
+        words += ["--input-shape", f"{name}={','.join(map(str, dims))}"]
+    if args.entries != 4 or args.max_patterns != 12:
+        words += ["--entries", str(args.entries), "--max-patterns", str(args.max_patterns)]
+    words += ["--tuning-db", str(args.db), "-o", "model.so"]
+    return shlex.join(words)
+
+
 def run_tune(args: argparse.Namespace) -> int:
+    from ..tvm_noise import filter_tvm_noise
     from .tuner import tune
 
-    results = tune(
-        args.model, args.target, trials=args.trials, database=args.db, rpc=args.rpc,
-        input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
-        trials_per_iter=args.trials_per_iter, timeout=args.timeout, progress=sys.stderr,
-    )
+    with filter_tvm_noise():  # 'Unknown schedule rule "meta_schedule.pool_max"': see tvm_noise
+        results = tune(
+            args.model, args.target, trials=args.trials, database=args.db, rpc=args.rpc,
+            input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
+            trials_per_iter=args.trials_per_iter, timeout=args.timeout, devices=args.devices, progress=sys.stderr,
+        )
     print(format_results(results))
-    print(f"\nrecords in {args.db}; apply with: patdnn compile {args.model} --tuning-db {args.db} -o model.so")
+    print(f"\nrecords in {args.db}; apply with: {apply_command(args)}")
     return 1 if results.stopped else 0  # stopped early: records kept, budget not spent
