@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +170,13 @@ def test_noise_filter_passes_everything_else(capfd: pytest.CaptureFixture) -> No
     err = capfd.readouterr().err
     assert err == ("[02:11:35] /project/src/runtime/vm/executable.cc:276: Warning: Scope Saving:global.texture\n"
                    "a real error\n")
+
+
+def test_noise_filter_steps_aside_without_a_stderr() -> None:
+    code = "from tvm_patdnn.tvm_noise import filter_tvm_noise\nwith filter_tvm_noise():\n    print('ran')"
+    shown = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "{code}" 2>&-'], capture_output=True, text=True,
+                           timeout=60)
+    assert (shown.returncode, shown.stdout) == (0, "ran\n")
 
 
 def test_tuning_pools_prints_no_unknown_schedule_rule(capfd: pytest.CaptureFixture) -> None:

@@ -43,6 +43,14 @@ _lock = threading.Lock()
 _depth = 0  # nested filters share the outermost one
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def filter_tvm_noise() -> Iterator[None]:
     """Within the block, lines written to fd 2 that match :data:`NOISE_PATTERNS` are dropped."""
@@ -51,7 +59,7 @@ def filter_tvm_noise() -> Iterator[None]:
     with _lock:
         _depth += 1
         outermost = _depth == 1
-    if not outermost or grep is None:  # without grep: the noise, not a broken stderr
+    if not outermost or grep is None or not _is_open(2):  # without grep: the noise, not a broken stderr
         try:
             yield
         finally:
