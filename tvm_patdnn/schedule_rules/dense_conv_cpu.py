@@ -1,4 +1,6 @@
-"""Default CPU schedule of the dense layers the pattern pass leaves to TVM.
+"""Default CPU schedule of the window reductions left to TVM's legalized ops: pooling, and the
+convs the dense kernel (``ops/dense_conv.py``) does not take (grouped/depthwise, dilated, few
+filters, non-constant weights; all dense convs with ``get_pipeline(..., dense_kernels=False)``).
 
 TVM's default pipeline leaves legalized conv2d (and pooling) loops unscheduled, ~25x slower
 than a tuned schedule, which would make every end-to-end comparison meaningless. This rule
