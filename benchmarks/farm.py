@@ -31,6 +31,7 @@ import tvm_patdnn
 from tvm_patdnn.fileio import write_bytes_atomic
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
 from tvm_patdnn.tuning.commands import format_results
+from tvm_patdnn.tuning.measure import tracker_devices
 
 HOST = "127.0.0.1"
 KEY = "farm-bench"
@@ -49,6 +50,18 @@ def model(channels: int = 16, size: int = 14):
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, channels, size, size])],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(channels, np.float32), "b")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def wait_for(ready, what: str, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return
+        except RuntimeError:  # not answering yet
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"timed out waiting for {what}")
 
 
 def free_port() -> int:
@@ -83,14 +96,14 @@ def main() -> None:
     port = free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port", str(port),
                                 "--port-end", str(port + 1), "--silent"], start_new_session=True)
-    time.sleep(3)
+    wait_for(lambda: tracker_devices(HOST, port, KEY, 10) is not None, "the tracker")
     phones, rows = [], []
     try:
         for count in (1, 2):
             while len(phones) < count:
                 phones.append(start([str(PATDNN), "phone-emulator", "--tracker", f"{HOST}:{port}", "--key", KEY,
                                      "--host", HOST, "--port", str(free_port())], "listening on"))
-            time.sleep(2)
+            wait_for(lambda: len(tracker_devices(HOST, port, KEY, 10)) >= count, f"{count} phone(s) at the tracker")
             with tempfile.TemporaryDirectory() as scratch:
                 started = time.monotonic()
                 results = tvm_patdnn.tune(model(), "arm_cpu-linux", trials=args.trials, trials_per_iter=8,
