@@ -46,6 +46,7 @@ from ..phone.cross import linker_for
 from ..pipeline import default_schedule_rules
 from ..schedule_rules.pattern_conv_cpu import apply_default_schedule
 from ..targets import resolve_target
+from ..tvm_noise import filter_tvm_noise
 from .database import open_for_tuning, target_key
 from .farm import DeviceFarm, DeviceStats
 from .measure import (
@@ -366,8 +367,10 @@ def tune(
                   file=progress, flush=True)
         try:
             if remaining and failures.stopped is None:
-                _search(tasks, resolved, db, builder, runner, remaining, trials_per_iter, cores, seed,
-                        _Progress(tasks, defaults, best, searched, trials, progress, failures, runner), str(database))
+                with filter_tvm_noise():  # 'Unknown schedule rule "meta_schedule.pool_max"': see tvm_noise
+                    _search(tasks, resolved, db, builder, runner, remaining, trials_per_iter, cores, seed,
+                            _Progress(tasks, defaults, best, searched, trials, progress, failures, runner),
+                            str(database))
         finally:
             if isinstance(runner, DeviceFarm):
                 runner.close()
