@@ -10,8 +10,8 @@ devices is ``n`` meta_schedule RPCRunner workers asking at the same time. What t
 * per-device accounting: each worker's upload names the device it was handed in a small file
   beside the candidate's library (the workers are processes of this machine), so every trial is
   counted against the device that measured it;
-* a candidate whose device vanished mid-measurement is measured once more (on another device,
-  if the tracker has one): a device that dies is the farm's problem, not the candidate's.
+* a candidate whose device vanished mid-measurement is measured again (on another device, if
+  the tracker has one): a device that dies is the farm's problem, not the candidate's.
 
 Builds stay local and are shared by all devices. Devices of different phone models belong under
 different keys and in different databases: one key is one device kind.
@@ -30,6 +30,7 @@ from .measure import DEVICE_UNAVAILABLE, PackedArguments, TrackerSession, tracke
 __all__ = ["DeviceFarm", "DeviceStats", "RecordingUpload"]
 
 MARKER = ".device"  # suffix of the file naming the device that measured a library
+RETRIES = 2  # extra tries of a candidate whose device was lost
 
 
 @dataclass(frozen=True)
@@ -90,17 +91,20 @@ class DeviceFarm:
 
     def measure(self, inputs: list[ms.runner.RunnerInput]) -> list[ms.runner.RunnerResult]:
         """Run ``inputs`` on the farm's devices at once; a candidate whose device was lost is
-        measured once more. Results in input order; ``stats`` counts them per device."""
+        measured again (up to ``RETRIES`` times: the tracker may still hand out a device that just
+        died). Results in input order; ``stats`` counts every try per device."""
         if not self.refresh():
             return [ms.runner.RunnerResult(None, f"{DEVICE_UNAVAILABLE}: no device is left under "
                                                  f"{self.config.tracker_key!r}") for _ in inputs]
         results, devices = self._run(inputs)
-        lost = [i for i, (result, device) in enumerate(zip(results, devices))
-                if result.error_msg is not None and device is not None and _lost(result.error_msg)]
-        if lost and self.refresh():
+        for _retry in range(RETRIES):
+            lost = [i for i, (result, device) in enumerate(zip(results, devices))
+                    if result.error_msg is not None and device is not None and _lost(result.error_msg)]
+            if not lost or not self.refresh():
+                break
             again, again_devices = self._run([inputs[i] for i in lost])
             for i, result, device in zip(lost, again, again_devices):
-                self._count(devices[i], failed=True)  # the first try is accounted for, as a failure
+                self._count(devices[i], failed=True)  # the lost try is accounted for, as a failure
                 results[i], devices[i] = result, device
         for result, device in zip(results, devices):
             if device is not None:
