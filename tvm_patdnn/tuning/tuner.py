@@ -461,34 +461,34 @@ def _log_files(work_dir: str, tasks: list[Task]) -> Iterator[list[logging.Logger
 def _measure(builder, runner, target, candidates: list) -> list[ms.runner.RunnerResult]:
     """Build and run a batch to completion (a failed build is a failed run).
 
-    Candidates run one after the other (the runners have one worker anyway); once one finds
-    the device unavailable the rest are not sent, each would wait for it again.
+    On a device farm the batch runs on all its devices at once. Otherwise candidates run one
+    after the other (the runners have one worker anyway); once one finds the device unavailable
+    the rest are not sent, each would wait for it again.
     """
     built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
-    if isinstance(runner, DeviceFarm):  # every device of the farm at once
-        runnable = [i for i, b in enumerate(built) if b.error_msg is None]
-        measured = iter(runner.measure([ms.runner.RunnerInput(built[i].artifact_path, "cpu", candidates[i].args_info)
-                                        for i in runnable]))
-        results = [next(measured) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg) for b in built]
+    try:
+        if isinstance(runner, DeviceFarm):
+            runnable = [ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info)
+                        for c, b in zip(candidates, built) if b.error_msg is None]
+            measured = iter(runner.measure(runnable))
+            return [next(measured) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
+                    for b in built]
+        results: list[ms.runner.RunnerResult] = []
+        unavailable = None
+        for candidate, b in zip(candidates, built):
+            if b.error_msg is not None:
+                results.append(ms.runner.RunnerResult(None, b.error_msg))
+            elif unavailable is not None:
+                results.append(ms.runner.RunnerResult(None, f"not measured: {unavailable}"))
+            else:
+                (future,) = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", candidate.args_info)])
+                results.append(future.result())
+                unavailable = _device_unavailable(results[-1:])
+        return results
+    finally:
         for b in built:
             if b.artifact_path is not None:
                 shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
-        return results
-    results: list[ms.runner.RunnerResult] = []
-    unavailable = None
-    for candidate, b in zip(candidates, built):
-        if b.error_msg is not None:
-            results.append(ms.runner.RunnerResult(None, b.error_msg))
-        elif unavailable is not None:
-            results.append(ms.runner.RunnerResult(None, f"not measured: {unavailable}"))
-        else:
-            (future,) = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", candidate.args_info)])
-            results.append(future.result())
-            unavailable = _device_unavailable(results[-1:])
-    for b in built:
-        if b.artifact_path is not None:
-            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
-    return results
 
 
 def tuning_contexts(
