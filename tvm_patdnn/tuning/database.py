@@ -78,7 +78,7 @@ def open_for_tuning(path: str | os.PathLike, target: Target) -> AppendOnlyDataba
     except OSError as err:
         raise PatDNNError(f"cannot use tuning database {path}: {err}") from err
     database = AppendOnlyDatabase(path)
-    foreign = {key for key in record_targets(path) if key != target_key(target)}
+    foreign = {key for r in database.get_all_tuning_records() if (key := target_key(r.target)) != target_key(target)}
     if foreign:
         raise PatDNNError(
             f"tuning database {path} holds records for {', '.join(sorted(foreign))}, not {target_key(target)}: "
