@@ -18,6 +18,7 @@ from tvm import relax
 
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
+from tvm_patdnn.bench import profile_kernels
 from tvm_patdnn.cli import main
 from tvm_patdnn.phone.cross import DEBIAN_CROSS_CXX, NDK_ENV
 from tvm_patdnn.signature import signature_path
@@ -138,6 +139,25 @@ def test_bench_reports_percentiles_and_threads(library: Path, capsys: pytest.Cap
     assert row[0] == "tvm_patdnn" and int(row[1]) == tvm.runtime.num_threads() and row[2] == "5"
     p50, p90, p99 = map(float, row[3:6])
     assert 0 < p50 <= p90 <= p99
+
+
+def test_bench_profile_names_every_kernel_of_the_model(library: Path, x: np.ndarray,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    model = tvm_patdnn.load(library)
+    kernels = profile_kernels(model, {"input": x}, runs=3, warmup=1)
+    by_name = {k.kernel: k for k in kernels}
+    # the model's two convs (the 8-filter dense one on TVM's path, the pattern one) and its head, once each
+    pattern = [k for k in kernels if k.kernel.startswith("pattern_conv2d")]
+    assert len(pattern) == 1 and pattern[0].calls == 1 and pattern[0].shapes.endswith("1x16x12x12")
+    assert any("conv2d" in name and not name.startswith("pattern") for name in by_name)
+    assert all(k.ms >= 0 for k in kernels) and [k.ms for k in kernels] == sorted((k.ms for k in kernels), reverse=True)
+    with pytest.raises(PatDNNError, match="at least 1 run"):
+        profile_kernels(model, {"input": x}, runs=0)
+    assert main(["bench", str(library), "--runs", "3", "--warmup", "1", "--profile"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out.index(next(line for line in out if line.startswith("kernel")))
+    assert out[header].split()[:4] == ["kernel", "calls", "ms", "share"]
+    assert any(line.startswith("pattern_conv2d") for line in out[header:]) and out[-1].startswith("total")
 
 
 def test_bench_onnx_against_onnxruntime(model_file: Path, library: Path, capsys: pytest.CaptureFixture) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 
 from .errors import PatDNNError
 
-__all__ = ["Latency", "add_bench_command", "bench_onnxruntime", "bench_tvm", "format_latencies", "time_calls"]
+__all__ = ["KernelTime", "Latency", "add_bench_command", "bench_onnxruntime", "bench_tvm", "format_latencies",
+           "format_profile", "profile_kernels", "time_calls"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,78 @@ def format_latencies(latencies: list[Latency]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class KernelTime:
+    """Where one compiled kernel's share of an inference goes: a PrimFunc (``dense_conv``,
+    ``pattern_conv2d_<layer>``, ``fused_matmul_add``...) or a VM builtin, summed over its calls."""
+
+    kernel: str
+    calls: int  # per inference
+    ms: float  # per inference, mean over the profiled runs
+    shapes: str  # argument shapes of its first call, outputs last
+
+
+def profile_kernels(model, inputs: dict[str, np.ndarray], runs: int = 10, warmup: int = 2) -> list[KernelTime]:
+    """Per-kernel times of ``model`` (a ``CompiledModel``), largest first.
+
+    Relax's VM in TVM 0.27 has no profiler; its instrument hook is called before and after every
+    packed call, so the time between the two is the kernel's (the hook's own cost, a Python call,
+    is ~1 µs a kernel: negligible against conv kernels, visible on tiny elementwise ones).
+    """
+    import tvm
+
+    from .compiler import check_inputs
+
+    if runs < 1 or warmup < 0:
+        raise PatDNNError(f"profiling needs at least 1 run and 0 warm-up runs, got {runs} and {warmup}")
+    main = model.vm["main"]
+    args = [tvm.runtime.tensor(a) for a in check_inputs(model, inputs)]
+    totals: dict[str, list] = {}  # kernel -> [calls, seconds, shapes]
+    started: list[float] = []
+
+    def instrument(_func, name, before_run, _ret, *call_args) -> int:
+        if before_run:
+            started.append(time.perf_counter())
+            return 0
+        elapsed = time.perf_counter() - started.pop()
+        entry = totals.setdefault(str(name), [0, 0.0, None])
+        entry[0] += 1
+        entry[1] += elapsed
+        if entry[2] is None:
+            entry[2] = " ".join("x".join(map(str, a.shape)) for a in call_args if hasattr(a, "shape"))
+        return 0
+
+    for _ in range(warmup):
+        main(*args)
+    model.vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            main(*args)
+    finally:
+        model.vm.set_instrument(lambda *_: 0)
+    kernels = [KernelTime(name, calls // runs, seconds * 1e3 / runs, shapes or "")
+               for name, (calls, seconds, shapes) in totals.items()]
+    return sorted(kernels, key=lambda k: -k.ms)
+
+
+def format_profile(kernels: list[KernelTime], top: int = 25) -> str:
+    """The ``top`` kernels with their share of the summed kernel time; the VM's builtins as one line."""
+    builtin = [k for k in kernels if k.kernel.startswith("vm.builtin.")]
+    compiled = [k for k in kernels if not k.kernel.startswith("vm.builtin.")]
+    total = sum(k.ms for k in kernels) or 1.0
+    lines = [f"{'kernel':<40} {'calls':>5} {'ms':>9} {'share':>6}  shapes (output last)"]
+    for k in compiled[:top]:
+        lines.append(f"{k.kernel[:40]:<40} {k.calls:>5} {k.ms:>9.3f} {k.ms / total:>6.1%}  {k.shapes}")
+    if compiled[top:]:
+        lines.append(f"{f'{len(compiled) - top} more kernels':<40} {sum(k.calls for k in compiled[top:]):>5} "
+                     f"{sum(k.ms for k in compiled[top:]):>9.3f} {sum(k.ms for k in compiled[top:]) / total:>6.1%}")
+    if builtin:
+        lines.append(f"{'VM builtins (allocation, reshape, checks)':<40} {sum(k.calls for k in builtin):>5} "
+                     f"{sum(k.ms for k in builtin):>9.3f} {sum(k.ms for k in builtin) / total:>6.1%}")
+    lines.append(f"{'total':<40} {sum(k.calls for k in kernels):>5} {total:>9.3f}")
+    return "\n".join(lines)
+
+
 def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``patdnn bench`` (handler in ``func``)."""
     from .cli import TARGET_HELP, _input_shape, add_target_option
@@ -119,6 +192,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--runs", type=int, default=100, help="timed runs")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first")
     parser.add_argument("--ort", action="store_true", help="also time ONNX Runtime (ONNX model only)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the time goes: each compiled kernel's ms per inference and share")
     parser.set_defaults(func=run_bench)
 
 
@@ -150,4 +225,6 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"outputs agree with ONNX Runtime (max relative error {max(errors):.1e})")
         latencies.append(theirs)
     print(format_latencies(latencies))
+    if args.profile:
+        print(format_profile(profile_kernels(model, inputs, runs=max(1, min(args.runs, 20)), warmup=1)))
     return 0
