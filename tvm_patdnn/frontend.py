@@ -1,14 +1,19 @@
 """ONNX import with the checks a user needs: clear errors before TVM sees a bad model.
 
 Weights are bound as Relax constants whose span carries the ONNX Conv node's name, so the
-pattern pass can report layers under the names the user knows.
+pattern pass can report layers under the names the user knows. ``Clip`` with constant bounds
+(ReLU6: all over MobileNetV2) is imported as one ``relax.clip``, which the conv rewrites fuse;
+TVM's converter emits it as two elementwise ``call_tir``s that nothing fuses into a conv.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -92,6 +97,55 @@ def _drop_initializer_inputs(proto: onnx.ModelProto) -> None:
         proto.graph.input.extend(inputs)
 
 
+def _bound(value: relax.Expr | None, params, default: float) -> float | None:
+    """A Clip bound as a float: ``default`` when absent or NaN (unbounded, as ONNX Runtime treats
+    it), None when it is not a constant scalar."""
+    from tvm.relax.frontend.onnx.onnx_frontend import get_constant
+
+    if value is None:
+        return default
+    value = get_constant(value, params)
+    if not isinstance(value, tvm.ir.GenericConst) or value.value.numpy().size != 1:
+        return None
+    bound = float(value.value.numpy().reshape(()))
+    return default if math.isnan(bound) else bound
+
+
+def _relax_clip(x: relax.Expr, low: float, high: float) -> relax.Expr:
+    return relax.op.clip(x, low, high)
+
+
+@contextlib.contextmanager
+def _clip_as_relax_op() -> Iterator[None]:
+    """While importing, convert float ``Clip`` nodes with constant bounds (opset 6 attributes or
+    opset 11+ constant inputs) to ``relax.clip``; anything else goes to TVM's converter.
+    ``from_onnx`` has no custom converter parameter in apache-tvm 0.27, so its converter table is
+    swapped for the duration of the import."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    class ConstantClip(onnx_frontend.Clip):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            if inputs[0].ty.dtype != "float32":
+                return super()._impl_v1(bb, inputs, attr, params)
+            return _relax_clip(inputs[0], float(attr.get("min", -math.inf)), float(attr.get("max", math.inf)))
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            padded = list(inputs) + [None] * (3 - len(inputs))
+            low, high = _bound(padded[1], params, -math.inf), _bound(padded[2], params, math.inf)
+            if inputs[0].ty.dtype != "float32" or low is None or high is None:
+                return super()._impl_v13(bb, inputs, attr, params)
+            return _relax_clip(inputs[0], low, high)
+
+    original = onnx_frontend._get_convert_map
+    onnx_frontend._get_convert_map = lambda: {**original(), "Clip": ConstantClip}
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
 def _check_ops(proto: onnx.ModelProto) -> None:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -113,7 +167,7 @@ def import_onnx(
     names, shapes, dtypes = _static_inputs(proto, dict(input_shapes or {}))
     _check_ops(proto)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _clip_as_relax_op():
             warnings.simplefilter("ignore")
             mod = from_onnx(proto, shape_dict=shapes, keep_params_in_input=True, sanitize_input_names=False)
     except Exception as err:  # the importer raises anything from ValueError to TVMError
