@@ -1,4 +1,5 @@
-"""The dense packed-GEMM conv kernel: models against onnx.reference, the pass's fusion, the tile choice."""
+"""The dense conv kernels (packed GEMM, direct): models against onnx.reference, the pass's fusion and
+kernel choice, the tile choice."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
 from tvm_patdnn.transform import DenseConvRewrite
 
 
-def dense_kernel_calls(compiled: tvm_patdnn.CompiledModel) -> int:
-    """How many calls of the dense conv kernel the compiled model makes."""
-    return sum(line.strip().startswith("call  dense_conv") for line in compiled.executable.as_text().splitlines())
+def dense_kernel_calls(compiled: tvm_patdnn.CompiledModel, kernels: tuple[str, ...] = ("dense_conv", "direct_conv")) -> int:
+    """How many calls of the dense conv kernels (the GEMM ``dense_conv``, the ``direct_conv``) the
+    compiled model makes."""
+    return sum(line.strip().startswith(tuple(f"call  {k}" for k in kernels))
+               for line in compiled.executable.as_text().splitlines())
 
 
 @st.composite
@@ -44,7 +47,7 @@ def dense_models(draw):
         stride = 1 if residual else draw(st.sampled_from([1, 2, 3]))
         convs.append(ConvSpec(out_channels=out_c, stride=stride, pads=pads, bias=draw(st.booleans()),
                               relu=draw(st.booleans()), residual=residual, kind=kind))
-        taken += kind == "1x1" or out_c >= 4 * lanes
+        taken += kind == "1x1" or out_c >= lanes
         k = 1 if kind == "1x1" else 3
         height = (height + (pads[0] + pads[2] if k == 3 else 0) - k) // stride + 1
         width = (width + (pads[1] + pads[3] if k == 3 else 0) - k) // stride + 1
@@ -140,16 +143,17 @@ def _single_conv(in_c, out_c, size, kernel=1, **attrs) -> onnx.ModelProto:
     (300, 13, 5, 1, {}),  # 300 channels: several reduction blocks of a 1x1
     (7, 70, 3, 3, {}),  # one output pixel
 ])
-def test_kxk_convs_match_reference_on_the_dense_kernel(in_c, out_c, size, kernel, attrs):
-    """Output channels are at least 4 x 16 lanes: the kernel takes them on AVX2 and AVX-512 hosts."""
+def test_kxk_convs_match_reference_on_the_direct_kernel(in_c, out_c, size, kernel, attrs):
+    """KxK convs with at least a vector of filters run on the direct kernel (AVX2 and AVX-512 hosts);
+    1x1 convs on the GEMM."""
     compiled = check_against_reference(_single_conv(in_c, out_c, size, kernel, **attrs), kernel)
-    assert dense_kernel_calls(compiled) == 1
+    assert dense_kernel_calls(compiled, ("direct_conv" if kernel > 1 else "dense_conv",)) == 1
 
 
 @pytest.mark.parametrize("in_c, out_c, kernel, attrs", [
     (6, 8, 1, {"pads": [1, 1, 1, 1], "group": 2}),  # grouped
     (6, 8, 3, {"dilations": [2, 2]}),  # dilated
-    (3, 31, 3, {"pads": [1, 1, 1, 1]}),  # 3x3 with fewer than 4 x 8 filters (AVX2)
+    (3, 7, 3, {"pads": [1, 1, 1, 1]}),  # 3x3 with fewer filters than a vector's lanes
 ])
 def test_convs_the_kernel_does_not_take_stay_on_the_dense_path(in_c, out_c, kernel, attrs):
     compiled = check_against_reference(_single_conv(in_c, out_c, 9, kernel, **attrs), 1)

@@ -1,0 +1,252 @@
+"""Dense KxK convolution as a direct kernel vectorised along output channels (NCHW in and out).
+
+Why a second dense kernel next to the packed GEMM of :mod:`tvm_patdnn.ops.dense_conv`: a KxK
+conv there first copies every input window into a panel (one copy per tap and pixel, scalar when
+the stride is 2 or a tile crosses a row), and small images (7x7: 49 pixels) waste the overlap of
+their last 16-pixel tile. Here, as in ORT/MLAS's NCHWc kernels, vectors run along the output
+channels instead, so nothing is copied:
+
+* weights are packed at compile time as ``[F / (NR * lanes)][C][KH][KW][NR * lanes]``: per
+  reduction step (input channel ``c``, tap ``dy, dx``) a filter block's ``NR`` weight vectors are
+  one contiguous run;
+* a register tile holds ``MR`` output pixels x ``NR`` filter vectors; per reduction step the
+  ``MR`` input scalars are broadcast straight from the (zero-padded, when the conv pads) NCHW
+  input at each pixel's window start plus the tap's constant offset, so any stride costs the
+  same; ``MR * NR`` FMAs per ``MR + NR`` loads (AVX2 6 pixels x 2 vectors: 12 of the 16 ymm plus
+  two weight vectors and a broadcast; AVX-512 and NEON 6 x 4 of their 32 registers, MLAS's tile);
+* pixels are flattened (a tile may cross output rows: every pixel has its own window start) and
+  the last tile overlaps the one before instead of a masked tail;
+* tasks are (image, filter block, pixel tile) with the pixel tiles innermost, so one thread
+  sweeps every pixel with the same filter block: its weight panel (``C * KH * KW * NR * lanes``
+  floats) stays in L1 when it fits (the stem: 9.4 KB; 64 channels 3x3: 37 KB) and in L2 otherwise
+  (512 channels: 295 KB, two weight vectors per 12 FMAs: ~11 of L2's 32 bytes per cycle);
+* the bias is the accumulators' initial value; residual add and ReLU / clip are applied to the
+  accumulators, which are written to NCHW once (``MR * NR * lanes`` scalar stores per
+  ``C * KH * KW * MR * NR`` FMAs).
+
+The function is written directly as (scheduled) TIR, so no schedule rule or tuning touches it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .dense_conv import DenseConvSpec, _padded_input
+
+__all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct_register_tile",
+           "pack_direct_conv_weight", "pack_direct_conv_bias"]
+
+# PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
+DIRECT_CONV_ATTR = "patdnn.direct_conv"
+# A filter block's weights per reduction block: half of the smallest L1 data cache of the targets
+# (32 KB on Zen 3 and Cortex-A76), the rest for the input rows being broadcast.
+WEIGHT_PANEL_BYTES = 16384
+# Parallel tasks at least (when the pixels allow): the filter blocks alone may be fewer than the cores.
+PARALLEL_TASKS = 8
+
+
+def direct_register_tile(registers: int, lanes: int, out_channels: int, pixels: int) -> tuple[int, int]:
+    """(pixels MR, filter vectors NR) of the accumulator tile.
+
+    Six pixels per tile (MLAS's count: enough broadcasts to hide the weight loads, little overlap
+    waste on 7x7 images) and as many filter vectors as the registers left after the accumulators,
+    the weight vectors and one broadcast allow (AVX2 2, 32-register ISAs 4), no more than the
+    filters need; fewer pixels only when the image has fewer.
+    """
+    mr = min(6, pixels)
+    nr = max(1, (registers - 1) // (mr + 1))
+    nr = min(nr, -(-out_channels // lanes))
+    return mr, nr
+
+
+@dataclass(frozen=True)
+class DirectConvSpec:
+    """One dense conv (``conv``: its shape and epilogue; the GEMM tile fields unused) and the
+    direct kernel's register tile: ``pixel_tile`` (MR) pixels x ``vectors`` (NR) of ``lanes``."""
+
+    conv: DenseConvSpec
+    pixel_tile: int = 6
+    vectors: int = 2
+    lanes: int = 8
+    weight_panel: int = WEIGHT_PANEL_BYTES  # bytes of a filter block's weights per reduction block
+
+    def __post_init__(self):
+        if not 1 <= self.pixel_tile <= self.conv.pixels:
+            raise ValueError(f"a tile of {self.pixel_tile} pixels does not fit {self.conv.pixels} output pixels")
+
+    @classmethod
+    def for_target(cls, conv: DenseConvSpec, registers: int, lanes: int) -> DirectConvSpec:
+        """The spec with the register tile (:func:`direct_register_tile`) of a target with
+        ``registers`` vectors of ``lanes``."""
+        mr, nr = direct_register_tile(registers, lanes, conv.out_channels, conv.pixels)
+        return cls(conv, mr, nr, lanes)
+
+    @property
+    def filter_block(self) -> int:
+        """Filters per register tile (NR vectors of lanes)."""
+        return self.vectors * self.lanes
+
+    @property
+    def filter_blocks(self) -> int:
+        return -(-self.conv.out_channels // self.filter_block)
+
+    @property
+    def pixel_tiles(self) -> int:
+        return -(-self.conv.pixels // self.pixel_tile)
+
+    @property
+    def channel_block(self) -> int:
+        """Input channels per reduction block: the filter block's weights for them fit
+        ``weight_panel`` bytes (in L1 while every pixel tile sweeps them), blocks of equal size."""
+        per_channel = self.conv.kernel[0] * self.conv.kernel[1] * self.filter_block * 4
+        blocks = -(-self.conv.in_channels // max(1, self.weight_panel // per_channel))
+        return -(-self.conv.in_channels // blocks)
+
+    @property
+    def channel_blocks(self) -> int:
+        return -(-self.conv.in_channels // self.channel_block)
+
+    @property
+    def group_tiles(self) -> int:
+        """Pixel tiles per parallel task: the tiles of an (image, filter block) split into groups so
+        that there are ``PARALLEL_TASKS`` tasks when the pixels allow."""
+        groups = -(-PARALLEL_TASKS // (self.conv.batch * self.filter_blocks))
+        return -(-self.pixel_tiles // max(1, min(self.pixel_tiles, groups)))
+
+    @property
+    def pixel_groups(self) -> int:
+        return -(-self.pixel_tiles // self.group_tiles)
+
+
+def pack_direct_conv_weight(weight: np.ndarray, filter_block: int) -> np.ndarray:
+    """OIHW weight as ``[ceil(O / B)][I * KH * KW][B]`` (B filters per block), the filters past O zero."""
+    out_c = weight.shape[0]
+    rows = weight.reshape(out_c, -1)
+    blocks = -(-out_c // filter_block)
+    padded = np.zeros((blocks * filter_block, rows.shape[1]), dtype=np.float32)
+    padded[:out_c] = rows
+    return np.ascontiguousarray(padded.reshape(blocks, filter_block, rows.shape[1]).transpose(0, 2, 1))
+
+
+def pack_direct_conv_bias(bias: np.ndarray, filter_block: int) -> np.ndarray:
+    """The per-filter bias padded with zeros to whole filter blocks (loaded as full vectors)."""
+    blocks = -(-bias.shape[0] // filter_block)
+    padded = np.zeros(blocks * filter_block, dtype=np.float32)
+    padded[: bias.shape[0]] = bias
+    return padded
+
+
+def _store_output(spec: DirectConvSpec, acc, flat_res, flat_out, n, fb, base) -> None:
+    """Residual add and activation on the accumulators, each real filter's pixel stored once to NCHW."""
+    conv, mr, block = spec.conv, spec.pixel_tile, spec.filter_block
+    zero = tirx.const(0.0, "float32")
+    ragged = conv.out_channels % block != 0
+    with T.unroll(0, mr) as m:
+        with T.unroll(0, block) as j:
+            f = fb * block + j
+
+            def store() -> None:
+                value = acc[m * block + j]
+                if flat_res is not None:
+                    value = value + flat_res[n, f, base + m]
+                if conv.activation == "relu":
+                    value = T.max(value, zero)
+                elif conv.activation == "clip":
+                    value = T.min(T.max(value, tirx.const(conv.clip_min, "float32")),
+                                  tirx.const(conv.clip_max, "float32"))
+                T.buffer_store(flat_out, value, [n, f, base + m])
+
+            if ragged:
+                with T.If(f < conv.out_channels):
+                    with T.Then():
+                        store()
+            else:
+                store()
+
+
+def _tile(spec: DirectConvSpec, source, weight, bias, partial, outputs, n, fb, kb, t, base, first, count) -> None:
+    """One register tile (``MR`` pixels from ``base`` x one filter block) over one reduction block
+    of ``count`` channels from ``first``; the partial sums wait in ``partial`` until the last block,
+    which writes the output."""
+    conv, mr, nr, lanes, block = spec.conv, spec.pixel_tile, spec.vectors, spec.lanes, spec.filter_block
+    kh, kw, wp = conv.kernel[0], conv.kernel[1], conv.padded_width
+    # Where each pixel's window starts in the padded image.
+    start = T.decl_buffer((mr,), "int32", scope="local")
+    with T.unroll(0, mr) as m:
+        pixel = base + m
+        T.buffer_store(start, pixel // conv.out_width * conv.strides[0] * wp + pixel % conv.out_width * conv.strides[1],
+                       [m])
+    acc = T.decl_buffer((mr * block,), "float32", scope="local")
+    zero = tirx.const(0.0, "float32")
+    with T.unroll(0, mr) as m:
+        with T.vectorized(0, block) as j:
+            init = bias[fb * block + j] if bias is not None else zero
+            if partial is not None:
+                init = T.if_then_else(kb == 0, init, partial[(t * mr + m) * block + j])
+            T.buffer_store(acc, init, [m * block + j])
+    with T.serial(0, count) as c:
+        with T.serial(0, kh) as dy:
+            with T.unroll(0, kw) as dx:
+                with T.unroll(0, mr) as m:
+                    with T.unroll(0, nr) as v:
+                        with T.vectorized(0, lanes) as ji:
+                            slot = m * block + v * lanes + ji
+                            x = source[n, first + c, start[m] + dy * wp + dx]
+                            w = weight[fb, ((first + c) * kh + dy) * kw + dx, v * lanes + ji]
+                            T.buffer_store(acc, acc[slot] + x * w, [slot])
+    if partial is None:
+        _store_output(spec, acc, *outputs, n, fb, base)
+        return
+    with T.If(kb < spec.channel_blocks - 1):
+        with T.Then():
+            with T.unroll(0, mr) as m:
+                with T.vectorized(0, block) as j:
+                    T.buffer_store(partial, acc[m * block + j], [(t * mr + m) * block + j])
+        with T.Else():
+            _store_output(spec, acc, *outputs, n, fb, base)
+
+
+def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of one dense conv on the direct kernel.
+
+    Arguments, in order: data (N, C, H, W), packed weight, [padded bias (blocks * B,)],
+    [residual (N, F, OH, OW)], out.
+    """
+    conv = spec.conv
+    n_, c_, f_, p_ = conv.batch, conv.in_channels, conv.out_channels, conv.pixels
+    mr, nr, lanes, block = spec.pixel_tile, spec.vectors, spec.lanes, spec.filter_block
+    blocks, tiles = spec.filter_blocks, spec.pixel_tiles
+    out_shape = (n_, f_, conv.out_height, conv.out_width)
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name("main")
+            data = T.arg("data", T.buffer((n_, c_, conv.height, conv.width), "float32"))
+            weight = T.arg("weight", T.buffer((blocks, conv.taps, block), "float32"))
+            bias = T.arg("bias", T.buffer((blocks * block,), "float32")) if conv.has_bias else None
+            residual = T.arg("residual", T.buffer(out_shape, "float32")) if conv.residual else None
+            out = T.arg("out", T.buffer(out_shape, "float32"))
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            flat_out = T.decl_buffer((n_, f_, p_), "float32", data=out.data)
+            flat_res = T.decl_buffer((n_, f_, p_), "float32", data=residual.data) if residual is not None else None
+            source = _padded_input(conv, data)
+            cb, kblocks, groups, per_group = spec.channel_block, spec.channel_blocks, spec.pixel_groups, spec.group_tiles
+            with T.parallel(0, n_ * blocks * groups) as task:
+                n = task // (blocks * groups)
+                fb = task // groups % blocks
+                group = task % groups
+                # Partial sums of the group's tiles between reduction blocks.
+                partial = T.decl_buffer((per_group * mr * block,), "float32") if kblocks > 1 else None
+                with T.serial(0, kblocks) as kb:
+                    first = kb * cb
+                    with T.serial(0, T.min(per_group, tiles - group * per_group)) as t:
+                        base = T.min((group * per_group + t) * mr, p_ - mr)
+                        _tile(spec, source, weight, bias, partial, (flat_res, flat_out), n, fb, kb, t, base, first,
+                              T.min(cb, c_ - first))
+    func = builder.get().without_attr("global_symbol")  # the module names it when it is added
+    return func.with_attr(DIRECT_CONV_ATTR, {"pixel_tile": mr, "vectors": nr, "lanes": lanes,
+                                             "kernel": list(conv.kernel)})
