@@ -98,8 +98,8 @@ def _drop_initializer_inputs(proto: onnx.ModelProto) -> None:
 
 
 def _bound(value: relax.Expr | None, params, default: float) -> float | None:
-    """A Clip bound as a float: ``default`` when absent or NaN (unbounded, as ONNX Runtime treats
-    it), None when it is not a constant scalar."""
+    """A Clip bound as a float: ``default`` when absent, None when it is not a constant scalar
+    (non-finite weights never get here: the loader refuses them)."""
     from tvm.relax.frontend.onnx.onnx_frontend import get_constant
 
     if value is None:
@@ -107,8 +107,7 @@ def _bound(value: relax.Expr | None, params, default: float) -> float | None:
     value = get_constant(value, params)
     if not isinstance(value, tvm.ir.GenericConst) or value.value.numpy().size != 1:
         return None
-    bound = float(value.value.numpy().reshape(()))
-    return default if math.isnan(bound) else bound
+    return float(value.value.numpy().reshape(()))
 
 
 def _relax_clip(x: relax.Expr, low: float, high: float) -> relax.Expr:

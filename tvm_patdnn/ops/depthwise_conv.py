@@ -1,0 +1,198 @@
+"""Depthwise convolution (groups == channels, one filter per channel) with its bias and ReLU /
+clip (ReLU6) epilogue, as scheduled TIR.
+
+A depthwise 3x3 does 9 multiply-adds per output and reuses nothing across channels, so it is
+bound by moving data, not by FMAs: the kernel is built to read each input element from memory
+once and to keep every load a full contiguous vector. Per (image, channel) task:
+
+* the channel is copied once into a zero-padded plane in a per-task buffer (a 112x112 channel
+  is 51 KB: it stays in L2 while its rows are reused), stride ``s`` de-interleaved into ``s``
+  phase planes per row (phase ``p`` holds padded columns ``p, p + s, ...``), so the window tap
+  ``dx`` of ``lanes`` consecutive output columns is one contiguous vector even at stride 2;
+* vectors run along the output row (NCHW keeps a channel's pixels contiguous; vectors along
+  channels would need a blocked layout, i.e. a layout transform around every layer);
+* a register tile of ``rows`` output rows x ``vectors`` row vectors: input vectors shared by
+  neighbouring output rows are loaded once (LLVM merges the identical loads of the unrolled
+  tile), the ``KH x KW`` weights of the channel are broadcast once per tile;
+* the last row block and the last vector of a row overlap the ones before instead of running a
+  tail (the overlap writes identical values), so every load and store is a full vector; a row
+  narrower than a vector gets one narrower vector;
+* bias and ReLU / clip are applied to the accumulators before the one store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .dense_conv import ACTIVATIONS
+
+__all__ = ["DepthwiseConvSpec", "DEPTHWISE_CONV_ATTR", "depthwise_conv_primfunc"]
+
+# PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
+DEPTHWISE_CONV_ATTR = "patdnn.depthwise_conv"
+
+
+@dataclass(frozen=True)
+class DepthwiseConvSpec:
+    """Static description of one depthwise conv (dilation 1) and its register tile."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (1, 1, 1, 1)  # top, left, bottom, right
+    has_bias: bool = False
+    activation: str = "none"  # ACTIVATIONS; "clip" uses clip_min/clip_max
+    clip_min: float = 0.0
+    clip_max: float = 6.0
+    lanes: int = 8
+    rows: int = 4  # output rows per register tile
+    vectors: int = 1  # row vectors per register tile
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.out_height < 1 or self.out_width < 1:
+            raise ValueError("the kernel is larger than the padded input")
+        if self.lanes > self.out_width or self.rows > self.out_height:
+            raise ValueError(f"a {self.rows}-row tile of {self.lanes} lanes exceeds the "
+                             f"{self.out_height}x{self.out_width} output")
+
+    @classmethod
+    def for_target(cls, registers: int, lanes: int, **shape) -> DepthwiseConvSpec:
+        """The spec with the register tile of a target with ``registers`` vectors of ``lanes``:
+        one row vector (narrower if the output row is) and 4 output rows (AVX2: 4 accumulators,
+        9 broadcast weights and the loads fill its 16 registers), 8 with 32 registers, at most
+        the rows there are."""
+        probe = cls(**shape, lanes=1, rows=1, vectors=1)
+        rows = min(probe.out_height, 8 if registers > 16 else 4)
+        return cls(**shape, lanes=min(lanes, probe.out_width), rows=rows, vectors=1)
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + self.padding[0] + self.padding[2] - self.kernel[0]) // self.strides[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + self.padding[1] + self.padding[3] - self.kernel[1]) // self.strides[1] + 1
+
+    @property
+    def padded_height(self) -> int:
+        """Rows of the padded plane the outputs read."""
+        return (self.out_height - 1) * self.strides[0] + self.kernel[0]
+
+    @property
+    def phase_width(self) -> int:
+        """Columns of each phase plane: the last output column's last tap, ``(kw - 1) // s`` past it."""
+        return self.out_width + (self.kernel[1] - 1) // self.strides[1]
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.batch * self.channels * self.out_height * self.out_width * self.kernel[0] * self.kernel[1]
+
+
+def _copy_padded_plane(spec: DepthwiseConvSpec, data, plane, n, c) -> None:
+    """``plane[y, p, q]`` = padded input row ``y``, column ``q * s + p`` of channel ``c``.
+
+    The bounds are static, so rows and columns are split where the padding ends: padding rows
+    are zeroed, and inside a row only the few edge columns are tested; the middle run copies
+    without tests (a vector copy at stride 1, an interleaved loop LLVM vectorizes at stride 2).
+    """
+    sx, q_ = spec.strides[1], spec.phase_width
+    top, left = spec.padding[0], spec.padding[1]
+    zero = tirx.const(0.0, "float32")
+    first_row, last_row = min(top, spec.padded_height), min(top + spec.height, spec.padded_height)
+    # The middle run: q where every phase's column q * s + p - left is inside the row.
+    q_lo = min(q_, max(0, -(-left // sx)))
+    q_hi = max(q_lo, min(q_, (spec.width + left - sx) // sx + 1))
+
+    def at(y, p, q):
+        return (y * sx + p) * q_ + q
+
+    for rows in ((0, first_row), (last_row, spec.padded_height)):
+        if rows[1] > rows[0]:
+            with T.serial(rows[0], rows[1]) as y:
+                with T.vectorized(0, sx * q_) as k:
+                    T.buffer_store(plane, zero, [y * sx * q_ + k])
+    if last_row <= first_row:
+        return
+    with T.serial(first_row, last_row) as y:
+        iy = y - top
+        for columns in ((0, q_lo), (q_hi, q_)):  # the edges, tested
+            if columns[1] > columns[0]:
+                with T.serial(*columns) as q:
+                    with T.unroll(0, sx) as p:
+                        ix = q * sx + p - left
+                        inside = tirx.all(ix >= 0, ix < spec.width)
+                        T.buffer_store(plane, tirx.if_then_else(inside, data[n, c, iy, ix], zero), [at(y, p, q)])
+        if q_hi > q_lo:
+            if sx == 1:
+                with T.vectorized(q_lo, q_hi) as q:
+                    T.buffer_store(plane, data[n, c, iy, q - left], [at(y, 0, q)])
+            else:
+                with T.serial(q_lo, q_hi) as q:
+                    with T.unroll(0, sx) as p:
+                        T.buffer_store(plane, data[n, c, iy, q * sx + p - left], [at(y, p, q)])
+
+
+def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> None:
+    """``rows x vectors`` output vectors from ``(y0, x0)``, accumulated in registers, stored once."""
+    kh, kw = spec.kernel
+    sy, sx = spec.strides
+    q_, lanes, rows, vectors = spec.phase_width, spec.lanes, spec.rows, spec.vectors
+    width = vectors * lanes
+    zero = tirx.const(0.0, "float32")
+    acc = T.decl_buffer((rows * width,), "float32", scope="local")
+    with T.unroll(0, rows) as r:
+        with T.vectorized(0, width) as j:
+            T.buffer_store(acc, bias[c] if bias is not None else zero, [r * width + j])
+    with T.unroll(0, kh) as dy:
+        with T.unroll(0, kw) as dx:
+            with T.unroll(0, rows) as r:
+                with T.vectorized(0, width) as j:
+                    y = (y0 + r) * sy + dy
+                    x = plane[(y * sx + dx % sx) * q_ + x0 + j + dx // sx]
+                    T.buffer_store(acc, acc[r * width + j] + weight[c, 0, dy, dx] * x, [r * width + j])
+    with T.unroll(0, rows) as r:
+        with T.vectorized(0, width) as j:
+            value = acc[r * width + j]
+            if spec.activation == "relu":
+                value = T.max(value, zero)
+            elif spec.activation == "clip":
+                value = T.min(T.max(value, tirx.const(spec.clip_min, "float32")), tirx.const(spec.clip_max, "float32"))
+            T.buffer_store(out, value, [n, c, y0 + r, x0 + j])
+
+
+def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of one depthwise conv.
+
+    Arguments, in order: data (N, C, H, W), weight (C, 1, KH, KW), [bias (C,)], out (N, C, OH, OW).
+    """
+    n_, c_, oh, ow = spec.batch, spec.channels, spec.out_height, spec.out_width
+    width = spec.vectors * spec.lanes
+    row_tiles, col_tiles = -(-oh // spec.rows), -(-ow // width)
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name("main")
+            data = T.arg("data", T.buffer((n_, c_, spec.height, spec.width), "float32"))
+            weight = T.arg("weight", T.buffer((c_, 1, *spec.kernel), "float32"))
+            bias = T.arg("bias", T.buffer((c_,), "float32")) if spec.has_bias else None
+            out = T.arg("out", T.buffer((n_, c_, oh, ow), "float32"))
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            with T.parallel(0, n_ * c_) as task:
+                n, c = task // c_, task % c_
+                plane = T.decl_buffer((spec.padded_height * spec.strides[1] * spec.phase_width,), "float32")
+                _copy_padded_plane(spec, data, plane, n, c)
+                with T.serial(0, row_tiles) as rt:
+                    with T.serial(0, col_tiles) as ct:
+                        _tile(spec, plane, weight, bias, out, n, c,
+                              T.min(rt * spec.rows, oh - spec.rows), T.min(ct * width, ow - width))
+    func = builder.get().without_attr("global_symbol")  # the module names it when it is added
+    return func.with_attr(DEPTHWISE_CONV_ATTR, {"lanes": spec.lanes, "rows": spec.rows, "vectors": spec.vectors,
+                                                "kernel": list(spec.kernel)})
