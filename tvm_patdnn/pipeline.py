@@ -20,7 +20,6 @@ from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternCo
 from .targets import accumulator_registers, vector_lanes, vector_registers
 from .transform import DenseConvRewrite, PatternConvRewrite
 from .transform import WinogradConvRewrite
-from .transform import SparsePointwiseRewrite
 from .transform import DepthwiseConvRewrite
 
 __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
@@ -41,7 +40,6 @@ def pattern_passes(
         PatternConvRewrite(entries, max_patterns, vector_lanes(target), accumulator_registers(target), on_conv),
     ]
     if dense_kernels and target.kind.name == "llvm":
-        passes.append(SparsePointwiseRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(WinogradConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DepthwiseConvRewrite(vector_registers(target), vector_lanes(target)))
