@@ -44,7 +44,7 @@ class ConvSpec:
     residual: bool = False  # add the block's input (needs same shape)
     kind: str = "pattern"  # "pattern", "dense", "1x1", "depthwise", "dilated"
     n_patterns: int = 8
-    connectivity: float = 1.0
+    connectivity: float = 1.0  # pattern: kernels kept 1 in this; 1x1: (4, 1) weight blocks kept 1 in this
     taps: int = 4  # nonzeros of a pattern (compile with entries >= taps)
     # A constant added after the conv (before ReLU), other than the Conv's own bias:
     # "channel" (1, C, 1, 1), "scalar" (a 0-d tensor) or "full" (1, C, H, W: not per channel).
@@ -74,6 +74,9 @@ def build_cnn(rng, input_shape, convs: list[ConvSpec], head: bool = False) -> on
             weight = pattern_weight(rng, out_c, c, spec.n_patterns, spec.connectivity, subset_prob=0.2, taps=spec.taps)
         else:
             weight = rng.standard_normal((out_c, c // group, k, k)).astype(np.float32)
+            if spec.kind == "1x1" and spec.connectivity > 1:  # (4, 1) blocks kept with probability 1/connectivity
+                kept = rng.random((-(-out_c // 4), c)) < 1 / spec.connectivity
+                weight *= np.repeat(kept, 4, axis=0)[:out_c, :, None, None]
         weight *= np.float32(1.0 / np.sqrt(c * k * k / 2))
         inits.append(numpy_helper.from_array(weight, f"{name}.weight"))
         inputs = [current, f"{name}.weight"]

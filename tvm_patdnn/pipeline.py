@@ -20,6 +20,7 @@ from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternCo
 from .targets import accumulator_registers, vector_lanes, vector_registers
 from .transform import DenseConvRewrite, PatternConvRewrite
 from .transform import WinogradConvRewrite
+from .transform import SparsePointwiseRewrite
 from .transform import DepthwiseConvRewrite
 
 __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
@@ -33,13 +34,17 @@ def pattern_passes(
     dense_kernels: bool = True,
 ) -> list[tvm.transform.Pass]:
     """Detect pattern-sparse convs and rewrite them into the pattern-conv operator; on CPUs,
-    rewrite dense convs into the packed-GEMM kernel (``dense_kernels=False`` leaves them
-    to the legalized conv2d and its schedule rule: the old dense path, kept for benchmarks)."""
+    rewrite block-sparse 1x1 convs into the sparse pointwise kernel and dense convs into our dense
+    kernels (``dense_kernels=False`` leaves both to the legalized conv2d and its schedule rule:
+    the old dense path, kept for benchmarks)."""
+    cpu_kernels = dense_kernels and target.kind.name == "llvm"
     passes = [
         relax.transform.FoldConstant(),
-        PatternConvRewrite(entries, max_patterns, vector_lanes(target), accumulator_registers(target), on_conv),
+        PatternConvRewrite(entries, max_patterns, vector_lanes(target), accumulator_registers(target), on_conv,
+                           sparse_pointwise=cpu_kernels),
     ]
-    if dense_kernels and target.kind.name == "llvm":
+    if cpu_kernels:
+        passes.append(SparsePointwiseRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(WinogradConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DepthwiseConvRewrite(vector_registers(target), vector_lanes(target)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .kernel_patterns import format_pattern
+from .ops.sparse_pointwise import BLOCK
 
 __all__ = ["ConvRecord", "format_report", "format_pattern_usage"]
 
@@ -13,8 +14,9 @@ __all__ = ["ConvRecord", "format_report", "format_pattern_usage"]
 class ConvRecord:
     """One conv2d of the model as the pattern pass saw it.
 
-    ``kind`` is "pattern" when the layer runs on the pattern-conv operator and "dense" when
-    it stays on TVM's dense path, with ``reason`` saying why.
+    ``kind`` is "pattern" when the layer runs on the pattern-conv operator, "sparse" for a 1x1
+    conv on the block-sparse pointwise kernel (``kept_kernels`` then counts nonzero weights), and
+    "dense" when it stays on a dense path, with ``reason`` saying why.
     """
 
     name: str
@@ -59,7 +61,12 @@ def format_report(records: list[ConvRecord]) -> str:
     header = ("layer", "weight", "out", "stride", "patterns", "kept kernels", "density", "MFLOPs dense/nz", "verdict")
     rows = []
     for r in records:
-        verdict = "pattern" + (" +" + "+".join(r.fused) if r.fused else "") if r.kind == "pattern" else f"dense: {r.reason}"
+        if r.kind == "pattern":
+            verdict = "pattern" + (" +" + "+".join(r.fused) if r.fused else "")
+        elif r.kind == "sparse":
+            verdict = f"sparse 1x1 ({BLOCK}x1 blocks)"
+        else:
+            verdict = f"dense: {r.reason}"
         rows.append(
             (
                 r.name,
@@ -79,8 +86,10 @@ def format_report(records: list[ConvRecord]) -> str:
     pattern_flops = sum(r.nonzero_flops for r in records)
     dense_flops = sum(r.dense_flops for r in records)
     n_pattern = sum(r.kind == "pattern" for r in records)
+    n_sparse = sum(r.kind == "sparse" for r in records)
     lines.append(
-        f"{len(records)} conv2d layers, {n_pattern} pattern-sparse; "
+        f"{len(records)} conv2d layers, {n_pattern} pattern-sparse"
+        + (f", {n_sparse} sparse 1x1" if n_sparse else "") + "; "
         f"{dense_flops / 1e6:.1f} MFLOPs dense, {pattern_flops / 1e6:.1f} MFLOPs nonzero"
         + (f" ({dense_flops / pattern_flops:.2f}x fewer)" if pattern_flops else "")
     )

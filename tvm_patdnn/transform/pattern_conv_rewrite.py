@@ -20,6 +20,7 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from ..analysis import analyze_conv_weight
 from ..fkw import pack_fkw
 from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
+from ..ops.sparse_pointwise import MAX_DENSITY, block_density
 from ..report import ConvRecord
 
 __all__ = ["PatternConvRewrite", "conv_report"]
@@ -78,6 +79,9 @@ class PatternConvRewrite:
         (:func:`tvm_patdnn.targets.accumulator_registers`): the operator's layout.
     on_conv:
         Called with a :class:`ConvRecord` for every conv2d met, rewritten or not.
+    sparse_pointwise:
+        Whether :class:`~tvm_patdnn.transform.SparsePointwiseRewrite` runs after this pass (CPU
+        targets): its 1x1 convs are then reported as kind "sparse".
     """
 
     def __init__(
@@ -87,7 +91,9 @@ class PatternConvRewrite:
         vector_width: int = 8,
         accumulators: int = 8,
         on_conv: Callable[[ConvRecord], None] | None = None,
+        sparse_pointwise: bool = False,
     ):
+        self.sparse_pointwise = sparse_pointwise
         self.entries = entries
         self.max_patterns = max_patterns
         self.vector_width = vector_width
@@ -164,9 +170,10 @@ class PatternConvRewrite:
         total = weight_shape[0] * weight_shape[1] if weight_shape else 0
         out_pixels = int(np.prod(out_shape)) // out_shape[1] if out_shape else 0
         nonzeros = analysis.nonzeros if analysis is not None else total * kh * kw
+        sparse = self._runs_sparse(conv, fields)
         self._records[conv] = ConvRecord(
-            kind="dense" if reason else "pattern",
-            reason=reason,
+            kind="sparse" if sparse else "dense" if reason else "pattern",
+            reason=None if sparse else reason,
             n_patterns=len(analysis.patterns) if analysis is not None else 0,
             kept_kernels=analysis.kept_kernels if analysis is not None else total,
             total_kernels=total,
@@ -182,6 +189,14 @@ class PatternConvRewrite:
             else (),
             **fields,
         )
+
+    def _runs_sparse(self, conv: relax.Call, fields: dict) -> bool:
+        """Whether the sparse pointwise pass will take this conv (its rule, see ops/sparse_pointwise.py)."""
+        weight = conv.args[1]
+        return (self.sparse_pointwise and tuple(fields["weight_shape"][2:]) == (1, 1)
+                and fields["padding"] == (0, 0, 0, 0) and isinstance(weight, tvm.ir.GenericConst)
+                and int(conv.attrs.groups) == 1 and all(int(d) == 1 for d in conv.attrs.dilation)
+                and conv.ty.dtype == "float32" and block_density(_constant_array(weight)) <= MAX_DENSITY)
 
     def _rewrite(self, expr: relax.Expr, matches) -> relax.Expr:
         conv, weight = matches[self.conv], matches[self.weight]

@@ -1,0 +1,76 @@
+"""Relax pass: rewrite block-sparse 1x1 conv2d chains into the sparse pointwise kernel of
+:mod:`tvm_patdnn.ops.sparse_pointwise`.
+
+Runs before :class:`~tvm_patdnn.transform.DenseConvRewrite` and matches the same chains (conv2d
++ bias + residual add + ReLU / clip: it is a subclass), taking the 1x1 convs whose constant
+weights are sparse enough in (``block``, 1) blocks for the sparse kernel to beat the dense one:
+the rule is :func:`~tvm_patdnn.ops.sparse_pointwise.block_density` at most ``MAX_DENSITY`` (the
+pattern pass reports the same layers as kind "sparse"). The rest is left to ``DenseConvRewrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm import relax
+
+from ..ops.sparse_pointwise import (BLOCK, MAX_DENSITY, SparsePointwiseSpec, block_density, block_sparse_weight,
+                                   sparse_pointwise_primfunc)
+from .dense_conv_rewrite import DenseConvRewriter
+from .pattern_conv_rewrite import OPAQUE, _static_shape
+
+__all__ = ["SparsePointwiseRewrite", "SparsePointwiseRewriter"]
+
+
+class SparsePointwiseRewriter(DenseConvRewriter):
+    """Rewrite block-sparse 1x1 conv2d chains into sparse pointwise ``call_tir``s (the pass is
+    :data:`SparsePointwiseRewrite`).
+
+    ``block`` is the filter rows a kept block spans (the pruner's ``pointwise_block``);
+    ``max_density`` the largest kept share of blocks rewritten.
+    """
+
+    def __init__(self, registers: int = 16, lanes: int = 8, block: int = BLOCK, max_density: float = MAX_DENSITY):
+        super().__init__(registers, lanes)
+        self.block, self.max_density = block, max_density
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        self._sparse: dict[relax.Expr, tuple] = {}
+        return super().transform_module(mod, ctx)
+
+    def _fusion(self, expr: relax.Call, matches) -> tuple | None:
+        fusion = super()._fusion(expr, matches)
+        if fusion is None or fusion[1].kernel != (1, 1) or fusion[1].padding != (0, 0, 0, 0):
+            return None
+        conv, spec = fusion[0], fusion[1]
+        weight = conv.args[1].value.numpy()
+        if block_density(weight, self.block) > self.max_density:
+            return None
+        probe = SparsePointwiseSpec.for_target(self.registers, self.lanes, self.block, 0, **_shape_of(spec))
+        packed = block_sparse_weight(weight, self.block, probe.conv.channel_block)
+        self._sparse[expr] = (dataclasses.replace(probe, nonzero_blocks=packed.kept_blocks), packed)
+        return fusion
+
+    def _rewrite(self, expr: relax.Expr, matches) -> relax.Expr:
+        if expr not in self._fusions:
+            return expr
+        conv, _, bias, residual = self._fusions[expr]
+        spec, packed = self._sparse[expr]
+        if spec not in self._kernels:
+            func = sparse_pointwise_primfunc(spec).with_attr("op_pattern", OPAQUE)
+            self._kernels[spec] = self._builder.add_func(func, "sparse_pointwise_conv")
+        args = [conv.args[0], relax.const(packed.values), relax.const(packed.channels), relax.const(packed.starts)]
+        args += [relax.const(bias)] if bias is not None else []
+        args += [residual] if residual is not None else []
+        return relax.call_tir(self._kernels[spec], args, relax.TensorType(_static_shape(conv), "float32"))
+
+
+def _shape_of(spec) -> dict:
+    """The shape and epilogue fields of a DenseConvSpec (its tile fields left out)."""
+    fields = ("batch", "in_channels", "height", "width", "out_channels", "kernel", "strides", "padding",
+              "has_bias", "residual", "activation", "clip_min", "clip_max")
+    return {name: getattr(spec, name) for name in fields}
+
+
+SparsePointwiseRewrite = tvm.transform.module_pass(SparsePointwiseRewriter, opt_level=0, name="SparsePointwiseRewrite")
