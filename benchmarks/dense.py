@@ -5,20 +5,24 @@ Conv + bias + ReLU at batch 1 fp32, random weights), measured side by side in on
 interleaved rounds (the box is shared), medians reported:
 
 - ``tvm_patdnn``: the default pipeline (``compile(model, "x86", tuning_db=False)``), i.e. the
-  packed-GEMM kernel of ``tvm_patdnn/ops/dense_conv.py``;
+  kernel ``DenseConvRewrite`` chooses per layer;
+- ``gemm`` / ``direct``: every dense conv forced onto the packed-GEMM kernel of
+  ``tvm_patdnn/ops/dense_conv.py`` (KxK only with >= 4 x lanes filters) or onto the direct kernel
+  of ``tvm_patdnn/ops/direct_conv.py`` (``DenseConvRewrite(kernel=...)``);
 - ``ORT``: onnxruntime, ``ORT_ENABLE_ALL``, as many intra-op threads as TVM has;
 - ``old rule``: the legalized conv2d with the ``DenseConv2dCPU`` schedule (``dense_kernels=False``);
-- ablations, one optimisation taken away at a time: ``no panel copy`` (1x1 stride 1 only: the
-  micro-kernel reads the NCHW input in place) and ``1 pixel vector`` (register tile of 1 pixel
-  vector x more filters instead of 2 vectors).
+- with ``--ablations``, the GEMM kernel with one optimisation taken away at a time: ``no panel
+  copy`` (1x1 stride 1 only: the micro-kernel reads the NCHW input in place) and ``1 pixel
+  vector`` (register tile of 1 pixel vector x more filters instead of 2 vectors).
 
 Each layer's GFLOP/s is also given as a share of the fp32 FMA peak measured at the start with the
 widest ISA the host has (``machine.py``); speed-ups are medians of the per-round ratios (the load
 of the shared box changes between rounds more than within one). ``--resnet50`` adds the whole
-dense ResNet-50 (``peers.py``'s builder, BN folded) against ORT and the old rule. Every
+dense ResNet-50 (``peers.py``'s builder, BN folded) against ORT, the GEMM kernel alone and the old
+rule. Every
 variant's output is checked against ORT (relative 1e-3) before anything is timed.
 
-    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/dense.py [--rounds 5] [--resnet50]
+    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/dense.py [--rounds 5] [--resnet50] [--ablations]
         [--json benchmarks/results/dense.1t.json]
 
 The thread count is TVM's ``TVM_NUM_THREADS``, read when the runtime starts (one process per
@@ -51,6 +55,7 @@ from peers import agree, export_onnx, fold_batchnorm, he_init, ort_runner, torch
 import tvm_patdnn  # noqa: E402
 from tvm_patdnn.fileio import write_bytes_atomic  # noqa: E402
 from tvm_patdnn.frontend import import_onnx  # noqa: E402
+from tvm_patdnn.ops.dense_conv import DenseConvSpec  # noqa: E402
 from tvm_patdnn.pipeline import get_pipeline  # noqa: E402
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers  # noqa: E402
 from tvm_patdnn.transform import DenseConvRewrite  # noqa: E402
@@ -101,8 +106,10 @@ def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Tar
         return tvm_patdnn.compile(model, target, tuning_db=False).executable
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     if variant != "old rule":
-        ablation = {"no panel copy": {"pack_panel": False}, "1 pixel vector": {"vectors": 1}}[variant]
-        mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), **ablation)(mod)
+        options = {"gemm": {"kernel": "gemm"}, "direct": {"kernel": "direct"},
+                   "no panel copy": {"kernel": "gemm", "pack_panel": False},
+                   "1 pixel vector": {"kernel": "gemm", "vectors": 1}}[variant]
+        mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), **options)(mod)
     return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
 
 
@@ -147,21 +154,27 @@ def speedup(times: dict[str, list[float]], over: str) -> float:
 
 
 def layer_table(rows: list[dict], peak: float, variants: list[str]) -> str:
-    head = "| layer | MFLOP | " + " | ".join(f"{v} ms" for v in ["ORT", *variants]) + \
-        " | tvm_patdnn GFLOP/s (% peak) | ORT GFLOP/s (% peak) | vs ORT | vs old rule |"
+    """Per layer: ms of every variant, GFLOP/s (% of peak) of the chosen kernel, the GEMM, the direct
+    kernel and ORT, and the chosen kernel's speed-ups."""
+    rated = ["tvm_patdnn", "gemm", "direct", "ORT"]
+    head = "| layer | MFLOP | chosen | " + " | ".join(f"{v} ms" for v in ["ORT", *variants]) + " | " + \
+        " | ".join(f"{v} GFLOP/s (% peak)" for v in rated) + " | vs ORT | vs GEMM | vs old rule |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         ms = medians(row["ms"])
-        ours, ort = row["mflop"] / ms["tvm_patdnn"], row["mflop"] / ms["ORT"]  # MFLOP/ms = GFLOP/s
+        rates = [row["mflop"] / ms[v] for v in rated]  # MFLOP/ms = GFLOP/s
         lines.append(
-            f"| {row['layer']} | {row['mflop']:.0f} | " + " | ".join(f"{ms[v]:.3f}" for v in ["ORT", *variants])
-            + f" | {ours:.1f} ({100 * ours / peak:.0f}%) | {ort:.1f} ({100 * ort / peak:.0f}%)"
-            + f" | {speedup(row['ms'], 'ORT'):.2f}x | {speedup(row['ms'], 'old rule'):.2f}x |"
+            f"| {row['layer']} | {row['mflop']:.0f} | {row['chosen']} | "
+            + " | ".join(f"{ms[v]:.3f}" for v in ["ORT", *variants]) + " | "
+            + " | ".join(f"{r:.1f} ({100 * r / peak:.0f}%)" for r in rates)
+            + f" | {speedup(row['ms'], 'ORT'):.2f}x | {speedup(row['ms'], 'gemm'):.2f}x"
+            + f" | {speedup(row['ms'], 'old rule'):.2f}x |"
         )
     total = {v: sum(medians(r["ms"])[v] for r in rows) for v in ["ORT", *variants]}
-    lines.append("| all layers (sum) | " + f"{sum(r['mflop'] for r in rows):.0f} | "
-                 + " | ".join(f"{total[v]:.3f}" for v in ["ORT", *variants])
-                 + f" | | | {total['ORT'] / total['tvm_patdnn']:.2f}x | {total['old rule'] / total['tvm_patdnn']:.2f}x |")
+    lines.append("| all layers (sum) | " + f"{sum(r['mflop'] for r in rows):.0f} | | "
+                 + " | ".join(f"{total[v]:.3f}" for v in ["ORT", *variants]) + " | " + " | " * (len(rated) - 1)
+                 + f" | {total['ORT'] / total['tvm_patdnn']:.2f}x | {total['gemm'] / total['tvm_patdnn']:.2f}x"
+                 + f" | {total['old rule'] / total['tvm_patdnn']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -170,6 +183,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--resnet50", action="store_true", help="also the whole dense ResNet-50")
     parser.add_argument("--layers", type=int, nargs="*", help="indices into RESNET50_CONVS (default: all)")
+    parser.add_argument("--ablations", action="store_true", help="also the GEMM kernel's ablations")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
@@ -179,7 +193,8 @@ def main() -> None:
     peak = machine["fma_peak_gflops"][str(threads)]
     print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
 
-    variants = ["tvm_patdnn", "old rule", "no panel copy", "1 pixel vector"]
+    variants = ["tvm_patdnn", "gemm", "direct", "old rule"] + (["no panel copy", "1 pixel vector"] if args.ablations else [])
+    chooser = DenseConvRewrite(vector_registers(target), vector_lanes(target))
     rows = []
     for index in args.layers if args.layers is not None else range(len(RESNET50_CONVS)):
         in_c, out_c, size, stride, kernel = RESNET50_CONVS[index]
@@ -188,19 +203,24 @@ def main() -> None:
         layer_variants = [v for v in variants if pointwise or v != "no panel copy"]
         ms = measure(conv_model(in_c, out_c, size, stride, kernel), layer_variants, target, threads, args.rounds)
         name = f"{kernel}x{kernel} {in_c}->{out_c} {size}x{size}" + (f" s{stride}" if stride != 1 else "")
-        rows.append({"layer": name, "mflop": 2 * in_c * kernel * kernel * out_c * out * out / 1e6, "ms": ms})
+        spec = DenseConvSpec(batch=1, in_channels=in_c, height=size, width=size, out_channels=out_c,
+                             kernel=(kernel, kernel), strides=(stride, stride), padding=(kernel // 2,) * 4)
+        rows.append({"layer": name, "mflop": 2 * in_c * kernel * kernel * out_c * out * out / 1e6, "ms": ms,
+                     "chosen": chooser.kernel_for(spec)})
         print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in medians(ms).items()), flush=True)
     for row in rows:
-        row["ms"].setdefault("no panel copy", [float("nan")])
+        for variant in variants:
+            row["ms"].setdefault(variant, [float("nan")])
     table = layer_table(rows, peak, variants)
     print("\n" + table)
 
     models = {}
     if args.resnet50:
-        times = measure(resnet50_model(), ["tvm_patdnn", "old rule"], target, threads, args.rounds)
+        times = measure(resnet50_model(), ["tvm_patdnn", "gemm", "old rule"], target, threads, args.rounds)
         models["resnet50"] = times
         print(f"\nResNet-50 dense, {threads} thread(s): " + ", ".join(f"{k} {v:.1f} ms" for k, v in medians(times).items())
-              + f"; tvm_patdnn vs ORT {speedup(times, 'ORT'):.2f}x, vs old rule {speedup(times, 'old rule'):.2f}x")
+              + f"; tvm_patdnn vs ORT {speedup(times, 'ORT'):.2f}x, vs GEMM only {speedup(times, 'gemm'):.2f}x"
+              + f", vs old rule {speedup(times, 'old rule'):.2f}x")
 
     if args.json:
         result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,

@@ -13,7 +13,7 @@ channels instead, so nothing is copied:
   ``MR`` input scalars are broadcast straight from the (zero-padded, when the conv pads) NCHW
   input at each pixel's window start plus the tap's constant offset, so any stride costs the
   same; ``MR * NR`` FMAs per ``MR + NR`` loads (AVX2 6 pixels x 2 vectors: 12 of the 16 ymm plus
-  two weight vectors and a broadcast; AVX-512 and NEON 6 x 4 of their 32 registers, MLAS's tile);
+  two weight vectors and a broadcast; AVX-512 6 x 4 of its 32 registers, MLAS's tile; NEON 6 x 3);
 * pixels are flattened (a tile may cross output rows: every pixel has its own window start) and
   the last tile overlaps the one before instead of a masked tail;
 * tasks are (image, filter block, pixel tile) with the pixel tiles innermost, so one thread
@@ -45,7 +45,7 @@ __all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct
 DIRECT_CONV_ATTR = "patdnn.direct_conv"
 # A filter block's weights per reduction block: half of the smallest L1 data cache of the targets
 # (32 KB on Zen 3 and Cortex-A76), the rest for the input rows being broadcast.
-WEIGHT_PANEL_BYTES = 16384
+WEIGHT_PANEL_BYTES = 32768
 # Parallel tasks at least (when the pixels allow): the filter blocks alone may be fewer than the cores.
 PARALLEL_TASKS = 8
 
@@ -55,11 +55,13 @@ def direct_register_tile(registers: int, lanes: int, out_channels: int, pixels: 
 
     Six pixels per tile (MLAS's count: enough broadcasts to hide the weight loads, little overlap
     waste on 7x7 images) and as many filter vectors as the registers left after the accumulators,
-    the weight vectors and one broadcast allow (AVX2 2, 32-register ISAs 4), no more than the
-    filters need; fewer pixels only when the image has fewer.
+    the weight vectors and one broadcast allow (AVX2 2 of 16 ymm, AVX-512 4 of 32 zmm: no spills in
+    the assembly), no more than the filters need; fewer pixels only when the image has fewer. NEON
+    (4 lanes) takes one vector less: its by-element FMAs read the pixels' inputs from vector
+    registers too, and 6 x 4 spilled 9-29 values per reduction loop where 6 x 3 spills none.
     """
     mr = min(6, pixels)
-    nr = max(1, (registers - 1) // (mr + 1))
+    nr = max(1, (registers - 1) // (mr + 1) - (lanes < 8))
     nr = min(nr, -(-out_channels // lanes))
     return mr, nr
 
@@ -189,9 +191,11 @@ def _tile(spec: DirectConvSpec, source, weight, bias, partial, outputs, n, fb, k
             if partial is not None:
                 init = T.if_then_else(kb == 0, init, partial[(t * mr + m) * block + j])
             T.buffer_store(acc, init, [m * block + j])
+    # Taps unrolled along a row of at most 3 (a 7-tap row: LLVM hoists the broadcasts shared by
+    # stride-2 neighbours across taps and spills them on AVX-512); rows and channels in loops.
     with T.serial(0, count) as c:
         with T.serial(0, kh) as dy:
-            with T.unroll(0, kw) as dx:
+            with (T.unroll if kw <= 3 else T.serial)(0, kw) as dx:
                 with T.unroll(0, mr) as m:
                     with T.unroll(0, nr) as v:
                         with T.vectorized(0, lanes) as ji:

@@ -1,0 +1,210 @@
+"""The direct dense conv kernel (vectors along output channels): single convs with every epilogue
+against onnx.reference, the pass's per-layer choice, code generation for AVX-512 and NEON, and
+the NEON build run on the emulated phone."""
+
+from __future__ import annotations
+
+import gc
+import re
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from model_factory import reference_outputs
+from onnx import TensorProto, helper, numpy_helper
+from test_compiler import assert_close
+from test_dense_conv import dense_kernel_calls
+from tvm import relax
+
+import tvm_patdnn
+from tvm_patdnn.frontend import import_onnx
+from tvm_patdnn.ops.dense_conv import DenseConvSpec
+from tvm_patdnn.ops.direct_conv import DIRECT_CONV_ATTR, DirectConvSpec, direct_conv_primfunc, direct_register_tile
+from tvm_patdnn.pipeline import get_pipeline
+from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
+from tvm_patdnn.transform import DenseConvRewrite
+
+NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+
+
+def conv_model(shape, out_c: int, kernel: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0), bias: bool = True,
+               residual: bool = False, activation: str = "none", seed: int = 0) -> onnx.ModelProto:
+    """Conv (pads top, left, bottom, right) [+ bias] [+ x] [-> Relu | Clip(-0.5, 0.75)] as ONNX."""
+    rng = np.random.default_rng(seed)
+    n, c, h, w = shape
+    out_h = (h + pads[0] + pads[2] - kernel[0]) // strides[0] + 1
+    out_w = (w + pads[1] + pads[3] - kernel[1]) // strides[1] + 1
+    weight = (rng.standard_normal((out_c, c, *kernel)) / np.sqrt(c * kernel[0] * kernel[1])).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "w")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(out_c).astype(np.float32), "b"))
+    onnx_pads = [pads[0], pads[1], pads[2], pads[3]]
+    nodes = [helper.make_node("Conv", ["x", "w"] + (["b"] if bias else []), ["y0"], kernel_shape=list(kernel),
+                              strides=list(strides), pads=onnx_pads)]
+    last = "y0"
+    if residual:
+        nodes.append(helper.make_node("Add", [last, "x"], ["y1"]))
+        last = "y1"
+    if activation == "relu":
+        nodes.append(helper.make_node("Relu", [last], ["y2"]))
+        last = "y2"
+    elif activation == "clip":
+        inits += [numpy_helper.from_array(np.array(v, np.float32), name) for v, name in ((-0.5, "lo"), (0.75, "hi"))]
+        nodes.append(helper.make_node("Clip", [last, "lo", "hi"], ["y2"]))
+        last = "y2"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, out_c, out_h, out_w])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def compile_forced(model: onnx.ModelProto, kernel: str, target="x86"):
+    """The model with every dense conv forced onto ``kernel`` (``DenseConvRewrite(kernel=...)``)."""
+    target = resolve_target(target)
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), kernel=kernel)(mod)
+    return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
+
+
+def run(executable, x: np.ndarray) -> np.ndarray:
+    return relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def direct_calls(executable) -> int:
+    return sum(line.strip().startswith("call  direct_conv") for line in executable.as_text().splitlines())
+
+
+@st.composite
+def direct_convs(draw):
+    """One conv with its epilogue: kernels 1x1 to 7x7 (not square too), strides 1-3 per axis,
+    asymmetric paddings, channels no vector block divides (fewer filters than lanes too), images
+    smaller than a register tile, batch 1 and 2, bias / residual / ReLU / clip."""
+    kernel = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    residual = draw(st.booleans())
+    c = draw(st.integers(1, 20))
+    if residual:  # output shape = input shape: stride 1, kernel - 1 padding per axis
+        strides = (1, 1)
+        top, left = draw(st.integers(0, kernel[0] - 1)), draw(st.integers(0, kernel[1] - 1))
+        pads = (top, left, kernel[0] - 1 - top, kernel[1] - 1 - left)
+        out_c = c
+    else:
+        strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        pads = tuple(draw(st.integers(0, k - 1)) for k in (*kernel, *kernel))
+        out_c = draw(st.integers(1, 40))
+    h = draw(st.integers(max(1, kernel[0] - pads[0] - pads[2]), 13))
+    w = draw(st.integers(max(1, kernel[1] - pads[1] - pads[3]), 13))
+    shape = (draw(st.sampled_from([1, 2])), c, h, w)
+    return conv_model(shape, out_c, kernel, strides, pads, bias=draw(st.booleans()), residual=residual,
+                      activation=draw(st.sampled_from(["none", "relu", "clip"])), seed=draw(st.integers(0, 2**31)))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(direct_convs())
+def test_random_convs_match_reference_on_the_direct_kernel(model):
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    executable = compile_forced(model, "direct")
+    assert direct_calls(executable) == 1
+    assert_close(run(executable, x), reference_outputs(model, {"x": x})[0])
+
+
+@pytest.mark.parametrize("shape, out_c, kernel, strides, pads", [
+    ((2, 3, 29, 27), 64, (7, 7), (2, 2), (3, 3, 3, 3)),  # a ResNet-like stem, odd size, batch 2
+    ((1, 24, 7, 7), 40, (3, 3), (1, 1), (1, 1, 1, 1)),  # 49 pixels: an overlapping last tile, 3 filter blocks
+    ((1, 70, 9, 9), 16, (3, 3), (2, 2), (1, 1, 1, 1)),  # 630 taps: several reduction blocks
+])
+def test_default_pipeline_takes_kxk_convs_on_the_direct_kernel(shape, out_c, kernel, strides, pads):
+    model = conv_model(shape, out_c, kernel, strides, pads, residual=False, activation="relu")
+    compiled = tvm_patdnn.compile(model, "x86")
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    assert_close(compiled.run({"x": x})[0], reference_outputs(model, {"x": x})[0])
+    assert dense_kernel_calls(compiled, ("direct_conv",)) == 1
+
+
+def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
+    shape = dict(batch=1, in_channels=64, height=14, width=14, out_channels=64)
+    rewrite = DenseConvRewrite(16, 8)
+    assert rewrite.kernel_for(DenseConvSpec(**shape)) == "gemm"
+    assert rewrite.kernel_for(DenseConvSpec(**shape, strides=(2, 2))) == "gemm"
+    assert rewrite.kernel_for(DenseConvSpec(**shape, kernel=(3, 3), padding=(1, 1, 1, 1))) == "direct"
+    assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 7}, kernel=(3, 3))) is None  # < lanes
+    assert DenseConvRewrite(16, 8, kernel="gemm").kernel_for(DenseConvSpec(**shape, kernel=(3, 3))) == "gemm"
+    assert DenseConvRewrite(16, 8, kernel="direct").kernel_for(DenseConvSpec(**shape)) == "direct"
+    with pytest.raises(ValueError, match="not one of"):
+        DenseConvRewrite(16, 8, kernel="winograd")
+
+
+def test_register_tile_follows_the_target():
+    assert direct_register_tile(16, 8, 64, 3136) == (6, 2)  # AVX2: 12 ymm accumulators + 2 weights + broadcast
+    assert direct_register_tile(32, 16, 64, 3136) == (6, 4)  # AVX-512: MLAS's 6 x 4 of 32 zmm
+    assert direct_register_tile(32, 4, 64, 3136) == (6, 3)  # NEON: by-element FMAs keep inputs in registers
+    assert direct_register_tile(16, 8, 5, 3136) == (6, 1)  # few filters: one vector
+    assert direct_register_tile(16, 8, 64, 4) == (4, 3)  # 4 pixels: more filter vectors fit
+
+
+def _reduction_loops(asm: str, fma: str) -> list[tuple[int, int]]:
+    """(FMAs, stack references) of every innermost loop with FMAs in the assembly."""
+    lines = asm.splitlines()
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\.LBB\S+:$", line)}
+    loops = []
+    for i, line in enumerate(lines):
+        branch = re.match(r"\s+(?:j\w+|b\.\w+|b|cbn?z\s+\w+,)\s+(\.LBB\S+)", line)
+        if branch and labels.get(branch.group(1), i) < i:
+            body = lines[labels[branch.group(1)]:i]
+            fmas = sum(fma in b for b in body)
+            if fmas:
+                loops.append((fmas, sum("rsp)" in b or "[sp" in b for b in body)))
+    return loops
+
+
+@pytest.mark.parametrize("target, fma, vector", [
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, "vfmadd231ps", "zmm"),
+    (NEON, "fmla", "v"),
+])
+@pytest.mark.parametrize("layer", [(3, 64, 29, 2, 7), (64, 64, 14, 1, 3)])
+def test_avx512_and_neon_code_keeps_the_register_tile(target, fma, vector, layer):
+    """Code generation only (this host may not run it): the innermost reduction loop holds
+    MR x NR FMAs per tap of the target's width and no spills (NEON's 7-tap loop reloads one
+    loop-invariant vector per 126 FMAs: allowed, accumulators spilled were 9-29 per 72)."""
+    c, f, size, stride, k = layer
+    conv = DenseConvSpec(batch=1, in_channels=c, height=size, width=size, out_channels=f, kernel=(k, k),
+                         strides=(stride, stride), padding=(k // 2,) * 4, has_bias=True, activation="relu")
+    tvm_target = resolve_target(target)
+    spec = DirectConvSpec.for_target(conv, vector_registers(tvm_target), vector_lanes(tvm_target))
+    func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
+    assert DIRECT_CONV_ATTR in func.attrs
+    executable = tvm.compile(tvm.IRModule({"main": func}), tvm_target)
+    asm = executable.mod.imports[0].inspect_source("asm") if executable.mod.imports else \
+        executable.mod.inspect_source("asm")
+    assert any(re.search(rf"{fma}\s.*{vector}\d", line) for line in asm.splitlines())
+    fmas, spills = min(_reduction_loops(asm, fma))
+    assert fmas % (spec.pixel_tile * spec.vectors) == 0
+    assert spills * 50 <= fmas
+
+
+def test_neon_build_runs_on_the_emulated_phone(tmp_path, phone_runtime):
+    """The NEON kernels (stem-like 7x7 stride 2, a ragged 3x3 with residual and clip) run under qemu."""
+    from tvm.support import cc
+
+    from tvm_patdnn.phone import runtime
+    from tvm_patdnn.phone.emulator import popen_session
+
+    models = [conv_model((1, 3, 19, 17), 16, (7, 7), (2, 2), (3, 3, 2, 3), activation="relu"),
+              conv_model((2, 13, 6, 5), 13, (3, 3), (1, 1), (1, 0, 1, 2), residual=True, activation="clip", seed=3)]
+    for index, model in enumerate(models):
+        compiled = tvm_patdnn.compile(model, NEON)
+        assert dense_kernel_calls(compiled, ("direct_conv",)) == 1
+        path = tmp_path / f"direct{index}.so"
+        compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(runtime.CROSS_CXX))
+        shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+        x = np.random.default_rng(index).standard_normal(shape).astype(np.float32)
+        remote = popen_session()
+        remote.upload(str(path))
+        out = relax.VirtualMachine(remote.load_module(path.name), remote.cpu())["main"](
+            tvm.runtime.tensor(x, remote.cpu())).numpy()
+        del remote
+        gc.collect()
+        assert_close(out, reference_outputs(model, {"x": x})[0])
