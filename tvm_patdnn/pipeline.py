@@ -21,7 +21,7 @@ from .targets import accumulator_registers, vector_lanes, vector_registers
 from .transform import DenseConvRewrite, PatternConvRewrite
 from .transform import WinogradConvRewrite
 from .transform import SparsePointwiseRewrite
-from .transform import DepthwiseConvRewrite
+from .transform import DepthwiseConvRewrite, FullyConnectedRewrite
 
 __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
 
@@ -48,6 +48,7 @@ def pattern_passes(
         passes.append(WinogradConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DepthwiseConvRewrite(vector_registers(target), vector_lanes(target)))
+        passes.append(FullyConnectedRewrite(vector_registers(target), vector_lanes(target)))
     return passes
 
 

@@ -2,8 +2,9 @@
 
 from .dense_conv_rewrite import DenseConvRewrite
 from .depthwise_conv_rewrite import DepthwiseConvRewrite
+from .fully_connected_rewrite import FullyConnectedRewrite
 from .pattern_conv_rewrite import PatternConvRewrite, conv_report
 from .sparse_pointwise_rewrite import SparsePointwiseRewrite
 from .winograd_conv_rewrite import WinogradConvRewrite
 
-__all__ = ["DenseConvRewrite", "DepthwiseConvRewrite", "PatternConvRewrite", "conv_report", "SparsePointwiseRewrite", "WinogradConvRewrite"]
+__all__ = ["DenseConvRewrite", "DepthwiseConvRewrite", "FullyConnectedRewrite", "PatternConvRewrite", "conv_report", "SparsePointwiseRewrite", "WinogradConvRewrite"]
