@@ -23,6 +23,9 @@ row-wise vector), and the loop nest is the one of a GEMM micro-kernel:
   overlap write identical values), so every load and store is a full vector;
 * bias, a residual input, ReLU or clip are applied to the accumulators before the one store.
 
+Which convs run here (``DenseConvRewrite.kernel_for``): the 1x1s; KxK convs run on the direct
+kernel of :mod:`tvm_patdnn.ops.direct_conv` (no window copy) unless this one is forced.
+
 The function is written directly as (scheduled) TIR, so no schedule rule or tuning touches it.
 """
 
