@@ -247,7 +247,12 @@ def test_onnx_export_detects_lost_sparsity(tmp_path) -> None:
     ("config", "message"),
     [
         ([{"tensor_fqn": "9.weight"}], "not a parameter"),
-        ([{"tensor_fqn": "10.weight"}], "not the weight of an nn.Conv2d"),
+        ([{"tensor_fqn": "10.weight"}], "no fc rate"),
+        ([{"tensor_fqn": "4.weight"}], "not the weight of an nn.Conv2d or nn.Linear"),
+        ([{"tensor_fqn": "3.weight", "pointwise": 4}], "a 3x3 conv layer: 'pointwise' does not apply"),
+        ([{"tensor_fqn": "3.weight", "block": (4, 1)}], "'block' does not apply"),
+        ([{"tensor_fqn": "10.weight", "fc": 0.5}], "fc rate must be a finite number >= 1"),
+        ([{"tensor_fqn": "10.weight", "fc": 2, "block": (16, 1)}], "block 16x1 does not fit a layer with 10 output"),
         ([{"tensor_fqn": "3.bias"}], "not a parameter|not the weight"),
         ([{"tensor_fqn": "3.weight", "connectivity": 1000}], "keeps no kernel"),
         ([{"tensor_fqn": "3.weight", "connectivity": 0.5}], ">= 1"),
@@ -262,12 +267,15 @@ def test_bad_config_raises(config, message) -> None:
 
 
 def test_non_3x3_conv_is_rejected() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, groups=4))
-    for fqn, message in (("1.weight", "not 3x3"), ("2.weight", "dilated"), ("3.weight", "depthwise")):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 5), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, groups=4),
+                          nn.Conv2d(4, 4, 1, groups=2), nn.Conv2d(4, 4, 1))
+    for fqn, message in (("1.weight", "not 3x3"), ("2.weight", "dilated"), ("3.weight", "depthwise"),
+                         ("4.weight", "cannot be pruned: grouped"), ("5.weight", "a 1x1 conv layer: 'connectivity'")):
         with pytest.raises(PatDNNError, match=message):
-            PatternADMMPruner().prepare(model, [{"tensor_fqn": fqn}])
+            PatternADMMPruner().prepare(model, [{"tensor_fqn": fqn, **({"connectivity": 2} if fqn == "5.weight" else {})}])
     with pytest.raises(PatDNNError, match="no prunable"):
-        default_config(model)
+        default_config(model)  # 1x1 convs only with pointwise=RATE
+    assert default_config(model, pointwise=2.0) == [{"tensor_fqn": "5.weight", "pointwise": 2.0, "block": (4, 1)}]
 
 
 def test_phase_errors(dense) -> None:
@@ -300,3 +308,107 @@ def test_pretrained_mnist_cnn_from_packages() -> None:
     assert accuracy > 0.98, accuracy
     assert default_config(model) == [{"tensor_fqn": "conv_layers.3.weight", "connectivity": 3.6},
                                      {"tensor_fqn": "conv_layers.6.weight", "connectivity": 3.6}]
+
+
+# --- pointwise (1x1) and FC layers ---------------------------------------------------------------
+
+
+def bottleneck_cnn(seed: int = 0) -> nn.Module:
+    """Stem, 1x1 reduce → 3x3 → 1x1 expand (18 channels: not a multiple of the 4x1 block), two Linears."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 18, 1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(18 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 10),
+    )
+
+
+def _block_count(mask: np.ndarray, block: tuple[int, int]) -> int:
+    o, i = mask.shape[:2]
+    bo, bi = block
+    padded = np.zeros((-(-o // bo) * bo, -(-i // bi) * bi), bool)
+    padded[:o, :i] = mask.reshape(o, i)
+    return int(padded.reshape(padded.shape[0] // bo, bo, padded.shape[1] // bi, bi).any(axis=(1, 3)).sum())
+
+
+def test_admm_pointwise_and_fc_on_fashion_mnist(fashion, tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    from tvm_patdnn.pruning import prune_onnx
+    from tvm_patdnn.pruning.projection import kept_block_count, project_pointwise
+
+    model = bottleneck_cnn()
+    optimizer = sgd(model)
+    xtr, ytr = fashion["xtr"][:1024], fashion["ytr"][:1024]
+    generator = torch.Generator().manual_seed(0)
+    train_epoch(model, xtr, ytr, optimizer, batch_size=64, generator=generator, progress=False)
+    pruner = PatternADMMPruner(n_patterns=8, rho=1e-2, rho_growth=2.0, admm_interval=4, pointwise=4, fc=2.0)
+    pruner.prepare(model)
+    # The first conv and the classifier stay dense; 1x1 convs get (4, 1) blocks at 4x, the hidden Linear 2x.
+    assert pruner.tensor_fqns == ["3.weight", "6.weight", "9.weight", "12.weight"]
+    for _ in range(2):
+        train_epoch(model, xtr, ytr, optimizer, pruner=pruner, batch_size=64, generator=generator, progress=False)
+    assert pruner.rounds == 2 * 16 // 4
+    # One more round by hand: Z is the exact block projection of W + U, and U accumulates W - Z.
+    target = next(t for t in pruner._targets if t.fqn == "9.weight")
+    w, u, rho = target.param.detach().clone(), target.u.clone(), pruner.rho
+    pruner.admm_update()
+    z = project_pointwise((w + u).numpy(), 4, (4, 1))
+    assert np.array_equal(target.z.numpy(), z)
+    torch.testing.assert_close(target.u, (u + w - torch.from_numpy(z)) * (rho / pruner.rho))
+    assert set(pruner.residuals()["9.weight"]) == {"pattern", "connectivity"}
+    masks = pruner.hard_prune(optimizer)
+    train_epoch(model, xtr, ytr, optimizer, pruner=pruner, batch_size=64, generator=generator, progress=False)
+    pruner.verify()
+    rows = {r["tensor_fqn"]: r for r in pruner.report()}
+    assert [rows[f]["kind"] for f in pruner.tensor_fqns] == ["pointwise", "pattern", "pointwise", "fc"]
+    for fqn, blocks, rate in (("3.weight", 4 * 8, 4), ("9.weight", 5 * 16, 4), ("12.weight", 8 * 882, 2.0)):
+        w = model.get_parameter(fqn).detach().numpy()
+        assert rows[fqn]["blocks"] == blocks and rows[fqn]["expected_blocks"] == kept_block_count(blocks, rate)
+        assert _block_count(masks[fqn].numpy(), (4, 1)) == kept_block_count(blocks, rate)
+        assert _block_count(w != 0, (4, 1)) == rows[fqn]["kept_blocks"] <= rows[fqn]["expected_blocks"]
+        assert (w[~masks[fqn].numpy()] == 0).all() and not np.signbit(w[~masks[fqn].numpy()]).any()
+    assert rows["3.weight"]["kept_fraction"] == 0.25 and rows["6.weight"]["within_patterns"]
+    assert evaluate(model, fashion["xte"], fashion["yte"]) > 0.2  # still learning: chance is 0.1 (1024 images seen 6 times)
+
+    # Checkpoint round trip keeps the blocks; a pruner with another granularity refuses it.
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model=model, optimizer=optimizer, pruner=pruner)
+    fresh, fresh_opt = bottleneck_cnn(seed=5), None
+    fresh_opt = sgd(fresh)
+    fresh_pruner = PatternADMMPruner(pointwise=4, fc=2.0).prepare(fresh)
+    load_checkpoint(path, model=fresh, optimizer=fresh_opt, pruner=fresh_pruner)
+    _assert_same_state(pruner.state_dict(), fresh_pruner.state_dict())
+    other = bottleneck_cnn()
+    with pytest.raises(PatDNNError, match="block"):
+        load_checkpoint(path, model=other, pruner=PatternADMMPruner(pointwise=4, fc=2.0, pointwise_block=(8, 1)).prepare(other))
+
+    # ONNX export keeps every zero (1x1 convs and Linear too) and computes what torch computes;
+    # prune_onnx on the export with the same rates finds the constraints already met.
+    pruner.squash_mask()
+    export = export_pruned_onnx(model, fashion["xte"][:1], tmp_path / "pruned.onnx")
+    x = fashion["xte"][:4]
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    (got,) = ReferenceEvaluator(export).run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    res = prune_onnx(export, connectivity=3.6, pointwise=4, fc=2.0)
+    pruned = {r.name: r for r in res.layers if r.action == "pruned"}
+    assert sorted(r.block for r in pruned.values() if r.block) == [(4, 1)] * 3
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in export.graph.initializer}
+    for init in res.model.graph.initializer:
+        if init.name in {r.weight for r in pruned.values() if r.block}:
+            assert np.array_equal(onnx.numpy_helper.to_array(init), before[init.name])
+
+
+def test_pointwise_pruner_options_are_checked() -> None:
+    for kwargs, message in (({"pointwise": 0.5}, "pointwise rate must be a finite number >= 1"),
+                            ({"fc": float("nan")}, "fc rate must be"),
+                            ({"pointwise_block": "4x"}, "two positive integers")):
+        with pytest.raises(PatDNNError, match=message):
+            PatternADMMPruner(**kwargs)
+    with pytest.raises(PatDNNError, match="keeps no block"):
+        PatternADMMPruner().prepare(bottleneck_cnn(), [{"tensor_fqn": "3.weight", "pointwise": 1000}])

@@ -103,7 +103,8 @@ def test_layer_decisions(result):
         "first", "conv1", "pointwise", "depthwise", "from_constant", "shared_a", "shared_b", "dilated"
     ]
     assert by_name["first"].reason == "first layer (3 input channels) kept dense"
-    assert by_name["pointwise"].reason == "kernel 1x1 is not 3x3"
+    assert by_name["pointwise"].action == "pruned" and by_name["pointwise"].block == (4, 1)  # default pointwise=4
+    assert by_name["pointwise"].kept_kernels == 64 and by_name["pointwise"].density == 0.25
     assert by_name["depthwise"].reason == "depthwise (group=16)"
     assert by_name["dilated"].reason == "dilated (dilations=(2, 2))"
     for name in ("conv1", "from_constant", "shared_a", "shared_b"):
@@ -113,18 +114,18 @@ def test_layer_decisions(result):
         assert rec.total_kernels == 256
         assert rec.density == pytest.approx(71 * 4 / (256 * 9))
         assert set(rec.patterns) <= set(result.pattern_set)
-    for name in ("first", "pointwise", "depthwise", "dilated"):
+    for name in ("first", "depthwise", "dilated"):
         assert by_name[name].action == "dense" and by_name[name].density == 1.0
     assert len(result.pattern_set) == 8
     assert sum(result.frequencies.values()) == 3 * 256  # w1, w4, w5 (shared, counted once)
     table = result.summary()
-    assert "first layer (3 input channels) kept dense" in table and "4 of 8 conv layers pruned" in table
+    assert "first layer (3 input channels) kept dense" in table and "5 of 8 conv layers pruned" in table
 
 
 def test_pruned_weights_satisfy_constraints_and_rest_is_identical(model, result):
     before, after = weights_of(model), weights_of(result.model)
-    pruned = {"w1", "w4", "w5"}
-    for name in pruned:
+    pruned = {"w1", "w2", "w4", "w5"}
+    for name in pruned - {"w2"}:
         masks = kernel_masks(after[name])
         assert np.count_nonzero(masks) == 71
         assert set(np.unique(masks[masks != 0]).tolist()) <= set(result.pattern_set)
@@ -132,6 +133,9 @@ def test_pruned_weights_satisfy_constraints_and_rest_is_identical(model, result)
         kept = after[name] != 0
         assert np.array_equal(after[name][kept], before[name][kept])
         assert np.all(after[name][~kept] == 0.0)
+    w2 = after["w2"][:, :, 0, 0]  # the 1x1 conv: 16 of 64 4x1 blocks, values copied
+    assert (w2.reshape(4, 4, 16) != 0).any(axis=1).sum() == 16 and np.count_nonzero(w2) == 64
+    assert np.array_equal(after["w2"][after["w2"] != 0], before["w2"][after["w2"] != 0])
     for name in set(before) - pruned:
         assert before[name].tobytes() == after[name].tobytes()
     assert without_weights(model, pruned) == without_weights(result.model, pruned)
@@ -247,7 +251,8 @@ def test_overrides_and_options(model):
         ({"n_patterns": 0}, "n_patterns must be between 1 and 56"),
         ({"n_patterns": 57}, "n_patterns must be between 1 and 56"),
         ({"layers": {"nope": False}}, "no Conv layer or weight named nope"),
-        ({"layers": {"pointwise": True}}, "layer pointwise cannot be pattern-pruned: kernel 1x1 is not 3x3"),
+        ({"layers": {"depthwise": True}}, "layer depthwise cannot be pattern-pruned: depthwise"),
+        ({"layers": {"pointwise": True}, "pointwise": None}, "layer pointwise cannot be pruned: 1x1 pruning off"),
     ],
 )
 def test_bad_options(model, kwargs, message):
@@ -256,8 +261,8 @@ def test_bad_options(model, kwargs, message):
 
 
 def test_model_without_prunable_layer(model):
-    with pytest.raises(PatDNNError, match="no prunable 3x3 convolution.*pointwise: kernel 1x1"):
-        prune_onnx(model, layers={n: False for n in ("conv1", "from_constant", "w5")})
+    with pytest.raises(PatDNNError, match="no prunable convolution.*pointwise: 1x1 pruning off"):
+        prune_onnx(model, layers={n: False for n in ("conv1", "from_constant", "w5")}, pointwise=None)
     relu_only = helper.make_model(helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -366,7 +371,8 @@ def test_torch_exported_model(tmp_path):
     path = tmp_path / "net.onnx"
     torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"])
     res = prune_onnx(path, n_patterns=8, connectivity=3.6)
-    assert [rec.action for rec in res.layers] == ["dense", "pruned", "pruned", "dense"]
+    assert [rec.action for rec in res.layers] == ["dense", "pruned", "pruned", "pruned"]
+    assert res.layers[3].block == (4, 1) and np.count_nonzero(weights_of(res.model)[res.layers[3].weight]) == 16
     # Load the pruned weights back into torch: the ONNX model computes the same function.
     pruned = weights_of(res.model)
     with torch.no_grad():
@@ -386,6 +392,6 @@ def test_compiler_sees_pattern_layers(model, n_patterns):
     res = prune_onnx(model, n_patterns=n_patterns)
     weights = weights_of(res.model)
     for rec in res.layers:
-        if rec.action == "pruned":
+        if rec.action == "pruned" and rec.block is None:
             info = analysis.analyze_conv_weight(weights[rec.weight], entries=4, max_patterns=12)
             assert info.kind == "pattern", (rec.name, info)

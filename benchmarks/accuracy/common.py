@@ -1,7 +1,7 @@
 """Shared driver of the accuracy experiments: dense vs one-shot vs magnitude vs ADMM.
 
-Each experiment script supplies a dense model (pretrained or trained here) and its data;
-this module runs, for every connectivity rate and seed:
+Each experiment script supplies a dense model (pretrained or trained here, :func:`train_dense`)
+and its data; this module runs, for every connectivity rate and seed:
 
 * ``oneshot``   – project the dense weights onto both constraints, no retraining;
 * ``magnitude`` – the same projection, then masked fine-tuning for the whole epoch budget;
@@ -38,12 +38,14 @@ from tvm_patdnn.pruning.admm import (
     default_config,
     evaluate,
     export_pruned_onnx,
+    load_checkpoint,
     magnitude_prune,
+    save_checkpoint,
     train_epoch,
 )
 from tvm_patdnn.pruning.onnx_prune import write_bytes_atomic
 from tvm_patdnn.pruning.plots import plot_pattern_frequencies
-from tvm_patdnn.pruning.projection import pattern_frequencies
+from tvm_patdnn.pruning.projection import parse_block, pattern_frequencies
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Connectivity rates of the one-shot sweep in the accuracy-vs-rate plot (no retraining, cheap).
@@ -66,13 +68,17 @@ class Budget:
     rho_growth: float = 2.0
     rho_max: float = 1.0
     n_patterns: int = 8
+    pointwise: float | None = None  # keep rate of the 1x1 convs (None: they stay dense)
+    pointwise_block: tuple[int, int] = (4, 1)
+    bn_recal_images: int = 0  # after hard pruning, re-estimate BatchNorm statistics on this many images
 
     @property
     def total_epochs(self) -> int:
         return self.admm_epochs + self.retrain_epochs
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, admm_epochs: int, retrain_epochs: int, seeds: list[int]) -> None:
+def add_common_args(parser: argparse.ArgumentParser, *, admm_epochs: int, retrain_epochs: int, seeds: list[int],
+                    pointwise: float | None = None) -> None:
     parser.add_argument("--admm-epochs", type=int, default=admm_epochs)
     parser.add_argument("--retrain-epochs", type=int, default=retrain_epochs)
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
@@ -84,6 +90,14 @@ def add_common_args(parser: argparse.ArgumentParser, *, admm_epochs: int, retrai
     parser.add_argument("--rho-growth", type=float, default=2.0)
     parser.add_argument("--rho-max", type=float, default=1.0)
     parser.add_argument("--rounds-per-epoch", type=int, default=4)
+    parser.add_argument("--pointwise", type=float, default=pointwise,
+                        help="keep rate of the 1x1 convs (default: %(default)s; unset leaves them dense)")
+    parser.add_argument("--pointwise-block", type=parse_block, default=(4, 1), metavar="OxI",
+                        help="granularity of 1x1 pruning, output x input channels (default 4x1)")
+    parser.add_argument("--bn-recal", type=int, default=0, metavar="IMAGES",
+                        help="after hard pruning, re-estimate BatchNorm running statistics on this many "
+                             "training images before retraining (0: off)")
+    parser.add_argument("--name", help="results file stem (default: the experiment's name)")
     parser.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tvm_patdnn_accuracy"),
@@ -96,6 +110,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, admm_epochs: int, retrai
 def budget_from_args(args: argparse.Namespace, **overrides: Any) -> Budget:
     return Budget(admm_epochs=args.admm_epochs, retrain_epochs=args.retrain_epochs, rho=args.rho,
                   rho_growth=args.rho_growth, rho_max=args.rho_max, rounds_per_epoch=args.rounds_per_epoch,
+                  pointwise=args.pointwise, pointwise_block=args.pointwise_block, bn_recal_images=args.bn_recal,
                   **overrides)
 
 
@@ -125,8 +140,34 @@ def conv_compression(model: nn.Module) -> float:
     return total / max(nonzero, 1)
 
 
-def _pruned_compression(report: list[dict[str, Any]]) -> float:
-    return sum(r["kernels"] * 9 for r in report) / max(sum(r["nonzeros"] for r in report), 1)
+def _pruned_compression(report: list[dict[str, Any]], kind: str | None = None) -> float:
+    """Dense / nonzero weights over the pruned layers (of one ``kind`` of the report, or all)."""
+    rows = [r for r in report if kind is None or r["kind"] == kind]
+    return sum(r["weights"] for r in rows) / max(sum(r["nonzeros"] for r in rows), 1)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, images: int, batch_size: int = 256) -> None:
+    """Re-estimate every BatchNorm's running mean/variance on ``images`` training images.
+
+    Hard pruning shifts each pruned layer's output statistics, while the running estimates
+    still describe the dense layer; recomputing them (a cumulative average, no gradient step)
+    removes that mismatch before retraining starts.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or images <= 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the recalibration batches
+    was_training = model.training
+    model.train()
+    for start in range(0, min(images, len(x)), batch_size):
+        model(x[start:min(start + batch_size, images)])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 def run_oneshot(model: nn.Module, config: list[dict[str, Any]], budget: Budget, data: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -141,6 +182,7 @@ def run_magnitude(model: nn.Module, config: list[dict[str, Any]], budget: Budget
     generator = torch.Generator().manual_seed(seed)
     optimizer = _sgd(model, budget.lr_retrain, budget)
     pruner = magnitude_prune(model, config, n_patterns=budget.n_patterns, optimizer=optimizer)
+    recalibrate_bn(model, data["xtr"], budget.bn_recal_images)
     steps = budget.total_epochs * math.ceil(len(data["xtr"]) / budget.batch_size)
     scheduler = _cosine(optimizer, steps)
     history = []
@@ -177,6 +219,11 @@ def run_admm(model: nn.Module, config: list[dict[str, Any]], budget: Budget, dat
     pruner.hard_prune(retrain)
     hard_acc = evaluate(model, data["xte"], data["yte"])
     log(f"  admm hard-pruned (no retraining yet): acc {hard_acc:.4f}")
+    recal_acc = None
+    if budget.bn_recal_images:
+        recalibrate_bn(model, data["xtr"], budget.bn_recal_images)
+        recal_acc = evaluate(model, data["xte"], data["yte"])
+        log(f"  BatchNorm recalibrated on {budget.bn_recal_images} images: acc {recal_acc:.4f}")
     scheduler = _cosine(retrain, budget.retrain_epochs * batches_per_epoch)
     for epoch in range(budget.retrain_epochs):
         loss = train_epoch(model, data["xtr"], data["ytr"], retrain, batch_size=budget.batch_size,
@@ -188,6 +235,8 @@ def run_admm(model: nn.Module, config: list[dict[str, Any]], budget: Budget, dat
     pruner.verify()
     summary = _summary(model, pruner, data, epochs=budget.total_epochs, history=history)
     summary["acc_after_hard_prune"] = hard_acc
+    if recal_acc is not None:
+        summary["acc_after_bn_recal"] = recal_acc
     if onnx_path is not None:
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         export_pruned_onnx(model, data["xte"][:1], onnx_path)
@@ -203,6 +252,7 @@ def _summary(model: nn.Module, pruner: PatternADMMPruner, data: dict[str, torch.
         "epochs": epochs,
         "patterns": pruner.patterns,
         "pruned_layer_compression": _pruned_compression(report),
+        "compression_by_kind": {kind: _pruned_compression(report, kind) for kind in sorted({r["kind"] for r in report})},
         "conv_compression": conv_compression(model),
         "layers": report,
         "history": history or [],
@@ -221,6 +271,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run every (method, rate, seed) not yet in ``results/<name>.json``, then table + plots."""
     torch.set_num_threads(args.threads)
+    name = args.name or name
     args.results.mkdir(parents=True, exist_ok=True)
     json_path = args.results / f"{name}.json"
     state: dict[str, Any] = {"runs": []}
@@ -245,14 +296,14 @@ def run_experiment(
         dense = dense_model(seed)
         dense_time = time.time() - t0
         dense_state = copy.deepcopy(dense.state_dict())
-        config = default_config(dense)
+        config = default_config(dense, pointwise=budget.pointwise, block=budget.pointwise_block)
         if ("dense", None, seed) not in done:
             record({"method": "dense", "rate": None, "seed": seed, "test_acc": evaluate(dense, data["xte"], data["yte"]),
                     "conv_compression": conv_compression(dense), "pruned_layer_compression": 1.0,
                     "wall_s": dense_time, "epochs": extra_meta.get("dense_epochs", 0)})
             log(f"seed {seed}: dense acc {state['runs'][-1]['test_acc']:.4f}")
         if seed == args.seeds[0] and "pattern_frequencies" not in state:
-            weights = [dense.get_parameter(c["tensor_fqn"]).detach().numpy() for c in config]
+            weights = [dense.get_parameter(c["tensor_fqn"]).detach().numpy() for c in config if "connectivity" in c]
             freqs = pattern_frequencies(weights)
             patterns = PatternADMMPruner(budget.n_patterns).prepare(copy.deepcopy(dense), config).patterns
             state["pattern_frequencies"] = {str(k): v for k, v in freqs.items()}
@@ -263,11 +314,11 @@ def run_experiment(
                 continue
             model = copy.deepcopy(dense)
             t0 = time.time()
-            run = run_oneshot(model, [dict(c, connectivity=rate) for c in config], budget, data)
+            run = run_oneshot(model, with_connectivity(config, rate), budget, data)
             record({"method": "oneshot", "rate": rate, "seed": seed, "wall_s": time.time() - t0, **run})
             log(f"seed {seed} rate {rate}: one-shot acc {run['test_acc']:.4f}")
         for rate in args.rates:
-            cfg = [dict(c, connectivity=rate) for c in config]
+            cfg = with_connectivity(config, rate)
             for method in ("magnitude", "admm"):
                 if method not in args.methods or (method, rate, seed) in done:
                     continue
@@ -289,6 +340,11 @@ def run_experiment(
     write_json_atomic(json_path, state)
     write_outputs(state, args.results, name)
     return state
+
+
+def with_connectivity(config: list[dict[str, Any]], rate: float) -> list[dict[str, Any]]:
+    """The config with every 3x3 entry at connectivity ``rate`` (1x1 entries keep their own rate)."""
+    return [dict(c, connectivity=rate) if "connectivity" in c else dict(c) for c in config]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -313,6 +369,10 @@ def table_markdown(state: dict[str, Any]) -> str:
             continue
         mean, std = _stats([100 * r["test_acc"] for r in sel])
         comp = f"{sel[0]['pruned_layer_compression']:.2f}x / {sel[0]['conv_compression']:.2f}x"
+        by_kind = sel[0].get("compression_by_kind", {})
+        if len(by_kind) > 1:
+            comp += " (" + ", ".join(f"{'3x3' if k == 'pattern' else '1x1' if k == 'pointwise' else k} {v:.2f}x"
+                                     for k, v in by_kind.items()) + ")"
         wall = statistics.fmean(r["wall_s"] for r in sel)
         if method == "dense" and meta.get("dense_train_s"):  # trained here (possibly in an earlier, cached run)
             wall = statistics.fmean(meta["dense_train_s"].values())
@@ -320,7 +380,18 @@ def table_markdown(state: dict[str, Any]) -> str:
                      f"{mean:.2f} ± {std:.2f} % | {mean - 100 * dense_acc:+.2f} pp | "
                      f"{','.join(str(r['seed']) for r in sel)} | {wall / 60:.1f} min |")
     b = meta["budget"]
-    lines += ["", f"Budget: ADMM {b['admm_epochs']} epochs ({b['rounds_per_epoch']} ADMM rounds/epoch, rho {b['rho']:g} "
+    extras = []
+    if b.get("pointwise"):
+        extras.append(f"1x1 convs keep 1/{b['pointwise']:g} of their weights in {b['pointwise_block'][0]}x"
+                      f"{b['pointwise_block'][1]} blocks (output x input channels).")
+    if b.get("bn_recal_images"):
+        extras.append(f"BatchNorm statistics re-estimated on {b['bn_recal_images']} training images right after "
+                      "hard pruning (both methods).")
+    hard = [(r["test_acc"], r.get("acc_after_hard_prune"), r.get("acc_after_bn_recal")) for r in runs if r["method"] == "admm"]
+    if hard and hard[0][1] is not None:
+        extras.append("ADMM accuracy right after hard pruning: " + ", ".join(
+            f"{100 * h:.2f} %" + (f" ({100 * c:.2f} % after BN recalibration)" if c is not None else "") for _, h, c in hard) + ".")
+    lines += [""] + extras + [f"Budget: ADMM {b['admm_epochs']} epochs ({b['rounds_per_epoch']} ADMM rounds/epoch, rho {b['rho']:g} "
               f"x{b['rho_growth']:g}/round, cap {b['rho_max']:g}) + {b['retrain_epochs']} masked-retrain epochs; "
               f"magnitude baseline fine-tunes {b['admm_epochs'] + b['retrain_epochs']} epochs. SGD momentum {b['momentum']}, "
               f"weight decay {b['weight_decay']}, batch {b['batch_size']}, {b['n_patterns']} patterns (4 taps, centre kept). "
@@ -383,6 +454,51 @@ def write_outputs(state: dict[str, Any], results: Path, name: str) -> None:
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     write_bytes_atomic(results / f"{name}_accuracy_vs_rate.png", buffer.getvalue())
+
+
+def train_dense(name: str, make_model: Callable[[], nn.Module], seed: int, epochs: int, data: dict[str, torch.Tensor],
+                workdir: Path, progress: bool | None, lr: float = 0.05) -> tuple[nn.Module, float]:
+    """Train (or reload) the dense model of ``seed``: SGD Nesterov momentum, cosine LR from ``lr``.
+
+    The model is checkpointed in ``workdir`` with its training time, so reruns and resumed runs
+    reuse it. Returns the model and the seconds its training took (when it was trained)."""
+    path = workdir / f"{name}_dense_seed{seed}_ep{epochs}_n{len(data['xtr'])}.pt"
+    torch.manual_seed(seed)
+    model = make_model()
+    if path.exists():
+        info = load_checkpoint(path, model=model)
+        log(f"dense seed {seed}: reloaded {path} (trained in {info['extra']['train_s'] / 60:.1f} min)")
+        return model, info["extra"]["train_s"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = epochs * math.ceil(len(data["xtr"]) / 128)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for epoch in range(epochs):
+        loss = train_epoch(model, data["xtr"], data["ytr"], optimizer, batch_size=128, generator=generator,
+                           scheduler=scheduler, progress=progress, desc=f"dense ep{epoch}")
+        log(f"dense seed {seed} epoch {epoch}: loss {loss:.4f} acc {evaluate(model, data['xte'], data['yte']):.4f}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_s = time.time() - t0
+    save_checkpoint(path, model=model, epoch=epochs, extra={"train_s": train_s})
+    return model, train_s
+
+
+#: Fashion-MNIST training-set pixel mean and std.
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+
+
+def load_fashion(train_subset: int = 0) -> dict[str, torch.Tensor]:
+    """Normalised Fashion-MNIST (Debian ``dataset-fashion-mnist``): 60k train (or the first
+    ``train_subset``) and 10k test images."""
+    from tvm_patdnn.datasets import load_fashion_mnist
+
+    xtr, ytr = as_tensors(*load_fashion_mnist("train"), FASHION_MEAN, FASHION_STD)
+    xte, yte = as_tensors(*load_fashion_mnist("test"), FASHION_MEAN, FASHION_STD)
+    if train_subset:
+        xtr, ytr = xtr[:train_subset], ytr[:train_subset]
+    log(f"Fashion-MNIST: {len(xtr)} train / {len(xte)} test images")
+    return {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:

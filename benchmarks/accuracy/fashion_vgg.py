@@ -15,9 +15,7 @@ rerun or a resumed run reuses it. Data: Debian ``dataset-fashion-mnist`` (60k tr
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,12 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import add_common_args, as_tensors, budget_from_args, log, run_experiment  # noqa: E402
-from tvm_patdnn.datasets import load_fashion_mnist  # noqa: E402
-from tvm_patdnn.pruning.admm import evaluate, load_checkpoint, save_checkpoint, train_epoch  # noqa: E402
-
-#: Fashion-MNIST training-set pixel mean and std.
-MEAN, STD = 0.2860, 0.3530
+from common import add_common_args, budget_from_args, load_fashion, run_experiment, train_dense  # noqa: E402
 
 
 class SmallVGG(nn.Module):
@@ -52,33 +45,6 @@ class SmallVGG(nn.Module):
         return self.classifier(self.features(x))
 
 
-def train_dense(seed: int, epochs: int, data: dict[str, torch.Tensor], workdir: Path,
-                progress: bool | None) -> tuple[nn.Module, float]:
-    """Train (or reload) the dense model of ``seed``: SGD momentum, cosine LR from 0.05.
-
-    Returns the model and the seconds its training took (when it was trained)."""
-    path = workdir / f"fashion_vgg_dense_seed{seed}_ep{epochs}_n{len(data['xtr'])}.pt"
-    torch.manual_seed(seed)
-    model = SmallVGG()
-    if path.exists():
-        info = load_checkpoint(path, model=model)
-        log(f"dense seed {seed}: reloaded {path} (trained in {info['extra']['train_s'] / 60:.1f} min)")
-        return model, info["extra"]["train_s"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps = epochs * math.ceil(len(data["xtr"]) / 128)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    generator = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    for epoch in range(epochs):
-        loss = train_epoch(model, data["xtr"], data["ytr"], optimizer, batch_size=128, generator=generator,
-                           scheduler=scheduler, progress=progress, desc=f"dense ep{epoch}")
-        log(f"dense seed {seed} epoch {epoch}: loss {loss:.4f} acc {evaluate(model, data['xte'], data['yte']):.4f}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    train_s = time.time() - t0
-    save_checkpoint(path, model=model, epoch=epochs, extra={"train_s": train_s})
-    return model, train_s
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser, admm_epochs=4, retrain_epochs=3, seeds=[0])
@@ -86,13 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-only", action="store_true", help="train/cache the dense models and stop")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    xtr, ytr = as_tensors(*load_fashion_mnist("train"), MEAN, STD)
-    xte, yte = as_tensors(*load_fashion_mnist("test"), MEAN, STD)
-    if args.train_subset:
-        xtr, ytr = xtr[: args.train_subset], ytr[: args.train_subset]
-    data = {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
-    log(f"Fashion-MNIST: {len(xtr)} train / {len(xte)} test images")
-    dense = {seed: train_dense(seed, args.dense_epochs, data, args.workdir, args.progress) for seed in args.seeds}
+    data = load_fashion(args.train_subset)
+    dense = {seed: train_dense("fashion_vgg", SmallVGG, seed, args.dense_epochs, data, args.workdir, args.progress)
+             for seed in args.seeds}
     if args.dense_only:
         return
     run_experiment(

@@ -26,6 +26,10 @@ auxiliary ``Z`` (projected on S), ``Y`` (projected on S') and scaled duals ``U``
 The scaled duals are divided by the growth factor whenever rho grows, because ``U`` stands
 for ``lambda / rho``: without it the dual pull jumps with every rho increase.
 
+1x1 convolutions (and, when asked, Linear layers) have a single constraint, "at most
+``round(blocks/rate)`` nonzero blocks" (:func:`projection.project_pointwise`), so they carry
+only ``Z``/``U``: ``Z = P(W + U)``, ``U += W - Z``.
+
 The projections themselves are the numpy ones of :mod:`tvm_patdnn.pruning.projection`, so
 the ADMM phase, the magnitude baseline and the ONNX pruner choose patterns identically.
 This module imports torch; nothing in the package imports it at module level.
@@ -65,6 +69,9 @@ __all__ = [
 
 #: PatDNN's connectivity rate for the 8x setting (9/4 from 4-entry patterns x 3.6 = 8.1x).
 DEFAULT_CONNECTIVITY = 3.6
+#: Rate and granularity of 1x1 convs: keep 1/4 of the weights in blocks of 4 output channels.
+DEFAULT_POINTWISE = 4.0
+DEFAULT_BLOCK = (4, 1)
 
 
 def _progress_enabled(progress: bool | None) -> bool:
@@ -83,23 +90,47 @@ def _conv_modules(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def default_config(model: nn.Module, connectivity: float | None = DEFAULT_CONNECTIVITY) -> list[dict[str, Any]]:
-    """Every prunable 3x3 conv except the first one (in module registration order).
+def _fqn(name: str) -> str:
+    return f"{name}.weight" if name else "weight"
+
+
+def _pointwise_conv(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1)
+
+
+def default_config(
+    model: nn.Module,
+    connectivity: float | None = DEFAULT_CONNECTIVITY,
+    pointwise: float | None = None,
+    fc: float | None = None,
+    block: Sequence[int] = DEFAULT_BLOCK,
+) -> list[dict[str, Any]]:
+    """Every prunable 3x3 conv except the first one (in module registration order); with
+    ``pointwise`` every plain 1x1 conv but the first, with ``fc`` every Linear but the last.
 
     PatDNN keeps the first layer dense: it has few input channels, so pruning it costs
-    accuracy and saves almost no work.
+    accuracy and saves almost no work; the last Linear (the classifier) likewise decides the
+    output with few weights. A 1x1/Linear layer smaller than one ``block`` is left out.
     """
-    convs = _conv_modules(model)
-    config = []
-    for index, (name, conv) in enumerate(convs):
+    block = P.parse_block(block)
+    config: list[dict[str, Any]] = []
+    for index, (name, conv) in enumerate(_conv_modules(model)):
         if index == 0:
             continue
-        reason = P.prunable_reason(tuple(conv.weight.shape), groups=conv.groups,
-                                   dilations=tuple(conv.dilation), first_layer_dense=False)
-        if reason is None:
-            config.append({"tensor_fqn": f"{name}.weight" if name else "weight", "connectivity": connectivity})
+        shape = tuple(conv.weight.shape)
+        if _pointwise_conv(conv):
+            if pointwise is not None and P.pointwise_reason(shape, conv.groups, first_layer_dense=False) is None \
+                    and shape[0] >= block[0] and shape[1] >= block[1]:
+                config.append({"tensor_fqn": _fqn(name), "pointwise": pointwise, "block": block})
+        elif P.prunable_reason(shape, groups=conv.groups, dilations=tuple(conv.dilation), first_layer_dense=False) is None:
+            config.append({"tensor_fqn": _fqn(name), "connectivity": connectivity})
+    if fc is not None:
+        linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        for name, linear in linears[:-1]:
+            if linear.out_features >= block[0] and linear.in_features >= block[1]:
+                config.append({"tensor_fqn": _fqn(name), "fc": fc, "block": block})
     if not config:
-        raise PatDNNError("the model has no prunable 3x3 convolution besides the first one")
+        raise PatDNNError("the model has no prunable 3x3 (or, when asked, 1x1/Linear) layer besides the first one")
     return config
 
 
@@ -109,7 +140,8 @@ class _Target:
 
     fqn: str
     param: nn.Parameter
-    connectivity: float | None
+    connectivity: float | None  # 3x3: kernel connectivity rate; 1x1/Linear: block keep rate
+    block: tuple[int, int] | None  # None for a 3x3 pattern layer, the granularity of a 1x1/Linear one
     z: torch.Tensor
     y: torch.Tensor | None
     u: torch.Tensor
@@ -136,7 +168,12 @@ class PatternADMMPruner:
             ~2 pp instead of the 17 pp of one-shot projection).
         admm_interval: ``step()`` calls per ADMM round (1: every call is a round, for callers
             that call ``step()`` once per epoch; set it to the batches per round otherwise).
-        default_connectivity: rate used by config entries that do not give one.
+        default_connectivity: rate used by 3x3 config entries that do not give one.
+        pointwise: keep rate of 1x1 convs (``None``: leave them dense) in the default config
+            and for ``"pointwise"`` entries that give no rate.
+        pointwise_block: granularity of 1x1/Linear pruning, output x input channels kept or
+            removed together (:func:`projection.pointwise_mask`); entries may override it.
+        fc: keep rate of Linear layers (all but the last) in the default config; ``None``: dense.
     """
 
     def __init__(
@@ -150,6 +187,9 @@ class PatternADMMPruner:
         rho_max: float = 1.0,
         admm_interval: int = 1,
         default_connectivity: float | None = DEFAULT_CONNECTIVITY,
+        pointwise: float | None = DEFAULT_POINTWISE,
+        pointwise_block: Sequence[int] | str = DEFAULT_BLOCK,
+        fc: float | None = None,
     ) -> None:
         if n_patterns < 1:
             raise PatDNNError(f"n_patterns must be at least 1, got {n_patterns}")
@@ -165,6 +205,12 @@ class PatternADMMPruner:
         self.rho_max = float(rho_max)
         self.admm_interval = admm_interval
         self.default_connectivity = default_connectivity
+        for what, rate in (("pointwise", pointwise), ("fc", fc)):
+            if rate is not None:
+                P.check_rate(rate, f"{what} rate")
+        self.pointwise = pointwise
+        self.pointwise_block = P.parse_block(pointwise_block)
+        self.fc = fc
         self.patterns: list[int] = []
         self.phase = "unprepared"  # -> "admm" -> "masked" -> "squashed"
         self.steps = 0
@@ -178,44 +224,75 @@ class PatternADMMPruner:
         weights and initialise Z, Y to the projections of W and the duals to zero."""
         if self.phase != "unprepared":
             raise PatDNNError("this pruner is already prepared; make a new one for another model")
-        config = default_config(model, self.default_connectivity) if config is None else list(config)
+        if config is None:
+            config = default_config(model, self.default_connectivity, self.pointwise, self.fc, self.pointwise_block)
+        config = list(config)
         if not config:
             raise PatDNNError("empty pruning config: name at least one conv weight")
         params = dict(model.named_parameters())
         modules = dict(model.named_modules())
-        targets: list[tuple[str, nn.Parameter, float | None]] = []
+        targets: list[tuple[str, nn.Parameter, float | None, tuple[int, int] | None]] = []
         for entry in config:
-            unknown = set(entry) - {"tensor_fqn", "connectivity"}
+            unknown = set(entry) - {"tensor_fqn", "connectivity", "pointwise", "fc", "block"}
             if unknown or "tensor_fqn" not in entry:
-                raise PatDNNError(f"config entry {entry!r}: needs 'tensor_fqn', optional 'connectivity', nothing else")
+                raise PatDNNError(f"config entry {entry!r}: needs 'tensor_fqn', optional 'connectivity' (3x3), "
+                                  "'pointwise' (1x1), 'fc' (Linear), 'block', nothing else")
             fqn = entry["tensor_fqn"]
             if fqn not in params:
                 raise PatDNNError(f"config names tensor {fqn!r}, which is not a parameter of the model")
             owner_name, _, leaf = fqn.rpartition(".")
             owner = modules.get(owner_name)
-            if not isinstance(owner, nn.Conv2d) or leaf != "weight":
-                raise PatDNNError(f"{fqn!r} is not the weight of an nn.Conv2d; only conv kernels have patterns")
-            reason = P.prunable_reason(tuple(owner.weight.shape), groups=owner.groups,
-                                       dilations=tuple(owner.dilation), first_layer_dense=False)
-            if reason is not None:
-                raise PatDNNError(f"{fqn!r} cannot be pattern-pruned: {reason}")
-            rate = entry.get("connectivity", self.default_connectivity)
+            if not isinstance(owner, (nn.Conv2d, nn.Linear)) or leaf != "weight":
+                raise PatDNNError(f"{fqn!r} is not the weight of an nn.Conv2d or nn.Linear")
+            shape = tuple(owner.weight.shape)
+            kind = "fc" if isinstance(owner, nn.Linear) else "pointwise" if _pointwise_conv(owner) else "connectivity"
+            wrong = [k for k in ("connectivity", "pointwise", "fc", "block") if k in entry and k != kind
+                     and not (k == "block" and kind != "connectivity")]
+            if wrong:
+                layer = {"fc": "a Linear", "pointwise": "a 1x1 conv", "connectivity": "a 3x3 conv"}[kind]
+                raise PatDNNError(f"{fqn!r} is {layer} layer: {wrong[0]!r} does not apply (use {kind!r})")
+            block = None
+            if kind == "connectivity":
+                reason = P.prunable_reason(shape, groups=owner.groups, dilations=tuple(owner.dilation),
+                                           first_layer_dense=False)
+                if reason is not None:
+                    raise PatDNNError(f"{fqn!r} cannot be pattern-pruned: {reason}")
+                rate = entry.get("connectivity", self.default_connectivity)
+            else:
+                if kind == "pointwise":
+                    reason = P.pointwise_reason(shape, owner.groups, first_layer_dense=False)
+                    if reason is not None:
+                        raise PatDNNError(f"{fqn!r} cannot be pruned: {reason}")
+                rate = entry.get(kind, self.pointwise if kind == "pointwise" else self.fc)
+                if rate is None:
+                    raise PatDNNError(f"{fqn!r}: no {kind} rate (give one in the entry or to the pruner)")
+                block = P.parse_block(entry.get("block", self.pointwise_block))
             if rate is not None:
-                rate = float(rate)
-                o, i = owner.weight.shape[:2]
-                P.kept_kernel_count(o * i, rate)  # raises PatDNNError when no kernel would be left
+                try:
+                    rate = P.check_rate(rate, "connectivity rate" if block is None else f"{kind} rate")
+                    if block is None:
+                        P.kept_kernel_count(shape[0] * shape[1], rate)  # raises when no kernel would be left
+                    else:
+                        P.kept_block_count(math.prod(P.block_grid(shape, block)), rate)
+                except PatDNNError as exc:
+                    raise PatDNNError(f"{fqn!r}: {exc}") from exc
             if any(t[0] == fqn for t in targets):
                 raise PatDNNError(f"{fqn!r} appears twice in the config")
-            targets.append((fqn, params[fqn], rate))
+            targets.append((fqn, params[fqn], rate, block))
+        pattern_weights = [p.detach().cpu().numpy() for _, p, _, block in targets if block is None]
         self.patterns = [int(p) for p in P.select_pattern_set(
-            [p.detach().cpu().numpy() for _, p, _ in targets],
-            n_patterns=self.n_patterns, entries=self.entries, force_centre=self.force_centre)]
-        for fqn, param, rate in targets:
+            pattern_weights, n_patterns=self.n_patterns, entries=self.entries,
+            force_centre=self.force_centre)] if pattern_weights else []
+        for fqn, param, rate, block in targets:
             w = param.detach()
+            if block is None:
+                z = self._project_pattern(w)
+                y = None if rate is None else self._project_connectivity(w, rate)
+            else:
+                z, y = self._project_pointwise(w, rate, block), None
             self._targets.append(_Target(
-                fqn=fqn, param=param, connectivity=rate,
-                z=self._project_pattern(w), y=None if rate is None else self._project_connectivity(w, rate),
-                u=torch.zeros_like(w), v=None if rate is None else torch.zeros_like(w)))
+                fqn=fqn, param=param, connectivity=rate, block=block, z=z, y=y,
+                u=torch.zeros_like(w), v=None if y is None else torch.zeros_like(w)))
         self.phase = "admm"
         return self
 
@@ -226,6 +303,11 @@ class PatternADMMPruner:
     @staticmethod
     def _project_connectivity(w: torch.Tensor, rate: float) -> torch.Tensor:
         out = P.project_connectivity(w.detach().cpu().numpy(), rate)
+        return torch.from_numpy(np.ascontiguousarray(out)).to(w.device, w.dtype)
+
+    @staticmethod
+    def _project_pointwise(w: torch.Tensor, rate: float, block: tuple[int, int]) -> torch.Tensor:
+        out = P.project_pointwise(w.detach().cpu().numpy(), rate, block)
         return torch.from_numpy(np.ascontiguousarray(out)).to(w.device, w.dtype)
 
     @property
@@ -271,6 +353,10 @@ class PatternADMMPruner:
         scale = self.rho / new_rho
         for t in self._targets:
             w = t.param.detach()
+            if t.block is not None:
+                t.z = self._project_pointwise(w + t.u, t.connectivity, t.block)
+                t.u.add_(w - t.z).mul_(scale)
+                continue
             t.z = self._project_pattern(w + t.u)
             t.u.add_(w - t.z).mul_(scale)
             if t.y is not None:
@@ -282,11 +368,15 @@ class PatternADMMPruner:
     @torch.no_grad()
     def residuals(self) -> dict[str, dict[str, float]]:
         """Relative primal residuals ``||W - Z|| / ||W||`` and ``||W - Y|| / ||W||`` per layer:
-        how far the weights still are from each constraint (they should fall towards 0)."""
+        how far the weights still are from each constraint (they should fall towards 0). A
+        1x1/Linear layer reports its single block constraint as ``connectivity``."""
         self._require("residuals", "admm")
         out = {}
         for t in self._targets:
             norm = float(t.param.norm()) or 1.0
+            if t.block is not None:  # a 1x1/Linear layer has one constraint, its connectivity (Z)
+                out[t.fqn] = {"pattern": 0.0, "connectivity": float((t.param - t.z).norm()) / norm}
+                continue
             out[t.fqn] = {"pattern": float((t.param - t.z).norm()) / norm,
                           "connectivity": 0.0 if t.y is None else float((t.param - t.y).norm()) / norm}
         return out
@@ -303,6 +393,9 @@ class PatternADMMPruner:
         self._require("hard_prune", "admm")
         for t in self._targets:
             w = t.param.detach().cpu().numpy()
+            if t.block is not None:
+                self._install_mask(t, torch.from_numpy(P.pointwise_mask(w, t.connectivity, t.block)))
+                continue
             o, i, kh, kw = w.shape
             taps = _pattern_taps(np.asarray(P.assign_patterns(w, self.patterns), dtype=np.int64), kh)
             if t.connectivity is None:
@@ -315,15 +408,20 @@ class PatternADMMPruner:
                     raise PatDNNError(
                         f"{t.fqn}: projection kept {int(kept.sum())} kernels instead of {expected}; "
                         "the layer has kernels whose pattern taps are all exactly zero")
-            mask = torch.from_numpy(taps & kept[:, :, None, None]).to(t.param.device)
-            t.mask = mask
-            t.param.masked_fill_(~mask, 0.0)
-            t.hook = t.param.register_hook(lambda grad, m=mask: grad.masked_fill(~m, 0.0))
-            t.z = t.y = t.u = t.v = None  # type: ignore[assignment]  # ADMM state no longer needed
+            self._install_mask(t, torch.from_numpy(taps & kept[:, :, None, None]))
         self.phase = "masked"
         if optimizer is not None:
             self.attach(optimizer)
         return self.masks()
+
+    @torch.no_grad()
+    def _install_mask(self, t: _Target, mask: torch.Tensor) -> None:
+        """Zero the removed weights, mask their gradient and drop the ADMM state."""
+        mask = mask.to(t.param.device)
+        t.mask = mask
+        t.param.masked_fill_(~mask, 0.0)
+        t.hook = t.param.register_hook(lambda grad, m=mask: grad.masked_fill(~m, 0.0))
+        t.z = t.y = t.u = t.v = None  # type: ignore[assignment]  # ADMM state no longer needed
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Re-zero pruned weights after every step of ``optimizer`` and clear their momentum."""
@@ -367,33 +465,60 @@ class PatternADMMPruner:
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
     def report(self) -> list[dict[str, Any]]:
-        """Per pruned layer: kept kernels, nonzeros, compression, and whether every kernel
-        lies within one selected pattern (what the compiler will rely on)."""
+        """Per pruned layer: kind, nonzeros, compression and the constraint's own counts.
+
+        3x3 rows (``kind`` "pattern") give kept/expected kernels and whether every kernel lies
+        within one selected pattern (what the compiler will rely on); 1x1/Linear rows
+        (``kind`` "pointwise"/"fc") give the block, kept/expected blocks and the kept fraction.
+        """
         rows = []
         allowed = np.asarray(self.patterns, dtype=np.int64)
         for t in self._targets:
             w = t.param.detach().cpu().numpy()
             o, i = w.shape[:2]
-            km = kernel_masks(w)
-            live = km != 0
-            within = (km[..., None] & ~allowed) == 0
-            rows.append({
+            row: dict[str, Any] = {
                 "tensor_fqn": t.fqn,
+                "kind": "pattern" if t.block is None else "fc" if w.ndim == 2 else "pointwise",
                 "shape": list(w.shape),
                 "connectivity": t.connectivity,
-                "kernels": int(o * i),
-                "kept_kernels": int(live.sum()),
-                "expected_kernels": int(o * i if t.connectivity is None else P.kept_kernel_count(o * i, t.connectivity)),
+                "weights": int(w.size),
                 "nonzeros": int(np.count_nonzero(w)),
                 "compression": float(w.size / max(np.count_nonzero(w), 1)),
-                "within_patterns": bool(within.any(-1)[live].all()),
-            })
+            }
+            if t.block is None:
+                km = kernel_masks(w)
+                live = km != 0
+                within = (km[..., None] & ~allowed) == 0
+                row.update({
+                    "kernels": int(o * i),
+                    "kept_kernels": int(live.sum()),
+                    "expected_kernels": int(o * i if t.connectivity is None else P.kept_kernel_count(o * i, t.connectivity)),
+                    "within_patterns": bool(within.any(-1)[live].all()),
+                })
+            else:
+                bo, bi = t.block
+                grid = P.block_grid(w.shape, t.block)
+                padded = np.zeros((grid[0] * bo, grid[1] * bi), dtype=bool)
+                padded[:o, :i] = w.reshape(o, i) != 0
+                row.update({
+                    "block": list(t.block),
+                    "blocks": int(math.prod(grid)),
+                    "kept_blocks": int(padded.reshape(grid[0], bo, grid[1], bi).any(axis=(1, 3)).sum()),
+                    "expected_blocks": P.kept_block_count(math.prod(grid), t.connectivity),
+                    "kept_fraction": float(np.count_nonzero(w)) / w.size,
+                })
+            rows.append(row)
         return rows
 
     def verify(self) -> None:
-        """Raise :class:`PatDNNError` unless both constraints hold exactly (after hard pruning)."""
+        """Raise :class:`PatDNNError` unless every constraint holds exactly (after hard pruning)."""
         self._require("verify", "masked", "squashed")
         for row in self.report():
+            if row["kind"] != "pattern":
+                if row["kept_blocks"] > row["expected_blocks"]:
+                    raise PatDNNError(f"{row['tensor_fqn']}: {row['kept_blocks']} nonzero blocks, "
+                                      f"the rate allows {row['expected_blocks']}")
+                continue
             if not row["within_patterns"]:
                 raise PatDNNError(f"{row['tensor_fqn']}: a kernel has taps outside the selected patterns")
             if row["kept_kernels"] > row["expected_kernels"]:
@@ -413,13 +538,14 @@ class PatternADMMPruner:
 
         return {
             "hyper": {"n_patterns": self.n_patterns, "entries": self.entries, "force_centre": self.force_centre,
-                      "rho_growth": self.rho_growth, "rho_max": self.rho_max, "admm_interval": self.admm_interval},
+                      "rho_growth": self.rho_growth, "rho_max": self.rho_max, "admm_interval": self.admm_interval,
+                      "pointwise": self.pointwise, "pointwise_block": self.pointwise_block, "fc": self.fc},
             "patterns": list(self.patterns),
             "phase": self.phase,
             "rho": self.rho,
             "steps": self.steps,
             "rounds": self.rounds,
-            "targets": [{"tensor_fqn": t.fqn, "connectivity": t.connectivity, "z": clone(t.z), "y": clone(t.y),
+            "targets": [{"tensor_fqn": t.fqn, "connectivity": t.connectivity, "block": t.block, "z": clone(t.z), "y": clone(t.y),
                          "u": clone(t.u), "v": clone(t.v), "mask": clone(t.mask)} for t in self._targets],
         }
 
@@ -436,6 +562,8 @@ class PatternADMMPruner:
         self.rho, self.steps, self.rounds = float(state["rho"]), int(state["steps"]), int(state["rounds"])
         for t, saved in zip(self._targets, state["targets"]):
             t.connectivity = saved["connectivity"]
+            if (None if saved.get("block") is None else tuple(saved["block"])) != t.block:
+                raise PatDNNError(f"{t.fqn}: checkpoint block {saved.get('block')} differs from this pruner's {t.block}")
             t.z, t.y, t.u, t.v = (None if saved[k] is None else saved[k].to(t.param.device).clone()
                                   for k in ("z", "y", "u", "v"))
             t.mask = None if saved["mask"] is None else saved["mask"].to(t.param.device).clone()
@@ -553,7 +681,8 @@ def export_pruned_onnx(
 
     params = dict(model.named_parameters())
     if check_fqns is None:
-        check_fqns = [f"{n}.weight" if n else "weight" for n, m in _conv_modules(model) if bool((m.weight == 0).any())]
+        check_fqns = [_fqn(n) for n, m in model.named_modules()
+                      if isinstance(m, (nn.Conv2d, nn.Linear)) and bool((m.weight == 0).any())]
     unknown = [f for f in check_fqns if f not in params]
     if unknown:
         raise PatDNNError(f"check_fqns names tensors the model does not have: {unknown}")

@@ -8,12 +8,13 @@ from pathlib import Path
 from ..errors import PatDNNError
 from ..fileio import check_output_path
 from .onnx_prune import prune_onnx, save_model_atomic
+from .projection import parse_block
 
 __all__ = ["add_prune_command"]
 
 
 def _rate(text: str) -> float | None:
-    """``--connectivity`` value: a rate, or ``none``/``off`` to disable connectivity pruning."""
+    """A ``--connectivity``/``--pointwise``/``--fc`` value: a rate, or ``none``/``off`` to disable."""
     if text.strip().lower() in ("none", "off"):
         return None
     try:
@@ -22,16 +23,25 @@ def _rate(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a rate >= 1 or 'none', got {text!r}") from None
 
 
+def _block(text: str) -> tuple[int, int]:
+    """``--pointwise-block`` value such as ``4x1`` (output x input channels)."""
+    try:
+        return parse_block(text)
+    except PatDNNError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_prune_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``prune`` on the main CLI's subparsers; the handler is ``args.func``."""
     parser = subparsers.add_parser(
         "prune",
-        help="pattern- and connectivity-prune the 3x3 convolutions of an ONNX model",
+        help="pattern- and connectivity-prune the 3x3 (and 1x1) convolutions of an ONNX model",
         description=(
             "One-shot PatDNN pruning: choose the most frequent kernel shapes of the pretrained "
             "weights as the pattern set, project every prunable 3x3 kernel onto its best "
-            "pattern and keep 1/RATE of each layer's kernels. Retrain afterwards to recover "
-            "accuracy."
+            "pattern and keep 1/RATE of each layer's kernels; keep 1/RATE of each 1x1 conv's "
+            "weights in blocks of output channels (and of FC weights with --fc). Retrain "
+            "afterwards to recover accuracy."
         ),
     )
     parser.add_argument("model", help="input ONNX model")
@@ -41,6 +51,14 @@ def add_prune_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--connectivity", type=_rate, default=3.6, metavar="RATE",
                         help="keep round(kernels/RATE) kernels per layer; 'none' disables "
                              "(default %(default)s)")
+    parser.add_argument("--pointwise", type=_rate, default=4.0, metavar="RATE",
+                        help="keep round(blocks/RATE) weight blocks of every 1x1 conv; 'none' leaves 1x1 convs "
+                             "dense (default %(default)s)")
+    parser.add_argument("--pointwise-block", type=_block, default=(4, 1), metavar="OxI",
+                        help="granularity of 1x1/FC pruning: output x input channels kept or removed together, "
+                             "e.g. 4x1, 8x1, 1x4, 1x1 (unstructured) (default 4x1)")
+    parser.add_argument("--fc", type=_rate, default=None, metavar="RATE",
+                        help="also keep round(blocks/RATE) blocks of every Gemm weight but the last (default: FC dense)")
     parser.add_argument("--entries", type=int, default=4, metavar="K",
                         help="weights kept per 3x3 kernel (default %(default)s)")
     parser.add_argument("--no-centre", dest="force_centre", action="store_false",
@@ -70,6 +88,9 @@ def run_prune(args: argparse.Namespace) -> int:
         args.model,
         n_patterns=args.patterns,
         connectivity=args.connectivity,
+        pointwise=args.pointwise,
+        pointwise_block=args.pointwise_block,
+        fc=args.fc,
         entries=args.entries,
         layers=layers,
         first_layer_dense=args.first_layer_dense,

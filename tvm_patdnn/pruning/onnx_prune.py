@@ -1,9 +1,10 @@
-"""One-shot PatDNN pruning of an ONNX model's 3x3 convolutions.
+"""One-shot PatDNN pruning of an ONNX model's 3x3 and 1x1 convolutions (and optionally Gemm).
 
 This is the hard-pruning path of PatDNN without retraining: choose the pattern set from the
-pretrained weights of all prunable layers, project every prunable weight onto "one pattern
-per kernel and ``round(O*I/rate)`` kernels per layer", and write the weights back into an
-otherwise untouched model. The result is the input the pattern compiler expects; accuracy
+pretrained weights of all prunable 3x3 layers, project every prunable 3x3 weight onto "one
+pattern per kernel and ``round(O*I/rate)`` kernels per layer", every 1x1 weight (and Gemm
+weight when asked) onto "``round(blocks/rate)`` blocks of the chosen granularity", and write
+the weights back into an otherwise untouched model. The result is the input the pattern compiler expects; accuracy
 is recovered separately by ADMM/masked retraining.
 """
 
@@ -21,8 +22,12 @@ from ..errors import PatDNNError
 from ..fileio import load_onnx_model, save_model_atomic, write_bytes_atomic
 from ..kernel_patterns import format_pattern, kernel_masks
 from .projection import (
+    check_rate,
+    parse_block,
     pattern_frequencies,
+    pointwise_reason,
     project_pattern_and_connectivity,
+    project_pointwise,
     prunable_reason,
     select_pattern_set,
 )
@@ -39,17 +44,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """What happened to one Conv node's weight."""
+    """What happened to one Conv (or Gemm) node's weight."""
 
-    name: str  # the Conv node's name (its first output when unnamed)
+    name: str  # the node's name (its first output when unnamed)
     weight: str  # name of the weight tensor (initializer or Constant output)
-    shape: tuple[int, ...]  # OIHW weight shape
+    shape: tuple[int, ...]  # OIHW weight shape (Gemm: the B tensor's shape)
     action: str  # "pruned" or "dense"
     reason: str | None  # why the layer stayed dense; None when pruned
     patterns: tuple[int, ...]  # distinct patterns in the pruned weight, most used first
-    kept_kernels: int  # kernels with a nonzero weight
+    kept_kernels: int  # kernels with a nonzero weight (1x1 conv and Gemm: nonzero weights)
     total_kernels: int
     density: float  # nonzero weights / all weights, after pruning
+    block: tuple[int, int] | None = None  # pointwise/FC granularity (out x in channels) when pruned so
+    op: str = "Conv"  # "Conv" or "Gemm"
 
 
 @dataclass
@@ -62,14 +69,27 @@ class PruneResult:
     frequencies: dict[int, int] = field(default_factory=dict)  # top shapes before pruning
 
     def summary(self) -> str:
-        """A plain-text per-layer table with totals, for the CLI and logs."""
-        header = ("layer", "shape", "action", "patterns", "kernels kept", "density", "note")
+        """A plain-text per-layer table with totals, for the CLI and logs.
+
+        The "pruning" column says how a pruned layer is constrained: the number of patterns
+        of a 3x3 layer, or the block granularity of a 1x1/FC layer (whose kept fraction is the
+        density column, each of its kernels being one weight).
+        """
+        header = ("layer", "shape", "action", "pruning", "kernels kept", "density", "note")
+
+        def pruning(rec: LayerRecord) -> str:
+            if rec.action != "pruned":
+                return "-"
+            if rec.block is not None:
+                return f"{rec.block[0]}x{rec.block[1]} blocks"
+            return f"{len(rec.patterns)} patterns"
+
         rows = [
             (
                 rec.name,
                 "x".join(str(d) for d in rec.shape),
                 rec.action,
-                str(len(rec.patterns)) if rec.action == "pruned" else "-",
+                pruning(rec),
                 f"{rec.kept_kernels}/{rec.total_kernels}",
                 f"{rec.density:.3f}",
                 rec.reason or "",
@@ -88,12 +108,14 @@ class PruneResult:
                 total += size
                 nonzero += round(rec.density * size)
         n_pruned = sum(rec.action == "pruned" for rec in self.layers)
+        kinds = "conv and FC" if any(rec.op == "Gemm" for rec in self.layers) else "conv"
         lines.append("")
         lines.append(
-            f"{n_pruned} of {len(self.layers)} conv layers pruned; conv weights kept: "
+            f"{n_pruned} of {len(self.layers)} {kinds} layers pruned; {kinds} weights kept: "
             f"{nonzero}/{total} ({nonzero / max(total, 1):.1%})"
         )
-        lines.append("pattern set: " + "  ".join(format_pattern(p) for p in self.pattern_set))
+        if self.pattern_set:
+            lines.append("pattern set: " + "  ".join(format_pattern(p) for p in self.pattern_set))
         return "\n".join(lines)
 
 
@@ -119,6 +141,8 @@ class _Conv:
     tensor: onnx.TensorProto | None
     shape: tuple[int, ...]
     reason: str | None
+    kind: str = "pattern"  # "pattern" (3x3 and other convs), "pointwise" (1x1) or "fc" (Gemm)
+    transposed: bool = False  # a Gemm B stored (in, out): pruned as its transpose
 
 
 def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -134,17 +158,48 @@ def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return tensors
 
 
+def _weight_reason(tensor: onnx.TensorProto | None) -> str | None:
+    if tensor is None:
+        return "weight is not a constant tensor"
+    if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+        return f"weight type {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float"
+    return None
+
+
+def _block_reason(shape: tuple[int, ...], transposed: bool, block: tuple[int, int]) -> str | None:
+    """Why a layer cannot hold one block of the granularity (it stays dense unless forced)."""
+    o, i = (shape[1], shape[0]) if transposed else shape[:2]
+    if block[0] > o or block[1] > i:
+        return f"{o}x{i} channels are fewer than one {block[0]}x{block[1]} block"
+    return None
+
+
 def _find_convs(
-    graph: onnx.GraphProto, first_layer_dense: bool, layers: Mapping[str, bool]
+    graph: onnx.GraphProto,
+    first_layer_dense: bool,
+    layers: Mapping[str, bool],
+    pointwise: float | None = None,
+    block: tuple[int, int] = (1, 1),
+    fc: float | None = None,
 ) -> list[_Conv]:
-    """Every top-level Conv with the reason it stays dense (None when it will be pruned)."""
+    """Every top-level Conv (and Gemm when ``fc`` is set) with the reason it stays dense
+    (None when it will be pruned).
+
+    3x3 convs follow :func:`prunable_reason`; 1x1 convs are pruned when ``pointwise`` is set
+    (:func:`pointwise_reason`); Gemm layers with a constant B are pruned when ``fc`` is set,
+    except the last one (the classifier, which like the first conv holds few weights and
+    decides the output), unless it is forced.
+    """
     tensors = _constant_tensors(graph)
     convs = []
     unused = set(layers)
+    gemms = [n for n in graph.node if n.op_type == "Gemm" and n.domain in ("", "ai.onnx") and len(n.input) >= 2]
     for index, node in enumerate(graph.node):
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        is_conv = node.op_type == "Conv" and len(node.input) >= 2
+        is_fc = fc is not None and node.op_type == "Gemm" and len(node.input) >= 2
+        if not (is_conv or is_fc) or node.domain not in ("", "ai.onnx"):
             continue
-        name = node.name or node.output[0] or f"Conv_{index}"
+        name = node.name or node.output[0] or f"{node.op_type}_{index}"
         weight = node.input[1]
         tensor = tensors.get(weight)
         shape = tuple(int(d) for d in tensor.dims) if tensor is not None else ()
@@ -153,19 +208,33 @@ def _find_convs(
             if key in layers:
                 override = layers[key]
                 unused.discard(key)
-        groups = int(_attribute(node, "group", 1))
-        dilations = list(_attribute(node, "dilations", [1] * max(len(shape) - 2, 2)))
-        if tensor is None:
-            reason = "weight is not a constant tensor"
-        elif tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
-            reason = f"weight type {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float"
-        else:
-            reason = prunable_reason(shape, groups, dilations, first_layer_dense and override is not True)
+        kind, transposed = "pattern", False
+        reason = _weight_reason(tensor)
+        if is_fc:
+            kind, transposed = "fc", not int(_attribute(node, "transB", 0))
+            if reason is None and len(shape) != 2:
+                reason = f"B of rank {len(shape)} is not a matrix"
+            if reason is None and node is gemms[-1] and override is not True:
+                reason = "last FC layer (classifier) kept dense"
+        elif len(shape) == 4 and shape[2:] == (1, 1):
+            kind = "pointwise"
+            if reason is None:
+                reason = (
+                    pointwise_reason(shape, int(_attribute(node, "group", 1)), first_layer_dense and override is not True)
+                    if pointwise is not None else "1x1 pruning off (pointwise=None)"
+                )
+        elif reason is None:
+            dilations = list(_attribute(node, "dilations", [1] * max(len(shape) - 2, 2)))
+            reason = prunable_reason(shape, int(_attribute(node, "group", 1)), dilations,
+                                     first_layer_dense and override is not True)
+        if reason is None and kind != "pattern":
+            reason = _block_reason(shape, transposed, block)
         if override is True and reason is not None:
-            raise PatDNNError(f"layer {name} cannot be pattern-pruned: {reason}")
+            what = "pattern-pruned" if kind == "pattern" else "pruned"
+            raise PatDNNError(f"layer {name} cannot be {what}: {reason}")
         if override is False and reason is None:
             reason = "skipped by request"
-        convs.append(_Conv(name, weight, tensor, shape, reason))
+        convs.append(_Conv(name, weight, tensor, shape, reason, kind, transposed))
     if unused:
         known = ", ".join(c.name for c in convs) or "none"
         raise PatDNNError(f"no Conv layer or weight named {', '.join(sorted(unused))} (conv layers: {known})")
@@ -188,7 +257,7 @@ def _keep_shared_weights_consistent(graph: onnx.GraphProto, convs: list[_Conv]) 
     for node in graph.node:
         for position, name in enumerate(node.input):
             if name:
-                is_conv_weight = node.op_type == "Conv" and position == 1
+                is_conv_weight = node.op_type in ("Conv", "Gemm") and position == 1
                 consumers.setdefault(name, []).append("" if is_conv_weight else node.op_type)
     for node in _nested_nodes(graph):
         for name in node.input:
@@ -211,8 +280,13 @@ def _keep_shared_weights_consistent(graph: onnx.GraphProto, convs: list[_Conv]) 
                 conv.reason = "weight is also a graph output"
 
 
-def _record(conv: _Conv, array: np.ndarray) -> LayerRecord:
-    masks = kernel_masks(array) if array.ndim == 4 else np.zeros((0, 0), dtype=np.int64)
+def _record(conv: _Conv, array: np.ndarray, block: tuple[int, int]) -> LayerRecord:
+    if array.ndim == 4:
+        masks = kernel_masks(array)
+    elif array.ndim == 2:  # a Gemm matrix: every weight is a kernel
+        masks = (array != 0).astype(np.int64)
+    else:
+        masks = np.zeros((0, 0), dtype=np.int64)
     used = masks[masks != 0]
     values, counts = np.unique(used, return_counts=True)
     order = sorted(zip(values.tolist(), counts.tolist()), key=lambda vc: (-vc[1], vc[0]))
@@ -222,10 +296,12 @@ def _record(conv: _Conv, array: np.ndarray) -> LayerRecord:
         shape=conv.shape,
         action="dense" if conv.reason else "pruned",
         reason=conv.reason,
-        patterns=tuple(int(v) for v, _ in order) if conv.reason is None else (),
+        patterns=tuple(int(v) for v, _ in order) if conv.reason is None and conv.kind == "pattern" else (),
         kept_kernels=int(used.size),
         total_kernels=int(masks.size),
         density=float(np.count_nonzero(array)) / max(array.size, 1),
+        block=block if conv.reason is None and conv.kind != "pattern" else None,
+        op="Gemm" if conv.kind == "fc" else "Conv",
     )
 
 
@@ -233,45 +309,63 @@ def prune_onnx(
     model: str | os.PathLike | onnx.ModelProto,
     n_patterns: int = 8,
     connectivity: float | None = 3.6,
+    pointwise: float | None = 4.0,
+    pointwise_block: object = (4, 1),
+    fc: float | None = None,
     entries: int = 4,
     layers: Mapping[str, bool] | None = None,
     first_layer_dense: bool = True,
     force_centre: bool = True,
 ) -> PruneResult:
-    """Pattern- and connectivity-prune every prunable 3x3 Conv of an ONNX model.
+    """Pattern- and connectivity-prune every prunable 3x3 Conv of an ONNX model, and keep
+    1/``pointwise`` of every 1x1 Conv's weights (1/``fc`` of every Gemm's but the last).
 
-    ``layers`` maps Conv node names or weight names to ``False`` (keep dense) or ``True``
-    (prune even though the default rule keeps it dense, e.g. the first layer); forcing a
-    layer that patterns cannot express is an error. ``connectivity=None`` disables
-    connectivity pruning. Only the pruned weight tensors change; the input model is not
-    modified and nothing is written (see :func:`save_model_atomic`).
+    1x1 and Gemm weights keep whole blocks of ``pointwise_block`` (output x input channels,
+    ``(4, 1)``: 4 consecutive output channels of one input channel; ``(1, 1)``: unstructured),
+    the ``round(blocks/rate)`` of largest norm; a layer smaller than one block stays dense.
+    ``layers`` maps node names or weight names to ``False`` (keep dense) or ``True`` (prune
+    even though the default rule keeps it dense, e.g. the first layer or the classifier);
+    forcing a layer that cannot be pruned is an error. ``connectivity=None`` disables
+    connectivity pruning, ``pointwise=None`` 1x1 pruning. Only the pruned weight tensors
+    change; the input model is not modified and nothing is written (see :func:`save_model_atomic`).
     """
+    block = parse_block(pointwise_block)
+    for what, rate in (("pointwise", pointwise), ("fc", fc)):
+        if rate is not None:
+            check_rate(rate, f"{what} rate")
     proto = load_onnx_model(model)
-    convs = _find_convs(proto.graph, first_layer_dense, dict(layers or {}))
+    convs = _find_convs(proto.graph, first_layer_dense, dict(layers or {}), pointwise, block, fc)
     if not convs:
         raise PatDNNError("the model has no Conv layer to prune")
-    prunable: dict[str, np.ndarray] = {}
+    prunable: dict[str, tuple[_Conv, np.ndarray]] = {}
     for conv in convs:
         if conv.reason is None and conv.weight not in prunable:
-            prunable[conv.weight] = numpy_helper.to_array(conv.tensor)
+            array = numpy_helper.to_array(conv.tensor)
+            prunable[conv.weight] = (conv, array.T if conv.transposed else array)
     if not prunable:
         reasons = "; ".join(f"{c.name}: {c.reason}" for c in convs)
-        raise PatDNNError(f"the model has no prunable 3x3 convolution ({reasons})")
+        raise PatDNNError(f"the model has no prunable convolution ({reasons})")
 
-    frequencies = pattern_frequencies(prunable.values(), entries, force_centre)
-    pattern_set = select_pattern_set(prunable.values(), n_patterns, entries, force_centre)
+    pattern_weights = [array for conv, array in prunable.values() if conv.kind == "pattern"]
+    frequencies = pattern_frequencies(pattern_weights, entries, force_centre) if pattern_weights else {}
+    pattern_set = select_pattern_set(pattern_weights, n_patterns, entries, force_centre) if pattern_weights else []
     pruned: dict[str, np.ndarray] = {}
-    for weight, array in prunable.items():
-        layer = next(c.name for c in convs if c.weight == weight)
+    for weight, (conv, array) in prunable.items():
         try:
-            pruned[weight] = project_pattern_and_connectivity(array, pattern_set, connectivity)
+            if conv.kind == "pattern":
+                pruned[weight] = project_pattern_and_connectivity(array, pattern_set, connectivity)
+            else:
+                rate = pointwise if conv.kind == "pointwise" else fc
+                projected = project_pointwise(array, rate, block)
+                pruned[weight] = projected.T if conv.transposed else projected
         except PatDNNError as exc:
-            raise PatDNNError(f"layer {layer}: {exc}") from exc
+            raise PatDNNError(f"layer {conv.name}: {exc}") from exc
     for conv in convs:
         if conv.weight in pruned and conv.reason is None:
             _store(conv.tensor, pruned.pop(conv.weight))  # once per shared weight
     records = [
-        _record(c, numpy_helper.to_array(c.tensor) if c.tensor is not None else np.zeros((0,)))
+        _record(c, numpy_helper.to_array(c.tensor) if c.tensor is not None else np.zeros((0,)), block)
         for c in convs
     ]
     return PruneResult(proto, records, pattern_set, frequencies)
+

@@ -31,10 +31,17 @@ __all__ = [
     "select_pattern_set",
     "assign_patterns",
     "project_patterns",
+    "check_rate",
     "kept_kernel_count",
     "project_connectivity",
     "project_pattern_and_connectivity",
     "prunable_reason",
+    "parse_block",
+    "block_grid",
+    "kept_block_count",
+    "pointwise_mask",
+    "project_pointwise",
+    "pointwise_reason",
 ]
 
 
@@ -182,21 +189,29 @@ def project_patterns(weight: np.ndarray, patterns: Sequence[int]) -> np.ndarray:
     return _apply_masks(weight, assign_patterns(weight, patterns))
 
 
+def check_rate(rate: object, what: str) -> float:
+    """A pruning rate (dense size / kept size) as a float; raises unless it is a finite number >= 1."""
+    if isinstance(rate, bool) or not (isinstance(rate, numbers.Real) and math.isfinite(rate)) or rate < 1:
+        raise PatDNNError(f"{what} must be a finite number >= 1, got {rate!r}")
+    return float(rate)
+
+
+def _kept_count(n: int, rate: float, what: str, unit: str) -> int:
+    """``round(n / rate)``, halves up; raises unless ``rate`` is a valid rate that keeps something."""
+    check_rate(rate, what)
+    kept = math.floor(n / rate + 0.5)
+    if kept < 1:
+        raise PatDNNError(f"{what} {rate} keeps no {unit} of a layer with {n} {unit}s (at most {n} is allowed)")
+    return kept
+
+
 def kept_kernel_count(n_kernels: int, rate: float) -> int:
     """Kernels kept by connectivity pruning at ``rate``: ``round(n_kernels / rate)``, halves up.
 
     Raises when the rate is not a finite number >= 1 or would keep no kernel at all, since a
     layer without any connection cuts the network.
     """
-    if not (isinstance(rate, numbers.Real) and math.isfinite(rate)) or rate < 1:
-        raise PatDNNError(f"connectivity rate must be a finite number >= 1, got {rate!r}")
-    kept = math.floor(n_kernels / rate + 0.5)
-    if kept < 1:
-        raise PatDNNError(
-            f"connectivity rate {rate} keeps no kernel of a layer with {n_kernels} kernels "
-            f"(at most {n_kernels} is allowed)"
-        )
-    return kept
+    return _kept_count(n_kernels, rate, "connectivity rate", "kernel")
 
 
 def _keep_largest(weight: np.ndarray, norms: np.ndarray, rate: float) -> np.ndarray:
@@ -262,6 +277,117 @@ def prunable_reason(
         return f"{kind} (group={groups})"
     if any(int(d) != 1 for d in dilations):
         return f"dilated (dilations={tuple(int(d) for d in dilations)})"
+    if first_layer_dense and i_per_group <= 3:
+        plural = "s" if i_per_group != 1 else ""
+        return f"first layer ({i_per_group} input channel{plural}) kept dense"
+    return None
+
+
+# ---------------------------------------------------------------------- pointwise (1x1) and FC layers
+#
+# A 1x1 convolution is a matrix product, and each of its "kernels" is a single weight, so
+# PatDNN's connectivity pruning of it is sparsity of the (O, I) weight matrix. The sparse
+# operator that runs it processes *blocks*: ``block=(bo, bi)`` groups ``bo`` consecutive output
+# channels and ``bi`` consecutive input channels that are kept or removed together (``(4, 1)``:
+# one input channel's weights for 4 output channels, a vector along output channels;
+# ``(1, 1)``: unstructured). The constraint is "at most ``round(n_blocks / rate)`` blocks
+# nonzero", where the last block of a row or column is partial when the channel count is not a
+# multiple of the block: it still counts as one block, because the operator pads it to a full
+# one and pays the same for it.
+
+
+def parse_block(block: object) -> tuple[int, int]:
+    """A block size as ``(output channels, input channels)``, from a pair or a text like ``"4x1"``."""
+    text = block.strip().lower() if isinstance(block, str) else None
+    try:
+        parts = tuple(text.split("x")) if text is not None else tuple(block)  # type: ignore[arg-type]
+        if len(parts) != 2:
+            raise ValueError
+        if text is None and not all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in parts):
+            raise ValueError
+        bo, bi = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise PatDNNError(f"a block is two positive integers (output x input channels) such as 4x1, got {block!r}") from None
+    if bo < 1 or bi < 1:
+        raise PatDNNError(f"a block is two positive integers (output x input channels) such as 4x1, got {block!r}")
+    return bo, bi
+
+
+def _pointwise_weight(weight: np.ndarray) -> np.ndarray:
+    """Check a 1x1 OIHW conv weight or an (out, in) FC matrix; return it as the (O, I) matrix."""
+    weight = np.asarray(weight)
+    if not np.issubdtype(weight.dtype, np.floating):
+        raise PatDNNError(f"expected a floating-point weight, got dtype {weight.dtype}")
+    if weight.ndim == 4 and weight.shape[2:] == (1, 1):
+        return weight.reshape(weight.shape[:2])
+    if weight.ndim == 2:
+        return weight
+    raise PatDNNError(f"expected a 1x1 OIHW convolution weight or an (out, in) matrix, got shape {weight.shape}")
+
+
+def block_grid(shape: Sequence[int], block: object) -> tuple[int, int]:
+    """Blocks per column and per row of an ``(O, I, ...)`` weight: ``(ceil(O/bo), ceil(I/bi))``.
+
+    Raises when the block is larger than the layer in either dimension: such a layer cannot hold
+    a single full block, so the granularity is meaningless for it.
+    """
+    bo, bi = parse_block(block)
+    o, i = int(shape[0]), int(shape[1])
+    if bo > o or bi > i:
+        raise PatDNNError(f"block {bo}x{bi} does not fit a layer with {o} output and {i} input channels")
+    return -(-o // bo), -(-i // bi)
+
+
+def kept_block_count(n_blocks: int, rate: float) -> int:
+    """Blocks kept by pointwise pruning at ``rate``: ``round(n_blocks / rate)``, halves up."""
+    return _kept_count(n_blocks, rate, "pointwise rate", "block")
+
+
+def pointwise_mask(weight: np.ndarray, rate: float, block: object = (1, 1)) -> np.ndarray:
+    """The keep-mask (same shape as ``weight``) of the ``round(n_blocks / rate)`` blocks of largest norm.
+
+    Removing a block costs exactly its squared norm, so keeping the largest blocks is the
+    Euclidean projection onto "at most that many nonzero blocks". Equal norms go to the earlier
+    block (output-channel blocks first, then input-channel blocks), so the result is
+    deterministic; a kept block may contain zeros (or be all zero when fewer blocks are nonzero).
+    """
+    matrix = _pointwise_weight(weight)
+    grid = block_grid(matrix.shape, block)
+    bo, bi = parse_block(block)
+    o, i = matrix.shape
+    energy = np.zeros((grid[0] * bo, grid[1] * bi))
+    energy[:o, :i] = np.square(matrix.astype(np.float64))
+    norms = energy.reshape(grid[0], bo, grid[1], bi).sum(axis=(1, 3))
+    kept = kept_block_count(norms.size, rate)
+    order = np.argsort(-norms.ravel(), kind="stable")
+    keep = np.zeros(norms.size, dtype=bool)
+    keep[order[:kept]] = True
+    full = np.repeat(np.repeat(keep.reshape(grid), bo, axis=0), bi, axis=1)[:o, :i]
+    return full.reshape(np.shape(weight))
+
+
+def project_pointwise(weight: np.ndarray, rate: float, block: object = (1, 1)) -> np.ndarray:
+    """Project a 1x1 conv or FC weight onto "at most ``round(n_blocks / rate)`` nonzero blocks"
+    (:func:`pointwise_mask`); kept values are copied bit for bit."""
+    weight = np.asarray(weight)
+    return np.where(pointwise_mask(weight, rate, block), weight, np.zeros((), dtype=weight.dtype))
+
+
+def pointwise_reason(weight_shape: Sequence[int], groups: int = 1, first_layer_dense: bool = True) -> str | None:
+    """Why a convolution is not pointwise-prunable, or ``None`` for a plain 1x1 conv.
+
+    Grouped/depthwise 1x1 convs have no channel matrix to sparsify; a first layer (at most 3
+    input channels) is kept dense for the same reason as with 3x3 kernels.
+    """
+    shape = tuple(int(d) for d in weight_shape)
+    if len(shape) != 4:
+        return f"weight of rank {len(shape)} is not a 2-D convolution (OIHW)"
+    o, i_per_group, kh, kw = shape
+    if (kh, kw) != (1, 1):
+        return f"kernel {kh}x{kw} is not 1x1"
+    if groups != 1:
+        kind = "depthwise" if i_per_group == 1 else "grouped"
+        return f"{kind} (group={groups})"
     if first_layer_dense and i_per_group <= 3:
         plural = "s" if i_per_group != 1 else ""
         return f"first layer ({i_per_group} input channel{plural}) kept dense"
