@@ -1,11 +1,12 @@
 """tvm_patdnn against its peers on whole models, batch 1 fp32, measured side by side in one run.
 
 Models (``--models``): VGG-16 for CIFAR (32x32, no BN; the model of ``vgg16_cifar.py``,
-so the records shipped in ``tvm_patdnn/schedules/`` apply), VGG-16 ImageNet (224x224) and ResNet-50 ImageNet
-(BN folded into the convs). All carry random He-normal weights from a fixed seed: no pretrained
-weights can be downloaded here. Each is pruned one-shot by the project's pruning core
+so the records shipped in ``tvm_patdnn/schedules/`` apply), VGG-16 ImageNet (224x224), ResNet-50 ImageNet
+(BN folded into the convs) with random He-normal weights from a fixed seed (no pretrained weights
+can be downloaded here), and MobileNetV2 with its real ImageNet weights (``mobilenet_v2.py``). Each is pruned one-shot by the project's pruning core
 (``prune_onnx(model, n_patterns=8, connectivity=3.6)``: 8 magnitude-chosen patterns, 3.6x
-connectivity, first conv dense) and run, on the same pruned weights, by
+connectivity, first conv dense; with ``--pointwise RATE`` the 1x1 convs too, in (4, 1) blocks) and run,
+on the same pruned weights, by
 
 - tvm_patdnn with the shipped schedules (``compile(pruned, "x86")``) and with default schedules only
   (``tuning_db=False``); with ``--tune-trials N`` also tuned for N trials;
@@ -24,7 +25,7 @@ FMA peak measured at run time with the widest FMA the host has (``machine.py``: 
 AVX-512 hosts, 256-bit on AVX2, NEON on aarch64); the ISA is named in the output.
 
     .venv/bin/python benchmarks/peers.py [--models vgg16_cifar vgg16 resnet50] [--threads 1 2]
-        [--rounds 5] [--tune-trials 0] [--json benchmarks/results/peers.json]
+        [--rounds 5] [--tune-trials 0] [--pointwise RATE] [--json benchmarks/results/peers.json]
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ from tvm_patdnn.fileio import save_model_atomic, write_bytes_atomic  # noqa: E40
 from tvm_patdnn.pruning import prune_onnx  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = {"vgg16_cifar": (1, 3, 32, 32), "vgg16": (1, 3, 224, 224), "resnet50": (1, 3, 224, 224)}
-TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224", "resnet50": "ResNet-50 ImageNet 224x224"}
+MODELS = {"vgg16_cifar": (1, 3, 32, 32), "vgg16": (1, 3, 224, 224), "resnet50": (1, 3, 224, 224),
+          "mobilenet_v2": (1, 3, 224, 224)}
+TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224", "resnet50": "ResNet-50 ImageNet 224x224",
+          "mobilenet_v2": "MobileNetV2 ImageNet 224x224"}
 VGG_STAGES = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 RTOL = 1e-3
 MIN_SAMPLE_MS = 200.0
@@ -153,21 +156,26 @@ def export_onnx(module, shape: tuple[int, ...]) -> onnx.ModelProto:
         return onnx.load(str(path))
 
 
-def build_models(name: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(dense, pruned) ONNX of a benchmark model."""
+def build_models(name: str, pointwise: float | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(dense, pruned) ONNX of a benchmark model; ``pointwise`` also prunes its 1x1 convs (1 (4, 1)
+    block in ``pointwise`` kept)."""
     if name == "vgg16_cifar":
         import vgg16_cifar  # benchmarks/vgg16_cifar.py: the model the shipped records were tuned for
 
         # Its build_model() prunes at the end; take the graph before that step for the dense twin.
         with mock.patch.object(vgg16_cifar, "prune_onnx", lambda model, **_: mock.Mock(model=model)):
             dense = vgg16_cifar.build_model()
+    elif name == "mobilenet_v2":
+        from mobilenet_v2 import mobilenet_v2_onnx  # its real ImageNet weights
+
+        dense = mobilenet_v2_onnx()
     else:
         module = torch_vgg16(224, 1000) if name == "vgg16" else torch_resnet50()
         he_init(module)
         module.eval()
         fold_batchnorm(module)
         dense = export_onnx(module, MODELS[name])
-    return dense, prune_onnx(dense, n_patterns=8, connectivity=3.6).model
+    return dense, prune_onnx(dense, n_patterns=8, connectivity=3.6, pointwise=pointwise).model
 
 
 def torch_module_with(name: str, model: onnx.ModelProto):
@@ -175,8 +183,13 @@ def torch_module_with(name: str, model: onnx.ModelProto):
     import torch
     import torch.nn as nn
 
-    module = torch_vgg16(32, 10) if name == "vgg16_cifar" else torch_vgg16(224, 1000) if name == "vgg16" else torch_resnet50()
-    if name == "resnet50":
+    if name == "mobilenet_v2":
+        from mobilenet_v2 import torch_mobilenet_v2
+
+        module = torch_mobilenet_v2()
+    else:
+        module = torch_vgg16(32, 10) if name == "vgg16_cifar" else torch_vgg16(224, 1000) if name == "vgg16" else torch_resnet50()
+    if name in ("resnet50", "mobilenet_v2"):
         module.eval()
         fold_batchnorm(module)
     order: list[nn.Module] = []
@@ -474,6 +487,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ImageNet models: rounds - 2, at least 3)")
     parser.add_argument("--tune-trials", type=int, default=0, help="also tune tvm_patdnn and TVM dense with this many trials each")
+    parser.add_argument("--pointwise", type=float, metavar="RATE",
+                        help="also prune the 1x1 convs: 1 (4, 1) block in RATE kept (they then run on the sparse kernel)")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     parser.add_argument("--json", type=Path, default=RESULTS / "peers.json")
     parser.add_argument("--md", type=Path, default=RESULTS / "peers.md")
@@ -499,7 +514,7 @@ def main() -> None:
         for name in args.models:
             print(f"building {name} ...", file=sys.stderr, flush=True)
             try:
-                dense, pruned = build_models(name)
+                dense, pruned = build_models(name, args.pointwise)
             except Exception as err:  # measure the others
                 print(f"{name} failed to build: {err!r}", file=sys.stderr, flush=True)
                 build_errors.append({"model": name, "threads": "any", "error": repr(err)})
@@ -529,7 +544,8 @@ def main() -> None:
                  "tvm": tvm.__version__, "command": " ".join(["benchmarks/peers.py", *sys.argv[1:]]), "tune_trials": args.tune_trials,
                  "wall_s": round(time.time() - started), "load_average": os.getloadavg(),
                  "weights": "random He-normal from a fixed seed (no pretrained weights are available offline); "
-                            "pruned with prune_onnx(n_patterns=8, connectivity=3.6), first conv dense"},
+                            f"pruned with prune_onnx(n_patterns=8, connectivity=3.6, pointwise={args.pointwise}), "
+                            "first conv dense" + ("; MobileNetV2: its real ImageNet weights" if "mobilenet_v2" in models else "")},
         "fma_peak_gflops": {str(w["threads"]): w["fma_peak_gflops"] for w in workers},
         "fma_peak_gflops_after": {str(w["threads"]): w["fma_peak_gflops_after"] for w in workers},
         "rows": [row for w in workers for row in w["models"]],
