@@ -1,4 +1,5 @@
-"""PatDNN pruning: pattern/connectivity projections, one-shot ONNX pruning, ADMM training.
+"""PatDNN pruning: pattern/connectivity projections (3x3) and block projections (1x1 convs and
+FC layers), one-shot ONNX pruning, ADMM training.
 
 The numpy core (:mod:`.projection`) and ONNX pruning (:mod:`.onnx_prune`) need no torch, so
 this package imports without it; the torch-based ADMM trainer lives in its own module.
@@ -14,11 +15,18 @@ from .onnx_prune import (
 )
 from .projection import (
     assign_patterns,
+    block_grid,
+    check_rate,
+    kept_block_count,
     kept_kernel_count,
+    parse_block,
     pattern_frequencies,
+    pointwise_mask,
+    pointwise_reason,
     project_connectivity,
     project_pattern_and_connectivity,
     project_patterns,
+    project_pointwise,
     prunable_reason,
     select_pattern_set,
     top_shape,
@@ -35,6 +43,13 @@ __all__ = [
     "project_connectivity",
     "project_pattern_and_connectivity",
     "prunable_reason",
+    "check_rate",
+    "parse_block",
+    "block_grid",
+    "kept_block_count",
+    "pointwise_mask",
+    "project_pointwise",
+    "pointwise_reason",
     # one-shot ONNX pruning
     "LayerRecord",
     "PruneResult",
