@@ -219,3 +219,36 @@ def test_runs_on_the_emulated_phone(phone_runtime, tmp_path):
     del dev, remote
     gc.collect()
     assert_close(out, reference_outputs(model, {"x": x})[0])
+
+
+def max_pool_model(shape, kernel, strides, pads, ceil_mode=0) -> onnx.ModelProto:
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=list(kernel), strides=list(strides), pads=list(pads),
+                            ceil_mode=ceil_mode)
+    out = [-(-(size + pads[axis] + pads[axis + 2] - kernel[axis]) // strides[axis]) + 1 if ceil_mode else
+           (size + pads[axis] + pads[axis + 2] - kernel[axis]) // strides[axis] + 1 for axis, size in enumerate(shape[2:])]
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:2], *out])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("shape, kernel, strides, pads", [
+    ((1, 5, 23, 19), (3, 3), (2, 2), (1, 1, 1, 1)),  # ResNet's stem pool, odd sizes
+    ((2, 3, 224, 224), (2, 2), (2, 2), (0, 0, 0, 0)),  # VGG's pool on a plane wider than a vector can be
+    ((1, 4, 9, 7), (3, 3), (1, 1), (1, 1, 1, 1)),
+    ((2, 6, 11, 13), (3, 2), (3, 1), (2, 0, 1, 1)),  # asymmetric, padding up to the kernel size - 1
+    ((1, 2, 3, 3), (3, 3), (2, 2), (1, 1, 1, 1)),  # a 2x2 output: narrow vectors
+])
+def test_max_pool_matches_reference_on_the_window_kernel(shape, kernel, strides, pads):
+    compiled = check_against_reference(max_pool_model(shape, kernel, strides, pads), 2)
+    assert kernel_calls(compiled, "depthwise_max_pool") == 1
+
+
+def test_ceil_mode_max_pool_stays_on_the_legalized_pool():
+    compiled = check_against_reference(max_pool_model((1, 3, 10, 10), (3, 3), (2, 2), (0, 0, 0, 0), ceil_mode=1), 2)
+    assert kernel_calls(compiled, "depthwise_max_pool") == 0
+
+
+def test_depthwise_conv_on_a_plane_wider_than_a_vector_can_be():
+    """A 224x224 stride-2 depthwise layer: its padded plane (225 x 2 x 113 floats) is filled row by row."""
+    model = depthwise_layer(np.random.default_rng(9), (1, 2, 224, 224), strides=(2, 2))
+    assert kernel_calls(check_against_reference(model, 9), "depthwise_conv") == 1

@@ -5,7 +5,7 @@ A depthwise 3x3 does 9 multiply-adds per output and reuses nothing across channe
 bound by moving data, not by FMAs: the kernel is built to read each input element from memory
 once and to keep every load a full contiguous vector. Per (image, channel) task:
 
-* the channel is copied once into a zero-padded plane in a per-task buffer (small channels are
+* the channel is copied once into a padded plane in a per-task buffer (small channels are
   grouped several to a task) (a 112x112 channel
   is 51 KB: it stays in L2 while its rows are reused), stride ``s`` de-interleaved into ``s``
   phase planes per row (phase ``p`` holds padded columns ``p, p + s, ...``), so the window tap
@@ -19,6 +19,9 @@ once and to keep every load a full contiguous vector. Per (image, channel) task:
   tail (the overlap writes identical values), so every load and store is a full vector; a row
   narrower than a vector gets one narrower vector;
 * bias and ReLU / clip are applied to the accumulators before the one store.
+
+Max pooling is the same window walk with ``max`` for the multiply-add and ``-inf`` padding
+(``reduction="max"``: no weight argument), so it reuses the kernel as it is.
 """
 
 from __future__ import annotations
@@ -55,10 +58,13 @@ class DepthwiseConvSpec:
     lanes: int = 8
     rows: int = 4  # output rows per register tile
     vectors: int = 1  # row vectors per register tile
+    reduction: str = "conv"  # "conv": sum of weight x input; "max": max pooling (no weight)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.reduction not in ("conv", "max"):
+            raise ValueError(f"reduction {self.reduction!r} is not 'conv' or 'max'")
         if self.out_height < 1 or self.out_width < 1:
             raise ValueError("the kernel is larger than the padded input")
         if self.lanes > self.out_width or self.rows > self.out_height:
@@ -107,16 +113,28 @@ class DepthwiseConvSpec:
         return 2 * self.batch * self.channels * self.out_height * self.out_width * self.kernel[0] * self.kernel[1]
 
 
-def _zero_plane(spec: DepthwiseConvSpec, plane) -> None:
-    """Zero the whole plane buffer: its padding is never written again, so every channel a task
-    copies in afterwards only writes the input's own elements."""
-    with T.vectorized(0, spec.padded_height * spec.strides[1] * spec.phase_width) as k:
-        T.buffer_store(plane, tirx.const(0.0, "float32"), [k])
+def _padding_value(spec: DepthwiseConvSpec) -> tirx.PrimExpr:
+    """What the padding holds: 0 for a conv, -inf for max pooling."""
+    return tirx.const(0.0 if spec.reduction == "conv" else float("-inf"), "float32")
+
+
+def _vector_loop(start: int, stop: int):
+    """A vectorized loop, or a serial one when it has one element (TVM has no 1-lane vectors)."""
+    return T.vectorized(start, stop) if stop - start > 1 else T.serial(start, stop)
+
+
+def _pad_plane(spec: DepthwiseConvSpec, plane) -> None:
+    """Fill the whole plane buffer with the padding value: its padding is never written again,
+    so every channel a task copies in afterwards only writes the input's own elements."""
+    row = spec.strides[1] * spec.phase_width
+    with T.serial(0, spec.padded_height) as y:
+        with _vector_loop(0, row) as k:
+            T.buffer_store(plane, _padding_value(spec), [y * row + k])
 
 
 def _copy_padded_plane(spec: DepthwiseConvSpec, data, plane, n, c) -> None:
     """``plane[y, p, q]`` = padded input row ``y``, column ``q * s + p`` of channel ``c``, in a
-    plane zeroed by :func:`_zero_plane`.
+    plane padded by :func:`_pad_plane`.
 
     The bounds are static, so only the input's rows are visited and their columns split where
     the padding ends: the few inside elements among the edge columns are stored one by one; the
@@ -144,11 +162,11 @@ def _copy_padded_plane(spec: DepthwiseConvSpec, data, plane, n, c) -> None:
             T.buffer_store(plane, data[n, c, iy, q * sx + p - left], [at(y, p, q)])
         if q_hi > q_lo:
             if sx == 1:
-                with T.vectorized(q_lo, q_hi) as q:
+                with _vector_loop(q_lo, q_hi) as q:
                     T.buffer_store(plane, data[n, c, iy, q - left], [at(y, 0, q)])
             else:
                 lanes = spec.lanes
-                chunks = (q_hi - q_lo) // lanes
+                chunks = (q_hi - q_lo) // lanes if lanes > 1 else 0
                 if chunks:
                     with T.serial(0, chunks) as chunk:
                         q0 = q_lo + chunk * lanes
@@ -172,14 +190,15 @@ def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> No
     acc = T.decl_buffer((rows * width,), "float32", scope="local")
     with T.unroll(0, rows) as r:
         with T.vectorized(0, width) as j:
-            T.buffer_store(acc, bias[c] if bias is not None else zero, [r * width + j])
+            T.buffer_store(acc, bias[c] if bias is not None else _padding_value(spec), [r * width + j])
     with T.unroll(0, kh) as dy:
         with T.unroll(0, kw) as dx:
             with T.unroll(0, rows) as r:
                 with T.vectorized(0, width) as j:
                     y = (y0 + r) * sy + dy
                     x = plane[(y * sx + dx % sx) * q_ + x0 + j + dx // sx]
-                    T.buffer_store(acc, acc[r * width + j] + weight[c, 0, dy, dx] * x, [r * width + j])
+                    value = acc[r * width + j] + weight[c, 0, dy, dx] * x if weight is not None else T.max(acc[r * width + j], x)
+                    T.buffer_store(acc, value, [r * width + j])
     with T.unroll(0, rows) as r:
         with T.vectorized(0, width) as j:
             value = acc[r * width + j]
@@ -193,7 +212,8 @@ def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> No
 def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
     """The scheduled PrimFunc of one depthwise conv.
 
-    Arguments, in order: data (N, C, H, W), weight (C, 1, KH, KW), [bias (C,)], out (N, C, OH, OW).
+    Arguments, in order: data (N, C, H, W), weight (C, 1, KH, KW) (not for max pooling), [bias (C,)],
+    out (N, C, OH, OW).
     """
     n_, c_, oh, ow = spec.batch, spec.channels, spec.out_height, spec.out_width
     width = spec.vectors * spec.lanes
@@ -202,14 +222,14 @@ def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
         with T.prim_func():
             T.func_name("main")
             data = T.arg("data", T.buffer((n_, c_, spec.height, spec.width), "float32"))
-            weight = T.arg("weight", T.buffer((c_, 1, *spec.kernel), "float32"))
+            weight = T.arg("weight", T.buffer((c_, 1, *spec.kernel), "float32")) if spec.reduction == "conv" else None
             bias = T.arg("bias", T.buffer((c_,), "float32")) if spec.has_bias else None
             out = T.arg("out", T.buffer((n_, c_, oh, ow), "float32"))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             group = spec.channel_group
             with T.parallel(0, -(-n_ * c_ // group)) as task:
                 plane = T.decl_buffer((spec.padded_height * spec.strides[1] * spec.phase_width,), "float32")
-                _zero_plane(spec, plane)
+                _pad_plane(spec, plane)
                 with T.serial(task * group, T.min(task * group + group, n_ * c_)) as nc:
                     n, c = nc // c_, nc % c_
                     _copy_padded_plane(spec, data, plane, n, c)
@@ -219,4 +239,4 @@ def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
                                   T.min(rt * spec.rows, oh - spec.rows), T.min(ct * width, ow - width))
     func = builder.get().without_attr("global_symbol")  # the module names it when it is added
     return func.with_attr(DEPTHWISE_CONV_ATTR, {"lanes": spec.lanes, "rows": spec.rows, "vectors": spec.vectors,
-                                                "kernel": list(spec.kernel)})
+                                                "kernel": list(spec.kernel), "reduction": spec.reduction})
