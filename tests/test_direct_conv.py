@@ -22,7 +22,14 @@ from tvm import relax
 import tvm_patdnn
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.ops.dense_conv import DenseConvSpec
-from tvm_patdnn.ops.direct_conv import DIRECT_CONV_ATTR, DirectConvSpec, direct_conv_primfunc, direct_register_tile
+from tvm_patdnn.ops.direct_conv import (
+    DIRECT_CONV_ATTR,
+    DirectConvSpec,
+    direct_conv_primfunc,
+    direct_register_tile,
+    pack_direct_conv_bias,
+    pack_direct_conv_weight,
+)
 from tvm_patdnn.pipeline import get_pipeline
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
 from tvm_patdnn.transform import DenseConvRewrite
@@ -122,6 +129,39 @@ def test_default_pipeline_takes_kxk_convs_on_the_direct_kernel(shape, out_c, ker
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     assert_close(compiled.run({"x": x})[0], reference_outputs(model, {"x": x})[0])
     assert dense_kernel_calls(compiled, ("direct_conv",)) == 1
+
+
+@pytest.mark.parametrize("filters_inner", [False, True])
+def test_both_loop_orders_match_reference(filters_inner):
+    """Filter blocks outside (tasks per filter block) or inside pixel groups, with two reduction
+    blocks (partial sums), a ragged last filter block, batch 2, residual and clip."""
+    shape, out_c = (2, 70, 20, 19), 40
+    model = conv_model(shape, out_c, (3, 3), (1, 1), (1, 1, 1, 1), residual=False, activation="clip", seed=5)
+    conv = DenseConvSpec(batch=2, in_channels=70, height=20, width=19, out_channels=out_c, kernel=(3, 3),
+                         padding=(1, 1, 1, 1), has_bias=True, activation="clip", clip_min=-0.5, clip_max=0.75)
+    spec = DirectConvSpec(conv, 6, 2, 8, filters_inner=filters_inner)
+    assert spec.channel_blocks == 2 and spec.filter_blocks == 3 and spec.pixel_groups > 1
+    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
+    func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
+    kernel = tvm.compile(tvm.IRModule({"main": func}), resolve_target("x86"))["main"]
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    out = tvm.runtime.empty((2, out_c, 20, 19), "float32")
+    kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(pack_direct_conv_weight(weight, 16)),
+           tvm.runtime.tensor(pack_direct_conv_bias(bias, 16)), out)
+    expected = reference_outputs(model, {"x": x})[0]
+    # 630 taps summed in two blocks: fp32 rounding up to a few 1e-6 of the output's magnitude
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+def test_loop_order_puts_filters_inside_for_large_inputs():
+    def spec(c, f, size, stride, kernel):
+        conv = DenseConvSpec(batch=1, in_channels=c, height=size, width=size, out_channels=f, kernel=(kernel, kernel),
+                             strides=(stride, stride), padding=(kernel // 2,) * 4)
+        return DirectConvSpec.for_target(conv, 16, 8)
+
+    assert spec(64, 64, 56, 1, 3).filters_inner and spec(128, 128, 56, 2, 3).filters_inner
+    assert not spec(512, 512, 14, 2, 3).filters_inner  # 9.4 MB of weights would be re-read per pixel group
+    assert not spec(3, 64, 224, 2, 7).filters_inner  # the stem: measured slower
 
 
 def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
