@@ -193,7 +193,8 @@ def main() -> None:
     peak = machine["fma_peak_gflops"][str(threads)]
     print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
 
-    variants = ["tvm_patdnn", "gemm", "direct", "old rule"] + (["no panel copy", "1 pixel vector"] if args.ablations else [])
+    variants = ["tvm_patdnn", "gemm", "direct", "old rule"]
+    variants += ["no panel copy", "1 pixel vector"] if args.ablations else []
     chooser = DenseConvRewrite(vector_registers(target), vector_lanes(target))
     rows = []
     for index in args.layers if args.layers is not None else range(len(RESNET50_CONVS)):

@@ -18,7 +18,8 @@ from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
 from tvm_patdnn.transform import DenseConvRewrite
 
 
-def dense_kernel_calls(compiled: tvm_patdnn.CompiledModel, kernels: tuple[str, ...] = ("dense_conv", "direct_conv")) -> int:
+def dense_kernel_calls(compiled: tvm_patdnn.CompiledModel,
+                       kernels: tuple[str, ...] = ("dense_conv", "direct_conv")) -> int:
     """How many calls of the dense conv kernels (the GEMM ``dense_conv``, the ``direct_conv``) the
     compiled model makes."""
     return sum(line.strip().startswith(tuple(f"call  {k}" for k in kernels))

@@ -16,10 +16,13 @@ channels instead, so nothing is copied:
   two weight vectors and a broadcast; AVX-512 6 x 4 of its 32 registers, MLAS's tile; NEON 6 x 3);
 * pixels are flattened (a tile may cross output rows: every pixel has its own window start) and
   the last tile overlaps the one before instead of a masked tail;
-* tasks are (image, filter block, pixel tile) with the pixel tiles innermost, so one thread
-  sweeps every pixel with the same filter block: its weight panel (``C * KH * KW * NR * lanes``
-  floats) stays in L1 when it fits (the stem: 9.4 KB; 64 channels 3x3: 37 KB) and in L2 otherwise
-  (512 channels: 295 KB, two weight vectors per 12 FMAs: ~11 of L2's 32 bytes per cycle);
+* tasks are (image, filter block, group of pixel tiles) with the pixel tiles innermost, so one
+  thread sweeps its pixels with the same filter block; input channels are blocked so that the
+  block's weights (``cb * KH * KW * NR * lanes`` floats, ``WEIGHT_PANEL_BYTES``) stay in L1 across
+  the tiles, the partial sums waiting in a per-task buffer between channel blocks. Large inputs
+  with few weights (3x3 64 at 56x56) turn it around: tasks are pixel groups that sweep every filter
+  block, so the group's input rows stay in L2 instead of being re-read once per filter block
+  (:meth:`DirectConvSpec.for_target` compares the two re-reads);
 * the bias is the accumulators' initial value; residual add and ReLU / clip are applied to the
   accumulators, which are written to NCHW once (``MR * NR * lanes`` scalar stores per
   ``C * KH * KW * MR * NR`` FMAs).
@@ -44,8 +47,8 @@ __all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct
 
 # PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
 DIRECT_CONV_ATTR = "patdnn.direct_conv"
-# A filter block's weights per reduction block: half of the smallest L1 data cache of the targets
-# (32 KB on Zen 3 and Cortex-A76), the rest for the input rows being broadcast.
+# A filter block's weights per reduction block: the L1 data cache of the targets (32 KB on Zen 3
+# and Cortex-A76); 8, 16, 64 KB and no blocking measured within noise of it, 32 KB ahead most often.
 WEIGHT_PANEL_BYTES = 32768
 # Parallel tasks at least (when the pixels allow): the filter blocks alone may be fewer than the cores.
 PARALLEL_TASKS = 8
@@ -260,7 +263,8 @@ def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
             flat_out = T.decl_buffer((n_, f_, p_), "float32", data=out.data)
             flat_res = T.decl_buffer((n_, f_, p_), "float32", data=residual.data) if residual is not None else None
             source = _padded_input(conv, data)
-            cb, kblocks, groups, per_group = spec.channel_block, spec.channel_blocks, spec.pixel_groups, spec.group_tiles
+            cb, kblocks = spec.channel_block, spec.channel_blocks
+            groups, per_group = spec.pixel_groups, spec.group_tiles
             tasks = n_ * groups if spec.filters_inner else n_ * blocks * groups
             with T.parallel(0, tasks) as task:
                 n = task // (tasks // n_)
