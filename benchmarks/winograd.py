@@ -17,8 +17,12 @@ Speed-ups are medians of the per-round ratios. Every variant's output is checked
 (relative 1e-3) before timing, and its error against a float64 conv of the same inputs is
 recorded (``err``: max abs error / max |output|).
 
+``--models vgg16_cifar resnet50`` also times those dense models whole (``peers.py``'s builders,
+BN folded, random weights): the default pipeline (``winograd``) against the same pipeline after
+``DenseConvRewrite`` took every dense conv (``no winograd``) and ORT.
+
     TVM_NUM_THREADS=1 .venv/bin/python benchmarks/winograd.py [--rounds 5] [--layers 0 3 ...]
-        [--json benchmarks/results/winograd.1t.json]
+        [--models vgg16_cifar resnet50] [--json benchmarks/results/winograd.1t.json]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +46,7 @@ from tvm import relax
 sys.path.insert(0, str(Path(__file__).parent))
 from dense import Runner, conv_model, tvm_runner  # noqa: E402
 from machine import machine_summary  # noqa: E402
-from peers import agree, ort_runner  # noqa: E402
+from peers import agree, build_models, ort_runner  # noqa: E402
 
 from tvm_patdnn.fileio import write_bytes_atomic  # noqa: E402
 from tvm_patdnn.frontend import import_onnx  # noqa: E402
@@ -66,12 +71,13 @@ RTOL = 1e-3
 
 def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Target):
     """The executable of ``variant`` (see the module docstring): the conv rewritten first, then
-    the default pipeline (which finds nothing left to rewrite)."""
+    the default pipeline (which finds nothing left to rewrite). ``winograd`` is the default
+    pipeline as is, ``no winograd`` the pipeline after ``DenseConvRewrite`` took every dense conv."""
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     registers, lanes = vector_registers(target), vector_lanes(target)
-    if variant == "dense":
+    if variant in ("dense", "no winograd"):
         mod = DenseConvRewrite(registers, lanes)(mod)
-    else:
+    elif variant in TILES:
         mod = WinogradConvRewrite(registers, lanes, tile=TILES[variant])(mod)
     return tvm.compile(mod, target, relax_pipeline=get_pipeline(target))
 
@@ -89,20 +95,24 @@ def float64_conv(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.maximum(out + b.reshape(1, -1, 1, 1), 0)
 
 
-def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, rounds: int) -> tuple[dict, dict]:
-    """(ms of every variant and ORT in each interleaved round, error of each against float64)."""
+def measure(model: onnx.ModelProto, variants: list[str], build: Callable, threads: int, rounds: int,
+            exact: Callable | None = None) -> tuple[dict, dict]:
+    """(ms of every variant (``build(model, variant)``) and ORT in each interleaved round, error of
+    each against ``exact(model, x)`` (float64) when given)."""
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     ort = ort_runner(model, x, threads)
     runners = {"ORT": Runner(ort.output, ort.time)}
-    expected, exact = ort.output(), float64_conv(model, x)
-    errors = {"ORT": agree(expected, exact)}
+    expected = ort.output()
+    reference = exact(model, x) if exact is not None else None
+    errors = {"ORT": agree(expected, reference)} if reference is not None else {}
     for variant in variants:
-        runners[variant] = tvm_runner(compile_variant(model, variant, target), x)
+        runners[variant] = tvm_runner(build(model, variant), x)
         output = runners[variant].run()
         if agree(output, expected) > RTOL:
             raise RuntimeError(f"{variant} differs from ORT by {agree(output, expected):.1e}")
-        errors[variant] = agree(output, exact)
+        if reference is not None:
+            errors[variant] = agree(output, reference)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
@@ -137,6 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, nargs="*", help="indices into LAYERS (default: all)")
+    parser.add_argument("--models", nargs="*", default=[], choices=["vgg16_cifar", "resnet50", "vgg16"],
+                        help="also these dense models whole (peers.py's builders): with and without Winograd")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
@@ -146,23 +158,41 @@ def main() -> None:
     peak = machine["fma_peak_gflops"][str(threads)]
     print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
 
-    rows = []
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,
+              "target": str(target), "rounds": args.rounds, "layers": [], "table": "", "models": {}}
+
+    def save() -> None:
+        """Write what is measured so far (a long run keeps its layers if a model fails)."""
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(args.json, json.dumps(result, indent=2, allow_nan=True).encode())
+
+    def build(model: onnx.ModelProto, variant: str):
+        return compile_variant(model, variant, target)
+
     for index in args.layers if args.layers is not None else range(len(LAYERS)):
         group, in_c, out_c, size = LAYERS[index]
-        times, errors = measure(conv_model(in_c, out_c, size, 1, 3), ["dense", *TILES], target, threads, args.rounds)
+        times, errors = measure(conv_model(in_c, out_c, size, 1, 3), ["dense", *TILES], build, threads, args.rounds,
+                                float64_conv)
         name = f"{group} {in_c}->{out_c} {size}x{size}"
-        rows.append({"layer": name, "mflop": 2 * 9 * in_c * out_c * size * size / 1e6, "ms": times, "error": errors})
+        result["layers"].append({"layer": name, "mflop": 2 * 9 * in_c * out_c * size * size / 1e6, "ms": times,
+                                 "error": errors})
         print(f"{name}: " + ", ".join(f"{k} {statistics.median(v):.3f} ms" for k, v in times.items())
               + "; err " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
-    table = layer_table(rows, peak)
-    print("\n" + table)
+    if result["layers"]:
+        result["table"] = layer_table(result["layers"], peak)
+        print("\n" + result["table"])
+        save()
+    for name in args.models:
+        times, _ = measure(build_models(name)[0], ["winograd", "no winograd"], build, threads, args.rounds)
+        result["models"][name] = times
+        print(f"{name} dense, {threads} thread(s): "
+              + ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in times.items())
+              + f"; winograd vs no winograd {ratio(times, 'no winograd', 'winograd'):.2f}x,"
+              + f" vs ORT {ratio(times, 'ORT', 'winograd'):.2f}x", flush=True)
+        save()
     if args.json:
-        result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,
-                  "target": str(target), "rounds": args.rounds, "layers": rows, "table": table}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(args.json, json.dumps(result, indent=2, allow_nan=True).encode())
         print(f"results in {args.json}")
-
 
 if __name__ == "__main__":
     main()

@@ -25,9 +25,12 @@ transformed input tiles, ``Y = A^T M A`` the output tile):
 * the block holds as many tiles as keep ``V`` and ``M`` within ``BLOCK_BYTES`` (L2), at least
   one register tile's worth.
 
+The output pixels of one vector of tiles are ``m`` floats apart, so the store is scalar (one
+per output pixel and filter, against ``alpha^2 C / m^2`` multiply-adds: small once C is 32+).
+
 Numerics (measured, ``tests/test_winograd_conv.py`` and ``benchmarks/winograd.py``): the
-transforms scale values by up to ``|A|``, ``|B|`` (F(4x4): 8 and 5, F(6x6): 32 and 5.25), so the
-rounding error grows with ``m``; see :data:`ERROR_BOUND`.
+transforms scale values by up to ``|A|``, ``|B|`` (F(2x2): 1 and 1, F(4x4): 8 and 2.5, F(6x6):
+32 and 5.25), so the rounding error grows with ``m``; see :data:`ERROR_BOUND`.
 
 The function is written directly as (scheduled) TIR, like :mod:`.dense_conv`.
 """
@@ -223,7 +226,8 @@ def _tile_rows_copy(spec: WinogradConvSpec, data, rows) -> None:
                                     with T.serial(0, last - first) as q:
                                         T.buffer_store(rows, zero, [n, c, dy, r, ty * row + first + q])
                             with T.serial(0, q1 - q0) as q:
-                                T.buffer_store(rows, data[n, c, y, (q0 + q) * m + r - left], [n, c, dy, r, ty * row + q0 + q])
+                                value = data[n, c, y, (q0 + q) * m + r - left]
+                                T.buffer_store(rows, value, [n, c, dy, r, ty * row + q0 + q])
                         with T.Else():
                             with T.vectorized(0, row) as q:
                                 T.buffer_store(rows, zero, [n, c, dy, r, ty * row + q])
