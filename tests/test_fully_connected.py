@@ -78,8 +78,9 @@ def test_classifier_heads_of_the_benchmark_models():
 
 
 def test_register_tile_follows_the_target():
-    assert (FullyConnectedSpec.for_target(16, 8, rows=1, in_features=64, out_features=1000).block,
-            FullyConnectedSpec.for_target(16, 8, rows=4, in_features=64, out_features=1000).row_tile) == (32, 2)
+    assert FullyConnectedSpec.for_target(16, 8, rows=1, in_features=64, out_features=1000).block == 64
+    batch = FullyConnectedSpec.for_target(16, 8, rows=4, in_features=64, out_features=1000)
+    assert (batch.block, batch.row_tile) == (32, 2)
     assert FullyConnectedSpec.for_target(32, 16, rows=8, in_features=64, out_features=1000).row_tile == 6
     narrow = FullyConnectedSpec.for_target(16, 8, rows=1, in_features=64, out_features=5)
     assert (narrow.lanes, narrow.vectors, narrow.blocks) == (5, 1, 1)
