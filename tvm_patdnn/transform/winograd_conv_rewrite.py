@@ -8,21 +8,23 @@ The rule (:func:`choose_tile`), from ``benchmarks/winograd.py`` (1 thread, AMD E
 shared box: ratios of interleaved rounds) against the direct dense kernel:
 
 * output side >= :data:`MIN_F4_SIDE` (24) and >= 32 input and output channels: F(4x4). Measured
-  1.5-2.8x over the direct kernel on every such layer of ResNet-50 (64@56², 128@28²) and VGG-16
-  (224 and CIFAR 32x32), 1.2x on 32@56²; F(6x6) was no faster beyond the noise, with 5x the error;
+  1.5-2.6x over the direct kernel (1.2-2.6x over ORT) on every such layer of ResNet-50 (64@56²,
+  128@28²) and VGG-16 (224 and CIFAR 32x32), 1.16x on 32@56²; F(6x6) was sometimes faster on
+  224x224 layers but not consistently across rounds, with 5x the error;
 * output side 14-23 (ResNet-50's and VGG-16's 14x14, CIFAR's 16x16) and >= 64 channels: F(2x2),
-  1.1-1.6x; F(4x4) lost there (16-20 tiles per image: the 36 C F transformed weights, 2.25x the
-  direct ones' bytes, are streamed for too few tiles);
-* smaller outputs (7x7, 8x8, 4x4, 2x2) stay on the direct kernel: Winograd measured 0.3-1.1x.
+  1.3-1.9x; F(4x4) lost there (16-20 tiles per image: the ``36 C F`` transformed weights, 4x
+  the direct ones' bytes, are streamed for too few tiles);
+* smaller outputs (7x7, 8x8, 4x4, 2x2) and 32 channels at 14x14 stay on the direct kernel:
+  Winograd measured 0.3-1.1x there.
 
 Accuracy and the tests: the compiled models are compared with ``onnx.reference`` at 2e-6 of the
 output's magnitude (``tests/test_compiler.py``). Measured against float64 (same benchmark, 32-512
 channels), the largest errors relative to the output's magnitude were 1.2e-6 for F(2x2), 6.9e-6
 for F(4x4) and 2.5e-5 for F(6x6) (the transforms scale intermediate values by up to 2.5 / 8 and
 5.25 / 32, whose float32 rounding adds up over the channels); the direct kernels stay below 2.9e-6.
-F(2x2) thus fits the tests' 2e-6; F(4x4) does not, but no existing test has a dense 3x3 layer with
-an output side of 24 or more (their images are at most 23 pixels, their dense layers at most 40
-channels), so none of their tolerances changed; ``tests/test_winograd_conv.py`` checks the
+F(2x2) thus fits the tests' 2e-6; F(4x4) does not, but no other test has a dense 3x3 stride-1
+layer the rule gives to F(4x4) (the dense 3x3 layers under ``tests/`` have outputs of at most 23
+pixels a side on CPU targets), so none of their tolerances changed; ``tests/test_winograd_conv.py`` checks the
 Winograd layers against ``ERROR_BOUND`` of the tile they use (:mod:`~tvm_patdnn.ops.winograd_conv`).
 """
 
