@@ -1,8 +1,8 @@
 """Tensor-expression operators of tvm_patdnn."""
 
 from .dense_conv import DenseConvSpec, dense_conv_primfunc
-from .direct_conv import DirectConvSpec, direct_conv_primfunc
 from .depthwise_conv import DepthwiseConvSpec, depthwise_conv_primfunc
+from .direct_conv import DirectConvSpec, direct_conv_primfunc
 from .fully_connected import FullyConnectedSpec, fully_connected_primfunc
 from .pattern_conv import PatternConvSpec, pattern_conv2d, pattern_conv2d_primfunc
 
