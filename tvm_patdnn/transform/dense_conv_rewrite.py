@@ -10,11 +10,12 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
 (``benchmarks/dense.py``, AMD EPYC Zen 3, 1 thread; the numbers in the README):
 
 * 1x1 convs take the GEMM: its pixel vectors read a pointwise input as contiguous rows, where the
-  direct kernel broadcasts one scalar per pixel and channel (64->64 at 56x56: GEMM 1.9x faster;
-  at 7x7 with 2048 channels 1.6x);
+  direct kernel broadcasts one scalar per pixel and channel (direct / GEMM 0.58-0.99x on 10 of
+  the 15 ResNet-50 1x1 layers, e.g. 2048->512 at 7x7 0.59x, 256->512 s2 0.58x; the other five
+  0.77-1.34x across runs);
 * KxK convs with at least ``lanes`` filters take the direct kernel: no window copy, any stride
-  at the same cost, no overlap waste on small images (direct / GEMM: 7x7 stem 1.3-1.6x,
-  3x3 64 at 56x56 1.1-1.2x, 3x3 512 at 7x7 1.9-2.2x).
+  at the same cost, no overlap waste on small images (direct / GEMM 1.01-1.81x on every KxK
+  layer: the 7x7 stem 1.43x, 3x3 64 at 56x56 1.54x, 3x3 512 at 14x14 s2 1.81x).
 Left on the legalized conv2d and the :class:`~tvm_patdnn.schedule_rules.DenseConv2dCPU` schedule
 (and in the tuning space): grouped/depthwise and dilated convs, non-constant weights, KxK convs
 with fewer filters than a vector has lanes (most lanes of the direct kernel would be padding)."""
