@@ -227,7 +227,9 @@ def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
             out = T.arg("out", T.buffer((n_, c_, oh, ow), "float32"))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             group = spec.channel_group
-            with T.parallel(0, -(-n_ * c_ // group)) as task:
+            # A root block, as TVM's passes expect of a PrimFunc: RewriteDataflowReshape inspects every
+            # one-argument call_tir (max pooling has no weight) and fails on a body without one.
+            with T.sblock("root"), T.parallel(0, -(-n_ * c_ // group)) as task:
                 plane = T.decl_buffer((spec.padded_height * spec.strides[1] * spec.phase_width,), "float32")
                 _pad_plane(spec, plane)
                 with T.serial(task * group, T.min(task * group + group, n_ * c_)) as nc:
