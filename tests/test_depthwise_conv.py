@@ -252,3 +252,18 @@ def test_depthwise_conv_on_a_plane_wider_than_a_vector_can_be():
     """A 224x224 stride-2 depthwise layer: its padded plane (225 x 2 x 113 floats) is filled row by row."""
     model = depthwise_layer(np.random.default_rng(9), (1, 2, 224, 224), strides=(2, 2))
     assert kernel_calls(check_against_reference(model, 9), "depthwise_conv") == 1
+
+
+def test_max_pool_between_layers_and_before_a_flatten_compiles():
+    """A one-input call_tir (the max pool) before a reshape once failed TVM's RewriteDataflowReshape."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p2"], ["flat"], axis=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1, "w2")]
+    graph = helper.make_graph(nodes, "pools", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("flat", TensorProto.FLOAT, [1, 32])], inits)
+    check_against_reference(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
