@@ -192,6 +192,18 @@ def test_run_checks_inputs():
         compiled.run({"input": np.zeros((1, 2, 6, 5), np.float32)})
 
 
+def test_a_scalar_graph_input_stays_a_scalar():
+    """A 0-d input (here a scale multiplied into the image) is checked and passed as 0-d."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Mul", ["x", "scale"], ["y"])], "scaled",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3]),
+         onnx.helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, [])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])])
+    compiled = tvm_patdnn.compile(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), "x86")
+    x = np.arange(3, dtype=np.float32).reshape(1, 3)
+    np.testing.assert_array_equal(compiled.run({"x": x, "scale": np.float32(2.0)})[0], 2 * x)
+
+
 @pytest.mark.parametrize("batch, features, classes", [(1, 300, 37), (2, 300, 32), (3, 64, 1), (1, 1152, 256)])
 def test_fully_connected_fallback_matches_reference(batch, features, classes):
     """Gemm (+ReLU) on the dense path with the project's FC schedule, including widths with no vector divisor."""

@@ -135,7 +135,8 @@ def check_inputs(model: CompiledModel | ImportedModel, given: dict[str, np.ndarr
         if not isinstance(value, (np.ndarray, np.generic, list, tuple, int, float)):
             raise PatDNNError(f"input {name!r} must be a numpy array, not {type(value).__name__}")
         try:
-            value = np.ascontiguousarray(value, dtype=model.input_dtypes[name])
+            # np.require keeps a 0-d (scalar) input 0-d; np.ascontiguousarray would make it 1-d
+            value = np.require(np.asarray(value, dtype=model.input_dtypes[name]), requirements="C")
         except (TypeError, ValueError) as err:
             raise PatDNNError(f"input {name!r} cannot be read as a {model.input_dtypes[name]} array: {err}") from None
         if value.shape != model.input_shapes[name]:
