@@ -8,14 +8,14 @@ The rule (:func:`choose_tile`), from ``benchmarks/winograd.py`` (1 thread, AMD E
 shared box: ratios of interleaved rounds) against the direct dense kernel:
 
 * output side >= :data:`MIN_F4_SIDE` (24) and >= 32 input and output channels: F(4x4). Measured
-  1.5-2.6x over the direct kernel (1.2-2.6x over ORT) on every such layer of ResNet-50 (64@56²,
-  128@28²) and VGG-16 (224 and CIFAR 32x32), 1.16x on 32@56²; F(6x6) was sometimes faster on
-  224x224 layers but not consistently across rounds, with 5x the error;
+  1.6-2.4x over the direct kernel (1.7-2.4x over ORT) on every such layer of ResNet-50 (64@56²,
+  128@28²) and VGG-16 (224 and CIFAR 32x32), 1.6x on 32@56²; F(6x6) was up to 1.25x faster
+  than F(4x4) on some of them and slower on others, with 5x the error;
 * output side 14-23 (ResNet-50's and VGG-16's 14x14, CIFAR's 16x16) and >= 64 channels: F(2x2),
-  1.3-1.9x; F(4x4) lost there (16-20 tiles per image: the ``36 C F`` transformed weights, 4x
-  the direct ones' bytes, are streamed for too few tiles);
+  1.15-1.7x; F(4x4) lost on the 14x14 ones (20 tiles per image: the ``36 C F`` transformed
+  weights, 4x the direct ones' bytes, are streamed for too few tiles);
 * smaller outputs (7x7, 8x8, 4x4, 2x2) and 32 channels at 14x14 stay on the direct kernel:
-  Winograd measured 0.3-1.1x there.
+  Winograd measured 0.26-1.09x there.
 
 Accuracy and the tests: the compiled models are compared with ``onnx.reference`` at 2e-6 of the
 output's magnitude (``tests/test_compiler.py``). Measured against float64 (same benchmark, 32-512
