@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from model_factory import ConvSpec, build_cnn, reference_outputs
 from tvm_patdnn.errors import PatDNNError
@@ -209,9 +209,8 @@ def test_prune_onnx_pointwise_layers():
 
 def test_prune_onnx_fc_and_block_fitting():
     model = bottleneck_model()
-    # A second Gemm before the head so "all but the last" has something to prune.
+    # The only Gemm is the classifier: kept dense unless forced.
     res = prune_onnx(model, fc=2.0)
-    by_name = {rec.name: rec for rec in res.layers}
     gemm = [rec for rec in res.layers if rec.op == "Gemm"]
     assert len(gemm) == 1 and gemm[0].reason == "last FC layer (classifier) kept dense"
     forced = prune_onnx(model, fc=2.0, pointwise_block=(1, 1), layers={gemm[0].name: True})
