@@ -18,10 +18,8 @@ from tvm.s_tir import dlight
 from .report import ConvRecord
 from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternConvGPU
 from .targets import accumulator_registers, vector_lanes, vector_registers
-from .transform import DenseConvRewrite, PatternConvRewrite
-from .transform import WinogradConvRewrite
-from .transform import SparsePointwiseRewrite
-from .transform import DepthwiseConvRewrite, FullyConnectedRewrite
+from .transform import (DenseConvRewrite, DepthwiseConvRewrite, FullyConnectedRewrite, PatternConvRewrite,
+                        SparsePointwiseRewrite, WinogradConvRewrite)
 
 __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
 

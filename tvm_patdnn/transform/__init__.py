@@ -7,4 +7,5 @@ from .pattern_conv_rewrite import PatternConvRewrite, conv_report
 from .sparse_pointwise_rewrite import SparsePointwiseRewrite
 from .winograd_conv_rewrite import WinogradConvRewrite
 
-__all__ = ["DenseConvRewrite", "DepthwiseConvRewrite", "FullyConnectedRewrite", "PatternConvRewrite", "conv_report", "SparsePointwiseRewrite", "WinogradConvRewrite"]
+__all__ = ["DenseConvRewrite", "DepthwiseConvRewrite", "FullyConnectedRewrite", "PatternConvRewrite", "SparsePointwiseRewrite",
+           "WinogradConvRewrite", "conv_report"]
