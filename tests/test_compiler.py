@@ -14,10 +14,12 @@ from tvm import relax
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
 
-# The largest error measured over 60 random pattern models was 1.6e-7 of the output's magnitude
-# (fp32 sums in another order than onnx.reference's); 10x that leaves room for other orders
-# without hiding a wrong tap or a dropped ReLU, which err by 1e-2 and more.
-RTOL = 2e-6
+# Largest errors measured against onnx.reference, as a share of the output's magnitude (fp32 sums in
+# another order): 1.6e-7 over 60 random pattern models; up to 2.1e-6 on random dense-kernel models
+# and 2.9e-6 on real layers for the direct kernel, whose reductions run over C*KH*KW terms blocked
+# by channel (Winograd F(2x2) 1.2e-6; its F(4x4) tests have their own bound). 5e-6 leaves room for
+# those orders without hiding a wrong tap or a dropped ReLU, which err by 1e-2 and more.
+RTOL = 5e-6
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:

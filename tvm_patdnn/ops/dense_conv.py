@@ -242,16 +242,24 @@ def _micro_kernel(spec: DenseConvSpec, panel, partial, source, weight, n, base, 
                     column = jo * lanes + ji
                     x = panel[r * tp + column] if panel is not None else source[n, first + r, base + column]
                     T.buffer_store(acc, acc[slot] + weight[ft, first * window + r, i] * x, [slot])
+    _keep_or_finish(acc, partial, mr, tp, lambda i, j: (ft * mr + i) * tp + j, kb, blocks,
+                    lambda: _store_output(spec, acc, *epilogue, n, ft, base))
+
+
+def _keep_or_finish(acc, partial, rows: int, width: int, saved, kb, blocks, finish) -> None:
+    """After reduction block ``kb`` of ``blocks``: the ``rows x width`` accumulators wait in ``partial``
+    (row ``i``, lane ``j`` at ``saved(i, j)``) until the last block, which calls ``finish`` (the
+    epilogue's one store); with no ``partial`` (one block) ``finish`` runs directly."""
     if partial is None:
-        _store_output(spec, acc, *epilogue, n, ft, base)
+        finish()
         return
     with T.If(kb < blocks - 1):
         with T.Then():
-            with T.unroll(0, mr) as i:
-                with T.vectorized(0, tp) as j:
-                    T.buffer_store(partial, acc[i * tp + j], [(ft * mr + i) * tp + j])
+            with T.unroll(0, rows) as i:
+                with T.vectorized(0, width) as j:
+                    T.buffer_store(partial, acc[i * width + j], [saved(i, j)])
         with T.Else():
-            _store_output(spec, acc, *epilogue, n, ft, base)
+            finish()
 
 
 def _store_output(spec: DenseConvSpec, acc, bias, flat_res, flat_out, n, ft, base) -> None:

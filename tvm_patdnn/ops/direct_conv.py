@@ -40,7 +40,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .dense_conv import DenseConvSpec, _padded_input
+from .dense_conv import DenseConvSpec, _keep_or_finish, _padded_input
 
 __all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct_register_tile",
            "pack_direct_conv_weight", "pack_direct_conv_bias"]
@@ -228,16 +228,8 @@ def _tile(spec: DirectConvSpec, source, weight, bias, partial, outputs, n, fb, k
                             x = source[n, first + c, start[m] + dy * wp + dx]
                             w = weight[fb, ((first + c) * kh + dy) * kw + dx, v * lanes + ji]
                             T.buffer_store(acc, acc[slot] + x * w, [slot])
-    if partial is None:
-        _store_output(spec, acc, *outputs, n, fb, base)
-        return
-    with T.If(kb < spec.channel_blocks - 1):
-        with T.Then():
-            with T.unroll(0, mr) as m:
-                with T.vectorized(0, block) as j:
-                    T.buffer_store(partial, acc[m * block + j], [(t * mr + m) * block + j])
-        with T.Else():
-            _store_output(spec, acc, *outputs, n, fb, base)
+    _keep_or_finish(acc, partial, mr, block, lambda m, j: (t * mr + m) * block + j, kb, spec.channel_blocks,
+                    lambda: _store_output(spec, acc, *outputs, n, fb, base))
 
 
 def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:

@@ -28,7 +28,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .dense_conv import DenseConvSpec, _pack_panel, _padded_input, _store_output
+from .dense_conv import DenseConvSpec, _keep_or_finish, _pack_panel, _padded_input, _store_output
 
 __all__ = ["BLOCK", "MAX_DENSITY", "SPARSE_POINTWISE_ATTR", "BlockSparseWeight", "SparsePointwiseSpec",
            "block_density", "block_sparse_weight", "sparse_pointwise_primfunc", "sparse_pointwise_tile"]
@@ -159,16 +159,8 @@ def _micro_kernel(spec: SparsePointwiseSpec, panel, partial, values, channels, s
                 with T.vectorized(0, lanes) as ji:
                     slot = i * tp + jo * lanes + ji
                     T.buffer_store(acc, acc[slot] + values[e, i] * panel[row + jo * lanes + ji], [slot])
-    if partial is None:
-        _store_output(conv, acc, *epilogue, n, fb, base)
-        return
-    with T.If(kb < spec.channel_blocks - 1):
-        with T.Then():
-            with T.unroll(0, mr) as i:
-                with T.vectorized(0, tp) as j:
-                    T.buffer_store(partial, acc[i * tp + j], [(fb * mr + i) * tp + j])
-        with T.Else():
-            _store_output(conv, acc, *epilogue, n, fb, base)
+    _keep_or_finish(acc, partial, mr, tp, lambda i, j: (fb * mr + i) * tp + j, kb, spec.channel_blocks,
+                    lambda: _store_output(conv, acc, *epilogue, n, fb, base))
 
 
 def sparse_pointwise_primfunc(spec: SparsePointwiseSpec) -> tirx.PrimFunc:
