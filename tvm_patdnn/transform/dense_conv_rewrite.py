@@ -82,7 +82,12 @@ class DenseConvRewriter:
         self.kernel = kernel
         self.data, self.weight, self.bias = wildcard(), is_const(), is_const()
         self.residual = ~is_const()  # a constant there is a bias
-        self.conv = is_op("relax.nn.conv2d")(self.data, self.weight)
+        self._chain("relax.nn.conv2d")
+
+    def _chain(self, op: str) -> None:
+        """The patterns of ``op(data, constant weight)`` (+ bias)(+ residual add)(+ ReLU / clip);
+        ``self.conv`` is the ``op`` call whatever ``op`` is (subclasses chain other ops)."""
+        self.conv = is_op(op)(self.data, self.weight)
         self.biased = is_op("relax.add")(self.conv, self.bias) | is_op("relax.add")(self.bias, self.conv)
         pre = self.biased | self.conv
         self.added = is_op("relax.add")(pre, self.residual) | is_op("relax.add")(self.residual, pre)
@@ -90,6 +95,15 @@ class DenseConvRewriter:
         self.relu = is_op("relax.nn.relu")(body)
         self.clip = is_op("relax.clip")(body, wildcard(), wildcard())
         self.pattern = self.relu | self.clip | body
+
+    def _activation(self, expr: relax.Call, matches) -> tuple[str, float, float] | None:
+        """(activation, clip min, clip max) of the chain's end; None for a clip with non-constant bounds."""
+        if self.relu in matches:
+            return "relu", 0.0, 0.0
+        if self.clip in matches:
+            bounds = _float_value(expr.args[1]), _float_value(expr.args[2])
+            return None if None in bounds else ("clip", *bounds)
+        return "none", 0.0, 0.0
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         self._builder = relax.BlockBuilder(mod)
@@ -151,14 +165,9 @@ class DenseConvRewriter:
             residual = operands[1] if first is not None and first.same_as(pre) else operands[0]
         if residual is not None and (_static_shape(residual) != out_shape or residual.ty.dtype != "float32"):
             return None  # a broadcasting add
-        activation = ("none", 0.0, 0.0)
-        if self.relu in matches:
-            activation = ("relu", 0.0, 0.0)
-        elif self.clip in matches:
-            bounds = _float_value(expr.args[1]), _float_value(expr.args[2])
-            if None in bounds:
-                return None
-            activation = ("clip", *bounds)
+        activation = self._activation(expr, matches)
+        if activation is None:
+            return None
         n, c, h, w = _static_shape(conv.args[0])
         spec = DenseConvSpec.for_target(
             self.registers, self.lanes, self.vectors, batch=n, in_channels=c, height=h, width=w,

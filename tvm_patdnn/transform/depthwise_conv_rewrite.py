@@ -21,7 +21,7 @@ from tvm.ir import IRModule
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from ..ops.depthwise_conv import DepthwiseConvSpec, depthwise_conv_primfunc
-from .dense_conv_rewrite import DenseConvRewriter, _float_value
+from .dense_conv_rewrite import DenseConvRewriter
 from .pattern_conv_rewrite import OPAQUE, _per_channel_bias, _static_shape
 
 __all__ = ["DepthwiseConvRewrite", "DepthwiseConvRewriter"]
@@ -92,14 +92,9 @@ class DepthwiseConvRewriter(DenseConvRewriter):
             bias = _per_channel_bias(matches[self.bias], c)
             if bias is None:
                 return None  # not a per-channel bias: a smaller match takes the conv
-        activation = ("none", 0.0, 0.0)
-        if self.relu in matches:
-            activation = ("relu", 0.0, 0.0)
-        elif self.clip in matches:
-            bounds = _float_value(expr.args[1]), _float_value(expr.args[2])
-            if None in bounds:
-                return None
-            activation = ("clip", *bounds)
+        activation = self._activation(expr, matches)
+        if activation is None:
+            return None
         spec = DepthwiseConvSpec.for_target(
             self.registers, self.lanes, batch=n, channels=c, height=h, width=w, kernel=_static_shape(weight)[2:],
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),

@@ -14,10 +14,9 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_op, wildcard
 
 from ..ops.fully_connected import FullyConnectedSpec, fully_connected_primfunc, pack_fully_connected_weight
-from .dense_conv_rewrite import DenseConvRewriter, _float_value
+from .dense_conv_rewrite import DenseConvRewriter
 from .pattern_conv_rewrite import OPAQUE, _static_shape
 
 __all__ = ["FullyConnectedRewrite", "FullyConnectedRewriter"]
@@ -41,15 +40,7 @@ class FullyConnectedRewriter(DenseConvRewriter):
 
     def __init__(self, registers: int = 16, lanes: int = 8):
         super().__init__(registers, lanes)
-        # The parent's chain with relax.matmul where its conv2d is.
-        self.conv = is_op("relax.matmul")(self.data, self.weight)
-        self.biased = is_op("relax.add")(self.conv, self.bias) | is_op("relax.add")(self.bias, self.conv)
-        pre = self.biased | self.conv
-        self.added = is_op("relax.add")(pre, self.residual) | is_op("relax.add")(self.residual, pre)
-        body = self.added | pre
-        self.relu = is_op("relax.nn.relu")(body)
-        self.clip = is_op("relax.clip")(body, wildcard(), wildcard())
-        self.pattern = self.relu | self.clip | body
+        self._chain("relax.matmul")  # the parent's chain with relax.matmul where its conv2d is
 
     def _fusion(self, expr: relax.Call, matches) -> tuple | None:
         """(matmul, spec, bias) of a match the kernel can take, else None."""
@@ -64,14 +55,9 @@ class FullyConnectedRewriter(DenseConvRewriter):
             bias = _feature_bias(matches[self.bias], w_shape[1])
             if bias is None:
                 return None  # not a per-feature bias: a smaller match takes the matmul
-        activation = ("none", 0.0, 0.0)
-        if self.relu in matches:
-            activation = ("relu", 0.0, 0.0)
-        elif self.clip in matches:
-            bounds = _float_value(expr.args[1]), _float_value(expr.args[2])
-            if None in bounds:
-                return None
-            activation = ("clip", *bounds)
+        activation = self._activation(expr, matches)
+        if activation is None:
+            return None
         spec = FullyConnectedSpec.for_target(
             self.registers, self.lanes, rows=x_shape[0], in_features=x_shape[1], out_features=w_shape[1],
             has_bias=bias is not None, activation=activation[0], clip_min=activation[1], clip_max=activation[2],
