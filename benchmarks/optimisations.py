@@ -12,6 +12,8 @@ operator and schedule for this machine, and again with one optimisation taken aw
   their taps share are loaded once (without: one output vector at a time);
 * tap partial sums: small tiles split each vector's sum over the taps into independent chains;
 * flat small-image layout: 4x4 and 2x2 outputs computed over the flattened padded image;
+* vectorised output stage: the epilogue vectorised along output rows (without: left to LLVM,
+  which on AVX-512 targets vectorises it into gathers and scatters);
 * filter-kernel reorder: filters sorted by kernel count (without: the model's filter order);
 * threads over filters: when an image has few row blocks, threads share its filters too
   (without: row blocks only, so a small image with a single row block runs on one thread);
@@ -60,6 +62,7 @@ class Variant:
     register_tile: bool = True
     partials: bool = True
     flat: bool = True
+    vector_output: bool = True
     reorder_filters: bool = True
     parallel_filters: bool | None = None  # None: the rule's choice
 
@@ -71,6 +74,7 @@ VARIANTS = {
     "register tile": Variant(register_tile=False),
     "tap partial sums": Variant(partials=False),
     "flat small images": Variant(flat=False),
+    "vectorised output": Variant(vector_output=False),
     "filter reorder": Variant(reorder_filters=False),
     "threads over filters": Variant(parallel_filters=False),
     "threads always over filters": Variant(parallel_filters=True),
@@ -101,7 +105,8 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
         spec = dataclasses.replace(spec, partials=1)
     sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))
     knobs = default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8)), variant.parallel_filters)
-    schedule_pattern_conv_cpu(sch, knobs, code_per_pattern=variant.code_per_pattern)  # as PatternConvCPU does
+    schedule_pattern_conv_cpu(sch, knobs, code_per_pattern=variant.code_per_pattern,  # as PatternConvCPU does
+                              vector_output=variant.vector_output)
     func = bound_kernel_runs(sch.mod["main"]) if variant.bounded_runs else sch.mod["main"]
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     args = [fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]
@@ -137,9 +142,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/optimisations.1t.json"))
+    parser.add_argument("--target", default="x86", help="e.g. '{\"kind\":\"llvm\",\"mcpu\":\"znver3\",\"num-cores\":2}'")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[1:], help="the optimisations to take away")
     args = parser.parse_args()
 
-    target = resolve_target("x86")
+    target = resolve_target(args.target)
     threads = tvm_threads()
     peak_before = fma_peak_gflops(threads)  # the widest FMA this host has, on TVM's threads
     rng = np.random.default_rng(0)
@@ -150,7 +157,8 @@ def main() -> None:
         out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
         fkw = pack_fkw(weight, analyze_conv_weight(weight))
         timers = {}
-        for label, variant in VARIANTS.items():
+        for label in ["default", *args.variants]:
+            variant = VARIANTS[label]
             fn, weights = build(fkw, bias, shape, target, variant)
             call_args = [tvm.runtime.tensor(x), *weights, out]
             fn["main"](*call_args)
@@ -170,11 +178,11 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{label} {ms:.3f}" for label, ms in median.items()), flush=True)
 
     peak = add_peak_percent(rows, peak_before)
-    labels = [label for label in VARIANTS if label != "default"]
+    labels = list(args.variants)
     print(f"\n| layer | weight, input | threads | default ms | nonzero GFLOP/s | % of {widest_isa()} FMA peak | "
           + " | ".join(labels) + " |")
     print("|" + "---|" * (6 + len(labels)))
-    total = {label: sum(r["ms"][label] for r in rows) for label in VARIANTS}
+    total = {label: sum(r["ms"][label] for r in rows) for label in ["default", *labels]}
     all_flops = sum(r["nonzero_gflops"] * r["ms"]["default"] for r in rows)  # GFLOP/s x ms: the same sum of work
     everything = {"layer": "all pattern layers", "shape": "", "threads": threads, "ms": total,
                   "nonzero_gflops": all_flops / total["default"],

@@ -23,7 +23,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from ..ops.pattern_conv import PATTERN_CONV_ATTR, largest_divisor
 from .kernel_runs import bound_kernel_runs
 
 __all__ = ["UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
@@ -110,15 +110,19 @@ def apply_default_schedule(sch: s_tir.Schedule, target: Target) -> None:
     schedule_pattern_conv_cpu(sch, default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8))))
 
 
-def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *, code_per_pattern: bool = True) -> None:
+def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *, code_per_pattern: bool = True,
+                              vector_output: bool = True) -> None:
     """Schedule the blocks of :func:`~tvm_patdnn.ops.pattern_conv.pattern_conv2d_primfunc`:
     sampled knobs when ``knobs`` is None (the design space), else those.
 
     Loop order: filter blocks, row blocks, interleaved filters (these three share the threads),
     serial filters, column blocks; inside, the kernels of each pattern, and the register tile of
     rows x columns vectors (times the layout's partial sums) innermost.
+    The output stage (filter order restored, partial sums added, bias and ReLU) is vectorised
+    along each output row: left to LLVM, AVX-512 targets turned it into gathers and scatters.
     ``code_per_pattern=False`` (pattern and tap loops not unrolled: every tap's offset looked up
-    at run time) exists to measure what unrolling is worth (``benchmarks/optimisations.py``).
+    at run time) and ``vector_output=False`` exist to measure what they are worth
+    (``benchmarks/optimisations.py``).
     """
     func = sch.mod["main"]
     layout = func.attrs[PATTERN_CONV_ATTR]
@@ -157,5 +161,7 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     init = sch.decompose_reduction(acc, rp)
     sch.vectorize(sch.get_loops(init)[-1])
 
-    n, f, _y, _x = sch.get_loops(out)
+    n, f, _y, x = sch.get_loops(out)
     sch.parallel(sch.fuse(n, f))
+    if vector_output:
+        sch.vectorize(sch.split(x, [None, largest_divisor(int(sch.get(x).extent), vector_width)])[1])
