@@ -29,7 +29,7 @@ SHAPE = (1, 3, 12, 12)
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = build_cnn(np.random.default_rng(4), SHAPE, [ConvSpec(8, kind="dense"), ConvSpec(16, connectivity=3.6)], head=True)
+    model = build_cnn(np.random.default_rng(4), SHAPE, [ConvSpec(16, kind="dense"), ConvSpec(16, connectivity=3.6)], head=True)
     path = tmp_path_factory.mktemp("model") / "pruned.onnx"
     onnx.save(model, path)
     return path
@@ -146,10 +146,11 @@ def test_bench_profile_names_every_kernel_of_the_model(library: Path, x: np.ndar
     model = tvm_patdnn.load(library)
     kernels = profile_kernels(model, {"input": x}, runs=3, warmup=1)
     by_name = {k.kernel: k for k in kernels}
-    # the model's two convs (the 8-filter dense one on TVM's path, the pattern one) and its head, once each
+    # the model's two convs (the dense one, 16 filters: the direct kernel's floor is the target's lanes,
+    # 8 on AVX2, 16 on AVX-512; the pattern one) and its head, once each
     pattern = [k for k in kernels if k.kernel.startswith("pattern_conv2d")]
     assert len(pattern) == 1 and pattern[0].calls == 1 and pattern[0].shapes.endswith("1x16x12x12")
-    assert "direct_conv" in by_name  # the dense 8-filter 3x3 conv
+    assert "direct_conv" in by_name  # the dense 16-filter 3x3 conv
     assert all(k.ms >= 0 for k in kernels) and [k.ms for k in kernels] == sorted((k.ms for k in kernels), reverse=True)
     with pytest.raises(PatDNNError, match="at least 1 run"):
         profile_kernels(model, {"input": x}, runs=0)

@@ -32,6 +32,8 @@ from tvm_patdnn.transform import WinogradConvRewrite
 from tvm_patdnn.transform.winograd_conv_rewrite import choose_tile
 
 NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+# the host's fp32 lanes: DenseConvRewrite (and so the Winograd pass) takes convs with at least this many filters
+LANES = vector_lanes(resolve_target("x86"))
 
 
 def assert_within(actual: np.ndarray, expected: np.ndarray, tile: int, scale: float | None = None) -> None:
@@ -81,7 +83,7 @@ def winograd_models(draw):
     residual adds. Returns (model, tile, convs, seed)."""
     tile = draw(st.sampled_from([2, 4, 6]))
     residual = draw(st.booleans())
-    channels = draw(st.integers(8, 40)) if residual else draw(st.integers(1, 20))
+    channels = draw(st.integers(LANES, 40)) if residual else draw(st.integers(1, 20))
     height, width = draw(st.integers(1, 13)), draw(st.integers(1, 13))
     convs = []
     for index in range(2 if residual else 1):
@@ -89,7 +91,7 @@ def winograd_models(draw):
         if height + pads[0] + pads[2] < 3 or width + pads[1] + pads[3] < 3:
             pads = (1, 1, 1, 1)
             height, width = max(height, 1), max(width, 1)
-        out_c = channels if residual else draw(st.integers(8, 45))  # >= 8 lanes: DenseConvRewrite's floor
+        out_c = channels if residual else draw(st.integers(LANES, 45))  # DenseConvRewrite's floor
         convs.append(ConvSpec(out_c, pads=pads, bias=draw(st.booleans()), relu=draw(st.booleans()),
                               residual=residual and index == 1, kind="dense"))
     shape = (draw(st.sampled_from([1, 2])), channels, height, width)
