@@ -98,19 +98,20 @@ def test_sparse_and_dense_layers_alternate_and_report_says_which():
     assert "sparse 1x1 (4x1 blocks)" in compiled.format_report() and "4 sparse 1x1" in compiled.format_report()
 
 
-@pytest.mark.parametrize("target,instruction", [
-    ({"kind": "llvm", "mcpu": "skylake-avx512"}, "zmm"),
-    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "fmla"),
+@pytest.mark.parametrize("target,instruction,vectors", [
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, "zmm", 2),  # 2 FMA units x latency 4: 8 chains
+    ({"kind": "llvm", "mcpu": "znver4"}, "zmm", 1),  # 512-bit FMAs on 256-bit units: 4 chains
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "fmla", 2),
 ])
-def test_wide_targets_get_their_register_tile(target, instruction: str) -> None:
+def test_wide_targets_get_their_register_tile(target, instruction: str, vectors: int) -> None:
     resolved = resolve_target(target)
-    from tvm_patdnn.targets import vector_lanes, vector_registers
+    from tvm_patdnn.targets import fma_chains, vector_lanes, vector_registers
 
     spec = SparsePointwiseSpec.for_target(vector_registers(resolved), vector_lanes(resolved), BLOCK, 100,
-                                          batch=1, in_channels=64, height=28, width=28, out_channels=64,
-                                          has_bias=True, activation="relu")
-    # 32 registers: 4 rows x 6 vectors of accumulators beside 4 broadcasts and an input vector
-    assert (spec.conv.filter_tile, spec.conv.vectors) == (BLOCK, 6)
+                                          fma_chains(resolved), batch=1, in_channels=64, height=28, width=28,
+                                          out_channels=64, has_bias=True, activation="relu")
+    # 4 rows x the fewest pixel vectors that give the target's FMA units enough independent chains
+    assert (spec.conv.filter_tile, spec.conv.vectors) == (BLOCK, vectors)
     lib = tvm.tirx.build(tvm.IRModule({"main": sparse_pointwise_primfunc(spec).with_attr("global_symbol", "main")}),
                          target=resolved)
     assert instruction in lib.inspect_source("asm")

@@ -17,7 +17,7 @@ from tvm.s_tir import dlight
 
 from .report import ConvRecord
 from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternConvGPU
-from .targets import accumulator_registers, vector_lanes, vector_registers
+from .targets import accumulator_registers, fma_chains, vector_lanes, vector_registers
 from .transform import (DenseConvRewrite, DepthwiseConvRewrite, FullyConnectedRewrite, PatternConvRewrite,
                         SparsePointwiseRewrite, WinogradConvRewrite)
 
@@ -42,7 +42,7 @@ def pattern_passes(
                            sparse_pointwise=cpu_kernels),
     ]
     if cpu_kernels:
-        passes.append(SparsePointwiseRewrite(vector_registers(target), vector_lanes(target)))
+        passes.append(SparsePointwiseRewrite(vector_registers(target), vector_lanes(target), chains=fma_chains(target)))
         passes.append(WinogradConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DepthwiseConvRewrite(vector_registers(target), vector_lanes(target)))

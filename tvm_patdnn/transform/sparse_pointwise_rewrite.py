@@ -28,12 +28,14 @@ class SparsePointwiseRewriter(DenseConvRewriter):
     :data:`SparsePointwiseRewrite`).
 
     ``block`` is the filter rows a kept block spans (the pruner's ``pointwise_block``);
-    ``max_density`` the largest kept share of blocks rewritten.
+    ``max_density`` the largest kept share of blocks rewritten; ``chains`` the target's
+    :func:`~tvm_patdnn.targets.fma_chains`, which sizes the register tile.
     """
 
-    def __init__(self, registers: int = 16, lanes: int = 8, block: int = BLOCK, max_density: float = MAX_DENSITY):
+    def __init__(self, registers: int = 16, lanes: int = 8, block: int = BLOCK, max_density: float = MAX_DENSITY,
+                 chains: int = 8):
         super().__init__(registers, lanes)
-        self.block, self.max_density = block, max_density
+        self.block, self.max_density, self.chains = block, max_density, chains
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         self._sparse: dict[relax.Expr, tuple] = {}
@@ -47,7 +49,8 @@ class SparsePointwiseRewriter(DenseConvRewriter):
         weight = conv.args[1].value.numpy()
         if block_density(weight, self.block) > self.max_density:
             return None
-        probe = SparsePointwiseSpec.for_target(self.registers, self.lanes, self.block, 0, **_shape_of(spec))
+        probe = SparsePointwiseSpec.for_target(self.registers, self.lanes, self.block, 0, self.chains,
+                                              **_shape_of(spec))
         packed = block_sparse_weight(weight, self.block, probe.conv.channel_block)
         self._sparse[expr] = (dataclasses.replace(probe, nonzero_blocks=packed.kept_blocks), packed)
         return fusion
