@@ -47,7 +47,7 @@ from vgg16_cifar import build_model  # noqa: E402
 
 from tvm_patdnn.analysis import analyze_conv_weight  # noqa: E402
 from tvm_patdnn.fkw import FKWWeight, pack_fkw  # noqa: E402
-from tvm_patdnn.ops.pattern_conv import PatternConvSpec, choose_layout, pattern_conv2d_primfunc  # noqa: E402
+from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc, target_layout  # noqa: E402
 from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs  # noqa: E402
 from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs, schedule_pattern_conv_cpu  # noqa: E402
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes  # noqa: E402
@@ -100,7 +100,8 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
         fkw = unsorted(fkw)
     accumulators = accumulator_registers(target) if variant.register_tile else 1
     spec = PatternConvSpec.from_fkw(fkw, data_shape, (1, 1), (1, 1, 1, 1), True, True, vector_lanes(target))
-    spec = choose_layout(spec, accumulators, flat=None if variant.flat else False)
+    spec = target_layout(dataclasses.replace(spec, vector_width=vector_lanes(target)), accumulators,
+                         flat=None if variant.flat else False)
     if not variant.partials:
         spec = dataclasses.replace(spec, partials=1)
     sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))

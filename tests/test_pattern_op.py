@@ -16,7 +16,7 @@ import tvm_patdnn
 from tvm_patdnn.analysis import analyze_conv_weight, cover_masks
 from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.kernel_patterns import kernel_masks, popcount
-from tvm_patdnn.ops.pattern_conv import PatternConvSpec, choose_layout, pattern_conv2d_primfunc
+from tvm_patdnn.ops.pattern_conv import PatternConvSpec, cheapest_layout, choose_layout, pattern_conv2d_primfunc
 from tvm_patdnn.schedule_rules import PatternConvCPU
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
@@ -119,7 +119,8 @@ def test_layout_fills_vectors_and_registers_per_target():
     assert layout(8) == (False, 8, 1, 1)  # whole rows fill the vectors: rows x columns tile
     assert layout(32) == (False, 2, 4, 1)
     assert layout(4, stride=2) == (False, 2, 1, 4)  # strided convs keep the row layout
-    assert layout(32, lanes=16, accumulators=16) == (False, 8, 2, 1)
+    assert choose_layout(dataclasses.replace(PatternConvSpec.from_fkw(fkw, (1, 8, 32, 32), (1, 1), (1, 1, 1, 1), False,
+                                                                      False, 16), vector_width=16), 16).row_tile == 8
     assert [accumulator_registers(resolve_target(name)) for name in ("arm_cpu", "adreno")] == [16, 1]
     avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
     avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
@@ -127,8 +128,34 @@ def test_layout_fills_vectors_and_registers_per_target():
     assert (vector_lanes(avx2), vector_lanes(avx512)) == (8, 16)
 
 
-def test_avx512_layout_compiles():
-    # This box cannot run AVX-512 code; the 16-lane, 16-accumulator layout must still build.
-    model = build_cnn(np.random.default_rng(3), (1, 8, 6, 6), [ConvSpec(16), ConvSpec(16, stride=2)])
-    compiled = tvm_patdnn.compile(model, {"kind": "llvm", "mcpu": "skylake-avx512"})
-    assert [r.kind for r in compiled.report] == ["pattern", "pattern"]
+def test_avx512_cost_model_picks_the_vector_width_per_image_size():
+    """16-lane targets choose among 512- and 256-bit layouts by modelled cycles: 256-bit where
+    512-bit vectors would be mostly padding (8x8 and smaller), 512-bit where rows fill them."""
+    weight = pattern_weight(np.random.default_rng(4), 64, 64, n_patterns=8, connectivity=3.6)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+
+    def layout(size, stride=1):
+        spec = PatternConvSpec.from_fkw(fkw, (1, 64, size, size), (stride, stride), (1, 1, 1, 1), True, True, 16, 16)
+        assert spec.row_tile * spec.column_tile * spec.partials <= 16
+        assert spec == cheapest_layout(dataclasses.replace(spec, vector_width=16), 16, (16, 8))
+        return spec.vector_width, spec.flat
+
+    assert [layout(size) for size in (2, 4, 7, 8)] == [(8, True), (8, False), (8, False), (8, False)]
+    assert [layout(size) for size in (14, 32)] == [(16, False), (16, False)]
+
+
+AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
+
+
+@pytest.mark.parametrize("size, stride", [(2, 1), (4, 1), (8, 1), (14, 1), (9, 2)])
+def test_avx512_layouts_match_the_onnx_reference(size, stride):
+    """Every AVX-512 layout class the cost model picks (256-bit flat and rows, 512-bit rows,
+    strided) builds, and where the host has AVX-512 it matches onnx.reference."""
+    rng = np.random.default_rng(size)
+    model = build_cnn(rng, (1, 8, size, size), [ConvSpec(16, stride=stride, connectivity=2.0)])
+    compiled = tvm_patdnn.compile(model, AVX512)
+    assert [r.kind for r in compiled.report] == ["pattern"]
+    if vector_lanes(resolve_target("x86")) != 16:
+        pytest.skip("this host cannot run AVX-512 code")
+    x = rng.standard_normal((1, 8, size, size)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run({"input": x})[0], reference_outputs(model, {"input": x})[0], rtol=1e-4, atol=1e-4)

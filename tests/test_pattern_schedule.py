@@ -40,6 +40,8 @@ LAYERS = {
     "filters not a multiple of the threads": dict(filters=7, channels=4, size=4),
     "batch of two": dict(filters=8, channels=4, size=6, batch=2),
     "16 lanes, 16 accumulators": dict(filters=8, channels=4, size=16, lanes=16, accumulators=16),
+    "AVX-512 cost model, 8 lanes": dict(filters=8, channels=4, size=8, lanes=16, accumulators=16),
+    "AVX-512 cost model, 8 lanes flat": dict(filters=8, channels=4, size=2, lanes=16, accumulators=16),
 }
 
 

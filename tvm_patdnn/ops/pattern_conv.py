@@ -22,6 +22,11 @@ and register count, because the compute pads its output to it:
 * ``flat`` (small images, stride 1) computes over the row-major flattened padded image, where a
   tap is the constant shift ``dy * Wp + dx`` and one vector spans several output rows: a 2x2
   output fills half an 8-lane vector instead of a quarter, a 4x4 two thirds instead of half.
+
+AVX2 and NEON targets take :func:`choose_layout`'s rule (lane fill, then the largest tile);
+AVX-512 targets (16 lanes) take :func:`cheapest_layout`, a cycle model over 16- and 8-lane
+layouts and every register tile, because there the rule's 16-lane layouts lost to the AVX2 build
+on most layer sizes (``benchmarks/pattern_avx512.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from tvm import te, tirx
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "choose_layout",
-           "largest_divisor"]
+           "cheapest_layout", "layout_cycles", "largest_divisor", "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
@@ -124,7 +129,7 @@ class PatternConvSpec:
             relu=bool(relu),
             vector_width=int(vector_width),
         )
-        return choose_layout(shape, accumulators)
+        return target_layout(shape, accumulators)
 
 
 def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = None) -> PatternConvSpec:
@@ -147,6 +152,80 @@ def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     row_tile = max(1, min(accumulators // column_tile, layout.acc_rows))
     partials = largest_divisor(spec.taps, accumulators // (row_tile * column_tile))
     return dataclasses.replace(layout, row_tile=row_tile, column_tile=column_tile, partials=partials)
+
+
+# Cycle model of one kernel of one register tile (cheapest_layout), in cycles of a core with two
+# 256-bit FMA pipes and two 256-bit loads a cycle (Zen 4 runs a 512-bit op as two halves).
+_FMA_LATENCY = 4  # cycles: a chain of dependent FMAs issues one per 4 cycles
+_KERNEL_OVERHEAD = 1  # cycles per kernel: loop counter, channel address
+_RUN_OVERHEAD = 20  # cycles per (filter, pattern) run and tile: run bounds, loop entry and exit
+_FLAT_LOADS = 1.25  # flat layouts' input loads cost this much more (fitted; no row shares them)
+_TILE_RESERVE = 2  # a register tile leaves this many of the accumulators free
+
+
+def _input_vectors(spec: PatternConvSpec, taps) -> int:
+    """Distinct input vectors one kernel of pattern ``taps`` loads for a register tile: taps
+    with the same column shift share rows of the tile (the rows layout), and flat shifts that
+    land on the same vector are one load."""
+    sh, sw = spec.strides
+    lanes, columns = spec.vector_width, range(spec.column_tile)
+    if spec.flat:
+        return len({c * lanes + dy * spec.padded_width + dx for c in columns for dy, dx in taps})
+    return len({(r * sh + dy, dx % sw, c * lanes + dx // sw)
+                for r in range(spec.row_tile) for c in columns for dy, dx in taps})
+
+
+def layout_cycles(spec: PatternConvSpec) -> float:
+    """Modelled cycles of the accumulation of ``spec``'s layout (all filters, one image).
+
+    Per kernel and register tile, the largest of: FMA issue (taps x tile vectors, two 256-bit
+    FMAs a cycle), loads (distinct input vectors, one broadcast weight per tap and the channel
+    index; two 256-bit loads a cycle) and the latency of each accumulator chain (taps / partial
+    sums dependent FMAs); plus a fixed cost per kernel and per (filter, pattern) run. Padding is
+    paid for: the tiles cover the padded rows and columns, junk lanes included.
+    """
+    halves = spec.vector_width / 8
+    vectors = spec.row_tile * spec.column_tile
+    loads = sum(_input_vectors(spec, taps) for taps in spec.patterns) / len(spec.patterns)
+    if spec.flat:
+        loads *= _FLAT_LOADS
+    kernel = max(spec.taps * vectors * halves / 2, (loads * halves + spec.taps + 1) / 2,
+                 _FMA_LATENCY * spec.taps / spec.partials) + _KERNEL_OVERHEAD
+    tiles = spec.batch * spec.acc_rows // spec.row_tile * spec.acc_columns // (spec.vector_width * spec.column_tile)
+    return tiles * (spec.n_kernels * kernel + spec.out_channels * len(spec.patterns) * _RUN_OVERHEAD)
+
+
+def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tuple[int, ...],
+                    flat: bool | None = None) -> PatternConvSpec:
+    """The layout of least :func:`layout_cycles` over the vector widths, row and flat layouts
+    (flat: stride 1 only, unless ``flat`` says) and every register tile of at most
+    ``accumulators`` - 2 vectors (16-vector tiles measured 3-16% slower than smaller ones), with
+    as many tap partial sums as the accumulators allow; ties go to wider vectors.
+
+    On Zen 4 (``benchmarks/pattern_avx512.py``, 1 thread, against the AVX2 build of the same
+    code) it picks 512-bit rows for outputs at least 14 wide (1.2-1.7x; the lane-fill rule's 16-lane
+    flat layouts at 28x28 and 56x56 were 0.7-0.75x) and 256-bit layouts for 8x8 and smaller
+    (about 1.0x; the lane-fill rule's 16-lane flat ones were 0.55-0.8x).
+    """
+    tile_limit = max(1, accumulators - _TILE_RESERVE)
+    candidates = []
+    for width in vector_widths:
+        for is_flat in (False, True) if flat is None and spec.strides == (1, 1) else (bool(flat),):
+            base = dataclasses.replace(spec, vector_width=width, row_tile=1, column_tile=1, partials=1, flat=is_flat)
+            for row_tile in range(1, (1 if is_flat else min(tile_limit, base.out_height)) + 1):
+                for column_tile in range(1, min(base.acc_columns // width, tile_limit // row_tile) + 1):
+                    partials = largest_divisor(spec.taps, accumulators // (row_tile * column_tile))
+                    candidates.append(dataclasses.replace(base, row_tile=row_tile, column_tile=column_tile,
+                                                          partials=partials))
+    return min(candidates, key=lambda layout: (layout_cycles(layout), -layout.vector_width))
+
+
+def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = None) -> PatternConvSpec:
+    """The layout a target with ``spec.vector_width`` lanes gets: on AVX-512 (16 lanes) the
+    cheapest 512- or 256-bit layout (AVX-512VL), elsewhere :func:`choose_layout`'s."""
+    if spec.vector_width == 16:
+        return cheapest_layout(spec, accumulators, (16, 8), flat)
+    return choose_layout(spec, accumulators, flat)
 
 
 def _tap_table(patterns, p, t, component):

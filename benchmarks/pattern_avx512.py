@@ -1,0 +1,173 @@
+"""The pattern conv's layout on an AVX-512 host: vector lanes x accumulators, per layer, side by side.
+
+Each 3x3 pattern layer (the twelve of VGG-16 CIFAR 8x, plus VGG-16 224 trunk and ResNet-50 3x3
+shapes pruned at 8x = 8 patterns + 3.6x connectivity from Gaussian weights) is built once per
+layout — the operator padded to ``lanes``-wide vectors with a register tile of ``accumulators``
+vectors (``choose_layout``), scheduled by the default rule — for the host CPU (AVX-512) and for an
+AVX2 build of the same code on the same host (``mcpu=znver3``), checked against numpy and timed
+in interleaved rounds. "rule" is the layout :class:`~tvm_patdnn.transform.PatternConvRewrite`
+picks for the host target (on AVX-512: ``cheapest_layout``'s cycle model over 16- and 8-lane
+layouts); "N lanes xA" is ``choose_layout``'s rule (lane fill, then the largest tile) for
+N-lane vectors and A accumulators (the AVX-512 default before the cycle model: 16 lanes x16).
+Ratios are time of the AVX2 build / time of the layout (above 1: faster than AVX2). Both targets get the host's core count, so the default knobs are the same. Times
+are process CPU time per call (1 thread: the calls run on this thread), which a second process
+sharing the core disturbs far less than wall time.
+
+    taskset -c 0 env TVM_NUM_THREADS=1 .venv/bin/python benchmarks/pattern_avx512.py [--rounds 5] [--sets cifar vgg224 resnet50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from layers import add_peak_percent, save_results, tvm_threads  # noqa: E402
+from machine import fma_peak_gflops, widest_isa  # noqa: E402
+from optimisations import pattern_layers, reference_conv  # noqa: E402
+from vgg16_cifar import build_model  # noqa: E402
+
+from tvm_patdnn.analysis import analyze_conv_weight  # noqa: E402
+from tvm_patdnn.fkw import FKWWeight, pack_fkw  # noqa: E402
+from tvm_patdnn.ops.pattern_conv import PatternConvSpec, choose_layout, pattern_conv2d_primfunc  # noqa: E402
+from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set  # noqa: E402
+from tvm_patdnn.schedule_rules import PatternConvCPU  # noqa: E402
+from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes  # noqa: E402
+
+# (filters, channels, size, stride) of the extra layer sets, 8x pruned from Gaussian weights.
+EXTRA_SETS = {
+    "vgg224": [(64, 64, 224, 1), (128, 128, 112, 1), (256, 256, 56, 1), (512, 512, 28, 1), (512, 512, 14, 1)],
+    "resnet50": [(64, 64, 56, 1), (128, 128, 28, 1), (256, 256, 14, 1), (512, 512, 7, 1), (128, 128, 56, 2)],
+}
+AVX2 = {"kind": "llvm", "mcpu": "znver3"}
+# label -> (AVX2 build?, lanes, accumulators); None: the target's own (the rule's choice)
+LAYOUTS = {
+    "avx2 8x8": (True, None, None),
+    "rule": (False, None, None),
+    "16 lanes x16": (False, 16, 16),
+    "8 lanes x8": (False, 8, 8),
+    "8 lanes x16": (False, 8, 16),
+    "8 lanes x24": (False, 8, 24),
+    "16 lanes x24": (False, 16, 24),
+}
+
+
+def layer_sets(names: list[str]) -> list[tuple[str, str, np.ndarray, np.ndarray, tuple, int]]:
+    """(set, layer, weight, bias, input shape, stride) of every layer of the named sets."""
+    layers = []
+    if "cifar" in names:
+        layers += [("cifar", name, w, b, shape, 1) for name, w, b, shape in pattern_layers(build_model())]
+    for set_name in names:
+        for filters, channels, size, stride in EXTRA_SETS.get(set_name, []):
+            rng = np.random.default_rng(size)
+            dense = (rng.standard_normal((filters, channels, 3, 3)) / np.sqrt(channels * 9)).astype(np.float32)
+            weight = project_pattern_and_connectivity(dense, select_pattern_set([dense], 8), 3.6)
+            bias = rng.standard_normal(filters).astype(np.float32) * 0.1
+            layers.append((set_name, f"{filters}x{channels} {size}x{size} s{stride}", weight, bias,
+                           (1, channels, size, size), stride))
+    return layers
+
+
+def build(fkw: FKWWeight, bias, shape, stride: int, target, lanes: int | None, accumulators: int | None):
+    """The layer compiled with the target's layout (``lanes`` None), or with ``choose_layout``'s
+    register tile for ``lanes``-wide vectors and ``accumulators`` registers; default schedule."""
+    spec = PatternConvSpec.from_fkw(fkw, shape, (stride, stride), (1, 1, 1, 1), True, True,
+                                    vector_lanes(target), accumulator_registers(target))
+    if lanes is not None:
+        spec = choose_layout(dataclasses.replace(spec, vector_width=lanes), accumulators)
+    sch = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False)
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target)
+    args = [fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]
+    layout = f"{spec.vector_width}l r{spec.row_tile} c{spec.column_tile} q{spec.partials}{' flat' if spec.flat else ''}"
+    return lib.mod, [tvm.runtime.tensor(a) for a in args], layout
+
+
+def cpu_ms(fn, call_args, min_ms: float = 40.0) -> float:
+    """Mean process CPU time of one call, over calls adding up to at least ``min_ms``."""
+    calls, start = 0, time.process_time()
+    while (elapsed := time.process_time() - start) * 1e3 < min_ms or calls < 3:
+        fn(*call_args)
+        calls += 1
+    return elapsed * 1e3 / calls
+
+
+def strided_reference(x, weight, bias, stride):
+    full = reference_conv(x, weight, bias)
+    return full[:, :, ::stride, ::stride]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sets", nargs="+", default=["cifar", "vgg224", "resnet50"])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/pattern_avx512.1t.json"))
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    host = resolve_target("x86")
+    avx2 = resolve_target({**AVX2, "num-cores": cores})
+    threads = tvm_threads()
+    peak_before = fma_peak_gflops(threads)
+    rng = np.random.default_rng(0)
+    rows = []
+    for set_name, name, weight, bias, shape, stride in layer_sets(args.sets):
+        x = rng.standard_normal(shape).astype(np.float32)
+        expected = strided_reference(x, weight, bias, stride)
+        out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
+        fkw = pack_fkw(weight, analyze_conv_weight(weight))
+        timers, layouts = {}, {}
+        for label in args.layouts:
+            is_avx2, lanes, accumulators = LAYOUTS[label]
+            fn, weights, layouts[label] = build(fkw, bias, shape, stride, avx2 if is_avx2 else host, lanes, accumulators)
+            call_args = [tvm.runtime.tensor(x), *weights, out]
+            fn["main"](*call_args)
+            np.testing.assert_allclose(out.numpy(), expected, rtol=1e-3, atol=1e-3, err_msg=f"{name}, {label}")
+            timers[label] = (fn["main"], call_args)
+        samples = {label: [] for label in timers}
+        order = list(timers)
+        for round_ in range(args.rounds):  # interleaved, each round starting one layout later
+            for label in order[round_ % len(order):] + order[:round_ % len(order)]:
+                samples[label].append(cpu_ms(*timers[label]))
+        median = {label: statistics.median(values) for label, values in samples.items()}
+        flops = 2 * np.count_nonzero(weight) * expected.shape[2] * expected.shape[3]
+        rows.append({"set": set_name, "layer": name, "shape": f"{weight.shape[0]}x{weight.shape[1]} {shape[2]}x{shape[3]}",
+                     "threads": threads, "ms": median, "layouts": layouts, "nonzero_mflop": flops / 1e6,
+                     "nonzero_gflops": flops / median[order[0]] / 1e6})
+        print(f"{set_name} {name}: " + ", ".join(f"{label} {ms:.3f} ({layouts[label]})" for label, ms in median.items()),
+              flush=True)
+
+    peak = add_peak_percent(rows, peak_before)
+    labels = list(args.layouts)
+    base = labels[0]
+    print(f"\n| set | layer | " + " | ".join(f"{label} ms" for label in labels) + " | "
+          + " | ".join(f"{label} GFLOP/s (% peak)" for label in labels) + f" | {base} / layout |")
+    print("|" + "---|" * (3 + 2 * len(labels)))
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["set"], []).append(r)
+    summary = []
+    for set_name, group in groups.items():
+        summary.append({"set": set_name, "layer": "**all**", "ms": {lab: sum(r["ms"][lab] for r in group) for lab in labels},
+                        "nonzero_mflop": sum(r["nonzero_mflop"] for r in group)})
+    for r in rows + summary:
+        gflops = " | ".join(f"{r['nonzero_mflop'] / r['ms'][lab]:.1f} ({100 * r['nonzero_mflop'] / r['ms'][lab] / peak:.0f}%)"
+                            for lab in labels)
+        ratios = " ".join(f"{r['ms'][base] / r['ms'][lab]:.2f}" for lab in labels[1:])
+        print(f"| {r['set']} | {r['layer']} | " + " | ".join(f"{r['ms'][lab]:.3f}" for lab in labels)
+              + f" | {gflops} | {ratios} |")
+    print(f"\nFMA peak ({widest_isa()}, {threads} thread(s)): {peak:.1f} GFLOP/s; last column: {base} time / each "
+          f"other layout's time ({', '.join(labels[1:])}).")
+    save_results(args.json, host, args.rounds, rows + summary, peak)
+
+
+if __name__ == "__main__":
+    main()
