@@ -14,6 +14,10 @@ are process CPU time per call (1 thread: the calls run on this thread), which a 
 sharing the core disturbs far less than wall time.
 
     taskset -c 0 env TVM_NUM_THREADS=1 .venv/bin/python benchmarks/pattern_avx512.py [--rounds 5] [--sets cifar vgg224 resnet50]
+    taskset -c 0 env TVM_NUM_THREADS=1 .venv/bin/python benchmarks/pattern_avx512.py --whole [--rounds 9]
+
+``--whole`` times the whole pruned VGG-16 CIFAR (``tvm_patdnn.compile``) for the host and the AVX2
+target instead, untuned (no tuning database) and, for AVX2, also with the records shipped for it.
 """
 
 from __future__ import annotations
@@ -104,17 +108,48 @@ def strided_reference(x, weight, bias, stride):
     return full[:, :, ::stride, ::stride]
 
 
+def whole_model(rounds: int, host, avx2) -> None:
+    """VGG-16 CIFAR 8x whole, per build: median process CPU ms per inference, interleaved rounds."""
+    import tvm_patdnn
+
+    model = build_model()
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    builds = {"AVX-512 (host), untuned": (host, False), "AVX2 (znver3), untuned": (avx2, False),
+              "AVX2 (znver3), shipped records": (avx2, None)}
+    calls, outputs = {}, []
+    for label, (target, tuning_db) in builds.items():
+        compiled = tvm_patdnn.compile(model, target, tuning_db=tuning_db)
+        vm = compiled.vm
+        calls[label] = (vm["main"], [tvm.runtime.tensor(x)])
+        outputs.append(compiled.run({"input": x})[0])
+    for got in outputs[1:]:
+        np.testing.assert_allclose(got, outputs[0], rtol=1e-4, atol=1e-4)
+    samples = {label: [] for label in calls}
+    order = list(calls)
+    for round_ in range(rounds):
+        for label in order[round_ % len(order):] + order[:round_ % len(order)]:
+            samples[label].append(cpu_ms(*calls[label], min_ms=100))
+    base = statistics.median(samples[order[1]])
+    for label, values in samples.items():
+        ms = statistics.median(values)
+        print(f"| VGG-16 CIFAR 8x, whole | {label} | {ms:.3f} ms | AVX2 untuned / this: {base / ms:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sets", nargs="+", default=["cifar", "vgg224", "resnet50"])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/pattern_avx512.1t.json"))
+    parser.add_argument("--whole", action="store_true", help="time the whole VGG-16 CIFAR model instead")
     args = parser.parse_args()
 
     cores = os.cpu_count() or 1
     host = resolve_target("x86")
     avx2 = resolve_target({**AVX2, "num-cores": cores})
+    if args.whole:
+        whole_model(args.rounds, host, avx2)
+        return
     threads = tvm_threads()
     peak_before = fma_peak_gflops(threads)
     rng = np.random.default_rng(0)
