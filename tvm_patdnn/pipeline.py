@@ -15,6 +15,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight
 
+from .ops.sparse_pointwise_gpu import gpu_threads
 from .report import ConvRecord
 from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternConvGPU
 from .targets import accumulator_registers, fma_chains, vector_lanes, vector_registers
@@ -31,18 +32,22 @@ def pattern_passes(
     on_conv: Callable[[ConvRecord], None] | None = None,
     dense_kernels: bool = True,
 ) -> list[tvm.transform.Pass]:
-    """Detect pattern-sparse convs and rewrite them into the pattern-conv operator; on CPUs,
-    rewrite block-sparse 1x1 convs into the sparse pointwise kernel and dense convs into our dense
-    kernels (``dense_kernels=False`` leaves both to the legalized conv2d and its schedule rule:
-    the old dense path, kept for benchmarks)."""
+    """Detect pattern-sparse convs and rewrite them into the pattern-conv operator; rewrite
+    block-sparse 1x1 convs into the sparse pointwise kernel (CPU or OpenCL), and on CPUs dense
+    convs into our dense kernels (``dense_kernels=False`` leaves both to the legalized conv2d and
+    its schedule rule: the old dense path, kept for benchmarks)."""
     cpu_kernels = dense_kernels and target.kind.name == "llvm"
+    sparse_kernels = dense_kernels and target.kind.name in ("llvm", "opencl")
     passes = [
         relax.transform.FoldConstant(),
         PatternConvRewrite(entries, max_patterns, vector_lanes(target), accumulator_registers(target), on_conv,
                            sparse_pointwise=cpu_kernels),
     ]
+    if sparse_kernels:
+        gpu = gpu_threads(target) if target.kind.name == "opencl" else None
+        passes.append(SparsePointwiseRewrite(vector_registers(target), vector_lanes(target), chains=fma_chains(target),
+                                             gpu=gpu))
     if cpu_kernels:
-        passes.append(SparsePointwiseRewrite(vector_registers(target), vector_lanes(target), chains=fma_chains(target)))
         passes.append(WinogradConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DepthwiseConvRewrite(vector_registers(target), vector_lanes(target)))

@@ -1,5 +1,5 @@
 """Relax pass: rewrite block-sparse 1x1 conv2d chains into the sparse pointwise kernel of
-:mod:`tvm_patdnn.ops.sparse_pointwise`.
+:mod:`tvm_patdnn.ops.sparse_pointwise` (CPUs) or :mod:`tvm_patdnn.ops.sparse_pointwise_gpu` (OpenCL).
 
 Runs before :class:`~tvm_patdnn.transform.DenseConvRewrite` and matches the same chains (conv2d
 + bias + residual add + ReLU / clip: it is a subclass), taking the 1x1 convs whose constant
@@ -17,6 +17,7 @@ from tvm import relax
 
 from ..ops.sparse_pointwise import (BLOCK, MAX_DENSITY, SparsePointwiseSpec, block_density, block_sparse_weight,
                                    sparse_pointwise_primfunc)
+from ..ops.sparse_pointwise_gpu import SparsePointwiseGPUSpec, sparse_pointwise_gpu_primfunc
 from .dense_conv_rewrite import DenseConvRewriter
 from .pattern_conv_rewrite import OPAQUE, _static_shape
 
@@ -29,13 +30,15 @@ class SparsePointwiseRewriter(DenseConvRewriter):
 
     ``block`` is the filter rows a kept block spans (the pruner's ``pointwise_block``);
     ``max_density`` the largest kept share of blocks rewritten; ``chains`` the target's
-    :func:`~tvm_patdnn.targets.fma_chains`, which sizes the register tile.
+    :func:`~tvm_patdnn.targets.fma_chains`, which sizes the register tile. ``gpu``, the (wave,
+    largest work group) of an OpenCL target (:func:`~tvm_patdnn.ops.sparse_pointwise_gpu.gpu_threads`),
+    selects the GPU kernel, whose weight has a single channel block.
     """
 
     def __init__(self, registers: int = 16, lanes: int = 8, block: int = BLOCK, max_density: float = MAX_DENSITY,
-                 chains: int = 8):
+                 chains: int = 8, gpu: tuple[int, int] | None = None):
         super().__init__(registers, lanes)
-        self.block, self.max_density, self.chains = block, max_density, chains
+        self.block, self.max_density, self.chains, self.gpu = block, max_density, chains, gpu
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         self._sparse: dict[relax.Expr, tuple] = {}
@@ -49,9 +52,13 @@ class SparsePointwiseRewriter(DenseConvRewriter):
         weight = conv.args[1].value.numpy()
         if block_density(weight, self.block) > self.max_density:
             return None
-        probe = SparsePointwiseSpec.for_target(self.registers, self.lanes, self.block, 0, self.chains,
-                                              **_shape_of(spec))
-        packed = block_sparse_weight(weight, self.block, probe.conv.channel_block)
+        if self.gpu is None:
+            probe = SparsePointwiseSpec.for_target(self.registers, self.lanes, self.block, 0, self.chains,
+                                                  **_shape_of(spec))
+            packed = block_sparse_weight(weight, self.block, probe.conv.channel_block)
+        else:
+            probe = SparsePointwiseGPUSpec.for_target(*self.gpu, self.block, 0, **_shape_of(spec))
+            packed = block_sparse_weight(weight, self.block, spec.in_channels)  # one channel block
         self._sparse[expr] = (dataclasses.replace(probe, nonzero_blocks=packed.kept_blocks), packed)
         return fusion
 
@@ -61,7 +68,8 @@ class SparsePointwiseRewriter(DenseConvRewriter):
         conv, _, bias, residual = self._fusions[expr]
         spec, packed = self._sparse[expr]
         if spec not in self._kernels:
-            func = sparse_pointwise_primfunc(spec).with_attr("op_pattern", OPAQUE)
+            make = sparse_pointwise_primfunc if self.gpu is None else sparse_pointwise_gpu_primfunc
+            func = make(spec).with_attr("op_pattern", OPAQUE)
             self._kernels[spec] = self._builder.add_func(func, "sparse_pointwise_conv")
         args = [conv.args[0], relax.const(packed.values), relax.const(packed.channels), relax.const(packed.starts)]
         args += [relax.const(bias)] if bias is not None else []
