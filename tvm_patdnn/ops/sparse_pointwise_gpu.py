@@ -12,7 +12,7 @@ bias / residual / ReLU / clip epilogue, mapped onto work items instead of a regi
 * consecutive work items are consecutive pixel vectors of the same filter block: a wave walks one
   channel list in lockstep (no divergence but where a wave straddles two filter blocks), reads the
   same weights and channel index (one broadcast load for the wave) and neighbouring input vectors
-  (coalesced: 64 items read 1 KB of one input row). The weights are shared by the block's 4
+  (coalesced: a wave of 64 reads 1 KB of one input channel's plane). The weights are shared by the block's 4
   filters, so an item reads each input vector once for 4 filters; no index is decoded beyond the
   channel list;
 * work groups are whole waves, sized as the pattern conv's
@@ -21,10 +21,11 @@ bias / residual / ReLU / clip epilogue, mapped onto work items instead of a regi
 * the last pixel vector of an image overlaps the one before instead of running a masked tail (the
   overlap's stores write identical values); images smaller than a vector get scalar items.
 
-Input and residual loads are float4s when TVM can prove them 4-aligned (stride 1 and output
-pixels a multiple of 4: 56x56, 28x28, 14x14); otherwise (7x7, strided convs) they are four
-scalar loads of the same cache lines, which TVM's OpenCL codegen emits for unaligned vectors.
-Output stores are always float4 (``vstore4`` takes any element-aligned address).
+At stride 1 an item's input reads are ``vload4``s at any offset (7x7 planes are not
+4-aligned: TVM's own vector loads would fall back to four scalar loads there); strided convs
+gather their pixels (four scalar loads from offsets computed once per item). Output stores are
+float4 ``vstore4``s; a residual is read as a float4 where TVM proves it 4-aligned (the shared
+epilogue of :mod:`tvm_patdnn.ops.dense_conv`), else as four scalar loads.
 
 Not measured: no phone or GPU is attached to this project's machines, so the kernel is verified
 on PoCL (CPU OpenCL) only. Measuring it needs an Adreno phone on TVM RPC (``patdnn deploy
@@ -97,17 +98,31 @@ class SparsePointwiseGPUSpec(SparsePointwiseSpec):
         return work_group_size(self.items, self.wave, self.max_threads)
 
 
-def _input_offsets(conv: DenseConvSpec, base):
-    """Where the tile's pixels ``base + j`` read the (unpadded) input plane: ``base + j`` at stride 1,
-    else one offset per pixel, computed once per item in a private array."""
-    if conv.strides == (1, 1):
-        return lambda j: base + j
-    offsets = T.decl_buffer((conv.pixel_tile,), "int32", scope="local")
-    with T.unroll(0, conv.pixel_tile) as j:
-        pixel = base + j
-        T.buffer_store(offsets, pixel // conv.out_width * conv.strides[0] * conv.width
-                       + pixel % conv.out_width * conv.strides[1], [j])
-    return lambda j: offsets[j]
+def _input_loader(conv: DenseConvSpec, flat_in, base):
+    """``load(x, row, jo)``: pixel vector ``jo`` of the item's tile (pixels ``base + jo * lanes + ji``)
+    read from the input plane starting at ``row`` into ``x``. At stride 1 a float4 is one ``vload4``,
+    which OpenCL allows at any float address (TVM's own vector loads need a provably 4-aligned
+    address, which a 7x7 plane does not give); strided pixels are gathered from offsets computed
+    once per item."""
+    lanes = conv.lanes
+    if conv.strides == (1, 1) and lanes == FLOAT4:
+        def load(x, row, jo):
+            pointer = T.address_of(flat_in[row + base + jo * lanes])
+            T.buffer_store(x, T.call_pure_extern("float32x4", "vload4", 0, pointer), [T.Ramp(jo * lanes, 1, lanes)])
+        return load
+    offsets = None
+    if conv.strides != (1, 1):
+        offsets = T.decl_buffer((conv.pixel_tile,), "int32", scope="local")
+        with T.unroll(0, conv.pixel_tile) as j:
+            pixel = base + j
+            T.buffer_store(offsets, pixel // conv.out_width * conv.strides[0] * conv.width
+                           + pixel % conv.out_width * conv.strides[1], [j])
+
+    def gather(x, row, jo):
+        with T.vectorized(0, lanes) as ji:
+            j = jo * lanes + ji
+            T.buffer_store(x, flat_in[row + (base + j if offsets is None else offsets[j])], [j])
+    return gather
 
 
 def sparse_pointwise_gpu_primfunc(spec: SparsePointwiseGPUSpec) -> tirx.PrimFunc:
@@ -146,7 +161,7 @@ def sparse_pointwise_gpu_primfunc(spec: SparsePointwiseGPUSpec) -> tirx.PrimFunc
                             fb = item // groups % spec.filter_blocks
                             n = item // (groups * spec.filter_blocks)
                             base = T.min(item % groups * tp, p_ - tp)
-                            offset = _input_offsets(conv, base)
+                            load = _input_loader(conv, flat_in, base)
                             acc = T.decl_buffer((mr * tp,), "float32", scope="local")
                             weights = T.decl_buffer((mr,), "float32", scope="local")
                             x = T.decl_buffer((tp,), "float32", scope="local")
@@ -158,8 +173,7 @@ def sparse_pointwise_gpu_primfunc(spec: SparsePointwiseGPUSpec) -> tirx.PrimFunc
                                 with T.vectorized(0, mr) as i:
                                     T.buffer_store(weights, values[e, i], [i])
                                 with T.unroll(0, nr) as jo:
-                                    with T.vectorized(0, lanes) as ji:
-                                        T.buffer_store(x, flat_in[row + offset(jo * lanes + ji)], [jo * lanes + ji])
+                                    load(x, row, jo)
                                 with T.unroll(0, mr) as i:
                                     with T.unroll(0, nr) as jo:
                                         with T.vectorized(0, lanes) as ji:
