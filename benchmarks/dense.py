@@ -8,6 +8,8 @@ interleaved rounds (the box is shared), medians reported:
   kernel ``DenseConvRewrite`` chooses per layer;
 - ``gemm+direct`` (whole model only): ``DenseConvRewrite``'s choice alone, without the other
   kernels of the default pipeline (Winograd, depthwise, fully connected);
+- ``1x1 on gemm`` / ``1x1 on direct`` (whole model only): the default pipeline with every 1x1 conv
+  on that kernel (what ``kernel_for``'s 1x1 choice is worth in the whole model);
 - ``gemm`` / ``direct``: every dense conv forced onto the packed-GEMM kernel of
   ``tvm_patdnn/ops/dense_conv.py`` (KxK only with >= 4 x lanes filters) or onto the direct kernel
   of ``tvm_patdnn/ops/direct_conv.py`` (``DenseConvRewrite(kernel=...)``);
@@ -25,7 +27,11 @@ rule. Every
 variant's output is checked against ORT (relative 1e-3) before anything is timed.
 
     TVM_NUM_THREADS=1 .venv/bin/python benchmarks/dense.py [--rounds 5] [--resnet50] [--ablations]
+        [--layers 0 1 ...] [--variants gemm direct ...] [--target '{"kind":"llvm","mcpu":"znver3"}']
         [--json benchmarks/results/dense.1t.json]
+
+``--target`` builds every tvm_patdnn variant for another CPU than the host's (e.g. the AVX2 build of the
+same kernels on an AVX-512 host); ORT is ORT either way.
 
 The thread count is TVM's ``TVM_NUM_THREADS``, read when the runtime starts (one process per
 thread count).
@@ -61,6 +67,7 @@ from tvm_patdnn.ops.dense_conv import DenseConvSpec  # noqa: E402
 from tvm_patdnn.pipeline import get_pipeline  # noqa: E402
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers  # noqa: E402
 from tvm_patdnn.transform import DenseConvRewrite  # noqa: E402
+from tvm_patdnn.transform.dense_conv_rewrite import DenseConvRewriter  # noqa: E402
 
 # (in channels, out channels, input size, stride, kernel): the distinct dense convs of ResNet-50
 # v1.5 (stride on the 3x3), 1x1 first, then the 3x3s and the 7x7 stem (padding kernel // 2).
@@ -73,6 +80,8 @@ RESNET50_CONVS = [
     (256, 256, 14, 1, 3), (512, 512, 14, 2, 3), (512, 512, 7, 1, 3),
 ]
 RTOL = 1e-3
+VARIANTS = ["tvm_patdnn", "gemm", "direct", "old rule", "no panel copy", "1 pixel vector"]
+MODEL_VARIANTS = ["1x1 on gemm", "1x1 on direct", "gemm+direct", "gemm", "old rule"]
 
 
 def conv_model(in_c: int, out_c: int, size: int, stride: int, kernel: int) -> onnx.ModelProto:
@@ -102,11 +111,23 @@ def resnet50_model() -> onnx.ModelProto:
     return export_onnx(module, (1, 3, 224, 224))
 
 
+class PointwiseOnly(DenseConvRewriter):
+    """``DenseConvRewrite`` on the 1x1 convs only: run before the default pipeline, it puts them on
+    the kernel it is told to and leaves every other conv to the pipeline."""
+
+    def kernel_for(self, spec: DenseConvSpec) -> str | None:
+        return super().kernel_for(spec) if spec.kernel == (1, 1) else None
+
+
 def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Target):
     """The compiled model of one variant (see the module docstring)."""
     if variant == "tvm_patdnn":
         return tvm_patdnn.compile(model, target, tuning_db=False).executable
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    if variant.startswith("1x1 on "):
+        rewrite = tvm.transform.module_pass(PointwiseOnly, opt_level=0, name="PointwiseOnly")
+        mod = rewrite(vector_registers(target), vector_lanes(target), kernel=variant.split()[-1])(mod)
+        return tvm.compile(mod, target, relax_pipeline=get_pipeline(target))
     if variant != "old rule":
         options = {"gemm": {"kernel": "gemm"}, "direct": {"kernel": "direct"}, "gemm+direct": {},
                    "no panel copy": {"kernel": "gemm", "pack_panel": False},
@@ -194,16 +215,22 @@ def main() -> None:
     parser.add_argument("--resnet50", action="store_true", help="also the whole dense ResNet-50")
     parser.add_argument("--layers", type=int, nargs="*", help="indices into RESNET50_CONVS (default: all)")
     parser.add_argument("--ablations", action="store_true", help="also the GEMM kernel's ablations")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=VARIANTS[1:4],
+                        help="what runs beside tvm_patdnn and ORT (the table needs gemm and old rule for its ratios)")
+    parser.add_argument("--model-variants", nargs="*", choices=MODEL_VARIANTS, default=MODEL_VARIANTS,
+                        help="what runs beside tvm_patdnn and ORT on the whole ResNet-50")
+    parser.add_argument("--target", default="x86",
+                        help='x86 (the host CPU) or target JSON, e.g. \'{"kind":"llvm","mcpu":"znver3"}\' for AVX2')
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
-    target = resolve_target("x86")
+    target = resolve_target(args.target)
     with tempfile.TemporaryDirectory() as scratch:
         machine = machine_summary([threads], Path(scratch))
     peak = machine["fma_peak_gflops"][str(threads)]
     print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
 
-    variants = ["tvm_patdnn", "gemm", "direct", "old rule"]
+    variants = ["tvm_patdnn", *args.variants]
     variants += ["no panel copy", "1 pixel vector"] if args.ablations else []
     chooser = DenseConvRewrite(vector_registers(target), vector_lanes(target))
     rows = []
@@ -220,20 +247,20 @@ def main() -> None:
                      "chosen": chooser.kernel_for(spec)})
         print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in medians(ms).items()), flush=True)
     for row in rows:
-        for variant in variants:
+        for variant in {*variants, *VARIANTS[:4]}:
             row["ms"].setdefault(variant, [float("nan")])
-    table = layer_table(rows, peak, variants)
+    table = layer_table(rows, peak, variants) if rows else ""
     print("\n" + table)
 
     models = {}
     if args.resnet50:
-        times = measure(resnet50_model(), ["tvm_patdnn", "gemm+direct", "gemm", "old rule"], target, threads,
+        times = measure(resnet50_model(), ["tvm_patdnn", *args.model_variants], target, threads,
                         args.rounds, may_fail=("tvm_patdnn",))
         models["resnet50"] = times
         print(f"\nResNet-50 dense, {threads} thread(s): " + ", ".join(f"{k} {v:.1f} ms" for k, v in medians(times).items()))
         for ours in [v for v in ("tvm_patdnn", "gemm+direct") if v in times]:
-            print(f"{ours} vs ORT {speedup(times, 'ORT', ours):.2f}x, vs GEMM only {speedup(times, 'gemm', ours):.2f}x"
-                  + f", vs old rule {speedup(times, 'old rule', ours):.2f}x")
+            print(f"{ours}: " + ", ".join(f"vs {other} {speedup(times, other, ours):.2f}x"
+                                         for other in times if other != ours))
 
     if args.json:
         result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,

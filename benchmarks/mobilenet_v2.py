@@ -10,18 +10,20 @@ benchmarks and tests import.
 
 The benchmark (one process per thread count, ``TVM_NUM_THREADS`` set before tvm starts):
 
-- whole model: tvm_patdnn (``compile(model, "x86", tuning_db=False)``) vs ORT (``ORT_ENABLE_ALL``,
+- whole model: tvm_patdnn (``compile(model, target, tuning_db=False)``, ``--target``, default the host
+  CPU ``x86``) vs ORT (``ORT_ENABLE_ALL``,
   as many intra-op threads), after checking that both agree (relative 1e-3) and agree on the
   top-5 classes; interleaved rounds, medians, the ratio as the median of per-round ratios;
 - a per-kernel profile of the whole model (``vm.set_instrument``: time between the before and
   after calls of every packed call, summed by kernel kind);
-- the depthwise layers one by one (Conv + bias + Clip(0, 6), the model's own weights, ``--batch``):
-  tvm_patdnn's depthwise kernel, ORT, and the old rule (``get_pipeline(..., dense_kernels=False)``:
-  the legalized conv2d with the ``DenseConv2dCPU`` schedule), GFLOP/s and % of the FMA peak
-  measured by ``machine.py``.
+- the depthwise layers (``--layers depthwise``, the default) or the 1x1 layers (``--layers pointwise``)
+  one by one (Conv + bias (+ Clip(0, 6) where the model has it), the model's own weights, ``--batch``):
+  tvm_patdnn's kernel, ORT, and the old rule (``get_pipeline(..., dense_kernels=False)``: the
+  legalized conv2d with the ``DenseConv2dCPU`` schedule), GFLOP/s and % of the FMA peak measured by
+  ``machine.py``.
 
-    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/mobilenet_v2.py [--rounds 5]
-        [--json benchmarks/results/mobilenet_v2.1t.json]
+    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/mobilenet_v2.py [--rounds 5] [--layers pointwise]
+        [--no-layers | --no-model] [--target JSON] [--json benchmarks/results/mobilenet_v2.1t.json]
 """
 
 from __future__ import annotations
@@ -106,34 +108,46 @@ def mobilenet_v2_onnx(batch: int = 1):
     return export_onnx(module, (batch, 3, 224, 224))
 
 
-def depthwise_layers(model: onnx.ModelProto) -> list[dict]:
-    """Every depthwise conv of ``model``: its weight, bias, input size and stride."""
+def conv_layers(model: onnx.ModelProto, kind: str) -> list[dict]:
+    """Every ``kind`` ("depthwise" or "pointwise": 1x1) conv of ``model``: its weight, bias, input size,
+    stride, groups and whether a Clip (ReLU6) follows it."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    users: dict[str, list[str]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            users[name].append(node.op_type)
     layers = []
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Conv" and attrs.get("group", 1) > 1:
-            layers.append({"name": node.name, "weight": inits[node.input[1]], "bias": inits[node.input[2]],
-                           "size": shapes[node.input[0]][2], "stride": attrs["strides"][0]})
+        if node.op_type != "Conv":
+            continue
+        weight, group = inits[node.input[1]], attrs.get("group", 1)
+        if (group > 1) if kind == "depthwise" else (group == 1 and weight.shape[2:] == (1, 1)):
+            layers.append({"name": node.name, "weight": weight, "bias": inits[node.input[2]],
+                           "size": shapes[node.input[0]][2], "stride": attrs["strides"][0], "group": group,
+                           "clip": users[node.output[0]] == ["Clip"]})
     return layers
 
 
-def depthwise_model(weight: np.ndarray, bias: np.ndarray, size: int, stride: int, batch: int = 1) -> onnx.ModelProto:
-    """One depthwise 3x3 conv (pad 1) + bias + Clip(0, 6) as ONNX (opset 17)."""
-    channels = weight.shape[0]
-    out = (size + 2 - 3) // stride + 1
+def single_conv_model(layer: dict, batch: int = 1) -> onnx.ModelProto:
+    """One conv of :func:`conv_layers` (padding kernel // 2) + bias (+ Clip(0, 6)) as ONNX (opset 17)."""
+    weight, size, stride = layer["weight"], layer["size"], layer["stride"]
+    out_c, in_c, kernel = weight.shape[0], weight.shape[1] * layer["group"], weight.shape[2]
+    out = (size + 2 * (kernel // 2) - kernel) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if layer["clip"] else "y"], name="conv",
+                              group=layer["group"], strides=[stride] * 2, pads=[kernel // 2] * 4)]
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(layer["bias"], "b")]
+    if layer["clip"]:
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                  numpy_helper.from_array(np.array(6, np.float32), "hi")]
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="dw", group=channels, strides=[stride] * 2, pads=[1] * 4),
-         helper.make_node("Clip", ["c", "lo", "hi"], ["y"])],
-        "depthwise",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, channels, out, out])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"),
-         numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")],
-    )
+        nodes, "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, in_c, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, out_c, out, out])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -169,14 +183,14 @@ def ratio(times: dict[str, list[float]], slower: str, faster: str = "tvm_patdnn"
     return statistics.median(a / b for a, b in zip(times[slower], times[faster]))
 
 
-def whole_model(model: onnx.ModelProto, threads: int, rounds: int) -> dict:
+def whole_model(model: onnx.ModelProto, target: str, threads: int, rounds: int) -> dict:
     import tvm
     from layers import time_ms, vm_of
 
     import tvm_patdnn
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    compiled = tvm_patdnn.compile(model, "x86", tuning_db=False)
+    compiled = tvm_patdnn.compile(model, target, tuning_db=False)
     ort = ort_runner(model, x, threads)
     ours, theirs = compiled.run({"input": x})[0], ort.output()
     error = agree(ours, theirs)
@@ -188,8 +202,8 @@ def whole_model(model: onnx.ModelProto, threads: int, rounds: int) -> dict:
     return {"ms": times, "relative_error": error, "top5": top5[0], "profile_ms": profile(compiled, x)}
 
 
-def layer_rows(model: onnx.ModelProto, threads: int, rounds: int, batch: int) -> list[dict]:
-    """Every depthwise layer alone: tvm_patdnn, ORT and the old rule, interleaved."""
+def layer_rows(model: onnx.ModelProto, kind: str, target: str, threads: int, rounds: int, batch: int) -> list[dict]:
+    """Every ``kind`` layer (:func:`conv_layers`) alone: tvm_patdnn, ORT and the old rule, interleaved."""
     import tvm
     from layers import time_ms, vm_of
     from tvm import relax
@@ -199,13 +213,13 @@ def layer_rows(model: onnx.ModelProto, threads: int, rounds: int, batch: int) ->
     from tvm_patdnn.pipeline import get_pipeline
     from tvm_patdnn.targets import resolve_target
 
-    target = resolve_target("x86")
+    target = resolve_target(target)
     rows = []
-    for layer in depthwise_layers(model):
-        single = depthwise_model(layer["weight"], layer["bias"], layer["size"], layer["stride"], batch)
-        x = np.random.default_rng(1).standard_normal((batch, layer["weight"].shape[0], layer["size"], layer["size"]))
-        x = x.astype(np.float32)
-        ours = tvm_patdnn.compile(single, "x86", tuning_db=False)
+    for layer in conv_layers(model, kind):
+        single = single_conv_model(layer, batch)
+        in_c = layer["weight"].shape[1] * layer["group"]
+        x = np.random.default_rng(1).standard_normal((batch, in_c, layer["size"], layer["size"])).astype(np.float32)
+        ours = tvm_patdnn.compile(single, target, tuning_db=False)
         old = tvm.compile(relax.transform.FoldConstant()(import_onnx(single).mod), target,
                           relax_pipeline=get_pipeline(target, dense_kernels=False))
         ort = ort_runner(single, x, threads)
@@ -217,10 +231,12 @@ def layer_rows(model: onnx.ModelProto, threads: int, rounds: int, batch: int) ->
             if error > RTOL:
                 raise RuntimeError(f"{name} differs from ORT on {layer['name']} by {error:.1e}")
             runners[name] = (lambda vm, tx: lambda: time_ms(vm, tx, number=1))(vm, tx)
+        out_c, per_group, kernel = layer["weight"].shape[:3]
         out = (layer["size"] - 1) // layer["stride"] + 1
-        channels = layer["weight"].shape[0]
-        rows.append({"layer": f"{channels}ch {layer['size']}x{layer['size']} s{layer['stride']}",
-                     "mflop": 2 * batch * channels * out * out * 9 / 1e6, "ms": interleaved(runners, rounds)})
+        shape = f"{out_c}ch" if kind == "depthwise" else f"{in_c}->{out_c}"
+        rows.append({"layer": f"{shape} {layer['size']}x{layer['size']} s{layer['stride']}",
+                     "mflop": 2 * batch * out_c * per_group * kernel * kernel * out * out / 1e6,
+                     "ms": interleaved(runners, rounds)})
         print(f"{rows[-1]['layer']}: " + ", ".join(f"{k} {statistics.median(v):.3f} ms" for k, v in rows[-1]["ms"].items()),
               flush=True)
     return rows
@@ -250,8 +266,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=1, help="batch of the depthwise layer table")
+    parser.add_argument("--batch", type=int, default=1, help="batch of the per-layer table")
     parser.add_argument("--no-layers", action="store_true", help="the whole model only")
+    parser.add_argument("--layers", choices=("depthwise", "pointwise"), default="depthwise",
+                        help="which convs the per-layer table times (pointwise: the 1x1s)")
+    parser.add_argument("--no-model", action="store_true", help="the per-layer table only")
+    parser.add_argument("--target", default="x86",
+                        help='x86 (the host CPU) or target JSON, e.g. \'{"kind":"llvm","mcpu":"znver3"}\' for AVX2')
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
@@ -261,15 +282,17 @@ def main() -> None:
     print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
     model = mobilenet_v2_onnx()
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,
-              "rounds": args.rounds, "model": whole_model(model, threads, args.rounds)}
-    times = result["model"]["ms"]
-    print(f"MobileNetV2, {threads} thread(s): ORT {statistics.median(times['ORT']):.2f} ms, tvm_patdnn "
-          f"{statistics.median(times['tvm_patdnn']):.2f} ms; tvm_patdnn vs ORT {ratio(times, 'ORT'):.2f}x "
-          f"(outputs agree to {result['model']['relative_error']:.1e}, same top-5)")
-    print("per-kernel profile (ms per inference): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in result["model"]["profile_ms"].items() if v >= 0.05))
+              "target": args.target, "rounds": args.rounds}
+    if not args.no_model:
+        result["model"] = whole_model(model, args.target, threads, args.rounds)
+        times = result["model"]["ms"]
+        print(f"MobileNetV2, {threads} thread(s): ORT {statistics.median(times['ORT']):.2f} ms, tvm_patdnn "
+              f"{statistics.median(times['tvm_patdnn']):.2f} ms; tvm_patdnn vs ORT {ratio(times, 'ORT'):.2f}x "
+              f"(outputs agree to {result['model']['relative_error']:.1e}, same top-5)")
+        print("per-kernel profile (ms per inference): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in result["model"]["profile_ms"].items() if v >= 0.05))
     if not args.no_layers:
-        rows = layer_rows(model, threads, args.rounds, args.batch)
+        rows = layer_rows(model, args.layers, args.target, threads, args.rounds, args.batch)
         result.update(batch=args.batch, layers=rows, table=layer_table(rows, peak))
         print("\n" + result["table"])
     if args.json:

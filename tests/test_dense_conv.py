@@ -13,7 +13,7 @@ from test_compiler import assert_close, check_against_reference
 from tvm import relax
 
 import tvm_patdnn
-from tvm_patdnn.ops.dense_conv import DENSE_CONV_ATTR, register_tile
+from tvm_patdnn.ops.dense_conv import DENSE_CONV_ATTR, DenseConvSpec, register_tile
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
 from tvm_patdnn.transform import DenseConvRewrite
 
@@ -143,12 +143,19 @@ def _single_conv(in_c, out_c, size, kernel=1, **attrs) -> onnx.ModelProto:
     (40, 66, 6, 3, {"pads": [1, 1, 1, 1]}),  # 360 taps: several reduction blocks
     (300, 13, 5, 1, {}),  # 300 channels: several reduction blocks of a 1x1
     (7, 70, 3, 3, {}),  # one output pixel
+    (160, 96, 7, 1, {}),  # AVX-512: a 1x1 on the direct kernel, 96 filters as 2 blocks of 3 vectors
+    (130, 40, 9, 1, {"strides": [2, 2]}),  # AVX-512: a strided 1x1 on the direct kernel, a ragged block
 ])
 def test_kxk_convs_match_reference_on_the_direct_kernel(in_c, out_c, size, kernel, attrs):
     """KxK convs with at least a vector of filters run on the direct kernel (AVX2 and AVX-512 hosts);
-    1x1 convs on the GEMM."""
+    1x1 convs on the GEMM, or on AVX-512 hosts on the direct kernel from 128 input channels."""
     compiled = check_against_reference(_single_conv(in_c, out_c, size, kernel, **attrs), kernel)
-    assert dense_kernel_calls(compiled, ("direct_conv" if kernel > 1 else "dense_conv",)) == 1
+    target = resolve_target("x86")
+    stride = attrs.get("strides", [1])[0]
+    spec = DenseConvSpec(batch=2, in_channels=in_c, height=size, width=size, out_channels=out_c, lanes=1,
+                         kernel=(kernel, kernel), strides=(stride, stride), padding=tuple(attrs.get("pads", [0] * 4)))
+    chosen = DenseConvRewrite(vector_registers(target), vector_lanes(target)).kernel_for(spec)
+    assert dense_kernel_calls(compiled, ({"gemm": "dense_conv", "direct": "direct_conv"}[chosen],)) == 1
 
 
 @pytest.mark.parametrize("in_c, out_c, kernel, attrs", [
@@ -167,6 +174,8 @@ def test_register_tile_follows_the_target():
     assert register_tile(32, 4, 49) == (14, 2, 4)  # NEON
     assert register_tile(16, 8, 9) == (13, 1, 8)  # one vector of pixels: more filters
     assert register_tile(16, 8, 5) == (13, 1, 5)  # smaller than a vector: a narrower one
+    assert DenseConvRewrite(32, 16).gemm_vectors() == (16, 8)  # AVX-512: AVX2's 6 x 2 of 8 lanes (Zen 4)
+    assert DenseConvRewrite(16, 8).gemm_vectors() == (16, 8) and DenseConvRewrite(32, 4).gemm_vectors() == (32, 4)
     targets = {
         '{"kind":"llvm","mcpu":"znver3"}': (16, 8),
         '{"kind":"llvm","mcpu":"skylake-avx512"}': (32, 16),

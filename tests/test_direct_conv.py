@@ -169,6 +169,11 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     rewrite = DenseConvRewrite(16, 8)
     assert rewrite.kernel_for(DenseConvSpec(**shape)) == "gemm"
     assert rewrite.kernel_for(DenseConvSpec(**shape, strides=(2, 2))) == "gemm"
+    assert rewrite.kernel_for(DenseConvSpec(**{**shape, "in_channels": 512})) == "gemm"
+    avx512 = DenseConvRewrite(32, 16)  # 1x1: direct from 128 input channels, the GEMM below
+    assert avx512.kernel_for(DenseConvSpec(**shape)) == "gemm"
+    assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 128})) == "direct"
+    assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 512}, strides=(2, 2))) == "direct"
     assert rewrite.kernel_for(DenseConvSpec(**shape, kernel=(3, 3), padding=(1, 1, 1, 1))) == "direct"
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 7}, kernel=(3, 3))) is None  # < lanes
     assert DenseConvRewrite(16, 8, kernel="gemm").kernel_for(DenseConvSpec(**shape, kernel=(3, 3))) == "gemm"
@@ -183,6 +188,10 @@ def test_register_tile_follows_the_target():
     assert direct_register_tile(32, 4, 64, 3136) == (6, 3)  # NEON: by-element FMAs keep inputs in registers
     assert direct_register_tile(16, 8, 5, 3136) == (6, 1)  # few filters: one vector
     assert direct_register_tile(16, 8, 64, 4) == (4, 3)  # 4 pixels: more filter vectors fit
+    assert direct_register_tile(32, 16, 96, 196) == (6, 3)  # AVX-512: 96 filters, 2 x 3 vectors pad none
+    assert direct_register_tile(32, 16, 160, 49) == (6, 2)  # 160: 5 x 2 vectors, not 3 x 4
+    assert direct_register_tile(32, 16, 16, 49) == (6, 1)
+    assert direct_register_tile(16, 8, 24, 49) == (6, 2) and direct_register_tile(32, 4, 64, 49) == (6, 3)  # kept
 
 
 def _reduction_loops(asm: str, fma: str) -> list[tuple[int, int]]:

@@ -7,12 +7,23 @@ Runs after :class:`~tvm_patdnn.transform.PatternConvRewrite`, on the convs it le
 constant weights, so the weight is packed for the target's register tile at compile time and
 the whole chain becomes one ``call_tir`` writing each output once from registers. The choice
 (:meth:`DenseConvRewriter.kernel_for`), from side-by-side measurements on ResNet-50 shapes
-(``benchmarks/dense.py``, AMD EPYC Zen 3, 1 thread; the numbers in the README):
+(``benchmarks/dense.py``, AMD EPYC Zen 3 and Zen 4, 1 thread; the numbers in the README):
 
-* 1x1 convs take the GEMM: its pixel vectors read a pointwise input as contiguous rows, where the
-  direct kernel broadcasts one scalar per pixel and channel (direct / GEMM 0.58-0.99x on 10 of
-  the 15 ResNet-50 1x1 layers, e.g. 2048->512 at 7x7 0.59x, 256->512 s2 0.58x; the other five
-  0.77-1.34x across runs);
+* 1x1 convs take the GEMM on AVX2 and NEON: its pixel vectors read a pointwise input as contiguous
+  rows, where the direct kernel broadcasts one scalar per pixel and channel (Zen 3: direct / GEMM
+  0.58-0.99x on 10 of the 15 ResNet-50 1x1 layers, e.g. 2048->512 at 7x7 0.59x, 256->512 s2 0.58x;
+  the other five 0.77-1.34x across runs);
+* on AVX-512 (measured on Zen 4, which runs 512-bit FMAs on 256-bit units: the same FMA peak as
+  AVX2; 1 thread, interleaved rounds on a shared box) 1x1 convs with at least
+  ``DIRECT_POINTWISE_CHANNELS`` input channels take the direct kernel: its 6 pixels x 4 vectors
+  tile beat the GEMM's 14 filters x 2 vectors on 14 of the 15 ResNet-50 1x1 layers (1.0-1.8x: most
+  on 7x7 images, where the GEMM's 32-pixel tiles compute 64 pixels for 49, and on stride 2). With
+  fewer channels its scalar NCHW stores (6 x 64 per tile, against 6 x 64 x C FMAs) dominate
+  (MobileNetV2 16->96 at 112x112 0.41x ORT, 24->144 at 56x56 0.78x) and the GEMM stays, with
+  AVX2's tile of 6 filters x 2 vectors of 8 lanes (``gemm_vectors``): 1.03-1.40x over its 14 x 2
+  zmm tile on every such layer of ResNet-50 and MobileNetV2 (16-pixel tiles waste less, 6 filters
+  divide 24, 96, 144 ...). Not measured on an Intel AVX-512 core, whose 512-bit FMAs double the peak:
+  there an 8-lane GEMM tops out at half of it;
 * KxK convs with at least ``lanes`` filters take the direct kernel: no window copy, any stride
   at the same cost, no overlap waste on small images (direct / GEMM 1.01-1.81x on every KxK
   layer: the 7x7 stem 1.43x, 3x3 64 at 56x56 1.54x, 3x3 512 at 14x14 s2 1.81x).
@@ -34,6 +45,10 @@ from ..ops.direct_conv import DirectConvSpec, direct_conv_primfunc, pack_direct_
 from .pattern_conv_rewrite import OPAQUE, _per_channel_bias, _static_shape
 
 __all__ = ["DenseConvRewrite", "DenseConvRewriter"]
+
+# On AVX-512, 1x1 convs with at least this many input channels run on the direct kernel: it writes
+# its 6 pixels x 64 filters tile to NCHW as scalars, which fewer channels' FMAs do not amortise.
+DIRECT_POINTWISE_CHANNELS = 128
 
 
 def _is_dense_conv(conv: relax.Call, weight: relax.Expr) -> bool:
@@ -170,7 +185,7 @@ class DenseConvRewriter:
             return None
         n, c, h, w = _static_shape(conv.args[0])
         spec = DenseConvSpec.for_target(
-            self.registers, self.lanes, self.vectors, batch=n, in_channels=c, height=h, width=w,
+            *self.gemm_vectors(), self.vectors, batch=n, in_channels=c, height=h, width=w,
             out_channels=out_shape[1], kernel=_static_shape(weight)[2:],
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
             has_bias=bias is not None, residual=residual is not None,
@@ -182,11 +197,18 @@ class DenseConvRewriter:
             spec = dataclasses.replace(spec, pack_panel=False)
         return conv, spec, bias, residual
 
+    def gemm_vectors(self) -> tuple[int, int]:
+        """(registers, lanes) the GEMM's register tile is sized from: the target's, except on AVX-512,
+        where it is AVX2's 6 filters x 2 vectors of 8 lanes (see the module docstring)."""
+        return (16, 8) if self.lanes >= 16 else (self.registers, self.lanes)
+
     def kernel_for(self, spec: DenseConvSpec) -> str | None:
         """``"gemm"`` or ``"direct"``: the kernel that runs this conv (the rule in the module
         docstring, unless ``kernel`` forces one), None for the legalized conv2d."""
         if spec.kernel == (1, 1):
-            return "direct" if self.kernel == "direct" else "gemm"
+            if self.kernel != "auto":
+                return self.kernel
+            return "direct" if self.lanes >= 16 and spec.in_channels >= DIRECT_POINTWISE_CHANNELS else "gemm"
         if self.kernel == "gemm":
             # the window copy would cost more than half the multiply-adds it feeds
             return "gemm" if spec.out_channels >= 4 * self.lanes else None
