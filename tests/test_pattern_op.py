@@ -11,14 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_factory import ConvSpec, build_cnn, pattern_weight, reference_outputs
 from onnx import numpy_helper
+from tvm import relax
 
 import tvm_patdnn
 from tvm_patdnn.analysis import analyze_conv_weight, cover_masks
 from tvm_patdnn.fkw import pack_fkw
+from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.kernel_patterns import kernel_masks, popcount
-from tvm_patdnn.ops.pattern_conv import PatternConvSpec, cheapest_layout, choose_layout, pattern_conv2d_primfunc
+from tvm_patdnn.ops.pattern_conv import (PATTERN_CONV_ATTR, PatternConvSpec, cheapest_layout, choose_layout,
+                                         pattern_conv2d_primfunc)
 from tvm_patdnn.schedule_rules import PatternConvCPU
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
+from tvm_patdnn.transform import PatternConvRewrite
 
 
 @settings(max_examples=60, deadline=None)
@@ -147,15 +151,36 @@ def test_avx512_cost_model_picks_the_vector_width_per_image_size():
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
 
 
-@pytest.mark.parametrize("size, stride", [(2, 1), (4, 1), (8, 1), (14, 1), (9, 2)])
-def test_avx512_layouts_match_the_onnx_reference(size, stride):
-    """Every AVX-512 layout class the cost model picks (256-bit flat and rows, 512-bit rows,
-    strided) builds, and where the host has AVX-512 it matches onnx.reference."""
+def test_2x2_layers_take_the_tap_lane_kernel_on_avx512_only():
+    model = build_cnn(np.random.default_rng(5), (1, 8, 2, 2), [ConvSpec(16, connectivity=2.0)])
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    for lanes, tap_lanes in ((16, True), (8, False)):
+        rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
+        layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
+                   if isinstance(func, tvm.tirx.PrimFunc) and PATTERN_CONV_ATTR in (func.attrs or {})]
+        assert [bool(layout.get("tap_lanes", 0)) for layout in layouts] == [tap_lanes]
+
+
+@pytest.mark.parametrize(
+    "size, stride, batch, bias, relu",
+    [
+        (2, 1, 1, True, True),  # the (pixel x tap) kernel
+        (2, 1, 2, False, False),  # the same, batch 2, no bias, no ReLU
+        (3, 1, 1, True, True),  # 256-bit flat
+        (8, 1, 1, True, True),  # 256-bit rows
+        (14, 1, 1, True, True),  # 512-bit rows
+        (9, 2, 1, True, True),  # strided
+    ],
+)
+def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu):
+    """Every AVX-512 kernel class (the 2x2 (pixel x tap) kernel, and the cost model's 256-bit flat
+    and rows, 512-bit rows and strided layouts) builds, and where the host has AVX-512 it matches
+    onnx.reference."""
     rng = np.random.default_rng(size)
-    model = build_cnn(rng, (1, 8, size, size), [ConvSpec(16, stride=stride, connectivity=2.0)])
+    model = build_cnn(rng, (batch, 8, size, size), [ConvSpec(16, stride=stride, connectivity=2.0, bias=bias, relu=relu)])
     compiled = tvm_patdnn.compile(model, AVX512)
     assert [r.kind for r in compiled.report] == ["pattern"]
     if vector_lanes(resolve_target("x86")) != 16:
         pytest.skip("this host cannot run AVX-512 code")
-    x = rng.standard_normal((1, 8, size, size)).astype(np.float32)
+    x = rng.standard_normal((batch, 8, size, size)).astype(np.float32)
     np.testing.assert_allclose(compiled.run({"input": x})[0], reference_outputs(model, {"input": x})[0], rtol=1e-4, atol=1e-4)

@@ -20,6 +20,7 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from ..analysis import analyze_conv_weight
 from ..fkw import pack_fkw
 from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
+from ..ops.pattern_conv_2x2 import pattern_conv_2x2_primfunc, tap_lanes_apply
 from ..ops.sparse_pointwise import MAX_DENSITY, block_density
 from ..report import ConvRecord
 
@@ -235,15 +236,18 @@ class PatternConvRewrite:
             fkw, fields["data_shape"], fields["stride"], fields["padding"], bias is not None, relu, self.vector_width,
             self.accumulators,
         )
-        func = pattern_conv2d_primfunc(spec).with_attr("op_pattern", OPAQUE)
+        # 2x2 images on AVX-512: the scheduled (pixel x tap) kernel, which takes FKW's filter order
+        # itself; otherwise the compute the rules schedule, which takes its inverse.
+        tap_lanes = tap_lanes_apply(spec, self.vector_width)
+        func = pattern_conv_2x2_primfunc(spec) if tap_lanes else pattern_conv2d_primfunc(spec)
         name = "pattern_conv2d_" + "".join(ch if ch.isalnum() else "_" for ch in fields["name"])
-        gvar = self._builder.add_func(func, name)
+        gvar = self._builder.add_func(func.with_attr("op_pattern", OPAQUE), name)
         args = [
             conv.args[0],
             relax.const(fkw.values),
             relax.const(fkw.channels),
             relax.const(fkw.offsets),
-            relax.const(np.argsort(fkw.order).astype(np.int32)),
+            relax.const(fkw.order if tap_lanes else np.argsort(fkw.order).astype(np.int32)),
         ] + ([relax.const(bias)] if bias is not None else [])
         return gvar, args
 
