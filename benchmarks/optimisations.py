@@ -11,7 +11,8 @@ operator and schedule for this machine, and again with one optimisation taken aw
 * register tile: rows x columns of output vectors accumulate in registers, and the input vectors
   their taps share are loaded once (without: one output vector at a time);
 * tap partial sums: small tiles split each vector's sum over the taps into independent chains;
-* flat small-image layout: 4x4 and 2x2 outputs computed over the flattened padded image;
+* flat small-image layouts: 4x4 and 2x2 outputs computed over the flattened padded image (and,
+  on AVX-512, over per-channel shifted windows);
 * vectorised output stage: the epilogue vectorised along output rows (without: left to LLVM,
   which on AVX-512 targets vectorises it into gathers and scatters);
 * filter-kernel reorder: filters sorted by kernel count (without: the model's filter order);

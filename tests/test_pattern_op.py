@@ -91,6 +91,8 @@ def _run_op(spec: PatternConvSpec, fkw, x: np.ndarray, bias: np.ndarray, target)
         (9, 2, (1, 1, 1, 1), False, 8, 2),  # strided: row layout, phase-split input
         (12, 1, (1, 1, 1, 1), False, 1, None),  # no register tile at all
         (33, 1, (1, 1, 1, 1), None, 16, None),  # layout chosen by choose_layout
+        (4, 1, (1, 1, 1, 1), "windows", 8, None),  # the 9 shifted 4x4 windows of each channel, 2 vectors
+        (3, 1, (0, 1, 2, 1), "windows", 8, 1),  # uneven padding
     ],
 )
 def test_every_layout_matches_the_onnx_reference(size, stride, pads, flat, accumulators, partials):
@@ -99,7 +101,10 @@ def test_every_layout_matches_the_onnx_reference(size, stride, pads, flat, accum
     weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer)
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
     spec = PatternConvSpec.from_fkw(fkw, (1, 6, size, size), (stride, stride), pads, True, True)
-    spec = choose_layout(spec, accumulators, flat=flat)
+    if flat == "windows":  # one 8-lane vector of the output's pixels per tile
+        spec = dataclasses.replace(spec, flat=False, windows=True, row_tile=1, column_tile=1, partials=2)
+    else:
+        spec = choose_layout(spec, accumulators, flat=flat)
     assert spec.row_tile * spec.column_tile * spec.partials <= accumulators
     if partials is not None:  # any layout is correct, whether it fits the registers or not
         spec = dataclasses.replace(spec, partials=partials)
@@ -133,8 +138,9 @@ def test_layout_fills_vectors_and_registers_per_target():
 
 
 def test_avx512_cost_model_picks_the_vector_width_per_image_size():
-    """16-lane targets choose among 512- and 256-bit layouts by modelled cycles: 256-bit where
-    512-bit vectors would be mostly padding (8x8 and smaller), 512-bit where rows fill them."""
+    """16-lane targets choose among 512- and 256-bit row, flat and windows layouts by modelled
+    cycles: 4x4 outputs as one 16-lane window vector per tap, 8x8 and 7x7 in 256-bit rows,
+    512-bit rows where rows fill them."""
     weight = pattern_weight(np.random.default_rng(4), 64, 64, n_patterns=8, connectivity=3.6)
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
 
@@ -142,10 +148,10 @@ def test_avx512_cost_model_picks_the_vector_width_per_image_size():
         spec = PatternConvSpec.from_fkw(fkw, (1, 64, size, size), (stride, stride), (1, 1, 1, 1), True, True, 16, 16)
         assert spec.row_tile * spec.column_tile * spec.partials <= 16
         assert spec == cheapest_layout(dataclasses.replace(spec, vector_width=16), 16, (16, 8))
-        return spec.vector_width, spec.flat
+        return spec.vector_width, "flat" if spec.flat else "windows" if spec.windows else "rows"
 
-    assert [layout(size) for size in (2, 4, 7, 8)] == [(8, True), (8, False), (8, False), (8, False)]
-    assert [layout(size) for size in (14, 32)] == [(16, False), (16, False)]
+    assert [layout(size) for size in (4, 7, 8)] == [(16, "windows"), (8, "rows"), (8, "rows")]
+    assert [layout(size) for size in (14, 32)] == [(16, "rows"), (16, "rows")]
 
 
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
@@ -166,15 +172,17 @@ def test_2x2_layers_take_the_tap_lane_kernel_on_avx512_only():
     [
         (2, 1, 1, True, True),  # the (pixel x tap) kernel
         (2, 1, 2, False, False),  # the same, batch 2, no bias, no ReLU
-        (3, 1, 1, True, True),  # 256-bit flat
+        (3, 1, 1, True, True),  # windows (9 pixels)
+        (4, 1, 2, True, True),  # windows, one full 512-bit vector, batch 2
+        (6, 1, 1, True, True),  # flat or rows, 256-bit
         (8, 1, 1, True, True),  # 256-bit rows
         (14, 1, 1, True, True),  # 512-bit rows
         (9, 2, 1, True, True),  # strided
     ],
 )
 def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu):
-    """Every AVX-512 kernel class (the 2x2 (pixel x tap) kernel, and the cost model's 256-bit flat
-    and rows, 512-bit rows and strided layouts) builds, and where the host has AVX-512 it matches
+    """Every AVX-512 kernel class (the 2x2 (pixel x tap) kernel, and the cost model's windows,
+    256-bit rows, 512-bit rows and strided layouts) builds, and where the host has AVX-512 it matches
     onnx.reference."""
     rng = np.random.default_rng(size)
     model = build_cnn(rng, (batch, 8, size, size), [ConvSpec(16, stride=stride, connectivity=2.0, bias=bias, relu=relu)])

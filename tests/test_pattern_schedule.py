@@ -42,6 +42,7 @@ LAYERS = {
     "16 lanes, 16 accumulators": dict(filters=8, channels=4, size=16, lanes=16, accumulators=16),
     "AVX-512 cost model, 8 lanes": dict(filters=8, channels=4, size=8, lanes=16, accumulators=16),
     "AVX-512 cost model, 8 lanes flat": dict(filters=8, channels=4, size=2, lanes=16, accumulators=16),
+    "AVX-512 cost model, windows": dict(filters=8, channels=8, size=4, lanes=16, accumulators=16),
 }
 
 

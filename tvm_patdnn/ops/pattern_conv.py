@@ -21,7 +21,10 @@ and register count, because the compute pads its output to it:
   output is one vector, whose four taps per kernel would otherwise form one dependency chain);
 * ``flat`` (small images, stride 1) computes over the row-major flattened padded image, where a
   tap is the constant shift ``dy * Wp + dx`` and one vector spans several output rows: a 2x2
-  output fills half an 8-lane vector instead of a quarter, a 4x4 two thirds instead of half.
+  output fills half an 8-lane vector instead of a quarter, a 4x4 two thirds instead of half;
+* ``windows`` (images of at most 16 output pixels, stride 1) copies, per input channel, the 9
+  shifted output-sized windows of the padded image compactly: a tap is one of them, so a 4x4
+  output is one full 16-lane vector per tap (every lane useful, aligned loads).
 
 AVX2 and NEON targets take :func:`choose_layout`'s rule (lane fill, then the largest tile);
 AVX-512 targets (16 lanes) take :func:`cheapest_layout`, a cycle model over 16- and 8-lane
@@ -76,10 +79,13 @@ class PatternConvSpec:
     column_tile: int = 1
     partials: int = 1
     flat: bool = False
+    windows: bool = False
 
     def __post_init__(self):
-        if self.flat and self.strides != (1, 1):
-            raise ValueError("the flat layout needs stride 1")
+        if (self.flat or self.windows) and self.strides != (1, 1):
+            raise ValueError("the flat and windows layouts need stride 1")
+        if self.flat and self.windows:
+            raise ValueError("a layout is flat or windows, not both")
         if self.taps % self.partials:
             raise ValueError(f"{self.partials} partial sums do not divide {self.taps} taps")
 
@@ -102,13 +108,14 @@ class PatternConvSpec:
 
     @property
     def acc_rows(self) -> int:
-        """Rows of the accumulator: output rows rounded up to the row tile (flat: one)."""
-        return 1 if self.flat else _round_up(self.out_height, self.row_tile)
+        """Rows of the accumulator: output rows rounded up to the row tile (flat, windows: one)."""
+        return 1 if self.flat or self.windows else _round_up(self.out_height, self.row_tile)
 
     @property
     def acc_columns(self) -> int:
         """Columns of the accumulator, a whole number of column tiles."""
-        length = self.out_height * self.padded_width if self.flat else self.out_width
+        length = (self.out_height * self.padded_width if self.flat else self.out_height * self.out_width
+                  if self.windows else self.out_width)
         return _round_up(length, self.vector_width * self.column_tile)
 
     @classmethod
@@ -140,7 +147,7 @@ def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     weights and rows), then partial sums over the taps with the registers left.
     """
     def untiled(flat: bool) -> PatternConvSpec:
-        return dataclasses.replace(spec, row_tile=1, column_tile=1, partials=1, flat=flat)
+        return dataclasses.replace(spec, row_tile=1, column_tile=1, partials=1, flat=flat, windows=False)
 
     def lane_fill(layout: PatternConvSpec) -> float:
         return layout.out_height * layout.out_width / (layout.acc_rows * layout.acc_columns)
@@ -160,6 +167,7 @@ _FMA_LATENCY = 4  # cycles: a chain of dependent FMAs issues one per 4 cycles
 _KERNEL_OVERHEAD = 1  # cycles per kernel: loop counter, channel address
 _RUN_OVERHEAD = 20  # cycles per (filter, pattern) run and tile: run bounds, loop entry and exit
 _FLAT_LOADS = 1.25  # flat layouts' input loads cost this much more (fitted; no row shares them)
+_WINDOW_PIXELS = 16  # the windows layout is a candidate for outputs of at most this many pixels
 _TILE_RESERVE = 2  # a register tile leaves this many of the accumulators free
 
 
@@ -171,6 +179,8 @@ def _input_vectors(spec: PatternConvSpec, taps) -> int:
     lanes, columns = spec.vector_width, range(spec.column_tile)
     if spec.flat:
         return len({c * lanes + dy * spec.padded_width + dx for c in columns for dy, dx in taps})
+    if spec.windows:
+        return len({(c, dy, dx) for c in columns for dy, dx in taps})
     return len({(r * sh + dy, dx % sw, c * lanes + dx // sw)
                 for r in range(spec.row_tile) for c in columns for dy, dx in taps})
 
@@ -197,22 +207,27 @@ def layout_cycles(spec: PatternConvSpec) -> float:
 
 def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tuple[int, ...],
                     flat: bool | None = None) -> PatternConvSpec:
-    """The layout of least :func:`layout_cycles` over the vector widths, row and flat layouts
-    (flat: stride 1 only, unless ``flat`` says) and every register tile of at most
+    """The layout of least :func:`layout_cycles` over the vector widths, row, flat and windows
+    layouts (stride 1 only; windows up to 16 output pixels; ``flat=False``: rows only, ``True``:
+    flat only) and every register tile of at most
     ``accumulators`` - 2 vectors (16-vector tiles measured 3-16% slower than smaller ones), with
     as many tap partial sums as the accumulators allow; ties go to wider vectors.
 
     On Zen 4 (``benchmarks/pattern_avx512.py``, 1 thread, against the AVX2 build of the same
     code) it picks 512-bit rows for outputs at least 14 wide (1.2-1.7x; the lane-fill rule's 16-lane
-    flat layouts at 28x28 and 56x56 were 0.7-0.75x) and 256-bit layouts for 8x8 and smaller
-    (about 1.0x; the lane-fill rule's 16-lane flat ones were 0.55-0.8x).
+    flat layouts at 28x28 and 56x56 were 0.7-0.75x), 512-bit windows for 4x4 outputs (1.5-1.7x)
+    and 256-bit rows for 8x8 and 7x7 (1.0-1.2x; the lane-fill rule's 16-lane flat ones were
+    0.55-0.8x).
     """
     tile_limit = max(1, accumulators - _TILE_RESERVE)
     candidates = []
     for width in vector_widths:
-        for is_flat in (False, True) if flat is None and spec.strides == (1, 1) else (bool(flat),):
-            base = dataclasses.replace(spec, vector_width=width, row_tile=1, column_tile=1, partials=1, flat=is_flat)
-            for row_tile in range(1, (1 if is_flat else min(tile_limit, base.out_height)) + 1):
+        kinds = [(False, False)] if flat is False or spec.strides != (1, 1) else [(True, False)] if flat else (
+            [(False, False), (True, False)] + [(False, True)] * (spec.out_height * spec.out_width <= _WINDOW_PIXELS))
+        for is_flat, windows in kinds:
+            base = dataclasses.replace(spec, vector_width=width, row_tile=1, column_tile=1, partials=1, flat=is_flat,
+                                       windows=windows)
+            for row_tile in range(1, (1 if is_flat or windows else min(tile_limit, base.out_height)) + 1):
                 for column_tile in range(1, min(base.acc_columns // width, tile_limit // row_tile) + 1):
                     partials = largest_divisor(spec.taps, accumulators // (row_tile * column_tile))
                     candidates.append(dataclasses.replace(base, row_tile=row_tile, column_tile=column_tile,
@@ -242,7 +257,8 @@ def _tap_table(patterns, p, t, component):
 
 def _padded_input(spec: PatternConvSpec, data):
     """The zero-padded input, laid out so that every tap of an output vector is a contiguous
-    vector: (n, c, 1, 1, flat index) when flat, else (n, c, row, phase, q) with the columns
+    vector: (n, c, 1, 1, flat index) when flat, (n, c, dy * 3 + dx, 1, output pixel) when
+    windows, else (n, c, row, phase, q) with the columns
     split by stride phase (column = q * sw + phase), since x*sw + dx == (x + dx//sw)*sw + dx%sw."""
     sh, sw = spec.strides
     top, left = spec.padding[0], spec.padding[1]
@@ -257,6 +273,14 @@ def _padded_input(spec: PatternConvSpec, data):
         length = spec.acc_columns + 2 * pitch + 2
         return te.compute((spec.batch, spec.in_channels, 1, 1, length),
                           lambda n, c, _h, _p, i: at(n, c, i // pitch, i % pitch), name="pad")
+    if spec.windows:
+        width, pixels = spec.out_width, spec.out_height * spec.out_width
+
+        def window(n, c, shift, _p, i):
+            value = at(n, c, i // width + shift // 3, i % width + shift % 3)
+            return tirx.if_then_else(i < pixels, value, zero)
+
+        return te.compute((spec.batch, spec.in_channels, 9, 1, spec.acc_columns), window, name="pad")
     rows = (spec.acc_rows - 1) * sh + 3
     columns = spec.acc_columns + 2 // sw
     return te.compute((spec.batch, spec.in_channels, rows, sw, columns),
@@ -279,6 +303,9 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
         if spec.flat:
             shift = _tap_table(spec.patterns, rp, t, lambda tap: tap[0] * spec.padded_width + tap[1])
             tap_input = xpad[n, channels[k], 0, 0, x + shift]
+        elif spec.windows:
+            shift = _tap_table(spec.patterns, rp, t, lambda tap: tap[0] * 3 + tap[1])
+            tap_input = xpad[n, channels[k], shift, 0, x]
         else:
             dy = _tap_table(spec.patterns, rp, t, lambda tap: tap[0])
             phase = _tap_table(spec.patterns, rp, t, lambda tap: tap[1] % sw)
@@ -294,7 +321,8 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
     acc = te.compute((spec.batch, spec.out_channels, spec.acc_rows, partials, spec.acc_columns), acc_body, name="acc")
 
     def epilogue(n, f, y, x):
-        row, column = (0, y * spec.padded_width + x) if spec.flat else (y, x)
+        row, column = ((0, y * spec.padded_width + x) if spec.flat else (0, y * spec.out_width + x) if spec.windows
+                       else (y, x))
         value = acc[n, inverse_order[f], row, 0, column]
         for q in range(1, partials):
             value = value + acc[n, inverse_order[f], row, q, column]
@@ -336,5 +364,6 @@ def _spec_attr(spec: PatternConvSpec) -> dict:
         "row_tile": spec.row_tile,
         "partials": spec.partials,
         "flat": int(spec.flat),
+        "windows": int(spec.windows),
         "relu": int(spec.relu),
     }
