@@ -16,6 +16,7 @@ from test_compiler import RTOL
 from test_direct_conv import conv_model
 from test_sparse_pointwise import sparse_models
 
+import tvm_patdnn
 from tvm_patdnn.ops.sparse_pointwise import BLOCK, MAX_DENSITY, block_density
 from tvm_patdnn.ops.sparse_pointwise_gpu import SparsePointwiseGPUSpec, gpu_threads, sparse_pointwise_gpu_primfunc
 from tvm_patdnn.phone.opencl_check import check_opencl
@@ -164,7 +165,8 @@ def test_rewrite_chooses_the_kernel_by_target() -> None:
 
 def test_pruned_model_on_adreno_runs_sparse_pointwise_layers() -> None:
     """Pattern 3x3 convs, (4, 1) block-sparse 1x1s (bias + ReLU, residual, strided, linear), a dense 1x1
-    and a 1x1 too dense to pay: the sparse ones, and only those, run the sparse kernel."""
+    and a 1x1 too dense to pay: the sparse ones, and only those, run the sparse kernel, and the report
+    says so."""
     convs = [
         ConvSpec(16, connectivity=2.0),  # pattern 3x3
         ConvSpec(32, kind="1x1", connectivity=4.0),  # sparse, bias + ReLU
@@ -177,6 +179,8 @@ def test_pruned_model_on_adreno_runs_sparse_pointwise_layers() -> None:
     model = build_cnn(np.random.default_rng(11), (2, 6, 11, 11), convs, head=True)
     assert sparse_layers(model) == 4
     result = check(model, sparse_layers=4)
+    kinds = [record.kind for record in tvm_patdnn.compile(model, "adreno").report]
+    assert kinds == ["pattern", "sparse", "sparse", "sparse", "dense", "dense", "sparse"]
     assert not any(launch.primfunc.startswith(("dense_conv", "direct_conv")) for launch in result.launches)
     sources = [s for name, s in result.sources.items() if name.startswith(SPARSE)]
     assert len(sources) == 4 and all("vload4(0, values_ptr" in s for s in sources)
