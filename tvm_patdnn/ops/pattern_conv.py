@@ -205,13 +205,22 @@ def layout_cycles(spec: PatternConvSpec) -> float:
     return tiles * (spec.n_kernels * kernel + spec.out_channels * len(spec.patterns) * _RUN_OVERHEAD)
 
 
+def _partials(spec: PatternConvSpec, vectors: int, accumulators: int) -> int:
+    """Tap partial sums for a tile of ``vectors``: the fewest whose chains' latency no longer
+    exceeds the tile's FMA issue (more only add accumulators and epilogue adds: 8x8 rows measured
+    1.03x faster with one than with two), within the accumulators."""
+    issue = vectors * spec.vector_width / 8 / 2  # cycles per tap
+    enough = [q for q in range(1, spec.taps + 1) if spec.taps % q == 0 and _FMA_LATENCY / q <= issue]
+    return min(enough[0] if enough else spec.taps, largest_divisor(spec.taps, accumulators // vectors))
+
+
 def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tuple[int, ...],
                     flat: bool | None = None) -> PatternConvSpec:
     """The layout of least :func:`layout_cycles` over the vector widths, row, flat and windows
     layouts (stride 1 only; windows up to 16 output pixels; ``flat=False``: rows only, ``True``:
     flat only) and every register tile of at most
     ``accumulators`` - 2 vectors (16-vector tiles measured 3-16% slower than smaller ones), with
-    as many tap partial sums as the accumulators allow; ties go to wider vectors.
+    the tap partial sums :func:`_partials` gives it; ties go to wider vectors.
 
     On Zen 4 (``benchmarks/pattern_avx512.py``, 1 thread, against the AVX2 build of the same
     code) it picks 512-bit rows for outputs at least 14 wide (1.2-1.7x; the lane-fill rule's 16-lane
@@ -229,9 +238,8 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
                                        windows=windows)
             for row_tile in range(1, (1 if is_flat or windows else min(tile_limit, base.out_height)) + 1):
                 for column_tile in range(1, min(base.acc_columns // width, tile_limit // row_tile) + 1):
-                    partials = largest_divisor(spec.taps, accumulators // (row_tile * column_tile))
                     candidates.append(dataclasses.replace(base, row_tile=row_tile, column_tile=column_tile,
-                                                          partials=partials))
+                                                          partials=_partials(base, row_tile * column_tile, accumulators)))
     return min(candidates, key=lambda layout: (layout_cycles(layout), -layout.vector_width))
 
 
