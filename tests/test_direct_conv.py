@@ -174,6 +174,9 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     assert avx512.kernel_for(DenseConvSpec(**shape)) == "gemm"
     assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 128})) == "direct"
     assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 512}, strides=(2, 2))) == "direct"
+    kxk = DenseConvSpec(**shape, kernel=(3, 3), padding=(1, 1, 1, 1))
+    assert avx512.direct_vectors(kxk) == (32, 8) and avx512.direct_vectors(DenseConvSpec(**shape)) == (32, 16)
+    assert rewrite.direct_vectors(kxk) == (16, 8)
     assert rewrite.kernel_for(DenseConvSpec(**shape, kernel=(3, 3), padding=(1, 1, 1, 1))) == "direct"
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 7}, kernel=(3, 3))) is None  # < lanes
     assert DenseConvRewrite(16, 8, kernel="gemm").kernel_for(DenseConvSpec(**shape, kernel=(3, 3))) == "gemm"
