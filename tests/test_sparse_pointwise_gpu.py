@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import tvm
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from model_factory import ConvSpec, build_cnn
 from onnx import numpy_helper
 from test_adreno import ADRENO_MAX_GROUP, ADRENO_WAVE, _definition  # skips this module without PoCL too
@@ -82,30 +82,38 @@ def test_two_float4_per_item_match_reference(monkeypatch: pytest.MonkeyPatch) ->
     check(sparse_conv_model((1, 9, 5, 3), 9, bias=True, activation="clip", residual=True))
 
 
-def single_channel_dense_layers(model: onnx.ModelProto) -> int:
-    """1x1 convs of one input channel left dense: on GPUs they hit the TVM bug of the test below."""
-    return sum(init.dims[1] == 1 and block_density(numpy_helper.to_array(init), BLOCK) > MAX_DENSITY
-               for init in model.graph.initializer if init.name.endswith(".weight"))
-
-
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(sparse_models())
 def test_random_sparse_pointwise_chains_match_reference_on_pocl(case) -> None:
     """The CPU kernel's random chains (1-24 channels, 1x1 to 11x11 images, strides 1-2, bias/ReLU/residual,
     batch 1-2) on the GPU kernel."""
     model, _ = case
-    assume(single_channel_dense_layers(model) == 0)
     check(model, sparse_layers(model))
 
 
-@pytest.mark.xfail(strict=True, reason="TVM 0.27 dlight.gpu.Fallback: normalize_prim_func drops a reduction's "
-                   "unit-extent iterators but keeps its init, so reverse_compute_inline puts the epilogue in both")
-def test_dense_reduction_of_length_one_on_the_gpu_rules() -> None:
-    """Found by the random chains above: a dense 1x1 conv of one input channel (a reduction of length 1;
-    Gemm with K=1 too) with a bias or residual add, on the legalized conv2d and dlight's GPU Fallback,
-    computes ``epilogue(epilogue(0) + x * w)``, e.g. ``2 * bias + x * w``. Not our kernels (the sparse one
-    computes such a layer right when it is sparse), and no CPU rule normalises this way."""
-    result = check_opencl(conv_model((1, 1, 4, 4), 1, (1, 1), bias=False, residual=True), "adreno", rtol=RTOL)
+def gemm_k1_model() -> onnx.ModelProto:
+    """Gemm of a (3, 1) input with a (1, 5) weight and a bias: a matmul whose reduction has one term."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 5)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b")]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "w", "b"], ["y"])], "gemm_k1",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 5])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("model", [
+    conv_model((1, 1, 4, 4), 1, (1, 1), bias=False, residual=True),
+    conv_model((2, 1, 5, 6), 8, (1, 1), strides=(2, 2), pads=(1, 0, 1, 2), activation="relu"),
+    gemm_k1_model(),
+], ids=["1x1-one-channel-residual", "1x1-one-channel-strided-padded", "gemm-k1"])
+def test_reductions_of_length_one_on_the_gpu(model: onnx.ModelProto) -> None:
+    """Found by the random chains above: a dense 1x1 conv of one input channel or a Gemm with K=1, left to
+    TVM 0.27's dlight GPU Fallback, computed ``epilogue(epilogue(0) + x * w)`` (e.g. ``2 * bias + x * w``:
+    it drops the unit reduction iterators but keeps the block's init). ``UnitReductionRewrite`` makes them
+    broadcast multiplies first."""
+    result = check_opencl(model, "adreno", rtol=RTOL)
     assert result.ok, result.summary()
 
 

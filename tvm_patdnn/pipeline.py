@@ -20,7 +20,7 @@ from .report import ConvRecord
 from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternConvGPU
 from .targets import accumulator_registers, fma_chains, vector_lanes, vector_registers
 from .transform import (DenseConvRewrite, DepthwiseConvRewrite, FullyConnectedRewrite, PatternConvRewrite,
-                        SparsePointwiseRewrite, WinogradConvRewrite)
+                        SparsePointwiseRewrite, UnitReductionRewrite, WinogradConvRewrite)
 
 __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
 
@@ -52,6 +52,8 @@ def pattern_passes(
         passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(DepthwiseConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(FullyConnectedRewrite(vector_registers(target), vector_lanes(target)))
+    if "gpu" in target.keys:
+        passes.append(UnitReductionRewrite())  # dlight's GPU Fallback mis-schedules them
     return passes
 
 
