@@ -185,10 +185,12 @@ def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu
     256-bit rows, 512-bit rows and strided layouts) builds, and where the host has AVX-512 it matches
     onnx.reference."""
     rng = np.random.default_rng(size)
-    model = build_cnn(rng, (batch, 8, size, size), [ConvSpec(16, stride=stride, connectivity=2.0, bias=bias, relu=relu)])
+    conv = ConvSpec(16, stride=stride, connectivity=2.0, bias=bias, relu=relu)
+    model = build_cnn(rng, (batch, 8, size, size), [conv])
     compiled = tvm_patdnn.compile(model, AVX512)
     assert [r.kind for r in compiled.report] == ["pattern"]
     if vector_lanes(resolve_target("x86")) != 16:
         pytest.skip("this host cannot run AVX-512 code")
     x = rng.standard_normal((batch, 8, size, size)).astype(np.float32)
-    np.testing.assert_allclose(compiled.run({"input": x})[0], reference_outputs(model, {"input": x})[0], rtol=1e-4, atol=1e-4)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)

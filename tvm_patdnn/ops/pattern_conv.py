@@ -217,29 +217,35 @@ def _partials(spec: PatternConvSpec, vectors: int, accumulators: int) -> int:
 def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tuple[int, ...],
                     flat: bool | None = None) -> PatternConvSpec:
     """The layout of least :func:`layout_cycles` over the vector widths, row, flat and windows
-    layouts (stride 1 only; windows up to 16 output pixels; ``flat=False``: rows only, ``True``:
-    flat only) and every register tile of at most
-    ``accumulators`` - 2 vectors (16-vector tiles measured 3-16% slower than smaller ones), with
-    the tap partial sums :func:`_partials` gives it; ties go to wider vectors.
+    layouts (flat and windows: stride 1 only, windows up to 16 output pixels; ``flat=False``: rows
+    only, ``True``: flat only) and every register tile of at most ``accumulators`` - 2 vectors
+    (16-vector tiles measured 3-16% slower than smaller ones), with the tap partial sums
+    :func:`_partials` gives it; ties go to wider vectors.
 
     On Zen 4 (``benchmarks/pattern_avx512.py``, 1 thread, against the AVX2 build of the same
-    code) it picks 512-bit rows for outputs at least 14 wide (1.2-1.7x; the lane-fill rule's 16-lane
-    flat layouts at 28x28 and 56x56 were 0.7-0.75x), 512-bit windows for 4x4 outputs (1.5-1.7x)
-    and 256-bit rows for 8x8 and 7x7 (1.0-1.2x; the lane-fill rule's 16-lane flat ones were
+    code) it picks 512-bit rows for outputs at least 14 wide (1.2-1.6x; the lane-fill rule's 16-lane
+    flat layouts at 28x28 and 56x56 were 0.7-0.75x), 512-bit windows for 4x4 outputs (1.45-1.5x)
+    and 256-bit rows for 8x8 and 7x7 (1.0-1.1x; the lane-fill rule's 16-lane flat ones were
     0.55-0.8x).
     """
+    rows, flat_kind, windows_kind = (False, False), (True, False), (False, True)  # (flat, windows)
+    if flat is False or spec.strides != (1, 1):
+        kinds = [rows]
+    elif flat:
+        kinds = [flat_kind]
+    else:
+        kinds = [rows, flat_kind] + [windows_kind] * (spec.out_height * spec.out_width <= _WINDOW_PIXELS)
     tile_limit = max(1, accumulators - _TILE_RESERVE)
     candidates = []
     for width in vector_widths:
-        kinds = [(False, False)] if flat is False or spec.strides != (1, 1) else [(True, False)] if flat else (
-            [(False, False), (True, False)] + [(False, True)] * (spec.out_height * spec.out_width <= _WINDOW_PIXELS))
         for is_flat, windows in kinds:
             base = dataclasses.replace(spec, vector_width=width, row_tile=1, column_tile=1, partials=1, flat=is_flat,
                                        windows=windows)
             for row_tile in range(1, (1 if is_flat or windows else min(tile_limit, base.out_height)) + 1):
                 for column_tile in range(1, min(base.acc_columns // width, tile_limit // row_tile) + 1):
+                    partials = _partials(base, row_tile * column_tile, accumulators)
                     candidates.append(dataclasses.replace(base, row_tile=row_tile, column_tile=column_tile,
-                                                          partials=_partials(base, row_tile * column_tile, accumulators)))
+                                                          partials=partials))
     return min(candidates, key=lambda layout: (layout_cycles(layout), -layout.vector_width))
 
 
