@@ -25,20 +25,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import tvm
 
 sys.path.insert(0, str(Path(__file__).parent))
-import machine  # noqa: E402
-from layers import save_results, tvm_threads  # noqa: E402
+from layers import cpu_ms, cpu_peak_gflops, save_results, tvm_threads  # noqa: E402
 from machine import widest_isa  # noqa: E402
 from optimisations import pattern_layers, reference_conv  # noqa: E402
 from vgg16_cifar import build_model  # noqa: E402
@@ -102,31 +97,6 @@ def build(fkw: FKWWeight, bias, shape, stride: int, target, lanes: int | None, a
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     args = [fkw.values, fkw.channels, fkw.offsets, order, bias]
     return lib.mod, [tvm.runtime.tensor(a) for a in args], layout
-
-
-def cpu_ms(fn, call_args, min_ms: float = 40.0) -> float:
-    """Mean process CPU time of one call, over calls adding up to at least ``min_ms``."""
-    calls, start = 0, time.process_time()
-    while (elapsed := time.process_time() - start) * 1e3 < min_ms or calls < 3:
-        fn(*call_args)
-        calls += 1
-    return elapsed * 1e3 / calls
-
-
-def cpu_peak_gflops(runs: int = 5) -> float:
-    """``machine.py``'s widest-ISA FMA loop on one thread, rated by its CPU time instead of wall
-    time (the layers are timed in CPU time too; a second process on the core halves wall rates)."""
-    with tempfile.TemporaryDirectory(prefix="patdnn-peak-") as scratch:
-        binary = machine._compile(widest_isa(), Path(scratch))
-        best = 0.0
-        for _ in range(runs):
-            before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-            rate = float(subprocess.run([str(binary), "100000000", "1"], capture_output=True, text=True,
-                                        check=True).stdout.split()[0])
-            wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-            best = max(best, rate * wall / cpu)
-    return best
 
 
 def strided_reference(x, weight, bias, stride):
