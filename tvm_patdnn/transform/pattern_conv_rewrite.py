@@ -77,7 +77,9 @@ class PatternConvRewrite:
         and all fit at most ``max_patterns`` shapes.
     vector_width, accumulators:
         fp32 lanes of the target's vectors and the output vectors a register tile may hold
-        (:func:`tvm_patdnn.targets.accumulator_registers`): the operator's layout.
+        (:func:`tvm_patdnn.targets.accumulator_registers`): the operator's layout
+        (:func:`~tvm_patdnn.ops.pattern_conv.target_layout`); on 16-lane (AVX-512) targets 2x2
+        images take the (pixel x tap) kernel of :mod:`tvm_patdnn.ops.pattern_conv_2x2`.
     on_conv:
         Called with a :class:`ConvRecord` for every conv2d met, rewritten or not.
     sparse_pointwise:
