@@ -18,10 +18,10 @@ from test_sparse_pointwise import sparse_models
 
 import tvm_patdnn
 from tvm_patdnn.ops.sparse_pointwise import BLOCK, MAX_DENSITY, block_density
-from tvm_patdnn.ops.sparse_pointwise_gpu import SparsePointwiseGPUSpec, gpu_threads, sparse_pointwise_gpu_primfunc
+from tvm_patdnn.ops.sparse_pointwise_gpu import SparsePointwiseGPUSpec, sparse_pointwise_gpu_primfunc
 from tvm_patdnn.phone.opencl_check import check_opencl
 from tvm_patdnn.pipeline import pattern_passes
-from tvm_patdnn.targets import resolve_target
+from tvm_patdnn.targets import gpu_threads, resolve_target
 from tvm_patdnn.transform import SparsePointwiseRewrite
 
 SPARSE = "sparse_pointwise_conv"

@@ -15,10 +15,9 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight
 
-from .ops.sparse_pointwise_gpu import gpu_threads
 from .report import ConvRecord
 from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternConvGPU
-from .targets import accumulator_registers, fma_chains, vector_lanes, vector_registers
+from .targets import accumulator_registers, fma_chains, gpu_threads, vector_lanes, vector_registers
 from .transform import (DenseConvRewrite, DepthwiseConvRewrite, FullyConnectedRewrite, PatternConvRewrite,
                         SparsePointwiseRewrite, UnitReductionRewrite, WinogradConvRewrite)
 

@@ -21,6 +21,7 @@ __all__ = [
     "accumulator_registers",
     "vector_registers",
     "fma_chains",
+    "gpu_threads",
     "is_aarch64",
     "is_host_runnable",
     "PRESETS",
@@ -170,3 +171,10 @@ def fma_chains(target: Target) -> int:
     if vector_lanes(target) == 16 and str(target.attrs.get("mcpu") or "") == "znver4":
         return 4
     return 8
+
+
+def gpu_threads(target: Target) -> tuple[int, int]:
+    """(wave, largest work group) of a GPU target; a generic OpenCL target reports a wave of 1,
+    taken as a 32-wide SIMD."""
+    wave = int(target.attrs.get("thread_warp_size", 1))
+    return (wave if wave > 1 else 32), int(target.attrs.get("max_num_threads", 256))

@@ -42,22 +42,14 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
-from tvm.target import Target
 
 from ..schedule_rules.pattern_conv_gpu import work_group_size
 from .dense_conv import DenseConvSpec, _store_output
 from .sparse_pointwise import SPARSE_POINTWISE_ATTR, SparsePointwiseSpec
 
-__all__ = ["SparsePointwiseGPUSpec", "gpu_threads", "sparse_pointwise_gpu_primfunc"]
+__all__ = ["SparsePointwiseGPUSpec", "sparse_pointwise_gpu_primfunc"]
 
 FLOAT4 = 4  # pixels per vector: Adreno's native fp32 vector
-
-
-def gpu_threads(target: Target) -> tuple[int, int]:
-    """(wave, largest work group) of an OpenCL target; a generic OpenCL target reports a wave of
-    1, taken as 32 (as the pattern conv's GPU rule does)."""
-    wave = int(target.attrs.get("thread_warp_size", 1))
-    return (wave if wave > 1 else 32), int(target.attrs.get("max_num_threads", 256))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from ..targets import gpu_threads
 
 __all__ = ["PatternConvGPU", "schedule_pattern_conv_gpu", "work_group_size"]
 
@@ -38,14 +39,12 @@ class PatternConvGPU(ScheduleRule):
         if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs or "gpu" not in target.keys:
             return None
         layout = func.attrs[PATTERN_CONV_ATTR]
-        wave = int(target.attrs.get("thread_warp_size", 1))
-        wave = wave if wave > 1 else 32  # generic OpenCL reports 1: assume a 32-wide SIMD
+        wave, max_threads = gpu_threads(target)
         # The operator indexes in int64 (FuseTIR needs it; fusion is over by now); GPUs emulate
         # 64-bit integer multiply/divide, and every index here is far below 2**31.
         func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
         sch = s_tir.Schedule(func)
-        schedule_pattern_conv_gpu(sch, int(layout["vector_width"]), int(layout["taps"]), wave,
-                                  int(target.attrs.get("max_num_threads", 256)))
+        schedule_pattern_conv_gpu(sch, int(layout["vector_width"]), int(layout["taps"]), wave, max_threads)
         return sch
 
 

@@ -31,7 +31,7 @@ class SparsePointwiseRewriter(DenseConvRewriter):
     ``block`` is the filter rows a kept block spans (the pruner's ``pointwise_block``);
     ``max_density`` the largest kept share of blocks rewritten; ``chains`` the target's
     :func:`~tvm_patdnn.targets.fma_chains`, which sizes the register tile. ``gpu``, the (wave,
-    largest work group) of an OpenCL target (:func:`~tvm_patdnn.ops.sparse_pointwise_gpu.gpu_threads`),
+    largest work group) of an OpenCL target (:func:`~tvm_patdnn.targets.gpu_threads`),
     selects the GPU kernel, whose weight has a single channel block.
     """
 
