@@ -83,8 +83,8 @@ class PatternConvRewrite:
     on_conv:
         Called with a :class:`ConvRecord` for every conv2d met, rewritten or not.
     sparse_pointwise:
-        Whether :class:`~tvm_patdnn.transform.SparsePointwiseRewrite` runs after this pass (CPU
-        targets): its 1x1 convs are then reported as kind "sparse".
+        Whether :class:`~tvm_patdnn.transform.SparsePointwiseRewrite` runs after this pass (CPU and
+        OpenCL targets): its 1x1 convs are then reported as kind "sparse".
     """
 
     def __init__(
