@@ -20,18 +20,18 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   on 7x7 images, where the GEMM's 32-pixel tiles compute 64 pixels for 49, and on stride 2). With
   fewer channels its scalar NCHW stores (6 x 64 per tile, against 6 x 64 x C FMAs) dominate
   (MobileNetV2 16->96 at 112x112 0.41x ORT, 24->144 at 56x56 0.78x) and the GEMM stays, with
-  AVX2's tile of 6 filters x 2 vectors of 8 lanes (``gemm_vectors``): 1.03-1.40x over its 14 x 2
-  zmm tile on every such layer of ResNet-50 and MobileNetV2 (16-pixel tiles waste less, 6 filters
-  divide 24, 96, 144 ...). Not measured on an Intel AVX-512 core, whose 512-bit FMAs double the peak:
-  there an 8-lane GEMM tops out at half of it;
+  AVX2's tile of 6 filters x 2 vectors of 8 lanes (``gemm_vectors``): 1.02-1.42x over its 14 x 2
+  zmm tile on the 9 such layers of ResNet-50 and MobileNetV2 in two runs, once 0.97x (32->192 at
+  28x28); 16-pixel tiles waste less, 6 filters divide 24, 96, 144 ... Not measured on an Intel
+  AVX-512 core, whose 512-bit FMAs double the peak: there an 8-lane tile tops out at half of it;
+* KxK convs with at least ``lanes`` filters take the direct kernel: no window copy, any stride
+  at the same cost, no overlap waste on small images (Zen 3: direct / GEMM 1.01-1.81x on every KxK
+  layer: the 7x7 stem 1.43x, 3x3 64 at 56x56 1.54x, 3x3 512 at 14x14 s2 1.81x);
 * KxK convs on AVX-512 (Zen 4) run the direct kernel with 6 pixels x 4 vectors of 8 lanes
   (``direct_vectors``) rather than 4 of 16: vs ORT 0.81 -> 1.03x on the 7x7 stem (its 3 x 49 taps x
   64 filters of weights overflowed the 32 KB panel into two reduction blocks), 0.95 -> 1.01x on
   3x3 256 at 28x28 s2, ties to +0.03x on the other stride-2 / 7x7 layers of ResNet-50 and the
-  MobileNetV2 stem, one loss (3x3 512 at 14x14 s2 0.97 -> 0.93x);
-* KxK convs with at least ``lanes`` filters take the direct kernel: no window copy, any stride
-  at the same cost, no overlap waste on small images (direct / GEMM 1.01-1.81x on every KxK
-  layer: the 7x7 stem 1.43x, 3x3 64 at 56x56 1.54x, 3x3 512 at 14x14 s2 1.81x).
+  MobileNetV2 stem, one loss (3x3 512 at 14x14 s2 0.97 -> 0.93x).
 Left on the legalized conv2d and the :class:`~tvm_patdnn.schedule_rules.DenseConv2dCPU` schedule
 (and in the tuning space): grouped/depthwise and dilated convs, non-constant weights, KxK convs
 with fewer filters than a vector has lanes (most lanes of the direct kernel would be padding)."""
