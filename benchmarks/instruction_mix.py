@@ -7,8 +7,8 @@ innermost loops that do multiply-adds (one iteration = one kernel of a (filter, 
 taps and register tile unrolled) the static instructions are counted:
 
 - FMAs (``vfmadd*``; ``fmla``, by-element ``fmla v.s[i]`` included), with the lanes they fill;
-- vector loads (``vmovups``/``vmovaps`` from memory, ``ldr q``/``ldur q``/``ldp q``/``ld1``) and
-  broadcasts (``vbroadcastss``, embedded ``{1toN}``; ``ld1r``, ``dup``);
+- vector loads (``vmovups``/``vmovaps`` and permutes such as ``vpermps`` from memory, ``ldr q``/``ldur q``/
+  ``ldp q``/``ld1``) and broadcasts (``vbroadcastss``, ``vbroadcastf32x4``, embedded ``{1toN}``; ``ld1r``, ``dup``);
 - stack traffic (spills: memory operands on ``%rsp``/``sp``) and everything else (address
   arithmetic, loop control).
 
@@ -100,11 +100,11 @@ def _x86(instruction: str, operands: str, mix: LoopMix) -> bool:
         mix.fma_lanes += width
         mix.broadcasts += "{1to" in operands
         mix.vector_loads += memory and "{1to" not in operands
-    elif instruction.startswith("vbroadcastss"):
+    elif instruction.startswith(("vbroadcastss", "vbroadcastf32x")):  # f32x4: one kernel's 4 weights
         mix.broadcasts += 1
     elif memory and "%rsp" in operands and instruction.startswith("vmov"):
         mix.spills += 1
-    elif loads and instruction.startswith(("vmovups", "vmovaps", "vmovdqu")):
+    elif loads and instruction.startswith(("vmovups", "vmovaps", "vmovdqu", "vperm")):  # vpermps from memory
         mix.vector_loads += 1
     else:
         return False
