@@ -12,13 +12,23 @@ operator and schedule for this machine, and again with one optimisation taken aw
   their taps share are loaded once (without: one output vector at a time);
 * tap partial sums: small tiles split each vector's sum over the taps into independent chains;
 * flat small-image layouts: 4x4 and 2x2 outputs computed over the flattened padded image (and,
-  on AVX-512, over per-channel shifted windows);
+  on AVX-512 and for 4x4 outputs on AVX2, over per-channel shifted windows);
 * vectorised output stage: the epilogue vectorised along output rows (without: left to LLVM,
   which on AVX-512 targets vectorises it into gathers and scatters);
 * filter-kernel reorder: filters sorted by kernel count (without: the model's filter order);
 * threads over filters: when an image has few row blocks, threads share its filters too
   (without: row blocks only, so a small image with a single row block runs on one thread);
   "threads always over filters" adds the filters for every layer instead.
+
+Layout alternatives (``--variants "windows 8 lanes 2x2" ...``, not run by default) replace the
+default's layout on the layers they apply to (stride 1, at most 16 output pixels: VGG's 4x4 and
+2x2 layers; ``--layers conv10 conv11 ...`` times only those) by the windows layout at the given
+lanes, column tile and tap partial sums; their ratio is time of the alternative / time of the
+default, so below 1 the alternative is faster:
+
+    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python benchmarks/optimisations.py \
+        --layers conv10 conv11 conv12 conv14 conv15 conv16 --variants "windows 8 lanes 2x2" \
+        "windows 8 lanes 2x4" "windows 8 lanes 1x4" --rounds 9 --json benchmarks/results/optimisations.windows.zen3.1t.json
 
 Every variant is checked against a numpy convolution first. The ratio is time without / time
 with (above 1: the optimisation pays); at one thread times are process CPU time, at more wall
@@ -51,7 +61,8 @@ from vgg16_cifar import build_model  # noqa: E402
 
 from tvm_patdnn.analysis import analyze_conv_weight  # noqa: E402
 from tvm_patdnn.fkw import FKWWeight, pack_fkw  # noqa: E402
-from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc, target_layout  # noqa: E402
+from tvm_patdnn.ops.pattern_conv import (_WINDOW_PIXELS, PatternConvSpec, pattern_conv2d_primfunc,  # noqa: E402
+                                         target_layout)
 from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs  # noqa: E402
 from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs, schedule_pattern_conv_cpu  # noqa: E402
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes  # noqa: E402
@@ -69,6 +80,9 @@ class Variant:
     vector_output: bool = True
     reorder_filters: bool = True
     parallel_filters: bool | None = None  # None: the rule's choice
+    # A layout to compare rather than an optimisation to take away: (lanes, column tile, tap partial
+    # sums) of the windows layout, forced on layers it applies to (stride 1, at most 16 output pixels).
+    windows: tuple[int, int, int] | None = None
 
 
 VARIANTS = {
@@ -82,7 +96,12 @@ VARIANTS = {
     "filter reorder": Variant(reorder_filters=False),
     "threads over filters": Variant(parallel_filters=False),
     "threads always over filters": Variant(parallel_filters=True),
+    # Alternatives, not removals (ratio below 1: the alternative is faster than the default):
+    "windows 8 lanes 2x2": Variant(windows=(8, 2, 2)),  # 2 vectors x 2 tap partial sums
+    "windows 8 lanes 2x4": Variant(windows=(8, 2, 4)),
+    "windows 8 lanes 1x4": Variant(windows=(8, 1, 4)),
 }
+ALTERNATIVES = [label for label, variant in VARIANTS.items() if variant.windows]
 
 
 def unsorted(fkw: FKWWeight) -> FKWWeight:
@@ -108,6 +127,11 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
                          flat=None if variant.flat else False)
     if not variant.partials:
         spec = dataclasses.replace(spec, partials=1)
+    if variant.windows and spec.strides == (1, 1) and spec.out_height * spec.out_width <= _WINDOW_PIXELS:
+        lanes, column_tile, partials = variant.windows
+        spec = dataclasses.replace(spec, vector_width=lanes, flat=False, windows=True, row_tile=1, column_tile=1,
+                                   partials=partials)
+        spec = dataclasses.replace(spec, column_tile=min(column_tile, spec.acc_columns // lanes))
     sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))
     knobs = default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8)), variant.parallel_filters)
     schedule_pattern_conv_cpu(sch, knobs, code_per_pattern=variant.code_per_pattern,  # as PatternConvCPU does
@@ -148,7 +172,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/optimisations.1t.json"))
     parser.add_argument("--target", default="x86", help="e.g. '{\"kind\":\"llvm\",\"mcpu\":\"znver3\",\"num-cores\":2}'")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[1:], help="the optimisations to take away")
+    parser.add_argument("--variants", nargs="+", default=[v for v in list(VARIANTS)[1:] if v not in ALTERNATIVES],
+                        help="the optimisations to take away, or alternative layouts: " + ", ".join(ALTERNATIVES))
+    parser.add_argument("--layers", nargs="+", help="only these layers (e.g. conv10 conv14); default: all")
     args = parser.parse_args()
 
     target = resolve_target(args.target)
@@ -157,6 +183,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for name, weight, bias, shape in pattern_layers(build_model()):
+        if args.layers and name not in args.layers:
+            continue
         x = rng.standard_normal(shape).astype(np.float32)
         expected = reference_conv(x, weight, bias)
         out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
@@ -198,7 +226,8 @@ def main() -> None:
         ratios = " | ".join(f"{r['ms'][label] / r['ms']['default']:.2f}x" for label in labels)
         print(f"| {r['layer']} | {r['shape']} | {r['threads']} | {r['ms']['default']:.3f} | {r['nonzero_gflops']:.1f} "
               f"| {r['nonzero_peak_percent']:.0f}% | {ratios} |")
-    print("\nEach ratio: time without that optimisation / time with everything (above 1: it pays). "
+    print("\nEach ratio: time without that optimisation (or with that alternative layout) / time with everything "
+          "(above 1: the optimisation pays; below 1: the alternative is faster). "
           f"FMA peak ({widest_isa()}, {threads} thread(s)): {peak:.1f} GFLOP/s.")
     save_results(args.json, target, args.rounds, rows, peak)
 

@@ -18,16 +18,22 @@ sharing the core disturbs far less than wall time.
 
 ``--whole`` times the whole pruned VGG-16 CIFAR (``tvm_patdnn.compile``) for the host and the AVX2
 target instead, untuned (no tuning database) and, for AVX2, also with the records shipped for it.
+On an AVX2 host it compares the AVX2 rule with and without the windows layout for 4x4 outputs
+(untuned and with the shipped records) and ONNX Runtime instead:
+
+    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python benchmarks/pattern_avx512.py --whole --rounds 9
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import tvm
@@ -40,7 +46,8 @@ from vgg16_cifar import build_model  # noqa: E402
 
 from tvm_patdnn.analysis import analyze_conv_weight  # noqa: E402
 from tvm_patdnn.fkw import FKWWeight, pack_fkw  # noqa: E402
-from tvm_patdnn.ops.pattern_conv import PatternConvSpec, choose_layout, pattern_conv2d_primfunc  # noqa: E402
+from tvm_patdnn.ops.pattern_conv import (PatternConvSpec, cheapest_layout, choose_layout,  # noqa: E402
+                                         pattern_conv2d_primfunc)
 from tvm_patdnn.ops.pattern_conv_2x2 import pattern_conv_2x2_primfunc, tap_lanes_apply  # noqa: E402
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set  # noqa: E402
 from tvm_patdnn.schedule_rules import PatternConvCPU  # noqa: E402
@@ -104,31 +111,63 @@ def strided_reference(x, weight, bias, stride):
     return full[:, :, ::stride, ::stride]
 
 
+def _without_windows(spec: PatternConvSpec, accumulators: int, flat: bool | None = None) -> PatternConvSpec:
+    """``target_layout`` as it was before session 6 on 8-lane targets: no windows (4x4 outputs flat)."""
+    if spec.vector_width == 16:
+        return cheapest_layout(spec, accumulators, (16, 8), flat)
+    return choose_layout(spec, accumulators, flat)
+
+
 def whole_model(rounds: int, host, avx2) -> None:
-    """VGG-16 CIFAR 8x whole, per build: median process CPU ms per inference, interleaved rounds."""
+    """VGG-16 CIFAR 8x whole, per build: median process CPU ms per inference, interleaved rounds.
+
+    On an AVX-512 host: the host build against the AVX2 build. On an AVX2 host: the AVX2 rule with
+    and without the windows layout for 4x4 outputs (the layout before session 6), each untuned and
+    with the shipped records (which cover the flat 4x4 workloads, not the windows ones), and ONNX
+    Runtime (1 intra-op thread; sparsity does not change its work) as the yardstick."""
+    import onnxruntime as ort
+
     import tvm_patdnn
 
     model = build_model()
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    builds = {"AVX-512 (host), untuned": (host, False), "AVX2 (znver3), untuned": (avx2, False),
-              "AVX2 (znver3), shipped records": (avx2, None)}
+    before = mock.patch("tvm_patdnn.ops.pattern_conv.target_layout", _without_windows)
+    if vector_lanes(host) == 16:
+        builds = {"AVX-512 (host), untuned": (host, False, None), "AVX2 (znver3), untuned": (avx2, False, None),
+                  "AVX2 (znver3), shipped records": (avx2, None, None)}
+    else:
+        builds = {"AVX2 no windows (before), untuned": (avx2, False, before),
+                  "AVX2 rule (windows at 4x4), untuned": (avx2, False, None),
+                  "AVX2 no windows (before), shipped records": (avx2, None, before),
+                  "AVX2 rule (windows at 4x4), shipped records": (avx2, None, None)}
     calls, outputs = {}, []
-    for label, (target, tuning_db) in builds.items():
-        compiled = tvm_patdnn.compile(model, target, tuning_db=tuning_db)
+    for label, (target, tuning_db, patch) in builds.items():
+        with patch or contextlib.nullcontext():
+            compiled = tvm_patdnn.compile(model, target, tuning_db=tuning_db)
+        if tuning_db is None:
+            print(f"{label}: {compiled.schedules}", flush=True)
         vm = compiled.vm
         calls[label] = (vm["main"], [tvm.runtime.tensor(x)])
         outputs.append(compiled.run({"input": x})[0])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    calls["ONNX Runtime"] = (lambda feed: session.run(None, feed), [{"input": x}])
+    outputs.append(session.run(None, {"input": x})[0])
     for got in outputs[1:]:
-        np.testing.assert_allclose(got, outputs[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got, outputs[0], rtol=1e-3, atol=1e-4)
     samples = {label: [] for label in calls}
     order = list(calls)
     for round_ in range(rounds):
         for label in order[round_ % len(order):] + order[:round_ % len(order)]:
             samples[label].append(cpu_ms(*calls[label], min_ms=100))
-    base = statistics.median(samples[order[1]])
+    base, ort_ms = statistics.median(samples[order[0]]), statistics.median(samples["ONNX Runtime"])
     for label, values in samples.items():
         ms = statistics.median(values)
-        print(f"| VGG-16 CIFAR 8x, whole | {label} | {ms:.3f} ms | AVX2 untuned / this: {base / ms:.2f}x |")
+        per_round = [o / v for o, v in zip(samples["ONNX Runtime"], values)]
+        print(f"| VGG-16 CIFAR 8x, whole | {label} | {ms:.3f} ms | {order[0]} / this: {base / ms:.2f}x | "
+              f"ORT / this: {ort_ms / ms:.2f}x (rounds {min(per_round):.2f}-{max(per_round):.2f}x) |")
 
 
 def main() -> None:

@@ -121,10 +121,15 @@ def test_layout_fills_vectors_and_registers_per_target():
     def layout(size, lanes=8, accumulators=8, stride=1):
         spec = PatternConvSpec.from_fkw(fkw, (1, 8, size, size), (stride, stride), (1, 1, 1, 1), False, False,
                                         lanes, accumulators)
-        return spec.flat, spec.row_tile, spec.column_tile, spec.partials
+        return "windows" if spec.windows else spec.flat, spec.row_tile, spec.column_tile, spec.partials
 
     assert layout(2) == (True, 1, 1, 4)  # 4 outputs in one flat vector, each tap its own chain
-    assert layout(4) == (True, 1, 3, 2)  # 4 rows x 6 padded columns = 3 vectors
+    assert layout(3) == (True, 1, 2, 4)  # windows would fill no more lanes (9 of 16)
+    assert layout(4) == ("windows", 1, 2, 4)  # AVX2: 16 pixels = 2 full vectors per tap (flat: 3)
+    assert layout(4, lanes=4, accumulators=16) == (False, 4, 1, 4)  # NEON: no windows
+    assert choose_layout(PatternConvSpec.from_fkw(fkw, (1, 8, 4, 4), (1, 1), (1, 1, 1, 1), False, False), 8) \
+        == dataclasses.replace(PatternConvSpec.from_fkw(fkw, (1, 8, 4, 4), (1, 1), (1, 1, 1, 1), False, False),
+                               windows=False, flat=True, column_tile=3, partials=2)  # 4 rows x 6 padded columns
     assert layout(8) == (False, 8, 1, 1)  # whole rows fill the vectors: rows x columns tile
     assert layout(32) == (False, 2, 4, 1)
     assert layout(4, stride=2) == (False, 2, 1, 4)  # strided convs keep the row layout
@@ -155,6 +160,35 @@ def test_avx512_cost_model_picks_the_vector_width_per_image_size():
 
 
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
+AVX2 = {"kind": "llvm", "mcpu": "znver3"}
+
+
+@pytest.mark.parametrize(
+    "height, width, batch, bias, relu, windows",
+    [
+        (4, 4, 1, True, True, True),  # VGG's 4x4 layers: 2 full vectors x 4 tap partial sums (flat: 3)
+        (4, 4, 2, False, False, True),  # batch 2, no bias, no ReLU
+        (3, 5, 1, True, False, True),  # 15 of 16 lanes (rows and flat: 15 of 24)
+        (2, 8, 1, True, True, False),  # rows fill the vectors already
+        (2, 2, 1, True, True, False),  # half a vector either way: flat
+    ],
+)
+def test_avx2_windows_layout_matches_the_onnx_reference(height, width, batch, bias, relu, windows):
+    """The AVX2 rule (8 lanes) takes windows where they fill more lanes; compiled for ``znver3``
+    through ``tvm_patdnn.compile`` and, where the host has AVX2, checked against onnx.reference."""
+    rng = np.random.default_rng(height * 16 + width)
+    model = build_cnn(rng, (batch, 8, height, width), [ConvSpec(12, connectivity=2.0, bias=bias, relu=relu)])
+    rewritten = PatternConvRewrite(vector_width=8, accumulators=8)(relax.transform.FoldConstant()(import_onnx(model).mod))
+    layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
+               if isinstance(func, tvm.tirx.PrimFunc) and PATTERN_CONV_ATTR in (func.attrs or {})]
+    assert [bool(int(layout["windows"])) for layout in layouts] == [windows]
+    compiled = tvm_patdnn.compile(model, AVX2)
+    assert [r.kind for r in compiled.report] == ["pattern"]
+    if vector_lanes(resolve_target("x86")) < 8:
+        pytest.skip("this host cannot run AVX2 code")
+    x = rng.standard_normal((batch, 8, height, width)).astype(np.float32)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_2x2_layers_take_the_tap_lane_kernel_on_avx512_only():

@@ -33,7 +33,8 @@ def cpu(cores: int) -> tvm.target.Target:
 
 LAYERS = {
     "2x2 flat, tap partials": dict(filters=16, channels=8, size=2),
-    "4x4 flat": dict(filters=16, channels=8, size=4),
+    "3x3 flat": dict(filters=16, channels=8, size=3),
+    "4x4 windows, 8 lanes": dict(filters=16, channels=8, size=4),
     "8x8 rows": dict(filters=12, channels=6, size=8),
     "32x32 rows and columns": dict(filters=8, channels=4, size=32),
     "strided": dict(filters=8, channels=4, size=9, stride=2),
