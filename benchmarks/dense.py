@@ -13,6 +13,9 @@ interleaved rounds (the box is shared), medians reported:
 - ``gemm`` / ``direct``: every dense conv forced onto the packed-GEMM kernel of
   ``tvm_patdnn/ops/dense_conv.py`` (KxK only with >= 4 x lanes filters) or onto the direct kernel
   of ``tvm_patdnn/ops/direct_conv.py`` (``DenseConvRewrite(kernel=...)``);
+- ``tuned``: the default pipeline with each dense layer on the kernel ``tvm_patdnn.tune`` measured
+  fastest among its candidates (``tune(model, trials=0, database=--db)``: the dense kernel choices
+  only; one database for the whole run, so a layer measured once is not measured again);
 - ``ORT``: onnxruntime, ``ORT_ENABLE_ALL``, as many intra-op threads as TVM has;
 - ``old rule``: the legalized conv2d with the ``DenseConv2dCPU`` schedule (``dense_kernels=False``);
 - with ``--ablations``, the GEMM kernel with one optimisation taken away at a time: ``no panel
@@ -27,7 +30,7 @@ rule. Every
 variant's output is checked against ORT (relative 1e-3) before anything is timed.
 
     TVM_NUM_THREADS=1 .venv/bin/python benchmarks/dense.py [--rounds 5] [--resnet50] [--ablations]
-        [--layers 0 1 ...] [--variants gemm direct ...] [--target '{"kind":"llvm","mcpu":"znver3"}']
+        [--layers 0 1 ...] [--variants gemm direct tuned ...] [--db DIR] [--target '{"kind":"llvm","mcpu":"znver3"}']
         [--json benchmarks/results/dense.1t.json]
 
 ``--target`` builds every tvm_patdnn variant for another CPU than the host's (e.g. the AVX2 build of the
@@ -80,8 +83,8 @@ RESNET50_CONVS = [
     (256, 256, 14, 1, 3), (512, 512, 14, 2, 3), (512, 512, 7, 1, 3),
 ]
 RTOL = 1e-3
-VARIANTS = ["tvm_patdnn", "gemm", "direct", "old rule", "no panel copy", "1 pixel vector"]
-MODEL_VARIANTS = ["1x1 on gemm", "1x1 on direct", "gemm+direct", "gemm", "old rule"]
+VARIANTS = ["tvm_patdnn", "gemm", "direct", "old rule", "no panel copy", "1 pixel vector", "tuned"]
+MODEL_VARIANTS = ["1x1 on gemm", "1x1 on direct", "gemm+direct", "gemm", "old rule", "tuned"]
 
 
 def conv_model(in_c: int, out_c: int, size: int, stride: int, kernel: int) -> onnx.ModelProto:
@@ -119,10 +122,13 @@ class PointwiseOnly(DenseConvRewriter):
         return super().kernel_for(spec) if spec.kernel == (1, 1) else None
 
 
-def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Target):
+def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Target, database: Path | None = None):
     """The compiled model of one variant (see the module docstring)."""
     if variant == "tvm_patdnn":
         return tvm_patdnn.compile(model, target, tuning_db=False).executable
+    if variant == "tuned":
+        tvm_patdnn.tune(model, target, trials=0, database=database, progress=sys.stdout)
+        return tvm_patdnn.compile(model, target, tuning_db=database).executable
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     if variant.startswith("1x1 on "):
         rewrite = tvm.transform.module_pass(PointwiseOnly, opt_level=0, name="PointwiseOnly")
@@ -149,7 +155,7 @@ def tvm_runner(executable, x: np.ndarray) -> Runner:
 
 
 def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, rounds: int,
-            may_fail: tuple[str, ...] = ()) -> dict[str, list[float]]:
+            may_fail: tuple[str, ...] = (), database: Path | None = None) -> dict[str, list[float]]:
     """ms of every variant and ORT in each of ``rounds`` interleaved rounds, after checking outputs;
     a variant in ``may_fail`` that does not compile is reported and left out."""
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -159,7 +165,7 @@ def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, r
     expected = ort.output()
     for variant in variants:
         try:
-            runners[variant] = tvm_runner(compile_variant(model, variant, target), x)
+            runners[variant] = tvm_runner(compile_variant(model, variant, target, database), x)
         except tvm_patdnn.PatDNNError as err:
             if variant not in may_fail:
                 raise
@@ -189,7 +195,8 @@ def layer_table(rows: list[dict], peak: float, variants: list[str]) -> str:
     kernel and ORT, and the chosen kernel's speed-ups."""
     rated = ["tvm_patdnn", "gemm", "direct", "ORT"]
     head = "| layer | MFLOP | chosen | " + " | ".join(f"{v} ms" for v in ["ORT", *variants]) + " | " + \
-        " | ".join(f"{v} GFLOP/s (% peak)" for v in rated) + " | vs ORT | vs GEMM | vs old rule |"
+        " | ".join(f"{v} GFLOP/s (% peak)" for v in rated) + " | vs ORT | vs GEMM | vs old rule |" + \
+        (" tuned vs ORT | tuned vs default |" if "tuned" in variants else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         ms = medians(row["ms"])
@@ -200,12 +207,16 @@ def layer_table(rows: list[dict], peak: float, variants: list[str]) -> str:
             + " | ".join(f"{r:.1f} ({100 * r / peak:.0f}%)" for r in rates)
             + f" | {speedup(row['ms'], 'ORT'):.2f}x | {speedup(row['ms'], 'gemm'):.2f}x"
             + f" | {speedup(row['ms'], 'old rule'):.2f}x |"
+            + (f" {speedup(row['ms'], 'ORT', 'tuned'):.2f}x | {speedup(row['ms'], 'tvm_patdnn', 'tuned'):.2f}x |"
+               if "tuned" in variants else "")
         )
     total = {v: sum(medians(r["ms"])[v] for r in rows) for v in ["ORT", *variants]}
     lines.append("| all layers (sum) | " + f"{sum(r['mflop'] for r in rows):.0f} | | "
                  + " | ".join(f"{total[v]:.3f}" for v in ["ORT", *variants]) + " | " + " | " * (len(rated) - 1)
                  + f" | {total['ORT'] / total['tvm_patdnn']:.2f}x | {total['gemm'] / total['tvm_patdnn']:.2f}x"
-                 + f" | {total['old rule'] / total['tvm_patdnn']:.2f}x |")
+                 + f" | {total['old rule'] / total['tvm_patdnn']:.2f}x |"
+                 + (f" {total['ORT'] / total['tuned']:.2f}x | {total['tvm_patdnn'] / total['tuned']:.2f}x |"
+                    if "tuned" in variants else ""))
     return "\n".join(lines)
 
 
@@ -221,12 +232,14 @@ def main() -> None:
                         help="what runs beside tvm_patdnn and ORT on the whole ResNet-50")
     parser.add_argument("--target", default="x86",
                         help='x86 (the host CPU) or target JSON, e.g. \'{"kind":"llvm","mcpu":"znver3"}\' for AVX2')
+    parser.add_argument("--db", type=Path, help="the tuning database of the tuned variant (default: a fresh one)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
     target = resolve_target(args.target)
     with tempfile.TemporaryDirectory() as scratch:
         machine = machine_summary([threads], Path(scratch))
+    database = args.db or Path(tempfile.mkdtemp(prefix="dense-db-"))
     peak = machine["fma_peak_gflops"][str(threads)]
     print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
 
@@ -239,7 +252,8 @@ def main() -> None:
         out = (size + 2 * (kernel // 2) - kernel) // stride + 1
         pointwise = kernel == 1 and stride == 1
         layer_variants = [v for v in variants if pointwise or v != "no panel copy"]
-        ms = measure(conv_model(in_c, out_c, size, stride, kernel), layer_variants, target, threads, args.rounds)
+        ms = measure(conv_model(in_c, out_c, size, stride, kernel), layer_variants, target, threads, args.rounds,
+                     database=database)
         name = f"{kernel}x{kernel} {in_c}->{out_c} {size}x{size}" + (f" s{stride}" if stride != 1 else "")
         spec = DenseConvSpec(batch=1, in_channels=in_c, height=size, width=size, out_channels=out_c,
                              kernel=(kernel, kernel), strides=(stride, stride), padding=(kernel // 2,) * 4)
@@ -255,10 +269,10 @@ def main() -> None:
     models = {}
     if args.resnet50:
         times = measure(resnet50_model(), ["tvm_patdnn", *args.model_variants], target, threads,
-                        args.rounds, may_fail=("tvm_patdnn",))
+                        args.rounds, may_fail=("tvm_patdnn",), database=database)
         models["resnet50"] = times
         print(f"\nResNet-50 dense, {threads} thread(s): " + ", ".join(f"{k} {v:.1f} ms" for k, v in medians(times).items()))
-        for ours in [v for v in ("tvm_patdnn", "gemm+direct") if v in times]:
+        for ours in [v for v in ("tvm_patdnn", "gemm+direct", "tuned") if v in times]:
             print(f"{ours}: " + ", ".join(f"vs {other} {speedup(times, other, ours):.2f}x"
                                          for other in times if other != ours))
 

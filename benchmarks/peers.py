@@ -9,7 +9,8 @@ connectivity, first conv dense; with ``--pointwise RATE`` the 1x1 convs too, in 
 on the same pruned weights, by
 
 - tvm_patdnn with the shipped schedules (``compile(pruned, "x86")``) and with default schedules only
-  (``tuning_db=False``); with ``--tune-trials N`` also tuned for N trials;
+  (``tuning_db=False``); with ``--tune-trials N`` also tuned for N trials (``--tune-trials 0``:
+  only the dense kernels chosen per layer by measurement, and every kernel's default measured);
 - TVM dense: the *unpruned* model on TVM's dense path with our default dense schedule rule
   (``compile(dense, "x86", tuning_db=False)``), tuned with the same N trials when asked;
 - ONNX Runtime, MNN (session API) and PyTorch (eager, the pruned weights loaded into the module).
@@ -486,7 +487,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["vgg16_cifar"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ImageNet models: rounds - 2, at least 3)")
-    parser.add_argument("--tune-trials", type=int, default=0, help="also tune tvm_patdnn and TVM dense with this many trials each")
+    parser.add_argument("--tune-trials", type=int, help="also tune tvm_patdnn and TVM dense with this many trials each "
+                                                          "(0: only choose each dense layer's kernel by measurement)")
     parser.add_argument("--pointwise", type=float, metavar="RATE",
                         help="also prune the 1x1 convs: 1 (4, 1) block in RATE kept (they then run on the sparse kernel)")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
@@ -523,7 +525,7 @@ def main() -> None:
             save_model_atomic(dense, workdir / f"{name}.dense.onnx")
             save_model_atomic(pruned, workdir / f"{name}.pruned.onnx")
             mnn_convert(workdir / f"{name}.pruned.onnx", workdir / f"{name}.pruned.mnn")
-            if args.tune_trials:
+            if args.tune_trials is not None:
                 dbs[name] = {kind: str(workdir / f"{name}.{kind}.db") for kind in ("pattern", "dense")}
                 for kind, model in (("pattern", pruned), ("dense", dense)):
                     tvm_patdnn.tune(model, "x86", trials=args.tune_trials, database=dbs[name][kind], progress=sys.stderr)

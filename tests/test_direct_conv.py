@@ -170,6 +170,9 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     assert rewrite.kernel_for(DenseConvSpec(**shape)) == "gemm"
     assert rewrite.kernel_for(DenseConvSpec(**shape, strides=(2, 2))) == "gemm"
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "in_channels": 512})) == "gemm"
+    small = DenseConvSpec(**{**shape, "height": 7, "width": 7})  # AVX2: 7x7 1x1s on the direct kernel, 8 KB panels
+    assert rewrite.kernel_for(small) == "direct" and rewrite.default_kernel(small).weight_panel == 8192
+    assert rewrite.kernel_for(DenseConvSpec(**{**shape, "height": 13, "width": 13}, strides=(2, 2))) == "gemm"
     avx512 = DenseConvRewrite(32, 16)  # 1x1: direct from 128 input channels, the GEMM below
     assert avx512.kernel_for(DenseConvSpec(**shape)) == "gemm"
     assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 128})) == "direct"

@@ -163,20 +163,25 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     with ``example_inputs`` (a tuple of tensors; exported through ONNX, see ``torch_frontend``;
     the report names convs after their modules).
     ``tuning_db`` is a database directory written by ``tvm_patdnn.tune``; its records for the
-    target's device schedule the kernels they cover. None uses the database shipped in
+    target's device schedule the kernels they cover, and its dense kernel choices pick the kernel of
+    the dense layers it measured. None uses the database shipped in
     ``tvm_patdnn/schedules/`` for the device, if any; False uses the default schedules only.
     Which records were applied to how many kernels is in ``CompiledModel.schedules``.
     """
     from .tuning.database import tuning_records_pass
+    from .tuning.kernel_records import load_kernel_choices
 
     check_pattern_options(entries, max_patterns)
     resolved = resolve_target(target)
     imported = _import(model, params, input_shapes, example_inputs)
     records: list[ConvRecord] = []
     tuned, schedules = tuning_records_pass(tuning_db, resolved)
+    if schedules.path is not None:
+        schedules.kernel_choices = load_kernel_choices(schedules.path, resolved)
     try:
         executable = tvm.compile(
-            imported.mod, resolved, relax_pipeline=get_pipeline(resolved, entries, max_patterns, records.append, tuned)
+            imported.mod, resolved, relax_pipeline=get_pipeline(resolved, entries, max_patterns, records.append, tuned,
+                                                                kernel_choices=schedules.kernel_choices)
         )
     except PatDNNError:
         raise

@@ -20,6 +20,7 @@ from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternCo
 from .targets import accumulator_registers, fma_chains, gpu_threads, vector_lanes, vector_registers
 from .transform import (DenseConvRewrite, DepthwiseConvRewrite, FullyConnectedRewrite, PatternConvRewrite,
                         SparsePointwiseRewrite, UnitReductionRewrite, WinogradConvRewrite)
+from .transform.kernel_choice import KernelChoices
 
 __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
 
@@ -30,11 +31,13 @@ def pattern_passes(
     max_patterns: int = 12,
     on_conv: Callable[[ConvRecord], None] | None = None,
     dense_kernels: bool = True,
+    kernel_choices: KernelChoices | None = None,
 ) -> list[tvm.transform.Pass]:
     """Detect pattern-sparse convs and rewrite them into the pattern-conv operator; rewrite
     block-sparse 1x1 convs into the sparse pointwise kernel (CPU or OpenCL), and on CPUs dense
     convs into our dense kernels (``dense_kernels=False`` leaves both to the legalized conv2d and
-    its schedule rule: the old dense path, kept for benchmarks)."""
+    its schedule rule: the old dense path, kept for benchmarks), each layer on the kernel
+    ``kernel_choices`` (``patdnn tune``'s measurements) holds for it, else the rules'."""
     cpu_kernels = dense_kernels and target.kind.name == "llvm"
     sparse_kernels = dense_kernels and target.kind.name in ("llvm", "opencl")
     passes = [
@@ -47,8 +50,8 @@ def pattern_passes(
         passes.append(SparsePointwiseRewrite(vector_registers(target), vector_lanes(target), chains=fma_chains(target),
                                              gpu=gpu))
     if cpu_kernels:
-        passes.append(WinogradConvRewrite(vector_registers(target), vector_lanes(target)))
-        passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target)))
+        passes.append(WinogradConvRewrite(vector_registers(target), vector_lanes(target), choices=kernel_choices))
+        passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target), choices=kernel_choices))
         passes.append(DepthwiseConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(FullyConnectedRewrite(vector_registers(target), vector_lanes(target)))
     if "gpu" in target.keys:
@@ -79,10 +82,11 @@ def fusion_passes(
     max_patterns: int = 12,
     on_conv: Callable[[ConvRecord], None] | None = None,
     dense_kernels: bool = True,
+    kernel_choices: KernelChoices | None = None,
 ) -> list[tvm.transform.Pass]:
     """Everything before scheduling: its PrimFuncs are the tuning tasks (tvm_patdnn.tuning)."""
     return (
-        pattern_passes(target, entries, max_patterns, on_conv, dense_kernels)
+        pattern_passes(target, entries, max_patterns, on_conv, dense_kernels, kernel_choices)
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
     )
@@ -95,18 +99,20 @@ def get_pipeline(
     on_conv: Callable[[ConvRecord], None] | None = None,
     tuning_records: tvm.transform.Pass | None = None,
     dense_kernels: bool = True,
+    kernel_choices: KernelChoices | None = None,
 ) -> tvm.transform.Pass:
     """The whole Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
 
     ``tuning_records`` (``tvm_patdnn.tuning.apply_tuning_records``) schedules the PrimFuncs it
-    has records for; the default rules schedule the rest.
+    has records for; the default rules schedule the rest. ``kernel_choices``
+    (``tvm_patdnn.tuning.load_kernel_choices``) picks the dense kernel of the layers it covers.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="PatDNNPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                fusion_passes(target, entries, max_patterns, on_conv, dense_kernels)
+                fusion_passes(target, entries, max_patterns, on_conv, dense_kernels, kernel_choices)
                 + ([tuning_records] if tuning_records is not None else [])
                 + schedule_passes(target)
                 + cpu_generic.dataflow_lower_passes(target)

@@ -43,6 +43,9 @@ __all__ = ["DenseConvSpec", "DENSE_CONV_ATTR", "dense_conv_primfunc", "pack_dens
 # PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
 DENSE_CONV_ATTR = "patdnn.dense_conv"
 ACTIVATIONS = ("none", "relu", "clip")
+# DenseConvSpec's fields that describe the conv itself (the others are the GEMM kernel's tile).
+LAYER_FIELDS = ("batch", "in_channels", "height", "width", "out_channels", "kernel", "strides", "padding",
+                "has_bias", "residual", "activation", "clip_min", "clip_max")
 # Input panel budget: half of the smallest L1 data cache of the targets (32 KB on Zen 3 and on
 # Cortex-A76), the rest for the weights being broadcast and the output tile.
 PANEL_BYTES = 16384
@@ -103,6 +106,10 @@ class DenseConvSpec:
         probe = cls(**shape, lanes=1, filter_tile=1, vectors=1)
         filters, vectors, lanes = register_tile(registers, lanes, probe.pixels, vectors)
         return cls(**shape, filter_tile=filters, vectors=vectors, lanes=lanes)
+
+    def layer_fields(self) -> dict:
+        """The conv's shape and epilogue fields (every field but the GEMM tile's)."""
+        return {name: getattr(self, name) for name in LAYER_FIELDS}
 
     @property
     def pointwise(self) -> bool:

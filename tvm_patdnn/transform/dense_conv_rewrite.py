@@ -24,6 +24,14 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   zmm tile on the 9 such layers of ResNet-50 and MobileNetV2 in two runs, once 0.97x (32->192 at
   28x28); 16-pixel tiles waste less, 6 filters divide 24, 96, 144 ... Not measured on an Intel
   AVX-512 core, whose 512-bit FMAs double the peak: there an 8-lane tile tops out at half of it;
+* on AVX2, stride-1 1x1 convs of at most ``SMALL_POINTWISE_PIXELS`` output pixels (the 7x7 images
+  of ResNet-50's and MobileNetV2's last stages) take the direct kernel with ``POINTWISE_WEIGHT_PANEL``
+  (8 KB) weight panels: the GEMM's 16-pixel tiles compute 64 pixels for 49 there. Measured (Zen 3,
+  1 thread, interleaved A/B, ``patdnn tune``'s candidates): direct / GEMM 1.07-1.24x on 512->2048,
+  2048->512, 960->160, 960->320 and 160->960 at 7x7; the 8 KB panel 1.09-1.16x over the usual 32 KB
+  one there (a 32 KB panel and the input lines it is swept with do not fit a 32 KB L1 together);
+  at 14x14 within 0.95-1.08x of the GEMM (not taken), at 28x28 and on stride 2 the GEMM wins by
+  4-23%;
 * KxK convs with at least ``lanes`` filters take the direct kernel: no window copy, any stride
   at the same cost, no overlap waste on small images (Zen 3: direct / GEMM 1.01-1.81x on every KxK
   layer: the 7x7 stem 1.43x, 3x3 64 at 56x56 1.54x, 3x3 512 at 14x14 s2 1.81x);
@@ -45,8 +53,9 @@ from tvm import relax
 from tvm.ir import IRModule
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from ..ops.dense_conv import DenseConvSpec, dense_conv_primfunc, pack_dense_conv_weight
-from ..ops.direct_conv import DirectConvSpec, direct_conv_primfunc, pack_direct_conv_bias, pack_direct_conv_weight
+from ..ops.dense_conv import DenseConvSpec
+from ..ops.direct_conv import DirectConvSpec
+from .kernel_choice import KernelChoices, KernelSpec, kernel_function, pack_for_kernel
 from .pattern_conv_rewrite import OPAQUE, _per_channel_bias, _static_shape
 
 __all__ = ["DenseConvRewrite", "DenseConvRewriter"]
@@ -54,6 +63,11 @@ __all__ = ["DenseConvRewrite", "DenseConvRewriter"]
 # On AVX-512, 1x1 convs with at least this many input channels run on the direct kernel: it writes
 # its 6 pixels x 64 filters tile to NCHW as scalars, which fewer channels' FMAs do not amortise.
 DIRECT_POINTWISE_CHANNELS = 128
+# On AVX2, stride-1 1x1 convs with at most this many output pixels (7x7, 8x8) run on the direct
+# kernel, with filter-block weights of POINTWISE_WEIGHT_PANEL bytes per reduction block (a quarter
+# of L1: the 6 pixels' input lines, one per channel, need the rest).
+SMALL_POINTWISE_PIXELS = 64
+POINTWISE_WEIGHT_PANEL = 8192
 
 
 def _is_dense_conv(conv: relax.Call, weight: relax.Expr) -> bool:
@@ -89,17 +103,19 @@ class DenseConvRewriter:
     ``vectors`` (pixel vectors per GEMM register tile), ``pack_panel`` (copy each input panel
     before the filters sweep it; strided convs always do) and ``kernel`` (``"auto"``: the rule of
     :meth:`kernel_for`; ``"gemm"`` or ``"direct"``: that kernel wherever it applies) exist to
-    measure what they are worth.
+    measure what they are worth. ``choices`` (:class:`~.kernel_choice.KernelChoices`, from
+    ``patdnn tune``'s records) overrides the rules per layer with the kernel measured fastest, and
+    collects the layers met, for the tuner.
     """
 
     KERNELS = ("auto", "gemm", "direct")
 
     def __init__(self, registers: int = 16, lanes: int = 8, vectors: int = 2, pack_panel: bool = True,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", choices: KernelChoices | None = None):
         if kernel not in self.KERNELS:
             raise ValueError(f"kernel {kernel!r} is not one of {self.KERNELS}")
         self.registers, self.lanes, self.vectors, self.pack_panel = registers, lanes, vectors, pack_panel
-        self.kernel = kernel
+        self.kernel, self.choices = kernel, choices
         self.data, self.weight, self.bias = wildcard(), is_const(), is_const()
         self.residual = ~is_const()  # a constant there is a bias
         self._chain("relax.nn.conv2d")
@@ -127,7 +143,7 @@ class DenseConvRewriter:
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         self._builder = relax.BlockBuilder(mod)
-        self._kernels: dict[DenseConvSpec | DirectConvSpec, relax.GlobalVar] = {}
+        self._kernels: dict[KernelSpec, relax.GlobalVar] = {}
         self._packed: dict[tuple, relax.Expr] = {}
         for gvar, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function) or func.attrs and func.attrs.get("Primitive", 0):
@@ -164,6 +180,8 @@ class DenseConvRewriter:
             if all(v in single_use for v in inner):
                 fusions[root] = fusion
                 taken.update(inner)
+                if self.choices is not None:
+                    self.choices.saw(fusion[1])
         return fusions
 
     def _fusion(self, expr: relax.Call, matches) -> tuple | None:
@@ -218,37 +236,80 @@ class DenseConvRewriter:
         if spec.kernel == (1, 1):
             if self.kernel != "auto":
                 return self.kernel
-            return "direct" if self.lanes >= 16 and spec.in_channels >= DIRECT_POINTWISE_CHANNELS else "gemm"
+            if self.lanes >= 16 and spec.in_channels >= DIRECT_POINTWISE_CHANNELS:
+                return "direct"
+            return "direct" if self.lanes == 8 and spec.pointwise and spec.pixels <= SMALL_POINTWISE_PIXELS else "gemm"
         if self.kernel == "gemm":
             # the window copy would cost more than half the multiply-adds it feeds
             return "gemm" if spec.out_channels >= 4 * self.lanes else None
         return "direct" if spec.out_channels >= self.lanes or self.kernel == "direct" else None
 
+    def default_kernel(self, spec: DenseConvSpec) -> KernelSpec:
+        """The kernel spec the rules give a conv :meth:`kernel_for` takes."""
+        if self.kernel_for(spec) == "direct":
+            kernel = DirectConvSpec.for_target(spec, *self.direct_vectors(spec))
+            if self.lanes == 8 and spec.kernel == (1, 1):
+                kernel = dataclasses.replace(kernel, weight_panel=POINTWISE_WEIGHT_PANEL)
+            return kernel
+        return spec
+
+    def kernel_spec(self, spec: DenseConvSpec) -> KernelSpec:
+        """The recorded choice for this layer if there is one, else :meth:`default_kernel`."""
+        chosen = self.choices.spec(spec, self.registers) if self.choices is not None else None
+        return chosen if isinstance(chosen, (DenseConvSpec, DirectConvSpec)) else self.default_kernel(spec)
+
+    def candidates(self, spec: DenseConvSpec) -> list[KernelSpec]:
+        """What ``patdnn tune`` measures for a conv :meth:`kernel_for` takes: the default first, then
+        the GEMM with 1-3 pixel vectors (and, for pointwise convs, without the panel copy) and the
+        direct kernel with 4-12 pixel tiles, both loop orders and weight panels of a quarter and a
+        half of L1 (when they split the reduction further), each on the target's vectors and
+        on AVX-512 also on 8-lane ones. Only kernels that apply: the GEMM for KxK convs with at least
+        four vectors of filters, the direct kernel with at least a vector of them."""
+        found = [self.default_kernel(spec)]
+        shape = spec.layer_fields()
+        gemm = spec.kernel == (1, 1) or spec.out_channels >= 4 * self.lanes
+        direct = spec.out_channels >= min(8, self.lanes)
+        wide = self.lanes >= 16
+        for registers, lanes in [(self.registers, self.lanes)] + [self.gemm_vectors()] * wide if gemm else []:
+            found += [DenseConvSpec.for_target(registers, lanes, count, **shape) for count in (1, 2, 3)]
+            if spec.pointwise:
+                found.append(dataclasses.replace(DenseConvSpec.for_target(registers, lanes, **shape), pack_panel=False))
+        for registers, lanes in [(self.registers, self.lanes)] + [(self.registers, 8)] * wide if direct else []:
+            base = DirectConvSpec.for_target(spec, registers, lanes)
+            found.append(dataclasses.replace(base, filters_inner=not base.filters_inner))
+            for panel in (base.weight_panel // 4, base.weight_panel // 2):  # more, smaller reduction blocks
+                smaller = dataclasses.replace(base, weight_panel=panel)
+                if smaller.channel_block < base.channel_block:
+                    found.append(smaller)
+            filter_vectors = -(-spec.out_channels // lanes)
+            for pixels in (4, 6, 8, 12):
+                if pixels <= spec.pixels:
+                    count = min(filter_vectors, max(1, (registers - 1) // (pixels + 1) - (lanes < 8)))
+                    found.append(dataclasses.replace(base, pixel_tile=pixels, vectors=count))
+        return list(dict.fromkeys(found))
+
     def _rewrite(self, expr: relax.Expr, matches) -> relax.Expr:
         if expr not in self._fusions:
             return expr
         conv, spec, bias, residual = self._fusions[expr]
-        weight = conv.args[1]
-        if self.kernel_for(spec) == "direct":
-            kernel = DirectConvSpec.for_target(spec, *self.direct_vectors(spec))
-            packed = self._packed_weight(weight, pack_direct_conv_weight, kernel.filter_block)
-            bias = pack_direct_conv_bias(bias, kernel.filter_block) if bias is not None else None
-            make, name = direct_conv_primfunc, "direct_conv"
-        else:
-            kernel, make, name = spec, dense_conv_primfunc, "dense_conv"
-            packed = self._packed_weight(weight, pack_dense_conv_weight, spec.filter_tile)
+        kernel = self.kernel_spec(spec)
+        pack, layout, pack_bias = pack_for_kernel(kernel)
+        packed = self._packed_weight(conv.args[1], pack, layout)
+        if bias is not None and pack_bias is not None:
+            bias = pack_bias(bias)
         if kernel not in self._kernels:
-            self._kernels[kernel] = self._builder.add_func(make(kernel).with_attr("op_pattern", OPAQUE), name)
+            func, name = kernel_function(kernel)
+            self._kernels[kernel] = self._builder.add_func(func.with_attr("op_pattern", OPAQUE), name)
         args = [conv.args[0], packed]
         args += [relax.const(bias)] if bias is not None else []
         args += [residual] if residual is not None else []
         return relax.call_tir(self._kernels[kernel], args, relax.TensorType(_static_shape(conv), "float32"))
 
-    def _packed_weight(self, weight: relax.Expr, pack, block: int) -> relax.Expr:
+    def _packed_weight(self, weight: relax.Expr, pack, layout: tuple) -> relax.Expr:
         """The weight packed once per kernel layout, shared by the convs that use it."""
-        key = (weight, pack, block)
+        key = (weight, layout)
         if key not in self._packed:
-            self._packed[key] = relax.const(pack(weight.value.numpy(), block))
+            self._packed[key] = relax.const(pack(weight.value.numpy()))
         return self._packed[key]
 
 

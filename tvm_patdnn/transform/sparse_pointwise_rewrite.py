@@ -54,10 +54,10 @@ class SparsePointwiseRewriter(DenseConvRewriter):
             return None
         if self.gpu is None:
             probe = SparsePointwiseSpec.for_target(self.registers, self.lanes, self.block, 0, self.chains,
-                                                  **_shape_of(spec))
+                                                  **spec.layer_fields())
             packed = block_sparse_weight(weight, self.block, probe.conv.channel_block)
         else:
-            probe = SparsePointwiseGPUSpec.for_target(*self.gpu, self.block, 0, **_shape_of(spec))
+            probe = SparsePointwiseGPUSpec.for_target(*self.gpu, self.block, 0, **spec.layer_fields())
             packed = block_sparse_weight(weight, self.block, spec.in_channels)  # one channel block
         self._sparse[expr] = (dataclasses.replace(probe, nonzero_blocks=packed.kept_blocks), packed)
         return fusion
@@ -75,13 +75,6 @@ class SparsePointwiseRewriter(DenseConvRewriter):
         args += [relax.const(bias)] if bias is not None else []
         args += [residual] if residual is not None else []
         return relax.call_tir(self._kernels[spec], args, relax.TensorType(_static_shape(conv), "float32"))
-
-
-def _shape_of(spec) -> dict:
-    """The shape and epilogue fields of a DenseConvSpec (its tile fields left out)."""
-    fields = ("batch", "in_channels", "height", "width", "out_channels", "kernel", "strides", "padding",
-              "has_bias", "residual", "activation", "clip_min", "clip_max")
-    return {name: getattr(spec, name) for name in fields}
 
 
 SparsePointwiseRewrite = tvm.transform.module_pass(SparsePointwiseRewriter, opt_level=0, name="SparsePointwiseRewrite")

@@ -33,9 +33,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..ops.winograd_conv import WinogradConvSpec, pack_winograd_weight, winograd_conv_primfunc
+from ..ops.dense_conv import DenseConvSpec
+from ..ops.winograd_conv import WinogradConvSpec
 from .dense_conv_rewrite import DenseConvRewriter
-from .pattern_conv_rewrite import OPAQUE, _static_shape
+from .kernel_choice import KernelChoices, KernelSpec
 
 __all__ = ["WinogradConvRewrite", "WinogradConvRewriter", "choose_tile"]
 
@@ -61,45 +62,56 @@ class WinogradConvRewriter(DenseConvRewriter):
 
     ``registers`` and ``lanes`` are the target's (:func:`tvm_patdnn.targets.vector_registers`,
     :func:`~tvm_patdnn.targets.vector_lanes`); ``tile`` forces one output tile size for every
-    3x3 stride-1 conv with constant weights (benchmarks and tests), instead of :func:`choose_tile`.
+    3x3 stride-1 conv with constant weights (benchmarks and tests), instead of :func:`choose_tile`;
+    ``choices`` (recorded by ``patdnn tune``) decide per layer instead of the rule, Winograd or not.
     """
 
-    def __init__(self, registers: int = 16, lanes: int = 8, tile: int | None = None):
-        super().__init__(registers, lanes)
+    def __init__(self, registers: int = 16, lanes: int = 8, tile: int | None = None,
+                 choices: KernelChoices | None = None):
+        super().__init__(registers, lanes, choices=choices)
         self.tile = tile
 
     def _fusion(self, expr: relax.Call, matches) -> tuple | None:
         fusion = super()._fusion(expr, matches)
         if fusion is None:
             return None
-        conv, spec, bias, residual = fusion
+        spec = fusion[1]
         if spec.kernel != (3, 3) or spec.strides != (1, 1):
             return None
-        tile = self.tile or choose_tile(spec.in_channels, spec.out_channels, spec.out_height, spec.out_width)
-        if tile is None:
-            return None
-        wino = WinogradConvSpec.for_target(
-            self.registers, self.lanes, tile, batch=spec.batch, in_channels=spec.in_channels, height=spec.height,
-            width=spec.width, out_channels=spec.out_channels, padding=spec.padding, has_bias=spec.has_bias,
-            residual=spec.residual, activation=spec.activation, clip_min=spec.clip_min, clip_max=spec.clip_max,
-        )
-        return conv, wino, bias, residual
+        return fusion if isinstance(self._chosen_or_rule(spec), WinogradConvSpec) else None
 
-    def _rewrite(self, expr: relax.Expr, matches) -> relax.Expr:
-        if expr not in self._fusions:
-            return expr
-        conv, spec, bias, residual = self._fusions[expr]
-        if spec not in self._kernels:
-            func = winograd_conv_primfunc(spec).with_attr("op_pattern", OPAQUE)
-            self._kernels[spec] = self._builder.add_func(func, "winograd_conv")
-        weight = conv.args[1]
-        key = (weight, spec.tile, spec.filter_tile)
-        if key not in self._packed:
-            self._packed[key] = relax.const(pack_winograd_weight(weight.value.numpy(), spec.tile, spec.filter_tile))
-        args = [conv.args[0], self._packed[key]]
-        args += [relax.const(bias)] if bias is not None else []
-        args += [residual] if residual is not None else []
-        return relax.call_tir(self._kernels[spec], args, relax.TensorType(_static_shape(conv), "float32"))
+    def _chosen_or_rule(self, spec: DenseConvSpec) -> KernelSpec | None:
+        """The measured choice (Winograd or a dense kernel, the next pass's), else the rule's Winograd
+        tile or None."""
+        chosen = self.choices.spec(spec, self.registers) if self.choices is not None else None
+        if chosen is not None:
+            return chosen
+        tile = self.tile or choose_tile(spec.in_channels, spec.out_channels, spec.out_height, spec.out_width)
+        return None if tile is None else self._winograd(spec, tile)
+
+    def kernel_spec(self, spec: DenseConvSpec) -> KernelSpec:
+        return self._chosen_or_rule(spec)
+
+    def _winograd(self, spec: DenseConvSpec, tile: int) -> WinogradConvSpec:
+        shape = {name: value for name, value in spec.layer_fields().items() if name not in ("kernel", "strides")}
+        return WinogradConvSpec.for_target(self.registers, self.lanes, tile, **shape)
+
+    def candidates(self, spec: DenseConvSpec) -> list[KernelSpec]:
+        """The dense kernels' candidates and, for 3x3 stride-1 convs, F(4x4) and F(2x2); the rules'
+        choice first (F(6x6) is left out: 5x the error of F(4x4) for at most 1.25x)."""
+        dense = super().candidates(spec)
+        if spec.kernel != (3, 3) or spec.strides != (1, 1):
+            return dense
+        winograd = {}
+        for tile in (4, 2):
+            try:
+                winograd[tile] = self._winograd(spec, tile)
+            except ValueError:  # fewer tiles than one register tile's
+                pass
+        default = self.tile or choose_tile(spec.in_channels, spec.out_channels, spec.out_height, spec.out_width)
+        if default in winograd:
+            return [winograd.pop(default), *winograd.values(), *dense]
+        return [*dense, *winograd.values()]
 
 
 WinogradConvRewrite = tvm.transform.module_pass(WinogradConvRewriter, opt_level=0, name="WinogradConvRewrite")

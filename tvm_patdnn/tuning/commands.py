@@ -17,9 +17,11 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
         "tune",
         help="auto-tune the model's kernels (meta_schedule + XGBoost), appending records to a database",
         description=(
-            "Tune every kernel of the compiled model: pattern convs in tvm_patdnn's design space "
-            "(register tile, filter blocking and loop order, unroll, parallel granularity), the "
-            "dense layers in meta_schedule's space for the target. Records are appended to DB as "
+            "Tune every kernel of the compiled model: first each dense conv layer's kernel (GEMM, "
+            "direct or Winograd, and its register tile: every candidate measured once), then pattern "
+            "convs in tvm_patdnn's design space (register tile, filter blocking and loop order, unroll, "
+            "parallel granularity) and the remaining kernels in meta_schedule's space for the target, "
+            "for --trials trials. Records are appended to DB as "
             "they are measured; re-running with the same DB resumes. Apply them with "
             "`patdnn compile --tuning-db DB` or tvm_patdnn.compile(..., tuning_db=DB)."
         ),
@@ -38,6 +40,8 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="limit of one measurement; with --rpc also of the tracker's answer, the device "
                              "becoming free and its handshake, after which the tune ends")
+    parser.add_argument("--no-dense-kernels", dest="dense_kernels", action="store_false",
+                        help="do not measure the dense layers' candidate kernels (they keep the rules' choice)")
     parser.set_defaults(func=run_tune)
 
 
@@ -89,6 +93,7 @@ def run_tune(args: argparse.Namespace) -> int:
             args.model, args.target, trials=args.trials, database=args.db, rpc=args.rpc,
             input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
             trials_per_iter=args.trials_per_iter, timeout=args.timeout, devices=args.devices, progress=sys.stderr,
+            dense_kernels=args.dense_kernels,
         )
     print(format_results(results))
     print(f"\nrecords in {args.db}; apply with: {apply_command(args)}")

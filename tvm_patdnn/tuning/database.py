@@ -34,16 +34,20 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from ..errors import PatDNNError
+from ..transform.kernel_choice import KernelChoices
 from .measure import finish_schedule
 from .tasks import normalize
 
 __all__ = [
     "AppendOnlyDatabase",
+    "KERNEL_CHOICES",
     "RECORDS",
     "SCHEDULES_DIR",
     "ScheduleSource",
     "WORKLOADS",
     "apply_tuning_records",
+    "directory_lock",
+    "read_json_lines",
     "load_records",
     "open_for_tuning",
     "record_targets",
@@ -54,8 +58,20 @@ __all__ = [
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
+KERNEL_CHOICES = "dense_kernels.json"  # the dense kernels measured per layer (tuning.kernel_records)
 LOCK = ".lock"  # flock()ed by every writer while it reads new lines and appends its own
 SCHEDULES_DIR = Path(str(importlib.resources.files("tvm_patdnn") / "schedules"))
+
+
+@contextmanager
+def directory_lock(path: Path) -> Iterator[None]:
+    """Hold the database directory's lock: every writer appends under it."""
+    with open(path / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def target_key(target: Target) -> str:
@@ -112,14 +128,8 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
         except Exception as err:  # OSError, TVM's errors on malformed entries
             raise PatDNNError(f"tuning database {self.path} is not readable: {str(err).strip().splitlines()[-1]}") from err
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.path / LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self):
+        return directory_lock(self.path)
 
     def _new_lines(self, name: str) -> list[tuple[int, object]]:
         """Complete lines appended to ``name`` since the last read (under the lock), numbered."""
@@ -206,7 +216,7 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
         return len(self.memory)
 
 
-def _lines(path: Path) -> list[tuple[int, object]]:
+def read_json_lines(path: Path) -> list[tuple[int, object]]:
     """(line number, JSON value) of every complete line; PatDNNError on a corrupt one."""
     try:
         text = path.read_text()
@@ -229,7 +239,7 @@ def record_targets(path: str | os.PathLike) -> set[str]:
     """The target keys of the devices a database directory holds records for."""
     path = Path(path)
     keys = set()
-    for number, entry in _lines(path / RECORDS):
+    for number, entry in read_json_lines(path / RECORDS):
         try:
             keys.add(target_key(Target(entry[1][2])))
         except Exception as err:
@@ -246,6 +256,8 @@ def load_records(path: str | os.PathLike, target: Target) -> ms.database.MemoryD
     if not path.is_dir():
         raise PatDNNError(f"tuning database {path} does not exist or is not a directory")
     if not (path / WORKLOADS).is_file():
+        if (path / KERNEL_CHOICES).is_file():  # a tune of a model whose kernels are all dense-kernel layers
+            return ms.database.MemoryDatabase()
         raise PatDNNError(f"{path} is not a tuning database (no {WORKLOADS})")
     stamps = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
                    for f in (path / WORKLOADS, path / RECORDS))
@@ -257,9 +269,9 @@ def _load_records(path: Path, _stamps: tuple, key: str) -> ms.database.MemoryDat
     memory = ms.database.MemoryDatabase()
     workloads = []
     try:
-        for _number, entry in _lines(path / WORKLOADS):
+        for _number, entry in read_json_lines(path / WORKLOADS):
             workloads.append(memory.commit_workload(ms.database.Workload.from_json(entry).mod))
-        for number, (index, record) in _lines(path / RECORDS):
+        for number, (index, record) in read_json_lines(path / RECORDS):
             if not 0 <= index < len(workloads):
                 raise PatDNNError(f"{path / RECORDS}:{number} names workload {index}, which does not exist")
             tuning_record = ms.database.TuningRecord.from_json(record, workloads[index])
@@ -291,6 +303,7 @@ class ScheduleSource:
     held: tuple[str, ...] = ()  # the devices the database has records for
     applied: int = 0
     kernels: int = 0
+    kernel_choices: KernelChoices | None = None  # the database's dense kernel choices (tuning.kernel_records)
 
     def __str__(self) -> str:
         if not self.wanted:
@@ -299,10 +312,13 @@ class ScheduleSource:
             return (f"no shipped schedules for {self.target_key}: default schedule rules; "
                     "`patdnn tune` adds them")
         where = f"schedules/{self.path.name}" if self.shipped else str(self.path)
+        dense = ""
+        if self.kernel_choices is not None and len(self.kernel_choices):
+            dense = f"; dense kernels: {len(self.kernel_choices.applied)} layer(s) on their measured choice"
         if self.target_key not in self.held:
             return (f"tuning records: none for {self.target_key} in {where} (it holds: "
-                    f"{', '.join(self.held) or 'no records'}): default schedule rules")
-        return f"tuning records: {self.applied}/{self.kernels} kernels from {where}"
+                    f"{', '.join(self.held) or 'no records'}): default schedule rules{dense}")
+        return f"tuning records: {self.applied}/{self.kernels} kernels from {where}{dense}"
 
 
 def apply_tuning_records(database: ms.database.Database, source: ScheduleSource | None = None) -> tvm.transform.Pass:

@@ -20,6 +20,7 @@ from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from ..pipeline import fusion_passes
+from ..transform.kernel_choice import KernelChoices
 from .space import is_pattern_conv
 
 __all__ = ["Task", "extract_tasks", "normalize"]
@@ -54,10 +55,13 @@ def _constant_int_args(call: relax.Call) -> dict[int, np.ndarray]:
     return found
 
 
-def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target, entries: int, max_patterns: int) -> list[Task]:
-    """The distinct PrimFuncs of ``mod`` that run as kernels after the compiler's fusion passes."""
+def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target, entries: int, max_patterns: int,
+                  kernel_choices: KernelChoices | None = None) -> list[Task]:
+    """The distinct PrimFuncs of ``mod`` that run as kernels after the compiler's fusion passes
+    (``kernel_choices``, if given, collects the dense layers those passes met: ``seen``)."""
     with target:
-        fused = tvm.transform.Sequential(fusion_passes(target, entries, max_patterns))(mod)
+        fused = tvm.transform.Sequential(fusion_passes(target, entries, max_patterns,
+                                                       kernel_choices=kernel_choices))(mod)
     calls: dict[str, list[relax.Call]] = {}
 
     def visit(expr: relax.Expr) -> None:

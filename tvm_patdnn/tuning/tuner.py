@@ -46,6 +46,7 @@ from ..phone.cross import linker_for
 from ..pipeline import default_schedule_rules
 from ..schedule_rules.pattern_conv_cpu import apply_default_schedule
 from ..targets import resolve_target
+from ..transform.kernel_choice import KernelChoices
 from ..tvm_noise import filter_tvm_noise
 from .database import open_for_tuning, target_key
 from .farm import DeviceFarm, DeviceStats
@@ -58,6 +59,7 @@ from .measure import (
     signature,
 )
 from .space import pattern_conv_space_generator
+from .kernel_records import tune_dense_kernels
 from .tasks import Task, extract_tasks
 
 __all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TuneResults", "parse_rpc", "tune", "tuning_contexts"]
@@ -298,6 +300,7 @@ def tune(
     devices: int | None = None,
     seed: int = 0,
     progress: TextIO | None = sys.stderr,
+    dense_kernels: bool = True,
 ) -> list[TaskResult]:
     """Tune a model's kernels for ``target`` and append the records to ``database`` (a directory).
 
@@ -310,6 +313,12 @@ def tune(
     tracker's answer, the device becoming free, its handshake, one measurement): a device that
     does not become free or answer in time ends the tune (it is gone or busy).
     Apply the result with ``compile(model, target, tuning_db=database)``.
+
+    Before the search, every candidate kernel of each dense conv layer (GEMM, direct and Winograd
+    kernels and their register tiles, the rules' choice among them) is measured once and recorded
+    (``kernel_records``; ``dense_kernels=False`` skips it): these kernels are not in
+    meta_schedule's space, and ``compile`` runs each layer on its fastest. Their rows in the
+    results have kind ``"dense"``, trials = candidates measured.
 
     Returns a :class:`TuneResults` (a list of :class:`TaskResult`): failed trials per task with
     their last error, and ``stopped`` set when the tune ended early (device unreachable, or
@@ -332,8 +341,10 @@ def tune(
     if rpc_config is None:
         _check_runnable_here(resolved)
     imported = _import(model, params, input_shapes)
-    tasks = extract_tasks(imported.mod, resolved, entries, max_patterns)
-    if not tasks:
+    layers = KernelChoices()
+    tasks = extract_tasks(imported.mod, resolved, entries, max_patterns, kernel_choices=layers)
+    dense_layers = list(layers.seen.values()) if dense_kernels else []
+    if not tasks and not dense_layers:
         raise PatDNNError("the model has no kernels to tune")
     db = open_for_tuning(database, resolved)
     cores = int(resolved.attrs.get("num-cores") or os.cpu_count() or 1)
@@ -355,7 +366,11 @@ def tune(
             runner = DeviceFarm(rpc_config, evaluator, arguments, wait=timeout, max_devices=devices)
 
         failures = _Failures()
-        defaults = _measure_defaults(tasks, resolved, db, builder, runner, progress, failures)
+        dense, failures.stopped = tune_dense_kernels(
+            dense_layers, resolved, Path(database), lambda batch: _measure(builder, runner, resolved, batch),
+            progress, _device_unavailable)
+        defaults = (_measure_defaults(tasks, resolved, db, builder, runner, progress, failures)
+                    if failures.stopped is None else {t.name: None for t in tasks})
         records = {t.name: _records_of(db, t) for t in tasks}
         best = {name: min((m for r in recs if (m := _mean_ms(r.run_secs)) is not None), default=None)
                 for name, recs in records.items()}
@@ -366,7 +381,7 @@ def tune(
                   f"{target_key(resolved)}: {searched} trials in {database} already, {remaining} to go",
                   file=progress, flush=True)
         try:
-            if remaining and failures.stopped is None:
+            if remaining and tasks and failures.stopped is None:
                 with filter_tvm_noise():  # 'Unknown schedule rule "meta_schedule.pool_max"': see tvm_noise
                     _search(tasks, resolved, db, builder, runner, remaining, trials_per_iter, cores, seed,
                             _Progress(tasks, defaults, best, searched, trials, progress, failures, runner),
@@ -376,6 +391,8 @@ def tune(
                 runner.close()
 
     results = TuneResults(stopped=failures.stopped, devices=runner.stats if isinstance(runner, DeviceFarm) else None)
+    results.extend(TaskResult(layer.name, "dense", 1, layer.measured, layer.default_ms, layer.best_ms, layer.failed,
+                              layer.error) for layer in dense)
     for task in tasks:
         recs = _records_of(db, task)
         times = [m for r in recs if (m := _mean_ms(r.run_secs)) is not None]

@@ -1,0 +1,162 @@
+"""Dense kernels as points of the tuning space: ``tune`` measures every candidate kernel of each
+dense layer (the rules' default among them), ``compile`` runs each layer on the fastest recorded,
+and every candidate computes the same result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from model_factory import ConvSpec, build_cnn, reference_outputs
+
+import tvm_patdnn
+from tvm_patdnn.cli import main
+from tvm_patdnn.errors import PatDNNError
+from tvm_patdnn.ops.winograd_conv import ERROR_BOUND
+from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
+from tvm_patdnn.transform.kernel_choice import KernelChoice, kernel_function, layer_key
+from tvm_patdnn.transform.winograd_conv_rewrite import WinogradConvRewriter
+from tvm_patdnn.tuning.database import KERNEL_CHOICES, target_key
+
+TARGET = resolve_target("x86")
+KERNEL_NAMES = ("dense_conv", "direct_conv", "winograd_conv")
+
+
+def model() -> tuple:
+    """Batch 2, odd sizes: a 1x1 with a residual add, a 3x3 stride 1 (Winograd candidates), a 3x3
+    stride 2 with enough filters for the GEMM."""
+    convs = [ConvSpec(24, kind="1x1", pads=(0, 0, 0, 0), residual=True), ConvSpec(20, kind="dense"),
+             ConvSpec(4 * vector_lanes(TARGET), kind="dense", stride=2)]
+    onnx_model = build_cnn(np.random.default_rng(4), (2, 24, 13, 13), convs)
+    x = np.random.default_rng(5).standard_normal((2, 24, 13, 13)).astype(np.float32)
+    return onnx_model, x
+
+
+def write_records(database: Path, entries: list[dict], torn: str = "") -> None:
+    database.mkdir(exist_ok=True)
+    text = "".join(json.dumps(e) + "\n" for e in entries)
+    (database / KERNEL_CHOICES).write_text(text + torn)
+
+
+def record(layer, spec, ms: float | None, target=TARGET) -> dict:
+    return {"target": target_key(target), "layer": json.loads(layer_key(layer)),
+            "choice": KernelChoice.of(spec).as_json(), "ms": ms}
+
+
+def layers_of(onnx_model, database: Path) -> list:
+    """The dense layers compile met (an empty record file: the rules decide every one)."""
+    write_records(database, [])
+    compiled = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=database)
+    return list(compiled.schedules.kernel_choices.seen.values())
+
+
+def kernel_calls(compiled) -> list[str]:
+    """The dense kernels the model calls, by kernel (the module numbers a second one: direct_conv1)."""
+    return [line.split()[1].rstrip("0123456789") for line in compiled.executable.as_text().splitlines()
+            if line.strip().startswith(tuple(f"call  {k}" for k in KERNEL_NAMES))]
+
+
+def test_every_candidate_computes_the_reference(tmp_path):
+    onnx_model, x = model()
+    expected = reference_outputs(onnx_model, {"input": x})[0]
+    layers = layers_of(onnx_model, tmp_path / "db")
+    assert len(layers) == 3
+    rewriter = WinogradConvRewriter(vector_registers(TARGET), vector_lanes(TARGET))
+    candidates = [rewriter.candidates(layer) for layer in layers]
+    kinds = {KernelChoice.of(spec).kernel for specs in candidates for spec in specs}
+    assert kinds == {"gemm", "direct", "winograd"}
+    for index in range(max(map(len, candidates))):  # candidate i of every layer in one model
+        chosen = [(layer, specs[index]) for layer, specs in zip(layers, candidates) if index < len(specs)]
+        write_records(tmp_path / "db", [record(layer, spec, 1.0) for layer, spec in chosen])
+        compiled = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=tmp_path / "db")
+        assert len(compiled.schedules.kernel_choices.applied) == len(chosen)
+        names = kernel_calls(compiled)
+        for _layer, spec in chosen:
+            assert kernel_function(spec)[1] in names, (index, spec)
+        actual = compiled.run({"input": x})[0]
+        error = np.abs(actual - expected).max() / np.abs(expected).max()
+        assert error < 2 * ERROR_BOUND[4], (index, [str(KernelChoice.of(s)) for _, s in chosen], error)
+
+
+def test_the_default_comes_first_and_a_record_overrides_the_rule(tmp_path):
+    onnx_model, x = model()
+    layers = layers_of(onnx_model, tmp_path / "db")
+    rewriter = WinogradConvRewriter(vector_registers(TARGET), vector_lanes(TARGET))
+    default = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=False)
+    assert sorted(kernel_calls(default)) == sorted(kernel_function(rewriter.candidates(layer)[0])[1]
+                                                   for layer in layers)
+    # the 3x3 stride-1 layer: the slowest record loses, the fastest wins, wherever it stands
+    layer = next(layer for layer in layers if layer.kernel == (3, 3) and layer.strides == (1, 1))
+    specs = rewriter.candidates(layer)
+    fastest = next(s for s in specs if KernelChoice.of(s).kernel == "direct")
+    write_records(tmp_path / "db", [record(layer, s, 2.0 if s != fastest else 1.0) for s in specs]
+                  + [record(layer, specs[0], 0.1, resolve_target('{"kind":"llvm","mcpu":"skylake-avx512"}'))],
+                  torn='{"target": "llvm-znver3", "layer"')  # another CPU's record and a killed writer's line
+    compiled = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=tmp_path / "db")
+    assert compiled.schedules.kernel_choices.chosen[layer_key(layer)] == KernelChoice.of(fastest)
+    assert "dense kernels: 1 layer(s) on their measured choice" in str(compiled.schedules)
+    expected = reference_outputs(onnx_model, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_tune_measures_each_candidate_once_and_compile_uses_the_best(tmp_path):
+    onnx_model, x = model()
+    database = tmp_path / "db"
+    results = tvm_patdnn.tune(onnx_model, TARGET, trials=0, database=database, progress=None)
+    dense = [r for r in results if r.kind == "dense"]
+    rewriter = WinogradConvRewriter(vector_registers(TARGET), vector_lanes(TARGET))
+    layers = layers_of_records(database)
+    assert len(dense) == len(layers) == 3 and results.failed == 0
+    assert [r.trials for r in dense] == [len(rewriter.candidates(layer)) for layer in layers]
+    for r in dense:
+        assert r.best_ms <= r.default_ms
+    lines = (database / KERNEL_CHOICES).read_text().count("\n")
+    assert lines == sum(r.trials for r in dense)
+
+    again = tvm_patdnn.tune(onnx_model, TARGET, trials=0, database=database, progress=None)
+    assert (database / KERNEL_CHOICES).read_text().count("\n") == lines  # everything on record: nothing measured
+    assert [(r.name, r.best_ms) for r in again if r.kind == "dense"] == [(r.name, r.best_ms) for r in dense]
+
+    compiled = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=database)
+    assert len(compiled.schedules.kernel_choices.applied) == 3
+    expected = reference_outputs(onnx_model, {"input": x})[0]
+    error = np.abs(compiled.run({"input": x})[0] - expected).max() / np.abs(expected).max()
+    assert error < 2 * ERROR_BOUND[4]
+
+
+def layers_of_records(database: Path) -> list:
+    """The layers of the record file, in the order tune measured them."""
+    from tvm_patdnn.ops.dense_conv import DenseConvSpec
+
+    seen = {}
+    for line in (database / KERNEL_CHOICES).read_text().splitlines():
+        layer = json.loads(line)["layer"]
+        seen.setdefault(json.dumps(layer, sort_keys=True), layer)
+    tuples = ("kernel", "strides", "padding")
+    return [DenseConvSpec(**{k: tuple(v) if k in tuples else v for k, v in layer.items()}) for layer in seen.values()]
+
+
+def test_a_corrupt_record_file_is_named(tmp_path):
+    onnx_model, _ = model()
+    database = tmp_path / "db"
+    write_records(database, [])
+    (database / KERNEL_CHOICES).write_text('["not", "a", "record"]\n')
+    with pytest.raises(PatDNNError, match=KERNEL_CHOICES):
+        tvm_patdnn.compile(onnx_model, TARGET, tuning_db=database)
+
+
+def test_cli_tune_lists_the_dense_layers(tmp_path, capsys):
+    path = tmp_path / "model.onnx"
+    convs = [ConvSpec(16, kind="1x1", pads=(0, 0, 0, 0)), ConvSpec(8, kind="dilated")]  # dilated: a generic task
+
+    onnx.save(build_cnn(np.random.default_rng(2), (1, 8, 9, 9), convs), path)
+    assert main(["tune", str(path), "--db", str(tmp_path / "skipped"), "--trials", "0", "--no-dense-kernels"]) == 0
+    assert not (tmp_path / "skipped" / KERNEL_CHOICES).exists()
+    capsys.readouterr()
+    assert main(["tune", str(path), "--db", str(tmp_path / "db"), "--trials", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "conv 1x1 8->16 9x9" in out and " dense " in out
+    assert (tmp_path / "db" / KERNEL_CHOICES).is_file()
