@@ -165,7 +165,7 @@ def test_loop_order_puts_filters_inside_for_large_inputs():
 
 
 def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
-    shape = dict(batch=1, in_channels=64, height=14, width=14, out_channels=64)
+    shape = dict(batch=1, in_channels=64, height=14, width=14, out_channels=96)
     rewrite = DenseConvRewrite(16, 8)
     assert rewrite.kernel_for(DenseConvSpec(**shape)) == "gemm"
     assert rewrite.kernel_for(DenseConvSpec(**shape, strides=(2, 2))) == "gemm"
@@ -173,6 +173,8 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     small = DenseConvSpec(**{**shape, "height": 7, "width": 7})  # AVX2: 7x7 1x1s on the direct kernel, 8 KB panels
     assert rewrite.kernel_for(small) == "direct" and rewrite.default_kernel(small).weight_panel == 8192
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "height": 13, "width": 13}, strides=(2, 2))) == "gemm"
+    assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 32})) == "direct"  # few filters, whole blocks
+    assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 24})) == "gemm"
     avx512 = DenseConvRewrite(32, 16)  # 1x1: direct from 128 input channels, the GEMM below
     assert avx512.kernel_for(DenseConvSpec(**shape)) == "gemm"
     assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 128})) == "direct"

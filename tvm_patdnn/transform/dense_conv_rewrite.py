@@ -31,7 +31,11 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   2048->512, 960->160, 960->320 and 160->960 at 7x7; the 8 KB panel 1.09-1.16x over the usual 32 KB
   one there (a 32 KB panel and the input lines it is swept with do not fit a 32 KB L1 together);
   at 14x14 within 0.95-1.08x of the GEMM (not taken), at 28x28 and on stride 2 the GEMM wins by
-  4-23%;
+  4-23%. So do stride-1 1x1 convs with at most ``FEW_POINTWISE_FILTERS`` (64) filters in whole
+  blocks of 16, whatever the image: 1.13x on 384->64 at 14x14, 1.26x on 192->32 at 28x28, 1.26x on
+  32->16 at 112x112, ties on 256->64 and 64->64 at 56x56 (the GEMM's 6-filter tiles pad 16 to 18
+  and 32 to 36, and few filter tiles share each copied panel); with 24 filters (144->24, 96->24 at
+  56x56: 8 of 32 lanes padding) the GEMM wins by 1.2-1.27x;
 * KxK convs with at least ``lanes`` filters take the direct kernel: no window copy, any stride
   at the same cost, no overlap waste on small images (Zen 3: direct / GEMM 1.01-1.81x on every KxK
   layer: the 7x7 stem 1.43x, 3x3 64 at 56x56 1.54x, 3x3 512 at 14x14 s2 1.81x);
@@ -68,6 +72,9 @@ DIRECT_POINTWISE_CHANNELS = 128
 # of L1: the 6 pixels' input lines, one per channel, need the rest).
 SMALL_POINTWISE_PIXELS = 64
 POINTWISE_WEIGHT_PANEL = 8192
+# On AVX2, stride-1 1x1 convs with at most this many filters, in whole direct-kernel filter blocks
+# (2 vectors: 16), also take the direct kernel (MobileNetV2's projections: 384->64, 192->32, 32->16).
+FEW_POINTWISE_FILTERS = 64
 
 
 def _is_dense_conv(conv: relax.Call, weight: relax.Expr) -> bool:
@@ -238,7 +245,9 @@ class DenseConvRewriter:
                 return self.kernel
             if self.lanes >= 16 and spec.in_channels >= DIRECT_POINTWISE_CHANNELS:
                 return "direct"
-            return "direct" if self.lanes == 8 and spec.pointwise and spec.pixels <= SMALL_POINTWISE_PIXELS else "gemm"
+            few_filters = spec.out_channels <= FEW_POINTWISE_FILTERS and spec.out_channels % (2 * self.lanes) == 0
+            small_image = spec.pixels <= SMALL_POINTWISE_PIXELS
+            return "direct" if self.lanes == 8 and spec.pointwise and (small_image or few_filters) else "gemm"
         if self.kernel == "gemm":
             # the window copy would cost more than half the multiply-adds it feeds
             return "gemm" if spec.out_channels >= 4 * self.lanes else None
@@ -248,7 +257,7 @@ class DenseConvRewriter:
         """The kernel spec the rules give a conv :meth:`kernel_for` takes."""
         if self.kernel_for(spec) == "direct":
             kernel = DirectConvSpec.for_target(spec, *self.direct_vectors(spec))
-            if self.lanes == 8 and spec.kernel == (1, 1):
+            if self.lanes == 8 and spec.kernel == (1, 1) and spec.pixels <= SMALL_POINTWISE_PIXELS:
                 kernel = dataclasses.replace(kernel, weight_panel=POINTWISE_WEIGHT_PANEL)
             return kernel
         return spec
