@@ -262,7 +262,7 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     among its candidates on AVX2 (8 lanes).
 
     On AVX2 that takes windows for 4x4 outputs only (two full vectors per tap instead of flat's
-    three, two thirds full; 2 vectors x 4 tap partial sums): 1.24-1.47x per VGG-16 CIFAR 4x4 layer
+    three, two thirds full; 2 vectors x 4 tap partial sums): 1.22-1.47x per VGG-16 CIFAR 4x4 layer
     on Zen 3 over flat (two runs of ``benchmarks/optimisations.py``, 1 thread). Where windows fills
     no more lanes than flat (2x2: half a vector either way) it lost, 0.8x: the 9 windows of a
     channel take 72 floats instead of the padded image's 16. NEON (4 lanes) keeps the rule without
