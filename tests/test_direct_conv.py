@@ -174,7 +174,9 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     assert rewrite.kernel_for(small) == "direct" and rewrite.default_kernel(small).weight_panel == 8192
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "height": 13, "width": 13}, strides=(2, 2))) == "gemm"
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 32})) == "direct"  # few filters, whole blocks
-    assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 24})) == "gemm"
+    assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 24})) == "direct"  # one 4 x 3-vector block
+    assert rewrite.default_kernel(DenseConvSpec(**{**shape, "out_channels": 24})).pixel_tile == 4
+    assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 40})) == "gemm"  # every tile pads
     avx512 = DenseConvRewrite(32, 16)  # 1x1: direct from 128 input channels, the GEMM below
     assert avx512.kernel_for(DenseConvSpec(**shape)) == "gemm"
     assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 128})) == "direct"
@@ -198,8 +200,9 @@ def test_register_tile_follows_the_target():
     assert direct_register_tile(16, 8, 64, 4) == (4, 3)  # 4 pixels: more filter vectors fit
     assert direct_register_tile(32, 16, 96, 196) == (6, 3)  # AVX-512: 96 filters, 2 x 3 vectors pad none
     assert direct_register_tile(32, 16, 160, 49) == (6, 2)  # 160: 5 x 2 vectors, not 3 x 4
+    assert direct_register_tile(16, 8, 24, 3136) == (4, 3) and direct_register_tile(16, 8, 40, 3136) == (6, 2)  # AVX2
     assert direct_register_tile(32, 16, 16, 49) == (6, 1)
-    assert direct_register_tile(16, 8, 24, 49) == (6, 2) and direct_register_tile(32, 4, 64, 49) == (6, 3)  # kept
+    assert direct_register_tile(32, 4, 64, 49) == (6, 3)  # NEON keeps NR
 
 
 def _reduction_loops(asm: str, fma: str) -> list[tuple[int, int]]:

@@ -34,8 +34,10 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   4-23%. So do stride-1 1x1 convs with at most ``FEW_POINTWISE_FILTERS`` (64) filters in whole
   blocks of 16, whatever the image: 1.13x on 384->64 at 14x14, 1.26x on 192->32 at 28x28, 1.26x on
   32->16 at 112x112, ties on 256->64 and 64->64 at 56x56 (the GEMM's 6-filter tiles pad 16 to 18
-  and 32 to 36, and few filter tiles share each copied panel); with 24 filters (144->24, 96->24 at
-  56x56: 8 of 32 lanes padding) the GEMM wins by 1.2-1.27x;
+  and 32 to 36, and few filter tiles share each copied panel); 24 filters run as one 4-pixel x
+  3-vector block (``direct_register_tile``): 1.14x on 144->24 and 1.10x on 96->24 at 56x56 (as
+  2 vectors x 2 blocks, 8 of 32 lanes padding, the GEMM won by 1.25-1.29x); 192->48 a tie; filter
+  counts that every tile pads (40, 56) stay on the GEMM;
 * KxK convs with at least ``lanes`` filters take the direct kernel: no window copy, any stride
   at the same cost, no overlap waste on small images (Zen 3: direct / GEMM 1.01-1.81x on every KxK
   layer: the 7x7 stem 1.43x, 3x3 64 at 56x56 1.54x, 3x3 512 at 14x14 s2 1.81x);
@@ -58,7 +60,7 @@ from tvm.ir import IRModule
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..ops.dense_conv import DenseConvSpec
-from ..ops.direct_conv import DirectConvSpec
+from ..ops.direct_conv import DirectConvSpec, direct_register_tile
 from .kernel_choice import KernelChoices, KernelSpec, kernel_function, pack_for_kernel
 from .pattern_conv_rewrite import OPAQUE, _per_channel_bias, _static_shape
 
@@ -73,7 +75,7 @@ DIRECT_POINTWISE_CHANNELS = 128
 SMALL_POINTWISE_PIXELS = 64
 POINTWISE_WEIGHT_PANEL = 8192
 # On AVX2, stride-1 1x1 convs with at most this many filters, in whole direct-kernel filter blocks
-# (2 vectors: 16), also take the direct kernel (MobileNetV2's projections: 384->64, 192->32, 32->16).
+# (16 or 24), also take the direct kernel (MobileNetV2's projections: 384->64, 192->32, 144->24 ...).
 FEW_POINTWISE_FILTERS = 64
 
 
@@ -245,13 +247,17 @@ class DenseConvRewriter:
                 return self.kernel
             if self.lanes >= 16 and spec.in_channels >= DIRECT_POINTWISE_CHANNELS:
                 return "direct"
-            few_filters = spec.out_channels <= FEW_POINTWISE_FILTERS and spec.out_channels % (2 * self.lanes) == 0
+            few_filters = spec.out_channels <= FEW_POINTWISE_FILTERS and self._direct_pads_no_filter(spec)
             small_image = spec.pixels <= SMALL_POINTWISE_PIXELS
             return "direct" if self.lanes == 8 and spec.pointwise and (small_image or few_filters) else "gemm"
         if self.kernel == "gemm":
             # the window copy would cost more than half the multiply-adds it feeds
             return "gemm" if spec.out_channels >= 4 * self.lanes else None
         return "direct" if spec.out_channels >= self.lanes or self.kernel == "direct" else None
+
+    def _direct_pads_no_filter(self, spec: DenseConvSpec) -> bool:
+        _pixels, vectors = direct_register_tile(*self.direct_vectors(spec), spec.out_channels, spec.pixels)
+        return spec.out_channels % (vectors * self.lanes) == 0
 
     def default_kernel(self, spec: DenseConvSpec) -> KernelSpec:
         """The kernel spec the rules give a conv :meth:`kernel_for` takes."""
