@@ -191,14 +191,28 @@ def test_avx2_windows_layout_matches_the_onnx_reference(height, width, batch, bi
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_2x2_layers_take_the_tap_lane_kernel_on_avx512_only():
+def test_2x2_layers_take_the_tap_lane_kernel_on_avx512_and_avx2():
     model = build_cnn(np.random.default_rng(5), (1, 8, 2, 2), [ConvSpec(16, connectivity=2.0)])
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
-    for lanes, tap_lanes in ((16, True), (8, False)):
+    for lanes, tap_lanes in ((16, True), (8, True), (4, False)):
         rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
         layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
                    if isinstance(func, tvm.tirx.PrimFunc) and PATTERN_CONV_ATTR in (func.attrs or {})]
         assert [bool(layout.get("tap_lanes", 0)) for layout in layouts] == [tap_lanes]
+
+
+@pytest.mark.parametrize("batch, bias, relu, patterns", [(1, True, True, 8), (2, False, False, 3), (1, True, False, 12)])
+def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns):
+    """The AVX2 (pixel x tap) kernel of 2x2 outputs, its inputs arranged per (channel, pattern)."""
+    rng = np.random.default_rng(patterns)
+    model = build_cnn(rng, (batch, 24, 2, 2), [ConvSpec(40, connectivity=2.0, bias=bias, relu=relu, n_patterns=patterns)])
+    compiled = tvm_patdnn.compile(model, AVX2)
+    assert "call  pattern_conv2d" in compiled.executable.as_text()
+    if vector_lanes(resolve_target("x86")) < 8:
+        pytest.skip("this host cannot run AVX2 code")
+    x = rng.standard_normal((batch, 24, 2, 2)).astype(np.float32)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ def test_a_wheel_carries_the_shipped_databases_and_reads_them_from_where_it_is_i
                     "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("tvm_patdnn-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for shipped in (SCHEDULES_DIR).glob("*/database_*.json"):
+    for shipped in [*SCHEDULES_DIR.glob("*/database_*.json"), *SCHEDULES_DIR.glob("*/dense_kernels.json")]:
         assert f"tvm_patdnn/schedules/{shipped.parent.name}/{shipped.name}" in names
 
     installed = tmp_path / "site"
@@ -92,6 +92,20 @@ def test_the_cli_prints_the_schedule_source_once_and_can_turn_records_off(tmp_pa
     both = subprocess.run([str(PATDNN), "compile", str(path), "-o", str(tmp_path / "c.so"), "--no-tuned-schedules",
                            "--tuning-db", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_the_shipped_records_cover_every_kernel_of_the_model_they_were_tuned_for():
+    """A change to a kernel's code (layout, operator) silently leaves the shipped records matching
+    nothing: re-tune them (`.venv/bin/python benchmarks/vgg16_cifar.py --target x86 --trials 320`
+    on the device of the key, into an emptied directory) with the change."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import vgg16_cifar
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    compiled = tvm_patdnn.compile(vgg16_cifar.build_model(), resolve_target('{"kind":"llvm","mcpu":"znver3"}'))
+    # 9 pattern convs are tuning tasks (the three 2x2 ones run the scheduled (pixel x tap) kernel)
+    assert compiled.schedules.kernels == 9 and compiled.schedules.applied == 9, str(compiled.schedules)
 
 
 @pytest.mark.parametrize("spec", ['{"kind":"llvm","mcpu":"znver3"}', '{"kind":"llvm","mcpu":"znver3","num-cores":2}'])

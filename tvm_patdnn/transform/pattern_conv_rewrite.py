@@ -20,7 +20,8 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from ..analysis import analyze_conv_weight
 from ..fkw import pack_fkw
 from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
-from ..ops.pattern_conv_2x2 import pattern_conv_2x2_primfunc, tap_lanes_apply
+from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
+from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
 from ..ops.sparse_pointwise import MAX_DENSITY, block_density
 from ..report import ConvRecord
 
@@ -78,7 +79,7 @@ class PatternConvRewrite:
     vector_width, accumulators:
         fp32 lanes of the target's vectors and the output vectors a register tile may hold
         (:func:`tvm_patdnn.targets.accumulator_registers`): the operator's layout
-        (:func:`~tvm_patdnn.ops.pattern_conv.target_layout`); on 16-lane (AVX-512) targets 2x2
+        (:func:`~tvm_patdnn.ops.pattern_conv.target_layout`); on AVX-512 and AVX2 targets 2x2
         images take the (pixel x tap) kernel of :mod:`tvm_patdnn.ops.pattern_conv_2x2`.
     on_conv:
         Called with a :class:`ConvRecord` for every conv2d met, rewritten or not.
@@ -238,16 +239,19 @@ class PatternConvRewrite:
             fkw, fields["data_shape"], fields["stride"], fields["padding"], bias is not None, relu, self.vector_width,
             self.accumulators,
         )
-        # 2x2 images on AVX-512: the scheduled (pixel x tap) kernel, which takes FKW's filter order
+        # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, which takes FKW's filter order
         # itself; otherwise the compute the rules schedule, which takes its inverse.
         tap_lanes = tap_lanes_apply(spec, self.vector_width)
-        func = pattern_conv_2x2_primfunc(spec) if tap_lanes else pattern_conv2d_primfunc(spec)
+        func = pattern_conv_2x2_primfunc(spec, self.vector_width) if tap_lanes else pattern_conv2d_primfunc(spec)
         name = "pattern_conv2d_" + "".join(ch if ch.isalnum() else "_" for ch in fields["name"])
         gvar = self._builder.add_func(func.with_attr("op_pattern", OPAQUE), name)
+        channels = fkw.channels
+        if tap_lanes and self.vector_width < TAP_LANES:  # AVX2: each kernel's row of the arranged input
+            channels = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))
         args = [
             conv.args[0],
             relax.const(fkw.values),
-            relax.const(fkw.channels),
+            relax.const(channels),
             relax.const(fkw.offsets),
             relax.const(fkw.order if tap_lanes else np.argsort(fkw.order).astype(np.int32)),
         ] + ([relax.const(bias)] if bias is not None else [])

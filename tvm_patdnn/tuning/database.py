@@ -313,8 +313,9 @@ class ScheduleSource:
                     "`patdnn tune` adds them")
         where = f"schedules/{self.path.name}" if self.shipped else str(self.path)
         dense = ""
-        if self.kernel_choices is not None and len(self.kernel_choices):
-            dense = f"; dense kernels: {len(self.kernel_choices.applied)} layer(s) on their measured choice"
+        if self.kernel_choices is not None and self.kernel_choices.applied:
+            dense = (f"; dense kernels: {len(self.kernel_choices.applied)}/{len(self.kernel_choices.seen)} "
+                     "layer(s) on their measured choice")
         if self.target_key not in self.held:
             return (f"tuning records: none for {self.target_key} in {where} (it holds: "
                     f"{', '.join(self.held) or 'no records'}): default schedule rules{dense}")
