@@ -16,6 +16,9 @@ from hypothesis import settings
 # cross compiler, PoCL, torch, the MNIST packages) fails instead: setup.sh installs them all,
 # so a skip there means a broken set-up that would otherwise pass unnoticed.
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# ... except a skip for the host's CPU (code built for an ISA the machine does not have: no set-up
+# provides AVX-512 on an AVX2 host), whose reason starts with this; the code is still built.
+HOST_CPU_SKIP = "host CPU:"
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if IN_CI:
     settings.load_profile("ci")
@@ -27,6 +30,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if reason.removeprefix("Skipped: ").startswith(HOST_CPU_SKIP):
+            return
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where setup.sh provides every tool and data set: {reason}"
 

@@ -185,7 +185,7 @@ def test_avx2_windows_layout_matches_the_onnx_reference(height, width, batch, bi
     compiled = tvm_patdnn.compile(model, AVX2)
     assert [r.kind for r in compiled.report] == ["pattern"]
     if vector_lanes(resolve_target("x86")) < 8:
-        pytest.skip("this host cannot run AVX2 code")
+        pytest.skip("host CPU: no AVX2 to run the code on (it was built)")
     x = rng.standard_normal((batch, 8, height, width)).astype(np.float32)
     expected = reference_outputs(model, {"input": x})[0]
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
@@ -209,7 +209,7 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
     compiled = tvm_patdnn.compile(model, AVX2)
     assert "call  pattern_conv2d" in compiled.executable.as_text()
     if vector_lanes(resolve_target("x86")) < 8:
-        pytest.skip("this host cannot run AVX2 code")
+        pytest.skip("host CPU: no AVX2 to run the code on (it was built)")
     x = rng.standard_normal((batch, 24, 2, 2)).astype(np.float32)
     expected = reference_outputs(model, {"input": x})[0]
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
@@ -238,7 +238,7 @@ def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu
     compiled = tvm_patdnn.compile(model, AVX512)
     assert [r.kind for r in compiled.report] == ["pattern"]
     if vector_lanes(resolve_target("x86")) != 16:
-        pytest.skip("this host cannot run AVX-512 code")
+        pytest.skip("host CPU: no AVX-512 to run the code on (it was built)")
     x = rng.standard_normal((batch, 8, size, size)).astype(np.float32)
     expected = reference_outputs(model, {"input": x})[0]
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
