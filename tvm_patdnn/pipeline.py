@@ -43,7 +43,7 @@ def pattern_passes(
     passes = [
         relax.transform.FoldConstant(),
         PatternConvRewrite(entries, max_patterns, vector_lanes(target), accumulator_registers(target), on_conv,
-                           sparse_pointwise=sparse_kernels),
+                           sparse_pointwise=sparse_kernels, threads=int(target.attrs.get("num-cores") or 1)),
     ]
     if sparse_kernels:
         gpu = gpu_threads(target) if target.kind.name == "opencl" else None

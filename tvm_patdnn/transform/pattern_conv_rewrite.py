@@ -86,6 +86,8 @@ class PatternConvRewrite:
     sparse_pointwise:
         Whether :class:`~tvm_patdnn.transform.SparsePointwiseRewrite` runs after this pass (CPU and
         OpenCL targets): its 1x1 convs are then reported as kind "sparse".
+    threads:
+        The target's cores: the AVX2 2x2 kernel gives each thread its own copy of the arranged input.
     """
 
     def __init__(
@@ -96,8 +98,10 @@ class PatternConvRewrite:
         accumulators: int = 8,
         on_conv: Callable[[ConvRecord], None] | None = None,
         sparse_pointwise: bool = False,
+        threads: int = 1,
     ):
         self.sparse_pointwise = sparse_pointwise
+        self.threads = threads
         self.entries = entries
         self.max_patterns = max_patterns
         self.vector_width = vector_width
@@ -242,7 +246,8 @@ class PatternConvRewrite:
         # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, which takes FKW's filter order
         # itself; otherwise the compute the rules schedule, which takes its inverse.
         tap_lanes = tap_lanes_apply(spec, self.vector_width)
-        func = pattern_conv_2x2_primfunc(spec, self.vector_width) if tap_lanes else pattern_conv2d_primfunc(spec)
+        func = (pattern_conv_2x2_primfunc(spec, self.vector_width, self.threads) if tap_lanes
+                else pattern_conv2d_primfunc(spec))
         name = "pattern_conv2d_" + "".join(ch if ch.isalnum() else "_" for ch in fields["name"])
         gvar = self._builder.add_func(func.with_attr("op_pattern", OPAQUE), name)
         channels = fkw.channels
