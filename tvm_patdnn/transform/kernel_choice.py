@@ -114,9 +114,6 @@ class KernelChoices:
         self.applied.add(key)
         return spec
 
-    def __len__(self) -> int:
-        return len(self.chosen)
-
 
 def kernel_function(spec: KernelSpec) -> tuple[tirx.PrimFunc, str]:
     """The kernel's PrimFunc and its name in the module."""

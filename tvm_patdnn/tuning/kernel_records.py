@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
@@ -33,6 +32,7 @@ from ..targets import vector_lanes, vector_registers
 from ..transform.kernel_choice import KernelChoice, KernelChoices, kernel_function, layer_key
 from ..transform.winograd_conv_rewrite import WinogradConvRewriter
 from .database import KERNEL_CHOICES, directory_lock, read_json_lines, target_key
+from .measure import mean_ms, short_error
 from .tasks import normalize
 
 __all__ = ["LayerResult", "describe_layer", "load_kernel_choices", "tune_dense_kernels"]
@@ -46,7 +46,6 @@ class LayerResult:
     measured: int
     default_ms: float | None
     best_ms: float | None
-    choice: KernelChoice | None
     failed: int = 0  # candidates of this tune that failed
     error: str | None = None
 
@@ -110,13 +109,6 @@ def _append(database: Path, entries: list[dict]) -> None:
             os.close(fd)
 
 
-def _mean_ms(result: ms.runner.RunnerResult) -> float | None:
-    if result.error_msg is not None or not result.run_secs:
-        return None
-    seconds = [float(s) for s in result.run_secs]
-    return None if max(seconds) >= 1e9 else float(np.mean(seconds)) * 1e3
-
-
 def tune_dense_kernels(
     layers: list[DenseConvSpec],
     target: Target,
@@ -130,8 +122,7 @@ def tune_dense_kernels(
     ``unavailable`` says from its results that the device is gone, which stops here too."""
     rewriter = WinogradConvRewriter(vector_registers(target), vector_lanes(target))
     key = target_key(target)
-    path = database / KERNEL_CHOICES
-    on_record = _measured(path, key)
+    on_record = _measured(database / KERNEL_CHOICES, key)  # updated in memory as candidates are measured
     plan = []
     for layer in layers:
         candidates = rewriter.candidates(layer)
@@ -144,6 +135,7 @@ def tune_dense_kernels(
     results, stopped = [], None
     for layer, candidates, missing in plan:
         failed, error = 0, None
+        times = on_record.setdefault(layer_key(layer), {})
         if missing and stopped is None:
             batch = []
             for spec in missing:
@@ -156,20 +148,20 @@ def tune_dense_kernels(
             for spec, result in zip(missing, measured):
                 if stopped is not None and result.error_msg is not None:
                     continue  # never reached the device: measure again next time
-                time = _mean_ms(result)
+                time = mean_ms(result.run_secs) if result.error_msg is None else None
                 if time is None:
                     failed += 1
-                    error = (result.error_msg or "no time measured").strip().splitlines()[-1][:300]
+                    error = short_error(result.error_msg)
                 entries.append({"target": key, "layer": json.loads(layer_key(layer)),
                                 "choice": KernelChoice.of(spec).as_json(), "ms": time,
                                 **({"error": error} if time is None else {})})
+                times[KernelChoice.of(spec)] = time
             if entries:
                 _append(database, entries)
-        times = _measured(path, key).get(layer_key(layer), {})
         timed = {choice: t for choice, t in times.items() if t is not None}
         best = min(timed, key=timed.get, default=None)
         results.append(LayerResult(describe_layer(layer), len(times), times.get(KernelChoice.of(candidates[0])),
-                                   timed.get(best), best, failed, error))
+                                   timed.get(best), failed, error))
         if progress is not None and missing and best is not None:
             print(f"  {describe_layer(layer)}: default {_fmt(results[-1].default_ms)} ms, best {timed[best]:.4g} ms "
                   f"({best})", file=progress, flush=True)

@@ -35,7 +35,8 @@ from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from ..schedule_rules.kernel_runs import bound_kernel_runs
 
 __all__ = ["DEVICE_UNAVAILABLE", "LibraryExport", "PackedArguments", "TrackerSession", "build_kernel",
-           "call_with_deadline", "check_tracker", "finish_schedule", "signature", "tracker_devices"]
+           "call_with_deadline", "check_tracker", "finish_schedule", "mean_ms", "short_error", "signature",
+           "tracker_devices"]
 
 # Starts the error of a measurement that never reached the device (no session): the tuner ends
 # the tune on it instead of waiting again for every remaining candidate.
@@ -47,6 +48,21 @@ def finish_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs:
         return bound_kernel_runs(func)
     return func
+
+
+def mean_ms(run_secs) -> float | None:
+    """A runner result's mean time in ms; None when it has none (1e10 s marks a failed run)."""
+    if not run_secs:
+        return None
+    seconds = [float(s) for s in run_secs]
+    return None if max(seconds) >= 1e9 else float(np.mean(seconds)) * 1e3
+
+
+def short_error(message: str | None) -> str:
+    """The line of a runner's error that says what happened (its last one, after any traceback)."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    text = lines[-1] if lines else "no run time measured"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def build_kernel(mod: tvm.IRModule, target: tvm.target.Target, _params=None) -> tvm.runtime.Module:

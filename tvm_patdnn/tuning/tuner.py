@@ -56,6 +56,8 @@ from .measure import (
     PackedArguments,
     build_kernel,
     check_tracker,
+    mean_ms,
+    short_error,
     signature,
 )
 from .space import pattern_conv_space_generator
@@ -111,27 +113,20 @@ class _Failures:
         self.stopped: str | None = None
 
     def add(self, task: Task, result: ms.runner.RunnerResult) -> str:
-        error = _short_error(result.error_msg)
+        error = short_error(result.error_msg)
         self.count[task.name] = self.count.get(task.name, 0) + 1
         self.error[task.name] = error
         return error
 
 
 def _failed(result: ms.runner.RunnerResult) -> bool:
-    return result.error_msg is not None or _mean_ms(result.run_secs) is None
-
-
-def _short_error(message: str | None) -> str:
-    """The line of a runner's error that says what happened (its last one, after any traceback)."""
-    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
-    text = lines[-1] if lines else "no run time measured"
-    return text if len(text) <= 300 else text[:297] + "..."
+    return result.error_msg is not None or mean_ms(result.run_secs) is None
 
 
 def _device_unavailable(results: list[ms.runner.RunnerResult]) -> str | None:
     for result in results:
         if result.error_msg is not None and DEVICE_UNAVAILABLE in result.error_msg:
-            return _short_error(result.error_msg)
+            return short_error(result.error_msg)
     return None
 
 
@@ -221,13 +216,6 @@ def _default_schedule(task: Task, target: tvm.target.Target) -> s_tir.Schedule |
     return None
 
 
-def _mean_ms(run_secs) -> float | None:
-    if not run_secs:
-        return None
-    seconds = [float(s) for s in run_secs]
-    return None if max(seconds) >= 1e9 else float(np.mean(seconds)) * 1e3  # 1e10: a failed run
-
-
 def _records_of(database: ms.database.Database, task: Task) -> list[ms.database.TuningRecord]:
     if not database.has_workload(task.mod):
         return []
@@ -255,7 +243,7 @@ class _Progress:
         self.done += len(results)
         failed, error = 0, None
         for result in results:
-            measured = _mean_ms(result.run_secs) if result.error_msg is None else None
+            measured = mean_ms(result.run_secs) if result.error_msg is None else None
             if measured is None:
                 failed += 1
                 error = self.failures.add(task, result)
@@ -372,7 +360,7 @@ def tune(
         defaults = (_measure_defaults(tasks, resolved, db, builder, runner, progress, failures)
                     if failures.stopped is None else {t.name: None for t in tasks})
         records = {t.name: _records_of(db, t) for t in tasks}
-        best = {name: min((m for r in recs if (m := _mean_ms(r.run_secs)) is not None), default=None)
+        best = {name: min((m for r in recs if (m := mean_ms(r.run_secs)) is not None), default=None)
                 for name, recs in records.items()}
         searched = sum(sum(not _is_seed(r) for r in recs) for recs in records.values())
         remaining = max(0, trials - searched)
@@ -395,8 +383,8 @@ def tune(
                               layer.error) for layer in dense)
     for task in tasks:
         recs = _records_of(db, task)
-        times = [m for r in recs if (m := _mean_ms(r.run_secs)) is not None]
-        seeds = [m for r in recs if _is_seed(r) and (m := _mean_ms(r.run_secs)) is not None]
+        times = [m for r in recs if (m := mean_ms(r.run_secs)) is not None]
+        seeds = [m for r in recs if _is_seed(r) and (m := mean_ms(r.run_secs)) is not None]
         results.append(TaskResult(task.name, task.kind, task.weight, sum(not _is_seed(r) for r in recs),
                                   min(seeds, default=None), min(times, default=None),
                                   failures.count.get(task.name, 0), failures.error.get(task.name)))
@@ -414,7 +402,7 @@ def _measure_defaults(tasks, target, db, builder, runner, progress, failures: _F
     todo = []
     for task in tasks:
         recs = _records_of(db, task)
-        seeds = [m for r in recs if _is_seed(r) and (m := _mean_ms(r.run_secs)) is not None]
+        seeds = [m for r in recs if _is_seed(r) and (m := mean_ms(r.run_secs)) is not None]
         defaults[task.name] = min(seeds, default=None)
         if not recs:
             sch = _default_schedule(task, target)
@@ -436,7 +424,7 @@ def _measure_defaults(tasks, target, db, builder, runner, progress, failures: _F
         db.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, db.commit_workload(task.mod), result.run_secs, target, candidate.args_info
         ))
-        defaults[task.name] = _mean_ms(result.run_secs)
+        defaults[task.name] = mean_ms(result.run_secs)
     gone = _device_unavailable(results)
     if gone is not None:
         failures.stopped = gone
