@@ -24,6 +24,7 @@ from tvm import s_tir
 
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
+from tvm_patdnn.analysis import PatternOptions
 from tvm_patdnn.cli import main
 from tvm_patdnn.compiler import _import
 from tvm_patdnn.pipeline import fusion_passes
@@ -74,7 +75,7 @@ def test_design_space_samples_compute_the_default_result():
     """Random points of the pattern-conv space (tiles, filter splits, unroll) are exact."""
     model = build_cnn(np.random.default_rng(3), (1, 6, 10, 13), [ConvSpec(12, connectivity=2.0)])
     target = resolve_target("x86")
-    (task,) = [t for t in extract_tasks(_import(model, None, None).mod, target, 4, 12) if t.kind == "pattern"]
+    (task,) = [t for t in extract_tasks(_import(model, None, None).mod, target, PatternOptions()) if t.kind == "pattern"]
     arguments = PackedArguments.write(str(Path(os.environ.get("TMPDIR", "/tmp")) / f"args-{os.getpid()}.npz"),
                                       {signature(task.args_info): task.int_args})
     try:

@@ -15,6 +15,7 @@ from model_factory import ConvSpec, build_cnn
 from tvm import te
 
 from tvm_patdnn import PatDNNError
+from tvm_patdnn.analysis import PatternOptions
 from tvm_patdnn.compiler import _import
 from tvm_patdnn.targets import resolve_target
 from tvm_patdnn.tuning.tasks import Task, extract_tasks, normalize
@@ -50,7 +51,7 @@ def imported_model():
 @pytest.mark.parametrize("family", list(CPU_FAMILIES))
 def test_every_cpu_family_gets_a_design_space_for_every_kernel(imported_model, family):
     target = resolve_target(CPU_FAMILIES[family])
-    tasks = extract_tasks(imported_model.mod, target, 4, 12)
+    tasks = extract_tasks(imported_model.mod, target, PatternOptions())
     assert {t.kind for t in tasks} == {"generic", "pattern"}
     contexts = tuning_contexts(tasks, target, cores=2)
     assert len(contexts) == len(tasks)

@@ -13,9 +13,28 @@ from itertools import combinations
 
 import numpy as np
 
+from .errors import PatDNNError
 from .kernel_patterns import kernel_masks, popcount
 
-__all__ = ["ConvWeightAnalysis", "analyze_conv_weight", "cover_masks"]
+__all__ = ["ConvWeightAnalysis", "PatternOptions", "analyze_conv_weight", "cover_masks"]
+
+
+@dataclass(frozen=True)
+class PatternOptions:
+    """What makes a 3x3 conv pattern-sparse: every kept kernel has at most ``entries`` nonzeros
+    and the layer's kernels fit at most ``max_patterns`` shapes. One value threaded from the user
+    (``compile``, ``tune``, ``--entries``/``--max-patterns``) to the pattern pass; checked here
+    because out of range every layer would silently stay dense."""
+
+    entries: int = 4
+    max_patterns: int = 12
+
+    def __post_init__(self) -> None:
+        entries, max_patterns = self.entries, self.max_patterns
+        if isinstance(entries, bool) or not isinstance(entries, int) or not 1 <= entries <= 9:
+            raise PatDNNError(f"entries (the nonzeros a pattern kernel may keep) must be 1..9, got {entries!r}")
+        if isinstance(max_patterns, bool) or not isinstance(max_patterns, int) or max_patterns < 1:
+            raise PatDNNError(f"max_patterns (patterns per layer) must be a positive integer, got {max_patterns!r}")
 
 
 @dataclass(frozen=True)

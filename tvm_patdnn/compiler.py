@@ -13,6 +13,7 @@ import onnx
 import tvm
 from tvm import relax
 
+from .analysis import PatternOptions
 from .errors import PatDNNError
 from .fileio import write_file_atomic
 from .frontend import ImportedModel, import_onnx
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
     from .tuning.database import ScheduleSource
 
-__all__ = ["CompiledModel", "check_pattern_options", "compile", "inspect", "load"]
+__all__ = ["CompiledModel", "compile", "inspect", "load"]
 
 
 @dataclass
@@ -112,15 +113,6 @@ def load(library: str | os.PathLike) -> CompiledModel:
     return CompiledModel(executable=module, target=target, library=Path(library), **fields)
 
 
-def check_pattern_options(entries: int, max_patterns: int) -> None:
-    """PatDNNError unless ``entries`` (nonzeros a pattern kernel may have) is 1..9 and
-    ``max_patterns`` is positive: out of range, every layer would silently stay dense."""
-    if isinstance(entries, bool) or not isinstance(entries, int) or not 1 <= entries <= 9:
-        raise PatDNNError(f"entries (the nonzeros a pattern kernel may keep) must be 1..9, got {entries!r}")
-    if isinstance(max_patterns, bool) or not isinstance(max_patterns, int) or max_patterns < 1:
-        raise PatDNNError(f"max_patterns (patterns per layer) must be a positive integer, got {max_patterns!r}")
-
-
 def check_inputs(model: CompiledModel | ImportedModel, given: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The inputs as contiguous arrays in ``model.input_names`` order; PatDNNError if they do not fit."""
     missing = [n for n in model.input_names if n not in given]
@@ -171,7 +163,7 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     from .tuning.database import tuning_records_pass
     from .tuning.kernel_records import load_kernel_choices
 
-    check_pattern_options(entries, max_patterns)
+    patterns = PatternOptions(entries, max_patterns)
     resolved = resolve_target(target)
     imported = _import(model, params, input_shapes, example_inputs)
     records: list[ConvRecord] = []
@@ -180,7 +172,7 @@ def compile(  # noqa: A001 - mirrors tvm.compile
         schedules.kernel_choices = load_kernel_choices(schedules.path, resolved)
     try:
         executable = tvm.compile(
-            imported.mod, resolved, relax_pipeline=get_pipeline(resolved, entries, max_patterns, records.append, tuned,
+            imported.mod, resolved, relax_pipeline=get_pipeline(resolved, patterns, records.append, tuned,
                                                                 kernel_choices=schedules.kernel_choices)
         )
     except PatDNNError:
@@ -209,10 +201,10 @@ def inspect(
     max_patterns: int = 12,
 ) -> list[ConvRecord]:
     """What ``compile`` would do with every conv2d of the model, without building anything."""
-    check_pattern_options(entries, max_patterns)
+    patterns = PatternOptions(entries, max_patterns)
     imported = _import(model, params, input_shapes, example_inputs)
     mod = relax.transform.FoldConstant()(imported.mod)
-    return conv_report(mod, entries, max_patterns)
+    return conv_report(mod, patterns)
 
 
 def _import(model, params, input_shapes, example_inputs=None) -> ImportedModel:

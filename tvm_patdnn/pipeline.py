@@ -15,6 +15,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight
 
+from .analysis import PatternOptions
 from .report import ConvRecord
 from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternConvGPU
 from .targets import accumulator_registers, fma_chains, gpu_threads, vector_lanes, vector_registers
@@ -27,8 +28,7 @@ __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedul
 
 def pattern_passes(
     target: tvm.target.Target,
-    entries: int = 4,
-    max_patterns: int = 12,
+    patterns: PatternOptions = PatternOptions(),
     on_conv: Callable[[ConvRecord], None] | None = None,
     dense_kernels: bool = True,
     kernel_choices: KernelChoices | None = None,
@@ -42,7 +42,7 @@ def pattern_passes(
     sparse_kernels = dense_kernels and target.kind.name in ("llvm", "opencl")
     passes = [
         relax.transform.FoldConstant(),
-        PatternConvRewrite(entries, max_patterns, vector_lanes(target), accumulator_registers(target), on_conv,
+        PatternConvRewrite(patterns, vector_lanes(target), accumulator_registers(target), on_conv,
                            sparse_pointwise=sparse_kernels, threads=int(target.attrs.get("num-cores") or 1)),
     ]
     if sparse_kernels:
@@ -78,15 +78,14 @@ def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
 def fusion_passes(
     target: tvm.target.Target,
-    entries: int = 4,
-    max_patterns: int = 12,
+    patterns: PatternOptions = PatternOptions(),
     on_conv: Callable[[ConvRecord], None] | None = None,
     dense_kernels: bool = True,
     kernel_choices: KernelChoices | None = None,
 ) -> list[tvm.transform.Pass]:
     """Everything before scheduling: its PrimFuncs are the tuning tasks (tvm_patdnn.tuning)."""
     return (
-        pattern_passes(target, entries, max_patterns, on_conv, dense_kernels, kernel_choices)
+        pattern_passes(target, patterns, on_conv, dense_kernels, kernel_choices)
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
     )
@@ -94,8 +93,7 @@ def fusion_passes(
 
 def get_pipeline(
     target: tvm.target.Target,
-    entries: int = 4,
-    max_patterns: int = 12,
+    patterns: PatternOptions = PatternOptions(),
     on_conv: Callable[[ConvRecord], None] | None = None,
     tuning_records: tvm.transform.Pass | None = None,
     dense_kernels: bool = True,
@@ -112,7 +110,7 @@ def get_pipeline(
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                fusion_passes(target, entries, max_patterns, on_conv, dense_kernels, kernel_choices)
+                fusion_passes(target, patterns, on_conv, dense_kernels, kernel_choices)
                 + ([tuning_records] if tuning_records is not None else [])
                 + schedule_passes(target)
                 + cpu_generic.dataflow_lower_passes(target)

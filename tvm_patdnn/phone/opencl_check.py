@@ -31,6 +31,7 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.tirx import stmt as tir_stmt
 
+from ..analysis import PatternOptions
 from ..errors import PatDNNError
 from ..fileio import load_onnx_model
 
@@ -345,7 +346,7 @@ def check_opencl(
     imported = import_onnx(proto, input_shapes)
     try:
         with resolved:
-            lowered = get_pipeline(resolved, entries, max_patterns)(imported.mod)
+            lowered = get_pipeline(resolved, PatternOptions(entries, max_patterns))(imported.mod)
         executable = tvm.compile(lowered, resolved, relax_pipeline=None)
     except PatDNNError:
         raise

@@ -17,7 +17,7 @@ from tvm import relax
 from tvm.ir import IRModule
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from ..analysis import analyze_conv_weight
+from ..analysis import PatternOptions, analyze_conv_weight
 from ..fkw import pack_fkw
 from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
 from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
@@ -73,9 +73,8 @@ class PatternConvRewrite:
 
     Parameters
     ----------
-    entries, max_patterns:
-        A layer is pattern-sparse when every kept 3x3 kernel has at most ``entries`` nonzeros
-        and all fit at most ``max_patterns`` shapes.
+    patterns:
+        Which layers are pattern-sparse (:class:`~tvm_patdnn.analysis.PatternOptions`).
     vector_width, accumulators:
         fp32 lanes of the target's vectors and the output vectors a register tile may hold
         (:func:`tvm_patdnn.targets.accumulator_registers`): the operator's layout
@@ -92,8 +91,7 @@ class PatternConvRewrite:
 
     def __init__(
         self,
-        entries: int = 4,
-        max_patterns: int = 12,
+        patterns: PatternOptions = PatternOptions(),
         vector_width: int = 8,
         accumulators: int = 8,
         on_conv: Callable[[ConvRecord], None] | None = None,
@@ -102,8 +100,7 @@ class PatternConvRewrite:
     ):
         self.sparse_pointwise = sparse_pointwise
         self.threads = threads
-        self.entries = entries
-        self.max_patterns = max_patterns
+        self.patterns = patterns
         self.vector_width = vector_width
         self.accumulators = accumulators
         self.on_conv = on_conv or (lambda record: None)
@@ -165,7 +162,7 @@ class PatternConvRewrite:
             reason = "weight is not a constant"
         analysis = None
         if reason is None:
-            analysis = analyze_conv_weight(_constant_array(weight), self.entries, self.max_patterns)
+            analysis = analyze_conv_weight(_constant_array(weight), self.patterns.entries, self.patterns.max_patterns)
             reason = analysis.reason
         return fields, analysis, reason
 
@@ -263,8 +260,8 @@ class PatternConvRewrite:
         return gvar, args
 
 
-def conv_report(mod: IRModule, entries: int = 4, max_patterns: int = 12) -> list[ConvRecord]:
+def conv_report(mod: IRModule, patterns: PatternOptions = PatternOptions()) -> list[ConvRecord]:
     """What :class:`PatternConvRewrite` would do with every conv2d of ``mod``."""
     records: list[ConvRecord] = []
-    PatternConvRewrite(entries, max_patterns, on_conv=records.append)(mod)
+    PatternConvRewrite(patterns, on_conv=records.append)(mod)
     return records

@@ -19,6 +19,7 @@ from tvm import relax, tirx
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
+from ..analysis import PatternOptions
 from ..pipeline import fusion_passes
 from ..transform.kernel_choice import KernelChoices
 from .space import is_pattern_conv
@@ -55,13 +56,12 @@ def _constant_int_args(call: relax.Call) -> dict[int, np.ndarray]:
     return found
 
 
-def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target, entries: int, max_patterns: int,
+def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target, patterns: PatternOptions,
                   kernel_choices: KernelChoices | None = None) -> list[Task]:
     """The distinct PrimFuncs of ``mod`` that run as kernels after the compiler's fusion passes
     (``kernel_choices``, if given, collects the dense layers those passes met: ``seen``)."""
     with target:
-        fused = tvm.transform.Sequential(fusion_passes(target, entries, max_patterns,
-                                                       kernel_choices=kernel_choices))(mod)
+        fused = tvm.transform.Sequential(fusion_passes(target, patterns, kernel_choices=kernel_choices))(mod)
     calls: dict[str, list[relax.Call]] = {}
 
     def visit(expr: relax.Expr) -> None:

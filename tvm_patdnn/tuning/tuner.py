@@ -40,7 +40,8 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from ..compiler import _import, check_pattern_options
+from ..analysis import PatternOptions
+from ..compiler import _import
 from ..errors import PatDNNError
 from ..phone.cross import linker_for
 from ..pipeline import default_schedule_rules
@@ -314,7 +315,7 @@ def tune(
     are in the database and a re-run resumes.
     """
     resolved = resolve_target(target)
-    check_pattern_options(entries, max_patterns)
+    patterns = PatternOptions(entries, max_patterns)
     if not isinstance(trials, int) or trials < 0:
         raise PatDNNError(f"trials must be a non-negative integer, got {trials!r}")
     if not isinstance(trials_per_iter, int) or trials_per_iter < 1:
@@ -330,7 +331,7 @@ def tune(
         _check_runnable_here(resolved)
     imported = _import(model, params, input_shapes)
     layers = KernelChoices()
-    tasks = extract_tasks(imported.mod, resolved, entries, max_patterns, kernel_choices=layers)
+    tasks = extract_tasks(imported.mod, resolved, patterns, kernel_choices=layers)
     dense_layers = list(layers.seen.values()) if dense_kernels else []
     if not tasks and not dense_layers:
         raise PatDNNError("the model has no kernels to tune")
