@@ -1,0 +1,169 @@
+"""IR-level tests of PatternConvRewrite, in the style of TVM's own pass tests.
+
+Each test writes the module before the pass and the module it must become in TVMScript and
+compares them with ``tvm.ir.assert_structural_equal``, so it states which Relax ops the rewrite
+fuses into the pattern-conv call and which stay outside. The weight and bias are parameters of
+``main`` bound to constants with ``BindParams`` (as TVM's FoldConstant tests do: an array has no
+TVMScript spelling); in the expected module the kernel's arguments are bound the same way to the
+weight's FKW packing (values, channels, offsets, inverse filter order) and the bias vector.
+
+The kernel the pass adds is a generated TE function hundreds of lines long: the expected module
+declares it by its signature alone (data, packed weight, [bias], output), which is what the Relax
+call depends on, and :func:`with_kernel` puts in the body the operator builds for the variant the
+rewrite must choose (bias and ReLU fused or not), so the comparison covers that choice too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
+
+from tvm_patdnn.analysis import analyze_conv_weight
+from tvm_patdnn.fkw import pack_fkw
+from tvm_patdnn.kernel_patterns import candidate_patterns
+from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
+from tvm_patdnn.pruning.projection import project_pattern_and_connectivity
+from tvm_patdnn.report import ConvRecord
+from tvm_patdnn.transform import PatternConvRewrite
+from tvm_patdnn.transform.pattern_conv_rewrite import OPAQUE
+
+# 4 filters x 2 input channels projected onto two 4-tap patterns, 6 of the 8 kernels kept:
+# FKW stores 6 kernels x 4 taps and one run per (filter, pattern), 4 x 2 + 1 offsets.
+RNG = np.random.default_rng(0)
+WEIGHT = project_pattern_and_connectivity(RNG.standard_normal((4, 2, 3, 3)).astype(np.float32),
+                                          candidate_patterns()[:2], rate=8 / 6)
+DENSE_WEIGHT = RNG.standard_normal((4, 2, 3, 3)).astype(np.float32)
+BIAS = RNG.standard_normal(4).astype(np.float32)
+FKW = pack_fkw(WEIGHT, analyze_conv_weight(WEIGHT))
+KERNEL = "pattern_conv2d_conv2d_0"  # the pass names the kernel after the conv (no ONNX name here: the index)
+
+
+def bind(mod: tvm.IRModule, **params: np.ndarray) -> tvm.IRModule:
+    """``mod`` with ``main``'s named parameters replaced by constants."""
+    return relax.transform.BindParams("main", params)(mod)
+
+
+def packed(mod: tvm.IRModule, bias: bool) -> tvm.IRModule:
+    """An expected module with the kernel's weight arguments (and the bias vector) bound."""
+    params = dict(values=FKW.values, channels=FKW.channels, offsets=FKW.offsets,
+                  inverse_order=np.argsort(FKW.order).astype(np.int32))
+    return bind(mod, **params, **({"bias": BIAS} if bias else {}))
+
+
+def with_kernel(expected: tvm.IRModule, bias: bool, relu: bool) -> tvm.IRModule:
+    """``expected`` with its declared kernel replaced by the pattern-conv operator of WEIGHT on
+    the 1x2x6x6 input, padding 1, for an 8-lane, 8-accumulator target (the pass's arguments)."""
+    spec = PatternConvSpec.from_fkw(FKW, (1, 2, 6, 6), (1, 1), (1, 1, 1, 1), bias, relu, 8, 8)
+    expected = packed(expected, bias)
+    expected.update_func(expected.get_global_var(KERNEL), pattern_conv2d_primfunc(spec).with_attr("op_pattern", OPAQUE))
+    return expected
+
+
+def rewrite(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[ConvRecord]]:
+    """The pass on ``mod`` for an 8-lane, 8-accumulator target, and the records it reported."""
+    records: list[ConvRecord] = []
+    return PatternConvRewrite(vector_width=8, accumulators=8, on_conv=records.append)(mod), records
+
+
+# The expected modules: the kernel declared by its destination-passing signature.
+
+
+@I.ir_module
+class ConvKernel:
+    @T.prim_func(private=True)
+    def pattern_conv2d_conv2d_0(data: T.Buffer((1, 2, 6, 6), "float32"), values: T.Buffer((6, 4), "float32"),
+                                channels: T.Buffer((6,), "int32"), offsets: T.Buffer((9,), "int32"),
+                                inverse_order: T.Buffer((4,), "int32"), out: T.Buffer((1, 4, 6, 6), "float32")):
+        T.evaluate(0)
+
+    @R.function
+    def main(x: R.Tensor((1, 2, 6, 6), "float32"), values: R.Tensor((6, 4), "float32"),
+             channels: R.Tensor((6,), "int32"), offsets: R.Tensor((9,), "int32"),
+             inverse_order: R.Tensor((4,), "int32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+        cls = ConvKernel
+        with R.dataflow():
+            gv = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order),
+                            out_ty=R.Tensor((1, 4, 6, 6), "float32"))
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class BiasKernel:
+    @T.prim_func(private=True)
+    def pattern_conv2d_conv2d_0(data: T.Buffer((1, 2, 6, 6), "float32"), values: T.Buffer((6, 4), "float32"),
+                                channels: T.Buffer((6,), "int32"), offsets: T.Buffer((9,), "int32"),
+                                inverse_order: T.Buffer((4,), "int32"), bias: T.Buffer((4,), "float32"),
+                                out: T.Buffer((1, 4, 6, 6), "float32")):
+        T.evaluate(0)
+
+    @R.function
+    def main(x: R.Tensor((1, 2, 6, 6), "float32"), values: R.Tensor((6, 4), "float32"),
+             channels: R.Tensor((6,), "int32"), offsets: R.Tensor((9,), "int32"),
+             inverse_order: R.Tensor((4,), "int32"), bias: R.Tensor((4,), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+        cls = BiasKernel
+        with R.dataflow():
+            gv = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order, bias),
+                            out_ty=R.Tensor((1, 4, 6, 6), "float32"))
+            R.output(gv)
+        return gv
+
+
+def test_the_fkw_packing_has_the_shapes_the_expected_modules_declare():
+    assert (FKW.values.shape, FKW.channels.shape, FKW.offsets.shape, FKW.order.shape) == ((6, 4), (6,), (9,), (4,))
+
+
+def test_a_pattern_sparse_conv_becomes_one_kernel_call():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32")):
+            with R.dataflow():
+                gv = R.nn.conv2d(x, w, padding=(1, 1))
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(bind(Before, w=WEIGHT))
+    tvm.ir.assert_structural_equal(after, with_kernel(ConvKernel, bias=False, relu=False))
+    assert [(r.name, r.kind, r.reason, r.fused) for r in records] == [("conv2d_0", "pattern", None, ())]
+    assert (records[0].kept_kernels, records[0].total_kernels, records[0].n_patterns) == (6, 8, 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (4, 1, 1)])
+def test_a_per_channel_bias_added_after_the_conv_is_fused(shape):
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 b: R.Tensor(shape, "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                gv = R.add(conv, b)
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(bind(Before, w=WEIGHT, b=BIAS.reshape(shape)))
+    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, bias=True, relu=False))
+    assert [r.fused for r in records] == [("bias",)]
+
+
+def test_a_per_channel_bias_added_before_the_conv_is_fused():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 b: R.Tensor((1, 4, 1, 1), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                gv = R.add(b, conv)
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(bind(Before, w=WEIGHT, b=BIAS.reshape(1, 4, 1, 1)))
+    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, bias=True, relu=False))
+    assert [r.fused for r in records] == [("bias",)]
