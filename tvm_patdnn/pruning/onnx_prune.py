@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from ..errors import PatDNNError
 from ..fileio import load_onnx_model, save_model_atomic, write_bytes_atomic
 from ..kernel_patterns import format_pattern, kernel_masks
+from ..tables import format_table
 from .projection import (
     check_rate,
     parse_block,
@@ -96,9 +97,7 @@ class PruneResult:
             )
             for rec in self.layers
         ]
-        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = format_table(header, rows, rule=True).splitlines()
         seen: set[str] = set()
         total = nonzero = 0
         for rec in self.layers:
