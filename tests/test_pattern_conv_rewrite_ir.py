@@ -48,18 +48,15 @@ def bind(mod: tvm.IRModule, **params: np.ndarray) -> tvm.IRModule:
     return relax.transform.BindParams("main", params)(mod)
 
 
-def packed(mod: tvm.IRModule, bias: bool) -> tvm.IRModule:
-    """An expected module with the kernel's weight arguments (and the bias vector) bound."""
-    params = dict(values=FKW.values, channels=FKW.channels, offsets=FKW.offsets,
-                  inverse_order=np.argsort(FKW.order).astype(np.int32))
-    return bind(mod, **params, **({"bias": BIAS} if bias else {}))
-
-
-def with_kernel(expected: tvm.IRModule, bias: bool, relu: bool) -> tvm.IRModule:
-    """``expected`` with its declared kernel replaced by the pattern-conv operator of WEIGHT on
-    the 1x2x6x6 input, padding 1, for an 8-lane, 8-accumulator target (the pass's arguments)."""
-    spec = PatternConvSpec.from_fkw(FKW, (1, 2, 6, 6), (1, 1), (1, 1, 1, 1), bias, relu, 8, 8)
-    expected = packed(expected, bias)
+def with_kernel(expected: tvm.IRModule, bias: np.ndarray | None = None, relu: bool = False,
+                **constants: np.ndarray) -> tvm.IRModule:
+    """``expected`` with the kernel's arguments bound to WEIGHT's FKW packing (and ``bias``),
+    ``constants`` bound, and its declared kernel replaced by the pattern-conv operator of WEIGHT
+    on the 1x2x6x6 input, padding 1, for an 8-lane, 8-accumulator target (the pass's arguments)."""
+    packing = dict(values=FKW.values, channels=FKW.channels, offsets=FKW.offsets,
+                   inverse_order=np.argsort(FKW.order).astype(np.int32))
+    expected = bind(expected, **packing, **constants, **({} if bias is None else {"bias": bias}))
+    spec = PatternConvSpec.from_fkw(FKW, (1, 2, 6, 6), (1, 1), (1, 1, 1, 1), bias is not None, relu, 8, 8)
     expected.update_func(expected.get_global_var(KERNEL), pattern_conv2d_primfunc(spec).with_attr("op_pattern", OPAQUE))
     return expected
 
@@ -129,7 +126,7 @@ def test_a_pattern_sparse_conv_becomes_one_kernel_call():
             return gv
 
     after, records = rewrite(bind(Before, w=WEIGHT))
-    tvm.ir.assert_structural_equal(after, with_kernel(ConvKernel, bias=False, relu=False))
+    tvm.ir.assert_structural_equal(after, with_kernel(ConvKernel))
     assert [(r.name, r.kind, r.reason, r.fused) for r in records] == [("conv2d_0", "pattern", None, ())]
     assert (records[0].kept_kernels, records[0].total_kernels, records[0].n_patterns) == (6, 8, 2)
 
@@ -148,7 +145,7 @@ def test_a_per_channel_bias_added_after_the_conv_is_fused(shape):
             return gv
 
     after, records = rewrite(bind(Before, w=WEIGHT, b=BIAS.reshape(shape)))
-    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, bias=True, relu=False))
+    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, BIAS))
     assert [r.fused for r in records] == [("bias",)]
 
 
@@ -165,5 +162,174 @@ def test_a_per_channel_bias_added_before_the_conv_is_fused():
             return gv
 
     after, records = rewrite(bind(Before, w=WEIGHT, b=BIAS.reshape(1, 4, 1, 1)))
-    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, bias=True, relu=False))
+    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, BIAS))
     assert [r.fused for r in records] == [("bias",)]
+
+
+def test_a_scalar_bias_is_fused_as_one_value_per_channel():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 b: R.Tensor((1,), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                gv = R.add(conv, b)
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(bind(Before, w=WEIGHT, b=np.float32([0.5])))
+    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, np.full(4, 0.5, np.float32)))
+    assert [r.fused for r in records] == [("bias",)]
+
+
+def test_relu_after_the_bias_is_fused_too():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 b: R.Tensor((1, 4, 1, 1), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                biased = R.add(conv, b)
+                gv = R.nn.relu(biased)
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(bind(Before, w=WEIGHT, b=BIAS.reshape(1, 4, 1, 1)))
+    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, BIAS, relu=True))
+    assert [r.fused for r in records] == [("bias", "relu")]
+
+
+def test_relu_without_a_bias_is_fused():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                gv = R.nn.relu(conv)
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(bind(Before, w=WEIGHT))
+    tvm.ir.assert_structural_equal(after, with_kernel(ConvKernel, relu=True))
+    assert [r.fused for r in records] == [("relu",)]
+
+
+def test_an_add_of_a_full_tensor_stays_a_relax_add_after_the_kernel():
+    """Only a per-channel constant is a bias: the conv is rewritten, the add (and the ReLU after
+    it, which must see the sum) stay on the dense path."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 residual: R.Tensor((1, 4, 6, 6), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                summed = R.add(conv, residual)
+                gv = R.nn.relu(summed)
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def pattern_conv2d_conv2d_0(data: T.Buffer((1, 2, 6, 6), "float32"), values: T.Buffer((6, 4), "float32"),
+                                    channels: T.Buffer((6,), "int32"), offsets: T.Buffer((9,), "int32"),
+                                    inverse_order: T.Buffer((4,), "int32"), out: T.Buffer((1, 4, 6, 6), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), values: R.Tensor((6, 4), "float32"),
+                 channels: R.Tensor((6,), "int32"), offsets: R.Tensor((9,), "int32"),
+                 inverse_order: R.Tensor((4,), "int32"),
+                 residual: R.Tensor((1, 4, 6, 6), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+            cls = Expected
+            with R.dataflow():
+                conv = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order),
+                                  out_ty=R.Tensor((1, 4, 6, 6), "float32"))
+                summed = R.add(conv, residual)
+                gv = R.nn.relu(summed)
+                R.output(gv)
+            return gv
+
+    residual = RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    after, records = rewrite(bind(Before, w=WEIGHT, residual=residual))
+    tvm.ir.assert_structural_equal(after, with_kernel(Expected, residual=residual))
+    assert [(r.kind, r.fused) for r in records] == [("pattern", ())]
+
+
+def test_a_bias_that_is_not_a_constant_stays_a_relax_add():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), b: R.Tensor((1, 4, 1, 1), "float32"),
+                 w: R.Tensor((4, 2, 3, 3), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                gv = R.add(conv, b)
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def pattern_conv2d_conv2d_0(data: T.Buffer((1, 2, 6, 6), "float32"), values: T.Buffer((6, 4), "float32"),
+                                    channels: T.Buffer((6,), "int32"), offsets: T.Buffer((9,), "int32"),
+                                    inverse_order: T.Buffer((4,), "int32"), out: T.Buffer((1, 4, 6, 6), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), b: R.Tensor((1, 4, 1, 1), "float32"),
+                 values: R.Tensor((6, 4), "float32"), channels: R.Tensor((6,), "int32"),
+                 offsets: R.Tensor((9,), "int32"),
+                 inverse_order: R.Tensor((4,), "int32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+            cls = Expected
+            with R.dataflow():
+                conv = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order),
+                                  out_ty=R.Tensor((1, 4, 6, 6), "float32"))
+                gv = R.add(conv, b)
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(bind(Before, w=WEIGHT))
+    tvm.ir.assert_structural_equal(after, with_kernel(Expected))
+    assert [(r.kind, r.fused) for r in records] == [("pattern", ())]
+
+
+def test_a_dense_conv_is_left_exactly_as_it_was():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 b: R.Tensor((1, 4, 1, 1), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                biased = R.add(conv, b)
+                gv = R.nn.relu(biased)
+                R.output(gv)
+            return gv
+
+    before = bind(Before, w=DENSE_WEIGHT, b=BIAS.reshape(1, 4, 1, 1))
+    after, records = rewrite(before)
+    tvm.ir.assert_structural_equal(after, before)
+    assert [(r.kind, r.reason) for r in records] == [
+        ("dense", "kernels have up to 9 nonzeros, more than the 4 of a pattern")]
+
+
+def test_a_conv_whose_weight_is_not_a_constant_is_left_as_it_was():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                gv = R.nn.relu(conv)
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(Before)
+    tvm.ir.assert_structural_equal(after, Before)
+    assert [(r.kind, r.reason) for r in records] == [("dense", "weight is not a constant")]
