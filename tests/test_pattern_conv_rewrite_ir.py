@@ -27,14 +27,16 @@ from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.kernel_patterns import candidate_patterns
 from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
+from tvm_patdnn.ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc
 from tvm_patdnn.pruning.projection import project_pattern_and_connectivity
 from tvm_patdnn.report import ConvRecord
 from tvm_patdnn.transform import PatternConvRewrite
 from tvm_patdnn.transform.pattern_conv_rewrite import OPAQUE
 
 # 4 filters x 2 input channels projected onto two 4-tap patterns, 6 of the 8 kernels kept:
-# FKW stores 6 kernels x 4 taps and one run per (filter, pattern), 4 x 2 + 1 offsets.
-RNG = np.random.default_rng(0)
+# FKW stores 6 kernels x 4 taps and one run per (filter, pattern), 4 x 2 + 1 offsets; its filter
+# order is not its own inverse, so the tests tell which of the two a kernel gets.
+RNG = np.random.default_rng(1)
 WEIGHT = project_pattern_and_connectivity(RNG.standard_normal((4, 2, 3, 3)).astype(np.float32),
                                           candidate_patterns()[:2], rate=8 / 6)
 DENSE_WEIGHT = RNG.standard_normal((4, 2, 3, 3)).astype(np.float32)
@@ -61,10 +63,11 @@ def with_kernel(expected: tvm.IRModule, bias: np.ndarray | None = None, relu: bo
     return expected
 
 
-def rewrite(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[ConvRecord]]:
-    """The pass on ``mod`` for an 8-lane, 8-accumulator target, and the records it reported."""
+def rewrite(mod: tvm.IRModule, lanes: int = 8) -> tuple[tvm.IRModule, list[ConvRecord]]:
+    """The pass on ``mod`` for a target of ``lanes`` fp32 lanes and 8 accumulators, and the records
+    it reported."""
     records: list[ConvRecord] = []
-    return PatternConvRewrite(vector_width=8, accumulators=8, on_conv=records.append)(mod), records
+    return PatternConvRewrite(vector_width=lanes, accumulators=8, on_conv=records.append)(mod), records
 
 
 # The expected modules: the kernel declared by its destination-passing signature.
@@ -113,6 +116,7 @@ class BiasKernel:
 
 def test_the_fkw_packing_has_the_shapes_the_expected_modules_declare():
     assert (FKW.values.shape, FKW.channels.shape, FKW.offsets.shape, FKW.order.shape) == ((6, 4), (6,), (9,), (4,))
+    assert not np.array_equal(FKW.order, np.argsort(FKW.order))
 
 
 def test_a_pattern_sparse_conv_becomes_one_kernel_call():
@@ -333,3 +337,50 @@ def test_a_conv_whose_weight_is_not_a_constant_is_left_as_it_was():
     after, records = rewrite(Before)
     tvm.ir.assert_structural_equal(after, Before)
     assert [(r.kind, r.reason) for r in records] == [("dense", "weight is not a constant")]
+
+
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_a_2x2_image_takes_the_tap_lane_kernel_in_stored_filter_order(lanes):
+    """On AVX-512 and AVX2 a 2x2 image takes the (pixel x tap) kernel: it gets FKW's filter order
+    rather than its inverse and, on AVX2, each kernel's row of the arranged input as its channel."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 2, 2), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 b: R.Tensor((1, 4, 1, 1), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                biased = R.add(conv, b)
+                gv = R.nn.relu(biased)
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def pattern_conv2d_conv2d_0(data: T.Buffer((1, 2, 2, 2), "float32"), values: T.Buffer((6, 4), "float32"),
+                                    channels: T.Buffer((6,), "int32"), offsets: T.Buffer((9,), "int32"),
+                                    order: T.Buffer((4,), "int32"), bias: T.Buffer((4,), "float32"),
+                                    out: T.Buffer((1, 4, 2, 2), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((1, 2, 2, 2), "float32"), values: R.Tensor((6, 4), "float32"),
+                 channels: R.Tensor((6,), "int32"), offsets: R.Tensor((9,), "int32"),
+                 order: R.Tensor((4,), "int32"), bias: R.Tensor((4,), "float32")) -> R.Tensor((1, 4, 2, 2), "float32"):
+            cls = Expected
+            with R.dataflow():
+                gv = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, order, bias),
+                                out_ty=R.Tensor((1, 4, 2, 2), "float32"))
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(bind(Before, w=WEIGHT, b=BIAS.reshape(1, 4, 1, 1)), lanes)
+    channels = FKW.channels if lanes == 16 else arranged_rows(FKW.channels, FKW.offsets, len(FKW.patterns))
+    expected = bind(Expected, values=FKW.values, channels=channels, offsets=FKW.offsets, order=FKW.order, bias=BIAS)
+    spec = PatternConvSpec.from_fkw(FKW, (1, 2, 2, 2), (1, 1), (1, 1, 1, 1), True, True, lanes, 8)
+    expected.update_func(expected.get_global_var(KERNEL),
+                         pattern_conv_2x2_primfunc(spec, lanes).with_attr("op_pattern", OPAQUE))
+    tvm.ir.assert_structural_equal(after, expected)
+    assert [r.fused for r in records] == [("bias", "relu")]
