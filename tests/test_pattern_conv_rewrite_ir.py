@@ -70,7 +70,7 @@ def rewrite(mod: tvm.IRModule, lanes: int = 8) -> tuple[tvm.IRModule, list[ConvR
     return PatternConvRewrite(vector_width=lanes, accumulators=8, on_conv=records.append)(mod), records
 
 
-# The expected modules: the kernel declared by its destination-passing signature.
+# Expected modules shared by several tests: the kernel declared by its destination-passing signature.
 
 
 @I.ir_module
@@ -114,6 +114,33 @@ class BiasKernel:
         return gv
 
 
+# Before modules shared by several tests.
+
+
+@I.ir_module
+class ConvBiasRelu:
+    @R.function
+    def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+             b: R.Tensor((1, 4, 1, 1), "float32")):
+        with R.dataflow():
+            conv = R.nn.conv2d(x, w, padding=(1, 1))
+            biased = R.add(conv, b)
+            gv = R.nn.relu(biased)
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class ConvRelu:
+    @R.function
+    def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32")):
+        with R.dataflow():
+            conv = R.nn.conv2d(x, w, padding=(1, 1))
+            gv = R.nn.relu(conv)
+            R.output(gv)
+        return gv
+
+
 def test_the_fkw_packing_has_the_shapes_the_expected_modules_declare():
     assert (FKW.values.shape, FKW.channels.shape, FKW.offsets.shape, FKW.order.shape) == ((6, 4), (6,), (9,), (4,))
     assert not np.array_equal(FKW.order, np.argsort(FKW.order))
@@ -135,21 +162,25 @@ def test_a_pattern_sparse_conv_becomes_one_kernel_call():
     assert (records[0].kept_kernels, records[0].total_kernels, records[0].n_patterns) == (6, 8, 2)
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (4, 1, 1)])
-def test_a_per_channel_bias_added_after_the_conv_is_fused(shape):
+@pytest.mark.parametrize("bias, vector", [
+    (BIAS.reshape(1, 4, 1, 1), BIAS),
+    (BIAS.reshape(4, 1, 1), BIAS),
+    (np.float32([0.5]), np.full(4, 0.5, np.float32)),  # a scalar: the same value for every channel
+], ids=["1C11", "C11", "scalar"])
+def test_a_per_channel_bias_added_after_the_conv_is_fused(bias, vector):
     @I.ir_module
     class Before:
         @R.function
         def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
-                 b: R.Tensor(shape, "float32")):
+                 b: R.Tensor(bias.shape, "float32")):
             with R.dataflow():
                 conv = R.nn.conv2d(x, w, padding=(1, 1))
                 gv = R.add(conv, b)
                 R.output(gv)
             return gv
 
-    after, records = rewrite(bind(Before, w=WEIGHT, b=BIAS.reshape(shape)))
-    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, BIAS))
+    after, records = rewrite(bind(Before, w=WEIGHT, b=bias))
+    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, vector))
     assert [r.fused for r in records] == [("bias",)]
 
 
@@ -170,110 +201,33 @@ def test_a_per_channel_bias_added_before_the_conv_is_fused():
     assert [r.fused for r in records] == [("bias",)]
 
 
-def test_a_scalar_bias_is_fused_as_one_value_per_channel():
-    @I.ir_module
-    class Before:
-        @R.function
-        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
-                 b: R.Tensor((1,), "float32")):
-            with R.dataflow():
-                conv = R.nn.conv2d(x, w, padding=(1, 1))
-                gv = R.add(conv, b)
-                R.output(gv)
-            return gv
-
-    after, records = rewrite(bind(Before, w=WEIGHT, b=np.float32([0.5])))
-    tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, np.full(4, 0.5, np.float32)))
-    assert [r.fused for r in records] == [("bias",)]
-
-
 def test_relu_after_the_bias_is_fused_too():
-    @I.ir_module
-    class Before:
-        @R.function
-        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
-                 b: R.Tensor((1, 4, 1, 1), "float32")):
-            with R.dataflow():
-                conv = R.nn.conv2d(x, w, padding=(1, 1))
-                biased = R.add(conv, b)
-                gv = R.nn.relu(biased)
-                R.output(gv)
-            return gv
-
-    after, records = rewrite(bind(Before, w=WEIGHT, b=BIAS.reshape(1, 4, 1, 1)))
+    after, records = rewrite(bind(ConvBiasRelu, w=WEIGHT, b=BIAS.reshape(1, 4, 1, 1)))
     tvm.ir.assert_structural_equal(after, with_kernel(BiasKernel, BIAS, relu=True))
     assert [r.fused for r in records] == [("bias", "relu")]
 
 
 def test_relu_without_a_bias_is_fused():
-    @I.ir_module
-    class Before:
-        @R.function
-        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32")):
-            with R.dataflow():
-                conv = R.nn.conv2d(x, w, padding=(1, 1))
-                gv = R.nn.relu(conv)
-                R.output(gv)
-            return gv
-
-    after, records = rewrite(bind(Before, w=WEIGHT))
+    after, records = rewrite(bind(ConvRelu, w=WEIGHT))
     tvm.ir.assert_structural_equal(after, with_kernel(ConvKernel, relu=True))
     assert [r.fused for r in records] == [("relu",)]
 
 
-def test_an_add_of_a_full_tensor_stays_a_relax_add_after_the_kernel():
-    """Only a per-channel constant is a bias: the conv is rewritten, the add (and the ReLU after
-    it, which must see the sum) stay on the dense path."""
+@pytest.mark.parametrize("shape, constant", [((1, 4, 6, 6), True), ((1, 4, 1, 1), False)],
+                         ids=["full-tensor-constant", "per-channel-variable"])
+def test_an_add_that_is_no_constant_bias_stays_a_relax_add_after_the_kernel(shape, constant):
+    """Only a constant that broadcasts per output channel is a bias: with any other addend the
+    conv is rewritten alone and the add (and the ReLU after it, which must see the sum) stay."""
 
     @I.ir_module
     class Before:
         @R.function
-        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
-                 residual: R.Tensor((1, 4, 6, 6), "float32")):
-            with R.dataflow():
-                conv = R.nn.conv2d(x, w, padding=(1, 1))
-                summed = R.add(conv, residual)
-                gv = R.nn.relu(summed)
-                R.output(gv)
-            return gv
-
-    @I.ir_module
-    class Expected:
-        @T.prim_func(private=True)
-        def pattern_conv2d_conv2d_0(data: T.Buffer((1, 2, 6, 6), "float32"), values: T.Buffer((6, 4), "float32"),
-                                    channels: T.Buffer((6,), "int32"), offsets: T.Buffer((9,), "int32"),
-                                    inverse_order: T.Buffer((4,), "int32"), out: T.Buffer((1, 4, 6, 6), "float32")):
-            T.evaluate(0)
-
-        @R.function
-        def main(x: R.Tensor((1, 2, 6, 6), "float32"), values: R.Tensor((6, 4), "float32"),
-                 channels: R.Tensor((6,), "int32"), offsets: R.Tensor((9,), "int32"),
-                 inverse_order: R.Tensor((4,), "int32"),
-                 residual: R.Tensor((1, 4, 6, 6), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
-            cls = Expected
-            with R.dataflow():
-                conv = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order),
-                                  out_ty=R.Tensor((1, 4, 6, 6), "float32"))
-                summed = R.add(conv, residual)
-                gv = R.nn.relu(summed)
-                R.output(gv)
-            return gv
-
-    residual = RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)
-    after, records = rewrite(bind(Before, w=WEIGHT, residual=residual))
-    tvm.ir.assert_structural_equal(after, with_kernel(Expected, residual=residual))
-    assert [(r.kind, r.fused) for r in records] == [("pattern", ())]
-
-
-def test_a_bias_that_is_not_a_constant_stays_a_relax_add():
-    @I.ir_module
-    class Before:
-        @R.function
-        def main(x: R.Tensor((1, 2, 6, 6), "float32"), b: R.Tensor((1, 4, 1, 1), "float32"),
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), addend: R.Tensor(shape, "float32"),
                  w: R.Tensor((4, 2, 3, 3), "float32")):
             with R.dataflow():
                 conv = R.nn.conv2d(x, w, padding=(1, 1))
-                gv = R.add(conv, b)
+                summed = R.add(conv, addend)
+                gv = R.nn.relu(summed)
                 R.output(gv)
             return gv
 
@@ -286,7 +240,7 @@ def test_a_bias_that_is_not_a_constant_stays_a_relax_add():
             T.evaluate(0)
 
         @R.function
-        def main(x: R.Tensor((1, 2, 6, 6), "float32"), b: R.Tensor((1, 4, 1, 1), "float32"),
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), addend: R.Tensor(shape, "float32"),
                  values: R.Tensor((6, 4), "float32"), channels: R.Tensor((6,), "int32"),
                  offsets: R.Tensor((9,), "int32"),
                  inverse_order: R.Tensor((4,), "int32")) -> R.Tensor((1, 4, 6, 6), "float32"):
@@ -294,29 +248,19 @@ def test_a_bias_that_is_not_a_constant_stays_a_relax_add():
             with R.dataflow():
                 conv = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order),
                                   out_ty=R.Tensor((1, 4, 6, 6), "float32"))
-                gv = R.add(conv, b)
+                summed = R.add(conv, addend)
+                gv = R.nn.relu(summed)
                 R.output(gv)
             return gv
 
-    after, records = rewrite(bind(Before, w=WEIGHT))
-    tvm.ir.assert_structural_equal(after, with_kernel(Expected))
+    addend = {"addend": np.random.default_rng(2).standard_normal(shape).astype(np.float32)} if constant else {}
+    after, records = rewrite(bind(Before, w=WEIGHT, **addend))
+    tvm.ir.assert_structural_equal(after, with_kernel(Expected, **addend))
     assert [(r.kind, r.fused) for r in records] == [("pattern", ())]
 
 
 def test_a_dense_conv_is_left_exactly_as_it_was():
-    @I.ir_module
-    class Before:
-        @R.function
-        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
-                 b: R.Tensor((1, 4, 1, 1), "float32")):
-            with R.dataflow():
-                conv = R.nn.conv2d(x, w, padding=(1, 1))
-                biased = R.add(conv, b)
-                gv = R.nn.relu(biased)
-                R.output(gv)
-            return gv
-
-    before = bind(Before, w=DENSE_WEIGHT, b=BIAS.reshape(1, 4, 1, 1))
+    before = bind(ConvBiasRelu, w=DENSE_WEIGHT, b=BIAS.reshape(1, 4, 1, 1))
     after, records = rewrite(before)
     tvm.ir.assert_structural_equal(after, before)
     assert [(r.kind, r.reason) for r in records] == [
@@ -324,18 +268,8 @@ def test_a_dense_conv_is_left_exactly_as_it_was():
 
 
 def test_a_conv_whose_weight_is_not_a_constant_is_left_as_it_was():
-    @I.ir_module
-    class Before:
-        @R.function
-        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32")):
-            with R.dataflow():
-                conv = R.nn.conv2d(x, w, padding=(1, 1))
-                gv = R.nn.relu(conv)
-                R.output(gv)
-            return gv
-
-    after, records = rewrite(Before)
-    tvm.ir.assert_structural_equal(after, Before)
+    after, records = rewrite(ConvRelu)
+    tvm.ir.assert_structural_equal(after, ConvRelu)
     assert [(r.kind, r.reason) for r in records] == [("dense", "weight is not a constant")]
 
 
