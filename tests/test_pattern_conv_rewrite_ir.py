@@ -7,10 +7,13 @@ fuses into the pattern-conv call and which stay outside. The weight and bias are
 TVMScript spelling); in the expected module the kernel's arguments are bound the same way to the
 weight's FKW packing (values, channels, offsets, inverse filter order) and the bias vector.
 
-The kernel the pass adds is a generated TE function hundreds of lines long: the expected module
-declares it by its signature alone (data, packed weight, [bias], output), which is what the Relax
-call depends on, and :func:`with_kernel` puts in the body the operator builds for the variant the
-rewrite must choose (bias and ReLU fused or not), so the comparison covers that choice too.
+The kernel the pass adds is the operator's generated TE function, whose tap tables and layout
+follow from the weight and the target and which ``test_pattern_op.py`` checks against
+``onnx.reference``; spelt out here it would be a golden copy of generated code that every change of
+the operator breaks. So the expected module declares the kernel by its signature alone (data,
+packed weight, [bias], output), which is what the Relax call depends on, and the test puts in the
+body the operator builds for the variant the rewrite must choose (bias and ReLU fused or not, the
+(pixel x tap) kernel for 2x2 images): the comparison covers that choice too.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ class BiasKernel:
     @R.function
     def main(x: R.Tensor((1, 2, 6, 6), "float32"), values: R.Tensor((6, 4), "float32"),
              channels: R.Tensor((6,), "int32"), offsets: R.Tensor((9,), "int32"),
-             inverse_order: R.Tensor((4,), "int32"), bias: R.Tensor((4,), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+             inverse_order: R.Tensor((4,), "int32"),
+             bias: R.Tensor((4,), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
         cls = BiasKernel
         with R.dataflow():
             gv = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order, bias),
