@@ -217,8 +217,8 @@ def test_relu_without_a_bias_is_fused():
     assert [r.fused for r in records] == [("relu",)]
 
 
-@pytest.mark.parametrize("shape, constant", [((1, 4, 6, 6), True), ((1, 4, 1, 1), False)],
-                         ids=["full-tensor-constant", "per-channel-variable"])
+@pytest.mark.parametrize("shape, constant", [((1, 4, 6, 6), True), ((6,), True), ((1, 4, 1, 1), False)],
+                         ids=["full-tensor-constant", "per-column-constant", "per-channel-variable"])
 def test_an_add_that_is_no_constant_bias_stays_a_relax_add_after_the_kernel(shape, constant):
     """Only a constant that broadcasts per output channel is a bias: with any other addend the
     conv is rewritten alone and the add (and the ReLU after it, which must see the sum) stay."""
@@ -261,6 +261,48 @@ def test_an_add_that_is_no_constant_bias_stays_a_relax_add_after_the_kernel(shap
     after, records = rewrite(bind(Before, w=WEIGHT, **addend))
     tvm.ir.assert_structural_equal(after, with_kernel(Expected, **addend))
     assert [(r.kind, r.fused) for r in records] == [("pattern", ())]
+
+
+def test_each_conv_is_decided_on_its_own_and_reported_in_program_order():
+    """A pattern-sparse conv followed by a dense one: the first becomes the kernel (named after its
+    place), the second stays a Relax conv2d on the kernel's output."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 dense: R.Tensor((4, 4, 3, 3), "float32")):
+            with R.dataflow():
+                first = R.nn.conv2d(x, w, padding=(1, 1))
+                gv = R.nn.conv2d(first, dense, padding=(1, 1))
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def pattern_conv2d_conv2d_0(data: T.Buffer((1, 2, 6, 6), "float32"), values: T.Buffer((6, 4), "float32"),
+                                    channels: T.Buffer((6,), "int32"), offsets: T.Buffer((9,), "int32"),
+                                    inverse_order: T.Buffer((4,), "int32"), out: T.Buffer((1, 4, 6, 6), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), values: R.Tensor((6, 4), "float32"),
+                 channels: R.Tensor((6,), "int32"), offsets: R.Tensor((9,), "int32"),
+                 inverse_order: R.Tensor((4,), "int32"),
+                 dense: R.Tensor((4, 4, 3, 3), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+            cls = Expected
+            with R.dataflow():
+                first = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order),
+                                   out_ty=R.Tensor((1, 4, 6, 6), "float32"))
+                gv = R.nn.conv2d(first, dense, padding=(1, 1))
+                R.output(gv)
+            return gv
+
+    dense = np.random.default_rng(3).standard_normal((4, 4, 3, 3)).astype(np.float32)
+    after, records = rewrite(bind(Before, w=WEIGHT, dense=dense))
+    tvm.ir.assert_structural_equal(after, with_kernel(Expected, dense=dense))
+    assert [(r.name, r.kind) for r in records] == [("conv2d_0", "pattern"), ("conv2d_1", "dense")]
 
 
 def test_a_dense_conv_is_left_exactly_as_it_was():
