@@ -25,11 +25,11 @@ interleaved rounds (the box is shared), medians reported:
 Each layer's GFLOP/s is also given as a share of the fp32 FMA peak measured at the start with the
 widest ISA the host has (``machine.py``); speed-ups are medians of the per-round ratios (the load
 of the shared box changes between rounds more than within one). ``--resnet50`` adds the whole
-dense ResNet-50 (``peers.py``'s builder, BN folded) against ORT, the GEMM kernel alone and the old
+dense ResNet-50 (``models.dense_model("resnet50")``, BN folded) against ORT, the GEMM kernel alone and the old
 rule. Every
 variant's output is checked against ORT (relative 1e-3) before anything is timed.
 
-    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/dense.py [--rounds 5] [--resnet50] [--ablations]
+    TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.dense [--rounds 5] [--resnet50] [--ablations]
         [--layers 0 1 ...] [--variants gemm direct tuned ...] [--db DIR] [--target '{"kind":"llvm","mcpu":"znver3"}']
         [--json benchmarks/results/dense.1t.json]
 
@@ -55,22 +55,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import tvm
-from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
-sys.path.insert(0, str(Path(__file__).parent))
-from layers import time_ms, vm_of  # noqa: E402
-from machine import machine_summary  # noqa: E402
-from peers import agree, export_onnx, fold_batchnorm, he_init, ort_runner, torch_resnet50  # noqa: E402
+import tvm_patdnn
+from tvm_patdnn.fileio import write_bytes_atomic
+from tvm_patdnn.frontend import import_onnx
+from tvm_patdnn.ops.dense_conv import DenseConvSpec
+from tvm_patdnn.pipeline import get_pipeline
+from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
+from tvm_patdnn.transform import DenseConvRewrite
+from tvm_patdnn.transform.dense_conv_rewrite import DenseConvRewriter
 
-import tvm_patdnn  # noqa: E402
-from tvm_patdnn.fileio import write_bytes_atomic  # noqa: E402
-from tvm_patdnn.frontend import import_onnx  # noqa: E402
-from tvm_patdnn.ops.dense_conv import DenseConvSpec  # noqa: E402
-from tvm_patdnn.pipeline import get_pipeline  # noqa: E402
-from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers  # noqa: E402
-from tvm_patdnn.transform import DenseConvRewrite  # noqa: E402
-from tvm_patdnn.transform.dense_conv_rewrite import DenseConvRewriter  # noqa: E402
+from .layers import time_ms, vm_of
+from .machine import machine_summary
+from .models import dense_conv_model, dense_model
+from .peers import agree, ort_runner
 
 # (in channels, out channels, input size, stride, kernel): the distinct dense convs of ResNet-50
 # v1.5 (stride on the 3x3), 1x1 first, then the 3x3s and the 7x7 stem (padding kernel // 2).
@@ -85,33 +84,6 @@ RESNET50_CONVS = [
 RTOL = 1e-3
 VARIANTS = ["tvm_patdnn", "gemm", "direct", "old rule", "no panel copy", "1 pixel vector", "tuned"]
 MODEL_VARIANTS = ["1x1 on gemm", "1x1 on direct", "gemm+direct", "gemm", "old rule", "tuned"]
-
-
-def conv_model(in_c: int, out_c: int, size: int, stride: int, kernel: int) -> onnx.ModelProto:
-    """Conv (+ bias, padding kernel // 2) + ReLU as ONNX, He-normal weights from a fixed seed."""
-    rng = np.random.default_rng(0)
-    weight = (rng.standard_normal((out_c, in_c, kernel, kernel)) * np.sqrt(2 / in_c / kernel**2)).astype(np.float32)
-    bias = (rng.standard_normal(out_c) * 0.01).astype(np.float32)
-    pad = kernel // 2
-    out = (size + 2 * pad - kernel) // stride + 1
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", strides=[stride, stride], pads=[pad] * 4),
-         helper.make_node("Relu", ["c"], ["y"])],
-        "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_c, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_c, out, out])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def resnet50_model() -> onnx.ModelProto:
-    """Dense ResNet-50 (BN folded, random He-normal weights) from ``peers.py``'s builders."""
-    module = torch_resnet50()
-    he_init(module)
-    module.eval()
-    fold_batchnorm(module)
-    return export_onnx(module, (1, 3, 224, 224))
 
 
 class PointwiseOnly(DenseConvRewriter):
@@ -252,7 +224,7 @@ def main() -> None:
         out = (size + 2 * (kernel // 2) - kernel) // stride + 1
         pointwise = kernel == 1 and stride == 1
         layer_variants = [v for v in variants if pointwise or v != "no panel copy"]
-        ms = measure(conv_model(in_c, out_c, size, stride, kernel), layer_variants, target, threads, args.rounds,
+        ms = measure(dense_conv_model(in_c, out_c, size, stride, kernel), layer_variants, target, threads, args.rounds,
                      database=database)
         name = f"{kernel}x{kernel} {in_c}->{out_c} {size}x{size}" + (f" s{stride}" if stride != 1 else "")
         spec = DenseConvSpec(batch=1, in_channels=in_c, height=size, width=size, out_channels=out_c,
@@ -268,7 +240,7 @@ def main() -> None:
 
     models = {}
     if args.resnet50:
-        times = measure(resnet50_model(), ["tvm_patdnn", *args.model_variants], target, threads,
+        times = measure(dense_model("resnet50"), ["tvm_patdnn", *args.model_variants], target, threads,
                         args.rounds, may_fail=("tvm_patdnn",), database=database)
         models["resnet50"] = times
         print(f"\nResNet-50 dense, {threads} thread(s): " + ", ".join(f"{k} {v:.1f} ms" for k, v in medians(times).items()))

@@ -8,7 +8,7 @@ The emulator runs every session in qemu-user, 20-50x slower than a phone, and th
 cores shared by the tuner's builds and both qemu processes: the ratio is what two emulated
 devices buy here, not what a rack of phones would.
 
-    .venv/bin/python benchmarks/farm.py [--trials 24] [--json benchmarks/results/farm.json]
+    .venv/bin/python -m benchmarks.farm [--trials 24] [--json benchmarks/results/farm.json]
 """
 
 from __future__ import annotations

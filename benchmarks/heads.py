@@ -9,7 +9,7 @@ pooling, dlight's reduction for the averages) and ORT (``ORT_ENABLE_ALL``), outp
 agree (relative 1e-4), timed in interleaved rounds, medians; the ratio is the median of per-round
 ratios. Batch-1 FC layers stream their weights once, so GB/s of weights is the number to watch.
 
-    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/heads.py [--rounds 5] [--json benchmarks/results/heads.1t.json]
+    TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.heads [--rounds 5] [--json benchmarks/results/heads.1t.json]
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,10 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).parent))
-from layers import time_ms, vm_of  # noqa: E402
-from machine import cpu_name  # noqa: E402
-from peers import agree, ort_runner  # noqa: E402
+from .layers import time_ms, vm_of
+from .machine import cpu_name
+from .peers import agree, ort_runner
 
 # (name, rows, in features, out features, ReLU)
 FCS = [("ResNet-50 FC", 1, 2048, 1000, False), ("ResNet-50 FC batch 2", 2, 2048, 1000, False),

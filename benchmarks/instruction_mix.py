@@ -1,7 +1,7 @@
 """The instruction mix of the pattern conv's inner loops on NEON, AVX2 and AVX-512, from the generated code.
 
 No phone is attached and the host may lack AVX-512, so what can be compared across ISAs without
-timing is the code itself: the pruned VGG-16 CIFAR (``vgg16_cifar.py``, 8 patterns, 3.6x
+timing is the code itself: the pruned VGG-16 CIFAR (``models.py``, 8 patterns, 3.6x
 connectivity) is compiled with default schedules for each target, and in every pattern conv's
 innermost loops that do multiply-adds (one iteration = one kernel of a (filter, pattern) run, its
 taps and register tile unrolled) the static instructions are counted:
@@ -17,7 +17,7 @@ every cycle on each pipe; a Cortex-A76 has 2 FMA and 2 load pipes and decodes 4 
 cycle, a Zen 3 2 FMA pipes, 3 loads and 6 dispatch slots. Counts are static (per loop body), not
 weighted by trip counts.
 
-    .venv/bin/python benchmarks/instruction_mix.py [--targets neon avx2 avx512] [--json out.json]
+    .venv/bin/python -m benchmarks.instruction_mix [--targets neon avx2 avx512] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from vgg16_cifar import build_model  # noqa: E402
+import tvm_patdnn
+from tvm_patdnn.fileio import write_bytes_atomic
 
-import tvm_patdnn  # noqa: E402
-from tvm_patdnn.fileio import write_bytes_atomic  # noqa: E402
+from .models import twins
 
 TARGETS = {
     "neon": "galaxy-s10",
@@ -153,7 +151,7 @@ def layer_mix(lines: list[str], aarch64: bool) -> dict:
 
 
 def measure(targets: list[str]) -> list[dict]:
-    model = build_model()
+    model = twins("vgg16_cifar").pruned
     rows = []
     for name in targets:
         compiled = tvm_patdnn.compile(model, TARGETS[name], tuning_db=False)

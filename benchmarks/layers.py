@@ -7,7 +7,7 @@ with the same layer unpruned on TVM's dense path, both with TVM's default pipeli
 left unscheduled) and with our default dense schedule rule. Modules are timed in interleaved
 rounds (this box is shared and noisy) and the table reports medians and ratios.
 
-    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/layers.py [--rounds 5] [--json out.json]
+    TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.layers [--rounds 5] [--json out.json]
 
 The thread count is TVM's (``TVM_NUM_THREADS``, read when the runtime starts): calling
 ``runtime.config_threadpool`` later does not change it. "% of peak" is against the widest FMA
@@ -27,35 +27,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import tvm
-from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 import tvm_patdnn
-import machine
-from machine import cpu_name, fma_peak_gflops, widest_isa
 from tvm_patdnn.fileio import write_bytes_atomic
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
 from tvm_patdnn.targets import resolve_target
 
+from . import machine
+from .machine import cpu_name, fma_peak_gflops, widest_isa
+from .models import conv3x3_model
+
 LAYERS = [("64ch 56x56", 64, 56), ("256ch 14x14", 256, 14)]
 PRUNINGS = [("2.25x (8 patterns)", None), ("8x (8 patterns + 3.6x conn.)", 3.6)]
-
-
-def conv_model(weight: np.ndarray, size: int) -> onnx.ModelProto:
-    """One conv3x3 (pad 1) + bias + ReLU layer as ONNX."""
-    out_c, in_c = weight.shape[:2]
-    bias = np.random.default_rng(1).standard_normal(out_c).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
-        "layer",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_c, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_c, size, size])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def vm_of(executable) -> relax.VirtualMachine:
@@ -134,7 +120,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         dense_weight = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(channels * 9)).astype(np.float32)
         patterns = select_pattern_set([dense_weight], n_patterns=8)
-        dense_model = conv_model(dense_weight, size)
+        dense_model = conv3x3_model(dense_weight, size)
         x = tvm.runtime.tensor(rng.standard_normal((1, channels, size, size)).astype(np.float32))
         modules = {
             "tvm dense, default pipeline": vm_of(tvm.compile(import_onnx(dense_model).mod, target)),
@@ -143,7 +129,7 @@ def main() -> None:
         pattern_keys = []
         for pruning_name, rate in PRUNINGS:
             weight = project_pattern_and_connectivity(dense_weight, patterns, rate)
-            compiled = tvm_patdnn.compile(conv_model(weight, size), target)
+            compiled = tvm_patdnn.compile(conv3x3_model(weight, size), target)
             assert compiled.report[0].kind == "pattern", compiled.report[0]
             key = f"pattern {pruning_name}"
             modules[key] = vm_of(compiled.executable)

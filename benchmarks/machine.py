@@ -7,7 +7,7 @@ datasheet clocks, by a small C loop with enough independent accumulator chains t
 latency on every port (Intel/AMD: 2 ports x 4-5 cycles; Cortex-A76: 2 x 4), compiled for the
 widest ISA the host reports.
 
-    .venv/bin/python benchmarks/machine.py [--threads 1 2]
+    .venv/bin/python -m benchmarks.machine [--threads 1 2]
 """
 
 from __future__ import annotations

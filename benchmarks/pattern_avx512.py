@@ -13,15 +13,15 @@ Ratios are time of the AVX2 build / time of the layout (above 1: faster than AVX
 are process CPU time per call (1 thread: the calls run on this thread), which a second process
 sharing the core disturbs far less than wall time.
 
-    taskset -c 0 env TVM_NUM_THREADS=1 .venv/bin/python benchmarks/pattern_avx512.py [--rounds 5] [--sets cifar vgg224 resnet50]
-    taskset -c 0 env TVM_NUM_THREADS=1 .venv/bin/python benchmarks/pattern_avx512.py --whole [--rounds 9]
+    taskset -c 0 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_avx512 [--rounds 5] [--sets cifar vgg224 resnet50]
+    taskset -c 0 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_avx512 --whole [--rounds 9]
 
 ``--whole`` times the whole pruned VGG-16 CIFAR (``tvm_patdnn.compile``) for the host and the AVX2
 target instead, untuned (no tuning database) and, for AVX2, also with the records shipped for it.
 On an AVX2 host it compares the AVX2 rule with and without the windows layout for 4x4 outputs
 (untuned and with the shipped records) and ONNX Runtime instead:
 
-    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python benchmarks/pattern_avx512.py --whole --rounds 9
+    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_avx512 --whole --rounds 9
 """
 
 from __future__ import annotations
@@ -31,27 +31,24 @@ import contextlib
 import dataclasses
 import os
 import statistics
-import sys
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import tvm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from layers import cpu_ms, cpu_peak_gflops, save_results, tvm_threads  # noqa: E402
-from machine import widest_isa  # noqa: E402
-from optimisations import pattern_layers, reference_conv  # noqa: E402
-from vgg16_cifar import build_model  # noqa: E402
+from tvm_patdnn.analysis import analyze_conv_weight
+from tvm_patdnn.fkw import FKWWeight, pack_fkw
+from tvm_patdnn.ops.pattern_conv import PatternConvSpec, cheapest_layout, choose_layout, pattern_conv2d_primfunc
+from tvm_patdnn.ops.pattern_conv_2x2 import pattern_conv_2x2_primfunc, tap_lanes_apply
+from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
+from tvm_patdnn.schedule_rules import PatternConvCPU
+from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
-from tvm_patdnn.analysis import analyze_conv_weight  # noqa: E402
-from tvm_patdnn.fkw import FKWWeight, pack_fkw  # noqa: E402
-from tvm_patdnn.ops.pattern_conv import (PatternConvSpec, cheapest_layout, choose_layout,  # noqa: E402
-                                         pattern_conv2d_primfunc)
-from tvm_patdnn.ops.pattern_conv_2x2 import pattern_conv_2x2_primfunc, tap_lanes_apply  # noqa: E402
-from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set  # noqa: E402
-from tvm_patdnn.schedule_rules import PatternConvCPU  # noqa: E402
-from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes  # noqa: E402
+from .layers import cpu_ms, cpu_peak_gflops, save_results, tvm_threads
+from .machine import widest_isa
+from .models import twins
+from .optimisations import pattern_layers, reference_conv
 
 # (filters, channels, size, stride) of the extra layer sets, 8x pruned from Gaussian weights.
 EXTRA_SETS = {
@@ -75,7 +72,7 @@ def layer_sets(names: list[str]) -> list[tuple[str, str, np.ndarray, np.ndarray,
     """(set, layer, weight, bias, input shape, stride) of every layer of the named sets."""
     layers = []
     if "cifar" in names:
-        layers += [("cifar", name, w, b, shape, 1) for name, w, b, shape in pattern_layers(build_model())]
+        layers += [("cifar", name, w, b, shape, 1) for name, w, b, shape in pattern_layers(twins("vgg16_cifar").pruned)]
     for set_name in names:
         for filters, channels, size, stride in EXTRA_SETS.get(set_name, []):
             rng = np.random.default_rng(size)
@@ -129,7 +126,7 @@ def whole_model(rounds: int, host, avx2) -> None:
 
     import tvm_patdnn
 
-    model = build_model()
+    model = twins("vgg16_cifar").pruned
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     before = mock.patch("tvm_patdnn.ops.pattern_conv.target_layout", _without_windows)
     if vector_lanes(host) == 16:

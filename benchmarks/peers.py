@@ -1,12 +1,12 @@
 """tvm_patdnn against its peers on whole models, batch 1 fp32, measured side by side in one run.
 
-Models (``--models``): VGG-16 for CIFAR (32x32, no BN; the model of ``vgg16_cifar.py``,
-so the records shipped in ``tvm_patdnn/schedules/`` apply), VGG-16 ImageNet (224x224), ResNet-50 ImageNet
-(BN folded into the convs) with random He-normal weights from a fixed seed (no pretrained weights
-can be downloaded here), and MobileNetV2 with its real ImageNet weights (``mobilenet_v2.py``). Each is pruned one-shot by the project's pruning core
-(``prune_onnx(model, n_patterns=8, connectivity=3.6)``: 8 magnitude-chosen patterns, 3.6x
-connectivity, first conv dense; with ``--pointwise RATE`` the 1x1 convs too, in (4, 1) blocks) and run,
-on the same pruned weights, by
+Models (``--models``, built by ``models.py`` as dense and pruned twins): VGG-16 for CIFAR (32x32,
+no BN; the model the records shipped in ``tvm_patdnn/schedules/`` were tuned for), VGG-16 ImageNet
+(224x224), ResNet-50 ImageNet (BN folded into the convs) with random He-normal weights from a fixed
+seed (no pretrained weights can be downloaded here), and MobileNetV2 with its real ImageNet weights.
+Each is pruned one-shot by the project's pruning core (``prune_onnx(model, n_patterns=8,
+connectivity=3.6)``: 8 magnitude-chosen patterns, 3.6x connectivity, first conv dense; with
+``--pointwise RATE`` the 1x1 convs too, in (4, 1) blocks) and run, on the same pruned weights, by
 
 - tvm_patdnn with the shipped schedules (``compile(pruned, "x86")``) and with default schedules only
   (``tuning_db=False``); with ``--tune-trials N`` also tuned for N trials (``--tune-trials 0``:
@@ -21,11 +21,11 @@ models: the reference interpreter is too slow there), relative 1e-3, before anyt
 CPU time / wall time stays 1.0), so each thread count runs in its own worker process with
 ``TVM_NUM_THREADS``/``OMP_NUM_THREADS`` set; ORT, MNN and PyTorch get the count through their APIs.
 Runtimes are timed in interleaved rounds (the box is shared) and medians are reported.
-Per-layer table: every conv of VGG-16 CIFAR compiled alone (``layers.conv_model``), against the
+Per-layer table: every conv of VGG-16 CIFAR compiled alone (``models.conv3x3_model``), against the
 FMA peak measured at run time with the widest FMA the host has (``machine.py``: 512-bit on
 AVX-512 hosts, 256-bit on AVX2, NEON on aarch64); the ISA is named in the output.
 
-    .venv/bin/python benchmarks/peers.py [--models vgg16_cifar vgg16 resnet50] [--threads 1 2]
+    .venv/bin/python -m benchmarks.peers [--models vgg16_cifar vgg16 resnet50] [--threads 1 2]
         [--rounds 5] [--tune-trials 0] [--pointwise RATE] [--json benchmarks/results/peers.json]
 """
 
@@ -41,181 +41,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from layers import conv_model, time_ms  # noqa: E402
-from machine import cpu_name, fma_peak_gflops, widest_isa  # noqa: E402
+import tvm_patdnn
+from tvm_patdnn.fileio import save_model_atomic, write_bytes_atomic
 
-import tvm_patdnn  # noqa: E402
-from tvm_patdnn.fileio import save_model_atomic, write_bytes_atomic  # noqa: E402
-from tvm_patdnn.pruning import prune_onnx  # noqa: E402
+from .layers import time_ms
+from .machine import cpu_name, fma_peak_gflops, widest_isa
+from .models import INPUT_SHAPES, conv3x3_model, torch_module_with, twins
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = {"vgg16_cifar": (1, 3, 32, 32), "vgg16": (1, 3, 224, 224), "resnet50": (1, 3, 224, 224),
-          "mobilenet_v2": (1, 3, 224, 224)}
 TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224", "resnet50": "ResNet-50 ImageNet 224x224",
           "mobilenet_v2": "MobileNetV2 ImageNet 224x224"}
-VGG_STAGES = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 RTOL = 1e-3
 MIN_SAMPLE_MS = 200.0
-
-# ----------------------------------------------------------------------------- models
-
-
-def torch_vgg16(image: int, classes: int):
-    """VGG-16 without BN: 13 conv3x3+ReLU, five max-pools, a CIFAR (512->classes) or ImageNet classifier."""
-    import torch.nn as nn
-
-    layers, channels = [], 3
-    for stage in VGG_STAGES:
-        if stage == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(channels, stage, 3, padding=1), nn.ReLU()]
-            channels = stage
-    if image == 32:
-        head = [nn.Flatten(), nn.Linear(512, classes)]
-    else:
-        head = [nn.Flatten(), nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, classes)]
-    return nn.Sequential(*layers, *head)
-
-
-def torch_resnet50(classes: int = 1000):
-    """ResNet-50 (torchvision's v1.5 layout: stride on the 3x3 conv), BN layers included."""
-    import torch.nn as nn
-
-    class Bottleneck(nn.Module):
-        def __init__(self, inplanes: int, planes: int, stride: int) -> None:
-            super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
-            self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
-            self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
-            self.relu = nn.ReLU()
-            self.downsample = None
-            if stride != 1 or inplanes != planes * 4:
-                self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
-
-        def forward(self, x):
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.relu(self.bn2(self.conv2(out)))
-            out = self.bn3(self.conv3(out))
-            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-    blocks, inplanes = [], 64
-    for planes, count, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
-        for index in range(count):
-            blocks.append(Bottleneck(inplanes, planes, stride if index == 0 else 1))
-            inplanes = planes * 4
-    return nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
-                         *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, classes))
-
-
-def fold_batchnorm(module) -> None:
-    """Fold every eval-mode BatchNorm2d into the conv before it (in place; the BN becomes Identity)."""
-    import torch.nn as nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    children = list(module.named_children())
-    for (name, child), (next_name, next_child) in zip(children, children[1:]):
-        if isinstance(child, nn.Conv2d) and isinstance(next_child, nn.BatchNorm2d):
-            setattr(module, name, fuse_conv_bn_eval(child, next_child))
-            setattr(module, next_name, nn.Identity())
-    for _, child in module.named_children():
-        fold_batchnorm(child)
-
-
-def he_init(module, seed: int = 0) -> None:
-    """He-normal convs/linears, small random biases and BN statistics, from a fixed seed."""
-    import torch
-    import torch.nn as nn
-
-    torch.manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.normal_(m.bias, std=0.01)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.0)
-            nn.init.normal_(m.bias, std=0.01)
-            m.running_mean.normal_(std=0.01)
-            m.running_var.uniform_(0.8, 1.2)
-
-
-def export_onnx(module, shape: tuple[int, ...]) -> onnx.ModelProto:
-    """The torch module as ONNX (opset 17, input ``input``, output ``logits``)."""
-    import torch
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        torch.onnx.export(module, (torch.zeros(shape),), str(path), input_names=["input"], output_names=["logits"],
-                          opset_version=17, dynamo=False, do_constant_folding=True)
-        return onnx.load(str(path))
-
-
-def build_models(name: str, pointwise: float | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(dense, pruned) ONNX of a benchmark model; ``pointwise`` also prunes its 1x1 convs (1 (4, 1)
-    block in ``pointwise`` kept)."""
-    if name == "vgg16_cifar":
-        import vgg16_cifar  # benchmarks/vgg16_cifar.py: the model the shipped records were tuned for
-
-        # Its build_model() prunes at the end; take the graph before that step for the dense twin.
-        with mock.patch.object(vgg16_cifar, "prune_onnx", lambda model, **_: mock.Mock(model=model)):
-            dense = vgg16_cifar.build_model()
-    elif name == "mobilenet_v2":
-        from mobilenet_v2 import mobilenet_v2_onnx  # its real ImageNet weights
-
-        dense = mobilenet_v2_onnx()
-    else:
-        module = torch_vgg16(224, 1000) if name == "vgg16" else torch_resnet50()
-        he_init(module)
-        module.eval()
-        fold_batchnorm(module)
-        dense = export_onnx(module, MODELS[name])
-    return dense, prune_onnx(dense, n_patterns=8, connectivity=3.6, pointwise=pointwise).model
-
-
-def torch_module_with(name: str, model: onnx.ModelProto):
-    """The torch module of ``name`` carrying ``model``'s (pruned) weights, matched by execution order."""
-    import torch
-    import torch.nn as nn
-
-    if name == "mobilenet_v2":
-        from mobilenet_v2 import torch_mobilenet_v2
-
-        module = torch_mobilenet_v2()
-    else:
-        module = torch_vgg16(32, 10) if name == "vgg16_cifar" else torch_vgg16(224, 1000) if name == "vgg16" else torch_resnet50()
-    if name in ("resnet50", "mobilenet_v2"):
-        module.eval()
-        fold_batchnorm(module)
-    order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: order.append(m)) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        module.eval()(torch.zeros(MODELS[name]))
-    for hook in hooks:
-        hook.remove()
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
-    assert len(nodes) == len(order), f"{len(nodes)} ONNX conv/gemm nodes, {len(order)} torch layers"
-    with torch.no_grad():
-        for node, layer in zip(nodes, order):
-            weight = inits[node.input[1]]
-            weight = weight.T if node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB")) else weight
-            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
-            if layer.bias is not None:
-                bias = inits.get(node.input[2]) if len(node.input) > 2 else None
-                layer.bias.copy_(torch.from_numpy(bias) if bias is not None else torch.zeros_like(layer.bias))
-    return module.eval()
-
-
-def _attr(node: onnx.NodeProto, name: str) -> int:
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), 0)
-
 
 # ----------------------------------------------------------------------------- runtimes
 
@@ -336,7 +177,7 @@ def compile_variants(dense: onnx.ModelProto, pruned: onnx.ModelProto, dbs: dict[
 def worker_model(name: str, threads: int, rounds: int, workdir: Path, dbs: dict[str, str]) -> dict:
     """Check agreement, then time every runtime on model ``name`` in interleaved rounds."""
     dense, pruned = onnx.load(str(workdir / f"{name}.dense.onnx")), onnx.load(str(workdir / f"{name}.pruned.onnx"))
-    x = np.random.default_rng(0).standard_normal(MODELS[name]).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(INPUT_SHAPES[name]).astype(np.float32)
     compiled = compile_variants(dense, pruned, dbs)
     runners: dict[str, TVMRunner | FnRunner] = {key: TVMRunner(c, x) for key, c in compiled.items()}
     runners["ONNX Runtime"] = ort_runner(pruned, x, threads)
@@ -376,8 +217,6 @@ def worker_model(name: str, threads: int, rounds: int, workdir: Path, dbs: dict[
 
 def worker_layers(threads: int, rounds: int, workdir: Path) -> list[dict]:
     """Every conv of the pruned VGG-16 CIFAR compiled alone (conv + bias + ReLU), timed interleaved."""
-    import tvm
-
     pruned = onnx.load(str(workdir / "vgg16_cifar.pruned.onnx"))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
     records = tvm_patdnn.compile(pruned, "x86").report
@@ -386,7 +225,7 @@ def worker_layers(threads: int, rounds: int, workdir: Path) -> list[dict]:
         weight = inits[f"{record.name}.weight"] if f"{record.name}.weight" in inits else None
         assert weight is not None and tuple(weight.shape) == tuple(record.weight_shape), record.name
         size = record.data_shape[-1]
-        single = tvm_patdnn.compile(conv_model(weight, size), "x86")
+        single = tvm_patdnn.compile(conv3x3_model(weight, size), "x86")
         x = np.random.default_rng(0).standard_normal(record.data_shape).astype(np.float32)
         layers.append((record, TVMRunner(single, x)))
     samples: list[list[float]] = [[] for _ in layers]
@@ -484,7 +323,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["vgg16_cifar"])
+    parser.add_argument("--models", nargs="+", choices=list(INPUT_SHAPES), default=["vgg16_cifar"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ImageNet models: rounds - 2, at least 3)")
     parser.add_argument("--tune-trials", type=int, help="also tune tvm_patdnn and TVM dense with this many trials each "
@@ -516,7 +355,7 @@ def main() -> None:
         for name in args.models:
             print(f"building {name} ...", file=sys.stderr, flush=True)
             try:
-                dense, pruned = build_models(name, args.pointwise)
+                dense, pruned = twins(name, args.pointwise)
             except Exception as err:  # measure the others
                 print(f"{name} failed to build: {err!r}", file=sys.stderr, flush=True)
                 build_errors.append({"model": name, "threads": "any", "error": repr(err)})
@@ -532,7 +371,7 @@ def main() -> None:
         workers = []
         for threads in args.threads:
             env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-            command = [sys.executable, __file__, "--worker", "--workdir", str(workdir), "--threads", str(threads),
+            command = [sys.executable, "-m", "benchmarks.peers", "--worker", "--workdir", str(workdir), "--threads", str(threads),
                        "--rounds", str(args.rounds), "--dbs", json.dumps(dbs), "--models", *models]
             command += ["--no-layers"] if args.no_layers else []
             subprocess.run(command, env=env, check=True)
@@ -543,7 +382,7 @@ def main() -> None:
 
     result = {
         "meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "fma_isa": widest_isa(), "target": str(resolve_target("x86")),
-                 "tvm": tvm.__version__, "command": " ".join(["benchmarks/peers.py", *sys.argv[1:]]), "tune_trials": args.tune_trials,
+                 "tvm": tvm.__version__, "command": " ".join(["-m benchmarks.peers", *sys.argv[1:]]), "tune_trials": args.tune_trials,
                  "wall_s": round(time.time() - started), "load_average": os.getloadavg(),
                  "weights": "random He-normal from a fixed seed (no pretrained weights are available offline); "
                             f"pruned with prune_onnx(n_patterns=8, connectivity=3.6, pointwise={args.pointwise}), "

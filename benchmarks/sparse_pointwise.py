@@ -1,7 +1,7 @@
 """Sparse 1x1 convs: the block-sparse pointwise kernel vs our dense 1x1 kernel vs ONNX Runtime, per layer.
 
 Every distinct 1x1 conv of ResNet-50 (Conv + bias + ReLU, batch 1 fp32, He-normal weights from
-``dense.py``'s builder), pruned by the project's projection (``project_pointwise``: the largest
+``models.dense_conv_model``), pruned by the project's projection (``project_pointwise``: the largest
 (4, 1) blocks kept, 1 in ``--rate``). Side by side in one process, interleaved rounds, medians:
 
 - ``sparse``: ``tvm_patdnn.compile`` of the pruned layer (the kernel of ``ops/sparse_pointwise.py``);
@@ -14,7 +14,7 @@ Effective GFLOP/s count the dense layer's multiply-adds; "% peak" is the sparse 
 multiply-adds against the widest-ISA FMA peak measured first (``machine.py``). Every output is
 checked against ORT on the same (pruned or dense) weights first.
 
-    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_pointwise.py [--rate 4] [--rounds 5]
+    TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.sparse_pointwise [--rate 4] [--rounds 5]
         [--json benchmarks/results/sparse_pointwise.1t.json]
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +30,16 @@ import onnx
 import tvm
 from onnx import numpy_helper
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dense import RESNET50_CONVS, conv_model  # noqa: E402
-from layers import time_ms, tvm_threads, vm_of  # noqa: E402
-from machine import machine_summary  # noqa: E402
-from peers import agree, ort_runner  # noqa: E402
+import tvm_patdnn
+from tvm_patdnn.fileio import write_bytes_atomic
+from tvm_patdnn.ops.sparse_pointwise import BLOCK, block_density
+from tvm_patdnn.pruning.projection import project_pointwise
 
-import tvm_patdnn  # noqa: E402
-from tvm_patdnn.fileio import write_bytes_atomic  # noqa: E402
-from tvm_patdnn.ops.sparse_pointwise import BLOCK, block_density  # noqa: E402
-from tvm_patdnn.pruning.projection import project_pointwise  # noqa: E402
+from .dense import RESNET50_CONVS
+from .layers import time_ms, tvm_threads, vm_of
+from .machine import machine_summary
+from .models import dense_conv_model
+from .peers import agree, ort_runner
 
 RTOL = 1e-3
 
@@ -56,7 +55,7 @@ def pruned(model: onnx.ModelProto, rate: float) -> onnx.ModelProto:
 
 def measure_layer(shape: tuple, rate: float, rounds: int, threads: int) -> dict:
     in_c, out_c, size, stride, _ = shape
-    dense_model = conv_model(in_c, out_c, size, stride, 1)
+    dense_model = dense_conv_model(in_c, out_c, size, stride, 1)
     sparse_model = pruned(dense_model, rate)
     x = np.random.default_rng(1).standard_normal((1, in_c, size, size)).astype(np.float32)
     tx = tvm.runtime.tensor(x)

@@ -1,15 +1,15 @@
 """Untuned default schedules vs meta_schedule-tuned ones, one pattern layer and one dense layer.
 
-Each single-layer model (conv3x3 + bias + ReLU, see layers.py) is tuned with
+Each single-layer model (conv3x3 + bias + ReLU, ``models.conv3x3_model``) is tuned with
 ``tvm_patdnn.tune`` for the same number of trials, then compiled twice: default schedules only
 (``tuning_db=False``) and with the tuning records. Both modules of a layer are timed in
 interleaved rounds (the box is shared) and the table gives medians and the tuned/default ratio.
 The pattern layer is pruned by the project's pruning core (8 magnitude-chosen patterns + 3.6x
 connectivity); the dense layer is the same kind of layer unpruned, on TVM's dense path.
 
-    .venv/bin/python benchmarks/tuning.py [--trials 32] [--rounds 5] [--db DIR] [--shipped] [--json out.json]
+    .venv/bin/python -m benchmarks.tuning [--trials 32] [--rounds 5] [--db DIR] [--shipped] [--json out.json]
 
-``--shipped`` adds the whole VGG-16 CIFAR benchmark model (benchmarks/vgg16_cifar.py), default
+``--shipped`` adds the whole VGG-16 CIFAR benchmark model (``models.twins("vgg16_cifar").pruned``), default
 schedules vs the database shipped for this machine in tvm_patdnn/schedules/ (no tuning in the run).
 """
 
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from layers import conv_model, save_results, time_ms, vm_of
-
 import tvm_patdnn
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
 from tvm_patdnn.targets import resolve_target
 from tvm_patdnn.tuning.database import RECORDS, SCHEDULES_DIR, shipped_database, target_key
+
+from .layers import save_results, time_ms, vm_of
+from .models import conv3x3_model, twins
 
 # (name, channels, size, pruned?)
 LAYERS = [("pattern 64ch 56x56, 8x", 64, 56, True), ("dense 64ch 28x28", 64, 28, False)]
@@ -43,7 +43,7 @@ def layer(channels: int, size: int, pruned: bool):
     weight = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(channels * 9)).astype(np.float32)
     if pruned:
         weight = project_pattern_and_connectivity(weight, select_pattern_set([weight], n_patterns=8), 3.6)
-    return conv_model(weight, size), rng.standard_normal((1, channels, size, size)).astype(np.float32)
+    return conv3x3_model(weight, size), rng.standard_normal((1, channels, size, size)).astype(np.float32)
 
 
 def compare(model, x: np.ndarray, database, rounds: int) -> dict[str, float]:
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--db", type=Path, help="keep the tuning records here (default: a temporary directory)")
     parser.add_argument("--shipped", action="store_true",
-                        help="also compare VGG-16 CIFAR (benchmarks/vgg16_cifar.py) with the shipped tvm_patdnn/schedules/ database")
+                        help="also compare VGG-16 CIFAR (the model the shipped records were tuned for) with the shipped tvm_patdnn/schedules/ database")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/tuning.json"))
     args = parser.parse_args()
 
@@ -86,16 +86,13 @@ def main() -> None:
             rows.append({"layer": name, "trials": args.trials, "tune_s": time.monotonic() - started,
                          **compare(model, x, db, args.rounds)})
     if args.shipped:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from vgg16_cifar import build_model
-
         shipped = shipped_database(target)
         if shipped is None:
             raise SystemExit(f"no shipped database for {target_key(target)} in {SCHEDULES_DIR}")
         x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
         trials = sum(1 for line in (shipped / RECORDS).read_text().splitlines() if json.loads(line)[1][0][1])
         rows.append({"layer": "VGG-16 CIFAR 8x, whole model (shipped schedules)", "trials": trials, "tune_s": None,
-                     **compare(build_model(), x, shipped, args.rounds)})
+                     **compare(twins("vgg16_cifar").pruned, x, shipped, args.rounds)})
 
     print("| layer | trials | tune time s | default ms | tuned ms | default / tuned |")
     print("|---|---|---|---|---|---|")

@@ -17,11 +17,11 @@ Speed-ups are medians of the per-round ratios. Every variant's output is checked
 (relative 1e-3) before timing, and its error against a float64 conv of the same inputs is
 recorded (``err``: max abs error / max |output|).
 
-``--models vgg16_cifar resnet50`` also times those dense models whole (``peers.py``'s builders,
+``--models vgg16_cifar resnet50`` also times those dense models whole (``models.dense_model``,
 BN folded, random weights): the default pipeline (``winograd``) against the same pipeline after
 ``DenseConvRewrite`` took every dense conv (``no winograd``) and ORT.
 
-    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/winograd.py [--rounds 5] [--layers 0 3 ...]
+    TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.winograd [--rounds 5] [--layers 0 3 ...]
         [--models vgg16_cifar resnet50] [--json benchmarks/results/winograd.1t.json]
 """
 
@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,16 +42,16 @@ import tvm
 from onnx import numpy_helper
 from tvm import relax
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dense import Runner, conv_model, tvm_runner  # noqa: E402
-from machine import machine_summary  # noqa: E402
-from peers import agree, build_models, ort_runner  # noqa: E402
+from tvm_patdnn.fileio import write_bytes_atomic
+from tvm_patdnn.frontend import import_onnx
+from tvm_patdnn.pipeline import get_pipeline
+from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
+from tvm_patdnn.transform import DenseConvRewrite, WinogradConvRewrite
 
-from tvm_patdnn.fileio import write_bytes_atomic  # noqa: E402
-from tvm_patdnn.frontend import import_onnx  # noqa: E402
-from tvm_patdnn.pipeline import get_pipeline  # noqa: E402
-from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers  # noqa: E402
-from tvm_patdnn.transform import DenseConvRewrite, WinogradConvRewrite  # noqa: E402
+from .dense import Runner, tvm_runner
+from .machine import machine_summary
+from .models import dense_conv_model, dense_model
+from .peers import agree, ort_runner
 
 # (group, in channels, out channels, input size): 3x3 stride-1 pad-1 convs.
 LAYERS = [
@@ -83,7 +82,7 @@ def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Tar
 
 
 def float64_conv(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """Conv (pad 1) + bias + ReLU of ``conv_model``'s weights in float64."""
+    """Conv (pad 1) + bias + ReLU of ``dense_conv_model``'s weights in float64."""
     weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     w, b = weights["w"], weights["b"]
     padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
@@ -148,7 +147,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, nargs="*", help="indices into LAYERS (default: all)")
     parser.add_argument("--models", nargs="*", default=[], choices=["vgg16_cifar", "resnet50", "vgg16"],
-                        help="also these dense models whole (peers.py's builders): with and without Winograd")
+                        help="also these dense models whole (models.py's builders): with and without Winograd")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
@@ -172,7 +171,7 @@ def main() -> None:
 
     for index in args.layers if args.layers is not None else range(len(LAYERS)):
         group, in_c, out_c, size = LAYERS[index]
-        times, errors = measure(conv_model(in_c, out_c, size, 1, 3), ["dense", *TILES], build, threads, args.rounds,
+        times, errors = measure(dense_conv_model(in_c, out_c, size, 1, 3), ["dense", *TILES], build, threads, args.rounds,
                                 float64_conv)
         name = f"{group} {in_c}->{out_c} {size}x{size}"
         result["layers"].append({"layer": name, "mflop": 2 * 9 * in_c * out_c * size * size / 1e6, "ms": times,
@@ -184,7 +183,7 @@ def main() -> None:
         print("\n" + result["table"])
         save()
     for name in args.models:
-        times, _ = measure(build_models(name)[0], ["winograd", "no winograd"], build, threads, args.rounds)
+        times, _ = measure(dense_model(name), ["winograd", "no winograd"], build, threads, args.rounds)
         result["models"][name] = times
         print(f"{name} dense, {threads} thread(s): "
               + ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in times.items())

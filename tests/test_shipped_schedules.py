@@ -19,6 +19,7 @@ import pytest
 from model_factory import ConvSpec, build_cnn
 
 import tvm_patdnn
+from benchmarks.models import twins
 from tvm_patdnn.targets import resolve_target
 from tvm_patdnn.tuning.database import SCHEDULES_DIR, shipped_database, target_key
 
@@ -96,14 +97,9 @@ def test_the_cli_prints_the_schedule_source_once_and_can_turn_records_off(tmp_pa
 
 def test_the_shipped_records_cover_every_kernel_of_the_model_they_were_tuned_for():
     """A change to a kernel's code (layout, operator) silently leaves the shipped records matching
-    nothing: re-tune them (`.venv/bin/python benchmarks/vgg16_cifar.py --target x86 --trials 320`
+    nothing: re-tune them (`.venv/bin/python -m benchmarks.vgg16_cifar --target x86 --trials 320`
     on the device of the key, into an emptied directory) with the change."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import vgg16_cifar
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    compiled = tvm_patdnn.compile(vgg16_cifar.build_model(), resolve_target('{"kind":"llvm","mcpu":"znver3"}'))
+    compiled = tvm_patdnn.compile(twins("vgg16_cifar").pruned, resolve_target('{"kind":"llvm","mcpu":"znver3"}'))
     # 9 pattern convs are tuning tasks (the three 2x2 ones run the scheduled (pixel x tap) kernel)
     assert compiled.schedules.kernels == 9 and compiled.schedules.applied == 9, str(compiled.schedules)
 

@@ -1,0 +1,5 @@
+"""Benchmarks of tvm_patdnn, run from the repository root as modules: ``python -m benchmarks.peers``.
+
+``models`` builds every benchmark model (dense and pruned twins); ``machine`` measures the host's
+FMA peak; each other module is one benchmark with its own command line.
+"""
