@@ -263,6 +263,48 @@ def test_an_add_that_is_no_constant_bias_stays_a_relax_add_after_the_kernel(shap
     assert [(r.kind, r.fused) for r in records] == [("pattern", ())]
 
 
+@pytest.mark.xfail(strict=True, reason="_per_channel_bias takes any size-1 constant for a scalar bias, even one of "
+                   "rank 5 that broadcasts the sum to 5-D: the pass binds the 4-D kernel call to the 5-D variable "
+                   "(ill-formed IR)")
+def test_a_one_element_addend_of_higher_rank_stays_a_relax_add():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 b: R.Tensor((1, 1, 1, 1, 1), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                gv = R.add(conv, b)
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def pattern_conv2d_conv2d_0(data: T.Buffer((1, 2, 6, 6), "float32"), values: T.Buffer((6, 4), "float32"),
+                                    channels: T.Buffer((6,), "int32"), offsets: T.Buffer((9,), "int32"),
+                                    inverse_order: T.Buffer((4,), "int32"), out: T.Buffer((1, 4, 6, 6), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), values: R.Tensor((6, 4), "float32"),
+                 channels: R.Tensor((6,), "int32"), offsets: R.Tensor((9,), "int32"),
+                 inverse_order: R.Tensor((4,), "int32"),
+                 b: R.Tensor((1, 1, 1, 1, 1), "float32")) -> R.Tensor((1, 1, 4, 6, 6), "float32"):
+            cls = Expected
+            with R.dataflow():
+                conv = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order),
+                                  out_ty=R.Tensor((1, 4, 6, 6), "float32"))
+                gv = R.add(conv, b)
+                R.output(gv)
+            return gv
+
+    b = np.full((1, 1, 1, 1, 1), 0.5, np.float32)
+    after, _ = rewrite(bind(Before, w=WEIGHT, b=b))
+    assert relax.analysis.check_well_formed(after)
+    tvm.ir.assert_structural_equal(after, with_kernel(Expected, b=b))
+
+
 def test_each_conv_is_decided_on_its_own_and_reported_in_program_order():
     """A pattern-sparse conv followed by a dense one: the first becomes the kernel (named after its
     place), the second stays a Relax conv2d on the kernel's output."""
