@@ -22,6 +22,7 @@ from tvm import relax
 
 from .errors import PatDNNError
 from .fileio import load_onnx_model
+from .tvm_compat import onnx_convert_map, swapped_onnx_converters
 
 __all__ = ["ImportedModel", "import_onnx"]
 
@@ -137,18 +138,12 @@ def _clip_as_relax_op() -> Iterator[None]:
                 return super()._impl_v13(bb, inputs, attr, params)
             return _relax_clip(inputs[0], low, high)
 
-    original = onnx_frontend._get_convert_map
-    onnx_frontend._get_convert_map = lambda: {**original(), "Clip": ConstantClip}
-    try:
+    with swapped_onnx_converters(lambda: {"Clip": ConstantClip}):
         yield
-    finally:
-        onnx_frontend._get_convert_map = original
 
 
 def _check_ops(proto: onnx.ModelProto) -> None:
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
-
-    supported = set(_get_convert_map()) | {"Constant", "If"}
+    supported = set(onnx_convert_map()) | {"Constant", "If"}
     unsupported = sorted({n.op_type for n in proto.graph.node if n.op_type not in supported or n.domain not in ("", "ai.onnx")})
     if unsupported:
         raise PatDNNError(f"unsupported ONNX operator(s): {', '.join(unsupported)}")

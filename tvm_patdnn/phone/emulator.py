@@ -31,9 +31,8 @@ import time
 from collections.abc import Callable
 
 import tvm.rpc
-from tvm.rpc import base
-from tvm.rpc.base import TrackerCode
-
+from .. import tvm_compat as protocol
+from ..tvm_compat import TrackerCode
 from . import runtime
 
 logger = logging.getLogger("tvm_patdnn.phone")
@@ -97,7 +96,7 @@ class PhoneEmulator:
         self._stop = threading.Event()
         self._tracker_sock: socket.socket | None = None
         self._matchkey = key
-        self._sock = socket.socket(base.get_addr_family((host, port)), socket.SOCK_STREAM)
+        self._sock = socket.socket(protocol.address_family((host, port)), socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.port = self._bind(host, port, port_end)
         self._sock.listen(1)
@@ -148,13 +147,13 @@ class PhoneEmulator:
         assert self.tracker is not None
         sock = socket.create_connection(self.tracker, timeout=5.0)
         try:
-            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-            if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+            sock.sendall(struct.pack("<i", protocol.RPC_TRACKER_MAGIC))
+            if struct.unpack("<i", protocol.recvall(sock, 4))[0] != protocol.RPC_TRACKER_MAGIC:
                 raise OSError(f"{self.tracker} is not a TVM RPC tracker")
             # The "key" entry also makes the tracker drop our offers when we disconnect.
             info = {"key": "server:" + self.key, "addr": [self.host, self.port]}
-            base.sendjson(sock, [TrackerCode.UPDATE_INFO, info])
-            if base.recvjson(sock) != TrackerCode.SUCCESS:
+            protocol.sendjson(sock, [TrackerCode.UPDATE_INFO, info])
+            if protocol.recvjson(sock) != TrackerCode.SUCCESS:
                 raise OSError("tracker refused UPDATE_INFO")
         except BaseException:
             sock.close()
@@ -167,11 +166,11 @@ class PhoneEmulator:
         """Offer ourselves to the tracker under a fresh match key (one client per key)."""
         if self._tracker_sock is None:
             return
-        self._matchkey = base.random_key(self.key)
-        base.sendjson(
+        self._matchkey = protocol.random_key(self.key)
+        protocol.sendjson(
             self._tracker_sock, [TrackerCode.PUT, self.key, (self.port, self._matchkey), None]
         )
-        if base.recvjson(self._tracker_sock) != TrackerCode.SUCCESS:
+        if protocol.recvjson(self._tracker_sock) != TrackerCode.SUCCESS:
             raise OSError("tracker refused PUT")
 
     def _drop_tracker(self) -> None:
@@ -181,8 +180,8 @@ class PhoneEmulator:
 
     def _key_still_pending(self) -> bool:
         assert self._tracker_sock is not None
-        base.sendjson(self._tracker_sock, [TrackerCode.GET_PENDING_MATCHKEYS])
-        return self._matchkey in base.recvjson(self._tracker_sock)
+        protocol.sendjson(self._tracker_sock, [TrackerCode.GET_PENDING_MATCHKEYS])
+        return self._matchkey in protocol.recvjson(self._tracker_sock)
 
     # -- client side -----------------------------------------------------------------------
 
@@ -216,18 +215,18 @@ class PhoneEmulator:
         """Check the client's magic and key; return its options, or None after rejecting."""
         try:
             conn.settimeout(_HANDSHAKE_TIMEOUT)
-            if struct.unpack("<i", base.recvall(conn, 4))[0] != base.RPC_MAGIC:
+            if struct.unpack("<i", protocol.recvall(conn, 4))[0] != protocol.RPC_MAGIC:
                 conn.close()
                 return None
-            keylen = struct.unpack("<i", base.recvall(conn, 4))[0]
-            words = base.recvall(conn, keylen).decode("utf-8").split()
+            keylen = struct.unpack("<i", protocol.recvall(conn, 4))[0]
+            words = protocol.recvall(conn, keylen).decode("utf-8").split()
             if not words or words[0] != "client:" + self._matchkey:
                 logger.warning("rejecting %s: key %r does not match", addr, words[:1])
-                conn.sendall(struct.pack("<i", base.RPC_CODE_MISMATCH))
+                conn.sendall(struct.pack("<i", protocol.RPC_CODE_MISMATCH))
                 conn.close()
                 return None
             server_key = ("server:" + self.key).encode("utf-8")
-            conn.sendall(struct.pack("<ii", base.RPC_CODE_SUCCESS, len(server_key)) + server_key)
+            conn.sendall(struct.pack("<ii", protocol.RPC_CODE_SUCCESS, len(server_key)) + server_key)
             conn.setblocking(True)  # the fd goes to qemu, which expects blocking I/O
         except (OSError, struct.error, UnicodeDecodeError) as err:
             logger.warning("handshake with %s failed: %s", addr, err)
@@ -254,7 +253,7 @@ class PhoneEmulator:
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     self._kill(proc)
-                    tvm.rpc._ffi_api.ReturnException(
+                    protocol.return_exception(
                         fd,
                         f"RPCSessionTimeoutError: Your {timeout}s session has expired, "
                         'try to increase the "session_timeout" value.',

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.runner.rpc_runner import default_upload_module
 
+from ..tvm_compat import set_pool_timeout
 from .measure import DEVICE_UNAVAILABLE, PackedArguments, TrackerSession, tracker_devices
 
 __all__ = ["DeviceFarm", "DeviceStats", "RecordingUpload"]
@@ -84,8 +85,7 @@ class DeviceFarm:
             # RPCRunner waits for its workers without a limit: a device that vanishes without
             # closing the connection would block the tune forever. Bound each candidate by the
             # wait for a device plus one measurement (the worker is killed after it).
-            if hasattr(self._runner.pool, "_timeout"):
-                self._runner.pool._timeout = 2 * self.wait + 10
+            set_pool_timeout(self._runner, 2 * self.wait + 10)
         self.devices = count
         return count
 

@@ -33,6 +33,7 @@ import tvm
 
 from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from ..schedule_rules.kernel_runs import bound_kernel_runs
+from ..tvm_compat import TrackerCode, recvjson, sendjson, tracker_handshake
 
 __all__ = ["DEVICE_UNAVAILABLE", "LibraryExport", "PackedArguments", "TrackerSession", "build_kernel",
            "call_with_deadline", "check_tracker", "finish_schedule", "mean_ms", "short_error", "signature",
@@ -161,27 +162,21 @@ def call_with_deadline(call: Callable, seconds: float, what: str):
 
 def _tracker_call(host: str, port: int, request: list, timeout: float):
     """One request to an RPC tracker over a fresh connection, every step within ``timeout``."""
-    from tvm.rpc import base
-
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.settimeout(timeout)
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
-            raise RuntimeError(f"{host}:{port} is not an RPC tracker")
-        base.sendjson(sock, request)
-        return base.recvjson(sock)
+        tracker_handshake(sock, f"{host}:{port}")
+        sendjson(sock, request)
+        return recvjson(sock)
 
 
 def _tracker_summary(host: str, port: int, timeout: float) -> dict:
-    from tvm.rpc import base
-
     try:
-        reply = _tracker_call(host, port, [base.TrackerCode.SUMMARY], timeout)
+        reply = _tracker_call(host, port, [TrackerCode.SUMMARY], timeout)
     except TimeoutError:
         raise RuntimeError(f"no TVM RPC tracker answers at {host}:{port} within {timeout:g} s") from None
     except (OSError, RuntimeError, struct.error, ValueError) as err:
         raise RuntimeError(f"no TVM RPC tracker answers at {host}:{port}: {err}") from None
-    if not isinstance(reply, list) or reply[0] != base.TrackerCode.SUCCESS or not isinstance(reply[1], dict):
+    if not isinstance(reply, list) or reply[0] != TrackerCode.SUCCESS or not isinstance(reply[1], dict):
         raise RuntimeError(f"{host}:{port} does not answer like a TVM RPC tracker: {reply!r}")
     return reply[1]
 
@@ -223,23 +218,20 @@ class TrackerSession:
 
     def __call__(self, config):
         from tvm import rpc
-        from tvm.rpc import base
 
         host, port, key = config.tracker_host, int(config.tracker_port), config.tracker_key
         where = f"{key!r} of the RPC tracker {host}:{port}"
         try:
             with socket.create_connection((host, port), timeout=self.wait) as sock:
-                sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-                if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
-                    raise RuntimeError(f"{host}:{port} is not an RPC tracker")
-                base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", config.session_priority])
-                reply = base.recvjson(sock)
+                tracker_handshake(sock, f"{host}:{port}")
+                sendjson(sock, [TrackerCode.REQUEST, key, "", config.session_priority])
+                reply = recvjson(sock)
         except TimeoutError:
             raise RuntimeError(f"{DEVICE_UNAVAILABLE}: no device {where} became free within "
                                f"{self.wait:g} s (it stopped, or another client holds it)") from None
         except (OSError, RuntimeError, struct.error, ValueError) as err:
             raise RuntimeError(f"{DEVICE_UNAVAILABLE}: cannot request {where}: {err}") from None
-        if not isinstance(reply, list) or reply[0] != base.TrackerCode.SUCCESS:
+        if not isinstance(reply, list) or reply[0] != TrackerCode.SUCCESS:
             raise RuntimeError(f"{DEVICE_UNAVAILABLE}: the tracker refused the request for {where}: {reply}")
         url, server_port, matchkey = reply[1]
         try:

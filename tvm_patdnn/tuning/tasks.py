@@ -17,10 +17,10 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from ..analysis import PatternOptions
 from ..pipeline import fusion_passes
+from ..tvm_compat import normalize_workload
 from ..transform.kernel_choice import KernelChoices
 from .space import is_pattern_conv
 
@@ -29,7 +29,7 @@ __all__ = ["Task", "extract_tasks", "normalize"]
 
 def normalize(func: tirx.PrimFunc) -> tvm.IRModule:
     """The workload form of a PrimFunc: meta_schedule's (``main``, noalias) normalisation."""
-    return _normalize_mod(func)
+    return normalize_workload(func)
 
 
 @dataclass

@@ -19,7 +19,6 @@ measured, so the same call resumes once the device is back.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import platform
@@ -27,7 +26,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +46,7 @@ from ..pipeline import default_schedule_rules
 from ..schedule_rules.pattern_conv_cpu import apply_default_schedule
 from ..targets import resolve_target
 from ..transform.kernel_choice import KernelChoices
+from ..tvm_compat import only_tensor_intrinsics
 from ..tvm_noise import filter_tvm_noise
 from .database import open_for_tuning, target_key
 from .farm import DeviceFarm, DeviceStats
@@ -141,9 +140,6 @@ def parse_rpc(text: str, session_timeout: float = 120) -> ms.runner.RPCConfig:
                                session_priority=1, session_timeout_sec=session_timeout)
 
 
-_TENSOR_INTRINSICS = "tvm.s_tir.tensor_intrin"
-
-
 def _intrinsics_module(target: tvm.target.Target) -> str:
     """The one submodule of ``tvm.s_tir.tensor_intrin`` whose intrinsics meta_schedule's default
     rules for ``target`` look up by name when they are made: on x86 the int8 dot products
@@ -152,30 +148,6 @@ def _intrinsics_module(target: tvm.target.Target) -> str:
     cpu = target if target.kind.name == "llvm" else target.host
     triple = str((cpu.attrs.get("mtriple") if cpu is not None else "") or tvm.target.codegen.llvm_get_system_triple())
     return "arm_cpu" if triple.startswith(("aarch64", "arm")) else "x86"
-
-
-@contextlib.contextmanager
-def _only_needed_tensor_intrinsics(target: tvm.target.Target) -> Iterator[None]:
-    """Register exactly the tensor intrinsics the target's rules need while contexts are made.
-
-    TuneContext imports the whole ``tvm.s_tir.tensor_intrin`` package (~50 s of CPU here, CUDA's
-    intrinsics mostly), which the fp32 CPU spaces never use; but the rules are built for the
-    target's CPU features and fail on a name that is not registered ("TensorIntrin
-    'dot_16x4_vnni' is not registered" on AVX-512 VNNI hosts). So an empty package stands in for
-    the slow one and the target's own submodule (x86: instant, arm_cpu: ~3 s) is imported
-    through it; it stays imported, its intrinsics stay registered.
-    """
-    if _TENSOR_INTRINSICS in sys.modules:
-        yield
-        return
-    stub = types.ModuleType(_TENSOR_INTRINSICS)
-    stub.__path__ = [os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin")]
-    sys.modules[_TENSOR_INTRINSICS] = stub
-    try:
-        importlib.import_module(f"{_TENSOR_INTRINSICS}.{_intrinsics_module(target)}")
-        yield
-    finally:
-        sys.modules.pop(_TENSOR_INTRINSICS, None)
 
 
 @derived_object
@@ -516,7 +488,7 @@ def tuning_contexts(
     if target.kind.name == "llvm" and not target.attrs.get("num-cores"):
         space_target = tvm.target.Target({**target.export(), "num-cores": cores})
     contexts = []
-    with _only_needed_tensor_intrinsics(target):
+    with only_tensor_intrinsics(_intrinsics_module(target)):
         for index, task in enumerate(tasks):
             try:
                 ctx = ms.TuneContext(
