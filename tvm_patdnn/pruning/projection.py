@@ -31,6 +31,7 @@ __all__ = [
     "select_pattern_set",
     "assign_patterns",
     "project_patterns",
+    "pattern_taps",
     "check_rate",
     "kept_kernel_count",
     "project_connectivity",
@@ -170,11 +171,17 @@ def assign_patterns(weight: np.ndarray, patterns: Sequence[int]) -> np.ndarray:
     return np.asarray([int(p) for p in patterns], dtype=np.int64)[choice]
 
 
+def pattern_taps(masks: np.ndarray, kernel_size: int) -> np.ndarray:
+    """Kernel bit masks of any shape as boolean ``(..., K, K)`` tap arrays (the keep-masks of
+    masked retraining); a layer uses only a few distinct patterns, so each is drawn once."""
+    values, index = np.unique(np.asarray(masks, dtype=np.int64), return_inverse=True)
+    drawn = np.array([mask_array(v, kernel_size) for v in values], dtype=bool).reshape(-1, kernel_size, kernel_size)
+    return drawn[index.reshape(np.shape(masks))]
+
+
 def _apply_masks(weight: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Zero the taps outside each kernel's mask; kept values are copied bit for bit."""
-    o, i, k, _ = weight.shape
-    keep = ((masks[..., None] >> np.arange(k * k, dtype=np.int64)) & 1).astype(bool)
-    return np.where(keep.reshape(o, i, k, k), weight, np.zeros((), dtype=weight.dtype))
+    return np.where(pattern_taps(masks, weight.shape[2]), weight, np.zeros((), dtype=weight.dtype))
 
 
 def project_patterns(weight: np.ndarray, patterns: Sequence[int]) -> np.ndarray:
