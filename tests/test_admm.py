@@ -17,15 +17,14 @@ from torch import nn  # noqa: E402
 
 from tvm_patdnn.errors import PatDNNError  # noqa: E402
 from tvm_patdnn.kernel_patterns import kernel_masks  # noqa: E402
+from benchmarks.accuracy.training import evaluate, train_epoch  # noqa: E402
 from tvm_patdnn.pruning.admm import (  # noqa: E402
     PatternADMMPruner,
     default_config,
-    evaluate,
     export_pruned_onnx,
     load_checkpoint,
     magnitude_prune,
     save_checkpoint,
-    train_epoch,
 )
 from tvm_patdnn.pruning.projection import kept_kernel_count  # noqa: E402
 
@@ -80,13 +79,19 @@ def copy_of(model: nn.Module) -> nn.Module:
     return clone
 
 
+def weight_of(model: nn.Module, fqn: str) -> np.ndarray:
+    """The weight the model computes with: masked while the pruner's mask is on (a parametrization,
+    so not ``get_parameter``), the plain parameter after ``squash_mask``."""
+    return model.get_submodule(fqn.rpartition(".")[0]).weight.detach().numpy()
+
+
 def assert_constraints(model: nn.Module, pruner: PatternADMMPruner, rate: float) -> None:
     """Every kernel inside one selected pattern, exact kept-kernel count, pruned zeros +0.0."""
     allowed = np.asarray(pruner.patterns, dtype=np.int64)
     assert len(set(pruner.patterns)) == len(pruner.patterns) == 8
     masks = pruner.masks()
     for fqn in pruner.tensor_fqns:
-        w = model.get_parameter(fqn).detach().numpy()
+        w = weight_of(model, fqn)
         km = kernel_masks(w)
         live = km != 0
         assert ((km[live][:, None] & ~allowed) == 0).any(axis=1).all(), f"{fqn}: kernel outside the patterns"
@@ -121,7 +126,7 @@ def test_admm_reaches_both_constraints_on_fashion_mnist(fashion, dense) -> None:
     accuracy = evaluate(model, fashion["xte"], fashion["yte"])
     assert accuracy > 0.5, accuracy  # 10 classes: chance is 0.1
     pruner.squash_mask()
-    assert pruner.masks() and all(t.hook is None for t in pruner._targets)
+    assert pruner.masks() and not any(nn.utils.parametrize.is_parametrized(m) for m in model.modules())
     assert_constraints(model, pruner, 3.6)
 
 
@@ -353,8 +358,8 @@ def test_admm_pointwise_and_fc_on_fashion_mnist(fashion, tmp_path) -> None:
         train_epoch(model, xtr, ytr, optimizer, pruner=pruner, batch_size=64, generator=generator, progress=False)
     assert pruner.rounds == 2 * 16 // 4
     # One more round by hand: Z is the exact block projection of W + U, and U accumulates W - Z.
-    target = next(t for t in pruner._targets if t.fqn == "9.weight")
-    w, u, rho = target.param.detach().clone(), target.u.clone(), pruner.rho
+    target = pruner.penalty.variables["9.weight"]
+    w, u, rho = target.weight.detach().clone(), target.u.clone(), pruner.rho
     pruner.admm_update()
     z = project_pointwise((w + u).numpy(), 4, (4, 1))
     assert np.array_equal(target.z.numpy(), z)
@@ -366,7 +371,7 @@ def test_admm_pointwise_and_fc_on_fashion_mnist(fashion, tmp_path) -> None:
     rows = {r["tensor_fqn"]: r for r in pruner.report()}
     assert [rows[f]["kind"] for f in pruner.tensor_fqns] == ["pointwise", "pattern", "pointwise", "fc"]
     for fqn, blocks, rate in (("3.weight", 4 * 8, 4), ("9.weight", 5 * 16, 4), ("12.weight", 8 * 882, 2.0)):
-        w = model.get_parameter(fqn).detach().numpy()
+        w = weight_of(model, fqn)
         assert rows[fqn]["blocks"] == blocks and rows[fqn]["expected_blocks"] == kept_block_count(blocks, rate)
         assert _block_count(masks[fqn].numpy(), (4, 1)) == kept_block_count(blocks, rate)
         assert _block_count(w != 0, (4, 1)) == rows[fqn]["kept_blocks"] <= rows[fqn]["expected_blocks"]

@@ -32,20 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from training import evaluate, train_epoch
+from tvm_patdnn.fileio import write_bytes_atomic
 from tvm_patdnn.kernel_patterns import format_pattern
-from tvm_patdnn.pruning.admm import (
-    PatternADMMPruner,
-    default_config,
-    evaluate,
-    export_pruned_onnx,
-    load_checkpoint,
-    magnitude_prune,
-    save_checkpoint,
-    train_epoch,
-)
-from tvm_patdnn.pruning.onnx_prune import write_bytes_atomic
+from tvm_patdnn.pruning.admm import PatternADMMPruner, magnitude_prune
+from tvm_patdnn.pruning.checkpoint import load_checkpoint, save_checkpoint
+from tvm_patdnn.pruning.export import export_pruned_onnx
 from tvm_patdnn.pruning.plots import plot_pattern_frequencies
 from tvm_patdnn.pruning.projection import parse_block, pattern_frequencies
+from tvm_patdnn.pruning.sparsifier import default_config
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Connectivity rates of the one-shot sweep in the accuracy-vs-rate plot (no retraining, cheap).

@@ -25,9 +25,10 @@ import torch  # noqa: E402
 
 from common import RESULTS_DIR, load_fashion, log, recalibrate_bn, train_dense, write_json_atomic  # noqa: E402
 from fashion_resnet import SmallBottleneckResNet  # noqa: E402
-from tvm_patdnn.pruning.admm import default_config, evaluate  # noqa: E402
-from tvm_patdnn.pruning.onnx_prune import write_bytes_atomic  # noqa: E402
+from training import evaluate  # noqa: E402
+from tvm_patdnn.fileio import write_bytes_atomic  # noqa: E402
 from tvm_patdnn.pruning.projection import project_pointwise  # noqa: E402
+from tvm_patdnn.pruning.sparsifier import default_config  # noqa: E402
 
 BLOCKS = ((1, 1), (4, 1), (8, 1), (1, 4))
 

@@ -2,7 +2,10 @@
 FC layers), one-shot ONNX pruning, ADMM training.
 
 The numpy core (:mod:`.projection`) and ONNX pruning (:mod:`.onnx_prune`) need no torch, so
-this package imports without it; the torch-based ADMM trainer lives in its own module.
+this package imports without it. The torch modules are imported by name (the ``train`` extra):
+:mod:`.sparsifier` (the masks, a ``torch.ao.pruning`` sparsifier), :mod:`.penalty` (the ADMM
+penalty and its rho schedule), :mod:`.admm` (the pruner that runs both), :mod:`.checkpoint` and
+:mod:`.export` (pruned model to ONNX).
 """
 
 from .onnx_prune import (
@@ -58,7 +61,3 @@ __all__ = [
     "save_model_atomic",
     "write_bytes_atomic",
 ]
-
-# --- ADMM training (tvm_patdnn.pruning.admm, needs torch) --------------------------------
-# Exports of the ADMM module go here. Import torch lazily there (or guard the import here)
-# so that `import tvm_patdnn.pruning` keeps working without torch.
