@@ -38,6 +38,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..arith import ceil_div
+
 __all__ = ["DenseConvSpec", "DENSE_CONV_ATTR", "dense_conv_primfunc", "pack_dense_conv_weight", "register_tile"]
 
 # PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
@@ -150,12 +152,12 @@ class DenseConvSpec:
         """Input channels per reduction block: the block's panel fits PANEL_BYTES (in L1 while every
         filter tile sweeps it), blocks of equal size."""
         per_channel = self.kernel[0] * self.kernel[1] * self.pixel_tile * 4
-        blocks = -(-self.in_channels // max(1, PANEL_BYTES // per_channel))
-        return -(-self.in_channels // blocks)
+        blocks = ceil_div(self.in_channels, max(1, PANEL_BYTES // per_channel))
+        return ceil_div(self.in_channels, blocks)
 
     @property
     def filter_tiles(self) -> int:
-        return -(-self.out_channels // self.filter_tile)
+        return ceil_div(self.out_channels, self.filter_tile)
 
     @property
     def flops(self) -> int:
@@ -166,7 +168,7 @@ def pack_dense_conv_weight(weight: np.ndarray, filter_tile: int) -> np.ndarray:
     """OIHW weight as ``[ceil(O / MR)][I * KH * KW][MR]``, the filters past O zero."""
     out_c = weight.shape[0]
     rows = weight.reshape(out_c, -1)
-    tiles = -(-out_c // filter_tile)
+    tiles = ceil_div(out_c, filter_tile)
     padded = np.zeros((tiles * filter_tile, rows.shape[1]), dtype=np.float32)
     padded[:out_c] = rows
     return np.ascontiguousarray(padded.reshape(tiles, filter_tile, rows.shape[1]).transpose(0, 2, 1))
@@ -297,7 +299,7 @@ def dense_conv_primfunc(spec: DenseConvSpec) -> tirx.PrimFunc:
     """
     n_, f_, p_, k_ = spec.batch, spec.out_channels, spec.pixels, spec.taps
     mr, nr, lanes, tp = spec.filter_tile, spec.vectors, spec.lanes, spec.pixel_tile
-    tiles = -(-p_ // tp)
+    tiles = ceil_div(p_, tp)
     out_shape = (n_, f_, spec.out_height, spec.out_width)
     with IRBuilder() as builder:
         with T.prim_func():
@@ -314,7 +316,7 @@ def dense_conv_primfunc(spec: DenseConvSpec) -> tirx.PrimFunc:
             source = _padded_input(spec, data)
             window = spec.kernel[0] * spec.kernel[1]
             cb = spec.channel_block
-            blocks = -(-spec.in_channels // cb)
+            blocks = ceil_div(spec.in_channels, cb)
             with T.parallel(0, n_ * tiles) as task:
                 n = task // tiles
                 base = T.min((task % tiles) * tp, p_ - tp)

@@ -32,6 +32,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..arith import ceil_div
 from .dense_conv import ACTIVATIONS
 
 __all__ = ["DepthwiseConvSpec", "DEPTHWISE_CONV_ATTR", "depthwise_conv_primfunc"]
@@ -106,7 +107,7 @@ class DepthwiseConvSpec:
         allocation cost as much as the conv), at most 1/8 of the planes so threads stay balanced."""
         per_plane = self.out_height * self.out_width * self.kernel[0] * self.kernel[1]
         planes = self.batch * self.channels
-        return max(1, min(-(-16384 // per_plane), planes // 8))
+        return max(1, min(ceil_div(16384, per_plane), planes // 8))
 
     @property
     def flops(self) -> int:
@@ -147,7 +148,7 @@ def _copy_padded_plane(spec: DepthwiseConvSpec, data, plane, n, c) -> None:
     top, left = spec.padding[0], spec.padding[1]
     first_row, last_row = min(top, spec.padded_height), min(top + spec.height, spec.padded_height)
     # The middle run: q where every phase's column q * s + p - left is inside the row.
-    q_lo = min(q_, max(0, -(-left // sx)))
+    q_lo = min(q_, max(0, ceil_div(left, sx)))
     q_hi = max(q_lo, min(q_, (spec.width + left - sx) // sx + 1))
     edges = [(q, p) for q in [*range(q_lo), *range(q_hi, q_)] for p in range(sx) if 0 <= q * sx + p - left < spec.width]
 
@@ -217,7 +218,7 @@ def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
     """
     n_, c_, oh, ow = spec.batch, spec.channels, spec.out_height, spec.out_width
     width = spec.vectors * spec.lanes
-    row_tiles, col_tiles = -(-oh // spec.rows), -(-ow // width)
+    row_tiles, col_tiles = ceil_div(oh, spec.rows), ceil_div(ow, width)
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
@@ -229,7 +230,7 @@ def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
             group = spec.channel_group
             # A root block, as TVM's passes expect of a PrimFunc: RewriteDataflowReshape inspects every
             # one-argument call_tir (max pooling has no weight) and fails on a body without one.
-            with T.sblock("root"), T.parallel(0, -(-n_ * c_ // group)) as task:
+            with T.sblock("root"), T.parallel(0, ceil_div(n_ * c_, group)) as task:
                 plane = T.decl_buffer((spec.padded_height * spec.strides[1] * spec.phase_width,), "float32")
                 _pad_plane(spec, plane)
                 with T.serial(task * group, T.min(task * group + group, n_ * c_)) as nc:

@@ -44,6 +44,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..arith import ceil_div, round_up
 from .dense_conv import DenseConvSpec, _keep_or_finish, _padded_input
 
 __all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct_register_tile",
@@ -79,15 +80,15 @@ def direct_register_tile(registers: int, lanes: int, out_channels: int, pixels: 
     """
     mr = min(6, pixels)
     nr = max(1, (registers - 1) // (mr + 1) - (lanes < 8))
-    vectors = -(-out_channels // lanes)
+    vectors = ceil_div(out_channels, lanes)
     nr = min(nr, vectors)
     if lanes == 8 and mr == 6:
         wide = min(vectors, (registers - 1) // 5)
-        if -(-vectors // wide) * wide < -(-vectors // nr) * nr:
+        if round_up(vectors, wide) < round_up(vectors, nr):
             return 4, wide
     if lanes < 16:
         return mr, nr
-    return mr, min(range(min(2, nr), nr + 1), key=lambda v: (-(-vectors // v) * v, -v))
+    return mr, min(range(min(2, nr), nr + 1), key=lambda v: (round_up(vectors, v), -v))
 
 
 @dataclass(frozen=True)
@@ -134,23 +135,23 @@ class DirectConvSpec:
 
     @property
     def filter_blocks(self) -> int:
-        return -(-self.conv.out_channels // self.filter_block)
+        return ceil_div(self.conv.out_channels, self.filter_block)
 
     @property
     def pixel_tiles(self) -> int:
-        return -(-self.conv.pixels // self.pixel_tile)
+        return ceil_div(self.conv.pixels, self.pixel_tile)
 
     @property
     def channel_block(self) -> int:
         """Input channels per reduction block: the filter block's weights for them fit
         ``weight_panel`` bytes (in L1 while every pixel tile sweeps them), blocks of equal size."""
         per_channel = self.conv.kernel[0] * self.conv.kernel[1] * self.filter_block * 4
-        blocks = -(-self.conv.in_channels // max(1, self.weight_panel // per_channel))
-        return -(-self.conv.in_channels // blocks)
+        blocks = ceil_div(self.conv.in_channels, max(1, self.weight_panel // per_channel))
+        return ceil_div(self.conv.in_channels, blocks)
 
     @property
     def channel_blocks(self) -> int:
-        return -(-self.conv.in_channels // self.channel_block)
+        return ceil_div(self.conv.in_channels, self.channel_block)
 
     @property
     def group_tiles(self) -> int:
@@ -159,21 +160,21 @@ class DirectConvSpec:
         if self.filters_inner:
             conv = self.conv
             input_bytes = conv.in_channels * conv.padded_height * conv.padded_width * 4
-            groups = max(-(-PARALLEL_TASKS // conv.batch), -(-input_bytes // GROUP_INPUT_BYTES))
+            groups = max(ceil_div(PARALLEL_TASKS, conv.batch), ceil_div(input_bytes, GROUP_INPUT_BYTES))
         else:
-            groups = -(-PARALLEL_TASKS // (self.conv.batch * self.filter_blocks))
-        return -(-self.pixel_tiles // max(1, min(self.pixel_tiles, groups)))
+            groups = ceil_div(PARALLEL_TASKS, self.conv.batch * self.filter_blocks)
+        return ceil_div(self.pixel_tiles, max(1, min(self.pixel_tiles, groups)))
 
     @property
     def pixel_groups(self) -> int:
-        return -(-self.pixel_tiles // self.group_tiles)
+        return ceil_div(self.pixel_tiles, self.group_tiles)
 
 
 def pack_direct_conv_weight(weight: np.ndarray, filter_block: int) -> np.ndarray:
     """OIHW weight as ``[ceil(O / B)][I * KH * KW][B]`` (B filters per block), the filters past O zero."""
     out_c = weight.shape[0]
     rows = weight.reshape(out_c, -1)
-    blocks = -(-out_c // filter_block)
+    blocks = ceil_div(out_c, filter_block)
     padded = np.zeros((blocks * filter_block, rows.shape[1]), dtype=np.float32)
     padded[:out_c] = rows
     return np.ascontiguousarray(padded.reshape(blocks, filter_block, rows.shape[1]).transpose(0, 2, 1))
@@ -181,7 +182,7 @@ def pack_direct_conv_weight(weight: np.ndarray, filter_block: int) -> np.ndarray
 
 def pack_direct_conv_bias(bias: np.ndarray, filter_block: int) -> np.ndarray:
     """The per-filter bias padded with zeros to whole filter blocks (loaded as full vectors)."""
-    blocks = -(-bias.shape[0] // filter_block)
+    blocks = ceil_div(bias.shape[0], filter_block)
     padded = np.zeros(blocks * filter_block, dtype=np.float32)
     padded[: bias.shape[0]] = bias
     return padded

@@ -27,6 +27,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..arith import ceil_div
 from .dense_conv import ACTIVATIONS
 
 __all__ = ["FullyConnectedSpec", "FULLY_CONNECTED_ATTR", "fully_connected_primfunc", "pack_fully_connected_weight"]
@@ -80,7 +81,7 @@ class FullyConnectedSpec:
 
     @property
     def blocks(self) -> int:
-        return -(-self.out_features // self.block)
+        return ceil_div(self.out_features, self.block)
 
     def block_start(self, index: int) -> int:
         """First feature of block ``index``: the last block overlaps the one before."""
@@ -104,7 +105,7 @@ def fully_connected_primfunc(spec: FullyConnectedSpec) -> tirx.PrimFunc:
     """
     m_, k_, n_ = spec.rows, spec.in_features, spec.out_features
     mr, width = spec.row_tile, spec.block
-    row_tiles = -(-m_ // mr)
+    row_tiles = ceil_div(m_, mr)
     zero = tirx.const(0.0, "float32")
     with IRBuilder() as builder:
         with T.prim_func():

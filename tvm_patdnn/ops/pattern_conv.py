@@ -40,22 +40,14 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
+from ..arith import largest_divisor, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "choose_layout",
-           "cheapest_layout", "layout_cycles", "largest_divisor", "target_layout"]
+           "cheapest_layout", "layout_cycles", "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
-
-
-def largest_divisor(n: int, limit: int) -> int:
-    """The largest tile size up to ``limit`` that divides ``n`` (no tail, no predicate)."""
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 @dataclass(frozen=True)
@@ -110,14 +102,14 @@ class PatternConvSpec:
     @property
     def acc_rows(self) -> int:
         """Rows of the accumulator: output rows rounded up to the row tile (flat, windows: one)."""
-        return 1 if self.flat or self.windows else _round_up(self.out_height, self.row_tile)
+        return 1 if self.flat or self.windows else round_up(self.out_height, self.row_tile)
 
     @property
     def acc_columns(self) -> int:
         """Columns of the accumulator, a whole number of column tiles."""
         length = (self.out_height * self.padded_width if self.flat else self.out_height * self.out_width
                   if self.windows else self.out_width)
-        return _round_up(length, self.vector_width * self.column_tile)
+        return round_up(length, self.vector_width * self.column_tile)
 
     @classmethod
     def from_fkw(cls, fkw: FKWWeight, data_shape, strides, padding, has_bias, relu, vector_width=8, accumulators=8):

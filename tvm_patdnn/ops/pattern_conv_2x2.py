@@ -34,6 +34,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..arith import ceil_div
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 
 __all__ = ["LANES", "TARGET_LANES", "arranged_rows", "tap_lanes_apply", "pattern_conv_2x2_primfunc"]
@@ -163,7 +164,7 @@ def pattern_conv_2x2_primfunc(spec: PatternConvSpec, lanes: int = LANES, threads
                     own = T.decl_buffer((n_ * c_ * rows * LANES,), "float32", align=64)
                     with T.serial(0, n_ * c_) as nc:
                         arrange(own, nc)
-                    with T.serial(0, -(-(n_ * f_) // threads)) as i:
+                    with T.serial(0, ceil_div(n_ * f_, threads)) as i:
                         with T.If(i * threads + t < n_ * f_):
                             with T.Then():
                                 filter_task(own, i * threads + t)

@@ -28,6 +28,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..arith import ceil_div
 from .dense_conv import DenseConvSpec, _keep_or_finish, _pack_panel, _padded_input, _store_output
 
 __all__ = ["BLOCK", "MAX_DENSITY", "SPARSE_POINTWISE_ATTR", "BlockSparseWeight", "SparsePointwiseSpec",
@@ -49,7 +50,7 @@ MAX_DENSITY = 0.6
 def block_density(weight: np.ndarray, block: int = BLOCK) -> float:
     """Kept share of a 1x1 weight's (``block``, 1) blocks (a block is kept when any weight is nonzero)."""
     rows = weight.reshape(weight.shape[0], -1)
-    tiles = -(-rows.shape[0] // block)
+    tiles = ceil_div(rows.shape[0], block)
     padded = np.zeros((tiles * block, rows.shape[1]), dtype=bool)
     padded[: rows.shape[0]] = rows != 0
     return float(padded.reshape(tiles, block, -1).any(axis=1).mean())
@@ -67,7 +68,7 @@ def sparse_pointwise_tile(registers: int, lanes: int, block: int, pixels: int, c
     (8 chains) was best, as on the AVX2 Zen 3 host."""
     if pixels < lanes:
         return 1, pixels
-    vectors = min(-(-chains // block), (registers - block - 2) // block)
+    vectors = min(ceil_div(chains, block), (registers - block - 2) // block)
     return max(1, min(vectors, pixels // lanes)), lanes
 
 
@@ -99,7 +100,7 @@ class SparsePointwiseSpec:
 
     @property
     def channel_blocks(self) -> int:
-        return -(-self.conv.in_channels // self.conv.channel_block)
+        return ceil_div(self.conv.in_channels, self.conv.channel_block)
 
     @property
     def flops(self) -> int:
@@ -131,14 +132,14 @@ def block_sparse_weight(weight: np.ndarray, block: int, channel_block: int) -> B
     is kept when any of its weights is nonzero."""
     rows = weight.reshape(weight.shape[0], -1).astype(np.float32)
     out_c, in_c = rows.shape
-    tiles = -(-out_c // block)
+    tiles = ceil_div(out_c, block)
     padded = np.zeros((tiles * block, in_c), dtype=np.float32)
     padded[:out_c] = rows
     grouped = padded.reshape(tiles, block, in_c)
     kept = np.any(grouped != 0, axis=1)  # [filter blocks, C]
     tile_ids, channels = np.nonzero(kept)  # row-major: by filter block, then channel
     values = grouped[tile_ids, :, channels]  # [blocks, block]
-    channel_blocks = -(-in_c // channel_block)
+    channel_blocks = ceil_div(in_c, channel_block)
     bounds = np.arange(channel_blocks + 1) * channel_block
     first = np.searchsorted(tile_ids, np.arange(tiles))
     starts = np.stack([first[fb] + np.searchsorted(channels[tile_ids == fb], bounds) for fb in range(tiles)])
@@ -180,7 +181,7 @@ def sparse_pointwise_primfunc(spec: SparsePointwiseSpec) -> tirx.PrimFunc:
     conv = spec.conv
     n_, f_, p_ = conv.batch, conv.out_channels, conv.pixels
     mr, tp = conv.filter_tile, conv.pixel_tile
-    tiles = -(-p_ // tp)
+    tiles = ceil_div(p_, tp)
     blocks = max(1, spec.nonzero_blocks)
     out_shape = (n_, f_, conv.out_height, conv.out_width)
     with IRBuilder() as builder:

@@ -16,7 +16,7 @@ bias / residual / ReLU / clip epilogue, mapped onto work items instead of a regi
   filters, so an item reads each input vector once for 4 filters; no index is decoded beyond the
   channel list;
 * work groups are whole waves, sized as the pattern conv's
-  (:func:`~tvm_patdnn.schedule_rules.pattern_conv_gpu.work_group_size`: 64 to 256 items on
+  (:func:`~tvm_patdnn.arith.work_group_size`: 64 to 256 items on
   Adreno, within its 1024); items past the end idle;
 * the last pixel vector of an image overlaps the one before instead of running a masked tail (the
   overlap's stores write identical values); images smaller than a vector get scalar items.
@@ -43,7 +43,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..schedule_rules.pattern_conv_gpu import work_group_size
+from ..arith import ceil_div, work_group_size
 from .dense_conv import DenseConvSpec, _store_output
 from .sparse_pointwise import SPARSE_POINTWISE_ATTR, SparsePointwiseSpec
 
@@ -79,7 +79,7 @@ class SparsePointwiseGPUSpec(SparsePointwiseSpec):
     @property
     def pixel_groups(self) -> int:
         """Work items per filter block and image."""
-        return -(-self.conv.pixels // self.conv.pixel_tile)
+        return ceil_div(self.conv.pixels, self.conv.pixel_tile)
 
     @property
     def items(self) -> int:
@@ -145,7 +145,7 @@ def sparse_pointwise_gpu_primfunc(spec: SparsePointwiseGPUSpec) -> tirx.PrimFunc
             flat_out = T.decl_buffer((n_, f_, p_), "float32", data=out.data)
             flat_res = T.decl_buffer((n_, f_, p_), "float32", data=residual.data) if residual is not None else None
             group = spec.group
-            with T.launch_thread(T.env_thread("blockIdx.x"), -(-spec.items // group)) as block_id:
+            with T.launch_thread(T.env_thread("blockIdx.x"), ceil_div(spec.items, group)) as block_id:
                 with T.launch_thread(T.env_thread("threadIdx.x"), group) as thread_id:
                     item = block_id * group + thread_id
                     with T.If(item < spec.items):

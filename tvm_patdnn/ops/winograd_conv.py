@@ -45,6 +45,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..arith import ceil_div, round_up
 from .dense_conv import ACTIVATIONS, register_tile
 
 __all__ = ["ERROR_BOUND", "WINOGRAD_ATTR", "WinogradConvSpec", "pack_winograd_weight", "winograd_conv_primfunc",
@@ -136,7 +137,7 @@ class WinogradConvSpec:
         filters, vectors, lanes = register_tile(registers - spare, lanes, probe.tiles, vectors)
         step = vectors * lanes
         alpha2 = (tile + 2) ** 2
-        per_tile = alpha2 * (probe.in_channels + -(-probe.out_channels // filters) * filters) * 4
+        per_tile = alpha2 * (probe.in_channels + round_up(probe.out_channels, filters)) * 4
         block = step * max(1, min(BLOCK_BYTES // (per_tile * step), probe.tiles // step))
         return cls(**shape, tile=tile, filter_tile=filters, vectors=vectors, lanes=lanes, block=block)
 
@@ -154,12 +155,12 @@ class WinogradConvSpec:
 
     @property
     def tile_rows(self) -> int:
-        return -(-self.out_height // self.tile)
+        return ceil_div(self.out_height, self.tile)
 
     @property
     def row(self) -> int:
         """Tiles per tile row: the real ones plus one phantom (see the module docstring)."""
-        return -(-self.out_width // self.tile) + 1
+        return ceil_div(self.out_width, self.tile) + 1
 
     @property
     def tiles(self) -> int:
@@ -167,7 +168,7 @@ class WinogradConvSpec:
 
     @property
     def filter_tiles(self) -> int:
-        return -(-self.out_channels // self.filter_tile)
+        return ceil_div(self.out_channels, self.filter_tile)
 
     @property
     def flops(self) -> int:
@@ -180,7 +181,7 @@ def pack_winograd_weight(weight: np.ndarray, tile: int, filter_tile: int) -> np.
     past O zero; transformed in float64, rounded once."""
     _, g, _ = winograd_matrices(tile)
     out_c, in_c = weight.shape[:2]
-    alpha, tiles = tile + 2, -(-out_c // filter_tile)
+    alpha, tiles = tile + 2, ceil_div(out_c, filter_tile)
     u = np.einsum("ak,fckl,bl->abfc", g, weight.astype(np.float64), g).reshape(alpha * alpha, out_c, in_c)
     padded = np.zeros((alpha * alpha, tiles * filter_tile, in_c))
     padded[:, :out_c] = u
@@ -217,8 +218,8 @@ def _tile_rows_copy(spec: WinogradConvSpec, data, rows) -> None:
                 y = ty * m + dy - top
                 for r in range(m):
                     # Tiles q0 <= q < q1 read inside the row; the others read the padding.
-                    q0 = min(row, -(-max(0, left - r) // m))
-                    q1 = max(q0, min(row, -(-(spec.width + left - r) // m)))
+                    q0 = min(row, ceil_div(max(0, left - r), m))
+                    q1 = max(q0, min(row, ceil_div(spec.width + left - r, m)))
                     with T.If(tirx.all(y >= 0, y < spec.height)):
                         with T.Then():
                             for first, last in ((0, q0), (q1, row)):
@@ -331,7 +332,7 @@ def winograd_conv_primfunc(spec: WinogradConvSpec) -> tirx.PrimFunc:
     """
     n_, c_, f_ = spec.batch, spec.in_channels, spec.out_channels
     alpha2, mr, tb = spec.alpha * spec.alpha, spec.filter_tile, spec.block
-    blocks = -(-spec.tiles // tb)
+    blocks = ceil_div(spec.tiles, tb)
     out_shape = (n_, f_, spec.out_height, spec.out_width)
     with IRBuilder() as builder:
         with T.prim_func():

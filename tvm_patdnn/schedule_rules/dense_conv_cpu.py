@@ -16,7 +16,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from ..ops.pattern_conv import PATTERN_CONV_ATTR, largest_divisor
+from ..arith import largest_divisor
+from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from .register_tile import REDUCE, SPATIAL, accumulate_in_registers, schedule_main_block
 
 

@@ -12,7 +12,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from ..ops.pattern_conv import largest_divisor
+from ..arith import largest_divisor
 from .register_tile import REDUCE, SPATIAL, accumulate_in_registers, schedule_main_block
 
 

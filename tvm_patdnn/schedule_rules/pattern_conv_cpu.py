@@ -23,7 +23,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from ..ops.pattern_conv import PATTERN_CONV_ATTR, largest_divisor
+from ..arith import largest_divisor
+from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from .kernel_runs import bound_kernel_runs
 
 __all__ = ["UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",

@@ -16,20 +16,13 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
+from ..arith import work_group_size
 from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from ..targets import gpu_threads
 
-__all__ = ["PatternConvGPU", "schedule_pattern_conv_gpu", "work_group_size"]
+__all__ = ["PatternConvGPU", "schedule_pattern_conv_gpu"]
 
 _VECTOR_TYPES = (2, 4, 8, 16)  # OpenCL vector widths
-
-
-def work_group_size(items: int, wave: int, max_threads: int) -> int:
-    """Whole waves, enough of them to keep the SIMD busy, never much more than ``items``."""
-    size = wave
-    while size * 2 <= min(max_threads, 256) and size * 2 * 4 <= items:
-        size *= 2
-    return size
 
 
 class PatternConvGPU(ScheduleRule):

@@ -59,6 +59,7 @@ from tvm import relax
 from tvm.ir import IRModule
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from ..arith import ceil_div
 from ..ops.dense_conv import DenseConvSpec
 from ..ops.direct_conv import DirectConvSpec, direct_register_tile
 from .kernel_choice import KernelChoices, KernelSpec, kernel_function, pack_for_kernel
@@ -296,7 +297,7 @@ class DenseConvRewriter:
                 smaller = dataclasses.replace(base, weight_panel=panel)
                 if smaller.channel_block < base.channel_block:
                     found.append(smaller)
-            filter_vectors = -(-spec.out_channels // lanes)
+            filter_vectors = ceil_div(spec.out_channels, lanes)
             for pixels in (4, 6, 8, 12):
                 if pixels <= spec.pixels:
                     count = min(filter_vectors, max(1, (registers - 1) // (pixels + 1) - (lanes < 8)))
