@@ -13,7 +13,7 @@ fused bias/activation epilogues written straight from registers.
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ..arith import largest_divisor
@@ -21,11 +21,11 @@ from ..ops.pattern_conv import PATTERN_CONV_ATTR
 from .register_tile import REDUCE, SPATIAL, accumulate_in_registers, schedule_main_block
 
 
-class DenseConv2dCPU(ScheduleRule):
+class DenseConv2dCPU(CPUScheduleRule):
     """Register-tiled schedule for dense NCHW conv2d / pooling PrimFuncs on LLVM targets."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs:
+        if not self.is_target_available(target) or (func.attrs is not None and PATTERN_CONV_ATTR in func.attrs):
             return None
         return schedule_main_block(func, target, _is_window_reduction, _schedule)
 

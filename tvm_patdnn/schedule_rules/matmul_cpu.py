@@ -9,17 +9,19 @@ vector of ``j`` reads the weight row by row, contiguously, with the accumulators
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ..arith import largest_divisor
 from .register_tile import REDUCE, SPATIAL, accumulate_in_registers, schedule_main_block
 
 
-class MatmulCPU(ScheduleRule):
+class MatmulCPU(CPUScheduleRule):
     """Row-streaming schedule for ``[..., i, j] += a[..., i, k] * b[k, j]`` on LLVM targets."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not self.is_target_available(target):
+            return None
         return schedule_main_block(func, target, _is_row_major_matmul, _schedule)
 
 

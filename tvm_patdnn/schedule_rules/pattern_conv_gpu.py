@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
 from ..arith import work_group_size
@@ -25,11 +25,11 @@ __all__ = ["PatternConvGPU", "schedule_pattern_conv_gpu"]
 _VECTOR_TYPES = (2, 4, 8, 16)  # OpenCL vector widths
 
 
-class PatternConvGPU(ScheduleRule):
+class PatternConvGPU(GPUScheduleRule):
     """The untuned GPU schedule of pattern-conv PrimFuncs (others: not applicable)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs or "gpu" not in target.keys:
+        if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs or not self.is_target_available(target):
             return None
         layout = func.attrs[PATTERN_CONV_ATTR]
         wave, max_threads = gpu_threads(target)

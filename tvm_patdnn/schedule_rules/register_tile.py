@@ -20,10 +20,9 @@ def schedule_main_block(
     is_main: Callable[[s_tir.SBlock], bool],
     schedule: Callable[[s_tir.Schedule, list, s_tir.schedule.SBlockRV, int], None],
 ) -> s_tir.Schedule | None:
-    """``schedule(sch, blocks, main, lanes)`` when exactly one block of ``func`` is ``is_main``
-    on an LLVM target; None (rule not applicable) otherwise or when the schedule does not fit."""
-    if target.kind.name != "llvm":
-        return None
+    """``schedule(sch, blocks, main, lanes)`` (``lanes``: the CPU target's vector width) when exactly
+    one block of ``func`` is ``is_main``; None (rule not applicable) otherwise or when the schedule
+    does not fit."""
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(get_root_block(sch))
     main = [b for b in blocks if is_main(sch.get(b))]
