@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from training import evaluate, train_epoch
 from tvm_patdnn.fileio import write_bytes_atomic
 from tvm_patdnn.kernel_patterns import format_pattern
 from tvm_patdnn.pruning.admm import PatternADMMPruner, magnitude_prune
@@ -41,6 +40,8 @@ from tvm_patdnn.pruning.export import export_pruned_onnx
 from tvm_patdnn.pruning.plots import plot_pattern_frequencies
 from tvm_patdnn.pruning.projection import parse_block, pattern_frequencies
 from tvm_patdnn.pruning.sparsifier import default_config
+
+from .training import evaluate, train_epoch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Connectivity rates of the one-shot sweep in the accuracy-vs-rate plot (no retraining, cheap).
@@ -107,6 +108,12 @@ def budget_from_args(args: argparse.Namespace, **overrides: Any) -> Budget:
                   rho_growth=args.rho_growth, rho_max=args.rho_max, rounds_per_epoch=args.rounds_per_epoch,
                   pointwise=args.pointwise, pointwise_block=args.pointwise_block, bn_recal_images=args.bn_recal,
                   **overrides)
+
+
+def module_command(command: str) -> str:
+    """The command that reruns a recorded ``<script>.py <options>`` (what results files store)."""
+    script, _, options = command.partition(" ")
+    return " ".join(filter(None, ["python -m", f"benchmarks.accuracy.{Path(script).stem}", options]))
 
 
 def log(message: str) -> None:
@@ -393,7 +400,7 @@ def table_markdown(state: dict[str, Any]) -> str:
               f"Train images {meta['train_images']}, test images {meta['test_images']}, {meta['threads']} thread(s), "
               f"torch {meta['torch']}.",
               f"Selected patterns: {', '.join(format_pattern(p) for p in state.get('selected_patterns', []))}.",
-              f"Command: `python benchmarks/accuracy/{meta['command']}`; total measured wall time "
+              f"Command: `{module_command(meta['command'])}`; total measured wall time "
               f"{state.get('wall_s_total', 0) / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 

