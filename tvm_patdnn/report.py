@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from .kernel_patterns import format_pattern
 from .ops.sparse_pointwise import BLOCK
+from .tables import format_table
 
 __all__ = ["ConvRecord", "format_report", "format_pattern_usage"]
 
@@ -80,9 +81,7 @@ def format_report(records: list[ConvRecord]) -> str:
                 verdict,
             )
         )
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = [format_table(header, rows)]
     pattern_flops = sum(r.nonzero_flops for r in records)
     dense_flops = sum(r.dense_flops for r in records)
     n_pattern = sum(r.kind == "pattern" for r in records)
