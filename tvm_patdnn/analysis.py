@@ -9,12 +9,11 @@ answer does not depend on how the model was pruned (our pruner, another tool, or
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import combinations
 
 import numpy as np
 
 from .errors import PatDNNError
-from .kernel_patterns import kernel_masks, popcount
+from .kernel_patterns import candidate_patterns, kernel_masks, popcount
 
 __all__ = ["ConvWeightAnalysis", "PatternOptions", "analyze_conv_weight", "cover_masks"]
 
@@ -76,8 +75,7 @@ def cover_masks(masks: np.ndarray, taps: int, kernel_size: int = 3) -> list[int]
     chosen = list(full)
     uncovered = [m for m in distinct if not any(m & p == m for p in chosen)]
     if uncovered:
-        k2 = kernel_size * kernel_size
-        candidates = [sum(1 << k for k in c) for c in combinations(range(k2), taps)]
+        candidates = candidate_patterns(taps, kernel_size, force_centre=False)
         while uncovered:
             best = max(candidates, key=lambda p: (sum(m & p == m for m in uncovered), -p))
             chosen.append(best)
