@@ -263,9 +263,6 @@ def test_an_add_that_is_no_constant_bias_stays_a_relax_add_after_the_kernel(shap
     assert [(r.kind, r.fused) for r in records] == [("pattern", ())]
 
 
-@pytest.mark.xfail(strict=True, reason="_per_channel_bias takes any size-1 constant for a scalar bias, even one of "
-                   "rank 5 that broadcasts the sum to 5-D: the pass binds the 4-D kernel call to the 5-D variable "
-                   "(ill-formed IR)")
 def test_a_one_element_addend_of_higher_rank_stays_a_relax_add():
     @I.ir_module
     class Before:

@@ -50,7 +50,8 @@ def _conv_name(weight: relax.Expr, index: int) -> str:
 
 
 def _per_channel_bias(bias: relax.Expr, channels: int) -> np.ndarray | None:
-    """The bias as a (channels,) vector when the constant broadcasts per output channel."""
+    """The bias as a (channels,) vector when the constant broadcasts per output channel and leaves
+    the conv's NCHW shape as it is (a one-element constant of rank 5 would make the sum 5-D)."""
     if not isinstance(bias, tvm.ir.GenericConst):
         return None
     value = bias.value.numpy()
@@ -58,7 +59,7 @@ def _per_channel_bias(bias: relax.Expr, channels: int) -> np.ndarray | None:
         return None
     if value.size == channels and value.shape in {(1, channels, 1, 1), (channels, 1, 1)}:
         return value.reshape(channels)
-    if value.size == 1:
+    if value.size == 1 and value.ndim <= 4:
         return np.full(channels, value.reshape(()), dtype=np.float32)
     return None
 
