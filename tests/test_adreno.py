@@ -15,7 +15,7 @@ from model_factory import ConvSpec, build_cnn
 
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
-from tvm_patdnn.phone.cross import elf_machine
+from tvm_patdnn.export import elf_machine
 
 cl = pytest.importorskip("pyopencl", reason="Adreno kernel checks need pyopencl (pip install pyopencl)")
 try:
@@ -25,7 +25,8 @@ except cl.Error:
 if not _POCL:
     pytest.skip("Adreno kernel checks need PoCL (apt-get install pocl-opencl-icd)", allow_module_level=True)
 
-from tvm_patdnn.phone.opencl_check import check_opencl, main, split_kernel_sources  # noqa: E402
+from tvm_patdnn.cli import main  # noqa: E402
+from tvm_patdnn.phone.opencl_check import check_opencl, split_kernel_sources  # noqa: E402
 
 ADRENO_WAVE, ADRENO_MAX_GROUP = 64, 1024
 
@@ -103,10 +104,10 @@ def test_check_needs_an_opencl_target() -> None:
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "model.onnx"
     onnx.save(_model(5), path)
-    assert main([str(path), "--launches"]) == 0
+    assert main(["opencl-check", str(path), "--launches"]) == 0
     out = capsys.readouterr().out
     assert "pattern_conv2d_conv0_kernel_1: global (" in out and "outputs match the ONNX reference" in out
-    assert main([str(path), "--target", "arm_cpu"]) == 2
+    assert main(["opencl-check", str(path), "--target", "arm_cpu"]) == 2
 
 
 def test_a_wrong_kernel_is_reported_as_a_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -129,5 +130,5 @@ def test_a_wrong_kernel_is_reported_as_a_mismatch(monkeypatch: pytest.MonkeyPatc
     assert "outputs DIFFER from the ONNX reference" in result.summary()
     path = tmp_path / "model.onnx"
     onnx.save(_model(0), path)
-    assert main([str(path)]) == 1
+    assert main(["opencl-check", str(path)]) == 1
     assert "DIFFER" in capsys.readouterr().out

@@ -13,6 +13,8 @@ from tvm import relax
 
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
+from tvm_patdnn.frontend import seeded_inputs
+from tvm_patdnn.verify import relative_error
 
 # Largest errors measured against onnx.reference, as a share of the output's magnitude (fp32 sums in
 # another order): 1.6e-7 over 60 random pattern models; up to 2.1e-6 on random dense-kernel models
@@ -25,17 +27,13 @@ RTOL = 5e-6
 def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
     """Relative error (to the output's magnitude) at most RTOL."""
     assert actual.shape == expected.shape
-    scale = max(float(np.abs(expected).max()), 1e-6)
-    error = float(np.abs(actual - expected).max()) / scale
+    error = relative_error(actual, expected)
     assert error <= RTOL, f"relative error {error:.2e}"
 
 
 def check_against_reference(model: onnx.ModelProto, seed: int = 0, **compile_args) -> tvm_patdnn.CompiledModel:
     compiled = tvm_patdnn.compile(model, "x86", **compile_args)
-    rng = np.random.default_rng(seed)
-    inputs = {
-        name: rng.standard_normal(compiled.input_shapes[name]).astype(np.float32) for name in compiled.input_names
-    }
+    inputs = seeded_inputs(compiled, seed)
     for actual, expected in zip(compiled.run(inputs), reference_outputs(model, inputs), strict=True):
         assert_close(actual, expected)
     return compiled

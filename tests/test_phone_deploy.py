@@ -22,7 +22,7 @@ from phone_helpers import HOST, free_devices, free_port, missing_tools, wait_unt
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
 from tvm_patdnn.cli import main
-from tvm_patdnn.phone.cross import (
+from tvm_patdnn.export import (
     DEBIAN_CROSS_CXX,
     NDK_ENV,
     check_library_machine,

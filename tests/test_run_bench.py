@@ -20,7 +20,7 @@ import tvm_patdnn
 from tvm_patdnn import PatDNNError
 from tvm_patdnn.bench import profile_kernels
 from tvm_patdnn.cli import main
-from tvm_patdnn.phone.cross import DEBIAN_CROSS_CXX, NDK_ENV
+from tvm_patdnn.export import DEBIAN_CROSS_CXX, NDK_ENV
 from tvm_patdnn.signature import signature_path
 from tvm_patdnn.tvm_noise import filter_tvm_noise
 

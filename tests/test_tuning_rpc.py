@@ -139,7 +139,7 @@ def test_session_request_gives_up_without_a_device(tracker_port: int) -> None:
     """TVM's tracker request waits forever for a key nobody serves; the tuner's gives up."""
     from tvm.s_tir.meta_schedule.runner import RPCConfig
 
-    from tvm_patdnn.tuning.measure import DEVICE_UNAVAILABLE, TrackerSession
+    from tvm_patdnn.rpc import DEVICE_UNAVAILABLE, TrackerSession
 
     config = RPCConfig(tracker_host="127.0.0.1", tracker_port=tracker_port, tracker_key="nobody-serves-this",
                        session_timeout_sec=30)

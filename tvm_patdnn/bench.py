@@ -14,7 +14,6 @@ and ONNX Runtime (``ORT_ENABLE_ALL``) is given the same number of intra-op threa
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PatDNNError
+from .tables import format_table
 
-__all__ = ["KernelTime", "Latency", "add_bench_command", "bench_onnxruntime", "bench_tvm", "format_latencies",
+__all__ = ["KernelTime", "Latency", "bench_onnxruntime", "bench_tvm", "format_latencies",
            "format_profile", "profile_kernels", "time_calls"]
 
 
@@ -57,7 +57,7 @@ def bench_tvm(model, inputs: dict[str, np.ndarray], runs: int, warmup: int) -> t
     also returns the model's outputs for checking."""
     import tvm
 
-    from .compiler import check_inputs
+    from .frontend import check_inputs
 
     outputs = model.run(inputs)
     main = model.vm["main"]
@@ -85,12 +85,11 @@ def bench_onnxruntime(onnx_path: str | Path, inputs: dict[str, np.ndarray], thre
 
 def format_latencies(latencies: list[Latency]) -> str:
     """One line per runtime: threads, p50/p90/p99, mean, min; with two, the p50 ratio."""
-    header = f"{'runtime':<12} {'threads':>7} {'runs':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'min ms':>9}"
-    lines = [header]
-    for lat in latencies:
-        lines.append(f"{lat.runtime:<12} {lat.threads:>7} {len(lat.times_ms):>5} {lat.percentile(50):>9.4f} "
-                     f"{lat.percentile(90):>9.4f} {lat.percentile(99):>9.4f} {np.mean(lat.times_ms):>9.4f} "
-                     f"{min(lat.times_ms):>9.4f}")
+    rows = [[lat.runtime, str(lat.threads), str(len(lat.times_ms)),
+             *(f"{ms:.4f}" for ms in (lat.percentile(50), lat.percentile(90), lat.percentile(99),
+                                      np.mean(lat.times_ms), min(lat.times_ms)))] for lat in latencies]
+    lines = [format_table(["runtime", "threads", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms"], rows,
+                          align="<>>>>>>>")]
     if len(latencies) == 2:
         ours, theirs = latencies
         lines.append(f"p50: {ours.runtime} is {theirs.percentile(50) / ours.percentile(50):.2f}x as fast as {theirs.runtime}")
@@ -117,7 +116,7 @@ def profile_kernels(model, inputs: dict[str, np.ndarray], runs: int = 10, warmup
     """
     import tvm
 
-    from .compiler import check_inputs
+    from .frontend import check_inputs
 
     if runs < 1 or warmup < 0:
         raise PatDNNError(f"profiling needs at least 1 run and 0 warm-up runs, got {runs} and {warmup}")
@@ -156,75 +155,15 @@ def format_profile(kernels: list[KernelTime], top: int = 25) -> str:
     builtin = [k for k in kernels if k.kernel.startswith("vm.builtin.")]
     compiled = [k for k in kernels if not k.kernel.startswith("vm.builtin.")]
     total = sum(k.ms for k in kernels) or 1.0
-    lines = [f"{'kernel':<40} {'calls':>5} {'ms':>9} {'share':>6}  shapes (output last)"]
-    for k in compiled[:top]:
-        lines.append(f"{k.kernel[:40]:<40} {k.calls:>5} {k.ms:>9.3f} {k.ms / total:>6.1%}  {k.shapes}")
+
+    def row(name: str, group: list[KernelTime], shapes: str = "") -> list[str]:
+        ms = sum(k.ms for k in group)
+        return [name, str(sum(k.calls for k in group)), f"{ms:.3f}", f"{ms / total:.1%}", shapes]
+
+    rows = [row(k.kernel[:40], [k], k.shapes) for k in compiled[:top]]
     if compiled[top:]:
-        lines.append(f"{f'{len(compiled) - top} more kernels':<40} {sum(k.calls for k in compiled[top:]):>5} "
-                     f"{sum(k.ms for k in compiled[top:]):>9.3f} {sum(k.ms for k in compiled[top:]) / total:>6.1%}")
+        rows.append(row(f"{len(compiled) - top} more kernels", compiled[top:]))
     if builtin:
-        lines.append(f"{'VM builtins (allocation, reshape, checks)':<40} {sum(k.calls for k in builtin):>5} "
-                     f"{sum(k.ms for k in builtin):>9.3f} {sum(k.ms for k in builtin) / total:>6.1%}")
-    lines.append(f"{'total':<40} {sum(k.calls for k in kernels):>5} {total:>9.3f}")
-    return "\n".join(lines)
-
-
-def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``patdnn bench`` (handler in ``func``)."""
-    from .cli import TARGET_HELP, _input_shape, add_target_option
-
-    parser = subparsers.add_parser(
-        "bench",
-        help="latency percentiles of a compiled library or ONNX model on this CPU (optionally vs ONNX Runtime)",
-        description=(
-            "Time MODEL (a library written by `patdnn compile`, or an ONNX model, compiled first) on this "
-            "machine: warm-up runs, then p50/p90/p99 over --runs single runs, with random inputs of the model's "
-            "shapes. TVM's thread count is fixed when its runtime starts: set TVM_NUM_THREADS to change it. "
-            "--ort times ONNX Runtime (ORT_ENABLE_ALL, as many threads) on the same inputs, after checking that "
-            "both compute the same outputs."
-        ),
-    )
-    parser.add_argument("model", help="compiled library (.so with its .so.json) or ONNX model (.onnx)")
-    parser.add_argument("--input-shape", type=_input_shape, action="append", default=[], metavar="NAME=DIMS",
-                        help="ONNX model only: static shape for an input with dynamic dimensions (repeatable)")
-    add_target_option(parser, "x86", "ONNX model only: " + TARGET_HELP)
-    parser.add_argument("--tuning-db", metavar="DIR", help="ONNX model only: apply the records of `patdnn tune --db DIR`")
-    parser.add_argument("--runs", type=int, default=100, help="timed runs")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed runs first")
-    parser.add_argument("--ort", action="store_true", help="also time ONNX Runtime (ONNX model only)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print where the time goes: each compiled kernel's ms per inference and share")
-    parser.set_defaults(func=run_bench)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from .compiler import compile as compile_model
-    from .compiler import load
-    from .phone.deploy import relative_error
-
-    if args.runs < 1 or args.warmup < 0:
-        raise PatDNNError(f"--runs must be at least 1 and --warmup at least 0, got {args.runs} and {args.warmup}")
-    is_onnx = Path(args.model).suffix == ".onnx"
-    if not is_onnx and (args.ort or args.input_shape or args.tuning_db):
-        raise PatDNNError("--ort, --input-shape and --tuning-db need an ONNX model; a library is timed as compiled")
-    if is_onnx:
-        model = compile_model(args.model, args.target, input_shapes=dict(args.input_shape), tuning_db=args.tuning_db)
-    else:
-        model = load(args.model)
-    rng = np.random.default_rng(0)
-    inputs = {n: rng.standard_normal(model.input_shapes[n]).astype(model.input_dtypes[n]) for n in model.input_names}
-    shapes = ", ".join(f"{n} {'x'.join(map(str, model.input_shapes[n]))} {model.input_dtypes[n]}" for n in model.input_names)
-    print(f"{args.model}: {model.target}; inputs {shapes}")
-    ours, outputs = bench_tvm(model, inputs, args.runs, args.warmup)
-    latencies = [ours]
-    if args.ort:
-        theirs, reference = bench_onnxruntime(args.model, inputs, ours.threads, args.runs, args.warmup)
-        errors = [relative_error(a, e) for a, e in zip(outputs, reference)]
-        if len(outputs) != len(reference) or max(errors) > 1e-3:
-            raise PatDNNError(f"tvm_patdnn and ONNX Runtime outputs differ (relative errors {errors}): not timing them side by side")
-        print(f"outputs agree with ONNX Runtime (max relative error {max(errors):.1e})")
-        latencies.append(theirs)
-    print(format_latencies(latencies))
-    if args.profile:
-        print(format_profile(profile_kernels(model, inputs, runs=max(1, min(args.runs, 20)), warmup=1)))
-    return 0
+        rows.append(row("VM builtins (allocation, reshape, checks)", builtin))
+    rows.append([*row("total", kernels)[:3], "", ""])
+    return format_table(["kernel", "calls", "ms", "share", "shapes (output last)"], rows, align="<>>>")

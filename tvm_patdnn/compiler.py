@@ -16,7 +16,7 @@ from tvm import relax
 from .analysis import PatternOptions
 from .errors import PatDNNError
 from .fileio import write_file_atomic
-from .frontend import ImportedModel, import_onnx
+from .frontend import ImportedModel, check_inputs, load_model
 from .pipeline import get_pipeline
 from .report import ConvRecord, format_report
 from .targets import is_host_runnable, resolve_target
@@ -72,9 +72,9 @@ class CompiledModel:
     def export_library(self, path: str | os.PathLike, **kwargs) -> Path:
         """Write the library atomically (temp file, then rename), then its signature file
         ``PATH.json`` (tvm_patdnn.signature) that ``tvm_patdnn.load`` reads; aarch64 targets are
-        cross-linked (phone.cross) and every .so is checked to be an ELF for the target's CPU.
+        cross-linked (tvm_patdnn.export) and every .so is checked to be an ELF for the target's CPU.
         A loaded model's library is copied: TVM cannot serialise a loaded library again."""
-        from .phone.cross import export_checked
+        from .export import export_checked
         from .signature import write_signature
         from .tvm_noise import filter_tvm_noise
 
@@ -113,30 +113,6 @@ def load(library: str | os.PathLike) -> CompiledModel:
     return CompiledModel(executable=module, target=target, library=Path(library), **fields)
 
 
-def check_inputs(model: CompiledModel | ImportedModel, given: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The inputs as contiguous arrays in ``model.input_names`` order; PatDNNError if they do not fit."""
-    missing = [n for n in model.input_names if n not in given]
-    unknown = [n for n in given if n not in model.input_names]
-    if missing or unknown:
-        raise PatDNNError(f"inputs must be exactly {model.input_names}; missing {missing}, unknown {unknown}")
-    arrays = []
-    for name in model.input_names:
-        value = given[name]
-        if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # tvm.runtime.Tensor, torch.Tensor
-            value = value.numpy()
-        if not isinstance(value, (np.ndarray, np.generic, list, tuple, int, float)):
-            raise PatDNNError(f"input {name!r} must be a numpy array, not {type(value).__name__}")
-        try:
-            # np.require keeps a 0-d (scalar) input 0-d; np.ascontiguousarray would make it 1-d
-            value = np.require(np.asarray(value, dtype=model.input_dtypes[name]), requirements="C")
-        except (TypeError, ValueError) as err:
-            raise PatDNNError(f"input {name!r} cannot be read as a {model.input_dtypes[name]} array: {err}") from None
-        if value.shape != model.input_shapes[name]:
-            raise PatDNNError(f"input {name!r} has shape {value.shape}, the model expects {model.input_shapes[name]}")
-        arrays.append(value)
-    return arrays
-
-
 def compile(  # noqa: A001 - mirrors tvm.compile
     model: str | os.PathLike | onnx.ModelProto | tvm.IRModule | torch.nn.Module,
     target: str | dict | tvm.target.Target = "x86",
@@ -165,7 +141,7 @@ def compile(  # noqa: A001 - mirrors tvm.compile
 
     patterns = PatternOptions(entries, max_patterns)
     resolved = resolve_target(target)
-    imported = _import(model, params, input_shapes, example_inputs)
+    imported = load_model(model, params=params, input_shapes=input_shapes, example_inputs=example_inputs)
     records: list[ConvRecord] = []
     tuned, schedules = tuning_records_pass(tuning_db, resolved)
     if schedules.path is not None:
@@ -202,53 +178,11 @@ def inspect(
 ) -> list[ConvRecord]:
     """What ``compile`` would do with every conv2d of the model, without building anything."""
     patterns = PatternOptions(entries, max_patterns)
-    imported = _import(model, params, input_shapes, example_inputs)
+    imported = load_model(model, params=params, input_shapes=input_shapes, example_inputs=example_inputs)
     mod = relax.transform.FoldConstant()(imported.mod)
     return conv_report(mod, patterns)
 
 
 def _import(model, params, input_shapes, example_inputs=None) -> ImportedModel:
-    from .torch_frontend import export_onnx, is_torch_module
-
-    if example_inputs is not None and not is_torch_module(model):
-        raise PatDNNError("example_inputs are only for torch.nn.Module models")
-    if is_torch_module(model):
-        if example_inputs is None:
-            raise PatDNNError("a torch.nn.Module needs example_inputs, e.g. compile(module, example_inputs=(x,))")
-        model = export_onnx(model, example_inputs)
-    if isinstance(model, tvm.IRModule):
-        return _from_relax(model, params or {})
-    if params:
-        raise PatDNNError("params are only for Relax IRModules: ONNX models carry their weights")
-    if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
-        raise PatDNNError(f"a model is an ONNX path or ModelProto, a Relax IRModule or a torch.nn.Module "
-                          f"(with example_inputs), not {type(model).__name__}")
-    return import_onnx(model, input_shapes)
-
-
-def _from_relax(mod: tvm.IRModule, params: dict[str, np.ndarray]) -> ImportedModel:
-    if "main" not in mod or not isinstance(mod["main"], relax.Function):
-        raise PatDNNError("a Relax IRModule needs a Relax function named 'main'")
-    func = mod["main"]
-    names = [p.name for p in func.params]
-    unknown = sorted(set(params) - set(names))
-    if unknown:
-        raise PatDNNError(f"params name no parameter of main: {', '.join(unknown)}")
-    if params:
-        mod = relax.transform.BindParams("main", {k: np.asarray(v) for k, v in params.items()})(mod)
-    inputs = [p for p in mod["main"].params]
-    shapes, dtypes = {}, {}
-    for var in inputs:
-        shape = getattr(var.ty, "shape", None)
-        try:
-            shapes[var.name] = tuple(int(d) for d in shape.values)
-        except (AttributeError, TypeError, ValueError):
-            raise PatDNNError(f"input {var.name!r} of main has no static shape") from None
-        dtypes[var.name] = str(var.ty.dtype)
-    return ImportedModel(
-        mod=mod,
-        input_names=[v.name for v in inputs],
-        input_shapes=shapes,
-        input_dtypes=dtypes,
-        output_names=["output"],
-    )
+    """Moved to frontend.load_model (issue 14); importers outside H1's files switch at the end."""
+    return load_model(model, params=params, input_shapes=input_shapes, example_inputs=example_inputs)

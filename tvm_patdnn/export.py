@@ -1,4 +1,7 @@
-"""Linking compiled models into libraries a phone can load, and checking what was written.
+"""Exporting compiled code as a shared library the target's CPU can load, and checking what was written.
+
+Used by every export: ``CompiledModel.export_library`` (compile, deploy) and the tuner's
+candidate libraries.
 
 TVM's default ``export_library`` links with the host's ``g++``, which silently produces an
 x86 library (or fails obscurely) for aarch64 code; a phone only says "dlopen failed" later.
@@ -19,19 +22,18 @@ from pathlib import Path
 
 import tvm
 from tvm.support import cc, ndk
-from tvm.target import codegen
 
-from ..errors import PatDNNError
-from ..targets import is_aarch64
+from .errors import PatDNNError
+from .targets import is_aarch64, target_arch
 
-__all__ = ["DEBIAN_CROSS_CXX", "NDK_ENV", "export_checked", "linker_for", "check_library_machine", "elf_machine",
-           "machine_name"]
+__all__ = ["DEBIAN_CROSS_CXX", "ELF_MACHINES", "NDK_ENV", "export_checked", "linker_for", "check_library_machine",
+           "elf_machine", "machine_name"]
 
 DEBIAN_CROSS_CXX = "aarch64-linux-gnu-g++"
 NDK_ENV = "TVM_NDK_CC"
 
 # ELF e_machine values of the architectures TVM's LLVM backend targets here.
-_EM = {"x86_64": 62, "aarch64": 183, "arm64": 183, "i386": 3, "i686": 3, "riscv64": 243}
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183, "arm64": 183, "i386": 3, "i686": 3, "riscv64": 243}
 _EM_NAMES = {62: "x86-64", 183: "AArch64", 3: "x86", 243: "RISC-V", 40: "ARM (32-bit)"}
 
 
@@ -69,12 +71,6 @@ def elf_machine(path: str | os.PathLike) -> int | None:
     return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
 
 
-def _expected_machine(target: tvm.target.Target) -> int | None:
-    cpu = target if target.kind.name == "llvm" else target.host
-    triple = str(cpu.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
-    return _EM.get(triple.split("-")[0])
-
-
 def machine_name(machine: int) -> str:
     """An ELF e_machine as a CPU architecture name ("x86-64", "AArch64", ...)."""
     return _EM_NAMES.get(machine, f"e_machine {machine}")
@@ -84,7 +80,7 @@ def check_library_machine(path: str | os.PathLike, target: tvm.target.Target,
                           remedy: str = "the wrong linker was used") -> None:
     """Raise PatDNNError unless the shared library at ``path`` is an ELF for the target's CPU;
     ``remedy`` ends the message (the caller knows why the two could differ)."""
-    expected = _expected_machine(target)
+    expected = ELF_MACHINES.get(target_arch(target))
     if Path(path).suffix != ".so" or expected is None:
         return  # .tar/.o artifacts and unknown architectures: nothing to compare with
     machine = elf_machine(path)

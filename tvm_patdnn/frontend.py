@@ -1,6 +1,9 @@
-"""ONNX import with the checks a user needs: clear errors before TVM sees a bad model.
+"""How models come in: ONNX (path or proto), Relax IRModule or ``torch.nn.Module`` -> ``load_model``.
 
-Weights are bound as Relax constants whose span carries the ONNX Conv node's name, so the
+Every entry point (``compile``, ``inspect``, ``tune``, ``deploy``, the OpenCL check) reads a
+model through :func:`load_model`, so that all of them accept the same kinds of model with the
+same clear errors before TVM sees a bad one, and inputs are checked (:func:`check_inputs`) and
+made up (:func:`seeded_inputs`) the same way. Weights are bound as Relax constants whose span carries the ONNX Conv node's name, so the
 pattern pass can report layers under the names the user knows. ``Clip`` with constant bounds
 (ReLU6: all over MobileNetV2) is imported as one ``relax.clip``, which the conv rewrites fuse;
 TVM's converter emits it as two elementwise ``call_tir``s that nothing fuses into a conv.
@@ -15,16 +18,19 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import onnx
 import tvm
 from tvm import relax
 
 from .errors import PatDNNError
 from .fileio import load_onnx_model
+from .torch_frontend import export_onnx, is_torch_module
 from .tvm_compat import onnx_convert_map, swapped_onnx_converters
 
-__all__ = ["ImportedModel", "import_onnx"]
+__all__ = ["ImportedModel", "InputSignature", "check_inputs", "import_onnx", "load_model", "seeded_inputs"]
 
 _log = logging.getLogger("tvm_patdnn")
 
@@ -38,6 +44,105 @@ class ImportedModel:
     input_shapes: dict[str, tuple[int, ...]]
     input_dtypes: dict[str, str]
     output_names: list[str]
+
+
+class InputSignature(Protocol):
+    """What running a model needs to know about its inputs: an ``ImportedModel`` or a
+    ``CompiledModel``."""
+
+    input_names: list[str]
+    input_shapes: dict[str, tuple[int, ...]]
+    input_dtypes: dict[str, str]
+
+
+def load_model(
+    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule | object,
+    *,
+    params: dict[str, np.ndarray] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    example_inputs: tuple | None = None,
+) -> ImportedModel:
+    """``model`` as a Relax module with its weights bound, and its input/output signature.
+
+    ``model`` is an ONNX file path, an ``onnx.ModelProto`` (``input_shapes`` fixes dynamic
+    dimensions), a Relax IRModule (whose ``main`` takes the inputs first and then the weights
+    named in ``params``) or a ``torch.nn.Module`` with ``example_inputs`` (a tuple of tensors;
+    exported through ONNX, see ``torch_frontend``; convs are named after their modules)."""
+    if example_inputs is not None and not is_torch_module(model):
+        raise PatDNNError("example_inputs are only for torch.nn.Module models")
+    if is_torch_module(model):
+        if example_inputs is None:
+            raise PatDNNError("a torch.nn.Module needs example_inputs, e.g. compile(module, example_inputs=(x,))")
+        model = export_onnx(model, example_inputs)
+    if isinstance(model, tvm.IRModule):
+        return _from_relax(model, params or {})
+    if params:
+        raise PatDNNError("params are only for Relax IRModules: ONNX models carry their weights")
+    if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        raise PatDNNError(f"a model is an ONNX path or ModelProto, a Relax IRModule or a torch.nn.Module "
+                          f"(with example_inputs), not {type(model).__name__}")
+    return import_onnx(model, input_shapes)
+
+
+def check_inputs(model: InputSignature, given: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The inputs as contiguous arrays in ``model.input_names`` order; PatDNNError if they do not fit."""
+    missing = [n for n in model.input_names if n not in given]
+    unknown = [n for n in given if n not in model.input_names]
+    if missing or unknown:
+        raise PatDNNError(f"inputs must be exactly {model.input_names}; missing {missing}, unknown {unknown}")
+    arrays = []
+    for name in model.input_names:
+        value = given[name]
+        if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # tvm.runtime.Tensor, torch.Tensor
+            value = value.numpy()
+        if not isinstance(value, (np.ndarray, np.generic, list, tuple, int, float)):
+            raise PatDNNError(f"input {name!r} must be a numpy array, not {type(value).__name__}")
+        try:
+            # np.require keeps a 0-d (scalar) input 0-d; np.ascontiguousarray would make it 1-d
+            value = np.require(np.asarray(value, dtype=model.input_dtypes[name]), requirements="C")
+        except (TypeError, ValueError) as err:
+            raise PatDNNError(f"input {name!r} cannot be read as a {model.input_dtypes[name]} array: {err}") from None
+        if value.shape != model.input_shapes[name]:
+            raise PatDNNError(f"input {name!r} has shape {value.shape}, the model expects {model.input_shapes[name]}")
+        arrays.append(value)
+    return arrays
+
+
+def seeded_inputs(model: InputSignature, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal inputs of the model's shapes and dtypes, the same for the same ``seed``:
+    what ``deploy``, ``bench`` and the OpenCL check run when given no inputs, so their numbers
+    and comparisons can be reproduced."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(model.input_shapes[name]).astype(model.input_dtypes[name])
+            for name in model.input_names}
+
+
+def _from_relax(mod: tvm.IRModule, params: dict[str, np.ndarray]) -> ImportedModel:
+    if "main" not in mod or not isinstance(mod["main"], relax.Function):
+        raise PatDNNError("a Relax IRModule needs a Relax function named 'main'")
+    func = mod["main"]
+    names = [p.name for p in func.params]
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise PatDNNError(f"params name no parameter of main: {', '.join(unknown)}")
+    if params:
+        mod = relax.transform.BindParams("main", {k: np.asarray(v) for k, v in params.items()})(mod)
+    inputs = [p for p in mod["main"].params]
+    shapes, dtypes = {}, {}
+    for var in inputs:
+        shape = getattr(var.ty, "shape", None)
+        try:
+            shapes[var.name] = tuple(int(d) for d in shape.values)
+        except (AttributeError, TypeError, ValueError):
+            raise PatDNNError(f"input {var.name!r} of main has no static shape") from None
+        dtypes[var.name] = str(var.ty.dtype)
+    return ImportedModel(
+        mod=mod,
+        input_names=[v.name for v in inputs],
+        input_shapes=shapes,
+        input_dtypes=dtypes,
+        output_names=["output"],
+    )
 
 
 def _dynamic(dim) -> bool:

@@ -22,8 +22,10 @@ __all__ = [
     "vector_registers",
     "fma_chains",
     "gpu_threads",
+    "host_arch",
     "is_aarch64",
     "is_host_runnable",
+    "target_arch",
     "PRESETS",
     "TARGET_NAMES",
 ]
@@ -120,17 +122,26 @@ def _cpu(target: Target) -> Target:
     return target if target.kind.name == "llvm" else target.host
 
 
+def host_arch() -> str:
+    """This machine's CPU architecture as LLVM names it (``x86_64``, ``aarch64``)."""
+    return codegen.llvm_get_system_triple().split("-")[0]
+
+
+def target_arch(target: Target) -> str:
+    """The CPU architecture the target's (host) code is for: its triple's first part, this
+    machine's when the target names no triple."""
+    return (str(_cpu(target).attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()).split("-")[0]
+
+
 def is_aarch64(target: Target) -> bool:
     """Whether the target's (host) code is aarch64, so exporting it needs a cross compiler."""
     return str(_cpu(target).attrs.get("mtriple", "")).startswith(("aarch64", "arm64"))
 
 
 def is_host_runnable(target: Target) -> bool:
-    """Whether ``CompiledModel.run`` can execute it here: an LLVM target for this machine's arch."""
-    if target.kind.name != "llvm":
-        return False
-    triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
-    return triple.split("-")[0] == codegen.llvm_get_system_triple().split("-")[0]
+    """Whether this machine can run it (``CompiledModel.run``, ``load``, a local tune): an LLVM
+    target for this machine's architecture (the PyPI runtime has no OpenCL device)."""
+    return target.kind.name == "llvm" and target_arch(target) == host_arch()
 
 
 def vector_registers(target: Target) -> int:

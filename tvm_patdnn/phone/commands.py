@@ -1,5 +1,6 @@
-"""``patdnn phone-emulator`` (the emulated aarch64 phone behind an RPC tracker) and ``patdnn
-opencl-check`` (the Adreno kernels verified on PoCL): the phone commands that need no device."""
+"""The phone subcommands: ``patdnn deploy`` (run, check and time on a device behind an RPC
+tracker), ``patdnn phone-emulator`` (the emulated aarch64 phone behind a tracker) and ``patdnn
+opencl-check`` (the Adreno kernels verified on PoCL). Handlers import their modules when they run."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import logging
 import signal
 import sys
 
+from ..arguments import TARGET_HELP, add_model_options, add_target_option, pattern_options
 from ..errors import PatDNNError
-from .deploy import parse_tracker
+from ..verify import DEFAULT_RTOL
+
+__all__ = ["add_deploy_command", "add_opencl_check_command", "add_phone_emulator_command"]
 
 EXPOSED_WARNING = (
     "WARNING: --host {host} is not a loopback address: anyone who can reach {host}:{port} can run "
@@ -20,8 +24,10 @@ EXPOSED_WARNING = (
 
 
 def _parse_addr(text: str) -> tuple[str, int]:
+    from ..rpc import parse_address
+
     try:
-        return parse_tracker(text)
+        return parse_address(text)
     except PatDNNError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -37,6 +43,55 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``patdnn deploy`` (exit status 0: outputs match, 1: they differ, 2: error)."""
+    parser = subparsers.add_parser(
+        "deploy",
+        help="compile (or take a .so), run on a device behind a TVM RPC tracker, check and time it",
+        description=(
+            "Upload the compiled model to a device registered under KEY at a TVM RPC tracker "
+            "(a phone running the TVM RPC app, or `patdnn phone-emulator`), run it, compare its "
+            "outputs with onnx.reference (exit status 1 when they differ) and print the latency "
+            "measured on the device."
+        ),
+    )
+    add_model_options(parser)
+    add_target_option(parser, "arm_cpu", TARGET_HELP + "; arm_cpu and galaxy-s10 are Android phones (link with "
+                      "TVM_NDK_CC), arm_cpu-linux aarch64 Linux and the emulated phone")
+    parser.add_argument("--tracker", required=True, metavar="HOST:PORT", help="RPC tracker, e.g. 127.0.0.1:9190")
+    parser.add_argument("--key", default="android", help="device key at the tracker")
+    compiled = parser.add_mutually_exclusive_group()
+    compiled.add_argument("--so", metavar="LIBRARY", help="an already compiled library of MODEL (skip compiling)")
+    compiled.add_argument("--tuning-db", metavar="DIR",
+                          help="compile with the records of `patdnn tune --db DIR` (tuned on this device with --rpc); "
+                               "default: the schedules shipped for the target")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                        help="max error relative to the largest reference output")
+    parser.add_argument("--number", type=int, default=5, help="runs averaged per timing")
+    parser.add_argument("--repeat", type=int, default=3, help="timings taken")
+    parser.add_argument("--session-timeout", type=float, default=600,
+                        help="seconds the device serves this session at most; upload, run and timing must "
+                             "finish within it")
+    parser.add_argument("--timeout", type=float, default=60, metavar="SECONDS",
+                        help="limit of every step before the session: the tracker's answer, the device "
+                             "becoming free, its handshake")
+    parser.set_defaults(func=run_deploy)
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    from .deploy import deploy
+
+    patterns = pattern_options(args)
+    result = deploy(
+        args.model, args.target, tracker=args.tracker, key=args.key, library=args.so,
+        input_shapes=dict(args.input_shape), entries=patterns.entries, max_patterns=patterns.max_patterns,
+        tuning_db=args.tuning_db, rtol=args.rtol, number=args.number, repeat=args.repeat,
+        session_timeout=args.session_timeout, timeout=args.timeout,
+    )
+    print(result.summary())
+    return 0 if result.ok else 1
 
 
 def add_phone_emulator_command(subparsers: argparse._SubParsersAction) -> None:
@@ -65,8 +120,6 @@ def add_phone_emulator_command(subparsers: argparse._SubParsersAction) -> None:
 
 def add_opencl_check_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``patdnn opencl-check`` (exit status 0: the kernels match, 1: they differ, 2: error)."""
-    from ..cli import _add_model_options, add_target_option
-
     parser = subparsers.add_parser(
         "opencl-check",
         help="compile for an OpenCL target (adreno) and verify every kernel on this CPU with PoCL",
@@ -76,9 +129,9 @@ def add_opencl_check_command(subparsers: argparse._SubParsersAction) -> None:
             "Needs Debian pocl-opencl-icd and the `opencl` extra (pyopencl). Exit status 1 when the outputs differ."
         ),
     )
-    _add_model_options(parser)
+    add_model_options(parser)
     add_target_option(parser, "adreno", "an OpenCL target: adreno or a TVM target JSON of kind opencl")
-    parser.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to the largest output")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="tolerance relative to the largest output")
     parser.add_argument("--launches", action="store_true", help="list every kernel launch")
     parser.set_defaults(func=run_opencl_check)
 
@@ -86,8 +139,9 @@ def add_opencl_check_command(subparsers: argparse._SubParsersAction) -> None:
 def run_opencl_check(args: argparse.Namespace) -> int:
     from .opencl_check import check_opencl
 
-    result = check_opencl(args.model, args.target, input_shapes=dict(args.input_shape), entries=args.entries,
-                          max_patterns=args.max_patterns, rtol=args.rtol)
+    patterns = pattern_options(args)
+    result = check_opencl(args.model, args.target, input_shapes=dict(args.input_shape), entries=patterns.entries,
+                          max_patterns=patterns.max_patterns, rtol=args.rtol)
     if args.launches:
         for launch in result.launches:
             print(f"{launch.kernel}: global {launch.global_size}, local {launch.local_size}")

@@ -7,24 +7,23 @@ schedule); the latency comes from TVM's ``time_evaluator`` on the device itself.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
 
 from ..errors import PatDNNError
 from ..fileio import load_onnx_model
+from ..rpc import call_with_deadline, check_tracker, parse_address, request_session
+from ..verify import DEFAULT_RTOL, onnx_reference, relative_error
 
-__all__ = ["DeployResult", "deploy", "add_deploy_command", "parse_tracker", "onnx_reference", "relative_error"]
+__all__ = ["DeployResult", "deploy"]
 
-DEFAULT_RTOL = 1e-4
 EMULATOR_NOTE = (
     "note: this device is the emulated phone (qemu-user on this machine): its timings are "
     "20-50x slower than a phone's and are not phone timings"
@@ -59,14 +58,6 @@ class DeployResult:
         if self.emulated:
             lines.append(EMULATOR_NOTE)
         return "\n".join(lines)
-
-
-def parse_tracker(text: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise PatDNNError(f"tracker address must be HOST:PORT with a port in 1..65535, got {text!r}")
-    return host, int(port)
 
 
 def deploy(
@@ -107,16 +98,14 @@ def deploy(
     if library is not None and tuning_db is not None:
         raise PatDNNError("a tuning database applies when compiling: give it to `patdnn compile` for the library, "
                           "or deploy the ONNX model without --so")
-    from ..compiler import check_inputs
     from ..compiler import compile as compile_model
-    from ..frontend import import_onnx
+    from ..export import check_library_machine
+    from ..frontend import check_inputs, load_model, seeded_inputs
     from ..targets import resolve_target
-    from ..tuning.measure import check_tracker
-    from .cross import check_library_machine
 
     proto = load_onnx_model(model)
     resolved = resolve_target(target)
-    host, port = parse_tracker(tracker) if isinstance(tracker, str) else tracker
+    host, port = parse_address(tracker) if isinstance(tracker, str) else tracker
     try:  # before compiling: fail fast on a wrong address or key
         check_tracker(host, port, key, timeout)
     except RuntimeError as err:
@@ -135,12 +124,8 @@ def deploy(
             check_library_machine(path, resolved, remedy=(
                 f"it was compiled for another target. Compile it for this one (`patdnn compile MODEL --target {name} "
                 "-o LIB`), or deploy with the --target it was compiled for"))
-            signature = import_onnx(proto, input_shapes)
-        if inputs is None:
-            rng = np.random.default_rng(0)
-            inputs = {name: rng.standard_normal(signature.input_shapes[name]).astype(signature.input_dtypes[name])
-                      for name in signature.input_names}
-        arrays = check_inputs(signature, inputs)
+            signature = load_model(proto, input_shapes=input_shapes)
+        arrays = check_inputs(signature, seeded_inputs(signature) if inputs is None else inputs)
         reference = onnx_reference(proto, dict(zip(signature.input_names, arrays)))
         outputs, latency, emulated = _run_remote(path, resolved, host, port, key, arrays, number, repeat,
                                                  session_timeout, timeout)
@@ -151,32 +136,14 @@ def deploy(
     return DeployResult(outputs, reference, errors, rtol, latency, str(resolved), key, emulated)
 
 
-def onnx_reference(proto: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from onnx.reference import ReferenceEvaluator
-
-    return [np.asarray(o) for o in ReferenceEvaluator(proto).run(None, inputs)]
-
-
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    if actual.shape != expected.shape:
-        return float("inf")
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-6)
-    return float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0)) / scale
-
-
 def _run_remote(path: Path, target, host: str, port: int, key: str, arrays: list[np.ndarray],
                 number: int, repeat: int, session_timeout: float,
                 timeout: float) -> tuple[list[np.ndarray], list[float], bool]:
     """Upload, run once, time. Errors are raised only after the session's frame is gone, so
     that no traceback keeps a remote object alive: the device returns to the tracker at once
     instead of at ``session_timeout``."""
-    from ..tuning.measure import TrackerSession, call_with_deadline
-
-    # Not TVM's tracker.request, which waits forever for a device that has gone away.
-    config = SimpleNamespace(tracker_host=host, tracker_port=port, tracker_key=key,
-                             session_priority=1, session_timeout_sec=session_timeout)
-    try:
-        remote = TrackerSession(wait=timeout)(config)
+    try:  # not TVM's tracker.request, which waits forever for a device that has gone away
+        remote = request_session(host, port, key, wait=timeout, session_timeout=session_timeout)
     except RuntimeError as err:
         raise PatDNNError(f"the tracker gave no session on {key!r}: {err}") from None
     problem = None
@@ -217,51 +184,3 @@ def _session_run(remote, path: Path, target, key: str, arrays: list[np.ndarray],
     outputs = [r.numpy() for r in results]
     latency = [float(t) * 1e3 for t in vm.time_evaluator("main", dev, number=number, repeat=repeat)(*args).results]
     return outputs, latency, emulated
-
-
-def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``patdnn deploy`` (exit status 0: outputs match, 1: they differ, 2: error)."""
-    from ..cli import TARGET_HELP, _add_model_options, add_target_option  # shared by every model command
-
-    parser = subparsers.add_parser(
-        "deploy",
-        help="compile (or take a .so), run on a device behind a TVM RPC tracker, check and time it",
-        description=(
-            "Upload the compiled model to a device registered under KEY at a TVM RPC tracker "
-            "(a phone running the TVM RPC app, or `patdnn phone-emulator`), run it, compare its "
-            "outputs with onnx.reference (exit status 1 when they differ) and print the latency "
-            "measured on the device."
-        ),
-    )
-    _add_model_options(parser)
-    add_target_option(parser, "arm_cpu", TARGET_HELP + "; arm_cpu and galaxy-s10 are Android phones (link with "
-                      "TVM_NDK_CC), arm_cpu-linux aarch64 Linux and the emulated phone")
-    parser.add_argument("--tracker", required=True, metavar="HOST:PORT", help="RPC tracker, e.g. 127.0.0.1:9190")
-    parser.add_argument("--key", default="android", help="device key at the tracker")
-    compiled = parser.add_mutually_exclusive_group()
-    compiled.add_argument("--so", metavar="LIBRARY", help="an already compiled library of MODEL (skip compiling)")
-    compiled.add_argument("--tuning-db", metavar="DIR",
-                          help="compile with the records of `patdnn tune --db DIR` (tuned on this device with --rpc); "
-                               "default: the schedules shipped for the target")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                        help="max error relative to the largest reference output")
-    parser.add_argument("--number", type=int, default=5, help="runs averaged per timing")
-    parser.add_argument("--repeat", type=int, default=3, help="timings taken")
-    parser.add_argument("--session-timeout", type=float, default=600,
-                        help="seconds the device serves this session at most; upload, run and timing must "
-                             "finish within it")
-    parser.add_argument("--timeout", type=float, default=60, metavar="SECONDS",
-                        help="limit of every step before the session: the tracker's answer, the device "
-                             "becoming free, its handshake")
-    parser.set_defaults(func=_run_deploy)
-
-
-def _run_deploy(args: argparse.Namespace) -> int:
-    result = deploy(
-        args.model, args.target, tracker=parse_tracker(args.tracker), key=args.key, library=args.so,
-        input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
-        tuning_db=args.tuning_db, rtol=args.rtol, number=args.number, repeat=args.repeat, session_timeout=args.session_timeout,
-        timeout=args.timeout,
-    )
-    print(result.summary())
-    return 0 if result.ok else 1

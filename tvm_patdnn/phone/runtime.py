@@ -22,8 +22,9 @@ import zipfile
 from pathlib import Path
 
 from ..errors import PatDNNError
+from ..export import DEBIAN_CROSS_CXX as CROSS_CXX
+from ..export import ELF_MACHINES, elf_machine
 
-CROSS_CXX = "aarch64-linux-gnu-g++"
 QEMU = "qemu-aarch64"
 SYSROOT = Path("/usr/aarch64-linux-gnu")
 
@@ -33,7 +34,6 @@ _FFI_LIBS = ("tvm_ffi/lib/libtvm_ffi.so",)
 _FFI_HEADER_PREFIXES = ("tvm_ffi/include/tvm/ffi/", "tvm_ffi/include/dlpack/")
 _REQUIRED_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 _AARCH64_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux2014_aarch64")
-_EM_AARCH64 = 183
 _SERVER_SOURCE = Path(__file__).with_name("minirpc_server.cc")
 
 
@@ -66,11 +66,6 @@ def cache_dir() -> Path:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tvm_patdnn"
     tvm_version, ffi_version = _versions()
     return base / "phone" / f"tvm-{tvm_version}_ffi-{ffi_version}"
-
-
-def _is_aarch64_elf(path: Path) -> bool:
-    header = path.read_bytes()[:20]
-    return header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == _EM_AARCH64
 
 
 def runtime_is_cached() -> bool:
@@ -136,7 +131,7 @@ def fetch_aarch64_runtime(force: bool = False) -> Path:
             _extract(tvm_wheel, _TVM_LIBS, (), staging)
             _extract(ffi_wheel, _FFI_LIBS, _FFI_HEADER_PREFIXES, staging)
         for lib in (staging / "lib").iterdir():
-            if not _is_aarch64_elf(lib):
+            if elf_machine(lib) != ELF_MACHINES["aarch64"]:
                 raise PatDNNError(f"{lib.name} from the downloaded wheel is not an AArch64 ELF")
         shutil.rmtree(root, ignore_errors=True)
         os.replace(staging, root)

@@ -6,13 +6,15 @@ import argparse
 import shlex
 import sys
 
+from ..analysis import PatternOptions
+from ..arguments import add_model_options, add_target_option, pattern_options
+from ..tables import format_table
+
 __all__ = ["add_tune_command", "format_results"]
 
 
 def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``tune`` (handler in ``func``)."""
-    from ..cli import _add_model_options, add_target_option  # the cli module is loaded by the time parsers are built
-
     parser = subparsers.add_parser(
         "tune",
         help="auto-tune the model's kernels (meta_schedule + XGBoost), appending records to a database",
@@ -26,7 +28,7 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
             "`patdnn compile --tuning-db DB` or tvm_patdnn.compile(..., tuning_db=DB)."
         ),
     )
-    _add_model_options(parser)
+    add_model_options(parser)
     add_target_option(parser, "x86")
     parser.add_argument("--trials", type=int, default=64, help="search trials over all kernels")
     parser.add_argument("--db", required=True, metavar="DIR", help="tuning database directory (created if missing)")
@@ -48,15 +50,13 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
 def format_results(results) -> str:
     """A table of the tuned kernels (default and best time, speedup, trials failed in this tune),
     then each failing kernel's last error and why the tune stopped early, if it did."""
-    lines = [(f"{'kernel':<36} {'kind':<8} {'calls':>5} {'trials':>6} {'default ms':>11} {'tuned ms':>10} "
-              f"{'speedup':>8} {'failed':>6}")]
-    for r in results:
-        default = f"{r.default_ms:.4g}" if r.default_ms is not None else "-"
-        best = f"{r.best_ms:.4g}" if r.best_ms is not None else "-"
-        speedup = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
-        failed = getattr(r, "failed", 0)
-        lines.append(f"{r.name:<36} {r.kind:<8} {r.weight:>5} {r.trials:>6} {default:>11} {best:>10} {speedup:>8} "
-                     f"{failed:>6}")
+    rows = [[r.name, r.kind, str(r.weight), str(r.trials),
+             f"{r.default_ms:.4g}" if r.default_ms is not None else "-",
+             f"{r.best_ms:.4g}" if r.best_ms is not None else "-",
+             f"{r.speedup:.2f}x" if r.speedup is not None else "-",
+             str(getattr(r, "failed", 0))] for r in results]
+    lines = [format_table(["kernel", "kind", "calls", "trials", "default ms", "tuned ms", "speedup", "failed"], rows,
+                          align="<<>>>>>>")]
     failing = [r for r in results if getattr(r, "failed", 0)]
     if failing:
         lines.append(f"\n{sum(r.failed for r in failing)} trial(s) failed:")
@@ -78,8 +78,9 @@ def apply_command(args: argparse.Namespace) -> str:
     words = ["patdnn", "compile", args.model, "--target", args.target]
     for name, dims in args.input_shape:
         words += ["--input-shape", f"{name}={','.join(map(str, dims))}"]
-    if args.entries != 4 or args.max_patterns != 12:
-        words += ["--entries", str(args.entries), "--max-patterns", str(args.max_patterns)]
+    patterns = pattern_options(args)
+    if patterns != PatternOptions():
+        words += ["--entries", str(patterns.entries), "--max-patterns", str(patterns.max_patterns)]
     words += ["--tuning-db", str(args.db), "-o", "model.so"]
     return shlex.join(words)
 
@@ -88,10 +89,11 @@ def run_tune(args: argparse.Namespace) -> int:
     from ..tvm_noise import filter_tvm_noise
     from .tuner import tune
 
+    patterns = pattern_options(args)
     with filter_tvm_noise():  # 'Unknown schedule rule "meta_schedule.pool_max"': see tvm_noise
         results = tune(
             args.model, args.target, trials=args.trials, database=args.db, rpc=args.rpc,
-            input_shapes=dict(args.input_shape), entries=args.entries, max_patterns=args.max_patterns,
+            input_shapes=dict(args.input_shape), entries=patterns.entries, max_patterns=patterns.max_patterns,
             trials_per_iter=args.trials_per_iter, timeout=args.timeout, devices=args.devices, progress=sys.stderr,
             dense_kernels=args.dense_kernels,
         )

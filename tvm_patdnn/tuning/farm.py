@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.runner.rpc_runner import default_upload_module
 
+from ..rpc import DEVICE_UNAVAILABLE, TrackerSession, tracker_devices
 from ..tvm_compat import set_pool_timeout
-from .measure import DEVICE_UNAVAILABLE, PackedArguments, TrackerSession, tracker_devices
+from .measure import PackedArguments
 
 __all__ = ["DeviceFarm", "DeviceStats", "RecordingUpload"]
 
@@ -37,7 +38,7 @@ RETRIES = 2  # extra tries of a candidate whose device was lost
 @dataclass(frozen=True)
 class RecordingUpload:
     """RPCRunner ``f_upload_module``: the default upload, after writing which device the worker's
-    session runs on next to the library (``TrackerSession`` tags the session with it)."""
+    session runs on next to the library (``rpc.request_session`` tags the session with it)."""
 
     def __call__(self, session, local_path: str, remote_path: str):
         with open(local_path + MARKER, "w") as marker:

@@ -14,7 +14,8 @@ Instead this module replays what the VM and TVM's host code would do on the phon
   built with PoCL, launched or not, and work groups are checked against the target's limit.
 
 The outputs are compared with ``onnx.reference``. Needs Debian ``pocl-opencl-icd`` and PyPI
-``pyopencl``.
+``pyopencl``. ``python -m tvm_patdnn.phone.opencl_check MODEL`` is ``patdnn opencl-check MODEL``
+(``__main__.py``: the command line lives above this package, which it imports).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.tirx import stmt as tir_stmt
 
-from ..analysis import PatternOptions
-from ..errors import PatDNNError
-from ..fileio import load_onnx_model
+from ...analysis import PatternOptions
+from ...errors import PatDNNError
+from ...fileio import load_onnx_model
+from ...verify import DEFAULT_RTOL, onnx_reference, relative_error
 
 __all__ = ["OpenCLCheck", "KernelLaunch", "check_opencl", "split_kernel_sources"]
 
@@ -330,20 +332,18 @@ def check_opencl(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     entries: int = 4,
     max_patterns: int = 12,
-    rtol: float = 1e-4,
+    rtol: float = DEFAULT_RTOL,
 ) -> OpenCLCheck:
     """Compile ``model`` for an OpenCL target and verify every kernel on PoCL (see module doc)."""
-    from ..compiler import check_inputs
-    from ..frontend import import_onnx
-    from ..pipeline import get_pipeline
-    from ..targets import resolve_target
-    from .deploy import onnx_reference, relative_error
+    from ...frontend import check_inputs, load_model, seeded_inputs
+    from ...pipeline import get_pipeline
+    from ...targets import resolve_target
 
     resolved = resolve_target(target)
     if resolved.kind.name != "opencl":
         raise PatDNNError(f"the OpenCL check needs an OpenCL target such as adreno, not {resolved.kind.name}")
     proto = load_onnx_model(model)
-    imported = import_onnx(proto, input_shapes)
+    imported = load_model(proto, input_shapes=input_shapes)
     try:
         with resolved:
             lowered = get_pipeline(resolved, PatternOptions(entries, max_patterns))(imported.mod)
@@ -352,11 +352,7 @@ def check_opencl(
         raise
     except Exception as err:  # TVM's errors name C++ internals; say which stage failed
         raise PatDNNError(f"TVM failed to compile the model for {resolved}: {str(err).strip().splitlines()[-1]}") from err
-    if inputs is None:
-        rng = np.random.default_rng(0)
-        inputs = {name: rng.standard_normal(imported.input_shapes[name]).astype(imported.input_dtypes[name])
-                  for name in imported.input_names}
-    arrays = check_inputs(imported, inputs)
+    arrays = check_inputs(imported, seeded_inputs(imported) if inputs is None else inputs)
     sources = _opencl_sources(executable)
     replay = _Replay(lowered, resolved, sources)
     outputs = replay.run(arrays)
@@ -364,16 +360,3 @@ def check_opencl(
     errors = [relative_error(a, e) for a, e in zip(outputs, reference, strict=True)]
     return OpenCLCheck(sorted(replay.programs), replay.launches, outputs, reference, errors, rtol,
                        f"PoCL ({replay.device.name})", sources)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tvm_patdnn.phone.opencl_check MODEL``: the same as ``patdnn opencl-check MODEL``."""
-    import sys
-
-    from ..cli import main as cli_main
-
-    return cli_main(["opencl-check", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
