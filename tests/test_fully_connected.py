@@ -102,3 +102,32 @@ def test_kernel_generates_wide_fmas(target, lanes, pattern):
     asm = tvm.tirx.build(tvm.IRModule({"fc": func}), resolve_target(target)).inspect_source("asm")
     assert len(re.findall(pattern, asm)) >= spec.vectors
     assert "gather" not in asm
+
+
+def test_a_one_element_addend_of_higher_rank_stays_a_relax_add_after_the_kernel():
+    """A (1, 1, 1) constant added to a (1, 4) matmul broadcasts the sum to 3-D: it is no bias of the
+    2-D kernel, which then takes the matmul alone (fusing it bound a 2-D call to a 3-D variable)."""
+    import tvm
+    from tvm import relax
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    from tvm_patdnn.transform import FullyConnectedRewrite
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 8), "float32"), w: R.Tensor((8, 4), "float32"), b: R.Tensor((1, 1, 1), "float32")):
+            with R.dataflow():
+                y = R.matmul(x, w)
+                gv = R.add(y, b)
+                R.output(gv)
+            return gv
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((8, 4)).astype(np.float32), "b": np.ones((1, 1, 1), np.float32)}
+    after = FullyConnectedRewrite(16, 8)(relax.transform.BindParams("main", params)(Before))
+    relax.analysis.well_formed(after)  # raises on ill-formed IR (returns None in TVM 0.27)
+    kernel, add = after["main"].body.blocks[0].bindings
+    assert kernel.value.op.same_as(tvm.ir.Op.get("relax.call_tir")) and kernel.value.args[0].name_hint == "fully_connected"
+    assert add.value.op.same_as(tvm.ir.Op.get("relax.add")) and tuple(add.var.ty.shape) == (1, 1, 4)

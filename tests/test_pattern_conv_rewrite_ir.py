@@ -34,7 +34,7 @@ from tvm_patdnn.ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_prim
 from tvm_patdnn.pruning.projection import project_pattern_and_connectivity
 from tvm_patdnn.report import ConvRecord
 from tvm_patdnn.transform import PatternConvRewrite
-from tvm_patdnn.transform.pattern_conv_rewrite import OPAQUE
+from tvm_patdnn.transform.exprs import OPAQUE
 
 # 4 filters x 2 input channels projected onto two 4-tap patterns, 6 of the 8 kernels kept:
 # FKW stores 6 kernels x 4 taps and one run per (filter, pattern), 4 x 2 + 1 offsets; its filter

@@ -62,8 +62,8 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from ..arith import ceil_div
 from ..ops.dense_conv import DenseConvSpec
 from ..ops.direct_conv import DirectConvSpec, direct_register_tile
+from .exprs import add_kernel, constant_array, float_value, per_channel_bias, static_shape
 from .kernel_choice import KernelChoices, KernelSpec, kernel_function, pack_for_kernel
-from .pattern_conv_rewrite import OPAQUE, _per_channel_bias, _static_shape
 
 __all__ = ["DenseConvRewrite", "DenseConvRewriter"]
 
@@ -82,7 +82,7 @@ FEW_POINTWISE_FILTERS = 64
 
 def _is_dense_conv(conv: relax.Call, weight: relax.Expr) -> bool:
     attrs = conv.attrs
-    shapes = _static_shape(conv.args[0]), _static_shape(weight), _static_shape(conv)
+    shapes = static_shape(conv.args[0]), static_shape(weight), static_shape(conv)
     return (
         all(s is not None and len(s) == 4 for s in shapes)
         and isinstance(weight, tvm.ir.GenericConst)
@@ -93,14 +93,6 @@ def _is_dense_conv(conv: relax.Call, weight: relax.Expr) -> bool:
         and int(attrs.groups) == 1
         and all(int(d) == 1 for d in attrs.dilation)
     )
-
-
-def _float_value(expr: relax.Expr) -> float | None:
-    value = getattr(expr, "value", None)
-    try:
-        return float(getattr(value, "value", value))
-    except (TypeError, ValueError):
-        return None
 
 
 class DenseConvRewriter:
@@ -147,7 +139,7 @@ class DenseConvRewriter:
         if self.relu in matches:
             return "relu", 0.0, 0.0
         if self.clip in matches:
-            bounds = _float_value(expr.args[1]), _float_value(expr.args[2])
+            bounds = float_value(expr.args[1]), float_value(expr.args[2])
             return None if None in bounds else ("clip", *bounds)
         return "none", 0.0, 0.0
 
@@ -199,10 +191,10 @@ class DenseConvRewriter:
         conv, weight = matches[self.conv], matches[self.weight]
         if not _is_dense_conv(conv, weight):
             return None
-        out_shape = _static_shape(conv)
+        out_shape = static_shape(conv)
         bias = None
         if self.bias in matches:
-            bias = _per_channel_bias(matches[self.bias], out_shape[1])
+            bias = per_channel_bias(matches[self.bias], out_shape[1])
             if bias is None:
                 return None  # not a per-channel bias: a smaller match takes the conv
         residual = None
@@ -211,15 +203,15 @@ class DenseConvRewriter:
             operands = matches[self.added].args
             first = self._var2val.get(operands[0])
             residual = operands[1] if first is not None and first.same_as(pre) else operands[0]
-        if residual is not None and (_static_shape(residual) != out_shape or residual.ty.dtype != "float32"):
+        if residual is not None and (static_shape(residual) != out_shape or residual.ty.dtype != "float32"):
             return None  # a broadcasting add
         activation = self._activation(expr, matches)
         if activation is None:
             return None
-        n, c, h, w = _static_shape(conv.args[0])
+        n, c, h, w = static_shape(conv.args[0])
         spec = DenseConvSpec.for_target(
             *self.gemm_vectors(), self.vectors, batch=n, in_channels=c, height=h, width=w,
-            out_channels=out_shape[1], kernel=_static_shape(weight)[2:],
+            out_channels=out_shape[1], kernel=static_shape(weight)[2:],
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
             has_bias=bias is not None, residual=residual is not None,
             activation=activation[0], clip_min=activation[1], clip_max=activation[2],
@@ -315,17 +307,17 @@ class DenseConvRewriter:
             bias = pack_bias(bias)
         if kernel not in self._kernels:
             func, name = kernel_function(kernel)
-            self._kernels[kernel] = self._builder.add_func(func.with_attr("op_pattern", OPAQUE), name)
+            self._kernels[kernel] = add_kernel(self._builder, func, name)
         args = [conv.args[0], packed]
         args += [relax.const(bias)] if bias is not None else []
         args += [residual] if residual is not None else []
-        return relax.call_tir(self._kernels[kernel], args, relax.TensorType(_static_shape(conv), "float32"))
+        return relax.call_tir(self._kernels[kernel], args, relax.TensorType(static_shape(conv), "float32"))
 
     def _packed_weight(self, weight: relax.Expr, pack, layout: tuple) -> relax.Expr:
         """The weight packed once per kernel layout, shared by the convs that use it."""
         key = (weight, layout)
         if key not in self._packed:
-            self._packed[key] = relax.const(pack(weight.value.numpy()))
+            self._packed[key] = relax.const(pack(constant_array(weight)))
         return self._packed[key]
 
 

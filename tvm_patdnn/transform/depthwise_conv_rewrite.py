@@ -22,14 +22,14 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from ..ops.depthwise_conv import DepthwiseConvSpec, depthwise_conv_primfunc
 from .dense_conv_rewrite import DenseConvRewriter
-from .pattern_conv_rewrite import OPAQUE, _per_channel_bias, _static_shape
+from .exprs import add_kernel, per_channel_bias, static_shape
 
 __all__ = ["DepthwiseConvRewrite", "DepthwiseConvRewriter"]
 
 
 def _is_depthwise_conv(conv: relax.Call, weight: relax.Expr) -> bool:
     attrs = conv.attrs
-    shapes = _static_shape(conv.args[0]), _static_shape(weight), _static_shape(conv)
+    shapes = static_shape(conv.args[0]), static_shape(weight), static_shape(conv)
     if not all(s is not None and len(s) == 4 for s in shapes):
         return False
     channels = shapes[0][1]
@@ -63,7 +63,7 @@ class DepthwiseConvRewriter(DenseConvRewriter):
         return self._builder.get()
 
     def _rewrite_max_pool(self, expr: relax.Call, _matches) -> relax.Expr:
-        attrs, shape, out_shape = expr.attrs, _static_shape(expr.args[0]), _static_shape(expr)
+        attrs, shape, out_shape = expr.attrs, static_shape(expr.args[0]), static_shape(expr)
         if (shape is None or out_shape is None or len(shape) != 4 or expr.ty.dtype != "float32"
                 or (attrs.layout, attrs.out_layout) != ("NCHW", "NCHW") or bool(attrs.ceil_mode)
                 or any(int(d) != 1 for d in attrs.dilation)):
@@ -77,8 +77,7 @@ class DepthwiseConvRewriter(DenseConvRewriter):
         if (spec.out_height, spec.out_width) != out_shape[2:]:
             return expr
         if spec not in self._kernels:
-            func = depthwise_conv_primfunc(spec).with_attr("op_pattern", OPAQUE)
-            self._kernels[spec] = self._builder.add_func(func, "depthwise_max_pool")
+            self._kernels[spec] = add_kernel(self._builder, depthwise_conv_primfunc(spec), "depthwise_max_pool")
         return relax.call_tir(self._kernels[spec], [expr.args[0]], relax.TensorType(out_shape, "float32"))
 
     def _fusion(self, expr: relax.Call, matches) -> tuple | None:
@@ -86,17 +85,17 @@ class DepthwiseConvRewriter(DenseConvRewriter):
         conv, weight = matches[self.conv], matches[self.weight]
         if self.added in matches or not _is_depthwise_conv(conv, weight):
             return None
-        n, c, h, w = _static_shape(conv.args[0])
+        n, c, h, w = static_shape(conv.args[0])
         bias = None
         if self.bias in matches:
-            bias = _per_channel_bias(matches[self.bias], c)
+            bias = per_channel_bias(matches[self.bias], c)
             if bias is None:
                 return None  # not a per-channel bias: a smaller match takes the conv
         activation = self._activation(expr, matches)
         if activation is None:
             return None
         spec = DepthwiseConvSpec.for_target(
-            self.registers, self.lanes, batch=n, channels=c, height=h, width=w, kernel=_static_shape(weight)[2:],
+            self.registers, self.lanes, batch=n, channels=c, height=h, width=w, kernel=static_shape(weight)[2:],
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
             has_bias=bias is not None, activation=activation[0], clip_min=activation[1], clip_max=activation[2],
         )
@@ -107,10 +106,9 @@ class DepthwiseConvRewriter(DenseConvRewriter):
             return expr
         conv, spec, bias = self._fusions[expr]
         if spec not in self._kernels:
-            func = depthwise_conv_primfunc(spec).with_attr("op_pattern", OPAQUE)
-            self._kernels[spec] = self._builder.add_func(func, "depthwise_conv")
+            self._kernels[spec] = add_kernel(self._builder, depthwise_conv_primfunc(spec), "depthwise_conv")
         args = [conv.args[0], conv.args[1]] + ([relax.const(bias)] if bias is not None else [])
-        return relax.call_tir(self._kernels[spec], args, relax.TensorType(_static_shape(conv), "float32"))
+        return relax.call_tir(self._kernels[spec], args, relax.TensorType(static_shape(conv), "float32"))
 
 
 DepthwiseConvRewrite = tvm.transform.module_pass(DepthwiseConvRewriter, opt_level=0, name="DepthwiseConvRewrite")

@@ -17,19 +17,20 @@ from tvm import relax
 
 from ..ops.fully_connected import FullyConnectedSpec, fully_connected_primfunc, pack_fully_connected_weight
 from .dense_conv_rewrite import DenseConvRewriter
-from .pattern_conv_rewrite import OPAQUE, _static_shape
+from .exprs import add_kernel, constant_array, static_shape
 
 __all__ = ["FullyConnectedRewrite", "FullyConnectedRewriter"]
 
 
 def _feature_bias(bias: relax.Expr, features: int) -> np.ndarray | None:
-    """The bias as a (features,) vector when the constant broadcasts along the output features."""
-    value = bias.value.numpy()
+    """The bias as a (features,) vector when the constant broadcasts along the output features and
+    leaves the (rows, features) shape as it is (a one-element constant of rank 3 would make the sum 3-D)."""
+    value = constant_array(bias)
     if value.dtype != np.float32:
         return None
     if value.shape in {(features,), (1, features)}:
         return value.reshape(features)
-    if value.size == 1:
+    if value.size == 1 and value.ndim <= 2:
         return np.full(features, value.reshape(()), dtype=np.float32)
     return None
 
@@ -45,7 +46,7 @@ class FullyConnectedRewriter(DenseConvRewriter):
     def _fusion(self, expr: relax.Call, matches) -> tuple | None:
         """(matmul, spec, bias) of a match the kernel can take, else None."""
         matmul, weight = matches[self.conv], matches[self.weight]
-        x_shape, w_shape = _static_shape(matmul.args[0]), _static_shape(weight)
+        x_shape, w_shape = static_shape(matmul.args[0]), static_shape(weight)
         if (self.added in matches or x_shape is None or w_shape is None or len(x_shape) != 2 or len(w_shape) != 2
                 or matmul.ty.dtype != "float32" or matmul.args[0].ty.dtype != "float32"
                 or str(weight.ty.dtype) != "float32"):
@@ -69,11 +70,10 @@ class FullyConnectedRewriter(DenseConvRewriter):
             return expr
         matmul, spec, bias = self._fusions[expr]
         if spec not in self._kernels:
-            func = fully_connected_primfunc(spec).with_attr("op_pattern", OPAQUE)
-            self._kernels[spec] = self._builder.add_func(func, "fully_connected")
-        packed = relax.const(pack_fully_connected_weight(matmul.args[1].value.numpy(), spec))
+            self._kernels[spec] = add_kernel(self._builder, fully_connected_primfunc(spec), "fully_connected")
+        packed = relax.const(pack_fully_connected_weight(constant_array(matmul.args[1]), spec))
         args = [matmul.args[0], packed] + ([relax.const(bias)] if bias is not None else [])
-        return relax.call_tir(self._kernels[spec], args, relax.TensorType(_static_shape(matmul), "float32"))
+        return relax.call_tir(self._kernels[spec], args, relax.TensorType(static_shape(matmul), "float32"))
 
 
 FullyConnectedRewrite = tvm.transform.module_pass(FullyConnectedRewriter, opt_level=0, name="FullyConnectedRewrite")

@@ -24,21 +24,11 @@ from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
 from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
 from ..ops.sparse_pointwise import MAX_DENSITY, block_density
 from ..report import ConvRecord
+from .exprs import add_kernel, constant_array, per_channel_bias, static_shape
 
 __all__ = ["PatternConvRewrite", "conv_report"]
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge (and re-schedule) our op
-
-
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not hasattr(shape, "values"):
-        return None
-    try:
-        return tuple(int(d) for d in shape.values)
-    except (TypeError, ValueError):
-        return None
 
 
 def _conv_name(weight: relax.Expr, index: int) -> str:
@@ -47,25 +37,6 @@ def _conv_name(weight: relax.Expr, index: int) -> str:
     if span is not None and span.source_name is not None and span.source_name.name:
         return str(span.source_name.name)
     return f"conv2d_{index}"
-
-
-def _per_channel_bias(bias: relax.Expr, channels: int) -> np.ndarray | None:
-    """The bias as a (channels,) vector when the constant broadcasts per output channel and leaves
-    the conv's NCHW shape as it is (a one-element constant of rank 5 would make the sum 5-D)."""
-    if not isinstance(bias, tvm.ir.GenericConst):
-        return None
-    value = bias.value.numpy()
-    if value.dtype != np.float32:
-        return None
-    if value.size == channels and value.shape in {(1, channels, 1, 1), (channels, 1, 1)}:
-        return value.reshape(channels)
-    if value.size == 1 and value.ndim <= 4:
-        return np.full(channels, value.reshape(()), dtype=np.float32)
-    return None
-
-
-def _constant_array(expr: relax.Expr) -> np.ndarray:
-    return expr.value.numpy()
 
 
 @tvm.transform.module_pass(opt_level=0, name="PatternConvRewrite")
@@ -139,7 +110,7 @@ class PatternConvRewrite:
         """(record fields, analysis or None, dense reason or None) of one conv2d."""
         attrs = conv.attrs
         data = conv.args[0]
-        data_shape, weight_shape, out_shape = _static_shape(data), _static_shape(weight), _static_shape(conv)
+        data_shape, weight_shape, out_shape = static_shape(data), static_shape(weight), static_shape(conv)
         fields = dict(
             name=_conv_name(weight, self._order.get(conv, len(self._analyses))),
             data_shape=data_shape or (),
@@ -163,7 +134,7 @@ class PatternConvRewrite:
             reason = "weight is not a constant"
         analysis = None
         if reason is None:
-            analysis = analyze_conv_weight(_constant_array(weight), self.patterns.entries, self.patterns.max_patterns)
+            analysis = analyze_conv_weight(constant_array(weight), self.patterns.entries, self.patterns.max_patterns)
             reason = analysis.reason
         return fields, analysis, reason
 
@@ -202,7 +173,7 @@ class PatternConvRewrite:
         return (self.sparse_pointwise and tuple(fields["weight_shape"][2:]) == (1, 1)
                 and fields["padding"] == (0, 0, 0, 0) and isinstance(weight, tvm.ir.GenericConst)
                 and int(conv.attrs.groups) == 1 and all(int(d) == 1 for d in conv.attrs.dilation)
-                and conv.ty.dtype == "float32" and block_density(_constant_array(weight)) <= MAX_DENSITY)
+                and conv.ty.dtype == "float32" and block_density(constant_array(weight)) <= MAX_DENSITY)
 
     def _rewrite(self, expr: relax.Expr, matches) -> relax.Expr:
         conv, weight = matches[self.conv], matches[self.weight]
@@ -216,7 +187,7 @@ class PatternConvRewrite:
         out_channels = fields["weight_shape"][0]
         bias = trailing_add = None
         if self.bias in matches:
-            bias = _per_channel_bias(matches[self.bias], out_channels)
+            bias = per_channel_bias(matches[self.bias], out_channels)
             if bias is None:
                 trailing_add = matches[self.bias]
         relu = self.relu in matches and trailing_add is None
@@ -236,7 +207,7 @@ class PatternConvRewrite:
 
     def _build(self, conv, weight, analysis, fields, bias, relu):
         """Pack the weight in FKW form and add the pattern-conv PrimFunc to the module."""
-        fkw = pack_fkw(_constant_array(weight), analysis)
+        fkw = pack_fkw(constant_array(weight), analysis)
         spec = PatternConvSpec.from_fkw(
             fkw, fields["data_shape"], fields["stride"], fields["padding"], bias is not None, relu, self.vector_width,
             self.accumulators,
@@ -247,7 +218,7 @@ class PatternConvRewrite:
         func = (pattern_conv_2x2_primfunc(spec, self.vector_width, self.threads) if tap_lanes
                 else pattern_conv2d_primfunc(spec))
         name = "pattern_conv2d_" + "".join(ch if ch.isalnum() else "_" for ch in fields["name"])
-        gvar = self._builder.add_func(func.with_attr("op_pattern", OPAQUE), name)
+        gvar = add_kernel(self._builder, func, name)
         channels = fkw.channels
         if tap_lanes and self.vector_width < TAP_LANES:  # AVX2: each kernel's row of the arranged input
             channels = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))

@@ -19,7 +19,7 @@ from ..ops.sparse_pointwise import (BLOCK, MAX_DENSITY, SparsePointwiseSpec, blo
                                    sparse_pointwise_primfunc)
 from ..ops.sparse_pointwise_gpu import SparsePointwiseGPUSpec, sparse_pointwise_gpu_primfunc
 from .dense_conv_rewrite import DenseConvRewriter
-from .pattern_conv_rewrite import OPAQUE, _static_shape
+from .exprs import add_kernel, constant_array, static_shape
 
 __all__ = ["SparsePointwiseRewrite", "SparsePointwiseRewriter"]
 
@@ -49,7 +49,7 @@ class SparsePointwiseRewriter(DenseConvRewriter):
         if fusion is None or fusion[1].kernel != (1, 1) or fusion[1].padding != (0, 0, 0, 0):
             return None
         conv, spec = fusion[0], fusion[1]
-        weight = conv.args[1].value.numpy()
+        weight = constant_array(conv.args[1])
         if block_density(weight, self.block) > self.max_density:
             return None
         if self.gpu is None:
@@ -69,12 +69,11 @@ class SparsePointwiseRewriter(DenseConvRewriter):
         spec, packed = self._sparse[expr]
         if spec not in self._kernels:
             make = sparse_pointwise_primfunc if self.gpu is None else sparse_pointwise_gpu_primfunc
-            func = make(spec).with_attr("op_pattern", OPAQUE)
-            self._kernels[spec] = self._builder.add_func(func, "sparse_pointwise_conv")
+            self._kernels[spec] = add_kernel(self._builder, make(spec), "sparse_pointwise_conv")
         args = [conv.args[0], relax.const(packed.values), relax.const(packed.channels), relax.const(packed.starts)]
         args += [relax.const(bias)] if bias is not None else []
         args += [residual] if residual is not None else []
-        return relax.call_tir(self._kernels[spec], args, relax.TensorType(_static_shape(conv), "float32"))
+        return relax.call_tir(self._kernels[spec], args, relax.TensorType(static_shape(conv), "float32"))
 
 
 SparsePointwiseRewrite = tvm.transform.module_pass(SparsePointwiseRewriter, opt_level=0, name="SparsePointwiseRewrite")

@@ -15,7 +15,7 @@ import tvm
 from tvm import IRModule, relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from .pattern_conv_rewrite import _static_shape
+from .exprs import static_shape
 
 __all__ = ["UnitReductionRewrite"]
 
@@ -23,7 +23,7 @@ __all__ = ["UnitReductionRewrite"]
 def _conv_as_multiply(conv: relax.Call) -> relax.Expr | None:
     data, weight = conv.args
     attrs = conv.attrs
-    shape, w_shape = _static_shape(data), _static_shape(weight)
+    shape, w_shape = static_shape(data), static_shape(weight)
     if (shape is None or w_shape is None or len(shape) != 4 or tuple(w_shape[1:]) != (1, 1, 1)
             or int(attrs.groups) != 1 or conv.ty.dtype != data.ty.dtype
             or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
@@ -40,7 +40,7 @@ def _conv_as_multiply(conv: relax.Call) -> relax.Expr | None:
 
 
 def _matmul_as_multiply(matmul: relax.Call) -> relax.Expr | None:
-    x_shape, w_shape = _static_shape(matmul.args[0]), _static_shape(matmul.args[1])
+    x_shape, w_shape = static_shape(matmul.args[0]), static_shape(matmul.args[1])
     if x_shape is None or w_shape is None or len(x_shape) < 2 or len(w_shape) < 2 or x_shape[-1] != 1:
         return None
     return relax.op.multiply(*matmul.args)  # (..., M, 1) x (..., 1, N) broadcasts to (..., M, N)

@@ -1,0 +1,58 @@
+"""What every rewrite of this package reads off the Relax expressions it matched (static shapes,
+constant arrays and scalars, a per-channel bias), and how it adds its kernel to the module: one
+home, so the rewrites agree on what a bias is and none imports another's private helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+
+__all__ = ["OPAQUE", "add_kernel", "constant_array", "float_value", "per_channel_bias", "static_shape"]
+
+OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge (and re-schedule) our op
+
+
+def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    """The tensor's shape when every dimension is a known integer, else None."""
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    try:
+        return tuple(int(d) for d in shape.values)
+    except (TypeError, ValueError):
+        return None
+
+
+def constant_array(expr: relax.Expr) -> np.ndarray:
+    """A constant's value as numpy."""
+    return expr.value.numpy()
+
+
+def float_value(expr: relax.Expr) -> float | None:
+    """A scalar (a constant, or a PrimValue such as a clip bound) as a float; None when it is not one."""
+    value = getattr(expr, "value", None)
+    try:
+        return float(getattr(value, "value", value))
+    except (TypeError, ValueError):
+        return None
+
+
+def per_channel_bias(bias: relax.Expr, channels: int) -> np.ndarray | None:
+    """The bias as a (channels,) vector when the constant broadcasts per output channel and leaves
+    the conv's NCHW shape as it is (a one-element constant of rank 5 would make the sum 5-D)."""
+    if not isinstance(bias, tvm.ir.GenericConst):
+        return None
+    value = constant_array(bias)
+    if value.dtype != np.float32:
+        return None
+    if value.size == channels and value.shape in {(1, channels, 1, 1), (channels, 1, 1)}:
+        return value.reshape(channels)
+    if value.size == 1 and value.ndim <= 4:
+        return np.full(channels, value.reshape(()), dtype=np.float32)
+    return None
+
+
+def add_kernel(builder: relax.BlockBuilder, func: tirx.PrimFunc, name: str) -> relax.GlobalVar:
+    """Add one of our (scheduled or rule-scheduled) kernels, marked opaque so that FuseOps leaves it whole."""
+    return builder.add_func(func.with_attr("op_pattern", OPAQUE), name)
