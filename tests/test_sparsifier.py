@@ -166,3 +166,19 @@ def test_export_checks_the_zeros_while_the_masks_are_still_on(tmp_path):
     pruner.hard_prune()
     proto = export_pruned_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "masked.onnx")
     assert (tmp_path / "masked.onnx").is_file() and len(proto.graph.initializer) > 0
+
+
+def test_a_squashed_checkpoint_resumes_into_a_freshly_prepared_pruner(tmp_path):
+    model = small_cnn()
+    pruner = PatternADMMPruner(pointwise=2.0, fc=2.0).prepare(model)
+    pruner.hard_prune()
+    pruner.squash_mask()
+    save_checkpoint(tmp_path / "squashed.pt", model=model, pruner=pruner)
+    fresh = small_cnn(seed=3)
+    fresh_pruner = PatternADMMPruner(pointwise=2.0, fc=2.0).prepare(fresh)
+    load_checkpoint(tmp_path / "squashed.pt", model=fresh, pruner=fresh_pruner)
+    assert fresh_pruner.phase == "squashed"
+    assert not any(nn.utils.parametrize.is_parametrized(m) for m in fresh.modules())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    fresh_pruner.verify()
