@@ -204,7 +204,7 @@ def test_tuning_pools_prints_no_unknown_schedule_rule(capfd: pytest.CaptureFixtu
     import tvm.s_tir.meta_schedule as ms
 
     from tvm_patdnn.targets import resolve_target
-    from tvm_patdnn.tuning.tuner import _only_needed_tensor_intrinsics  # TuneContext's 50 s import otherwise
+    from tvm_patdnn.tvm_compat import only_tensor_intrinsics  # TuneContext's 50 s import otherwise
 
     bb = relax.BlockBuilder()
     data = relax.Var("x", relax.TensorType((1, 8, 16, 16), "float32"))
@@ -217,7 +217,7 @@ def test_tuning_pools_prints_no_unknown_schedule_rule(capfd: pytest.CaptureFixtu
     target = resolve_target("x86")
 
     def design_space() -> None:
-        with _only_needed_tensor_intrinsics(target):
+        with only_tensor_intrinsics("x86"):
             context = ms.TuneContext(mod=tvm.IRModule({"main": pool}), target=target,
                                      space_generator="post-order-apply", task_name="pool")
         context.generate_design_space()
