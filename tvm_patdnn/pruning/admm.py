@@ -20,8 +20,9 @@ The pruner is three torch.ao-shaped pieces run in two phases: a
 :class:`~.sparsifier.PatternSparsifier` (``BaseSparsifier`` with ``FakeSparsity`` masks) owns
 the layers, the pattern set and the masks; an :class:`~.penalty.ADMMPenalty` with its
 :class:`~.penalty.RhoSchedule` pulls the weights towards the constraints first. Checkpoints
-(:mod:`.checkpoint`) and the ONNX export (:mod:`.export`) are importable from here too. This
-module imports torch; nothing in the package imports it at module level.
+(:mod:`.checkpoint`) and the ONNX export (:mod:`.export`) are importable from here too. These
+modules import torch; no module of the package imports them at module level, so
+``import tvm_patdnn.pruning`` works without torch.
 """
 
 from __future__ import annotations
