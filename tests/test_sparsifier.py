@@ -19,7 +19,7 @@ from tvm_patdnn.errors import PatDNNError  # noqa: E402
 from tvm_patdnn.kernel_patterns import kernel_masks  # noqa: E402
 from tvm_patdnn.pruning.admm import PatternADMMPruner  # noqa: E402
 from tvm_patdnn.pruning.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from tvm_patdnn.pruning.export import export_pruned_onnx  # noqa: E402
+from tvm_patdnn.pruning.onnx_export import export_pruned_onnx  # noqa: E402
 from tvm_patdnn.pruning.penalty import ADMMPenalty, RhoSchedule  # noqa: E402
 from tvm_patdnn.pruning.projection import kept_kernel_count, project_patterns  # noqa: E402
 from tvm_patdnn.pruning.sparsifier import PatternSparsifier  # noqa: E402

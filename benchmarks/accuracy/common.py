@@ -36,7 +36,7 @@ from tvm_patdnn.fileio import write_bytes_atomic
 from tvm_patdnn.kernel_patterns import format_pattern
 from tvm_patdnn.pruning.admm import PatternADMMPruner, magnitude_prune
 from tvm_patdnn.pruning.checkpoint import load_checkpoint, save_checkpoint
-from tvm_patdnn.pruning.export import export_pruned_onnx
+from tvm_patdnn.pruning.onnx_export import export_pruned_onnx
 from tvm_patdnn.pruning.plots import plot_pattern_frequencies
 from tvm_patdnn.pruning.projection import parse_block, pattern_frequencies
 from tvm_patdnn.pruning.sparsifier import default_config

@@ -5,7 +5,7 @@ The numpy core (:mod:`.projection`) and ONNX pruning (:mod:`.onnx_prune`) need n
 this package imports without it. The torch modules are imported by name (the ``train`` extra):
 :mod:`.sparsifier` (the masks, a ``torch.ao.pruning`` sparsifier), :mod:`.penalty` (the ADMM
 penalty and its rho schedule), :mod:`.admm` (the pruner that runs both), :mod:`.checkpoint` and
-:mod:`.export` (pruned model to ONNX).
+:mod:`.onnx_export` (pruned model to ONNX).
 """
 
 from .onnx_prune import (

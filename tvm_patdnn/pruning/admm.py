@@ -20,7 +20,7 @@ The pruner is three torch.ao-shaped pieces run in two phases: a
 :class:`~.sparsifier.PatternSparsifier` (``BaseSparsifier`` with ``FakeSparsity`` masks) owns
 the layers, the pattern set and the masks; an :class:`~.penalty.ADMMPenalty` with its
 :class:`~.penalty.RhoSchedule` pulls the weights towards the constraints first. Checkpoints
-(:mod:`.checkpoint`) and the ONNX export (:mod:`.export`) are importable from here too. These
+(:mod:`.checkpoint`) and the ONNX export (:mod:`.onnx_export`) are importable from here too. These
 modules import torch; no module of the package imports them at module level, so
 ``import tvm_patdnn.pruning`` works without torch.
 """
@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import PatDNNError
 from .checkpoint import load_checkpoint, save_checkpoint
-from .export import export_pruned_onnx
+from .onnx_export import export_pruned_onnx
 from .penalty import ADMMPenalty, RhoSchedule
 from .sparsifier import DEFAULT_BLOCK, DEFAULT_CONNECTIVITY, DEFAULT_POINTWISE, PatternSparsifier, default_config
 
