@@ -39,12 +39,12 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div
+from .activation import activate, check_activation
 
 __all__ = ["DenseConvSpec", "DENSE_CONV_ATTR", "dense_conv_primfunc", "pack_dense_conv_weight", "register_tile"]
 
 # PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
 DENSE_CONV_ATTR = "patdnn.dense_conv"
-ACTIVATIONS = ("none", "relu", "clip")
 # DenseConvSpec's fields that describe the conv itself (the others are the GEMM kernel's tile).
 LAYER_FIELDS = ("batch", "in_channels", "height", "width", "out_channels", "kernel", "strides", "padding",
                 "has_bias", "residual", "activation", "clip_min", "clip_max")
@@ -92,8 +92,7 @@ class DenseConvSpec:
     pack_panel: bool = True  # False (pointwise only): read the NCHW input in place, to measure the copy's worth
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        check_activation(self.activation)
         if not self.pack_panel and not self.pointwise:
             raise ValueError("only a 1x1 stride-1 unpadded conv can read its input in place")
         if self.out_height < 1 or self.out_width < 1:
@@ -273,7 +272,7 @@ def _keep_or_finish(acc, partial, rows: int, width: int, saved, kb, blocks, fini
 
 def _store_output(spec: DenseConvSpec, acc, bias, flat_res, flat_out, n, ft, base) -> None:
     """The epilogue: each accumulator row (a real filter) plus bias and residual, activated, stored once."""
-    mr, tp, zero = spec.filter_tile, spec.pixel_tile, tirx.const(0.0, "float32")
+    mr, tp = spec.filter_tile, spec.pixel_tile
     with T.unroll(0, mr) as i:
         f = ft * mr + i
         with T.If(f < spec.out_channels):
@@ -284,12 +283,7 @@ def _store_output(spec: DenseConvSpec, acc, bias, flat_res, flat_out, n, ft, bas
                         value = value + bias[f]
                     if flat_res is not None:
                         value = value + flat_res[n, f, base + j]
-                    if spec.activation == "relu":
-                        value = T.max(value, zero)
-                    elif spec.activation == "clip":
-                        value = T.min(T.max(value, tirx.const(spec.clip_min, "float32")),
-                                      tirx.const(spec.clip_max, "float32"))
-                    T.buffer_store(flat_out, value, [n, f, base + j])
+                    T.buffer_store(flat_out, activate(value, spec), [n, f, base + j])
 
 
 def dense_conv_primfunc(spec: DenseConvSpec) -> tirx.PrimFunc:

@@ -33,7 +33,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div
-from .dense_conv import ACTIVATIONS
+from .activation import activate, check_activation
 
 __all__ = ["DepthwiseConvSpec", "DEPTHWISE_CONV_ATTR", "depthwise_conv_primfunc"]
 
@@ -62,8 +62,7 @@ class DepthwiseConvSpec:
     reduction: str = "conv"  # "conv": sum of weight x input; "max": max pooling (no weight)
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        check_activation(self.activation)
         if self.reduction not in ("conv", "max"):
             raise ValueError(f"reduction {self.reduction!r} is not 'conv' or 'max'")
         if self.out_height < 1 or self.out_width < 1:
@@ -187,7 +186,6 @@ def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> No
     sy, sx = spec.strides
     q_, lanes, rows, vectors = spec.phase_width, spec.lanes, spec.rows, spec.vectors
     width = vectors * lanes
-    zero = tirx.const(0.0, "float32")
     acc = T.decl_buffer((rows * width,), "float32", scope="local")
     with T.unroll(0, rows) as r:
         with T.vectorized(0, width) as j:
@@ -202,12 +200,7 @@ def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> No
                     T.buffer_store(acc, value, [r * width + j])
     with T.unroll(0, rows) as r:
         with T.vectorized(0, width) as j:
-            value = acc[r * width + j]
-            if spec.activation == "relu":
-                value = T.max(value, zero)
-            elif spec.activation == "clip":
-                value = T.min(T.max(value, tirx.const(spec.clip_min, "float32")), tirx.const(spec.clip_max, "float32"))
-            T.buffer_store(out, value, [n, c, y0 + r, x0 + j])
+            T.buffer_store(out, activate(acc[r * width + j], spec), [n, c, y0 + r, x0 + j])
 
 
 def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:

@@ -45,6 +45,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div, round_up
+from .activation import activate
 from .dense_conv import DenseConvSpec, _keep_or_finish, _padded_input
 
 __all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct_register_tile",
@@ -192,7 +193,6 @@ def _store_output(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb,
     """Residual add and activation on the ``mr`` pixels' accumulators, each real filter's pixel stored
     once to NCHW."""
     conv, block = spec.conv, spec.filter_block
-    zero = tirx.const(0.0, "float32")
     ragged = conv.out_channels % block != 0
     with T.unroll(0, mr) as m:
         with T.unroll(0, block) as j:
@@ -202,12 +202,7 @@ def _store_output(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb,
                 value = acc[m * block + j]
                 if flat_res is not None:
                     value = value + flat_res[n, f, base + m]
-                if conv.activation == "relu":
-                    value = T.max(value, zero)
-                elif conv.activation == "clip":
-                    value = T.min(T.max(value, tirx.const(conv.clip_min, "float32")),
-                                  tirx.const(conv.clip_max, "float32"))
-                T.buffer_store(flat_out, value, [n, f, base + m])
+                T.buffer_store(flat_out, activate(value, conv), [n, f, base + m])
 
             if ragged:
                 with T.If(f < conv.out_channels):

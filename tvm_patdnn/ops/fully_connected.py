@@ -28,7 +28,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div
-from .dense_conv import ACTIVATIONS
+from .activation import activate, check_activation
 
 __all__ = ["FullyConnectedSpec", "FULLY_CONNECTED_ATTR", "fully_connected_primfunc", "pack_fully_connected_weight"]
 
@@ -52,8 +52,7 @@ class FullyConnectedSpec:
     row_tile: int = 1
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        check_activation(self.activation)
         if self.block > self.out_features or self.row_tile > self.rows:
             raise ValueError(f"a {self.row_tile}x{self.block} tile exceeds the {self.rows}x{self.out_features} output")
 
@@ -132,11 +131,6 @@ def fully_connected_primfunc(spec: FullyConnectedSpec) -> tirx.PrimFunc:
                             value = acc[i * width + j]
                             if bias is not None:
                                 value = value + bias[base + j]
-                            if spec.activation == "relu":
-                                value = T.max(value, zero)
-                            elif spec.activation == "clip":
-                                value = T.min(T.max(value, tirx.const(spec.clip_min, "float32")),
-                                              tirx.const(spec.clip_max, "float32"))
-                            T.buffer_store(out, value, [r0 + i, base + j])
+                            T.buffer_store(out, activate(value, spec), [r0 + i, base + j])
     func = builder.get().without_attr("global_symbol")  # the module names it when it is added
     return func.with_attr(FULLY_CONNECTED_ATTR, {"lanes": spec.lanes, "vectors": spec.vectors, "row_tile": mr})

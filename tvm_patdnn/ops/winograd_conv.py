@@ -46,7 +46,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div, round_up
-from .dense_conv import ACTIVATIONS, register_tile
+from .activation import activate, check_activation
+from .dense_conv import register_tile
 
 __all__ = ["ERROR_BOUND", "WINOGRAD_ATTR", "WinogradConvSpec", "pack_winograd_weight", "winograd_conv_primfunc",
            "winograd_matrices"]
@@ -117,8 +118,7 @@ class WinogradConvSpec:
 
     def __post_init__(self):
         winograd_matrices(self.tile)  # validates the tile size
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        check_activation(self.activation)
         if self.out_height < 1 or self.out_width < 1:
             raise ValueError("the kernel is larger than the padded input")
         if self.block % (self.vectors * self.lanes) or self.block > self.tiles:
@@ -280,14 +280,6 @@ def _batched_gemm(spec: WinogradConvSpec, weight, v, mm) -> None:
                         T.buffer_store(mm, acc[i * step + j], [pos, ft * mr + i, sub * step + j])
 
 
-def _activate(spec: WinogradConvSpec, value: tirx.PrimExpr) -> tirx.PrimExpr:
-    if spec.activation == "relu":
-        return T.max(value, tirx.const(0.0, "float32"))
-    if spec.activation == "clip":
-        return T.min(T.max(value, tirx.const(spec.clip_min, "float32")), tirx.const(spec.clip_max, "float32"))
-    return value
-
-
 def _output_transform(spec: WinogradConvSpec, mm, bias, residual, out, n, base) -> None:
     """``Y = A^T M A`` of every real filter and tile of the block, plus bias, then per output
     pixel inside the image: plus residual, activation, store (phantom and edge pixels dropped)."""
@@ -321,7 +313,7 @@ def _output_transform(spec: WinogradConvSpec, mm, bias, residual, out, n, base) 
                                 value = tile[(i * m + k) * lanes + j]
                                 if residual is not None:
                                     value = value + residual[n, f, y, x]
-                                T.buffer_store(out, _activate(spec, value), [n, f, y, x])
+                                T.buffer_store(out, activate(value, spec), [n, f, y, x])
 
 
 def winograd_conv_primfunc(spec: WinogradConvSpec) -> tirx.PrimFunc:
