@@ -21,14 +21,13 @@ from tvm import relax
 
 import tvm_patdnn
 from tvm_patdnn.frontend import import_onnx
-from tvm_patdnn.ops.dense_conv import DenseConvSpec
+from tvm_patdnn.ops.dense_conv import DenseConvSpec, pack_dense_conv_weight
 from tvm_patdnn.ops.direct_conv import (
     DIRECT_CONV_ATTR,
     DirectConvSpec,
     direct_conv_primfunc,
     direct_register_tile,
     pack_direct_conv_bias,
-    pack_direct_conv_weight,
 )
 from tvm_patdnn.pipeline import get_pipeline
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
@@ -146,7 +145,7 @@ def test_both_loop_orders_match_reference(filters_inner):
     kernel = tvm.compile(tvm.IRModule({"main": func}), resolve_target("x86"))["main"]
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     out = tvm.runtime.empty((2, out_c, 20, 19), "float32")
-    kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(pack_direct_conv_weight(weight, 16)),
+    kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(pack_dense_conv_weight(weight, 16)),
            tvm.runtime.tensor(pack_direct_conv_bias(bias, 16)), out)
     expected = reference_outputs(model, {"x": x})[0]
     # 630 taps summed in two blocks: fp32 rounding up to a few 1e-6 of the output's magnitude

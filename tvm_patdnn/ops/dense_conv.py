@@ -164,7 +164,8 @@ class DenseConvSpec:
 
 
 def pack_dense_conv_weight(weight: np.ndarray, filter_tile: int) -> np.ndarray:
-    """OIHW weight as ``[ceil(O / MR)][I * KH * KW][MR]``, the filters past O zero."""
+    """OIHW weight as ``[ceil(O / MR)][I * KH * KW][MR]``, the filters past O zero: the GEMM's filter tiles,
+    and the direct kernel's filter blocks (``MR`` = :attr:`~.direct_conv.DirectConvSpec.filter_block`)."""
     out_c = weight.shape[0]
     rows = weight.reshape(out_c, -1)
     tiles = ceil_div(out_c, filter_tile)

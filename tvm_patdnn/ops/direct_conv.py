@@ -8,7 +8,8 @@ channels instead, so nothing is copied:
 
 * weights are packed at compile time as ``[F / (NR * lanes)][C][KH][KW][NR * lanes]``: per
   reduction step (input channel ``c``, tap ``dy, dx``) a filter block's ``NR`` weight vectors are
-  one contiguous run;
+  one contiguous run (the GEMM's layout, :func:`~.dense_conv.pack_dense_conv_weight`, with ``NR * lanes``
+  filters a tile);
 * a register tile holds ``MR`` output pixels x ``NR`` filter vectors; per reduction step the
   ``MR`` input scalars are broadcast straight from the (zero-padded, when the conv pads) NCHW
   input at each pixel's window start plus the tap's constant offset, so any stride costs the
@@ -49,7 +50,7 @@ from .activation import activate
 from .dense_conv import DenseConvSpec, _keep_or_finish, _padded_input
 
 __all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct_register_tile",
-           "pack_direct_conv_weight", "pack_direct_conv_bias"]
+           "pack_direct_conv_bias"]
 
 # PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
 DIRECT_CONV_ATTR = "patdnn.direct_conv"
@@ -169,16 +170,6 @@ class DirectConvSpec:
     @property
     def pixel_groups(self) -> int:
         return ceil_div(self.pixel_tiles, self.group_tiles)
-
-
-def pack_direct_conv_weight(weight: np.ndarray, filter_block: int) -> np.ndarray:
-    """OIHW weight as ``[ceil(O / B)][I * KH * KW][B]`` (B filters per block), the filters past O zero."""
-    out_c = weight.shape[0]
-    rows = weight.reshape(out_c, -1)
-    blocks = ceil_div(out_c, filter_block)
-    padded = np.zeros((blocks * filter_block, rows.shape[1]), dtype=np.float32)
-    padded[:out_c] = rows
-    return np.ascontiguousarray(padded.reshape(blocks, filter_block, rows.shape[1]).transpose(0, 2, 1))
 
 
 def pack_direct_conv_bias(bias: np.ndarray, filter_block: int) -> np.ndarray:

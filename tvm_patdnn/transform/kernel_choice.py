@@ -23,7 +23,7 @@ import numpy as np
 from tvm import tirx
 
 from ..ops.dense_conv import DenseConvSpec, dense_conv_primfunc, pack_dense_conv_weight
-from ..ops.direct_conv import DirectConvSpec, direct_conv_primfunc, pack_direct_conv_bias, pack_direct_conv_weight
+from ..ops.direct_conv import DirectConvSpec, direct_conv_primfunc, pack_direct_conv_bias
 from ..ops.winograd_conv import WinogradConvSpec, pack_winograd_weight, winograd_conv_primfunc
 
 __all__ = ["KernelChoice", "KernelChoices", "KernelSpec", "kernel_function", "layer_key", "pack_for_kernel"]
@@ -131,6 +131,6 @@ def pack_for_kernel(spec: KernelSpec) -> tuple[Callable[[np.ndarray], np.ndarray
                                                                                    spec.filter_tile), None
     if isinstance(spec, DirectConvSpec):
         block = spec.filter_block
-        return (lambda w: pack_direct_conv_weight(w, block)), ("direct", block), \
+        return (lambda w: pack_dense_conv_weight(w, block)), ("direct", block), \
             (lambda b: pack_direct_conv_bias(b, block))
     return (lambda w: pack_dense_conv_weight(w, spec.filter_tile)), ("gemm", spec.filter_tile), None
