@@ -18,7 +18,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
@@ -29,6 +29,9 @@ from .errors import PatDNNError
 from .fileio import load_onnx_model
 from .torch_frontend import export_onnx, is_torch_module
 from .tvm_compat import onnx_convert_map, swapped_onnx_converters
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ImportedModel", "InputSignature", "check_inputs", "import_onnx", "load_model", "seeded_inputs"]
 
@@ -56,7 +59,7 @@ class InputSignature(Protocol):
 
 
 def load_model(
-    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule | object,
+    model: str | os.PathLike | onnx.ModelProto | tvm.IRModule | torch.nn.Module,
     *,
     params: dict[str, np.ndarray] | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
