@@ -3,11 +3,11 @@
 Imported on first use: it loads meta_schedule and the XGBoost cost model.
 """
 
-__all__ = ["TaskResult", "apply_tuning_records", "load_records", "shipped_database", "target_key", "tune"]
+__all__ = ["TaskResult", "TuneResults", "apply_tuning_records", "load_records", "shipped_database", "target_key", "tune"]
 
 
 def __getattr__(name: str):
-    if name in ("tune", "TaskResult"):
+    if name in ("tune", "TaskResult", "TuneResults"):
         from . import tuner as module
 
         return getattr(module, name)

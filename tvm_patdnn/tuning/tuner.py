@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -41,6 +41,7 @@ from tvm.s_tir import meta_schedule as ms
 from ..analysis import PatternOptions
 from ..compiler import _import
 from ..errors import PatDNNError
+from ..ops.dense_conv import DenseConvSpec
 from ..phone.cross import linker_for
 from ..pipeline import default_schedule_rules
 from ..schedule_rules.pattern_conv_cpu import apply_default_schedule
@@ -48,8 +49,9 @@ from ..targets import resolve_target
 from ..transform.kernel_choice import KernelChoices
 from ..tvm_compat import only_tensor_intrinsics
 from ..tvm_noise import filter_tvm_noise
-from .database import open_for_tuning, target_key
+from .database import AppendOnlyDatabase, open_for_tuning, target_key
 from .farm import DeviceFarm, DeviceStats
+from .kernel_records import LayerResult, tune_dense_kernels
 from .measure import (
     DEVICE_UNAVAILABLE,
     LibraryExport,
@@ -61,10 +63,9 @@ from .measure import (
     signature,
 )
 from .space import pattern_conv_space_generator
-from .kernel_records import tune_dense_kernels
 from .tasks import Task, extract_tasks
 
-__all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TuneResults", "parse_rpc", "tune", "tuning_contexts"]
+__all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TaskState", "TuneResults", "parse_rpc", "tune", "tuning_contexts"]
 
 MAX_FAILED_BATCHES = 3  # batches in a row with every trial failed before the tune gives up
 
@@ -88,35 +89,79 @@ class TaskResult:
             return None
         return self.default_ms / self.best_ms
 
+    @staticmethod
+    def of_layer(layer: LayerResult) -> TaskResult:
+        """A dense layer's row: kind ``"dense"``, trials = candidate kernels measured."""
+        return TaskResult(layer.name, "dense", 1, layer.measured, layer.default_ms, layer.best_ms, layer.failed,
+                          layer.error)
 
-class TuneResults(list):
-    """``tune``'s result: a list of :class:`TaskResult`, plus ``stopped``, why the tune ended
-    before its budget was spent (None when it was not), ``failed``, all failed trials, and
-    ``devices``, over RPC the trials each device measured (``{"host:port": DeviceStats}``)."""
 
-    def __init__(self, results=(), stopped: str | None = None, devices: dict[str, DeviceStats] | None = None):
-        super().__init__(results)
-        self.stopped = stopped
-        self.devices = devices or {}
+@dataclass
+class TuneResults:
+    """``tune``'s result: one :class:`TaskResult` per dense layer and kernel in ``tasks`` (the
+    results iterate and index as that list), ``stopped``, why the tune ended before its budget was
+    spent (None when it was not), and ``devices``, over RPC the trials each device measured
+    (``{"host:port": DeviceStats}``)."""
+
+    tasks: list[TaskResult] = field(default_factory=list)
+    stopped: str | None = None
+    devices: dict[str, DeviceStats] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
-        return sum(r.failed for r in self)
+        """Failed trials of this tune, over all tasks."""
+        return sum(r.failed for r in self.tasks)
+
+    def __iter__(self) -> Iterator[TaskResult]:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, index: int) -> TaskResult:
+        return self.tasks[index]
 
 
-class _Failures:
-    """Failed trials of this tune per task, the last error of each, and why the tune stopped."""
+@dataclass(eq=False)
+class TaskState:
+    """One task through a tune (meta_schedule's TaskRecord for this loop): its times and search
+    trials on record, its search context, and the trials of this tune that failed."""
 
-    def __init__(self) -> None:
-        self.count: dict[str, int] = {}
-        self.error: dict[str, str] = {}
-        self.stopped: str | None = None
+    task: Task
+    default_ms: float | None = None  # the best default-schedule record
+    best_ms: float | None = None  # the best record; during the search, the best measurement
+    searched: int = 0  # search records in the database
+    failed: int = 0
+    error: str | None = None  # the last failed trial's error, in one line
+    context: ms.TuneContext | None = None  # while the search runs
 
-    def add(self, task: Task, result: ms.runner.RunnerResult) -> str:
-        error = short_error(result.error_msg)
-        self.count[task.name] = self.count.get(task.name, 0) + 1
-        self.error[task.name] = error
-        return error
+    def read(self, db: ms.database.Database) -> None:
+        """Take the times and the search trials from the task's records in ``db``."""
+        records = _records_of(db, self.task)
+        timed = [(m, _is_seed(r)) for r in records if (m := mean_ms(r.run_secs)) is not None]
+        self.default_ms = min((m for m, seed in timed if seed), default=None)
+        self.best_ms = min((m for m, _seed in timed), default=None)
+        self.searched = sum(not _is_seed(r) for r in records)
+
+    def fail(self, result: ms.runner.RunnerResult) -> None:
+        self.failed += 1
+        self.error = short_error(result.error_msg)
+
+    def count(self, results: list[ms.runner.RunnerResult]) -> int:
+        """Count a measured batch (a faster time is the new best); how many of its trials failed."""
+        failed = 0
+        for result in results:
+            measured = mean_ms(result.run_secs) if result.error_msg is None else None
+            if measured is None:
+                failed += 1
+                self.fail(result)
+            elif self.best_ms is None or measured < self.best_ms:
+                self.best_ms = measured
+        return failed
+
+    def result(self) -> TaskResult:
+        return TaskResult(self.task.name, self.task.kind, self.task.weight, self.searched, self.default_ms,
+                          self.best_ms, self.failed, self.error)
 
 
 def _failed(result: ms.runner.RunnerResult) -> bool:
@@ -128,6 +173,11 @@ def _device_unavailable(results: list[ms.runner.RunnerResult]) -> str | None:
         if result.error_msg is not None and DEVICE_UNAVAILABLE in result.error_msg:
             return short_error(result.error_msg)
     return None
+
+
+def _say(progress: TextIO | None, text: str) -> None:
+    if progress is not None:
+        print(text, file=progress, flush=True)
 
 
 def parse_rpc(text: str, session_timeout: float = 120) -> ms.runner.RPCConfig:
@@ -204,35 +254,24 @@ def _is_seed(record: ms.database.TuningRecord) -> bool:
 class _Progress:
     """One line per measured batch: trials so far, the task, its best time against its default."""
 
-    def __init__(self, tasks: list[Task], defaults: dict[str, float | None], best: dict[str, float | None],
-                 done: int, total: int, stream: TextIO | None, failures: _Failures, runner=None):
-        self.tasks, self.defaults, self.best = tasks, defaults, best
+    def __init__(self, done: int, total: int, stream: TextIO | None, runner: ms.runner.Runner | DeviceFarm):
         self.done, self.total, self.stream = done, total, stream
-        self.failures = failures
         self.farm = runner if isinstance(runner, DeviceFarm) else None
         self.start = time.monotonic()
 
-    def report(self, task: Task, results: list[ms.runner.RunnerResult]) -> None:
-        self.done += len(results)
-        failed, error = 0, None
-        for result in results:
-            measured = mean_ms(result.run_secs) if result.error_msg is None else None
-            if measured is None:
-                failed += 1
-                error = self.failures.add(task, result)
-            elif self.best[task.name] is None or measured < self.best[task.name]:
-                self.best[task.name] = measured
+    def report(self, state: TaskState, measured: int, failed: int) -> None:
+        self.done += measured
         if self.stream is None:
             return
-        best, default = self.best[task.name], self.defaults.get(task.name)
+        best, default = state.best_ms, state.default_ms
         text = f"best {best:.4g} ms" if best is not None else "no valid candidate yet"
         if best is not None and default is not None:
             text += f" (default {default:.4g} ms, {default / best:.2f}x)"
         if failed:
-            text += f", {failed} failed ({error})"
+            text += f", {failed} failed ({state.error})"
         if self.farm is not None:
             text += f"  [{self.farm.devices} device{'s' if self.farm.devices != 1 else ''}]"
-        print(f"[{self.done:>5}/{self.total}] {time.monotonic() - self.start:6.0f}s  {task.name:<36} {text}",
+        print(f"[{self.done:>5}/{self.total}] {time.monotonic() - self.start:6.0f}s  {state.task.name:<36} {text}",
               file=self.stream, flush=True)
 
 
@@ -262,7 +301,7 @@ def tune(
     seed: int = 0,
     progress: TextIO | None = sys.stderr,
     dense_kernels: bool = True,
-) -> list[TaskResult]:
+) -> TuneResults:
     """Tune a model's kernels for ``target`` and append the records to ``database`` (a directory).
 
     ``trials`` is the search budget over all tasks, counting search records already in the
@@ -281,13 +320,37 @@ def tune(
     meta_schedule's space, and ``compile`` runs each layer on its fastest. Their rows in the
     results have kind ``"dense"``, trials = candidates measured.
 
-    Returns a :class:`TuneResults` (a list of :class:`TaskResult`): failed trials per task with
-    their last error, and ``stopped`` set when the tune ended early (device unreachable, or
-    ``MAX_FAILED_BATCHES`` batches in a row failed every trial); the records measured until then
-    are in the database and a re-run resumes.
+    Returns a :class:`TuneResults` (it iterates and indexes as a list of :class:`TaskResult`):
+    failed trials per task with their last error, and ``stopped`` set when the tune ended early
+    (device unreachable, or ``MAX_FAILED_BATCHES`` batches in a row failed every trial); the
+    records measured until then are in the database and a re-run resumes.
     """
     resolved = resolve_target(target)
     patterns = PatternOptions(entries, max_patterns)
+    _check_arguments(trials, trials_per_iter, timeout, devices, rpc)
+    rpc_config = parse_rpc(rpc, session_timeout=timeout) if rpc is not None else None
+    if rpc_config is None:
+        _check_runnable_here(resolved)
+    tasks, dense_layers = _extract(model, params, input_shapes, resolved, patterns, dense_kernels)
+    db = open_for_tuning(database, resolved)
+    states = [TaskState(task) for task in tasks]
+    with _bench(resolved, db, tasks, rpc_config, timeout, devices, progress) as bench:
+        dense, stopped = tune_dense_kernels(dense_layers, resolved, Path(database), bench.measure, progress,
+                                            _device_unavailable)
+        if stopped is None:
+            stopped = _measure_defaults(states, bench)
+        if stopped is None:
+            stopped = _search_remaining(states, bench, trials, trials_per_iter, seed, str(database))
+        devices_used = bench.devices
+    for state in states:
+        state.read(db)
+    results = TuneResults([TaskResult.of_layer(layer) for layer in dense] + [s.result() for s in states],
+                          stopped, devices_used)
+    _say_how_it_ended(results, database, progress)
+    return results
+
+
+def _check_arguments(trials: int, trials_per_iter: int, timeout: float, devices: int | None, rpc: str | None) -> None:
     if not isinstance(trials, int) or trials < 0:
         raise PatDNNError(f"trials must be a non-negative integer, got {trials!r}")
     if not isinstance(trials_per_iter, int) or trials_per_iter < 1:
@@ -298,110 +361,119 @@ def tune(
                                 or devices < 1):
         raise PatDNNError(f"devices (how many devices measure at once) must be a positive integer and needs "
                           f"rpc=, got {devices!r}")
-    rpc_config = parse_rpc(rpc, session_timeout=timeout) if rpc is not None else None
-    if rpc_config is None:
-        _check_runnable_here(resolved)
+
+
+def _extract(model, params, input_shapes, target: tvm.target.Target, patterns: PatternOptions,
+             dense_kernels: bool) -> tuple[list[Task], list[DenseConvSpec]]:
+    """The model's meta_schedule tasks, and its dense conv layers whose kernels are measured
+    (none when ``dense_kernels`` is False)."""
     imported = _import(model, params, input_shapes)
     layers = KernelChoices()
-    tasks = extract_tasks(imported.mod, resolved, patterns, kernel_choices=layers)
+    tasks = extract_tasks(imported.mod, target, patterns, kernel_choices=layers)
     dense_layers = list(layers.seen.values()) if dense_kernels else []
     if not tasks and not dense_layers:
         raise PatDNNError("the model has no kernels to tune")
-    db = open_for_tuning(database, resolved)
-    cores = int(resolved.attrs.get("num-cores") or os.cpu_count() or 1)
+    return tasks, dense_layers
 
+
+@dataclass
+class _Bench:
+    """Where a tune measures and what it records into: the target, the database, the in-process
+    builder, the local runner or device farm, and the progress stream."""
+
+    target: tvm.target.Target
+    db: AppendOnlyDatabase
+    builder: _InProcessBuilder
+    runner: ms.runner.Runner | DeviceFarm
+    progress: TextIO | None
+
+    def measure(self, candidates: list[ms.search_strategy.MeasureCandidate]) -> list[ms.runner.RunnerResult]:
+        return _measure(self.builder, self.runner, self.target, candidates)
+
+    def commit(self, workload: ms.database.Workload, trace: s_tir.Trace, result: ms.runner.RunnerResult,
+               args_info: list) -> None:
+        self.db.commit_tuning_record(ms.database.TuningRecord(trace, workload, result.run_secs, self.target, args_info))
+
+    @property
+    def devices(self) -> dict[str, DeviceStats]:
+        return self.runner.stats if isinstance(self.runner, DeviceFarm) else {}
+
+
+@contextlib.contextmanager
+def _bench(target: tvm.target.Target, db: AppendOnlyDatabase, tasks: list[Task], rpc: ms.runner.RPCConfig | None,
+           timeout: float, devices: int | None, progress: TextIO | None) -> Iterator[_Bench]:
+    """A bench whose libraries and argument file live in a scratch folder for the tune's length;
+    a device farm is closed at its end."""
     with tempfile.TemporaryDirectory(prefix="patdnn-tune-") as scratch:
         arguments = PackedArguments.write(
             os.path.join(scratch, "arguments.npz"), {signature(t.args_info): t.int_args for t in tasks}
         )
-        builder = _InProcessBuilder(LibraryExport(linker_for(resolved), scratch))
-        evaluator = ms.runner.EvaluatorConfig(number=2, repeat=3, min_repeat_ms=40, enable_cpu_cache_flush=False)
-        if rpc_config is None:
-            runner = ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator,
-                                           f_alloc_argument=arguments.local)
-        else:
-            try:  # fail now, in plain words, when the tracker is unreachable or has no such device
-                check_tracker(rpc_config.tracker_host, rpc_config.tracker_port, rpc_config.tracker_key, timeout)
-            except RuntimeError as err:
-                raise PatDNNError(f"cannot tune over RPC: {err}") from None
-            runner = DeviceFarm(rpc_config, evaluator, arguments, wait=timeout, max_devices=devices)
-
-        failures = _Failures()
-        dense, failures.stopped = tune_dense_kernels(
-            dense_layers, resolved, Path(database), lambda batch: _measure(builder, runner, resolved, batch),
-            progress, _device_unavailable)
-        defaults = (_measure_defaults(tasks, resolved, db, builder, runner, progress, failures)
-                    if failures.stopped is None else {t.name: None for t in tasks})
-        records = {t.name: _records_of(db, t) for t in tasks}
-        best = {name: min((m for r in recs if (m := mean_ms(r.run_secs)) is not None), default=None)
-                for name, recs in records.items()}
-        searched = sum(sum(not _is_seed(r) for r in recs) for recs in records.values())
-        remaining = max(0, trials - searched)
-        if progress is not None and failures.stopped is None:
-            print(f"tuning {len(tasks)} kernel(s) ({sum(t.kind == 'pattern' for t in tasks)} pattern conv) for "
-                  f"{target_key(resolved)}: {searched} trials in {database} already, {remaining} to go",
-                  file=progress, flush=True)
+        builder = _InProcessBuilder(LibraryExport(linker_for(target), scratch))
+        runner = _runner(rpc, arguments, timeout, devices)
         try:
-            if remaining and tasks and failures.stopped is None:
-                with filter_tvm_noise():  # 'Unknown schedule rule "meta_schedule.pool_max"': see tvm_noise
-                    _search(tasks, resolved, db, builder, runner, remaining, trials_per_iter, cores, seed,
-                            _Progress(tasks, defaults, best, searched, trials, progress, failures, runner),
-                            str(database))
+            yield _Bench(target, db, builder, runner, progress)
         finally:
             if isinstance(runner, DeviceFarm):
                 runner.close()
 
-    results = TuneResults(stopped=failures.stopped, devices=runner.stats if isinstance(runner, DeviceFarm) else None)
-    results.extend(TaskResult(layer.name, "dense", 1, layer.measured, layer.default_ms, layer.best_ms, layer.failed,
-                              layer.error) for layer in dense)
-    for task in tasks:
-        recs = _records_of(db, task)
-        times = [m for r in recs if (m := mean_ms(r.run_secs)) is not None]
-        seeds = [m for r in recs if _is_seed(r) and (m := mean_ms(r.run_secs)) is not None]
-        results.append(TaskResult(task.name, task.kind, task.weight, sum(not _is_seed(r) for r in recs),
-                                  min(seeds, default=None), min(times, default=None),
-                                  failures.count.get(task.name, 0), failures.error.get(task.name)))
-    if progress is not None and (results.failed or results.stopped):
-        if results.stopped:
-            print(f"tuning stopped early: {results.stopped}", file=progress, flush=True)
-        print(f"{results.failed} trial(s) failed; the records measured are in {database}"
-              + (" (re-run the same command to resume)" if results.stopped else ""), file=progress, flush=True)
-    return results
+
+def _runner(rpc: ms.runner.RPCConfig | None, arguments: PackedArguments, timeout: float,
+            devices: int | None) -> ms.runner.Runner | DeviceFarm:
+    """This machine's runner, or over RPC a farm of the tracker's devices of the key."""
+    evaluator = ms.runner.EvaluatorConfig(number=2, repeat=3, min_repeat_ms=40, enable_cpu_cache_flush=False)
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator, f_alloc_argument=arguments.local)
+    try:  # fail now, in plain words, when the tracker is unreachable or has no such device
+        check_tracker(rpc.tracker_host, rpc.tracker_port, rpc.tracker_key, timeout)
+    except RuntimeError as err:
+        raise PatDNNError(f"cannot tune over RPC: {err}") from None
+    return DeviceFarm(rpc, evaluator, arguments, wait=timeout, max_devices=devices)
 
 
-def _measure_defaults(tasks, target, db, builder, runner, progress, failures: _Failures) -> dict[str, float | None]:
-    """Measure and commit the default schedule of every task that has no record yet."""
-    defaults: dict[str, float | None] = {}
-    todo = []
-    for task in tasks:
-        recs = _records_of(db, task)
-        seeds = [m for r in recs if _is_seed(r) and (m := mean_ms(r.run_secs)) is not None]
-        defaults[task.name] = min(seeds, default=None)
-        if not recs:
-            sch = _default_schedule(task, target)
-            if sch is not None:
-                todo.append((task, sch))
+def _measure_defaults(states: list[TaskState], bench: _Bench) -> str | None:
+    """Measure and commit the default schedule of every task that has no record yet; why the
+    tune must stop (the device is gone), or None."""
+    todo = [(state, sch) for state in states if not _records_of(bench.db, state.task)
+            and (sch := _default_schedule(state.task, bench.target)) is not None]
     if not todo:
-        return defaults
-    if progress is not None:
-        print(f"measuring the default schedule of {len(todo)} kernel(s)", file=progress, flush=True)
-    candidates = [ms.search_strategy.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]))
-                  for task, sch in todo]
-    results = _measure(builder, runner, target, candidates)
-    for (task, sch), candidate, result in zip(todo, candidates, results):
+        return None
+    _say(bench.progress, f"measuring the default schedule of {len(todo)} kernel(s)")
+    candidates = [ms.search_strategy.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_prim_func(state.task.mod["main"]))
+                  for state, sch in todo]
+    results = bench.measure(candidates)
+    for (state, sch), candidate, result in zip(todo, candidates, results):
         if _failed(result):  # a failed default is retried by the next tune
-            error = failures.add(task, result)
-            if progress is not None:
-                print(f"default schedule of {task.name} failed: {error}", file=progress, flush=True)
+            state.fail(result)
+            _say(bench.progress, f"default schedule of {state.task.name} failed: {state.error}")
             continue
-        db.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, db.commit_workload(task.mod), result.run_secs, target, candidate.args_info
-        ))
-        defaults[task.name] = mean_ms(result.run_secs)
-    gone = _device_unavailable(results)
-    if gone is not None:
-        failures.stopped = gone
-    return defaults
+        bench.commit(bench.db.commit_workload(state.task.mod), sch.trace, result, candidate.args_info)
+    return _device_unavailable(results)
+
+
+def _search_remaining(states: list[TaskState], bench: _Bench, trials: int, trials_per_iter: int, seed: int,
+                      work_dir: str) -> str | None:
+    """Search for what the budget ``trials`` leaves after the search records already in the
+    database; why the search stopped early, or None."""
+    for state in states:
+        state.read(bench.db)
+    searched = sum(state.searched for state in states)
+    remaining = max(0, trials - searched)
+    _say(bench.progress, f"tuning {len(states)} kernel(s) ({sum(s.task.kind == 'pattern' for s in states)} pattern "
+                         f"conv) for {target_key(bench.target)}: {searched} trials in {work_dir} already, "
+                         f"{remaining} to go")
+    if not remaining or not states:
+        return None
+    with filter_tvm_noise():  # 'Unknown schedule rule "meta_schedule.pool_max"': see tvm_noise
+        return _search(states, bench, remaining, trials_per_iter, seed,
+                       _Progress(searched, trials, bench.progress, bench.runner), work_dir)
+
+
+def _say_how_it_ended(results: TuneResults, database: str | os.PathLike, progress: TextIO | None) -> None:
+    if results.stopped:
+        _say(progress, f"tuning stopped early: {results.stopped}")
+    if results.failed or results.stopped:
+        _say(progress, f"{results.failed} trial(s) failed; the records measured are in {database}"
+                       + (" (re-run the same command to resume)" if results.stopped else ""))
 
 
 @contextlib.contextmanager
@@ -514,56 +586,74 @@ def tuning_contexts(
     return contexts
 
 
-def _search(tasks, target, db, builder, runner, trials, trials_per_iter, cores, seed, progress, work_dir) -> None:
+def _search(states: list[TaskState], bench: _Bench, trials: int, trials_per_iter: int, seed: int,
+            progress: _Progress, work_dir: str) -> str | None:
     """Evolutionary search with the XGBoost cost model, round robin over the tasks.
 
     meta_schedule's task scheduler commits a batch only when it next joins that task (after a
     whole first round over all tasks), and builds one task while the previous one runs; this
     loop measures each batch alone (2 cores: a build would disturb the timing) and appends its
     records before the next batch starts, so a killed tune loses at most the batch in flight.
-
-    Stops early (``progress.failures.stopped`` says why) when the device becomes unavailable:
-    that batch's failed trials are then not recorded (they were never measured, a re-run
-    measures them), or after ``MAX_FAILED_BATCHES`` batches in a row failed every trial.
     """
-    per_iter = max(1, min(trials_per_iter, trials // len(tasks) or 1))
+    cores = int(bench.target.attrs.get("num-cores") or os.cpu_count() or 1)
+    per_iter = max(1, min(trials_per_iter, trials // len(states) or 1))
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)
+    tasks = [state.task for state in states]
     with _log_files(work_dir, tasks) as loggers:
-        contexts = []
-        for ctx, space in tuning_contexts(tasks, target, cores, seed, loggers):
-            ctx.pre_tuning(trials, per_iter, space, db, cost_model)
-            contexts.append(ctx)
-        active = list(range(len(tasks)))
-        failures = progress.failures
-        failed_batches = 0
+        started = []
+        for state, (ctx, space) in zip(states, tuning_contexts(tasks, bench.target, cores, seed, loggers)):
+            ctx.pre_tuning(trials, per_iter, space, bench.db, cost_model)
+            state.context = ctx
+            started.append(state)
         try:
-            while trials > 0 and active and failures.stopped is None:
-                for index in list(active):
-                    candidates = contexts[index].generate_measure_candidates() if trials > 0 else None
-                    if not candidates:
-                        active.remove(index)  # budget spent, or the space has nothing new
-                        continue
-                    candidates = list(candidates)[:trials]
-                    results = _measure(builder, runner, target, candidates)
-                    gone = _device_unavailable(results)
-                    workload = db.commit_workload(tasks[index].mod)
-                    for candidate, result in zip(candidates, results):
-                        if gone is None or not _failed(result):
-                            db.commit_tuning_record(ms.database.TuningRecord(
-                                candidate.sch.trace, workload, result.run_secs, target, candidate.args_info
-                            ))
-                    contexts[index].notify_runner_results(candidates, results)
-                    cost_model.update(contexts[index], candidates, results)
-                    progress.report(tasks[index], results)
-                    trials -= len(candidates)
-                    failed_batches = failed_batches + 1 if all(map(_failed, results)) else 0
-                    if gone is not None:
-                        failures.stopped = gone
-                    elif failed_batches >= MAX_FAILED_BATCHES:
-                        failures.stopped = (f"{failed_batches} batches in a row failed every trial, last error: "
-                                            f"{failures.error[tasks[index].name]}")
-                    if failures.stopped is not None:
-                        break
+            return _round_robin(states, bench, cost_model, trials, progress)
         finally:
-            for ctx in contexts:
-                ctx.post_tuning()
+            for state in started:
+                state.context.post_tuning()
+                state.context = None
+
+
+def _round_robin(states: list[TaskState], bench: _Bench, cost_model: ms.cost_model.CostModel, trials: int,
+                 progress: _Progress) -> str | None:
+    """Batches of each task in turn until ``trials`` are spent or no task has candidates left.
+
+    Returns why it stopped early, or None: the device became unavailable (that batch's failed
+    trials are then not recorded: they were never measured, a re-run measures them), or
+    ``MAX_FAILED_BATCHES`` batches in a row failed every trial.
+    """
+    active = list(states)
+    failed_batches = 0
+    while trials > 0 and active:
+        for state in list(active):
+            candidates = state.context.generate_measure_candidates() if trials > 0 else None
+            if not candidates:
+                active.remove(state)  # budget spent, or the space has nothing new
+                continue
+            candidates = list(candidates)[:trials]
+            results, gone = _search_batch(state, bench, cost_model, candidates)
+            failed = state.count(results)
+            progress.report(state, len(results), failed)
+            trials -= len(candidates)
+            failed_batches = failed_batches + 1 if failed == len(results) else 0
+            if gone is not None:
+                return gone
+            if failed_batches >= MAX_FAILED_BATCHES:
+                return f"{failed_batches} batches in a row failed every trial, last error: {state.error}"
+    return None
+
+
+def _search_batch(
+    state: TaskState, bench: _Bench, cost_model: ms.cost_model.CostModel,
+    candidates: list[ms.search_strategy.MeasureCandidate],
+) -> tuple[list[ms.runner.RunnerResult], str | None]:
+    """Measure one batch of a task, append its records, and feed the results to the search and
+    the cost model; (the results, why the device is unavailable or None)."""
+    results = bench.measure(candidates)
+    gone = _device_unavailable(results)
+    workload = bench.db.commit_workload(state.task.mod)
+    for candidate, result in zip(candidates, results):
+        if gone is None or not _failed(result):
+            bench.commit(workload, candidate.sch.trace, result, candidate.args_info)
+    state.context.notify_runner_results(candidates, results)
+    cost_model.update(state.context, candidates, results)
+    return results, gone
