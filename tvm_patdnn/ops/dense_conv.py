@@ -192,6 +192,20 @@ def _padded_input(spec: DenseConvSpec, data):
     return padded
 
 
+def _output_args(conv: DenseConvSpec) -> tuple:
+    """Declare the last arguments of a dense-conv kernel, [residual] and out (N, F, OH, OW), and the
+    function's attributes; returns their flat (pixel-major) views (residual or None, out), which
+    the epilogues index by filter and pixel."""
+    n_, f_, p_ = conv.batch, conv.out_channels, conv.pixels
+    out_shape = (n_, f_, conv.out_height, conv.out_width)
+    residual = T.arg("residual", T.buffer(out_shape, "float32")) if conv.residual else None
+    out = T.arg("out", T.buffer(out_shape, "float32"))
+    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    flat_out = T.decl_buffer((n_, f_, p_), "float32", data=out.data)
+    flat_res = T.decl_buffer((n_, f_, p_), "float32", data=residual.data) if residual is not None else None
+    return flat_res, flat_out
+
+
 def _pack_panel(spec: DenseConvSpec, source, panel, n, base, first, count) -> None:
     """``panel[r * tile + j]`` = the tap ``r = (c - first, dy, dx)`` of the window of pixel
     ``base + j``, for the ``count`` channels from ``first``."""
@@ -295,19 +309,13 @@ def dense_conv_primfunc(spec: DenseConvSpec) -> tirx.PrimFunc:
     n_, f_, p_, k_ = spec.batch, spec.out_channels, spec.pixels, spec.taps
     mr, nr, lanes, tp = spec.filter_tile, spec.vectors, spec.lanes, spec.pixel_tile
     tiles = ceil_div(p_, tp)
-    out_shape = (n_, f_, spec.out_height, spec.out_width)
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
             data = T.arg("data", T.buffer((n_, spec.in_channels, spec.height, spec.width), "float32"))
             weight = T.arg("weight", T.buffer((spec.filter_tiles, k_, mr), "float32"))
             bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
-            residual = T.arg("residual", T.buffer(out_shape, "float32")) if spec.residual else None
-            out = T.arg("out", T.buffer(out_shape, "float32"))
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            # Flat (pixel-major) views of the NCHW tensors.
-            flat_out = T.decl_buffer((n_, f_, p_), "float32", data=out.data)
-            flat_res = T.decl_buffer((n_, f_, p_), "float32", data=residual.data) if residual is not None else None
+            flat_res, flat_out = _output_args(spec)
             source = _padded_input(spec, data)
             window = spec.kernel[0] * spec.kernel[1]
             cb = spec.channel_block

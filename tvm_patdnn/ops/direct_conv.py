@@ -47,7 +47,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div, round_up
 from .activation import activate
-from .dense_conv import DenseConvSpec, _keep_or_finish, _padded_input
+from .dense_conv import DenseConvSpec, _keep_or_finish, _output_args, _padded_input
 
 __all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct_register_tile",
            "pack_direct_conv_bias"]
@@ -247,21 +247,16 @@ def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
     [residual (N, F, OH, OW)], out.
     """
     conv = spec.conv
-    n_, c_, f_, p_ = conv.batch, conv.in_channels, conv.out_channels, conv.pixels
+    n_, c_, p_ = conv.batch, conv.in_channels, conv.pixels
     mr, nr, lanes, block = spec.pixel_tile, spec.vectors, spec.lanes, spec.filter_block
     blocks, tiles = spec.filter_blocks, spec.pixel_tiles
-    out_shape = (n_, f_, conv.out_height, conv.out_width)
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
             data = T.arg("data", T.buffer((n_, c_, conv.height, conv.width), "float32"))
             weight = T.arg("weight", T.buffer((blocks, conv.taps, block), "float32"))
             bias = T.arg("bias", T.buffer((blocks * block,), "float32")) if conv.has_bias else None
-            residual = T.arg("residual", T.buffer(out_shape, "float32")) if conv.residual else None
-            out = T.arg("out", T.buffer(out_shape, "float32"))
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            flat_out = T.decl_buffer((n_, f_, p_), "float32", data=out.data)
-            flat_res = T.decl_buffer((n_, f_, p_), "float32", data=residual.data) if residual is not None else None
+            flat_res, flat_out = _output_args(conv)
             source = _padded_input(conv, data)
             cb, kblocks = spec.channel_block, spec.channel_blocks
             groups, per_group = spec.pixel_groups, spec.group_tiles

@@ -29,7 +29,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div
-from .dense_conv import DenseConvSpec, _keep_or_finish, _pack_panel, _padded_input, _store_output
+from .dense_conv import DenseConvSpec, _keep_or_finish, _output_args, _pack_panel, _padded_input, _store_output
 
 __all__ = ["BLOCK", "MAX_DENSITY", "SPARSE_POINTWISE_ATTR", "BlockSparseWeight", "SparsePointwiseSpec",
            "block_density", "block_sparse_weight", "sparse_pointwise_primfunc", "sparse_pointwise_tile"]
@@ -183,7 +183,6 @@ def sparse_pointwise_primfunc(spec: SparsePointwiseSpec) -> tirx.PrimFunc:
     mr, tp = conv.filter_tile, conv.pixel_tile
     tiles = ceil_div(p_, tp)
     blocks = max(1, spec.nonzero_blocks)
-    out_shape = (n_, f_, conv.out_height, conv.out_width)
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
@@ -192,11 +191,7 @@ def sparse_pointwise_primfunc(spec: SparsePointwiseSpec) -> tirx.PrimFunc:
             channels = T.arg("channels", T.buffer((blocks,), "int32"))
             starts = T.arg("starts", T.buffer((spec.filter_blocks, spec.channel_blocks + 1), "int32"))
             bias = T.arg("bias", T.buffer((f_,), "float32")) if conv.has_bias else None
-            residual = T.arg("residual", T.buffer(out_shape, "float32")) if conv.residual else None
-            out = T.arg("out", T.buffer(out_shape, "float32"))
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            flat_out = T.decl_buffer((n_, f_, p_), "float32", data=out.data)
-            flat_res = T.decl_buffer((n_, f_, p_), "float32", data=residual.data) if residual is not None else None
+            flat_res, flat_out = _output_args(conv)
             source = _padded_input(conv, data)
             cb = conv.channel_block
             with T.parallel(0, n_ * tiles) as task:
