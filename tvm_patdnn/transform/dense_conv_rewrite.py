@@ -134,14 +134,15 @@ class DenseConvRewriter:
         self.clip = is_op("relax.clip")(body, wildcard(), wildcard())
         self.pattern = self.relu | self.clip | body
 
-    def _activation(self, expr: relax.Call, matches) -> tuple[str, float, float] | None:
-        """(activation, clip min, clip max) of the chain's end; None for a clip with non-constant bounds."""
+    def _activation(self, expr: relax.Call, matches) -> dict | None:
+        """The kernel spec's activation fields (``activation``, ``clip_min``, ``clip_max``) of the
+        chain's end; None for a clip with non-constant bounds."""
         if self.relu in matches:
-            return "relu", 0.0, 0.0
+            return dict(activation="relu", clip_min=0.0, clip_max=0.0)
         if self.clip in matches:
             bounds = float_value(expr.args[1]), float_value(expr.args[2])
-            return None if None in bounds else ("clip", *bounds)
-        return "none", 0.0, 0.0
+            return None if None in bounds else dict(activation="clip", clip_min=bounds[0], clip_max=bounds[1])
+        return dict(activation="none", clip_min=0.0, clip_max=0.0)
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         self._builder = relax.BlockBuilder(mod)
@@ -213,8 +214,7 @@ class DenseConvRewriter:
             *self.gemm_vectors(), self.vectors, batch=n, in_channels=c, height=h, width=w,
             out_channels=out_shape[1], kernel=static_shape(weight)[2:],
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
-            has_bias=bias is not None, residual=residual is not None,
-            activation=activation[0], clip_min=activation[1], clip_max=activation[2],
+            has_bias=bias is not None, residual=residual is not None, **activation,
         )
         if self.kernel_for(spec) is None:
             return None

@@ -97,7 +97,7 @@ class DepthwiseConvRewriter(DenseConvRewriter):
         spec = DepthwiseConvSpec.for_target(
             self.registers, self.lanes, batch=n, channels=c, height=h, width=w, kernel=static_shape(weight)[2:],
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
-            has_bias=bias is not None, activation=activation[0], clip_min=activation[1], clip_max=activation[2],
+            has_bias=bias is not None, **activation,
         )
         return conv, spec, bias
 

@@ -61,7 +61,7 @@ class FullyConnectedRewriter(DenseConvRewriter):
             return None
         spec = FullyConnectedSpec.for_target(
             self.registers, self.lanes, rows=x_shape[0], in_features=x_shape[1], out_features=w_shape[1],
-            has_bias=bias is not None, activation=activation[0], clip_min=activation[1], clip_max=activation[2],
+            has_bias=bias is not None, **activation,
         )
         return matmul, spec, bias
 
