@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from ..analysis import PatternOptions
 from ..arguments import add_model_options, add_target_option, pattern_options
 from ..tables import format_table
+
+if TYPE_CHECKING:
+    from .tuner import TuneResults
 
 __all__ = ["add_tune_command", "format_results"]
 
@@ -47,28 +51,26 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_tune)
 
 
-def format_results(results) -> str:
+def format_results(results: TuneResults) -> str:
     """A table of the tuned kernels (default and best time, speedup, trials failed in this tune),
     then each failing kernel's last error and why the tune stopped early, if it did."""
     rows = [[r.name, r.kind, str(r.weight), str(r.trials),
              f"{r.default_ms:.4g}" if r.default_ms is not None else "-",
              f"{r.best_ms:.4g}" if r.best_ms is not None else "-",
              f"{r.speedup:.2f}x" if r.speedup is not None else "-",
-             str(getattr(r, "failed", 0))] for r in results]
+             str(r.failed)] for r in results]
     lines = [format_table(["kernel", "kind", "calls", "trials", "default ms", "tuned ms", "speedup", "failed"], rows,
                           align="<<>>>>>>")]
-    failing = [r for r in results if getattr(r, "failed", 0)]
+    failing = [r for r in results if r.failed]
     if failing:
         lines.append(f"\n{sum(r.failed for r in failing)} trial(s) failed:")
         lines.extend(f"  {r.name}: {r.failed} failed, last error: {r.error}" for r in failing)
-    devices = getattr(results, "devices", {})
-    if devices:
+    if results.devices:
         lines.append("\ndevices:")
         lines.extend(f"  {device}: {stats.trials} trial(s) measured, {stats.failed} failed"
-                     for device, stats in sorted(devices.items()))
-    stopped = getattr(results, "stopped", None)
-    if stopped:
-        lines.append(f"\ntuning stopped early: {stopped}")
+                     for device, stats in sorted(results.devices.items()))
+    if results.stopped:
+        lines.append(f"\ntuning stopped early: {results.stopped}")
     return "\n".join(lines)
 
 
