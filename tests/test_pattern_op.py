@@ -19,7 +19,7 @@ from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.kernel_patterns import kernel_masks, popcount
 from tvm_patdnn.ops.pattern_conv import (PATTERN_CONV_ATTR, PatternConvSpec, cheapest_layout, choose_layout,
-                                         pattern_conv2d_primfunc)
+                                         is_pattern_conv, pattern_conv2d_primfunc)
 from tvm_patdnn.schedule_rules import PatternConvCPU
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 from tvm_patdnn.transform import PatternConvRewrite
@@ -69,6 +69,11 @@ def test_cpu_rule_bounds_kernel_loops_by_run_length():
     assert "for rj in range(T.min(" in scheduled  # the guarded loop became a bounded loop
     assert "T.if_then_else" not in scheduled.split('T.sblock("acc_update")')[1].split("T.sblock")[0]
     assert PatternConvCPU().apply(func, tvm.target.Target({"kind": "c"}), False) is None
+
+
+def pattern_layouts(mod: tvm.IRModule) -> list:
+    """The layout attribute of every pattern-conv PrimFunc of ``mod``."""
+    return [func.attrs[PATTERN_CONV_ATTR] for _, func in mod.functions_items() if is_pattern_conv(func)]
 
 
 def _run_op(spec: PatternConvSpec, fkw, x: np.ndarray, bias: np.ndarray, target) -> np.ndarray:
@@ -179,9 +184,7 @@ def test_avx2_windows_layout_matches_the_onnx_reference(height, width, batch, bi
     rng = np.random.default_rng(height * 16 + width)
     model = build_cnn(rng, (batch, 8, height, width), [ConvSpec(12, connectivity=2.0, bias=bias, relu=relu)])
     rewritten = PatternConvRewrite(vector_width=8, accumulators=8)(relax.transform.FoldConstant()(import_onnx(model).mod))
-    layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
-               if isinstance(func, tvm.tirx.PrimFunc) and PATTERN_CONV_ATTR in (func.attrs or {})]
-    assert [bool(int(layout["windows"])) for layout in layouts] == [windows]
+    assert [bool(int(layout["windows"])) for layout in pattern_layouts(rewritten)] == [windows]
     compiled = tvm_patdnn.compile(model, AVX2)
     assert [r.kind for r in compiled.report] == ["pattern"]
     if vector_lanes(resolve_target("x86")) < 8:
@@ -196,9 +199,7 @@ def test_2x2_layers_take_the_tap_lane_kernel_on_avx512_and_avx2():
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     for lanes, tap_lanes in ((16, True), (8, True), (4, False)):
         rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
-        layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
-                   if isinstance(func, tvm.tirx.PrimFunc) and PATTERN_CONV_ATTR in (func.attrs or {})]
-        assert [bool(layout.get("tap_lanes", 0)) for layout in layouts] == [tap_lanes]
+        assert [bool(layout.get("tap_lanes", 0)) for layout in pattern_layouts(rewritten)] == [tap_lanes]
 
 
 @pytest.mark.parametrize("batch, bias, relu, patterns", [(1, True, True, 8), (2, False, False, 3), (1, True, False, 12)])

@@ -44,10 +44,15 @@ from ..arith import largest_divisor, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "choose_layout",
-           "cheapest_layout", "layout_cycles", "target_layout"]
+           "cheapest_layout", "is_pattern_conv", "layout_cycles", "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
+
+
+def is_pattern_conv(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` is a pattern convolution (it carries :data:`PATTERN_CONV_ATTR`)."""
+    return func.attrs is not None and PATTERN_CONV_ATTR in func.attrs
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ..arith import largest_divisor
-from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from ..ops.pattern_conv import is_pattern_conv
 from .register_tile import REDUCE, SPATIAL, accumulate_in_registers, schedule_main_block
 
 
@@ -25,7 +25,7 @@ class DenseConv2dCPU(CPUScheduleRule):
     """Register-tiled schedule for dense NCHW conv2d / pooling PrimFuncs on LLVM targets."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not self.is_target_available(target) or (func.attrs is not None and PATTERN_CONV_ATTR in func.attrs):
+        if not self.is_target_available(target) or is_pattern_conv(func):
             return None
         return schedule_main_block(func, target, _is_window_reduction, _schedule)
 

@@ -24,7 +24,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ..arith import largest_divisor
-from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from ..ops.pattern_conv import PATTERN_CONV_ATTR, is_pattern_conv
 from .kernel_runs import bound_kernel_runs
 
 __all__ = ["UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
@@ -95,7 +95,7 @@ class PatternConvCPU(CPUScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs or not self.is_target_available(target):
+        if not is_pattern_conv(func) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
         if tunable:

@@ -17,7 +17,7 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
 from ..arith import work_group_size
-from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from ..ops.pattern_conv import PATTERN_CONV_ATTR, is_pattern_conv
 from ..targets import gpu_threads
 
 __all__ = ["PatternConvGPU", "schedule_pattern_conv_gpu"]
@@ -29,7 +29,7 @@ class PatternConvGPU(GPUScheduleRule):
     """The untuned GPU schedule of pattern-conv PrimFuncs (others: not applicable)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if func.attrs is None or PATTERN_CONV_ATTR not in func.attrs or not self.is_target_available(target):
+        if not is_pattern_conv(func) or not self.is_target_available(target):
             return None
         layout = func.attrs[PATTERN_CONV_ATTR]
         wave, max_threads = gpu_threads(target)

@@ -11,18 +11,14 @@ serial, interleaved over threads), the LLVM unroll depth — so the default is o
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
-from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from ..ops.pattern_conv import is_pattern_conv  # noqa: F401 - tuning/tasks.py imports it from here
 from ..schedule_rules.pattern_conv_cpu import PatternConvCPU
 
-__all__ = ["is_pattern_conv", "pattern_conv_space", "pattern_conv_space_generator"]
-
-
-def is_pattern_conv(func: tirx.PrimFunc) -> bool:
-    return func.attrs is not None and PATTERN_CONV_ATTR in func.attrs
+__all__ = ["pattern_conv_space", "pattern_conv_space_generator"]
 
 
 def pattern_conv_space(sch: s_tir.Schedule, target: Target) -> list[s_tir.Schedule]:
