@@ -19,10 +19,10 @@ from tvm import relax, tirx
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
 from ..analysis import PatternOptions
+from ..ops.pattern_conv import is_pattern_conv
 from ..pipeline import fusion_passes
-from ..tvm_compat import normalize_workload
 from ..transform.kernel_choice import KernelChoices
-from .space import is_pattern_conv
+from ..tvm_compat import normalize_workload
 
 __all__ = ["Task", "extract_tasks", "normalize"]
 
