@@ -49,7 +49,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +65,9 @@ from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
 from tvm_patdnn.transform import DenseConvRewrite
 from tvm_patdnn.transform.dense_conv_rewrite import DenseConvRewriter
 
-from .layers import time_ms, vm_of
 from .machine import machine_summary
 from .models import dense_conv_model, dense_model
-from .peers import agree, ort_runner
+from .runtimes import Runner, agree, ort_runner, tvm_runner
 
 # (in channels, out channels, input size, stride, kernel): the distinct dense convs of ResNet-50
 # v1.5 (stride on the 3x3), 1x1 first, then the 3x3s and the 7x7 stem (padding kernel // 2).
@@ -112,18 +110,6 @@ def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Tar
                    "1 pixel vector": {"kernel": "gemm", "vectors": 1}}[variant]
         mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), **options)(mod)
     return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
-
-
-class Runner:
-    """One variant of one model, ready to run and time."""
-
-    def __init__(self, run: Callable[[], np.ndarray], time_one: Callable[[], float]) -> None:
-        self.run, self.time = run, time_one
-
-
-def tvm_runner(executable, x: np.ndarray) -> Runner:
-    vm, tx = vm_of(executable), tvm.runtime.tensor(x)
-    return Runner(lambda: vm["main"](tx).numpy(), lambda: time_ms(vm, tx, number=1))
 
 
 def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, rounds: int,

@@ -25,9 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .layers import time_ms, vm_of
 from .machine import cpu_name
-from .peers import agree, ort_runner
+from .runtimes import agree, ort_runner, time_ms, vm_of
 
 # (name, rows, in features, out features, ReLU)
 FCS = [("ResNet-50 FC", 1, 2048, 1000, False), ("ResNet-50 FC batch 2", 2, 2048, 1000, False),

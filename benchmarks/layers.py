@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
 
 import tvm_patdnn
 from tvm_patdnn.fileio import write_bytes_atomic
@@ -39,30 +38,10 @@ from tvm_patdnn.targets import resolve_target
 from . import machine
 from .machine import cpu_name, fma_peak_gflops, widest_isa
 from .models import conv3x3_model
+from .runtimes import time_ms, vm_of
 
 LAYERS = [("64ch 56x56", 64, 56), ("256ch 14x14", 256, 14)]
 PRUNINGS = [("2.25x (8 patterns)", None), ("8x (8 patterns + 3.6x conn.)", 3.6)]
-
-
-def vm_of(executable) -> relax.VirtualMachine:
-    return relax.VirtualMachine(executable, tvm.cpu())
-
-
-def time_ms(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, number: int) -> float:
-    vm.set_input("main", x)
-    evaluator = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=number, repeat=1, min_repeat_ms=200)
-    return evaluator("main").mean * 1e3
-
-
-def cpu_ms(fn, call_args, min_ms: float = 40.0) -> float:
-    """Mean process CPU time of one call, over calls adding up to at least ``min_ms``: with one TVM
-    thread the calls run on this thread, and a second process sharing the core disturbs CPU time
-    far less than wall time (it halved wall-clock rates on the session-5 box). Not for more threads."""
-    calls, start = 0, time.process_time()
-    while (elapsed := time.process_time() - start) * 1e3 < min_ms or calls < 3:
-        fn(*call_args)
-        calls += 1
-    return elapsed * 1e3 / calls
 
 
 def cpu_peak_gflops(runs: int = 5) -> float:

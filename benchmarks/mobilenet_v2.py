@@ -41,7 +41,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .models import dense_model
-from .peers import agree, ort_runner
+from .runtimes import agree, ort_runner
 
 RTOL = 1e-3
 
@@ -126,7 +126,7 @@ def whole_model(model: onnx.ModelProto, target: str, threads: int, rounds: int) 
 
     import tvm_patdnn
 
-    from .layers import time_ms, vm_of
+    from .runtimes import time_ms, vm_of
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     compiled = tvm_patdnn.compile(model, target, tuning_db=False)
@@ -151,7 +151,7 @@ def layer_rows(model: onnx.ModelProto, kind: str, target: str, threads: int, rou
     from tvm_patdnn.pipeline import get_pipeline
     from tvm_patdnn.targets import resolve_target
 
-    from .layers import time_ms, vm_of
+    from .runtimes import time_ms, vm_of
 
     target = resolve_target(target)
     rows = []

@@ -60,9 +60,10 @@ from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs
 from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs, schedule_pattern_conv_cpu
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
-from .layers import add_peak_percent, cpu_ms, cpu_peak_gflops, save_results, tvm_threads
+from .layers import add_peak_percent, cpu_peak_gflops, save_results, tvm_threads
 from .machine import fma_peak_gflops, widest_isa
 from .models import twins
+from .runtimes import cpu_ms
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,10 +45,11 @@ from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_
 from tvm_patdnn.schedule_rules import PatternConvCPU
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
-from .layers import cpu_ms, cpu_peak_gflops, save_results, tvm_threads
+from .layers import cpu_peak_gflops, save_results, tvm_threads
 from .machine import widest_isa
 from .models import twins
 from .optimisations import pattern_layers, reference_conv
+from .runtimes import cpu_ms
 
 # (filters, channels, size, stride) of the extra layer sets, 8x pruned from Gaussian weights.
 EXTRA_SETS = {

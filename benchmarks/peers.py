@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,116 +47,14 @@ import onnx
 import tvm_patdnn
 from tvm_patdnn.fileio import save_model_atomic, write_bytes_atomic
 
-from .layers import time_ms
 from .machine import cpu_name, fma_peak_gflops, widest_isa
-from .models import INPUT_SHAPES, conv3x3_model, torch_module_with, twins
+from .models import INPUT_SHAPES, conv3x3_model, twins
+from .runtimes import FnRunner, TVMRunner, agree, mnn_convert, mnn_runner, ort_runner, torch_runner
 
 RESULTS = Path(__file__).parent / "results"
 TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224", "resnet50": "ResNet-50 ImageNet 224x224",
           "mobilenet_v2": "MobileNetV2 ImageNet 224x224"}
 RTOL = 1e-3
-MIN_SAMPLE_MS = 200.0
-
-# ----------------------------------------------------------------------------- runtimes
-
-
-def sample_ms(run: Callable[[], object]) -> float:
-    """Mean ms of ``run`` over at least MIN_SAMPLE_MS of repetitions."""
-    count, start = 0, time.perf_counter()
-    while (elapsed := (time.perf_counter() - start) * 1e3) < MIN_SAMPLE_MS or count == 0:
-        run()
-        count += 1
-    return elapsed / count
-
-
-class TVMRunner:
-    """A compiled tvm_patdnn/TVM module, timed with TVM's time_evaluator (as layers.py)."""
-
-    def __init__(self, compiled: tvm_patdnn.CompiledModel, x: np.ndarray) -> None:
-        import tvm
-        from tvm import relax
-
-        self.compiled, self.x = compiled, x
-        self.vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
-        self.tx = tvm.runtime.tensor(x)
-
-    def output(self) -> np.ndarray:
-        return self.compiled.run({self.compiled.input_names[0]: self.x})[0]
-
-    def time(self) -> float:
-        return time_ms(self.vm, self.tx, number=1)
-
-
-class FnRunner:
-    """Any runtime given as a zero-argument callable returning the output."""
-
-    def __init__(self, run: Callable[[], np.ndarray]) -> None:
-        self.run = run
-
-    def output(self) -> np.ndarray:
-        return np.asarray(self.run())
-
-    def time(self) -> float:
-        return sample_ms(self.run)
-
-
-def ort_runner(model: onnx.ModelProto, x: np.ndarray, threads: int) -> FnRunner:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x}
-    return FnRunner(lambda: session.run(None, feed)[0])
-
-
-def mnn_convert(onnx_path: Path, mnn_path: Path) -> None:
-    """ONNX -> MNN with MNN's converter extension called directly (the `mnnconvert` command and
-    MNN.tools import a logger that pip-installs an SDK and sends usage logs)."""
-    import _tools  # MNN's converter, shipped by the PyPI MNN wheel
-
-    _tools.mnnconvert(["mnnconvert", "-f", "ONNX", "--modelFile", str(onnx_path), "--MNNModel", str(mnn_path), "--bizCode", "MNN"])
-    if not mnn_path.exists():
-        raise RuntimeError(f"MNN conversion of {onnx_path} failed")
-
-
-def mnn_runner(mnn_path: Path, x: np.ndarray, threads: int) -> FnRunner:
-    import MNN
-
-    interpreter = MNN.Interpreter(str(mnn_path))
-    session = interpreter.createSession({"numThread": threads, "precision": "normal", "backend": "CPU"})
-    source = interpreter.getSessionInput(session)
-    source.copyFrom(MNN.Tensor(x.shape, MNN.Halide_Type_Float, x, MNN.Tensor_DimensionType_Caffe))
-    sink = interpreter.getSessionOutput(session)
-
-    def run() -> np.ndarray:
-        interpreter.runSession(session)
-        host = MNN.Tensor(sink.getShape(), MNN.Halide_Type_Float, np.zeros(sink.getShape(), np.float32), MNN.Tensor_DimensionType_Caffe)
-        sink.copyToHostTensor(host)
-        return np.array(host.getData(), np.float32).reshape(sink.getShape())
-
-    return FnRunner(run)
-
-
-def torch_runner(name: str, model: onnx.ModelProto, x: np.ndarray, threads: int) -> FnRunner:
-    import torch
-
-    torch.set_num_threads(threads)
-    module, tx = torch_module_with(name, model), torch.from_numpy(x)
-
-    def run() -> np.ndarray:
-        with torch.inference_mode():
-            return module(tx).numpy()
-
-    return FnRunner(run)
-
-
-def agree(actual: np.ndarray, expected: np.ndarray) -> float:
-    """Max abs difference relative to the reference's max magnitude."""
-    return float(np.abs(actual.reshape(expected.shape) - expected).max() / max(np.abs(expected).max(), 1e-30))
-
 
 # ----------------------------------------------------------------------------- worker (one thread count)
 

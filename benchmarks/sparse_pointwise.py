@@ -36,10 +36,10 @@ from tvm_patdnn.ops.sparse_pointwise import BLOCK, block_density
 from tvm_patdnn.pruning.projection import project_pointwise
 
 from .dense import RESNET50_CONVS
-from .layers import time_ms, tvm_threads, vm_of
+from .layers import tvm_threads
 from .machine import machine_summary
 from .models import dense_conv_model
-from .peers import agree, ort_runner
+from .runtimes import agree, ort_runner, time_ms, vm_of
 
 RTOL = 1e-3
 

@@ -31,8 +31,9 @@ from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_
 from tvm_patdnn.targets import resolve_target
 from tvm_patdnn.tuning.database import RECORDS, SCHEDULES_DIR, shipped_database, target_key
 
-from .layers import save_results, time_ms, vm_of
+from .layers import save_results
 from .models import conv3x3_model, twins
+from .runtimes import time_ms, vm_of
 
 # (name, channels, size, pruned?)
 LAYERS = [("pattern 64ch 56x56, 8x", 64, 56, True), ("dense 64ch 28x28", 64, 28, False)]

@@ -48,10 +48,9 @@ from tvm_patdnn.pipeline import get_pipeline
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
 from tvm_patdnn.transform import DenseConvRewrite, WinogradConvRewrite
 
-from .dense import Runner, tvm_runner
 from .machine import machine_summary
 from .models import dense_conv_model, dense_model
-from .peers import agree, ort_runner
+from .runtimes import Runner, agree, ort_runner, tvm_runner
 
 # (group, in channels, out channels, input size): 3x3 stride-1 pad-1 convs.
 LAYERS = [
