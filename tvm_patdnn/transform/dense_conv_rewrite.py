@@ -62,7 +62,7 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from ..arith import ceil_div
 from ..ops.dense_conv import DenseConvSpec
 from ..ops.direct_conv import DirectConvSpec, direct_register_tile
-from .exprs import add_kernel, constant_array, float_value, per_channel_bias, static_shape
+from .exprs import add_kernel, constant_array, float_value, nchw_conv_shapes, per_channel_bias, static_shape
 from .kernel_choice import KernelChoices, KernelSpec, kernel_function, pack_for_kernel
 
 __all__ = ["DenseConvRewrite", "DenseConvRewriter"]
@@ -81,18 +81,7 @@ FEW_POINTWISE_FILTERS = 64
 
 
 def _is_dense_conv(conv: relax.Call, weight: relax.Expr) -> bool:
-    attrs = conv.attrs
-    shapes = static_shape(conv.args[0]), static_shape(weight), static_shape(conv)
-    return (
-        all(s is not None and len(s) == 4 for s in shapes)
-        and isinstance(weight, tvm.ir.GenericConst)
-        and conv.ty.dtype == "float32"
-        and conv.args[0].ty.dtype == "float32"
-        and str(weight.ty.dtype) == "float32"
-        and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")
-        and int(attrs.groups) == 1
-        and all(int(d) == 1 for d in attrs.dilation)
-    )
+    return nchw_conv_shapes(conv, weight) is not None and int(conv.attrs.groups) == 1
 
 
 class DenseConvRewriter:

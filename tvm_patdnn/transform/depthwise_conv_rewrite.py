@@ -22,27 +22,17 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from ..ops.depthwise_conv import DepthwiseConvSpec, depthwise_conv_primfunc
 from .dense_conv_rewrite import DenseConvRewriter
-from .exprs import add_kernel, per_channel_bias, static_shape
+from .exprs import add_kernel, nchw_conv_shapes, per_channel_bias, static_shape
 
 __all__ = ["DepthwiseConvRewrite", "DepthwiseConvRewriter"]
 
 
 def _is_depthwise_conv(conv: relax.Call, weight: relax.Expr) -> bool:
-    attrs = conv.attrs
-    shapes = static_shape(conv.args[0]), static_shape(weight), static_shape(conv)
-    if not all(s is not None and len(s) == 4 for s in shapes):
+    shapes = nchw_conv_shapes(conv, weight)
+    if shapes is None:
         return False
-    channels = shapes[0][1]
-    return (
-        isinstance(weight, tvm.ir.GenericConst)
-        and conv.ty.dtype == "float32"
-        and conv.args[0].ty.dtype == "float32"
-        and str(weight.ty.dtype) == "float32"
-        and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")
-        and int(attrs.groups) == channels == shapes[2][1] == shapes[1][0]
-        and shapes[1][1] == 1
-        and all(int(d) == 1 for d in attrs.dilation)
-    )
+    data, kernel, out = shapes
+    return int(conv.attrs.groups) == data[1] == out[1] == kernel[0] and kernel[1] == 1
 
 
 class DepthwiseConvRewriter(DenseConvRewriter):

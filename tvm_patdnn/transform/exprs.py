@@ -8,7 +8,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-__all__ = ["OPAQUE", "add_kernel", "constant_array", "float_value", "per_channel_bias", "static_shape"]
+__all__ = ["OPAQUE", "add_kernel", "constant_array", "float_value", "nchw_conv_shapes", "per_channel_bias", "static_shape"]
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge (and re-schedule) our op
 
@@ -22,6 +22,23 @@ def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
         return tuple(int(d) for d in shape.values)
     except (TypeError, ValueError):
         return None
+
+
+def nchw_conv_shapes(conv: relax.Call, weight: relax.Expr) -> tuple[tuple[int, ...], ...] | None:
+    """(data, weight, output) shapes of a float32 NCHW / OIHW conv2d with a constant weight and no
+    dilation, all static and 4-D, which is what our dense-path kernels take; else None."""
+    attrs = conv.attrs
+    shapes = static_shape(conv.args[0]), static_shape(weight), static_shape(conv)
+    if not all(s is not None and len(s) == 4 for s in shapes):
+        return None
+    if not (isinstance(weight, tvm.ir.GenericConst)
+            and conv.ty.dtype == "float32"
+            and conv.args[0].ty.dtype == "float32"
+            and str(weight.ty.dtype) == "float32"
+            and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")
+            and all(int(d) == 1 for d in attrs.dilation)):
+        return None
+    return shapes
 
 
 def constant_array(expr: relax.Expr) -> np.ndarray:
