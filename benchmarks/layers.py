@@ -17,12 +17,8 @@ unit of the host (``machine.py``), measured on as many threads.
 from __future__ import annotations
 
 import argparse
-import os
 import json
-import resource
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,43 +31,12 @@ from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
 from tvm_patdnn.targets import resolve_target
 
-from . import machine
-from .machine import cpu_name, fma_peak_gflops, widest_isa
+from .machine import add_peak_percent, cpu_name, fma_peak_gflops, tvm_threads, widest_isa
 from .models import conv3x3_model
 from .runtimes import time_ms, vm_of
 
 LAYERS = [("64ch 56x56", 64, 56), ("256ch 14x14", 256, 14)]
 PRUNINGS = [("2.25x (8 patterns)", None), ("8x (8 patterns + 3.6x conn.)", 3.6)]
-
-
-def cpu_peak_gflops(runs: int = 5) -> float:
-    """``machine.py``'s widest-ISA FMA loop on one thread, rated by its CPU time instead of wall
-    time (the layers are timed in CPU time too; a second process on the core halves wall rates)."""
-    with tempfile.TemporaryDirectory(prefix="patdnn-peak-") as scratch:
-        binary = machine._compile(widest_isa(), Path(scratch))
-        best = 0.0
-        for _ in range(runs):
-            before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-            rate = float(subprocess.run([str(binary), "100000000", "1"], capture_output=True, text=True,
-                                        check=True).stdout.split()[0])
-            wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-            best = max(best, rate * wall / cpu)
-    return best
-
-
-def tvm_threads() -> int:
-    """TVM's thread count: ``TVM_NUM_THREADS`` if set (read when its runtime starts), else every core."""
-    return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
-
-
-def add_peak_percent(rows: list[dict], peak_before: float) -> float:
-    """Give every row its ``nonzero_peak_percent``; returns the peak used: the better of the FMA
-    peak measured before the rows and now (on a shared box the FMA loop too can lose its core)."""
-    peak = max(peak_before, fma_peak_gflops(tvm_threads()))
-    for row in rows:
-        row["nonzero_peak_percent"] = 100 * row["nonzero_gflops"] / peak
-    return peak
 
 
 def save_results(path: Path, target, rounds: int, rows: list[dict], peak_gflops: float | None = None) -> None:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["cpu_name", "fma_peak_gflops", "machine_summary", "widest_isa"]
+__all__ = ["add_peak_percent", "cpu_name", "cpu_peak_gflops", "fma_peak_gflops", "machine_summary", "tvm_threads",
+           "widest_isa"]
 
 # ISA -> (fp32 lanes, independent accumulator chains, gcc flags, header, vector type, set1,
 # fma(acc, a, b), reduce-to-float). Chains: more than FMA ports x latency (2 x 4-5 cycles on Intel,
@@ -123,6 +126,36 @@ def fma_peak_gflops(threads: int, workdir: Path | None = None, isa: str | None =
         runs = [float(subprocess.run([str(binary), "100000000", str(threads)], capture_output=True, text=True,
                                      check=True).stdout.split()[0]) for _ in range(5)]
     return max(runs)
+
+
+def cpu_peak_gflops(runs: int = 5) -> float:
+    """The widest-ISA FMA loop on one thread, rated by its CPU time instead of wall time (for layers
+    timed in CPU time, ``runtimes.cpu_ms``: a second process on the core halves wall rates)."""
+    with tempfile.TemporaryDirectory(prefix="patdnn-peak-") as scratch:
+        binary = _compile(widest_isa(), Path(scratch))
+        best = 0.0
+        for _ in range(runs):
+            before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+            rate = float(subprocess.run([str(binary), "100000000", "1"], capture_output=True, text=True,
+                                        check=True).stdout.split()[0])
+            wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+            best = max(best, rate * wall / cpu)
+    return best
+
+
+def tvm_threads() -> int:
+    """TVM's thread count: ``TVM_NUM_THREADS`` if set (read when its runtime starts), else every core."""
+    return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+
+
+def add_peak_percent(rows: list[dict], peak_before: float) -> float:
+    """Give every row its ``nonzero_peak_percent``; returns the peak used: the better of the FMA
+    peak measured before the rows and now (on a shared box the FMA loop too can lose its core)."""
+    peak = max(peak_before, fma_peak_gflops(tvm_threads()))
+    for row in rows:
+        row["nonzero_peak_percent"] = 100 * row["nonzero_gflops"] / peak
+    return peak
 
 
 def machine_summary(threads: list[int], workdir: Path | None = None) -> dict:

@@ -60,8 +60,8 @@ from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs
 from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs, schedule_pattern_conv_cpu
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
-from .layers import add_peak_percent, cpu_peak_gflops, save_results, tvm_threads
-from .machine import fma_peak_gflops, widest_isa
+from .layers import save_results
+from .machine import add_peak_percent, cpu_peak_gflops, fma_peak_gflops, tvm_threads, widest_isa
 from .models import twins
 from .runtimes import cpu_ms
 

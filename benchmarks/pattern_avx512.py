@@ -45,8 +45,8 @@ from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_
 from tvm_patdnn.schedule_rules import PatternConvCPU
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
-from .layers import cpu_peak_gflops, save_results, tvm_threads
-from .machine import widest_isa
+from .layers import save_results
+from .machine import cpu_peak_gflops, tvm_threads, widest_isa
 from .models import twins
 from .optimisations import pattern_layers, reference_conv
 from .runtimes import cpu_ms
@@ -218,7 +218,7 @@ def main() -> None:
         row["nonzero_peak_percent"] = 100 * row["nonzero_gflops"] / peak
     labels = list(args.layouts)
     base = labels[0]
-    print(f"\n| set | layer | " + " | ".join(f"{label} ms" for label in labels) + " | "
+    print("\n| set | layer | " + " | ".join(f"{label} ms" for label in labels) + " | "
           + " | ".join(f"{label} GFLOP/s (% peak)" for label in labels) + f" | {base} / layout |")
     print("|" + "---|" * (3 + 2 * len(labels)))
     groups = {}

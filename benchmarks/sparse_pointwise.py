@@ -36,8 +36,7 @@ from tvm_patdnn.ops.sparse_pointwise import BLOCK, block_density
 from tvm_patdnn.pruning.projection import project_pointwise
 
 from .dense import RESNET50_CONVS
-from .layers import tvm_threads
-from .machine import machine_summary
+from .machine import machine_summary, tvm_threads
 from .models import dense_conv_model
 from .runtimes import agree, ort_runner, time_ms, vm_of
 
