@@ -13,7 +13,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: st
     """``header`` and ``rows`` (cells already formatted) as columns two spaces apart, each as wide
     as its widest cell. ``align`` has one ``<`` (left) or ``>`` (right) per column, left when
     missing; ``rule`` puts a line of dashes under the header. Trailing spaces are stripped."""
-    widths = [max(len(header[c]), *(len(row[c]) for row in rows)) for c in range(len(header))]
+    widths = [max([len(header[c]), *(len(row[c]) for row in rows)]) for c in range(len(header))]
     sides = align.ljust(len(header), "<")
 
     def line(cells: Sequence[str]) -> str:

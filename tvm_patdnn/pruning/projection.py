@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ..arith import ceil_div
 from ..errors import PatDNNError
 from ..kernel_patterns import candidate_patterns, mask_array
 
@@ -342,7 +343,7 @@ def block_grid(shape: Sequence[int], block: object) -> tuple[int, int]:
     o, i = int(shape[0]), int(shape[1])
     if bo > o or bi > i:
         raise PatDNNError(f"block {bo}x{bi} does not fit a layer with {o} output and {i} input channels")
-    return -(-o // bo), -(-i // bi)
+    return ceil_div(o, bo), ceil_div(i, bi)
 
 
 def kept_block_count(n_blocks: int, rate: float) -> int:

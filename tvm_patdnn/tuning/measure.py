@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 
-from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from ..ops.pattern_conv import is_pattern_conv
 from ..rpc import DEVICE_UNAVAILABLE, check_tracker, tracker_devices  # moved to rpc (issue 14); importers outside H1's files switch at the end
 from ..schedule_rules.kernel_runs import bound_kernel_runs
 
@@ -35,7 +35,7 @@ __all__ = ["LibraryExport", "PackedArguments", "build_kernel", "finish_schedule"
 
 def finish_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """What the compiler does to a scheduled pattern conv after its schedule (kernel-run bounds)."""
-    if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs:
+    if is_pattern_conv(func):
         return bound_kernel_runs(func)
     return func
 

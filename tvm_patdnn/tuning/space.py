@@ -15,7 +15,6 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
-from ..ops.pattern_conv import is_pattern_conv  # noqa: F401 - tuning/tasks.py imports it from here
 from ..schedule_rules.pattern_conv_cpu import PatternConvCPU
 
 __all__ = ["pattern_conv_space", "pattern_conv_space_generator"]
