@@ -26,9 +26,9 @@ import tvm_patdnn
 from tvm_patdnn import PatDNNError
 from tvm_patdnn.analysis import PatternOptions
 from tvm_patdnn.cli import main
-from tvm_patdnn.compiler import _import
+from tvm_patdnn.frontend import load_model
 from tvm_patdnn.pipeline import fusion_passes
-from tvm_patdnn.targets import resolve_target
+from tvm_patdnn.targets import host_arch, resolve_target
 from tvm_patdnn.tuning.database import (
     RECORDS,
     WORKLOADS,
@@ -61,7 +61,7 @@ def scheduled_by_records(model: onnx.ModelProto, database: Path) -> set[str]:
     """The kernels the database's records schedule when compiling ``model``."""
     target = resolve_target("x86")
     with target:
-        fused = tvm.transform.Sequential(fusion_passes(target))(_import(model, None, None).mod)
+        fused = tvm.transform.Sequential(fusion_passes(target))(load_model(model).mod)
         tuned = apply_tuning_records(load_records(database, target))(fused)
     return {gv.name_hint for gv, f in tuned.functions_items()
             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled", False)}
@@ -75,7 +75,7 @@ def test_design_space_samples_compute_the_default_result():
     """Random points of the pattern-conv space (tiles, filter splits, unroll) are exact."""
     model = build_cnn(np.random.default_rng(3), (1, 6, 10, 13), [ConvSpec(12, connectivity=2.0)])
     target = resolve_target("x86")
-    (task,) = [t for t in extract_tasks(_import(model, None, None).mod, target, PatternOptions()) if t.kind == "pattern"]
+    (task,) = [t for t in extract_tasks(load_model(model).mod, target, PatternOptions()) if t.kind == "pattern"]
     arguments = PackedArguments.write(str(Path(os.environ.get("TMPDIR", "/tmp")) / f"args-{os.getpid()}.npz"),
                                       {signature(task.args_info): task.int_args})
     try:
@@ -203,6 +203,13 @@ def test_bad_rpc_string(rpc, tmp_path):
 def test_unreachable_tracker(tmp_path):
     with pytest.raises(PatDNNError, match="no TVM RPC tracker answers at 127.0.0.1:1"):
         tvm_patdnn.tune(small_model(), rpc="127.0.0.1:1:android", database=tmp_path / "db", progress=None)
+
+
+def test_a_target_this_machine_cannot_run_is_tuned_over_rpc(tmp_path):
+    other = "arm_cpu-linux" if host_arch() == "x86_64" else '{"kind":"llvm","mtriple":"x86_64-linux-gnu"}'
+    with pytest.raises(PatDNNError, match="this machine is .*: tune on the device with rpc="):
+        tvm_patdnn.tune(small_model(), other, database=tmp_path / "db")
+    assert not (tmp_path / "db").exists()
 
 
 def test_unknown_target(tmp_path):

@@ -16,7 +16,7 @@ from tvm import te
 
 from tvm_patdnn import PatDNNError
 from tvm_patdnn.analysis import PatternOptions
-from tvm_patdnn.compiler import _import
+from tvm_patdnn.frontend import load_model
 from tvm_patdnn.targets import resolve_target
 from tvm_patdnn.tuning.tasks import Task, extract_tasks, normalize
 from tvm_patdnn.tuning.tuner import tuning_contexts
@@ -45,7 +45,7 @@ def imported_model():
     """A dense conv, a pattern conv and a strided pattern conv: a generic task and pattern tasks (the
     dense conv is dilated, so it stays on TVM's conv2d rather than on our untunable kernels)."""
     convs = [ConvSpec(8, kind="dilated"), ConvSpec(16, connectivity=2.0), ConvSpec(8, stride=2)]
-    return _import(build_cnn(np.random.default_rng(7), (1, 4, 12, 12), convs), None, None)
+    return load_model(build_cnn(np.random.default_rng(7), (1, 4, 12, 12), convs))
 
 
 @pytest.mark.parametrize("family", list(CPU_FAMILIES))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -39,33 +38,25 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from ..analysis import PatternOptions
-from ..compiler import _import
 from ..errors import PatDNNError
+from ..export import linker_for
+from ..frontend import load_model
 from ..ops.dense_conv import DenseConvSpec
-from ..phone.cross import linker_for
 from ..pipeline import default_schedule_rules
+from ..rpc import DEVICE_UNAVAILABLE, check_tracker, parse_rpc
 from ..schedule_rules.pattern_conv_cpu import apply_default_schedule
-from ..targets import resolve_target
+from ..targets import host_arch, is_host_runnable, resolve_target, target_arch
 from ..transform.kernel_choice import KernelChoices
 from ..tvm_compat import only_tensor_intrinsics
 from ..tvm_noise import filter_tvm_noise
 from .database import AppendOnlyDatabase, open_for_tuning, target_key
 from .farm import DeviceFarm, DeviceStats
 from .kernel_records import LayerResult, tune_dense_kernels
-from .measure import (
-    DEVICE_UNAVAILABLE,
-    LibraryExport,
-    PackedArguments,
-    build_kernel,
-    check_tracker,
-    mean_ms,
-    short_error,
-    signature,
-)
+from .measure import LibraryExport, PackedArguments, build_kernel, mean_ms, short_error, signature
 from .space import pattern_conv_space_generator
 from .tasks import Task, extract_tasks
 
-__all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TaskState", "TuneResults", "parse_rpc", "tune", "tuning_contexts"]
+__all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TaskState", "TuneResults", "tune", "tuning_contexts"]
 
 MAX_FAILED_BATCHES = 3  # batches in a row with every trial failed before the tune gives up
 
@@ -180,16 +171,6 @@ def _say(progress: TextIO | None, text: str) -> None:
         print(text, file=progress, flush=True)
 
 
-def parse_rpc(text: str, session_timeout: float = 120) -> ms.runner.RPCConfig:
-    """``host:port:key`` (an RPC tracker and the device key) as meta_schedule's RPCConfig; the
-    device ends a session after ``session_timeout`` seconds."""
-    parts = text.split(":")
-    if len(parts) != 3 or not parts[0] or not parts[2] or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536:
-        raise PatDNNError(f"--rpc expects TRACKER_HOST:PORT:DEVICE_KEY (e.g. 127.0.0.1:9190:android), got {text!r}")
-    return ms.runner.RPCConfig(tracker_host=parts[0], tracker_port=int(parts[1]), tracker_key=parts[2],
-                               session_priority=1, session_timeout_sec=session_timeout)
-
-
 def _intrinsics_module(target: tvm.target.Target) -> str:
     """The one submodule of ``tvm.s_tir.tensor_intrin`` whose intrinsics meta_schedule's default
     rules for ``target`` look up by name when they are made: on x86 the int8 dot products
@@ -275,15 +256,6 @@ class _Progress:
               file=self.stream, flush=True)
 
 
-def _check_runnable_here(target: tvm.target.Target) -> None:
-    triple = str(target.attrs.get("mtriple") or "")
-    arch = triple.split("-")[0]
-    here = platform.machine()
-    if arch and arch not in (here, {"x86_64": "amd64", "aarch64": "arm64"}.get(here)):
-        raise PatDNNError(f"target {target} is for {arch}, this machine is {here}: tune on the device with "
-                          "rpc='TRACKER_HOST:PORT:DEVICE_KEY'")
-
-
 def tune(
     model: str | os.PathLike | onnx.ModelProto | tvm.IRModule,
     target: str | dict | tvm.target.Target = "x86",
@@ -329,8 +301,9 @@ def tune(
     patterns = PatternOptions(entries, max_patterns)
     _check_arguments(trials, trials_per_iter, timeout, devices, rpc)
     rpc_config = parse_rpc(rpc, session_timeout=timeout) if rpc is not None else None
-    if rpc_config is None:
-        _check_runnable_here(resolved)
+    if rpc_config is None and not is_host_runnable(resolved):
+        raise PatDNNError(f"target {resolved} is for {target_arch(resolved)}, this machine is {host_arch()}: tune on "
+                          "the device with rpc='TRACKER_HOST:PORT:DEVICE_KEY'")
     tasks, dense_layers = _extract(model, params, input_shapes, resolved, patterns, dense_kernels)
     db = open_for_tuning(database, resolved)
     states = [TaskState(task) for task in tasks]
@@ -367,7 +340,7 @@ def _extract(model, params, input_shapes, target: tvm.target.Target, patterns: P
              dense_kernels: bool) -> tuple[list[Task], list[DenseConvSpec]]:
     """The model's meta_schedule tasks, and its dense conv layers whose kernels are measured
     (none when ``dense_kernels`` is False)."""
-    imported = _import(model, params, input_shapes)
+    imported = load_model(model, params=params, input_shapes=input_shapes)
     layers = KernelChoices()
     tasks = extract_tasks(imported.mod, target, patterns, kernel_choices=layers)
     dense_layers = list(layers.seen.values()) if dense_kernels else []
