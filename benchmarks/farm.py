@@ -31,7 +31,7 @@ import tvm_patdnn
 from tvm_patdnn.fileio import write_bytes_atomic
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
 from tvm_patdnn.tuning.commands import format_results
-from tvm_patdnn.tuning.measure import tracker_devices
+from tvm_patdnn.rpc import tracker_devices
 
 HOST = "127.0.0.1"
 KEY = "farm-bench"

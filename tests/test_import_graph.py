@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "tvm_patdnn"
 PACKAGE = ROOT.name
@@ -106,24 +105,9 @@ def test_the_checker_sees_a_cycle_through_a_package_init() -> None:
     assert cycles(graph) == [["tvm_patdnn.a", "tvm_patdnn.b", "tvm_patdnn.a"]]
     modules = _modules()
     edges = _imported("tvm_patdnn.tuning.measure", modules["tvm_patdnn.tuning.measure"], modules)
-    assert "tvm_patdnn.rpc" in edges and "tvm_patdnn" not in edges
-
-
-# Cycles that other work of issue 14 is removing, with what removes them.
-KNOWN = {
-    frozenset({"tvm_patdnn.pruning.admm", "tvm_patdnn.pruning.checkpoint"}):
-        "the pruner's restructuring (item 5)",
-    frozenset({"tvm_patdnn.compiler", "tvm_patdnn.tuning", "tvm_patdnn.tuning.tuner"}):
-        "tuning.tuner importing frontend.load_model instead of compiler._import",
-}
+    assert {"tvm_patdnn.ops.pattern_conv", "tvm_patdnn.ops"} <= edges and "tvm_patdnn" not in edges
 
 
 def test_no_import_cycles() -> None:
-    found = [cycle for cycle in cycles(import_graph()) if frozenset(cycle) not in KNOWN]
+    found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in found)
-
-
-@pytest.mark.parametrize("cycle", [pytest.param(cycle, id=" ".join(sorted(cycle)), marks=pytest.mark.xfail(
-    strict=True, reason=f"removed by {why}; then delete it from KNOWN")) for cycle, why in KNOWN.items()])
-def test_known_cycle_is_gone(cycle: frozenset) -> None:
-    assert cycle not in [frozenset(found) for found in cycles(import_graph())]

@@ -16,7 +16,7 @@ from tvm import relax
 from .analysis import PatternOptions
 from .errors import PatDNNError
 from .fileio import write_file_atomic
-from .frontend import ImportedModel, check_inputs, load_model
+from .frontend import check_inputs, load_model
 from .pipeline import get_pipeline
 from .report import ConvRecord, format_report
 from .targets import is_host_runnable, resolve_target
@@ -181,8 +181,3 @@ def inspect(
     imported = load_model(model, params=params, input_shapes=input_shapes, example_inputs=example_inputs)
     mod = relax.transform.FoldConstant()(imported.mod)
     return conv_report(mod, patterns)
-
-
-def _import(model, params, input_shapes, example_inputs=None) -> ImportedModel:
-    """Moved to frontend.load_model (issue 14); importers outside H1's files switch at the end."""
-    return load_model(model, params=params, input_shapes=input_shapes, example_inputs=example_inputs)

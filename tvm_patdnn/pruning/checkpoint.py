@@ -13,7 +13,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -21,10 +21,20 @@ from torch import nn
 from ..errors import PatDNNError
 from ..fileio import write_bytes_atomic
 
-if TYPE_CHECKING:
-    from .admm import PatternADMMPruner
-
 __all__ = ["save_checkpoint", "load_checkpoint"]
+
+
+class ResumablePruner(Protocol):
+    """What a checkpoint needs of a pruner (``admm.PatternADMMPruner`` is one): declared here so
+    this module does not import the pruner that imports it."""
+
+    phase: str
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None: ...
 
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 
@@ -51,7 +61,7 @@ def save_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    pruner: PatternADMMPruner | None = None,
+    pruner: ResumablePruner | None = None,
     epoch: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> None:
@@ -72,7 +82,7 @@ def load_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    pruner: PatternADMMPruner | None = None,
+    pruner: ResumablePruner | None = None,
 ) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns ``{"epoch": ..., "extra": ...}``.
 

@@ -26,7 +26,6 @@ import numpy as np
 import tvm
 
 from ..ops.pattern_conv import is_pattern_conv
-from ..rpc import DEVICE_UNAVAILABLE, check_tracker, tracker_devices  # moved to rpc (issue 14); importers outside H1's files switch at the end
 from ..schedule_rules.kernel_runs import bound_kernel_runs
 
 __all__ = ["LibraryExport", "PackedArguments", "build_kernel", "finish_schedule", "mean_ms", "short_error",
