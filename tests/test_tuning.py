@@ -176,11 +176,11 @@ def test_tune_gives_up_after_batches_that_all_fail(tmp_path, monkeypatch):
 
     from tvm_patdnn.tuning import tuner
 
-    def failing(builder, runner, target, candidates):
+    def failing(bench, candidates):
         return [ms.runner.RunnerResult(None, "RPCRunner: An exception occurred\nTraceback ...\nOSError: broken")
                 for _ in candidates]
 
-    monkeypatch.setattr(tuner, "_measure", failing)
+    monkeypatch.setattr(tuner._Bench, "measure", failing)
     model = build_cnn(np.random.default_rng(3), (1, 4, 8, 8), [ConvSpec(8)])
     progress = io.StringIO()
     results = tvm_patdnn.tune(model, "x86", trials=20, trials_per_iter=2, database=tmp_path / "db", progress=progress)

@@ -361,7 +361,36 @@ class _Bench:
     progress: TextIO | None
 
     def measure(self, candidates: list[ms.search_strategy.MeasureCandidate]) -> list[ms.runner.RunnerResult]:
-        return _measure(self.builder, self.runner, self.target, candidates)
+        """Build and run a batch to completion (a failed build is a failed run).
+
+        On a device farm the batch runs on all its devices at once. Otherwise candidates run one
+        after the other (the runners have one worker anyway); once one finds the device unavailable
+        the rest are not sent, each would wait for it again.
+        """
+        built = self.builder.build([ms.builder.BuilderInput(c.sch.mod, self.target) for c in candidates])
+        try:
+            if isinstance(self.runner, DeviceFarm):
+                runnable = [ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info)
+                            for c, b in zip(candidates, built) if b.error_msg is None]
+                measured = iter(self.runner.measure(runnable))
+                return [next(measured) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
+                        for b in built]
+            results: list[ms.runner.RunnerResult] = []
+            unavailable = None
+            for candidate, b in zip(candidates, built):
+                if b.error_msg is not None:
+                    results.append(ms.runner.RunnerResult(None, b.error_msg))
+                elif unavailable is not None:
+                    results.append(ms.runner.RunnerResult(None, f"not measured: {unavailable}"))
+                else:
+                    (future,) = self.runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", candidate.args_info)])
+                    results.append(future.result())
+                    unavailable = _device_unavailable(results[-1:])
+            return results
+        finally:
+            for b in built:
+                if b.artifact_path is not None:
+                    shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
 
     def commit(self, workload: ms.database.Workload, trace: s_tir.Trace, result: ms.runner.RunnerResult,
                args_info: list) -> None:
@@ -479,39 +508,6 @@ def _log_files(work_dir: str, tasks: list[Task]) -> Iterator[list[logging.Logger
             handler.close()
             logger.setLevel(level)
             logger.propagate = propagate
-
-
-def _measure(builder, runner, target, candidates: list) -> list[ms.runner.RunnerResult]:
-    """Build and run a batch to completion (a failed build is a failed run).
-
-    On a device farm the batch runs on all its devices at once. Otherwise candidates run one
-    after the other (the runners have one worker anyway); once one finds the device unavailable
-    the rest are not sent, each would wait for it again.
-    """
-    built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
-    try:
-        if isinstance(runner, DeviceFarm):
-            runnable = [ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info)
-                        for c, b in zip(candidates, built) if b.error_msg is None]
-            measured = iter(runner.measure(runnable))
-            return [next(measured) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
-                    for b in built]
-        results: list[ms.runner.RunnerResult] = []
-        unavailable = None
-        for candidate, b in zip(candidates, built):
-            if b.error_msg is not None:
-                results.append(ms.runner.RunnerResult(None, b.error_msg))
-            elif unavailable is not None:
-                results.append(ms.runner.RunnerResult(None, f"not measured: {unavailable}"))
-            else:
-                (future,) = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", candidate.args_info)])
-                results.append(future.result())
-                unavailable = _device_unavailable(results[-1:])
-        return results
-    finally:
-        for b in built:
-            if b.artifact_path is not None:
-                shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
 
 
 def tuning_contexts(
