@@ -55,7 +55,7 @@ class SparsePointwiseRewriter(DenseConvRewriter):
         if self.gpu is None:
             probe = SparsePointwiseSpec.for_target(self.registers, self.lanes, self.block, 0, self.chains,
                                                   **spec.layer_fields())
-            packed = block_sparse_weight(weight, self.block, probe.conv.channel_block)
+            packed = block_sparse_weight(weight, self.block, probe.channel_block)
         else:
             probe = SparsePointwiseGPUSpec.for_target(*self.gpu, self.block, 0, **spec.layer_fields())
             packed = block_sparse_weight(weight, self.block, spec.in_channels)  # one channel block
