@@ -98,6 +98,20 @@ def test_sparse_and_dense_layers_alternate_and_report_says_which():
     assert "sparse 1x1 (4x1 blocks)" in compiled.format_report() and "4 sparse 1x1" in compiled.format_report()
 
 
+@pytest.mark.parametrize("batch,size,stride,residual", [
+    (1, 7, 1, True),  # 49 pixels: 3 whole 16-pixel tiles and the last pixel on its own kernel
+    (2, 13, 2, False),  # 13x13 strided to 7x7: the last pixel's panel gathered, batch 2
+    (1, 14, 1, False),  # 196 pixels: 4 left over, an overlapping last tile
+    (2, 17, 1, True),  # 289 pixels: 18 tiles and the last pixel
+])
+def test_odd_pixel_counts_match_reference(batch: int, size: int, stride: int, residual: bool) -> None:
+    convs = [ConvSpec(37, kind="1x1", connectivity=4.0, stride=stride),  # channels not a multiple of the block
+             ConvSpec(37, kind="1x1", connectivity=4.0, residual=residual, relu=False)]
+    model = build_cnn(np.random.default_rng(size), (batch, 600, size, size), convs)
+    compiled = check_against_reference(model, size)
+    assert [r.kind for r in compiled.report] == ["sparse", "sparse"]
+
+
 @pytest.mark.parametrize("target,instruction,vectors", [
     ({"kind": "llvm", "mcpu": "skylake-avx512"}, "zmm", 2),  # 2 FMA units x latency 4: 8 chains
     ({"kind": "llvm", "mcpu": "znver4"}, "zmm", 1),  # 512-bit FMAs on 256-bit units: 4 chains
