@@ -100,9 +100,13 @@ def worker_model(name: str, threads: int, rounds: int, workdir: Path, dbs: dict[
     samples: dict[str, list[float]] = {key: [] for key in runners}
     for key, runner in runners.items():  # warm-up
         runner.time()
-    for _ in range(rounds):
-        for key, runner in runners.items():
-            samples[key].append(runner.time())
+    # The order rotates every round: whichever runtime runs first in a round after another one (PyTorch
+    # last) measured 1.10-1.15x slower than an identical library run second (ResNet-50, 2026-12-06).
+    order = list(runners)
+    for round_ in range(rounds):
+        shift = round_ % len(order)
+        for key in order[shift:] + order[:shift]:
+            samples[key].append(runners[key].time())
     report = compiled["tvm_patdnn"].report
     return {
         "model": name, "threads": threads, "rounds": rounds, "reference": reference, "rel_error": errors,
