@@ -85,8 +85,6 @@ class PatternADMMPruner:
         pointwise_block: Sequence[int] | str = DEFAULT_BLOCK,
         fc: float | None = None,
     ) -> None:
-        if n_patterns < 1:
-            raise PatDNNError(f"n_patterns must be at least 1, got {n_patterns}")
         self.schedule = RhoSchedule(rho, rho_growth, rho_max)
         if admm_interval < 1:
             raise PatDNNError(f"admm_interval must be at least 1, got {admm_interval}")
