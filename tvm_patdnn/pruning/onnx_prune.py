@@ -304,6 +304,21 @@ def _record(conv: _Conv, array: np.ndarray, block: tuple[int, int]) -> LayerReco
     )
 
 
+
+def _grouped_reasons(convs: list[_Conv], shown: int = 3) -> str:
+    """Why each conv stays dense, one entry per reason: a MobileNet has 50 convs and 3 reasons."""
+    groups: dict[str, list[_Conv]] = {}
+    for conv in convs:  # "depthwise (group=32)" and "depthwise (group=96)" are one reason
+        groups.setdefault(conv.reason.split(" (")[0], []).append(conv)
+    entries = []
+    for kind, group in groups.items():
+        reasons = {conv.reason for conv in group}
+        more = f" (+{len(group) - shown} more)" if len(group) > shown else ""
+        names = ", ".join(conv.name for conv in group[:shown])
+        entries.append(f"{names}{more}: {reasons.pop() if len(reasons) == 1 else kind}")
+    return "; ".join(entries)
+
+
 def prune_onnx(
     model: str | os.PathLike | onnx.ModelProto,
     n_patterns: int = 8,
@@ -342,8 +357,7 @@ def prune_onnx(
             array = numpy_helper.to_array(conv.tensor)
             prunable[conv.weight] = (conv, array.T if conv.transposed else array)
     if not prunable:
-        reasons = "; ".join(f"{c.name}: {c.reason}" for c in convs)
-        raise PatDNNError(f"the model has no prunable convolution ({reasons})")
+        raise PatDNNError(f"the model has no prunable convolution ({_grouped_reasons(convs)})")
 
     pattern_weights = [array for conv, array in prunable.values() if conv.kind == "pattern"]
     frequencies = pattern_frequencies(pattern_weights, entries, force_centre) if pattern_weights else {}
