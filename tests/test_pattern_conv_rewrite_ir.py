@@ -217,6 +217,51 @@ def test_relu_without_a_bias_is_fused():
     assert [r.fused for r in records] == [("relu",)]
 
 
+def test_a_value_other_ops_use_is_not_fused_into_the_relu():
+    """The biased conv feeds the ReLU and the add after it: fusing the ReLU would leave a second
+    kernel computing the biased conv for the add, so the bias is fused and the ReLU stays."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), w: R.Tensor((4, 2, 3, 3), "float32"),
+                 b: R.Tensor((1, 4, 1, 1), "float32")):
+            with R.dataflow():
+                conv = R.nn.conv2d(x, w, padding=(1, 1))
+                biased = R.add(conv, b)
+                activated = R.nn.relu(biased)
+                gv = R.add(activated, biased)
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def pattern_conv2d_conv2d_0(data: T.Buffer((1, 2, 6, 6), "float32"), values: T.Buffer((6, 4), "float32"),
+                                    channels: T.Buffer((6,), "int32"), offsets: T.Buffer((9,), "int32"),
+                                    inverse_order: T.Buffer((4,), "int32"), bias: T.Buffer((4,), "float32"),
+                                    out: T.Buffer((1, 4, 6, 6), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((1, 2, 6, 6), "float32"), values: R.Tensor((6, 4), "float32"),
+                 channels: R.Tensor((6,), "int32"), offsets: R.Tensor((9,), "int32"),
+                 inverse_order: R.Tensor((4,), "int32"),
+                 bias: R.Tensor((4,), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+            cls = Expected
+            with R.dataflow():
+                biased = R.call_tir(cls.pattern_conv2d_conv2d_0, (x, values, channels, offsets, inverse_order, bias),
+                                    out_ty=R.Tensor((1, 4, 6, 6), "float32"))
+                activated = R.nn.relu(biased)
+                gv = R.add(activated, biased)
+                R.output(gv)
+            return gv
+
+    after, records = rewrite(bind(Before, w=WEIGHT, b=BIAS.reshape(1, 4, 1, 1)))
+    tvm.ir.assert_structural_equal(after, with_kernel(Expected, BIAS))
+    assert [r.fused for r in records] == [("bias",)]
+
+
 @pytest.mark.parametrize("shape, constant", [((1, 4, 6, 6), True), ((6,), True), ((1, 4, 1, 1), False)],
                          ids=["full-tensor-constant", "per-column-constant", "per-channel-variable"])
 def test_an_add_that_is_no_constant_bias_stays_a_relax_add_after_the_kernel(shape, constant):

@@ -62,7 +62,9 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from ..arith import ceil_div
 from ..ops.dense_conv import DenseConvSpec
 from ..ops.direct_conv import DirectConvSpec, direct_register_tile
-from .exprs import add_kernel, constant_array, float_value, nchw_conv_shapes, per_channel_bias, static_shape
+from .exprs import (
+    add_kernel, constant_array, float_value, nchw_conv_shapes, per_channel_bias, single_use_values, static_shape,
+)
 from .kernel_choice import KernelChoices, KernelSpec, kernel_function, pack_for_kernel
 
 __all__ = ["DenseConvRewrite", "DenseConvRewriter"]
@@ -150,15 +152,8 @@ class DenseConvRewriter:
         back. ``rewrite_call`` offers every sub-chain and rounds until nothing changes, so it
         rewrites exactly these roots."""
         var2val = self._var2val = relax.analysis.get_var2val(func)
-        uses: dict[relax.Var, int] = {}
-
-        def count(expr: relax.Expr) -> None:
-            if isinstance(expr, relax.Var):
-                uses[expr] = uses.get(expr, 0) + 1
-
-        relax.analysis.post_order_visit(func.body, count)
         bindings = [b for block in getattr(func.body, "blocks", []) for b in block.bindings]
-        single_use = {b.value for b in bindings if uses.get(b.var, 0) == 1}
+        single_use = single_use_values(func)
         fusions: dict[relax.Expr, tuple] = {}
         taken: set[relax.Expr] = set()
         for binding in reversed(bindings):

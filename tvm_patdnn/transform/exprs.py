@@ -8,7 +8,10 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-__all__ = ["OPAQUE", "add_kernel", "constant_array", "float_value", "nchw_conv_shapes", "per_channel_bias", "static_shape"]
+__all__ = [
+    "OPAQUE", "add_kernel", "constant_array", "float_value", "nchw_conv_shapes", "per_channel_bias", "single_use_values",
+    "static_shape",
+]
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge (and re-schedule) our op
 
@@ -68,6 +71,20 @@ def per_channel_bias(bias: relax.Expr, channels: int) -> np.ndarray | None:
     if value.size == 1 and value.ndim <= 4:
         return np.full(channels, value.reshape(()), dtype=np.float32)
     return None
+
+
+def single_use_values(func: relax.Function) -> set[relax.Expr]:
+    """The bound values of ``func`` whose variable is used exactly once: a rewrite may fuse such a
+    value into the op that uses it; fusing one with other users would compute it twice."""
+    uses: dict[relax.Var, int] = {}
+
+    def count(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, count)
+    bindings = [b for block in getattr(func.body, "blocks", []) for b in block.bindings]
+    return {b.value for b in bindings if uses.get(b.var, 0) == 1}
 
 
 def add_kernel(builder: relax.BlockBuilder, func: tirx.PrimFunc, name: str) -> relax.GlobalVar:

@@ -24,7 +24,7 @@ from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
 from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
 from ..ops.sparse_pointwise import MAX_DENSITY, block_density
 from ..report import ConvRecord
-from .exprs import add_kernel, constant_array, per_channel_bias, static_shape
+from .exprs import add_kernel, constant_array, per_channel_bias, single_use_values, static_shape
 
 __all__ = ["PatternConvRewrite", "conv_report"]
 
@@ -101,6 +101,7 @@ class PatternConvRewrite:
                 for binding in block.bindings:
                     if isinstance(binding.value, relax.Call) and binding.value.op.same_as(_CONV2D):
                         self._order[binding.value] = len(self._order)
+            self._single_use = single_use_values(func)
             self._builder.update_func(gvar, rewrite_call(self.pattern, self._rewrite, func))
         for conv in sorted(self._records, key=lambda c: self._order.get(c, len(self._order))):
             self.on_conv(self._records[conv])
@@ -183,6 +184,10 @@ class PatternConvRewrite:
         if reason is not None:
             self._record(conv, fields, analysis, reason)
             return expr
+
+        inner = [matches[p] for p in (self.conv, self.add) if p in matches and not matches[p].same_as(expr)]
+        if any(value not in self._single_use for value in inner):
+            return expr  # fusing would compute a value other ops use twice: a smaller chain takes the conv
 
         out_channels = fields["weight_shape"][0]
         bias = trailing_add = None
