@@ -15,7 +15,7 @@ import argparse
 from .analysis import PatternOptions
 
 __all__ = ["TARGET_HELP", "HelpFormatter", "add_input_shape_option", "add_model_options", "add_target_option",
-           "input_shape", "pattern_options"]
+           "add_threads_option", "input_shape", "pattern_options", "thread_count"]
 
 # "{targets}" is replaced by the preset names when help is printed (HelpFormatter).
 TARGET_HELP = "one of {targets} (x86: this machine's CPU), or a TVM target JSON such as '{\"kind\":\"llvm\",\"mcpu\":\"znver3\"}'"
@@ -54,6 +54,21 @@ def input_shape(text: str) -> tuple[str, tuple[int, ...]]:
         return name, tuple(int(d) for d in dims.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,... (e.g. input=1,3,32,32), got {text!r}") from None
+
+
+def thread_count(text: str) -> int:
+    """``--threads N``: a positive whole number."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of threads, got {text!r}")
+    return value
+
+
+def add_threads_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--threads", type=thread_count, metavar="N", help=help_text)
 
 
 def add_input_shape_option(parser: argparse.ArgumentParser, help_text: str) -> None:

@@ -123,6 +123,7 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     entries: int = 4,
     max_patterns: int = 12,
     tuning_db: str | os.PathLike | Literal[False] | None = None,
+    threads: int | None = None,
 ) -> CompiledModel:
     """Compile a pattern-pruned model with the pattern pass.
 
@@ -135,17 +136,25 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     the dense layers it measured. None uses the database shipped in
     ``tvm_patdnn/schedules/`` for the device, if any; False uses the default schedules only.
     Which records were applied to how many kernels is in ``CompiledModel.schedules``.
+    ``threads`` is the number of threads the model will run with (TVM's runtime runs
+    ``TVM_NUM_THREADS``): it becomes the CPU target's ``num-cores``, which the default schedules
+    split their work for, and the records tuned for that many threads are applied first; a kernel
+    with records only for another thread count gets those, and ``schedules`` says how many did.
+    None keeps the target's ``num-cores`` (``x86``: this machine's CPUs).
     """
     from .tuning.database import tuning_records_pass
     from .tuning.kernel_records import load_kernel_choices
+    from .tuning.threads import check_threads, for_threads
 
     patterns = PatternOptions(entries, max_patterns)
     resolved = resolve_target(target)
+    if check_threads(threads) is not None:
+        resolved = for_threads(resolved, threads)
     imported = load_model(model, params=params, input_shapes=input_shapes, example_inputs=example_inputs)
     records: list[ConvRecord] = []
     tuned, schedules = tuning_records_pass(tuning_db, resolved)
     if schedules.path is not None:
-        schedules.kernel_choices = load_kernel_choices(schedules.path, resolved)
+        schedules.kernel_choices, schedules.dense_threads = load_kernel_choices(schedules.path, resolved)
     try:
         executable = tvm.compile(
             imported.mod, resolved, relax_pipeline=get_pipeline(resolved, patterns, records.append, tuned,

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..analysis import PatternOptions
-from ..arguments import add_model_options, add_target_option, pattern_options
+from ..arguments import add_model_options, add_target_option, add_threads_option, pattern_options
 from ..tables import format_table
 
 if TYPE_CHECKING:
@@ -35,6 +35,10 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_target_option(parser, "x86")
     parser.add_argument("--trials", type=int, default=64, help="search trials over all kernels")
+    add_threads_option(parser, "measure with N TVM runtime threads and generate the design space for N cores; "
+                               "records say N and `compile` applies them to models compiled for N threads "
+                               "(default: what TVM's runtime runs on the measuring device: TVM_NUM_THREADS, else "
+                               "half the logical CPUs on x86; over --rpc the device's own count)")
     parser.add_argument("--db", required=True, metavar="DIR", help="tuning database directory (created if missing)")
     parser.add_argument("--rpc", metavar="HOST:PORT:KEY",
                         help="measure on the device registered as KEY with the RPC tracker at HOST:PORT")
@@ -97,7 +101,7 @@ def run_tune(args: argparse.Namespace) -> int:
             args.model, args.target, trials=args.trials, database=args.db, rpc=args.rpc,
             input_shapes=dict(args.input_shape), entries=patterns.entries, max_patterns=patterns.max_patterns,
             trials_per_iter=args.trials_per_iter, timeout=args.timeout, devices=args.devices, progress=sys.stderr,
-            dense_kernels=args.dense_kernels,
+            dense_kernels=args.dense_kernels, threads=args.threads,
         )
     print(format_results(results))
     print(f"\nrecords in {args.db}; apply with: {apply_command(args)}")

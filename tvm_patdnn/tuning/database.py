@@ -10,8 +10,14 @@ its newline in two writes, unlocked, and numbers workloads by what it alone has 
 
 Records carry their target. ``compile`` applies only records whose target key (kind, triple,
 CPU, features; not the core count) matches its own: a record tuned for one CPU says nothing
-about another. Shipped databases are package data, ``tvm_patdnn/schedules/<target key>/``, so
-a wheel install has them too.
+about another. The target's ``num-cores`` is the thread count the record was measured at
+(``tuning.threads``); one directory holds a device's records for any number of thread counts.
+``compile`` applies, kernel by kernel, a record of the thread count it compiles for, else one that
+does not say its count (a target without ``num-cores``), else one of the nearest other count, and
+counts those in :class:`ScheduleSource`, which says so: a schedule measured at another count is
+still correct and usually better than none, but not what a tune at the right count finds.
+Shipped databases are package data, ``tvm_patdnn/schedules/<target key>/``, so a wheel install
+has them too.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
@@ -37,9 +43,11 @@ from ..errors import PatDNNError
 from ..transform.kernel_choice import KernelChoices
 from .measure import finish_schedule
 from .tasks import normalize
+from .threads import describe, preference, thread_count
 
 __all__ = [
     "AppendOnlyDatabase",
+    "DeviceRecords",
     "KERNEL_CHOICES",
     "RECORDS",
     "SCHEDULES_DIR",
@@ -48,6 +56,7 @@ __all__ = [
     "apply_tuning_records",
     "directory_lock",
     "read_json_lines",
+    "load_device_records",
     "load_records",
     "open_for_tuning",
     "record_targets",
@@ -247,17 +256,36 @@ def record_targets(path: str | os.PathLike) -> set[str]:
     return keys
 
 
-def load_records(path: str | os.PathLike, target: Target) -> ms.database.MemoryDatabase:
-    """The records of ``target``'s device in a database directory, in memory (read only).
+@dataclass(frozen=True)
+class DeviceRecords:
+    """One device's records in a database directory: all of them, and by the thread count they
+    were tuned for (their target's ``num-cores``; None: a record that does not say)."""
 
-    Cached while the files are unchanged: every ``compile`` reads the shipped database.
+    all: ms.database.MemoryDatabase
+    by_threads: dict[int | None, ms.database.MemoryDatabase]
+
+    def ranked(self, threads: int | None) -> list[tuple[int | None, ms.database.MemoryDatabase]]:
+        """The record sets to look a kernel up in for a compile for ``threads``, best first
+        (:func:`~tvm_patdnn.tuning.threads.preference`)."""
+        return [(count, self.by_threads[count]) for count in preference(self.by_threads, threads)]
+
+
+def load_records(path: str | os.PathLike, target: Target) -> ms.database.MemoryDatabase:
+    """The records of ``target``'s device in a database directory, in memory (read only), at
+    every thread count."""
+    return load_device_records(path, target).all
+
+
+def load_device_records(path: str | os.PathLike, target: Target) -> DeviceRecords:
+    """The records of ``target``'s device in a database directory, in memory (read only), by
+    thread count. Cached while the files are unchanged: every ``compile`` reads the shipped database.
     """
     path = Path(path)
     if not path.is_dir():
         raise PatDNNError(f"tuning database {path} does not exist or is not a directory")
     if not (path / WORKLOADS).is_file():
         if (path / KERNEL_CHOICES).is_file():  # a tune of a model whose kernels are all dense-kernel layers
-            return ms.database.MemoryDatabase()
+            return DeviceRecords(ms.database.MemoryDatabase(), {})
         raise PatDNNError(f"{path} is not a tuning database (no {WORKLOADS})")
     stamps = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
                    for f in (path / WORKLOADS, path / RECORDS))
@@ -265,9 +293,10 @@ def load_records(path: str | os.PathLike, target: Target) -> ms.database.MemoryD
 
 
 @functools.lru_cache(maxsize=8)
-def _load_records(path: Path, _stamps: tuple, key: str) -> ms.database.MemoryDatabase:
+def _load_records(path: Path, _stamps: tuple, key: str) -> DeviceRecords:
     memory = ms.database.MemoryDatabase()
-    workloads = []
+    by_threads: dict[int | None, ms.database.MemoryDatabase] = {}
+    workloads: list[ms.database.Workload] = []
     try:
         for _number, entry in read_json_lines(path / WORKLOADS):
             workloads.append(memory.commit_workload(ms.database.Workload.from_json(entry).mod))
@@ -277,11 +306,16 @@ def _load_records(path: Path, _stamps: tuple, key: str) -> ms.database.MemoryDat
             tuning_record = ms.database.TuningRecord.from_json(record, workloads[index])
             if target_key(tuning_record.target) == key:
                 memory.commit_tuning_record(tuning_record)
+                threads = thread_count(tuning_record.target)
+                group = by_threads.setdefault(threads, ms.database.MemoryDatabase())
+                group.commit_tuning_record(ms.database.TuningRecord(
+                    tuning_record.trace, group.commit_workload(workloads[index].mod), tuning_record.run_secs,
+                    tuning_record.target, tuning_record.args_info))
     except PatDNNError:
         raise
     except Exception as err:  # malformed JSON structure: TVM raises its own errors
         raise PatDNNError(f"tuning database {path} is not readable: {str(err).strip().splitlines()[-1]}") from err
-    return memory
+    return DeviceRecords(memory, by_threads)
 
 
 def shipped_database(target: Target) -> Path | None:
@@ -304,6 +338,10 @@ class ScheduleSource:
     applied: int = 0
     kernels: int = 0
     kernel_choices: KernelChoices | None = None  # the database's dense kernel choices (tuning.kernel_records)
+    threads: int | None = None  # the thread count compiled for (the target's num-cores)
+    # kernels / dense layers scheduled by records of another thread count (None: records that do not say)
+    other_threads: dict[int | None, int] = field(default_factory=dict)
+    dense_threads: dict[str, int | None] = field(default_factory=dict)  # dense layer -> its choice's count
 
     def __str__(self) -> str:
         if not self.wanted:
@@ -319,35 +357,66 @@ class ScheduleSource:
         if self.target_key not in self.held:
             return (f"tuning records: none for {self.target_key} in {where} (it holds: "
                     f"{', '.join(self.held) or 'no records'}): default schedule rules{dense}")
-        return f"tuning records: {self.applied}/{self.kernels} kernels from {where}{dense}"
+        return f"tuning records: {self.applied}/{self.kernels} kernels from {where}{dense}{self._other_threads()}"
+
+    def _other_threads(self) -> str:
+        """What was measured at another thread count than the one compiled for, if anything."""
+        dense: dict[int | None, int] = {}
+        for layer in self.kernel_choices.applied if self.kernel_choices is not None else ():
+            count = self.dense_threads.get(layer)
+            if count != self.threads:
+                dense[count] = dense.get(count, 0) + 1
+        if not self.other_threads and not dense:
+            return ""
+        parts = [f"{kernels} kernel(s) tuned for {describe(count)}"
+                 for count, kernels in sorted(self.other_threads.items(), key=str)]
+        parts += [f"{layers} dense layer(s) measured at {describe(count)}" for count, layers in
+                  sorted(dense.items(), key=str)]
+        if self.threads is None:
+            return f" ({', '.join(parts)}; the target does not say its thread count: num-cores)"
+        return (f" ({', '.join(parts)}, compiling for {describe(self.threads)}; `patdnn tune --threads "
+                f"{self.threads}` measures its own)")
 
 
-def apply_tuning_records(database: ms.database.Database, source: ScheduleSource | None = None) -> tvm.transform.Pass:
+def apply_tuning_records(database: ms.database.Database | DeviceRecords,
+                         source: ScheduleSource | None = None) -> tvm.transform.Pass:
     """Schedule every PrimFunc the database has a record for (its best one); leave the rest.
 
     Like meta_schedule's ApplyDatabase, but the function keeps its own attributes (no
     ``global_symbol`` it did not have) and gets the compiler's post-schedule rewrites.
     ``source`` counts the kernels (PrimFuncs that run, not reshape views) and those scheduled.
     A record whose trace no longer replays on its workload (tuned with an older design space)
-    leaves its kernel to the default rules, like a kernel without records.
+    leaves its kernel to the default rules, like a kernel without records. With
+    :class:`DeviceRecords`, a kernel takes the best record of the first thread count in
+    :meth:`DeviceRecords.ranked` order for the target's count that has one; ``source`` counts the
+    kernels scheduled by another count's records.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="PatDNNApplyTuningRecords")
     def _apply(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         target = Target.current()
+        threads = thread_count(target)
+        ranked = database.ranked(threads) if isinstance(database, DeviceRecords) else [(threads, database)]
         updates = {}
+        other: dict[int | None, int] = {}
         kernels = 0
         for gvar, func in mod.functions_items():
             if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
                 continue
             if not relax.analysis.has_reshape_pattern(func):
                 kernels += 1
-            try:
-                sch = database.query_schedule(normalize(func), target, gvar.name_hint)
-            except Exception:  # noqa: BLE001 - a record that no longer replays (older space): default rule
-                sch = None
+            sch, tuned_for = None, threads
+            for tuned_for, records in ranked:
+                try:
+                    sch = records.query_schedule(normalize(func), target, gvar.name_hint)
+                except Exception:  # noqa: BLE001 - a record that no longer replays (older space): default rule
+                    sch = None
+                if sch is not None:
+                    break
             if sch is None:
                 continue
+            if tuned_for != threads:
+                other[tuned_for] = other.get(tuned_for, 0) + 1
             tuned = sch.mod["main"].without_attr("global_symbol")
             for attr_key, value in func.attrs.items():
                 tuned = tuned.with_attr(attr_key, value)
@@ -355,7 +424,7 @@ def apply_tuning_records(database: ms.database.Database, source: ScheduleSource 
         for gvar, func in updates.items():
             mod[gvar] = func
         if source is not None:
-            source.applied, source.kernels = len(updates), kernels
+            source.applied, source.kernels, source.threads, source.other_threads = len(updates), kernels, threads, other
         return mod
 
     return _apply
@@ -363,15 +432,17 @@ def apply_tuning_records(database: ms.database.Database, source: ScheduleSource 
 
 def tuning_records_pass(tuning_db: str | os.PathLike | bool | None, target: Target) -> tuple[tvm.transform.Pass | None, ScheduleSource]:
     """``compile``'s ``tuning_db``: a directory, None (the database shipped for the target's
-    device, if any) or False (none) -> the pass applying its records, and what it applied."""
+    device, if any) or False (none) -> the pass applying its records (for the target's thread
+    count first), and what it applied."""
     key = target_key(target)
+    threads = thread_count(target)
     if tuning_db is False:
-        return None, ScheduleSource(key, wanted=False)
+        return None, ScheduleSource(key, wanted=False, threads=threads)
     path = shipped_database(target) if tuning_db is None else Path(tuning_db)
     if path is None:
-        return None, ScheduleSource(key)
-    records = load_records(path, target)
+        return None, ScheduleSource(key, threads=threads)
+    records = load_device_records(path, target)
     # Reading every record's target costs ~0.2 s per compile: only when none is the target's.
-    held = (key,) if len(records.get_all_tuning_records()) else tuple(sorted(record_targets(path)))
-    source = ScheduleSource(key, path, shipped=tuning_db is None, held=held)
+    held = (key,) if len(records.all) else tuple(sorted(record_targets(path)))
+    source = ScheduleSource(key, path, shipped=tuning_db is None, held=held, threads=threads)
     return apply_tuning_records(records, source), source

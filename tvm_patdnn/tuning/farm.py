@@ -28,6 +28,7 @@ from tvm.s_tir.meta_schedule.runner.rpc_runner import default_upload_module
 from ..rpc import DEVICE_UNAVAILABLE, TrackerSession, tracker_devices
 from ..tvm_compat import set_pool_timeout
 from .measure import PackedArguments
+from .threads import RemoteThreads
 
 __all__ = ["DeviceFarm", "DeviceStats", "RecordingUpload"]
 
@@ -64,6 +65,7 @@ class DeviceFarm:
     arguments: PackedArguments
     wait: float
     max_devices: int | None = None
+    threads: int | None = None  # the devices' TVM runtime threads in every session (None: their default)
     stats: dict[str, DeviceStats] = field(default_factory=dict)
     devices: int = 0  # devices in use for the current batch
     _runner: ms.runner.RPCRunner | None = None
@@ -81,7 +83,7 @@ class DeviceFarm:
                 self._runner.pool.shutdown(wait=False)
             self._runner = ms.runner.RPCRunner(
                 rpc_config=self.config, evaluator_config=self.evaluator,
-                f_create_session=TrackerSession(wait=self.wait), f_upload_module=RecordingUpload(),
+                f_create_session=self._session(), f_upload_module=RecordingUpload(),
                 f_alloc_argument=self.arguments.remote, max_workers=count)
             # RPCRunner waits for its workers without a limit: a device that vanishes without
             # closing the connection would block the tune forever. Bound each candidate by the
@@ -89,6 +91,10 @@ class DeviceFarm:
             set_pool_timeout(self._runner, 2 * self.wait + 10)
         self.devices = count
         return count
+
+    def _session(self):
+        session = TrackerSession(wait=self.wait)
+        return session if self.threads is None else RemoteThreads(session, self.threads)
 
     def measure(self, inputs: list[ms.runner.RunnerInput]) -> list[ms.runner.RunnerResult]:
         """Run ``inputs`` on the farm's devices at once; a candidate whose device was lost is

@@ -8,9 +8,12 @@ choice first) and times it like any trial (same builder and runner, so also over
 runs each layer on its fastest (:func:`load_kernel_choices`).
 
 ``dense_kernels.json`` in the database directory holds one JSON line per measured candidate
-(target key, layer, choice, ms or the error), appended under the directory's lock like the
-meta_schedule records: a killed tune leaves at most a torn last line, which readers skip and the
-next writer cuts; a re-run measures only the candidates not on record.
+(target key, thread count, layer, choice, ms or the error), appended under the directory's lock
+like the meta_schedule records: a killed tune leaves at most a torn last line, which readers skip
+and the next writer cuts; a re-run measures only the candidates not on record at its thread
+count. ``compile`` takes each layer's choice from its own thread count's measurements, else those
+that do not say theirs (lines written before the count was recorded), else the nearest count's
+(``threads.preference``, as for the records).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from ..transform.winograd_conv_rewrite import WinogradConvRewriter
 from .database import KERNEL_CHOICES, directory_lock, read_json_lines, target_key
 from .measure import mean_ms, short_error
 from .tasks import normalize
+from .threads import preference, thread_count
 
 __all__ = ["LayerResult", "describe_layer", "load_kernel_choices", "tune_dense_kernels"]
 
@@ -69,27 +73,32 @@ def _entries(path: Path, key: str) -> list[dict]:
     return found
 
 
-def _measured(path: Path, key: str) -> dict[str, dict[KernelChoice, float | None]]:
-    """layer key -> {choice: ms, None for a failed candidate}."""
-    table: dict[str, dict[KernelChoice, float | None]] = {}
+def _measured(path: Path, key: str) -> dict[int | None, dict[str, dict[KernelChoice, float | None]]]:
+    """thread count (None: not recorded) -> layer key -> {choice: ms, None for a failed candidate}."""
+    table: dict[int | None, dict[str, dict[KernelChoice, float | None]]] = {}
     for entry in _entries(path, key):
         try:
             choice = KernelChoice.from_json(entry["choice"])
         except (ValueError, KeyError, TypeError):
             continue  # a kernel of another version: not applied, not counted
-        table.setdefault(json.dumps(entry["layer"], sort_keys=True), {})[choice] = entry["ms"]
+        layers = table.setdefault(entry.get("threads"), {})
+        layers.setdefault(json.dumps(entry["layer"], sort_keys=True), {})[choice] = entry["ms"]
     return table
 
 
-def load_kernel_choices(database: str | os.PathLike, target: Target) -> KernelChoices:
-    """The fastest measured candidate per layer for ``target``'s device (none if never tuned)."""
-    path = Path(database) / KERNEL_CHOICES
-    best = {}
-    for layer, times in _measured(path, target_key(target)).items():
-        timed = [(ms_, choice) for choice, ms_ in times.items() if ms_ is not None]
-        if timed:
-            best[layer] = min(timed, key=lambda item: item[0])[1]
-    return KernelChoices(best)
+def load_kernel_choices(database: str | os.PathLike, target: Target) -> tuple[KernelChoices, dict[str, int | None]]:
+    """The fastest measured candidate per layer for ``target``'s device (none if never tuned), and
+    the thread count each layer's choice was measured at (the target's own when it has some)."""
+    by_threads = _measured(Path(database) / KERNEL_CHOICES, target_key(target))
+    best: dict[str, KernelChoice] = {}
+    measured_at: dict[str, int | None] = {}
+    for count in preference(by_threads, thread_count(target)):
+        for layer, times in by_threads[count].items():
+            timed = [(ms_, choice) for choice, ms_ in times.items() if ms_ is not None]
+            if timed and layer not in best:
+                best[layer] = min(timed, key=lambda item: item[0])[1]
+                measured_at[layer] = count
+    return KernelChoices(best), measured_at
 
 
 def _append(database: Path, entries: list[dict]) -> None:
@@ -121,8 +130,9 @@ def tune_dense_kernels(
     measurements stopped early or None). ``measure`` builds and runs a batch (the tuner's);
     ``unavailable`` says from its results that the device is gone, which stops here too."""
     rewriter = WinogradConvRewriter(vector_registers(target), vector_lanes(target))
-    key = target_key(target)
-    on_record = _measured(database / KERNEL_CHOICES, key)  # updated in memory as candidates are measured
+    key, threads = target_key(target), thread_count(target)
+    # updated in memory as candidates are measured
+    on_record = _measured(database / KERNEL_CHOICES, key).get(threads, {})
     plan = []
     for layer in layers:
         candidates = rewriter.candidates(layer)
@@ -152,7 +162,8 @@ def tune_dense_kernels(
                 if time is None:
                     failed += 1
                     error = short_error(result.error_msg)
-                entries.append({"target": key, "layer": json.loads(layer_key(layer)),
+                entries.append({"target": key, **({"threads": threads} if threads is not None else {}),
+                                "layer": json.loads(layer_key(layer)),
                                 "choice": KernelChoice.of(spec).as_json(), "ms": time,
                                 **({"error": error} if time is None else {})})
                 times[KernelChoice.of(spec)] = time

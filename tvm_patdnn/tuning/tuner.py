@@ -43,7 +43,7 @@ from ..export import linker_for
 from ..frontend import load_model
 from ..ops.dense_conv import DenseConvSpec
 from ..pipeline import default_schedule_rules
-from ..rpc import DEVICE_UNAVAILABLE, check_tracker, parse_rpc
+from ..rpc import DEVICE_UNAVAILABLE, check_tracker, parse_rpc, request_session
 from ..schedule_rules.pattern_conv_cpu import apply_default_schedule
 from ..targets import host_arch, is_host_runnable, resolve_target, target_arch
 from ..transform.kernel_choice import KernelChoices
@@ -55,6 +55,15 @@ from .kernel_records import LayerResult, tune_dense_kernels
 from .measure import LibraryExport, PackedArguments, build_kernel, mean_ms, short_error, signature
 from .space import pattern_conv_space_generator
 from .tasks import Task, extract_tasks
+from .threads import (
+    LocalThreads,
+    check_threads,
+    describe,
+    for_threads,
+    runtime_threads,
+    set_remote_threads,
+    thread_count,
+)
 
 __all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TaskState", "TuneResults", "tune", "tuning_contexts"]
 
@@ -273,6 +282,7 @@ def tune(
     seed: int = 0,
     progress: TextIO | None = sys.stderr,
     dense_kernels: bool = True,
+    threads: int | None = None,
 ) -> TuneResults:
     """Tune a model's kernels for ``target`` and append the records to ``database`` (a directory).
 
@@ -284,7 +294,15 @@ def tune(
     ``timeout``: seconds a local measurement may take; over RPC, the limit of every step (the
     tracker's answer, the device becoming free, its handshake, one measurement): a device that
     does not become free or answer in time ends the tune (it is gone or busy).
-    Apply the result with ``compile(model, target, tuning_db=database)``.
+    Apply the result with ``compile(model, target, tuning_db=database, threads=...)``.
+
+    ``threads``: every measurement runs with that many TVM runtime threads (on this machine, in the
+    runner's worker process; over RPC, each session's runtime is set to it, which fails when the
+    device's runtime started with fewer: restart its server with ``TVM_NUM_THREADS``), the design
+    space is generated for it, and every record's target says it as ``num-cores``. None: what TVM's
+    runtime runs on the measuring device (here ``TVM_NUM_THREADS``, else TVM's default: half the
+    logical CPUs on x86; over RPC the device runtime's own count). A CPU target's own ``num-cores``
+    is replaced by it. GPU (OpenCL) kernels have no thread count.
 
     Before the search, every candidate kernel of each dense conv layer (GEMM, direct and Winograd
     kernels and their register tiles, the rules' choice among them) is measured once and recorded
@@ -299,15 +317,20 @@ def tune(
     """
     resolved = resolve_target(target)
     patterns = PatternOptions(entries, max_patterns)
-    _check_arguments(trials, trials_per_iter, timeout, devices, rpc)
+    _check_arguments(trials, trials_per_iter, timeout, devices, rpc, threads)
     rpc_config = parse_rpc(rpc, session_timeout=timeout) if rpc is not None else None
     if rpc_config is None and not is_host_runnable(resolved):
         raise PatDNNError(f"target {resolved} is for {target_arch(resolved)}, this machine is {host_arch()}: tune on "
                           "the device with rpc='TRACKER_HOST:PORT:DEVICE_KEY'")
+    if rpc_config is not None:
+        _check_device(rpc_config, timeout)
+    threads = _measuring_threads(resolved, threads, rpc_config, timeout)
+    if threads is not None:
+        resolved = for_threads(resolved, threads)
     tasks, dense_layers = _extract(model, params, input_shapes, resolved, patterns, dense_kernels)
     db = open_for_tuning(database, resolved)
     states = [TaskState(task) for task in tasks]
-    with _bench(resolved, db, tasks, rpc_config, timeout, devices, progress) as bench:
+    with _bench(resolved, db, tasks, rpc_config, timeout, devices, progress, threads) as bench:
         dense, stopped = tune_dense_kernels(dense_layers, resolved, Path(database), bench.measure, progress,
                                             _device_unavailable)
         if stopped is None:
@@ -323,7 +346,9 @@ def tune(
     return results
 
 
-def _check_arguments(trials: int, trials_per_iter: int, timeout: float, devices: int | None, rpc: str | None) -> None:
+def _check_arguments(trials: int, trials_per_iter: int, timeout: float, devices: int | None, rpc: str | None,
+                     threads: int | None) -> None:
+    check_threads(threads)
     if not isinstance(trials, int) or trials < 0:
         raise PatDNNError(f"trials must be a non-negative integer, got {trials!r}")
     if not isinstance(trials_per_iter, int) or trials_per_iter < 1:
@@ -334,6 +359,38 @@ def _check_arguments(trials: int, trials_per_iter: int, timeout: float, devices:
                                 or devices < 1):
         raise PatDNNError(f"devices (how many devices measure at once) must be a positive integer and needs "
                           f"rpc=, got {devices!r}")
+
+
+def _check_device(rpc: ms.runner.RPCConfig, timeout: float) -> None:
+    """Fail now, in plain words, when the tracker is unreachable or has no such device."""
+    try:
+        check_tracker(rpc.tracker_host, rpc.tracker_port, rpc.tracker_key, timeout)
+    except RuntimeError as err:
+        raise PatDNNError(f"cannot tune over RPC: {err}") from None
+
+
+def _measuring_threads(target: tvm.target.Target, threads: int | None, rpc: ms.runner.RPCConfig | None,
+                       timeout: float) -> int | None:
+    """The threads the tune measures with (see ``tune``); None for GPU targets. Over RPC one
+    session of the key's device is asked (and set to ``threads``, which fails if it cannot run them)."""
+    if target.kind.name != "llvm":
+        if threads is not None:
+            for_threads(target, threads)  # the error: threads of a GPU target
+        return None
+    if rpc is None:
+        if threads is not None and threads > (os.cpu_count() or 1):
+            raise PatDNNError(f"threads={threads}, but this machine has {os.cpu_count()} CPUs: the measurements would "
+                              "time threads sharing cores; tune on the device with rpc=")
+        return threads if threads is not None else runtime_threads()
+    try:
+        session = request_session(rpc.tracker_host, rpc.tracker_port, rpc.tracker_key, wait=timeout,
+                                  session_timeout=timeout)
+        try:
+            return set_remote_threads(session, threads)
+        finally:
+            del session  # the device serves one session at a time
+    except RuntimeError as err:
+        raise PatDNNError(f"cannot tune over RPC: {err}") from None
 
 
 def _extract(model, params, input_shapes, target: tvm.target.Target, patterns: PatternOptions,
@@ -403,15 +460,15 @@ class _Bench:
 
 @contextlib.contextmanager
 def _bench(target: tvm.target.Target, db: AppendOnlyDatabase, tasks: list[Task], rpc: ms.runner.RPCConfig | None,
-           timeout: float, devices: int | None, progress: TextIO | None) -> Iterator[_Bench]:
-    """A bench whose libraries and argument file live in a scratch folder for the tune's length;
-    a device farm is closed at its end."""
+           timeout: float, devices: int | None, progress: TextIO | None, threads: int | None) -> Iterator[_Bench]:
+    """A bench whose libraries and argument file live in a scratch folder for the tune's length,
+    measuring with ``threads`` threads; a device farm is closed at its end."""
     with tempfile.TemporaryDirectory(prefix="patdnn-tune-") as scratch:
         arguments = PackedArguments.write(
             os.path.join(scratch, "arguments.npz"), {signature(t.args_info): t.int_args for t in tasks}
         )
         builder = _InProcessBuilder(LibraryExport(linker_for(target), scratch))
-        runner = _runner(rpc, arguments, timeout, devices)
+        runner = _runner(rpc, arguments, timeout, devices, threads)
         try:
             yield _Bench(target, db, builder, runner, progress)
         finally:
@@ -420,16 +477,19 @@ def _bench(target: tvm.target.Target, db: AppendOnlyDatabase, tasks: list[Task],
 
 
 def _runner(rpc: ms.runner.RPCConfig | None, arguments: PackedArguments, timeout: float,
-            devices: int | None) -> ms.runner.Runner | DeviceFarm:
-    """This machine's runner, or over RPC a farm of the tracker's devices of the key."""
+            devices: int | None, threads: int | None) -> ms.runner.Runner | DeviceFarm:
+    """This machine's runner, or over RPC a farm of the tracker's devices of the key, measuring
+    with ``threads`` TVM threads."""
     evaluator = ms.runner.EvaluatorConfig(number=2, repeat=3, min_repeat_ms=40, enable_cpu_cache_flush=False)
     if rpc is None:
-        return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator, f_alloc_argument=arguments.local)
-    try:  # fail now, in plain words, when the tracker is unreachable or has no such device
-        check_tracker(rpc.tracker_host, rpc.tracker_port, rpc.tracker_key, timeout)
-    except RuntimeError as err:
-        raise PatDNNError(f"cannot tune over RPC: {err}") from None
-    return DeviceFarm(rpc, evaluator, arguments, wait=timeout, max_devices=devices)
+        try:  # the runner starts its worker (and so its thread pool) here
+            return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator,
+                                         f_alloc_argument=arguments.local,
+                                         initializer=LocalThreads(threads) if threads is not None else None)
+        except Exception as err:  # noqa: BLE001 - the worker's error, from another process
+            raise PatDNNError(f"cannot start the measuring process with {describe(threads)}: "
+                              f"{short_error(str(err))}") from None
+    return DeviceFarm(rpc, evaluator, arguments, wait=timeout, max_devices=devices, threads=threads)
 
 
 def _measure_defaults(states: list[TaskState], bench: _Bench) -> str | None:
@@ -460,8 +520,10 @@ def _search_remaining(states: list[TaskState], bench: _Bench, trials: int, trial
         state.read(bench.db)
     searched = sum(state.searched for state in states)
     remaining = max(0, trials - searched)
+    threads = thread_count(bench.target)
+    at = f" at {describe(threads)}" if threads is not None else ""
     _say(bench.progress, f"tuning {len(states)} kernel(s) ({sum(s.task.kind == 'pattern' for s in states)} pattern "
-                         f"conv) for {target_key(bench.target)}: {searched} trials in {work_dir} already, "
+                         f"conv) for {target_key(bench.target)}{at}: {searched} trials in {work_dir} already, "
                          f"{remaining} to go")
     if not remaining or not states:
         return None
@@ -564,7 +626,7 @@ def _search(states: list[TaskState], bench: _Bench, trials: int, trials_per_iter
     loop measures each batch alone (2 cores: a build would disturb the timing) and appends its
     records before the next batch starts, so a killed tune loses at most the batch in flight.
     """
-    cores = int(bench.target.attrs.get("num-cores") or os.cpu_count() or 1)
+    cores = os.cpu_count() or 1  # the search's own threads (cost model, candidates), not the measurements'
     per_iter = max(1, min(trials_per_iter, trials // len(states) or 1))
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)
     tasks = [state.task for state in states]
