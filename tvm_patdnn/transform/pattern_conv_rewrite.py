@@ -22,9 +22,9 @@ from ..fkw import pack_fkw
 from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
 from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
 from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
-from ..ops.sparse_pointwise import MAX_DENSITY, block_density
 from ..report import ConvRecord
 from .exprs import add_kernel, constant_array, per_channel_bias, single_use_values, static_shape
+from .sparse_pointwise_rewrite import runs_sparse
 
 __all__ = ["PatternConvRewrite", "conv_report"]
 
@@ -148,7 +148,7 @@ class PatternConvRewrite:
         total = weight_shape[0] * weight_shape[1] if weight_shape else 0
         out_pixels = int(np.prod(out_shape)) // out_shape[1] if out_shape else 0
         nonzeros = analysis.nonzeros if analysis is not None else total * kh * kw
-        sparse = self._runs_sparse(conv, fields)
+        sparse = self.sparse_pointwise and runs_sparse(conv)
         self._records[conv] = ConvRecord(
             kind="sparse" if sparse else "dense" if reason else "pattern",
             reason=None if sparse else reason,
@@ -167,14 +167,6 @@ class PatternConvRewrite:
             else (),
             **fields,
         )
-
-    def _runs_sparse(self, conv: relax.Call, fields: dict) -> bool:
-        """Whether the sparse pointwise pass will take this conv (its rule, see ops/sparse_pointwise.py)."""
-        weight = conv.args[1]
-        return (self.sparse_pointwise and tuple(fields["weight_shape"][2:]) == (1, 1)
-                and fields["padding"] == (0, 0, 0, 0) and isinstance(weight, tvm.ir.GenericConst)
-                and int(conv.attrs.groups) == 1 and all(int(d) == 1 for d in conv.attrs.dilation)
-                and conv.ty.dtype == "float32" and block_density(constant_array(weight)) <= MAX_DENSITY)
 
     def _rewrite(self, expr: relax.Expr, matches) -> relax.Expr:
         conv, weight = matches[self.conv], matches[self.weight]

@@ -19,9 +19,21 @@ from ..ops.sparse_pointwise import (BLOCK, MAX_DENSITY, SparsePointwiseSpec, blo
                                    sparse_pointwise_primfunc)
 from ..ops.sparse_pointwise_gpu import SparsePointwiseGPUSpec, sparse_pointwise_gpu_primfunc
 from .dense_conv_rewrite import DenseConvRewriter
-from .exprs import add_kernel, constant_array, static_shape
+from .exprs import add_kernel, constant_array, nchw_conv_shapes, static_shape
 
-__all__ = ["SparsePointwiseRewrite", "SparsePointwiseRewriter"]
+__all__ = ["SparsePointwiseRewrite", "SparsePointwiseRewriter", "runs_sparse"]
+
+
+def runs_sparse(conv: relax.Call, block: int = BLOCK, max_density: float = MAX_DENSITY) -> bool:
+    """Whether the pass takes this conv2d: a float32 NCHW 1x1 conv, unpadded and ungrouped, whose
+    constant weight keeps at most ``max_density`` of its (``block``, 1) blocks. A bias or
+    activation the kernel cannot fuse only shortens the chain, so this is the whole rule, and
+    the pattern pass reports these layers as kind "sparse" by it."""
+    weight = conv.args[1]
+    shapes = nchw_conv_shapes(conv, weight)
+    return (shapes is not None and shapes[1][2:] == (1, 1) and int(conv.attrs.groups) == 1
+            and all(int(p) == 0 for p in conv.attrs.padding)
+            and block_density(constant_array(weight), block) <= max_density)
 
 
 class SparsePointwiseRewriter(DenseConvRewriter):
@@ -45,13 +57,13 @@ class SparsePointwiseRewriter(DenseConvRewriter):
         return super().transform_module(mod, ctx)
 
     def _fusion(self, expr: relax.Call, matches) -> tuple | None:
+        if not runs_sparse(matches[self.conv], self.block, self.max_density):
+            return None
         fusion = super()._fusion(expr, matches)
-        if fusion is None or fusion[1].kernel != (1, 1) or fusion[1].padding != (0, 0, 0, 0):
+        if fusion is None:
             return None
         conv, spec = fusion[0], fusion[1]
         weight = constant_array(conv.args[1])
-        if block_density(weight, self.block) > self.max_density:
-            return None
         if self.gpu is None:
             probe = SparsePointwiseSpec.for_target(self.registers, self.lanes, self.block, 0, self.chains,
                                                   **spec.layer_fields())
