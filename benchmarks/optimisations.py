@@ -55,7 +55,7 @@ from onnx import numpy_helper, shape_inference
 
 from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import FKWWeight, pack_fkw
-from tvm_patdnn.ops.pattern_conv import _WINDOW_PIXELS, PatternConvSpec, pattern_conv2d_primfunc, target_layout
+from tvm_patdnn.ops.pattern_conv import WINDOW_PIXELS, PatternConvSpec, pattern_conv2d_primfunc, target_layout
 from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs
 from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs, schedule_pattern_conv_cpu
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
@@ -125,7 +125,7 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
                          flat=None if variant.flat else False)
     if not variant.partials:
         spec = dataclasses.replace(spec, partials=1)
-    if variant.windows and spec.strides == (1, 1) and spec.out_height * spec.out_width <= _WINDOW_PIXELS:
+    if variant.windows and spec.strides == (1, 1) and spec.out_height * spec.out_width <= WINDOW_PIXELS:
         lanes, column_tile, partials = variant.windows
         spec = dataclasses.replace(spec, vector_width=lanes, flat=False, windows=True, row_tile=1, column_tile=1,
                                    partials=partials)

@@ -43,7 +43,7 @@ from tvm import te, tirx
 from ..arith import largest_divisor, round_up
 from ..fkw import FKWWeight
 
-__all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "choose_layout",
+__all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS", "choose_layout",
            "cheapest_layout", "is_pattern_conv", "layout_cycles", "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
@@ -153,7 +153,7 @@ def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
         return layout.out_height * layout.out_width / (layout.acc_rows * layout.acc_columns)
 
     windows = (windows and flat is None and spec.strides == (1, 1)
-               and spec.out_height * spec.out_width <= _WINDOW_PIXELS)
+               and spec.out_height * spec.out_width <= WINDOW_PIXELS)
     if flat is None:
         flat = spec.strides == (1, 1) and lane_fill(untiled(True)) > lane_fill(untiled(False))
     layout = untiled(flat)
@@ -171,7 +171,7 @@ _FMA_LATENCY = 4  # cycles: a chain of dependent FMAs issues one per 4 cycles
 _KERNEL_OVERHEAD = 1  # cycles per kernel: loop counter, channel address
 _RUN_OVERHEAD = 20  # cycles per (filter, pattern) run and tile: run bounds, loop entry and exit
 _FLAT_LOADS = 1.25  # flat layouts' input loads cost this much more (fitted; no row shares them)
-_WINDOW_PIXELS = 16  # the windows layout is a candidate for outputs of at most this many pixels
+WINDOW_PIXELS = 16  # the windows layout is a candidate for outputs of at most this many pixels
 _TILE_RESERVE = 2  # a register tile leaves this many of the accumulators free
 
 
@@ -238,7 +238,7 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
     elif flat:
         kinds = [flat_kind]
     else:
-        kinds = [rows, flat_kind] + [windows_kind] * (spec.out_height * spec.out_width <= _WINDOW_PIXELS)
+        kinds = [rows, flat_kind] + [windows_kind] * (spec.out_height * spec.out_width <= WINDOW_PIXELS)
     tile_limit = max(1, accumulators - _TILE_RESERVE)
     candidates = []
     for width in vector_widths:
