@@ -43,8 +43,8 @@ from tvm import te, tirx
 from ..arith import largest_divisor, round_up
 from ..fkw import FKWWeight
 
-__all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS", "choose_layout",
-           "cheapest_layout", "is_pattern_conv", "layout_cycles", "target_layout"]
+__all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS",
+           "choose_layout", "cheapest_layout", "is_pattern_conv", "layout_cycles", "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"

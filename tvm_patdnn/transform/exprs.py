@@ -9,8 +9,8 @@ import tvm
 from tvm import relax, tirx
 
 __all__ = [
-    "OPAQUE", "add_kernel", "constant_array", "float_value", "nchw_conv_shapes", "per_channel_bias", "single_use_values",
-    "static_shape",
+    "OPAQUE", "add_kernel", "constant_array", "float_value", "nchw_conv_shapes", "per_channel_bias",
+    "single_use_values", "static_shape",
 ]
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge (and re-schedule) our op
