@@ -373,7 +373,7 @@ class ScheduleSource:
         parts += [f"{layers} dense layer(s) measured at {describe(count)}" for count, layers in
                   sorted(dense.items(), key=str)]
         if self.threads is None:
-            return f" ({', '.join(parts)}; the target does not say its thread count: num-cores)"
+            return f" ({', '.join(parts)}; the target has no num-cores: compile with threads= to match records to it)"
         return (f" ({', '.join(parts)}, compiling for {describe(self.threads)}; `patdnn tune --threads "
                 f"{self.threads}` measures its own)")
 
