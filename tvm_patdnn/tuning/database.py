@@ -102,8 +102,8 @@ def open_for_tuning(path: str | os.PathLike, target: Target) -> AppendOnlyDataba
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise PatDNNError(f"cannot use tuning database {path}: {err}") from err
-    database = AppendOnlyDatabase(path)
-    foreign = {key for r in database.get_all_tuning_records() if (key := target_key(r.target)) != target_key(target)}
+    database = AppendOnlyDatabase(path, target)
+    foreign = database.keys - {target_key(target)}
     if foreign:
         raise PatDNNError(
             f"tuning database {path} holds records for {', '.join(sorted(foreign))}, not {target_key(target)}: "
@@ -121,12 +121,18 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
     workload index is its line in the file *now*, not in this process's view of it), then
     writes the whole line, newline included, in one ``write``. A last line without its newline
     found under the lock was left by a killed writer and is cut.
+
+    With ``target``, queries see only the records of its thread count: a tune at one count must
+    neither count another's trials as its own nor breed its search from their times. ``keys``
+    holds the target keys of every record in the files.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, target: Target | None = None):
         super().__init__()
         self.path = Path(path)
         self.memory = ms.database.MemoryDatabase()
+        self.keys: set[str] = set()
+        self._threads = (thread_count(target),) if target is not None else None  # None: every count
         self._workload_lines: list[ms.database.Workload] = []  # the workload file, line by line
         self._read = {WORKLOADS: (0, 0), RECORDS: (0, 0)}  # file -> (bytes read, lines read)
         try:
@@ -169,7 +175,10 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
         for number, (index, record) in self._new_lines(RECORDS):
             if not isinstance(index, int) or not 0 <= index < len(self._workload_lines):
                 raise PatDNNError(f"{self.path / RECORDS}: record {number + 1} names workload {index}, which does not exist")
-            self.memory.commit_tuning_record(ms.database.TuningRecord.from_json(record, self._workload_lines[index]))
+            tuning_record = ms.database.TuningRecord.from_json(record, self._workload_lines[index])
+            self.keys.add(target_key(tuning_record.target))
+            if self._threads is None or thread_count(tuning_record.target) in self._threads:
+                self.memory.commit_tuning_record(tuning_record)
 
     def _index(self, workload: ms.database.Workload) -> int | None:
         return next((i for i, w in enumerate(self._workload_lines) if w.same_as(workload)), None)
@@ -208,6 +217,7 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
         workload = self.memory.commit_workload(record.workload.mod)
         with self._locked():
             self._append(RECORDS, [self._file_index(workload), record.as_json()])
+        self.keys.add(target_key(record.target))
         self.memory.commit_tuning_record(record)
 
     def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[ms.database.TuningRecord]:
