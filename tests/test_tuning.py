@@ -135,12 +135,15 @@ def test_tune_applies_and_reruns(tmp_path):
 
 
 def test_killed_tune_leaves_a_usable_database_and_resumes(tmp_path):
+    """At 2 threads: what was measured before the kill says so, and the resumed tune at the same
+    count counts it as done."""
     model = small_model()
     path = tmp_path / "model.onnx"
     onnx.save(model, path)
     database = tmp_path / "db"
     proc = subprocess.Popen(
-        [str(PATDNN), "tune", str(path), "--trials", "500", "--trials-per-iter", "2", "--db", str(database)],
+        [str(PATDNN), "tune", str(path), "--trials", "500", "--trials-per-iter", "2", "--threads", "2",
+         "--db", str(database)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
     deadline = time.monotonic() + 240
@@ -159,14 +162,19 @@ def test_killed_tune_leaves_a_usable_database_and_resumes(tmp_path):
 
     kept = record_lines(database) - 1
     assert kept >= 5
-    assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=database))
+    threads = {json.loads(line)[1][2]["num-cores"] for line in (database / RECORDS).read_text().splitlines()[:-1]}
+    assert threads == {2}
+    compiled = tvm_patdnn.compile(model, "x86", tuning_db=database, threads=2)
+    assert compiled.schedules.applied == 3 and compiled.schedules.other_threads == {}
+    assert_matches_reference(model, compiled)
     done = kept - 3  # three default seeds, the rest searched
-    results = tvm_patdnn.tune(model, "x86", trials=done + 2, database=database, trials_per_iter=2, progress=None)
+    results = tvm_patdnn.tune(model, "x86", trials=done + 2, database=database, trials_per_iter=2, threads=2,
+                              progress=None)
     text = (database / RECORDS).read_text()
     assert text.endswith("\n") and "GetSBlock\"\n" not in text  # the torn line is gone, nothing else
     assert kept < record_lines(database) <= kept + 2  # resumed: only the remaining trials
     assert done < sum(r.trials for r in results) <= done + 2
-    assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=database))
+    assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=database, threads=2))
 
 
 def test_tune_gives_up_after_batches_that_all_fail(tmp_path, monkeypatch):

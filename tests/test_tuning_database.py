@@ -1,4 +1,5 @@
-"""The tuning database on disk: concurrent writers, torn lines, foreign devices, target filtering.
+"""The tuning database on disk: concurrent writers, torn lines, foreign devices, target filtering,
+thread counts.
 
 Fast tests on real files: records are made from tiny PrimFuncs with their untuned schedule, no
 tuning or measuring involved.
@@ -17,7 +18,15 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from tvm_patdnn import PatDNNError
-from tvm_patdnn.tuning.database import RECORDS, WORKLOADS, AppendOnlyDatabase, load_records, open_for_tuning
+from tvm_patdnn.tuning.database import (
+    RECORDS,
+    WORKLOADS,
+    AppendOnlyDatabase,
+    ScheduleSource,
+    load_device_records,
+    load_records,
+    open_for_tuning,
+)
 from tvm_patdnn.tuning.tasks import normalize
 
 ZEN3 = Target({"kind": "llvm", "mcpu": "znver3"})
@@ -116,3 +125,41 @@ def test_a_record_naming_a_missing_workload_is_a_clear_error(tmp_path):
     with pytest.raises(PatDNNError, match="names workload 9, which does not exist"):
         open_for_tuning(db_dir, ZEN3)
 
+
+
+def zen3(threads: int) -> Target:
+    return Target({"kind": "llvm", "mcpu": "znver3", "num-cores": threads})
+
+
+def test_records_are_grouped_by_thread_count_and_old_records_without_one_still_load(tmp_path):
+    """A record's thread count is its target's num-cores; records without one (tuned before the
+    count was recorded, or for a target without num-cores) load as 'unrecorded'."""
+    db_dir = tmp_path / "db"
+    for target, seconds in ((ZEN3, 3.0), (zen3(1), 1.0), (zen3(2), 2.0), (zen3(2), 2.5)):
+        db = open_for_tuning(db_dir, target)  # one directory per device, any thread count
+        db.commit_tuning_record(record(db, add_one(4), seconds, target))
+    records = load_device_records(db_dir, zen3(2))
+    assert {count: sorted(seconds_by_size(group)[4]) for count, group in records.by_threads.items()} == {
+        None: [3.0], 1: [1.0], 2: [2.0, 2.5]}
+    assert len(records.all) == len(load_records(db_dir, ZEN3)) == 4
+    # compile's order: its own count, then unrecorded, then the nearest other count (fewer on a tie)
+    assert [count for count, _ in records.ranked(2)] == [2, None, 1]
+    assert [count for count, _ in records.ranked(1)] == [1, None, 2]
+    assert [count for count, _ in records.ranked(4)] == [None, 2, 1]
+    assert [count for count, _ in records.ranked(None)] == [None, 1, 2]
+    # a tune sees only its own count's trials; every record's device is known
+    tuning = open_for_tuning(db_dir, zen3(2))
+    assert sorted(seconds_by_size(tuning)[4]) == [2.0, 2.5] and tuning.keys == {"llvm-znver3"}
+    assert len(AppendOnlyDatabase(db_dir)) == 4
+
+
+def test_compile_says_which_kernels_came_from_another_thread_count():
+    source = ScheduleSource("llvm-znver3", Path("db"), held=("llvm-znver3",), applied=9, kernels=9, threads=2,
+                            other_threads={1: 9})
+    assert str(source) == ("tuning records: 9/9 kernels from db (9 kernel(s) tuned for 1 thread, compiling for "
+                           "2 threads; `patdnn tune --threads 2` measures its own)")
+    source.other_threads, source.threads = {None: 3}, 1
+    assert "3 kernel(s) tuned for an unrecorded thread count, compiling for 1 thread" in str(source)
+    source.other_threads, source.threads = {4: 9}, None
+    assert str(source).endswith("(9 kernel(s) tuned for 4 threads; the target has no num-cores: compile with "
+                                "threads= to match records to it)")
