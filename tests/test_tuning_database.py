@@ -142,24 +142,24 @@ def test_records_are_grouped_by_thread_count_and_old_records_without_one_still_l
     assert {count: sorted(seconds_by_size(group)[4]) for count, group in records.by_threads.items()} == {
         None: [3.0], 1: [1.0], 2: [2.0, 2.5]}
     assert len(records.all) == len(load_records(db_dir, ZEN3)) == 4
-    # compile's order: its own count, then unrecorded, then the nearest other count (fewer on a tie)
-    assert [count for count, _ in records.ranked(2)] == [2, None, 1]
-    assert [count for count, _ in records.ranked(1)] == [1, None, 2]
-    assert [count for count, _ in records.ranked(4)] == [None, 2, 1]
+    # compile takes its own count, then unrecorded; never another count, unless the target has none
+    assert [count for count, _ in records.ranked(2)] == [2, None]
+    assert [count for count, _ in records.ranked(4)] == [None]
     assert [count for count, _ in records.ranked(None)] == [None, 1, 2]
+    assert [count for count, _ in records.unused(4)] == [2, 1] and records.unused(None) == []
     # a tune sees only its own count's trials; every record's device is known
     tuning = open_for_tuning(db_dir, zen3(2))
     assert sorted(seconds_by_size(tuning)[4]) == [2.0, 2.5] and tuning.keys == {"llvm-znver3"}
     assert len(AppendOnlyDatabase(db_dir)) == 4
 
 
-def test_compile_says_which_kernels_came_from_another_thread_count():
-    source = ScheduleSource("llvm-znver3", Path("db"), held=("llvm-znver3",), applied=9, kernels=9, threads=2,
-                            other_threads={1: 9})
-    assert str(source) == ("tuning records: 9/9 kernels from db (9 kernel(s) tuned for 1 thread, compiling for "
-                           "2 threads; `patdnn tune --threads 2` measures its own)")
-    source.other_threads, source.threads = {None: 3}, 1
-    assert "3 kernel(s) tuned for an unrecorded thread count, compiling for 1 thread" in str(source)
+def test_compile_says_which_kernels_had_records_of_another_thread_count():
+    source = ScheduleSource("llvm-znver3", Path("db"), held=("llvm-znver3",), applied=0, kernels=9, threads=2,
+                            unused_threads={1: 9})
+    assert str(source) == ("tuning records: 0/9 kernels from db (not applied: 9 kernel(s) tuned only for 1 thread, "
+                           "compiling for 2 threads; `patdnn tune --threads 2` measures its own)")
+    source.other_threads, source.unused_threads, source.threads = {None: 3}, {}, 1
+    assert str(source).endswith("(3 kernel(s) tuned for an unrecorded thread count, compiling for 1 thread)")
     source.other_threads, source.threads = {4: 9}, None
     assert str(source).endswith("(9 kernel(s) tuned for 4 threads; the target has no num-cores: compile with "
                                 "threads= to match records to it)")

@@ -1,5 +1,5 @@
 """Thread counts: a tune measures with its count and says it in every record; compile applies the
-records of the count it compiles for, and says so when a kernel's came from another count.
+records of the count it compiles for, and says so when a kernel has records only for another.
 
 Real tunes of a one-conv model (two trials, ~30-40 s each on a loaded 2-core box); no timing is
 asserted. Two threads on a box pinned to one core still run (time-shared): only what is recorded
@@ -40,7 +40,7 @@ def assert_exact(model: onnx.ModelProto, compiled: tvm_patdnn.CompiledModel) -> 
     assert float(np.abs(actual - expected).max()) <= 1e-4 * max(float(np.abs(expected).max()), 1e-6)
 
 
-def test_a_two_thread_tune_is_applied_at_two_threads_and_said_when_compiling_for_one(tmp_path):
+def test_a_two_thread_tune_is_applied_at_two_threads_and_not_silently_ignored_at_one(tmp_path):
     model, database = one_conv(), tmp_path / "db"
     progress = io.StringIO()
     results = tvm_patdnn.tune(model, "x86", trials=2, trials_per_iter=2, database=database, threads=2,
@@ -57,8 +57,10 @@ def test_a_two_thread_tune_is_applied_at_two_threads_and_said_when_compiling_for
 
     one = tvm_patdnn.compile(model, "x86", tuning_db=database, threads=1)
     assert one.target.attrs["num-cores"] == 1
-    assert one.schedules.applied == 1 and one.schedules.other_threads == {2: 1}
-    assert "1 kernel(s) tuned for 2 threads, compiling for 1 thread" in str(one.schedules)
+    assert one.schedules.applied == 0 and one.schedules.unused_threads == {2: 1}
+    assert str(one.schedules) == (f"tuning records: 0/1 kernels from {database} (not applied: 1 kernel(s) tuned "
+                                  "only for 2 threads, compiling for 1 thread; `patdnn tune --threads 1` measures "
+                                  "its own)")
     assert_exact(model, one)
 
     # A 1-thread tune into the same directory does not count the 2-thread trials as its own: it
@@ -68,7 +70,7 @@ def test_a_two_thread_tune_is_applied_at_two_threads_and_said_when_compiling_for
     assert again[0].trials == 2
     assert recorded_threads(database)[lines:] == [1] * 3  # its default seed and its two trials
     one = tvm_patdnn.compile(model, "x86", tuning_db=database, threads=1)
-    assert one.schedules.applied == 1 and one.schedules.other_threads == {}
+    assert one.schedules.applied == 1 and one.schedules.unused_threads == one.schedules.other_threads == {}
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -119,3 +121,22 @@ def test_cli_rejects_a_bad_thread_count(text, tmp_path, capsys):
     assert exit_status.value.code == 2
     assert f"--threads: expected a positive whole number of threads, got '{text}'" in capsys.readouterr().err
     assert not (tmp_path / "db").exists()
+
+
+def test_the_printed_compile_command_compiles_for_the_tuned_thread_count():
+    import argparse
+    import shlex
+
+    from tvm_patdnn.targets import resolve_target
+    from tvm_patdnn.tuning.commands import apply_command
+    from tvm_patdnn.tuning.threads import for_threads
+
+    args = argparse.Namespace(model="m.onnx", target="x86", input_shape=[], entries=4, max_patterns=12, db="db")
+    host = resolve_target("x86")
+    assert shlex.split(apply_command(args, host))[4] == "x86"  # x86 already says the tuned count
+    other = 1 if host.attrs["num-cores"] != 1 else 2
+    target = resolve_target(shlex.split(apply_command(args, for_threads(host, other)))[4])
+    assert target.attrs["num-cores"] == other and target.attrs["mcpu"] == host.attrs["mcpu"]
+    args.target = "arm_cpu-linux"
+    target = resolve_target(shlex.split(apply_command(args, for_threads(resolve_target("arm_cpu-linux"), 3)))[4])
+    assert target.attrs["num-cores"] == 3 and list(target.keys) == ["arm_cpu", "cpu"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from typing import TYPE_CHECKING
@@ -12,6 +13,8 @@ from ..arguments import add_model_options, add_target_option, add_threads_option
 from ..tables import format_table
 
 if TYPE_CHECKING:
+    from tvm.target import Target
+
     from .tuner import TuneResults
 
 __all__ = ["add_tune_command", "format_results"]
@@ -78,10 +81,27 @@ def format_results(results: TuneResults) -> str:
     return "\n".join(lines)
 
 
-def apply_command(args: argparse.Namespace) -> str:
-    """The ``patdnn compile`` command that applies this tune's records: same model, target, shapes
-    and pattern options (records only match kernels compiled the same way)."""
-    words = ["patdnn", "compile", args.model, "--target", args.target]
+def _compile_target(text: str, tuned: Target | None) -> str:
+    """``--target`` for the compile: ``text``, or when it resolves to another thread count than the
+    tune measured with, the tuned target as JSON (its ``num-cores`` is that count)."""
+    from ..targets import resolve_target
+    from .threads import thread_count
+
+    if tuned is None or thread_count(tuned) in (None, thread_count(resolve_target(text))):
+        return text
+    exported = tuned.export()
+    fields = {name: value if isinstance(value, (str, int)) else [str(v) for v in value] for name in
+              ("kind", "mtriple", "mcpu", "mattr", "keys", "num-cores") if (value := exported.get(name))}
+    if fields.get("keys") == ["cpu"]:
+        del fields["keys"]
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def apply_command(args: argparse.Namespace, tuned: Target | None = None) -> str:
+    """The ``patdnn compile`` command that applies this tune's records: same model, target (for the
+    thread count the tune measured with, ``tuned``), shapes and pattern options (records only match
+    kernels compiled the same way)."""
+    words = ["patdnn", "compile", args.model, "--target", _compile_target(args.target, tuned)]
     for name, dims in args.input_shape:
         words += ["--input-shape", f"{name}={','.join(map(str, dims))}"]
     patterns = pattern_options(args)
@@ -104,5 +124,5 @@ def run_tune(args: argparse.Namespace) -> int:
             dense_kernels=args.dense_kernels, threads=args.threads,
         )
     print(format_results(results))
-    print(f"\nrecords in {args.db}; apply with: {apply_command(args)}")
+    print(f"\nrecords in {args.db}; apply with: {apply_command(args, results.target)}")
     return 1 if results.stopped else 0  # stopped early: records kept, budget not spent

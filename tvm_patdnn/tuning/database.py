@@ -13,9 +13,9 @@ CPU, features; not the core count) matches its own: a record tuned for one CPU s
 about another. The target's ``num-cores`` is the thread count the record was measured at
 (``tuning.threads``); one directory holds a device's records for any number of thread counts.
 ``compile`` applies, kernel by kernel, a record of the thread count it compiles for, else one that
-does not say its count (a target without ``num-cores``), else one of the nearest other count, and
-counts those in :class:`ScheduleSource`, which says so: a schedule measured at another count is
-still correct and usually better than none, but not what a tune at the right count finds.
+does not say its count (tuned for a target without ``num-cores``); records of another count are
+not applied (they lost to the default rules: ``threads.preference``), and :class:`ScheduleSource`
+says how many kernels had only those, so a tune at the wrong count is not silently ignored.
 Shipped databases are package data, ``tvm_patdnn/schedules/<target key>/``, so a wheel install
 has them too.
 """
@@ -279,6 +279,12 @@ class DeviceRecords:
         (:func:`~tvm_patdnn.tuning.threads.preference`)."""
         return [(count, self.by_threads[count]) for count in preference(self.by_threads, threads)]
 
+    def unused(self, threads: int | None) -> list[tuple[int, ms.database.MemoryDatabase]]:
+        """The record sets a compile for ``threads`` does not apply (other thread counts), nearest first."""
+        used = preference(self.by_threads, threads)
+        others = [count for count in self.by_threads if count not in used]
+        return [(count, self.by_threads[count]) for count in sorted(others, key=lambda c: (abs(c - threads), c))]
+
 
 def load_records(path: str | os.PathLike, target: Target) -> ms.database.MemoryDatabase:
     """The records of ``target``'s device in a database directory, in memory (read only), at
@@ -349,9 +355,13 @@ class ScheduleSource:
     kernels: int = 0
     kernel_choices: KernelChoices | None = None  # the database's dense kernel choices (tuning.kernel_records)
     threads: int | None = None  # the thread count compiled for (the target's num-cores)
-    # kernels / dense layers scheduled by records of another thread count (None: records that do not say)
+    # kernels scheduled by records of another thread count than ``threads`` (None: records that do not say)
     other_threads: dict[int | None, int] = field(default_factory=dict)
-    dense_threads: dict[str, int | None] = field(default_factory=dict)  # dense layer -> its choice's count
+    # kernels left to the default rules that have records only for these other thread counts
+    unused_threads: dict[int, int] = field(default_factory=dict)
+    # dense layer -> the thread count its applied choice was measured at; for a layer measured only at
+    # counts that are not applied, the nearest of those
+    dense_threads: dict[str, int | None] = field(default_factory=dict)
 
     def __str__(self) -> str:
         if not self.wanted:
@@ -370,22 +380,35 @@ class ScheduleSource:
         return f"tuning records: {self.applied}/{self.kernels} kernels from {where}{dense}{self._other_threads()}"
 
     def _other_threads(self) -> str:
-        """What was measured at another thread count than the one compiled for, if anything."""
+        """Records of another thread count than the one compiled for: applied (unrecorded counts, or
+        a target without num-cores) or not (another count), if any."""
+        choices = self.kernel_choices
         dense: dict[int | None, int] = {}
-        for layer in self.kernel_choices.applied if self.kernel_choices is not None else ():
-            count = self.dense_threads.get(layer)
-            if count != self.threads:
+        dense_unused: dict[int, int] = {}
+        for layer in choices.seen if choices is not None else ():
+            count = self.dense_threads.get(layer, self.threads)
+            if layer in choices.applied and count != self.threads:
                 dense[count] = dense.get(count, 0) + 1
-        if not self.other_threads and not dense:
-            return ""
+            elif layer not in choices.chosen and count != self.threads and count is not None:
+                dense_unused[count] = dense_unused.get(count, 0) + 1
         parts = [f"{kernels} kernel(s) tuned for {describe(count)}"
                  for count, kernels in sorted(self.other_threads.items(), key=str)]
         parts += [f"{layers} dense layer(s) measured at {describe(count)}" for count, layers in
                   sorted(dense.items(), key=str)]
-        if self.threads is None:
-            return f" ({', '.join(parts)}; the target has no num-cores: compile with threads= to match records to it)"
-        return (f" ({', '.join(parts)}, compiling for {describe(self.threads)}; `patdnn tune --threads "
-                f"{self.threads}` measures its own)")
+        unused = [f"{kernels} kernel(s)" for kernels in self.unused_threads.values()]
+        unused += [f"{layers} dense layer(s)" for layers in dense_unused.values()]
+        counts = sorted(set(self.unused_threads) | set(dense_unused))
+        notes = []
+        if parts and self.threads is None:
+            notes.append(f"{', '.join(parts)}; the target has no num-cores: compile with threads= to match records "
+                         "to it")
+        elif parts:
+            notes.append(f"{', '.join(parts)}, compiling for {describe(self.threads)}")
+        if unused:
+            notes.append(f"not applied: {' and '.join(unused)} tuned only for "
+                         f"{' or '.join(describe(count) for count in counts)}, compiling for {describe(self.threads)}; "
+                         f"`patdnn tune --threads {self.threads}` measures its own")
+        return "".join(f" ({note})" for note in notes)
 
 
 def apply_tuning_records(database: ms.database.Database | DeviceRecords,
@@ -399,7 +422,8 @@ def apply_tuning_records(database: ms.database.Database | DeviceRecords,
     leaves its kernel to the default rules, like a kernel without records. With
     :class:`DeviceRecords`, a kernel takes the best record of the first thread count in
     :meth:`DeviceRecords.ranked` order for the target's count that has one; ``source`` counts the
-    kernels scheduled by another count's records.
+    kernels scheduled by records of another count than the target's, and those left to the default
+    rules that have records only at other counts.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="PatDNNApplyTuningRecords")
@@ -407,8 +431,10 @@ def apply_tuning_records(database: ms.database.Database | DeviceRecords,
         target = Target.current()
         threads = thread_count(target)
         ranked = database.ranked(threads) if isinstance(database, DeviceRecords) else [(threads, database)]
+        unused = database.unused(threads) if isinstance(database, DeviceRecords) else []
         updates = {}
         other: dict[int | None, int] = {}
+        elsewhere: dict[int, int] = {}
         kernels = 0
         for gvar, func in mod.functions_items():
             if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
@@ -424,6 +450,9 @@ def apply_tuning_records(database: ms.database.Database | DeviceRecords,
                 if sch is not None:
                     break
             if sch is None:
+                count = next((count for count, records in unused if records.has_workload(normalize(func))), None)
+                if count is not None:
+                    elsewhere[count] = elsewhere.get(count, 0) + 1
                 continue
             if tuned_for != threads:
                 other[tuned_for] = other.get(tuned_for, 0) + 1
@@ -434,7 +463,8 @@ def apply_tuning_records(database: ms.database.Database | DeviceRecords,
         for gvar, func in updates.items():
             mod[gvar] = func
         if source is not None:
-            source.applied, source.kernels, source.threads, source.other_threads = len(updates), kernels, threads, other
+            source.applied, source.kernels, source.threads = len(updates), kernels, threads
+            source.other_threads, source.unused_threads = other, elsewhere
         return mod
 
     return _apply

@@ -12,7 +12,7 @@ runs each layer on its fastest (:func:`load_kernel_choices`).
 like the meta_schedule records: a killed tune leaves at most a torn last line, which readers skip
 and the next writer cuts; a re-run measures only the candidates not on record at its thread
 count. ``compile`` takes each layer's choice from its own thread count's measurements, else those
-that do not say theirs (lines written before the count was recorded), else the nearest count's
+that do not say theirs (lines written before the count was recorded), never another count's
 (``threads.preference``, as for the records).
 """
 
@@ -87,17 +87,24 @@ def _measured(path: Path, key: str) -> dict[int | None, dict[str, dict[KernelCho
 
 
 def load_kernel_choices(database: str | os.PathLike, target: Target) -> tuple[KernelChoices, dict[str, int | None]]:
-    """The fastest measured candidate per layer for ``target``'s device (none if never tuned), and
-    the thread count each layer's choice was measured at (the target's own when it has some)."""
+    """The fastest measured candidate per layer for ``target``'s device and thread count (none if
+    never tuned), and the thread count each layer's choice was measured at; a layer measured only
+    at other counts, whose measurements are not applied, maps to the nearest of them."""
     by_threads = _measured(Path(database) / KERNEL_CHOICES, target_key(target))
+    threads = thread_count(target)
+    used = preference(by_threads, threads)
     best: dict[str, KernelChoice] = {}
     measured_at: dict[str, int | None] = {}
-    for count in preference(by_threads, thread_count(target)):
+    for count in used:
         for layer, times in by_threads[count].items():
             timed = [(ms_, choice) for choice, ms_ in times.items() if ms_ is not None]
             if timed and layer not in best:
                 best[layer] = min(timed, key=lambda item: item[0])[1]
                 measured_at[layer] = count
+    others = sorted((count for count in by_threads if count not in used), key=lambda c: (abs(c - threads), c))
+    for count in others:
+        for layer in by_threads[count]:
+            measured_at.setdefault(layer, count)
     return KernelChoices(best), measured_at
 
 

@@ -5,9 +5,9 @@ TVM's convention: a CPU target's ``num-cores`` is the core count its schedules a
 runtime runs as many threads as ``TVM_NUM_THREADS`` says (without it, TVM takes the logical CPUs,
 halved on x86 for hyper-threading: 1 thread on a 2-core VM). A schedule measured fastest at one
 thread count is not the fastest at another (the shipped Zen 3 records, tuned at 1 thread, ran
-~1.16x slower at 2 threads than a 2-thread tune finds), so ``tune`` measures with a stated count,
-writes it into every record's target as ``num-cores``, and ``compile`` prefers the records of
-the count it compiles for.
+1.10-1.16x slower at 2 threads than the untuned default rules), so ``tune`` measures with a stated count,
+writes it into every record's target as ``num-cores``, and ``compile`` applies the records of
+the count it compiles for (:func:`preference`).
 
 The runtime's count is fixed when its thread pool starts (``runtime.config_threadpool`` can only
 lower it), so a local measurement sets ``TVM_NUM_THREADS`` in the runner's fresh worker process
@@ -59,17 +59,15 @@ def for_threads(target: Target, threads: int) -> Target:
 
 
 def preference(counts: Iterable[int | None], threads: int | None) -> list[int | None]:
-    """The order in which measurements at ``counts`` serve a compile for ``threads``: its own count,
-    then measurements that do not say theirs (None), then the other counts, nearest first (fewer
-    threads first on a tie)."""
-    def rank(count: int | None) -> tuple[int, int, int]:
-        if count == threads:
-            return (0, 0, 0)
-        if count is None:
-            return (1, 0, 0)
-        return (2, abs(count - threads) if threads is not None else 0, count)
-
-    return sorted(counts, key=rank)
+    """The measurements, by thread count, that serve a compile for ``threads``, best first: its own
+    count, then measurements that do not say theirs (None). Another count's are not used: the
+    1-thread Zen 3 records ran 1.10-1.16x *slower than the default rules* at 2 threads (VGG-16
+    CIFAR, interleaved A/B runs). A target that does not say its count (``threads`` None) takes
+    any: unrecorded first, then the fewest threads."""
+    counts = set(counts)
+    if threads is None:
+        return sorted(counts, key=lambda count: (count is not None, count or 0))
+    return [count for count in (threads, None) if count in counts]
 
 
 def describe(threads: int | None) -> str:

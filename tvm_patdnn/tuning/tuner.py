@@ -101,11 +101,13 @@ class TuneResults:
     """``tune``'s result: one :class:`TaskResult` per dense layer and kernel in ``tasks`` (the
     results iterate and index as that list), ``stopped``, why the tune ended before its budget was
     spent (None when it was not), and ``devices``, over RPC the trials each device measured
-    (``{"host:port": DeviceStats}``)."""
+    (``{"host:port": DeviceStats}``), and ``target``, the target tuned for (a CPU target's
+    ``num-cores`` is the thread count measured with)."""
 
     tasks: list[TaskResult] = field(default_factory=list)
     stopped: str | None = None
     devices: dict[str, DeviceStats] = field(default_factory=dict)
+    target: tvm.target.Target | None = None
 
     @property
     def failed(self) -> int:
@@ -341,7 +343,7 @@ def tune(
     for state in states:
         state.read(db)
     results = TuneResults([TaskResult.of_layer(layer) for layer in dense] + [s.result() for s in states],
-                          stopped, devices_used)
+                          stopped, devices_used, resolved)
     _say_how_it_ended(results, database, progress)
     return results
 
