@@ -236,7 +236,9 @@ def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs,
                             x = source[n, first + c, start[m] + dy * wp + dx]
                             w = weight[fb, ((first + c) * kh + dy) * kw + dx, v * lanes + ji]
                             T.buffer_store(acc, acc[slot] + x * w, [slot])
-    _keep_or_finish(acc, partial, mr, block, lambda m, j: (t * spec.pixel_tile + m) * block + j, kb,
+    # Saved as one block-wide vector per pixel (8-lane pieces, as the GEMM's tile_vectors: ties on Zen 3,
+    # and the AVX-512 7x7 stem's reduction loop lost its whole-tile FMAs).
+    _keep_or_finish(acc, partial, mr, block, block, lambda m, j: (t * spec.pixel_tile + m) * block + j, kb,
                     spec.channel_blocks, lambda: _store_output(spec, mr, acc, *outputs, n, fb, base))
 
 
