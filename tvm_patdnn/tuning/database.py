@@ -43,7 +43,7 @@ from ..errors import PatDNNError
 from ..transform.kernel_choice import KernelChoices
 from .measure import finish_schedule
 from .tasks import normalize
-from .threads import describe, preference, thread_count
+from .threads import describe, not_applied, preference, thread_count
 
 __all__ = [
     "AppendOnlyDatabase",
@@ -281,9 +281,7 @@ class DeviceRecords:
 
     def unused(self, threads: int | None) -> list[tuple[int, ms.database.MemoryDatabase]]:
         """The record sets a compile for ``threads`` does not apply (other thread counts), nearest first."""
-        used = preference(self.by_threads, threads)
-        others = [count for count in self.by_threads if count not in used]
-        return [(count, self.by_threads[count]) for count in sorted(others, key=lambda c: (abs(c - threads), c))]
+        return [(count, self.by_threads[count]) for count in not_applied(self.by_threads, threads)]
 
 
 def load_records(path: str | os.PathLike, target: Target) -> ms.database.MemoryDatabase:

@@ -37,7 +37,7 @@ from ..transform.winograd_conv_rewrite import WinogradConvRewriter
 from .database import KERNEL_CHOICES, directory_lock, read_json_lines, target_key
 from .measure import mean_ms, short_error
 from .tasks import normalize
-from .threads import preference, thread_count
+from .threads import not_applied, preference, thread_count
 
 __all__ = ["LayerResult", "describe_layer", "load_kernel_choices", "tune_dense_kernels"]
 
@@ -92,17 +92,15 @@ def load_kernel_choices(database: str | os.PathLike, target: Target) -> tuple[Ke
     at other counts, whose measurements are not applied, maps to the nearest of them."""
     by_threads = _measured(Path(database) / KERNEL_CHOICES, target_key(target))
     threads = thread_count(target)
-    used = preference(by_threads, threads)
     best: dict[str, KernelChoice] = {}
     measured_at: dict[str, int | None] = {}
-    for count in used:
+    for count in preference(by_threads, threads):
         for layer, times in by_threads[count].items():
             timed = [(ms_, choice) for choice, ms_ in times.items() if ms_ is not None]
             if timed and layer not in best:
                 best[layer] = min(timed, key=lambda item: item[0])[1]
                 measured_at[layer] = count
-    others = sorted((count for count in by_threads if count not in used), key=lambda c: (abs(c - threads), c))
-    for count in others:
+    for count in not_applied(by_threads, threads):
         for layer in by_threads[count]:
             measured_at.setdefault(layer, count)
     return KernelChoices(best), measured_at

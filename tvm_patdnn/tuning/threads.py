@@ -25,7 +25,7 @@ from tvm.target import Target
 
 from ..errors import PatDNNError
 
-__all__ = ["LocalThreads", "RemoteThreads", "check_threads", "describe", "for_threads", "preference",
+__all__ = ["LocalThreads", "RemoteThreads", "check_threads", "describe", "for_threads", "not_applied", "preference",
            "runtime_threads", "set_remote_threads", "thread_count"]
 
 _BIG_CORES = 1  # runtime.config_threadpool's affinity mode kBig: TVM's default placement
@@ -68,6 +68,12 @@ def preference(counts: Iterable[int | None], threads: int | None) -> list[int | 
     if threads is None:
         return sorted(counts, key=lambda count: (count is not None, count or 0))
     return [count for count in (threads, None) if count in counts]
+
+
+def not_applied(counts: Iterable[int | None], threads: int | None) -> list[int]:
+    """The counts among ``counts`` whose measurements a compile for ``threads`` does not use, nearest first."""
+    used = preference(counts, threads)
+    return sorted((count for count in set(counts) if count not in used), key=lambda count: (abs(count - threads), count))
 
 
 def describe(threads: int | None) -> str:
