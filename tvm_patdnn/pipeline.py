@@ -21,6 +21,7 @@ from .schedule_rules import DenseConv2dCPU, MatmulCPU, PatternConvCPU, PatternCo
 from .targets import accumulator_registers, fma_chains, gpu_threads, vector_lanes, vector_registers
 from .transform import (DenseConvRewrite, DepthwiseConvRewrite, FullyConnectedRewrite, PatternConvRewrite,
                         SparsePointwiseRewrite, UnitReductionRewrite, WinogradConvRewrite)
+from .transform.inverted_residual_rewrite import InvertedResidualRewrite
 from .transform.kernel_choice import KernelChoices
 
 __all__ = ["pattern_passes", "fusion_passes", "default_schedule_rules", "schedule_passes", "get_pipeline"]
@@ -51,6 +52,8 @@ def pattern_passes(
                                              gpu=gpu))
     if cpu_kernels:
         passes.append(WinogradConvRewrite(vector_registers(target), vector_lanes(target), choices=kernel_choices))
+        passes.append(InvertedResidualRewrite(vector_registers(target), vector_lanes(target),
+                                              threads=int(target.attrs.get("num-cores") or 1)))
         passes.append(DenseConvRewrite(vector_registers(target), vector_lanes(target), choices=kernel_choices))
         passes.append(DepthwiseConvRewrite(vector_registers(target), vector_lanes(target)))
         passes.append(FullyConnectedRewrite(vector_registers(target), vector_lanes(target)))

@@ -35,7 +35,7 @@ from tvm.script.ir_builder import tirx as T
 from ..arith import ceil_div
 from .activation import activate, check_activation
 
-__all__ = ["DepthwiseConvSpec", "DEPTHWISE_CONV_ATTR", "depthwise_conv_primfunc"]
+__all__ = ["DepthwiseConvSpec", "DEPTHWISE_CONV_ATTR", "copy_padded_row", "depthwise_conv_primfunc", "padding_columns"]
 
 # PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
 DEPTHWISE_CONV_ATTR = "patdnn.depthwise_conv"
@@ -134,50 +134,59 @@ def _pad_plane(spec: DepthwiseConvSpec, plane) -> None:
 
 def _copy_padded_plane(spec: DepthwiseConvSpec, data, plane, n, c) -> None:
     """``plane[y, p, q]`` = padded input row ``y``, column ``q * s + p`` of channel ``c``, in a
-    plane padded by :func:`_pad_plane`.
-
-    The bounds are static, so only the input's rows are visited and their columns split where
-    the padding ends: the few inside elements among the edge columns are stored one by one; the
-    middle run is a vector copy at stride 1, and at stride ``s`` one ``s x lanes`` vector load
-    split into the ``s`` phases by shuffles (an interleaved scalar loop ran at ~1.5 cycles per
-    element, three quarters of a stride-2 layer's time; per-element bounds tests and re-zeroed
-    padding made the copy of a 7x7 channel 8x its conv).
-    """
-    sx, q_ = spec.strides[1], spec.phase_width
-    top, left = spec.padding[0], spec.padding[1]
+    plane padded by :func:`_pad_plane`: :func:`copy_padded_row` for each of the input's rows (the
+    bounds are static, so only those are visited)."""
+    sx, q_, top = spec.strides[1], spec.phase_width, spec.padding[0]
     first_row, last_row = min(top, spec.padded_height), min(top + spec.height, spec.padded_height)
+    if last_row <= first_row:
+        return
+    with T.serial(first_row, last_row) as y:
+        copy_padded_row(spec, data, plane, n, c, y - top, lambda p, q: (y * sx + p) * q_ + q)
+
+
+def padding_columns(spec: DepthwiseConvSpec) -> list[int]:
+    """Positions ``p * phase_width + q`` of a phase-split padded row that are padding (column
+    ``q * s + p - left`` outside the input)."""
+    sx, q_, left = spec.strides[1], spec.phase_width, spec.padding[1]
+    return [p * q_ + q for p in range(sx) for q in range(q_) if not 0 <= q * sx + p - left < spec.width]
+
+
+def copy_padded_row(spec: DepthwiseConvSpec, data, dest, n, c, iy, at) -> None:
+    """``dest[at(p, q)]`` = column ``q * s + p - left`` of input row ``iy`` of channel ``c``, for the
+    columns inside the input (the padding is left as it is); ``at`` must be contiguous in ``q``.
+
+    The bounds are static, so the columns split where the padding ends: the few inside elements
+    among the edge columns are stored one by one; the middle run is a vector copy at stride 1,
+    and at stride ``s`` one ``s x lanes`` vector load split into the ``s`` phases by shuffles (an
+    interleaved scalar loop ran at ~1.5 cycles per element, three quarters of a stride-2 layer's
+    time; per-element bounds tests and re-zeroed padding made the copy of a 7x7 channel 8x its conv).
+    """
+    sx, q_, left = spec.strides[1], spec.phase_width, spec.padding[1]
     # The middle run: q where every phase's column q * s + p - left is inside the row.
     q_lo = min(q_, max(0, ceil_div(left, sx)))
     q_hi = max(q_lo, min(q_, (spec.width + left - sx) // sx + 1))
     edges = [(q, p) for q in [*range(q_lo), *range(q_hi, q_)] for p in range(sx) if 0 <= q * sx + p - left < spec.width]
-
-    def at(y, p, q):
-        return (y * sx + p) * q_ + q
-
-    if last_row <= first_row:
+    for q, p in edges:
+        T.buffer_store(dest, data[n, c, iy, q * sx + p - left], [at(p, q)])
+    if q_hi <= q_lo:
         return
-    with T.serial(first_row, last_row) as y:
-        iy = y - top
-        for q, p in edges:
-            T.buffer_store(plane, data[n, c, iy, q * sx + p - left], [at(y, p, q)])
-        if q_hi > q_lo:
-            if sx == 1:
-                with _vector_loop(q_lo, q_hi) as q:
-                    T.buffer_store(plane, data[n, c, iy, q - left], [at(y, 0, q)])
-            else:
-                lanes = spec.lanes
-                chunks = (q_hi - q_lo) // lanes if lanes > 1 else 0
-                if chunks:
-                    with T.serial(0, chunks) as chunk:
-                        q0 = q_lo + chunk * lanes
-                        run = data.vload([n, c, iy, q0 * sx - left], f"float32x{sx * lanes}")
-                        for p in range(sx):
-                            phase = tirx.Shuffle([run], [tirx.IntImm("int32", p + sx * j) for j in range(lanes)])
-                            T.buffer_store(plane, phase, [tirx.Ramp(at(y, p, q0), 1, lanes)])
-                if q_lo + chunks * lanes < q_hi:
-                    with T.serial(q_lo + chunks * lanes, q_hi) as q:
-                        with T.unroll(0, sx) as p:
-                            T.buffer_store(plane, data[n, c, iy, q * sx + p - left], [at(y, p, q)])
+    if sx == 1:
+        with _vector_loop(q_lo, q_hi) as q:
+            T.buffer_store(dest, data[n, c, iy, q - left], [at(0, q)])
+        return
+    lanes = spec.lanes
+    chunks = (q_hi - q_lo) // lanes if lanes > 1 else 0
+    if chunks:
+        with T.serial(0, chunks) as chunk:
+            q0 = q_lo + chunk * lanes
+            run = data.vload([n, c, iy, q0 * sx - left], f"float32x{sx * lanes}")
+            for p in range(sx):
+                phase = tirx.Shuffle([run], [tirx.IntImm("int32", p + sx * j) for j in range(lanes)])
+                T.buffer_store(dest, phase, [tirx.Ramp(at(p, q0), 1, lanes)])
+    if q_lo + chunks * lanes < q_hi:
+        with T.serial(q_lo + chunks * lanes, q_hi) as q:
+            with T.unroll(0, sx) as p:
+                T.buffer_store(dest, data[n, c, iy, q * sx + p - left], [at(p, q)])
 
 
 def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> None:

@@ -1,0 +1,135 @@
+"""The inverted residual kernel (expansion 1x1 -> depthwise -> optional projection 1x1, one kernel):
+models against onnx.reference, which blocks the rewrite takes, and the kernel with row bands."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from test_compiler import check_against_reference
+from test_depthwise_conv import kernel_calls
+
+from tvm_patdnn.ops.inverted_residual import InvertedResidualSpec
+from tvm_patdnn.transform import inverted_residual_rewrite
+
+
+def block_model(rng, shape, expanded, stride=(1, 1), pads=(1, 1, 1, 1), projected=None, residual=False,
+                activation="clip", bias=True, second_reader=False) -> onnx.ModelProto:
+    """Conv 1x1 (+ bias) + activation -> depthwise 3x3 (+ bias) + activation [-> Conv 1x1 (+ bias)
+    (+ the block's input)] as ONNX (opset 17); ``second_reader`` also outputs the expansion."""
+    n, c, h, w = shape
+    oh = (h + pads[0] + pads[2] - 3) // stride[0] + 1
+    ow = (w + pads[1] + pads[3] - 3) // stride[1] + 1
+    inits, nodes = [], []
+
+    def conv(name, x, weight, **attrs):
+        inits.append(numpy_helper.from_array(weight.astype(np.float32), f"{name}_w"))
+        inputs = [x, f"{name}_w"]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(weight.shape[0]).astype(np.float32), f"{name}_b"))
+            inputs.append(f"{name}_b")
+        nodes.append(helper.make_node("Conv", inputs, [f"{name}_c"], name=name, **attrs))
+        return f"{name}_c"
+
+    def activate(x):
+        if activation == "relu":
+            nodes.append(helper.make_node("Relu", [x], [f"{x}_a"]))
+        elif activation == "clip":
+            nodes.append(helper.make_node("Clip", [x, "lo", "hi"], [f"{x}_a"]))
+        else:
+            return x
+        return f"{x}_a"
+
+    inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
+              numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    e = activate(conv("expand", "x", rng.standard_normal((expanded, c, 1, 1)) / np.sqrt(c)))
+    d = activate(conv("dw", e, rng.standard_normal((expanded, 1, 3, 3)) / 3, group=expanded, strides=list(stride),
+                      pads=list(pads)))
+    out, out_shape = d, [n, expanded, oh, ow]
+    if projected is not None:
+        out = conv("project", d, rng.standard_normal((projected, expanded, 1, 1)) / np.sqrt(expanded))
+        out_shape = [n, projected, oh, ow]
+        if residual:
+            nodes.append(helper.make_node("Add", [out, "x"], ["sum"]))
+            out = "sum"
+    outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)]
+    if second_reader:
+        outputs.append(helper.make_tensor_value_info(e, TensorProto.FLOAT, [n, expanded, h, w]))
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def every_block(monkeypatch):
+    """The rewrite takes blocks of any size (its rule keeps the small ones of these tests apart)."""
+    monkeypatch.setattr(inverted_residual_rewrite, "MIN_EXPANDED_BYTES", 0)
+
+
+@st.composite
+def blocks(draw):
+    """Odd sizes, expanded channels no filter tile divides, rows narrower than a vector, strides 1-2
+    per axis, asymmetric paddings, ReLU / ReLU6 / none, with and without bias, a projection with and
+    without residual, batch 1 and 2."""
+    seed = draw(st.integers(0, 2**31))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pads = tuple(draw(st.integers(0, 1)) for _ in range(4))
+    height, width = draw(st.integers(3, 21)), draw(st.integers(3, 21))
+    channels = draw(st.integers(1, 9))
+    projected = draw(st.sampled_from([None, None, channels, draw(st.integers(1, 13))]))
+    residual = projected == channels and stride == (1, 1) and pads == (1, 1, 1, 1) and draw(st.booleans())
+    shape = (draw(st.sampled_from([1, 2])), channels, height, width)
+    model = block_model(np.random.default_rng(seed), shape, draw(st.integers(2, 31)), stride, pads, projected, residual,
+                        draw(st.sampled_from(["clip", "relu", "none"])), draw(st.booleans()))
+    return model, seed, projected is not None
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(blocks(), st.booleans())
+def test_random_blocks_match_reference_on_one_kernel(every_block, monkeypatch, case, fuse_projection):
+    model, seed, projected = case
+    monkeypatch.setattr(inverted_residual_rewrite, "FUSE_PROJECTION", fuse_projection)
+    compiled = check_against_reference(model, seed)
+    assert kernel_calls(compiled, "inverted_residual") == 1
+    separate = 1 if projected and not fuse_projection else 0
+    assert kernel_calls(compiled, "dense_conv") + kernel_calls(compiled, "direct_conv") == separate
+    assert kernel_calls(compiled, "depthwise_conv") == 0
+
+
+@pytest.mark.parametrize("channels, expanded, size, stride, projected", [
+    (16, 96, 112, 2, None), (24, 144, 56, 1, 24), (24, 144, 56, 2, 32)])
+def test_mobilenet_v2_blocks_the_rule_fuses_match_reference(channels, expanded, size, stride, projected):
+    """The rule's blocks (expanded tensors of at least MIN_EXPANDED_BYTES), residual where the model has one."""
+    model = block_model(np.random.default_rng(size), (1, channels, size, size), expanded, (stride, stride),
+                        projected=projected, residual=projected == channels and stride == 1)
+    assert kernel_calls(check_against_reference(model, 2), "inverted_residual") == 1
+
+
+def test_small_blocks_and_shared_expansions_stay_separate_kernels(every_block):
+    small = block_model(np.random.default_rng(4), (1, 32, 28, 28), 192)
+    shared = block_model(np.random.default_rng(5), (2, 5, 9, 7), 11, second_reader=True)
+    for model, expected in ((small, 1), (shared, 0)):
+        with pytest.MonkeyPatch.context() as patch:
+            if model is small:
+                patch.setattr(inverted_residual_rewrite, "MIN_EXPANDED_BYTES", 1_000_000)
+            compiled = check_against_reference(model, 4)
+        assert kernel_calls(compiled, "inverted_residual") == 0
+        assert kernel_calls(compiled, "depthwise_conv") == 1
+
+
+@pytest.mark.parametrize("threads, rows", [(1, 9), (2, 9), (3, 7), (4, 13)])
+def test_bands_cover_every_output_row_once(threads, rows):
+    """Row bands (one per core) with a partial last block: bands and blocks tile the output exactly."""
+    clip = dict(has_bias=True, activation="clip", clip_min=0.0, clip_max=6.0)
+    spec = InvertedResidualSpec.for_target(
+        16, 8, dict(batch=1, in_channels=4, height=rows, width=17, out_channels=12, **clip),
+        dict(batch=1, channels=12, height=rows, width=17, kernel=(3, 3), strides=(1, 1), padding=(1, 1, 1, 1), **clip),
+        dict(batch=1, in_channels=12, height=rows, width=17, out_channels=5, has_bias=True, residual=False), threads)
+    assert spec.band_rows % spec.depthwise.rows == 0 and spec.band_count * spec.band_rows >= rows
+    assert (spec.band_count - 1) * spec.band_rows < rows
+    with pytest.raises(ValueError, match="one group"):
+        InvertedResidualSpec(spec.expansion, spec.depthwise, spec.projection, group_tiles=1)
