@@ -32,18 +32,32 @@ HANG_GUARD = 900  # seconds: only so that a hanging tune fails the test instead 
 def test_rpc_tune_then_deploy_tuned_model(emulator, tmp_path) -> None:
     model = build_cnn(np.random.default_rng(11), (1, 4, 10, 10), [ConvSpec(8, connectivity=2.0)])
     database = tmp_path / "phone-db"
-    results = tvm_patdnn.tune(model, TARGET, trials=2, database=database, rpc=emulator.rpc, progress=None)
+    results = tvm_patdnn.tune(model, TARGET, trials=2, database=database, rpc=emulator.rpc, progress=None,
+                              threads=1)
     assert [r.kind for r in results] == ["pattern"]
     assert results[0].default_ms is not None and results[0].best_ms is not None
     assert results.failed == 0 and results.stopped is None
     target = resolve_target(TARGET)
-    assert len(load_records(database, target).get_all_tuning_records()) >= 2
+    records = load_records(database, target).get_all_tuning_records()
+    assert len(records) >= 2 and {int(r.target.attrs["num-cores"]) for r in records} == {1}
     assert target_key(target).startswith("llvm-aarch64")
 
     library = tmp_path / "tuned.so"
-    tvm_patdnn.compile(model, TARGET, tuning_db=database).export_library(library)
+    compiled = tvm_patdnn.compile(model, TARGET, tuning_db=database, threads=1)
+    assert compiled.schedules.applied == 1 and compiled.schedules.other_threads == {}
+    compiled.export_library(library)
     result = tvm_patdnn.deploy(model, TARGET, tracker=emulator.tracker, key=KEY, library=library, number=1, repeat=1)
     assert result.ok, result.errors
+
+
+def test_a_device_that_runs_fewer_threads_is_refused_before_tuning(emulator, tmp_path) -> None:
+    """The device's runtime cannot be raised above the count it started with: one clear error."""
+    model = build_cnn(np.random.default_rng(11), (1, 4, 10, 10), [ConvSpec(8, connectivity=2.0)])
+    with pytest.raises(tvm_patdnn.PatDNNError, match="runs at most [0-9]+ thread.*, not 64: start its RPC server "
+                                                     "with TVM_NUM_THREADS=64"):
+        tvm_patdnn.tune(model, TARGET, trials=2, database=tmp_path / "db", rpc=emulator.rpc, progress=None,
+                        threads=64)
+    assert not (tmp_path / "db").exists()
 
 
 class _Progress(io.StringIO):

@@ -5,9 +5,9 @@ TVM's convention: a CPU target's ``num-cores`` is the core count its schedules a
 runtime runs as many threads as ``TVM_NUM_THREADS`` says (without it, TVM takes the logical CPUs,
 halved on x86 for hyper-threading: 1 thread on a 2-core VM). A schedule measured fastest at one
 thread count is not the fastest at another (the shipped Zen 3 records, tuned at 1 thread, ran
-1.10-1.16x slower at 2 threads than the untuned default rules), so ``tune`` measures with a stated count,
-writes it into every record's target as ``num-cores``, and ``compile`` applies the records of
-the count it compiles for (:func:`preference`).
+1.10-1.16x slower at 2 threads than the untuned default rules), so ``tune`` measures with a
+stated count, writes it into every record's target as ``num-cores``, and ``compile`` applies the
+records of the count it compiles for (:func:`preference`).
 
 The runtime's count is fixed when its thread pool starts (``runtime.config_threadpool`` can only
 lower it), so a local measurement sets ``TVM_NUM_THREADS`` in the runner's fresh worker process
@@ -73,7 +73,8 @@ def preference(counts: Iterable[int | None], threads: int | None) -> list[int | 
 def not_applied(counts: Iterable[int | None], threads: int | None) -> list[int]:
     """The counts among ``counts`` whose measurements a compile for ``threads`` does not use, nearest first."""
     used = preference(counts, threads)
-    return sorted((count for count in set(counts) if count not in used), key=lambda count: (abs(count - threads), count))
+    others = {count for count in counts if count not in used}
+    return sorted(others, key=lambda count: (abs(count - threads), count))
 
 
 def describe(threads: int | None) -> str:
