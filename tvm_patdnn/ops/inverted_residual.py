@@ -160,12 +160,11 @@ def _positions(dw: DepthwiseConvSpec) -> tuple[int, int]:
     return inside[0], inside[-1] + 1
 
 
-def _gemm_tile(conv: DenseConvSpec, weight, ft, channels: int, start: Callable, panel_at: Callable,
+def _gemm_tile(conv: DenseConvSpec, acc, weight, ft, channels: int, start: Callable, panel_at: Callable,
                finish: Callable) -> None:
     """One ``MR x NR * lanes`` register tile of a 1x1 conv: accumulators from ``start(i)``, plus
     ``weight[ft, c, i] * panel_at(c, j)`` over the ``channels``, then ``finish(acc)``."""
     mr, nr, lanes, tp = conv.filter_tile, conv.vectors, conv.lanes, conv.pixel_tile
-    acc = T.decl_buffer((mr * tp,), "float32", scope="local")
     tile_vectors(mr, tp, lanes, lambda i, j: T.buffer_store(acc, start(i), [i * tp + j]))
     with T.serial(0, channels) as c:
         with T.unroll(0, mr) as i:
@@ -176,7 +175,7 @@ def _gemm_tile(conv: DenseConvSpec, weight, ft, channels: int, start: Callable, 
     finish(acc)
 
 
-def _expand_row(spec: InvertedResidualSpec, data, weight, bias, panel, ring, n, g, y) -> None:
+def _expand_row(spec: InvertedResidualSpec, acc, data, weight, bias, panel, ring, n, g, y) -> None:
     """Padded row ``y`` of the group's expanded channels into its ring slot: zeros for a padding row,
     else the input row copied into ``panel``, then every filter tile x position tile of the row."""
     ex, dw = spec.expansion, spec.depthwise
@@ -195,7 +194,7 @@ def _expand_row(spec: InvertedResidualSpec, data, weight, bias, panel, ring, n, 
                 ft = g * spec.group_tiles + fl
                 with T.serial(0, ceil_div(last - first, tp)) as pt:
                     base = first + T.min(pt * tp, last - first - tp)
-                    _gemm_tile(ex, weight, ft, c_, lambda i: bias[ft * mr + i] if bias is not None else zero,
+                    _gemm_tile(ex, acc, weight, ft, c_, lambda i: bias[ft * mr + i] if bias is not None else zero,
                                lambda c, j: panel[c * row + base + j],
                                lambda acc: tile_vectors(mr, tp, lanes, lambda i, j: T.buffer_store(
                                    ring, activate(acc[i * tp + j], ex),
@@ -210,7 +209,7 @@ def _expand_row(spec: InvertedResidualSpec, data, weight, bias, panel, ring, n, 
                     T.buffer_store(ring, zero, [(e * rows + slot) * row + k])
 
 
-def _depthwise_rows(spec: InvertedResidualSpec, weight, bias, ring, store: Callable, g, oy) -> None:
+def _depthwise_rows(spec: InvertedResidualSpec, acc, weight, bias, ring, store: Callable, g, oy) -> None:
     """Output rows ``oy`` to ``oy + rows - 1`` of the group's channels from the ring, a tile of
     ``rows`` row vectors at a time (input vectors shared by neighbouring rows are loaded once);
     ``store(e, r, x, value)`` writes channel ``e`` of the group, row ``oy + r``, columns from ``x``."""
@@ -224,7 +223,6 @@ def _depthwise_rows(spec: InvertedResidualSpec, weight, bias, ring, store: Calla
         f = first + e
         with T.serial(0, ceil_div(ow, width)) as ct:
             x0 = T.min(ct * width, ow - width)
-            acc = T.decl_buffer((rows * width,), "float32", scope="local")
             tile_vectors(rows, width, dw.lanes, lambda r, j: T.buffer_store(
                 acc, bias[f] if bias is not None else tirx.const(0.0, "float32"), [r * width + j]))
             with T.unroll(0, kh) as dy:
@@ -239,7 +237,7 @@ def _depthwise_rows(spec: InvertedResidualSpec, weight, bias, ring, store: Calla
             tile_vectors(rows, width, dw.lanes, lambda r, j: store(e, r, x0 + j, activate(acc[r * width + j], dw)))
 
 
-def _project(spec: InvertedResidualSpec, weight, bias, flat_res, flat_out, block, n, oy) -> None:
+def _project(spec: InvertedResidualSpec, acc, weight, bias, flat_res, flat_out, block, n, oy) -> None:
     """The projection of a block of depthwise rows (``block[e, pixel]``), plus bias and residual,
     activated, stored once to the output pixels from row ``oy`` (the GEMM kernel's epilogue)."""
     pr = spec.projection
@@ -248,7 +246,7 @@ def _project(spec: InvertedResidualSpec, weight, bias, flat_res, flat_out, block
     with T.serial(0, pr.filter_tiles) as ft:
         with T.serial(0, ceil_div(pixels, tp)) as pt:
             base = T.min(pt * tp, pixels - tp)
-            _gemm_tile(pr, weight, ft, pr.in_channels, lambda i: zero, lambda c, j: block[c * pixels + base + j],
+            _gemm_tile(pr, acc, weight, ft, pr.in_channels, lambda i: zero, lambda c, j: block[c * pixels + base + j],
                        lambda acc: _store_output(pr, acc, bias, flat_res, flat_out, n, ft,
                                                  oy * spec.depthwise.out_width + base))
 
@@ -295,7 +293,12 @@ def inverted_residual_primfunc(spec: InvertedResidualSpec) -> tirx.PrimFunc:
                 # The panel's padding columns are never written by the row copies: zero them once.
                 with T.serial(0, c_ * spec.row_width) as k:
                     T.buffer_store(panel, tirx.const(0.0, "float32"), [k])
-                expand = (data, weight, bias, panel, ring, n, g)
+                # One register tile for the three stages: TIR's storage rewrite merges separate ones into
+                # a buffer LLVM keeps on the stack.
+                tiles = [ex.filter_tile * ex.pixel_tile, dw.rows * dw.vectors * dw.lanes]
+                tiles += [pr.filter_tile * pr.pixel_tile] if pr is not None else []
+                acc = T.decl_buffer((max(tiles),), "float32", scope="local")
+                expand = (acc, data, weight, bias, panel, ring, n, g)
                 block = T.decl_buffer((spec.group_channels * spec.block_pixels,), "float32") if pr else None
 
                 def run_block(oy, first_row, count) -> None:
@@ -308,9 +311,9 @@ def inverted_residual_primfunc(spec: InvertedResidualSpec) -> tirx.PrimFunc:
                     else:
                         def store(e, r, x, value):
                             T.buffer_store(block, value, [e * spec.block_pixels + r * dw.out_width + x])
-                    _depthwise_rows(spec, dw_weight, dw_bias, ring, store, g, oy)
+                    _depthwise_rows(spec, acc, dw_weight, dw_bias, ring, store, g, oy)
                     if pr is not None:
-                        _project(spec, pr_weight, pr_bias, flat_res, flat_out, block, n, oy)
+                        _project(spec, acc, pr_weight, pr_bias, flat_res, flat_out, block, n, oy)
 
                 start = b * per
                 band = T.min(per, oh - start)
