@@ -138,9 +138,10 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     Which records were applied to how many kernels is in ``CompiledModel.schedules``.
     ``threads`` is the number of threads the model will run with (TVM's runtime runs
     ``TVM_NUM_THREADS``): it becomes the CPU target's ``num-cores``, which the default schedules
-    split their work for, and the records tuned for that many threads are applied first; a kernel
-    with records only for another thread count gets those, and ``schedules`` says how many did.
-    None keeps the target's ``num-cores`` (``x86``: this machine's CPUs).
+    split their work for, and only records tuned for that many threads (or not saying their count)
+    are applied: a kernel with records only for another count keeps the default rules (they beat
+    such records), and ``schedules`` says how many did. None keeps the target's ``num-cores``
+    (``x86``: this machine's CPUs); a target without one takes records of any count.
     """
     from .tuning.database import tuning_records_pass
     from .tuning.kernel_records import load_kernel_choices
