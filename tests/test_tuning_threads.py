@@ -40,7 +40,7 @@ def assert_exact(model: onnx.ModelProto, compiled: tvm_patdnn.CompiledModel) -> 
     assert float(np.abs(actual - expected).max()) <= 1e-4 * max(float(np.abs(expected).max()), 1e-6)
 
 
-def test_a_two_thread_tune_is_applied_at_two_threads_and_not_silently_ignored_at_one(tmp_path):
+def test_a_two_thread_tune_is_applied_at_two_threads_and_not_silently_ignored_at_one(tmp_path, capsys):
     model, database = one_conv(), tmp_path / "db"
     progress = io.StringIO()
     results = tvm_patdnn.tune(model, "x86", trials=2, trials_per_iter=2, database=database, threads=2,
@@ -71,6 +71,15 @@ def test_a_two_thread_tune_is_applied_at_two_threads_and_not_silently_ignored_at
     assert recorded_threads(database)[lines:] == [1] * 3  # its default seed and its two trials
     one = tvm_patdnn.compile(model, "x86", tuning_db=database, threads=1)
     assert one.schedules.applied == 1 and one.schedules.unused_threads == one.schedules.other_threads == {}
+
+    # The CLI's compile takes the count too; each count finds its own records in the one directory.
+    path = tmp_path / "one_conv.onnx"
+    onnx.save(model, path)
+    capsys.readouterr()
+    for threads in (2, 1):
+        assert main(["compile", str(path), "--tuning-db", str(database), "--threads", str(threads),
+                     "-o", str(tmp_path / f"model{threads}.so")]) == 0
+        assert f"tuning records: 1/1 kernels from {database}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -133,10 +142,10 @@ def test_the_printed_compile_command_compiles_for_the_tuned_thread_count():
 
     args = argparse.Namespace(model="m.onnx", target="x86", input_shape=[], entries=4, max_patterns=12, db="db")
     host = resolve_target("x86")
-    assert shlex.split(apply_command(args, host))[4] == "x86"  # x86 already says the tuned count
+    assert "--threads" not in shlex.split(apply_command(args, host))  # x86 already says the tuned count
     other = 1 if host.attrs["num-cores"] != 1 else 2
-    target = resolve_target(shlex.split(apply_command(args, for_threads(host, other)))[4])
-    assert target.attrs["num-cores"] == other and target.attrs["mcpu"] == host.attrs["mcpu"]
-    args.target = "arm_cpu-linux"
-    target = resolve_target(shlex.split(apply_command(args, for_threads(resolve_target("arm_cpu-linux"), 3)))[4])
-    assert target.attrs["num-cores"] == 3 and list(target.keys) == ["arm_cpu", "cpu"]
+    words = shlex.split(apply_command(args, for_threads(host, other)))
+    assert words[4] == "x86" and words[words.index("--threads") + 1] == str(other)
+    args.target = "arm_cpu-linux"  # no num-cores of its own: the tuned count is said
+    words = shlex.split(apply_command(args, for_threads(resolve_target("arm_cpu-linux"), 3)))
+    assert words[4] == "arm_cpu-linux" and words[words.index("--threads") + 1] == "3"

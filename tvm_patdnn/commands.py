@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .arguments import TARGET_HELP, add_input_shape_option, add_model_options, add_target_option, pattern_options
+from .arguments import (
+    TARGET_HELP, add_input_shape_option, add_model_options, add_target_option, add_threads_option, pattern_options,
+)
 from .errors import PatDNNError
 
 __all__ = ["add_bench_command", "add_compile_command", "add_inspect_command", "add_run_command"]
@@ -71,6 +73,9 @@ def add_compile_command(subparsers: argparse._SubParsersAction) -> None:
                        help="apply the records of `patdnn tune --db DIR` (default: the schedules shipped for the device)")
     tuned.add_argument("--no-tuned-schedules", action="store_true",
                        help="default schedule rules only, no tuning records (tuning_db=False)")
+    add_threads_option(parser, "compile for N TVM runtime threads (the target's num-cores) and apply the records "
+                               "tuned for N threads; run the library with TVM_NUM_THREADS=N (default: the target's "
+                               "num-cores; x86: TVM's runtime thread count here)")
     parser.set_defaults(func=run_compile)
 
 
@@ -82,6 +87,7 @@ def run_compile(args: argparse.Namespace) -> int:
     compiled = compile_model(
         args.model, args.target, input_shapes=dict(args.input_shape), entries=patterns.entries,
         max_patterns=patterns.max_patterns, tuning_db=False if args.no_tuned_schedules else args.tuning_db,
+        threads=args.threads,
     )
     print(compiled.schedules, file=sys.stderr)
     path = compiled.export_library(args.output)

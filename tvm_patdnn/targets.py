@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
+import tvm
 from tvm.target import Target, codegen
 
 from .errors import PatDNNError
 
 __all__ = [
     "resolve_target",
+    "runtime_threads",
     "vector_lanes",
     "accumulator_registers",
     "vector_registers",
@@ -61,9 +62,17 @@ TARGET_NAMES = ("x86", *PRESETS)
 _SUPPORTED_KINDS = ("llvm", "opencl")
 
 
+def runtime_threads() -> int:
+    """The threads TVM's runtime runs with in this process (and in the processes it starts):
+    ``TVM_NUM_THREADS``, else TVM's default for this machine (half the logical CPUs on x86)."""
+    return int(tvm.runtime.num_threads())
+
+
 def _host_target() -> dict:
-    """The machine we run on: LLVM tuned for the host CPU, one thread per core."""
-    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
+    """The machine we run on as TVM's runtime runs it: LLVM tuned for the host CPU, as many cores
+    as runtime threads, so that ``tune`` (which measures at that count by default) and
+    ``compile`` agree on which records apply."""
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": runtime_threads()}
 
 
 def resolve_target(target: str | dict | Target) -> Target:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from typing import TYPE_CHECKING
@@ -81,27 +80,18 @@ def format_results(results: TuneResults) -> str:
     return "\n".join(lines)
 
 
-def _compile_target(text: str, tuned: Target | None) -> str:
-    """``--target`` for the compile: ``text``, or when it resolves to another thread count than the
-    tune measured with, the tuned target as JSON (its ``num-cores`` is that count)."""
+def apply_command(args: argparse.Namespace, tuned: Target | None = None) -> str:
+    """The ``patdnn compile`` command that applies this tune's records: same model, target, shapes
+    and pattern options (records only match kernels compiled the same way), and ``--threads`` when
+    the target alone would compile for another thread count than the tune measured with
+    (``tuned``: the tune's target)."""
     from ..targets import resolve_target
     from .threads import thread_count
 
-    if tuned is None or thread_count(tuned) in (None, thread_count(resolve_target(text))):
-        return text
-    exported = tuned.export()
-    fields = {name: value if isinstance(value, (str, int)) else [str(v) for v in value] for name in
-              ("kind", "mtriple", "mcpu", "mattr", "keys", "num-cores") if (value := exported.get(name))}
-    if fields.get("keys") == ["cpu"]:
-        del fields["keys"]
-    return json.dumps(fields, separators=(",", ":"))
-
-
-def apply_command(args: argparse.Namespace, tuned: Target | None = None) -> str:
-    """The ``patdnn compile`` command that applies this tune's records: same model, target (for the
-    thread count the tune measured with, ``tuned``), shapes and pattern options (records only match
-    kernels compiled the same way)."""
-    words = ["patdnn", "compile", args.model, "--target", _compile_target(args.target, tuned)]
+    words = ["patdnn", "compile", args.model, "--target", args.target]
+    threads = thread_count(tuned) if tuned is not None else None
+    if threads is not None and threads != thread_count(resolve_target(args.target)):
+        words += ["--threads", str(threads)]
     for name, dims in args.input_shape:
         words += ["--input-shape", f"{name}={','.join(map(str, dims))}"]
     patterns = pattern_options(args)

@@ -26,7 +26,7 @@ from tvm.target import Target
 from ..errors import PatDNNError
 
 __all__ = ["LocalThreads", "RemoteThreads", "check_threads", "describe", "for_threads", "not_applied", "preference",
-           "runtime_threads", "set_remote_threads", "thread_count"]
+           "set_remote_threads", "thread_count"]
 
 _BIG_CORES = 1  # runtime.config_threadpool's affinity mode kBig: TVM's default placement
 
@@ -82,12 +82,6 @@ def describe(threads: int | None) -> str:
     if threads is None:
         return "an unrecorded thread count"
     return f"{threads} thread{'s' if threads != 1 else ''}"
-
-
-def runtime_threads() -> int:
-    """The threads TVM's runtime runs with in this process (and in the processes it starts):
-    ``TVM_NUM_THREADS``, else TVM's default for this machine."""
-    return int(tvm.runtime.num_threads())
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from ..ops.dense_conv import DenseConvSpec
 from ..pipeline import default_schedule_rules
 from ..rpc import DEVICE_UNAVAILABLE, check_tracker, parse_rpc, request_session
 from ..schedule_rules.pattern_conv_cpu import apply_default_schedule
-from ..targets import host_arch, is_host_runnable, resolve_target, target_arch
+from ..targets import host_arch, is_host_runnable, resolve_target, runtime_threads, target_arch
 from ..transform.kernel_choice import KernelChoices
 from ..tvm_compat import only_tensor_intrinsics
 from ..tvm_noise import filter_tvm_noise
@@ -60,7 +60,6 @@ from .threads import (
     check_threads,
     describe,
     for_threads,
-    runtime_threads,
     set_remote_threads,
     thread_count,
 )
