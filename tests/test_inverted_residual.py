@@ -18,8 +18,9 @@ from tvm_patdnn.transform import inverted_residual_rewrite
 
 def block_model(rng, shape, expanded, stride=(1, 1), pads=(1, 1, 1, 1), projected=None, residual=False,
                 activation="clip", bias=True, second_reader=False) -> onnx.ModelProto:
-    """Conv 1x1 (+ bias) + activation -> depthwise 3x3 (+ bias) + activation [-> Conv 1x1 (+ bias)
-    (+ the block's input)] as ONNX (opset 17); ``second_reader`` also outputs the expansion."""
+    """[Conv 1x1 (+ bias) + activation ->] depthwise 3x3 (+ bias) + activation [-> Conv 1x1 (+ bias)
+    (+ the block's input)] as ONNX (opset 17); ``expanded`` None: no expansion (the depthwise conv
+    reads the input); ``second_reader`` also outputs the expansion."""
     n, c, h, w = shape
     oh = (h + pads[0] + pads[2] - 3) // stride[0] + 1
     ow = (w + pads[1] + pads[3] - 3) // stride[1] + 1
@@ -45,7 +46,10 @@ def block_model(rng, shape, expanded, stride=(1, 1), pads=(1, 1, 1, 1), projecte
 
     inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
               numpy_helper.from_array(np.array(6, np.float32), "hi")]
-    e = activate(conv("expand", "x", rng.standard_normal((expanded, c, 1, 1)) / np.sqrt(c)))
+    if expanded is None:
+        e, expanded = "x", c
+    else:
+        e = activate(conv("expand", "x", rng.standard_normal((expanded, c, 1, 1)) / np.sqrt(c)))
     d = activate(conv("dw", e, rng.standard_normal((expanded, 1, 3, 3)) / 3, group=expanded, strides=list(stride),
                       pads=list(pads)))
     out, out_shape = d, [n, expanded, oh, ow]
@@ -73,35 +77,37 @@ def every_block(monkeypatch):
 def blocks(draw):
     """Odd sizes, expanded channels no filter tile divides, rows narrower than a vector, strides 1-2
     per axis, asymmetric paddings, ReLU / ReLU6 / none, with and without bias, a projection with and
-    without residual, batch 1 and 2."""
+    without residual, no expansion (then a projection), batch 1 and 2."""
     seed = draw(st.integers(0, 2**31))
     stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     pads = tuple(draw(st.integers(0, 1)) for _ in range(4))
     height, width = draw(st.integers(3, 21)), draw(st.integers(3, 21))
     channels = draw(st.integers(1, 9))
-    projected = draw(st.sampled_from([None, None, channels, draw(st.integers(1, 13))]))
+    expanded = draw(st.sampled_from([None, draw(st.integers(2, 31)), draw(st.integers(2, 31))]))
+    projected = draw(st.sampled_from([channels, draw(st.integers(1, 13))] + [None, None] * (expanded is not None)))
     residual = projected == channels and stride == (1, 1) and pads == (1, 1, 1, 1) and draw(st.booleans())
     shape = (draw(st.sampled_from([1, 2])), channels, height, width)
-    model = block_model(np.random.default_rng(seed), shape, draw(st.integers(2, 31)), stride, pads, projected, residual,
+    model = block_model(np.random.default_rng(seed), shape, expanded, stride, pads, projected, residual,
                         draw(st.sampled_from(["clip", "relu", "none"])), draw(st.booleans()))
-    return model, seed, projected is not None
+    return model, seed, projected is not None, expanded is not None
 
 
 @settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(blocks(), st.booleans())
 def test_random_blocks_match_reference_on_one_kernel(every_block, monkeypatch, case, fuse_projection):
-    model, seed, projected = case
+    model, seed, projected, expanded = case
     monkeypatch.setattr(inverted_residual_rewrite, "FUSE_PROJECTION", fuse_projection)
     compiled = check_against_reference(model, seed)
-    assert kernel_calls(compiled, "inverted_residual") == 1
+    fused = expanded or fuse_projection
+    assert kernel_calls(compiled, "inverted_residual") == fused
     separate = 1 if projected and not fuse_projection else 0
     assert kernel_calls(compiled, "dense_conv") + kernel_calls(compiled, "direct_conv") == separate
-    assert kernel_calls(compiled, "depthwise_conv") == 0
+    assert kernel_calls(compiled, "depthwise_conv") == (not fused)
 
 
 @pytest.mark.parametrize("channels, expanded, size, stride, projected", [
-    (16, 96, 112, 2, None), (24, 144, 56, 1, 24), (24, 144, 56, 2, 32)])
+    (16, 96, 112, 2, None), (24, 144, 56, 1, 24), (24, 144, 56, 2, 32), (32, None, 112, 1, 16)])
 def test_mobilenet_v2_blocks_the_rule_fuses_match_reference(channels, expanded, size, stride, projected):
     """The rule's blocks (expanded tensors of at least MIN_EXPANDED_BYTES), residual where the model has one."""
     model = block_model(np.random.default_rng(size), (1, channels, size, size), expanded, (stride, stride),

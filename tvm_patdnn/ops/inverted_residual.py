@@ -23,7 +23,9 @@ more than any cache of these CPUs holds. Here the depthwise conv consumes the ex
   block buffer ``[E][rows x OW]`` that the projection then reads as its panel (GEMM tile again,
   over the block's ``rows x OW`` output pixels, which are contiguous in NCHW), adding its bias and
   the residual before the one store. The projection sums over every expanded channel, so its tasks
-  take all of them (one group) and are bands of output rows.
+  take all of them (one group) and are bands of output rows;
+* a block without expansion (MobileNetV2's first: depthwise, then projection) fills the ring with
+  copies of the input rows instead.
 
 The function is written directly as (scheduled) TIR, so no schedule rule or tuning touches it.
 """
@@ -56,12 +58,12 @@ RING_BYTES = 262144
 @dataclass(frozen=True)
 class InvertedResidualSpec:
     """The expansion (a 1x1 stride-1 unpadded ``DenseConvSpec`` without residual, its tile fields the
-    register tile), the depthwise conv of its output (``DepthwiseConvSpec``: ``lanes`` and
-    ``vectors`` its row vectors, ``rows`` the output rows of a block), optionally the projection of
-    the depthwise output (a 1x1 ``DenseConvSpec``, residual allowed), the expansion filter tiles of
-    a task and the bands of output rows the tasks split the image into."""
+    register tile; None: the depthwise conv reads the input), the depthwise conv of its output
+    (``DepthwiseConvSpec``: ``lanes`` and ``vectors`` its row vectors, ``rows`` the output rows of a
+    block), optionally the projection of the depthwise output (a 1x1 ``DenseConvSpec``, residual
+    allowed), the expansion filter tiles of a task and the bands of output rows of the tasks."""
 
-    expansion: DenseConvSpec
+    expansion: DenseConvSpec | None
     depthwise: DepthwiseConvSpec
     projection: DenseConvSpec | None = None
     group_tiles: int = 1
@@ -69,15 +71,18 @@ class InvertedResidualSpec:
 
     def __post_init__(self):
         ex, dw, pr = self.expansion, self.depthwise, self.projection
-        if not ex.pointwise or ex.residual:
-            raise ValueError("the expansion must be a 1x1 stride-1 unpadded conv without residual")
-        if (ex.batch, ex.out_channels, ex.height, ex.width) != (dw.batch, dw.channels, dw.height, dw.width):
-            raise ValueError("the depthwise conv must read the expansion's output")
         if dw.reduction != "conv" or dw.kernel[0] < dw.strides[0]:
             raise ValueError("the depthwise conv must be a conv whose rows overlap or touch (kernel >= stride)")
-        first, last = _positions(dw)
-        if ex.pixel_tile > last - first:
-            raise ValueError(f"a {ex.pixel_tile}-position tile exceeds the {last - first} positions of a ring row")
+        if ex is None and pr is None:
+            raise ValueError("a block without expansion needs a projection (else it is the depthwise kernel's)")
+        if ex is not None:
+            if not ex.pointwise or ex.residual:
+                raise ValueError("the expansion must be a 1x1 stride-1 unpadded conv without residual")
+            if (ex.batch, ex.out_channels, ex.height, ex.width) != (dw.batch, dw.channels, dw.height, dw.width):
+                raise ValueError("the depthwise conv must read the expansion's output")
+            first, last = _positions(dw)
+            if ex.pixel_tile > last - first:
+                raise ValueError(f"a {ex.pixel_tile}-position tile exceeds the {last - first} positions of a ring row")
         if pr is not None:
             if not pr.pointwise or (pr.batch, pr.in_channels, pr.height, pr.width) != (
                     dw.batch, dw.channels, dw.out_height, dw.out_width):
@@ -88,8 +93,8 @@ class InvertedResidualSpec:
                 raise ValueError("with a projection, a task takes every expanded channel (one group)")
 
     @classmethod
-    def for_target(cls, registers: int, lanes: int, expansion: dict, depthwise: dict, projection: dict | None = None,
-                   threads: int = 1) -> InvertedResidualSpec:
+    def for_target(cls, registers: int, lanes: int, expansion: dict | None, depthwise: dict,
+                   projection: dict | None = None, threads: int = 1) -> InvertedResidualSpec:
         """The spec for a target with ``registers`` vectors of ``lanes`` and ``threads`` cores:
         ``expansion``, ``depthwise`` and ``projection`` are the convs' fields (DenseConvSpec's without
         the tile, DepthwiseConvSpec's without lanes, rows and vectors). Both 1x1 convs take the GEMM's
@@ -102,12 +107,12 @@ class InvertedResidualSpec:
         dw = dataclasses.replace(dw, rows=min(dw.out_height, 2 if dw.strides[0] == 1 else 1))
         first, last = _positions(dw)
         filters, vectors, tile_lanes = register_tile(registers, lanes, last - first)
-        ex = DenseConvSpec(**expansion, filter_tile=filters, vectors=vectors, lanes=tile_lanes)
+        ex = DenseConvSpec(**expansion, filter_tile=filters, vectors=vectors, lanes=tile_lanes) if expansion else None
         if projection is not None:
             pr = DenseConvSpec(**projection, **dict(zip(("filter_tile", "vectors", "lanes"),
                                                          register_tile(registers, lanes, dw.rows * dw.out_width))))
             bands = max(1, min(threads, dw.out_height // dw.rows))
-            return cls(ex, dw, pr, ex.filter_tiles, bands)
+            return cls(ex, dw, pr, ex.filter_tiles if ex else 1, bands)
         probe = cls(ex, dw)
         ring = probe.ring_rows * probe.row_width * filters * 4
         per_tile = filters * ex.in_channels * 4
@@ -132,11 +137,11 @@ class InvertedResidualSpec:
 
     @property
     def groups(self) -> int:
-        return ceil_div(self.expansion.filter_tiles, self.group_tiles)
+        return ceil_div(self.expansion.filter_tiles, self.group_tiles) if self.expansion else 1
 
     @property
     def group_channels(self) -> int:
-        return self.group_tiles * self.expansion.filter_tile
+        return self.group_tiles * self.expansion.filter_tile if self.expansion else self.depthwise.channels
 
     @property
     def band_rows(self) -> int:
@@ -149,7 +154,7 @@ class InvertedResidualSpec:
 
     @property
     def flops(self) -> int:
-        return self.expansion.flops + self.depthwise.flops + (self.projection.flops if self.projection else 0)
+        return sum(conv.flops for conv in (self.expansion, self.depthwise, self.projection) if conv is not None)
 
 
 def _positions(dw: DepthwiseConvSpec) -> tuple[int, int]:
@@ -179,30 +184,35 @@ def _expand_row(spec: InvertedResidualSpec, acc, data, weight, bias, panel, ring
     """Padded row ``y`` of the group's expanded channels into its ring slot: zeros for a padding row,
     else the input row copied into ``panel``, then every filter tile x position tile of the row."""
     ex, dw = spec.expansion, spec.depthwise
-    mr, lanes, tp = ex.filter_tile, ex.lanes, ex.pixel_tile
-    row, rows, c_ = spec.row_width, spec.ring_rows, ex.in_channels
+    row, rows = spec.row_width, spec.ring_rows
     slot = tirx.floormod(y, rows)
     iy = y - dw.padding[0]
-    tiles = T.min(spec.group_tiles, ex.filter_tiles - g * spec.group_tiles)
     zero = tirx.const(0.0, "float32")
-    first, last = _positions(dw)
-    with T.If(tirx.all(iy >= 0, iy < ex.height)):
+    with T.If(tirx.all(iy >= 0, iy < dw.height)):
         with T.Then():
-            with T.serial(0, c_) as c:
-                copy_padded_row(dw, data, panel, n, c, iy, lambda p, q, c=c: c * row + p * dw.phase_width + q)
-            with T.serial(0, tiles) as fl:
-                ft = g * spec.group_tiles + fl
-                with T.serial(0, ceil_div(last - first, tp)) as pt:
-                    base = first + T.min(pt * tp, last - first - tp)
-                    _gemm_tile(ex, acc, weight, ft, c_, lambda i: bias[ft * mr + i] if bias is not None else zero,
-                               lambda c, j: panel[c * row + base + j],
-                               lambda acc: tile_vectors(mr, tp, lanes, lambda i, j: T.buffer_store(
-                                   ring, activate(acc[i * tp + j], ex),
-                                   [((fl * mr + i) * rows + slot) * row + base + j])))
-                # The padding columns hold the activated bias now: the depthwise conv pads with zeros.
-                with T.serial(0, mr) as i:
-                    for position in padding_columns(dw):
-                        T.buffer_store(ring, zero, [((fl * mr + i) * rows + slot) * row + position])
+            if ex is None:  # the block's input itself (its padding zeroed once, by the task)
+                with T.serial(0, dw.channels) as e:
+                    copy_padded_row(dw, data, ring, n, e, iy,
+                                    lambda p, q, e=e: (e * rows + slot) * row + p * dw.phase_width + q)
+            else:
+                mr, lanes, tp, c_ = ex.filter_tile, ex.lanes, ex.pixel_tile, ex.in_channels
+                tiles = T.min(spec.group_tiles, ex.filter_tiles - g * spec.group_tiles)
+                first, last = _positions(dw)
+                with T.serial(0, c_) as c:
+                    copy_padded_row(dw, data, panel, n, c, iy, lambda p, q, c=c: c * row + p * dw.phase_width + q)
+                with T.serial(0, tiles) as fl:
+                    ft = g * spec.group_tiles + fl
+                    with T.serial(0, ceil_div(last - first, tp)) as pt:
+                        base = first + T.min(pt * tp, last - first - tp)
+                        _gemm_tile(ex, acc, weight, ft, c_, lambda i: bias[ft * mr + i] if bias is not None else zero,
+                                   lambda c, j: panel[c * row + base + j],
+                                   lambda acc: tile_vectors(mr, tp, lanes, lambda i, j: T.buffer_store(
+                                       ring, activate(acc[i * tp + j], ex),
+                                       [((fl * mr + i) * rows + slot) * row + base + j])))
+                    # The padding columns hold the activated bias now: the depthwise conv pads with zeros.
+                    with T.serial(0, mr) as i:
+                        for position in padding_columns(dw):
+                            T.buffer_store(ring, zero, [((fl * mr + i) * rows + slot) * row + position])
         with T.Else():
             with T.serial(0, spec.group_channels) as e:
                 with T.vectorized(0, row) as k:
@@ -213,13 +223,13 @@ def _depthwise_rows(spec: InvertedResidualSpec, acc, weight, bias, ring, store: 
     """Output rows ``oy`` to ``oy + rows - 1`` of the group's channels from the ring, a tile of
     ``rows`` row vectors at a time (input vectors shared by neighbouring rows are loaded once);
     ``store(e, r, x, value)`` writes channel ``e`` of the group, row ``oy + r``, columns from ``x``."""
-    ex, dw = spec.expansion, spec.depthwise
+    dw = spec.depthwise
     kh, kw = dw.kernel
     sy, sx = dw.strides
     q_, ring_rows, row, rows = dw.phase_width, spec.ring_rows, spec.row_width, dw.rows
     width, ow = dw.vectors * dw.lanes, dw.out_width
     first = g * spec.group_channels
-    with T.serial(0, T.min(spec.group_channels, ex.out_channels - first)) as e:
+    with T.serial(0, T.min(spec.group_channels, dw.channels - first)) as e:
         f = first + e
         with T.serial(0, ceil_div(ow, width)) as ct:
             x0 = T.min(ct * width, ow - width)
@@ -260,15 +270,16 @@ def inverted_residual_primfunc(spec: InvertedResidualSpec) -> tirx.PrimFunc:
     [residual (N, F, OH, OW)]; out (N, E or F, OH, OW).
     """
     ex, dw, pr = spec.expansion, spec.depthwise, spec.projection
-    n_, c_, e_ = ex.batch, ex.in_channels, ex.out_channels
-    mr, tiles = ex.filter_tile, ex.filter_tiles
+    n_, e_ = dw.batch, dw.channels
+    c_ = ex.in_channels if ex else e_
     kh, sy, rows, oh = dw.kernel[0], dw.strides[0], dw.rows, dw.out_height
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
-            data = T.arg("data", T.buffer((n_, c_, ex.height, ex.width), "float32"))
-            weight = T.arg("weight", T.buffer((tiles, c_, mr), "float32"))
-            bias = T.arg("bias", T.buffer((tiles * mr,), "float32")) if ex.has_bias else None
+            data = T.arg("data", T.buffer((n_, c_, dw.height, dw.width), "float32"))
+            weight = T.arg("weight", T.buffer((ex.filter_tiles, c_, ex.filter_tile), "float32")) if ex else None
+            padded = ex.filter_tiles * ex.filter_tile if ex else 0
+            bias = T.arg("bias", T.buffer((padded,), "float32")) if ex and ex.has_bias else None
             dw_weight = T.arg("dw_weight", T.buffer((e_, 1, *dw.kernel), "float32"))
             dw_bias = T.arg("dw_bias", T.buffer((e_,), "float32")) if dw.has_bias else None
             if pr is not None:
@@ -288,21 +299,23 @@ def inverted_residual_primfunc(spec: InvertedResidualSpec) -> tirx.PrimFunc:
             groups, bands, per = spec.groups, spec.band_count, spec.band_rows
             with T.sblock("root"), T.parallel(0, n_ * groups * bands) as task:
                 n, g, b = task // (groups * bands), task // bands % groups, task % bands
-                panel = T.decl_buffer((c_ * spec.row_width,), "float32")
+                panel = T.decl_buffer((c_ * spec.row_width,), "float32") if ex else None
                 ring = T.decl_buffer((spec.group_channels * spec.ring_rows * spec.row_width,), "float32")
-                # The panel's padding columns are never written by the row copies: zero them once.
-                with T.serial(0, c_ * spec.row_width) as k:
-                    T.buffer_store(panel, tirx.const(0.0, "float32"), [k])
+                # The padding columns of the panel (or, without expansion, of the ring, which the input
+                # rows are copied into) are never written by the row copies: zero them once.
+                copied = panel if ex else ring
+                with T.serial(0, copied.shape[0]) as k:
+                    T.buffer_store(copied, tirx.const(0.0, "float32"), [k])
                 # One register tile for the three stages: TIR's storage rewrite merges separate ones into
                 # a buffer LLVM keeps on the stack.
-                tiles = [ex.filter_tile * ex.pixel_tile, dw.rows * dw.vectors * dw.lanes]
-                tiles += [pr.filter_tile * pr.pixel_tile] if pr is not None else []
+                tiles = [conv.filter_tile * conv.pixel_tile for conv in (ex, pr) if conv is not None]
+                tiles.append(dw.rows * dw.vectors * dw.lanes)
                 acc = T.decl_buffer((max(tiles),), "float32", scope="local")
                 expand = (acc, data, weight, bias, panel, ring, n, g)
                 block = T.decl_buffer((spec.group_channels * spec.block_pixels,), "float32") if pr else None
 
                 def run_block(oy, first_row, count) -> None:
-                    """Expand padded rows ``first_row`` .. ``+ count - 1``, then the block of output rows from ``oy``."""
+                    """Expand padded rows ``first_row`` to ``+ count - 1``, then output rows from ``oy``."""
                     with T.serial(0, count) as k:
                         _expand_row(spec, *expand, first_row + k)
                     if pr is None:
@@ -331,6 +344,7 @@ def inverted_residual_primfunc(spec: InvertedResidualSpec) -> tirx.PrimFunc:
                             oy = start + band - rows
                             run_block(oy, oy * sy, spec.ring_rows)
     func = builder.get().without_attr("global_symbol")  # the module names it when it is added
-    return func.with_attr(INVERTED_RESIDUAL_ATTR, {"filter_tile": mr, "vectors": ex.vectors, "lanes": ex.lanes,
+    tile = {"filter_tile": ex.filter_tile, "vectors": ex.vectors, "lanes": ex.lanes} if ex else {}
+    return func.with_attr(INVERTED_RESIDUAL_ATTR, {**tile, "expansion": ex is not None,
                                                     "group_tiles": spec.group_tiles, "bands": spec.bands,
                                                     "projection": pr is not None, "kernel": list(dw.kernel)})
