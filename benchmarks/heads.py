@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .machine import cpu_name
+from .machine import cpu_name, tvm_threads
 from .runtimes import agree, ort_runner, time_ms, vm_of
 
 # (name, rows, in features, out features, ReLU)
@@ -91,7 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
+    threads = tvm_threads()
     print(f"{cpu_name()}, {threads} thread(s)")
     rows = []
     cases = [(name, fc_model(m, k, n, relu), 4 * k * n) for name, m, k, n, relu in FCS]

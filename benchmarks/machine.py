@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tvm_patdnn.targets import runtime_threads
+
 __all__ = ["add_peak_percent", "cpu_name", "cpu_peak_gflops", "fma_peak_gflops", "machine_summary", "tvm_threads",
            "widest_isa"]
 
@@ -145,8 +147,9 @@ def cpu_peak_gflops(runs: int = 5) -> float:
 
 
 def tvm_threads() -> int:
-    """TVM's thread count: ``TVM_NUM_THREADS`` if set (read when its runtime starts), else every core."""
-    return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+    """The threads TVM's runtime runs with here (``TVM_NUM_THREADS``, read when the runtime starts,
+    else TVM's default: half the x86 CPUs), which is also what the ``x86`` target compiles for."""
+    return runtime_threads()
 
 
 def add_peak_percent(rows: list[dict], peak_before: float) -> float:
