@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -65,7 +64,7 @@ from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
 from tvm_patdnn.transform import DenseConvRewrite
 from tvm_patdnn.transform.dense_conv_rewrite import DenseConvRewriter
 
-from .machine import machine_summary
+from .machine import machine_summary, tvm_threads
 from .models import dense_conv_model, dense_model
 from .runtimes import Runner, agree, ort_runner, tvm_runner
 
@@ -193,7 +192,7 @@ def main() -> None:
     parser.add_argument("--db", type=Path, help="the tuning database of the tuned variant (default: a fresh one)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
+    threads = tvm_threads()
     target = resolve_target(args.target)
     with tempfile.TemporaryDirectory() as scratch:
         machine = machine_summary([threads], Path(scratch))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -202,7 +201,7 @@ def layer_table(rows: list[dict], peak: float) -> str:
 def main() -> None:
     from tvm_patdnn.fileio import write_bytes_atomic
 
-    from .machine import machine_summary
+    from .machine import machine_summary, tvm_threads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -215,7 +214,7 @@ def main() -> None:
                         help='x86 (the host CPU) or target JSON, e.g. \'{"kind":"llvm","mcpu":"znver3"}\' for AVX2')
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
+    threads = tvm_threads()
     with tempfile.TemporaryDirectory() as scratch:
         machine = machine_summary([threads], Path(scratch))
     peak = machine["fma_peak_gflops"][str(threads)]
