@@ -325,15 +325,15 @@ def tune(
                           "the device with rpc='TRACKER_HOST:PORT:DEVICE_KEY'")
     if rpc_config is not None:
         _check_device(rpc_config, timeout)
-    threads = _measuring_threads(resolved, threads, rpc_config, timeout)
+    threads, unavailable = _measuring_threads(resolved, threads, rpc_config, timeout)
     if threads is not None:
         resolved = for_threads(resolved, threads)
     tasks, dense_layers = _extract(model, params, input_shapes, resolved, patterns, dense_kernels)
     db = open_for_tuning(database, resolved)
     states = [TaskState(task) for task in tasks]
     with _bench(resolved, db, tasks, rpc_config, timeout, devices, progress, threads) as bench:
-        dense, stopped = tune_dense_kernels(dense_layers, resolved, Path(database), bench.measure, progress,
-                                            _device_unavailable)
+        dense, stopped = ([], unavailable) if unavailable else tune_dense_kernels(
+            dense_layers, resolved, Path(database), bench.measure, progress, _device_unavailable)
         if stopped is None:
             stopped = _measure_defaults(states, bench)
         if stopped is None:
@@ -371,27 +371,32 @@ def _check_device(rpc: ms.runner.RPCConfig, timeout: float) -> None:
 
 
 def _measuring_threads(target: tvm.target.Target, threads: int | None, rpc: ms.runner.RPCConfig | None,
-                       timeout: float) -> int | None:
-    """The threads the tune measures with (see ``tune``); None for GPU targets. Over RPC one
-    session of the key's device is asked (and set to ``threads``, which fails if it cannot run them)."""
+                       timeout: float) -> tuple[int | None, str | None]:
+    """The threads the tune measures with (see ``tune``; None for GPU targets), and why the tune
+    stops before measuring, if it does. Over RPC one session of the key's device is asked (and set
+    to ``threads``, which fails if it cannot run them); a device that does not answer stops the tune."""
     if target.kind.name != "llvm":
         if threads is not None:
             for_threads(target, threads)  # the error: threads of a GPU target
-        return None
+        return None, None
     if rpc is None:
         if threads is not None and threads > (os.cpu_count() or 1):
             raise PatDNNError(f"threads={threads}, but this machine has {os.cpu_count()} CPUs: the measurements would "
                               "time threads sharing cores; tune on the device with rpc=")
-        return threads if threads is not None else runtime_threads()
+        return (threads if threads is not None else runtime_threads()), None
     try:
         session = request_session(rpc.tracker_host, rpc.tracker_port, rpc.tracker_key, wait=timeout,
                                   session_timeout=timeout)
-        try:
-            return set_remote_threads(session, threads)
-        finally:
-            del session  # the device serves one session at a time
+    except RuntimeError as err:
+        # The device does not answer now: the tune stops early, as when a device goes away
+        # mid-tune (a re-run resumes); the probe's session may still hold it at the tracker.
+        return threads, str(err)
+    try:
+        return set_remote_threads(session, threads), None
     except RuntimeError as err:
         raise PatDNNError(f"cannot tune over RPC: {err}") from None
+    finally:
+        del session  # the device serves one session at a time
 
 
 def _extract(model, params, input_shapes, target: tvm.target.Target, patterns: PatternOptions,
