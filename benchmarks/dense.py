@@ -192,6 +192,8 @@ def main() -> None:
     parser.add_argument("--db", type=Path, help="the tuning database of the tuned variant (default: a fresh one)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if not {"gemm", "old rule"} <= set(args.variants):
+        parser.error("--variants must include gemm and 'old rule': the layer table's ratios are against them")
     threads = tvm_threads()
     target = resolve_target(args.target)
     with tempfile.TemporaryDirectory() as scratch:
