@@ -28,8 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm_patdnn.pruning import prune_onnx
 
 # Input shape (batch 1, NCHW) of each benchmark model, by name.
-INPUT_SHAPES = {"vgg16_cifar": (1, 3, 32, 32), "vgg16": (1, 3, 224, 224), "resnet50": (1, 3, 224, 224),
-                "mobilenet_v2": (1, 3, 224, 224)}
+INPUT_SHAPES = {"vgg16_cifar": (1, 3, 32, 32), "vgg16": (1, 3, 224, 224), "vgg16_trunk": (1, 3, 224, 224),
+                "resnet50": (1, 3, 224, 224), "mobilenet_v2": (1, 3, 224, 224)}
 VGG_STAGES = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 # (expansion t, output channels c, repeats n, first stride s): torchvision's inverted residual setting.
 MOBILENET_V2_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -65,8 +65,8 @@ def dense_model(name: str) -> onnx.ModelProto:
 
         module = torch_mobilenet_v2()
         module.load_state_dict(torch.load(mobilenet_v2_weights(), map_location="cpu"))
-    elif name in ("vgg16", "resnet50"):
-        module = torch_vgg16(224, 1000) if name == "vgg16" else torch_resnet50()
+    elif name in ("vgg16", "vgg16_trunk", "resnet50"):
+        module = torch_resnet50() if name == "resnet50" else torch_vgg16(224, 1000 if name == "vgg16" else None)
         he_init(module)
     else:
         raise ValueError(f"no benchmark model {name!r}: one of {', '.join(INPUT_SHAPES)}")
@@ -106,8 +106,9 @@ def vgg16_cifar(seed: int = 0) -> onnx.ModelProto:
 # ----------------------------------------------------------------------------- torch builds
 
 
-def torch_vgg16(image: int, classes: int):
-    """VGG-16 without BN: 13 conv3x3+ReLU, five max-pools, a CIFAR (512->classes) or ImageNet classifier."""
+def torch_vgg16(image: int, classes: int | None):
+    """VGG-16 without BN: 13 conv3x3+ReLU, five max-pools, a CIFAR (512->classes) or ImageNet classifier;
+    ``classes`` None: the conv trunk alone (output the last pool's map), whose time is the convs'."""
     import torch.nn as nn
 
     layers, channels = [], 3
@@ -117,7 +118,9 @@ def torch_vgg16(image: int, classes: int):
         else:
             layers += [nn.Conv2d(channels, stage, 3, padding=1), nn.ReLU()]
             channels = stage
-    if image == 32:
+    if classes is None:
+        head = []
+    elif image == 32:
         head = [nn.Flatten(), nn.Linear(512, classes)]
     else:
         head = [nn.Flatten(), nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, classes)]
@@ -254,7 +257,8 @@ def torch_module_with(name: str, model: onnx.ModelProto):
     if name == "mobilenet_v2":
         module = torch_mobilenet_v2()
     else:
-        module = torch_vgg16(32, 10) if name == "vgg16_cifar" else torch_vgg16(224, 1000) if name == "vgg16" else torch_resnet50()
+        module = (torch_vgg16(32, 10) if name == "vgg16_cifar" else torch_vgg16(224, 1000) if name == "vgg16"
+                  else torch_vgg16(224, None) if name == "vgg16_trunk" else torch_resnet50())
     if name in ("resnet50", "mobilenet_v2"):
         module.eval()
         fold_batchnorm(module)

@@ -52,7 +52,8 @@ from .models import INPUT_SHAPES, conv3x3_model, twins
 from .runtimes import FnRunner, TVMRunner, agree, mnn_convert, mnn_runner, ort_runner, torch_runner
 
 RESULTS = Path(__file__).parent / "results"
-TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224", "resnet50": "ResNet-50 ImageNet 224x224",
+TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224",
+          "vgg16_trunk": "VGG-16 224x224 conv trunk (no classifier)", "resnet50": "ResNet-50 ImageNet 224x224",
           "mobilenet_v2": "MobileNetV2 ImageNet 224x224"}
 RTOL = 1e-3
 
