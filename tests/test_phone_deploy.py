@@ -118,6 +118,21 @@ def test_deploy_cli_matches_reference(emulator, model_file: Path, capsys: pytest
     assert "not phone timings" in out
 
 
+def test_deploy_runs_the_threads_it_is_given(emulator, model_file: Path, capsys: pytest.CaptureFixture) -> None:
+    # the device's runtime is set to the count and the library compiled for it (records of that count apply)
+    status = main(["deploy", str(model_file), "--target", "arm_cpu-linux", "--tracker", emulator.tracker, "--key", KEY,
+                   "--threads", "1", "--number", "1", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "remote latency on 'android-deploy' (1 thread)" in out
+    # more threads than the device's runtime started with cannot be set from here: named, device freed
+    with pytest.raises(PatDNNError, match="runs at most .* thread.*, not 64: start its RPC server with TVM_NUM_THREADS=64"):
+        tvm_patdnn.deploy(model_file, "arm_cpu-linux", tracker=emulator.tracker, key=KEY, threads=64)
+    with pytest.raises(PatDNNError, match="threads must be a positive integer"):
+        tvm_patdnn.deploy(model_file, "arm_cpu-linux", tracker=emulator.tracker, key=KEY, threads=0)
+    wait_until(lambda: free_devices(emulator.tracker_port, KEY) == 1, 15, "the device to return to the tracker")
+
+
 def test_deploy_given_library_that_differs_exits_1(emulator, model_file: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     other = tvm_patdnn.compile(_pattern_cnn(1), "arm_cpu-linux").export_library(tmp_path / "other.so")

@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 
-from ..arguments import TARGET_HELP, add_model_options, add_target_option, pattern_options
+from ..arguments import TARGET_HELP, add_model_options, add_target_option, add_threads_option, pattern_options
 from ..errors import PatDNNError
 from ..verify import DEFAULT_RTOL
 
@@ -67,6 +67,9 @@ def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     compiled.add_argument("--tuning-db", metavar="DIR",
                           help="compile with the records of `patdnn tune --db DIR` (tuned on this device with --rpc); "
                                "default: the schedules shipped for the target")
+    add_threads_option(parser, "run the model with N TVM runtime threads on the device and compile it for N "
+                               "(records tuned with `tune --threads N` apply); default: the device's own count "
+                               "and the target's num-cores")
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                         help="max error relative to the largest reference output")
     parser.add_argument("--number", type=int, default=5, help="runs averaged per timing")
@@ -87,7 +90,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     result = deploy(
         args.model, args.target, tracker=args.tracker, key=args.key, library=args.so,
         input_shapes=dict(args.input_shape), entries=patterns.entries, max_patterns=patterns.max_patterns,
-        tuning_db=args.tuning_db, rtol=args.rtol, number=args.number, repeat=args.repeat,
+        tuning_db=args.tuning_db, threads=args.threads, rtol=args.rtol, number=args.number, repeat=args.repeat,
         session_timeout=args.session_timeout, timeout=args.timeout,
     )
     print(result.summary())

@@ -42,17 +42,20 @@ class DeployResult:
     target: str
     key: str
     emulated: bool
+    threads: int  # the TVM runtime threads the device ran the model with
 
     @property
     def ok(self) -> bool:
         return all(e <= self.rtol for e in self.errors)
 
     def summary(self) -> str:
+        from ..tuning.threads import describe
+
         verdict = "match" if self.ok else "DIFFER from"
         errors = ", ".join(f"{e:.2e}" for e in self.errors)
         lines = [
             f"outputs {verdict} the ONNX reference (relative error {errors}; tolerance {self.rtol:g})",
-            f"remote latency on {self.key!r}: {np.mean(self.latency_ms):.3f} ms mean, "
+            f"remote latency on {self.key!r} ({describe(self.threads)}): {np.mean(self.latency_ms):.3f} ms mean, "
             f"{np.min(self.latency_ms):.3f} ms best of {len(self.latency_ms)} repeats",
         ]
         if self.emulated:
@@ -72,6 +75,7 @@ def deploy(
     entries: int = 4,
     max_patterns: int = 12,
     tuning_db: str | os.PathLike | None = None,
+    threads: int | None = None,
     rtol: float = DEFAULT_RTOL,
     number: int = 5,
     repeat: int = 3,
@@ -83,6 +87,9 @@ def deploy(
 
     ``tuning_db`` is a ``tvm_patdnn.tune`` database for the device (e.g. measured on it with
     ``patdnn tune --rpc``); None uses the schedules shipped for the target, if any.
+    ``threads``: the device's TVM runtime runs the model with that many threads, and the model is
+    compiled for them (records tuned with ``tune(threads=N)`` apply to ``threads=N`` only); None
+    leaves the device's own count and compiles for the target's ``num-cores``.
     ``inputs`` default to seeded standard-normal arrays of the model's input shapes. A device
     that does not become free within ``timeout`` seconds (gone, or busy) is an error, as is a
     tracker or device handshake that takes longer, or a session longer than ``session_timeout``.
@@ -102,7 +109,9 @@ def deploy(
     from ..export import check_library_machine
     from ..frontend import check_inputs, load_model, seeded_inputs
     from ..targets import resolve_target
+    from ..tuning.threads import check_threads
 
+    threads = check_threads(threads)
     proto = load_onnx_model(model)
     resolved = resolve_target(target)
     host, port = parse_address(tracker) if isinstance(tracker, str) else tracker
@@ -113,7 +122,7 @@ def deploy(
     with tempfile.TemporaryDirectory(prefix="patdnn-deploy-") as workdir:
         if library is None:
             compiled = compile_model(proto, resolved, input_shapes=input_shapes, entries=entries,
-                                     max_patterns=max_patterns, tuning_db=tuning_db)
+                                     max_patterns=max_patterns, tuning_db=tuning_db, threads=threads)
             signature = compiled
             path = compiled.export_library(Path(workdir) / "patdnn_model.so")
         else:
@@ -127,18 +136,18 @@ def deploy(
             signature = load_model(proto, input_shapes=input_shapes)
         arrays = check_inputs(signature, seeded_inputs(signature) if inputs is None else inputs)
         reference = onnx_reference(proto, dict(zip(signature.input_names, arrays)))
-        outputs, latency, emulated = _run_remote(path, resolved, host, port, key, arrays, number, repeat,
-                                                 session_timeout, timeout)
+        outputs, latency, emulated, running = _run_remote(path, resolved, host, port, key, arrays, threads, number,
+                                                          repeat, session_timeout, timeout)
     if len(outputs) != len(reference):
         raise PatDNNError(f"the library returned {len(outputs)} outputs, the ONNX model has {len(reference)}: "
                           "is the library compiled from this model?")
     errors = [relative_error(a, e) for a, e in zip(outputs, reference)]
-    return DeployResult(outputs, reference, errors, rtol, latency, str(resolved), key, emulated)
+    return DeployResult(outputs, reference, errors, rtol, latency, str(resolved), key, emulated, running)
 
 
-def _run_remote(path: Path, target, host: str, port: int, key: str, arrays: list[np.ndarray],
+def _run_remote(path: Path, target, host: str, port: int, key: str, arrays: list[np.ndarray], threads: int | None,
                 number: int, repeat: int, session_timeout: float,
-                timeout: float) -> tuple[list[np.ndarray], list[float], bool]:
+                timeout: float) -> tuple[list[np.ndarray], list[float], bool, int]:
     """Upload, run once, time. Errors are raised only after the session's frame is gone, so
     that no traceback keeps a remote object alive: the device returns to the tracker at once
     instead of at ``session_timeout``."""
@@ -148,7 +157,7 @@ def _run_remote(path: Path, target, host: str, port: int, key: str, arrays: list
         raise PatDNNError(f"the tracker gave no session on {key!r}: {err}") from None
     problem = None
     try:  # a device that stops answering mid-session would block TVM's calls forever
-        session_run = functools.partial(_session_run, remote, path, target, key, arrays, number, repeat)
+        session_run = functools.partial(_session_run, remote, path, target, key, arrays, threads, number, repeat)
         outcome = call_with_deadline(session_run, session_timeout, f"the device {key!r}")
     except PatDNNError as err:
         problem = str(err)
@@ -163,11 +172,12 @@ def _run_remote(path: Path, target, host: str, port: int, key: str, arrays: list
     return outcome
 
 
-def _session_run(remote, path: Path, target, key: str, arrays: list[np.ndarray], number: int,
-                 repeat: int) -> tuple[list[np.ndarray], list[float], bool]:
+def _session_run(remote, path: Path, target, key: str, arrays: list[np.ndarray], threads: int | None, number: int,
+                 repeat: int) -> tuple[list[np.ndarray], list[float], bool, int]:
     import tvm
     from tvm import relax
 
+    from ..tuning.threads import set_remote_threads
     from .emulator import WORKDIR_PREFIX
 
     workdir = Path(remote.get_function("tvm.rpc.server.workpath")("x")).parent
@@ -176,6 +186,7 @@ def _session_run(remote, path: Path, target, key: str, arrays: list[np.ndarray],
     if not dev.exist:
         raise PatDNNError(f"the device {key!r} has no {target.kind.name} runtime"
                           + (" (the emulated phone has none: verify Adreno kernels with PoCL instead)" if emulated else ""))
+    running = set_remote_threads(remote, threads)
     remote.upload(str(path), "patdnn_model.so")
     vm = relax.VirtualMachine(remote.load_module("patdnn_model.so"), dev)
     args = [tvm.runtime.tensor(a, dev) for a in arrays]
@@ -183,4 +194,4 @@ def _session_run(remote, path: Path, target, key: str, arrays: list[np.ndarray],
     results = list(result) if isinstance(result, (tvm.ir.Array, list, tuple)) else [result]
     outputs = [r.numpy() for r in results]
     latency = [float(t) * 1e3 for t in vm.time_evaluator("main", dev, number=number, repeat=repeat)(*args).results]
-    return outputs, latency, emulated
+    return outputs, latency, emulated, running
