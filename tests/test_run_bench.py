@@ -141,6 +141,22 @@ def test_bench_reports_percentiles_and_threads(library: Path, capsys: pytest.Cap
     assert 0 < p50 <= p90 <= p99
 
 
+def test_bench_and_run_note_a_thread_count_the_library_was_not_compiled_for(model_file: Path, library: Path,
+                                                                          tmp_path: Path, x: np.ndarray,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    # x86 compiles for the runtime's own count: no note
+    assert main(["bench", str(library), "--runs", "1", "--warmup", "0"]) == 0
+    assert "note: the model is compiled for" not in capsys.readouterr().err
+    other = tvm.runtime.num_threads() + 1
+    lib = tvm_patdnn.compile(model_file, "x86", threads=other).export_library(tmp_path / "other.so")
+    np.save(tmp_path / "x.npy", x)
+    assert main(["bench", str(lib), "--runs", "1", "--warmup", "0"]) == 0
+    assert main(["run", str(lib), "--input", f"input={tmp_path / 'x.npy'}"]) == 0
+    err = capsys.readouterr().err
+    note = (f"note: the model is compiled for {other} threads, TVM's runtime here runs {other - 1} thread")
+    assert err.count(note) == 2 and f"set TVM_NUM_THREADS={other} before starting" in err
+
+
 def test_bench_profile_names_every_kernel_of_the_model(library: Path, x: np.ndarray,
                                                       capsys: pytest.CaptureFixture) -> None:
     model = tvm_patdnn.load(library)

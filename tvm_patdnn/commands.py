@@ -137,11 +137,21 @@ def _summary(name: str, value: np.ndarray) -> str:
     return line
 
 
+def _note_thread_mismatch(model) -> None:
+    """Say on stderr when the runtime's thread count is not the one the model was compiled for."""
+    from .tuning.threads import runtime_mismatch
+
+    note = runtime_mismatch(model.target)
+    if note is not None:
+        print(note, file=sys.stderr)
+
+
 def run_run(args: argparse.Namespace) -> int:
     from .compiler import load
     from .fileio import write_bytes_atomic
 
     model = load(args.library)
+    _note_thread_mismatch(model)
     describe = "inputs " + ", ".join(f"{n!r} ({'x'.join(map(str, model.input_shapes[n]))} {model.input_dtypes[n]})"
                                      for n in model.input_names)
     outputs = model.run(_read_inputs(args.input, model.input_names, describe))
@@ -200,6 +210,7 @@ def run_bench(args: argparse.Namespace) -> int:
     inputs = seeded_inputs(model)
     shapes = ", ".join(f"{n} {'x'.join(map(str, model.input_shapes[n]))} {model.input_dtypes[n]}" for n in model.input_names)
     print(f"{args.model}: {model.target}; inputs {shapes}")
+    _note_thread_mismatch(model)
     ours, outputs = bench_tvm(model, inputs, args.runs, args.warmup)
     latencies = [ours]
     if args.ort:

@@ -26,7 +26,7 @@ from tvm.target import Target
 from ..errors import PatDNNError
 
 __all__ = ["LocalThreads", "RemoteThreads", "check_threads", "describe", "for_threads", "not_applied", "preference",
-           "set_remote_threads", "thread_count"]
+           "runtime_mismatch", "set_remote_threads", "thread_count"]
 
 _BIG_CORES = 1  # runtime.config_threadpool's affinity mode kBig: TVM's default placement
 
@@ -48,6 +48,17 @@ def thread_count(target: Target) -> int | None:
         return None
     cores = target.attrs.get("num-cores")
     return int(cores) if cores else None
+
+
+def runtime_mismatch(target: Target) -> str | None:
+    """A note when this process's TVM runtime runs another thread count than ``target``'s code is
+    made for: the library then runs, but its work split (and its tuned schedules) fit another count."""
+    made_for = thread_count(target)
+    running = int(tvm.runtime.num_threads())
+    if made_for is None or made_for == running:
+        return None
+    return (f"note: the model is compiled for {describe(made_for)}, TVM's runtime here runs {describe(running)}: "
+            f"set TVM_NUM_THREADS={made_for} before starting, or compile with --threads {running}")
 
 
 def for_threads(target: Target, threads: int) -> Target:
