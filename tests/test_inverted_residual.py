@@ -17,10 +17,11 @@ from tvm_patdnn.transform import inverted_residual_rewrite
 
 
 def block_model(rng, shape, expanded, stride=(1, 1), pads=(1, 1, 1, 1), projected=None, residual=False,
-                activation="clip", bias=True, second_reader=False) -> onnx.ModelProto:
+                activation="clip", bias=True, second_reader=False, residual_first=False) -> onnx.ModelProto:
     """[Conv 1x1 (+ bias) + activation ->] depthwise 3x3 (+ bias) + activation [-> Conv 1x1 (+ bias)
     (+ the block's input)] as ONNX (opset 17); ``expanded`` None: no expansion (the depthwise conv
-    reads the input); ``second_reader`` also outputs the expansion."""
+    reads the input); ``second_reader`` also outputs the expansion; ``residual_first``: the block's
+    input is the add's first operand (torchvision's ``x + self.conv(x)``)."""
     n, c, h, w = shape
     oh = (h + pads[0] + pads[2] - 3) // stride[0] + 1
     ow = (w + pads[1] + pads[3] - 3) // stride[1] + 1
@@ -57,7 +58,7 @@ def block_model(rng, shape, expanded, stride=(1, 1), pads=(1, 1, 1, 1), projecte
         out = conv("project", d, rng.standard_normal((projected, expanded, 1, 1)) / np.sqrt(expanded))
         out_shape = [n, projected, oh, ow]
         if residual:
-            nodes.append(helper.make_node("Add", [out, "x"], ["sum"]))
+            nodes.append(helper.make_node("Add", ["x", out] if residual_first else [out, "x"], ["sum"]))
             out = "sum"
     outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)]
     if second_reader:
@@ -125,6 +126,28 @@ def test_small_blocks_and_shared_expansions_stay_separate_kernels(every_block):
             compiled = check_against_reference(model, 4)
         assert kernel_calls(compiled, "inverted_residual") == 0
         assert kernel_calls(compiled, "depthwise_conv") == 1
+
+
+def two_blocks(rng, shape, expanded, residual_first) -> onnx.ModelProto:
+    """Two blocks of a MobileNetV2 stage: the second adds the first's projection, which the second's
+    expansion reads too."""
+    first = block_model(rng, shape, expanded, projected=shape[1])
+    second = block_model(rng, shape, expanded, projected=shape[1], residual=True, residual_first=residual_first)
+    return onnx.compose.merge_models(first, second, io_map=[("project_c", "x")], prefix2="second_")
+
+
+@pytest.mark.parametrize("residual_first", [True, False])
+@pytest.mark.parametrize("fused_blocks", [True, False])
+def test_a_stages_residual_add_fuses_into_the_projection_whichever_operand_it_is(monkeypatch, residual_first,
+                                                                                  fused_blocks):
+    """The add reads the previous block's projection, which the next expansion reads too: it joins the
+    second block's projection, on the inverted residual kernel or (blocks below the rule's size) the
+    dense one, whether the block's input is the add's first operand or its second."""
+    monkeypatch.setattr(inverted_residual_rewrite, "MIN_EXPANDED_BYTES", 0 if fused_blocks else 1_000_000)
+    compiled = check_against_reference(two_blocks(np.random.default_rng(6), (2, 5, 9, 7), 11, residual_first), 6)
+    assert kernel_calls(compiled, "add") == 0
+    assert kernel_calls(compiled, "inverted_residual") == 2 * fused_blocks
+    assert kernel_calls(compiled, "dense_conv") + kernel_calls(compiled, "direct_conv") == 4 * (not fused_blocks)
 
 
 @pytest.mark.parametrize("threads, rows", [(1, 9), (2, 9), (3, 7), (4, 13)])

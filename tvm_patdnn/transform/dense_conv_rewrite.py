@@ -149,26 +149,27 @@ class DenseConvRewriter:
     def _plan(self, func: relax.Function) -> dict[relax.Expr, tuple]:
         """The chain each dense conv fuses: the largest match whose inner values nothing else uses
         (fusing a value that has other users would compute it twice), chosen from the outputs
-        back. ``rewrite_call`` offers every sub-chain and rounds until nothing changes, so it
-        rewrites exactly these roots."""
+        back. The matcher looks through a variable only to a value nothing else reads, so such a
+        value is never an inner one, and an add whose first operand is a conv chain with other
+        users (MobileNetV2's ``x + block(x)``, ``x`` the previous projection) binds its second
+        operand as the conv side. ``rewrite_call`` offers every sub-chain and rounds until nothing
+        changes, so it rewrites exactly these roots."""
         var2val = self._var2val = relax.analysis.get_var2val(func)
-        bindings = [b for block in getattr(func.body, "blocks", []) for b in block.bindings]
         single_use = single_use_values(func)
+        fusable = tvm.runtime.convert({var: value for var, value in var2val.items() if value in single_use})
+        bindings = [b for block in getattr(func.body, "blocks", []) for b in block.bindings]
         fusions: dict[relax.Expr, tuple] = {}
         taken: set[relax.Expr] = set()
         for binding in reversed(bindings):
             root = binding.value
-            matches = self.pattern.extract_matched_expr(root, var2val) if root not in taken else None
+            matches = self.pattern.extract_matched_expr(root, fusable) if root not in taken else None
             fusion = self._fusion(root, matches) if matches else None
             if fusion is None:
                 continue
-            inner = [matches[p] for p in (self.conv, self.biased, self.added) if p in matches]
-            inner = [v for v in inner if not v.same_as(root)]
-            if all(v in single_use for v in inner):
-                fusions[root] = fusion
-                taken.update(inner)
-                if self.choices is not None:
-                    self.choices.saw(fusion[1])
+            fusions[root] = fusion
+            taken.update(matches[p] for p in (self.conv, self.biased, self.added) if p in matches)
+            if self.choices is not None:
+                self.choices.saw(fusion[1])
         return fusions
 
     def _fusion(self, expr: relax.Call, matches) -> tuple | None:
