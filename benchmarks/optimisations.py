@@ -18,7 +18,11 @@ operator and schedule for this machine, and again with one optimisation taken aw
 * filter-kernel reorder: filters sorted by kernel count (without: the model's filter order);
 * threads over filters: when an image has few row blocks, threads share its filters too
   (without: row blocks only, so a small image with a single row block runs on one thread);
-  "threads always over filters" adds the filters for every layer instead.
+  "threads always over filters" adds the filters for every layer instead;
+* large images (AVX2; ``--model vgg16_trunk`` has the layers they apply to): the tall 4x2
+  register tile on rows of 112 pixels and more (without: the rule's 1x7), column blocks outside
+  the filters with it (without: inside), and the kernel loop's prefetch of the kernel ahead's
+  input rows on layers of 256+ channels (without: none).
 
 Layout alternatives (``--variants "windows 8 lanes 2x2" ...``, not run by default) replace the
 default's layout on the layers they apply to (stride 1, at most 16 output pixels: VGG's 4x4 and
@@ -38,6 +42,13 @@ count is fixed when its runtime starts:
 
     TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.optimisations [--rounds 5]
     TVM_NUM_THREADS=2 .venv/bin/python -m benchmarks.optimisations --json benchmarks/results/optimisations.2t.json
+
+``--model vgg16_trunk`` measures the twelve pattern layers of the VGG-16 224 conv trunk instead
+(``benchmarks/models.py``, pruned the same way). TVM binds its one worker thread to core 0 even
+under ``taskset -c 1`` unless ``TVM_BIND_THREADS=0``:
+
+    TVM_BIND_THREADS=0 TVM_NUM_THREADS=1 taskset -c 1 .venv/bin/python -m benchmarks.optimisations \
+        --model vgg16_trunk --variants "tall tile" "column blocks outside" prefetch --rounds 5
 """
 
 from __future__ import annotations
@@ -78,6 +89,9 @@ class Variant:
     vector_output: bool = True
     reorder_filters: bool = True
     parallel_filters: bool | None = None  # None: the rule's choice
+    tall_tile: bool = True
+    columns_outside: bool | None = None  # None: the rule's choice
+    prefetch: bool = True
     # A layout to compare rather than an optimisation to take away: (lanes, column tile, tap partial
     # sums) of the windows layout, forced on layers it applies to (stride 1, at most 16 output pixels).
     windows: tuple[int, int, int] | None = None
@@ -94,6 +108,9 @@ VARIANTS = {
     "filter reorder": Variant(reorder_filters=False),
     "threads over filters": Variant(parallel_filters=False),
     "threads always over filters": Variant(parallel_filters=True),
+    "tall tile": Variant(tall_tile=False),
+    "column blocks outside": Variant(columns_outside=False),
+    "prefetch": Variant(prefetch=False),
     # Alternatives, not removals (ratio below 1: the alternative is faster than the default):
     "windows 8 lanes 2x2": Variant(windows=(8, 2, 2)),  # 2 vectors x 2 tap partial sums
     "windows 8 lanes 2x4": Variant(windows=(8, 2, 4)),
@@ -122,7 +139,7 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
     accumulators = accumulator_registers(target) if variant.register_tile else 1
     spec = PatternConvSpec.from_fkw(fkw, data_shape, (1, 1), (1, 1, 1, 1), True, True, vector_lanes(target))
     spec = target_layout(dataclasses.replace(spec, vector_width=vector_lanes(target)), accumulators,
-                         flat=None if variant.flat else False)
+                         flat=None if variant.flat else False, tall_tile=variant.tall_tile)
     if not variant.partials:
         spec = dataclasses.replace(spec, partials=1)
     if variant.windows and spec.strides == (1, 1) and spec.out_height * spec.out_width <= WINDOW_PIXELS:
@@ -131,10 +148,11 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
                                    partials=partials)
         spec = dataclasses.replace(spec, column_tile=min(column_tile, spec.acc_columns // lanes))
     sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))
-    knobs = default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8)), variant.parallel_filters)
+    knobs = default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8)), variant.parallel_filters,
+                          variant.columns_outside)
     schedule_pattern_conv_cpu(sch, knobs, code_per_pattern=variant.code_per_pattern,  # as PatternConvCPU does
                               vector_output=variant.vector_output)
-    func = bound_kernel_runs(sch.mod["main"]) if variant.bounded_runs else sch.mod["main"]
+    func = bound_kernel_runs(sch.mod["main"], prefetch=variant.prefetch) if variant.bounded_runs else sch.mod["main"]
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     args = [fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]
     return lib.mod, [tvm.runtime.tensor(a) for a in args]
@@ -173,6 +191,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=[v for v in list(VARIANTS)[1:] if v not in ALTERNATIVES],
                         help="the optimisations to take away, or alternative layouts: " + ", ".join(ALTERNATIVES))
     parser.add_argument("--layers", nargs="+", help="only these layers (e.g. conv10 conv14); default: all")
+    parser.add_argument("--model", default="vgg16_cifar", choices=["vgg16_cifar", "vgg16_trunk"],
+                        help="whose pattern layers (benchmarks/models.py)")
     args = parser.parse_args()
 
     target = resolve_target(args.target)
@@ -180,7 +200,7 @@ def main() -> None:
     peak_before = cpu_peak_gflops() if threads == 1 else fma_peak_gflops(threads)  # the widest FMA, TVM's threads
     rng = np.random.default_rng(0)
     rows = []
-    for name, weight, bias, shape in pattern_layers(twins("vgg16_cifar").pruned):
+    for name, weight, bias, shape in pattern_layers(twins(args.model).pruned):
         if args.layers and name not in args.layers:
             continue
         x = rng.standard_normal(shape).astype(np.float32)

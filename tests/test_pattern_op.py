@@ -21,6 +21,7 @@ from tvm_patdnn.kernel_patterns import kernel_masks, popcount
 from tvm_patdnn.ops.pattern_conv import (PATTERN_CONV_ATTR, PatternConvSpec, cheapest_layout, choose_layout,
                                          is_pattern_conv, pattern_conv2d_primfunc)
 from tvm_patdnn.schedule_rules import PatternConvCPU
+from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 from tvm_patdnn.transform import PatternConvRewrite
 
@@ -243,3 +244,38 @@ def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu
     x = rng.standard_normal((batch, 8, size, size)).astype(np.float32)
     expected = reference_outputs(model, {"input": x})[0]
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "channels, height, width, stride, tile, columns_outside, prefetches",
+    [
+        (4, 6, 112, 1, (4, 2), True, False),  # VGG's 112/224 rows: the tall tile, rows padded 6 -> 8
+        (4, 5, 56, 1, (1, 7), False, False),  # 56-pixel rows keep the rule's 1x7
+        (256, 14, 14, 1, (4, 2), False, True),  # VGG's 14x14 at 256+ channels: prefetching
+        (256, 8, 8, 1, (8, 1), False, False),  # CIFAR's 8x8 (shipped records): no prefetch
+        (256, 9, 30, 2, (4, 2), False, True),  # strided: both column phases prefetched
+    ],
+)
+def test_avx2_large_image_kernels_match_the_onnx_reference(channels, height, width, stride, tile, columns_outside,
+                                                          prefetches):
+    """AVX2 wide rows take the tall register tile with column blocks outside the filters, and the
+    kernel loop of many-channel layers prefetches the input rows of the kernel ahead; both match
+    onnx.reference."""
+    rng = np.random.default_rng(channels + width)
+    shape = (1, channels, height, width)
+    model = build_cnn(rng, shape, [ConvSpec(8, stride=stride, connectivity=2.0)])
+    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    spec = PatternConvSpec.from_fkw(fkw, shape, (stride, stride), (1, 1, 1, 1), True, True, 8, 8)
+    assert (spec.row_tile, spec.column_tile) == tile
+    func = pattern_conv2d_primfunc(spec)
+    knobs = default_knobs(func, 1)
+    assert (knobs.columns[0] > 1) == columns_outside  # column blocks outside the filters
+    scheduled = PatternConvCPU().apply(func, tvm.target.Target(AVX2), False).mod["main"].script()
+    assert ("T.prefetch(" in scheduled) == prefetches
+    if vector_lanes(resolve_target("x86")) < 8:
+        pytest.skip("host CPU: no AVX2 to run the code on (it was built)")
+    x = rng.standard_normal(shape).astype(np.float32)
+    expected = reference_outputs(model, {"input": x})[0]
+    got = _run_op(spec, fkw, x, bias, tvm.target.Target(AVX2))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -37,6 +37,7 @@ LAYERS = {
     "4x4 windows, 8 lanes": dict(filters=16, channels=8, size=4),
     "8x8 rows": dict(filters=12, channels=6, size=8),
     "32x32 rows and columns": dict(filters=8, channels=4, size=32),
+    "112x112 tall tile, column blocks outside the filters": dict(filters=8, channels=4, size=112),
     "strided": dict(filters=8, channels=4, size=9, stride=2),
     "filters not a multiple of the threads": dict(filters=7, channels=4, size=4),
     "batch of two": dict(filters=8, channels=4, size=6, batch=2),

@@ -27,7 +27,7 @@ and register count, because the compute pads its output to it:
   output is one full 16-lane vector (or two 8-lane ones) per tap (every lane useful, aligned loads).
 
 AVX2 and NEON targets take :func:`choose_layout`'s rule (lane fill, then the largest tile; on
-AVX2 windows is a candidate too, which 4x4 outputs take);
+AVX2 windows is a candidate too, which 4x4 outputs take, and wide rows take a tall 4x2 tile);
 AVX-512 targets (16 lanes) take :func:`cheapest_layout`, a cycle model over 16- and 8-lane
 layouts and every register tile, because there the rule's 16-lane layouts lost to the AVX2 build
 on most layer sizes (``benchmarks/pattern_avx512.py``).
@@ -44,7 +44,8 @@ from ..arith import largest_divisor, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS",
-           "choose_layout", "cheapest_layout", "is_pattern_conv", "layout_cycles", "target_layout"]
+           "TALL_TILE", "WIDE_ROW_VECTORS", "choose_layout", "cheapest_layout", "is_pattern_conv", "layout_cycles",
+           "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
@@ -173,6 +174,8 @@ _RUN_OVERHEAD = 20  # cycles per (filter, pattern) run and tile: run bounds, loo
 _FLAT_LOADS = 1.25  # flat layouts' input loads cost this much more (fitted; no row shares them)
 WINDOW_PIXELS = 16  # the windows layout is a candidate for outputs of at most this many pixels
 _TILE_RESERVE = 2  # a register tile leaves this many of the accumulators free
+WIDE_ROW_VECTORS = 14  # AVX2 rows layouts at least this many vectors wide take the tall tile
+TALL_TILE = (4, 2)  # (rows, columns) of output vectors of the AVX2 tile for wide rows
 
 
 def _input_vectors(spec: PatternConvSpec, taps) -> int:
@@ -253,7 +256,8 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
     return min(candidates, key=lambda layout: (layout_cycles(layout), -layout.vector_width))
 
 
-def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = None) -> PatternConvSpec:
+def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = None,
+                  tall_tile: bool = True) -> PatternConvSpec:
     """The layout a target with ``spec.vector_width`` lanes gets: on AVX-512 (16 lanes) the
     cheapest 512- or 256-bit layout (AVX-512VL), elsewhere :func:`choose_layout`'s, with windows
     among its candidates on AVX2 (8 lanes).
@@ -264,10 +268,26 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     no more lanes than flat (2x2: half a vector either way) it lost, 0.8x: the 9 windows of a
     channel take 72 floats instead of the padded image's 16. NEON (4 lanes) keeps the rule without
     windows: it would take them at 2x2 and 4x4, but no phone is attached to time it.
+
+    Wide rows on AVX2 (VGG-16 224's 224- and 112-pixel layers) take the :data:`TALL_TILE` instead
+    of the rule's 1x7: its 4 output rows share input rows between taps (6 input rows per 4 output
+    rows instead of 3 per 1) and its narrow column block (C x 6 rows x 18 floats: 27 KB at 64
+    channels) stays in cache while the filters sweep it (the schedule runs column blocks outside
+    the filters for it). Zen 3, 1 thread, interleaved: 1.11-1.15x at 224x224, 1.11-1.27x at
+    112x112, with column blocks outside 1.17-1.23x; at 56x56 it measured 0.96-1.08x, so 56-pixel
+    rows keep 1x7. ``tall_tile=False`` keeps the rule's tile (``benchmarks/optimisations.py``).
     """
     if spec.vector_width == 16:
         return cheapest_layout(spec, accumulators, (16, 8), flat)
-    return choose_layout(spec, accumulators, flat, windows=spec.vector_width == 8)
+    layout = choose_layout(spec, accumulators, flat, windows=spec.vector_width == 8)
+    if tall_tile and spec.vector_width == 8 and _is_wide(layout) and accumulators >= TALL_TILE[0] * TALL_TILE[1]:
+        layout = dataclasses.replace(layout, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
+    return layout
+
+
+def _is_wide(spec: PatternConvSpec) -> bool:
+    """A rows layout whose output rows span at least :data:`WIDE_ROW_VECTORS` vectors."""
+    return not (spec.flat or spec.windows) and spec.out_width >= WIDE_ROW_VECTORS * spec.vector_width
 
 
 def _tap_table(patterns, p, t, component):

@@ -24,7 +24,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ..arith import largest_divisor
-from ..ops.pattern_conv import PATTERN_CONV_ATTR, is_pattern_conv
+from ..ops.pattern_conv import PATTERN_CONV_ATTR, TALL_TILE, is_pattern_conv
 from .kernel_runs import bound_kernel_runs
 
 __all__ = ["UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
@@ -45,11 +45,14 @@ class Knobs:
     blocks > row blocks > interleaved > serial, so (1, F, 1) keeps row blocks outermost (a row
     block's inputs stay in cache for every filter), (B, F/B, 1) blocks the filters too (a
     block's weights stay in cache for every row) and (1, F/T, T) gives thread t the filters
-    t, t+T, ...; ``unroll`` indexes :data:`UNROLL_STEPS`.
+    t, t+T, ...; ``columns`` = (column blocks outside the serial filters, column blocks inside
+    them, column tile), so (B, 1, t) reuses a column block's input (all channels) across every
+    filter before reading the next block's and (1, B, t) sweeps the whole row per filter;
+    ``unroll`` indexes :data:`UNROLL_STEPS`.
     """
 
     rows: tuple[int, int]
-    columns: tuple[int, int]
+    columns: tuple[int, int, int]
     filters: tuple[int, int, int]
     unroll: int = 0
 
@@ -58,17 +61,25 @@ class Knobs:
         return [list(self.rows), list(self.columns), list(self.filters), self.unroll]
 
 
-def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | None = None) -> Knobs:
+def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | None = None,
+                  columns_outside: bool | None = None) -> Knobs:
     """The untuned choice: the register tile the operator's layout was padded to; row blocks
     outermost; threads share the row blocks, and the filters too when there are fewer than two
     row blocks per thread (small images have one), thread t taking filters t, t+T, ... (FKW sorts
     filters by kernel count, so TVM's contiguous per-thread chunks would get unequal work), or
     contiguous chunks when the threads do not divide the filters. ``parallel_filters`` overrides
-    when threads share the filters (``benchmarks/optimisations.py`` measures what it is worth)."""
+    when threads share the filters (``benchmarks/optimisations.py`` measures what it is worth).
+    Column blocks run outside the filters for the AVX2 tall tile on wide rows (the layouts
+    :func:`~tvm_patdnn.ops.pattern_conv.target_layout` gives it, more than one tile per row):
+    1.06-1.10x on top of the tile at 224x224 and 112x112 (Zen 3, 1 thread), elsewhere inside;
+    ``columns_outside`` overrides."""
     layout = func.attrs[PATTERN_CONV_ATTR]
     batch, filters, rows, _partials, columns = _acc_shape(func)
     row_tile, column_tile = int(layout["row_tile"]), int(layout["column_tile"])
     vectors = columns // int(layout["vector_width"])
+    if columns_outside is None:
+        columns_outside = (int(layout["vector_width"]) == 8 and (row_tile, column_tile) == TALL_TILE
+                           and not int(layout["flat"]) and not int(layout["windows"]) and vectors > column_tile)
     if parallel_filters is None:
         parallel_filters = batch * (rows // row_tile) < 2 * threads
     if threads == 1 or not parallel_filters:
@@ -77,7 +88,9 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
         split = (1, filters // threads, threads)
     else:
         split = (1, 1, filters)
-    return Knobs((rows // row_tile, row_tile), (vectors // column_tile, column_tile), split)
+    blocks = vectors // column_tile
+    columns_split = (blocks, 1, column_tile) if columns_outside else (1, blocks, column_tile)
+    return Knobs((rows // row_tile, row_tile), columns_split, split)
 
 
 def _acc_shape(func: tirx.PrimFunc) -> tuple[int, ...]:
@@ -117,8 +130,9 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     sampled knobs when ``knobs`` is None (the design space), else those.
 
     Loop order: filter blocks, row blocks, interleaved filters (these three share the threads),
-    serial filters, column blocks; inside, the kernels of each pattern, and the register tile of
-    rows x columns vectors (times the layout's partial sums) innermost.
+    column blocks outside the filters, serial filters, column blocks inside them (one of the two
+    column loops has extent 1 in the default); inside, the kernels of each pattern, and the register tile of rows x columns vectors (times the
+    layout's partial sums) innermost.
     The output stage (filter order restored, partial sums added, bias and ReLU) is vectorised
     along each output row: left to LLVM, AVX-512 targets turned it into gathers and scatters.
     ``code_per_pattern=False`` (pattern and tap loops not unrolled: every tap's offset looked up
@@ -141,9 +155,9 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     n, f, y, q, x, rp, rj, rt = sch.get_loops(acc)
     yo, yt = sch.split(y, tile(y, 2, max(_MAX_TILE, int(layout["row_tile"])), "rows"))
     xv, xi = sch.split(x, [None, vector_width])
-    xo, xt = sch.split(xv, tile(xv, 2, max(_MAX_TILE, int(layout["column_tile"])), "columns"))
+    xo_outside, xo_inside, xt = sch.split(xv, tile(xv, 3, max(_MAX_TILE, int(layout["column_tile"])), "columns"))
     fb, fi, ft = sch.split(f, tile(f, 3, int(sch.get(f).extent), "filters"))
-    sch.reorder(n, fb, yo, ft, fi, xo, rp, rj, rt, q, yt, xt, xi)
+    sch.reorder(n, fb, yo, ft, xo_outside, fi, xo_inside, rp, rj, rt, q, yt, xt, xi)
     sch.parallel(sch.fuse(n, fb, yo, ft))
     for loop in (rp, rt, q, yt, xt) if code_per_pattern else (q, yt, xt):
         sch.unroll(loop)
@@ -157,7 +171,7 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     store = sch.cache_write(acc, 0, "local")
     # Unit loops stay, so the number of loops (instruction outputs in the trace) is the same
     # for every tile size a mutator may pick.
-    sch.reverse_compute_at(store, xo, preserve_unit_loops=True)
+    sch.reverse_compute_at(store, xo_inside, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(store)[-1])
     init = sch.decompose_reduction(acc, rp)
     sch.vectorize(sch.get_loops(init)[-1])
