@@ -116,6 +116,25 @@ def test_mobilenet_v2_blocks_the_rule_fuses_match_reference(channels, expanded, 
     assert kernel_calls(check_against_reference(model, 2), "inverted_residual") == 1
 
 
+@pytest.mark.parametrize("size, stride", [(14, 1), (28, 2), (14, 2)])
+def test_rows_narrower_than_two_vectors_keep_two_vector_tiles_and_match_reference(every_block, size, stride):
+    """MobileNetV2's 14x14 and stride-2 blocks: the expansion computes 16 positions of the 14 + 2 of a
+    padded row (not a 13 x 1 tile over the 14 columns), the projection takes enough output rows for
+    two vectors of pixels."""
+    clip = dict(has_bias=True, activation="clip", clip_min=0.0, clip_max=6.0)
+    out = (size - 1) // stride + 1
+    spec = InvertedResidualSpec.for_target(
+        16, 8, dict(batch=1, in_channels=8, height=size, width=size, out_channels=48, **clip),
+        dict(batch=1, channels=48, height=size, width=size, kernel=(3, 3), strides=(stride,) * 2,
+             padding=(1, 1, 1, 1), **clip),
+        dict(batch=1, in_channels=48, height=out, width=out, out_channels=16, has_bias=True, residual=False,
+             activation="none", clip_min=0.0, clip_max=0.0))
+    assert (spec.expansion.filter_tile, spec.expansion.vectors) == (6, 2)
+    assert (spec.projection.filter_tile, spec.projection.vectors) == (6, 2)
+    model = block_model(np.random.default_rng(size + stride), (1, 8, size, size), 48, (stride, stride), projected=16)
+    assert kernel_calls(check_against_reference(model, 3), "inverted_residual") == 1
+
+
 def test_small_blocks_and_shared_expansions_stay_separate_kernels(every_block):
     small = block_model(np.random.default_rng(4), (1, 32, 28, 28), 192)
     shared = block_model(np.random.default_rng(5), (2, 5, 9, 7), 11, second_reader=True)

@@ -80,7 +80,7 @@ class InvertedResidualSpec:
                 raise ValueError("the expansion must be a 1x1 stride-1 unpadded conv without residual")
             if (ex.batch, ex.out_channels, ex.height, ex.width) != (dw.batch, dw.channels, dw.height, dw.width):
                 raise ValueError("the depthwise conv must read the expansion's output")
-            first, last = _positions(dw)
+            first, last = _expanded_positions(dw, ex.pixel_tile)
             if ex.pixel_tile > last - first:
                 raise ValueError(f"a {ex.pixel_tile}-position tile exceeds the {last - first} positions of a ring row")
         if pr is not None:
@@ -100,12 +100,17 @@ class InvertedResidualSpec:
         the tile, DepthwiseConvSpec's without lanes, rows and vectors). Both 1x1 convs take the GEMM's
         tile over the positions they compute; the depthwise conv row vectors and blocks of 2 output
         rows at stride 1, 1 at stride 2 (measured on Zen 3, 1 thread: within noise of 4 rows, the
-        ring smaller). Without a projection, a group takes as many filter tiles as fit
+        ring smaller), with a projection at least the rows of two vectors of pixels (a 14-pixel
+        block made the projection a 13 x 1 tile: 32->192->64 s2 at 28x28 0.81 -> 1.01x the separate
+        kernels). Without a projection, a group takes as many filter tiles as fit
         ``GROUP_WEIGHT_BYTES`` of weights and ``RING_BYTES`` of ring, at most half of them (two tasks
         for two cores), one band; with one, one group and a band per core."""
         dw = DepthwiseConvSpec.for_target(registers, lanes, **depthwise)
-        dw = dataclasses.replace(dw, rows=min(dw.out_height, 2 if dw.strides[0] == 1 else 1))
-        first, last = _positions(dw)
+        rows = 2 if dw.strides[0] == 1 else 1
+        if projection is not None:  # the projection's panel: at least two vectors of pixels
+            rows = max(rows, ceil_div(2 * lanes, dw.out_width))
+        dw = dataclasses.replace(dw, rows=min(dw.out_height, rows))
+        first, last = _expanded_positions(dw, 2 * lanes)
         filters, vectors, tile_lanes = register_tile(registers, lanes, last - first)
         ex = DenseConvSpec(**expansion, filter_tile=filters, vectors=vectors, lanes=tile_lanes) if expansion else None
         if projection is not None:
@@ -157,12 +162,20 @@ class InvertedResidualSpec:
         return sum(conv.flops for conv in (self.expansion, self.depthwise, self.projection) if conv is not None)
 
 
-def _positions(dw: DepthwiseConvSpec) -> tuple[int, int]:
-    """The first and one past the last position of a ring row that holds an input column (the
-    expansion computes these; the padding outside them is only zeroed)."""
+def _expanded_positions(dw: DepthwiseConvSpec, tile: int) -> tuple[int, int]:
+    """The first and one past the last position of a ring row the expansion computes: those that hold
+    an input column, widened within the row to ``tile`` positions when there are fewer (the padding's
+    results are zeroed after the row). At 14x14 the 14 input columns of a 16-position row made a
+    13 filters x 1 vector tile; the GEMM with that tile ran 64->384, 32->192 and 96->576 1.8-2.3x
+    slower than with 6 x 2 (Zen 3, 1 thread, interleaved)."""
     pads = set(padding_columns(dw))
-    inside = [k for k in range(dw.strides[1] * dw.phase_width) if k not in pads]
-    return inside[0], inside[-1] + 1
+    row = dw.strides[1] * dw.phase_width
+    inside = [k for k in range(row) if k not in pads]
+    first, last = inside[0], inside[-1] + 1
+    if last - first < tile <= row:
+        first = min(first, row - tile)
+        last = first + tile
+    return first, last
 
 
 def _gemm_tile(conv: DenseConvSpec, acc, weight, ft, channels: int, start: Callable, panel_at: Callable,
@@ -197,7 +210,7 @@ def _expand_row(spec: InvertedResidualSpec, acc, data, weight, bias, panel, ring
             else:
                 mr, lanes, tp, c_ = ex.filter_tile, ex.lanes, ex.pixel_tile, ex.in_channels
                 tiles = T.min(spec.group_tiles, ex.filter_tiles - g * spec.group_tiles)
-                first, last = _positions(dw)
+                first, last = _expanded_positions(dw, tp)
                 with T.serial(0, c_) as c:
                     copy_padded_row(dw, data, panel, n, c, iy, lambda p, q, c=c: c * row + p * dw.phase_width + q)
                 with T.serial(0, tiles) as fl:

@@ -12,9 +12,13 @@ conv (+ bias)(+ ReLU / clip) whose window is at least as tall as its stride, and
 blocks are taken (measured on Zen 3, 1 thread, MobileNetV2, interleaved A/B against the kernels
 one by one): those whose expanded tensor has at least ``MIN_EXPANDED_BYTES`` per image (16->96
 at 112x112 s2 1.38-1.55x, 24->144 at 56x56 s1 and s2 1.0-1.09x: the 4.8 and 1.8 MB expanded
-tensors are neither written nor read back); at 28x28 and 14x14 (0.6-1.0 MB and less, in L2
-anyway) fused ran 0.5-1.03x: the fused expansion sweeps a row at a time, and 14-position rows
-leave a 13 x 1 register tile. The projection joins them (``FUSE_PROJECTION``): the depthwise rows
+tensors are neither written nor read back); at 28x28 and 14x14 (0.3-0.6 MB, in L2 anyway) the
+fused kernel at best ties the separate ones (block alone, 11 interleaved rounds: 32->192->32 at
+28x28 0.97x, 32->192->64 s2 1.01x, 64->384->64, 64->384->96 and 96->576->96 at 14x14 1.00-1.03x,
+96->576->160 s2 at 14x14 0.71x, 160->960->160 at 7x7 0.47x), and taking them lost on the whole
+model (0.989x with the 28x28 blocks, 0.972x with the 14x14 ones too): each 1x1 conv computes 16
+positions for 14 (the separate GEMMs 208 for 196), which eats what the L2 round trip of the
+expanded tensor saved. The projection joins them (``FUSE_PROJECTION``): the depthwise rows
 of a block then go to a buffer in cache instead of memory. A depthwise conv without expansion
 before it but with a projection after it (MobileNetV2's first block, 32 channels at 112x112) is
 taken too: kernel alone 1.21-1.27x over the depthwise and projection kernels, the whole model
