@@ -11,11 +11,12 @@ The same loop also prefetches, per kernel, the first line of each input row its 
 reads for the kernel :data:`PREFETCH_DISTANCE` ahead (its channel is gathered, which the
 hardware prefetcher cannot follow), on layers whose input rows come from L2 rather than L1 and
 whose runs are long enough for that kernel to be mostly the same run's: rows layouts with at
-least :data:`PREFETCH_CHANNELS` input channels and rows at least one 8-lane tile of 14 wide
-(VGG-16 224's 56x56 and 14x14 layers). Zen 3, 1 thread, interleaved: 1.10-1.14x at 256 channels
-56x56, 1.07-1.09x at 512 channels 14x14; every line of the tile (15 prefetches a kernel) instead
-paid nothing (their load slots cost what they saved), nor did prefetch at 64 channels 224x224
-(0.94-0.97x: runs of 2 kernels) or with the tall tile at 112x112 (0.97x).
+least :data:`PREFETCH_CHANNELS` input channels and rows at least 14 wide (VGG-16 224's 56x56
+and 14x14 layers). Zen 3, 1 thread, interleaved: 1.06-1.15x at 256 channels 56x56, 1.04-1.12x
+at 512 channels 14x14; every line of the tile (15 prefetches a kernel) instead paid nothing
+(their load slots cost what they saved), nor did prefetch at 64 channels 224x224 (0.94-0.97x:
+runs of 2 kernels), with the tall tile at 112x112 (0.97x) or in the flat layout at 28x28 (the
+three rows a pitch apart: 0.99-1.07x in two runs).
 """
 
 from __future__ import annotations

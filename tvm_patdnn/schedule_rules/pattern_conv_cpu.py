@@ -71,7 +71,8 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
     when threads share the filters (``benchmarks/optimisations.py`` measures what it is worth).
     Column blocks run outside the filters for the AVX2 tall tile on wide rows (the layouts
     :func:`~tvm_patdnn.ops.pattern_conv.target_layout` gives it, more than one tile per row):
-    1.06-1.10x on top of the tile at 224x224 and 112x112 (Zen 3, 1 thread), elsewhere inside;
+    1.09-1.15x on top of the tile at 224x224, 0.96-1.10x at 112x112 (Zen 3, 1 thread, three
+    interleaved runs), elsewhere inside;
     ``columns_outside`` overrides."""
     layout = func.attrs[PATTERN_CONV_ATTR]
     batch, filters, rows, _partials, columns = _acc_shape(func)
