@@ -73,42 +73,30 @@ def test_the_gemm_tiles_have_the_shapes_the_expected_module_declares():
     assert (PROJECTION.filter_tile, RESIDUAL.filter_tile) == (6, 6)
 
 
-@I.ir_module
-class ChainWithOtherUsersFirst:
-    @R.function
-    def main(x: R.Tensor((1, 8, 9, 9), "float32"), w0: R.Tensor((8, 8, 1, 1), "float32"),
-             b0: R.Tensor((1, 8, 1, 1), "float32"), w1: R.Tensor((8, 8, 1, 1), "float32"),
-             b1: R.Tensor((1, 8, 1, 1), "float32")):
-        with R.dataflow():
-            c0 = R.nn.conv2d(x, w0)
-            y = R.add(c0, b0)
-            c1 = R.nn.conv2d(y, w1)
-            p = R.add(c1, b1)
-            gv = R.add(y, p)
-            R.output(gv)
-        return gv
+def two_projections(chain_with_other_users_first: bool) -> tvm.IRModule:
+    """Block 1's projection ``y = conv(x) + b0``, read by block 2's projection ``p = conv(y) + b1`` and
+    by the residual add ``y + p`` (or ``p + y``), as TVMScript prints it:
+    ``c0 = R.nn.conv2d(x, w0); y = R.add(c0, b0); c1 = R.nn.conv2d(y, w1); p = R.add(c1, b1); gv = R.add(y, p)``."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 9, 9), "float32"))
+
+    def projection(data, weight, bias):
+        return bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(data, relax.const(weight))),
+                                    relax.const(bias.reshape(1, 8, 1, 1))))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = projection(x, W0, B0)
+            p = projection(y, W1, B1)
+            gv = bb.emit_output(relax.op.add(y, p) if chain_with_other_users_first else relax.op.add(p, y))
+        bb.emit_func_output(gv)
+    return bb.get()
 
 
-@I.ir_module
-class ChainWithOtherUsersSecond:
-    @R.function
-    def main(x: R.Tensor((1, 8, 9, 9), "float32"), w0: R.Tensor((8, 8, 1, 1), "float32"),
-             b0: R.Tensor((1, 8, 1, 1), "float32"), w1: R.Tensor((8, 8, 1, 1), "float32"),
-             b1: R.Tensor((1, 8, 1, 1), "float32")):
-        with R.dataflow():
-            c0 = R.nn.conv2d(x, w0)
-            y = R.add(c0, b0)
-            c1 = R.nn.conv2d(y, w1)
-            p = R.add(c1, b1)
-            gv = R.add(p, y)
-            R.output(gv)
-        return gv
-
-
-@pytest.mark.parametrize("before", [ChainWithOtherUsersFirst, ChainWithOtherUsersSecond], ids=["first", "second"])
-def test_a_residual_add_fuses_into_the_conv_chain_only_it_reads_whichever_operand_that_is(before):
+@pytest.mark.parametrize("chain_with_other_users_first", [True, False], ids=["first", "second"])
+def test_a_residual_add_fuses_into_the_conv_chain_only_it_reads_whichever_operand_that_is(chain_with_other_users_first):
     """MobileNetV2's ``x + block(x)``, ``x`` the previous block's projection: that chain is read by the
     next block and by the add, so it cannot take the add in; the add's other operand, read only by
     the add, does, whether it comes first or second."""
-    before = bind(before, w0=W0, b0=B0.reshape(1, 8, 1, 1), w1=W1, b1=B1.reshape(1, 8, 1, 1))
-    tvm.ir.assert_structural_equal(DenseConvRewrite(16, 8, kernel="gemm")(before), expected())
+    after = DenseConvRewrite(16, 8, kernel="gemm")(two_projections(chain_with_other_users_first))
+    tvm.ir.assert_structural_equal(after, expected())
