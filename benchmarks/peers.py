@@ -2,7 +2,7 @@
 
 Models (``--models``, built by ``models.py`` as dense and pruned twins): VGG-16 for CIFAR (32x32,
 no BN; the model the records shipped in ``tvm_patdnn/schedules/`` were tuned for), VGG-16 ImageNet
-(224x224), ResNet-50 ImageNet (BN folded into the convs) with random He-normal weights from a fixed
+(224x224; ``vgg16_trunk``: its 13 convs and 5 pools without the classifier), ResNet-50 ImageNet (BN folded into the convs) with random He-normal weights from a fixed
 seed (no pretrained weights can be downloaded here), and MobileNetV2 with its real ImageNet weights.
 Each is pruned one-shot by the project's pruning core (``prune_onnx(model, n_patterns=8,
 connectivity=3.6)``: 8 magnitude-chosen patterns, 3.6x connectivity, first conv dense; with
@@ -25,7 +25,7 @@ Per-layer table: every conv of VGG-16 CIFAR compiled alone (``models.conv3x3_mod
 FMA peak measured at run time with the widest FMA the host has (``machine.py``: 512-bit on
 AVX-512 hosts, 256-bit on AVX2, NEON on aarch64); the ISA is named in the output.
 
-    .venv/bin/python -m benchmarks.peers [--models vgg16_cifar vgg16 resnet50] [--threads 1 2]
+    .venv/bin/python -m benchmarks.peers [--models vgg16_cifar vgg16 vgg16_trunk resnet50] [--threads 1 2]
         [--rounds 5] [--tune-trials 0] [--pointwise RATE] [--json benchmarks/results/peers.json]
 """
 
