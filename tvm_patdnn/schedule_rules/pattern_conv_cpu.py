@@ -71,9 +71,8 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
     when threads share the filters (``benchmarks/optimisations.py`` measures what it is worth).
     Column blocks run outside the filters for the AVX2 tall tile on wide rows (the layouts
     :func:`~tvm_patdnn.ops.pattern_conv.target_layout` gives it, more than one tile per row):
-    1.09-1.15x on top of the tile at 224x224, 0.96-1.10x at 112x112 (Zen 3, 1 thread, three
-    interleaved runs), elsewhere inside;
-    ``columns_outside`` overrides."""
+    1.09-1.15x on top of the tile at 224x224, 0.95-1.10x at 112x112 (Zen 3, 1 thread, three
+    interleaved runs); elsewhere inside. ``columns_outside`` overrides."""
     layout = func.attrs[PATTERN_CONV_ATTR]
     batch, filters, rows, _partials, columns = _acc_shape(func)
     row_tile, column_tile = int(layout["row_tile"]), int(layout["column_tile"])
@@ -132,8 +131,8 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
 
     Loop order: filter blocks, row blocks, interleaved filters (these three share the threads),
     column blocks outside the filters, serial filters, column blocks inside them (one of the two
-    column loops has extent 1 in the default); inside, the kernels of each pattern, and the register tile of rows x columns vectors (times the
-    layout's partial sums) innermost.
+    column loops has extent 1 in the default); inside, the kernels of each pattern, and the
+    register tile of rows x columns vectors (times the layout's partial sums) innermost.
     The output stage (filter order restored, partial sums added, bias and ReLU) is vectorised
     along each output row: left to LLVM, AVX-512 targets turned it into gathers and scatters.
     ``code_per_pattern=False`` (pattern and tap loops not unrolled: every tap's offset looked up
