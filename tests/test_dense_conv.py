@@ -13,6 +13,7 @@ from test_compiler import assert_close, check_against_reference
 from tvm import relax
 
 import tvm_patdnn
+from tvm_patdnn.ops import dense_conv
 from tvm_patdnn.ops.dense_conv import DENSE_CONV_ATTR, DenseConvSpec, register_tile
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
 from tvm_patdnn.transform import DenseConvRewrite
@@ -166,6 +167,24 @@ def test_kxk_convs_match_reference_on_the_direct_kernel(in_c, out_c, size, kerne
 def test_convs_the_kernel_does_not_take_stay_on_the_dense_path(in_c, out_c, kernel, attrs):
     compiled = check_against_reference(_single_conv(in_c, out_c, 9, kernel, **attrs), 1)
     assert dense_kernel_calls(compiled) == 0
+
+
+def test_weights_past_l2_run_filter_tiles_outside_pixel_tiles_and_match_reference(monkeypatch):
+    """1x1 convs with 2 MB of weights and more (ResNet-50's 1024->512, 512->1024 s2, 1024->2048 s2) sweep
+    panels packed beforehand, one filter tile at a time; that order, taken here by every GEMM layer,
+    against onnx.reference: stride 2, a residual, ragged filter and pixel tiles, batch 2."""
+    def layer(in_c, out_c, size, stride):
+        return DenseConvSpec(batch=1, in_channels=in_c, height=size, width=size, out_channels=out_c,
+                             strides=(stride, stride))
+
+    assert layer(1024, 2048, 14, 2).filters_outer and layer(1024, 512, 14, 1).filters_outer
+    assert not layer(256, 1024, 14, 1).filters_outer and not layer(1024, 256, 14, 1).filters_outer
+    monkeypatch.setattr(dense_conv, "FILTERS_OUTER_WEIGHT_BYTES", 0)
+    no_pad = (0, 0, 0, 0)
+    convs = [ConvSpec(40, kind="1x1", pads=no_pad), ConvSpec(40, kind="1x1", pads=no_pad, residual=True),
+             ConvSpec(37, kind="1x1", pads=no_pad, stride=2)]
+    compiled = check_against_reference(build_cnn(np.random.default_rng(7), (2, 13, 23, 11), convs), 7)
+    assert dense_kernel_calls(compiled, ("dense_conv",)) == 3
 
 
 def test_register_tile_follows_the_target():
