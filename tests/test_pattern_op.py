@@ -253,7 +253,8 @@ def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu
         (4, 5, 56, 1, (1, 7), False, False),  # 56-pixel rows keep the rule's 1x7
         (256, 14, 14, 1, (4, 2), False, True),  # VGG's 14x14 at 256+ channels: prefetching
         (256, 8, 8, 1, (8, 1), False, False),  # CIFAR's 8x8 (shipped records): no prefetch
-        (256, 28, 28, 1, (1, 7), False, False),  # VGG's 28x28: flat, no prefetch (it did not pay)
+        (256, 28, 28, 1, (1, 7), False, True),  # VGG's 28x28: flat, rows a pitch apart prefetched
+        (512, 2, 2, 1, (1, 1), False, False),  # CIFAR's 2x2 (flat): no prefetch
         (256, 9, 30, 2, (4, 2), False, True),  # strided: both column phases prefetched
     ],
 )

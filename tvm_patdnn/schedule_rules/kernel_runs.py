@@ -10,13 +10,13 @@ the update unguarded. This is exact because every store under the loop carries t
 The same loop also prefetches, per kernel, the first line of each input row its register tile
 reads for the kernel :data:`PREFETCH_DISTANCE` ahead (its channel is gathered, which the
 hardware prefetcher cannot follow), on layers whose input rows come from L2 rather than L1 and
-whose runs are long enough for that kernel to be mostly the same run's: rows layouts with at
-least :data:`PREFETCH_CHANNELS` input channels and rows at least 14 wide (VGG-16 224's 56x56
-and 14x14 layers). Zen 3, 1 thread, interleaved: 1.06-1.15x at 256 channels 56x56, 1.04-1.12x
-at 512 channels 14x14; every line of the tile (15 prefetches a kernel) instead paid nothing
-(their load slots cost what they saved), nor did prefetch at 64 channels 224x224 (0.94-0.97x:
-runs of 2 kernels), with the tall tile at 112x112 (0.97x) or in the flat layout at 28x28 (the
-three rows a pitch apart: 0.99-1.07x in two runs).
+whose runs are long enough for that kernel to be mostly the same run's: rows and flat layouts
+with at least :data:`PREFETCH_CHANNELS` input channels and output rows at least 14 wide
+(VGG-16 224's 56x56, 28x28 and 14x14 layers). Zen 3, 1 thread, interleaved: 1.06-1.15x at 256
+channels 56x56, 1.04-1.12x at 512 channels 14x14, 1.04-1.09x at 28x28 in the flat layout (three
+runs of four; 0.99-1.03x in one on a busier box). Every line of the tile (15 prefetches a
+kernel) instead paid nothing (their load slots cost what they saved), nor did prefetch at 64
+channels 224x224 (0.94-0.97x: runs of 2 kernels) or with the tall tile at 112x112 (0.94-0.97x).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _load_of(expr, buffer_name: str):
 def _prefetch_next_kernel(realize, inner_loops: list, layout) -> list:
     """Prefetches of the first line of every input row the register tile at the origin of the
     ``inner_loops`` reads, for the kernel :data:`PREFETCH_DISTANCE` ahead (clamped to the last);
-    none for rows layouts with too few channels or too narrow rows."""
+    none for layers with too few channels or too narrow rows. In the flat layout a tile's input
+    rows are the flat image at the tile's start plus 0, 1 and 2 row pitches."""
     block = realize.block
     pad = _load_of(block.body.value, "pad")
     channel = _load_of(pad.indices[1], "channels") if pad is not None else None
@@ -94,7 +95,11 @@ def _prefetch_next_kernel(realize, inner_loops: list, layout) -> list:
         raise _Unsupported("no gathered input load")
     sh, sw = (int(stride) for stride in layout["strides"])
     _n, channels, _rows, _phases, columns = (int(extent) for extent in pad.source.shape)
-    if channels < PREFETCH_CHANNELS or columns - 2 // sw < _PREFETCH_MIN_WIDTH:
+    flat = bool(int(layout["flat"]))
+    # flat: columns = accumulator columns + 2 row pitches + 2, a pitch = output width + 2
+    pitch = (columns - int(block.iter_vars[4].dom.extent) - 2) // 2 if flat else 0
+    width = pitch - 2 if flat else columns - 2 // sw
+    if channels < PREFETCH_CHANNELS or width < _PREFETCH_MIN_WIDTH:
         return []
     bindings, origin = sym.Analyzer(), sym.Analyzer()
     for iter_var, value in zip(block.iter_vars, realize.iter_values):
@@ -110,12 +115,16 @@ def _prefetch_next_kernel(realize, inner_loops: list, layout) -> list:
                      tirx.const(int(channel.source.shape[0]) - 1, kernel.ty))
     channel_ahead = tirx.Cast(pad.indices[1].ty, tirx.BufferLoad(channel.source, [ahead]))
     n, _f, y, _q, x = (at_origin(value) for value in list(realize.iter_values)[:5])
-    rows = (int(layout["row_tile"]) - 1) * sh + 3
     index = y.ty
-    return [tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(tirx.BufferLoad(
-                pad.source, [n, channel_ahead, y * sh + tirx.const(r, index), tirx.const(phase, index), x])),
-                0, 3, 1))
-            for r in range(rows) for phase in range(sw)]
+
+    def at(row, phase, column):
+        return tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(tirx.BufferLoad(
+            pad.source, [n, channel_ahead, row, tirx.const(phase, index), column])), 0, 3, 1))
+
+    if flat:
+        return [at(y, 0, x + tirx.const(r * pitch, index)) for r in range(3)]
+    rows = (int(layout["row_tile"]) - 1) * sh + 3
+    return [at(y * sh + tirx.const(r, index), phase, x) for r in range(rows) for phase in range(sw)]
 
 
 def _rewrite_loop(loop: tirx.For, loop_name: str, layout=None):
@@ -161,7 +170,7 @@ def bound_kernel_runs(func: tirx.PrimFunc, loop_name: str = "rj", prefetch: bool
     """Apply the rewrite to the (scheduled) kernel loop, prefetching where the module docstring
     says (and ``prefetch``); an unknown shape is left unchanged."""
     layout = func.attrs[PATTERN_CONV_ATTR] if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs else None
-    if not prefetch or layout is None or int(layout["flat"]) or int(layout["windows"]):
+    if not prefetch or layout is None or int(layout["windows"]):
         layout = None
 
     def visit(stmt):
