@@ -157,6 +157,20 @@ def test_bench_and_run_note_a_thread_count_the_library_was_not_compiled_for(mode
     assert err.count(note) == 2 and f"set TVM_NUM_THREADS={other} before starting" in err
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs to pin to one of them")
+def test_run_pinned_to_a_cpu_stays_there(library: Path, tmp_path: Path, x: np.ndarray) -> None:
+    # TVM's thread pool binds the calling thread to core 0 as it starts; `patdnn run` under taskset keeps its CPU
+    np.save(tmp_path / "x.npy", x)
+    cpu = max(os.sched_getaffinity(0))
+    code = (f"import os; os.sched_setaffinity(0, {{{cpu}}}); from tvm_patdnn.cli import main; "
+            f"assert main(['run', {str(library)!r}, '--input', {str(tmp_path / 'x.npy')!r}]) == 0; "
+            "print('affinity', sorted(os.sched_getaffinity(0)))")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"affinity [{cpu}]" in done.stdout
+
+
 def test_bench_profile_names_every_kernel_of_the_model(library: Path, x: np.ndarray,
                                                       capsys: pytest.CaptureFixture) -> None:
     model = tvm_patdnn.load(library)

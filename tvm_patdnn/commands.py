@@ -149,6 +149,9 @@ def _note_thread_mismatch(model) -> None:
 def run_run(args: argparse.Namespace) -> int:
     from .compiler import load
     from .fileio import write_bytes_atomic
+    from .targets import keep_cpu_pinning
+
+    keep_cpu_pinning()
 
     model = load(args.library)
     _note_thread_mismatch(model)
@@ -196,8 +199,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from .compiler import compile as compile_model
     from .compiler import load
     from .frontend import seeded_inputs
+    from .targets import keep_cpu_pinning
     from .verify import relative_error
 
+    keep_cpu_pinning()
     if args.runs < 1 or args.warmup < 0:
         raise PatDNNError(f"--runs must be at least 1 and --warmup at least 0, got {args.runs} and {args.warmup}")
     is_onnx = Path(args.model).suffix == ".onnx"

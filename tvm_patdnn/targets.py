@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import tvm
 from tvm.target import Target, codegen
@@ -18,6 +19,7 @@ from .errors import PatDNNError
 __all__ = [
     "resolve_target",
     "runtime_threads",
+    "keep_cpu_pinning",
     "vector_lanes",
     "accumulator_registers",
     "vector_registers",
@@ -66,6 +68,20 @@ def runtime_threads() -> int:
     """The threads TVM's runtime runs with in this process (and in the processes it starts):
     ``TVM_NUM_THREADS``, else TVM's default for this machine (half the logical CPUs on x86)."""
     return int(tvm.runtime.num_threads())
+
+
+def keep_cpu_pinning() -> None:
+    """Keep the CPUs this process is pinned to (``taskset``) when TVM's thread pool starts.
+
+    The pool binds its threads to cores 0..N-1 as it starts (``TVM_BIND_THREADS``, on by default),
+    the calling thread included: under ``taskset -c 1`` a 1-thread run moved to core 0
+    (``sched_getaffinity`` {1} -> {0}), beside whatever ran there, and so did everything the process
+    timed after it (a peers run measured tvm_patdnn 861 ms and ORT 1760 ms for 128 and 323 ms).
+    Turns the binding off only for a process pinned to fewer CPUs than the machine has, unless
+    ``TVM_BIND_THREADS`` is set; call it before the pool starts (the first kernel run).
+    """
+    if len(os.sched_getaffinity(0)) < (os.cpu_count() or 1):
+        os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def _host_target() -> dict:

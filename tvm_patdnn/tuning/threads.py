@@ -24,6 +24,7 @@ import tvm
 from tvm.target import Target
 
 from ..errors import PatDNNError
+from ..targets import keep_cpu_pinning
 
 __all__ = ["LocalThreads", "RemoteThreads", "check_threads", "describe", "for_threads", "not_applied", "preference",
            "runtime_mismatch", "set_remote_threads", "thread_count"]
@@ -104,6 +105,7 @@ class LocalThreads:
 
     def __call__(self) -> None:
         os.environ["TVM_NUM_THREADS"] = str(self.threads)
+        keep_cpu_pinning()  # a tune started under taskset measures on those CPUs
         running = int(tvm.runtime.num_threads())
         if running != self.threads:
             raise RuntimeError(f"the measuring process runs {running} TVM threads, not {self.threads}")
