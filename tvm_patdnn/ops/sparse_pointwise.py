@@ -159,15 +159,21 @@ def block_sparse_weight(weight: np.ndarray, block: int, channel_block: int) -> B
 
 
 def _micro_kernel(spec: SparsePointwiseSpec, panel, values, channels, starts, n, base, fb, epilogue) -> None:
-    """One filter block x one pixel tile over the filter block's kept blocks, stored once."""
+    """One filter block x one pixel tile over the filter block's kept blocks, stored once.
+
+    The loop counter and the channel's panel offset are 64-bit: with the int32 ``starts`` and
+    ``channels`` as they are, LLVM sign-extends every index and unrolls by 2 (21.5 instructions per
+    kept block for its 8 FMAs); cast once, it unrolls by 4 with one base register per array (17).
+    Measured on the AVX2 Zen 3 host (1 in 4 blocks kept, kernel alone, 9 interleaved rounds):
+    0.98-1.28x per layer, 1.06x summed over ResNet-50's 15 1x1 layers."""
     conv = spec.conv
     mr, nr, lanes, tp = conv.filter_tile, conv.vectors, conv.lanes, conv.pixel_tile
     acc = T.decl_buffer((mr * tp,), "float32", scope="local")
     with T.unroll(0, mr) as i:
         with T.vectorized(0, tp) as j:
             T.buffer_store(acc, tirx.const(0.0, "float32"), [i * tp + j])
-    with T.serial(starts[fb, 0], starts[fb, 1]) as e:
-        row = channels[e] * tp
+    with T.serial(starts[fb, 0].astype("int64"), starts[fb, 1].astype("int64")) as e:
+        row = channels[e].astype("int64") * tp
         with T.unroll(0, mr) as i:
             with T.unroll(0, nr) as jo:
                 with T.vectorized(0, lanes) as ji:
