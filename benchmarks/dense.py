@@ -66,7 +66,7 @@ from tvm_patdnn.transform.dense_conv_rewrite import DenseConvRewriter
 
 from .machine import machine_summary, tvm_threads
 from .models import dense_conv_model, dense_model
-from .runtimes import Runner, agree, ort_runner, tvm_runner
+from .runtimes import agree, ort_runner, tvm_runner
 
 # (in channels, out channels, input size, stride, kernel): the distinct dense convs of ResNet-50
 # v1.5 (stride on the 3x3), 1x1 first, then the 3x3s and the 7x7 stem (padding kernel // 2).
@@ -118,7 +118,7 @@ def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, r
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     ort = ort_runner(model, x, threads)
-    runners = {"ORT": Runner(ort.output, ort.time)}
+    runners = {"ORT": ort}
     expected = ort.output()
     for variant in variants:
         try:
@@ -128,7 +128,7 @@ def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, r
                 raise
             print(f"{variant} left out: {err}", flush=True)
             continue
-        error = agree(runners[variant].run(), expected)
+        error = agree(runners[variant].output(), expected)
         if error > RTOL:
             raise RuntimeError(f"{variant} differs from ORT by {error:.1e}")
     times: dict[str, list[float]] = {name: [] for name in runners}

@@ -49,7 +49,7 @@ from tvm_patdnn.fileio import save_model_atomic, write_bytes_atomic
 
 from .machine import cpu_name, fma_peak_gflops, widest_isa
 from .models import INPUT_SHAPES, conv3x3_model, twins
-from .runtimes import FnRunner, TVMRunner, agree, mnn_convert, mnn_runner, ort_runner, torch_runner
+from .runtimes import Runner, agree, mnn_convert, mnn_runner, ort_runner, torch_runner, tvm_runner
 
 RESULTS = Path(__file__).parent / "results"
 TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224",
@@ -77,7 +77,7 @@ def worker_model(name: str, threads: int, rounds: int, workdir: Path, dbs: dict[
     dense, pruned = onnx.load(str(workdir / f"{name}.dense.onnx")), onnx.load(str(workdir / f"{name}.pruned.onnx"))
     x = np.random.default_rng(0).standard_normal(INPUT_SHAPES[name]).astype(np.float32)
     compiled = compile_variants(dense, pruned, dbs)
-    runners: dict[str, TVMRunner | FnRunner] = {key: TVMRunner(c, x) for key, c in compiled.items()}
+    runners: dict[str, Runner] = {key: tvm_runner(c.executable, x) for key, c in compiled.items()}
     runners["ONNX Runtime"] = ort_runner(pruned, x, threads)
     runners["MNN"] = mnn_runner(workdir / f"{name}.pruned.mnn", x, threads)
     runners["PyTorch"] = torch_runner(name, pruned, x, threads)
@@ -129,7 +129,7 @@ def worker_layers(threads: int, rounds: int, workdir: Path) -> list[dict]:
         size = record.data_shape[-1]
         single = tvm_patdnn.compile(conv3x3_model(weight, size), "x86")
         x = np.random.default_rng(0).standard_normal(record.data_shape).astype(np.float32)
-        layers.append((record, TVMRunner(single, x)))
+        layers.append((record, tvm_runner(single.executable, x)))
     samples: list[list[float]] = [[] for _ in layers]
     for _ in range(rounds):
         for index, (_, runner) in enumerate(layers):

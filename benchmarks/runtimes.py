@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import tvm
 from tvm import relax
-
-import tvm_patdnn
 
 from .models import torch_module_with
 
@@ -54,35 +53,26 @@ def sample_ms(run: Callable[[], object]) -> float:
     return elapsed / count
 
 
-class TVMRunner:
-    """A compiled tvm_patdnn/TVM model, timed with TVM's time_evaluator (:func:`time_ms`)."""
+@dataclass(frozen=True)
+class Runner:
+    """One runtime running one model: ``output()`` its output, ``time()`` the ms of one run."""
 
-    def __init__(self, compiled: tvm_patdnn.CompiledModel, x: np.ndarray) -> None:
-        self.compiled, self.x = compiled, x
-        self.vm = vm_of(compiled.executable)
-        self.tx = tvm.runtime.tensor(x)
-
-    def output(self) -> np.ndarray:
-        return self.compiled.run({self.compiled.input_names[0]: self.x})[0]
-
-    def time(self) -> float:
-        return time_ms(self.vm, self.tx, number=1)
+    output: Callable[[], np.ndarray]
+    time: Callable[[], float]
 
 
-class FnRunner:
-    """Any runtime given as a zero-argument callable returning the output."""
-
-    def __init__(self, run: Callable[[], np.ndarray]) -> None:
-        self.run = run
-
-    def output(self) -> np.ndarray:
-        return np.asarray(self.run())
-
-    def time(self) -> float:
-        return sample_ms(self.run)
+def fn_runner(run: Callable[[], np.ndarray]) -> Runner:
+    """Any runtime given as a zero-argument callable returning the output, timed by :func:`sample_ms`."""
+    return Runner(lambda: np.asarray(run()), lambda: sample_ms(run))
 
 
-def ort_runner(model: onnx.ModelProto, x: np.ndarray, threads: int) -> FnRunner:
+def tvm_runner(executable, x: np.ndarray) -> Runner:
+    """A compiled tvm_patdnn/TVM model (its executable), timed with TVM's time_evaluator (:func:`time_ms`)."""
+    vm, tx = vm_of(executable), tvm.runtime.tensor(x)
+    return Runner(lambda: vm["main"](tx).numpy(), lambda: time_ms(vm, tx, number=1))
+
+
+def ort_runner(model: onnx.ModelProto, x: np.ndarray, threads: int) -> Runner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -91,7 +81,7 @@ def ort_runner(model: onnx.ModelProto, x: np.ndarray, threads: int) -> FnRunner:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x}
-    return FnRunner(lambda: session.run(None, feed)[0])
+    return fn_runner(lambda: session.run(None, feed)[0])
 
 
 def mnn_convert(onnx_path: Path, mnn_path: Path) -> None:
@@ -104,7 +94,7 @@ def mnn_convert(onnx_path: Path, mnn_path: Path) -> None:
         raise RuntimeError(f"MNN conversion of {onnx_path} failed")
 
 
-def mnn_runner(mnn_path: Path, x: np.ndarray, threads: int) -> FnRunner:
+def mnn_runner(mnn_path: Path, x: np.ndarray, threads: int) -> Runner:
     import MNN
 
     interpreter = MNN.Interpreter(str(mnn_path))
@@ -119,10 +109,10 @@ def mnn_runner(mnn_path: Path, x: np.ndarray, threads: int) -> FnRunner:
         sink.copyToHostTensor(host)
         return np.array(host.getData(), np.float32).reshape(sink.getShape())
 
-    return FnRunner(run)
+    return fn_runner(run)
 
 
-def torch_runner(name: str, model: onnx.ModelProto, x: np.ndarray, threads: int) -> FnRunner:
+def torch_runner(name: str, model: onnx.ModelProto, x: np.ndarray, threads: int) -> Runner:
     import torch
 
     torch.set_num_threads(threads)
@@ -132,21 +122,9 @@ def torch_runner(name: str, model: onnx.ModelProto, x: np.ndarray, threads: int)
         with torch.inference_mode():
             return module(tx).numpy()
 
-    return FnRunner(run)
+    return fn_runner(run)
 
 
 def agree(actual: np.ndarray, expected: np.ndarray) -> float:
     """Max abs difference relative to the reference's max magnitude."""
     return float(np.abs(actual.reshape(expected.shape) - expected).max() / max(np.abs(expected).max(), 1e-30))
-
-
-class Runner:
-    """One variant of one model, ready to run and time."""
-
-    def __init__(self, run: Callable[[], np.ndarray], time_one: Callable[[], float]) -> None:
-        self.run, self.time = run, time_one
-
-
-def tvm_runner(executable, x: np.ndarray) -> Runner:
-    vm, tx = vm_of(executable), tvm.runtime.tensor(x)
-    return Runner(lambda: vm["main"](tx).numpy(), lambda: time_ms(vm, tx, number=1))

@@ -50,7 +50,7 @@ from tvm_patdnn.transform import DenseConvRewrite, WinogradConvRewrite
 
 from .machine import machine_summary
 from .models import dense_conv_model, dense_model
-from .runtimes import Runner, agree, ort_runner, tvm_runner
+from .runtimes import agree, ort_runner, tvm_runner
 
 # (group, in channels, out channels, input size): 3x3 stride-1 pad-1 convs.
 LAYERS = [
@@ -100,13 +100,13 @@ def measure(model: onnx.ModelProto, variants: list[str], build: Callable, thread
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     ort = ort_runner(model, x, threads)
-    runners = {"ORT": Runner(ort.output, ort.time)}
+    runners = {"ORT": ort}
     expected = ort.output()
     reference = exact(model, x) if exact is not None else None
     errors = {"ORT": agree(expected, reference)} if reference is not None else {}
     for variant in variants:
         runners[variant] = tvm_runner(build(model, variant), x)
-        output = runners[variant].run()
+        output = runners[variant].output()
         if agree(output, expected) > RTOL:
             raise RuntimeError(f"{variant} differs from ORT by {agree(output, expected):.1e}")
         if reference is not None:
