@@ -129,3 +129,16 @@ def test_wide_targets_get_their_register_tile(target, instruction: str, vectors:
     lib = tvm.tirx.build(tvm.IRModule({"main": sparse_pointwise_primfunc(spec).with_attr("global_symbol", "main")}),
                          target=resolved)
     assert instruction in lib.inspect_source("asm")
+
+
+@pytest.mark.parametrize("size,stride,prefetches", [
+    (28, 1, True),  # stride 1, many tiles: the next tile's line in each channel
+    (28, 2, False),  # strided windows: tried, no gain
+    (4, 1, False),  # one tile: no next one
+])
+def test_stride_one_layers_prefetch_the_next_tiles_input(size: int, stride: int, prefetches: bool) -> None:
+    spec = SparsePointwiseSpec.for_target(16, 8, BLOCK, 100, batch=1, in_channels=64, height=size, width=size,
+                                          out_channels=64, strides=(stride, stride))
+    lib = tvm.tirx.build(tvm.IRModule({"main": sparse_pointwise_primfunc(spec).with_attr("global_symbol", "main")}),
+                         target=resolve_target({"kind": "llvm", "mcpu": "znver3"}))
+    assert ("prefetcht0" in lib.inspect_source("asm")) == prefetches
