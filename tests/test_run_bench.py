@@ -157,6 +157,16 @@ def test_bench_and_run_note_a_thread_count_the_library_was_not_compiled_for(mode
     assert err.count(note) == 2 and f"set TVM_NUM_THREADS={other} before starting" in err
 
 
+def test_bench_of_a_phone_target_is_refused_without_a_thread_note(model_file: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    phone = json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"],
+                        "num-cores": tvm.runtime.num_threads() + 1})
+    assert main(["bench", str(model_file), "--target", phone, "--runs", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "which this machine cannot run: run it on the device with `patdnn deploy`" in err
+    assert "note: the model is compiled for" not in err
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs to pin to one of them")
 def test_run_pinned_to_a_cpu_stays_there(library: Path, tmp_path: Path, x: np.ndarray) -> None:
     # TVM's thread pool binds the calling thread to core 0 as it starts; `patdnn run` under taskset keeps its CPU

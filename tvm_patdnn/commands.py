@@ -138,10 +138,12 @@ def _summary(name: str, value: np.ndarray) -> str:
 
 
 def _note_thread_mismatch(model) -> None:
-    """Say on stderr when the runtime's thread count is not the one the model was compiled for."""
+    """Say on stderr when the runtime's thread count is not the one the model was compiled for
+    (not for a phone's code: that never runs on this runtime, and running it is refused)."""
+    from .targets import is_host_runnable
     from .tuning.threads import runtime_mismatch
 
-    note = runtime_mismatch(model.target)
+    note = runtime_mismatch(model.target) if is_host_runnable(model.target) else None
     if note is not None:
         print(note, file=sys.stderr)
 
