@@ -171,14 +171,18 @@ def test_convs_the_kernel_does_not_take_stay_on_the_dense_path(in_c, out_c, kern
 
 def test_weights_past_l2_run_filter_tiles_outside_pixel_tiles_and_match_reference(monkeypatch):
     """1x1 convs with 2 MB of weights and more (ResNet-50's 1024->512, 512->1024 s2, 1024->2048 s2) sweep
-    panels packed beforehand, one filter tile at a time; that order, taken here by every GEMM layer,
+    panels packed beforehand, one filter tile at a time, on 8-lane tiles (measured on AVX2 only: not on
+    AVX-512's 16-lane or NEON's 4-lane tiles by default); that order, taken here by every GEMM layer,
     against onnx.reference: stride 2, a residual, ragged filter and pixel tiles, batch 2."""
-    def layer(in_c, out_c, size, stride):
-        return DenseConvSpec(batch=1, in_channels=in_c, height=size, width=size, out_channels=out_c,
-                             strides=(stride, stride))
+    def layer(in_c, out_c, size, stride, registers=16, lanes=8):
+        return DenseConvSpec.for_target(registers, lanes, batch=1, in_channels=in_c, height=size, width=size,
+                                        out_channels=out_c, strides=(stride, stride))
 
     assert layer(1024, 2048, 14, 2).filters_outer and layer(1024, 512, 14, 1).filters_outer
     assert not layer(256, 1024, 14, 1).filters_outer and not layer(1024, 256, 14, 1).filters_outer
+    assert not layer(1024, 2048, 14, 2, 32, 16).filters_outer and not layer(1024, 2048, 14, 2, 32, 4).filters_outer
+    with pytest.raises(ValueError, match="packed panels"):
+        DenseConvSpec(batch=1, in_channels=8, height=4, width=4, out_channels=8, pack_panel=False, filters_outer=True)
     monkeypatch.setattr(dense_conv, "FILTERS_OUTER_WEIGHT_BYTES", 0)
     no_pad = (0, 0, 0, 0)
     convs = [ConvSpec(40, kind="1x1", pads=no_pad), ConvSpec(40, kind="1x1", pads=no_pad, residual=True),

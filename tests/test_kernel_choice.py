@@ -4,6 +4,7 @@ and every candidate computes the same result."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,11 +16,14 @@ from model_factory import ConvSpec, build_cnn, reference_outputs
 import tvm_patdnn
 from tvm_patdnn.cli import main
 from tvm_patdnn.errors import PatDNNError
+from tvm_patdnn.ops import dense_conv
+from tvm_patdnn.ops.dense_conv import DenseConvSpec
 from tvm_patdnn.ops.winograd_conv import ERROR_BOUND
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
-from tvm_patdnn.transform.kernel_choice import KernelChoice, kernel_function, layer_key
+from tvm_patdnn.transform.kernel_choice import KernelChoice, kernel_function, layer_key, layer_spec
 from tvm_patdnn.transform.winograd_conv_rewrite import WinogradConvRewriter
 from tvm_patdnn.tuning.database import KERNEL_CHOICES, target_key
+from tvm_patdnn.tuning.kernel_records import load_kernel_choices
 
 TARGET = resolve_target("x86")
 KERNEL_NAMES = ("dense_conv", "direct_conv", "winograd_conv")
@@ -129,14 +133,81 @@ def test_tune_measures_each_candidate_once_and_compile_uses_the_best(tmp_path):
 
 def layers_of_records(database: Path) -> list:
     """The layers of the record file, in the order tune measured them."""
-    from tvm_patdnn.ops.dense_conv import DenseConvSpec
-
     seen = {}
     for line in (database / KERNEL_CHOICES).read_text().splitlines():
         layer = json.loads(line)["layer"]
         seen.setdefault(json.dumps(layer, sort_keys=True), layer)
-    tuples = ("kernel", "strides", "padding")
-    return [DenseConvSpec(**{k: tuple(v) if k in tuples else v for k, v in layer.items()}) for layer in seen.values()]
+    return [layer_spec(layer) for layer in seen.values()]
+
+
+def gemm_orders(candidates: list) -> dict[tuple, set[bool]]:
+    """The loop orders among the candidates per GEMM tile with packed panels."""
+    orders: dict[tuple, set[bool]] = {}
+    for spec in candidates:
+        if isinstance(spec, DenseConvSpec) and spec.pack_panel:
+            orders.setdefault((spec.filter_tile, spec.vectors, spec.lanes), set()).add(spec.filters_outer)
+    return orders
+
+
+def test_tune_tries_both_gemm_loop_orders_where_the_weights_reach_l2():
+    """1024->512 at 14x14 (2 MB of weights: filters outside by the rule on 8-lane tiles), 256->1024 (1 MB:
+    pixels outside) and 64->256 at 56x56 (64 KB: one order); the rule's order comes first, and the
+    16-lane (AVX-512) and 4-lane (NEON) tiles, outside the rule, are tried in both orders too."""
+    def layer(in_c, out_c, size):
+        return DenseConvSpec.for_target(16, 8, batch=1, in_channels=in_c, height=size, width=size, out_channels=out_c)
+
+    avx2, avx512, neon = WinogradConvRewriter(16, 8), WinogradConvRewriter(32, 16), WinogradConvRewriter(32, 4)
+    for spec, rule in [(layer(1024, 512, 14), True), (layer(256, 1024, 14), False)]:
+        candidates = avx2.candidates(spec)
+        assert candidates[0] == spec and spec.filters_outer == rule
+        assert all(orders == {False, True} for orders in gemm_orders(candidates).values())
+        for rewriter, lanes in [(avx512, 16), (neon, 4)]:
+            tiles = gemm_orders(rewriter.candidates(spec))
+            assert {True, False} in [orders for tile, orders in tiles.items() if tile[2] == lanes]
+            assert not DenseConvSpec.for_target(rewriter.registers, lanes, **spec.layer_fields()).filters_outer
+    small = avx2.candidates(layer(64, 256, 56))
+    assert all(orders == {False} for orders in gemm_orders(small).values())
+
+
+def test_a_record_with_the_other_gemm_loop_order_compiles_to_the_reference(tmp_path):
+    """The 1x1 and the 3x3 stride-2 layer on a GEMM tile in the order the rule does not give them."""
+    onnx_model, x = model()
+    layers = layers_of(onnx_model, tmp_path / "db")
+    rewriter = WinogradConvRewriter(vector_registers(TARGET), vector_lanes(TARGET))
+    chosen = {}
+    for layer in layers:
+        gemm = [spec for spec in rewriter.candidates(layer) if isinstance(spec, DenseConvSpec) and spec.pack_panel]
+        if gemm:
+            chosen[layer_key(layer)] = (layer, dataclasses.replace(gemm[0], filters_outer=not gemm[0].filters_outer))
+    assert len(chosen) == 2
+    write_records(tmp_path / "db", [record(layer, spec, 1.0) for layer, spec in chosen.values()])
+    compiled = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=tmp_path / "db")
+    assert compiled.schedules.kernel_choices.applied == set(chosen)
+    assert kernel_calls(compiled).count("dense_conv") == 2
+    expected = reference_outputs(onnx_model, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_gemm_record_written_before_the_loop_order_means_the_rules_order(tmp_path, monkeypatch):
+    """A record without ``filters_outer`` (session 8's format) applies, in the rule's order for its
+    tile: filters outside on an 8-lane tile here (threshold patched to 0), the usual order without
+    the panel copy."""
+    monkeypatch.setattr(dense_conv, "FILTERS_OUTER_WEIGHT_BYTES", 0)
+    onnx_model, x = model()
+    layer = next(layer for layer in layers_of(onnx_model, tmp_path / "db") if layer.kernel == (1, 1))
+    packed = DenseConvSpec.for_target(16, 8, **layer.layer_fields())
+    in_place = dataclasses.replace(packed, pack_panel=False, filters_outer=False)
+    expected = reference_outputs(onnx_model, {"input": x})[0]
+    for spec, rule in [(packed, True), (in_place, False)]:
+        old = record(layer, spec, 1.0)
+        del old["choice"]["params"]["filters_outer"]
+        write_records(tmp_path / "db", [old])
+        assert spec.filters_outer == rule
+        assert load_kernel_choices(tmp_path / "db", TARGET)[0].chosen == {layer_key(layer): KernelChoice.of(spec)}
+        compiled = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=tmp_path / "db")
+        assert compiled.schedules.kernel_choices.applied == {layer_key(layer)}
+        actual = compiled.run({"input": x})[0]
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_a_corrupt_record_file_is_named(tmp_path):

@@ -168,8 +168,12 @@ def test_compile_says_which_kernels_had_records_of_another_thread_count():
 def test_dense_kernel_choices_are_taken_from_the_compiles_thread_count(tmp_path):
     """dense_kernels.json lines say their count; lines without one (older tunes) serve any count;
     another count's measurements are not applied, and the report knows the nearest of them."""
+    from tvm_patdnn.transform.kernel_choice import KernelChoice, layer_spec
     from tvm_patdnn.tuning.database import KERNEL_CHOICES, SCHEDULES_DIR
     from tvm_patdnn.tuning.kernel_records import load_kernel_choices
+
+    def choice(line: dict) -> KernelChoice:
+        return KernelChoice.from_json(line["choice"], layer_spec(line["layer"]))
 
     shipped = [json.loads(line) for line in (SCHEDULES_DIR / "llvm-znver3" / KERNEL_CHOICES).read_text().splitlines()]
     assert {line["threads"] for line in shipped} == {1}
@@ -183,10 +187,10 @@ def test_dense_kernel_choices_are_taken_from_the_compiles_thread_count(tmp_path)
 
     for threads, winner in ((1, fastest), (2, slowest)):
         choices, measured_at = load_kernel_choices(db_dir, zen3(threads))
-        assert choices.chosen[layer].as_json() == winner["choice"] and measured_at == {layer: threads}
+        assert choices.chosen[layer] == choice(winner) and measured_at == {layer: threads}
     choices, measured_at = load_kernel_choices(db_dir, zen3(4))
     assert choices.chosen == {} and measured_at == {layer: 2}  # nearest of the counts not applied
     unrecorded = [{k: v for k, v in line.items() if k != "threads"} for line in shipped]
     (db_dir / KERNEL_CHOICES).write_text("".join(json.dumps(line) + "\n" for line in lines + unrecorded))
     choices, measured_at = load_kernel_choices(db_dir, zen3(4))
-    assert choices.chosen[layer].as_json() == fastest["choice"] and measured_at == {layer: None}
+    assert choices.chosen[layer] == choice(fastest) and measured_at == {layer: None}

@@ -19,12 +19,13 @@ row-wise vector), and the loop nest is the one of a GEMM micro-kernel:
   against ``F`` multiply-adds);
 * a long reduction (many channels x taps) runs in blocks whose panel fits ``PANEL_BYTES``, the
   partial sums waiting in a per-tile buffer (not in the output: tiles overlap, see below);
-* except when the weights outgrow L2 (``filters_outer``, AVX2 tiles): the order above streams
-  them once per pixel tile, from L3, so a neighbour's memory traffic slows it down; then every
-  panel is packed first and each filter tile sweeps all of them, its weights in L1 and the
-  panels in L2 (Zen 3, 1 thread, interleaved: 1024->2048 s2 at 14x14 (8 MB of weights)
-  1.17-1.22x, 1024->512 at 14x14 and 512->1024 s2 at 28x28 (2 MB) 1.05x and 1.03x, ties on the
-  1 MB layers);
+* except when the weights outgrow L2 (``filters_outer``, by default on AVX2 tiles with
+  ``FILTERS_OUTER_WEIGHT_BYTES`` of weights): the order above streams them once per pixel tile,
+  from L3, so a neighbour's memory traffic slows it down; then every panel is packed first and
+  each filter tile sweeps all of them, its weights in L1 and the panels in L2 (Zen 3, 1 thread,
+  interleaved: 1024->2048 s2 at 14x14 (8 MB of weights) 1.17-1.22x, 1024->512 at 14x14 and
+  512->1024 s2 at 28x28 (2 MB) 1.05x and 1.03x, ties on the 1 MB layers). ``patdnn tune``
+  measures both orders where the weights reach L2's size, on every target;
 * the last pixel tile overlaps the one before instead of running a masked tail (stores of the
   overlap write identical values), so every load and store is a full vector;
 * bias, a residual input, ReLU or clip are applied to the accumulators before the one store.
@@ -37,6 +38,7 @@ The function is written directly as (scheduled) TIR, so no schedule rule or tuni
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +61,8 @@ LAYER_FIELDS = ("batch", "in_channels", "height", "width", "out_channels", "kern
 # Cortex-A76), the rest for the weights being broadcast and the output tile.
 PANEL_BYTES = 16384
 # Weights of at least this many bytes (4 times a 512 KB L2) run with the filter tiles outside the
-# pixel tiles (DenseConvSpec.filters_outer) on 8-lane (AVX2) tiles.
+# pixel tiles on 8-lane (AVX2) tiles unless a tuning record says otherwise
+# (DenseConvSpec.default_filters_outer).
 FILTERS_OUTER_WEIGHT_BYTES = 2 * 1024 * 1024
 
 
@@ -100,11 +103,14 @@ class DenseConvSpec:
     vectors: int = 2  # NR
     lanes: int = 8
     pack_panel: bool = True  # False (pointwise only): read the NCHW input in place, to measure the copy's worth
+    filters_outer: bool = False  # filter tiles outside the pixel tiles (for_target: default_filters_outer)
 
     def __post_init__(self):
         check_activation(self.activation)
         if not self.pack_panel and not self.pointwise:
             raise ValueError("only a 1x1 stride-1 unpadded conv can read its input in place")
+        if self.filters_outer and not self.pack_panel:
+            raise ValueError("the filters-outer order sweeps packed panels")
         if self.out_height < 1 or self.out_width < 1:
             raise ValueError("the kernel is larger than the padded input")
         if self.lanes > self.pixels:
@@ -113,10 +119,11 @@ class DenseConvSpec:
     @classmethod
     def for_target(cls, registers: int, lanes: int, vectors: int = 2, **shape) -> DenseConvSpec:
         """The spec with the register tile (:func:`register_tile`) of a target with ``registers``
-        vectors of ``lanes``."""
+        vectors of ``lanes``, in the rule's loop order (:attr:`default_filters_outer`)."""
         probe = cls(**shape, lanes=1, filter_tile=1, vectors=1)
         filters, vectors, lanes = register_tile(registers, lanes, probe.pixels, vectors)
-        return cls(**shape, filter_tile=filters, vectors=vectors, lanes=lanes)
+        spec = cls(**shape, filter_tile=filters, vectors=vectors, lanes=lanes)
+        return dataclasses.replace(spec, filters_outer=spec.default_filters_outer)
 
     def layer_fields(self) -> dict:
         """The conv's shape and epilogue fields (every field but the GEMM tile's)."""
@@ -169,11 +176,16 @@ class DenseConvSpec:
         return ceil_div(self.out_channels, self.filter_tile)
 
     @property
-    def filters_outer(self) -> bool:
-        """Pack every panel first, then sweep them per filter tile (weights streamed once): for 8-lane
-        tiles whose weights reach ``FILTERS_OUTER_WEIGHT_BYTES`` (measured on AVX2 only)."""
-        return (self.pack_panel and self.lanes == 8
-                and self.out_channels * self.taps * 4 >= FILTERS_OUTER_WEIGHT_BYTES)
+    def weight_bytes(self) -> int:
+        return self.out_channels * self.taps * 4
+
+    @property
+    def default_filters_outer(self) -> bool:
+        """The rule's loop order for this layer and tile: every panel packed first, then swept per
+        filter tile (weights streamed once) for 8-lane tiles whose weights reach
+        ``FILTERS_OUTER_WEIGHT_BYTES``. Measured on AVX2 (Zen 3) only, so off for 16-lane (AVX-512)
+        and 4-lane (NEON) tiles, where ``patdnn tune`` may still choose it."""
+        return self.pack_panel and self.lanes == 8 and self.weight_bytes >= FILTERS_OUTER_WEIGHT_BYTES
 
     @property
     def flops(self) -> int:

@@ -60,7 +60,7 @@ from tvm.ir import IRModule
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..arith import ceil_div
-from ..ops.dense_conv import DenseConvSpec
+from ..ops.dense_conv import FILTERS_OUTER_WEIGHT_BYTES, DenseConvSpec
 from ..ops.direct_conv import DirectConvSpec, direct_register_tile
 from .exprs import (
     add_kernel, constant_array, float_value, nchw_conv_shapes, per_channel_bias, single_use_values, static_shape,
@@ -80,6 +80,9 @@ POINTWISE_WEIGHT_PANEL = 8192
 # On AVX2, stride-1 1x1 convs with at most this many filters, in whole direct-kernel filter blocks
 # (16 or 24), also take the direct kernel (MobileNetV2's projections: 384->64, 192->32, 144->24 ...).
 FEW_POINTWISE_FILTERS = 64
+# patdnn tune measures the GEMM in both loop orders (DenseConvSpec.filters_outer) for layers with
+# at least this many bytes of weights: a Zen 3 L2, a quarter of the rule's threshold.
+BOTH_ORDERS_WEIGHT_BYTES = FILTERS_OUTER_WEIGHT_BYTES // 4
 
 
 def _is_dense_conv(conv: relax.Call, weight: relax.Expr) -> bool:
@@ -94,20 +97,22 @@ class DenseConvRewriter:
     ``registers`` and ``lanes`` are the target's vector registers and fp32 lanes
     (:func:`tvm_patdnn.targets.vector_registers`, :func:`~tvm_patdnn.targets.vector_lanes`);
     ``vectors`` (pixel vectors per GEMM register tile), ``pack_panel`` (copy each input panel
-    before the filters sweep it; strided convs always do) and ``kernel`` (``"auto"``: the rule of
-    :meth:`kernel_for`; ``"gemm"`` or ``"direct"``: that kernel wherever it applies) exist to
-    measure what they are worth. ``choices`` (:class:`~.kernel_choice.KernelChoices`, from
-    ``patdnn tune``'s records) overrides the rules per layer with the kernel measured fastest, and
-    collects the layers met, for the tuner.
+    before the filters sweep it; strided convs always do), ``filters_outer`` (the GEMM's loop
+    order where it packs panels; None: the rule's, :attr:`DenseConvSpec.default_filters_outer`)
+    and ``kernel`` (``"auto"``: the rule of :meth:`kernel_for`; ``"gemm"`` or ``"direct"``: that
+    kernel wherever it applies) exist to measure what they are worth. ``choices``
+    (:class:`~.kernel_choice.KernelChoices`, from ``patdnn tune``'s records) overrides the rules
+    per layer with the kernel measured fastest, and collects the layers met, for the tuner.
     """
 
     KERNELS = ("auto", "gemm", "direct")
 
     def __init__(self, registers: int = 16, lanes: int = 8, vectors: int = 2, pack_panel: bool = True,
-                 kernel: str = "auto", choices: KernelChoices | None = None):
+                 kernel: str = "auto", choices: KernelChoices | None = None, filters_outer: bool | None = None):
         if kernel not in self.KERNELS:
             raise ValueError(f"kernel {kernel!r} is not one of {self.KERNELS}")
         self.registers, self.lanes, self.vectors, self.pack_panel = registers, lanes, vectors, pack_panel
+        self.filters_outer = filters_outer
         self.kernel, self.choices = kernel, choices
         self.data, self.weight, self.bias = wildcard(), is_const(), is_const()
         self.residual = ~is_const()  # a constant there is a bias
@@ -204,7 +209,9 @@ class DenseConvRewriter:
         if self.kernel_for(spec) is None:
             return None
         if not self.pack_panel and spec.pointwise:
-            spec = dataclasses.replace(spec, pack_panel=False)
+            spec = dataclasses.replace(spec, pack_panel=False, filters_outer=False)
+        elif self.filters_outer is not None:
+            spec = dataclasses.replace(spec, filters_outer=self.filters_outer)
         return conv, spec, bias, residual
 
     def gemm_vectors(self) -> tuple[int, int]:
@@ -253,7 +260,8 @@ class DenseConvRewriter:
 
     def candidates(self, spec: DenseConvSpec) -> list[KernelSpec]:
         """What ``patdnn tune`` measures for a conv :meth:`kernel_for` takes: the default first, then
-        the GEMM with 1-3 pixel vectors (and, for pointwise convs, without the panel copy) and the
+        the GEMM with 1-3 pixel vectors, in both loop orders when the weights reach
+        ``BOTH_ORDERS_WEIGHT_BYTES`` (and, for pointwise convs, without the panel copy) and the
         direct kernel with 4-12 pixel tiles, both loop orders and weight panels of a quarter and a
         half of L1 (when they split the reduction further), each on the target's vectors and
         on AVX-512 also on 8-lane ones. Only kernels that apply: the GEMM for KxK convs with at least
@@ -264,9 +272,13 @@ class DenseConvRewriter:
         direct = spec.out_channels >= min(8, self.lanes)
         wide = self.lanes >= 16
         for registers, lanes in [(self.registers, self.lanes)] + [self.gemm_vectors()] * wide if gemm else []:
-            found += [DenseConvSpec.for_target(registers, lanes, count, **shape) for count in (1, 2, 3)]
+            tiles = [DenseConvSpec.for_target(registers, lanes, count, **shape) for count in (1, 2, 3)]
+            if spec.weight_bytes >= BOTH_ORDERS_WEIGHT_BYTES:
+                tiles += [dataclasses.replace(tile, filters_outer=not tile.filters_outer) for tile in tiles]
+            found += tiles
             if spec.pointwise:
-                found.append(dataclasses.replace(DenseConvSpec.for_target(registers, lanes, **shape), pack_panel=False))
+                found.append(dataclasses.replace(DenseConvSpec.for_target(registers, lanes, **shape), pack_panel=False,
+                                                 filters_outer=False))
         for registers, lanes in [(self.registers, self.lanes)] + [(self.registers, 8)] * wide if direct else []:
             base = DirectConvSpec.for_target(spec, registers, lanes)
             found.append(dataclasses.replace(base, filters_inner=not base.filters_inner))

@@ -3,13 +3,14 @@
 The dense passes (:class:`~tvm_patdnn.transform.WinogradConvRewrite`,
 :class:`~tvm_patdnn.transform.DenseConvRewrite`) pick a kernel per layer by rules measured on a
 few machines. ``patdnn tune`` measures, per layer of the model, the rules' choice and its
-neighbours (:meth:`WinogradConvRewriter.candidates`: GEMM tiles, direct-kernel tiles and loop
-orders, Winograd tiles) and records them; ``compile`` then runs each layer on the fastest it
-measured. The default is always one of the candidates, so tuning can only win.
+neighbours (:meth:`WinogradConvRewriter.candidates`: GEMM tiles and loop orders, direct-kernel
+tiles and loop orders, Winograd tiles) and records them; ``compile`` then runs each layer on the
+fastest it measured. The default is always one of the candidates, so tuning can only win.
 
 A choice is a kernel spec (what the kernel builder takes), stored as the kernel's name and the
 spec fields that are not the layer's shape; a layer is its shape and epilogue
-(:func:`layer_key`), so one record serves every model with that layer.
+(:func:`layer_key`), so one record serves every model with that layer. A GEMM record written
+before its loop order was recorded (no ``filters_outer``) means the rule's order for its tile.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from ..ops.dense_conv import DenseConvSpec, dense_conv_primfunc, pack_dense_conv
 from ..ops.direct_conv import DirectConvSpec, direct_conv_primfunc, pack_direct_conv_bias
 from ..ops.winograd_conv import WinogradConvSpec, pack_winograd_weight, winograd_conv_primfunc
 
-__all__ = ["KernelChoice", "KernelChoices", "KernelSpec", "kernel_function", "layer_key", "pack_for_kernel"]
+__all__ = ["KernelChoice", "KernelChoices", "KernelSpec", "kernel_function", "layer_key", "layer_spec",
+           "pack_for_kernel"]
 
 KernelSpec = DenseConvSpec | DirectConvSpec | WinogradConvSpec
 
 # Per kernel: the spec's class, its name in records and the fields a choice records.
 _KERNELS = {
-    "gemm": (DenseConvSpec, ("filter_tile", "vectors", "lanes", "pack_panel")),
+    "gemm": (DenseConvSpec, ("filter_tile", "vectors", "lanes", "pack_panel", "filters_outer")),
     "direct": (DirectConvSpec, ("pixel_tile", "vectors", "lanes", "filters_inner", "weight_panel")),
     "winograd": (WinogradConvSpec, ("tile", "vectors", "lanes")),
 }
@@ -41,6 +43,12 @@ _KERNELS = {
 def layer_key(layer: DenseConvSpec) -> str:
     """The layer's identity in records: its shape and epilogue as canonical JSON."""
     return json.dumps({name: _plain(value) for name, value in layer.layer_fields().items()}, sort_keys=True)
+
+
+def layer_spec(fields: Mapping) -> DenseConvSpec:
+    """The layer of a record (:func:`layer_key`'s fields, decoded), with a one-lane GEMM tile (any layer fits it)."""
+    shape = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
+    return DenseConvSpec(**shape, filter_tile=1, vectors=1, lanes=1)
 
 
 def _plain(value):
@@ -60,8 +68,11 @@ class KernelChoice:
         return cls(kernel, tuple((name, getattr(spec, name)) for name in _KERNELS[kernel][1]))
 
     @classmethod
-    def from_json(cls, entry: Mapping) -> KernelChoice:
-        kernel, params = entry["kernel"], entry["params"]
+    def from_json(cls, entry: Mapping, layer: DenseConvSpec) -> KernelChoice:
+        """The choice ``entry`` records for ``layer`` (a GEMM record without its loop order: the rule's)."""
+        kernel, params = entry["kernel"], dict(entry["params"])
+        if kernel == "gemm" and "filters_outer" not in params:
+            params["filters_outer"] = dataclasses.replace(layer, **params, filters_outer=False).default_filters_outer
         if kernel not in _KERNELS or sorted(params) != sorted(_KERNELS[kernel][1]):
             raise ValueError(f"not a dense kernel choice: {entry!r}")
         return cls(kernel, tuple((name, params[name]) for name in _KERNELS[kernel][1]))

@@ -32,7 +32,7 @@ from tvm.target import Target
 from ..errors import PatDNNError
 from ..ops.dense_conv import DenseConvSpec
 from ..targets import vector_lanes, vector_registers
-from ..transform.kernel_choice import KernelChoice, KernelChoices, kernel_function, layer_key
+from ..transform.kernel_choice import KernelChoice, KernelChoices, kernel_function, layer_key, layer_spec
 from ..transform.winograd_conv_rewrite import WinogradConvRewriter
 from .database import KERNEL_CHOICES, directory_lock, read_json_lines, target_key
 from .measure import mean_ms, short_error
@@ -78,8 +78,8 @@ def _measured(path: Path, key: str) -> dict[int | None, dict[str, dict[KernelCho
     table: dict[int | None, dict[str, dict[KernelChoice, float | None]]] = {}
     for entry in _entries(path, key):
         try:
-            choice = KernelChoice.from_json(entry["choice"])
-        except (ValueError, KeyError, TypeError):
+            choice = KernelChoice.from_json(entry["choice"], layer_spec(entry["layer"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue  # a kernel of another version: not applied, not counted
         layers = table.setdefault(entry.get("threads"), {})
         layers.setdefault(json.dumps(entry["layer"], sort_keys=True), {})[choice] = entry["ms"]
