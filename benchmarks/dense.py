@@ -19,8 +19,11 @@ interleaved rounds (the box is shared), medians reported:
 - ``ORT``: onnxruntime, ``ORT_ENABLE_ALL``, as many intra-op threads as TVM has;
 - ``old rule``: the legalized conv2d with the ``DenseConv2dCPU`` schedule (``dense_kernels=False``);
 - with ``--ablations``, the GEMM kernel with one optimisation taken away at a time: ``no panel
-  copy`` (1x1 stride 1 only: the micro-kernel reads the NCHW input in place) and ``1 pixel
-  vector`` (register tile of 1 pixel vector x more filters instead of 2 vectors).
+  copy`` (1x1 stride 1 only: the micro-kernel reads the NCHW input in place), ``1 pixel
+  vector`` (register tile of 1 pixel vector x more filters instead of 2 vectors) and ``pixels
+  outer`` (the usual loop order also where the weights reach 2 MB, see ``filters_outer`` in
+  ``tvm_patdnn/ops/dense_conv.py``);
+- ``filters outer`` (``--variants`` only): the GEMM with its filter tiles outside on every layer.
 
 Each layer's GFLOP/s is also given as a share of the fp32 FMA peak measured at the start with the
 widest ISA the host has (``machine.py``); speed-ups are medians of the per-round ratios (the load
@@ -79,7 +82,8 @@ RESNET50_CONVS = [
     (256, 256, 14, 1, 3), (512, 512, 14, 2, 3), (512, 512, 7, 1, 3),
 ]
 RTOL = 1e-3
-VARIANTS = ["tvm_patdnn", "gemm", "direct", "old rule", "no panel copy", "1 pixel vector", "tuned"]
+VARIANTS = ["tvm_patdnn", "gemm", "direct", "old rule", "no panel copy", "1 pixel vector", "pixels outer",
+            "filters outer", "tuned"]
 MODEL_VARIANTS = ["1x1 on gemm", "1x1 on direct", "gemm+direct", "gemm", "old rule", "tuned"]
 
 
@@ -106,7 +110,9 @@ def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Tar
     if variant != "old rule":
         options = {"gemm": {"kernel": "gemm"}, "direct": {"kernel": "direct"}, "gemm+direct": {},
                    "no panel copy": {"kernel": "gemm", "pack_panel": False},
-                   "1 pixel vector": {"kernel": "gemm", "vectors": 1}}[variant]
+                   "1 pixel vector": {"kernel": "gemm", "vectors": 1},
+                   "pixels outer": {"kernel": "gemm", "filters_outer": False},
+                   "filters outer": {"kernel": "gemm", "filters_outer": True}}[variant]
         mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), **options)(mod)
     return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
 
@@ -203,7 +209,7 @@ def main() -> None:
     print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
 
     variants = ["tvm_patdnn", *args.variants]
-    variants += ["no panel copy", "1 pixel vector"] if args.ablations else []
+    variants += ["no panel copy", "1 pixel vector", "pixels outer"] if args.ablations else []
     chooser = DenseConvRewrite(vector_registers(target), vector_lanes(target))
     rows = []
     for index in args.layers if args.layers is not None else range(len(RESNET50_CONVS)):
