@@ -19,8 +19,14 @@ Every runtime's output is checked against ``onnx.reference`` (CIFAR) or ONNX Run
 models: the reference interpreter is too slow there), relative 1e-3, before anything is timed.
 ``runtime.config_threadpool`` does not change TVM's thread count in apache-tvm 0.27 (measured:
 CPU time / wall time stays 1.0), so each thread count runs in its own worker process with
-``TVM_NUM_THREADS``/``OMP_NUM_THREADS`` set; ORT, MNN and PyTorch get the count through their APIs.
-Runtimes are timed in interleaved rounds (the box is shared) and medians are reported.
+``TVM_NUM_THREADS``/``OMP_NUM_THREADS`` set, on the last N CPUs the command may use (1 thread: one
+core); ORT, MNN and PyTorch get the count through their APIs. Every runtime keeps its default wait
+policy (TVM's pool and ORT's intra-op pool spin, PyTorch's and MNN's OpenMP teams spin briefly), so
+runtimes are timed in interleaved rounds (the box is shared), each sample starting only once the
+threads the previous runtime left spinning have gone to sleep (``runtimes.quiet_sample``: at 2
+threads they took the second core for up to 0.7 s), and medians are reported. A sample during which
+other processes took more than 0.1 core of the benchmark's CPUs is taken again (at most 3 times;
+the least disturbed is kept), and what they took is reported.
 Per-layer table: every conv of VGG-16 CIFAR compiled alone (``models.conv3x3_model``), against the
 FMA peak measured at run time with the widest FMA the host has (``machine.py``: 512-bit on
 AVX-512 hosts, 256-bit on AVX2, NEON on aarch64); the ISA is named in the output.
@@ -32,6 +38,7 @@ AVX-512 hosts, 256-bit on AVX2, NEON on aarch64); the ISA is named in the output
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -49,7 +56,7 @@ from tvm_patdnn.fileio import save_model_atomic, write_bytes_atomic
 
 from .machine import cpu_name, fma_peak_gflops, widest_isa
 from .models import INPUT_SHAPES, conv3x3_model, twins
-from .runtimes import Runner, agree, mnn_convert, mnn_runner, ort_runner, torch_runner, tvm_runner
+from .runtimes import Runner, Sample, agree, mnn_convert, mnn_runner, ort_runner, quiet_sample, settle, torch_runner, tvm_runner
 
 RESULTS = Path(__file__).parent / "results"
 TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224",
@@ -98,20 +105,26 @@ def worker_model(name: str, threads: int, rounds: int, workdir: Path, dbs: dict[
     if bad:
         raise RuntimeError(f"{name}: outputs disagree with {reference} (relative max error): {bad}")
 
-    samples: dict[str, list[float]] = {key: [] for key in runners}
+    samples: dict[str, list[Sample]] = {key: [] for key in runners}
     for key, runner in runners.items():  # warm-up
         runner.time()
+    settle()
     # The order rotates every round: whichever runtime runs first in a round after another one (PyTorch
     # last) measured 1.10-1.15x slower than an identical library run second (ResNet-50, 2026-12-06).
+    # Each sample starts with every other runtime's threads asleep (quiet_sample waits out the spin).
     order = list(runners)
     for round_ in range(rounds):
         shift = round_ % len(order)
         for key in order[shift:] + order[:shift]:
-            samples[key].append(runners[key].time())
+            samples[key].append(quiet_sample(runners[key]))
     report = compiled["tvm_patdnn"].report
     return {
         "model": name, "threads": threads, "rounds": rounds, "reference": reference, "rel_error": errors,
-        "median_ms": {key: statistics.median(v) for key, v in samples.items()}, "samples_ms": samples,
+        "median_ms": {key: statistics.median(s.ms for s in v) for key, v in samples.items()},
+        "samples_ms": {key: [s.ms for s in v] for key, v in samples.items()},
+        "others_cores": {key: [round(s.others, 3) for s in v] for key, v in samples.items()},
+        "spin_after_s": {key: [round(s.spin_s, 3) for s in v] for key, v in samples.items()},
+        "attempts": {key: [s.attempts for s in v] for key, v in samples.items()},
         "dense_gflop": sum(r.dense_flops for r in report) / 1e9, "nonzero_gflop": sum(r.nonzero_flops for r in report) / 1e9,
         "pattern_convs": sum(r.kind == "pattern" for r in report), "convs": len(report),
     }
@@ -249,6 +262,11 @@ def main() -> None:
         worker(args)
         return
 
+    # A worker of N threads runs on the last N CPUs this process may use: 1 thread stays on one core
+    # (the timing core, as under `taskset -c 1`) however the command was started.
+    allowed = sorted(os.sched_getaffinity(0))
+    if max(args.threads) > len(allowed):
+        parser.error(f"{max(args.threads)} threads need as many CPUs; this process may use {allowed} (drop the taskset)")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="peers_") as tmp:
         workdir = Path(tmp)
@@ -276,7 +294,8 @@ def main() -> None:
             command = [sys.executable, "-m", "benchmarks.peers", "--worker", "--workdir", str(workdir), "--threads", str(threads),
                        "--rounds", str(args.rounds), "--dbs", json.dumps(dbs), "--models", *models]
             command += ["--no-layers"] if args.no_layers else []
-            subprocess.run(command, env=env, check=True)
+            cpus = set(allowed[-threads:])
+            subprocess.run(command, env=env, check=True, preexec_fn=functools.partial(os.sched_setaffinity, 0, cpus))
             workers.append(json.loads((workdir / f"worker{threads}.json").read_text()))
 
     import tvm
@@ -300,6 +319,17 @@ def main() -> None:
     print(f"results in {args.json}, {args.md}, {args.png}")
 
 
+def disturbance(row: dict) -> str:
+    """What shared the CPUs with a row's samples: other processes, and each runtime's spinning
+    threads (waited out before the next sample)."""
+    others = [value for values in row["others_cores"].values() for value in values]
+    attempts = [value for values in row["attempts"].values() for value in values]
+    spins = ", ".join(f"{key} {statistics.median(values):.2f} s" for key, values in row["spin_after_s"].items())
+    return (f"{TITLES[row['model']]}, {row['threads']} thread(s): other processes took {statistics.median(others):.2f} "
+            f"cores of the benchmark's during a median sample (at most {max(others):.2f}; {sum(attempts) - len(attempts)} "
+            f"of {len(attempts)} samples taken again for it); threads kept running after a sample: {spins}.")
+
+
 def render(result: dict, md: Path, png: Path) -> None:
     """Write (and print) the markdown tables and draw the PNG chart."""
     table = markdown(result)
@@ -307,6 +337,7 @@ def render(result: dict, md: Path, png: Path) -> None:
     text = (f"{table}\n\nMeasured {result['meta']['date']} on {result['meta']['cpu']} ({result['meta']['target']}), "
             f"`.venv/bin/python {result['meta']['command']}`; FMA peak (GFLOP/s, {result['meta'].get('fma_isa', 'avx2')} loop): {peaks}. "
             f"Weights: {result['meta']['weights']}.\n")
+    text += "".join(f"\n{disturbance(row)}\n" for row in result["rows"] if "others_cores" in row)
     text += "".join(f"\nNot measured: {e['model']} at {e['threads']} thread(s): {e['error']}\n" for e in result["errors"])
     write_bytes_atomic(md, text.encode())
     plot(result, png)
