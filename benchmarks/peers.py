@@ -53,10 +53,11 @@ import onnx
 
 import tvm_patdnn
 from tvm_patdnn.fileio import save_model_atomic, write_bytes_atomic
+from tvm_patdnn.targets import resolve_target
 
 from .machine import cpu_name, fma_peak_gflops, widest_isa
 from .models import INPUT_SHAPES, conv3x3_model, twins
-from .runtimes import Runner, Sample, agree, mnn_convert, mnn_runner, ort_runner, quiet_sample, settle, torch_runner, tvm_runner
+from .runtimes import MAX_OTHERS, Runner, Sample, agree, mnn_convert, mnn_runner, ort_runner, quiet_sample, settle, torch_runner, tvm_runner
 
 RESULTS = Path(__file__).parent / "results"
 TITLES = {"vgg16_cifar": "VGG-16 CIFAR 32x32", "vgg16": "VGG-16 ImageNet 224x224",
@@ -159,7 +160,7 @@ def worker_layers(threads: int, rounds: int, workdir: Path) -> list[dict]:
 def worker(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     dbs = json.loads(args.dbs)
-    out = {"threads": args.threads, "fma_peak_gflops": fma_peak_gflops(args.threads, workdir), "models": [], "layers": []}
+    out = {"threads": args.threads, "target": str(resolve_target("x86")), "fma_peak_gflops": fma_peak_gflops(args.threads, workdir), "models": [], "layers": []}
     for name in args.models:
         print(f"[{args.threads} thread(s)] {name} ...", file=sys.stderr, flush=True)
         try:
@@ -299,10 +300,9 @@ def main() -> None:
             workers.append(json.loads((workdir / f"worker{threads}.json").read_text()))
 
     import tvm
-    from tvm_patdnn.targets import resolve_target
 
     result = {
-        "meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "fma_isa": widest_isa(), "target": str(resolve_target("x86")),
+        "meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "fma_isa": widest_isa(), "target": "; ".join(w["target"] for w in workers),
                  "tvm": tvm.__version__, "command": " ".join(["-m benchmarks.peers", *sys.argv[1:]]), "tune_trials": args.tune_trials,
                  "wall_s": round(time.time() - started), "load_average": os.getloadavg(),
                  "weights": "random He-normal from a fixed seed (no pretrained weights are available offline); "
@@ -323,11 +323,13 @@ def disturbance(row: dict) -> str:
     """What shared the CPUs with a row's samples: other processes, and each runtime's spinning
     threads (waited out before the next sample)."""
     others = [value for values in row["others_cores"].values() for value in values]
-    attempts = [value for values in row["attempts"].values() for value in values]
+    retaken = sum(value > 1 for values in row["attempts"].values() for value in values)
+    disturbed = sum(value > MAX_OTHERS for value in others)
     spins = ", ".join(f"{key} {statistics.median(values):.2f} s" for key, values in row["spin_after_s"].items())
     return (f"{TITLES[row['model']]}, {row['threads']} thread(s): other processes took {statistics.median(others):.2f} "
-            f"cores of the benchmark's during a median sample (at most {max(others):.2f}; {sum(attempts) - len(attempts)} "
-            f"of {len(attempts)} samples taken again for it); threads kept running after a sample: {spins}.")
+            f"cores of the benchmark's CPUs during a median sample (at most {max(others):.2f}); {retaken} of {len(others)} "
+            f"samples were taken again for it, {disturbed} stayed above {MAX_OTHERS} core; threads kept running after "
+            f"a sample: {spins}.")
 
 
 def render(result: dict, md: Path, png: Path) -> None:

@@ -23,6 +23,8 @@ from tvm import relax
 from .models import torch_module_with
 
 MIN_SAMPLE_MS = 200.0
+# A sample during which other processes took more than this many cores of the benchmark's CPUs is disturbed.
+MAX_OTHERS = 0.1
 
 
 def vm_of(executable) -> relax.VirtualMachine:
@@ -173,7 +175,7 @@ class Sample:
     attempts: int
 
 
-def quiet_sample(runner: Runner, max_others: float = 0.1, attempts: int = 3) -> Sample:
+def quiet_sample(runner: Runner, max_others: float = MAX_OTHERS, attempts: int = 3) -> Sample:
     """A sample of ``runner`` that starts and ends with this process quiet (:func:`settle` after it;
     call :func:`settle` once before the first), so that every runtime in the process is timed with
     the others' threads asleep. A sample during which other processes took more than ``max_others``
