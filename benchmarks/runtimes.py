@@ -152,8 +152,9 @@ def settle(window_s: float = 0.02, limit_s: float = 2.0) -> float:
 
     Thread pools keep spinning after a run, so that the next run starts without waking them: at 2
     threads on the Zen 3 VM, TVM's pool worker spun (``sched_yield``, ``TVM_THREAD_POOL_SPIN_COUNT``
-    300000) for 0.3-0.7 s after the last kernel, ORT's intra-op pool 0.06-0.1 s, PyTorch's and
-    MNN's OpenMP teams under 0.05 s. A runtime timed right after shared the two cores with them."""
+    300000) for 0.3-0.7 s after the last kernel, ORT's intra-op pool 0.04-0.1 s, PyTorch's and
+    MNN's OpenMP teams under 0.05 s. A runtime timed right after shared the two cores with them:
+    another runtime's thread took up to 37 ms of CPU during a 250 ms sample, none after a settle."""
     start = time.perf_counter()
     while (waited := time.perf_counter() - start) < limit_s:
         cpu = time.process_time()
