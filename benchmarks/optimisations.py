@@ -92,6 +92,7 @@ class Variant:
     tall_tile: bool = True
     columns_outside: bool | None = None  # None: the rule's choice
     prefetch: bool = True
+    lifted: bool = True
     # A layout to compare rather than an optimisation to take away: (lanes, column tile, tap partial
     # sums) of the windows layout, forced on layers it applies to (stride 1, at most 16 output pixels).
     windows: tuple[int, int, int] | None = None
@@ -111,6 +112,7 @@ VARIANTS = {
     "tall tile": Variant(tall_tile=False),
     "column blocks outside": Variant(columns_outside=False),
     "prefetch": Variant(prefetch=False),
+    "lifted rows": Variant(lifted=False),
     # Alternatives, not removals (ratio below 1: the alternative is faster than the default):
     "windows 8 lanes 2x2": Variant(windows=(8, 2, 2)),  # 2 vectors x 2 tap partial sums
     "windows 8 lanes 2x4": Variant(windows=(8, 2, 4)),
@@ -132,14 +134,15 @@ def unsorted(fkw: FKWWeight) -> FKWWeight:
                                channels=fkw.channels[kernels], values=fkw.values[kernels])
 
 
-def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant) -> tuple[Callable, list]:
+def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant, stride: int = 1) -> tuple[Callable, list]:
     """The layer's compiled function and its weight arguments, built the way ``variant`` says."""
     if not variant.reorder_filters:
         fkw = unsorted(fkw)
     accumulators = accumulator_registers(target) if variant.register_tile else 1
-    spec = PatternConvSpec.from_fkw(fkw, data_shape, (1, 1), (1, 1, 1, 1), True, True, vector_lanes(target))
+    spec = PatternConvSpec.from_fkw(fkw, data_shape, (stride, stride), (1, 1, 1, 1), True, True, vector_lanes(target))
     spec = target_layout(dataclasses.replace(spec, vector_width=vector_lanes(target)), accumulators,
-                         flat=None if variant.flat else False, tall_tile=variant.tall_tile)
+                         flat=None if variant.flat else False, tall_tile=variant.tall_tile,
+                         lifted=variant.lifted)
     if not variant.partials:
         spec = dataclasses.replace(spec, partials=1)
     if variant.windows and spec.strides == (1, 1) and spec.out_height * spec.out_width <= WINDOW_PIXELS:
@@ -158,17 +161,17 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
     return lib.mod, [tvm.runtime.tensor(a) for a in args]
 
 
-def reference_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """conv3x3 (pad 1) + bias + ReLU in numpy, the judge of every variant."""
+def reference_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int = 1) -> np.ndarray:
+    """conv3x3 (pad 1, ``stride``) + bias + ReLU in numpy, the judge of every variant."""
     _, _, h, w = x.shape
     padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = sum(np.einsum("oc,nchw->nohw", weight[:, :, dy, dx], padded[:, :, dy:dy + h, dx:dx + w])
-              for dy in range(3) for dx in range(3))
+    out = sum(np.einsum("oc,nchw->nohw", weight[:, :, dy, dx],
+                        padded[:, :, dy:dy + h:stride, dx:dx + w:stride]) for dy in range(3) for dx in range(3))
     return np.maximum(out + bias[None, :, None, None], 0.0)
 
 
-def pattern_layers(model: onnx.ModelProto) -> list[tuple[str, np.ndarray, np.ndarray, tuple]]:
-    """(name, weight, bias, input shape) of every pattern-sparse conv of ``model``."""
+def pattern_layers(model: onnx.ModelProto) -> list[tuple[str, np.ndarray, np.ndarray, tuple, int]]:
+    """(name, weight, bias, input shape, stride) of every pattern-sparse conv of ``model`` (all pad 1)."""
     inferred = shape_inference.infer_shapes(model)
     shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
               for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
@@ -179,7 +182,8 @@ def pattern_layers(model: onnx.ModelProto) -> list[tuple[str, np.ndarray, np.nda
             continue
         weight, bias = inits[node.input[1]], inits[node.input[2]]
         if analyze_conv_weight(weight).kind == "pattern":
-            layers.append((node.name, weight, bias, shapes[node.input[0]]))
+            strides = [list(a.ints) for a in node.attribute if a.name == "strides"] or [[1, 1]]
+            layers.append((node.name, weight, bias, shapes[node.input[0]], int(strides[0][0])))
     return layers
 
 
@@ -191,8 +195,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=[v for v in list(VARIANTS)[1:] if v not in ALTERNATIVES],
                         help="the optimisations to take away, or alternative layouts: " + ", ".join(ALTERNATIVES))
     parser.add_argument("--layers", nargs="+", help="only these layers (e.g. conv10 conv14); default: all")
-    parser.add_argument("--model", default="vgg16_cifar", choices=["vgg16_cifar", "vgg16_trunk"],
+    parser.add_argument("--model", default="vgg16_cifar", choices=["vgg16_cifar", "vgg16_trunk", "resnet50"],
                         help="whose pattern layers (benchmarks/models.py)")
+    parser.add_argument("--unique", action="store_true",
+                        help="time one layer of each shape (weight, input, stride), the others counted with it")
     args = parser.parse_args()
 
     target = resolve_target(args.target)
@@ -200,17 +206,22 @@ def main() -> None:
     peak_before = cpu_peak_gflops() if threads == 1 else fma_peak_gflops(threads)  # the widest FMA, TVM's threads
     rng = np.random.default_rng(0)
     rows = []
-    for name, weight, bias, shape in pattern_layers(twins(args.model).pruned):
+    layers = pattern_layers(twins(args.model).pruned)
+    shape_of = {name: (weight.shape, shape, stride) for name, weight, _bias, shape, stride in layers}
+    for name, weight, bias, shape, stride in layers:
         if args.layers and name not in args.layers:
             continue
+        same = [other for other, key in shape_of.items() if key == shape_of[name]]
+        if args.unique and same[0] != name:
+            continue
         x = rng.standard_normal(shape).astype(np.float32)
-        expected = reference_conv(x, weight, bias)
+        expected = reference_conv(x, weight, bias, stride)
         out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
         fkw = pack_fkw(weight, analyze_conv_weight(weight))
         timers = {}
         for label in ["default", *args.variants]:
             variant = VARIANTS[label]
-            fn, weights = build(fkw, bias, shape, target, variant)
+            fn, weights = build(fkw, bias, shape, target, variant, stride)
             call_args = [tvm.runtime.tensor(x), *weights, out]
             fn["main"](*call_args)
             np.testing.assert_allclose(out.numpy(), expected, rtol=1e-3, atol=1e-3, err_msg=f"{name}, {label}")
@@ -225,9 +236,12 @@ def main() -> None:
             for label in order[round_ % len(order):] + order[:round_ % len(order)]:
                 samples[label].append(timers[label]())
         median = {label: statistics.median(values) for label, values in samples.items()}
-        nonzero_flops = 2 * np.count_nonzero(weight) * shape[2] * shape[3]
-        rows.append({"layer": name, "shape": f"{weight.shape[0]}x{weight.shape[1]} {shape[2]}x{shape[3]}",
-                     "threads": threads, "ms": median, "nonzero_gflops": nonzero_flops / median["default"] / 1e6})
+        nonzero_flops = 2 * np.count_nonzero(weight) * expected.shape[2] * expected.shape[3]
+        count = len(same) if args.unique else 1
+        rows.append({"layer": name + (f" (x{count})" if count > 1 else ""),
+                     "shape": f"{weight.shape[0]}x{weight.shape[1]} {shape[2]}x{shape[3]}" + (f" s{stride}" if stride > 1 else ""),
+                     "threads": threads, "ms": median, "nonzero_gflops": nonzero_flops / median["default"] / 1e6,
+                     "count": count})
         print(f"{name}: " + ", ".join(f"{label} {ms:.3f}" for label, ms in median.items()), flush=True)
 
     peak = add_peak_percent(rows, max(peak_before, cpu_peak_gflops()) if threads == 1 else peak_before)
@@ -235,8 +249,8 @@ def main() -> None:
     print(f"\n| layer | weight, input | threads | default ms | nonzero GFLOP/s | % of {widest_isa()} FMA peak | "
           + " | ".join(labels) + " |")
     print("|" + "---|" * (6 + len(labels)))
-    total = {label: sum(r["ms"][label] for r in rows) for label in ["default", *labels]}
-    all_flops = sum(r["nonzero_gflops"] * r["ms"]["default"] for r in rows)  # GFLOP/s x ms: the same sum of work
+    total = {label: sum(r["count"] * r["ms"][label] for r in rows) for label in ["default", *labels]}
+    all_flops = sum(r["count"] * r["nonzero_gflops"] * r["ms"]["default"] for r in rows)  # GFLOP/s x ms: the work
     everything = {"layer": "all pattern layers", "shape": "", "threads": threads, "ms": total,
                   "nonzero_gflops": all_flops / total["default"],
                   "nonzero_peak_percent": 100 * all_flops / total["default"] / peak}

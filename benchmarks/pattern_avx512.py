@@ -73,7 +73,8 @@ def layer_sets(names: list[str]) -> list[tuple[str, str, np.ndarray, np.ndarray,
     """(set, layer, weight, bias, input shape, stride) of every layer of the named sets."""
     layers = []
     if "cifar" in names:
-        layers += [("cifar", name, w, b, shape, 1) for name, w, b, shape in pattern_layers(twins("vgg16_cifar").pruned)]
+        layers += [("cifar", name, w, b, shape, stride)
+                   for name, w, b, shape, stride in pattern_layers(twins("vgg16_cifar").pruned)]
     for set_name in names:
         for filters, channels, size, stride in EXTRA_SETS.get(set_name, []):
             rng = np.random.default_rng(size)
@@ -97,16 +98,11 @@ def build(fkw: FKWWeight, bias, shape, stride: int, target, lanes: int | None, a
         if lanes is not None:
             spec = choose_layout(dataclasses.replace(spec, vector_width=lanes), accumulators)
         func = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
-        kind = " flat" if spec.flat else " windows" if spec.windows else ""
+        kind = " flat" if spec.flat else " windows" if spec.windows else " lifted" if spec.lifted else ""
         layout = f"{spec.vector_width}l r{spec.row_tile} c{spec.column_tile} q{spec.partials}{kind}"
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     args = [fkw.values, fkw.channels, fkw.offsets, order, bias]
     return lib.mod, [tvm.runtime.tensor(a) for a in args], layout
-
-
-def strided_reference(x, weight, bias, stride):
-    full = reference_conv(x, weight, bias)
-    return full[:, :, ::stride, ::stride]
 
 
 def _without_windows(spec: PatternConvSpec, accumulators: int, flat: bool | None = None) -> PatternConvSpec:
@@ -189,7 +185,7 @@ def main() -> None:
     rows = []
     for set_name, name, weight, bias, shape, stride in layer_sets(args.sets):
         x = rng.standard_normal(shape).astype(np.float32)
-        expected = strided_reference(x, weight, bias, stride)
+        expected = reference_conv(x, weight, bias, stride)
         out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
         fkw = pack_fkw(weight, analyze_conv_weight(weight))
         timers, layouts = {}, {}

@@ -80,7 +80,7 @@ def pattern_layouts(mod: tvm.IRModule) -> list:
 def _run_op(spec: PatternConvSpec, fkw, x: np.ndarray, bias: np.ndarray, target) -> np.ndarray:
     scheduled = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
     lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target)
-    out = tvm.runtime.tensor(np.zeros((1, spec.out_channels, spec.out_height, spec.out_width), np.float32))
+    out = tvm.runtime.tensor(np.zeros((spec.batch, spec.out_channels, spec.out_height, spec.out_width), np.float32))
     args = [x, fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
     return out.numpy()
@@ -249,11 +249,12 @@ def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu
 @pytest.mark.parametrize(
     "channels, height, width, stride, tile, columns_outside, prefetches",
     [
-        (4, 6, 112, 1, (4, 2), True, False),  # VGG's 112/224 rows: the tall tile, rows padded 6 -> 8
-        (4, 5, 56, 1, (1, 7), False, False),  # 56-pixel rows keep the rule's 1x7
+        (4, 6, 112, 1, (4, 2), True, False),  # VGG's 112/224 rows: the tall tile, lifted, rows padded 6 -> 8
+        (4, 5, 56, 1, (1, 7), False, False),  # 56-pixel rows keep the rule's 1x7, lifted
         (256, 14, 14, 1, (4, 2), False, True),  # VGG's 14x14 at 256+ channels: prefetching
         (256, 8, 8, 1, (8, 1), False, False),  # CIFAR's 8x8 (shipped records): no prefetch
-        (256, 28, 28, 1, (1, 7), False, True),  # VGG's 28x28: flat, rows a pitch apart prefetched
+        (256, 28, 28, 1, (2, 4), False, True),  # VGG's 28x28: lifted rows (flat before), prefetched
+        (256, 14, 30, 1, (2, 4), False, True),  # lifted, output rows 30 wide in 32 lanes
         (512, 2, 2, 1, (1, 1), False, False),  # CIFAR's 2x2 (flat): no prefetch
         (256, 9, 30, 2, (4, 2), False, True),  # strided: both column phases prefetched
     ],
@@ -261,8 +262,8 @@ def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu
 def test_avx2_large_image_kernels_match_the_onnx_reference(channels, height, width, stride, tile, columns_outside,
                                                           prefetches):
     """AVX2 wide rows take the tall register tile with column blocks outside the filters, and the
-    kernel loop of many-channel layers prefetches the input rows of the kernel ahead; both match
-    onnx.reference."""
+    kernel loop of many-channel layers prefetches the input rows of the kernel ahead; rows of at
+    least 28 output columns are lifted (stride 1); all match onnx.reference."""
     rng = np.random.default_rng(channels + width)
     shape = (1, channels, height, width)
     model = build_cnn(rng, shape, [ConvSpec(8, stride=stride, connectivity=2.0)])
@@ -270,6 +271,7 @@ def test_avx2_large_image_kernels_match_the_onnx_reference(channels, height, wid
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
     spec = PatternConvSpec.from_fkw(fkw, shape, (stride, stride), (1, 1, 1, 1), True, True, 8, 8)
     assert (spec.row_tile, spec.column_tile) == tile
+    assert spec.lifted == (stride == 1 and width >= 28)
     func = pattern_conv2d_primfunc(spec)
     knobs = default_knobs(func, 1)
     assert (knobs.columns[0] > 1) == columns_outside  # column blocks outside the filters
@@ -281,3 +283,48 @@ def test_avx2_large_image_kernels_match_the_onnx_reference(channels, height, wid
     expected = reference_outputs(model, {"input": x})[0]
     got = _run_op(spec, fkw, x, bias, tvm.target.Target(AVX2))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "height, width, stride, batch, pads, tile",
+    [
+        (2, 2, 1, 1, (1, 1, 1, 1), (1, 1)),  # one column per lane segment, 2 of 8 lanes useful
+        (5, 9, 1, 2, (1, 1, 1, 1), (2, 1)),  # batch 2, M = 2: 16 lanes for 9 columns
+        (7, 30, 1, 1, (0, 1, 2, 1), (1, 2)),  # uneven padding, M = 4: 32 lanes for 30 columns
+        (3, 33, 1, 1, (1, 1, 1, 1), (3, 3)),  # odd width, M = 6: 48 lanes for 33 columns (5 empty segments' tails)
+        (28, 28, 1, 2, (1, 1, 1, 1), (2, 4)),  # VGG's 28x28, batch 2
+        (224, 224, 1, 1, (1, 1, 1, 1), (4, 2)),  # VGG's 224x224 with the tall tile
+        (9, 9, 2, 2, (1, 1, 1, 1), (1, 1)),  # strided: each column phase lifted, a 1-vector halo
+        (12, 56, 2, 1, (1, 1, 1, 1), (4, 2)),  # ResNet's 56 -> 28 stride 2
+        (5, 31, 2, 1, (0, 1, 2, 1), (2, 3)),  # odd width, uneven padding, strided
+    ],
+)
+def test_lifted_rows_match_the_onnx_reference(height, width, stride, batch, pads, tile):
+    """Lifted rows (output column j*M + i in lane j of vector i; each lane's M columns plus their
+    halo stored as whole vectors, per column phase when strided) for any width, stride, padding
+    and batch, forced on sizes the rule would not lift; every input load is a whole aligned vector."""
+    rng = np.random.default_rng(height * 1000 + width)
+    shape = (batch, 6, height, width)
+    model = build_cnn(rng, shape, [ConvSpec(10, stride=stride, pads=pads, connectivity=2.0)])
+    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    spec = PatternConvSpec.from_fkw(fkw, shape, (stride, stride), pads, True, True, 8, 8)
+    spec = dataclasses.replace(spec, flat=False, windows=False, lifted=True, row_tile=tile[0], column_tile=tile[1],
+                               partials=1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    expected = reference_outputs(model, {"input": x})[0]
+    got = _run_op(spec, fkw, x, bias, tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_only_avx2_stride_1_rows_of_28_columns_or_more_are_lifted():
+    weight = pattern_weight(np.random.default_rng(6), 8, 8, n_patterns=4)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+
+    def lifted(size, lanes=8, accumulators=8, stride=1):
+        return PatternConvSpec.from_fkw(fkw, (1, 8, size, size), (stride, stride), (1, 1, 1, 1), False, False,
+                                        lanes, accumulators).lifted
+
+    assert [lifted(size) for size in (14, 28, 32, 56, 224)] == [False, True, True, True, True]
+    assert not lifted(56, stride=2)  # strided layers keep their column phases
+    assert not lifted(56, lanes=4, accumulators=16) and not lifted(56, lanes=16, accumulators=16)  # NEON, AVX-512

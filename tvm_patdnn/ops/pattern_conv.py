@@ -44,11 +44,16 @@ from ..arith import largest_divisor, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS",
-           "TALL_TILE", "WIDE_ROW_VECTORS", "choose_layout", "cheapest_layout", "is_pattern_conv", "layout_cycles",
+           "TALL_TILE", "WIDE_ROW_VECTORS", "LIFTED_MIN_WIDTH", "choose_layout", "cheapest_layout", "is_lifted", "is_pattern_conv", "layout_cycles",
            "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
+
+
+def is_lifted(layout) -> bool:
+    """Whether a pattern conv's layout attribute (:data:`PATTERN_CONV_ATTR`) is lifted rows."""
+    return "lifted" in layout
 
 
 def is_pattern_conv(func: tirx.PrimFunc) -> bool:
@@ -79,12 +84,13 @@ class PatternConvSpec:
     partials: int = 1
     flat: bool = False
     windows: bool = False
+    lifted: bool = False
 
     def __post_init__(self):
         if (self.flat or self.windows) and self.strides != (1, 1):
             raise ValueError("the flat and windows layouts need stride 1")
-        if self.flat and self.windows:
-            raise ValueError("a layout is flat or windows, not both")
+        if self.flat + self.windows + self.lifted > 1:
+            raise ValueError("a layout is one of rows, flat, windows and lifted rows")
         if self.taps % self.partials:
             raise ValueError(f"{self.partials} partial sums do not divide {self.taps} taps")
 
@@ -104,6 +110,11 @@ class PatternConvSpec:
     def padded_width(self) -> int:
         """Columns of the padded input: the flat layout's row pitch."""
         return self.width + self.padding[1] + self.padding[3]
+
+    @property
+    def lifted_vectors(self) -> int:
+        """M, the output columns of one lane of a lifted row (the row's output vectors)."""
+        return self.acc_columns // self.vector_width
 
     @property
     def acc_rows(self) -> int:
@@ -148,7 +159,8 @@ def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     they share loaded weights and rows), then partial sums over the taps with the registers left.
     """
     def untiled(flat: bool, windows: bool = False) -> PatternConvSpec:
-        return dataclasses.replace(spec, row_tile=1, column_tile=1, partials=1, flat=flat, windows=windows)
+        return dataclasses.replace(spec, row_tile=1, column_tile=1, partials=1, flat=flat, windows=windows,
+                                   lifted=False)
 
     def lane_fill(layout: PatternConvSpec) -> float:
         return layout.out_height * layout.out_width / (layout.acc_rows * layout.acc_columns)
@@ -176,6 +188,7 @@ WINDOW_PIXELS = 16  # the windows layout is a candidate for outputs of at most t
 _TILE_RESERVE = 2  # a register tile leaves this many of the accumulators free
 WIDE_ROW_VECTORS = 14  # AVX2 rows layouts at least this many vectors wide take the tall tile
 TALL_TILE = (4, 2)  # (rows, columns) of output vectors of the AVX2 tile for wide rows
+LIFTED_MIN_WIDTH = 28  # AVX2 stride-1 layers with output rows at least this wide take lifted rows
 
 
 def _input_vectors(spec: PatternConvSpec, taps) -> int:
@@ -247,7 +260,7 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
     for width in vector_widths:
         for is_flat, windows in kinds:
             base = dataclasses.replace(spec, vector_width=width, row_tile=1, column_tile=1, partials=1, flat=is_flat,
-                                       windows=windows)
+                                       windows=windows, lifted=False)
             for row_tile in range(1, (1 if is_flat or windows else min(tile_limit, base.out_height)) + 1):
                 for column_tile in range(1, min(base.acc_columns // width, tile_limit // row_tile) + 1):
                     partials = _partials(base, row_tile * column_tile, accumulators)
@@ -257,7 +270,7 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
 
 
 def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = None,
-                  tall_tile: bool = True) -> PatternConvSpec:
+                  tall_tile: bool = True, lifted: bool = True) -> PatternConvSpec:
     """The layout a target with ``spec.vector_width`` lanes gets: on AVX-512 (16 lanes) the
     cheapest 512- or 256-bit layout (AVX-512VL), elsewhere :func:`choose_layout`'s, with windows
     among its candidates on AVX2 (8 lanes).
@@ -282,6 +295,11 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     layout = choose_layout(spec, accumulators, flat, windows=spec.vector_width == 8)
     if tall_tile and spec.vector_width == 8 and _is_wide(layout) and accumulators >= TALL_TILE[0] * TALL_TILE[1]:
         layout = dataclasses.replace(layout, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
+    if lifted and spec.vector_width == 8 and spec.strides == (1, 1) and spec.out_width >= LIFTED_MIN_WIDTH:
+        rows = choose_layout(spec, accumulators, flat=False)
+        if tall_tile and _is_wide(rows) and accumulators >= TALL_TILE[0] * TALL_TILE[1]:
+            rows = dataclasses.replace(rows, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
+        layout = dataclasses.replace(rows, lifted=True)
     return layout
 
 
@@ -329,6 +347,10 @@ def _padded_input(spec: PatternConvSpec, data):
 
         return te.compute((spec.batch, spec.in_channels, 9, 1, spec.acc_columns), window, name="pad")
     rows = (spec.acc_rows - 1) * sh + 3
+    if spec.lifted:
+        lanes, m = spec.vector_width, spec.lifted_vectors
+        return te.compute((spec.batch, spec.in_channels, rows, sw, spec.acc_columns + 2 // sw * lanes),
+                          lambda n, c, h, phase, i: at(n, c, h, (i % lanes * m + i // lanes) * sw + phase), name="pad")
     columns = spec.acc_columns + 2 // sw
     return te.compute((spec.batch, spec.in_channels, rows, sw, columns),
                       lambda n, c, h, phase, q: at(n, c, h, q * sw + phase), name="pad")
@@ -356,7 +378,8 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
         else:
             dy = _tap_table(spec.patterns, rp, t, lambda tap: tap[0])
             phase = _tap_table(spec.patterns, rp, t, lambda tap: tap[1] % sw)
-            shift = _tap_table(spec.patterns, rp, t, lambda tap: tap[1] // sw)
+            lanes = spec.vector_width if spec.lifted else 1
+            shift = _tap_table(spec.patterns, rp, t, lambda tap: tap[1] // sw * lanes)
             tap_input = xpad[n, channels[k], y * sh + dy, phase, x + shift]
         # The run-length guard is part of the body because te.create_prim_func drops a
         # reduction's `where`; if_then_else is lazy, so skipped slots load nothing.
@@ -369,6 +392,7 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
 
     def epilogue(n, f, y, x):
         row, column = ((0, y * spec.padded_width + x) if spec.flat else (0, y * spec.out_width + x) if spec.windows
+                       else (y, x % spec.lifted_vectors * spec.vector_width + x // spec.lifted_vectors) if spec.lifted
                        else (y, x))
         value = acc[n, inverse_order[f], row, 0, column]
         for q in range(1, partials):
@@ -401,7 +425,8 @@ def pattern_conv2d_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
 
 
 def _spec_attr(spec: PatternConvSpec) -> dict:
-    """The layout as a plain dict of ints so it survives in PrimFunc attributes."""
+    """The layout as a plain dict of ints so it survives in PrimFunc attributes ("lifted" only
+    when set: the functions of other layouts stay those the shipped tuning records were made for)."""
     return {
         "strides": list(spec.strides),
         "n_patterns": len(spec.patterns),
@@ -413,4 +438,4 @@ def _spec_attr(spec: PatternConvSpec) -> dict:
         "flat": int(spec.flat),
         "windows": int(spec.windows),
         "relu": int(spec.relu),
-    }
+    } | ({"lifted": 1} if spec.lifted else {})

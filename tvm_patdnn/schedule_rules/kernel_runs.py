@@ -25,7 +25,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, sym, tirx
 
-from ..ops.pattern_conv import PATTERN_CONV_ATTR
+from ..ops.pattern_conv import PATTERN_CONV_ATTR, is_lifted
 
 __all__ = ["PREFETCH_CHANNELS", "PREFETCH_DISTANCE", "bound_kernel_runs"]
 
@@ -98,7 +98,8 @@ def _prefetch_next_kernel(realize, inner_loops: list, layout) -> list:
     flat = bool(int(layout["flat"]))
     # flat: columns = accumulator columns + 2 row pitches + 2, a pitch = output width + 2
     pitch = (columns - int(block.iter_vars[4].dom.extent) - 2) // 2 if flat else 0
-    width = pitch - 2 if flat else columns - 2 // sw
+    lanes = int(layout["vector_width"]) if is_lifted(layout) else 1  # lifted: 2 halo vectors, not columns
+    width = pitch - 2 if flat else columns - 2 // sw * lanes
     if channels < PREFETCH_CHANNELS or width < _PREFETCH_MIN_WIDTH:
         return []
     bindings, origin = sym.Analyzer(), sym.Analyzer()

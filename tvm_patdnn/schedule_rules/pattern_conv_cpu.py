@@ -24,7 +24,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ..arith import largest_divisor
-from ..ops.pattern_conv import PATTERN_CONV_ATTR, TALL_TILE, is_pattern_conv
+from ..ops.pattern_conv import PATTERN_CONV_ATTR, TALL_TILE, is_lifted, is_pattern_conv
 from .kernel_runs import bound_kernel_runs
 
 __all__ = ["UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
@@ -149,8 +149,11 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
             return sch.sample_perfect_tile(loop, n=n, max_innermost_factor=limit)
         return list(getattr(knobs, knob))
 
-    n, c, _h, _phase, _q = sch.get_loops(pad)
+    n, c, _h, _phase, column = sch.get_loops(pad)
     sch.parallel(sch.fuse(n, c))
+    lifted = is_lifted(layout)
+    if lifted:  # each vector of a lifted row gathers one column from each of its 8 segments
+        sch.vectorize(sch.split(column, [None, vector_width])[1])
 
     n, f, y, q, x, rp, rj, rt = sch.get_loops(acc)
     yo, yt = sch.split(y, tile(y, 2, max(_MAX_TILE, int(layout["row_tile"])), "rows"))
@@ -178,5 +181,9 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
 
     n, f, _y, x = sch.get_loops(out)
     sch.parallel(sch.fuse(n, f))
-    if vector_output:
+    if lifted:  # output column j*M + i is lane j of vector i: read a vector, store its lanes M apart
+        segment, lane_column = sch.split(x, [None, _acc_shape(func)[4] // vector_width])
+        sch.reorder(lane_column, segment)
+        sch.unroll(segment)
+    elif vector_output:
         sch.vectorize(sch.split(x, [None, largest_divisor(int(sch.get(x).extent), vector_width)])[1])
