@@ -22,7 +22,9 @@ operator and schedule for this machine, and again with one optimisation taken aw
 * large images (AVX2; ``--model vgg16_trunk`` has the layers they apply to): the tall 4x2
   register tile on rows of 112 pixels and more (without: the rule's 1x7), column blocks outside
   the filters with it (without: inside), and the kernel loop's prefetch of the kernel ahead's
-  input rows on layers of 256+ channels (without: none).
+  input rows on layers of 256+ channels (without: none);
+* lifted rows (AVX2, output rows of 28-55 columns): each padded row stored transposed in 8 lane
+  segments so every tap is one aligned vector (without: plain rows, or flat where the rule takes it).
 
 Layout alternatives (``--variants "windows 8 lanes 2x2" ...``, not run by default) replace the
 default's layout on the layers they apply to (stride 1, at most 16 output pixels: VGG's 4x4 and
@@ -44,7 +46,8 @@ count is fixed when its runtime starts:
     TVM_NUM_THREADS=2 .venv/bin/python -m benchmarks.optimisations --json benchmarks/results/optimisations.2t.json
 
 ``--model vgg16_trunk`` measures the twelve pattern layers of the VGG-16 224 conv trunk instead
-(``benchmarks/models.py``, pruned the same way). TVM binds its one worker thread to core 0 even
+(``benchmarks/models.py``, pruned the same way), ``--model resnet50`` ResNet-50's sixteen 3x3
+layers (stride-2 ones included; ``--unique`` times one layer per shape and counts it for the others). TVM binds its one worker thread to core 0 even
 under ``taskset -c 1`` unless ``TVM_BIND_THREADS=0``:
 
     TVM_BIND_THREADS=0 TVM_NUM_THREADS=1 taskset -c 1 .venv/bin/python -m benchmarks.optimisations \

@@ -24,7 +24,14 @@ and register count, because the compute pads its output to it:
   output fills half an 8-lane vector instead of a quarter, a 4x4 two thirds instead of half;
 * ``windows`` (images of at most 16 output pixels, stride 1) copies, per input channel, the 9
   shifted output-sized windows of the padded image compactly: a tap is one of them, so a 4x4
-  output is one full 16-lane vector (or two 8-lane ones) per tap (every lane useful, aligned loads).
+  output is one full 16-lane vector (or two 8-lane ones) per tap (every lane useful, aligned loads);
+* ``lifted`` rows (dimension-lifted transposition, Henretty et al., CC 2011) split each padded
+  row (each column phase when strided) into ``lanes`` segments of M = output vectors columns and
+  store it transposed, ``xd[.., i * lanes + j] = xpad[.., j * M + i]`` with each segment's halo:
+  output column ``j * M + i`` is lane j of vector i, so every tap of every output vector is one
+  whole, aligned input vector (a shift of ``dx * lanes`` floats) and a tile of C vectors reads
+  C + 2 input vectors per row instead of 3C unaligned ones (on Zen 3 a 256-bit load that splits a
+  cache line costs two). The pad gathers and the epilogue scatters the lanes.
 
 AVX2 and NEON targets take :func:`choose_layout`'s rule (lane fill, then the largest tile; on
 AVX2 windows is a candidate too, which 4x4 outputs take, and wide rows take a tall 4x2 tile);
@@ -44,8 +51,8 @@ from ..arith import largest_divisor, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS",
-           "TALL_TILE", "WIDE_ROW_VECTORS", "LIFTED_MIN_WIDTH", "choose_layout", "cheapest_layout", "is_lifted", "is_pattern_conv", "layout_cycles",
-           "target_layout"]
+           "TALL_TILE", "WIDE_ROW_VECTORS", "LIFTED_WIDTHS", "choose_layout", "cheapest_layout", "is_lifted",
+           "is_pattern_conv", "layout_cycles", "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
@@ -188,7 +195,7 @@ WINDOW_PIXELS = 16  # the windows layout is a candidate for outputs of at most t
 _TILE_RESERVE = 2  # a register tile leaves this many of the accumulators free
 WIDE_ROW_VECTORS = 14  # AVX2 rows layouts at least this many vectors wide take the tall tile
 TALL_TILE = (4, 2)  # (rows, columns) of output vectors of the AVX2 tile for wide rows
-LIFTED_MIN_WIDTH = 28  # AVX2 stride-1 layers with output rows at least this wide take lifted rows
+LIFTED_WIDTHS = range(28, 56)  # AVX2 layers with output rows this wide take lifted rows (any stride)
 
 
 def _input_vectors(spec: PatternConvSpec, taps) -> int:
@@ -282,24 +289,30 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     channel take 72 floats instead of the padded image's 16. NEON (4 lanes) keeps the rule without
     windows: it would take them at 2x2 and 4x4, but no phone is attached to time it.
 
+    AVX2 layers with output rows of :data:`LIFTED_WIDTHS` columns (4 to 7 vectors: VGG-16 224's and
+    ResNet-50's 28x28, CIFAR's 32x32, ResNet-50's 56 -> 28 stride 2) take lifted rows, with the rule's
+    tile: Zen 3, 1 thread, interleaved: 1.29-1.45x at 28x28 (over flat: 256 and 128 channels),
+    1.10-1.27x at 32x32, 1.16x on the strided layer. Wider rows keep plain rows: their tiles' halo
+    of 2 vectors per row outgrows the L1 the column blocks are reused from (64 channels x 6 rows x 4
+    vectors = 49 KB at 224, against 27 KB), and they measured 0.6-1.3x between runs at 56-224;
+    narrower ones (14x14, 7x7) lose 0.86-0.91x (a halo as large as the row).
+
     Wide rows on AVX2 (VGG-16 224's 224- and 112-pixel layers) take the :data:`TALL_TILE` instead
     of the rule's 1x7: its 4 output rows share input rows between taps (6 input rows per 4 output
     rows instead of 3 per 1) and its narrow column block (C x 6 rows x 18 floats: 27 KB at 64
     channels) stays in cache while the filters sweep it (the schedule runs column blocks outside
     the filters for it). Zen 3, 1 thread, interleaved: 1.11-1.15x at 224x224, 1.11-1.27x at
     112x112, with column blocks outside 1.17-1.23x; at 56x56 it measured 0.96-1.08x, so 56-pixel
-    rows keep 1x7. ``tall_tile=False`` keeps the rule's tile (``benchmarks/optimisations.py``).
+    rows keep 1x7. ``tall_tile=False`` keeps the rule's tile and ``lifted=False`` plain rows
+    (``benchmarks/optimisations.py``).
     """
     if spec.vector_width == 16:
         return cheapest_layout(spec, accumulators, (16, 8), flat)
     layout = choose_layout(spec, accumulators, flat, windows=spec.vector_width == 8)
     if tall_tile and spec.vector_width == 8 and _is_wide(layout) and accumulators >= TALL_TILE[0] * TALL_TILE[1]:
         layout = dataclasses.replace(layout, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
-    if lifted and spec.vector_width == 8 and spec.strides == (1, 1) and spec.out_width >= LIFTED_MIN_WIDTH:
-        rows = choose_layout(spec, accumulators, flat=False)
-        if tall_tile and _is_wide(rows) and accumulators >= TALL_TILE[0] * TALL_TILE[1]:
-            rows = dataclasses.replace(rows, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
-        layout = dataclasses.replace(rows, lifted=True)
+    if lifted and spec.vector_width == 8 and spec.out_width in LIFTED_WIDTHS:
+        layout = dataclasses.replace(choose_layout(spec, accumulators, flat=False), lifted=True)
     return layout
 
 

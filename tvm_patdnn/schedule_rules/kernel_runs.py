@@ -10,7 +10,7 @@ the update unguarded. This is exact because every store under the loop carries t
 The same loop also prefetches, per kernel, the first line of each input row its register tile
 reads for the kernel :data:`PREFETCH_DISTANCE` ahead (its channel is gathered, which the
 hardware prefetcher cannot follow), on layers whose input rows come from L2 rather than L1 and
-whose runs are long enough for that kernel to be mostly the same run's: rows and flat layouts
+whose runs are long enough for that kernel to be mostly the same run's: rows (lifted or not) and flat layouts
 with at least :data:`PREFETCH_CHANNELS` input channels and output rows at least 14 wide
 (VGG-16 224's 56x56, 28x28 and 14x14 layers). Zen 3, 1 thread, interleaved: 1.06-1.15x at 256
 channels 56x56, 1.04-1.12x at 512 channels 14x14, 1.04-1.09x at 28x28 in the flat layout (three

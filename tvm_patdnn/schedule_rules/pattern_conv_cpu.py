@@ -134,7 +134,10 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     column loops has extent 1 in the default); inside, the kernels of each pattern, and the
     register tile of rows x columns vectors (times the layout's partial sums) innermost.
     The output stage (filter order restored, partial sums added, bias and ReLU) is vectorised
-    along each output row: left to LLVM, AVX-512 targets turned it into gathers and scatters.
+    along each output row: left to LLVM, AVX-512 targets turned it into gathers and scatters. For
+    lifted rows the pad is vectorised along the lanes (a gather M columns apart) and the output
+    stage reads an accumulator vector and stores its lanes M apart (vectorised along the output
+    row instead it gathered: pad and output stage took 13.3 ms instead of 5 at 224x224).
     ``code_per_pattern=False`` (pattern and tap loops not unrolled: every tap's offset looked up
     at run time) and ``vector_output=False`` exist to measure what they are worth
     (``benchmarks/optimisations.py``).
