@@ -250,7 +250,7 @@ def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu
     "channels, height, width, stride, tile, columns_outside, prefetches",
     [
         (4, 6, 112, 1, (4, 2), True, False),  # VGG's 112/224 rows: the tall tile, rows padded 6 -> 8
-        (4, 5, 56, 1, (1, 7), False, False),  # 56-pixel rows keep the rule's 1x7
+        (4, 5, 56, 1, (4, 2), True, False),  # 56-pixel rows: lifted, tall tile, 64 lanes, rows 5 -> 8
         (256, 14, 14, 1, (4, 2), False, True),  # VGG's 14x14 at 256+ channels: prefetching
         (256, 8, 8, 1, (8, 1), False, False),  # CIFAR's 8x8 (shipped records): no prefetch
         (256, 28, 28, 1, (2, 4), False, True),  # VGG's 28x28: lifted rows (flat before), prefetched
@@ -264,7 +264,7 @@ def test_avx2_large_image_kernels_match_the_onnx_reference(channels, height, wid
                                                           prefetches):
     """AVX2 wide rows take the tall register tile with column blocks outside the filters, and the
     kernel loop of many-channel layers prefetches the input rows of the kernel ahead; rows of at
-    28 to 55 output columns are lifted; all match onnx.reference."""
+    28 to 111 output columns are lifted; all match onnx.reference."""
     rng = np.random.default_rng(channels + width)
     shape = (1, channels, height, width)
     model = build_cnn(rng, shape, [ConvSpec(8, stride=stride, connectivity=2.0)])
@@ -272,7 +272,7 @@ def test_avx2_large_image_kernels_match_the_onnx_reference(channels, height, wid
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
     spec = PatternConvSpec.from_fkw(fkw, shape, (stride, stride), (1, 1, 1, 1), True, True, 8, 8)
     assert (spec.row_tile, spec.column_tile) == tile
-    assert spec.lifted == (28 <= spec.out_width < 56)
+    assert spec.lifted == (28 <= spec.out_width < 112)
     func = pattern_conv2d_primfunc(spec)
     knobs = default_knobs(func, 1)
     assert (knobs.columns[0] > 1) == columns_outside  # column blocks outside the filters
@@ -318,7 +318,7 @@ def test_lifted_rows_match_the_onnx_reference(height, width, stride, batch, pads
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_only_avx2_rows_of_28_to_55_columns_are_lifted():
+def test_only_avx2_rows_of_28_to_111_columns_are_lifted():
     weight = pattern_weight(np.random.default_rng(6), 8, 8, n_patterns=4)
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
 
@@ -326,6 +326,6 @@ def test_only_avx2_rows_of_28_to_55_columns_are_lifted():
         return PatternConvSpec.from_fkw(fkw, (1, 8, size, size), (stride, stride), (1, 1, 1, 1), False, False,
                                         lanes, accumulators).lifted
 
-    assert [lifted(size) for size in (14, 28, 32, 55, 56, 224)] == [False, True, True, True, False, False]
+    assert [lifted(size) for size in (14, 28, 32, 56, 111, 112, 224)] == [False, True, True, True, True, False, False]
     assert lifted(56, stride=2) and not lifted(28, stride=2)  # by output width: 28 and 14 columns
     assert not lifted(32, lanes=4, accumulators=16) and not lifted(32, lanes=16, accumulators=16)  # NEON, AVX-512

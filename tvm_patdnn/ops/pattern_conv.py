@@ -51,7 +51,7 @@ from ..arith import largest_divisor, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS",
-           "TALL_TILE", "WIDE_ROW_VECTORS", "LIFTED_WIDTHS", "choose_layout", "cheapest_layout", "is_lifted",
+           "TALL_TILE", "WIDE_ROW_VECTORS", "LIFTED_WIDTHS", "LIFTED_TALL_VECTORS", "choose_layout", "cheapest_layout", "is_lifted",
            "is_pattern_conv", "layout_cycles", "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
@@ -195,7 +195,8 @@ WINDOW_PIXELS = 16  # the windows layout is a candidate for outputs of at most t
 _TILE_RESERVE = 2  # a register tile leaves this many of the accumulators free
 WIDE_ROW_VECTORS = 14  # AVX2 rows layouts at least this many vectors wide take the tall tile
 TALL_TILE = (4, 2)  # (rows, columns) of output vectors of the AVX2 tile for wide rows
-LIFTED_WIDTHS = range(28, 56)  # AVX2 layers with output rows this wide take lifted rows (any stride)
+LIFTED_WIDTHS = range(28, 112)  # AVX2 layers with output rows this wide take lifted rows (any stride)
+LIFTED_TALL_VECTORS = 7  # lifted rows of at least this many vectors take the TALL_TILE
 
 
 def _input_vectors(spec: PatternConvSpec, taps) -> int:
@@ -289,13 +290,15 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     channel take 72 floats instead of the padded image's 16. NEON (4 lanes) keeps the rule without
     windows: it would take them at 2x2 and 4x4, but no phone is attached to time it.
 
-    AVX2 layers with output rows of :data:`LIFTED_WIDTHS` columns (4 to 7 vectors: VGG-16 224's and
-    ResNet-50's 28x28, CIFAR's 32x32, ResNet-50's 56 -> 28 stride 2) take lifted rows, with the rule's
-    tile: Zen 3, 1 thread, interleaved: 1.29-1.45x at 28x28 (over flat: 256 and 128 channels),
-    1.10-1.27x at 32x32, 1.16x on the strided layer. Wider rows keep plain rows: their tiles' halo
-    of 2 vectors per row outgrows the L1 the column blocks are reused from (64 channels x 6 rows x 4
-    vectors = 49 KB at 224, against 27 KB), and they measured 0.6-1.3x between runs at 56-224;
-    narrower ones (14x14, 7x7) lose 0.86-0.91x (a halo as large as the row).
+    AVX2 layers with output rows of :data:`LIFTED_WIDTHS` columns take lifted rows: 28-55 columns
+    (VGG-16 224's and ResNet-50's 28x28, CIFAR's 32x32, ResNet-50's 56 -> 28 stride 2) with the
+    rule's tile, Zen 3, 1 thread, interleaved: 1.20-1.47x at 28x28 (over flat), 1.10-1.27x at 32x32,
+    1.16-1.19x on the strided layer; 56-111 columns with the :data:`TALL_TILE` (rows padded to 4,
+    56 columns to 64 lanes, column blocks outside the filters): 1.08-1.25x at 56x56 (64-256
+    channels), where lifted 1x7 lost (0.54-0.96x). 112 columns and more keep plain rows (lifted
+    0.57-0.78x at 112x112 in three runs, 0.93-1.12x at 224x224): the lifted halo of 2 vectors per
+    tile row outgrows the L1 the column blocks are reused from (64 channels x 6 rows x 4 vectors =
+    49 KB, against 27 KB for plain rows). 14x14 and 7x7 lose 0.86-0.91x (a halo as large as the row).
 
     Wide rows on AVX2 (VGG-16 224's 224- and 112-pixel layers) take the :data:`TALL_TILE` instead
     of the rule's 1x7: its 4 output rows share input rows between taps (6 input rows per 4 output
@@ -313,6 +316,9 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
         layout = dataclasses.replace(layout, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
     if lifted and spec.vector_width == 8 and spec.out_width in LIFTED_WIDTHS:
         layout = dataclasses.replace(choose_layout(spec, accumulators, flat=False), lifted=True)
+        if (tall_tile and spec.out_width >= LIFTED_TALL_VECTORS * spec.vector_width
+                and accumulators >= TALL_TILE[0] * TALL_TILE[1]):
+            layout = dataclasses.replace(layout, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
     return layout
 
 
