@@ -102,19 +102,28 @@ def _run_op(spec: PatternConvSpec, fkw, x: np.ndarray, bias: np.ndarray, target)
     ],
 )
 def test_every_layout_matches_the_onnx_reference(size, stride, pads, flat, accumulators, partials):
-    rng = np.random.default_rng(size)
-    model = build_cnn(rng, (1, 6, size, size), [ConvSpec(10, stride=stride, pads=pads, connectivity=2.0)])
+    def layout(spec: PatternConvSpec) -> PatternConvSpec:
+        if flat == "windows":  # one 8-lane vector of the output's pixels per tile
+            spec = dataclasses.replace(spec, flat=False, windows=True, row_tile=1, column_tile=1, partials=2)
+        else:
+            spec = choose_layout(spec, accumulators, flat=flat)
+        assert spec.row_tile * spec.column_tile * spec.partials <= accumulators
+        if partials is not None:  # any layout is correct, whether it fits the registers or not
+            spec = dataclasses.replace(spec, partials=partials)
+        return spec
+
+    _check_layout(size, (1, 6, size, size), stride, pads, layout)
+
+
+def _check_layout(seed: int, shape: tuple, stride: int, pads: tuple, layout) -> None:
+    """A 10-filter pattern conv of an input of ``shape``, laid out by ``layout(spec)``, against
+    onnx.reference (built for plain x86-64)."""
+    rng = np.random.default_rng(seed)
+    model = build_cnn(rng, shape, [ConvSpec(10, stride=stride, pads=pads, connectivity=2.0)])
     weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer)
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
-    spec = PatternConvSpec.from_fkw(fkw, (1, 6, size, size), (stride, stride), pads, True, True)
-    if flat == "windows":  # one 8-lane vector of the output's pixels per tile
-        spec = dataclasses.replace(spec, flat=False, windows=True, row_tile=1, column_tile=1, partials=2)
-    else:
-        spec = choose_layout(spec, accumulators, flat=flat)
-    assert spec.row_tile * spec.column_tile * spec.partials <= accumulators
-    if partials is not None:  # any layout is correct, whether it fits the registers or not
-        spec = dataclasses.replace(spec, partials=partials)
-    x = rng.standard_normal((1, 6, size, size)).astype(np.float32)
+    spec = layout(PatternConvSpec.from_fkw(fkw, shape, (stride, stride), pads, True, True))
+    x = rng.standard_normal(shape).astype(np.float32)
     expected = reference_outputs(model, {"input": x})[0]
     got = _run_op(spec, fkw, x, bias, tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
@@ -304,18 +313,8 @@ def test_lifted_rows_match_the_onnx_reference(height, width, stride, batch, pads
     """Lifted rows (output column j*M + i in lane j of vector i; each lane's M columns plus their
     halo stored as whole vectors, per column phase when strided) for any width, stride, padding
     and batch, forced on sizes the rule would not lift; every input load is a whole aligned vector."""
-    rng = np.random.default_rng(height * 1000 + width)
-    shape = (batch, 6, height, width)
-    model = build_cnn(rng, shape, [ConvSpec(10, stride=stride, pads=pads, connectivity=2.0)])
-    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer)
-    fkw = pack_fkw(weight, analyze_conv_weight(weight))
-    spec = PatternConvSpec.from_fkw(fkw, shape, (stride, stride), pads, True, True, 8, 8)
-    spec = dataclasses.replace(spec, flat=False, windows=False, lifted=True, row_tile=tile[0], column_tile=tile[1],
-                               partials=1)
-    x = rng.standard_normal(shape).astype(np.float32)
-    expected = reference_outputs(model, {"input": x})[0]
-    got = _run_op(spec, fkw, x, bias, tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    _check_layout(height * 1000 + width, (batch, 6, height, width), stride, pads, lambda spec: dataclasses.replace(
+        spec, flat=False, windows=False, lifted=True, row_tile=tile[0], column_tile=tile[1], partials=1))
 
 
 def test_only_avx2_rows_of_28_to_111_columns_are_lifted():
