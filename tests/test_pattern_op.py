@@ -260,13 +260,14 @@ def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu
     [
         (4, 6, 112, 1, (4, 2), True, False),  # VGG's 112/224 rows: the tall tile, rows padded 6 -> 8
         (4, 5, 56, 1, (4, 2), True, False),  # 56-pixel rows: lifted, tall tile, 64 lanes, rows 5 -> 8
-        (256, 14, 14, 1, (4, 2), False, True),  # VGG's 14x14 at 256+ channels: prefetching
+        (512, 14, 14, 1, (4, 2), False, True),  # VGG's 14x14 at 512 channels (590 KB > L2): prefetching
+        (256, 14, 14, 1, (4, 2), False, False),  # ResNet's 14x14 at 256 channels (295 KB): no prefetch
         (256, 8, 8, 1, (8, 1), False, False),  # CIFAR's 8x8 (shipped records): no prefetch
         (256, 28, 28, 1, (2, 4), False, True),  # VGG's 28x28: lifted rows (flat before), prefetched
         (256, 14, 30, 1, (2, 4), False, True),  # lifted, output rows 30 wide in 32 lanes
         (16, 6, 56, 2, (2, 4), False, False),  # ResNet's 56 -> 28 stride 2: lifted column phases
         (512, 2, 2, 1, (1, 1), False, False),  # CIFAR's 2x2 (flat): no prefetch
-        (256, 9, 30, 2, (4, 2), False, True),  # strided: both column phases prefetched
+        (256, 9, 30, 2, (4, 2), False, False),  # strided: no prefetch (18 lines a kernel)
     ],
 )
 def test_avx2_large_image_kernels_match_the_onnx_reference(channels, height, width, stride, tile, columns_outside,

@@ -9,14 +9,18 @@ the update unguarded. This is exact because every store under the loop carries t
 
 The same loop also prefetches, per kernel, the first line of each input row its register tile
 reads for the kernel :data:`PREFETCH_DISTANCE` ahead (its channel is gathered, which the
-hardware prefetcher cannot follow), on layers whose input rows come from L2 rather than L1 and
-whose runs are long enough for that kernel to be mostly the same run's: rows (lifted or not) and flat layouts
-with at least :data:`PREFETCH_CHANNELS` input channels and output rows at least 14 wide
-(VGG-16 224's 56x56, 28x28 and 14x14 layers). Zen 3, 1 thread, interleaved: 1.06-1.15x at 256
-channels 56x56, 1.04-1.12x at 512 channels 14x14, 1.04-1.09x at 28x28 in the flat layout (three
-runs of four; 0.99-1.03x in one on a busier box). Every line of the tile (15 prefetches a
-kernel) instead paid nothing (their load slots cost what they saved), nor did prefetch at 64
-channels 224x224 (0.94-0.97x: runs of 2 kernels) or with the tall tile at 112x112 (0.94-0.97x).
+hardware prefetcher cannot follow), on layers whose input rows come from beyond L1 and whose
+runs are long enough for that kernel to be mostly the same run's: stride-1 rows (lifted or not)
+and flat layouts with at least :data:`PREFETCH_CHANNELS` input channels, output rows at least 14
+wide and a padded input larger than :data:`PREFETCH_MIN_BYTES` (VGG-16 224's 56x56, 28x28 and
+14x14 layers). Zen 3, 1 thread, interleaved: 1.06-1.15x at 256 channels 56x56 (plain rows;
+lifted 0.97x, one run), 1.04-1.12x at 512 channels 14x14, 1.04-1.09x at 512 channels 28x28
+(flat, and lifted 1.05-1.09x). ResNet-50's 14x14 layers at 256 channels (their 331 KB input
+stays in L2) lost 0.96-0.98x (three runs) and its strided layers 0.92-0.96x (4x2 tiles read 9
+rows x 2 column phases: 18 prefetches a kernel), so they do not prefetch. Every line of the tile
+(15 prefetches a kernel) paid nothing either (their load slots cost what they saved), nor did
+prefetch at 64 channels 224x224 (0.94-0.97x: runs of 2 kernels), at 128 channels (0.95x at
+56x56, 0.98x at 28x28, both lifted) or with the tall tile at 112x112 (0.94-0.97x).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from tvm import s_tir, sym, tirx
 
 from ..ops.pattern_conv import PATTERN_CONV_ATTR, is_lifted
 
-__all__ = ["PREFETCH_CHANNELS", "PREFETCH_DISTANCE", "bound_kernel_runs"]
+__all__ = ["PREFETCH_CHANNELS", "PREFETCH_DISTANCE", "PREFETCH_MIN_BYTES", "bound_kernel_runs"]
 
 _IF_THEN_ELSE = "prim.if_then_else"
 PREFETCH_DISTANCE = 4  # kernels ahead (2, 4 and 8 measured the same at 56x56)
 PREFETCH_CHANNELS = 256  # input channels from which the kernel loop prefetches
+PREFETCH_MIN_BYTES = 512 * 1024  # padded input of one image, above which it prefetches (Zen 3's L2 per core)
 _PREFETCH_MIN_WIDTH = 14  # output columns, at least
 
 
@@ -94,13 +99,14 @@ def _prefetch_next_kernel(realize, inner_loops: list, layout) -> list:
     if channel is None:
         raise _Unsupported("no gathered input load")
     sh, sw = (int(stride) for stride in layout["strides"])
-    _n, channels, _rows, _phases, columns = (int(extent) for extent in pad.source.shape)
+    _n, channels, rows, phases, columns = (int(extent) for extent in pad.source.shape)
     flat = bool(int(layout["flat"]))
     # flat: columns = accumulator columns + 2 row pitches + 2, a pitch = output width + 2
     pitch = (columns - int(block.iter_vars[4].dom.extent) - 2) // 2 if flat else 0
     lanes = int(layout["vector_width"]) if is_lifted(layout) else 1  # lifted: 2 halo vectors, not columns
     width = pitch - 2 if flat else columns - 2 // sw * lanes
-    if channels < PREFETCH_CHANNELS or width < _PREFETCH_MIN_WIDTH:
+    if (channels < PREFETCH_CHANNELS or width < _PREFETCH_MIN_WIDTH or sw > 1
+            or channels * rows * phases * columns * 4 <= PREFETCH_MIN_BYTES):
         return []
     bindings, origin = sym.Analyzer(), sym.Analyzer()
     for iter_var, value in zip(block.iter_vars, realize.iter_values):
