@@ -123,7 +123,7 @@ def test_rho_schedule_grows_to_its_cap_and_returns_the_dual_rescaling():
 def test_the_penalty_is_a_separate_object_on_the_sparsifier_weights():
     model = small_cnn()
     sparsifier = PatternSparsifier(pointwise=None).prepare(model)
-    penalty = ADMMPenalty(sparsifier, RhoSchedule(rho=0.5, growth=2.0), interval=2)
+    penalty = ADMMPenalty(sparsifier, RhoSchedule(rho=0.5, growth=2.0, rho_max=1.0), interval=2)
     split = penalty.variables["2.weight"]
     assert split.weight is model.get_submodule("2").parametrizations.weight.original
     w = split.weight.detach().numpy()
