@@ -47,8 +47,9 @@ count is fixed when its runtime starts:
 
 ``--model vgg16_trunk`` measures the twelve pattern layers of the VGG-16 224 conv trunk instead
 (``benchmarks/models.py``, pruned the same way), ``--model resnet50`` ResNet-50's sixteen 3x3
-layers (stride-2 ones included; ``--unique`` times one layer per shape and counts it for the others). TVM binds its one worker thread to core 0 even
-under ``taskset -c 1`` unless ``TVM_BIND_THREADS=0``:
+layers (stride-2 ones included; ``--unique`` times one layer per shape and counts it for the
+others). TVM binds its one worker thread to core 0 even under ``taskset -c 1`` unless
+``TVM_BIND_THREADS=0``:
 
     TVM_BIND_THREADS=0 TVM_NUM_THREADS=1 taskset -c 1 .venv/bin/python -m benchmarks.optimisations \
         --model vgg16_trunk --variants "tall tile" "column blocks outside" prefetch --rounds 5
@@ -137,7 +138,8 @@ def unsorted(fkw: FKWWeight) -> FKWWeight:
                                channels=fkw.channels[kernels], values=fkw.values[kernels])
 
 
-def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant, stride: int = 1) -> tuple[Callable, list]:
+def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant,
+          stride: int = 1) -> tuple[Callable, list]:
     """The layer's compiled function and its weight arguments, built the way ``variant`` says."""
     if not variant.reorder_filters:
         fkw = unsorted(fkw)
@@ -242,7 +244,8 @@ def main() -> None:
         nonzero_flops = 2 * np.count_nonzero(weight) * expected.shape[2] * expected.shape[3]
         count = len(same) if args.unique else 1
         rows.append({"layer": name + (f" (x{count})" if count > 1 else ""),
-                     "shape": f"{weight.shape[0]}x{weight.shape[1]} {shape[2]}x{shape[3]}" + (f" s{stride}" if stride > 1 else ""),
+                     "shape": f"{weight.shape[0]}x{weight.shape[1]} {shape[2]}x{shape[3]}"
+                              + (f" s{stride}" if stride > 1 else ""),
                      "threads": threads, "ms": median, "nonzero_gflops": nonzero_flops / median["default"] / 1e6,
                      "count": count})
         print(f"{name}: " + ", ".join(f"{label} {ms:.3f}" for label, ms in median.items()), flush=True)

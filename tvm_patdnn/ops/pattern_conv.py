@@ -51,8 +51,8 @@ from ..arith import largest_divisor, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS",
-           "TALL_TILE", "WIDE_ROW_VECTORS", "LIFTED_WIDTHS", "LIFTED_TALL_VECTORS", "choose_layout", "cheapest_layout", "is_lifted",
-           "is_pattern_conv", "layout_cycles", "target_layout"]
+           "TALL_TILE", "WIDE_ROW_VECTORS", "LIFTED_WIDTHS", "LIFTED_TALL_VECTORS", "choose_layout", "cheapest_layout",
+           "is_lifted", "is_pattern_conv", "layout_cycles", "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
@@ -305,9 +305,9 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     rows instead of 3 per 1) and its narrow column block (C x 6 rows x 18 floats: 27 KB at 64
     channels) stays in cache while the filters sweep it (the schedule runs column blocks outside
     the filters for it). Zen 3, 1 thread, interleaved: 1.11-1.15x at 224x224, 1.11-1.27x at
-    112x112, with column blocks outside 1.17-1.23x; at 56x56 it measured 0.96-1.08x, so 56-pixel
-    rows keep 1x7. ``tall_tile=False`` keeps the rule's tile and ``lifted=False`` plain rows
-    (``benchmarks/optimisations.py``).
+    112x112, with column blocks outside 1.17-1.23x; at 56x56 it measured 0.96-1.08x, so plain
+    56-pixel rows keep 1x7 (lifted ones take it, above). ``tall_tile=False`` keeps the rule's tile
+    and ``lifted=False`` plain rows (``benchmarks/optimisations.py``).
     """
     if spec.vector_width == 16:
         return cheapest_layout(spec, accumulators, (16, 8), flat)
