@@ -296,9 +296,9 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     1.16-1.19x on the strided layer; 56-111 columns with the :data:`TALL_TILE` (rows padded to 4,
     56 columns to 64 lanes, column blocks outside the filters): 1.08-1.25x at 56x56 (64-256
     channels), where lifted 1x7 lost (0.54-0.96x). 112 columns and more keep plain rows (lifted
-    0.57-0.78x at 112x112 in three runs, 0.93-1.12x at 224x224): the lifted halo of 2 vectors per
-    tile row outgrows the L1 the column blocks are reused from (64 channels x 6 rows x 4 vectors =
-    49 KB, against 27 KB for plain rows). 14x14 and 7x7 lose 0.86-0.91x (a halo as large as the row).
+    0.54-0.81x at 112x112 in five runs, the kernel itself 1.7x slower; 0.93-1.12x at 224x224),
+    probably because the lifted halo of 2 vectors per tile row outgrows the L1 the column blocks
+    are reused from (64 channels x 6 rows x 4 vectors = 49 KB, against 27 KB for plain rows). 14x14 and 7x7 lose 0.86-0.91x (a halo as large as the row).
 
     Wide rows on AVX2 (VGG-16 224's 224- and 112-pixel layers) take the :data:`TALL_TILE` instead
     of the rule's 1x7: its 4 output rows share input rows between taps (6 input rows per 4 output
