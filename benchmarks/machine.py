@@ -7,7 +7,12 @@ datasheet clocks, by a small C loop with enough independent accumulator chains t
 latency on every port (Intel/AMD: 2 ports x 4-5 cycles; Cortex-A76: 2 x 4), compiled for the
 widest ISA the host reports.
 
-    .venv/bin/python -m benchmarks.machine [--threads 1 2]
+    .venv/bin/python -m benchmarks.machine [--threads 1 2] [--loads]
+
+``--loads`` also times FMAs whose addend is a vector load from L1 at each float offset from a
+64-byte line: on Zen 3 a 256-bit load that splits a line costs about two load slots (aligned
+5.6-6.2 G vector FMAs/s, 89-99% of peak; offsets 1-7 3.2-3.9 G/s), which is why the pattern
+conv lifts its rows (README "The pattern conv with aligned loads").
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from pathlib import Path
 
 from tvm_patdnn.targets import runtime_threads
 
-__all__ = ["add_peak_percent", "cpu_name", "cpu_peak_gflops", "fma_peak_gflops", "machine_summary", "tvm_threads",
-           "widest_isa"]
+__all__ = ["add_peak_percent", "cpu_name", "cpu_peak_gflops", "fma_load_gflops", "fma_peak_gflops", "machine_summary",
+           "tvm_threads", "widest_isa"]
 
 # ISA -> (fp32 lanes, independent accumulator chains, gcc flags, header, vector type, set1,
 # fma(acc, a, b), reduce-to-float). Chains: more than FMA ports x latency (2 x 4-5 cycles on Intel,
@@ -38,6 +43,10 @@ _ISAS = {
     "neon": (4, 24, [], "arm_neon.h", "float32x4_t", "vdupq_n_f32({})", "vfmaq_f32({2}, {0}, {1})",
              "vaddvq_f32({})"),
 }
+
+# ISA -> (unaligned vector load, vector store) for the loaded-addend loop.
+_LOADS = {"avx512": ("_mm512_loadu_ps({})", "_mm512_storeu_ps"), "avx2": ("_mm256_loadu_ps({})", "_mm256_storeu_ps"),
+          "neon": ("vld1q_f32({})", "vst1q_f32")}
 
 _HELPERS = """
 #ifdef __AVX2__
@@ -111,11 +120,51 @@ int main(int argc, char **argv) {{
 """
 
 
-def _compile(isa: str, workdir: Path) -> Path:
-    binary = workdir / f"fma_peak_{isa}"
+def _load_source(isa: str) -> str:
+    """Each chain's FMA takes its addend from memory: the next vector of a 64-byte-aligned L1 buffer
+    shifted by ``argv[2]`` floats, so every offset that is not a multiple of the lanes makes loads
+    that split cache lines."""
+    lanes, chains, _flags, header, vec, set1, fma, _reduce = _ISAS[isa]
+    load, store = _LOADS[isa]
+    declare = ", ".join(f"c{i} = {set1.format(f's0 + {i}')}" for i in range(chains))
+    body = " ".join(f"c{i} = {fma.format(f'c{i}', 'w', load.format(f'p + {i * lanes}'))};" for i in range(chains))
+    chunk = chains * lanes
+    return f"""
+#include <{header}>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {{
+    long iters = atol(argv[1]); int offset = atoi(argv[2]);
+    float *buffer = aligned_alloc(64, sizeof(float) * ({32 * chunk} + 64));
+    for (int i = 0; i < {32 * chunk} + 64; ++i) buffer[i] = 1e-3f * (i % 7);
+    float s0 = (float)argc * 1e-3f, sink = 0.f, lanes[{lanes}];
+    {vec} w = {set1.format('0.999f')}, {declare};
+    double t0 = omp_get_wtime();
+    for (long i = 0; i < iters; ++i) {{ const float *p = buffer + (i & 31) * {chunk} + offset; {body} }}
+    double seconds = omp_get_wtime() - t0;
+    {"".join(f"{store}(lanes, c{i}); sink += lanes[0];" for i in range(chains))}
+    printf("%f %f\\n", 2.0 * {lanes} * {chains} * (double)iters / seconds / 1e9, sink);
+    return 0;
+}}
+"""
+
+
+def fma_load_gflops(isa: str | None = None, runs: int = 3) -> dict[int, float]:
+    """GFLOP/s of one thread's FMAs with a loaded addend, per float offset 0..lanes from a line."""
+    isa = isa or widest_isa()
+    with tempfile.TemporaryDirectory(prefix="patdnn-loads-") as scratch:
+        binary = _compile(isa, Path(scratch), loads=True)
+        return {offset: max(float(subprocess.run([str(binary), "50000000", str(offset)], capture_output=True,
+                                                 text=True, check=True).stdout.split()[0]) for _ in range(runs))
+                for offset in range(_ISAS[isa][0] + 1)}
+
+
+def _compile(isa: str, workdir: Path, loads: bool = False) -> Path:
+    binary = workdir / f"fma_{'loads' if loads else 'peak'}_{isa}"
     if not binary.exists():
         source = binary.with_suffix(".c")
-        source.write_text(_source(isa))
+        source.write_text(_load_source(isa) if loads else _source(isa))
         subprocess.run(["gcc", "-O2", *_ISAS[isa][2], "-fopenmp", str(source), "-o", str(binary)], check=True)
     return binary
 
@@ -171,6 +220,8 @@ def machine_summary(threads: list[int], workdir: Path | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--loads", action="store_true",
+                        help="also time FMAs with a loaded addend at each float offset from a cache line (1 thread)")
     args = parser.parse_args()
     summary = machine_summary(args.threads)
     print(f"{summary['cpu']}, {summary['cores']} cores, widest FMA: {summary['fma_isa']}")
@@ -178,6 +229,10 @@ def main() -> None:
         print(f"fp32 FMA peak, {threads} thread(s): {peak:.1f} GFLOP/s")
     if summary["fma_isa"] == "avx512":  # the 256-bit peak for comparison: AVX2 builds are held to it
         print(f"(256-bit loop, 1 thread: {fma_peak_gflops(1, isa='avx2'):.1f} GFLOP/s)")
+    if args.loads:
+        rates = fma_load_gflops(summary["fma_isa"])
+        print("FMA with a loaded addend, 1 thread, GFLOP/s by float offset from a 64-byte line: "
+              + ", ".join(f"{offset}: {rate:.1f}" for offset, rate in rates.items()))
 
 
 if __name__ == "__main__":
