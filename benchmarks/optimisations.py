@@ -24,7 +24,10 @@ operator and schedule for this machine, and again with one optimisation taken aw
   the filters with it (without: inside), and the kernel loop's prefetch of the kernel ahead's
   input rows on layers of 256+ channels (without: none);
 * lifted rows (AVX2, output rows of 28-55 columns): each padded row stored transposed in 8 lane
-  segments so every tap is one aligned vector (without: plain rows, or flat where the rule takes it).
+  segments so every tap is one aligned vector (without: plain rows, or flat where the rule takes it);
+* aligned rows (AVX2 rows layouts whose padded input does not grow: ResNet-50's 14x14, 7x7 and
+  stride-2 layers to 14 and 7 columns): row and phase pitches of whole vectors, so the centre tap
+  (stride 1) or the taps with dx = 0 and 1 (stride 2) are aligned vectors (without: plain rows).
 
 Layout alternatives (``--variants "windows 8 lanes 2x2" ...``, not run by default) replace the
 default's layout on the layers they apply to (stride 1, at most 16 output pixels: VGG's 4x4 and
@@ -97,6 +100,7 @@ class Variant:
     columns_outside: bool | None = None  # None: the rule's choice
     prefetch: bool = True
     lifted: bool = True
+    aligned: bool = True
     # A layout to compare rather than an optimisation to take away: (lanes, column tile, tap partial
     # sums) of the windows layout, forced on layers it applies to (stride 1, at most 16 output pixels).
     windows: tuple[int, int, int] | None = None
@@ -117,6 +121,7 @@ VARIANTS = {
     "column blocks outside": Variant(columns_outside=False),
     "prefetch": Variant(prefetch=False),
     "lifted rows": Variant(lifted=False),
+    "aligned rows": Variant(aligned=False),
     # Alternatives, not removals (ratio below 1: the alternative is faster than the default):
     "windows 8 lanes 2x2": Variant(windows=(8, 2, 2)),  # 2 vectors x 2 tap partial sums
     "windows 8 lanes 2x4": Variant(windows=(8, 2, 4)),
@@ -147,13 +152,13 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
     spec = PatternConvSpec.from_fkw(fkw, data_shape, (stride, stride), (1, 1, 1, 1), True, True, vector_lanes(target))
     spec = target_layout(dataclasses.replace(spec, vector_width=vector_lanes(target)), accumulators,
                          flat=None if variant.flat else False, tall_tile=variant.tall_tile,
-                         lifted=variant.lifted)
+                         lifted=variant.lifted, aligned=variant.aligned)
     if not variant.partials:
         spec = dataclasses.replace(spec, partials=1)
     if variant.windows and spec.strides == (1, 1) and spec.out_height * spec.out_width <= WINDOW_PIXELS:
         lanes, column_tile, partials = variant.windows
-        spec = dataclasses.replace(spec, vector_width=lanes, flat=False, windows=True, row_tile=1, column_tile=1,
-                                   partials=partials)
+        spec = dataclasses.replace(spec, vector_width=lanes, flat=False, windows=True, aligned=False, row_tile=1,
+                                   column_tile=1, partials=partials)
         spec = dataclasses.replace(spec, column_tile=min(column_tile, spec.acc_columns // lanes))
     sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))
     knobs = default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8)), variant.parallel_filters,

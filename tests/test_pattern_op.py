@@ -104,7 +104,8 @@ def _run_op(spec: PatternConvSpec, fkw, x: np.ndarray, bias: np.ndarray, target)
 def test_every_layout_matches_the_onnx_reference(size, stride, pads, flat, accumulators, partials):
     def layout(spec: PatternConvSpec) -> PatternConvSpec:
         if flat == "windows":  # one 8-lane vector of the output's pixels per tile
-            spec = dataclasses.replace(spec, flat=False, windows=True, row_tile=1, column_tile=1, partials=2)
+            spec = dataclasses.replace(spec, flat=False, windows=True, aligned=False, row_tile=1, column_tile=1,
+                                       partials=2)
         else:
             spec = choose_layout(spec, accumulators, flat=flat)
         assert spec.row_tile * spec.column_tile * spec.partials <= accumulators
@@ -315,7 +316,28 @@ def test_lifted_rows_match_the_onnx_reference(height, width, stride, batch, pads
     halo stored as whole vectors, per column phase when strided) for any width, stride, padding
     and batch, forced on sizes the rule would not lift; every input load is a whole aligned vector."""
     _check_layout(height * 1000 + width, (batch, 6, height, width), stride, pads, lambda spec: dataclasses.replace(
-        spec, flat=False, windows=False, lifted=True, row_tile=tile[0], column_tile=tile[1], partials=1))
+        spec, flat=False, windows=False, lifted=True, aligned=False, row_tile=tile[0], column_tile=tile[1], partials=1))
+
+
+@pytest.mark.parametrize(
+    "height, width, stride, batch, pads, tile",
+    [
+        (5, 9, 1, 2, (1, 1, 1, 1), (2, 1)),  # batch 2, odd width, pitch 16
+        (7, 30, 1, 1, (0, 1, 2, 1), (1, 2)),  # uneven padding, 32 lanes for 30 columns
+        (6, 13, 1, 1, (1, 0, 1, 2), (2, 1)),  # no left pad: no lead column
+        (14, 14, 1, 1, (1, 1, 1, 1), (4, 2)),  # the tall tile
+        (9, 9, 2, 2, (1, 1, 1, 1), (1, 1)),  # strided: phase pitch 5 -> 8
+        (28, 28, 2, 1, (1, 1, 1, 1), (2, 2)),  # ResNet's 28 -> 14 stride 2
+        (5, 31, 2, 1, (0, 1, 2, 1), (2, 3)),  # odd width, uneven padding, strided
+    ],
+)
+def test_aligned_rows_match_the_onnx_reference(height, width, stride, batch, pads, tile):
+    """Aligned rows (plain rows whose padded rows and column phases start on whole vectors; at
+    stride 1 column p stored at p - 1, the left zero pad read from the previous row) for any width,
+    stride, padding and batch."""
+    _check_layout(height * 1000 + width, (batch, 6, height, width), stride, pads, lambda spec: dataclasses.replace(
+        spec, flat=False, windows=False, lifted=False, aligned=True, row_tile=tile[0], column_tile=tile[1],
+        partials=1))
 
 
 def test_only_avx2_rows_of_28_to_111_columns_are_lifted():
@@ -329,3 +351,20 @@ def test_only_avx2_rows_of_28_to_111_columns_are_lifted():
     assert [lifted(size) for size in (14, 28, 32, 56, 111, 112, 224)] == [False, True, True, True, True, False, False]
     assert lifted(56, stride=2) and not lifted(28, stride=2)  # by output width: 28 and 14 columns
     assert not lifted(32, lanes=4, accumulators=16) and not lifted(32, lanes=16, accumulators=16)  # NEON, AVX-512
+
+
+def test_avx2_rows_are_aligned_where_that_takes_no_more_memory():
+    """ResNet-50's 14x14 and 7x7 rows and its stride-2 layers to 14 and 7 columns take aligned rows
+    (pitch 16 or 8 floats instead of 18, 17 or 9); CIFAR's 16x16 and 8x8 and VGG's 112/224 rows,
+    whose pitch would grow, keep plain rows, as do NEON and AVX-512."""
+    weight = pattern_weight(np.random.default_rng(6), 8, 8, n_patterns=4)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+
+    def aligned(size, lanes=8, accumulators=8, stride=1):
+        spec = PatternConvSpec.from_fkw(fkw, (1, 8, size, size), (stride, stride), (1, 1, 1, 1), False, False,
+                                        lanes, accumulators)
+        return spec.aligned and spec.rows_input_shape[2] % lanes == 0
+
+    assert [aligned(size) for size in (7, 8, 14, 16, 112, 224)] == [True, False, True, False, False, False]
+    assert aligned(28, stride=2) and aligned(14, stride=2) and not aligned(56, stride=2)  # 56 -> 28: lifted
+    assert not aligned(14, lanes=4, accumulators=16) and not aligned(14, lanes=16, accumulators=16)  # NEON, AVX-512

@@ -31,7 +31,12 @@ and register count, because the compute pads its output to it:
   output column ``j * M + i`` is lane j of vector i, so every tap of every output vector is one
   whole, aligned input vector (a shift of ``dx * lanes`` floats) and a tile of C vectors reads
   C + 2 input vectors per row instead of 3C unaligned ones (on Zen 3 a 256-bit load that splits a
-  cache line costs two). The pad gathers and the epilogue scatters the lanes.
+  cache line costs two). The pad gathers and the epilogue scatters the lanes;
+* ``aligned`` rows (plain rows otherwise) give each padded row (each column phase when strided) a
+  pitch of whole vectors: strided, the taps with dx = 0 and 1 of an output vector are then whole
+  vectors; at stride 1 a row stores padded column p at p - 1 (:attr:`PatternConvSpec.input_lead`),
+  so the centre tap is, and the left zero pad is the previous row's last element. Reads past a
+  row's end land in the next row, in lanes no output keeps.
 
 AVX2 and NEON targets take :func:`choose_layout`'s rule (lane fill, then the largest tile; on
 AVX2 windows is a candidate too, which 4x4 outputs take, and wide rows take a tall 4x2 tile);
@@ -43,6 +48,7 @@ on most layer sizes (``benchmarks/pattern_avx512.py``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from tvm import te, tirx
@@ -92,6 +98,7 @@ class PatternConvSpec:
     flat: bool = False
     windows: bool = False
     lifted: bool = False
+    aligned: bool = False
 
     def __post_init__(self):
         if (self.flat or self.windows) and self.strides != (1, 1):
@@ -100,6 +107,8 @@ class PatternConvSpec:
             raise ValueError("a layout is one of rows, flat, windows and lifted rows")
         if self.taps % self.partials:
             raise ValueError(f"{self.partials} partial sums do not divide {self.taps} taps")
+        if self.aligned and (self.flat or self.windows or self.lifted):
+            raise ValueError("aligned input rows are a plain rows layout")
 
     @property
     def taps(self) -> int:
@@ -117,6 +126,33 @@ class PatternConvSpec:
     def padded_width(self) -> int:
         """Columns of the padded input: the flat layout's row pitch."""
         return self.width + self.padding[1] + self.padding[3]
+
+    @property
+    def input_lead(self) -> int:
+        """Aligned rows at stride 1 (with a left zero pad) store padded column p of a row at p - 1:
+        the centre tap (dx = 1, in every pattern) of an output vector is then a whole vector, and
+        column 0, a zero, is read from the previous row's last element (1; else 0)."""
+        return int(self.aligned and self.strides[1] == 1 and self.padding[1] >= 1)
+
+    @property
+    def input_pitch(self) -> int:
+        """Floats per padded input row (per column phase when strided) of aligned rows: a whole
+        number of vectors, at least the accumulator's columns, holding every column a real output
+        reads (and at stride 1 the zero the next row's first tap reads)."""
+        sw, lead = self.strides[1], self.input_lead
+        needed = max(self.out_width + 2 // sw - lead, self.padding[1] + self.width if lead else 0)
+        return max(round_up(needed, self.vector_width), self.acc_columns)
+
+    @property
+    def rows_input_shape(self) -> tuple[int, int, int]:
+        """(rows, column phases, columns) of the padded input of a rows layout (plain, aligned or lifted)."""
+        sh, sw = self.strides
+        rows = (self.acc_rows - 1) * sh + 3
+        if self.lifted:
+            return rows, sw, self.acc_columns + 2 // sw * self.vector_width
+        if self.aligned:  # a leading zero row for the lead, a trailing one for the junk lanes' reads
+            return rows + self.input_lead + 1, sw, self.input_pitch
+        return rows, sw, self.acc_columns + 2 // sw
 
     @property
     def lifted_vectors(self) -> int:
@@ -167,7 +203,7 @@ def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     """
     def untiled(flat: bool, windows: bool = False) -> PatternConvSpec:
         return dataclasses.replace(spec, row_tile=1, column_tile=1, partials=1, flat=flat, windows=windows,
-                                   lifted=False)
+                                   lifted=False, aligned=False)
 
     def lane_fill(layout: PatternConvSpec) -> float:
         return layout.out_height * layout.out_width / (layout.acc_rows * layout.acc_columns)
@@ -268,7 +304,7 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
     for width in vector_widths:
         for is_flat, windows in kinds:
             base = dataclasses.replace(spec, vector_width=width, row_tile=1, column_tile=1, partials=1, flat=is_flat,
-                                       windows=windows, lifted=False)
+                                       windows=windows, lifted=False, aligned=False)
             for row_tile in range(1, (1 if is_flat or windows else min(tile_limit, base.out_height)) + 1):
                 for column_tile in range(1, min(base.acc_columns // width, tile_limit // row_tile) + 1):
                     partials = _partials(base, row_tile * column_tile, accumulators)
@@ -278,7 +314,7 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
 
 
 def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = None,
-                  tall_tile: bool = True, lifted: bool = True) -> PatternConvSpec:
+                  tall_tile: bool = True, lifted: bool = True, aligned: bool = True) -> PatternConvSpec:
     """The layout a target with ``spec.vector_width`` lanes gets: on AVX-512 (16 lanes) the
     cheapest 512- or 256-bit layout (AVX-512VL), elsewhere :func:`choose_layout`'s, with windows
     among its candidates on AVX2 (8 lanes).
@@ -308,6 +344,14 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     112x112, with column blocks outside 1.17-1.23x; at 56x56 it measured 0.96-1.08x, so plain
     56-pixel rows keep 1x7 (lifted ones take it, above). ``tall_tile=False`` keeps the rule's tile
     and ``lifted=False`` plain rows (``benchmarks/optimisations.py``).
+
+    Other AVX2 rows layouts take aligned rows where their padded input takes no more floats than
+    plain rows': ResNet-50's 14x14 and 7x7 rows (pitch 16, 8 floats instead of 18, 10) and its
+    stride-2 layers to 14 and 7 columns (phase pitch 16, 8 instead of 17, 9). Zen 3, 1 thread,
+    interleaved, three runs: 256x256 28 -> 14 s2 1.19-1.23x, 512x512 14 -> 7 s2 1.30-1.36x, 256x256
+    14x14 1.06-1.22x, 7x7 1.02-1.03x. Where the pitch would grow they tie or lose: VGG-16 224's
+    112/224 rows 0.99-1.02x, CIFAR's 16x16 0.99x and 8x8 0.92-0.93x (pitch 24 and 16 instead of
+    18 and 10, with the lead of 7 columns tried first). ``aligned=False`` keeps plain rows.
     """
     if spec.vector_width == 16:
         return cheapest_layout(spec, accumulators, (16, 8), flat)
@@ -319,6 +363,10 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
         if (tall_tile and spec.out_width >= LIFTED_TALL_VECTORS * spec.vector_width
                 and accumulators >= TALL_TILE[0] * TALL_TILE[1]):
             layout = dataclasses.replace(layout, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
+    if aligned and spec.vector_width == 8 and not (layout.flat or layout.windows or layout.lifted):
+        candidate = dataclasses.replace(layout, aligned=True)
+        if math.prod(candidate.rows_input_shape) <= math.prod(layout.rows_input_shape):
+            layout = candidate
     return layout
 
 
@@ -365,14 +413,13 @@ def _padded_input(spec: PatternConvSpec, data):
             return tirx.if_then_else(i < pixels, value, zero)
 
         return te.compute((spec.batch, spec.in_channels, 9, 1, spec.acc_columns), window, name="pad")
-    rows = (spec.acc_rows - 1) * sh + 3
+    shape = (spec.batch, spec.in_channels, *spec.rows_input_shape)
     if spec.lifted:
         lanes, m = spec.vector_width, spec.lifted_vectors
-        return te.compute((spec.batch, spec.in_channels, rows, sw, spec.acc_columns + 2 // sw * lanes),
-                          lambda n, c, h, phase, i: at(n, c, h, (i % lanes * m + i // lanes) * sw + phase), name="pad")
-    columns = spec.acc_columns + 2 // sw
-    return te.compute((spec.batch, spec.in_channels, rows, sw, columns),
-                      lambda n, c, h, phase, q: at(n, c, h, q * sw + phase), name="pad")
+        return te.compute(shape, lambda n, c, h, phase, i: at(n, c, h, (i % lanes * m + i // lanes) * sw + phase),
+                          name="pad")
+    lead = spec.input_lead
+    return te.compute(shape, lambda n, c, h, phase, q: at(n, c, h - lead, (q + lead) * sw + phase), name="pad")
 
 
 def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inverse_order, bias=None):
@@ -399,7 +446,8 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
             phase = _tap_table(spec.patterns, rp, t, lambda tap: tap[1] % sw)
             lanes = spec.vector_width if spec.lifted else 1
             shift = _tap_table(spec.patterns, rp, t, lambda tap: tap[1] // sw * lanes)
-            tap_input = xpad[n, channels[k], y * sh + dy, phase, x + shift]
+            lead = spec.input_lead  # aligned rows: a column of -1 or past the pitch is the previous or next row's
+            tap_input = xpad[n, channels[k], y * sh + dy + lead, phase, x + shift - lead]
         # The run-length guard is part of the body because te.create_prim_func drops a
         # reduction's `where`; if_then_else is lazy, so skipped slots load nothing.
         return te.sum(
@@ -457,4 +505,4 @@ def _spec_attr(spec: PatternConvSpec) -> dict:
         "flat": int(spec.flat),
         "windows": int(spec.windows),
         "relu": int(spec.relu),
-    } | ({"lifted": 1} if spec.lifted else {})
+    } | ({"lifted": 1} if spec.lifted else {}) | ({"aligned": 1, "input_lead": spec.input_lead} if spec.aligned else {})
