@@ -131,9 +131,9 @@ def _prefetch_next_kernel(realize, inner_loops: list, layout) -> list:
     if flat:
         return [at(y, 0, x + tirx.const(r * pitch, index)) for r in range(3)]
     rows = (int(layout["row_tile"]) - 1) * sh + 3
-    lead = int(layout["input_lead"]) if "input_lead" in layout else 0  # aligned rows: row r at r + lead, column -lead
-    return [at(y * sh + tirx.const(r + lead, index), phase, x - tirx.const(lead, index)) for r in range(rows)
-            for phase in range(sw)]
+    # aligned rows: row r stored at r + lead; a row's own first line (column 0 on) is the one to fetch
+    lead = int(layout["input_lead"]) if "input_lead" in layout else 0
+    return [at(y * sh + tirx.const(r + lead, index), phase, x) for r in range(rows) for phase in range(sw)]
 
 
 def _rewrite_loop(loop: tirx.For, loop_name: str, layout=None):
