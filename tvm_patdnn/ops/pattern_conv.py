@@ -349,7 +349,8 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     plain rows': ResNet-50's 14x14 and 7x7 rows (pitch 16, 8 floats instead of 18, 10) and its
     stride-2 layers to 14 and 7 columns (phase pitch 16, 8 instead of 17, 9). Zen 3, 1 thread,
     interleaved, three runs: 256x256 28 -> 14 s2 1.19-1.23x, 512x512 14 -> 7 s2 1.30-1.36x, 256x256
-    14x14 1.06-1.22x, 7x7 1.02-1.03x (two later runs on a busier box, where builds of identical code
+    14x14 1.06-1.22x, 7x7 1.02-1.03x; 1.24x, 1.27x, 1.09x in a 31-round run whose identical-code
+    control read 0.99-1.03x (two runs on a busier box, where builds of identical code
     differed 0.85-1.09x: 1.03-1.37x, 0.90-0.93x, 1.01-1.07x, 1.02-1.17x); VGG-16 224's 512x512 14x14
     0.97-1.08x. Where the pitch would grow they tie or lose: VGG-16 224's
     112/224 rows 0.99-1.02x, CIFAR's 16x16 0.99x and 8x8 0.92-0.93x (pitch 24 and 16 instead of
