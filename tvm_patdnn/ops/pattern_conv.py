@@ -334,7 +334,8 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     channels), where lifted 1x7 lost (0.54-0.96x). 112 columns and more keep plain rows (lifted
     0.54-0.81x at 112x112 in five runs, the kernel itself 1.7x slower; 0.93-1.12x at 224x224),
     probably because the lifted halo of 2 vectors per tile row outgrows the L1 the column blocks
-    are reused from (64 channels x 6 rows x 4 vectors = 49 KB, against 27 KB for plain rows). 14x14 and 7x7 lose 0.86-0.91x (a halo as large as the row).
+    are reused from (64 channels x 6 rows x 4 vectors = 49 KB, against 27 KB for plain rows).
+    14x14 and 7x7 lose 0.86-0.91x (a halo as large as the row).
 
     Wide rows on AVX2 (VGG-16 224's 224- and 112-pixel layers) take the :data:`TALL_TILE` instead
     of the rule's 1x7: its 4 output rows share input rows between taps (6 input rows per 4 output
