@@ -23,8 +23,9 @@ operator and schedule for this machine, and again with one optimisation taken aw
   register tile on rows of 112 pixels and more (without: the rule's 1x7), column blocks outside
   the filters with it (without: inside), and the kernel loop's prefetch of the kernel ahead's
   input rows on layers of 256+ channels (without: none);
-* lifted rows (AVX2, output rows of 28-55 columns): each padded row stored transposed in 8 lane
-  segments so every tap is one aligned vector (without: plain rows, or flat where the rule takes it);
+* lifted rows (AVX2, output rows of 28-111 columns, the tall tile from 56): each padded row stored
+  transposed in 8 lane segments so every tap is one aligned vector (without: plain rows, or flat
+  where the rule takes it);
 * aligned rows (AVX2 rows layouts whose padded input does not grow: ResNet-50's 14x14, 7x7 and
   stride-2 layers to 14 and 7 columns): row and phase pitches of whole vectors, so the centre tap
   (stride 1) or the taps with dx = 0 and 1 (stride 2) are aligned vectors (without: plain rows).
