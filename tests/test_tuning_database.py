@@ -158,6 +158,9 @@ def test_compile_says_which_kernels_had_records_of_another_thread_count():
                             unused_threads={1: 9})
     assert str(source) == ("tuning records: 0/9 kernels from db (not applied: 9 kernel(s) tuned only for 1 thread, "
                            "compiling for 2 threads; `patdnn tune --threads 2` measures its own)")
+    source.unused_threads = {4: 2, 1: 3}  # each count names its own kernels
+    assert str(source).endswith("(not applied: 3 kernel(s) tuned only for 1 thread; 2 kernel(s) tuned only for "
+                                "4 threads, compiling for 2 threads; `patdnn tune --threads 2` measures its own)")
     source.other_threads, source.unused_threads, source.threads = {None: 3}, {}, 1
     assert str(source).endswith("(3 kernel(s) tuned for an unrecorded thread count, compiling for 1 thread)")
     source.other_threads, source.threads = {4: 9}, None

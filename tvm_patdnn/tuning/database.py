@@ -393,9 +393,11 @@ class ScheduleSource:
                  for count, kernels in sorted(self.other_threads.items(), key=str)]
         parts += [f"{layers} dense layer(s) measured at {describe(count)}" for count, layers in
                   sorted(dense.items(), key=str)]
-        unused = [f"{kernels} kernel(s)" for kernels in self.unused_threads.values()]
-        unused += [f"{layers} dense layer(s)" for layers in dense_unused.values()]
-        counts = sorted(set(self.unused_threads) | set(dense_unused))
+        unused: dict[int, list[str]] = {}  # each count's kernels and dense layers, named with that count
+        for count, kernels in self.unused_threads.items():
+            unused.setdefault(count, []).append(f"{kernels} kernel(s)")
+        for count, layers in dense_unused.items():
+            unused.setdefault(count, []).append(f"{layers} dense layer(s)")
         notes = []
         if parts and self.threads is None:
             notes.append(f"{', '.join(parts)}; the target has no num-cores: compile with threads= to match records "
@@ -403,8 +405,9 @@ class ScheduleSource:
         elif parts:
             notes.append(f"{', '.join(parts)}, compiling for {describe(self.threads)}")
         if unused:
-            notes.append(f"not applied: {' and '.join(unused)} tuned only for "
-                         f"{' or '.join(describe(count) for count in counts)}, compiling for {describe(self.threads)}; "
+            per_count = "; ".join(f"{' and '.join(what)} tuned only for {describe(count)}"
+                                  for count, what in sorted(unused.items()))
+            notes.append(f"not applied: {per_count}, compiling for {describe(self.threads)}; "
                          f"`patdnn tune --threads {self.threads}` measures its own")
         return "".join(f" ({note})" for note in notes)
 
