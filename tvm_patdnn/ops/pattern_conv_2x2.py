@@ -17,14 +17,21 @@ Measured on Zen 4 (1 thread, VGG-16 CIFAR 8x, the three 512-channel 2x2 layers):
 the cheapest row/flat layout (0.08 against 0.15-0.17 ms a layer); with one accumulator 1.4x, with
 four 1.8x.
 
-On AVX2 (8 lanes) a ymm permutes only 8 floats, so the lanes are arranged in memory instead: the
-first stage writes, per channel and pattern of the layer, the 16 (pixel x tap) inputs of that
-pattern (``arranged[n, c, p]``: 64 bytes, 8 patterns x 512 channels = 256 KB, written once per
-call); a kernel is then two aligned ymm loads of its (channel, pattern) row, one 128-bit weight
-load repeated to 256 bits (pixel-major lanes: every pixel's 4 taps take the kernel's 4 weights)
-and two FMAs, every lane useful, where the flat layout does 4 broadcasts, 4 loads and 4 half-empty
-FMAs. Since the pattern then only picks the row, each kernel carries its row index
-(:func:`arranged_rows`) and a filter's kernels of every pattern are one loop.
+On AVX2 (8 lanes) a ymm permutes only 8 floats, but a kernel's 16 lanes take only 5 values: the
+channel's 4 and zero. Each 128-bit half of the two ymm is one pixel's 4 taps, so one ``vpshufb`` of
+the channel's 4 floats loaded into both halves (``vbroadcastf128``, 16 bytes from an image of 8 KB
+at 512 channels: L1) with the pattern's constant control bytes (a byte with its top bit set gives
+a zero) makes each ymm: per kernel 1 row index, 1 image, 1 weight and 2 control loads (the
+table: 64 bytes per pattern), 2 ``vpshufb`` and 2 FMAs. ``vpermps`` would do the same from
+``[v0 v1 v2 v3 0 0 0 0]`` but on Zen 3 it costs about as much as an FMA and does not overlap with
+it (microbenchmark: 2 ``vpermps`` + 2 FMAs 3 cycles, 2 ``vpshufb`` + 2 FMAs 1.6). The pattern is a
+table row, not code, so each kernel carries ``channel * P + pattern`` (:func:`arranged_rows`) and a
+filter's kernels of every pattern are one loop (a run per (filter, pattern) cost ~60 cycles of loop
+set-up and mispredicted exits). Nothing is arranged or copied per call or per thread (the
+session-6 kernel wrote 16 (pixel x tap) inputs per channel and pattern: 256 KB in L2, a copy per
+thread). Measured on Zen 3 (1 thread, VGG-16 CIFAR 8x, the three 512-channel 2x2 layers, A/B in one
+process): 1.4-1.5x faster than those arranged inputs (0.12 -> 0.08 ms a layer); 4 accumulator
+chains instead of 2: 0.8x.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 __all__ = ["LANES", "TARGET_LANES", "arranged_rows", "tap_lanes_apply", "pattern_conv_2x2_primfunc"]
 
 LANES = 16  # 4 output pixels x 4 taps: one 512-bit vector, or two 256-bit ones
-TARGET_LANES = (8, 16)  # AVX2 (arranged inputs), AVX-512 (permuted in registers)
-_CHAINS = 2  # accumulators (of a kernel's 16 lanes) a run alternates between (AVX2: 4 measured the same)
+TARGET_LANES = (8, 16)  # AVX2 (vpshufb per kernel), AVX-512 (vpermps per kernel)
+_CHAINS = 2  # accumulators (of a kernel's 16 lanes) a run alternates between (AVX2: 4 measured 0.8x)
 
 
 def tap_lanes_apply(spec: PatternConvSpec, target_lanes: int) -> bool:
@@ -63,12 +70,19 @@ def _lane_offsets(taps) -> list[int]:
 
 
 def arranged_rows(channels: np.ndarray, offsets: np.ndarray, n_patterns: int) -> np.ndarray:
-    """The AVX2 kernel's ``channels`` argument: each kernel's row of the arranged input,
-    ``channel * n_patterns + pattern`` (FKW's ``offsets`` give each kernel's pattern)."""
+    """The AVX2 kernel's ``channels`` argument: ``channel * n_patterns + pattern`` per kernel (FKW's
+    ``offsets`` give each kernel's pattern), the image and the shuffle-table row it reads."""
     patterns = np.repeat(np.arange(len(offsets) - 1) % n_patterns, np.diff(offsets))
     rows = channels.astype(np.int64).copy()
     rows[: len(patterns)] = rows[: len(patterns)] * n_patterns + patterns
     return rows.astype(np.int32)
+
+
+def _shuffle_table(spec: PatternConvSpec) -> list[int]:
+    """AVX2: per pattern, the ``vpshufb`` control bytes of its 16 (pixel x tap) lanes from the
+    channel's 2x2 image in each 128-bit half (byte 4j + b of value j; 0x80: a zero)."""
+    return [4 * j + b if j < 4 else -128 for taps in spec.patterns for i in _lane_offsets(taps)
+            for j in [_image_index(i)] for b in range(4)]
 
 
 def pattern_conv_2x2_primfunc(spec: PatternConvSpec, lanes: int = LANES, threads: int = 1) -> tirx.PrimFunc:
@@ -77,15 +91,14 @@ def pattern_conv_2x2_primfunc(spec: PatternConvSpec, lanes: int = LANES, threads
     :func:`~tvm_patdnn.ops.pattern_conv.pattern_conv2d_primfunc` except that the filter permutation
     is FKW's ``order`` (stored filter -> output channel), not its inverse, and that on AVX2 the
     channels are :func:`arranged_rows`: data, values, channels (rows), offsets, order, [bias], out.
-    Filters run in stored order, so the weights stream sequentially. On AVX2 with ``threads`` > 1
-    each thread arranges its own copy of the input (the same 256 KB rows written by one core and read
-    by the other ran 0.99x of the flat layout at 2 threads, own copies 1.09x; 1.11x at 1 thread either
-    way) and takes the filters t, t + threads, ..."""
+    Filters run in stored order, so the weights stream sequentially. On AVX2 thread t of ``threads``
+    takes the filters t, t + threads, ... (FKW sorts filters by kernel count, so contiguous chunks
+    would be unequal); nothing is copied per thread."""
     if not tap_lanes_apply(spec, lanes):
         raise ValueError(f"the (pixel x tap) kernel takes 2x2 images, stride 1, padding 1, 4 taps, "
                          f"{' or '.join(map(str, TARGET_LANES))} lanes")
     halves = LANES // lanes  # vectors per kernel
-    arranged_input = halves > 1
+    in_registers = halves > 1  # AVX2: the pattern's shuffle is looked up per kernel
     chains = _CHAINS
     n_, c_, f_, p_ = spec.batch, spec.in_channels, spec.out_channels, len(spec.patterns)
     kernels = max(1, spec.n_kernels)
@@ -101,77 +114,76 @@ def pattern_conv_2x2_primfunc(spec: PatternConvSpec, lanes: int = LANES, threads
             bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
             out = T.arg("out", T.buffer((n_, f_, 2, 2), "float32"))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            rows = p_ if arranged_input else 1  # per channel: one row per pattern, or the padded image
             images = T.decl_buffer((n_ * c_ * 4,), "float32", data=data.data)  # a channel's 2x2: 4 floats
+            outputs = T.decl_buffer((n_ * f_ * 4,), "float32", data=out.data)
 
-            def arrange(padded, nc) -> None:
-                # every padded lane is one of the image's 4 values or zero (index 4): one permute of
-                # [image, 0, 0, 0, 0] per vector
-                source = [images[tirx.Ramp(nc * 4, 1, 4)], tirx.Broadcast(zero, lanes - 4)]
-                for p in range(rows):
-                    lanes_from = [_image_index(i) for i in (_lane_offsets(spec.patterns[p]) if arranged_input
-                                                             else range(LANES))]
-                    for h in range(0, LANES, lanes):
-                        T.buffer_store(padded, tirx.Shuffle(source, lanes_from[h:h + lanes]),
-                                       [tirx.Ramp((nc * rows + p) * LANES + h, 1, lanes)])
-
-            def filter_task(padded, task) -> None:
+            def filter_task(source, task) -> None:
                 n, f = task // f_, task % f_
                 fo = order[f]
                 acc = T.decl_buffer((chains * LANES,), "float32", scope="local")
                 for q in range(chains * halves):
                     T.buffer_store(acc, tirx.Broadcast(zero, lanes), [tirx.Ramp(q * lanes, 1, lanes)])
 
-                def accumulate(p: int, source_lanes: list[int], q: int, k) -> None:
+                def accumulate(p, q: int, k) -> None:
                     weights = values[k, tirx.Ramp(0, 1, 4)]
                     repeated = tirx.Shuffle([weights] * (lanes // 4), list(range(lanes)))
-                    if arranged_input:  # AVX2: the kernel's (channel, pattern) row holds its lanes in order
-                        row = (n * c_ * p_ + channels[k]) * LANES
+                    if in_registers:  # AVX2: row = channel * P + pattern; two vpshufb of the channel
+                        row = channels[k]
+                        image = images[tirx.Ramp((n * c_ + row // p_) * 4, 1, 4)]
+                        image_bytes = tirx.reinterpret("int8x32", tirx.Shuffle([image, image], list(range(8))))
                         for h in range(halves):
+                            control = source[tirx.Ramp(row % p_ * LANES * 4 + h * 32, 1, 32)]
+                            permuted = tirx.reinterpret("float32x8", tirx.call_llvm_pure_intrin(
+                                "int8x32", "llvm.x86.avx2.pshuf.b", image_bytes, control))
                             slots = tirx.Ramp((q * halves + h) * lanes, 1, lanes)
-                            product = padded[tirx.Ramp(row + h * lanes, 1, lanes)] * repeated
-                            T.buffer_store(acc, acc[slots] + product, [slots])
+                            T.buffer_store(acc, acc[slots] + permuted * repeated, [slots])
                         return
-                    channel = padded[tirx.Ramp((n * c_ + channels[k]) * LANES, 1, LANES)]
-                    product = tirx.Shuffle([channel], source_lanes) * repeated
+                    channel = source[tirx.Ramp((n * c_ + channels[k]) * LANES, 1, LANES)]
+                    product = tirx.Shuffle([channel], _lane_offsets(spec.patterns[p])) * repeated
                     slots = tirx.Ramp(q * LANES, 1, LANES)
                     T.buffer_store(acc, acc[slots] + product, [slots])
 
-                # AVX2: the pattern only picks the row, so a filter's kernels are one run (a run per
-                # (filter, pattern) costs ~60 cycles of loop set-up and mispredicted exits: measured
+                # AVX2: the pattern only picks the permutation, so a filter's kernels are one run (a run
+                # per (filter, pattern) costs ~60 cycles of loop set-up and mispredicted exits: measured
                 # 0.09 ms of a 0.14 ms 512-channel layer); AVX-512: one run per pattern, its permutation
-                runs = [(None, f * p_, f * p_ + p_)] if arranged_input else [
+                runs = [(None, f * p_, f * p_ + p_)] if in_registers else [
                     (p, f * p_ + p, f * p_ + p + 1) for p in range(p_)]
                 for p, first, last in runs:
-                    source_lanes = _lane_offsets(spec.patterns[p]) if p is not None else []
                     start = offsets[first]
                     length = offsets[last] - start
                     with T.serial(0, length // chains) as j:
                         for q in range(chains):
-                            accumulate(p, source_lanes, q, start + j * chains + q)
+                            accumulate(p, q, start + j * chains + q)
                     with T.serial(0, length % chains) as j:
-                        accumulate(p, source_lanes, 0, start + length // chains * chains + j)
-                with T.unroll(0, 4) as pixel:  # (chain, half) accumulators are consecutive: lane q * 16 + pixel * 4 + tap
-                    value = sum((acc[q * LANES + pixel * 4 + t] for q in range(chains) for t in range(4)), zero)
-                    if bias is not None:
-                        value = value + bias[fo]
-                    if spec.relu:
-                        value = T.max(value, zero)
-                    T.buffer_store(out, value, [n, fo, pixel // 2, pixel % 2])
+                        accumulate(p, 0, start + length // chains * chains + j)
+                # the chains' sum, then each pixel's 4 tap lanes (lane pixel * 4 + tap): the filter's 2x2
+                # output is 4 consecutive floats
+                summed = [sum((acc[tirx.Ramp((q * halves + h) * lanes, 1, lanes)] for q in range(1, chains)),
+                              acc[tirx.Ramp(h * lanes, 1, lanes)]) for h in range(halves)]
+                value = sum((tirx.Shuffle(summed, [pixel * 4 + t for pixel in range(4)]) for t in range(1, 4)),
+                            tirx.Shuffle(summed, [pixel * 4 for pixel in range(4)]))
+                if bias is not None:
+                    value = value + tirx.Broadcast(bias[fo], 4)
+                if spec.relu:
+                    value = T.max(value, tirx.Broadcast(zero, 4))
+                T.buffer_store(outputs, value, [tirx.Ramp((n * f_ + fo) * 4, 1, 4)])
 
-            if arranged_input and threads > 1:
+            if in_registers:
+                table = T.decl_buffer((p_ * LANES * 4,), "int8", align=64)
+                for i, byte in enumerate(_shuffle_table(spec)):
+                    T.buffer_store(table, tirx.const(byte, "int8"), [i])
                 with T.parallel(0, threads) as t:
-                    own = T.decl_buffer((n_ * c_ * rows * LANES,), "float32", align=64)
-                    with T.serial(0, n_ * c_) as nc:
-                        arrange(own, nc)
                     with T.serial(0, ceil_div(n_ * f_, threads)) as i:
                         with T.If(i * threads + t < n_ * f_):
                             with T.Then():
-                                filter_task(own, i * threads + t)
+                                filter_task(table, i * threads + t)
             else:
-                padded = T.decl_buffer((n_ * c_ * rows * LANES,), "float32", align=64)
+                padded = T.decl_buffer((n_ * c_ * LANES,), "float32", align=64)
                 with T.parallel(0, n_ * c_) as nc:
-                    arrange(padded, nc)
+                    # every padded lane is one of the image's 4 values or zero (index 4)
+                    source = [images[tirx.Ramp(nc * 4, 1, 4)], tirx.Broadcast(zero, LANES - 4)]
+                    T.buffer_store(padded, tirx.Shuffle(source, [_image_index(i) for i in range(LANES)]),
+                                   [tirx.Ramp(nc * LANES, 1, LANES)])
                 with T.parallel(0, n_ * f_) as task:
                     filter_task(padded, task)
     func = builder.get().without_attr("global_symbol")

@@ -1,0 +1,51 @@
+"""The small-image pattern kernels (2x2 outputs) against onnx.reference: every pattern of the layer,
+batch 2, bias and ReLU on and off, 1 and 2 threads, on AVX2 and AVX-512 builds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from model_factory import ConvSpec, build_cnn, reference_outputs
+
+import tvm_patdnn
+from tvm_patdnn.targets import resolve_target, vector_lanes
+
+AVX2 = {"kind": "llvm", "mcpu": "znver3"}
+AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
+
+
+def _check(target: dict, lanes: int, batch: int, channels: int, height: int, conv: ConvSpec, seed: int) -> None:
+    """Compile a one-conv model for ``target``, and where the host has ``lanes`` lanes run it against
+    onnx.reference."""
+    rng = np.random.default_rng(seed)
+    model = build_cnn(rng, (batch, channels, height, height), [conv])
+    compiled = tvm_patdnn.compile(model, target)
+    assert [r.kind for r in compiled.report] == ["pattern"]
+    assert len(compiled.report[0].patterns) == conv.n_patterns  # every pattern of the layer is used
+    if vector_lanes(resolve_target("x86")) < lanes:
+        pytest.skip(f"host CPU: no {lanes}-lane vectors to run the code on (it was built)")
+    x = rng.standard_normal((batch, channels, height, height)).astype(np.float32)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "batch, bias, relu, patterns, cores",
+    [
+        (1, True, True, 8, 1),  # VGG's 2x2 layers: 8 patterns, one thread
+        (2, False, False, 8, 2),  # batch 2, no bias, no ReLU, two threads
+        (2, True, False, 3, 2),  # a pattern count that is not a power of two
+        (1, False, True, 12, 1),
+    ],
+)
+def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns, cores):
+    """AVX2: each kernel's lanes are shuffled in registers from the channel's 4 values (``vpshufb``
+    with its pattern's control bytes), threads take interleaved filters."""
+    conv = ConvSpec(40, connectivity=1.5, bias=bias, relu=relu, n_patterns=patterns)
+    _check({**AVX2, "num-cores": cores}, 8, batch, 48, 2, conv, seed=patterns * 2 + batch)
+
+
+@pytest.mark.parametrize("batch, bias, relu", [(1, True, True), (2, False, False)])
+def test_avx512_2x2_kernel_matches_the_onnx_reference(batch, bias, relu):
+    conv = ConvSpec(24, connectivity=1.5, bias=bias, relu=relu)
+    _check({**AVX512, "num-cores": 2}, 16, batch, 32, 2, conv, seed=batch)
