@@ -1,0 +1,82 @@
+"""The channel-blocked pattern conv (AVX2): equal to onnx.reference, and taken by the layers it is for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from model_factory import ConvSpec, build_cnn, reference_outputs
+from onnx import numpy_helper
+from tvm import relax
+
+import tvm_patdnn
+from tvm_patdnn.analysis import analyze_conv_weight
+from tvm_patdnn.fkw import pack_fkw
+from tvm_patdnn.frontend import import_onnx
+from tvm_patdnn.ops.pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, is_pattern_conv
+from tvm_patdnn.ops.pattern_conv_blocked import blocked_layout, blocked_weights, pattern_conv_blocked_primfunc
+from tvm_patdnn.targets import resolve_target, vector_lanes
+from tvm_patdnn.transform import PatternConvRewrite
+
+AVX2 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+
+
+def _needs_avx2() -> None:
+    if vector_lanes(resolve_target("x86")) < 8:
+        pytest.skip("host CPU: no AVX2 to run the code on (it was built)")
+
+
+@pytest.mark.parametrize("batch, channels, height, width, tile, block, bias, relu, threads", [
+    (1, 20, 13, 11, (2, 2), 8, True, True, 1),  # odd sizes, 20 channels in blocks of 8
+    (2, 19, 9, 17, (3, 1), 5, False, True, 2),  # batch 2, two threads' filter groups
+    (1, 12, 14, 14, None, None, True, False, 2),  # the default layout (7x2), one block
+    (2, 7, 5, 30, (1, 2), 3, False, False, 1),  # rows of 4 lifted vectors in column tiles of 2
+])
+def test_blocked_kernel_matches_the_onnx_reference(batch, channels, height, width, tile, block, bias, relu, threads):
+    rng = np.random.default_rng(channels * height + width)
+    model = build_cnn(rng, (batch, channels, height, width), [ConvSpec(10, connectivity=2.0, bias=bias, relu=relu)])
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weight = inits[model.graph.node[0].input[1]]
+    bias_value = inits[model.graph.node[0].input[2]] if bias else None
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    spec = PatternConvSpec.from_fkw(fkw, (batch, channels, height, width), (1, 1), (1, 1, 1, 1), bias, relu)
+    layout = blocked_layout(spec, *(tile or (None, None)), block)
+    assert layout.blocks == -(-channels // layout.block)
+    func = pattern_conv_blocked_primfunc(layout, threads)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tvm.target.Target(AVX2))
+    _needs_avx2()
+    x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((batch, 10, height, width), np.float32))
+    weights = [*blocked_weights(fkw, layout), fkw.order] + ([bias_value] if bias else [])
+    lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(w) for w in weights), out)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_many_channel_layers_take_the_blocked_kernel_on_avx2_only():
+    """256 input channels at 14x14, stride 1: blocked on AVX2, the TE operator on AVX-512 and NEON, and
+    for a stride-2 layer or fewer channels."""
+    rng = np.random.default_rng(3)
+    model = build_cnn(rng, (1, 256, 14, 14), [ConvSpec(16, connectivity=3.6), ConvSpec(16, connectivity=2.0),
+                                              ConvSpec(256, connectivity=2.0)])
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    for lanes, expected in ((8, [True, False, False]), (16, [False] * 3), (4, [False] * 3)):
+        rewritten = PatternConvRewrite(vector_width=lanes, accumulators=8)(mod)
+        layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items() if is_pattern_conv(func)]
+        assert [bool(layout.get("blocked", 0)) for layout in layouts] == expected
+    strided = build_cnn(rng, (1, 256, 28, 28), [ConvSpec(16, stride=2, connectivity=3.6)])
+    rewritten = PatternConvRewrite(vector_width=8, accumulators=8)(relax.transform.FoldConstant()(import_onnx(strided).mod))
+    assert [func.attrs[PATTERN_CONV_ATTR].get("blocked", 0) for _, func in rewritten.functions_items()
+            if is_pattern_conv(func)] == [0]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_compiled_model_with_a_blocked_layer_matches_the_onnx_reference(batch):
+    rng = np.random.default_rng(batch)
+    model = build_cnn(rng, (batch, 256, 14, 14), [ConvSpec(24, connectivity=3.6), ConvSpec(8, connectivity=2.0)])
+    compiled = tvm_patdnn.compile(model, AVX2)
+    assert [r.kind for r in compiled.report] == ["pattern", "pattern"]
+    _needs_avx2()
+    x = rng.standard_normal((batch, 256, 14, 14)).astype(np.float32)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,234 @@
+"""The pattern convolution blocked over input channels, for layers with many channels (AVX2).
+
+The TE operator (:mod:`.pattern_conv`) runs, per register tile, every filter over all its kernels:
+each kernel gathers a different input channel, so a filter's ~C/3.6 kernels touch that many
+channels' tile rows (at 512 channels, 28x28: ~110 KB), more than the 32 KB L1, and every kernel's
+input streams from L2 past the hardware prefetcher. Mapping every kernel's channel onto 8 channels
+(the same instruction stream, L1-resident input) made VGG-16 224's 512x512 28x28 layer 1.51x
+faster, 256x256 56x56 1.32x, 512x512 14x14 1.15x (Zen 3, 1 thread, interleaved).
+
+Here, per register tile of the output, the input channels are taken in blocks of ``block``
+channels whose tile input windows fit L1, and every filter sweeps a block before the next one is
+touched: the block is read from L1 by all filters and only the weights stream, sequentially
+(packed block -> filter -> kernel by :func:`blocked_weights`). A filter's tile accumulates in
+registers over its kernels of the block and waits in an accumulation buffer between blocks. The
+pad stage copies each tile's window of every channel (``rows + 2`` lifted rows of ``columns + 2``
+vectors: :mod:`.pattern_conv`'s lifted rows, cut per tile) contiguously, so a block is one
+contiguous stretch of memory: reading the windows from the whole lifted image instead left a
+third of the L1 misses in place (the cache sets of a block's rows collide).
+
+A (filter, block) has only ~block/3.6 kernels, so the kernels of all patterns are one loop (a loop
+per (filter, pattern) costs 20-60 cycles of set-up and mispredicted exits): each kernel carries
+its 4 taps' offsets into the window (channel, row and column shift, precomputed at compile time),
+so every tap is a broadcast weight and one aligned vector load per output vector of the tile; no
+input vector is shared between taps, as the TE operator's constant tap offsets do at the price of
+a loop per pattern.
+
+Cycles, per kernel of the 7x2 tile (14 accumulators): 56 FMAs (28 cycles on two FMA pipes), 56
+aligned vector loads + 4 broadcasts + 4 offsets (32 cycles at two vector loads a cycle); a C loop
+of that shape from L1 ran at 1.0 FMA a cycle with 8 accumulators and 1.5 with 12 (Zen 3), so the
+loop is load-bound. Per (filter, block) run add ~48 cycles (measured by varying the block size with
+L1-resident input: accumulators loaded and stored, a mispredicted exit) for ~8 kernels of 512
+channels. Whole layers: 42-49% of the FMA peak at 512 channels (28x28, 14x14), against 36-38% for
+the TE operator.
+
+Stride 1 only. The epilogue (filter order, lifted-lane scatter, bias, ReLU) runs once per output
+(in the tile loop, from L1, after the last block, it was 0.89-0.95x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from ..arith import ceil_div, round_up
+from ..fkw import FKWWeight
+from .pattern_conv import LIFTED_WIDTHS, PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+
+__all__ = ["BLOCKED_CHANNELS", "BLOCKED_WIDTHS", "BlockedLayout", "LANES", "blocked_applies", "blocked_layout",
+           "blocked_weights", "pattern_conv_blocked_primfunc"]
+
+LANES = 8  # AVX2 fp32 lanes: the only width this kernel is built for
+ACCUMULATORS = 14  # vectors of the register tile: AVX2's 16 registers less the broadcast weight and one spare
+# A channel block's tile input windows: Zen 3's 32 KB L1 (7x2 tiles, 512 channels: blocks for 16, 24, 32 and
+# 48 KB measured 0.87x, 0.95x, 1x and 0.99x at 28x28, 0.88x, 0.95x, 1x, 0.97x at 14x14)
+L1_BLOCK_BYTES = 32 * 1024
+BLOCKED_CHANNELS = 256  # input channels from which a layer takes this kernel (512 where the TE operator lifts rows)
+BLOCKED_WIDTHS = range(14, 29)  # output widths of the layers that take it
+
+
+@dataclass(frozen=True)
+class BlockedLayout:
+    """The channel-blocked kernel's layout of one pattern conv: its register tile (output rows x
+    lifted column vectors) and the input channels per block."""
+
+    spec: PatternConvSpec
+    row_tile: int
+    column_tile: int
+    block: int
+
+    @property
+    def vectors(self) -> int:
+        """M, output columns per lane of a lifted row (vectors per output row), a whole number of tiles."""
+        return round_up(ceil_div(self.spec.out_width, LANES), self.column_tile)
+
+    @property
+    def acc_rows(self) -> int:
+        return round_up(self.spec.out_height, self.row_tile)
+
+    @property
+    def row_pitch(self) -> int:
+        """Floats per row of a tile's input window: the tile's column vectors and the 2-vector halo."""
+        return (self.column_tile + 2) * LANES
+
+    @property
+    def channel_pitch(self) -> int:
+        """Floats per channel of a tile's input window (``row_tile + 2`` rows)."""
+        return (self.row_tile + 2) * self.row_pitch
+
+    @property
+    def blocks(self) -> int:
+        return ceil_div(self.spec.in_channels, self.block)
+
+    @property
+    def tiles(self) -> int:
+        """Register tiles per image."""
+        return self.acc_rows // self.row_tile * (self.vectors // self.column_tile)
+
+
+def blocked_applies(spec: PatternConvSpec) -> bool:
+    """Whether a layer takes the channel-blocked kernel: AVX2 (8 lanes), stride 1, 4-tap patterns,
+    at least :data:`BLOCKED_CHANNELS` input channels (twice that where the TE operator lifts rows), output
+    rows of :data:`BLOCKED_WIDTHS` columns. Zen 3, 1 thread, TE operator / this kernel, interleaved
+    (``benchmarks/pattern_blocked.py``, 3-4 runs): 512x512 28x28 1.10-1.16x, 512x512 14x14 1.27-1.35x,
+    256x256 14x14 1.18-1.21x. Not taken: 512x256 28x28 0.92-1.06x (lifted rows), 256x256 56x56
+    0.99-1.00x, 128 channels 0.83-0.93x, 512x512 7x7 1.02-1.13x, CIFAR's 16x16 0.90-1.10x, 8x8
+    0.92-1.07x, 4x4 0.73-0.98x."""
+    lifted = spec.out_width in LIFTED_WIDTHS  # the TE operator's lifted rows: aligned loads shared between taps
+    return (spec.vector_width == LANES and spec.strides == (1, 1) and spec.taps == 4
+            and spec.out_width in BLOCKED_WIDTHS and spec.in_channels >= BLOCKED_CHANNELS * (2 if lifted else 1))
+
+
+def blocked_layout(spec: PatternConvSpec, row_tile: int | None = None, column_tile: int | None = None,
+                   block: int | None = None) -> BlockedLayout:
+    """The layout of ``spec``: unless given, a tile of up to 2 column vectors and as many rows (up to
+    :data:`ACCUMULATORS` vectors) as leave the fewest padded rows (14x14, 28x28, 56x56: 7x2), and the
+    largest channel block whose tile input windows fit :data:`L1_BLOCK_BYTES`."""
+    column_tile = column_tile or min(2, ceil_div(spec.out_width, LANES))
+    if row_tile is None:
+        row_tile = min(range(1, ACCUMULATORS // column_tile + 1), key=lambda r: (round_up(spec.out_height, r), -r))
+    row_tile = min(row_tile, spec.out_height)
+    if block is None:
+        block = max(1, L1_BLOCK_BYTES // ((row_tile + 2) * (column_tile + 2) * LANES * 4))
+    return BlockedLayout(spec, row_tile, column_tile, min(block, spec.in_channels))
+
+
+def blocked_weights(fkw: FKWWeight, layout: BlockedLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, taps, starts): FKW's kernels in block -> (stored) filter -> kernel order, each with
+    its 4 tap offsets into the lifted input (channel, row, column vector), and ``starts[b * F + f]``
+    the first kernel of filter ``f`` in block ``b``."""
+    n_patterns = len(fkw.patterns)
+    counts = np.diff(fkw.offsets)
+    pattern = np.repeat(np.arange(len(counts)) % n_patterns, counts)
+    filters = np.repeat(np.arange(len(counts)) // n_patterns, counts)
+    block_of = fkw.channels // layout.block
+    kernels = np.lexsort((np.arange(len(filters)), filters, block_of))  # stable: block, filter, FKW order
+    shift = np.array([[dy * layout.row_pitch + dx * LANES for dy, dx in taps] for taps in fkw.patterns], np.int64)
+    taps = fkw.channels[kernels, None].astype(np.int64) * layout.channel_pitch + shift[pattern[kernels]]
+    runs = block_of[kernels] * fkw.out_channels + filters[kernels]
+    starts = np.searchsorted(runs, np.arange(layout.blocks * fkw.out_channels + 1)).astype(np.int32)
+    return fkw.values[kernels], taps.astype(np.int32), starts
+
+
+def pattern_conv_blocked_primfunc(layout: BlockedLayout, threads: int = 1) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of one stride-1 pattern conv on AVX2 (see the module docstring).
+    Arguments: data, values, taps, starts (:func:`blocked_weights`), order (FKW's: stored filter ->
+    output channel), [bias], out. Threads take (image, tile, filter group) tasks; with fewer tiles
+    than twice ``threads`` the filters are split in ``threads`` interleaved groups."""
+    spec = layout.spec
+    if spec.strides != (1, 1) or spec.taps != 4:
+        raise ValueError("the channel-blocked pattern conv takes stride 1 and 4-tap patterns")
+    n_, c_, f_ = spec.batch, spec.in_channels, spec.out_channels
+    h_, w_, top, left = spec.height, spec.width, spec.padding[0], spec.padding[1]
+    oh, ow = spec.out_height, spec.out_width
+    m, rt, ct = layout.vectors, layout.row_tile, layout.column_tile
+    rp, cp, nb = layout.row_pitch, layout.channel_pitch, layout.blocks
+    acc_pitch = m * LANES  # floats per accumulator row (lifted order, like the input)
+    tiles_x = m // ct
+    tiles = n_ * layout.tiles
+    groups = threads if tiles < 2 * threads else 1
+    kernels = max(1, spec.n_kernels)
+    zero = tirx.const(0.0, "float32")
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name("main")
+            data = T.arg("data", T.buffer((n_, c_, h_, w_), "float32"))
+            values = T.arg("values", T.buffer((kernels, 4), "float32"))
+            taps = T.arg("taps", T.buffer((kernels, 4), "int32"))
+            starts = T.arg("starts", T.buffer((nb * f_ + 1,), "int32"))
+            order = T.arg("order", T.buffer((f_,), "int32"))
+            bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
+            out = T.arg("out", T.buffer((n_, f_, oh, ow), "float32"))
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            # per (image, tile, channel) the tile's input window, lifted: window[.., y, v * 8 + j] is padded
+            # row y0 + y, column j * M + x0 + v (x0: the tile's first vector); a block's windows are contiguous
+            windows = T.decl_buffer((tiles * c_ * cp,), "float32", align=64)
+            accbuf = T.decl_buffer((n_ * f_ * layout.acc_rows * acc_pitch,), "float32", align=64)
+
+            with T.parallel(0, tiles * c_) as tc:
+                tile, c = tc // c_, tc % c_
+                n, tile_y, tile_x = tile // layout.tiles, tile % layout.tiles // tiles_x, tile % tiles_x
+                with T.serial(0, rt + 2) as y:
+                    with T.serial(0, ct + 2) as v:
+                        with T.vectorized(0, LANES) as j:
+                            row, column = tile_y * rt + y - top, j * m + tile_x * ct + v - left
+                            inside = tirx.all(row >= 0, row < h_, column >= 0, column < w_)
+                            value = tirx.if_then_else(inside, data[n, c, row, column], zero)
+                            T.buffer_store(windows, value, [tc * cp + y * rp + v * LANES + j])
+
+            with T.parallel(0, tiles * groups) as task:
+                group, tile = task % groups, task // groups
+                n, tile_y, tile_x = tile // layout.tiles, tile % layout.tiles // tiles_x, tile % tiles_x
+                base = tile * c_ * cp
+                acc_base = tile_y * rt * acc_pitch + tile_x * ct * LANES
+                acc = T.decl_buffer((rt * ct * LANES,), "float32", scope="local")
+                slots = [(r, c, tirx.Ramp((r * ct + c) * LANES, 1, LANES)) for r in range(rt) for c in range(ct)]
+                with T.serial(0, nb) as b:
+                    with T.serial(0, ceil_div(f_, groups)) as fi:
+                        f = fi * groups + group
+                        with T.If(f < f_):
+                            with T.Then():
+                                run = b * f_ + f
+                                first = (n * f_ + f) * layout.acc_rows * acc_pitch + acc_base
+                                for r, c, s in slots:
+                                    kept = accbuf[tirx.Ramp(first + r * acc_pitch + c * LANES, 1, LANES)]
+                                    T.buffer_store(acc, tirx.Select(b > 0, kept, tirx.Broadcast(zero, LANES)), [s])
+                                start = starts[run]
+                                with T.serial(0, starts[run + 1] - start) as j:
+                                    k = start + j
+                                    for t in range(4):
+                                        weight = tirx.Broadcast(values[k, t], LANES)
+                                        at = base + taps[k, t]
+                                        for r, c, s in slots:
+                                            tap = windows[tirx.Ramp(at + r * rp + c * LANES, 1, LANES)]
+                                            T.buffer_store(acc, acc[s] + weight * tap, [s])
+                                for r, c, s in slots:
+                                    T.buffer_store(accbuf, acc[s], [tirx.Ramp(first + r * acc_pitch + c * LANES, 1, LANES)])
+
+            with T.parallel(0, n_ * f_) as nf:  # epilogue: user's filter order, lifted lanes back to columns
+                fo = order[nf % f_]
+                with T.serial(0, oh) as y:
+                    with T.serial(0, ow) as x:
+                        value = accbuf[(nf * layout.acc_rows + y) * acc_pitch + x % m * LANES + x // m]
+                        if bias is not None:
+                            value = value + bias[fo]
+                        if spec.relu:
+                            value = T.max(value, zero)
+                        T.buffer_store(out, value, [nf // f_, fo, y, x])
+    func = builder.get().without_attr("global_symbol")
+    return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "blocked": 1, "block": layout.block,
+                                              "row_tile": rt, "column_tile": ct})
