@@ -22,6 +22,7 @@ from ..fkw import pack_fkw
 from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
 from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
 from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
+from ..ops.pattern_conv_blocked import blocked_applies, blocked_layout, blocked_weights, pattern_conv_blocked_primfunc
 from ..report import ConvRecord
 from .exprs import add_kernel, constant_array, per_channel_bias, single_use_values, static_shape
 from .sparse_pointwise_rewrite import runs_sparse
@@ -51,7 +52,8 @@ class PatternConvRewrite:
         fp32 lanes of the target's vectors and the output vectors a register tile may hold
         (:func:`tvm_patdnn.targets.accumulator_registers`): the operator's layout
         (:func:`~tvm_patdnn.ops.pattern_conv.target_layout`); on AVX-512 and AVX2 targets 2x2
-        images take the (pixel x tap) kernel of :mod:`tvm_patdnn.ops.pattern_conv_2x2`.
+        images take the (pixel x tap) kernel of :mod:`tvm_patdnn.ops.pattern_conv_2x2`, on AVX2
+        many-channel layers the channel-blocked one of :mod:`tvm_patdnn.ops.pattern_conv_blocked`.
     on_conv:
         Called with a :class:`ConvRecord` for every conv2d met, rewritten or not.
     sparse_pointwise:
@@ -209,22 +211,27 @@ class PatternConvRewrite:
             fkw, fields["data_shape"], fields["stride"], fields["padding"], bias is not None, relu, self.vector_width,
             self.accumulators,
         )
-        # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, which takes FKW's filter order
-        # itself; otherwise the compute the rules schedule, which takes its inverse.
+        # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, and many-channel layers on AVX2 the
+        # channel-blocked one, which take FKW's filter order itself; otherwise the compute the rules schedule,
+        # which takes its inverse.
         tap_lanes = tap_lanes_apply(spec, self.vector_width)
-        func = (pattern_conv_2x2_primfunc(spec, self.vector_width, self.threads) if tap_lanes
-                else pattern_conv2d_primfunc(spec))
+        blocked = not tap_lanes and blocked_applies(spec)
+        weights = [fkw.values, fkw.channels, fkw.offsets]
+        if tap_lanes:
+            func = pattern_conv_2x2_primfunc(spec, self.vector_width, self.threads)
+            if self.vector_width < TAP_LANES:  # AVX2: each kernel's row of the arranged input
+                weights[1] = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))
+        elif blocked:  # many input channels on AVX2: the channel-blocked kernel
+            layout = blocked_layout(spec)
+            func, weights = pattern_conv_blocked_primfunc(layout, self.threads), blocked_weights(fkw, layout)
+        else:
+            func = pattern_conv2d_primfunc(spec)
         name = "pattern_conv2d_" + "".join(ch if ch.isalnum() else "_" for ch in fields["name"])
         gvar = add_kernel(self._builder, func, name)
-        channels = fkw.channels
-        if tap_lanes and self.vector_width < TAP_LANES:  # AVX2: each kernel's row of the arranged input
-            channels = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))
         args = [
             conv.args[0],
-            relax.const(fkw.values),
-            relax.const(channels),
-            relax.const(fkw.offsets),
-            relax.const(fkw.order if tap_lanes else np.argsort(fkw.order).astype(np.int32)),
+            *(relax.const(w) for w in weights),
+            relax.const(fkw.order if tap_lanes or blocked else np.argsort(fkw.order).astype(np.int32)),
         ] + ([relax.const(bias)] if bias is not None else [])
         return gvar, args
 
