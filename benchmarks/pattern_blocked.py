@@ -6,7 +6,8 @@ with the channel-blocked kernel (:mod:`tvm_patdnn.ops.pattern_conv_blocked`: its
 and any ``--layouts ROWSxCOLUMNS/BLOCK`` given), each checked against a numpy convolution, then
 timed in interleaved rounds (process CPU time: run at 1 thread). The ratio is default / blocked
 (above 1: the blocked kernel is faster); GFLOP/s count the nonzero work, against the FMA peak
-measured in the same run (``benchmarks.machine``):
+measured in the same run (``benchmarks.machine``); "routed" says whether ``PatternConvRewrite``
+gives the layer the blocked kernel (``blocked_applies``):
 
     taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_blocked \\
         --model vgg16_trunk resnet50 --unique --rounds 7 [--layouts 2x4/32 4x2/48]
@@ -24,7 +25,8 @@ import tvm
 from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import FKWWeight, pack_fkw
 from tvm_patdnn.ops.pattern_conv import PatternConvSpec
-from tvm_patdnn.ops.pattern_conv_blocked import BlockedLayout, blocked_layout, blocked_weights, pattern_conv_blocked_primfunc
+from tvm_patdnn.ops.pattern_conv_blocked import (BlockedLayout, blocked_applies, blocked_layout, blocked_weights,
+                                                 pattern_conv_blocked_primfunc)
 from tvm_patdnn.targets import resolve_target
 
 from .layers import save_results
@@ -97,19 +99,20 @@ def main() -> None:
             flops = 2 * np.count_nonzero(weight) * expected.shape[2] * expected.shape[3]
             rows.append({"model": model, "layer": name + (f" (x{count})" if count > 1 else ""), "count": count,
                          "shape": f"{weight.shape[0]}x{weight.shape[1]} {shape[2]}x{shape[3]}", "ms": median,
-                         "best": best, "nonzero_gflops": flops / median[best] / 1e6,
+                         "best": best, "routed": blocked_applies(spec), "nonzero_gflops": flops / median[best] / 1e6,
                          "default_gflops": flops / median["default"] / 1e6})
             print(f"{model} {name}: " + ", ".join(f"{label} {ms:.3f}" for label, ms in median.items()), flush=True)
 
     peak = add_peak_percent(rows, peak_before)
     labels = sorted({label for r in rows for label in r["ms"] if label != "default"})
     print(f"\n| model | layer | weight, input | default ms | default % of peak | "
-          + " | ".join(f"{label}: default / it" for label in labels) + " | best | best % of peak |")
-    print("|" + "---|" * (7 + len(labels)))
+          + " | ".join(f"{label}: default / it" for label in labels) + " | best | best % of peak | routed |")
+    print("|" + "---|" * (8 + len(labels)))
     for r in rows:
         ratios = " | ".join(f"{r['ms']['default'] / r['ms'][label]:.2f}x" if label in r["ms"] else "-" for label in labels)
         print(f"| {r['model']} | {r['layer']} | {r['shape']} | {r['ms']['default']:.3f} | "
-              f"{100 * r['default_gflops'] / peak:.0f}% | {ratios} | {r['best']} | {r['nonzero_peak_percent']:.0f}% |")
+              f"{100 * r['default_gflops'] / peak:.0f}% | {ratios} | {r['best']} | {r['nonzero_peak_percent']:.0f}% | "
+              f"{'yes' if r['routed'] else 'no'} |")
     print(f"\nFMA peak ({widest_isa()}, 1 thread): {peak:.1f} GFLOP/s.")
     save_results(args.json, target, args.rounds, rows, peak)
 
