@@ -1,5 +1,5 @@
-"""The small-image pattern kernels (2x2 outputs) against onnx.reference: every pattern of the layer,
-batch 2, bias and ReLU on and off, 1 and 2 threads, on AVX2 and AVX-512 builds."""
+"""The small-image pattern kernels (2x2 and 4x4 outputs) against onnx.reference: every pattern of the
+layer, batch 2, bias and ReLU on and off, 1 and 2 threads, on AVX2 and AVX-512 builds."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 from model_factory import ConvSpec, build_cnn, reference_outputs
 
+from tvm import relax
+
 import tvm_patdnn
+from tvm_patdnn.frontend import import_onnx
+from tvm_patdnn.ops.pattern_conv import PATTERN_CONV_ATTR
 from tvm_patdnn.targets import resolve_target, vector_lanes
+from tvm_patdnn.transform import PatternConvRewrite
 
 AVX2 = {"kind": "llvm", "mcpu": "znver3"}
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
@@ -49,3 +54,32 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns,
 def test_avx512_2x2_kernel_matches_the_onnx_reference(batch, bias, relu):
     conv = ConvSpec(24, connectivity=1.5, bias=bias, relu=relu)
     _check({**AVX512, "num-cores": 2}, 16, batch, 32, 2, conv, seed=batch)
+
+
+@pytest.mark.parametrize(
+    "batch, channels, bias, relu, patterns, cores",
+    [
+        (1, 48, True, True, 8, 1),  # VGG's 4x4 layers: 8 patterns, one thread
+        (2, 48, False, False, 8, 2),  # batch 2, no bias, no ReLU, two threads
+        (2, 1, True, False, 3, 2),  # one input channel
+        (1, 20, False, True, 12, 1),
+    ],
+)
+def test_avx2_4x4_kernel_matches_the_onnx_reference(batch, channels, bias, relu, patterns, cores):
+    """AVX2: each tap's two output rows are shuffled in registers from the channel's two vectors."""
+    conv = ConvSpec(40, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu, n_patterns=patterns)
+    _check({**AVX2, "num-cores": cores}, 8, batch, channels, 4, conv, seed=patterns * 3 + batch)
+
+
+@pytest.mark.parametrize("size, lanes, kernel", [(2, 8, "tap_lanes"), (2, 16, "tap_lanes"), (4, 8, "shifted_rows"),
+                                                 (4, 16, None), (4, 4, None), (3, 8, None)])
+def test_small_images_take_their_kernel_per_target(size, lanes, kernel):
+    """2x2 images take the (pixel x tap) kernel on AVX2 and AVX-512, 4x4 the shifted-rows kernel on
+    AVX2 only (AVX-512 keeps the cost model's layouts, NEON the TE operator's)."""
+    model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [ConvSpec(16, connectivity=2.0)])
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
+    layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
+               if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs]
+    assert [[name for name in ("tap_lanes", "shifted_rows") if int(layout.get(name, 0))] for layout in layouts] == [
+        [kernel] if kernel else []]

@@ -22,6 +22,7 @@ from ..fkw import pack_fkw
 from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
 from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
 from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
+from ..ops.pattern_conv_4x4 import pattern_conv_4x4_primfunc, shifted_rows_apply
 from ..ops.pattern_conv_blocked import blocked_applies, blocked_layout, blocked_weights, pattern_conv_blocked_primfunc
 from ..report import ConvRecord
 from .exprs import add_kernel, constant_array, per_channel_bias, single_use_values, static_shape
@@ -52,15 +53,16 @@ class PatternConvRewrite:
         fp32 lanes of the target's vectors and the output vectors a register tile may hold
         (:func:`tvm_patdnn.targets.accumulator_registers`): the operator's layout
         (:func:`~tvm_patdnn.ops.pattern_conv.target_layout`); on AVX-512 and AVX2 targets 2x2
-        images take the (pixel x tap) kernel of :mod:`tvm_patdnn.ops.pattern_conv_2x2`, on AVX2
-        many-channel layers the channel-blocked one of :mod:`tvm_patdnn.ops.pattern_conv_blocked`.
+        images take the (pixel x tap) kernel of :mod:`tvm_patdnn.ops.pattern_conv_2x2`, on AVX2 4x4
+        images the shifted-rows one of :mod:`tvm_patdnn.ops.pattern_conv_4x4` and many-channel layers
+        the channel-blocked one of :mod:`tvm_patdnn.ops.pattern_conv_blocked`.
     on_conv:
         Called with a :class:`ConvRecord` for every conv2d met, rewritten or not.
     sparse_pointwise:
         Whether :class:`~tvm_patdnn.transform.SparsePointwiseRewrite` runs after this pass (CPU and
         OpenCL targets): its 1x1 convs are then reported as kind "sparse".
     threads:
-        The target's cores: the AVX2 2x2 kernel gives each thread its own copy of the arranged input.
+        The target's cores: the hand-built kernels give thread t the filters t, t + threads, ...
     """
 
     def __init__(
@@ -211,16 +213,19 @@ class PatternConvRewrite:
             fkw, fields["data_shape"], fields["stride"], fields["padding"], bias is not None, relu, self.vector_width,
             self.accumulators,
         )
-        # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, and many-channel layers on AVX2 the
-        # channel-blocked one, which take FKW's filter order itself; otherwise the compute the rules schedule,
-        # which takes its inverse.
+        # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, 4x4 images on AVX2 the shifted-rows
+        # one, and many-channel layers on AVX2 the channel-blocked one, which take FKW's filter order itself;
+        # otherwise the compute the rules schedule, which takes its inverse.
         tap_lanes = tap_lanes_apply(spec, self.vector_width)
+        shifted_rows = shifted_rows_apply(spec, self.vector_width)
         blocked = not tap_lanes and blocked_applies(spec)
         weights = [fkw.values, fkw.channels, fkw.offsets]
         if tap_lanes:
             func = pattern_conv_2x2_primfunc(spec, self.vector_width, self.threads)
-            if self.vector_width < TAP_LANES:  # AVX2: each kernel's row of the arranged input
+            if self.vector_width < TAP_LANES:  # AVX2: each kernel's channel * patterns + pattern
                 weights[1] = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))
+        elif shifted_rows:
+            func = pattern_conv_4x4_primfunc(spec, self.threads)
         elif blocked:  # many input channels on AVX2: the channel-blocked kernel
             layout = blocked_layout(spec)
             func, weights = pattern_conv_blocked_primfunc(layout, self.threads), blocked_weights(fkw, layout)
@@ -231,7 +236,7 @@ class PatternConvRewrite:
         args = [
             conv.args[0],
             *(relax.const(w) for w in weights),
-            relax.const(fkw.order if tap_lanes or blocked else np.argsort(fkw.order).astype(np.int32)),
+            relax.const(fkw.order if tap_lanes or shifted_rows or blocked else np.argsort(fkw.order).astype(np.int32)),
         ] + ([relax.const(bias)] if bias is not None else [])
         return gvar, args
 

@@ -1,0 +1,116 @@
+"""The pattern convolution of 4x4 outputs on AVX2: each tap's 16 pixels shuffled in registers from
+the channel itself.
+
+A 4x4 channel is 16 floats (64 bytes, one cache line): two 256-bit vectors of two rows each, and
+so is its output. The pixels a tap (dy, dx) needs for output rows r and r + 1 are image rows
+r + dy - 1 and r + dy shifted by dx - 1 columns, zeros past the border: a fixed lane selection
+from the channel's two vectors and zeros, which LLVM turns into a byte shift within 128-bit halves
+(each half is one row: ``vpshufb``), a ``vperm2f128`` for rows 1-2 and a blend at the edges. So a
+kernel loads its channel once (2 aligned vectors, from the 32 KB input of a 512-channel layer
+itself: nothing is padded or copied), where the TE operator's windows layout (:mod:`.pattern_conv`)
+first writes the 9 shifted windows of every channel (576 bytes a channel, 295 KB: L2) and loads 4
+of them (8 vectors) per kernel.
+
+Per kernel: 1 channel index, 2 input loads, 4 weight broadcasts, ~6 shuffles, 8 FMAs, every lane
+useful. The 8 accumulators are (2 output vectors) x (4 taps), so consecutive FMAs into one
+accumulator are a kernel apart (4 cycles: the FMA latency). Kernels run per (filter, pattern), the
+pattern's taps being constants of its code. Measured on Zen 3 (1 thread, VGG-16 CIFAR 8x's three
+4x4 layers, interleaved with the windows layout in one process): 1.32-1.47x; loading each tap's
+rows instead (a masked load at the top edge, a 128-bit one at the bottom: 4-6 loads, fewer
+shuffles) 1.03-1.23x; rows 3-4 from a 128-bit load and the rest from the two vectors (LLVM puts a
+lane-crossing ``vpermps`` there otherwise) the same as this (0.98-1.05x).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from ..arith import ceil_div
+from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+
+__all__ = ["shifted_rows_apply", "pattern_conv_4x4_primfunc"]
+
+_LANES = 8  # AVX2: two output rows of 4 pixels
+_SIZE = 4
+
+
+def shifted_rows_apply(spec: PatternConvSpec, target_lanes: int) -> bool:
+    """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: AVX2 (8), a
+    4x4 image with stride 1 and padding 1 on every side, 4-tap patterns."""
+    return (target_lanes == _LANES and (spec.height, spec.width) == (_SIZE, _SIZE) and spec.strides == (1, 1)
+            and spec.padding == (1, 1, 1, 1) and spec.taps == 4)
+
+
+def _tap_rows(images, base, top: int, shift: int):
+    """Image rows ``top`` and ``top + 1`` of the channel at ``base``, shifted by ``shift`` columns:
+    lane i is pixel (top + i // 4, i % 4 + shift), zero outside the image; from the channel's two
+    256-bit halves (rows 0-1, rows 2-3)."""
+    halves = [images[tirx.Ramp(base, 1, _LANES)], images[tirx.Ramp(base + _LANES, 1, _LANES)]]
+    lanes = []
+    for i in range(_LANES):
+        y, x = top + i // _SIZE, i % _SIZE + shift
+        lanes.append(y * _SIZE + x if 0 <= y < _SIZE and 0 <= x < _SIZE else 2 * _LANES)
+    return tirx.Shuffle(halves + [tirx.Broadcast(tirx.const(0.0, "float32"), _LANES)], lanes)
+
+
+def pattern_conv_4x4_primfunc(spec: PatternConvSpec, threads: int = 1) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of one 4x4 pattern conv on AVX2 (see the module docstring); the
+    arguments of :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc` on AVX-512: data,
+    values, channels, offsets, order (FKW's: stored filter -> output channel), [bias], out. Thread t
+    of ``threads`` takes the filters t, t + threads, ... (FKW sorts filters by kernel count, so
+    contiguous chunks would be unequal)."""
+    if not shifted_rows_apply(spec, _LANES):
+        raise ValueError("the shifted-rows kernel takes 4x4 images, stride 1, padding 1, 4 taps, 8 lanes")
+    n_, c_, f_, p_ = spec.batch, spec.in_channels, spec.out_channels, len(spec.patterns)
+    taps, pixels, halves = spec.taps, _SIZE * _SIZE, _SIZE * _SIZE // _LANES
+    kernels = max(1, spec.n_kernels)
+    zero = tirx.const(0.0, "float32")
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name("main")
+            data = T.arg("data", T.buffer((n_, c_, _SIZE, _SIZE), "float32"))
+            values = T.arg("values", T.buffer((kernels, taps), "float32"))
+            channels = T.arg("channels", T.buffer((kernels,), "int32"))
+            offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
+            order = T.arg("order", T.buffer((f_,), "int32"))
+            bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
+            out = T.arg("out", T.buffer((n_, f_, _SIZE, _SIZE), "float32"))
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            images = T.decl_buffer((n_ * c_ * pixels,), "float32", data=data.data)
+            outputs = T.decl_buffer((n_ * f_ * pixels,), "float32", data=out.data)
+
+            def filter_task(task) -> None:
+                n, f = task // f_, task % f_
+                acc = T.decl_buffer((halves * taps * _LANES,), "float32", scope="local")  # (half, tap) vectors
+                for q in range(halves * taps):
+                    T.buffer_store(acc, tirx.Broadcast(zero, _LANES), [tirx.Ramp(q * _LANES, 1, _LANES)])
+                for p, pattern in enumerate(spec.patterns):
+                    start = offsets[f * p_ + p]
+                    with T.serial(0, offsets[f * p_ + p + 1] - start) as j:
+                        k = start + j
+                        base = (n * c_ + channels[k]) * pixels
+                        for t, (dy, dx) in enumerate(pattern):
+                            weight = tirx.Broadcast(values[k, t], _LANES)
+                            for h in range(halves):
+                                slots = tirx.Ramp((h * taps + t) * _LANES, 1, _LANES)
+                                rows = _tap_rows(images, base, h * 2 + dy - 1, dx - 1)
+                                T.buffer_store(acc, acc[slots] + rows * weight, [slots])
+                fo = order[f]
+                for h in range(halves):
+                    value = sum((acc[tirx.Ramp((h * taps + t) * _LANES, 1, _LANES)] for t in range(1, taps)),
+                                acc[tirx.Ramp(h * taps * _LANES, 1, _LANES)])
+                    if bias is not None:
+                        value = value + tirx.Broadcast(bias[fo], _LANES)
+                    if spec.relu:
+                        value = T.max(value, tirx.Broadcast(zero, _LANES))
+                    T.buffer_store(outputs, value, [tirx.Ramp((n * f_ + fo) * pixels + h * _LANES, 1, _LANES)])
+
+            with T.parallel(0, threads) as t:
+                with T.serial(0, ceil_div(n_ * f_, threads)) as i:
+                    with T.If(i * threads + t < n_ * f_):
+                        with T.Then():
+                            filter_task(i * threads + t)
+    func = builder.get().without_attr("global_symbol")
+    return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "shifted_rows": 1})
