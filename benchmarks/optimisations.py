@@ -28,7 +28,12 @@ operator and schedule for this machine, and again with one optimisation taken aw
   where the rule takes it);
 * aligned rows (AVX2 rows layouts whose padded input does not grow: ResNet-50's 14x14, 7x7 and
   stride-2 layers to 14 and 7 columns): row and phase pitches of whole vectors, so the centre tap
-  (stride 1) or the taps with dx = 0 and 1 (stride 2) are aligned vectors (without: plain rows).
+  (stride 1) or the taps with dx = 0 and 1 (stride 2) are aligned vectors (without: plain rows);
+* fused stages (AVX2 wide rows: VGG-16 224's 224- and 112-pixel layers): the pad computed per
+  column block (all channels, stored compactly, read by every filter from L1) and the output stage
+  in the register tile (without: three passes, a padded copy of the whole input and an accumulator
+  written and read back); "pad per column block" builds it per row block instead, "pad per block"
+  pads the whole image first, "output stage in the tile" runs the output stage as its own pass.
 
 Layout alternatives (``--variants "windows 8 lanes 2x2" ...``, not run by default) replace the
 default's layout on the layers they apply to (stride 1, at most 16 output pixels: VGG's 4x4 and
@@ -102,6 +107,9 @@ class Variant:
     prefetch: bool = True
     lifted: bool = True
     aligned: bool = True
+    fused: bool = True
+    pad: int | None = None  # fused layouts: the pad's location (Knobs.pad); None: the rule's
+    output_in_tile: bool = True
     # A layout to compare rather than an optimisation to take away: (lanes, column tile, tap partial
     # sums) of the windows layout, forced on layers it applies to (stride 1, at most 16 output pixels).
     windows: tuple[int, int, int] | None = None
@@ -123,6 +131,10 @@ VARIANTS = {
     "prefetch": Variant(prefetch=False),
     "lifted rows": Variant(lifted=False),
     "aligned rows": Variant(aligned=False),
+    "fused stages": Variant(fused=False),
+    "pad per column block": Variant(pad=0),  # per row block instead
+    "pad per block": Variant(pad=-1),  # the whole padded image first
+    "output stage in the tile": Variant(output_in_tile=False),
     # Alternatives, not removals (ratio below 1: the alternative is faster than the default):
     "windows 8 lanes 2x2": Variant(windows=(8, 2, 2)),  # 2 vectors x 2 tap partial sums
     "windows 8 lanes 2x4": Variant(windows=(8, 2, 4)),
@@ -153,7 +165,7 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
     spec = PatternConvSpec.from_fkw(fkw, data_shape, (stride, stride), (1, 1, 1, 1), True, True, vector_lanes(target))
     spec = target_layout(dataclasses.replace(spec, vector_width=vector_lanes(target)), accumulators,
                          flat=None if variant.flat else False, tall_tile=variant.tall_tile,
-                         lifted=variant.lifted, aligned=variant.aligned)
+                         lifted=variant.lifted, aligned=variant.aligned, fused=variant.fused)
     if not variant.partials:
         spec = dataclasses.replace(spec, partials=1)
     if variant.windows and spec.strides == (1, 1) and spec.out_height * spec.out_width <= WINDOW_PIXELS:
@@ -164,8 +176,10 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
     sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))
     knobs = default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8)), variant.parallel_filters,
                           variant.columns_outside)
+    if knobs.pad is not None and variant.pad is not None:
+        knobs = dataclasses.replace(knobs, pad=variant.pad)
     schedule_pattern_conv_cpu(sch, knobs, code_per_pattern=variant.code_per_pattern,  # as PatternConvCPU does
-                              vector_output=variant.vector_output)
+                              vector_output=variant.vector_output, output_in_tile=variant.output_in_tile)
     func = bound_kernel_runs(sch.mod["main"], prefetch=variant.prefetch) if variant.bounded_runs else sch.mod["main"]
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     args = [fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]

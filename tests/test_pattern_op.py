@@ -260,6 +260,7 @@ def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu
     "channels, height, width, stride, tile, columns_outside, prefetches",
     [
         (4, 6, 112, 1, (4, 2), True, False),  # VGG's 112/224 rows: the tall tile, rows padded 6 -> 8
+        (256, 6, 112, 1, (4, 2), True, True),  # fused wide rows prefetch from the row block's pad
         (4, 5, 56, 1, (4, 2), True, False),  # 56-pixel rows: lifted, tall tile, 64 lanes, rows 5 -> 8
         (512, 14, 14, 1, (4, 2), False, True),  # VGG's 14x14 at 512 channels (590 KB > L2): prefetching
         (256, 14, 14, 1, (4, 2), False, False),  # ResNet's 14x14 at 256 channels (295 KB): no prefetch
@@ -284,6 +285,7 @@ def test_avx2_large_image_kernels_match_the_onnx_reference(channels, height, wid
     spec = PatternConvSpec.from_fkw(fkw, shape, (stride, stride), (1, 1, 1, 1), True, True, 8, 8)
     assert (spec.row_tile, spec.column_tile) == tile
     assert spec.lifted == (28 <= spec.out_width < 112)
+    assert spec.fused == (spec.out_width >= 112)  # pad per row block, output stage in the register tile
     func = pattern_conv2d_primfunc(spec)
     knobs = default_knobs(func, 1)
     assert (knobs.columns[0] > 1) == columns_outside  # column blocks outside the filters
@@ -316,7 +318,8 @@ def test_lifted_rows_match_the_onnx_reference(height, width, stride, batch, pads
     halo stored as whole vectors, per column phase when strided) for any width, stride, padding
     and batch, forced on sizes the rule would not lift; every input load is a whole aligned vector."""
     _check_layout(height * 1000 + width, (batch, 6, height, width), stride, pads, lambda spec: dataclasses.replace(
-        spec, flat=False, windows=False, lifted=True, aligned=False, row_tile=tile[0], column_tile=tile[1], partials=1))
+        spec, flat=False, windows=False, lifted=True, aligned=False, fused=False, row_tile=tile[0], column_tile=tile[1],
+        partials=1))
 
 
 @pytest.mark.parametrize(
@@ -338,6 +341,25 @@ def test_aligned_rows_match_the_onnx_reference(height, width, stride, batch, pad
     _check_layout(height * 1000 + width, (batch, 6, height, width), stride, pads, lambda spec: dataclasses.replace(
         spec, flat=False, windows=False, lifted=False, aligned=True, row_tile=tile[0], column_tile=tile[1],
         partials=1))
+
+
+@pytest.mark.parametrize(
+    "height, width, stride, batch, pads, tile, aligned",
+    [
+        (5, 9, 1, 2, (1, 1, 1, 1), (2, 1), False),  # batch 2, rows 5 -> 6 and columns 9 -> 16 cropped
+        (7, 30, 1, 1, (0, 1, 2, 1), (1, 2), True),  # uneven padding, aligned rows
+        (6, 13, 1, 1, (1, 0, 1, 2), (1, 1), False),  # no left pad
+        (14, 14, 1, 1, (1, 1, 1, 1), (4, 2), True),  # the tall tile, rows 14 -> 16
+        (9, 9, 2, 2, (1, 1, 1, 1), (1, 1), False),  # strided
+        (6, 112, 1, 1, (1, 1, 1, 1), (4, 2), False),  # VGG's 112/224 rows
+    ],
+)
+def test_fused_rows_match_the_onnx_reference(height, width, stride, batch, pads, tile, aligned):
+    """Fused stages (the accumulation in the user's filter order, the output stage in the
+    register tile, the pad computed per row block) for any width, stride, padding, batch and crop."""
+    _check_layout(height * 1000 + width + 7, (batch, 6, height, width), stride, pads, lambda spec: dataclasses.replace(
+        spec, flat=False, windows=False, lifted=False, aligned=aligned, fused=True, row_tile=tile[0],
+        column_tile=tile[1], partials=1))
 
 
 def test_only_avx2_rows_of_28_to_111_columns_are_lifted():

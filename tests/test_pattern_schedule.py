@@ -16,7 +16,7 @@ from tvm_patdnn.schedule_rules import PatternConvCPU
 from tvm_patdnn.schedule_rules.pattern_conv_cpu import apply_default_schedule, default_knobs
 from tvm_patdnn.tuning.space import pattern_conv_space
 
-SAMPLERS = ("SamplePerfectTile", "SampleCategorical")
+SAMPLERS = ("SamplePerfectTile", "SampleCategorical", "SampleComputeLocation")
 
 
 def pattern_conv(filters: int, channels: int, size: int, stride: int = 1, batch: int = 1, lanes: int = 8,
@@ -39,7 +39,9 @@ LAYERS = {
     "32x32 lifted rows, rows and columns": dict(filters=8, channels=4, size=32),
     "56x56 lifted rows, tall tile": dict(filters=8, channels=4, size=56),
     "56 -> 28 strided lifted rows": dict(filters=8, channels=4, size=56, stride=2),
-    "112x112 tall tile, column blocks outside the filters": dict(filters=8, channels=4, size=112),
+    "112x112 tall tile, column blocks outside the filters, fused (pad per column block)":
+        dict(filters=8, channels=4, size=112),
+    "fused, two images": dict(filters=8, channels=4, size=112, batch=2),
     "14x14 aligned rows": dict(filters=8, channels=4, size=14),
     "strided aligned rows": dict(filters=8, channels=4, size=9, stride=2),
     "filters not a multiple of the threads": dict(filters=7, channels=4, size=4),

@@ -36,7 +36,12 @@ and register count, because the compute pads its output to it:
   pitch of whole vectors: strided, the taps with dx = 0 and 1 of an output vector are then whole
   vectors; at stride 1 a row stores padded column p at p - 1 (:attr:`PatternConvSpec.input_lead`),
   so the centre tap is, and the left zero pad is the previous row's last element. Reads past a
-  row's end land in the next row, in lanes no output keeps.
+  row's end land in the next row, in lanes no output keeps;
+* ``fused`` rows (plain or aligned, no tap partial sums) let the schedule fuse the three passes:
+  ``acc`` is indexed by the user's filter (a filter's runs found through FKW's permutation,
+  ``offsets[inverse_order[f] * P + p]``, one lookup per run), so the output stage is elementwise
+  per register tile and runs under it, from registers; and the gathered channel is clamped to
+  the input's channels, so its region is bounded and the pad can be computed per row block.
 
 AVX2 and NEON targets take :func:`choose_layout`'s rule (lane fill, then the largest tile; on
 AVX2 windows is a candidate too, which 4x4 outputs take, and wide rows take a tall 4x2 tile);
@@ -99,6 +104,7 @@ class PatternConvSpec:
     windows: bool = False
     lifted: bool = False
     aligned: bool = False
+    fused: bool = False
 
     def __post_init__(self):
         if (self.flat or self.windows) and self.strides != (1, 1):
@@ -109,6 +115,8 @@ class PatternConvSpec:
             raise ValueError(f"{self.partials} partial sums do not divide {self.taps} taps")
         if self.aligned and (self.flat or self.windows or self.lifted):
             raise ValueError("aligned input rows are a plain rows layout")
+        if self.fused and (self.flat or self.windows or self.lifted or self.partials > 1):
+            raise ValueError("fused stages need a rows layout (plain or aligned) without tap partial sums")
 
     @property
     def taps(self) -> int:
@@ -203,7 +211,7 @@ def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     """
     def untiled(flat: bool, windows: bool = False) -> PatternConvSpec:
         return dataclasses.replace(spec, row_tile=1, column_tile=1, partials=1, flat=flat, windows=windows,
-                                   lifted=False, aligned=False)
+                                   lifted=False, aligned=False, fused=False)
 
     def lane_fill(layout: PatternConvSpec) -> float:
         return layout.out_height * layout.out_width / (layout.acc_rows * layout.acc_columns)
@@ -304,7 +312,7 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
     for width in vector_widths:
         for is_flat, windows in kinds:
             base = dataclasses.replace(spec, vector_width=width, row_tile=1, column_tile=1, partials=1, flat=is_flat,
-                                       windows=windows, lifted=False, aligned=False)
+                                       windows=windows, lifted=False, aligned=False, fused=False)
             for row_tile in range(1, (1 if is_flat or windows else min(tile_limit, base.out_height)) + 1):
                 for column_tile in range(1, min(base.acc_columns // width, tile_limit // row_tile) + 1):
                     partials = _partials(base, row_tile * column_tile, accumulators)
@@ -314,7 +322,8 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
 
 
 def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = None,
-                  tall_tile: bool = True, lifted: bool = True, aligned: bool = True) -> PatternConvSpec:
+                  tall_tile: bool = True, lifted: bool = True, aligned: bool = True,
+                  fused: bool = True) -> PatternConvSpec:
     """The layout a target with ``spec.vector_width`` lanes gets: on AVX-512 (16 lanes) the
     cheapest 512- or 256-bit layout (AVX-512VL), elsewhere :func:`choose_layout`'s, with windows
     among its candidates on AVX2 (8 lanes).
@@ -357,6 +366,13 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     112/224 rows 0.99-1.02x, CIFAR's 16x16 0.99x and 8x8 0.92-0.93x (pitch 24 and 16 instead of
     18 and 10). A first version, 7 lead columns and every pitch rounded up (24 floats at 14x14),
     lost 0.61-0.92x on ResNet-50's layers. ``aligned=False`` keeps plain rows.
+
+    Wide rows on AVX2 (the tall tile's layers) are ``fused``: the schedule builds each row
+    block's padded rows just before its filters read them (in L2, instead of a padded copy of the
+    whole image: 13 MB at 64 x 224 x 224) and adds bias and ReLU to the register tile as it
+    stores the output (no accumulator written and read back). Zen 3, 1 thread, interleaved
+    (15 rounds): 1.13x at 224x224 (rounds 1.08-1.18x), 0.99x and 1.02x at 112x112, where pad and
+    output stage took 0.6 ms of 7-16. ``fused=False`` keeps the three passes.
     """
     if spec.vector_width == 16:
         return cheapest_layout(spec, accumulators, (16, 8), flat)
@@ -372,6 +388,8 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
         candidate = dataclasses.replace(layout, aligned=True)
         if math.prod(candidate.rows_input_shape) <= math.prod(layout.rows_input_shape):
             layout = candidate
+    if fused and spec.vector_width == 8 and _is_wide(layout) and not layout.lifted:
+        layout = dataclasses.replace(layout, fused=True)
     return layout
 
 
@@ -437,7 +455,8 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
     rt = te.reduce_axis((0, spec.taps // partials), name="rt")
 
     def acc_body(n, f, y, q, x):
-        run = f * n_patterns + rp
+        # fused: f is the user's filter, its runs found through FKW's permutation
+        run = (inverse_order[f] if spec.fused else f) * n_patterns + rp
         k = offsets[run] + rj
         t = rt * partials + q
         if spec.flat:
@@ -452,7 +471,9 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
             lanes = spec.vector_width if spec.lifted else 1
             shift = _tap_table(spec.patterns, rp, t, lambda tap: tap[1] // sw * lanes)
             lead = spec.input_lead  # aligned rows: a column of -1 or past the pitch is the previous or next row's
-            tap_input = xpad[n, channels[k], y * sh + dy + lead, phase, x + shift - lead]
+            # fused: a bounded channel, so a schedule can compute the pad per block of the rows it reads
+            channel = tirx.min(tirx.max(channels[k], 0), spec.in_channels - 1) if spec.fused else channels[k]
+            tap_input = xpad[n, channel, y * sh + dy + lead, phase, x + shift - lead]
         # The run-length guard is part of the body because te.create_prim_func drops a
         # reduction's `where`; if_then_else is lazy, so skipped slots load nothing.
         return te.sum(
@@ -466,9 +487,10 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
         row, column = ((0, y * spec.padded_width + x) if spec.flat else (0, y * spec.out_width + x) if spec.windows
                        else (y, x % spec.lifted_vectors * spec.vector_width + x // spec.lifted_vectors) if spec.lifted
                        else (y, x))
-        value = acc[n, inverse_order[f], row, 0, column]
+        stored = f if spec.fused else inverse_order[f]
+        value = acc[n, stored, row, 0, column]
         for q in range(1, partials):
-            value = value + acc[n, inverse_order[f], row, q, column]
+            value = value + acc[n, stored, row, q, column]
         if bias is not None:
             value = value + bias[f]
         if spec.relu:
@@ -497,8 +519,9 @@ def pattern_conv2d_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
 
 
 def _spec_attr(spec: PatternConvSpec) -> dict:
-    """The layout as a plain dict of ints so it survives in PrimFunc attributes ("lifted" only
-    when set: the functions of other layouts stay those the shipped tuning records were made for)."""
+    """The layout as a plain dict of ints so it survives in PrimFunc attributes ("lifted", "aligned"
+    and "fused" only when set: the functions of other layouts stay those the shipped tuning records
+    were made for)."""
     return {
         "strides": list(spec.strides),
         "n_patterns": len(spec.patterns),
@@ -510,4 +533,5 @@ def _spec_attr(spec: PatternConvSpec) -> dict:
         "flat": int(spec.flat),
         "windows": int(spec.windows),
         "relu": int(spec.relu),
-    } | ({"lifted": 1} if spec.lifted else {}) | ({"aligned": 1, "input_lead": spec.input_lead} if spec.aligned else {})
+    } | ({"lifted": 1} if spec.lifted else {}) | ({"aligned": 1, "input_lead": spec.input_lead} if spec.aligned else {}) \
+        | ({"fused": 1} if spec.fused else {})

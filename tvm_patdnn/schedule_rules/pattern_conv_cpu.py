@@ -6,8 +6,9 @@ registers while the loops over patterns, kernels and taps run; patterns, taps an
 unrolled, so every tap offset is a constant, each kernel costs one channel index load plus one
 vector FMA per tap and tile vector, and an input vector two taps of the tile share is loaded once.
 
-The nest has four knobs (:class:`Knobs`). Following dlight's ``apply(func, target, tunable)``,
-a tunable schedule *samples* them (``sample_perfect_tile`` / ``sample_categorical``, which
+The nest has four knobs (:class:`Knobs`; five for fused layouts: the pad's location). Following
+dlight's ``apply(func, target, tunable)``, a tunable schedule *samples* them
+(``sample_perfect_tile`` / ``sample_categorical`` / ``sample_compute_location``, which
 meta_schedule's mutators understand) and the default *fixes* them to :func:`default_knobs`;
 every other instruction is the same, so the default is the point of the space whose decisions
 are the default knobs (``tests/test_pattern_schedule.py`` replays it). What the compute fixes
@@ -48,17 +49,23 @@ class Knobs:
     t, t+T, ...; ``columns`` = (column blocks outside the serial filters, column blocks inside
     them, column tile), so (B, 1, t) reuses a column block's input (all channels) across every
     filter before reading the next block's and (1, B, t) sweeps the whole row per filter;
-    ``unroll`` indexes :data:`UNROLL_STEPS`.
+    ``unroll`` indexes :data:`UNROLL_STEPS`; ``pad`` (fused layouts only, else None) is the
+    pad's compute location as ``sample_compute_location`` decides it: 0 the row-block loop (each
+    row block's padded rows, every channel and the halo, built just before its filters read them),
+    1 the column blocks outside the filters (the block's columns only, stored compactly), -1 the
+    whole padded image first (the space also reaches deeper loops and inlining).
     """
 
     rows: tuple[int, int]
     columns: tuple[int, int, int]
     filters: tuple[int, int, int]
     unroll: int = 0
+    pad: int | None = None
 
     def decisions(self) -> list:
         """The knobs as the decisions of the space's sampling instructions, in trace order."""
-        return [list(self.rows), list(self.columns), list(self.filters), self.unroll]
+        pad = [] if self.pad is None else [self.pad]
+        return [list(self.rows), list(self.columns), list(self.filters), *pad, self.unroll]
 
 
 def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | None = None,
@@ -72,7 +79,12 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
     Column blocks run outside the filters for the AVX2 tall tile on wide rows (the layouts
     :func:`~tvm_patdnn.ops.pattern_conv.target_layout` gives it, more than one tile per row):
     1.09-1.15x on top of the tile at 224x224, 0.95-1.10x at 112x112 (Zen 3, 1 thread, three
-    interleaved runs); elsewhere inside. ``columns_outside`` overrides."""
+    interleaved runs); elsewhere inside. ``columns_outside`` overrides. Fused layouts build
+    their pad per column block (``pad`` 1): all channels of a block's 6 padded rows x 18 columns
+    (27 KB at 64 channels, contiguous) stay in the 32 KB L1 while every filter reads them; with
+    plain rows those 18 columns of each row touch 2-3 cache lines of a 226-float row, 61 KB.
+    Zen 3, 1 thread, interleaved: 1.07x at 224x224, 1.15x and 1.21x at 112x112 over the pad per row
+    block (``pad`` 0), which was 1.11x and 1.15x over the whole pad first with the same compute."""
     layout = func.attrs[PATTERN_CONV_ATTR]
     batch, filters, rows, _partials, columns = _acc_shape(func)
     row_tile, column_tile = int(layout["row_tile"]), int(layout["column_tile"])
@@ -90,7 +102,7 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
         split = (1, 1, filters)
     blocks = vectors // column_tile
     columns_split = (blocks, 1, column_tile) if columns_outside else (1, blocks, column_tile)
-    return Knobs((rows // row_tile, row_tile), columns_split, split)
+    return Knobs((rows // row_tile, row_tile), columns_split, split, pad=1 if "fused" in layout else None)
 
 
 def _acc_shape(func: tirx.PrimFunc) -> tuple[int, ...]:
@@ -125,7 +137,7 @@ def apply_default_schedule(sch: s_tir.Schedule, target: Target) -> None:
 
 
 def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *, code_per_pattern: bool = True,
-                              vector_output: bool = True) -> None:
+                              vector_output: bool = True, output_in_tile: bool = True) -> None:
     """Schedule the blocks of :func:`~tvm_patdnn.ops.pattern_conv.pattern_conv2d_primfunc`:
     sampled knobs when ``knobs`` is None (the design space), else those.
 
@@ -138,9 +150,12 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     lifted rows the pad is vectorised along the lanes (a gather M columns apart) and the output
     stage reads an accumulator vector and stores its lanes M apart (vectorised along the output
     row instead it gathered: pad and output stage took 13.3 ms instead of 5 at 224x224).
+    Fused layouts (``fused`` in the layout attribute) compute the pad where the ``pad`` knob says
+    (per row block by default) and run the output stage under the register tile: the tile is
+    stored once, with bias and ReLU, and no accumulator buffer remains.
     ``code_per_pattern=False`` (pattern and tap loops not unrolled: every tap's offset looked up
-    at run time) and ``vector_output=False`` exist to measure what they are worth
-    (``benchmarks/optimisations.py``).
+    at run time), ``vector_output=False`` and ``output_in_tile=False`` (a fused layout's output
+    stage as a separate pass) exist to measure what they are worth (``benchmarks/optimisations.py``).
     """
     func = sch.mod["main"]
     layout = func.attrs[PATTERN_CONV_ATTR]
@@ -164,7 +179,13 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     xo_outside, xo_inside, xt = sch.split(xv, tile(xv, 3, max(_MAX_TILE, int(layout["column_tile"])), "columns"))
     fb, fi, ft = sch.split(f, tile(f, 3, int(sch.get(f).extent), "filters"))
     sch.reorder(n, fb, yo, ft, xo_outside, fi, xo_inside, rp, rj, rt, q, yt, xt, xi)
-    sch.parallel(sch.fuse(n, fb, yo, ft))
+    blocks = sch.fuse(n, fb, yo, ft)
+    sch.parallel(blocks)
+    if "fused" in layout:  # the pad where the knob says (a compute location), or the whole image first (-1)
+        if knobs is None:
+            sch.compute_at(pad, sch.sample_compute_location(pad), preserve_unit_loops=True)
+        elif knobs.pad >= 0:
+            sch.compute_at(pad, (blocks, xo_outside)[knobs.pad], preserve_unit_loops=True)
     for loop in (rp, rt, q, yt, xt) if code_per_pattern else (q, yt, xt):
         sch.unroll(loop)
     sch.vectorize(xi)
@@ -178,9 +199,21 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     # Unit loops stay, so the number of loops (instruction outputs in the trace) is the same
     # for every tile size a mutator may pick.
     sch.reverse_compute_at(store, xo_inside, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(store)[-1])
+    fused = "fused" in layout and output_in_tile
+    if fused:  # the output stage reads the register tile: no accumulator in memory
+        sch.reverse_compute_at(out, xo_inside, preserve_unit_loops=True)
+        sch.compute_inline(store)
+        *_, yt_out, x = sch.get_loops(out)
+        x_out, lanes = sch.split(x, [None, vector_width])
+        sch.vectorize(lanes)
+        sch.unroll(x_out)
+        sch.unroll(yt_out)
+    else:
+        sch.vectorize(sch.get_loops(store)[-1])
     init = sch.decompose_reduction(acc, rp)
     sch.vectorize(sch.get_loops(init)[-1])
+    if fused:
+        return
 
     n, f, _y, x = sch.get_loops(out)
     sch.parallel(sch.fuse(n, f))

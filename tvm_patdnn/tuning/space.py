@@ -5,7 +5,8 @@ and the run offsets), so evolutionary search has nothing to evolve. The space is
 ``PatternConvCPU().apply(func, target, tunable=True)``: the same loop nest as the untuned
 default (``schedule_rules.pattern_conv_cpu``), with its knobs sampled instead of fixed — the
 register tile (divisors of the padded output rows and vectors), the filter split (blocks,
-serial, interleaved over threads), the LLVM unroll depth — so the default is one point of it
+serial, interleaved over threads), the LLVM unroll depth, and for fused layouts the pad's compute
+location (``sample_compute_location``, mutated by ``MutateComputeLocation``) — so the default is one point of it
 (its knobs as decisions) and ``tune`` measures it first as a seed.
 """
 
@@ -37,5 +38,6 @@ def pattern_conv_space_generator(target: Target) -> ms.space_generator.ScheduleF
         lambda sch: pattern_conv_space(sch, target),
         sch_rules=[],
         postprocs=[ms.postproc.RewriteParallelVectorizeUnroll()],
-        mutator_probs={ms.mutator.MutateTileSize(): 0.9, ms.mutator.MutateUnroll(): 0.1},
+        mutator_probs={ms.mutator.MutateTileSize(): 0.85, ms.mutator.MutateUnroll(): 0.1,
+                       ms.mutator.MutateComputeLocation(): 0.05},
     )
