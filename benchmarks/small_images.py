@@ -90,8 +90,8 @@ def interleaved(calls: dict, rounds: int, threads: int) -> dict[str, float]:
     return {label: statistics.median(values) for label, values in samples.items()}
 
 
-def per_layer(rounds: int, target, threads: int) -> list[dict]:
-    """Kernel vs TE operator on each 2x2 and 4x4 layer; prints a markdown table."""
+def per_layer(rounds: int, target, threads: int) -> tuple[list[dict], float]:
+    """Kernel vs TE operator on each 2x2 and 4x4 layer (rows, FMA peak); prints a markdown table."""
     peak = cpu_peak_gflops() if threads == 1 else fma_peak_gflops(threads)
     rng = np.random.default_rng(0)
     rows = []
@@ -121,7 +121,7 @@ def per_layer(rounds: int, target, threads: int) -> list[dict]:
               f"{gflops:.1f} | {row['peak_percent']:.0f}% |", flush=True)
     te, kernel = sum(r["te_ms"] for r in rows), sum(r["kernel_ms"] for r in rows)
     print(f"| all {len(rows)} | {te:.4f} | {kernel:.4f} | {te / kernel:.2f}x | | |")
-    return rows
+    return rows, peak
 
 
 def whole_model(rounds: int, target, threads: int) -> None:
@@ -170,9 +170,9 @@ def main() -> None:
     if args.whole:
         whole_model(args.rounds, target, threads)
         return
-    rows = per_layer(args.rounds, target, threads)
+    rows, peak = per_layer(args.rounds, target, threads)
     if args.json:
-        save_results(args.json, target, args.rounds, rows)
+        save_results(args.json, target, args.rounds, rows, peak)
 
 
 if __name__ == "__main__":
