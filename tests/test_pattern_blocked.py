@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tvm
@@ -80,3 +84,39 @@ def test_a_compiled_model_with_a_blocked_layer_matches_the_onnx_reference(batch)
     x = rng.standard_normal((batch, 256, 14, 14)).astype(np.float32)
     expected = reference_outputs(model, {"input": x})[0]
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+_TWO_THREADS = """
+import sys, numpy as np, tvm
+from tvm_patdnn.ops.pattern_conv import PatternConvSpec
+from tvm_patdnn.ops.pattern_conv_blocked import blocked_layout, blocked_weights, pattern_conv_blocked_primfunc
+from tvm_patdnn.fkw import pack_fkw
+from tvm_patdnn.analysis import analyze_conv_weight
+arrays = dict(np.load(sys.argv[1]))
+x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
+fkw = pack_fkw(weight, analyze_conv_weight(weight))
+spec = PatternConvSpec.from_fkw(fkw, x.shape, (1, 1), (1, 1, 1, 1), True, True)
+layout = blocked_layout(spec, block=6)
+assert layout.tiles == 1 * 2  # fewer tiles than twice the threads: the threads split the filters
+lib = tvm.compile(tvm.IRModule({"main": pattern_conv_blocked_primfunc(layout, 2).with_attr("global_symbol", "main")}),
+                  tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2}))
+out = tvm.runtime.tensor(np.zeros((x.shape[0], weight.shape[0], *x.shape[2:]), np.float32))
+lib["main"](*(tvm.runtime.tensor(a) for a in (x, *blocked_weights(fkw, layout), fkw.order, bias)), out)
+np.save(sys.argv[2], out.numpy())
+"""
+
+
+def test_blocked_kernel_is_right_when_the_runtime_runs_two_threads(tmp_path):
+    """A fresh process with TVM_NUM_THREADS=2 (the runtime's thread count is fixed at its start): two tiles
+    at 14x14, so the two threads split the filters."""
+    _needs_avx2()
+    rng = np.random.default_rng(11)
+    model = build_cnn(rng, (1, 16, 14, 14), [ConvSpec(12, connectivity=2.0)])
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    x = rng.standard_normal((1, 16, 14, 14)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x, weight=inits[model.graph.node[0].input[1]], bias=inits[model.graph.node[0].input[2]])
+    env = {**os.environ, "TVM_NUM_THREADS": "2", "TVM_BIND_THREADS": "0"}
+    subprocess.run([sys.executable, "-c", _TWO_THREADS, str(tmp_path / "in.npz"), str(tmp_path / "out.npy")],
+                   env=env, check=True)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-4, atol=1e-4)
