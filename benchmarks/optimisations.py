@@ -33,7 +33,9 @@ operator and schedule for this machine, and again with one optimisation taken aw
   column block (all channels, stored compactly, read by every filter from L1) and the output stage
   in the register tile (without: three passes, a padded copy of the whole input and an accumulator
   written and read back); "pad per column block" builds it per row block instead, "pad per block"
-  pads the whole image first, "output stage in the tile" runs the output stage as its own pass.
+  pads the whole image first, "output stage in the tile" runs the output stage as its own pass;
+  the narrow tile: fused layers of at most 64 input channels take an 8x1 register tile (without:
+  the layout's 4x2).
 
 Layout alternatives (``--variants "windows 8 lanes 2x2" ...``, not run by default) replace the
 default's layout on the layers they apply to (stride 1, at most 16 output pixels: VGG's 4x4 and
@@ -110,6 +112,7 @@ class Variant:
     fused: bool = True
     pad: int | None = None  # fused layouts: the pad's location (Knobs.pad); None: the rule's
     output_in_tile: bool = True
+    narrow_tile: bool = True
     # A layout to compare rather than an optimisation to take away: (lanes, column tile, tap partial
     # sums) of the windows layout, forced on layers it applies to (stride 1, at most 16 output pixels).
     windows: tuple[int, int, int] | None = None
@@ -135,6 +138,7 @@ VARIANTS = {
     "pad per column block": Variant(pad=0),  # per row block instead
     "pad per block": Variant(pad=-1),  # the whole padded image first
     "output stage in the tile": Variant(output_in_tile=False),
+    "narrow tile": Variant(narrow_tile=False),
     # Alternatives, not removals (ratio below 1: the alternative is faster than the default):
     "windows 8 lanes 2x2": Variant(windows=(8, 2, 2)),  # 2 vectors x 2 tap partial sums
     "windows 8 lanes 2x4": Variant(windows=(8, 2, 4)),
@@ -175,7 +179,7 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
         spec = dataclasses.replace(spec, column_tile=min(column_tile, spec.acc_columns // lanes))
     sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))
     knobs = default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8)), variant.parallel_filters,
-                          variant.columns_outside)
+                          variant.columns_outside, variant.narrow_tile)
     if knobs.pad is not None and variant.pad is not None:
         knobs = dataclasses.replace(knobs, pad=variant.pad)
     schedule_pattern_conv_cpu(sch, knobs, code_per_pattern=variant.code_per_pattern,  # as PatternConvCPU does

@@ -13,7 +13,7 @@ from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
 from tvm_patdnn.schedule_rules import PatternConvCPU
-from tvm_patdnn.schedule_rules.pattern_conv_cpu import apply_default_schedule, default_knobs
+from tvm_patdnn.schedule_rules.pattern_conv_cpu import NARROW_TILE, apply_default_schedule, default_knobs
 from tvm_patdnn.tuning.space import pattern_conv_space
 
 SAMPLERS = ("SamplePerfectTile", "SampleCategorical", "SampleComputeLocation")
@@ -117,3 +117,12 @@ def test_default_trace_survives_a_database_round_trip(tmp_path):
         record.trace.apply_to_schedule(replayed, remove_postproc=True)
         tvm.ir.assert_structural_equal(replayed.mod, default.mod)
         assert ms.postproc.RewriteParallelVectorizeUnroll().apply(replayed)
+
+
+def test_fused_layers_of_few_channels_take_the_narrow_tile():
+    """Fused wide rows read their pad per column block; at most 64 input channels take 8 x 1 tiles."""
+    few, many = pattern_conv(filters=8, channels=64, size=112), pattern_conv(filters=8, channels=128, size=112)
+    assert (default_knobs(few, 1).rows[1], default_knobs(few, 1).columns[2]) == NARROW_TILE
+    assert (default_knobs(many, 1).rows[1], default_knobs(many, 1).columns[2]) == (4, 2)
+    assert default_knobs(few, 1).pad == default_knobs(many, 1).pad == 1
+    assert default_knobs(pattern_conv(filters=8, channels=64, size=56), 1).pad is None  # lifted: not fused

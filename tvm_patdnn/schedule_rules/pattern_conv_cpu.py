@@ -28,12 +28,14 @@ from ..arith import largest_divisor
 from ..ops.pattern_conv import PATTERN_CONV_ATTR, TALL_TILE, is_lifted, is_pattern_conv
 from .kernel_runs import bound_kernel_runs
 
-__all__ = ["UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
+__all__ = ["NARROW_TILE", "NARROW_TILE_CHANNELS", "UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
            "schedule_pattern_conv_cpu"]
 
 # LLVM unroll depth of the nest (meta_schedule's "unroll_explicit" annotation, MutateUnroll).
 UNROLL_STEPS = (0, 16, 64, 512)
 _MAX_TILE = 8  # accumulator vectors per tile dimension sampled at least; their product is left to the cost model
+NARROW_TILE = (8, 1)  # (rows, vectors) of the register tile of fused layouts with few input channels
+NARROW_TILE_CHANNELS = 64  # input channels, at most, for the NARROW_TILE
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Knobs:
 
 
 def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | None = None,
-                  columns_outside: bool | None = None) -> Knobs:
+                  columns_outside: bool | None = None, narrow_tile: bool = True) -> Knobs:
     """The untuned choice: the register tile the operator's layout was padded to; row blocks
     outermost; threads share the row blocks, and the filters too when there are fewer than two
     row blocks per thread (small images have one), thread t taking filters t, t+T, ... (FKW sorts
@@ -84,7 +86,12 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
     (27 KB at 64 channels, contiguous) stay in the 32 KB L1 while every filter reads them; with
     plain rows those 18 columns of each row touch 2-3 cache lines of a 226-float row, 61 KB.
     Zen 3, 1 thread, interleaved: 1.07x at 224x224, 1.15x and 1.21x at 112x112 over the pad per row
-    block (``pad`` 0), which was 1.11x and 1.15x over the whole pad first with the same compute."""
+    block (``pad`` 0), which was 1.11x and 1.15x over the whole pad first with the same compute.
+    Fused layouts of at most :data:`NARROW_TILE_CHANNELS` input channels take the
+    :data:`NARROW_TILE` (8 rows x 1 vector, its pad block 64 x 10 rows x 10 columns: 26 KB):
+    1.08-1.18x at 224x224 and 1.01-1.08x at 112x112 with 64 channels over the layout's 4 x 2
+    (Zen 3, 1 thread, three interleaved runs of 11 rounds); at 128 channels 0.99x, so those keep
+    4 x 2 (``narrow_tile=False`` keeps it everywhere)."""
     layout = func.attrs[PATTERN_CONV_ATTR]
     batch, filters, rows, _partials, columns = _acc_shape(func)
     row_tile, column_tile = int(layout["row_tile"]), int(layout["column_tile"])
@@ -92,6 +99,9 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
     if columns_outside is None:
         columns_outside = (int(layout["vector_width"]) == 8 and (row_tile, column_tile) == TALL_TILE
                            and not int(layout["flat"]) and not int(layout["windows"]) and vectors > column_tile)
+    in_channels = _extents(func, "pad")[1]
+    if narrow_tile and "fused" in layout and in_channels <= NARROW_TILE_CHANNELS and rows % NARROW_TILE[0] == 0:
+        row_tile, column_tile = NARROW_TILE
     if parallel_filters is None:
         parallel_filters = batch * (rows // row_tile) < 2 * threads
     if threads == 1 or not parallel_filters:
@@ -107,8 +117,13 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
 
 def _acc_shape(func: tirx.PrimFunc) -> tuple[int, ...]:
     """(batch, filters, rows, partials, columns) of the accumulator the compute pads to."""
+    return _extents(func, "acc")[:5]
+
+
+def _extents(func: tirx.PrimFunc, block: str) -> tuple[int, ...]:
+    """The loop extents of an unscheduled block of ``func``."""
     sch = s_tir.Schedule(func)
-    return tuple(int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("acc"))[:5])
+    return tuple(int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock(block)))
 
 
 class PatternConvCPU(CPUScheduleRule):
