@@ -28,8 +28,8 @@ from ..arith import largest_divisor
 from ..ops.pattern_conv import PATTERN_CONV_ATTR, TALL_TILE, is_lifted, is_pattern_conv
 from .kernel_runs import bound_kernel_runs
 
-__all__ = ["NARROW_TILE", "NARROW_TILE_CHANNELS", "UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
-           "schedule_pattern_conv_cpu"]
+__all__ = ["NARROW_TILE", "NARROW_TILE_CHANNELS", "UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule",
+           "default_knobs", "schedule_pattern_conv_cpu"]
 
 # LLVM unroll depth of the nest (meta_schedule's "unroll_explicit" annotation, MutateUnroll).
 UNROLL_STEPS = (0, 16, 64, 512)
@@ -166,7 +166,7 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     stage reads an accumulator vector and stores its lanes M apart (vectorised along the output
     row instead it gathered: pad and output stage took 13.3 ms instead of 5 at 224x224).
     Fused layouts (``fused`` in the layout attribute) compute the pad where the ``pad`` knob says
-    (per row block by default) and run the output stage under the register tile: the tile is
+    (per column block by default) and run the output stage under the register tile: the tile is
     stored once, with bias and ReLU, and no accumulator buffer remains.
     ``code_per_pattern=False`` (pattern and tap loops not unrolled: every tap's offset looked up
     at run time), ``vector_output=False`` and ``output_in_tile=False`` (a fused layout's output
