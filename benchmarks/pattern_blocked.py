@@ -52,7 +52,8 @@ def _parse_layout(text: str) -> tuple[int, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=["vgg16_trunk"], choices=["vgg16_trunk", "resnet50", "vgg16_cifar"])
+    parser.add_argument("--model", nargs="+", default=["vgg16_trunk"],
+                        choices=["vgg16_trunk", "resnet50", "vgg16_cifar"])
     parser.add_argument("--layers", nargs="+", help="only these layers (ONNX node names); default: all stride-1 ones")
     parser.add_argument("--unique", action="store_true", help="one layer per shape, the others counted with it")
     parser.add_argument("--layouts", nargs="*", default=[], type=_parse_layout,
@@ -109,7 +110,8 @@ def main() -> None:
           + " | ".join(f"{label}: default / it" for label in labels) + " | best | best % of peak | routed |")
     print("|" + "---|" * (8 + len(labels)))
     for r in rows:
-        ratios = " | ".join(f"{r['ms']['default'] / r['ms'][label]:.2f}x" if label in r["ms"] else "-" for label in labels)
+        ratios = " | ".join(f"{r['ms']['default'] / r['ms'][label]:.2f}x" if label in r["ms"] else "-"
+                            for label in labels)
         print(f"| {r['model']} | {r['layer']} | {r['shape']} | {r['ms']['default']:.3f} | "
               f"{100 * r['default_gflops'] / peak:.0f}% | {ratios} | {r['best']} | {r['nonzero_peak_percent']:.0f}% | "
               f"{'yes' if r['routed'] else 'no'} |")

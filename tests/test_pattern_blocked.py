@@ -69,7 +69,8 @@ def test_many_channel_layers_take_the_blocked_kernel_on_avx2_only():
         layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items() if is_pattern_conv(func)]
         assert [bool(layout.get("blocked", 0)) for layout in layouts] == expected
     strided = build_cnn(rng, (1, 256, 28, 28), [ConvSpec(16, stride=2, connectivity=3.6)])
-    rewritten = PatternConvRewrite(vector_width=8, accumulators=8)(relax.transform.FoldConstant()(import_onnx(strided).mod))
+    strided_mod = relax.transform.FoldConstant()(import_onnx(strided).mod)
+    rewritten = PatternConvRewrite(vector_width=8, accumulators=8)(strided_mod)
     assert [func.attrs[PATTERN_CONV_ATTR].get("blocked", 0) for _, func in rewritten.functions_items()
             if is_pattern_conv(func)] == [0]
 
@@ -114,7 +115,8 @@ def test_blocked_kernel_is_right_when_the_runtime_runs_two_threads(tmp_path):
     model = build_cnn(rng, (1, 16, 14, 14), [ConvSpec(12, connectivity=2.0)])
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     x = rng.standard_normal((1, 16, 14, 14)).astype(np.float32)
-    np.savez(tmp_path / "in.npz", x=x, weight=inits[model.graph.node[0].input[1]], bias=inits[model.graph.node[0].input[2]])
+    weight, bias = (inits[name] for name in model.graph.node[0].input[1:3])
+    np.savez(tmp_path / "in.npz", x=x, weight=weight, bias=bias)
     env = {**os.environ, "TVM_NUM_THREADS": "2", "TVM_BIND_THREADS": "0"}
     subprocess.run([sys.executable, "-c", _TWO_THREADS, str(tmp_path / "in.npz"), str(tmp_path / "out.npy")],
                    env=env, check=True)

@@ -101,16 +101,17 @@ class BlockedLayout:
 
 
 def blocked_applies(spec: PatternConvSpec) -> bool:
-    """Whether a layer takes the channel-blocked kernel: AVX2 (8 lanes), stride 1, 4-tap patterns,
-    at least :data:`BLOCKED_CHANNELS` input channels (twice that where the TE operator lifts rows), output
+    """Whether a layer takes the channel-blocked kernel: AVX2 (8 lanes), stride 1, padding 1, 4-tap
+    patterns, at least :data:`BLOCKED_CHANNELS` input channels (twice that where the TE operator lifts rows), output
     rows of :data:`BLOCKED_WIDTHS` columns. Zen 3, 1 thread, TE operator / this kernel, interleaved
     (``benchmarks/pattern_blocked.py``, 3-4 runs): 512x512 28x28 1.10-1.16x, 512x512 14x14 1.27-1.35x,
     256x256 14x14 1.18-1.21x. Not taken: 512x256 28x28 0.92-1.06x (lifted rows), 256x256 56x56
     0.99-1.00x, 128 channels 0.83-0.93x, 512x512 7x7 1.02-1.13x, CIFAR's 16x16 0.90-1.10x, 8x8
     0.92-1.07x, 4x4 0.73-0.98x."""
     lifted = spec.out_width in LIFTED_WIDTHS  # the TE operator's lifted rows: aligned loads shared between taps
-    return (spec.vector_width == LANES and spec.strides == (1, 1) and spec.taps == 4
-            and spec.out_width in BLOCKED_WIDTHS and spec.in_channels >= BLOCKED_CHANNELS * (2 if lifted else 1))
+    return (spec.vector_width == LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
+            and spec.taps == 4 and spec.out_width in BLOCKED_WIDTHS
+            and spec.in_channels >= BLOCKED_CHANNELS * (2 if lifted else 1))
 
 
 def blocked_layout(spec: PatternConvSpec, row_tile: int | None = None, column_tile: int | None = None,
@@ -129,7 +130,7 @@ def blocked_layout(spec: PatternConvSpec, row_tile: int | None = None, column_ti
 
 def blocked_weights(fkw: FKWWeight, layout: BlockedLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(values, taps, starts): FKW's kernels in block -> (stored) filter -> kernel order, each with
-    its 4 tap offsets into the lifted input (channel, row, column vector), and ``starts[b * F + f]``
+    its 4 tap offsets into a tile's input windows (channel, row, column vector), and ``starts[b * F + f]``
     the first kernel of filter ``f`` in block ``b``."""
     n_patterns = len(fkw.patterns)
     counts = np.diff(fkw.offsets)
@@ -217,7 +218,8 @@ def pattern_conv_blocked_primfunc(layout: BlockedLayout, threads: int = 1) -> ti
                                             tap = windows[tirx.Ramp(at + r * rp + c * LANES, 1, LANES)]
                                             T.buffer_store(acc, acc[s] + weight * tap, [s])
                                 for r, c, s in slots:
-                                    T.buffer_store(accbuf, acc[s], [tirx.Ramp(first + r * acc_pitch + c * LANES, 1, LANES)])
+                                    slot = tirx.Ramp(first + r * acc_pitch + c * LANES, 1, LANES)
+                                    T.buffer_store(accbuf, acc[s], [slot])
 
             with T.parallel(0, n_ * f_) as nf:  # epilogue: user's filter order, lifted lanes back to columns
                 fo = order[nf % f_]
