@@ -104,8 +104,8 @@ def blocked_applies(spec: PatternConvSpec) -> bool:
     """Whether a layer takes the channel-blocked kernel: AVX2 (8 lanes), stride 1, padding 1, 4-tap
     patterns, at least :data:`BLOCKED_CHANNELS` input channels (twice that where the TE operator lifts rows), output
     rows of :data:`BLOCKED_WIDTHS` columns. Zen 3, 1 thread, TE operator / this kernel, interleaved
-    (``benchmarks/pattern_blocked.py``, 3-4 runs): 512x512 28x28 1.10-1.16x, 512x512 14x14 1.27-1.35x,
-    256x256 14x14 1.18-1.21x. Not taken: 512x256 28x28 0.92-1.06x (lifted rows), 256x256 56x56
+    (``benchmarks/pattern_blocked.py``, 4-5 runs): 512x512 28x28 1.10-1.27x, 512x512 14x14 1.27-1.35x,
+    256x256 14x14 1.18-1.23x. Not taken: 512x256 28x28 0.92-1.06x (lifted rows), 256x256 56x56
     0.99-1.00x, 128 channels 0.83-0.93x, 512x512 7x7 1.02-1.13x, CIFAR's 16x16 0.90-1.10x, 8x8
     0.92-1.07x, 4x4 0.73-0.98x."""
     lifted = spec.out_width in LIFTED_WIDTHS  # the TE operator's lifted rows: aligned loads shared between taps
