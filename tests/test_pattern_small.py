@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from model_factory import ConvSpec, build_cnn, reference_outputs
-
+import tvm
+from model_factory import ConvSpec, build_cnn, pattern_weight, reference_outputs
 from tvm import relax
 
 import tvm_patdnn
+from tvm_patdnn.analysis import analyze_conv_weight
+from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.frontend import import_onnx
-from tvm_patdnn.ops.pattern_conv import PATTERN_CONV_ATTR
+from tvm_patdnn.ops.pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec
+from tvm_patdnn.ops.pattern_conv_2x2 import pattern_conv_2x2_primfunc
 from tvm_patdnn.targets import resolve_target, vector_lanes
 from tvm_patdnn.transform import PatternConvRewrite
 
@@ -83,3 +86,25 @@ def test_small_images_take_their_kernel_per_target(size, lanes, kernel):
                if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs]
     assert [[name for name in ("tap_lanes", "shifted_rows") if int(layout.get(name, 0))] for layout in layouts] == [
         [kernel] if kernel else []]
+
+
+@pytest.mark.parametrize("batch, bias, relu", [(1, True, True), (2, False, False)])
+def test_the_16_lane_2x2_kernel_is_right_on_any_x86_host(batch, bias, relu):
+    """The AVX-512 kernel's lanes (one vpermps per kernel, the vectorised epilogue) checked where the
+    host has no AVX-512: compiled for AVX2, LLVM splits each 16-lane vector in two."""
+    rng = np.random.default_rng(batch)
+    weight = pattern_weight(rng, 24, 32, 8, 1.5)
+    bias_values = rng.standard_normal(24).astype(np.float32) if bias else None
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    spec = PatternConvSpec.from_fkw(fkw, (batch, 32, 2, 2), (1, 1), (1, 1, 1, 1), bias, relu, 16, 16)
+    func = pattern_conv_2x2_primfunc(spec, 16, threads=2)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), resolve_target(AVX2))
+    x = rng.standard_normal((batch, 32, 2, 2)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((batch, 24, 2, 2), np.float32))
+    weights = [fkw.values, fkw.channels, fkw.offsets, fkw.order] + ([bias_values] if bias else [])
+    lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(w) for w in weights), out)
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    expected = sum(np.einsum("oc,nchw->nohw", weight[:, :, dy, dx], padded[:, :, dy:dy + 2, dx:dx + 2])
+                   for dy in range(3) for dx in range(3))
+    expected = expected + (bias_values[None, :, None, None] if bias else 0)
+    np.testing.assert_allclose(out.numpy(), np.maximum(expected, 0) if relu else expected, rtol=1e-4, atol=1e-4)
