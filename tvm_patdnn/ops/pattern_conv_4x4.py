@@ -18,7 +18,8 @@ pattern's taps being constants of its code. Measured on Zen 3 (1 thread, VGG-16 
 4x4 layers, interleaved with the windows layout in one process): 1.32-1.47x; loading each tap's
 rows instead (a masked load at the top edge, a 128-bit one at the bottom: 4-6 loads, fewer
 shuffles) 1.03-1.23x; rows 3-4 from a 128-bit load and the rest from the two vectors (LLVM puts a
-lane-crossing ``vpermps`` there otherwise) the same as this (0.98-1.05x).
+lane-crossing ``vpermps`` there otherwise) the same as this (0.98-1.05x), with rows -1-0 from a
+masked load too 0.96-0.98x: loads, not the two ``vpermps``, bound the loop.
 """
 
 from __future__ import annotations
