@@ -20,9 +20,12 @@ interleaved rounds (the box is shared), medians reported:
 - ``old rule``: the legalized conv2d with the ``DenseConv2dCPU`` schedule (``dense_kernels=False``);
 - with ``--ablations``, the GEMM kernel with one optimisation taken away at a time: ``no panel
   copy`` (1x1 stride 1 only: the micro-kernel reads the NCHW input in place), ``1 pixel
-  vector`` (register tile of 1 pixel vector x more filters instead of 2 vectors) and ``pixels
+  vector`` (register tile of 1 pixel vector x more filters instead of 2 vectors), ``pixels
   outer`` (the usual loop order also where the weights reach 2 MB, see ``filters_outer`` in
-  ``tvm_patdnn/ops/dense_conv.py``);
+  ``tvm_patdnn/ops/dense_conv.py``) and ``no output prefetch`` (``DenseConvRewrite``'s kernels with a
+  GEMM that does not prefetch the residual and output lines its epilogue reads and writes,
+  ``prefetch_output``; also a whole-model variant, to compare with ``gemm+direct``: the layers
+  alone keep their outputs in cache, a model's residual adds read theirs from L3 or memory);
 - ``filters outer`` (``--variants`` only): the GEMM with its filter tiles outside on every layer.
 
 Each layer's GFLOP/s is also given as a share of the fp32 FMA peak measured at the start with the
@@ -83,8 +86,9 @@ RESNET50_CONVS = [
 ]
 RTOL = 1e-3
 VARIANTS = ["tvm_patdnn", "gemm", "direct", "old rule", "no panel copy", "1 pixel vector", "pixels outer",
-            "filters outer", "tuned"]
-MODEL_VARIANTS = ["1x1 on gemm", "1x1 on direct", "gemm+direct", "gemm", "old rule", "tuned"]
+            "no output prefetch", "filters outer", "tuned"]
+ABLATIONS = ["no panel copy", "1 pixel vector", "pixels outer", "no output prefetch"]
+MODEL_VARIANTS = ["1x1 on gemm", "1x1 on direct", "gemm+direct", "no output prefetch", "gemm", "old rule", "tuned"]
 
 
 class PointwiseOnly(DenseConvRewriter):
@@ -112,6 +116,7 @@ def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Tar
                    "no panel copy": {"kernel": "gemm", "pack_panel": False},
                    "1 pixel vector": {"kernel": "gemm", "vectors": 1},
                    "pixels outer": {"kernel": "gemm", "filters_outer": False},
+                   "no output prefetch": {"prefetch_output": False},
                    "filters outer": {"kernel": "gemm", "filters_outer": True}}[variant]
         mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), **options)(mod)
     return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
@@ -209,7 +214,7 @@ def main() -> None:
     print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
 
     variants = ["tvm_patdnn", *args.variants]
-    variants += ["no panel copy", "1 pixel vector", "pixels outer"] if args.ablations else []
+    variants += ABLATIONS if args.ablations else []
     chooser = DenseConvRewrite(vector_registers(target), vector_lanes(target))
     rows = []
     for index in args.layers if args.layers is not None else range(len(RESNET50_CONVS)):

@@ -6,15 +6,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from model_factory import ConvSpec, build_cnn
+from model_factory import ConvSpec, build_cnn, reference_outputs
 from test_compiler import assert_close, check_against_reference
 from tvm import relax
 
 import tvm_patdnn
 from tvm_patdnn.ops import dense_conv
+from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.ops.dense_conv import DENSE_CONV_ATTR, DenseConvSpec, register_tile
+from tvm_patdnn.pipeline import get_pipeline
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
 from tvm_patdnn.transform import DenseConvRewrite
 
@@ -189,6 +192,26 @@ def test_weights_past_l2_run_filter_tiles_outside_pixel_tiles_and_match_referenc
              ConvSpec(37, kind="1x1", pads=no_pad, stride=2)]
     compiled = check_against_reference(build_cnn(np.random.default_rng(7), (2, 13, 23, 11), convs), 7)
     assert dense_kernel_calls(compiled, ("dense_conv",)) == 3
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_epilogue_prefetch_matches_reference(prefetch):
+    """The GEMM prefetches each tile's residual and output lines before its multiply-adds (in the
+    reduction block that stores; ``prefetch_output``, the default) and writes the same outputs
+    without it: several reduction blocks, a residual, stride 2, ragged filter and pixel tiles, batch 2."""
+    no_pad = (0, 0, 0, 0)
+    convs = [ConvSpec(300, kind="1x1", pads=no_pad), ConvSpec(300, kind="1x1", pads=no_pad, residual=True),
+             ConvSpec(37, kind="1x1", pads=no_pad, stride=2), ConvSpec(40, kind="1x1", pads=no_pad, bias=False)]
+    model = build_cnn(np.random.default_rng(9), (2, 13, 23, 11), convs)
+    target = resolve_target("x86")
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), kernel="gemm", prefetch_output=prefetch)(mod)
+    kernels = [f for f in mod.functions.values() if f.attrs is not None and DENSE_CONV_ATTR in f.attrs]
+    assert len(kernels) == 4 and all(("T.prefetch(" in f.script()) == prefetch for f in kernels)
+    executable = tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
+    x = np.random.default_rng(9).standard_normal((2, 13, 23, 11)).astype(np.float32)
+    actual = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert_close(actual, reference_outputs(model, {model.graph.input[0].name: x})[0])
 
 
 def test_register_tile_follows_the_target():

@@ -98,7 +98,8 @@ class DenseConvRewriter:
     (:func:`tvm_patdnn.targets.vector_registers`, :func:`~tvm_patdnn.targets.vector_lanes`);
     ``vectors`` (pixel vectors per GEMM register tile), ``pack_panel`` (copy each input panel
     before the filters sweep it; strided convs always do), ``filters_outer`` (the GEMM's loop
-    order where it packs panels; None: the rule's, :attr:`DenseConvSpec.default_filters_outer`)
+    order where it packs panels; None: the rule's, :attr:`DenseConvSpec.default_filters_outer`),
+    ``prefetch_output`` (the GEMM prefetches its epilogue's lines, :attr:`DenseConvSpec.prefetch_output`)
     and ``kernel`` (``"auto"``: the rule of :meth:`kernel_for`; ``"gemm"`` or ``"direct"``: that
     kernel wherever it applies) exist to measure what they are worth. ``choices``
     (:class:`~.kernel_choice.KernelChoices`, from ``patdnn tune``'s records) overrides the rules
@@ -108,11 +109,12 @@ class DenseConvRewriter:
     KERNELS = ("auto", "gemm", "direct")
 
     def __init__(self, registers: int = 16, lanes: int = 8, vectors: int = 2, pack_panel: bool = True,
-                 kernel: str = "auto", choices: KernelChoices | None = None, filters_outer: bool | None = None):
+                 kernel: str = "auto", choices: KernelChoices | None = None, filters_outer: bool | None = None,
+                 prefetch_output: bool = True):
         if kernel not in self.KERNELS:
             raise ValueError(f"kernel {kernel!r} is not one of {self.KERNELS}")
         self.registers, self.lanes, self.vectors, self.pack_panel = registers, lanes, vectors, pack_panel
-        self.filters_outer = filters_outer
+        self.filters_outer, self.prefetch_output = filters_outer, prefetch_output
         self.kernel, self.choices = kernel, choices
         self.data, self.weight, self.bias = wildcard(), is_const(), is_const()
         self.residual = ~is_const()  # a constant there is a bias
@@ -212,6 +214,8 @@ class DenseConvRewriter:
             spec = dataclasses.replace(spec, pack_panel=False, filters_outer=False)
         elif self.filters_outer is not None:
             spec = dataclasses.replace(spec, filters_outer=self.filters_outer)
+        if not self.prefetch_output:
+            spec = dataclasses.replace(spec, prefetch_output=False)
         return conv, spec, bias, residual
 
     def gemm_vectors(self) -> tuple[int, int]:
