@@ -40,7 +40,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .models import dense_model
-from .runtimes import agree, ort_runner
+from .runtimes import agree, ort_runner, rotated_rounds
 
 RTOL = 1e-3
 
@@ -106,15 +106,6 @@ def profile(compiled, x: np.ndarray) -> dict[str, float]:
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
-def interleaved(runners: dict, rounds: int) -> dict[str, list[float]]:
-    """ms of every runner in each of ``rounds`` interleaved rounds."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, time_one in runners.items():
-            times[name].append(time_one())
-    return times
-
-
 def ratio(times: dict[str, list[float]], slower: str, faster: str = "tvm_patdnn") -> float:
     """Median over rounds of ``slower``'s time / ``faster``'s in the same round."""
     return statistics.median(a / b for a, b in zip(times[slower], times[faster]))
@@ -136,7 +127,7 @@ def whole_model(model: onnx.ModelProto, target: str, threads: int, rounds: int) 
     if error > RTOL or top5[0] != top5[1]:
         raise RuntimeError(f"tvm_patdnn and ORT disagree: relative error {error:.1e}, top-5 {top5[0]} vs {top5[1]}")
     vm, tx = vm_of(compiled.executable), tvm.runtime.tensor(x)
-    times = interleaved({"ORT": ort.time, "tvm_patdnn": lambda: time_ms(vm, tx, number=1)}, rounds)
+    times = rotated_rounds({"ORT": ort.time, "tvm_patdnn": lambda: time_ms(vm, tx, number=1)}, rounds)
     return {"ms": times, "relative_error": error, "top5": top5[0], "profile_ms": profile(compiled, x)}
 
 
@@ -175,7 +166,7 @@ def layer_rows(model: onnx.ModelProto, kind: str, target: str, threads: int, rou
         shape = f"{out_c}ch" if kind == "depthwise" else f"{in_c}->{out_c}"
         rows.append({"layer": f"{shape} {layer['size']}x{layer['size']} s{layer['stride']}",
                      "mflop": 2 * batch * out_c * per_group * kernel * kernel * out * out / 1e6,
-                     "ms": interleaved(runners, rounds)})
+                     "ms": rotated_rounds(runners, rounds)})
         print(f"{rows[-1]['layer']}: " + ", ".join(f"{k} {statistics.median(v):.3f} ms" for k, v in rows[-1]["ms"].items()),
               flush=True)
     return rows

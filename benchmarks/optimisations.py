@@ -89,7 +89,7 @@ from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lan
 from .layers import save_results
 from .machine import add_peak_percent, cpu_peak_gflops, fma_peak_gflops, tvm_threads, widest_isa
 from .models import twins
-from .runtimes import cpu_ms
+from .runtimes import cpu_ms, rotated_rounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,11 +259,7 @@ def main() -> None:
             else:
                 evaluator = fn.time_evaluator("main", tvm.cpu(), number=5, repeat=1, min_repeat_ms=50)
                 timers[label] = lambda evaluator=evaluator, call_args=call_args: evaluator(*call_args).mean * 1e3
-        samples = {label: [] for label in timers}
-        order = list(timers)
-        for round_ in range(args.rounds):  # interleaved, each round starting one variant later
-            for label in order[round_ % len(order):] + order[:round_ % len(order)]:
-                samples[label].append(timers[label]())
+        samples = rotated_rounds(timers, args.rounds)
         median = {label: statistics.median(values) for label, values in samples.items()}
         nonzero_flops = 2 * np.count_nonzero(weight) * expected.shape[2] * expected.shape[3]
         count = len(same) if args.unique else 1

@@ -49,7 +49,7 @@ from .layers import save_results
 from .machine import cpu_peak_gflops, tvm_threads, widest_isa
 from .models import twins
 from .optimisations import pattern_layers, reference_conv
-from .runtimes import cpu_ms
+from .runtimes import cpu_ms, rotated_rounds
 
 # (filters, channels, size, stride) of the extra layer sets, 8x pruned from Gaussian weights.
 EXTRA_SETS = {
@@ -152,11 +152,9 @@ def whole_model(rounds: int, host, avx2) -> None:
     outputs.append(session.run(None, {"input": x})[0])
     for got in outputs[1:]:
         np.testing.assert_allclose(got, outputs[0], rtol=1e-3, atol=1e-4)
-    samples = {label: [] for label in calls}
     order = list(calls)
-    for round_ in range(rounds):
-        for label in order[round_ % len(order):] + order[:round_ % len(order)]:
-            samples[label].append(cpu_ms(*calls[label], min_ms=100))
+    samples = rotated_rounds({label: lambda call=call: cpu_ms(*call, min_ms=100) for label, call in calls.items()},
+                             rounds)
     base, ort_ms = statistics.median(samples[order[0]]), statistics.median(samples["ONNX Runtime"])
     for label, values in samples.items():
         ms = statistics.median(values)
@@ -197,16 +195,12 @@ def main() -> None:
             fn["main"](*call_args)
             np.testing.assert_allclose(out.numpy(), expected, rtol=1e-3, atol=1e-3, err_msg=f"{name}, {label}")
             timers[label] = (fn["main"], call_args)
-        samples = {label: [] for label in timers}
-        order = list(timers)
-        for round_ in range(args.rounds):  # interleaved, each round starting one layout later
-            for label in order[round_ % len(order):] + order[:round_ % len(order)]:
-                samples[label].append(cpu_ms(*timers[label]))
+        samples = rotated_rounds({label: lambda call=call: cpu_ms(*call) for label, call in timers.items()}, args.rounds)
         median = {label: statistics.median(values) for label, values in samples.items()}
         flops = 2 * np.count_nonzero(weight) * expected.shape[2] * expected.shape[3]
         rows.append({"set": set_name, "layer": name, "shape": f"{weight.shape[0]}x{weight.shape[1]} {shape[2]}x{shape[3]}",
                      "threads": threads, "ms": median, "layouts": layouts, "nonzero_mflop": flops / 1e6,
-                     "nonzero_gflops": flops / median[order[0]] / 1e6})
+                     "nonzero_gflops": flops / median[args.layouts[0]] / 1e6})
         print(f"{set_name} {name}: " + ", ".join(f"{label} {ms:.3f} ({layouts[label]})" for label, ms in median.items()),
               flush=True)
 

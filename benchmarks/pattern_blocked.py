@@ -33,7 +33,7 @@ from .layers import save_results
 from .machine import add_peak_percent, cpu_peak_gflops, widest_isa
 from .models import twins
 from .optimisations import VARIANTS, build, pattern_layers, reference_conv
-from .runtimes import cpu_ms
+from .runtimes import cpu_ms, rotated_rounds
 
 
 def build_blocked(fkw: FKWWeight, bias: np.ndarray, layout: BlockedLayout, target) -> tuple:
@@ -90,11 +90,8 @@ def main() -> None:
                 lib["main"](*call_args)
                 np.testing.assert_allclose(out.numpy(), expected, rtol=1e-3, atol=1e-3, err_msg=f"{name}, {label}")
                 calls[label] = (lib["main"], call_args)
-            samples = {label: [] for label in calls}
-            order = list(calls)
-            for round_ in range(args.rounds):  # interleaved, each round starting one build later
-                for label in order[round_ % len(order):] + order[:round_ % len(order)]:
-                    samples[label].append(cpu_ms(*calls[label], min_ms=50))
+            samples = rotated_rounds({label: lambda call=call: cpu_ms(*call, min_ms=50) for label, call in calls.items()},
+                                     args.rounds)
             median = {label: statistics.median(values) for label, values in samples.items()}
             best = min((label for label in median if label != "default"), key=median.get)
             flops = 2 * np.count_nonzero(weight) * expected.shape[2] * expected.shape[3]

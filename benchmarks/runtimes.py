@@ -48,6 +48,17 @@ def cpu_ms(fn, call_args, min_ms: float = 40.0) -> float:
     return elapsed * 1e3 / calls
 
 
+def rotated_rounds(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """ms of every timer (a call returning one sample's ms) in each of ``rounds`` interleaved rounds,
+    each round starting one timer later: the shared box's load changes between rounds more than
+    within one, and a fixed order makes whichever runs first pay for its place (session 7)."""
+    order, samples = list(timers), {label: [] for label in timers}
+    for round_ in range(rounds):
+        for label in order[round_ % len(order):] + order[:round_ % len(order)]:
+            samples[label].append(timers[label]())
+    return samples
+
+
 def sample_ms(run: Callable[[], object]) -> float:
     """Mean ms of ``run`` over at least MIN_SAMPLE_MS of repetitions."""
     count, start = 0, time.perf_counter()
