@@ -2,15 +2,22 @@
 
 Each single-layer model (conv3x3 + bias + ReLU, ``models.conv3x3_model``) is tuned with
 ``tvm_patdnn.tune`` for the same number of trials, then compiled twice: default schedules only
-(``tuning_db=False``) and with the tuning records. Both modules of a layer are timed in
-interleaved rounds (the box is shared) and the table gives medians and the tuned/default ratio.
+(``tuning_db=False``) and with the tuning records. Both modules of a layer are timed in process
+CPU time (``runtimes.cpu_ms``: run it pinned, ``taskset -c 1``, at ``TVM_NUM_THREADS=1``) in
+rotated interleaved rounds (the box is shared) and the table gives medians and the default/tuned
+ratio.
 The pattern layer is pruned by the project's pruning core (8 magnitude-chosen patterns + 3.6x
 connectivity); the dense layer is the same kind of layer unpruned, on TVM's dense path.
 
-    .venv/bin/python -m benchmarks.tuning [--trials 32] [--rounds 5] [--db DIR] [--shipped] [--json out.json]
+    .venv/bin/python -m benchmarks.tuning [--trials 32] [--rounds 5] [--db DIR] [--shipped] [--vgg16-db DIR] \\
+        [--json out.json]
 
 ``--shipped`` adds the whole VGG-16 CIFAR benchmark model (``models.twins("vgg16_cifar").pruned``), default
-schedules vs the database shipped for this machine in tvm_patdnn/schedules/ (no tuning in the run).
+schedules vs the database shipped for this machine in tvm_patdnn/schedules/ (no tuning in the run);
+``--vgg16-db DIR`` the same against another database (a fresh tune of the model, before it
+replaces the shipped one). The model's rows come with one row per kernel: each compiled kernel
+timed alone on the arguments of its calls in one inference, so that a whole-model ratio can be
+traced to the kernels whose records win or lose. ``--trials 0`` skips the single layers.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from tvm_patdnn.tuning.database import RECORDS, SCHEDULES_DIR, shipped_database,
 
 from .layers import save_results
 from .models import conv3x3_model, twins
-from .runtimes import time_ms, vm_of
+from .runtimes import cpu_ms, rotated_rounds
 
 # (name, channels, size, pruned?)
 LAYERS = [("pattern 64ch 56x56, 8x", 64, 56, True), ("dense 64ch 28x28", 64, 28, False)]
@@ -47,23 +54,57 @@ def layer(channels: int, size: int, pruned: bool):
     return conv3x3_model(weight, size), rng.standard_normal((1, channels, size, size)).astype(np.float32)
 
 
-def compare(model, x: np.ndarray, database, rounds: int) -> dict[str, float]:
-    """Median ms of the model compiled with default schedules only and with the records."""
+def kernel_calls(compiled, x: np.ndarray) -> list[tuple[str, object, list]]:
+    """(kernel name, compiled function, arguments) of every kernel call of one inference, in
+    order; the VM's builtins (allocation, shape checks) are left out."""
+    library = next(m for m in compiled.executable.mod.imports if m.kind == "llvm")
+    calls = []
+
+    def record(_func, name, before_run, _ret, *args) -> int:
+        if before_run and not str(name).startswith("vm.builtin."):
+            calls.append((str(name), library.get_function(str(name)), list(args)))
+        return 0
+
+    compiled.vm.set_instrument(record)
+    try:
+        compiled.vm["main"](tvm.runtime.tensor(x))
+    finally:
+        compiled.vm.set_instrument(lambda *_: 0)
+    return calls
+
+
+def compare(model, x: np.ndarray, database, rounds: int, per_kernel: bool = False) -> dict:
+    """Median ms of the model compiled with default schedules only and with the records; with
+    ``per_kernel``, also each kernel's (summed over its calls), all in one set of rotated rounds."""
     target = resolve_target("x86")
-    default = tvm_patdnn.compile(model, target, tuning_db=False)
-    tuned = tvm_patdnn.compile(model, target, tuning_db=database)
-    name = default.input_names[0]
-    expected, actual = default.run({name: x})[0], tuned.run({name: x})[0]
+    compiled = {"default": tvm_patdnn.compile(model, target, tuning_db=False),
+                "tuned": tvm_patdnn.compile(model, target, tuning_db=database)}
+    name = compiled["default"].input_names[0]
+    expected, actual = (compiled[key].run({name: x})[0] for key in ("default", "tuned"))
     assert np.allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()), "tuned output differs"
-    vms = {"default": vm_of(default.executable), "tuned": vm_of(tuned.executable)}
     tx = tvm.runtime.tensor(x)
-    samples = {key: [] for key in vms}
-    for _ in range(rounds):
-        for key, vm in vms.items():
-            samples[key].append(time_ms(vm, tx, number=3))
-    median = {key: statistics.median(values) for key, values in samples.items()}
-    return {"default_ms": median["default"], "tuned_ms": median["tuned"],
-            "default_over_tuned": median["default"] / median["tuned"]}
+    timers = {(key, None): lambda main=c.vm["main"]: cpu_ms(main, [tx], min_ms=100) for key, c in compiled.items()}
+    kernels: dict[str, dict[str, list]] = {}  # kernel -> variant -> [(function, arguments)]
+    if per_kernel:
+        # the i-th calls of both variants are the same layer, though a kernel choice may rename it
+        for default, tuned in zip(*(kernel_calls(c, x) for c in compiled.values()), strict=True):
+            kernel = default[0] if default[0] == tuned[0] else f"{default[0]} / {tuned[0]}"
+            for key, (_name, fn, args) in zip(compiled, (default, tuned)):
+                kernels.setdefault(kernel, {}).setdefault(key, []).append((fn, args))
+        for kernel, by_key in kernels.items():
+            for key, calls in by_key.items():
+                timers[(key, kernel)] = lambda calls=calls: sum(cpu_ms(fn, args, min_ms=10) for fn, args in calls)
+    median = {label: statistics.median(values) for label, values in rotated_rounds(timers, rounds).items()}
+
+    def ratio(kernel):
+        return {"default_ms": median[("default", kernel)], "tuned_ms": median[("tuned", kernel)],
+                "default_over_tuned": median[("default", kernel)] / median[("tuned", kernel)]}
+
+    result = {**ratio(None), "schedules": str(compiled["tuned"].schedules)}
+    if per_kernel:
+        result["kernels"] = [{"kernel": kernel, "calls": len(by_key["default"]), **ratio(kernel)}
+                             for kernel, by_key in kernels.items()]
+    return result
 
 
 def main() -> None:
@@ -73,6 +114,8 @@ def main() -> None:
     parser.add_argument("--db", type=Path, help="keep the tuning records here (default: a temporary directory)")
     parser.add_argument("--shipped", action="store_true",
                         help="also compare VGG-16 CIFAR (the model the shipped records were tuned for) with the shipped tvm_patdnn/schedules/ database")
+    parser.add_argument("--vgg16-db", type=Path,
+                        help="also compare VGG-16 CIFAR with the records in this database (e.g. a fresh tune of it)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/tuning.json"))
     args = parser.parse_args()
 
@@ -80,20 +123,25 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="patdnn-bench-tune-") as scratch:
         db = args.db or Path(scratch)
-        for name, channels, size, pruned in LAYERS:
+        for name, channels, size, pruned in LAYERS if args.trials else []:
             model, x = layer(channels, size, pruned)
             started = time.monotonic()
             tvm_patdnn.tune(model, target, trials=args.trials, database=db, progress=sys.stderr)
             rows.append({"layer": name, "trials": args.trials, "tune_s": time.monotonic() - started,
                          **compare(model, x, db, args.rounds)})
+    databases = []
     if args.shipped:
         shipped = shipped_database(target)
         if shipped is None:
             raise SystemExit(f"no shipped database for {target_key(target)} in {SCHEDULES_DIR}")
-        x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-        trials = sum(1 for line in (shipped / RECORDS).read_text().splitlines() if json.loads(line)[1][0][1])
-        rows.append({"layer": "VGG-16 CIFAR 8x, whole model (shipped schedules)", "trials": trials, "tune_s": None,
-                     **compare(twins("vgg16_cifar").pruned, x, shipped, args.rounds)})
+        databases.append(("shipped schedules", shipped))
+    if args.vgg16_db:
+        databases.append((str(args.vgg16_db), args.vgg16_db))
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    for label, database in databases:
+        trials = sum(1 for line in (database / RECORDS).read_text().splitlines() if json.loads(line)[1][0][1])
+        rows.append({"layer": f"VGG-16 CIFAR 8x, whole model ({label})", "trials": trials, "tune_s": None,
+                     **compare(twins("vgg16_cifar").pruned, x, database, args.rounds, per_kernel=True)})
 
     print("| layer | trials | tune time s | default ms | tuned ms | default / tuned |")
     print("|---|---|---|---|---|---|")
@@ -101,6 +149,11 @@ def main() -> None:
         tune_s = "-" if r["tune_s"] is None else f"{r['tune_s']:.0f}"
         print(f"| {r['layer']} | {r['trials']} | {tune_s} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | "
               f"{r['default_over_tuned']:.2f}x |")
+        for k in r.get("kernels", []):
+            print(f"| {k['kernel']} (x{k['calls']}) | | | {k['default_ms']:.3f} | {k['tuned_ms']:.3f} | "
+                  f"{k['default_over_tuned']:.2f}x |")
+    for r in rows:
+        print(f"{r['layer']}: {r['schedules']}")
     save_results(args.json, target, args.rounds, rows)
 
 
