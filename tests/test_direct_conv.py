@@ -260,17 +260,19 @@ def test_avx512_and_neon_code_keeps_the_register_tile(target, fma, vector, layer
 
 
 def test_neon_build_runs_on_the_emulated_phone(tmp_path, phone_runtime):
-    """The NEON kernels (stem-like 7x7 stride 2, a ragged 3x3 with residual and clip) run under qemu."""
+    """The NEON kernels (stem-like 7x7 stride 2, a ragged 3x3 with residual and clip; and the GEMM on a
+    1x1 with residual, whose epilogue prefetches) run under qemu."""
     from tvm.support import cc
 
     from tvm_patdnn.phone import runtime
     from tvm_patdnn.phone.emulator import popen_session
 
     models = [conv_model((1, 3, 19, 17), 16, (7, 7), (2, 2), (3, 3, 2, 3), activation="relu"),
-              conv_model((2, 13, 6, 5), 13, (3, 3), (1, 1), (1, 0, 1, 2), residual=True, activation="clip", seed=3)]
-    for index, model in enumerate(models):
+              conv_model((2, 13, 6, 5), 13, (3, 3), (1, 1), (1, 0, 1, 2), residual=True, activation="clip", seed=3),
+              conv_model((2, 21, 9, 7), 21, (1, 1), residual=True, activation="relu", seed=4)]
+    for index, (model, kernel) in enumerate(zip(models, ["direct_conv", "direct_conv", "dense_conv"], strict=True)):
         compiled = tvm_patdnn.compile(model, NEON)
-        assert dense_kernel_calls(compiled, ("direct_conv",)) == 1
+        assert dense_kernel_calls(compiled, (kernel,)) == 1
         path = tmp_path / f"direct{index}.so"
         compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(runtime.CROSS_CXX))
         shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
