@@ -41,7 +41,7 @@ from .layers import save_results
 from .machine import cpu_peak_gflops, fma_peak_gflops, tvm_threads
 from .models import twins
 from .optimisations import pattern_layers, reference_conv
-from .runtimes import cpu_ms
+from .runtimes import cpu_ms, rotated_rounds
 
 AVX2 = {"kind": "llvm", "mcpu": "znver3"}
 SIZES = (2, 4)  # output sizes of the layers measured
@@ -83,10 +83,8 @@ def timer(threads: int):
 
 def interleaved(calls: dict, rounds: int, threads: int) -> dict[str, float]:
     """Median ms of each call over ``rounds`` rounds, the order rotated every round."""
-    measure, order, samples = timer(threads), list(calls), {label: [] for label in calls}
-    for round_ in range(rounds):
-        for label in order[round_ % len(order):] + order[:round_ % len(order)]:
-            samples[label].append(measure(*calls[label]))
+    measure = timer(threads)
+    samples = rotated_rounds({label: lambda call=call: measure(*call) for label, call in calls.items()}, rounds)
     return {label: statistics.median(values) for label, values in samples.items()}
 
 
