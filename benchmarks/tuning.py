@@ -15,9 +15,11 @@ connectivity); the dense layer is the same kind of layer unpruned, on TVM's dens
 ``--shipped`` adds the whole VGG-16 CIFAR benchmark model (``models.twins("vgg16_cifar").pruned``), default
 schedules vs the database shipped for this machine in tvm_patdnn/schedules/ (no tuning in the run);
 ``--vgg16-db DIR`` the same against another database (a fresh tune of the model, before it
-replaces the shipped one). The model's rows come with one row per kernel: each compiled kernel
-timed alone on the arguments of its calls in one inference, so that a whole-model ratio can be
-traced to the kernels whose records win or lose. ``--trials 0`` skips the single layers.
+replaces the shipped one). The model's rows come with one row per kernel, so that a whole-model
+ratio can be traced to the kernels whose records win or lose: each compiled kernel timed alone on
+the arguments of its calls in one inference (warm caches, as the tuner measures it), and within
+whole inferences (process CPU time between the VM's instrument calls before and after it).
+``--trials 0`` skips the single layers.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +76,42 @@ def kernel_calls(compiled, x: np.ndarray) -> list[tuple[str, object, list]]:
     return calls
 
 
+def in_model_ms(compiled, x: tvm.runtime.Tensor, runs: int = 20) -> list[float]:
+    """Process CPU ms of each kernel call (the VM's builtins left out) within whole inferences,
+    mean over ``runs``: a kernel as the model runs it, its weights and input where the previous
+    layers left them (a kernel alone rereads them from L1/L2)."""
+    main, started, spent = compiled.vm["main"], [], []
+
+    def clock(_func, name, before_run, _ret, *_args) -> int:
+        if before_run:
+            started.append(time.process_time())
+        elif not str(name).startswith("vm.builtin."):
+            spent.append(time.process_time() - started.pop())
+        else:
+            started.pop()
+        return 0
+
+    main(x)
+    compiled.vm.set_instrument(clock)
+    try:
+        for _ in range(runs):
+            main(x)
+    finally:
+        compiled.vm.set_instrument(lambda *_: 0)
+    calls = len(spent) // runs
+    return [sum(spent[i::calls]) * 1e3 / runs for i in range(calls)]
+
+
+def _time_in_model(compiled, x: tvm.runtime.Tensor, samples: list[list[float]]) -> float:
+    """A rotated-rounds timer: keeps the per-call ms of one sample, returns their sum."""
+    samples.append(in_model_ms(compiled, x))
+    return sum(samples[-1])
+
+
 def compare(model, x: np.ndarray, database, rounds: int, per_kernel: bool = False) -> dict:
     """Median ms of the model compiled with default schedules only and with the records; with
-    ``per_kernel``, also each kernel's (summed over its calls), all in one set of rotated rounds."""
+    ``per_kernel``, also each kernel's (summed over its calls) alone and within the model, all in
+    one set of rotated rounds."""
     target = resolve_target("x86")
     compiled = {"default": tvm_patdnn.compile(model, target, tuning_db=False),
                 "tuned": tvm_patdnn.compile(model, target, tuning_db=database)}
@@ -84,26 +120,37 @@ def compare(model, x: np.ndarray, database, rounds: int, per_kernel: bool = Fals
     assert np.allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()), "tuned output differs"
     tx = tvm.runtime.tensor(x)
     timers = {(key, None): lambda main=c.vm["main"]: cpu_ms(main, [tx], min_ms=100) for key, c in compiled.items()}
-    kernels: dict[str, dict[str, list]] = {}  # kernel -> variant -> [(function, arguments)]
+    kernels: dict[str, dict[str, list]] = {}  # kernel -> variant -> [(call position, function, arguments)]
+    in_model: dict[str, list[list[float]]] = {key: [] for key in compiled}  # per round, ms per call position
     if per_kernel:
         # the i-th calls of both variants are the same layer, though a kernel choice may rename it
-        for default, tuned in zip(*(kernel_calls(c, x) for c in compiled.values()), strict=True):
+        for position, (default, tuned) in enumerate(zip(*(kernel_calls(c, x) for c in compiled.values()), strict=True)):
             kernel = default[0] if default[0] == tuned[0] else f"{default[0]} / {tuned[0]}"
             for key, (_name, fn, args) in zip(compiled, (default, tuned)):
-                kernels.setdefault(kernel, {}).setdefault(key, []).append((fn, args))
+                kernels.setdefault(kernel, {}).setdefault(key, []).append((position, fn, args))
         for kernel, by_key in kernels.items():
             for key, calls in by_key.items():
-                timers[(key, kernel)] = lambda calls=calls: sum(cpu_ms(fn, args, min_ms=10) for fn, args in calls)
+                timers[(key, kernel)] = lambda calls=calls: sum(cpu_ms(fn, args, min_ms=10) for _, fn, args in calls)
+        for key, c in compiled.items():
+            timers[(key, "in model")] = partial(_time_in_model, c, tx, in_model[key])
     median = {label: statistics.median(values) for label, values in rotated_rounds(timers, rounds).items()}
 
-    def ratio(kernel):
-        return {"default_ms": median[("default", kernel)], "tuned_ms": median[("tuned", kernel)],
-                "default_over_tuned": median[("default", kernel)] / median[("tuned", kernel)]}
+    def ratio(default_ms: float, tuned_ms: float, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}default_ms": default_ms, f"{prefix}tuned_ms": tuned_ms,
+                f"{prefix}default_over_tuned": default_ms / tuned_ms}
 
-    result = {**ratio(None), "schedules": str(compiled["tuned"].schedules)}
+    result = {**ratio(median[("default", None)], median[("tuned", None)]),
+              "schedules": str(compiled["tuned"].schedules)}
     if per_kernel:
-        result["kernels"] = [{"kernel": kernel, "calls": len(by_key["default"]), **ratio(kernel)}
-                             for kernel, by_key in kernels.items()]
+        def in_model_median(key: str, calls: list) -> float:
+            return statistics.median(sum(sample[position] for position, *_ in calls) for sample in in_model[key])
+
+        result["kernels"] = [
+            {"kernel": kernel, "calls": len(by_key["default"]),
+             **ratio(median[("default", kernel)], median[("tuned", kernel)]),
+             **ratio(in_model_median("default", by_key["default"]), in_model_median("tuned", by_key["tuned"]),
+                     "in_model_")}
+            for kernel, by_key in kernels.items()]
     return result
 
 
@@ -136,22 +183,24 @@ def main() -> None:
             raise SystemExit(f"no shipped database for {target_key(target)} in {SCHEDULES_DIR}")
         databases.append(("shipped schedules", shipped))
     if args.vgg16_db:
-        databases.append((str(args.vgg16_db), args.vgg16_db))
+        databases.append((args.vgg16_db.name, args.vgg16_db))
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     for label, database in databases:
         trials = sum(1 for line in (database / RECORDS).read_text().splitlines() if json.loads(line)[1][0][1])
         rows.append({"layer": f"VGG-16 CIFAR 8x, whole model ({label})", "trials": trials, "tune_s": None,
                      **compare(twins("vgg16_cifar").pruned, x, database, args.rounds, per_kernel=True)})
 
-    print("| layer | trials | tune time s | default ms | tuned ms | default / tuned |")
-    print("|---|---|---|---|---|---|")
+    print("| layer | trials | tune time s | default ms | tuned ms | default / tuned "
+          "| in the model: default ms | tuned ms | default / tuned |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tune_s = "-" if r["tune_s"] is None else f"{r['tune_s']:.0f}"
         print(f"| {r['layer']} | {r['trials']} | {tune_s} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | "
-              f"{r['default_over_tuned']:.2f}x |")
+              f"{r['default_over_tuned']:.2f}x | | | |")
         for k in r.get("kernels", []):
             print(f"| {k['kernel']} (x{k['calls']}) | | | {k['default_ms']:.3f} | {k['tuned_ms']:.3f} | "
-                  f"{k['default_over_tuned']:.2f}x |")
+                  f"{k['default_over_tuned']:.2f}x | {k['in_model_default_ms']:.3f} | {k['in_model_tuned_ms']:.3f} | "
+                  f"{k['in_model_default_over_tuned']:.2f}x |")
     for r in rows:
         print(f"{r['layer']}: {r['schedules']}")
     save_results(args.json, target, args.rounds, rows)
