@@ -41,6 +41,12 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
 * KxK convs with at least ``lanes`` filters take the direct kernel: no window copy, any stride
   at the same cost, no overlap waste on small images (Zen 3: direct / GEMM 1.01-1.81x on every KxK
   layer: the 7x7 stem 1.43x, 3x3 64 at 56x56 1.54x, 3x3 512 at 14x14 s2 1.81x);
+* except, on AVX2, stride-1 KxK convs whose reduction (input channels x taps) is at most
+  ``FEW_TAPS_REDUCTION``: the first 3x3 conv of an RGB image (27) takes the GEMM, whose window copy
+  is then small and whose pixel tiles fill every lane, where the direct kernel's reduction blocks are
+  27 FMAs long (Zen 3, 1 thread, interleaved, 3->64: direct / GEMM 1.56x at 32x32, 1.16x at
+  224x224; ``patdnn tune``'s choice on VGG-16 CIFAR 1.5x in session 11). The 7x7 stem (147) stays
+  direct;
 * KxK convs on AVX-512 (Zen 4) run the direct kernel with 6 pixels x 4 vectors of 8 lanes
   (``direct_vectors``) rather than 4 of 16: vs ORT 0.81 -> 1.03x on the 7x7 stem (its 3 x 49 taps x
   64 filters of weights overflowed the 32 KB panel into two reduction blocks), 0.95 -> 1.01x on
@@ -72,6 +78,8 @@ __all__ = ["DenseConvRewrite", "DenseConvRewriter"]
 # On AVX-512, 1x1 convs with at least this many input channels run on the direct kernel: it writes
 # its 6 pixels x 64 filters tile to NCHW as scalars, which fewer channels' FMAs do not amortise.
 DIRECT_POINTWISE_CHANNELS = 128
+# On AVX2, stride-1 KxK convs with at most this many input channels x taps (an RGB image's 3x3: 27) run on the GEMM.
+FEW_TAPS_REDUCTION = 32
 # On AVX2, stride-1 1x1 convs with at most this many output pixels (7x7, 8x8) run on the direct
 # kernel, with filter-block weights of POINTWISE_WEIGHT_PANEL bytes per reduction block (a quarter
 # of L1: the 6 pixels' input lines, one per channel, need the rest).
@@ -242,6 +250,9 @@ class DenseConvRewriter:
         if self.kernel == "gemm":
             # the window copy would cost more than half the multiply-adds it feeds
             return "gemm" if spec.out_channels >= 4 * self.lanes else None
+        if (self.kernel == "auto" and self.lanes == 8 and spec.strides == (1, 1) and spec.out_channels >= 4 * self.lanes
+                and spec.in_channels * spec.kernel[0] * spec.kernel[1] <= FEW_TAPS_REDUCTION):
+            return "gemm"
         return "direct" if spec.out_channels >= self.lanes or self.kernel == "direct" else None
 
     def _direct_pads_no_filter(self, spec: DenseConvSpec) -> bool:
