@@ -45,8 +45,8 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   ``FEW_TAPS_REDUCTION``: the first 3x3 conv of an RGB image (27) takes the GEMM, whose window copy
   is then small and whose pixel tiles fill every lane, where the direct kernel's reduction blocks are
   27 FMAs long (Zen 3, 1 thread, interleaved, 3->64: direct / GEMM 1.56x at 32x32, 1.16x at
-  224x224; ``patdnn tune``'s choice on VGG-16 CIFAR 1.5x in session 11). The 7x7 stem (147) stays
-  direct;
+  224x224 alone, 0.99x within the VGG-16 224 trunk; ``patdnn tune``'s choice on VGG-16 CIFAR, 1.2-1.5x
+  in the model, in session 11). The 7x7 stem (147) stays direct;
 * KxK convs on AVX-512 (Zen 4) run the direct kernel with 6 pixels x 4 vectors of 8 lanes
   (``direct_vectors``) rather than 4 of 16: vs ORT 0.81 -> 1.03x on the 7x7 stem (its 3 x 49 taps x
   64 filters of weights overflowed the 32 KB panel into two reduction blocks), 0.95 -> 1.01x on
