@@ -7,7 +7,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-__all__ = ["ACTIVATIONS", "activate", "check_activation"]
+__all__ = ["ACTIVATIONS", "activate", "bias_relu", "check_activation"]
 
 ACTIVATIONS = ("none", "relu", "clip")
 
@@ -25,3 +25,14 @@ def activate(value: tirx.PrimExpr, spec) -> tirx.PrimExpr:
     if spec.activation == "clip":
         return T.min(T.max(value, tirx.const(spec.clip_min, "float32")), tirx.const(spec.clip_max, "float32"))
     return value
+
+
+def bias_relu(value: tirx.PrimExpr, bias: tirx.PrimExpr | None, relu: bool, lanes: int = 1) -> tirx.PrimExpr:
+    """``value`` (``lanes`` wide) plus the scalar ``bias`` (None: none), through ReLU if ``relu``: the
+    epilogue of the hand-written pattern-conv kernels (2x2, 4x4, channel-blocked)."""
+    def wide(scalar):
+        return scalar if lanes == 1 else tirx.Broadcast(scalar, lanes)
+
+    if bias is not None:
+        value = value + wide(bias)
+    return T.max(value, wide(tirx.const(0.0, "float32"))) if relu else value

@@ -42,6 +42,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div
+from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 
 __all__ = ["LANES", "TARGET_LANES", "arranged_rows", "tap_lanes_apply", "pattern_conv_2x2_primfunc"]
@@ -162,10 +163,7 @@ def pattern_conv_2x2_primfunc(spec: PatternConvSpec, lanes: int = LANES, threads
                               acc[tirx.Ramp(h * lanes, 1, lanes)]) for h in range(halves)]
                 value = sum((tirx.Shuffle(summed, [pixel * 4 + t for pixel in range(4)]) for t in range(1, 4)),
                             tirx.Shuffle(summed, [pixel * 4 for pixel in range(4)]))
-                if bias is not None:
-                    value = value + tirx.Broadcast(bias[fo], 4)
-                if spec.relu:
-                    value = T.max(value, tirx.Broadcast(zero, 4))
+                value = bias_relu(value, None if bias is None else bias[fo], spec.relu, 4)
                 T.buffer_store(outputs, value, [tirx.Ramp((n * f_ + fo) * 4, 1, 4)])
 
             if in_registers:

@@ -29,6 +29,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div
+from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 
 __all__ = ["shifted_rows_apply", "pattern_conv_4x4_primfunc"]
@@ -102,10 +103,7 @@ def pattern_conv_4x4_primfunc(spec: PatternConvSpec, threads: int = 1) -> tirx.P
                 for h in range(halves):
                     value = sum((acc[tirx.Ramp((h * taps + t) * _LANES, 1, _LANES)] for t in range(1, taps)),
                                 acc[tirx.Ramp(h * taps * _LANES, 1, _LANES)])
-                    if bias is not None:
-                        value = value + tirx.Broadcast(bias[fo], _LANES)
-                    if spec.relu:
-                        value = T.max(value, tirx.Broadcast(zero, _LANES))
+                    value = bias_relu(value, None if bias is None else bias[fo], spec.relu, _LANES)
                     T.buffer_store(outputs, value, [tirx.Ramp((n * f_ + fo) * pixels + h * _LANES, 1, _LANES)])
 
             with T.parallel(0, threads) as t:

@@ -47,6 +47,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div, round_up
 from ..fkw import FKWWeight
+from .activation import bias_relu
 from .pattern_conv import LIFTED_WIDTHS, PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 
 __all__ = ["BLOCKED_CHANNELS", "BLOCKED_WIDTHS", "BlockedLayout", "LANES", "blocked_applies", "blocked_layout",
@@ -226,10 +227,7 @@ def pattern_conv_blocked_primfunc(layout: BlockedLayout, threads: int = 1) -> ti
                 with T.serial(0, oh) as y:
                     with T.serial(0, ow) as x:
                         value = accbuf[(nf * layout.acc_rows + y) * acc_pitch + x % m * LANES + x // m]
-                        if bias is not None:
-                            value = value + bias[fo]
-                        if spec.relu:
-                            value = T.max(value, zero)
+                        value = bias_relu(value, None if bias is None else bias[fo], spec.relu)
                         T.buffer_store(out, value, [nf // f_, fo, y, x])
     func = builder.get().without_attr("global_symbol")
     return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "blocked": 1, "block": layout.block,
