@@ -21,6 +21,7 @@ import pytest
 import tvm
 from model_factory import ConvSpec, build_cnn, reference_outputs
 from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
 
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
@@ -31,13 +32,16 @@ from tvm_patdnn.pipeline import fusion_passes
 from tvm_patdnn.targets import host_arch, resolve_target
 from tvm_patdnn.tuning.database import (
     RECORDS,
+    VERIFIED,
     WORKLOADS,
     apply_tuning_records,
     load_records,
+    open_for_tuning,
 )
 from tvm_patdnn.tuning.measure import PackedArguments, build_kernel, signature
 from tvm_patdnn.tuning.space import pattern_conv_space
-from tvm_patdnn.tuning.tasks import extract_tasks
+from tvm_patdnn.tuning.tasks import extract_tasks, normalize
+from tvm_patdnn.tuning.threads import for_threads
 
 PATDNN = Path(sys.executable).parent / "patdnn"
 
@@ -252,3 +256,75 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "error: --rpc expects" in capsys.readouterr().err
     assert main(["tune", str(path), "--db", str(tmp_path / "db"), "--target", "pentium"]) == 2
     assert "error: unknown target" in capsys.readouterr().err
+
+
+def one_pattern_conv() -> onnx.ModelProto:
+    return build_cnn(np.random.default_rng(5), (1, 16, 16, 16), [ConvSpec(16, connectivity=2.0)])
+
+
+def unscheduled(task, decides: bool) -> s_tir.Trace:
+    """The workload left unscheduled (scalar loops: far slower than any real schedule); with
+    ``decides``, its trace samples one value that changes nothing, so it counts as a search record."""
+    sch = s_tir.Schedule(task.mod)
+    if decides:
+        sch.sample_categorical([0], [1.0])
+    return sch.trace
+
+
+def applied_trace(model: onnx.ModelProto, database: Path) -> str:
+    """The trace ``compile`` applies to the model's one kernel."""
+    target = for_threads(resolve_target("x86"), 1)
+    (task,) = extract_tasks(load_model(model).mod, target, PatternOptions())
+    with target:
+        sch = load_records(database, target).query_schedule(normalize(task.mod["main"]), target, "main")
+    return str(sch.trace.as_json())
+
+
+def test_verification_keeps_the_default_over_a_candidate_that_only_measured_faster(tmp_path):
+    """A search record whose time is a fluke (the unscheduled kernel, recorded 100x faster than the
+    default): the compile would apply it; the verification re-measures it against the default,
+    keeps the default and appends the verdict, which the compile then applies."""
+    model, database = one_pattern_conv(), tmp_path / "db"
+    first = tvm_patdnn.tune(model, "x86", trials=0, threads=1, database=database, progress=None)
+    assert first[0].kept is None  # nothing searched: nothing to verify
+    target = for_threads(resolve_target("x86"), 1)
+    (task,) = extract_tasks(load_model(model).mod, target, PatternOptions())
+    db = open_for_tuning(database, target)
+    (seed,) = db.get_all_tuning_records()
+    fluke = unscheduled(task, decides=True)
+    db.commit_tuning_record(ms.database.TuningRecord(fluke, seed.workload, [float(seed.run_secs[0]) / 100],
+                                                     target, seed.args_info))
+    assert applied_trace(model, database) == str(fluke.as_json())
+
+    progress = io.StringIO()
+    (result,) = tvm_patdnn.tune(model, "x86", trials=1, threads=1, database=database, progress=progress)
+    assert "verified pattern_conv2d_conv0" in progress.getvalue() and "default kept" in progress.getvalue()
+    assert result.kept is False and result.speedup == 1.0 and result.best_ms == result.default_ms
+    assert result.candidate_speedup < 1 < 50 < result.search_speedup
+    assert applied_trace(model, database) == str(seed.trace.as_json())
+    assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=database, threads=1))
+    # Verified once: the same budget again measures nothing more.
+    lines = (database / VERIFIED).read_text()
+    tvm_patdnn.tune(model, "x86", trials=1, threads=1, database=database, progress=None)
+    assert (database / VERIFIED).read_text() == lines
+
+
+def test_verification_keeps_a_candidate_that_wins(tmp_path):
+    """The other way round: a default as slow as the unscheduled kernel, a searched schedule from
+    the design space: the candidate wins the verification by far and the compile applies it."""
+    model, database = one_pattern_conv(), tmp_path / "db"
+    target = for_threads(resolve_target("x86"), 1)
+    (task,) = extract_tasks(load_model(model).mod, target, PatternOptions())
+    db = open_for_tuning(database, target)
+    workload = db.commit_workload(task.mod)
+    args_info = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
+    (space,) = pattern_conv_space(s_tir.Schedule(task.mod, seed=1), target)
+    slow = unscheduled(task, decides=False)
+    for trace, seconds in ((slow, 1e-3), (space.trace, 0.9e-3)):
+        db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [seconds], target, args_info))
+
+    (result,) = tvm_patdnn.tune(model, "x86", trials=1, threads=1, database=database, progress=None)
+    assert result.kept is True and result.speedup == result.candidate_speedup > 2
+    assert result.best_ms < result.default_ms
+    assert applied_trace(model, database) == str(space.trace.as_json())
+    assert_matches_reference(model, tvm_patdnn.compile(model, "x86", tuning_db=database, threads=1))

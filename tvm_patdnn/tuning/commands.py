@@ -58,15 +58,24 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def format_results(results: TuneResults) -> str:
-    """A table of the tuned kernels (default and best time, speedup, trials failed in this tune),
-    then each failing kernel's last error and why the tune stopped early, if it did."""
+    """A table of the tuned kernels (default and tuned time, the verified speedup and verdict, what
+    the search alone claimed, trials failed in this tune), then each failing kernel's last error
+    and why the tune stopped early, if it did."""
+
+    def verdict(r) -> str:
+        if r.kept is None:
+            return "unverified"
+        return "kept" if r.kept else f"default ({r.candidate_speedup:.2f}x)"
+
     rows = [[r.name, r.kind, str(r.weight), str(r.trials),
              f"{r.default_ms:.4g}" if r.default_ms is not None else "-",
              f"{r.best_ms:.4g}" if r.best_ms is not None else "-",
              f"{r.speedup:.2f}x" if r.speedup is not None else "-",
+             verdict(r),
+             f"{r.search_speedup:.2f}x" if r.search_speedup is not None else "-",
              str(r.failed)] for r in results]
-    lines = [format_table(["kernel", "kind", "calls", "trials", "default ms", "tuned ms", "speedup", "failed"], rows,
-                          align="<<>>>>>>")]
+    lines = [format_table(["kernel", "kind", "calls", "trials", "default ms", "tuned ms", "speedup", "verdict",
+                           "search said", "failed"], rows, align="<<>>>>><>>")]
     failing = [r for r in results if r.failed]
     if failing:
         lines.append(f"\n{sum(r.failed for r in failing)} trial(s) failed:")

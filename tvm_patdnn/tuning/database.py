@@ -18,6 +18,14 @@ not applied (they lost to the default rules: ``threads.preference``), and :class
 says how many kernels had only those, so a tune at the wrong count is not silently ignored.
 Shipped databases are package data, ``tvm_patdnn/schedules/<target key>/``, so a wheel install
 has them too.
+
+``verified.json`` holds the tuner's verdicts (:class:`Verification`, one JSON line each, appended
+under the lock): the best searched candidates re-measured against the default, back to back. The
+search keeps the fastest of many noisy, warm, one-off measurements, which overstates it (session
+11: 1.15-1.56x printed, 0.83-1.13x in process), so for a workload with a verdict at a thread
+count ``compile`` applies the verdict's record (the latest), not the fastest search record: the
+candidate when it won by the margin, else the default's seed. Workloads without one (shipped
+records, tunes stopped before the verification) keep the fastest record.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ __all__ = [
     "RECORDS",
     "SCHEDULES_DIR",
     "ScheduleSource",
+    "VERIFIED",
+    "Verification",
     "WORKLOADS",
     "apply_tuning_records",
     "directory_lock",
@@ -68,6 +78,7 @@ __all__ = [
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 KERNEL_CHOICES = "dense_kernels.json"  # the dense kernels measured per layer (tuning.kernel_records)
+VERIFIED = "verified.json"  # the tuner's verdicts: which record each workload runs (Verification)
 LOCK = ".lock"  # flock()ed by every writer while it reads new lines and appends its own
 SCHEDULES_DIR = Path(str(importlib.resources.files("tvm_patdnn") / "schedules"))
 
@@ -112,6 +123,47 @@ def open_for_tuning(path: str | os.PathLike, target: Target) -> AppendOnlyDataba
     return database
 
 
+@dataclass(frozen=True)
+class Verification:
+    """The tuner's verdict on a workload: its best searched candidate re-measured against its
+    default, alternately, in rounds (times in ms per round). ``record`` is what ``compile``
+    applies: the candidate's trace when ``kept``, else the default's seed trace, with the winner's
+    per-round times as its run time. ``trials``: the workload's search records when verified (a
+    tune that adds trials verifies again)."""
+
+    record: ms.database.TuningRecord
+    kernel: str
+    kept: bool
+    speedup: float  # the median over rounds of default / candidate
+    default_ms: tuple[float, ...]
+    candidate_ms: tuple[float, ...]
+    trials: int
+
+    def as_json(self, workload_index: int) -> dict:
+        return {"workload": workload_index, "kernel": self.kernel, "kept": self.kept, "speedup": self.speedup,
+                "default_ms": list(self.default_ms), "candidate_ms": list(self.candidate_ms),
+                "trials": self.trials, "record": self.record.as_json()}
+
+    @staticmethod
+    def from_json(entry: dict, workload: ms.database.Workload) -> Verification:
+        return Verification(ms.database.TuningRecord.from_json(entry["record"], workload), str(entry["kernel"]),
+                            bool(entry["kept"]), float(entry["speedup"]), tuple(map(float, entry["default_ms"])),
+                            tuple(map(float, entry["candidate_ms"])), int(entry["trials"]))
+
+
+def _verdict(entry: object, workloads: list[ms.database.Workload], where: str) -> tuple[int, Verification]:
+    """(workload index, Verification) of a ``verified.json`` line; PatDNNError if it is not one."""
+    try:
+        index = entry["workload"]
+        if not isinstance(index, int) or not 0 <= index < len(workloads):
+            raise PatDNNError(f"{where} names workload {index}, which does not exist")
+        return index, Verification.from_json(entry, workloads[index])
+    except PatDNNError:
+        raise
+    except Exception as err:  # a missing key, TVM's errors on a malformed record
+        raise PatDNNError(f"{where} is not a verified record: {str(err).strip().splitlines()[-1]}") from None
+
+
 @derived_object
 class AppendOnlyDatabase(ms.database.PyDatabase):
     """meta_schedule's JSON database, safe for several writers (processes) at once.
@@ -124,7 +176,9 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
 
     With ``target``, queries see only the records of its thread count: a tune at one count must
     neither count another's trials as its own nor breed its search from their times. ``keys``
-    holds the target keys of every record in the files.
+    holds the target keys of every record in the files. Verdicts (:class:`Verification`) are
+    kept apart from the records: the search breeds from its own measurements, and a verdict is
+    not a trial.
     """
 
     def __init__(self, path: str | os.PathLike, target: Target | None = None):
@@ -134,7 +188,8 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
         self.keys: set[str] = set()
         self._threads = (thread_count(target),) if target is not None else None  # None: every count
         self._workload_lines: list[ms.database.Workload] = []  # the workload file, line by line
-        self._read = {WORKLOADS: (0, 0), RECORDS: (0, 0)}  # file -> (bytes read, lines read)
+        self._read = {WORKLOADS: (0, 0), RECORDS: (0, 0), VERIFIED: (0, 0)}  # file -> (bytes read, lines read)
+        self._verdicts: dict[int, Verification] = {}  # workload line -> its latest verdict at our thread count
         try:
             with self._locked():
                 self._sync()
@@ -179,6 +234,10 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
             self.keys.add(target_key(tuning_record.target))
             if self._threads is None or thread_count(tuning_record.target) in self._threads:
                 self.memory.commit_tuning_record(tuning_record)
+        for number, entry in self._new_lines(VERIFIED):
+            index, verdict = _verdict(entry, self._workload_lines, f"{self.path / VERIFIED}: line {number + 1}")
+            if self._threads is None or thread_count(verdict.record.target) in self._threads:
+                self._verdicts[index] = verdict
 
     def _index(self, workload: ms.database.Workload) -> int | None:
         return next((i for i, w in enumerate(self._workload_lines) if w.same_as(workload)), None)
@@ -205,6 +264,21 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
 
     def has_workload(self, mod: IRModule) -> bool:
         return self.memory.has_workload(mod)
+
+    def verification(self, mod: IRModule) -> Verification | None:
+        """The workload's latest verdict at this database's thread count, if any."""
+        if not self.memory.has_workload(mod):
+            return None
+        index = self._index(self.memory.commit_workload(mod))
+        return self._verdicts.get(index) if index is not None else None
+
+    def commit_verification(self, verdict: Verification) -> None:
+        """Append a verdict: from now on ``compile`` applies its record to the workload."""
+        workload = self.memory.commit_workload(verdict.record.workload.mod)
+        with self._locked():
+            index = self._file_index(workload)
+            self._append(VERIFIED, verdict.as_json(index))
+        self._verdicts[index] = verdict
 
     def commit_workload(self, mod: IRModule) -> ms.database.Workload:
         workload = self.memory.commit_workload(mod)
@@ -302,29 +376,41 @@ def load_device_records(path: str | os.PathLike, target: Target) -> DeviceRecord
             return DeviceRecords(ms.database.MemoryDatabase(), {})
         raise PatDNNError(f"{path} is not a tuning database (no {WORKLOADS})")
     stamps = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
-                   for f in (path / WORKLOADS, path / RECORDS))
+                   for f in (path / WORKLOADS, path / RECORDS, path / VERIFIED))
     return _load_records(path.resolve(), stamps, target_key(target))
 
 
 @functools.lru_cache(maxsize=8)
 def _load_records(path: Path, _stamps: tuple, key: str) -> DeviceRecords:
+    """A workload with a verdict at a thread count gets that verdict's record (the latest) instead
+    of its records at that count (:class:`Verification`)."""
     memory = ms.database.MemoryDatabase()
     by_threads: dict[int | None, ms.database.MemoryDatabase] = {}
     workloads: list[ms.database.Workload] = []
+
+    def add(index: int, record: ms.database.TuningRecord) -> None:
+        memory.commit_tuning_record(record)
+        group = by_threads.setdefault(thread_count(record.target), ms.database.MemoryDatabase())
+        group.commit_tuning_record(ms.database.TuningRecord(
+            record.trace, group.commit_workload(workloads[index].mod), record.run_secs, record.target,
+            record.args_info))
+
     try:
         for _number, entry in read_json_lines(path / WORKLOADS):
             workloads.append(memory.commit_workload(ms.database.Workload.from_json(entry).mod))
+        verdicts: dict[tuple[int, int | None], ms.database.TuningRecord] = {}
+        for number, entry in read_json_lines(path / VERIFIED):
+            index, verdict = _verdict(entry, workloads, f"{path / VERIFIED}:{number}")
+            if target_key(verdict.record.target) == key:
+                verdicts[(index, thread_count(verdict.record.target))] = verdict.record
         for number, (index, record) in read_json_lines(path / RECORDS):
             if not 0 <= index < len(workloads):
                 raise PatDNNError(f"{path / RECORDS}:{number} names workload {index}, which does not exist")
             tuning_record = ms.database.TuningRecord.from_json(record, workloads[index])
-            if target_key(tuning_record.target) == key:
-                memory.commit_tuning_record(tuning_record)
-                threads = thread_count(tuning_record.target)
-                group = by_threads.setdefault(threads, ms.database.MemoryDatabase())
-                group.commit_tuning_record(ms.database.TuningRecord(
-                    tuning_record.trace, group.commit_workload(workloads[index].mod), tuning_record.run_secs,
-                    tuning_record.target, tuning_record.args_info))
+            if target_key(tuning_record.target) == key and (index, thread_count(tuning_record.target)) not in verdicts:
+                add(index, tuning_record)
+        for (index, _threads), record in verdicts.items():
+            add(index, record)
     except PatDNNError:
         raise
     except Exception as err:  # malformed JSON structure: TVM raises its own errors

@@ -9,6 +9,15 @@ round robin over the tasks, measuring on this machine (LocalRunner) or on a devi
 RPC tracker (RPCRunner). Records are appended batch by batch as they are measured; a re-run
 with the same database counts what is already there and only measures the remaining trials.
 
+The search's best is the fastest of many one-off measurements, warm, on a possibly shared core:
+it overstates (session 11: 1.15-1.56x printed where in-process A/B found 0.83-1.13x, and records
+that made two kernels slower in the model). So each task's best candidates are then *verified*:
+measured against the default back to back, ``VERIFY_ROUNDS`` rounds in rotated order, cache
+flushed, with the same runner (locally or on the device); a candidate is kept only if the median
+of its per-round default/candidate ratios reaches ``KEEP_MARGIN``, else the task keeps its
+default. The verdict is appended to the database (``database.Verification``) and is what
+``compile`` applies and what the results report.
+
 Failed trials (a candidate that does not build or run) are counted per task and reported with
 their error. A device that cannot be reached (no session from the tracker within ``timeout``)
 ends the tune at once, as do ``MAX_FAILED_BATCHES`` batches in a row in which every trial
@@ -26,6 +35,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -49,7 +60,7 @@ from ..targets import host_arch, is_host_runnable, resolve_target, runtime_threa
 from ..transform.kernel_choice import KernelChoices
 from ..tvm_compat import only_tensor_intrinsics
 from ..tvm_noise import filter_tvm_noise
-from .database import AppendOnlyDatabase, open_for_tuning, target_key
+from .database import AppendOnlyDatabase, Verification, open_for_tuning, target_key
 from .farm import DeviceFarm, DeviceStats
 from .kernel_records import LayerResult, tune_dense_kernels
 from .measure import LibraryExport, PackedArguments, build_kernel, mean_ms, short_error, signature
@@ -64,9 +75,17 @@ from .threads import (
     thread_count,
 )
 
-__all__ = ["MAX_FAILED_BATCHES", "TaskResult", "TaskState", "TuneResults", "tune", "tuning_contexts"]
+__all__ = ["KEEP_MARGIN", "MAX_FAILED_BATCHES", "VERIFY_CANDIDATES", "VERIFY_ROUNDS", "TaskResult", "TaskState",
+           "TuneResults", "tune", "tuning_contexts"]
 
 MAX_FAILED_BATCHES = 3  # batches in a row with every trial failed before the tune gives up
+VERIFY_CANDIDATES = 3  # a task's fastest distinct search records re-measured against its default
+VERIFY_ROUNDS = 7  # rounds of the verification, each measuring the default and every candidate once
+# A candidate is kept only if the median of its per-round default/candidate ratios reaches this.
+# Identical code differs by up to 5-7% between single runs on a shared core (session 11), the
+# median of 7 back-to-back rounds by ~1-2%; a 1-2% "win" is noise, and a schedule timed alone can
+# lose that much in the model (warm-alone vs in-model, session 11), so a tie keeps the default.
+KEEP_MARGIN = 1.03
 
 
 @dataclass
@@ -81,9 +100,18 @@ class TaskResult:
     best_ms: float | None
     failed: int = 0  # trials of this tune that failed (default schedule included)
     error: str | None = None  # the last failed trial's error, in one line
+    # Verified (``default_ms``/``best_ms`` are then the verification's medians): the best candidate
+    # kept (True) or the default (False); None: not verified, the times are the records' own.
+    kept: bool | None = None
+    candidate_speedup: float | None = None  # the verified candidate's median default/candidate ratio
+    search_speedup: float | None = None  # what the search alone claimed: its records' default / fastest
 
     @property
     def speedup(self) -> float | None:
+        """What the schedule ``compile`` applies gains over the default: verified (1.0 when the
+        default is kept), else the records' own ratio."""
+        if self.kept is not None:
+            return self.candidate_speedup if self.kept else 1.0
         if self.default_ms is None or self.best_ms is None:
             return None
         return self.default_ms / self.best_ms
@@ -135,14 +163,16 @@ class TaskState:
     failed: int = 0
     error: str | None = None  # the last failed trial's error, in one line
     context: ms.TuneContext | None = None  # while the search runs
+    verdict: Verification | None = None  # the task's latest verification in the database
 
-    def read(self, db: ms.database.Database) -> None:
-        """Take the times and the search trials from the task's records in ``db``."""
+    def read(self, db: AppendOnlyDatabase) -> None:
+        """Take the times, the search trials and the verdict from the task's records in ``db``."""
         records = _records_of(db, self.task)
         timed = [(m, _is_seed(r)) for r in records if (m := mean_ms(r.run_secs)) is not None]
         self.default_ms = min((m for m, seed in timed if seed), default=None)
         self.best_ms = min((m for m, _seed in timed), default=None)
         self.searched = sum(not _is_seed(r) for r in records)
+        self.verdict = db.verification(self.task.mod)
 
     def fail(self, result: ms.runner.RunnerResult) -> None:
         self.failed += 1
@@ -161,8 +191,15 @@ class TaskState:
         return failed
 
     def result(self) -> TaskResult:
-        return TaskResult(self.task.name, self.task.kind, self.task.weight, self.searched, self.default_ms,
-                          self.best_ms, self.failed, self.error)
+        search = self.default_ms / self.best_ms if self.default_ms is not None and self.best_ms is not None else None
+        verdict = self.verdict
+        if verdict is None:
+            return TaskResult(self.task.name, self.task.kind, self.task.weight, self.searched, self.default_ms,
+                              self.best_ms, self.failed, self.error, search_speedup=search)
+        default_ms = statistics.median(verdict.default_ms)
+        best_ms = statistics.median(verdict.candidate_ms) if verdict.kept else default_ms
+        return TaskResult(self.task.name, self.task.kind, self.task.weight, self.searched, default_ms, best_ms,
+                          self.failed, self.error, verdict.kept, verdict.speedup, search)
 
 
 def _failed(result: ms.runner.RunnerResult) -> bool:
@@ -243,7 +280,8 @@ def _is_seed(record: ms.database.TuningRecord) -> bool:
 
 
 class _Progress:
-    """One line per measured batch: trials so far, the task, its best time against its default."""
+    """One line per measured batch: trials so far, the task, its best time against its default
+    (the search's own, unverified)."""
 
     def __init__(self, done: int, total: int, stream: TextIO | None, runner: ms.runner.Runner | DeviceFarm):
         self.done, self.total, self.stream = done, total, stream
@@ -255,7 +293,7 @@ class _Progress:
         if self.stream is None:
             return
         best, default = state.best_ms, state.default_ms
-        text = f"best {best:.4g} ms" if best is not None else "no valid candidate yet"
+        text = f"search best {best:.4g} ms" if best is not None else "no valid candidate yet"
         if best is not None and default is not None:
             text += f" (default {default:.4g} ms, {default / best:.2f}x)"
         if failed:
@@ -338,6 +376,8 @@ def tune(
             stopped = _measure_defaults(states, bench)
         if stopped is None:
             stopped = _search_remaining(states, bench, trials, trials_per_iter, seed, str(database))
+        if stopped is None:
+            stopped = _verify(states, bench)
         devices_used = bench.devices
     for state in states:
         state.read(db)
@@ -415,45 +455,60 @@ def _extract(model, params, input_shapes, target: tvm.target.Target, patterns: P
 @dataclass
 class _Bench:
     """Where a tune measures and what it records into: the target, the database, the in-process
-    builder, the local runner or device farm, and the progress stream."""
+    builder, the local runner or device farm, the progress stream, and the verification's runner
+    (same kind, its own evaluator: ``_VERIFY``), started when first needed."""
 
     target: tvm.target.Target
     db: AppendOnlyDatabase
     builder: _InProcessBuilder
     runner: ms.runner.Runner | DeviceFarm
     progress: TextIO | None
+    start_verifier: Callable[[], ms.runner.Runner | DeviceFarm]
+    verifier: ms.runner.Runner | DeviceFarm | None = None
 
     def measure(self, candidates: list[ms.search_strategy.MeasureCandidate]) -> list[ms.runner.RunnerResult]:
-        """Build and run a batch to completion (a failed build is a failed run).
+        """Build and run a batch to completion (a failed build is a failed run)."""
+        built = self.build(candidates)
+        try:
+            return self.run(self.runner, candidates, built)
+        finally:
+            _remove(built)
+
+    def build(self, candidates: list[ms.search_strategy.MeasureCandidate]) -> list[ms.builder.BuilderResult]:
+        """Libraries of the candidates (remove them with ``_remove``)."""
+        return self.builder.build([ms.builder.BuilderInput(c.sch.mod, self.target) for c in candidates])
+
+    def run(self, runner: ms.runner.Runner | DeviceFarm, candidates: list[ms.search_strategy.MeasureCandidate],
+            built: list[ms.builder.BuilderResult]) -> list[ms.runner.RunnerResult]:
+        """Run built candidates (a failed build is a failed run).
 
         On a device farm the batch runs on all its devices at once. Otherwise candidates run one
         after the other (the runners have one worker anyway); once one finds the device unavailable
         the rest are not sent, each would wait for it again.
         """
-        built = self.builder.build([ms.builder.BuilderInput(c.sch.mod, self.target) for c in candidates])
-        try:
-            if isinstance(self.runner, DeviceFarm):
-                runnable = [ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info)
-                            for c, b in zip(candidates, built) if b.error_msg is None]
-                measured = iter(self.runner.measure(runnable))
-                return [next(measured) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
-                        for b in built]
-            results: list[ms.runner.RunnerResult] = []
-            unavailable = None
-            for candidate, b in zip(candidates, built):
-                if b.error_msg is not None:
-                    results.append(ms.runner.RunnerResult(None, b.error_msg))
-                elif unavailable is not None:
-                    results.append(ms.runner.RunnerResult(None, f"not measured: {unavailable}"))
-                else:
-                    (future,) = self.runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", candidate.args_info)])
-                    results.append(future.result())
-                    unavailable = _device_unavailable(results[-1:])
-            return results
-        finally:
-            for b in built:
-                if b.artifact_path is not None:
-                    shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+        if isinstance(runner, DeviceFarm):
+            runnable = [ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info)
+                        for c, b in zip(candidates, built) if b.error_msg is None]
+            measured = iter(runner.measure(runnable))
+            return [next(measured) if b.error_msg is None else ms.runner.RunnerResult(None, b.error_msg)
+                    for b in built]
+        results: list[ms.runner.RunnerResult] = []
+        unavailable = None
+        for candidate, b in zip(candidates, built):
+            if b.error_msg is not None:
+                results.append(ms.runner.RunnerResult(None, b.error_msg))
+            elif unavailable is not None:
+                results.append(ms.runner.RunnerResult(None, f"not measured: {unavailable}"))
+            else:
+                (future,) = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", candidate.args_info)])
+                results.append(future.result())
+                unavailable = _device_unavailable(results[-1:])
+        return results
+
+    def verification_runner(self) -> ms.runner.Runner | DeviceFarm:
+        if self.verifier is None:
+            self.verifier = self.start_verifier()
+        return self.verifier
 
     def commit(self, workload: ms.database.Workload, trace: s_tir.Trace, result: ms.runner.RunnerResult,
                args_info: list) -> None:
@@ -464,29 +519,48 @@ class _Bench:
         return self.runner.stats if isinstance(self.runner, DeviceFarm) else {}
 
 
+def _remove(built: list[ms.builder.BuilderResult]) -> None:
+    for b in built:
+        if b.artifact_path is not None:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+
+
+# The search's measurements: a few warm runs, enough to rank candidates.
+_SEARCH = ms.runner.EvaluatorConfig(number=2, repeat=3, min_repeat_ms=40, enable_cpu_cache_flush=False)
+# The verification's, per round: single runs, each after the arguments but the first (the input,
+# which the previous layer leaves in cache) are flushed from the CPU caches, as a kernel finds
+# its weights in a model; the median of the repeats is the round's time.
+_VERIFY = ms.runner.EvaluatorConfig(number=1, repeat=15, min_repeat_ms=0, enable_cpu_cache_flush=True)
+
+
 @contextlib.contextmanager
 def _bench(target: tvm.target.Target, db: AppendOnlyDatabase, tasks: list[Task], rpc: ms.runner.RPCConfig | None,
            timeout: float, devices: int | None, progress: TextIO | None, threads: int | None) -> Iterator[_Bench]:
     """A bench whose libraries and argument file live in a scratch folder for the tune's length,
-    measuring with ``threads`` threads; a device farm is closed at its end."""
+    measuring with ``threads`` threads; device farms are closed at its end."""
     with tempfile.TemporaryDirectory(prefix="patdnn-tune-") as scratch:
         arguments = PackedArguments.write(
             os.path.join(scratch, "arguments.npz"), {signature(t.args_info): t.int_args for t in tasks}
         )
         builder = _InProcessBuilder(LibraryExport(linker_for(target), scratch))
-        runner = _runner(rpc, arguments, timeout, devices, threads)
+        runner = _runner(rpc, arguments, timeout, devices, threads, _SEARCH)
+        # cache flushing is a CPU instruction on host memory: a GPU's arguments are not
+        verify = _VERIFY if target.kind.name == "llvm" else _VERIFY._replace(enable_cpu_cache_flush=False)
+        bench = _Bench(target, db, builder, runner, progress,
+                       lambda: _runner(rpc, arguments, timeout, devices, threads, verify))
         try:
-            yield _Bench(target, db, builder, runner, progress)
+            yield bench
         finally:
-            if isinstance(runner, DeviceFarm):
-                runner.close()
+            for used in (runner, bench.verifier):
+                if isinstance(used, DeviceFarm):
+                    used.close()
 
 
 def _runner(rpc: ms.runner.RPCConfig | None, arguments: PackedArguments, timeout: float,
-            devices: int | None, threads: int | None) -> ms.runner.Runner | DeviceFarm:
+            devices: int | None, threads: int | None,
+            evaluator: ms.runner.EvaluatorConfig) -> ms.runner.Runner | DeviceFarm:
     """This machine's runner, or over RPC a farm of the tracker's devices of the key, measuring
     with ``threads`` TVM threads."""
-    evaluator = ms.runner.EvaluatorConfig(number=2, repeat=3, min_repeat_ms=40, enable_cpu_cache_flush=False)
     if rpc is None:
         try:  # the runner starts its worker (and so its thread pool) here
             return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator,
@@ -536,6 +610,95 @@ def _search_remaining(states: list[TaskState], bench: _Bench, trials: int, trial
     with filter_tvm_noise():  # 'Unknown schedule rule "meta_schedule.pool_max"': see tvm_noise
         return _search(states, bench, remaining, trials_per_iter, seed,
                        _Progress(searched, trials, bench.progress, bench.runner), work_dir)
+
+
+def _verify(states: list[TaskState], bench: _Bench) -> str | None:
+    """Verify every task whose search records are not yet (see ``_verify_task``); why the device
+    became unavailable, or None."""
+    for state in states:
+        gone = _verify_task(state, bench)
+        if gone is not None:
+            return gone
+    return None
+
+
+def _verify_task(state: TaskState, bench: _Bench) -> str | None:
+    """Re-measure the task's ``VERIFY_CANDIDATES`` fastest distinct search records against its
+    default schedule, ``VERIFY_ROUNDS`` rounds, each measuring all of them once in an order
+    rotated by one per round, and append the verdict (``database.Verification``): the candidate
+    with the best median default/candidate ratio if that reaches ``KEEP_MARGIN``, else the default.
+
+    Skipped when the task has no default record or no timed search record, when the default is
+    its fastest record (it applies anyway), or when its latest verdict covers every search record. A candidate that fails here is dropped; if the
+    default fails, the task stays unverified. Returns why the device became unavailable, or None.
+    """
+    records = _records_of(bench.db, state.task)
+    searched = sum(not _is_seed(r) for r in records)
+    previous = bench.db.verification(state.task.mod)
+    if previous is not None and previous.trials == searched:
+        return None
+    timed = sorted(((m, r) for r in records if (m := mean_ms(r.run_secs)) is not None), key=lambda t: t[0])
+    default = next((r for _m, r in timed if _is_seed(r)), None)
+    candidates: dict[str, ms.database.TuningRecord] = {}
+    for _m, record in timed:
+        if not _is_seed(record) and len(candidates) < VERIFY_CANDIDATES:
+            candidates.setdefault(str(record.trace.as_json()), record)
+    if default is None or not candidates or _is_seed(timed[0][1]):
+        return None  # nothing to verify, or the search found nothing faster: the default applies
+    entries = [default, *candidates.values()]
+    measure = [ms.search_strategy.MeasureCandidate(_replay(r), r.args_info) for r in entries]
+    built = bench.build(measure)
+    runner = bench.verification_runner()
+    times: list[list[float] | None] = [[] for _ in entries]  # ms per round; None: dropped
+    try:
+        for round_ in range(VERIFY_ROUNDS):
+            for i in (round_ + k for k in range(len(entries))):
+                i %= len(entries)
+                if times[i] is None:
+                    continue
+                (result,) = bench.run(runner, [measure[i]], [built[i]])
+                gone = _device_unavailable([result])
+                if gone is not None:
+                    return gone
+                if _failed(result):
+                    times[i] = None
+                    if i == 0:
+                        _say(bench.progress, f"verifying {state.task.name}: the default failed "
+                                             f"({short_error(result.error_msg)}); not verified")
+                        return None
+                    continue
+                times[i].append(statistics.median(float(t) for t in result.run_secs) * 1e3)
+    finally:
+        _remove(built)
+    ratios = {i: statistics.median(d / c for d, c in zip(times[0], times[i]))
+              for i in range(1, len(entries)) if times[i]}
+    if not ratios:
+        return None
+    best = max(ratios, key=ratios.__getitem__)
+    kept = ratios[best] >= KEEP_MARGIN
+    winner = best if kept else 0
+    record = ms.database.TuningRecord(entries[winner].trace, default.workload, [t / 1e3 for t in times[winner]],
+                                      bench.target, default.args_info)
+    bench.db.commit_verification(Verification(record, state.task.name, kept, ratios[best], tuple(times[0]),
+                                              tuple(times[best]), searched))
+    verdict = "candidate kept" if kept else f"default kept (a candidate must win by {KEEP_MARGIN:.2f}x)"
+    _say(bench.progress, f"verified {state.task.name}: default {statistics.median(times[0]):.4g} ms, best of "
+                         f"{len(ratios)} candidate(s) {statistics.median(times[best]):.4g} ms, {ratios[best]:.2f}x "
+                         f"(median of {VERIFY_ROUNDS} rounds; the search said {_search_claim(timed):.2f}x): "
+                         f"{verdict}")
+    return None
+
+
+def _search_claim(timed: list[tuple[float, ms.database.TuningRecord]]) -> float:
+    """The search's own speedup: the default record's time over the fastest record's."""
+    return next(m for m, r in timed if _is_seed(r)) / timed[0][0]
+
+
+def _replay(record: ms.database.TuningRecord) -> s_tir.Schedule:
+    """The record's schedule, replayed as ``compile`` replays it."""
+    sch = s_tir.Schedule(record.workload.mod)
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
 
 
 def _say_how_it_ended(results: TuneResults, database: str | os.PathLike, progress: TextIO | None) -> None:
