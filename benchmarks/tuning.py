@@ -20,6 +20,11 @@ ratio can be traced to the kernels whose records win or lose: each compiled kern
 the arguments of its calls in one inference (warm caches, as the tuner measures it), and within
 whole inferences (process CPU time between the VM's instrument calls before and after it).
 ``--trials 0`` skips the single layers.
+
+Each database's kernels also list what ``tune`` reports for them from its records (its summary's
+rows): the search's own claim (its default record's time over its fastest record's) and, for
+tunes that verify, the verified ratio and verdict, so the tuner's printed speedups can be checked
+against the in-process A/B.
 """
 
 from __future__ import annotations
@@ -39,7 +44,12 @@ import tvm
 import tvm_patdnn
 from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_set
 from tvm_patdnn.targets import resolve_target
-from tvm_patdnn.tuning.database import RECORDS, SCHEDULES_DIR, shipped_database, target_key
+from tvm_patdnn.analysis import PatternOptions
+from tvm_patdnn.frontend import load_model
+from tvm_patdnn.tuning.database import RECORDS, SCHEDULES_DIR, AppendOnlyDatabase, shipped_database, target_key
+from tvm_patdnn.tuning.tasks import extract_tasks
+from tvm_patdnn.tuning.threads import for_threads
+from tvm_patdnn.tuning.tuner import TaskResult, TaskState
 
 from .layers import save_results
 from .models import conv3x3_model, twins
@@ -154,6 +164,19 @@ def compare(model, x: np.ndarray, database, rounds: int, per_kernel: bool = Fals
     return result
 
 
+def tuner_claims(model, database: Path, threads: int) -> dict[str, TaskResult]:
+    """What ``tune`` reports for each of the model's tasks from the records in ``database`` at
+    ``threads`` (its summary's rows, without the failures of a run), by kernel name."""
+    target = for_threads(resolve_target("x86"), threads)
+    db = AppendOnlyDatabase(database, target)
+    claims = {}
+    for task in extract_tasks(load_model(model).mod, target, PatternOptions()):
+        state = TaskState(task)
+        state.read(db)
+        claims[task.name] = state.result()
+    return claims
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=32, help="search trials per layer (default %(default)s)")
@@ -187,20 +210,32 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     for label, database in databases:
         trials = sum(1 for line in (database / RECORDS).read_text().splitlines() if json.loads(line)[1][0][1])
-        rows.append({"layer": f"VGG-16 CIFAR 8x, whole model ({label})", "trials": trials, "tune_s": None,
-                     **compare(twins("vgg16_cifar").pruned, x, database, args.rounds, per_kernel=True)})
+        model = twins("vgg16_cifar").pruned
+        row = {"layer": f"VGG-16 CIFAR 8x, whole model ({label})", "trials": trials, "tune_s": None,
+               **compare(model, x, database, args.rounds, per_kernel=True)}
+        claims = tuner_claims(model, database, tvm.runtime.num_threads())
+        for kernel in row["kernels"]:
+            claim = claims.get(kernel["kernel"])
+            if claim is not None:
+                kernel["tuner"] = {"speedup": claim.speedup, "kept": claim.kept, "verified": claim.candidate_speedup,
+                                   "search": claim.search_speedup}
+        rows.append(row)
 
     print("| layer | trials | tune time s | default ms | tuned ms | default / tuned "
-          "| in the model: default ms | tuned ms | default / tuned |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| in the model: default ms | tuned ms | default / tuned | tuner: verified (verdict) | search said |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tune_s = "-" if r["tune_s"] is None else f"{r['tune_s']:.0f}"
         print(f"| {r['layer']} | {r['trials']} | {tune_s} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | "
-              f"{r['default_over_tuned']:.2f}x | | | |")
+              f"{r['default_over_tuned']:.2f}x | | | | | |")
         for k in r.get("kernels", []):
+            tuner = k.get("tuner", {})
+            verified = (f"{tuner['verified']:.2f}x ({'kept' if tuner['kept'] else 'default'})"
+                        if tuner.get("kept") is not None else "-")
+            search = f"{tuner['search']:.2f}x" if tuner.get("search") is not None else "-"
             print(f"| {k['kernel']} (x{k['calls']}) | | | {k['default_ms']:.3f} | {k['tuned_ms']:.3f} | "
                   f"{k['default_over_tuned']:.2f}x | {k['in_model_default_ms']:.3f} | {k['in_model_tuned_ms']:.3f} | "
-                  f"{k['in_model_default_over_tuned']:.2f}x |")
+                  f"{k['in_model_default_over_tuned']:.2f}x | {verified} | {search} |")
     for r in rows:
         print(f"{r['layer']}: {r['schedules']}")
     save_results(args.json, target, args.rounds, rows)

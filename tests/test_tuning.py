@@ -35,6 +35,7 @@ from tvm_patdnn.tuning.database import (
     VERIFIED,
     WORKLOADS,
     apply_tuning_records,
+    load_device_records,
     load_records,
     open_for_tuning,
 )
@@ -275,8 +276,9 @@ def applied_trace(model: onnx.ModelProto, database: Path) -> str:
     """The trace ``compile`` applies to the model's one kernel."""
     target = for_threads(resolve_target("x86"), 1)
     (task,) = extract_tasks(load_model(model).mod, target, PatternOptions())
+    ((_threads, records), *_others) = load_device_records(database, target).ranked(1)
     with target:
-        sch = load_records(database, target).query_schedule(normalize(task.mod["main"]), target, "main")
+        sch = records.query_schedule(normalize(task.mod["main"]), target, "main")
     return str(sch.trace.as_json())
 
 

@@ -20,9 +20,11 @@ from tvm.target import Target
 from tvm_patdnn import PatDNNError
 from tvm_patdnn.tuning.database import (
     RECORDS,
+    VERIFIED,
     WORKLOADS,
     AppendOnlyDatabase,
     ScheduleSource,
+    Verification,
     load_device_records,
     load_records,
     open_for_tuning,
@@ -197,3 +199,35 @@ def test_dense_kernel_choices_are_taken_from_the_compiles_thread_count(tmp_path)
     (db_dir / KERNEL_CHOICES).write_text("".join(json.dumps(line) + "\n" for line in lines + unrecorded))
     choices, measured_at = load_kernel_choices(db_dir, zen3(4))
     assert choices.chosen[layer] == choice(fastest) and measured_at == {layer: None}
+
+
+def verdict(db, mod, seconds: float, target: Target, kept: bool = True) -> Verification:
+    return Verification(record(db, mod, seconds, target), "add_one", kept, 1.2 if kept else 0.9, (1.2,), (1.0,), 1)
+
+
+def test_a_verdict_decides_the_applied_record_at_its_thread_count_and_survives_a_torn_line(tmp_path):
+    """compile applies a workload's latest verdict, not its fastest record, at the verdict's thread
+    count only (the records stay, as measured); a torn verdict line is skipped by readers and cut by
+    the next writer."""
+    db_dir = tmp_path / "db"
+    db = open_for_tuning(db_dir, zen3(1))
+    mod = add_one(4)
+    db.commit_tuning_record(record(db, mod, 1.0, zen3(1)))  # the fastest record: what applies unverified
+    db.commit_verification(verdict(db, mod, 5.0, zen3(1), kept=False))
+    db.commit_verification(verdict(db, mod, 4.0, zen3(1)))  # the latest verdict wins
+    other = open_for_tuning(db_dir, zen3(2))
+    other.commit_tuning_record(record(other, mod, 3.0, zen3(2)))
+    with open(db_dir / VERIFIED, "a") as handle:
+        handle.write('{"workload": 0, "kernel": "add')  # a writer killed mid-line
+
+    records = load_device_records(db_dir, zen3(1))
+    assert {count: sorted(seconds_by_size(group)[4]) for count, group in records.by_threads.items()} == {
+        1: [4.0], 2: [3.0]}
+    assert sorted(seconds_by_size(records.all)[4]) == [1.0, 3.0]  # every record as measured
+    reopened = open_for_tuning(db_dir, zen3(1))
+    assert float(reopened.verification(mod).record.run_secs[0]) == 4.0 and reopened.verification(mod).kept
+    assert open_for_tuning(db_dir, zen3(2)).verification(mod) is None
+    assert sorted(seconds_by_size(reopened)[4]) == [1.0]  # the search sees its own records only
+    reopened.commit_verification(verdict(reopened, mod, 6.0, zen3(1)))
+    assert (db_dir / VERIFIED).read_text().count('"add\n') == 0
+    assert seconds_by_size(load_device_records(db_dir, zen3(1)).by_threads[1]) == {4: {6.0}}

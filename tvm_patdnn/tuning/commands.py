@@ -30,7 +30,9 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
             "convs in tvm_patdnn's design space (register tile, filter blocking and loop order, unroll, "
             "parallel granularity) and the remaining kernels in meta_schedule's space for the target, "
             "for --trials trials. Records are appended to DB as "
-            "they are measured; re-running with the same DB resumes. Apply them with "
+            "they are measured; re-running with the same DB resumes. Each kernel's fastest candidates are then "
+            "re-measured against its default, back to back, and kept only if one wins by a margin: the summary's "
+            "speedup is that verified one ('search said': the search's own, unverified). Apply them with "
             "`patdnn compile --tuning-db DB` or tvm_patdnn.compile(..., tuning_db=DB)."
         ),
     )

@@ -342,8 +342,9 @@ def record_targets(path: str | os.PathLike) -> set[str]:
 
 @dataclass(frozen=True)
 class DeviceRecords:
-    """One device's records in a database directory: all of them, and by the thread count they
-    were tuned for (their target's ``num-cores``; None: a record that does not say)."""
+    """One device's records in a database directory: all of them as measured, and, as ``compile``
+    applies them, by the thread count they were tuned for (their target's ``num-cores``; None: a
+    record that does not say), where a verified workload has only its verdict's record."""
 
     all: ms.database.MemoryDatabase
     by_threads: dict[int | None, ms.database.MemoryDatabase]
@@ -382,14 +383,14 @@ def load_device_records(path: str | os.PathLike, target: Target) -> DeviceRecord
 
 @functools.lru_cache(maxsize=8)
 def _load_records(path: Path, _stamps: tuple, key: str) -> DeviceRecords:
-    """A workload with a verdict at a thread count gets that verdict's record (the latest) instead
-    of its records at that count (:class:`Verification`)."""
+    """In ``by_threads`` (what ``compile`` applies), a workload with a verdict at a thread count
+    has that verdict's record (the latest) instead of its records at that count
+    (:class:`Verification`); ``all`` holds every record as measured."""
     memory = ms.database.MemoryDatabase()
     by_threads: dict[int | None, ms.database.MemoryDatabase] = {}
     workloads: list[ms.database.Workload] = []
 
     def add(index: int, record: ms.database.TuningRecord) -> None:
-        memory.commit_tuning_record(record)
         group = by_threads.setdefault(thread_count(record.target), ms.database.MemoryDatabase())
         group.commit_tuning_record(ms.database.TuningRecord(
             record.trace, group.commit_workload(workloads[index].mod), record.run_secs, record.target,
@@ -407,8 +408,10 @@ def _load_records(path: Path, _stamps: tuple, key: str) -> DeviceRecords:
             if not 0 <= index < len(workloads):
                 raise PatDNNError(f"{path / RECORDS}:{number} names workload {index}, which does not exist")
             tuning_record = ms.database.TuningRecord.from_json(record, workloads[index])
-            if target_key(tuning_record.target) == key and (index, thread_count(tuning_record.target)) not in verdicts:
-                add(index, tuning_record)
+            if target_key(tuning_record.target) == key:
+                memory.commit_tuning_record(tuning_record)
+                if (index, thread_count(tuning_record.target)) not in verdicts:
+                    add(index, tuning_record)
         for (index, _threads), record in verdicts.items():
             add(index, record)
     except PatDNNError:

@@ -349,6 +349,12 @@ def tune(
     meta_schedule's space, and ``compile`` runs each layer on its fastest. Their rows in the
     results have kind ``"dense"``, trials = candidates measured.
 
+    After the search, each task's fastest search records are verified against its default
+    (``_verify_task``: back to back, ``VERIFY_ROUNDS`` rounds, cache flushed) and kept only if one
+    wins by ``KEEP_MARGIN``; ``compile`` applies the verdict, and a result's ``speedup`` is the
+    verified one (1.0 when the default is kept; ``search_speedup`` is what the search alone
+    measured). A task whose search found nothing faster than its default is not verified.
+
     Returns a :class:`TuneResults` (it iterates and indexes as a list of :class:`TaskResult`):
     failed trials per task with their last error, and ``stopped`` set when the tune ended early
     (device unreachable, or ``MAX_FAILED_BATCHES`` batches in a row failed every trial); the
@@ -537,7 +543,7 @@ _VERIFY = ms.runner.EvaluatorConfig(number=1, repeat=15, min_repeat_ms=0, enable
 def _bench(target: tvm.target.Target, db: AppendOnlyDatabase, tasks: list[Task], rpc: ms.runner.RPCConfig | None,
            timeout: float, devices: int | None, progress: TextIO | None, threads: int | None) -> Iterator[_Bench]:
     """A bench whose libraries and argument file live in a scratch folder for the tune's length,
-    measuring with ``threads`` threads; device farms are closed at its end."""
+    measuring with ``threads`` threads; its runners are closed at its end."""
     with tempfile.TemporaryDirectory(prefix="patdnn-tune-") as scratch:
         arguments = PackedArguments.write(
             os.path.join(scratch, "arguments.npz"), {signature(t.args_info): t.int_args for t in tasks}
@@ -554,6 +560,8 @@ def _bench(target: tvm.target.Target, db: AppendOnlyDatabase, tasks: list[Task],
             for used in (runner, bench.verifier):
                 if isinstance(used, DeviceFarm):
                     used.close()
+                elif used is not None:  # its worker process, now rather than whenever it is collected
+                    used.pool.shutdown(wait=False)
 
 
 def _runner(rpc: ms.runner.RPCConfig | None, arguments: PackedArguments, timeout: float,
