@@ -18,7 +18,7 @@ from tvm import relax
 
 import tvm_patdnn
 from tvm_patdnn import PatDNNError
-from tvm_patdnn.bench import profile_kernels
+from tvm_patdnn.bench import kernel_runs, profile_kernels
 from tvm_patdnn.cli import main
 from tvm_patdnn.export import DEBIAN_CROSS_CXX, NDK_ENV
 from tvm_patdnn.signature import signature_path
@@ -194,6 +194,8 @@ def test_bench_profile_names_every_kernel_of_the_model(library: Path, x: np.ndar
     assert all(k.ms >= 0 for k in kernels) and [k.ms for k in kernels] == sorted((k.ms for k in kernels), reverse=True)
     with pytest.raises(PatDNNError, match="at least 1 run"):
         profile_kernels(model, {"input": x}, runs=0)
+    runs = kernel_runs(model, {"input": x}, runs=4, warmup=0)  # every inference's time of every kernel
+    assert {k.kernel for k in runs} == set(by_name) and all(len(k.ms) == 4 and min(k.ms) > 0 for k in runs)
     assert main(["bench", str(library), "--runs", "3", "--warmup", "1", "--profile"]) == 0
     out = capsys.readouterr().out.splitlines()
     header = out.index(next(line for line in out if line.startswith("kernel")))

@@ -24,8 +24,8 @@ import numpy as np
 from .errors import PatDNNError
 from .tables import format_table
 
-__all__ = ["KernelTime", "Latency", "bench_onnxruntime", "bench_tvm", "format_latencies",
-           "format_profile", "profile_kernels", "time_calls"]
+__all__ = ["KernelRuns", "KernelTime", "Latency", "bench_onnxruntime", "bench_tvm", "format_latencies",
+           "format_profile", "kernel_runs", "profile_kernels", "time_calls"]
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,20 @@ class KernelTime:
     shapes: str  # argument shapes of its first call, outputs last
 
 
-def profile_kernels(model, inputs: dict[str, np.ndarray], runs: int = 10, warmup: int = 2) -> list[KernelTime]:
-    """Per-kernel times of ``model`` (a ``CompiledModel``), largest first.
+@dataclass(frozen=True)
+class KernelRuns:
+    """One kernel's time in each profiled inference (:func:`kernel_runs`), summed over its calls."""
+
+    kernel: str
+    calls: int  # per inference
+    ms: tuple[float, ...]  # one per inference
+    shapes: str  # argument shapes of its first call, outputs last
+
+
+def kernel_runs(model, inputs: dict[str, np.ndarray], runs: int = 10, warmup: int = 2) -> list[KernelRuns]:
+    """Each compiled kernel's (and VM builtin's) ms in every one of ``runs`` inferences of ``model``
+    (a ``CompiledModel``), in the order of their first call: the distribution, not only the mean,
+    because at 2 threads one kernel's samples spread over several times its fastest.
 
     Relax's VM in TVM 0.27 has no profiler; its instrument hook is called before and after every
     packed call, so the time between the two is the kernel's (the hook's own cost, a Python call,
@@ -122,17 +134,18 @@ def profile_kernels(model, inputs: dict[str, np.ndarray], runs: int = 10, warmup
         raise PatDNNError(f"profiling needs at least 1 run and 0 warm-up runs, got {runs} and {warmup}")
     main = model.vm["main"]
     args = [tvm.runtime.tensor(a) for a in check_inputs(model, inputs)]
-    totals: dict[str, list] = {}  # kernel -> [calls, seconds, shapes]
+    totals: dict[str, list] = {}  # kernel -> [calls, seconds per run, shapes]
     started: list[float] = []
+    run = 0
 
     def instrument(_func, name, before_run, _ret, *call_args) -> int:
         if before_run:
             started.append(time.perf_counter())
             return 0
         elapsed = time.perf_counter() - started.pop()
-        entry = totals.setdefault(str(name), [0, 0.0, None])
+        entry = totals.setdefault(str(name), [0, [0.0] * runs, None])
         entry[0] += 1
-        entry[1] += elapsed
+        entry[1][run] += elapsed
         if entry[2] is None:
             entry[2] = " ".join("x".join(map(str, a.shape)) for a in call_args if hasattr(a, "shape"))
         return 0
@@ -141,12 +154,19 @@ def profile_kernels(model, inputs: dict[str, np.ndarray], runs: int = 10, warmup
         main(*args)
     model.vm.set_instrument(instrument)
     try:
-        for _ in range(runs):
+        for run in range(runs):  # the instrument adds to this run's times
             main(*args)
     finally:
         model.vm.set_instrument(lambda *_: 0)
-    kernels = [KernelTime(name, calls // runs, seconds * 1e3 / runs, shapes or "")
-               for name, (calls, seconds, shapes) in totals.items()]
+    return [KernelRuns(name, calls // runs, tuple(s * 1e3 for s in seconds), shapes or "")
+            for name, (calls, seconds, shapes) in totals.items()]
+
+
+def profile_kernels(model, inputs: dict[str, np.ndarray], runs: int = 10, warmup: int = 2) -> list[KernelTime]:
+    """Per-kernel mean times of ``model`` (a ``CompiledModel``) over ``runs`` inferences, largest
+    first (:func:`kernel_runs`)."""
+    kernels = [KernelTime(k.kernel, k.calls, float(np.mean(k.ms)), k.shapes)
+               for k in kernel_runs(model, inputs, runs, warmup)]
     return sorted(kernels, key=lambda k: -k.ms)
 
 

@@ -1,0 +1,242 @@
+"""From 1 to 2 threads: where a model loses its scaling, kernel by kernel, and why its samples spread.
+
+One process with TVM's pool at 2 threads: the pool's size is fixed when it starts
+(``TVM_NUM_THREADS``), but ``runtime.config_threadpool`` shrinks it to 1 and grows it back (TVM
+0.27: ``tvm.runtime.num_threads()`` follows and a 2-task parallel loop runs on one thread; it
+does not grow a pool past its start size), so the 1- and 2-thread builds (the model compiled for
+``num-cores`` 1 and 2, untuned: the shipped records apply at 1 thread only) are timed in
+alternating samples, in the same moments of a shared box. Each sample takes ``--runs`` inferences
+with each kernel's time (:func:`tvm_patdnn.bench.kernel_runs`, the VM's instrument hook) and as
+many without the hook, timed one by one, and records what could disturb it: the CPU other
+processes took from this process's CPUs (``/proc/stat``) and this process's context switches.
+
+Per kernel it prints the min and median over all inferences at 1 and 2 threads, the scaling and
+the kernel's share of the 2-thread loss (its 2-thread time minus half its 1-thread time, summed over
+kernels = what stands between the model and a 2x scaling). The min (and p10) is the statistic to
+read: the box is shared and a 2-thread inference waits for its slowest thread, so disturbances only
+add time. It also measures the fork/join cost of one parallel region (an empty parallel loop) and
+counts each kernel's parallel regions in the generated code.
+
+    .venv/bin/python -m benchmarks.threads --rounds 20 [--model /path/to/pruned.onnx] [--json out.json]
+
+Run it unpinned on a 2-core machine (the 2-thread samples need both cores); ``TVM_NUM_THREADS``
+is set to 2 here unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402 - after TVM_NUM_THREADS: the pool reads it when it starts
+import tvm  # noqa: E402
+
+import tvm_patdnn  # noqa: E402
+from tvm_patdnn.bench import kernel_runs  # noqa: E402
+from tvm_patdnn.frontend import check_inputs, seeded_inputs  # noqa: E402
+
+from .models import twins  # noqa: E402
+from .runtimes import MAX_OTHERS, cpus_busy_s, settle  # noqa: E402
+
+
+def resize_pool(threads: int) -> None:
+    """Run TVM's parallel loops on ``threads`` threads of the pool from now on (at most its start size)."""
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)
+    if tvm.runtime.num_threads() != threads:
+        raise RuntimeError(f"TVM's pool did not resize to {threads} threads (it has {tvm.runtime.num_threads()}; "
+                           "set TVM_NUM_THREADS to the largest count before the runtime starts)")
+
+
+def parallel_regions(model) -> dict[str, int]:
+    """Parallel regions in each kernel's generated code: its loads of ``__TVMBackendParallelLaunch``
+    (one per parallel loop it launches), in its packed function or the body outlined from it."""
+    counts: dict[str, int] = {}
+    for module in model.executable.mod.imports:
+        name = None
+        for line in module.inspect_source("ll").splitlines():
+            if line.startswith("define ") and "@" in line:
+                name = line.split("@", 1)[1].split("(", 1)[0].strip('"').removeprefix("__tvm_ffi_")
+                name = name.split("_compute_")[0]
+            elif name and "load ptr, ptr @__TVMBackendParallelLaunch" in line:
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def empty_region_us(threads: int, calls: int = 20000) -> float:
+    """µs of one call of a kernel whose only work is a parallel loop of ``threads`` empty-ish tasks."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def touch(a: T.Buffer((threads, 16), "float32")):
+        for t in T.parallel(threads):
+            a[t, 0] = a[t, 0] + T.float32(1)
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": threads})
+    fn = tvm.compile(tvm.IRModule({"main": touch.with_attr("global_symbol", "main")}), target)["main"]
+    arg = tvm.runtime.tensor(np.zeros((threads, 16), np.float32))
+    fn(arg)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(arg)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def others_cores(seconds: float) -> float:
+    """Cores of this process's CPUs that other processes kept busy over the next ``seconds``."""
+    cpus = os.sched_getaffinity(0)
+    busy, own, start = cpus_busy_s(cpus), time.process_time(), time.perf_counter()
+    time.sleep(seconds)
+    return max(0.0, cpus_busy_s(cpus) - busy - (time.process_time() - own)) / (time.perf_counter() - start)
+
+
+def wait_quiet(limit_s: float, window_s: float = 0.25) -> float:
+    """Wait (at most ``limit_s``) until other processes keep less than ``MAX_OTHERS`` core of this
+    process's CPUs busy over ``window_s``; returns the seconds waited. The other helpers' timings and
+    builds come and go in seconds: a 2-thread sample taken beside them measures them, not the pool."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s and others_cores(window_s) > MAX_OTHERS:
+        pass
+    return time.perf_counter() - start
+
+
+def thread_times() -> dict[int, tuple[float, float]]:
+    """(ms on a CPU, ms waiting on a run queue) so far of each thread of this process (``schedstat``)."""
+    times = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            run_ns, wait_ns, _ = (Path(task, "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        times[int(task.name)] = (int(run_ns) / 1e6, int(wait_ns) / 1e6)
+    return times
+
+
+def sample(model, inputs: dict[str, np.ndarray], runs: int) -> dict:
+    """``runs`` inferences timed one by one, then ``runs`` with per-kernel times; the CPU other
+    processes took from this process's CPUs meanwhile (cores) and this process's context switches."""
+    cpus = os.sched_getaffinity(0)
+    main = model.vm["main"]
+    args = [tvm.runtime.tensor(a) for a in check_inputs(model, inputs)]
+    main(*args)
+    before = thread_times()
+    usage, busy, own, start = resource.getrusage(resource.RUSAGE_SELF), cpus_busy_s(cpus), time.process_time(), time.perf_counter()
+    whole = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        main(*args)
+        whole.append((time.perf_counter_ns() - t0) / 1e6)
+    kernels = kernel_runs(model, inputs, runs, warmup=0)
+    wall = time.perf_counter() - start
+    after, ran = resource.getrusage(resource.RUSAGE_SELF), thread_times()
+    busy_threads = {tid: (run - before[tid][0], wait - before[tid][1]) for tid, (run, wait) in ran.items()
+                    if tid in before and run - before[tid][0] > 0.1}
+    return {"threads": {tid: {"run_ms": r, "wait_ms": w} for tid, (r, w) in busy_threads.items()},
+            "wall_ms": wall * 1e3, "whole_ms": whole, "kernels": {k.kernel: list(k.ms) for k in kernels},
+            "others": max(0.0, cpus_busy_s(cpus) - busy - (time.process_time() - own)) / wall,
+            "voluntary_switches": after.ru_nvcsw - usage.ru_nvcsw,
+            "involuntary_switches": after.ru_nivcsw - usage.ru_nivcsw}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def summary(samples: dict[int, list[dict]], regions: dict[str, int]) -> list[dict]:
+    """One row per kernel (and the whole model): min, p10 and median at each count, scaling, loss."""
+    one, two = (min(samples), max(samples))
+    names = list(samples[one][0]["kernels"])
+    rows = []
+    for name in [*names, "whole model"]:
+        row = {"kernel": name, "regions": regions.get(name, 0)}
+        for threads in (one, two):
+            if name == "whole model":
+                values = [ms for s in samples[threads] for ms in s["whole_ms"]]
+            else:
+                values = [ms for s in samples[threads] for ms in s["kernels"].get(name, [])]
+            row[threads] = {"min": min(values), "p10": percentile(values, 10), "median": statistics.median(values)}
+        for stat in ("min", "p10", "median"):
+            row[f"scaling_{stat}"] = row[one][stat] / row[two][stat]
+            row[f"loss_{stat}"] = row[two][stat] - row[one][stat] * one / two
+        rows.append(row)
+    kernels = rows[:-1]
+    for stat in ("min", "p10", "median"):
+        total = sum(r[f"loss_{stat}"] for r in kernels) or 1.0
+        for r in kernels:
+            r[f"share_{stat}"] = r[f"loss_{stat}"] / total
+    return rows
+
+
+def print_table(rows: list[dict], one: int, two: int) -> None:
+    print(f"| kernel | regions | {one}t min ms | {one}t median | {two}t min ms | {two}t p10 | {two}t median | "
+          "scaling (min) | scaling (median) | loss (p10) µs | share of loss (p10) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows[:-1], key=lambda r: -r[one]["min"]) + rows[-1:]:
+        share = f"{r['share_p10']:.0%}" if "share_p10" in r else ""
+        print(f"| {r['kernel'][:44]} | {r['regions']} | {r[one]['min']:.4f} | {r[one]['median']:.4f} | {r[two]['min']:.4f} | "
+              f"{r[two]['p10']:.4f} | {r[two]['median']:.4f} | {r['scaling_min']:.2f}x | {r['scaling_median']:.2f}x | "
+              f"{r['loss_p10'] * 1e3:.0f} | {share} |")
+    kernels = rows[:-1]
+    for stat in ("min", "p10", "median"):
+        summed = {t: sum(r[t][stat] for r in kernels) for t in (one, two)}
+        print(f"kernels summed ({stat} each): {summed[one]:.3f} -> {summed[two]:.3f} ms, {summed[one] / summed[two]:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="pruned ONNX model (default: the benchmarks' VGG-16 CIFAR 8x)")
+    parser.add_argument("--rounds", type=int, default=20, help="samples per thread count, alternating")
+    parser.add_argument("--runs", type=int, default=20, help="inferences per sample (timed whole and per kernel)")
+    parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a quiet box before a sample")
+    parser.add_argument("--json", type=Path, help="write the rows and every sample here")
+    args = parser.parse_args()
+    counts = (1, tvm.runtime.num_threads())
+    if counts[1] < 2:
+        raise SystemExit("run with TVM_NUM_THREADS >= 2 (the pool only shrinks)")
+    onnx_model = args.model or twins("vgg16_cifar").pruned
+    models = {n: tvm_patdnn.compile(onnx_model, "x86", tuning_db=False, threads=n) for n in counts}
+    inputs = seeded_inputs(models[1])
+    reference = models[1].run(inputs)[0]
+    for n in counts:
+        resize_pool(n)
+        np.testing.assert_allclose(models[n].run(inputs)[0], reference, rtol=1e-3, atol=1e-4)
+    regions = parallel_regions(models[counts[1]])
+    empty = {}
+    for n in counts:
+        resize_pool(n)
+        empty[n] = empty_region_us(counts[1])
+    print(f"one empty parallel region: {empty[1]:.2f} µs at 1 thread, {empty[counts[1]]:.2f} µs at {counts[1]}; "
+          f"{sum(regions.values())} regions per inference in the {counts[1]}-thread build")
+    samples: dict[int, list[dict]] = {n: [] for n in counts}
+    settle()
+    for round_ in range(args.rounds):
+        for n in counts if round_ % 2 == 0 else counts[::-1]:
+            resize_pool(n)
+            waited = wait_quiet(args.wait)
+            samples[n].append({**sample(models[n], inputs, args.runs), "waited_s": waited})
+            s = samples[n][-1]
+            print(f"round {round_} {n}t: min {min(s['whole_ms']):.3f} median {statistics.median(s['whole_ms']):.3f} ms, "
+                  f"others {s['others']:.2f} cores (waited {waited:.1f} s), switches "
+                  f"{s['voluntary_switches']}/{s['involuntary_switches']}; threads run/queued ms "
+                  + " ".join(f"{t['run_ms']:.0f}/{t['wait_ms']:.1f}" for t in s["threads"].values())
+                  + f" of {s['wall_ms']:.0f}", flush=True)
+    quiet = {n: [s for s in samples[n] if s["others"] <= MAX_OTHERS] for n in counts}
+    kept = quiet if all(quiet.values()) else samples
+    print(f"samples with other processes under {MAX_OTHERS} core: "
+          + ", ".join(f"{len(quiet[n])} of {len(samples[n])} at {n}t" for n in counts)
+          + ("; the table uses those" if kept is quiet else "; too few: the table uses all"))
+    rows = summary(kept, regions)
+    print_table(rows, *counts)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "samples": samples, "empty_region_us": empty,
+                                         "regions": regions}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
