@@ -35,6 +35,8 @@ def _needs_avx2() -> None:
     (2, 19, 9, 17, (3, 1), 5, False, True, 2),  # batch 2, two threads' filter groups
     (1, 12, 14, 14, None, None, True, False, 2),  # the default layout (7x2), one block
     (2, 7, 5, 30, (1, 2), 3, False, False, 1),  # rows of 4 lifted vectors in column tiles of 2
+    (2, 9, 6, 56, None, 4, True, True, 2),  # 56 columns: the default 2x7 tile, whole rows of 7 vectors
+    (1, 10, 5, 50, None, None, False, True, 1),  # 50 columns in 7 vectors: the epilogue drops lanes 50-55
 ])
 def test_blocked_kernel_matches_the_onnx_reference(batch, channels, height, width, tile, block, bias, relu, threads):
     rng = np.random.default_rng(channels * height + width)

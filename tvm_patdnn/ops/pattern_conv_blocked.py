@@ -11,7 +11,9 @@ Here, per register tile of the output, the input channels are taken in blocks of
 channels whose tile input windows fit L1, and every filter sweeps a block before the next one is
 touched: the block is read from L1 by all filters and only the weights stream, sequentially
 (packed block -> filter -> kernel by :func:`blocked_weights`). A filter's tile accumulates in
-registers over its kernels of the block and waits in an accumulation buffer between blocks. The
+registers over its kernels of the block, from zero, and is added to an accumulation buffer after
+each block (loading the buffer before the block instead put its L2 latency on the FMAs' path:
+1.08-1.09x at 256x256 56x56, Zen 3). The
 pad stage copies each tile's window of every channel (``rows + 2`` lifted rows of ``columns + 2``
 vectors: :mod:`.pattern_conv`'s lifted rows, cut per tile) contiguously, so a block is one
 contiguous stretch of memory: reading the windows from the whole lifted image instead left a
@@ -24,16 +26,20 @@ so every tap is a broadcast weight and one aligned vector load per output vector
 input vector is shared between taps, as the TE operator's constant tap offsets do at the price of
 a loop per pattern.
 
-Cycles, per kernel of the 7x2 tile (14 accumulators): 56 FMAs (28 cycles on two FMA pipes), 56
-aligned vector loads + 4 broadcasts + 4 offsets (32 cycles at two vector loads a cycle); a C loop
-of that shape from L1 ran at 1.0 FMA a cycle with 8 accumulators and 1.5 with 12 (Zen 3), so the
-loop is load-bound. Per (filter, block) run add ~48 cycles (measured by varying the block size with
-L1-resident input: accumulators loaded and stored, a mispredicted exit) for ~8 kernels of 512
-channels. Whole layers: 42-49% of the FMA peak at 512 channels (28x28, 14x14), against 36-38% for
-the TE operator.
+Cycles, per kernel of a 14-vector tile: 56 FMAs (28 cycles on two FMA pipes), 56 aligned vector
+loads + 4 broadcasts + 4 offsets (32 cycles at two vector loads a cycle); a C loop of that shape
+from L1 ran at 1.0 FMA a cycle with 8 accumulators and 1.5 with 12 (Zen 3), so the loop is
+load-bound. Per (filter, block) run add ~65 cycles (256x256 56x56 with L1-resident input, blocks
+of 14 to 256 channels: ~37 cycles a kernel, ~65 a run; accumulators stored, a mispredicted exit)
+for ~8 kernels a run. Runs ordered by kernel count within a block (for the exit branch's
+prediction) measured 0.97-0.98x.
 
-Stride 1 only. The epilogue (filter order, lifted-lane scatter, bias, ReLU) runs once per output
-(in the tile loop, from L1, after the last block, it was 0.89-0.95x).
+The tile computes the fewest padded vectors: 7x2 at 14 and 28 columns, 2x7 (whole lifted rows of 7
+vectors) at 56, where 7x2 rounds the row up to 8 vectors. Stride 1 only. The epilogue (filter
+order, lifted-lane scatter, bias, ReLU) runs once per output (in the tile loop, from L1, after the
+last block, it was 0.89-0.95x); it reads whole accumulator vectors and stores their lanes M columns
+apart: 0.21 ms at 256x256 56x56, against 1.68 ms with one scalar load, index division and store
+per output (Zen 3).
 """
 
 from __future__ import annotations
@@ -117,12 +123,16 @@ def blocked_applies(spec: PatternConvSpec) -> bool:
 
 def blocked_layout(spec: PatternConvSpec, row_tile: int | None = None, column_tile: int | None = None,
                    block: int | None = None) -> BlockedLayout:
-    """The layout of ``spec``: unless given, a tile of up to 2 column vectors and as many rows (up to
-    :data:`ACCUMULATORS` vectors) as leave the fewest padded rows (14x14, 28x28, 56x56: 7x2), and the
+    """The layout of ``spec``: unless given, the tile of up to :data:`ACCUMULATORS` vectors that
+    computes the fewest padded vectors, then reads the least window per output vector (14x14 and
+    28x28: 7x2; 56x56: 2x7, whole rows of 7 vectors, where 7x2 rounds the 7 up to 8: 1.11x), and the
     largest channel block whose tile input windows fit :data:`L1_BLOCK_BYTES`."""
-    column_tile = column_tile or min(2, ceil_div(spec.out_width, LANES))
-    if row_tile is None:
-        row_tile = min(range(1, ACCUMULATORS // column_tile + 1), key=lambda r: (round_up(spec.out_height, r), -r))
+    needed = ceil_div(spec.out_width, LANES)
+    if row_tile is None or column_tile is None:
+        tiles = [(r, c) for c in range(1, min(needed, ACCUMULATORS) + 1) for r in range(1, ACCUMULATORS // c + 1)
+                 if (row_tile or r) == r and (column_tile or c) == c and r <= spec.out_height]
+        row_tile, column_tile = min(tiles, key=lambda t: (round_up(spec.out_height, t[0]) * round_up(needed, t[1]),
+                                                          (t[0] + 2) * (t[1] + 2) / (t[0] * t[1])))
     row_tile = min(row_tile, spec.out_height)
     if block is None:
         block = max(1, L1_BLOCK_BYTES // ((row_tile + 2) * (column_tile + 2) * LANES * 4))
@@ -207,8 +217,7 @@ def pattern_conv_blocked_primfunc(layout: BlockedLayout, threads: int = 1) -> ti
                                 run = b * f_ + f
                                 first = (n * f_ + f) * layout.acc_rows * acc_pitch + acc_base
                                 for r, c, s in slots:
-                                    kept = accbuf[tirx.Ramp(first + r * acc_pitch + c * LANES, 1, LANES)]
-                                    T.buffer_store(acc, tirx.Select(b > 0, kept, tirx.Broadcast(zero, LANES)), [s])
+                                    T.buffer_store(acc, tirx.Broadcast(zero, LANES), [s])
                                 start = starts[run]
                                 with T.serial(0, starts[run + 1] - start) as j:
                                     k = start + j
@@ -218,17 +227,23 @@ def pattern_conv_blocked_primfunc(layout: BlockedLayout, threads: int = 1) -> ti
                                         for r, c, s in slots:
                                             tap = windows[tirx.Ramp(at + r * rp + c * LANES, 1, LANES)]
                                             T.buffer_store(acc, acc[s] + weight * tap, [s])
-                                for r, c, s in slots:
+                                for r, c, s in slots:  # the earlier blocks' sum, loaded off the FMAs' path
                                     slot = tirx.Ramp(first + r * acc_pitch + c * LANES, 1, LANES)
-                                    T.buffer_store(accbuf, acc[s], [slot])
+                                    kept = tirx.Select(b > 0, accbuf[slot], tirx.Broadcast(zero, LANES))
+                                    T.buffer_store(accbuf, acc[s] + kept, [slot])
 
             with T.parallel(0, n_ * f_) as nf:  # epilogue: user's filter order, lifted lanes back to columns
                 fo = order[nf % f_]
+                lanes = T.decl_buffer((LANES,), "float32", scope="local")
                 with T.serial(0, oh) as y:
-                    with T.serial(0, ow) as x:
-                        value = accbuf[(nf * layout.acc_rows + y) * acc_pitch + x % m * LANES + x // m]
-                        value = bias_relu(value, None if bias is None else bias[fo], spec.relu)
-                        T.buffer_store(out, value, [nf // f_, fo, y, x])
+                    with T.serial(0, m) as i:  # one accumulator vector, its lane j to column j * M + i
+                        vector = accbuf[tirx.Ramp((nf * layout.acc_rows + y) * acc_pitch + i * LANES, 1, LANES)]
+                        value = bias_relu(vector, None if bias is None else bias[fo], spec.relu, LANES)
+                        T.buffer_store(lanes, value, [tirx.Ramp(0, 1, LANES)])
+                        for j in range(min(LANES, ceil_div(ow, m))):
+                            with T.If(j * m + i < ow):
+                                with T.Then():
+                                    T.buffer_store(out, lanes[j], [nf // f_, fo, y, j * m + i])
     func = builder.get().without_attr("global_symbol")
     return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "blocked": 1, "block": layout.block,
                                               "row_tile": rt, "column_tile": ct})
