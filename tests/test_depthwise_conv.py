@@ -243,6 +243,19 @@ def test_max_pool_matches_reference_on_the_window_kernel(shape, kernel, strides,
     assert kernel_calls(compiled, "depthwise_max_pool") == 1
 
 
+def test_only_layers_worth_a_parallel_region_get_one():
+    """A parallel region costs ~2 µs of fork/join at 2 threads: VGG-16 CIFAR's pools from 128 channels
+    at 16x16 down run serially, its first (64 channels at 32x32) and MobileNetV2's convs in parallel."""
+    def parallel(**shape) -> bool:
+        return "T.parallel(" in depthwise_conv_primfunc(DepthwiseConvSpec.for_target(16, 8, batch=1, **shape)).script()
+
+    pool = {"kernel": (2, 2), "strides": (2, 2), "padding": (0, 0, 0, 0), "reduction": "max"}
+    assert parallel(channels=64, height=32, width=32, **pool)
+    assert not parallel(channels=128, height=16, width=16, **pool)
+    assert not parallel(channels=512, height=2, width=2, **pool)
+    assert parallel(channels=960, height=7, width=7)  # MobileNetV2's smallest depthwise conv
+
+
 def test_ceil_mode_max_pool_stays_on_the_legalized_pool():
     compiled = check_against_reference(max_pool_model((1, 3, 10, 10), (3, 3), (2, 2), (0, 0, 0, 0), ceil_mode=1), 2)
     assert kernel_calls(compiled, "depthwise_max_pool") == 0

@@ -39,6 +39,12 @@ __all__ = ["DepthwiseConvSpec", "DEPTHWISE_CONV_ATTR", "copy_padded_row", "depth
 
 # PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
 DEPTHWISE_CONV_ATTR = "patdnn.depthwise_conv"
+# Work (multiply-adds or max steps, x2) below which a layer runs on one thread: a parallel region
+# costs ~2 µs of fork/join at 2 threads, more than halving a few µs of work saves. VGG-16 CIFAR's
+# 2x2 pools, min µs at 1 / 2 threads (Zen 3, 2026-12-07): 64ch 32x32 (131K) parallel 6.9 / 4.7,
+# serial 6.6 / 6.3; 128ch 16x16 (66K) parallel 5.1 / 3.5, serial 3.4 / 3.4; 256ch 8x8 parallel
+# 1.8 / 2.8, serial 1.7 / 1.7; 512ch 4x4 and 2x2 parallel 1.0-1.5 / 2.5, serial 0.8-1.2 at both.
+PARALLEL_FLOPS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,9 @@ def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
             group = spec.channel_group
             # A root block, as TVM's passes expect of a PrimFunc: RewriteDataflowReshape inspects every
             # one-argument call_tir (max pooling has no weight) and fails on a body without one.
-            with T.sblock("root"), T.parallel(0, ceil_div(n_ * c_, group)) as task:
+            # Small layers run on one thread (PARALLEL_FLOPS).
+            loop = T.parallel if spec.flops >= PARALLEL_FLOPS else T.serial
+            with T.sblock("root"), loop(0, ceil_div(n_ * c_, group)) as task:
                 plane = T.decl_buffer((spec.padded_height * spec.strides[1] * spec.phase_width,), "float32")
                 _pad_plane(spec, plane)
                 with T.serial(task * group, T.min(task * group + group, n_ * c_)) as nc:
