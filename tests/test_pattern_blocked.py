@@ -71,10 +71,25 @@ def test_many_channel_layers_take_the_blocked_kernel_on_avx2_only():
         layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items() if is_pattern_conv(func)]
         assert [bool(layout.get("blocked", 0)) for layout in layouts] == expected
     strided = build_cnn(rng, (1, 256, 28, 28), [ConvSpec(16, stride=2, connectivity=3.6)])
-    strided_mod = relax.transform.FoldConstant()(import_onnx(strided).mod)
-    rewritten = PatternConvRewrite(vector_width=8, accumulators=8)(strided_mod)
-    assert [func.attrs[PATTERN_CONV_ATTR].get("blocked", 0) for _, func in rewritten.functions_items()
-            if is_pattern_conv(func)] == [0]
+    assert _blocked_flags(strided) == [False]
+
+
+def _blocked_flags(model) -> list[bool]:
+    """Which pattern convs of ``model`` take the blocked kernel on AVX2, in the module's function order."""
+    rewritten = PatternConvRewrite(vector_width=8, accumulators=8)(relax.transform.FoldConstant()(import_onnx(model).mod))
+    return [bool(func.attrs[PATTERN_CONV_ATTR].get("blocked", 0)) for _, func in rewritten.functions_items()
+            if is_pattern_conv(func)]
+
+
+@pytest.mark.parametrize("channels, size, expected", [
+    (128, 56, True),  # 56 columns (whole 7-vector rows): from 128 channels
+    (64, 56, False),  # ResNet-50's 64x64 56x56 stays on the TE operator
+    (256, 28, True),
+    (128, 28, False),  # ResNet-50's 128x128 28x28 too
+])
+def test_the_blocked_kernel_takes_56_column_rows_from_128_channels_and_narrower_ones_from_256(channels, size, expected):
+    model = build_cnn(np.random.default_rng(channels + size), (1, channels, size, size), [ConvSpec(8, connectivity=3.6)])
+    assert _blocked_flags(model) == [expected]
 
 
 @pytest.mark.parametrize("batch", [1, 2])

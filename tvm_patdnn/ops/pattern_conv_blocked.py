@@ -54,18 +54,19 @@ from tvm.script.ir_builder import tirx as T
 from ..arith import ceil_div, round_up
 from ..fkw import FKWWeight
 from .activation import bias_relu
-from .pattern_conv import LIFTED_WIDTHS, PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 
-__all__ = ["BLOCKED_CHANNELS", "BLOCKED_WIDTHS", "BlockedLayout", "LANES", "blocked_applies", "blocked_layout",
-           "blocked_weights", "pattern_conv_blocked_primfunc"]
+__all__ = ["BLOCKED_CHANNELS", "BLOCKED_WIDTHS", "BlockedLayout", "LANES", "WHOLE_ROW_WIDTH", "blocked_applies",
+           "blocked_layout", "blocked_weights", "pattern_conv_blocked_primfunc"]
 
 LANES = 8  # AVX2 fp32 lanes: the only width this kernel is built for
 ACCUMULATORS = 14  # vectors of the register tile: AVX2's 16 registers less the broadcast weight and one spare
 # A channel block's tile input windows: Zen 3's 32 KB L1 (7x2 tiles, 512 channels: blocks for 16, 24, 32 and
 # 48 KB measured 0.87x, 0.95x, 1x and 0.99x at 28x28, 0.88x, 0.95x, 1x, 0.97x at 14x14)
 L1_BLOCK_BYTES = 32 * 1024
-BLOCKED_CHANNELS = 256  # input channels from which a layer takes this kernel (512 where the TE operator lifts rows)
-BLOCKED_WIDTHS = range(14, 29)  # output widths of the layers that take it
+BLOCKED_CHANNELS = 256  # input channels from which a layer takes this kernel (half that from WHOLE_ROW_WIDTH)
+WHOLE_ROW_WIDTH = 56  # output columns from which 128 input channels take it (its 2x7 tile: whole lifted rows)
+BLOCKED_WIDTHS = range(14, 57)  # output widths of the layers that take it
 
 
 @dataclass(frozen=True)
@@ -109,16 +110,16 @@ class BlockedLayout:
 
 def blocked_applies(spec: PatternConvSpec) -> bool:
     """Whether a layer takes the channel-blocked kernel: AVX2 (8 lanes), stride 1, padding 1, 4-tap
-    patterns, at least :data:`BLOCKED_CHANNELS` input channels (twice that where the TE operator lifts rows), output
-    rows of :data:`BLOCKED_WIDTHS` columns. Zen 3, 1 thread, TE operator / this kernel, interleaved
-    (``benchmarks/pattern_blocked.py``, 4-5 runs): 512x512 28x28 1.10-1.27x, 512x512 14x14 1.27-1.35x,
-    256x256 14x14 1.18-1.23x. Not taken: 512x256 28x28 0.92-1.06x (lifted rows), 256x256 56x56
-    0.99-1.00x, 128 channels 0.83-0.93x, 512x512 7x7 1.02-1.13x, CIFAR's 16x16 0.90-1.10x, 8x8
-    0.92-1.07x, 4x4 0.73-0.98x."""
-    lifted = spec.out_width in LIFTED_WIDTHS  # the TE operator's lifted rows: aligned loads shared between taps
+    patterns, output rows of :data:`BLOCKED_WIDTHS` columns, at least :data:`BLOCKED_CHANNELS` input
+    channels (half that from :data:`WHOLE_ROW_WIDTH` columns). Zen 3, 1 thread, TE operator / this
+    kernel, interleaved (``benchmarks/pattern_blocked.py``, two runs each): VGG-16 224's 512x512
+    28x28 1.65x, 256x256 56x56 1.29-1.36x, 512x256 28x28 1.29-1.43x, 256x128 56x56 1.42-1.51x;
+    session 11's 512x512 14x14 1.27-1.35x, 256x256 14x14 1.18-1.23x. Not taken: 128x128 28x28
+    0.74-1.02x, 64x64 56x56 0.88-0.99x, 512x512 7x7 1.02-1.13x, CIFAR's 32x32 0.79x, 16x16
+    0.84-1.00x, 8x8 1.10-1.12x (its shipped records stay), 4x4 0.68-0.77x."""
+    channels = BLOCKED_CHANNELS // (2 if spec.out_width >= WHOLE_ROW_WIDTH else 1)
     return (spec.vector_width == LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
-            and spec.taps == 4 and spec.out_width in BLOCKED_WIDTHS
-            and spec.in_channels >= BLOCKED_CHANNELS * (2 if lifted else 1))
+            and spec.taps == 4 and spec.out_width in BLOCKED_WIDTHS and spec.in_channels >= channels)
 
 
 def blocked_layout(spec: PatternConvSpec, row_tile: int | None = None, column_tile: int | None = None,
