@@ -28,6 +28,11 @@ interleaved rounds (the box is shared), medians reported:
   alone keep their outputs in cache, a model's residual adds read theirs from L3 or memory);
 - ``filters outer`` (``--variants`` only): the GEMM with its filter tiles outside on every layer.
 
+With ``--cold`` each layer's sample is the median of single calls, each after the caches were
+flushed (a write over twice the L3) and the input read again: the weights (and the output's lines)
+come from memory, as in a whole model, whose ~100 MB of weights (ResNet-50) do not stay in the
+32 MB L3 between inferences; a warm sample reads them from L2 or L3. Process CPU time, so 1 thread.
+
 Each layer's GFLOP/s is also given as a share of the fp32 FMA peak measured at the start with the
 widest ISA the host has (``machine.py``); speed-ups are medians of the per-round ratios (the load
 of the shared box changes between rounds more than within one). ``--resnet50`` adds the whole
@@ -35,9 +40,16 @@ dense ResNet-50 (``models.dense_model("resnet50")``, BN folded) against ORT, the
 rule. Every
 variant's output is checked against ORT (relative 1e-3) before anything is timed.
 
-    TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.dense [--rounds 5] [--resnet50] [--ablations]
-        [--layers 0 1 ...] [--variants gemm direct tuned ...] [--db DIR] [--target '{"kind":"llvm","mcpu":"znver3"}']
+    TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.dense [--rounds 5] [--resnet50] [--ablations] [--cold]
+        [--in-graph] [--layers 0 1 ...] [--variants gemm direct tuned ...] [--db DIR] [--target '{"kind":"llvm","mcpu":"znver3"}']
         [--json benchmarks/results/dense.1t.json]
+
+``--in-graph`` compares the whole dense ResNet-50's convs inside their graphs, one by one in
+execution order: the minimum over many inferences of ORT's node time (its own profiler, on the
+``ORT_ENABLE_ALL`` graph: NCHWc between layers, residual adds fused) against our kernel call's
+(the VM's instrument hook). A layer alone says less: ORT's one-conv model pays its NCHW <-> NCHWc
+reorders at every layer instead of at the graph's ends, and each kernel reads its data from where
+the previous layer left them. The minimum, because both are wall-clock times on a shared box.
 
 ``--target`` builds every tvm_patdnn variant for another CPU than the host's (e.g. the AVX2 build of the
 same kernels on an AVX-512 host); ORT is ORT either way.
@@ -54,6 +66,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +86,7 @@ from tvm_patdnn.transform.dense_conv_rewrite import DenseConvRewriter
 
 from .machine import machine_summary, tvm_threads
 from .models import dense_conv_model, dense_model
-from .runtimes import agree, ort_runner, tvm_runner
+from .runtimes import agree, ort_runner, tvm_runner, vm_of
 
 # (in channels, out channels, input size, stride, kernel): the distinct dense convs of ResNet-50
 # v1.5 (stride on the 3x3), 1x1 first, then the 3x3s and the 7x7 stem (padding kernel // 2).
@@ -85,6 +99,9 @@ RESNET50_CONVS = [
     (256, 256, 14, 1, 3), (512, 512, 14, 2, 3), (512, 512, 7, 1, 3),
 ]
 RTOL = 1e-3
+# --cold: bytes written between calls to flush the caches (twice Zen 3's 32 MB L3), and calls per sample.
+FLUSH_BYTES = 64 * 1024 * 1024
+COLD_CALLS = 5
 VARIANTS = ["tvm_patdnn", "gemm", "direct", "old rule", "no panel copy", "1 pixel vector", "pixels outer",
             "no output prefetch", "filters outer", "tuned"]
 ABLATIONS = ["no panel copy", "1 pixel vector", "pixels outer", "no output prefetch"]
@@ -122,31 +139,131 @@ def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Tar
     return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
 
 
+def cold_ms(run: Callable[[], object], touch: Callable[[], object], flush: np.ndarray) -> float:
+    """Median process CPU ms of ``COLD_CALLS`` single calls of ``run``, each after ``flush`` was
+    written over (every cache level emptied of the call's data) and ``touch`` read its input again."""
+    samples = []
+    for _ in range(COLD_CALLS):
+        flush += 1.0
+        touch()
+        start = time.process_time()
+        run()
+        samples.append((time.process_time() - start) * 1e3)
+    return statistics.median(samples)
+
+
 def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, rounds: int,
-            may_fail: tuple[str, ...] = (), database: Path | None = None) -> dict[str, list[float]]:
+            may_fail: tuple[str, ...] = (), database: Path | None = None, cold: bool = False) -> dict[str, list[float]]:
     """ms of every variant and ORT in each of ``rounds`` interleaved rounds, after checking outputs;
-    a variant in ``may_fail`` that does not compile is reported and left out."""
+    a variant in ``may_fail`` that does not compile is reported and left out. ``cold``: each sample
+    is :func:`cold_ms` (1 thread only)."""
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     ort = ort_runner(model, x, threads)
     runners = {"ORT": ort}
     expected = ort.output()
+    flush = np.zeros(FLUSH_BYTES // 4, dtype=np.float32) if cold else None
+    timers = {"ORT": partial(cold_ms, ort.output, x.sum, flush) if cold else ort.time}
     for variant in variants:
         try:
-            runners[variant] = tvm_runner(compile_variant(model, variant, target, database), x)
+            executable = compile_variant(model, variant, target, database)
         except tvm_patdnn.PatDNNError as err:
             if variant not in may_fail:
                 raise
             print(f"{variant} left out: {err}", flush=True)
             continue
+        runners[variant] = tvm_runner(executable, x)
         error = agree(runners[variant].output(), expected)
         if error > RTOL:
             raise RuntimeError(f"{variant} differs from ORT by {error:.1e}")
+        if cold:
+            main, tx = vm_of(executable)["main"], tvm.runtime.tensor(x)
+            timers[variant] = partial(cold_ms, partial(main, tx), tx.numpy, flush)
+        else:
+            timers[variant] = runners[variant].time
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
-        for name, runner in runners.items():
-            times[name].append(runner.time())
+        for name in runners:
+            times[name].append(timers[name]())
     return times
+
+
+# Our kernels that compute a conv (ORT's Conv / FusedConv nodes pair with them in execution order).
+CONV_KERNELS = ("dense_conv", "direct_conv", "winograd_conv", "pattern_conv")
+
+
+def in_graph_profile(model: onnx.ModelProto, executable, runs: int) -> list[dict]:
+    """Per conv of ``model`` in execution order: its output shape and the minimum over ``runs``
+    inferences of ORT's node time and of our kernel call's, ms (module docstring, ``--in-graph``);
+    then one row each for the rest of either graph (pools, FC, reorders), unpaired."""
+    import onnxruntime as ort
+
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_profiling, options.profile_file_prefix = True, str(Path(scratch) / "ort")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x}
+        vm, tx = vm_of(executable), tvm.runtime.tensor(x)
+        calls: list[tuple[str, tuple, float]] = []
+        started: list[float] = []
+
+        def clock(_func, name, before_run, _ret, *args) -> int:
+            if before_run:
+                started.append(time.perf_counter())
+            elif not str(name).startswith("vm.builtin."):
+                calls.append((str(name), tuple(args[-1].shape), time.perf_counter() - started.pop()))
+            else:
+                started.pop()
+            return 0
+
+        warmup = 2
+        for _ in range(warmup):
+            session.run(None, feed)
+            vm["main"](tx)
+        vm.set_instrument(clock)
+        try:
+            for _ in range(runs):
+                session.run(None, feed)
+                vm["main"](tx)
+        finally:
+            vm.set_instrument(lambda *_: 0)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    nodes: dict[str, list] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            node = nodes.setdefault(event["name"].removesuffix("_kernel_time"), [event["args"]["op_name"], []])
+            node[1].append(event["dur"] / 1e3)
+    theirs = [(name, op, min(times[warmup:])) for name, (op, times) in nodes.items()]
+    per_run = len(calls) // runs
+    ours = [(name, out, min(calls[i + r * per_run][2] for r in range(runs)) * 1e3)
+            for i, (name, out, _) in enumerate(calls[:per_run])]
+    their_convs = [row for row in theirs if row[1] in ("Conv", "FusedConv")]
+    our_convs = [row for row in ours if row[0].startswith(CONV_KERNELS)]
+    if len(their_convs) != len(our_convs):
+        raise RuntimeError(f"ORT runs {len(their_convs)} convs, tvm_patdnn {len(our_convs)}: they do not pair")
+    rows = [{"layer": f"{kernel} {'x'.join(map(str, out))}", "ort_node": node, "ORT": ort_ms, "tvm_patdnn": our_ms}
+            for (node, _, ort_ms), (kernel, out, our_ms) in zip(their_convs, our_convs)]
+    rows += [{"layer": f"ORT {op} (unpaired)", "ort_node": node, "ORT": ms, "tvm_patdnn": 0.0}
+             for node, op, ms in theirs if op not in ("Conv", "FusedConv")]
+    rows += [{"layer": f"{kernel} (unpaired)", "ort_node": "", "ORT": 0.0, "tvm_patdnn": ms}
+             for kernel, _, ms in ours if not kernel.startswith(CONV_KERNELS)]
+    return rows
+
+
+def in_graph_table(rows: list[dict]) -> str:
+    """The paired convs with each side's ms and ORT / ours, the unpaired rest, the totals."""
+    lines = ["| layer (our kernel, output) | ORT node | ORT ms | ours ms | ORT / ours |", "|---|---|---|---|---|"]
+    for row in rows:
+        ratio = f"{row['ORT'] / row['tvm_patdnn']:.2f}x" if row["ORT"] and row["tvm_patdnn"] else ""
+        lines.append(f"| {row['layer']} | {row['ort_node']} | {row['ORT']:.3f} | {row['tvm_patdnn']:.3f} | {ratio} |")
+    ort_total, our_total = sum(r["ORT"] for r in rows), sum(r["tvm_patdnn"] for r in rows)
+    lines.append(f"| all (sum of minima) | | {ort_total:.2f} | {our_total:.2f} | {ort_total / our_total:.2f}x |")
+    return "\n".join(lines)
 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
@@ -194,6 +311,10 @@ def main() -> None:
     parser.add_argument("--resnet50", action="store_true", help="also the whole dense ResNet-50")
     parser.add_argument("--layers", type=int, nargs="*", help="indices into RESNET50_CONVS (default: all)")
     parser.add_argument("--ablations", action="store_true", help="also the GEMM kernel's ablations")
+    parser.add_argument("--in-graph", action="store_true",
+                        help="the whole dense ResNet-50's convs side by side with ORT's, inside both graphs (1 thread)")
+    parser.add_argument("--cold", action="store_true",
+                        help="time each layer's single calls after a cache flush (1 thread): its weights come from memory")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=VARIANTS[1:4],
                         help="what runs beside tvm_patdnn and ORT (the table needs gemm and old rule for its ratios)")
     parser.add_argument("--model-variants", nargs="*", choices=MODEL_VARIANTS, default=MODEL_VARIANTS,
@@ -206,6 +327,8 @@ def main() -> None:
     if not {"gemm", "old rule"} <= set(args.variants):
         parser.error("--variants must include gemm and 'old rule': the layer table's ratios are against them")
     threads = tvm_threads()
+    if (args.cold or args.in_graph) and threads != 1:
+        parser.error("--cold and --in-graph time 1 thread: run them with TVM_NUM_THREADS=1")
     target = resolve_target(args.target)
     with tempfile.TemporaryDirectory() as scratch:
         machine = machine_summary([threads], Path(scratch))
@@ -223,7 +346,7 @@ def main() -> None:
         pointwise = kernel == 1 and stride == 1
         layer_variants = [v for v in variants if pointwise or v != "no panel copy"]
         ms = measure(dense_conv_model(in_c, out_c, size, stride, kernel), layer_variants, target, threads, args.rounds,
-                     database=database)
+                     database=database, cold=args.cold)
         name = f"{kernel}x{kernel} {in_c}->{out_c} {size}x{size}" + (f" s{stride}" if stride != 1 else "")
         spec = DenseConvSpec(batch=1, in_channels=in_c, height=size, width=size, out_channels=out_c,
                              kernel=(kernel, kernel), strides=(stride, stride), padding=(kernel // 2,) * 4)
@@ -246,9 +369,16 @@ def main() -> None:
             print(f"{ours}: " + ", ".join(f"vs {other} {speedup(times, other, ours):.2f}x"
                                          for other in times if other != ours))
 
+    in_graph = []
+    if args.in_graph:
+        model = dense_model("resnet50")
+        in_graph = in_graph_profile(model, compile_variant(model, "tvm_patdnn", target), max(10, 4 * args.rounds))
+        print("\nResNet-50 dense, convs inside the graphs (minimum over inferences):\n" + in_graph_table(in_graph))
+
     if args.json:
         result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,
-                  "target": str(target), "rounds": args.rounds, "layers": rows, "models": models, "table": table}
+                  "target": str(target), "rounds": args.rounds, "cold": args.cold, "layers": rows, "models": models, "table": table,
+                  "in_graph": in_graph}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(args.json, json.dumps(result, indent=2, allow_nan=True).encode())
         print(f"results in {args.json}")
