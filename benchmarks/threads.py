@@ -26,10 +26,14 @@ is set to 2 here unless given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,15 +110,17 @@ def wait_quiet(limit_s: float, window_s: float = 0.25) -> float:
     return time.perf_counter() - start
 
 
-def thread_times() -> dict[int, tuple[float, float]]:
-    """(ms on a CPU, ms waiting on a run queue) so far of each thread of this process (``schedstat``)."""
+def thread_times() -> dict[int, tuple[float, float, int]]:
+    """(ms on a CPU, ms waiting on a run queue, the CPU it last ran on) so far of each thread of this
+    process (``schedstat``, ``stat``)."""
     times = {}
     for task in Path("/proc/self/task").iterdir():
         try:
-            run_ns, wait_ns, _ = (Path(task, "schedstat").read_text().split())
-        except (OSError, ValueError):
+            run_ns, wait_ns, _ = Path(task, "schedstat").read_text().split()
+            cpu = int(Path(task, "stat").read_text().rsplit(")", 1)[1].split()[36])
+        except (OSError, ValueError, IndexError):
             continue
-        times[int(task.name)] = (int(run_ns) / 1e6, int(wait_ns) / 1e6)
+        times[int(task.name)] = (int(run_ns) / 1e6, int(wait_ns) / 1e6, cpu)
     return times
 
 
@@ -135,9 +141,9 @@ def sample(model, inputs: dict[str, np.ndarray], runs: int) -> dict:
     kernels = kernel_runs(model, inputs, runs, warmup=0)
     wall = time.perf_counter() - start
     after, ran = resource.getrusage(resource.RUSAGE_SELF), thread_times()
-    busy_threads = {tid: (run - before[tid][0], wait - before[tid][1]) for tid, (run, wait) in ran.items()
+    busy_threads = {tid: (run - before[tid][0], wait - before[tid][1], cpu) for tid, (run, wait, cpu) in ran.items()
                     if tid in before and run - before[tid][0] > 0.1}
-    return {"threads": {tid: {"run_ms": r, "wait_ms": w} for tid, (r, w) in busy_threads.items()},
+    return {"threads": {tid: {"run_ms": r, "wait_ms": w, "cpu": c} for tid, (r, w, c) in busy_threads.items()},
             "wall_ms": wall * 1e3, "whole_ms": whole, "kernels": {k.kernel: list(k.ms) for k in kernels},
             "others": max(0.0, cpus_busy_s(cpus) - busy - (time.process_time() - own)) / wall,
             "voluntary_switches": after.ru_nvcsw - usage.ru_nvcsw,
@@ -188,6 +194,78 @@ def print_table(rows: list[dict], one: int, two: int) -> None:
         print(f"kernels summed ({stat} each): {summed[one]:.3f} -> {summed[two]:.3f} ms, {summed[one] / summed[two]:.2f}x")
 
 
+def settings_worker(library: str) -> None:
+    """``--worker``: load ``library``; for each line (a run count) on stdin, one :func:`sample` as a JSON line."""
+    model = tvm_patdnn.load(library)
+    inputs = seeded_inputs(model)
+    sample(model, inputs, 5)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(sample(model, inputs, int(line))), flush=True)
+
+
+def process_cpu_ms(pid: int) -> float:
+    """ms the threads of process ``pid`` have run so far (``schedstat``: ns, unlike ``stat``'s ticks)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            total += int(Path(task, "schedstat").read_text().split()[0]) / 1e6
+    return total
+
+
+def wait_asleep(pid: int, window_s: float = 0.02, limit_s: float = 2.0) -> None:
+    """Wait until process ``pid`` runs under 5% of a core (its pool stops spinning after a sample)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        before = process_cpu_ms(pid)
+        time.sleep(window_s)
+        if process_cpu_ms(pid) - before < 0.05 * window_s * 1e3:
+            return
+
+
+def compare_settings(settings: dict[str, dict[str, str]], model, rounds: int, runs: int) -> dict[str, list[dict]]:
+    """Samples of the exported ``model`` in one process per setting (environment variables TVM's
+    pool reads when it starts: ``TVM_BIND_THREADS``, ``TVM_THREAD_POOL_SPIN_COUNT``...), the
+    processes taking turns, each sample after the previous process's pool went to sleep."""
+    samples: dict[str, list[dict]] = {label: [] for label in settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        library = model.export_library(Path(tmp) / "model.so")
+        workers = {label: subprocess.Popen([sys.executable, "-m", "benchmarks.threads", "--worker", str(library)],
+                                           env={**os.environ, **env}, cwd=Path(__file__).parents[1],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                   for label, env in settings.items()}
+        try:
+            for label, worker in workers.items():
+                if worker.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"the worker of setting {label!r} did not start")
+                wait_asleep(worker.pid)
+            order = list(settings)
+            for round_ in range(rounds):
+                for label in order[round_ % len(order):] + order[:round_ % len(order)]:
+                    worker = workers[label]
+                    worker.stdin.write(f"{runs}\n")
+                    worker.stdin.flush()
+                    samples[label].append(json.loads(worker.stdout.readline()))
+                    wait_asleep(worker.pid)
+                    s = samples[label][-1]
+                    print(f"round {round_} {label}: min {min(s['whole_ms']):.3f} median {statistics.median(s['whole_ms']):.3f} "
+                          f"ms, others {s['others']:.2f} cores, threads on CPUs "
+                          f"{sorted(t['cpu'] for t in s['threads'].values())}", flush=True)
+        finally:
+            for worker in workers.values():
+                worker.stdin.close()
+                worker.wait()
+    print("| setting | samples | min ms | p10 | p25 | median | p90 | others (median cores) | samples with its threads on one CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, runs_ in samples.items():
+        ms = [m for s in runs_ for m in s["whole_ms"]]
+        shared = sum(len({t["cpu"] for t in s["threads"].values()}) < len(s["threads"]) for s in runs_)
+        print(f"| {label} | {len(runs_)} | {min(ms):.3f} | {percentile(ms, 10):.3f} | {percentile(ms, 25):.3f} | "
+              f"{statistics.median(ms):.3f} | {percentile(ms, 90):.3f} | "
+              f"{statistics.median(s['others'] for s in runs_):.2f} | {shared} |")
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="pruned ONNX model (default: the benchmarks' VGG-16 CIFAR 8x)")
@@ -195,7 +273,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="inferences per sample (timed whole and per kernel)")
     parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a quiet box before a sample")
     parser.add_argument("--json", type=Path, help="write the rows and every sample here")
+    parser.add_argument("--settings", nargs="+", metavar="LABEL:VAR=VALUE,...",
+                        help="instead, the whole model at TVM_NUM_THREADS threads under each pool setting, one process each")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        settings_worker(args.worker)
+        return
+    if args.settings:
+        settings = {label: dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
+                    for label, _, pairs in (spec.partition(":") for spec in args.settings)}
+        model = tvm_patdnn.compile(args.model or twins("vgg16_cifar").pruned, "x86", tuning_db=False,
+                                   threads=tvm.runtime.num_threads())
+        samples = compare_settings(settings, model, args.rounds, args.runs)
+        if args.json:
+            args.json.write_text(json.dumps({"settings": settings, "samples": samples}, indent=1))
+        return
     counts = (1, tvm.runtime.num_threads())
     if counts[1] < 2:
         raise SystemExit("run with TVM_NUM_THREADS >= 2 (the pool only shrinks)")
@@ -224,7 +317,7 @@ def main() -> None:
             print(f"round {round_} {n}t: min {min(s['whole_ms']):.3f} median {statistics.median(s['whole_ms']):.3f} ms, "
                   f"others {s['others']:.2f} cores (waited {waited:.1f} s), switches "
                   f"{s['voluntary_switches']}/{s['involuntary_switches']}; threads run/queued ms "
-                  + " ".join(f"{t['run_ms']:.0f}/{t['wait_ms']:.1f}" for t in s["threads"].values())
+                  + " ".join(f"{t['run_ms']:.0f}/{t['wait_ms']:.1f} (cpu {t['cpu']})" for t in s["threads"].values())
                   + f" of {s['wall_ms']:.0f}", flush=True)
     quiet = {n: [s for s in samples[n] if s["others"] <= MAX_OTHERS] for n in counts}
     kept = quiet if all(quiet.values()) else samples
