@@ -181,6 +181,21 @@ def test_run_pinned_to_a_cpu_stays_there(library: Path, tmp_path: Path, x: np.nd
     assert f"affinity [{cpu}]" in done.stdout
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs for a 2-thread pool")
+def test_run_leaves_its_pool_threads_unbound(library: Path, tmp_path: Path, x: np.ndarray) -> None:
+    # TVM binds a 2-thread pool's worker to core 1, where it waits whenever another process runs there
+    np.save(tmp_path / "x.npy", x)
+    code = ("import glob, os; os.sched_setaffinity(0, range(os.cpu_count())); from tvm_patdnn.cli import main; "
+            f"assert main(['run', {str(library)!r}, '--input', {str(tmp_path / 'x.npy')!r}]) == 0; "
+            "print('threads', sorted({open(s).read().split('Cpus_allowed_list:')[1].split()[0] "
+            "for s in glob.glob('/proc/self/task/*/status')}))")
+    env = {**{k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}, "TVM_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    everywhere = f"0-{os.cpu_count() - 1}"
+    assert f"threads ['{everywhere}']" in done.stdout
+
+
 def test_bench_profile_names_every_kernel_of_the_model(library: Path, x: np.ndarray,
                                                       capsys: pytest.CaptureFixture) -> None:
     model = tvm_patdnn.load(library)
