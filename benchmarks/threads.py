@@ -19,6 +19,14 @@ counts each kernel's parallel regions in the generated code.
 
     .venv/bin/python -m benchmarks.threads --rounds 20 [--model /path/to/pruned.onnx] [--json out.json]
 
+``--settings`` times the whole model under settings TVM's pool reads when it starts, one process
+each, the processes taking turns (a sample starts after the previous process's pool went to
+sleep); give every variable its value (the benchmarks leave the pool unbound unless
+``TVM_BIND_THREADS`` is set, :func:`tvm_patdnn.targets.keep_cpu_pinning`):
+
+    .venv/bin/python -m benchmarks.threads --rounds 10 --settings bound:TVM_BIND_THREADS=1 \
+        unbound:TVM_BIND_THREADS=0 "1 thread:TVM_NUM_THREADS=1"
+
 Run it unpinned on a 2-core machine (the 2-thread samples need both cores); ``TVM_NUM_THREADS``
 is set to 2 here unless given.
 """
