@@ -14,8 +14,8 @@ Per kernel it prints the min and median over all inferences at 1 and 2 threads, 
 the kernel's share of the 2-thread loss (its 2-thread time minus half its 1-thread time, summed over
 kernels = what stands between the model and a 2x scaling). The min (and p10) is the statistic to
 read: the box is shared and a 2-thread inference waits for its slowest thread, so disturbances only
-add time. It also measures the fork/join cost of one parallel region (an empty parallel loop) and
-counts each kernel's parallel regions in the generated code.
+add time. Before every sample it measures the fork/join cost of one parallel region (an empty
+parallel loop), and it counts each kernel's parallel regions in the generated code.
 
     .venv/bin/python -m benchmarks.threads --rounds 20 [--model /path/to/pruned.onnx] [--json out.json]
 
@@ -81,8 +81,9 @@ def parallel_regions(model) -> dict[str, int]:
     return counts
 
 
-def empty_region_us(threads: int, calls: int = 20000) -> float:
-    """µs of one call of a kernel whose only work is a parallel loop of ``threads`` empty-ish tasks."""
+def empty_region(threads: int):
+    """A kernel whose only work is a parallel loop of ``threads`` one-store tasks, with its argument:
+    a call costs the pool's fork/join (:func:`region_us`)."""
     from tvm.script import tirx as T
 
     @T.prim_func
@@ -92,7 +93,12 @@ def empty_region_us(threads: int, calls: int = 20000) -> float:
 
     target = tvm.target.Target({"kind": "llvm", "num-cores": threads})
     fn = tvm.compile(tvm.IRModule({"main": touch.with_attr("global_symbol", "main")}), target)["main"]
-    arg = tvm.runtime.tensor(np.zeros((threads, 16), np.float32))
+    return fn, tvm.runtime.tensor(np.zeros((threads, 16), np.float32))
+
+
+def region_us(region, calls: int = 2000) -> float:
+    """Mean µs of one call of an :func:`empty_region` kernel."""
+    fn, arg = region
     fn(arg)
     start = time.perf_counter()
     for _ in range(calls):
@@ -132,9 +138,10 @@ def thread_times() -> dict[int, tuple[float, float, int]]:
     return times
 
 
-def sample(model, inputs: dict[str, np.ndarray], runs: int) -> dict:
+def sample(model, inputs: dict[str, np.ndarray], runs: int, region) -> dict:
     """``runs`` inferences timed one by one, then ``runs`` with per-kernel times; the CPU other
     processes took from this process's CPUs meanwhile (cores) and this process's context switches."""
+    region_cost = region_us(region)  # the pool's fork/join just before: does it follow the samples' spread?
     cpus = os.sched_getaffinity(0)
     main = model.vm["main"]
     args = [tvm.runtime.tensor(a) for a in check_inputs(model, inputs)]
@@ -151,7 +158,7 @@ def sample(model, inputs: dict[str, np.ndarray], runs: int) -> dict:
     after, ran = resource.getrusage(resource.RUSAGE_SELF), thread_times()
     busy_threads = {tid: (run - before[tid][0], wait - before[tid][1], cpu) for tid, (run, wait, cpu) in ran.items()
                     if tid in before and run - before[tid][0] > 0.1}
-    return {"threads": {tid: {"run_ms": r, "wait_ms": w, "cpu": c} for tid, (r, w, c) in busy_threads.items()},
+    return {"region_us": region_cost, "threads": {tid: {"run_ms": r, "wait_ms": w, "cpu": c} for tid, (r, w, c) in busy_threads.items()},
             "wall_ms": wall * 1e3, "whole_ms": whole, "kernels": {k.kernel: list(k.ms) for k in kernels},
             "others": max(0.0, cpus_busy_s(cpus) - busy - (time.process_time() - own)) / wall,
             "voluntary_switches": after.ru_nvcsw - usage.ru_nvcsw,
@@ -204,12 +211,12 @@ def print_table(rows: list[dict], one: int, two: int) -> None:
 
 def settings_worker(library: str) -> None:
     """``--worker``: load ``library``; for each line (a run count) on stdin, one :func:`sample` as a JSON line."""
-    model = tvm_patdnn.load(library)
+    model, region = tvm_patdnn.load(library), empty_region(tvm.runtime.num_threads())
     inputs = seeded_inputs(model)
-    sample(model, inputs, 5)
+    sample(model, inputs, 5, region)
     print("ready", flush=True)
     for line in sys.stdin:
-        print(json.dumps(sample(model, inputs, int(line))), flush=True)
+        print(json.dumps(sample(model, inputs, int(line), region)), flush=True)
 
 
 def process_cpu_ms(pid: int) -> float:
@@ -257,20 +264,22 @@ def compare_settings(settings: dict[str, dict[str, str]], model, rounds: int, ru
                     wait_asleep(worker.pid)
                     s = samples[label][-1]
                     print(f"round {round_} {label}: min {min(s['whole_ms']):.3f} median {statistics.median(s['whole_ms']):.3f} "
-                          f"ms, others {s['others']:.2f} cores, threads on CPUs "
+                          f"ms, others {s['others']:.2f} cores, empty region {s['region_us']:.2f} µs, threads on CPUs "
                           f"{sorted(t['cpu'] for t in s['threads'].values())}", flush=True)
         finally:
             for worker in workers.values():
                 worker.stdin.close()
                 worker.wait()
-    print("| setting | samples | min ms | p10 | p25 | median | p90 | others (median cores) | samples with its threads on one CPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| setting | samples | min ms | p10 | p25 | median | p90 | others (median cores) | empty region µs (median) | "
+          "samples with its threads on one CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, runs_ in samples.items():
         ms = [m for s in runs_ for m in s["whole_ms"]]
         shared = sum(len({t["cpu"] for t in s["threads"].values()}) < len(s["threads"]) for s in runs_)
         print(f"| {label} | {len(runs_)} | {min(ms):.3f} | {percentile(ms, 10):.3f} | {percentile(ms, 25):.3f} | "
               f"{statistics.median(ms):.3f} | {percentile(ms, 90):.3f} | "
-              f"{statistics.median(s['others'] for s in runs_):.2f} | {shared} |")
+              f"{statistics.median(s['others'] for s in runs_):.2f} | "
+              f"{statistics.median(s['region_us'] for s in runs_):.2f} | {shared} |")
     return samples
 
 
@@ -308,22 +317,18 @@ def main() -> None:
         resize_pool(n)
         np.testing.assert_allclose(models[n].run(inputs)[0], reference, rtol=1e-3, atol=1e-4)
     regions = parallel_regions(models[counts[1]])
-    empty = {}
-    for n in counts:
-        resize_pool(n)
-        empty[n] = empty_region_us(counts[1])
-    print(f"one empty parallel region: {empty[1]:.2f} µs at 1 thread, {empty[counts[1]]:.2f} µs at {counts[1]}; "
-          f"{sum(regions.values())} regions per inference in the {counts[1]}-thread build")
+    region = empty_region(counts[1])
+    print(f"{sum(regions.values())} parallel regions per inference in the {counts[1]}-thread build")
     samples: dict[int, list[dict]] = {n: [] for n in counts}
     settle()
     for round_ in range(args.rounds):
         for n in counts if round_ % 2 == 0 else counts[::-1]:
             resize_pool(n)
             waited = wait_quiet(args.wait)
-            samples[n].append({**sample(models[n], inputs, args.runs), "waited_s": waited})
+            samples[n].append({**sample(models[n], inputs, args.runs, region), "waited_s": waited})
             s = samples[n][-1]
             print(f"round {round_} {n}t: min {min(s['whole_ms']):.3f} median {statistics.median(s['whole_ms']):.3f} ms, "
-                  f"others {s['others']:.2f} cores (waited {waited:.1f} s), switches "
+                  f"others {s['others']:.2f} cores (waited {waited:.1f} s), empty region {s['region_us']:.2f} µs, switches "
                   f"{s['voluntary_switches']}/{s['involuntary_switches']}; threads run/queued ms "
                   + " ".join(f"{t['run_ms']:.0f}/{t['wait_ms']:.1f} (cpu {t['cpu']})" for t in s["threads"].values())
                   + f" of {s['wall_ms']:.0f}", flush=True)
@@ -334,9 +339,11 @@ def main() -> None:
           + ("; the table uses those" if kept is quiet else "; too few: the table uses all"))
     rows = summary(kept, regions)
     print_table(rows, *counts)
+    for n in counts:
+        cost = [s["region_us"] for s in kept[n]]
+        print(f"one empty parallel region at {n} thread(s): min {min(cost):.2f} µs, median {statistics.median(cost):.2f} µs")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "samples": samples, "empty_region_us": empty,
-                                         "regions": regions}, indent=1, default=str))
+        args.json.write_text(json.dumps({"rows": rows, "samples": samples, "regions": regions}, indent=1, default=str))
 
 
 if __name__ == "__main__":
