@@ -124,14 +124,15 @@ np.save(sys.argv[2], out.numpy())
 """
 
 
-def test_blocked_kernel_is_right_when_the_runtime_runs_two_threads(tmp_path):
+@pytest.mark.parametrize("height, width", [(14, 14), (4, 56)])
+def test_blocked_kernel_is_right_when_the_runtime_runs_two_threads(tmp_path, height, width):
     """A fresh process with TVM_NUM_THREADS=2 (the runtime's thread count is fixed at its start): two tiles
-    at 14x14, so the two threads split the filters."""
+    (7x2 at 14x14, 2x7 at 4x56), so the two threads split the filters."""
     _needs_avx2()
     rng = np.random.default_rng(11)
-    model = build_cnn(rng, (1, 16, 14, 14), [ConvSpec(12, connectivity=2.0)])
+    model = build_cnn(rng, (1, 16, height, width), [ConvSpec(12, connectivity=2.0)])
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    x = rng.standard_normal((1, 16, 14, 14)).astype(np.float32)
+    x = rng.standard_normal((1, 16, height, width)).astype(np.float32)
     weight, bias = (inits[name] for name in model.graph.node[0].input[1:3])
     np.savez(tmp_path / "in.npz", x=x, weight=weight, bias=bias)
     env = {**os.environ, "TVM_NUM_THREADS": "2", "TVM_BIND_THREADS": "0"}
