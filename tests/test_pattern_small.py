@@ -1,5 +1,5 @@
 """The small-image pattern kernels (2x2 and 4x4 outputs) against onnx.reference: every pattern of the
-layer, batch 2, bias and ReLU on and off, 1 and 2 threads, on AVX2 and AVX-512 builds."""
+layer, batch 2, bias and ReLU on and off, 1 to 3 threads, on AVX2 and AVX-512 builds."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def _check(target: dict, lanes: int, batch: int, channels: int, height: int, con
         (2, False, False, 8, 2),  # batch 2, no bias, no ReLU, two threads
         (2, True, False, 3, 2),  # a pattern count that is not a power of two
         (1, False, True, 12, 1),
+        (2, True, True, 8, 3),  # three threads: 40 filters do not split evenly
     ],
 )
 def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns, cores):
