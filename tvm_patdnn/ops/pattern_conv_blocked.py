@@ -13,11 +13,13 @@ touched: the block is read from L1 by all filters and only the weights stream, s
 (packed block -> filter -> kernel by :func:`blocked_weights`). A filter's tile accumulates in
 registers over its kernels of the block, from zero, and is added to an accumulation buffer after
 each block (loading the buffer before the block instead put its L2 latency on the FMAs' path:
-1.08-1.09x at 256x256 56x56, Zen 3). The
-pad stage copies each tile's window of every channel (``rows + 2`` lifted rows of ``columns + 2``
-vectors: :mod:`.pattern_conv`'s lifted rows, cut per tile) contiguously, so a block is one
-contiguous stretch of memory: reading the windows from the whole lifted image instead left a
-third of the L1 misses in place (the cache sets of a block's rows collide).
+1.08-1.09x at 256x256 56x56, Zen 3). The pad stage copies each tile's window of every channel
+(``rows + 2`` lifted rows of ``columns + 2`` vectors: :mod:`.pattern_conv`'s lifted rows, cut per
+tile) contiguously, so a block is one contiguous stretch of memory: reading the windows from the
+whole lifted image instead left a third of the L1 misses in place (the cache sets of a block's rows
+collide); with the image's channel pitch padded so that a block's windows fall on consecutive sets
+it was 1.04x and 0.92x at 256x256 56x56 (its pad is half the work, its kernel loop 0.94x), and the
+copy per (tile, block) just before the filters sweep it 0.95x.
 
 A (filter, block) has only ~block/3.6 kernels, so the kernels of all patterns are one loop (a loop
 per (filter, pattern) costs 20-60 cycles of set-up and mispredicted exits): each kernel carries
@@ -31,8 +33,8 @@ loads + 4 broadcasts + 4 offsets (32 cycles at two vector loads a cycle); a C lo
 from L1 ran at 1.0 FMA a cycle with 8 accumulators and 1.5 with 12 (Zen 3), so the loop is
 load-bound. Per (filter, block) run add ~65 cycles (256x256 56x56 with L1-resident input, blocks
 of 14 to 256 channels: ~37 cycles a kernel, ~65 a run; accumulators stored, a mispredicted exit)
-for ~8 kernels a run. Runs ordered by kernel count within a block (for the exit branch's
-prediction) measured 0.97-0.98x.
+for ~7 kernels a run. Runs ordered by kernel count within a block (so the exit branch's trip
+counts repeat) measured 1.13x and 0.97x, and 1.02-1.03x on top of the zero start.
 
 The tile computes the fewest padded vectors: 7x2 at 14 and 28 columns, 2x7 (whole lifted rows of 7
 vectors) at 56, where 7x2 rounds the row up to 8 vectors. Stride 1 only. The epilogue (filter
@@ -112,11 +114,12 @@ def blocked_applies(spec: PatternConvSpec) -> bool:
     """Whether a layer takes the channel-blocked kernel: AVX2 (8 lanes), stride 1, padding 1, 4-tap
     patterns, output rows of :data:`BLOCKED_WIDTHS` columns, at least :data:`BLOCKED_CHANNELS` input
     channels (half that from :data:`WHOLE_ROW_WIDTH` columns). Zen 3, 1 thread, TE operator / this
-    kernel, interleaved (``benchmarks/pattern_blocked.py``, two runs each): VGG-16 224's 512x512
-    28x28 1.65x, 256x256 56x56 1.29-1.36x, 512x256 28x28 1.29-1.43x, 256x128 56x56 1.42-1.51x;
-    session 11's 512x512 14x14 1.27-1.35x, 256x256 14x14 1.18-1.23x. Not taken: 128x128 28x28
-    0.74-1.02x, 64x64 56x56 0.88-0.99x, 512x512 7x7 1.02-1.13x, CIFAR's 32x32 0.79x, 16x16
-    0.84-1.00x, 8x8 1.10-1.12x (its shipped records stay), 4x4 0.68-0.77x."""
+    kernel, interleaved (``benchmarks/pattern_blocked.py``, 3-5 runs on a shared box): VGG-16 224's
+    512x512 28x28 1.33-1.65x, 512x512 14x14 1.38-1.48x, 256x256 56x56 1.16-1.36x, 256x128 56x56
+    1.12-1.51x, 512x256 28x28 0.99-1.43x (1.29x, 1.43x, 1.14x, 1.04x, 0.99x); session 11's 256x256
+    14x14 1.18-1.23x. Not taken: 128x128 28x28 0.74-1.02x, 64x64 56x56 0.88-0.99x, 512x512 7x7
+    1.02-1.13x, CIFAR's 32x32 0.79x, 16x16 0.84-1.00x, 8x8 1.10-1.12x (its shipped records stay),
+    4x4 0.68-0.77x."""
     channels = BLOCKED_CHANNELS // (2 if spec.out_width >= WHOLE_ROW_WIDTH else 1)
     return (spec.vector_width == LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
             and spec.taps == 4 and spec.out_width in BLOCKED_WIDTHS and spec.in_channels >= channels)
