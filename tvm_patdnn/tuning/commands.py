@@ -65,9 +65,11 @@ def format_results(results: TuneResults) -> str:
     and why the tune stopped early, if it did."""
 
     def verdict(r) -> str:
-        if r.kept is None:
-            return "unverified"
-        return "kept" if r.kept else f"default ({r.candidate_speedup:.2f}x)"
+        if r.kept is not None:
+            return "kept" if r.kept else f"default ({r.candidate_speedup:.2f}x)"
+        if r.kind != "dense" and r.best_ms is not None and r.best_ms == r.default_ms:
+            return "default (none faster)"  # the search found nothing faster: nothing to verify
+        return "unverified"
 
     rows = [[r.name, r.kind, str(r.weight), str(r.trials),
              f"{r.default_ms:.4g}" if r.default_ms is not None else "-",

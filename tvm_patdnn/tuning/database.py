@@ -134,7 +134,7 @@ class Verification:
     record: ms.database.TuningRecord
     kernel: str
     kept: bool
-    speedup: float  # the median over rounds of default / candidate
+    speedup: float  # default / candidate over the rounds (the tuner's ``_verified_speedup``)
     default_ms: tuple[float, ...]
     candidate_ms: tuple[float, ...]
     trials: int
