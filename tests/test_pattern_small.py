@@ -49,7 +49,8 @@ def _check(target: dict, lanes: int, batch: int, channels: int, height: int, con
 )
 def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns, cores):
     """AVX2: each kernel's lanes are shuffled in registers from the channel's 4 values (``vpshufb``
-    with its pattern's control bytes), threads take interleaved filters."""
+    with its pattern's control bytes); each thread takes a contiguous run of filters holding its share
+    of the kernels."""
     conv = ConvSpec(40, connectivity=1.5, bias=bias, relu=relu, n_patterns=patterns)
     _check({**AVX2, "num-cores": cores}, 8, batch, 48, 2, conv, seed=patterns * 2 + batch)
 
@@ -61,17 +62,20 @@ def test_avx512_2x2_kernel_matches_the_onnx_reference(batch, bias, relu):
 
 
 @pytest.mark.parametrize(
-    "batch, channels, bias, relu, patterns, cores",
+    "batch, channels, connectivity, bias, relu, patterns, cores",
     [
-        (1, 48, True, True, 8, 1),  # VGG's 4x4 layers: 8 patterns, one thread
-        (2, 48, False, False, 8, 2),  # batch 2, no bias, no ReLU, two threads
-        (2, 1, True, False, 3, 2),  # one input channel
-        (1, 20, False, True, 12, 1),
+        (1, 48, 1.5, True, True, 8, 1),  # VGG's 4x4 layers: 8 patterns, one thread
+        (2, 48, 1.5, False, False, 8, 2),  # batch 2, no bias, no ReLU, two threads
+        (2, 1, 1.0, True, False, 3, 2),  # one input channel
+        (1, 20, 1.5, False, True, 12, 1),
+        (2, 48, 1.5, True, True, 8, 3),  # three threads: 40 filters do not split evenly
+        (1, 2, 2.0, True, False, 3, 3),  # filters left with no kernel, sorted last: the last thread's
     ],
 )
-def test_avx2_4x4_kernel_matches_the_onnx_reference(batch, channels, bias, relu, patterns, cores):
-    """AVX2: each tap's two output rows are shuffled in registers from the channel's two vectors."""
-    conv = ConvSpec(40, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu, n_patterns=patterns)
+def test_avx2_4x4_kernel_matches_the_onnx_reference(batch, channels, connectivity, bias, relu, patterns, cores):
+    """AVX2: each tap's two output rows are shuffled in registers from the channel's two vectors; each
+    thread takes a contiguous run of filters holding its share of the kernels."""
+    conv = ConvSpec(40, connectivity=connectivity, bias=bias, relu=relu, n_patterns=patterns)
     _check({**AVX2, "num-cores": cores}, 8, batch, channels, 4, conv, seed=patterns * 3 + batch)
 
 

@@ -28,9 +28,9 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..arith import ceil_div
 from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+from .pattern_conv_2x2 import thread_filters
 
 __all__ = ["shifted_rows_apply", "pattern_conv_4x4_primfunc"]
 
@@ -60,9 +60,9 @@ def _tap_rows(images, base, top: int, shift: int):
 def pattern_conv_4x4_primfunc(spec: PatternConvSpec, threads: int = 1) -> tirx.PrimFunc:
     """The scheduled PrimFunc of one 4x4 pattern conv on AVX2 (see the module docstring); the
     arguments of :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc` on AVX-512: data,
-    values, channels, offsets, order (FKW's: stored filter -> output channel), [bias], out. Thread t
-    of ``threads`` takes the filters t, t + threads, ... (FKW sorts filters by kernel count, so
-    contiguous chunks would be unequal)."""
+    values, channels, offsets, order (FKW's: stored filter -> output channel), [bias], out. Each
+    thread takes a contiguous run of filters holding its share of the kernels
+    (:func:`~tvm_patdnn.ops.pattern_conv_2x2.thread_filters`)."""
     if not shifted_rows_apply(spec, _LANES):
         raise ValueError("the shifted-rows kernel takes 4x4 images, stride 1, padding 1, 4 taps, 8 lanes")
     n_, c_, f_, p_ = spec.batch, spec.in_channels, spec.out_channels, len(spec.patterns)
@@ -107,9 +107,9 @@ def pattern_conv_4x4_primfunc(spec: PatternConvSpec, threads: int = 1) -> tirx.P
                     T.buffer_store(outputs, value, [tirx.Ramp((n * f_ + fo) * pixels + h * _LANES, 1, _LANES)])
 
             with T.parallel(0, threads) as t:
-                with T.serial(0, ceil_div(n_ * f_, threads)) as i:
-                    with T.If(i * threads + t < n_ * f_):
-                        with T.Then():
-                            filter_task(i * threads + t)
+                first, last = thread_filters(offsets, f_, p_, threads, t)
+                with T.serial(first, last) as f:
+                    with T.serial(0, n_) as n:
+                        filter_task(n * f_ + f)
     func = builder.get().without_attr("global_symbol")
     return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "shifted_rows": 1})
