@@ -27,6 +27,10 @@ sleep); give every variable its value (the benchmarks leave the pool unbound unl
     .venv/bin/python -m benchmarks.threads --rounds 10 --settings bound:TVM_BIND_THREADS=1 \
         unbound:TVM_BIND_THREADS=0 "1 thread:TVM_NUM_THREADS=1"
 
+``--one-thread`` runs the 2-thread build on one thread as well (the pool shrunk to 1), so its
+"2t" columns are what the parallel code costs a thread beyond the 1-thread build's code (regions,
+per-task allocations, outlined loop bodies): measurable on a busy box, where 2-thread samples are not.
+
 Run it unpinned on a 2-core machine (the 2-thread samples need both cores); ``TVM_NUM_THREADS``
 is set to 2 here unless given.
 """
@@ -169,13 +173,13 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def summary(samples: dict[int, list[dict]], regions: dict[str, int]) -> list[dict]:
+def summary(samples: dict[int, list[dict]], regions: dict[str, int], calls: dict[str, int]) -> list[dict]:
     """One row per kernel (and the whole model): min, p10 and median at each count, scaling, loss."""
     one, two = (min(samples), max(samples))
     names = list(samples[one][0]["kernels"])
     rows = []
     for name in [*names, "whole model"]:
-        row = {"kernel": name, "regions": regions.get(name, 0)}
+        row = {"kernel": name, "calls": calls.get(name, 1), "regions": regions.get(name, 0)}  # regions per call
         for threads in (one, two):
             if name == "whole model":
                 values = [ms for s in samples[threads] for ms in s["whole_ms"]]
@@ -195,12 +199,12 @@ def summary(samples: dict[int, list[dict]], regions: dict[str, int]) -> list[dic
 
 
 def print_table(rows: list[dict], one: int, two: int) -> None:
-    print(f"| kernel | regions | {one}t min ms | {one}t median | {two}t min ms | {two}t p10 | {two}t median | "
+    print(f"| kernel | calls | regions per call | {one}t min ms | {one}t median | {two}t min ms | {two}t p10 | {two}t median | "
           "scaling (min) | scaling (median) | loss (p10) µs | share of loss (p10) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows[:-1], key=lambda r: -r[one]["min"]) + rows[-1:]:
         share = f"{r['share_p10']:.0%}" if "share_p10" in r else ""
-        print(f"| {r['kernel'][:44]} | {r['regions']} | {r[one]['min']:.4f} | {r[one]['median']:.4f} | {r[two]['min']:.4f} | "
+        print(f"| {r['kernel'][:44]} | {r['calls']} | {r['regions']} | {r[one]['min']:.4f} | {r[one]['median']:.4f} | {r[two]['min']:.4f} | "
               f"{r[two]['p10']:.4f} | {r[two]['median']:.4f} | {r['scaling_min']:.2f}x | {r['scaling_median']:.2f}x | "
               f"{r['loss_p10'] * 1e3:.0f} | {share} |")
     kernels = rows[:-1]
@@ -289,6 +293,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="samples per thread count, alternating")
     parser.add_argument("--runs", type=int, default=20, help="inferences per sample (timed whole and per kernel)")
     parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a quiet box before a sample")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="run the multi-thread build on one thread too: what parallel code costs per thread")
     parser.add_argument("--json", type=Path, help="write the rows and every sample here")
     parser.add_argument("--settings", nargs="+", metavar="LABEL:VAR=VALUE,...",
                         help="instead, the whole model at TVM_NUM_THREADS threads under each pool setting, one process each")
@@ -318,12 +324,14 @@ def main() -> None:
         np.testing.assert_allclose(models[n].run(inputs)[0], reference, rtol=1e-3, atol=1e-4)
     regions = parallel_regions(models[counts[1]])
     region = empty_region(counts[1])
-    print(f"{sum(regions.values())} parallel regions per inference in the {counts[1]}-thread build")
+    calls = {k.kernel: k.calls for k in kernel_runs(models[counts[1]], inputs, 1, 0)}
+    print(f"{sum(regions.get(name, 0) * n for name, n in calls.items())} parallel regions per inference in the "
+          f"{counts[1]}-thread build")
     samples: dict[int, list[dict]] = {n: [] for n in counts}
     settle()
     for round_ in range(args.rounds):
         for n in counts if round_ % 2 == 0 else counts[::-1]:
-            resize_pool(n)
+            resize_pool(1 if args.one_thread else n)
             waited = wait_quiet(args.wait)
             samples[n].append({**sample(models[n], inputs, args.runs, region), "waited_s": waited})
             s = samples[n][-1]
@@ -337,7 +345,7 @@ def main() -> None:
     print(f"samples with other processes under {MAX_OTHERS} core: "
           + ", ".join(f"{len(quiet[n])} of {len(samples[n])} at {n}t" for n in counts)
           + ("; the table uses those" if kept is quiet else "; too few: the table uses all"))
-    rows = summary(kept, regions)
+    rows = summary(kept, regions, calls)
     print_table(rows, *counts)
     for n in counts:
         cost = [s["region_us"] for s in kept[n]]
