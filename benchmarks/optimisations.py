@@ -35,7 +35,10 @@ operator and schedule for this machine, and again with one optimisation taken aw
   written and read back); "pad per column block" builds it per row block instead, "pad per block"
   pads the whole image first, "output stage in the tile" runs the output stage as its own pass;
   the narrow tile: fused layers of at most 64 input channels take an 8x1 register tile (without:
-  the layout's 4x2).
+  the layout's 4x2);
+* tile in registers across runs (every layout): the register tile's buffer on the stack, which LLVM
+  keeps in registers from its init to its store (without: in heap workspace, as TVM places a
+  "local" buffer, so every (filter, pattern) run ended by storing the whole tile).
 
 Layout alternatives (``--variants "windows 8 lanes 2x2" ...``, not run by default) replace the
 default's layout on the layers they apply to (stride 1, at most 16 output pixels: VGG's 4x4 and
@@ -83,7 +86,7 @@ from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import FKWWeight, pack_fkw
 from tvm_patdnn.ops.pattern_conv import WINDOW_PIXELS, PatternConvSpec, pattern_conv2d_primfunc, target_layout
 from tvm_patdnn.schedule_rules.kernel_runs import bound_kernel_runs
-from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs, schedule_pattern_conv_cpu
+from tvm_patdnn.schedule_rules.pattern_conv_cpu import ACCUMULATOR_SCOPE, default_knobs, schedule_pattern_conv_cpu
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
 from .layers import save_results
@@ -113,6 +116,7 @@ class Variant:
     pad: int | None = None  # fused layouts: the pad's location (Knobs.pad); None: the rule's
     output_in_tile: bool = True
     narrow_tile: bool = True
+    tile_in_registers: bool = True
     # A layout to compare rather than an optimisation to take away: (lanes, column tile, tap partial
     # sums) of the windows layout, forced on layers it applies to (stride 1, at most 16 output pixels).
     windows: tuple[int, int, int] | None = None
@@ -139,6 +143,7 @@ VARIANTS = {
     "pad per block": Variant(pad=-1),  # the whole padded image first
     "output stage in the tile": Variant(output_in_tile=False),
     "narrow tile": Variant(narrow_tile=False),
+    "tile in registers across runs": Variant(tile_in_registers=False),
     # Alternatives, not removals (ratio below 1: the alternative is faster than the default):
     "windows 8 lanes 2x2": Variant(windows=(8, 2, 2)),  # 2 vectors x 2 tap partial sums
     "windows 8 lanes 2x4": Variant(windows=(8, 2, 4)),
@@ -183,7 +188,8 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
     if knobs.pad is not None and variant.pad is not None:
         knobs = dataclasses.replace(knobs, pad=variant.pad)
     schedule_pattern_conv_cpu(sch, knobs, code_per_pattern=variant.code_per_pattern,  # as PatternConvCPU does
-                              vector_output=variant.vector_output, output_in_tile=variant.output_in_tile)
+                              vector_output=variant.vector_output, output_in_tile=variant.output_in_tile,
+                              accumulator_scope=ACCUMULATOR_SCOPE if variant.tile_in_registers else "local")
     func = bound_kernel_runs(sch.mod["main"], prefetch=variant.prefetch) if variant.bounded_runs else sch.mod["main"]
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     args = [fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]

@@ -28,14 +28,19 @@ from ..arith import largest_divisor
 from ..ops.pattern_conv import PATTERN_CONV_ATTR, TALL_TILE, is_lifted, is_pattern_conv
 from .kernel_runs import bound_kernel_runs
 
-__all__ = ["NARROW_TILE", "NARROW_TILE_CHANNELS", "UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule",
-           "default_knobs", "schedule_pattern_conv_cpu"]
+__all__ = ["ACCUMULATOR_SCOPE", "NARROW_TILE", "NARROW_TILE_CHANNELS", "UNROLL_STEPS", "Knobs", "PatternConvCPU",
+           "apply_default_schedule", "default_knobs", "schedule_pattern_conv_cpu"]
 
 # LLVM unroll depth of the nest (meta_schedule's "unroll_explicit" annotation, MutateUnroll).
 UNROLL_STEPS = (0, 16, 64, 512)
 _MAX_TILE = 8  # accumulator vectors per tile dimension sampled at least; their product is left to the cost model
 NARROW_TILE = (8, 1)  # (rows, vectors) of the register tile of fused layouts with few input channels
 NARROW_TILE_CHANNELS = 64  # input channels, at most, for the NARROW_TILE
+# Storage scope of the register tile's buffer. TVM 0.27 (LowerTVMBuiltin) keeps a small CPU buffer
+# on the stack only in "global" scope; a "local" one is heap workspace (TVMBackendAllocWorkspace),
+# whose pointer LLVM cannot promote to registers, so it stored all the tile's accumulators after
+# every (filter, pattern) run. On the stack, SROA keeps the tile in registers from init to store.
+ACCUMULATOR_SCOPE = "global"
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,8 @@ def apply_default_schedule(sch: s_tir.Schedule, target: Target) -> None:
 
 
 def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *, code_per_pattern: bool = True,
-                              vector_output: bool = True, output_in_tile: bool = True) -> None:
+                              vector_output: bool = True, output_in_tile: bool = True,
+                              accumulator_scope: str = ACCUMULATOR_SCOPE) -> None:
     """Schedule the blocks of :func:`~tvm_patdnn.ops.pattern_conv.pattern_conv2d_primfunc`:
     sampled knobs when ``knobs`` is None (the design space), else those.
 
@@ -168,9 +174,12 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     Fused layouts (``fused`` in the layout attribute) compute the pad where the ``pad`` knob says
     (per column block by default) and run the output stage under the register tile: the tile is
     stored once, with bias and ReLU, and no accumulator buffer remains.
+    The register tile's buffer is in :data:`ACCUMULATOR_SCOPE`, so it stays in registers across
+    the (filter, pattern) runs.
     ``code_per_pattern=False`` (pattern and tap loops not unrolled: every tap's offset looked up
-    at run time), ``vector_output=False`` and ``output_in_tile=False`` (a fused layout's output
-    stage as a separate pass) exist to measure what they are worth (``benchmarks/optimisations.py``).
+    at run time), ``vector_output=False``, ``output_in_tile=False`` (a fused layout's output
+    stage as a separate pass) and ``accumulator_scope="local"`` (the tile in heap workspace, stored
+    after every run) exist to measure what they are worth (``benchmarks/optimisations.py``).
     """
     func = sch.mod["main"]
     layout = func.attrs[PATTERN_CONV_ATTR]
@@ -210,7 +219,7 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     unroll = (sch.sample_categorical(list(UNROLL_STEPS), [1.0 / len(UNROLL_STEPS)] * len(UNROLL_STEPS))
               if knobs is None else tirx.IntImm("int32", UNROLL_STEPS[knobs.unroll]))
     sch.annotate(acc, "meta_schedule.unroll_explicit", unroll)
-    store = sch.cache_write(acc, 0, "local")
+    store = sch.cache_write(acc, 0, accumulator_scope)
     # Unit loops stay, so the number of loops (instruction outputs in the trace) is the same
     # for every tile size a mutator may pick.
     sch.reverse_compute_at(store, xo_inside, preserve_unit_loops=True)
