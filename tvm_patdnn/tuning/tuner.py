@@ -546,9 +546,10 @@ def _evaluator(repeat: int, flush: bool) -> ms.runner.EvaluatorConfig:
     """Every measurement: ``repeat`` single runs, each after the arguments but the first (the
     input, which the previous layer leaves in cache) are flushed from the CPU caches, as a kernel
     finds its weights in a model; its time is their median (``_Bench.run``). meta_schedule's usual
-    mean over 40 ms windows counts whatever else runs on the core: on a shared core it read 3-12x
-    the kernel's time per call (session 12: conv1's default 2.95 ms in the search, 0.20-0.25 ms
-    per call in the same minutes). Cache flushing is a CPU instruction on host memory: ``flush``
+    mean over 40 ms windows counts whatever else runs on the core: on a shared core it read 2-12x
+    the kernel's time (session 12, VGG-16 CIFAR conv1's default on a busy core: 2.95 ms in a
+    search; in one process, alternating, 0.48-1.49 ms that way and 0.20-0.27 ms as the median of
+    single runs). Cache flushing is a CPU instruction on host memory: ``flush``
     is False for GPU arguments."""
     return ms.runner.EvaluatorConfig(number=1, repeat=repeat, min_repeat_ms=0, enable_cpu_cache_flush=flush)
 
