@@ -25,7 +25,9 @@ interleaved rounds (the box is shared), medians reported:
   ``tvm_patdnn/ops/dense_conv.py``) and ``no output prefetch`` (``DenseConvRewrite``'s kernels with a
   GEMM that does not prefetch the residual and output lines its epilogue reads and writes,
   ``prefetch_output``; also a whole-model variant, to compare with ``gemm+direct``: the layers
-  alone keep their outputs in cache, a model's residual adds read theirs from L3 or memory);
+  alone keep their outputs in cache, a model's residual adds read theirs from L3 or memory) and
+  ``wide last tile`` (``DenseConvRewrite``'s kernels with a GEMM whose last pixel tile is a whole
+  tile even where one vector covers the pixels left, ``narrow_tail``; also a whole-model variant);
 - ``filters outer`` (``--variants`` only): the GEMM with its filter tiles outside on every layer.
 
 With ``--cold`` each layer's sample is the median of single calls, each after the caches were
@@ -103,9 +105,10 @@ RTOL = 1e-3
 FLUSH_BYTES = 64 * 1024 * 1024
 COLD_CALLS = 5
 VARIANTS = ["tvm_patdnn", "gemm", "direct", "old rule", "no panel copy", "1 pixel vector", "pixels outer",
-            "no output prefetch", "filters outer", "tuned"]
-ABLATIONS = ["no panel copy", "1 pixel vector", "pixels outer", "no output prefetch"]
-MODEL_VARIANTS = ["1x1 on gemm", "1x1 on direct", "gemm+direct", "no output prefetch", "gemm", "old rule", "tuned"]
+            "no output prefetch", "wide last tile", "filters outer", "tuned"]
+ABLATIONS = ["no panel copy", "1 pixel vector", "pixels outer", "no output prefetch", "wide last tile"]
+MODEL_VARIANTS = ["1x1 on gemm", "1x1 on direct", "gemm+direct", "no output prefetch", "wide last tile", "gemm", "old rule",
+                  "tuned"]
 
 
 class PointwiseOnly(DenseConvRewriter):
@@ -134,6 +137,7 @@ def compile_variant(model: onnx.ModelProto, variant: str, target: tvm.target.Tar
                    "1 pixel vector": {"kernel": "gemm", "vectors": 1},
                    "pixels outer": {"kernel": "gemm", "filters_outer": False},
                    "no output prefetch": {"prefetch_output": False},
+                   "wide last tile": {"narrow_tail": False},
                    "filters outer": {"kernel": "gemm", "filters_outer": True}}[variant]
         mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), **options)(mod)
     return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))

@@ -214,6 +214,37 @@ def test_epilogue_prefetch_matches_reference(prefetch):
     assert_close(actual, reference_outputs(model, {model.graph.input[0].name: x})[0])
 
 
+@pytest.mark.parametrize("narrow", [True, False])
+@pytest.mark.parametrize("filters_outer", [False, True])
+def test_narrow_last_pixel_tile_matches_reference(narrow, filters_outer, monkeypatch):
+    """When at most one vector of pixels is left after the whole pixel tiles, the GEMM's last tile is
+    one vector wide (``narrow_tail``, the default; a 7x7 output computes 56 pixels, not 64), in both
+    loop orders; with it off, a whole overlapping tile: both against onnx.reference with 196 pixels
+    (a stride-2 1x1, one and two reduction blocks, a residual) and 49 (a 3x3 stride 2, a 1x1),
+    channels no tile divides, batch 2."""
+    def tail_vectors(pixels):
+        return DenseConvSpec.for_target(16, 8, batch=1, in_channels=8, height=pixels, width=1,
+                                        out_channels=8).tail.vectors
+
+    assert [tail_vectors(p) for p in (49, 196, 63, 64, 8, 20)] == [1, 1, 2, 2, 1, 1]
+    if filters_outer:
+        monkeypatch.setattr(dense_conv, "FILTERS_OUTER_WEIGHT_BYTES", 0)
+    no_pad = (0, 0, 0, 0)
+    convs = [ConvSpec(37, kind="1x1", pads=no_pad, stride=2), ConvSpec(300, kind="1x1", pads=no_pad),
+             ConvSpec(300, kind="1x1", pads=no_pad, residual=True), ConvSpec(40, kind="dense", stride=2),
+             ConvSpec(37, kind="1x1", pads=no_pad)]
+    model = build_cnn(np.random.default_rng(11), (2, 13, 28, 28), convs)
+    target = resolve_target("x86")
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), kernel="gemm", narrow_tail=narrow)(mod)
+    kernels = [f for f in mod.functions.values() if f.attrs is not None and DENSE_CONV_ATTR in f.attrs]
+    assert len(kernels) == 5
+    executable = tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
+    x = np.random.default_rng(11).standard_normal((2, 13, 28, 28)).astype(np.float32)
+    actual = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert_close(actual, reference_outputs(model, {model.graph.input[0].name: x})[0])
+
+
 def test_register_tile_follows_the_target():
     assert register_tile(16, 8, 3136) == (6, 2, 8)  # AVX2: 12 accumulators + 2 inputs + broadcast + spare
     assert register_tile(32, 16, 3136) == (14, 2, 16)  # AVX-512: 28 of 32 zmm

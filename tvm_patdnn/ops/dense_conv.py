@@ -27,7 +27,13 @@ row-wise vector), and the loop nest is the one of a GEMM micro-kernel:
   512->1024 s2 at 28x28 (2 MB) 1.05x and 1.03x, ties on the 1 MB layers). ``patdnn tune``
   measures both orders where the weights reach L2's size, on every target;
 * the last pixel tile overlaps the one before instead of running a masked tail (stores of the
-  overlap write identical values), so every load and store is a full vector;
+  overlap write identical values), so every load and store is a full vector; when at most one
+  vector of pixels is left after the whole tiles it is one vector wide (``narrow_tail``): a 7x7
+  output computes 56 pixels for 49 instead of 64, a 14x14 one 200 for 196 instead of 208 (its
+  6 x 1 accumulators are too few chains to hide the FMA latency, so it runs at about 3/4 of the
+  rate; Zen 3, 1 thread, interleaved: 1024->2048 s2 to 7x7 1.03-1.09x alone and 1.11x in the
+  dense ResNet-50, per-call minimum over 20 inferences; its 14x14 layers 0.98-1.06x alone, 0.99-1.05x
+  in the model);
 * bias, a residual input, ReLU or clip are applied to the accumulators before the one store;
   the lines that store reads (residual) and writes (output) are prefetched before the tile's
   multiply-adds (``prefetch_output``): a tile's 16 pixels of 6 filters are 6 rows ``P * 4`` bytes
@@ -113,6 +119,7 @@ class DenseConvSpec:
     pack_panel: bool = True  # False (pointwise only): read the NCHW input in place, to measure the copy's worth
     filters_outer: bool = False  # filter tiles outside the pixel tiles (for_target: default_filters_outer)
     prefetch_output: bool = True  # prefetch the tile's residual and output lines before its multiply-adds
+    narrow_tail: bool = True  # the last pixel tile one vector wide when at most a vector of pixels is left
 
     def __post_init__(self):
         check_activation(self.activation)
@@ -171,6 +178,15 @@ class DenseConvSpec:
     @property
     def pixel_tile(self) -> int:
         return self.vectors * self.lanes
+
+    @property
+    def tail(self) -> DenseConvSpec:
+        """The spec of the last pixel tile: one vector wide (overlapping the tile before) when
+        ``narrow_tail`` and at most one vector of pixels is left after the whole tiles, else this one."""
+        left = self.pixels % self.pixel_tile
+        if self.narrow_tail and self.vectors > 1 and 0 < left <= self.lanes:
+            return dataclasses.replace(self, vectors=1)
+        return self
 
     @property
     def channel_block(self) -> int:
@@ -401,16 +417,19 @@ def _pixels_outer(spec: DenseConvSpec, source, weight, epilogue) -> None:
     blocks = ceil_div(spec.in_channels, cb)
     with T.parallel(0, n_ * tiles) as task:
         n = task // tiles
-        base = T.min((task % tiles) * tp, p_ - tp)
         panel = T.decl_buffer((cb * window * tp,), "float32") if spec.pack_panel else None
         partial = T.decl_buffer((spec.filter_tiles * mr * tp,), "float32") if blocks > 1 else None
-        with T.serial(0, blocks) as kb:
-            first = kb * cb
-            count = T.min(cb, spec.in_channels - first)
-            if panel is not None:
-                _pack_panel(spec, source, panel, n, base, first, count)
-            with T.serial(0, spec.filter_tiles) as ft:
-                _micro_kernel(spec, panel, partial, source, weight, n, base, ft, kb, first, count, blocks, epilogue)
+
+        def sweep(tile: DenseConvSpec, base) -> None:
+            with T.serial(0, blocks) as kb:
+                first = kb * cb
+                count = T.min(cb, spec.in_channels - first)
+                if panel is not None:
+                    _pack_panel(tile, source, panel, n, base, first, count)
+                with T.serial(0, spec.filter_tiles) as ft:
+                    _micro_kernel(tile, panel, partial, source, weight, n, base, ft, kb, first, count, blocks, epilogue)
+
+        _by_tile(spec, task % tiles, sweep)
 
 
 def _filters_outer(spec: DenseConvSpec, source, weight, epilogue) -> None:
@@ -424,13 +443,38 @@ def _filters_outer(spec: DenseConvSpec, source, weight, epilogue) -> None:
         return T.decl_buffer((k_ * tp,), "float32", data=panels.data, elem_offset=index * (k_ * tp))
 
     with T.parallel(0, n_ * tiles) as task:
-        base = T.min(task % tiles * tp, p_ - tp)
-        _pack_panel(spec, source, panel(task), task // tiles, base, 0, spec.in_channels)
+        _by_tile(spec, task % tiles,
+                 lambda tile, base: _pack_panel(tile, source, panel(task), task // tiles, base, 0, spec.in_channels))
+    tail = spec.tail
     with T.parallel(0, n_ * filter_tiles) as task:
         n, ft = task // filter_tiles, task % filter_tiles
-        with T.serial(0, tiles) as t:
-            _micro_kernel(spec, panel(n * tiles + t), None, source, weight, n, T.min(t * tp, p_ - tp), ft, 0, 0,
-                          spec.in_channels, 1, epilogue)
+
+        def sweep(tile: DenseConvSpec, t, base) -> None:
+            _micro_kernel(tile, panel(n * tiles + t), None, source, weight, n, base, ft, 0, 0, spec.in_channels, 1,
+                          epilogue)
+
+        if tail is spec:
+            with T.serial(0, tiles) as t:
+                sweep(spec, t, T.min(t * tp, p_ - tp))
+        else:
+            with T.serial(0, tiles - 1) as t:
+                sweep(spec, t, t * tp)
+            sweep(tail, tiles - 1, p_ - tail.pixel_tile)
+
+
+def _by_tile(spec: DenseConvSpec, index, body) -> None:
+    """``body(tile spec, first pixel)`` of pixel tile ``index``: the last one is :attr:`DenseConvSpec.tail`
+    (its own code, ending at the last pixel), the others whole tiles (the last overlapping the one
+    before when the tail is a whole tile)."""
+    tail, tp, p_ = spec.tail, spec.pixel_tile, spec.pixels
+    if tail is spec:
+        body(spec, T.min(index * tp, p_ - tp))
+        return
+    with T.If(index < ceil_div(p_, tp) - 1):
+        with T.Then():
+            body(spec, index * tp)
+        with T.Else():
+            body(tail, p_ - tail.pixel_tile)
 
 
 def _with_attrs(func: tirx.PrimFunc, spec: DenseConvSpec) -> tirx.PrimFunc:

@@ -107,7 +107,8 @@ class DenseConvRewriter:
     ``vectors`` (pixel vectors per GEMM register tile), ``pack_panel`` (copy each input panel
     before the filters sweep it; strided convs always do), ``filters_outer`` (the GEMM's loop
     order where it packs panels; None: the rule's, :attr:`DenseConvSpec.default_filters_outer`),
-    ``prefetch_output`` (the GEMM prefetches its epilogue's lines, :attr:`DenseConvSpec.prefetch_output`)
+    ``prefetch_output`` (the GEMM prefetches its epilogue's lines, :attr:`DenseConvSpec.prefetch_output`),
+    ``narrow_tail`` (the GEMM's last pixel tile one vector wide when that covers it, :attr:`DenseConvSpec.tail`)
     and ``kernel`` (``"auto"``: the rule of :meth:`kernel_for`; ``"gemm"`` or ``"direct"``: that
     kernel wherever it applies) exist to measure what they are worth. ``choices``
     (:class:`~.kernel_choice.KernelChoices`, from ``patdnn tune``'s records) overrides the rules
@@ -118,11 +119,11 @@ class DenseConvRewriter:
 
     def __init__(self, registers: int = 16, lanes: int = 8, vectors: int = 2, pack_panel: bool = True,
                  kernel: str = "auto", choices: KernelChoices | None = None, filters_outer: bool | None = None,
-                 prefetch_output: bool = True):
+                 prefetch_output: bool = True, narrow_tail: bool = True):
         if kernel not in self.KERNELS:
             raise ValueError(f"kernel {kernel!r} is not one of {self.KERNELS}")
         self.registers, self.lanes, self.vectors, self.pack_panel = registers, lanes, vectors, pack_panel
-        self.filters_outer, self.prefetch_output = filters_outer, prefetch_output
+        self.filters_outer, self.prefetch_output, self.narrow_tail = filters_outer, prefetch_output, narrow_tail
         self.kernel, self.choices = kernel, choices
         self.data, self.weight, self.bias = wildcard(), is_const(), is_const()
         self.residual = ~is_const()  # a constant there is a bias
@@ -224,6 +225,8 @@ class DenseConvRewriter:
             spec = dataclasses.replace(spec, filters_outer=self.filters_outer)
         if not self.prefetch_output:
             spec = dataclasses.replace(spec, prefetch_output=False)
+        if not self.narrow_tail:
+            spec = dataclasses.replace(spec, narrow_tail=False)
         return conv, spec, bias, residual
 
     def gemm_vectors(self) -> tuple[int, int]:
