@@ -38,13 +38,13 @@ counts repeat) measured 1.13x and 0.97x, and 1.02-1.03x on top of the zero start
 
 Wide images (VGG-16 224's 112x112 and 224x224 layers, 64-128 channels) stay on the TE operator: the
 per-tile windows are 2.6x the input there (4 rows for 2, 9 vectors for 7), and with the image-sized
-accumulation buffer the layout moves an estimated ~130 MB at 64x64 224x224 (0.48-0.57x the TE operator).
+accumulation buffer the layout moves an estimated ~130 MB at 64x64 224x224 (0.48-0.68x the TE operator).
 Built and measured in session 12 (Zen 3, 1 thread, interleaved against the TE operator of commit 45134fb),
 none kept: the windows of a tile gathered by its own thread just before its filters, outputs stored from
 registers (one run: 64x64 224x224 0.80x, 128x64 112x112 0.80x, 128x128 112x112 1.06x; at 224x224 the
 kernel loop ran 7.8 ms against the TE operator's whole 12.6, the gather took 6 ms and the outputs 4); the
 windows read straight from a lifted image, outputs stored per row band of all filters (one run,
-0.72-0.92x: the loop slower than from copied windows); that image copied per tile with vector loads,
+0.64-0.92x: the loop slower than from copied windows); that image copied per tile with vector loads,
 outputs per band (2x7 tiles, blocks of 28, two runs: 64x64 224x224 0.81x, 0.75x; 128x64 112x112 0.92x,
 0.93x; 128x128 112x112 1.01x, 1.00x; at 224x224 the lifted image 2 ms, the tile copies 4.2, the outputs
 3.7, the kernel loop 10.7 of 20.7 ms).
@@ -132,8 +132,8 @@ def blocked_applies(spec: PatternConvSpec) -> bool:
     1.12-1.51x, 512x256 28x28 0.99-1.43x (1.29x, 1.43x, 1.14x, 1.04x, 0.99x); session 11's 256x256
     14x14 1.18-1.23x. Not taken: 128x128 28x28 0.74-1.02x, 64x64 56x56 0.88-0.99x, 512x512 7x7
     1.02-1.13x, CIFAR's 32x32 0.79x, 16x16 0.84-1.00x, 8x8 1.10-1.12x (its shipped records stay),
-    4x4 0.68-0.77x; VGG-16 224's 112x112 and 224x224 layers (64x64 224x224 0.48-0.57x, 128x128
-    112x112 0.71-0.97x; the wide-image variants of the module docstring 0.72-1.06x)."""
+    4x4 0.68-0.77x; VGG-16 224's 112x112 and 224x224 layers (64x64 224x224 0.48-0.68x, 128x128
+    112x112 0.71-0.97x; the wide-image variants of the module docstring 0.64-1.06x)."""
     channels = BLOCKED_CHANNELS // (2 if spec.out_width >= WHOLE_ROW_WIDTH else 1)
     return (spec.vector_width == LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
             and spec.taps == 4 and spec.out_width in BLOCKED_WIDTHS and spec.in_channels >= channels)
