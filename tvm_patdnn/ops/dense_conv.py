@@ -78,6 +78,16 @@ PANEL_BYTES = 16384
 # pixel tiles on 8-lane (AVX2) tiles unless a tuning record says otherwise
 # (DenseConvSpec.default_filters_outer).
 FILTERS_OUTER_WEIGHT_BYTES = 2 * 1024 * 1024
+# Scope of the register tiles' accumulator buffers: TVM 0.27 allocates a small "local" CPU buffer as
+# heap workspace (TVMBackendAllocWorkspace), which LLVM cannot promote to registers (the tile was
+# stored to it after every micro-kernel); a "global" one is a stack alloca, which it can (as
+# schedule_rules.pattern_conv_cpu.ACCUMULATOR_SCOPE). Zen 3, 1 thread, interleaved, local / global:
+# kernel alone (11 rounds) the GEMM 1.01-1.08x on ResNet-50's 1x1s (1024->2048 s2 1.06x twice), the
+# direct kernel 0.99-1.09x; in the pruned ResNet-50 (per-call minima of 20 inferences, two builds)
+# the GEMM calls 1.00x and 1.06x summed, the direct ones 1.07x in the run without an outlier. The
+# direct kernel's NEON (4-lane) tiles keep "local": with "global" the stem-like 3-pixel remainder
+# tile's reduction loop addressed the stack (not measured on a phone).
+TILE_SCOPE = "global"
 
 
 def register_tile(registers: int, lanes: int, pixels: int, vectors: int = 2) -> tuple[int, int, int]:
@@ -306,7 +316,7 @@ def _micro_kernel(spec: DenseConvSpec, panel, partial, source, weight, n, base, 
     mr, nr, lanes, tp = spec.filter_tile, spec.vectors, spec.lanes, spec.pixel_tile
     window = spec.kernel[0] * spec.kernel[1]
     zero = tirx.const(0.0, "float32")
-    acc = T.decl_buffer((mr * tp,), "float32", scope="local")
+    acc = T.decl_buffer((mr * tp,), "float32", scope=TILE_SCOPE)
 
     def init(i, j) -> None:
         start = zero if partial is None else T.if_then_else(kb == 0, zero, partial[(ft * mr + i) * tp + j])

@@ -47,7 +47,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div, round_up
 from .activation import activate
-from .dense_conv import DenseConvSpec, _keep_or_finish, _output_args, _padded_input
+from .dense_conv import TILE_SCOPE, DenseConvSpec, _keep_or_finish, _output_args, _padded_input
 
 __all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct_register_tile",
            "pack_direct_conv_bias"]
@@ -216,7 +216,7 @@ def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs,
         pixel = base + m
         T.buffer_store(start, pixel // conv.out_width * conv.strides[0] * wp + pixel % conv.out_width * conv.strides[1],
                        [m])
-    acc = T.decl_buffer((mr * block,), "float32", scope="local")
+    acc = T.decl_buffer((mr * block,), "float32", scope=TILE_SCOPE if lanes >= 8 else "local")
     zero = tirx.const(0.0, "float32")
     with T.unroll(0, mr) as m:
         with T.vectorized(0, block) as j:
