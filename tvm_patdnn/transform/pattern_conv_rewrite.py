@@ -62,7 +62,9 @@ class PatternConvRewrite:
         Whether :class:`~tvm_patdnn.transform.SparsePointwiseRewrite` runs after this pass (CPU and
         OpenCL targets): its 1x1 convs are then reported as kind "sparse".
     threads:
-        The target's cores: the hand-built kernels give thread t the filters t, t + threads, ...
+        The target's cores, which the hand-built kernels split their work for: each thread of the
+        2x2 and 4x4 kernels takes a contiguous run of filters holding its share of the kernels, the
+        channel-blocked kernel's threads take (image, tile, filter group) tasks.
     """
 
     def __init__(
