@@ -118,6 +118,9 @@ def fully_connected_primfunc(spec: FullyConnectedSpec) -> tirx.PrimFunc:
                 base = T.min(b * width, n_ - width)  # block_start
                 with T.serial(0, row_tiles) as rt:
                     r0 = T.min(rt * mr, m_ - mr)
+                    # "local" is heap workspace in TVM 0.27 (a call pair per row tile, LLVM keeps the sums
+                    # in registers through K); "global" (a stack alloca) tied: Zen 3, 1 thread, the
+                    # benchmarks.heads FC layers local / global 0.96-1.08x, 0.995x overall (11 rounds).
                     acc = T.decl_buffer((mr * width,), "float32", scope="local")
                     with T.unroll(0, mr) as i:
                         with T.vectorized(0, width) as j:
