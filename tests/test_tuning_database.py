@@ -174,28 +174,36 @@ def test_dense_kernel_choices_are_taken_from_the_compiles_thread_count(tmp_path)
     """dense_kernels.json lines say their count; lines without one (older tunes) serve any count;
     another count's measurements are not applied, and the report knows the nearest of them."""
     from tvm_patdnn.transform.kernel_choice import KernelChoice, layer_spec
-    from tvm_patdnn.tuning.database import KERNEL_CHOICES, SCHEDULES_DIR
+    from tvm_patdnn.tuning.database import KERNEL_CHOICES
     from tvm_patdnn.tuning.kernel_records import load_kernel_choices
 
     def choice(line: dict) -> KernelChoice:
         return KernelChoice.from_json(line["choice"], layer_spec(line["layer"]))
 
-    shipped = [json.loads(line) for line in (SCHEDULES_DIR / "llvm-znver3" / KERNEL_CHOICES).read_text().splitlines()]
-    assert {line["threads"] for line in shipped} == {1}
-    fastest = min(shipped, key=lambda line: line["ms"])
-    slowest = max(shipped, key=lambda line: line["ms"])
-    lines = [*shipped, {**slowest, "threads": 2, "ms": 0.01}]  # at 2 threads another kernel wins
+    layer_json = {"activation": "relu", "batch": 1, "clip_max": 0.0, "clip_min": 0.0, "has_bias": True, "height": 32,
+                  "in_channels": 3, "kernel": [3, 3], "out_channels": 64, "padding": [1, 1, 1, 1], "residual": False,
+                  "strides": [1, 1], "width": 32}  # VGG-16 CIFAR's first conv, as a 1-thread tune records it
+    recorded = [{"target": "llvm-znver3", "threads": 1, "layer": layer_json, "choice": chosen, "ms": ms} for chosen, ms in (
+        ({"kernel": "gemm", "params": {"filter_tile": 6, "vectors": 2, "lanes": 8, "pack_panel": True,
+                                       "filters_outer": False}}, 0.093),
+        ({"kernel": "gemm", "params": {"filter_tile": 13, "vectors": 1, "lanes": 8, "pack_panel": True,
+                                       "filters_outer": False}}, 0.202),
+        ({"kernel": "direct", "params": {"pixel_tile": 6, "vectors": 2, "lanes": 8, "filters_inner": True,
+                                         "weight_panel": 32768}}, 0.108))]
+    fastest = min(recorded, key=lambda line: line["ms"])
+    slowest = max(recorded, key=lambda line: line["ms"])
+    lines = [*recorded, {**slowest, "threads": 2, "ms": 0.01}]  # at 2 threads another kernel wins
     db_dir = tmp_path / "db"
     db_dir.mkdir()
     (db_dir / KERNEL_CHOICES).write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (layer,) = {json.dumps(line["layer"], sort_keys=True) for line in shipped}
+    (layer,) = {json.dumps(line["layer"], sort_keys=True) for line in recorded}
 
     for threads, winner in ((1, fastest), (2, slowest)):
         choices, measured_at = load_kernel_choices(db_dir, zen3(threads))
         assert choices.chosen[layer] == choice(winner) and measured_at == {layer: threads}
     choices, measured_at = load_kernel_choices(db_dir, zen3(4))
     assert choices.chosen == {} and measured_at == {layer: 2}  # nearest of the counts not applied
-    unrecorded = [{k: v for k, v in line.items() if k != "threads"} for line in shipped]
+    unrecorded = [{k: v for k, v in line.items() if k != "threads"} for line in recorded]
     (db_dir / KERNEL_CHOICES).write_text("".join(json.dumps(line) + "\n" for line in lines + unrecorded))
     choices, measured_at = load_kernel_choices(db_dir, zen3(4))
     assert choices.chosen[layer] == choice(fastest) and measured_at == {layer: None}
