@@ -31,12 +31,11 @@ import contextlib
 import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
