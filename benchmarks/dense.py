@@ -88,7 +88,7 @@ from tvm_patdnn.transform.dense_conv_rewrite import DenseConvRewriter
 
 from .machine import machine_summary, tvm_threads
 from .models import dense_conv_model, dense_model
-from .runtimes import agree, ort_runner, tvm_runner, vm_of
+from .runtimes import agree, ort_runner, ort_session, tvm_runner, vm_of
 
 # (in channels, out channels, input size, stride, kernel): the distinct dense convs of ResNet-50
 # v1.5 (stride on the 3x3), 1x1 first, then the 3x3s and the 7x7 stem (padding kernel // 2).
@@ -200,17 +200,10 @@ def in_graph_profile(model: onnx.ModelProto, executable, runs: int) -> list[dict
     """Per conv of ``model`` in execution order: its output shape and the minimum over ``runs``
     inferences of ORT's node time and of our kernel call's, ms (module docstring, ``--in-graph``);
     then one row each for the rest of either graph (pools, FC, reorders), unpaired."""
-    import onnxruntime as ort
-
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     with tempfile.TemporaryDirectory() as scratch:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_profiling, options.profile_file_prefix = True, str(Path(scratch) / "ort")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort_session(model, 1, profile_prefix=str(Path(scratch) / "ort"))
         feed = {session.get_inputs()[0].name: x}
         vm, tx = vm_of(executable), tvm.runtime.tensor(x)
         calls: list[tuple[str, tuple, float]] = []

@@ -87,14 +87,22 @@ def tvm_runner(executable, x: np.ndarray) -> Runner:
     return Runner(lambda: vm["main"](tx).numpy(), lambda: time_ms(vm, tx, number=1))
 
 
-def ort_runner(model: onnx.ModelProto, x: np.ndarray, threads: int) -> Runner:
+def ort_session(model: onnx.ModelProto, threads: int, profile_prefix: str | None = None):
+    """ONNX Runtime's CPU session as every benchmark runs it: all graph optimisations, ``threads``
+    intra-op threads, sequential; with ``profile_prefix``, its per-node profiler on."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(model: onnx.ModelProto, x: np.ndarray, threads: int) -> Runner:
+    session = ort_session(model, threads)
     feed = {session.get_inputs()[0].name: x}
     return fn_runner(lambda: session.run(None, feed)[0])
 
