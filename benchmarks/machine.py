@@ -12,7 +12,7 @@ widest ISA the host reports.
 ``--loads`` also times FMAs whose addend is a vector load from L1 at each float offset from a
 64-byte line: on Zen 3 a 256-bit load that splits a line costs about two load slots (aligned
 5.6-6.2 G vector FMAs/s, 89-99% of peak; offsets 1-7 3.2-3.9 G/s), which is why the pattern
-conv lifts its rows (README "The pattern conv with aligned loads").
+conv lifts its rows (docs/performance.md, "The pattern conv with aligned loads").
 """
 
 from __future__ import annotations

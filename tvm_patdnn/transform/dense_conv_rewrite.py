@@ -7,7 +7,7 @@ Runs after :class:`~tvm_patdnn.transform.PatternConvRewrite`, on the convs it le
 constant weights, so the weight is packed for the target's register tile at compile time and
 the whole chain becomes one ``call_tir`` writing each output once from registers. The choice
 (:meth:`DenseConvRewriter.kernel_for`), from side-by-side measurements on ResNet-50 shapes
-(``benchmarks/dense.py``, AMD EPYC Zen 3 and Zen 4, 1 thread; the numbers in the README):
+(``benchmarks/dense.py``, AMD EPYC Zen 3 and Zen 4, 1 thread; the numbers in ``docs/performance.md``):
 
 * 1x1 convs take the GEMM on AVX2 and NEON: its pixel vectors read a pointwise input as contiguous
   rows, where the direct kernel broadcasts one scalar per pixel and channel (Zen 3: direct / GEMM
