@@ -24,7 +24,8 @@ whole inferences (process CPU time between the VM's instrument calls before and 
 Each database's kernels also list what ``tune`` reports for them from its records (its summary's
 rows): the search's own claim (its default record's time over its fastest record's) and, for
 tunes that verify, the verified ratio and verdict, so the tuner's printed speedups can be checked
-against the in-process A/B.
+against the in-process A/B; the dense layers' kernel choices (named by layer) are listed after the
+table.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from tvm_patdnn.pruning import project_pattern_and_connectivity, select_pattern_
 from tvm_patdnn.targets import resolve_target
 from tvm_patdnn.analysis import PatternOptions
 from tvm_patdnn.frontend import load_model
+from tvm_patdnn.transform.kernel_choice import KernelChoices
 from tvm_patdnn.tuning.database import RECORDS, SCHEDULES_DIR, AppendOnlyDatabase, shipped_database, target_key
+from tvm_patdnn.tuning.kernel_records import recorded_layers
 from tvm_patdnn.tuning.tasks import extract_tasks
 from tvm_patdnn.tuning.threads import for_threads
 from tvm_patdnn.tuning.tuner import TaskResult, TaskState
@@ -165,16 +168,32 @@ def compare(model, x: np.ndarray, database, rounds: int, per_kernel: bool = Fals
 
 
 def tuner_claims(model, database: Path, threads: int) -> dict[str, TaskResult]:
-    """What ``tune`` reports for each of the model's tasks from the records in ``database`` at
-    ``threads`` (its summary's rows, without the failures of a run), by kernel name."""
+    """What ``tune`` reports for each of the model's tasks and dense layers from the records in
+    ``database`` at ``threads`` (its summary's rows, without the failures of a run), by kernel or
+    layer name (``conv 3x3 3->64 32x32``)."""
     target = for_threads(resolve_target("x86"), threads)
+    layers = KernelChoices()
+    tasks = extract_tasks(load_model(model).mod, target, PatternOptions(), kernel_choices=layers)
+    claims = {r.name: TaskResult.of_layer(r) for r in recorded_layers(list(layers.seen.values()), target, database)}
     db = AppendOnlyDatabase(database, target)
-    claims = {}
-    for task in extract_tasks(load_model(model).mod, target, PatternOptions()):
+    for task in tasks:
         state = TaskState(task)
         state.read(db)
         claims[task.name] = state.result()
     return claims
+
+
+def _claim(claim: TaskResult) -> dict:
+    return {"speedup": claim.speedup, "kept": claim.kept, "verified": claim.candidate_speedup,
+            "search": claim.search_speedup}
+
+
+def _verdict(tuner: dict) -> str:
+    return f"{tuner['verified']:.2f}x ({'kept' if tuner['kept'] else 'default'})" if tuner.get("kept") is not None else "-"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def main() -> None:
@@ -215,10 +234,11 @@ def main() -> None:
                **compare(model, x, database, args.rounds, per_kernel=True)}
         claims = tuner_claims(model, database, tvm.runtime.num_threads())
         for kernel in row["kernels"]:
-            claim = claims.get(kernel["kernel"])
+            claim = claims.pop(kernel["kernel"], None)
             if claim is not None:
-                kernel["tuner"] = {"speedup": claim.speedup, "kept": claim.kept, "verified": claim.candidate_speedup,
-                                   "search": claim.search_speedup}
+                kernel["tuner"] = _claim(claim)
+        # dense layers (their kernels are named by the kernel, not the layer) and tasks not called
+        row["other_claims"] = {name: _claim(claim) for name, claim in claims.items()}
         rows.append(row)
 
     print("| layer | trials | tune time s | default ms | tuned ms | default / tuned "
@@ -230,14 +250,14 @@ def main() -> None:
               f"{r['default_over_tuned']:.2f}x | | | | | |")
         for k in r.get("kernels", []):
             tuner = k.get("tuner", {})
-            verified = (f"{tuner['verified']:.2f}x ({'kept' if tuner['kept'] else 'default'})"
-                        if tuner.get("kept") is not None else "-")
-            search = f"{tuner['search']:.2f}x" if tuner.get("search") is not None else "-"
+            verified, search = _verdict(tuner), _ratio(tuner.get("search"))
             print(f"| {k['kernel']} (x{k['calls']}) | | | {k['default_ms']:.3f} | {k['tuned_ms']:.3f} | "
                   f"{k['default_over_tuned']:.2f}x | {k['in_model_default_ms']:.3f} | {k['in_model_tuned_ms']:.3f} | "
                   f"{k['in_model_default_over_tuned']:.2f}x | {verified} | {search} |")
     for r in rows:
         print(f"{r['layer']}: {r['schedules']}")
+        for name, tuner in r.get("other_claims", {}).items():
+            print(f"  tuner on {name}: {_verdict(tuner)}, search said {_ratio(tuner['search'])}")
     save_results(args.json, target, args.rounds, rows)
 
 

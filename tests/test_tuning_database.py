@@ -170,20 +170,25 @@ def test_compile_says_which_kernels_had_records_of_another_thread_count():
                                 "threads= to match records to it)")
 
 
+def dense_choice(line: dict):
+    from tvm_patdnn.transform.kernel_choice import KernelChoice, layer_spec
+
+    return KernelChoice.from_json(line["choice"], layer_spec(line["layer"]))
+
+
+VGG_CONV1 = {"activation": "relu", "batch": 1, "clip_max": 0.0, "clip_min": 0.0, "has_bias": True, "height": 32,
+             "in_channels": 3, "kernel": [3, 3], "out_channels": 64, "padding": [1, 1, 1, 1], "residual": False,
+             "strides": [1, 1], "width": 32}  # VGG-16 CIFAR's first conv, as a 1-thread tune records it
+
+
+@pytest.mark.filterwarnings("ignore:.*not verified")  # unverified choices: test_a_dense_verdict_decides...
 def test_dense_kernel_choices_are_taken_from_the_compiles_thread_count(tmp_path):
     """dense_kernels.json lines say their count; lines without one (older tunes) serve any count;
     another count's measurements are not applied, and the report knows the nearest of them."""
-    from tvm_patdnn.transform.kernel_choice import KernelChoice, layer_spec
     from tvm_patdnn.tuning.database import KERNEL_CHOICES
     from tvm_patdnn.tuning.kernel_records import load_kernel_choices
 
-    def choice(line: dict) -> KernelChoice:
-        return KernelChoice.from_json(line["choice"], layer_spec(line["layer"]))
-
-    layer_json = {"activation": "relu", "batch": 1, "clip_max": 0.0, "clip_min": 0.0, "has_bias": True, "height": 32,
-                  "in_channels": 3, "kernel": [3, 3], "out_channels": 64, "padding": [1, 1, 1, 1], "residual": False,
-                  "strides": [1, 1], "width": 32}  # VGG-16 CIFAR's first conv, as a 1-thread tune records it
-    recorded = [{"target": "llvm-znver3", "threads": 1, "layer": layer_json, "choice": chosen, "ms": ms} for chosen, ms in (
+    recorded = [{"target": "llvm-znver3", "threads": 1, "layer": VGG_CONV1, "choice": chosen, "ms": ms} for chosen, ms in (
         ({"kernel": "gemm", "params": {"filter_tile": 6, "vectors": 2, "lanes": 8, "pack_panel": True,
                                        "filters_outer": False}}, 0.093),
         ({"kernel": "gemm", "params": {"filter_tile": 13, "vectors": 1, "lanes": 8, "pack_panel": True,
@@ -200,13 +205,64 @@ def test_dense_kernel_choices_are_taken_from_the_compiles_thread_count(tmp_path)
 
     for threads, winner in ((1, fastest), (2, slowest)):
         choices, measured_at = load_kernel_choices(db_dir, zen3(threads))
-        assert choices.chosen[layer] == choice(winner) and measured_at == {layer: threads}
+        assert choices.chosen[layer] == dense_choice(winner) and measured_at == {layer: threads}
     choices, measured_at = load_kernel_choices(db_dir, zen3(4))
     assert choices.chosen == {} and measured_at == {layer: 2}  # nearest of the counts not applied
     unrecorded = [{k: v for k, v in line.items() if k != "threads"} for line in recorded]
     (db_dir / KERNEL_CHOICES).write_text("".join(json.dumps(line) + "\n" for line in lines + unrecorded))
     choices, measured_at = load_kernel_choices(db_dir, zen3(4))
-    assert choices.chosen[layer] == choice(fastest) and measured_at == {layer: None}
+    assert choices.chosen[layer] == dense_choice(fastest) and measured_at == {layer: None}
+
+
+def test_a_dense_verdict_decides_the_choice_over_faster_single_measurements(tmp_path):
+    """A layer with a verdict runs its latest verdict's choice (a "default kept" verdict: the rules'),
+    whatever measured faster once; a layer without one (another thread count here) runs its fastest
+    measurement, with a warning when that is not the rules' choice; a torn verdict line is skipped."""
+    from tvm_patdnn.targets import vector_lanes, vector_registers
+    from tvm_patdnn.transform.kernel_choice import KernelChoice, layer_spec
+    from tvm_patdnn.transform.winograd_conv_rewrite import WinogradConvRewriter
+    from tvm_patdnn.tuning.database import KERNEL_CHOICES
+    from tvm_patdnn.tuning.kernel_records import DenseVerdict, commit_verdict, load_kernel_choices
+
+    layer = layer_spec(VGG_CONV1)
+    default, fastest, verified = (KernelChoice.of(spec) for spec in
+                                  WinogradConvRewriter(vector_registers(ZEN3), vector_lanes(ZEN3)).candidates(layer)[:3])
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    lines = [{"target": "llvm-znver3", "threads": threads, "layer": VGG_CONV1, "choice": chosen.as_json(), "ms": ms}
+             for threads in (1, 2) for chosen, ms in ((default, 0.1), (fastest, 0.05), (verified, 0.07))]
+    (db_dir / KERNEL_CHOICES).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (key,) = {json.dumps(VGG_CONV1, sort_keys=True)}
+
+    def chosen(threads: int) -> dict:
+        return load_kernel_choices(db_dir, zen3(threads))[0].chosen
+
+    with pytest.warns(UserWarning, match="1 dense layer.* measured once, not verified"):
+        assert chosen(1) == {key: fastest}
+    for kept, expected in ((True, {key: verified}), (False, {key: default})):
+        commit_verdict(db_dir, zen3(1), layer, DenseVerdict(default, verified, kept, 1.1 if kept else 0.9, (0.1,),
+                                                            (0.09,), 3))
+        assert chosen(1) == expected
+    with open(db_dir / KERNEL_CHOICES, "a") as handle:
+        handle.write('{"target": "llvm-znver3", "threads": 1, "layer": {"acti')  # a writer killed mid-line
+    assert chosen(1) == {key: default} and load_kernel_choices(db_dir, zen3(1))[1] == {key: 1}
+    with pytest.warns(UserWarning, match="not verified"):
+        assert chosen(2) == {key: fastest}  # the verdicts are 1-thread ones
+
+
+def test_reading_or_writing_a_database_leaves_no_lock_file(tmp_path):
+    """The writers' lock is a flock of the directory itself: reading the shipped database through
+    AppendOnlyDatabase (as benchmarks.tuning --shipped does) leaves schedules/ as shipped, and a
+    tune's directory holds its JSON files only."""
+    from tvm_patdnn.tuning.database import SCHEDULES_DIR
+
+    shipped = SCHEDULES_DIR / "llvm-znver3"
+    before = sorted(p.name for p in shipped.iterdir())
+    AppendOnlyDatabase(shipped, zen3(1))
+    assert sorted(p.name for p in shipped.iterdir()) == before
+    db = open_for_tuning(tmp_path / "db", ZEN3)
+    db.commit_tuning_record(record(db, add_one(4), 1.0))
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == sorted([RECORDS, WORKLOADS])
 
 
 def verdict(db, mod, seconds: float, target: Target, kept: bool = True) -> Verification:

@@ -4,7 +4,7 @@ A database directory holds ``database_workload.json`` and ``database_tuning_reco
 JSON document per line (meta_schedule's JSONDatabase format), only ever appended to, so a killed
 tune loses at most the line being written. That torn last line is the one thing dropped when a
 tune reopens the database; readers (``compile``) skip it. Tunes write through
-:class:`AppendOnlyDatabase`, which appends each line in one write under a lock file, so several
+:class:`AppendOnlyDatabase`, which appends each line in one write under the directory's lock, so several
 processes can tune into one directory at once (meta_schedule's own writer appends a record and
 its newline in two writes, unlocked, and numbers workloads by what it alone has seen).
 
@@ -79,19 +79,21 @@ WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 KERNEL_CHOICES = "dense_kernels.json"  # the dense kernels measured per layer (tuning.kernel_records)
 VERIFIED = "verified.json"  # the tuner's verdicts: which record each workload runs (Verification)
-LOCK = ".lock"  # flock()ed by every writer while it reads new lines and appends its own
 SCHEDULES_DIR = Path(str(importlib.resources.files("tvm_patdnn") / "schedules"))
 
 
 @contextmanager
 def directory_lock(path: Path) -> Iterator[None]:
-    """Hold the database directory's lock: every writer appends under it."""
-    with open(path / LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Hold the database directory's lock: every writer appends under it. The lock is a ``flock``
+    of the directory itself, so no lock file is left behind: :class:`AppendOnlyDatabase` takes
+    the lock to read too, and a ``.lock`` file it left in a shipped ``schedules/`` directory
+    (``benchmarks.tuning --shipped`` reads the tuner's claims that way) dirtied the checkout."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def target_key(target: Target) -> str:
@@ -169,7 +171,7 @@ class AppendOnlyDatabase(ms.database.PyDatabase):
     """meta_schedule's JSON database, safe for several writers (processes) at once.
 
     Queries go to an in-memory copy. Every append takes an exclusive ``flock`` on the
-    directory's lock file, first reads the lines other writers appended since (so a record's
+    directory's lock, first reads the lines other writers appended since (so a record's
     workload index is its line in the file *now*, not in this process's view of it), then
     writes the whole line, newline included, in one ``write``. A last line without its newline
     found under the lock was left by a killed writer and is cut.

@@ -16,7 +16,10 @@ measured against the default back to back, ``VERIFY_ROUNDS`` rounds in rotated o
 flushed, with the same runner (locally or on the device); a candidate is kept only if it wins
 by ``KEEP_MARGIN`` both in the median of its per-round default/candidate ratios and between each
 one's fastest round, else the task keeps its default. The verdict is appended to the database
-(``database.Verification``) and is what ``compile`` applies and what the results report.
+(``database.Verification``) and is what ``compile`` applies and what the results report. The
+dense layers' kernel choices, each candidate measured once before the search, are verified the
+same way (``_compare``) against the rules' choice, their verdicts appended to
+``dense_kernels.json`` (``kernel_records.DenseVerdict``).
 
 Failed trials (a candidate that does not build or run) are counted per task and reported with
 their error. A device that cannot be reached (no session from the tracker within ``timeout``)
@@ -61,7 +64,7 @@ from ..tvm_compat import only_tensor_intrinsics
 from ..tvm_noise import filter_tvm_noise
 from .database import AppendOnlyDatabase, Verification, open_for_tuning, target_key
 from .farm import DeviceFarm, DeviceStats
-from .kernel_records import LayerResult, tune_dense_kernels
+from .kernel_records import LayerResult, commit_verdict, measure_candidate, to_verify, tune_dense_kernels
 from .measure import LibraryExport, PackedArguments, build_kernel, mean_ms, short_error, signature
 from .space import pattern_conv_space_generator
 from .tasks import Task, extract_tasks
@@ -119,9 +122,17 @@ class TaskResult:
 
     @staticmethod
     def of_layer(layer: LayerResult) -> TaskResult:
-        """A dense layer's row: kind ``"dense"``, trials = candidate kernels measured."""
-        return TaskResult(layer.name, "dense", 1, layer.measured, layer.default_ms, layer.best_ms, layer.failed,
-                          layer.error)
+        """A dense layer's row: kind ``"dense"``, trials = candidate kernels measured; verified as a
+        task's (``_verify_layers``)."""
+        search = layer.default_ms / layer.best_ms if layer.default_ms is not None and layer.best_ms else None
+        verdict = layer.verdict
+        if verdict is None:
+            return TaskResult(layer.name, "dense", 1, layer.measured, layer.default_ms, layer.best_ms, layer.failed,
+                              layer.error, search_speedup=search)
+        default_ms = statistics.median(verdict.default_ms)
+        best_ms = statistics.median(verdict.candidate_ms) if verdict.kept else default_ms
+        return TaskResult(layer.name, "dense", 1, layer.measured, default_ms, best_ms, layer.failed, layer.error,
+                          verdict.kept, verdict.speedup, search)
 
 
 @dataclass
@@ -347,8 +358,9 @@ def tune(
     Before the search, every candidate kernel of each dense conv layer (GEMM, direct and Winograd
     kernels and their register tiles, the rules' choice among them) is measured once and recorded
     (``kernel_records``; ``dense_kernels=False`` skips it): these kernels are not in
-    meta_schedule's space, and ``compile`` runs each layer on its fastest. Their rows in the
-    results have kind ``"dense"``, trials = candidates measured.
+    meta_schedule's space. The fastest few are then verified against the rules' choice as a
+    task's records are (``_verify_layers``), and ``compile`` runs each layer on its verdict's
+    choice. Their rows in the results have kind ``"dense"``, trials = candidates measured.
 
     After the search, each task's fastest search records are verified against its default
     (``_verify_task``: back to back, ``VERIFY_ROUNDS`` rounds, cache flushed) and kept only if one
@@ -379,6 +391,8 @@ def tune(
     with _bench(resolved, db, tasks, rpc_config, timeout, devices, progress, threads) as bench:
         dense, stopped = ([], unavailable) if unavailable else tune_dense_kernels(
             dense_layers, resolved, Path(database), bench.measure, progress, _device_unavailable)
+        if stopped is None:
+            stopped = _verify_layers(dense, bench, Path(database))
         if stopped is None:
             stopped = _measure_defaults(states, bench)
         if stopped is None:
@@ -463,15 +477,25 @@ def _extract(model, params, input_shapes, target: tvm.target.Target, patterns: P
 class _Bench:
     """Where a tune measures and what it records into: the target, the database, the in-process
     builder, the local runner or device farm, the progress stream, and the verification's runner
-    (same kind, more repeats; its runs are not trials), started when first needed."""
+    (same kind, more repeats; its runs are not trials). Each runner is started when first needed: a
+    local one spends ~5-15 s starting its worker, which a tune with nothing left to measure or
+    verify (a re-run) does not need."""
 
     target: tvm.target.Target
     db: AppendOnlyDatabase
     builder: _InProcessBuilder
-    runner: ms.runner.Runner | DeviceFarm
     progress: TextIO | None
+    start_runner: Callable[[], ms.runner.Runner | DeviceFarm]
     start_verifier: Callable[[], ms.runner.Runner | DeviceFarm]
+    searcher: ms.runner.Runner | DeviceFarm | None = None
     verifier: ms.runner.Runner | DeviceFarm | None = None
+
+    @property
+    def runner(self) -> ms.runner.Runner | DeviceFarm:
+        """The search's runner (trials)."""
+        if self.searcher is None:
+            self.searcher = self.start_runner()
+        return self.searcher
 
     def measure(self, candidates: list[ms.search_strategy.MeasureCandidate]) -> list[ms.runner.RunnerResult]:
         """Build and run a batch to completion (a failed build is a failed run)."""
@@ -524,7 +548,7 @@ class _Bench:
 
     @property
     def devices(self) -> dict[str, DeviceStats]:
-        return self.runner.stats if isinstance(self.runner, DeviceFarm) else {}
+        return self.searcher.stats if isinstance(self.searcher, DeviceFarm) else {}
 
 
 def _median(result: ms.runner.RunnerResult) -> ms.runner.RunnerResult:
@@ -564,13 +588,13 @@ def _bench(target: tvm.target.Target, db: AppendOnlyDatabase, tasks: list[Task],
         )
         builder = _InProcessBuilder(LibraryExport(linker_for(target), scratch))
         flush = target.kind.name == "llvm"
-        runner = _runner(rpc, arguments, timeout, devices, threads, SEARCH_REPEATS, flush)
-        bench = _Bench(target, db, builder, runner, progress,
+        bench = _Bench(target, db, builder, progress,
+                       lambda: _runner(rpc, arguments, timeout, devices, threads, SEARCH_REPEATS, flush),
                        lambda: _runner(rpc, arguments, timeout, devices, threads, VERIFY_REPEATS, flush))
         try:
             yield bench
         finally:
-            for used in (runner, bench.verifier):
+            for used in (bench.searcher, bench.verifier):
                 if isinstance(used, DeviceFarm):
                     used.close()
                 elif used is not None:  # its worker process, now rather than whenever it is collected
@@ -646,14 +670,12 @@ def _verify(states: list[TaskState], bench: _Bench) -> str | None:
 
 def _verify_task(state: TaskState, bench: _Bench) -> str | None:
     """Re-measure the task's ``VERIFY_CANDIDATES`` fastest distinct search records against its
-    default schedule, ``VERIFY_ROUNDS`` rounds, each measuring all of them once in an order
-    rotated by one per round, and append the verdict (``database.Verification``): the candidate
-    with the best ``_verified_speedup`` if that reaches ``KEEP_MARGIN``, else the default.
+    default schedule (``_compare``) and append the verdict (``database.Verification``): the
+    candidate with the best ``_verified_speedup`` if that reaches ``KEEP_MARGIN``, else the default.
 
     Skipped when the task has no default record or no timed search record, when the default is
     its fastest record (it applies anyway), or when its latest verdict covers every search
-    record. A candidate that fails here is dropped; if the default fails, the task stays
-    unverified. Returns why the device became unavailable, or None.
+    record. Returns why the device became unavailable, or None.
     """
     records = _records_of(bench.db, state.task)
     searched = sum(not _is_seed(r) for r in records)
@@ -669,8 +691,81 @@ def _verify_task(state: TaskState, bench: _Bench) -> str | None:
     if default is None or not candidates or _is_seed(timed[0][1]):
         return None  # nothing to verify, or the search found nothing faster: the default applies
     entries = [default, *candidates.values()]
-    measure = [ms.search_strategy.MeasureCandidate(_replay(r), r.args_info) for r in entries]
-    built = bench.build(measure)
+    outcome, gone = _compare(bench, state.task.name,
+                             [ms.search_strategy.MeasureCandidate(_replay(r), r.args_info) for r in entries])
+    if outcome is None:
+        return gone
+    record = ms.database.TuningRecord(entries[outcome.winner].trace, default.workload,
+                                      [t / 1e3 for t in outcome.winner_ms], bench.target, default.args_info)
+    bench.db.commit_verification(Verification(record, state.task.name, outcome.kept, outcome.speedup,
+                                              outcome.default_ms, outcome.candidate_ms, searched))
+    _say(bench.progress, outcome.describe(state.task.name, _search_claim(timed)))
+    return None
+
+
+def _verify_layers(results: list[LayerResult], bench: _Bench, database: Path) -> str | None:
+    """Verify every dense layer's kernel choice whose measurements are not yet: its
+    ``VERIFY_CANDIDATES`` fastest non-default candidates against the rules' choice (``_compare``,
+    as a task's records), the verdict appended to ``dense_kernels.json``
+    (``kernel_records.DenseVerdict``) and set on the layer's result. Skipped as ``_verify_task``
+    skips a task (``kernel_records.to_verify``). Returns why the device became unavailable, or None."""
+    for result in results:
+        todo = to_verify(result.layer, bench.target, database, VERIFY_CANDIDATES)
+        if todo is None:
+            continue
+        outcome, gone = _compare(bench, result.name, [measure_candidate(spec) for spec in todo.specs])
+        if outcome is None:
+            if gone is not None:
+                return gone
+            continue
+        result.verdict = todo.verdict(outcome.best, outcome.kept, outcome.speedup, outcome.default_ms,
+                                      outcome.candidate_ms)
+        commit_verdict(database, bench.target, result.layer, result.verdict)
+        _say(bench.progress, outcome.describe(result.name, todo.search_claim)
+             + (f": {result.verdict.choice}" if outcome.kept else ""))
+    return None
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    """A verification's outcome: the default's and the best candidate's ms per round, the best
+    candidate (its index in the entries compared, the default being 0), its verified speedup,
+    and how many candidates were still timed at the end."""
+
+    best: int
+    speedup: float
+    default_ms: tuple[float, ...]
+    candidate_ms: tuple[float, ...]
+    candidates: int
+
+    @property
+    def kept(self) -> bool:
+        return self.speedup >= KEEP_MARGIN
+
+    @property
+    def winner(self) -> int:
+        """The entry that applies: the best candidate when kept, else the default (0)."""
+        return self.best if self.kept else 0
+
+    @property
+    def winner_ms(self) -> tuple[float, ...]:
+        return self.candidate_ms if self.kept else self.default_ms
+
+    def describe(self, name: str, search_claim: float) -> str:
+        verdict = "candidate kept" if self.kept else f"default kept (a candidate must win by {KEEP_MARGIN:.2f}x)"
+        return (f"verified {name}: default {statistics.median(self.default_ms):.4g} ms, best of {self.candidates} "
+                f"candidate(s) {statistics.median(self.candidate_ms):.4g} ms, {self.speedup:.2f}x (over "
+                f"{VERIFY_ROUNDS} rounds; the search said {search_claim:.2f}x): {verdict}")
+
+
+def _compare(bench: _Bench, name: str, entries: list[ms.search_strategy.MeasureCandidate]
+             ) -> tuple[_Comparison | None, str | None]:
+    """Measure the default (``entries[0]``) and its candidates back to back with the verification
+    runner: ``VERIFY_ROUNDS`` rounds, each measuring all of them once in an order rotated by one
+    per round; the best candidate by ``_verified_speedup``. A candidate that fails is dropped; if
+    the default fails, or no candidate is left, there is no outcome (None). Returns (the outcome,
+    why the device became unavailable or None)."""
+    built = bench.build(entries)
     runner = bench.verification_runner()
     times: list[list[float] | None] = [[] for _ in entries]  # ms per round; None: dropped
     try:
@@ -679,36 +774,25 @@ def _verify_task(state: TaskState, bench: _Bench) -> str | None:
                 i %= len(entries)
                 if times[i] is None:
                     continue
-                (result,) = bench.run(runner, [measure[i]], [built[i]])
+                (result,) = bench.run(runner, [entries[i]], [built[i]])
                 gone = _device_unavailable([result])
                 if gone is not None:
-                    return gone
+                    return None, gone
                 if _failed(result):
                     times[i] = None
                     if i == 0:
-                        _say(bench.progress, f"verifying {state.task.name}: the default failed "
+                        _say(bench.progress, f"verifying {name}: the default failed "
                                              f"({short_error(result.error_msg)}); not verified")
-                        return None
+                        return None, None
                     continue
                 times[i].append(float(result.run_secs[0]) * 1e3)
     finally:
         _remove(built)
     ratios = {i: _verified_speedup(times[0], times[i]) for i in range(1, len(entries)) if times[i]}
     if not ratios:
-        return None
+        return None, None
     best = max(ratios, key=ratios.__getitem__)
-    kept = ratios[best] >= KEEP_MARGIN
-    winner = best if kept else 0
-    record = ms.database.TuningRecord(entries[winner].trace, default.workload, [t / 1e3 for t in times[winner]],
-                                      bench.target, default.args_info)
-    bench.db.commit_verification(Verification(record, state.task.name, kept, ratios[best], tuple(times[0]),
-                                              tuple(times[best]), searched))
-    verdict = "candidate kept" if kept else f"default kept (a candidate must win by {KEEP_MARGIN:.2f}x)"
-    _say(bench.progress, f"verified {state.task.name}: default {statistics.median(times[0]):.4g} ms, best of "
-                         f"{len(ratios)} candidate(s) {statistics.median(times[best]):.4g} ms, {ratios[best]:.2f}x "
-                         f"(over {VERIFY_ROUNDS} rounds; the search said {_search_claim(timed):.2f}x): "
-                         f"{verdict}")
-    return None
+    return _Comparison(best, ratios[best], tuple(times[0]), tuple(times[best]), len(ratios)), None
 
 
 def _verified_speedup(default_ms: list[float], candidate_ms: list[float]) -> float:
