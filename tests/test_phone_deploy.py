@@ -50,6 +50,18 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def arm_cpu_model(model_file: Path) -> tvm_patdnn.CompiledModel:
+    """The model compiled once for the phone: the export tests link it in their own ways."""
+    return tvm_patdnn.compile(model_file, "arm_cpu")
+
+
+@pytest.fixture(scope="module")
+def host_library(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model compiled for this machine (x86-64), the library a phone cannot load."""
+    return tvm_patdnn.compile(model_file, "x86").export_library(tmp_path_factory.mktemp("host") / "host.so")
+
+
 @pytest.mark.parametrize("name", ["arm_cpu", "galaxy-s10", "arm_cpu-linux", "adreno"])
 def test_presets_resolve(name: str) -> None:
     target = resolve_target(name)
@@ -73,38 +85,35 @@ def test_adreno_is_opencl_with_aarch64_host() -> None:
     assert str(target.host.attrs["mtriple"]) == "aarch64-linux-android"
 
 
-def test_export_is_aarch64_elf_and_run_points_to_deploy(model_file: Path, tmp_path: Path) -> None:
-    compiled = tvm_patdnn.compile(model_file, "arm_cpu")
-    path = compiled.export_library(tmp_path / "model.so")
+def test_export_is_aarch64_elf_and_run_points_to_deploy(arm_cpu_model, tmp_path: Path) -> None:
+    path = arm_cpu_model.export_library(tmp_path / "model.so")
     assert elf_machine(path) == EM_AARCH64
     with pytest.raises(PatDNNError, match="patdnn deploy"):
-        compiled.run(input=np.zeros((1, 4, 12, 12), np.float32))
+        arm_cpu_model.run(input=np.zeros((1, 4, 12, 12), np.float32))
 
 
-def test_ndk_compiler_from_environment(model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ndk_compiler_from_environment(arm_cpu_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Any standalone aarch64 compiler driver works as TVM_NDK_CC; the Debian one stands in for the NDK's.
     monkeypatch.setenv(NDK_ENV, shutil.which(DEBIAN_CROSS_CXX))
-    path = tvm_patdnn.compile(model_file, "arm_cpu").export_library(tmp_path / "ndk.so")
+    path = arm_cpu_model.export_library(tmp_path / "ndk.so")
     assert elf_machine(path) == EM_AARCH64
     monkeypatch.setenv(NDK_ENV, str(tmp_path / "no-such-clang++"))
     with pytest.raises(PatDNNError, match="TVM_NDK_CC"):
-        tvm_patdnn.compile(model_file, "arm_cpu").export_library(tmp_path / "bad.so")
+        arm_cpu_model.export_library(tmp_path / "bad.so")
     assert not (tmp_path / "bad.so").exists()
 
 
-def test_missing_cross_compiler_is_named(model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    compiled = tvm_patdnn.compile(model_file, "arm_cpu")
+def test_missing_cross_compiler_is_named(arm_cpu_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(NDK_ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(PatDNNError, match="g\\+\\+-aarch64-linux-gnu"):
-        compiled.export_library(tmp_path / "model.so")
+        arm_cpu_model.export_library(tmp_path / "model.so")
 
 
-def test_wrong_elf_machine_is_rejected(model_file: Path, tmp_path: Path) -> None:
-    host_lib = tvm_patdnn.compile(model_file, "x86").export_library(tmp_path / "host.so")
-    assert elf_machine(host_lib) == EM_X86_64
+def test_wrong_elf_machine_is_rejected(host_library: Path) -> None:
+    assert elf_machine(host_library) == EM_X86_64
     with pytest.raises(PatDNNError, match="x86-64 ELF but target .* needs AArch64"):
-        check_library_machine(host_lib, resolve_target("arm_cpu"))
+        check_library_machine(host_library, resolve_target("arm_cpu"))
 
 
 @pytest.mark.timeout(300)  # a hang fails the test; no wall-clock assert (the box is shared)
@@ -142,11 +151,10 @@ def test_deploy_given_library_that_differs_exits_1(emulator, model_file: Path, t
     assert "DIFFER from the ONNX reference" in capsys.readouterr().out
 
 
-def test_deploy_of_a_library_for_another_cpu_says_so(emulator, model_file: Path, tmp_path: Path,
+def test_deploy_of_a_library_for_another_cpu_says_so(emulator, model_file: Path, host_library: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
-    host_lib = tvm_patdnn.compile(model_file, "x86").export_library(tmp_path / "host.so")
     status = main(["deploy", str(model_file), "--target", "arm_cpu-linux", "--tracker", emulator.tracker, "--key", KEY,
-                   "--so", str(host_lib)])
+                   "--so", str(host_library)])
     err = capsys.readouterr().err
     assert status == 2 and "wrong linker" not in err
     assert "is an x86-64 ELF but target" in err and "needs AArch64: it was compiled for another target" in err
