@@ -189,7 +189,9 @@ def _claim(claim: TaskResult) -> dict:
 
 
 def _verdict(tuner: dict) -> str:
-    return f"{tuner['verified']:.2f}x ({'kept' if tuner['kept'] else 'default'})" if tuner.get("kept") is not None else "-"
+    if tuner.get("kept") is None:
+        return "-"
+    return f"{tuner['verified']:.2f}x ({'kept' if tuner['kept'] else 'default'})"
 
 
 def _ratio(value: float | None) -> str:

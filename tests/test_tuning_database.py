@@ -225,8 +225,8 @@ def test_a_dense_verdict_decides_the_choice_over_faster_single_measurements(tmp_
     from tvm_patdnn.tuning.kernel_records import DenseVerdict, commit_verdict, load_kernel_choices
 
     layer = layer_spec(VGG_CONV1)
-    default, fastest, verified = (KernelChoice.of(spec) for spec in
-                                  WinogradConvRewriter(vector_registers(ZEN3), vector_lanes(ZEN3)).candidates(layer)[:3])
+    rewriter = WinogradConvRewriter(vector_registers(ZEN3), vector_lanes(ZEN3))
+    default, fastest, verified = (KernelChoice.of(spec) for spec in rewriter.candidates(layer)[:3])
     db_dir = tmp_path / "db"
     db_dir.mkdir()
     lines = [{"target": "llvm-znver3", "threads": threads, "layer": VGG_CONV1, "choice": chosen.as_json(), "ms": ms}

@@ -1,4 +1,4 @@
-"""Dense kernel choices on disk: what ``tune`` measured and verified per dense layer, and the choice ``compile`` applies.
+"""Dense kernel choices on disk: what ``tune`` measured and verified per layer, and the choice ``compile`` applies.
 
 The dense kernels (GEMM, direct, Winograd) are scheduled TIR written by the Relax passes, with
 their weights packed for one register tile: meta_schedule cannot tune them, but which kernel and
@@ -83,8 +83,9 @@ class DenseVerdict:
 
     @staticmethod
     def from_json(entry: dict, layer: DenseConvSpec) -> DenseVerdict:
-        return DenseVerdict(KernelChoice.from_json(entry["default"], layer), KernelChoice.from_json(entry["candidate"], layer),
-                            bool(entry["kept"]), float(entry["speedup"]), tuple(map(float, entry["default_ms"])),
+        return DenseVerdict(KernelChoice.from_json(entry["default"], layer),
+                            KernelChoice.from_json(entry["candidate"], layer), bool(entry["kept"]),
+                            float(entry["speedup"]), tuple(map(float, entry["default_ms"])),
                             tuple(map(float, entry["candidate_ms"])), int(entry["measured"]))
 
 
@@ -235,7 +236,8 @@ def commit_verdict(database: Path, target: Target, layer: DenseConvSpec, verdict
 def measure_candidate(spec: KernelSpec) -> ms.search_strategy.MeasureCandidate:
     """A candidate kernel as the tuner's builder and runner take it."""
     func, _name = kernel_function(spec)
-    return ms.search_strategy.MeasureCandidate(s_tir.Schedule(normalize(func)), ms.arg_info.ArgInfo.from_prim_func(func))
+    return ms.search_strategy.MeasureCandidate(s_tir.Schedule(normalize(func)),
+                                               ms.arg_info.ArgInfo.from_prim_func(func))
 
 
 def _append(database: Path, entries: list[dict]) -> None:
