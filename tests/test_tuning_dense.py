@@ -114,9 +114,8 @@ def test_a_choice_that_only_measured_faster_is_not_applied_and_a_killed_verifica
 def test_a_choice_that_wins_is_applied(measured, tmp_path, monkeypatch):
     """The slowest candidate as the rules' choice (the rewriter's candidates reordered), the fastest
     measured: the verification keeps the fastest and compile runs it."""
-    measurements = measured
-    slowest = max(measurements, key=lambda e: e["ms"])
-    fastest = min(measurements, key=lambda e: e["ms"])
+    slowest = max(measured, key=lambda e: e["ms"])
+    fastest = min(measured, key=lambda e: e["ms"])
     assert slowest["ms"] > 2 * KEEP_MARGIN * fastest["ms"]
     candidates = WinogradConvRewriter.candidates
 
@@ -126,7 +125,7 @@ def test_a_choice_that_wins_is_applied(measured, tmp_path, monkeypatch):
 
     monkeypatch.setattr(WinogradConvRewriter, "candidates", slowest_first)
     database = tmp_path / "db"
-    write(database, [slowest, fastest, *(failed(e) for e in measurements if e not in (slowest, fastest))])
+    write(database, [slowest, fastest, *(failed(e) for e in measured if e not in (slowest, fastest))])
     row = tune(database)
     assert row.kept is True and row.speedup == row.candidate_speedup >= KEEP_MARGIN
     assert choice(lines(database)[-1]) == choice(fastest)
