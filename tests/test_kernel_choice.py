@@ -50,10 +50,13 @@ def record(layer, spec, ms: float | None, target=TARGET) -> dict:
             "choice": KernelChoice.of(spec).as_json(), "ms": ms}
 
 
-def layers_of(onnx_model, database: Path) -> list:
-    """The dense layers compile met (an empty record file: the rules decide every one)."""
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """The dense layers compile meets in ``model()`` (an empty record file: the rules decide every
+    one); compiled once for the module, each test writes its own records."""
+    database = tmp_path_factory.mktemp("layers")
     write_records(database, [])
-    compiled = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=database)
+    compiled = tvm_patdnn.compile(model()[0], TARGET, tuning_db=database)
     return list(compiled.schedules.kernel_choices.seen.values())
 
 
@@ -63,10 +66,9 @@ def kernel_calls(compiled) -> list[str]:
             if line.strip().startswith(tuple(f"call  {k}" for k in KERNEL_NAMES))]
 
 
-def test_every_candidate_computes_the_reference(tmp_path):
+def test_every_candidate_computes_the_reference(layers, tmp_path):
     onnx_model, x = model()
     expected = reference_outputs(onnx_model, {"input": x})[0]
-    layers = layers_of(onnx_model, tmp_path / "db")
     assert len(layers) == 3
     rewriter = WinogradConvRewriter(vector_registers(TARGET), vector_lanes(TARGET))
     candidates = [rewriter.candidates(layer) for layer in layers]
@@ -85,9 +87,8 @@ def test_every_candidate_computes_the_reference(tmp_path):
         assert error < 2 * ERROR_BOUND[4], (index, [str(KernelChoice.of(s)) for _, s in chosen], error)
 
 
-def test_the_default_comes_first_and_a_record_overrides_the_rule(tmp_path):
+def test_the_default_comes_first_and_a_record_overrides_the_rule(layers, tmp_path):
     onnx_model, x = model()
-    layers = layers_of(onnx_model, tmp_path / "db")
     rewriter = WinogradConvRewriter(vector_registers(TARGET), vector_lanes(TARGET))
     default = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=False)
     assert sorted(kernel_calls(default)) == sorted(kernel_function(rewriter.candidates(layer)[0])[1]
@@ -169,10 +170,9 @@ def test_tune_tries_both_gemm_loop_orders_where_the_weights_reach_l2():
     assert all(orders == {False} for orders in gemm_orders(small).values())
 
 
-def test_a_record_with_the_other_gemm_loop_order_compiles_to_the_reference(tmp_path):
+def test_a_record_with_the_other_gemm_loop_order_compiles_to_the_reference(layers, tmp_path):
     """The 1x1 and the 3x3 stride-2 layer on a GEMM tile in the order the rule does not give them."""
     onnx_model, x = model()
-    layers = layers_of(onnx_model, tmp_path / "db")
     rewriter = WinogradConvRewriter(vector_registers(TARGET), vector_lanes(TARGET))
     chosen = {}
     for layer in layers:
@@ -188,13 +188,13 @@ def test_a_record_with_the_other_gemm_loop_order_compiles_to_the_reference(tmp_p
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-def test_a_gemm_record_written_before_the_loop_order_means_the_rules_order(tmp_path, monkeypatch):
+def test_a_gemm_record_written_before_the_loop_order_means_the_rules_order(layers, tmp_path, monkeypatch):
     """A record without ``filters_outer`` (session 8's format) applies, in the rule's order for its
     tile: filters outside on an 8-lane tile here (threshold patched to 0), the usual order without
     the panel copy."""
     monkeypatch.setattr(dense_conv, "FILTERS_OUTER_WEIGHT_BYTES", 0)
     onnx_model, x = model()
-    layer = next(layer for layer in layers_of(onnx_model, tmp_path / "db") if layer.kernel == (1, 1))
+    layer = next(layer for layer in layers if layer.kernel == (1, 1))
     packed = DenseConvSpec.for_target(16, 8, **layer.layer_fields())
     in_place = dataclasses.replace(packed, pack_panel=False, filters_outer=False)
     expected = reference_outputs(onnx_model, {"input": x})[0]
