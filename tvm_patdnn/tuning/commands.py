@@ -26,7 +26,8 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> None:
         help="auto-tune the model's kernels (meta_schedule + XGBoost), appending records to a database",
         description=(
             "Tune every kernel of the compiled model: first each dense conv layer's kernel (GEMM, "
-            "direct or Winograd, and its register tile: every candidate measured once), then pattern "
+            "direct or Winograd, and its register tile: every candidate measured once, the fastest "
+            "verified against the rules' choice), then pattern "
             "convs in tvm_patdnn's design space (register tile, filter blocking and loop order, unroll, "
             "parallel granularity) and the remaining kernels in meta_schedule's space for the target, "
             "for --trials trials. Records are appended to DB as "
@@ -67,7 +68,7 @@ def format_results(results: TuneResults) -> str:
     def verdict(r) -> str:
         if r.kept is not None:
             return "kept" if r.kept else f"default ({r.candidate_speedup:.2f}x)"
-        if r.kind != "dense" and r.best_ms is not None and r.best_ms == r.default_ms:
+        if r.best_ms is not None and r.best_ms == r.default_ms:
             return "default (none faster)"  # the search found nothing faster: nothing to verify
         return "unverified"
 
