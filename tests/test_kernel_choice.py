@@ -118,11 +118,16 @@ def test_tune_measures_each_candidate_once_and_compile_uses_the_best(tmp_path):
     assert [r.trials for r in dense] == [len(rewriter.candidates(layer)) for layer in layers]
     for r in dense:
         assert r.best_ms <= r.default_ms
-    lines = (database / KERNEL_CHOICES).read_text().count("\n")
-    assert lines == sum(r.trials for r in dense)
+    entries = [json.loads(line) for line in (database / KERNEL_CHOICES).read_text().splitlines()]
+    measured = [entry for entry in entries if "verdict" not in entry]
+    assert len(measured) == sum(r.trials for r in dense)
+    # a verdict line for each layer whose fastest candidate was not the default (re-measured against
+    # it): how many depends on the measurements
+    assert len(entries) - len(measured) <= len(dense)
 
     again = tvm_patdnn.tune(onnx_model, TARGET, trials=0, database=database, progress=None)
-    assert (database / KERNEL_CHOICES).read_text().count("\n") == lines  # everything on record: nothing measured
+    lines = (database / KERNEL_CHOICES).read_text().count("\n")
+    assert lines == len(entries)  # everything on record and verified: nothing measured
     assert [(r.name, r.best_ms) for r in again if r.kind == "dense"] == [(r.name, r.best_ms) for r in dense]
 
     compiled = tvm_patdnn.compile(onnx_model, TARGET, tuning_db=database)
