@@ -143,14 +143,25 @@ class EmulatedPhone:
 
     def uploaded(self) -> list[str]:
         """Files uploaded into the live sessions' work directories (a candidate being run)."""
-        found = []
-        for process in self.sessions():
-            try:
-                workdir = process.cmdline()[-3]  # qemu -L SYSROOT SERVER WORKDIR READ_FD WRITE_FD
-                found += [os.path.join(workdir, name) for name in os.listdir(workdir)]
-            except (psutil.Error, OSError, IndexError):
-                pass  # the session ended meanwhile
-        return found
+        return _uploaded(self.sessions())
+
+    def hold(self) -> list[str]:
+        """Freeze the phone (SIGSTOP: the emulator, so that no session starts, then its live
+        sessions) if a session holds an uploaded file, and return those files; else leave it
+        running and return []. meta_schedule's runner removes its candidate from the device before
+        it returns the time, so a candidate in a frozen session is a measurement in flight, which
+        :meth:`kill` then loses for certain."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        sessions = self.sessions()
+        for process in sessions:
+            _signal(process, signal.SIGSTOP)
+        wait_until(lambda: all(_stopped(process) for process in sessions), 10, "the sessions to stop", period=0.001)
+        held = _uploaded(sessions)
+        if not held:
+            for process in sessions:
+                _signal(process, signal.SIGCONT)
+            os.kill(self.proc.pid, signal.SIGCONT)
+        return held
 
     def stop(self) -> int:
         """SIGTERM, as a user stops it: ends the live session, exits 0."""
@@ -182,3 +193,29 @@ class EmulatedPhone:
         _, left = psutil.wait_procs(victims, timeout=10)
         assert not [p for p in left if alive(p)], f"still running after SIGKILL: {left}"
         return victims
+
+
+def _uploaded(sessions: list[psutil.Process]) -> list[str]:
+    found = []
+    for process in sessions:
+        try:
+            workdir = process.cmdline()[-3]  # qemu -L SYSROOT SERVER WORKDIR READ_FD WRITE_FD
+            found += [os.path.join(workdir, name) for name in os.listdir(workdir)]
+        except (psutil.Error, OSError, IndexError):
+            pass  # the session ended meanwhile
+    return found
+
+
+def _stopped(process: psutil.Process) -> bool:
+    """Stopped by a signal, or gone."""
+    try:
+        return process.status() in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _signal(process: psutil.Process, sig: int) -> None:
+    try:
+        process.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass  # the session ended meanwhile

@@ -5,6 +5,7 @@ dies mid-tune is dropped without stopping the tune, one that joins gets work. Re
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import numpy as np
@@ -17,6 +18,8 @@ import tvm_patdnn
 from tvm_patdnn import PatDNNError
 from tvm_patdnn.tuning.commands import format_results
 from tvm_patdnn.tuning.database import RECORDS
+from tvm_patdnn.tuning.farm import _lost
+from tvm_patdnn.tuning.tuner import VERIFY_ROUNDS
 
 if missing_tools() is not None:
     pytest.skip(missing_tools(), allow_module_level=True)
@@ -67,30 +70,61 @@ def test_two_phones_both_measure_and_every_trial_is_counted_once(start_phone, tm
     lines = (database / RECORDS).read_text().splitlines()
     assert sum(stats.trials for stats in results.devices.values()) == len(lines)  # seeds + searched, each once
     assert searched_records(database) == 4
+    # The verification's runs (the default and each candidate, every round) are counted apart.
+    runs = sum(stats.verification_runs for stats in results.devices.values())
+    assert runs >= 2 * VERIFY_ROUNDS if results[0].kept is not None else runs == 0
+    assert all(stats.verification_failed == 0 for stats in results.devices.values())
     assert "devices:" in format_results(results) and "trial(s) measured" in format_results(results)
 
 
-def test_a_phone_that_dies_mid_tune_is_dropped_and_the_other_finishes(start_phone, tmp_path):
+def test_a_phone_that_dies_holding_a_candidate_is_dropped_and_the_other_finishes(start_phone, tmp_path):
+    """The second phone is frozen holding a candidate (of the search, or of the verification when
+    the search is over), then killed: the lost try counts as its failure in that phase, the
+    candidate is measured on the other phone, and the tune finishes."""
     phones = [start_phone("farm-die"), start_phone("farm-die")]
     database = tmp_path / "db"
     progress = _Progress()
-    thread, outcome = tune_in_background(small_model(), database, phones[0].rpc, 8, progress)
+    trials = 8
+    thread, outcome = tune_in_background(small_model(), database, phones[0].rpc, trials, progress)
     wait_until(lambda: progress.batch.is_set() or not thread.is_alive(), HANG_GUARD, "the first batch")
-    wait_until(lambda: phones[1].uploaded() or not thread.is_alive(), 300, "a candidate on the second phone",
-               period=0.05)
+    wait_until(lambda: phones[1].hold() or not thread.is_alive(), 300, "a candidate on the second phone",
+               period=0.02)
     assert thread.is_alive(), f"the tune ended before a phone could be killed\n{progress.getvalue()}"
+    # The search reports its last batch once every candidate of it is measured: not yet while the
+    # frozen phone holds one of them.
+    verifying = re.search(rf"^\[\s*{trials}/{trials}\]", progress.getvalue(), re.MULTILINE) is not None
     phones[1].kill()
     results = finished(thread, outcome, progress)
 
     assert results.stopped is None  # one device left is enough
-    assert searched_records(database) == 8  # the lost candidates were measured again, elsewhere
-    survivor = f"127.0.0.1:{phones[0].port}"
-    assert results.devices[survivor].trials > results.devices[survivor].failed
+    assert searched_records(database) == trials  # a lost search candidate was measured again, elsewhere
+    dead = results.devices[f"127.0.0.1:{phones[1].port}"]
+    survivor = results.devices[f"127.0.0.1:{phones[0].port}"]
+    assert survivor.trials > survivor.failed
     # Every record (seed and searched, failed ones included) was measured by a device the results
-    # name; tries lost with the dead phone are counted as its failures on top.
+    # name; a try lost with the dead phone is counted as its failure on top.
     lines = (database / RECORDS).read_text().splitlines()
     assert sum(stats.trials for stats in results.devices.values()) >= len(lines)
-    assert results.devices[f"127.0.0.1:{phones[1].port}"].failed >= 1
+    if verifying:
+        assert dead.verification_failed >= 1
+        assert survivor.verification_runs > survivor.verification_failed
+        assert results[0].kept is not None, "the verification did not finish on the other phone"
+    else:
+        assert dead.failed >= 1
+
+
+def test_the_rpc_errors_of_a_session_whose_device_end_closed_mean_a_lost_device():
+    """TVM's RPC client when the device's end of the session closes mid-call (the phone died):
+    these, and only errors of that kind, send the candidate to another device."""
+    for error in ("tvm.error.InternalError: Check failed: (code == RPCCode::kReturn) is false: code=1",
+                  "Check failed: (code == RPCCode::kReturn) is false: code=kShutdown",
+                  "InternalError: Channel closes before we get needed bytes",
+                  "ConnectionResetError: [Errno 104] Connection reset by peer"):
+        assert _lost(error), error
+    for error in ("device unavailable: no device 'k' of the RPC tracker 127.0.0.1:9190 became free within 60 s",
+                  "InternalError: Check failed: (ret == 0) is false: Assert fail: data.ndim == 4",
+                  "RuntimeError: out of memory"):
+        assert not _lost(error), error
 
 
 def test_a_phone_that_joins_mid_tune_gets_work(start_phone, tmp_path):

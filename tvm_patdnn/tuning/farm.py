@@ -8,10 +8,12 @@ devices is ``n`` meta_schedule RPCRunner workers asking at the same time. What t
   read again (bounded by the timeout); a phone that joined gets work, one that left takes its
   worker with it, and the tune stops only when no device is left;
 * per-device accounting: each worker's upload names the device it was handed in a small file
-  beside the candidate's library (the workers are processes of this machine), so every trial is
-  counted against the device that measured it;
+  beside the candidate's library (the workers are processes of this machine), so every try is
+  counted against the device that measured it, the search's trials and the verification's runs
+  apart (the tuner's two farms share one ``stats``);
 * a candidate whose device vanished mid-measurement is measured again (on another device, if
-  the tracker has one): a device that dies is the farm's problem, not the candidate's.
+  the tracker has one), in the search as in the verification: a device that dies is the farm's
+  problem, not the candidate's.
 
 Builds stay local and are shared by all devices. Devices of different phone models belong under
 different keys and in different databases: one key is one device kind.
@@ -20,6 +22,7 @@ different keys and in different databases: one key is one device kind.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from tvm.s_tir import meta_schedule as ms
@@ -49,10 +52,24 @@ class RecordingUpload:
 
 @dataclass
 class DeviceStats:
-    """Trials one device measured in this tune, and how many of them failed."""
+    """What one device measured in this tune, and how many of those tries failed: search
+    ``trials`` (each a line of the records, or a dense layer's candidate kernel) and the
+    verification's ``verification_runs`` (``tuner._compare``: the default and the best candidates
+    again, not records). A try lost with the device is one of its failures; the candidate was
+    measured again elsewhere."""
 
     trials: int = 0
     failed: int = 0
+    verification_runs: int = 0
+    verification_failed: int = 0
+
+    def count(self, failed: bool, verification: bool) -> None:
+        if verification:
+            self.verification_runs += 1
+            self.verification_failed += int(failed)
+        else:
+            self.trials += 1
+            self.failed += int(failed)
 
 
 @dataclass
@@ -66,7 +83,8 @@ class DeviceFarm:
     wait: float
     max_devices: int | None = None
     threads: int | None = None  # the devices' TVM runtime threads in every session (None: their default)
-    stats: dict[str, DeviceStats] = field(default_factory=dict)
+    stats: dict[str, DeviceStats] = field(default_factory=dict)  # per device; may be shared with another farm
+    verification: bool = False  # its tries are the verification's runs, not search trials
     devices: int = 0  # devices in use for the current batch
     _runner: ms.runner.RPCRunner | None = None
 
@@ -125,9 +143,7 @@ class DeviceFarm:
         return results, [_read(str(runner_input.artifact_path) + MARKER) for runner_input in inputs]
 
     def _count(self, device: str, failed: bool) -> None:
-        stats = self.stats.setdefault(device, DeviceStats())
-        stats.trials += 1
-        stats.failed += int(failed)
+        self.stats.setdefault(device, DeviceStats()).count(failed, self.verification)
 
     def close(self) -> None:
         if self._runner is not None:
@@ -135,13 +151,21 @@ class DeviceFarm:
             self._runner = None
 
 
+# TVM's RPC client when the server's end closes mid-call (src/runtime/rpc/rpc_endpoint.cc):
+# between two messages the call returns RPCCode 1, kShutdown, which every call checks against
+# kReturn ("Check failed: (code == RPCCode::kReturn) is false: code=1", or "code=kShutdown");
+# inside a message, "Channel closes before we get needed bytes".
+_SESSION_ENDED = re.compile(r"code=(1|kShutdown)\b|Channel closes")
+
+
 def _lost(error: str) -> bool:
     """Whether a failed measurement lost its device rather than failed on it: the worker was
-    killed waiting for it, or the connection broke (a candidate's own crash on a phone also breaks
-    the session; it then fails once more and counts as failed)."""
-    return DEVICE_UNAVAILABLE not in error and any(
+    killed waiting for it, or the connection broke or was closed by the device's end (a
+    candidate's own crash on a phone also ends the session; it then fails once more and counts
+    as failed)."""
+    return DEVICE_UNAVAILABLE not in error and (_SESSION_ENDED.search(error) is not None or any(
         sign in error for sign in ("Timeout", "connection", "Connection", "socket", "Socket", "closed", "EOF",
-                                   "RPCSessionTimeoutError", "Broken pipe", "reset by peer"))
+                                   "RPCSessionTimeoutError", "Broken pipe", "reset by peer")))
 
 
 def _read(path: str) -> str | None:

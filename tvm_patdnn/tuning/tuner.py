@@ -139,7 +139,8 @@ class TaskResult:
 class TuneResults:
     """``tune``'s result: one :class:`TaskResult` per dense layer and kernel in ``tasks`` (the
     results iterate and index as that list), ``stopped``, why the tune ended before its budget was
-    spent (None when it was not), and ``devices``, over RPC the trials each device measured
+    spent (None when it was not), and ``devices``, over RPC what each device measured, search
+    trials and verification runs apart, and its failures, tries lost with it included
     (``{"host:port": DeviceStats}``), and ``target``, the target tuned for (a CPU target's
     ``num-cores`` is the thread count measured with)."""
 
@@ -487,6 +488,7 @@ class _Bench:
     progress: TextIO | None
     start_runner: Callable[[], ms.runner.Runner | DeviceFarm]
     start_verifier: Callable[[], ms.runner.Runner | DeviceFarm]
+    devices: dict[str, DeviceStats]  # over RPC, what each device measured (both farms count into it)
     searcher: ms.runner.Runner | DeviceFarm | None = None
     verifier: ms.runner.Runner | DeviceFarm | None = None
 
@@ -546,10 +548,6 @@ class _Bench:
                args_info: list) -> None:
         self.db.commit_tuning_record(ms.database.TuningRecord(trace, workload, result.run_secs, self.target, args_info))
 
-    @property
-    def devices(self) -> dict[str, DeviceStats]:
-        return self.searcher.stats if isinstance(self.searcher, DeviceFarm) else {}
-
 
 def _median(result: ms.runner.RunnerResult) -> ms.runner.RunnerResult:
     """The result with its runs' median as its one time: a run that another process preempted
@@ -588,9 +586,12 @@ def _bench(target: tvm.target.Target, db: AppendOnlyDatabase, tasks: list[Task],
         )
         builder = _InProcessBuilder(LibraryExport(linker_for(target), scratch))
         flush = target.kind.name == "llvm"
+        stats: dict[str, DeviceStats] = {}
         bench = _Bench(target, db, builder, progress,
-                       lambda: _runner(rpc, arguments, timeout, devices, threads, SEARCH_REPEATS, flush),
-                       lambda: _runner(rpc, arguments, timeout, devices, threads, VERIFY_REPEATS, flush))
+                       lambda: _runner(rpc, arguments, timeout, devices, threads, SEARCH_REPEATS, flush, stats),
+                       lambda: _runner(rpc, arguments, timeout, devices, threads, VERIFY_REPEATS, flush, stats,
+                                       verification=True),
+                       stats)
         try:
             yield bench
         finally:
@@ -602,10 +603,11 @@ def _bench(target: tvm.target.Target, db: AppendOnlyDatabase, tasks: list[Task],
 
 
 def _runner(rpc: ms.runner.RPCConfig | None, arguments: PackedArguments, timeout: float,
-            devices: int | None, threads: int | None, repeat: int = SEARCH_REPEATS,
-            flush: bool = True) -> ms.runner.Runner | DeviceFarm:
+            devices: int | None, threads: int | None, repeat: int, flush: bool, stats: dict[str, DeviceStats],
+            verification: bool = False) -> ms.runner.Runner | DeviceFarm:
     """This machine's runner, or over RPC a farm of the tracker's devices of the key, measuring
-    with ``threads`` TVM threads (``_evaluator(repeat, flush)``)."""
+    with ``threads`` TVM threads (``_evaluator(repeat, flush)``), counting each device's tries into
+    ``stats`` (as verification runs with ``verification``)."""
     evaluator = _evaluator(repeat, flush)
     if rpc is None:
         try:  # the runner starts its worker (and so its thread pool) here
@@ -615,7 +617,8 @@ def _runner(rpc: ms.runner.RPCConfig | None, arguments: PackedArguments, timeout
         except Exception as err:  # noqa: BLE001 - the worker's error, from another process
             raise PatDNNError(f"cannot start the measuring process with {describe(threads)}: "
                               f"{short_error(str(err))}") from None
-    return DeviceFarm(rpc, evaluator, arguments, wait=timeout, max_devices=devices, threads=threads)
+    return DeviceFarm(rpc, evaluator, arguments, wait=timeout, max_devices=devices, threads=threads,
+                      stats=stats, verification=verification)
 
 
 def _measure_defaults(states: list[TaskState], bench: _Bench) -> str | None:
