@@ -61,9 +61,15 @@ def _version() -> str:
     return f"patdnn {versions[0]} (apache-tvm {versions[1]})"
 
 
+_terminating: list[int] = []  # the status of a SIGTERM being handled (see _terminated)
+
+
 def _terminated(signum: int, _frame) -> None:
     """SIGTERM ends a command like Ctrl-C does: by unwinding, so temporary directories (tune,
-    deploy) and half-written temp files are removed on the way out."""
+    deploy) and half-written temp files are removed on the way out. The status is also kept
+    aside: raised inside a Python callback that TVM's C++ called (a tuner's builder, a schedule
+    rule), the exit reaches ``main`` as the ``RuntimeError`` TVM's FFI makes of it."""
+    _terminating.append(128 + signum)
     raise SystemExit(128 + signum)
 
 
@@ -80,6 +86,7 @@ _python_format_warning = warnings.formatwarning
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
+    _terminating.clear()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     warnings.formatwarning = _format_warning
     try:
@@ -89,12 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _discard_stdout()
         return SIGPIPE_STATUS
-    except PatDNNError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if _terminating:  # the SIGTERM, turned into another exception on its way through TVM's C++
+            return _terminating[0]
+        if isinstance(err, PatDNNError):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
     finally:
         warnings.formatwarning = _python_format_warning
         if in_main_thread:
