@@ -87,7 +87,8 @@ def format_results(results: TuneResults) -> str:
         lines.extend(f"  {r.name}: {r.failed} failed, last error: {r.error}" for r in failing)
     if results.devices:
         lines.append("\ndevices:")
-        lines.extend(f"  {device}: {stats.trials} trial(s) measured, {stats.failed} failed"
+        lines.extend(f"  {device}: {stats.trials} trial(s) measured, {stats.failed} failed; "
+                     f"{stats.verification_runs} verification run(s), {stats.verification_failed} failed"
                      for device, stats in sorted(results.devices.items()))
     if results.stopped:
         lines.append(f"\ntuning stopped early: {results.stopped}")
