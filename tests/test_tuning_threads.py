@@ -85,7 +85,8 @@ def test_a_two_thread_tune_is_applied_at_two_threads_and_not_silently_ignored_at
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_measuring_process_runs_the_tunes_thread_count(threads, tmp_path):
     """Whatever TVM_NUM_THREADS this process has: the runner's worker sets its own."""
-    runner = tuner._runner(None, PackedArguments(str(tmp_path / "unused.npz")), 60, None, threads)
+    runner = tuner._runner(None, PackedArguments(str(tmp_path / "unused.npz")), 60, None, threads, tuner.SEARCH_REPEATS,
+                           True, {})
     assert runner.pool.submit(lambda: __import__("tvm").runtime.num_threads()).result() == threads
 
 
