@@ -20,6 +20,7 @@ from importlib import metadata
 
 from .arguments import TARGET_HELP, HelpFormatter, add_target_option
 from .commands import add_bench_command, add_compile_command, add_inspect_command, add_run_command
+from . import termination
 from .errors import PatDNNError
 from .phone.commands import add_deploy_command, add_opencl_check_command, add_phone_emulator_command
 from .pruning.commands import add_prune_command
@@ -61,18 +62,6 @@ def _version() -> str:
     return f"patdnn {versions[0]} (apache-tvm {versions[1]})"
 
 
-_terminating: list[int] = []  # the status of a SIGTERM being handled (see _terminated)
-
-
-def _terminated(signum: int, _frame) -> None:
-    """SIGTERM ends a command like Ctrl-C does: by unwinding, so temporary directories (tune,
-    deploy) and half-written temp files are removed on the way out. The status is also kept
-    aside: raised inside a Python callback that TVM's C++ called (a tuner's builder, a schedule
-    rule), the exit reaches ``main`` as the ``RuntimeError`` TVM's FFI makes of it."""
-    _terminating.append(128 + signum)
-    raise SystemExit(128 + signum)
-
-
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """tvm_patdnn's own warnings as one ``warning:`` line, like its errors; others as Python shows them."""
     if f"{os.sep}tvm_patdnn{os.sep}" in filename:
@@ -86,8 +75,7 @@ _python_format_warning = warnings.formatwarning
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    _terminating.clear()
-    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
+    previous = termination.handle_sigterm() if in_main_thread else None
     warnings.formatwarning = _format_warning
     try:
         status = int(args.func(args) or 0)
@@ -100,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if _terminating:  # the SIGTERM, turned into another exception on its way through TVM's C++
-            return _terminating[0]
+        if termination.status() is not None:  # the SIGTERM, another exception after TVM's C++
+            return termination.status()
         if isinstance(err, PatDNNError):
             print(f"error: {err}", file=sys.stderr)
             return 2

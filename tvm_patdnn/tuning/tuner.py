@@ -50,6 +50,7 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from .. import termination
 from ..analysis import PatternOptions
 from ..errors import PatDNNError
 from ..export import linker_for
@@ -260,6 +261,8 @@ class _InProcessBuilder(ms.builder.PyBuilder):
             try:
                 results.append(ms.builder.BuilderResult(self.export(build_kernel(item.mod, item.target)), None))
             except Exception as err:  # a candidate TVM cannot lower is a failed trial, not a failed tune
+                if termination.status() is not None:  # a SIGTERM, handed back by TVM's FFI: not the candidate's
+                    raise
                 results.append(ms.builder.BuilderResult(None, f"{type(err).__name__}: {str(err).strip()[-2000:]}"))
         return results
 
