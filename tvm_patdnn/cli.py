@@ -18,9 +18,9 @@ import threading
 import warnings
 from importlib import metadata
 
+from . import termination
 from .arguments import TARGET_HELP, HelpFormatter, add_target_option
 from .commands import add_bench_command, add_compile_command, add_inspect_command, add_run_command
-from . import termination
 from .errors import PatDNNError
 from .phone.commands import add_deploy_command, add_opencl_check_command, add_phone_emulator_command
 from .pruning.commands import add_prune_command
