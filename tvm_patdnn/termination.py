@@ -11,18 +11,20 @@ asks :func:`status` first and lets the exception go on.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
+from types import FrameType
 
 __all__ = ["handle_sigterm", "status"]
 
 _status: list[int] = []  # the shell's status of a SIGTERM being handled
 
 
-def _terminated(signum: int, _frame) -> None:
+def _terminated(signum: int, _frame: FrameType | None) -> None:
     _status.append(128 + signum)
     raise SystemExit(128 + signum)
 
 
-def handle_sigterm():
+def handle_sigterm() -> Callable[[int, FrameType | None], object] | int | None:
     """Install the handler (main thread only) with no termination pending; returns the previous
     handler, for ``signal.signal(signal.SIGTERM, previous)``."""
     _status.clear()
