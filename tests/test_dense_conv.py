@@ -253,6 +253,12 @@ def test_register_tile_follows_the_target():
     assert register_tile(16, 8, 5) == (13, 1, 5)  # smaller than a vector: a narrower one
     assert DenseConvRewrite(32, 16).gemm_vectors() == (16, 8)  # AVX-512: AVX2's 6 x 2 of 8 lanes (Zen 4)
     assert DenseConvRewrite(16, 8).gemm_vectors() == (16, 8) and DenseConvRewrite(32, 4).gemm_vectors() == (32, 4)
+    # a forced GEMM takes KxK convs with four of its own vectors of filters: 32 on AVX2 and AVX-512 alike
+    kxk = dict(batch=1, in_channels=13, height=28, width=28, kernel=(3, 3), strides=(2, 2), padding=(1, 1, 1, 1))
+    for registers, lanes in ((16, 8), (32, 16)):
+        forced = DenseConvRewrite(registers, lanes, kernel="gemm")
+        assert forced.kernel_for(DenseConvSpec(**kxk, out_channels=32)) == "gemm"
+        assert forced.kernel_for(DenseConvSpec(**kxk, out_channels=31)) is None
     targets = {
         '{"kind":"llvm","mcpu":"znver3"}': (16, 8),
         '{"kind":"llvm","mcpu":"skylake-avx512"}': (32, 16),

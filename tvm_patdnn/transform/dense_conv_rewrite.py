@@ -251,8 +251,9 @@ class DenseConvRewriter:
             small_image = spec.pixels <= SMALL_POINTWISE_PIXELS
             return "direct" if self.lanes == 8 and spec.pointwise and (small_image or few_filters) else "gemm"
         if self.kernel == "gemm":
+            # fewer than four of the GEMM's vectors of filters (8 lanes on AVX-512 too: gemm_vectors):
             # the window copy would cost more than half the multiply-adds it feeds
-            return "gemm" if spec.out_channels >= 4 * self.lanes else None
+            return "gemm" if spec.out_channels >= 4 * self.gemm_vectors()[1] else None
         if (self.kernel == "auto" and self.lanes == 8 and spec.strides == (1, 1) and spec.out_channels >= 4 * self.lanes
                 and spec.in_channels * spec.kernel[0] * spec.kernel[1] <= FEW_TAPS_REDUCTION):
             return "gemm"
