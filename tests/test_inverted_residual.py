@@ -1,5 +1,10 @@
 """The inverted residual kernel (expansion 1x1 -> depthwise -> optional projection 1x1, one kernel):
-models against onnx.reference, which blocks the rewrite takes, and the kernel with row bands."""
+models against onnx.reference, which blocks the rewrite takes, and the kernel with row bands.
+
+The rewrite takes blocks on AVX2 targets only (8 lanes, where its rule was measured: the module
+docstring of ``inverted_residual_rewrite``), so the tests of the kernel compile for one (``AVX2``,
+which any AVX2 host runs, AVX-512 ones too) rather than for the host; on AVX-512 targets the blocks
+stay separate kernels (``test_avx512_targets_keep_the_blocks_separate_kernels``)."""
 
 from __future__ import annotations
 
@@ -9,11 +14,31 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from test_compiler import check_against_reference
+from model_factory import reference_outputs
+from test_compiler import assert_close, check_against_reference
 from test_depthwise_conv import kernel_calls
 
+import tvm_patdnn
+from tvm_patdnn.frontend import seeded_inputs
 from tvm_patdnn.ops.inverted_residual import InvertedResidualSpec
+from tvm_patdnn.targets import resolve_target, runtime_threads, vector_lanes
 from tvm_patdnn.transform import inverted_residual_rewrite
+
+# The host's cores as "x86" has them (the kernel's row bands follow num-cores), AVX2's vectors.
+AVX2 = {"kind": "llvm", "mcpu": "znver3", "num-cores": runtime_threads()}
+AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": runtime_threads()}
+
+
+def check_on(target: dict, model: onnx.ModelProto, seed: int) -> tvm_patdnn.CompiledModel:
+    """``check_against_reference`` for ``target`` instead of the host: compiled, then run against
+    onnx.reference where the host has the target's vectors (else a host-CPU skip)."""
+    compiled = tvm_patdnn.compile(model, target)
+    if vector_lanes(resolve_target("x86")) < vector_lanes(resolve_target(target)):
+        pytest.skip(f"host CPU: no {vector_lanes(resolve_target(target))}-lane vectors to run the code on (it was built)")
+    inputs = seeded_inputs(compiled, seed)
+    for actual, expected in zip(compiled.run(inputs), reference_outputs(model, inputs), strict=True):
+        assert_close(actual, expected)
+    return compiled
 
 
 def block_model(rng, shape, expanded, stride=(1, 1), pads=(1, 1, 1, 1), projected=None, residual=False,
@@ -99,7 +124,7 @@ def blocks(draw):
 def test_random_blocks_match_reference_on_one_kernel(every_block, monkeypatch, case, fuse_projection):
     model, seed, projected, expanded = case
     monkeypatch.setattr(inverted_residual_rewrite, "FUSE_PROJECTION", fuse_projection)
-    compiled = check_against_reference(model, seed)
+    compiled = check_on(AVX2, model, seed)
     fused = expanded or fuse_projection
     assert kernel_calls(compiled, "inverted_residual") == fused
     separate = 1 if projected and not fuse_projection else 0
@@ -113,7 +138,17 @@ def test_mobilenet_v2_blocks_the_rule_fuses_match_reference(channels, expanded, 
     """The rule's blocks (expanded tensors of at least MIN_EXPANDED_BYTES), residual where the model has one."""
     model = block_model(np.random.default_rng(size), (1, channels, size, size), expanded, (stride, stride),
                         projected=projected, residual=projected == channels and stride == 1)
-    assert kernel_calls(check_against_reference(model, 2), "inverted_residual") == 1
+    assert kernel_calls(check_on(AVX2, model, 2), "inverted_residual") == 1
+
+
+def test_avx512_targets_keep_the_blocks_separate_kernels():
+    """The rule was measured on AVX2 only: on AVX-512 a block the AVX2 rule fuses stays the 1x1 and
+    depthwise kernels (against onnx.reference where the host has AVX-512)."""
+    model = block_model(np.random.default_rng(56), (1, 24, 56, 56), 144, projected=24, residual=True)
+    compiled = check_on(AVX512, model, 2)
+    assert kernel_calls(compiled, "inverted_residual") == 0
+    assert kernel_calls(compiled, "depthwise_conv") == 1
+    assert kernel_calls(compiled, "dense_conv") + kernel_calls(compiled, "direct_conv") == 2
 
 
 @pytest.mark.parametrize("size, stride", [(14, 1), (28, 2), (14, 2)])
@@ -132,7 +167,7 @@ def test_rows_narrower_than_two_vectors_keep_two_vector_tiles_and_match_referenc
     assert (spec.expansion.filter_tile, spec.expansion.vectors) == (6, 2)
     assert (spec.projection.filter_tile, spec.projection.vectors) == (6, 2)
     model = block_model(np.random.default_rng(size + stride), (1, 8, size, size), 48, (stride, stride), projected=16)
-    assert kernel_calls(check_against_reference(model, 3), "inverted_residual") == 1
+    assert kernel_calls(check_on(AVX2, model, 3), "inverted_residual") == 1
 
 
 def test_small_blocks_and_shared_expansions_stay_separate_kernels(every_block):
@@ -142,7 +177,7 @@ def test_small_blocks_and_shared_expansions_stay_separate_kernels(every_block):
         with pytest.MonkeyPatch.context() as patch:
             if model is small:
                 patch.setattr(inverted_residual_rewrite, "MIN_EXPANDED_BYTES", 1_000_000)
-            compiled = check_against_reference(model, 4)
+            compiled = check_on(AVX2, model, 4)
         assert kernel_calls(compiled, "inverted_residual") == 0
         assert kernel_calls(compiled, "depthwise_conv") == 1
 
@@ -161,9 +196,11 @@ def test_a_stages_residual_add_fuses_into_the_projection_whichever_operand_it_is
                                                                                   fused_blocks):
     """The add reads the previous block's projection, which the next expansion reads too: it joins the
     second block's projection, on the inverted residual kernel or (blocks below the rule's size) the
-    dense one, whether the block's input is the add's first operand or its second."""
+    dense one, whether the block's input is the add's first operand or its second. Fused blocks on an
+    AVX2 target (the rule's), separate ones on the host."""
     monkeypatch.setattr(inverted_residual_rewrite, "MIN_EXPANDED_BYTES", 0 if fused_blocks else 1_000_000)
-    compiled = check_against_reference(two_blocks(np.random.default_rng(6), (2, 5, 9, 7), 11, residual_first), 6)
+    model = two_blocks(np.random.default_rng(6), (2, 5, 9, 7), 11, residual_first)
+    compiled = check_on(AVX2, model, 6) if fused_blocks else check_against_reference(model, 6)
     assert kernel_calls(compiled, "add") == 0
     assert kernel_calls(compiled, "inverted_residual") == 2 * fused_blocks
     assert kernel_calls(compiled, "dense_conv") + kernel_calls(compiled, "direct_conv") == 4 * (not fused_blocks)
