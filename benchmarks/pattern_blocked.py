@@ -7,15 +7,17 @@ and any ``--layouts ROWSxCOLUMNS/BLOCK`` given), each checked against a numpy co
 timed in interleaved rounds (process CPU time: run at 1 thread). The ratio is default / blocked
 (above 1: the blocked kernel is faster); GFLOP/s count the nonzero work, against the FMA peak
 measured in the same run (``benchmarks.machine``); "routed" says whether ``PatternConvRewrite``
-gives the layer the blocked kernel (``blocked_applies``):
+gives the layer the blocked kernel (``blocked_applies``). ``--lanes 8 16`` builds the blocked kernel
+for both vector widths (an AVX-512 host runs both):
 
     taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_blocked \\
-        --model vgg16_trunk resnet50 --unique --rounds 7 [--layouts 2x4/32 4x2/48]
+        --model vgg16_trunk resnet50 --unique --rounds 7 [--layouts 2x4/32 4x2/48] [--lanes 8 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -25,9 +27,9 @@ import tvm
 from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import FKWWeight, pack_fkw
 from tvm_patdnn.ops.pattern_conv import PatternConvSpec
-from tvm_patdnn.ops.pattern_conv_blocked import (BlockedLayout, blocked_applies, blocked_layout, blocked_weights,
-                                                 pattern_conv_blocked_primfunc)
-from tvm_patdnn.targets import resolve_target
+from tvm_patdnn.ops.pattern_conv_blocked import (LANES, BlockedLayout, blocked_applies, blocked_layout,
+                                                 blocked_weights, pattern_conv_blocked_primfunc)
+from tvm_patdnn.targets import resolve_target, vector_lanes
 
 from .layers import save_results
 from .machine import add_peak_percent, cpu_peak_gflops, widest_isa
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--unique", action="store_true", help="one layer per shape, the others counted with it")
     parser.add_argument("--layouts", nargs="*", default=[], type=_parse_layout,
                         help="more blocked layouts to time, ROWSxCOLUMNS/BLOCK (e.g. 2x4/32)")
+    parser.add_argument("--lanes", nargs="+", type=int, choices=LANES,
+                        help="the blocked kernel's vector lanes (default: the host's widest, 8 or 16)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/pattern_blocked.1t.json"))
     args = parser.parse_args()
@@ -76,13 +80,14 @@ def main() -> None:
             x = rng.standard_normal(shape).astype(np.float32)
             expected = reference_conv(x, weight, bias)
             fkw = pack_fkw(weight, analyze_conv_weight(weight))
-            spec = PatternConvSpec.from_fkw(fkw, shape, (1, 1), (1, 1, 1, 1), True, True)
-            default_layout = blocked_layout(spec)
             builds = {"default": build(fkw, bias, shape, target, VARIANTS["default"])}
-            for rows_, columns, block in [(None, None, None), *args.layouts]:
-                layout = default_layout if rows_ is None else blocked_layout(spec, rows_, columns, block)
-                label = f"blocked {layout.row_tile}x{layout.column_tile}/{layout.block}"
-                builds.setdefault(label, build_blocked(fkw, bias, layout, target))
+            for lanes in args.lanes or [vector_lanes(target)]:
+                spec = PatternConvSpec.from_fkw(fkw, shape, (1, 1), (1, 1, 1, 1), True, True, lanes)
+                for rows_, columns, block in [(None, None, None), *args.layouts]:
+                    layout = blocked_layout(spec, rows_, columns, block)
+                    lanes_label = "" if args.lanes is None else f"-{lanes}"
+                    label = f"blocked{lanes_label} {layout.row_tile}x{layout.column_tile}/{layout.block}"
+                    builds.setdefault(label, build_blocked(fkw, bias, layout, target))
             calls = {}
             for label, (lib, weights) in builds.items():
                 out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
@@ -97,7 +102,8 @@ def main() -> None:
             flops = 2 * np.count_nonzero(weight) * expected.shape[2] * expected.shape[3]
             rows.append({"model": model, "layer": name + (f" (x{count})" if count > 1 else ""), "count": count,
                          "shape": f"{weight.shape[0]}x{weight.shape[1]} {shape[2]}x{shape[3]}", "ms": median,
-                         "best": best, "routed": blocked_applies(spec), "nonzero_gflops": flops / median[best] / 1e6,
+                         "best": best,
+                         "routed": blocked_applies(dataclasses.replace(spec, vector_width=vector_lanes(target))), "nonzero_gflops": flops / median[best] / 1e6,
                          "default_gflops": flops / median["default"] / 1e6})
             print(f"{model} {name}: " + ", ".join(f"{label} {ms:.3f}" for label, ms in median.items()), flush=True)
 

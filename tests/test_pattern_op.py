@@ -19,7 +19,7 @@ from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.kernel_patterns import kernel_masks, popcount
 from tvm_patdnn.ops.pattern_conv import (PATTERN_CONV_ATTR, PatternConvSpec, cheapest_layout, choose_layout,
-                                         is_pattern_conv, pattern_conv2d_primfunc)
+                                         is_pattern_conv, pattern_conv2d_primfunc, target_layout)
 from tvm_patdnn.schedule_rules import PatternConvCPU
 from tvm_patdnn.schedule_rules.pattern_conv_cpu import default_knobs
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
@@ -160,8 +160,8 @@ def test_layout_fills_vectors_and_registers_per_target():
 
 def test_avx512_cost_model_picks_the_vector_width_per_image_size():
     """16-lane targets choose among 512- and 256-bit row, flat and windows layouts by modelled
-    cycles: 4x4 outputs as one 16-lane window vector per tap, 8x8 and 7x7 in 256-bit rows,
-    512-bit rows where rows fill them."""
+    cycles where no measured rule says otherwise: 4x4 outputs as one 16-lane window vector per tap,
+    8x8 and 7x7 in 256-bit rows, 512-bit rows at 16x16 and 32x32."""
     weight = pattern_weight(np.random.default_rng(4), 64, 64, n_patterns=8, connectivity=3.6)
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
 
@@ -172,7 +172,28 @@ def test_avx512_cost_model_picks_the_vector_width_per_image_size():
         return spec.vector_width, "flat" if spec.flat else "windows" if spec.windows else "rows"
 
     assert [layout(size) for size in (4, 7, 8)] == [(16, "windows"), (8, "rows"), (8, "rows")]
-    assert [layout(size) for size in (14, 32)] == [(16, "rows"), (16, "rows")]
+    assert [layout(size) for size in (16, 32)] == [(16, "rows"), (16, "rows")]
+
+
+def test_avx512_wide_rows_take_the_tall_fused_tile_and_strided_or_14_and_56_column_rows_aligned_ones():
+    """AVX-512 (measured on Zen 5): rows of 112 columns and more take AVX2's tall 4x2 tile with fused
+    stages, rows of 56-111 and 14 columns and every strided layer 512-bit aligned rows with the rule's
+    tile; the rest keep the cost model's layout."""
+    weight = pattern_weight(np.random.default_rng(4), 64, 64, n_patterns=8, connectivity=3.6)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+
+    def layout(size, stride=1, **kwargs):
+        spec = PatternConvSpec.from_fkw(fkw, (1, 64, size, size), (stride, stride), (1, 1, 1, 1), True, True, 16)
+        spec = target_layout(spec, 16, **kwargs)
+        kind = "fused" if spec.fused else "aligned" if spec.aligned else "lifted" if spec.lifted else "model"
+        return kind, spec.vector_width, spec.row_tile, spec.column_tile
+
+    assert [layout(size) for size in (224, 112)] == [("fused", 16, 4, 2)] * 2
+    assert layout(112, fused=False) == ("model", 16, 4, 2)  # the tall tile without fused stages
+    assert [layout(size) for size in (56, 14)] == [("aligned", 16, 4, 4), ("aligned", 16, 14, 1)]
+    assert [layout(size, stride=2)[0] for size in (56, 28, 14)] == ["aligned"] * 3
+    assert layout(56, aligned=False)[0] == layout(28)[0] == layout(16)[0] == "model"
+    assert layout(32, tall_tile=False) == layout(32)
 
 
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
@@ -236,14 +257,18 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
         (4, 1, 2, True, True),  # windows, one full 512-bit vector, batch 2
         (6, 1, 1, True, True),  # flat or rows, 256-bit
         (8, 1, 1, True, True),  # 256-bit rows
-        (14, 1, 1, True, True),  # 512-bit rows
-        (9, 2, 1, True, True),  # strided
+        (16, 1, 1, True, True),  # 512-bit rows
+        (14, 1, 1, True, True),  # 512-bit aligned rows, pitch 16
+        (58, 1, 2, True, False),  # aligned rows, 4 vectors, rows padded to the 4x4 tile
+        (112, 1, 1, True, True),  # wide rows: the tall tile, fused stages
+        (9, 2, 1, True, True),  # strided: aligned column phases
+        (28, 2, 1, False, True),
     ],
 )
 def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu):
-    """Every AVX-512 kernel class (the 2x2 (pixel x tap) kernel, and the cost model's windows,
-    256-bit rows, 512-bit rows and strided layouts) builds, and where the host has AVX-512 it matches
-    onnx.reference."""
+    """Every AVX-512 kernel class (the 2x2 (pixel x tap) kernel, the cost model's windows, 256-bit
+    rows and 512-bit rows, and the measured rules' fused wide rows and aligned rows, strided ones
+    included) builds, and where the host has AVX-512 it matches onnx.reference."""
     rng = np.random.default_rng(size)
     conv = ConvSpec(16, stride=stride, connectivity=2.0, bias=bias, relu=relu)
     model = build_cnn(rng, (batch, 8, size, size), [conv])
@@ -378,7 +403,7 @@ def test_only_avx2_rows_of_28_to_111_columns_are_lifted():
 def test_avx2_rows_are_aligned_where_that_takes_no_more_memory():
     """ResNet-50's 14x14 and 7x7 rows and its stride-2 layers to 14 and 7 columns take aligned rows
     (pitch 16 or 8 floats instead of 18, 17 or 9); CIFAR's 16x16 and 8x8 and VGG's 112/224 rows,
-    whose pitch would grow, keep plain rows, as do NEON and AVX-512."""
+    whose pitch would grow, keep plain rows, as does NEON."""
     weight = pattern_weight(np.random.default_rng(6), 8, 8, n_patterns=4)
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
 
@@ -389,4 +414,4 @@ def test_avx2_rows_are_aligned_where_that_takes_no_more_memory():
 
     assert [aligned(size) for size in (7, 8, 14, 16, 112, 224)] == [True, False, True, False, False, False]
     assert aligned(28, stride=2) and aligned(14, stride=2) and not aligned(56, stride=2)  # 56 -> 28: lifted
-    assert not aligned(14, lanes=4, accumulators=16) and not aligned(14, lanes=16, accumulators=16)  # NEON, AVX-512
+    assert not aligned(14, lanes=4, accumulators=16)  # NEON (AVX-512 has its own rule)

@@ -241,6 +241,8 @@ WIDE_ROW_VECTORS = 14  # AVX2 rows layouts at least this many vectors wide take 
 TALL_TILE = (4, 2)  # (rows, columns) of output vectors of the AVX2 tile for wide rows
 LIFTED_WIDTHS = range(28, 112)  # AVX2 layers with output rows this wide take lifted rows (any stride)
 LIFTED_TALL_VECTORS = 7  # lifted rows of at least this many vectors take the TALL_TILE
+WIDE_ROW_COLUMNS = 112  # AVX-512 rows at least this wide take the TALL_TILE and fused stages
+AVX512_ALIGNED_WIDTHS = (*range(56, 112), 14)  # AVX-512 layers with rows this wide take aligned rows
 
 
 def _input_vectors(spec: PatternConvSpec, taps) -> int:
@@ -375,7 +377,7 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     output stage took 0.6 ms of 7-16. ``fused=False`` keeps the three passes.
     """
     if spec.vector_width == 16:
-        return cheapest_layout(spec, accumulators, (16, 8), flat)
+        return _avx512_layout(spec, accumulators, flat, tall_tile, aligned, fused)
     layout = choose_layout(spec, accumulators, flat, windows=spec.vector_width == 8)
     if tall_tile and spec.vector_width == 8 and _is_wide(layout) and accumulators >= TALL_TILE[0] * TALL_TILE[1]:
         layout = dataclasses.replace(layout, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
@@ -391,6 +393,31 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     if fused and spec.vector_width == 8 and _is_wide(layout) and not layout.lifted:
         layout = dataclasses.replace(layout, fused=True)
     return layout
+
+
+def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, tall_tile: bool, aligned: bool,
+                   fused: bool) -> PatternConvSpec:
+    """AVX-512: rows of at least :data:`WIDE_ROW_COLUMNS` columns take AVX2's wide-row layout at 16
+    lanes (the :data:`TALL_TILE`, fused stages), strided layers and rows of :data:`AVX512_ALIGNED_WIDTHS`
+    columns aligned rows with :func:`choose_layout`'s tile, the rest :func:`cheapest_layout`'s layout
+    (fitted on Zen 4, whose 512-bit ops run as two halves).
+
+    Zen 5 (full-rate 512-bit FMAs; a 512-bit load that splits a cache line runs at half rate), 1 thread,
+    one interleaved run per layer against the cost model's layout (session 14): VGG-16 224's 224x224
+    64x64 2.52x, 112x112 128x64 2.25x and 128x128 1.36x (fused, the tall tile; without fused stages
+    1.83x, 1.70x, 1.24x; a 4x4 tile 2.25x, 1.79x, 1.20x); 56x56 aligned rows with the rule's 4x4 tile
+    2.06x (256x128), 1.21x (256x256), ResNet-50's 64x64 1.04x (lifted rows 1.88x, 1.27x, 0.93x); 14x14
+    aligned rows (pitch 16: no larger than plain rows) 1.13-1.14x; ResNet-50's stride-2 layers aligned
+    rows 1.46x (56 -> 28), 1.34x (28 -> 14), 1.38x (14 -> 7; lifted rows 1.39x at 56 -> 28). Not taken:
+    aligned rows at CIFAR's 16x16 0.83-0.89x, 8x8 0.94-0.95x, 4x4 0.35x; lifted rows at 28x28 0.89-1.12x.
+    """
+    model = cheapest_layout(spec, accumulators, (16, 8), flat)
+    rows = choose_layout(spec, accumulators, flat=False)
+    if tall_tile and spec.out_width >= WIDE_ROW_COLUMNS and accumulators >= TALL_TILE[0] * TALL_TILE[1]:
+        return dataclasses.replace(rows, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1, fused=fused)
+    if aligned and (spec.strides != (1, 1) or spec.out_width in AVX512_ALIGNED_WIDTHS):
+        return dataclasses.replace(rows, aligned=True)
+    return model
 
 
 def _is_wide(spec: PatternConvSpec) -> bool:

@@ -71,11 +71,13 @@ from ..fkw import FKWWeight
 from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 
-__all__ = ["BLOCKED_CHANNELS", "BLOCKED_WIDTHS", "BlockedLayout", "LANES", "WHOLE_ROW_WIDTH", "blocked_applies",
-           "blocked_layout", "blocked_weights", "pattern_conv_blocked_primfunc"]
+__all__ = ["BLOCKED_CHANNELS", "BLOCKED_WIDTHS", "BlockedLayout", "LANES", "ROUTED_LANES", "WHOLE_ROW_WIDTH",
+           "blocked_applies", "blocked_layout", "blocked_weights", "pattern_conv_blocked_primfunc"]
 
-LANES = 8  # AVX2 fp32 lanes: the only width this kernel is built for
-ACCUMULATORS = 14  # vectors of the register tile: AVX2's 16 registers less the broadcast weight and one spare
+LANES = (8, 16)  # fp32 lanes it is built for: AVX2, AVX-512
+ROUTED_LANES = 8  # the lanes of the targets whose layers take it (blocked_applies)
+# register tile vectors by lanes: the vector registers (AVX2 16, AVX-512 32) less the broadcast weight and a spare
+ACCUMULATORS = {8: 14, 16: 28}
 # A channel block's tile input windows: Zen 3's 32 KB L1 (7x2 tiles, 512 channels: blocks for 16, 24, 32 and
 # 48 KB measured 0.87x, 0.95x, 1x and 0.99x at 28x28, 0.88x, 0.95x, 1x, 0.97x at 14x14)
 L1_BLOCK_BYTES = 32 * 1024
@@ -95,9 +97,13 @@ class BlockedLayout:
     block: int
 
     @property
+    def lanes(self) -> int:
+        return self.spec.vector_width
+
+    @property
     def vectors(self) -> int:
         """M, output columns per lane of a lifted row (vectors per output row), a whole number of tiles."""
-        return round_up(ceil_div(self.spec.out_width, LANES), self.column_tile)
+        return round_up(ceil_div(self.spec.out_width, self.lanes), self.column_tile)
 
     @property
     def acc_rows(self) -> int:
@@ -106,7 +112,7 @@ class BlockedLayout:
     @property
     def row_pitch(self) -> int:
         """Floats per row of a tile's input window: the tile's column vectors and the 2-vector halo."""
-        return (self.column_tile + 2) * LANES
+        return (self.column_tile + 2) * self.lanes
 
     @property
     def channel_pitch(self) -> int:
@@ -124,8 +130,8 @@ class BlockedLayout:
 
 
 def blocked_applies(spec: PatternConvSpec) -> bool:
-    """Whether a layer takes the channel-blocked kernel: AVX2 (8 lanes), stride 1, padding 1, 4-tap
-    patterns, output rows of :data:`BLOCKED_WIDTHS` columns, at least :data:`BLOCKED_CHANNELS` input
+    """Whether a layer takes the channel-blocked kernel: AVX2 (:data:`ROUTED_LANES`), stride 1, padding 1,
+    4-tap patterns, output rows of :data:`BLOCKED_WIDTHS` columns, at least :data:`BLOCKED_CHANNELS` input
     channels (half that from :data:`WHOLE_ROW_WIDTH` columns). Zen 3, 1 thread, TE operator / this
     kernel, interleaved (``benchmarks/pattern_blocked.py``, 3-5 runs on a shared box): VGG-16 224's
     512x512 28x28 1.33-1.65x, 512x512 14x14 1.38-1.48x, 256x256 56x56 1.16-1.36x, 256x128 56x56
@@ -133,9 +139,14 @@ def blocked_applies(spec: PatternConvSpec) -> bool:
     14x14 1.18-1.23x. Not taken: 128x128 28x28 0.74-1.02x, 64x64 56x56 0.88-0.99x, 512x512 7x7
     1.02-1.13x, CIFAR's 32x32 0.79x, 16x16 0.84-1.00x, 8x8 1.10-1.12x (its shipped records stay),
     4x4 0.68-0.77x; VGG-16 224's 112x112 and 224x224 layers (64x64 224x224 0.48-0.68x, 128x128
-    112x112 0.71-0.97x; the wide-image variants of the module docstring 0.64-1.06x)."""
+    112x112 0.71-0.97x; the wide-image variants of the module docstring 0.64-1.06x).
+
+    Not on AVX-512: built for 16 lanes (28-vector tiles) on Zen 5, 1 thread, one interleaved run
+    (session 14), it lost to the layouts :func:`.pattern_conv.target_layout` now gives those
+    layers: 56x56 0.84-0.92x, 28x28 0.81-0.88x, 14x14 0.82-0.85x (against the cost model's
+    layouts, the default before: 56x56 0.87-1.90x, 28x28 0.81-0.88x, 14x14 0.93-0.96x)."""
     channels = BLOCKED_CHANNELS // (2 if spec.out_width >= WHOLE_ROW_WIDTH else 1)
-    return (spec.vector_width == LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
+    return (spec.vector_width == ROUTED_LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
             and spec.taps == 4 and spec.out_width in BLOCKED_WIDTHS and spec.in_channels >= channels)
 
 
@@ -145,15 +156,16 @@ def blocked_layout(spec: PatternConvSpec, row_tile: int | None = None, column_ti
     computes the fewest padded vectors, then reads the least window per output vector (14x14 and
     28x28: 7x2; 56x56: 2x7, whole rows of 7 vectors, where 7x2 rounds the 7 up to 8: 1.11x), and the
     largest channel block whose tile input windows fit :data:`L1_BLOCK_BYTES`."""
-    needed = ceil_div(spec.out_width, LANES)
+    lanes = spec.vector_width
+    needed, accumulators = ceil_div(spec.out_width, lanes), ACCUMULATORS[lanes]
     if row_tile is None or column_tile is None:
-        tiles = [(r, c) for c in range(1, min(needed, ACCUMULATORS) + 1) for r in range(1, ACCUMULATORS // c + 1)
+        tiles = [(r, c) for c in range(1, min(needed, accumulators) + 1) for r in range(1, accumulators // c + 1)
                  if (row_tile or r) == r and (column_tile or c) == c and r <= spec.out_height]
         row_tile, column_tile = min(tiles, key=lambda t: (round_up(spec.out_height, t[0]) * round_up(needed, t[1]),
                                                           (t[0] + 2) * (t[1] + 2) / (t[0] * t[1])))
     row_tile = min(row_tile, spec.out_height)
     if block is None:
-        block = max(1, L1_BLOCK_BYTES // ((row_tile + 2) * (column_tile + 2) * LANES * 4))
+        block = max(1, L1_BLOCK_BYTES // ((row_tile + 2) * (column_tile + 2) * lanes * 4))
     return BlockedLayout(spec, row_tile, column_tile, min(block, spec.in_channels))
 
 
@@ -167,7 +179,7 @@ def blocked_weights(fkw: FKWWeight, layout: BlockedLayout) -> tuple[np.ndarray, 
     filters = np.repeat(np.arange(len(counts)) // n_patterns, counts)
     block_of = fkw.channels // layout.block
     kernels = np.lexsort((np.arange(len(filters)), filters, block_of))  # stable: block, filter, FKW order
-    shift = np.array([[dy * layout.row_pitch + dx * LANES for dy, dx in taps] for taps in fkw.patterns], np.int64)
+    shift = np.array([[dy * layout.row_pitch + dx * layout.lanes for dy, dx in taps] for taps in fkw.patterns], np.int64)
     taps = fkw.channels[kernels, None].astype(np.int64) * layout.channel_pitch + shift[pattern[kernels]]
     runs = block_of[kernels] * fkw.out_channels + filters[kernels]
     starts = np.searchsorted(runs, np.arange(layout.blocks * fkw.out_channels + 1)).astype(np.int32)
@@ -175,11 +187,11 @@ def blocked_weights(fkw: FKWWeight, layout: BlockedLayout) -> tuple[np.ndarray, 
 
 
 def pattern_conv_blocked_primfunc(layout: BlockedLayout, threads: int = 1) -> tirx.PrimFunc:
-    """The scheduled PrimFunc of one stride-1 pattern conv on AVX2 (see the module docstring).
+    """The scheduled PrimFunc of one stride-1 pattern conv on AVX2 or AVX-512 (see the module docstring).
     Arguments: data, values, taps, starts (:func:`blocked_weights`), order (FKW's: stored filter ->
     output channel), [bias], out. Threads take (image, tile, filter group) tasks; with fewer tiles
     than twice ``threads`` the filters are split in ``threads`` interleaved groups."""
-    spec = layout.spec
+    spec, lanes = layout.spec, layout.lanes
     if spec.strides != (1, 1) or spec.taps != 4:
         raise ValueError("the channel-blocked pattern conv takes stride 1 and 4-tap patterns")
     n_, c_, f_ = spec.batch, spec.in_channels, spec.out_channels
@@ -187,7 +199,7 @@ def pattern_conv_blocked_primfunc(layout: BlockedLayout, threads: int = 1) -> ti
     oh, ow = spec.out_height, spec.out_width
     m, rt, ct = layout.vectors, layout.row_tile, layout.column_tile
     rp, cp, nb = layout.row_pitch, layout.channel_pitch, layout.blocks
-    acc_pitch = m * LANES  # floats per accumulator row (lifted order, like the input)
+    acc_pitch = m * lanes  # floats per accumulator row (lifted order, like the input)
     tiles_x = m // ct
     tiles = n_ * layout.tiles
     groups = threads if tiles < 2 * threads else 1
@@ -214,19 +226,19 @@ def pattern_conv_blocked_primfunc(layout: BlockedLayout, threads: int = 1) -> ti
                 n, tile_y, tile_x = tile // layout.tiles, tile % layout.tiles // tiles_x, tile % tiles_x
                 with T.serial(0, rt + 2) as y:
                     with T.serial(0, ct + 2) as v:
-                        with T.vectorized(0, LANES) as j:
+                        with T.vectorized(0, lanes) as j:
                             row, column = tile_y * rt + y - top, j * m + tile_x * ct + v - left
                             inside = tirx.all(row >= 0, row < h_, column >= 0, column < w_)
                             value = tirx.if_then_else(inside, data[n, c, row, column], zero)
-                            T.buffer_store(windows, value, [tc * cp + y * rp + v * LANES + j])
+                            T.buffer_store(windows, value, [tc * cp + y * rp + v * lanes + j])
 
             with T.parallel(0, tiles * groups) as task:
                 group, tile = task % groups, task // groups
                 n, tile_y, tile_x = tile // layout.tiles, tile % layout.tiles // tiles_x, tile % tiles_x
                 base = tile * c_ * cp
-                acc_base = tile_y * rt * acc_pitch + tile_x * ct * LANES
-                acc = T.decl_buffer((rt * ct * LANES,), "float32", scope="local")
-                slots = [(r, c, tirx.Ramp((r * ct + c) * LANES, 1, LANES)) for r in range(rt) for c in range(ct)]
+                acc_base = tile_y * rt * acc_pitch + tile_x * ct * lanes
+                acc = T.decl_buffer((rt * ct * lanes,), "float32", scope="local")
+                slots = [(r, c, tirx.Ramp((r * ct + c) * lanes, 1, lanes)) for r in range(rt) for c in range(ct)]
                 with T.serial(0, nb) as b:
                     with T.serial(0, ceil_div(f_, groups)) as fi:
                         f = fi * groups + group
@@ -235,33 +247,33 @@ def pattern_conv_blocked_primfunc(layout: BlockedLayout, threads: int = 1) -> ti
                                 run = b * f_ + f
                                 first = (n * f_ + f) * layout.acc_rows * acc_pitch + acc_base
                                 for r, c, s in slots:
-                                    T.buffer_store(acc, tirx.Broadcast(zero, LANES), [s])
+                                    T.buffer_store(acc, tirx.Broadcast(zero, lanes), [s])
                                 start = starts[run]
                                 with T.serial(0, starts[run + 1] - start) as j:
                                     k = start + j
                                     for t in range(4):
-                                        weight = tirx.Broadcast(values[k, t], LANES)
+                                        weight = tirx.Broadcast(values[k, t], lanes)
                                         at = base + taps[k, t]
                                         for r, c, s in slots:
-                                            tap = windows[tirx.Ramp(at + r * rp + c * LANES, 1, LANES)]
+                                            tap = windows[tirx.Ramp(at + r * rp + c * lanes, 1, lanes)]
                                             T.buffer_store(acc, acc[s] + weight * tap, [s])
                                 for r, c, s in slots:  # the earlier blocks' sum, loaded off the FMAs' path
-                                    slot = tirx.Ramp(first + r * acc_pitch + c * LANES, 1, LANES)
-                                    kept = tirx.Select(b > 0, accbuf[slot], tirx.Broadcast(zero, LANES))
+                                    slot = tirx.Ramp(first + r * acc_pitch + c * lanes, 1, lanes)
+                                    kept = tirx.Select(b > 0, accbuf[slot], tirx.Broadcast(zero, lanes))
                                     T.buffer_store(accbuf, acc[s] + kept, [slot])
 
             with T.parallel(0, n_ * f_) as nf:  # epilogue: user's filter order, lifted lanes back to columns
                 fo = order[nf % f_]
-                lanes = T.decl_buffer((LANES,), "float32", scope="local")
+                lane_values = T.decl_buffer((lanes,), "float32", scope="local")
                 with T.serial(0, oh) as y:
                     with T.serial(0, m) as i:  # one accumulator vector, its lane j to column j * M + i
-                        vector = accbuf[tirx.Ramp((nf * layout.acc_rows + y) * acc_pitch + i * LANES, 1, LANES)]
-                        value = bias_relu(vector, None if bias is None else bias[fo], spec.relu, LANES)
-                        T.buffer_store(lanes, value, [tirx.Ramp(0, 1, LANES)])
-                        for j in range(min(LANES, ceil_div(ow, m))):
+                        vector = accbuf[tirx.Ramp((nf * layout.acc_rows + y) * acc_pitch + i * lanes, 1, lanes)]
+                        value = bias_relu(vector, None if bias is None else bias[fo], spec.relu, lanes)
+                        T.buffer_store(lane_values, value, [tirx.Ramp(0, 1, lanes)])
+                        for j in range(min(lanes, ceil_div(ow, m))):
                             with T.If(j * m + i < ow):
                                 with T.Then():
-                                    T.buffer_store(out, lanes[j], [nf // f_, fo, y, j * m + i])
+                                    T.buffer_store(out, lane_values[j], [nf // f_, fo, y, j * m + i])
     func = builder.get().without_attr("global_symbol")
     return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "blocked": 1, "block": layout.block,
                                               "row_tile": rt, "column_tile": ct})

@@ -102,7 +102,7 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
     row_tile, column_tile = int(layout["row_tile"]), int(layout["column_tile"])
     vectors = columns // int(layout["vector_width"])
     if columns_outside is None:
-        columns_outside = (int(layout["vector_width"]) == 8 and (row_tile, column_tile) == TALL_TILE
+        columns_outside = (int(layout["vector_width"]) in (8, 16) and (row_tile, column_tile) == TALL_TILE
                            and not int(layout["flat"]) and not int(layout["windows"]) and vectors > column_tile)
     in_channels = _extents(func, "pad")[1]
     if narrow_tile and "fused" in layout and in_channels <= NARROW_TILE_CHANNELS and rows % NARROW_TILE[0] == 0:
