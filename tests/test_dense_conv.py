@@ -149,10 +149,14 @@ def _single_conv(in_c, out_c, size, kernel=1, **attrs) -> onnx.ModelProto:
     (7, 70, 3, 3, {}),  # one output pixel
     (160, 96, 7, 1, {}),  # AVX-512: a 1x1 on the direct kernel, 96 filters as 2 blocks of 3 vectors
     (130, 40, 9, 1, {"strides": [2, 2]}),  # AVX-512: a strided 1x1 on the direct kernel, a ragged block
+    (128, 50, 9, 1, {}),  # AVX-512: 128 input channels, a 1x1 on the GEMM's 16-lane tile
+    (3, 64, 12, 3, {"pads": [1, 1, 1, 1]}),  # an RGB image's first 3x3: the GEMM (AVX2 and AVX-512)
+    (20, 70, 2, 3, {"pads": [1, 1, 1, 1]}),  # 2x2 output: AVX-512's 4 pixels x 4 vectors of 8 lanes
 ])
 def test_kxk_convs_match_reference_on_the_direct_kernel(in_c, out_c, size, kernel, attrs):
-    """KxK convs with at least a vector of filters run on the direct kernel (AVX2 and AVX-512 hosts);
-    1x1 convs on the GEMM, or on AVX-512 hosts on the direct kernel from 128 input channels."""
+    """KxK convs with at least a vector of filters run on the direct kernel (AVX2 and AVX-512 hosts),
+    but for an RGB image's stride-1 3x3; 1x1 convs on the GEMM, or on AVX-512 hosts on the direct kernel
+    above 128 input channels."""
     compiled = check_against_reference(_single_conv(in_c, out_c, size, kernel, **attrs), kernel)
     target = resolve_target("x86")
     stride = attrs.get("strides", [1])[0]
@@ -251,9 +255,9 @@ def test_register_tile_follows_the_target():
     assert register_tile(32, 4, 49) == (14, 2, 4)  # NEON
     assert register_tile(16, 8, 9) == (13, 1, 8)  # one vector of pixels: more filters
     assert register_tile(16, 8, 5) == (13, 1, 5)  # smaller than a vector: a narrower one
-    assert DenseConvRewrite(32, 16).gemm_vectors() == (16, 8)  # AVX-512: AVX2's 6 x 2 of 8 lanes (Zen 4)
+    assert DenseConvRewrite(32, 16).gemm_vectors() == (32, 16)  # AVX-512: 14 x 2 of 16 lanes (Zen 5)
     assert DenseConvRewrite(16, 8).gemm_vectors() == (16, 8) and DenseConvRewrite(32, 4).gemm_vectors() == (32, 4)
-    # a forced GEMM takes KxK convs with four of its own vectors of filters: 32 on AVX2 and AVX-512 alike
+    # a forced GEMM takes KxK convs with four vectors of 8 filters: 32 on AVX2 and AVX-512 alike
     kxk = dict(batch=1, in_channels=13, height=28, width=28, kernel=(3, 3), strides=(2, 2), padding=(1, 1, 1, 1))
     for registers, lanes in ((16, 8), (32, 16)):
         forced = DenseConvRewrite(registers, lanes, kernel="gemm")

@@ -4,6 +4,8 @@ the NEON build run on the emulated phone."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import re
 
@@ -189,13 +191,24 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 24})) == "direct"  # one 4 x 3-vector block
     assert rewrite.default_kernel(DenseConvSpec(**{**shape, "out_channels": 24})).pixel_tile == 4
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 40})) == "gemm"  # every tile pads
-    avx512 = DenseConvRewrite(32, 16)  # 1x1: direct from 128 input channels, the GEMM below
+    avx512 = DenseConvRewrite(32, 16)  # 1x1: direct above 128 input channels, the GEMM up to 128
     assert avx512.kernel_for(DenseConvSpec(**shape)) == "gemm"
-    assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 128})) == "direct"
+    assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 128})) == "gemm"
+    assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 129})) == "direct"
     assert avx512.kernel_for(DenseConvSpec(**{**shape, "in_channels": 512}, strides=(2, 2))) == "direct"
     kxk = DenseConvSpec(**shape, kernel=(3, 3), padding=(1, 1, 1, 1))
     assert avx512.direct_vectors(kxk) == (32, 8) and avx512.direct_vectors(DenseConvSpec(**shape)) == (32, 16)
     assert rewrite.direct_vectors(kxk) == (16, 8)
+    # AVX-512: an RGB stem on 6 pixels x 2 vectors of 16 lanes; an RGB stride-1 3x3 on the GEMM (as AVX2)
+    stem = DenseConvSpec(batch=1, in_channels=3, height=224, width=224, out_channels=64, kernel=(7, 7),
+                         strides=(2, 2), padding=(3, 3, 3, 3))
+    tile = avx512.default_kernel(stem)
+    assert (tile.pixel_tile, tile.vectors, tile.lanes) == (6, 2, 16)
+    assert rewrite.default_kernel(stem).lanes == 8  # AVX2 unchanged
+    first = DenseConvSpec(batch=1, in_channels=3, height=32, width=32, out_channels=64, kernel=(3, 3),
+                          padding=(1, 1, 1, 1))
+    assert avx512.kernel_for(first) == "gemm" and rewrite.kernel_for(first) == "gemm"
+    assert avx512.kernel_for(dataclasses.replace(first, out_channels=48)) == "direct"  # < 4 vectors of 16
     assert rewrite.kernel_for(DenseConvSpec(**shape, kernel=(3, 3), padding=(1, 1, 1, 1))) == "direct"
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 7}, kernel=(3, 3))) is None  # < lanes
     assert DenseConvRewrite(16, 8, kernel="gemm").kernel_for(DenseConvSpec(**shape, kernel=(3, 3))) == "gemm"
@@ -215,6 +228,9 @@ def test_register_tile_follows_the_target():
     assert direct_register_tile(16, 8, 24, 3136) == (4, 3) and direct_register_tile(16, 8, 40, 3136) == (6, 2)  # AVX2
     assert direct_register_tile(32, 16, 16, 49) == (6, 1)
     assert direct_register_tile(32, 4, 64, 49) == (6, 3)  # NEON keeps NR
+    # AVX-512's 8-lane KxK tiles: at most 4 vectors, also where few pixels leave room for 6
+    assert direct_register_tile(32, 8, 512, 4) == (4, 4) and direct_register_tile(32, 8, 48, 3136) == (6, 4)
+    assert direct_register_tile(32, 8, 64, 3136) == (6, 4) and direct_register_tile(32, 8, 512, 1) == (1, 4)
 
 
 def _reduction_loops(asm: str, fma: str) -> list[tuple[int, int]]:

@@ -61,6 +61,11 @@ WEIGHT_PANEL_BYTES = 32768
 PARALLEL_TASKS = 8
 # Pixel groups of a filters-inner task read at most about this much input (in L2 across the filter blocks).
 GROUP_INPUT_BYTES = 131072
+# Filter vectors at most of an 8-lane tile with 32 registers (AVX-512's KxK tiles, ``direct_vectors``):
+# fewer than 6 pixels (2x2 images) left room for 6 ymm vectors, 4 x 6 accumulators, and that tile ran
+# 2.5-3.5x slower than 4 x 4 (Zen 5, 1 thread, per-call minima in the dense VGG-16 CIFAR: 512 at 2x2
+# 0.94 -> 0.27 ms; alone, the 7x7 stem's 4 x 6 tile 21x slower than 6 x 4).
+AVX512_YMM_VECTORS = 4
 
 
 def direct_register_tile(registers: int, lanes: int, out_channels: int, pixels: int) -> tuple[int, int]:
@@ -79,13 +84,16 @@ def direct_register_tile(registers: int, lanes: int, out_channels: int, pixels: 
     On AVX2 (8 lanes), 4 pixels x 3 vectors when that pads fewer filters (24 filters: 3 vectors, not
     2 x 2): measured on Zen 3, 1 thread, MobileNetV2's 144->24 and 96->24 1x1s at 56x56, 1.40-1.42x
     over 6 x 2 (and 1.10-1.14x over the GEMM).
+    With 32 registers of 8 lanes (AVX-512's KxK tiles) at most ``AVX512_YMM_VECTORS`` (4) vectors, also
+    when fewer pixels leave room for more.
     """
     mr = min(6, pixels)
-    nr = max(1, (registers - 1) // (mr + 1) - (lanes < 8))
+    cap = AVX512_YMM_VECTORS if registers >= 32 and lanes == 8 else registers
+    nr = min(cap, max(1, (registers - 1) // (mr + 1) - (lanes < 8)))
     vectors = ceil_div(out_channels, lanes)
     nr = min(nr, vectors)
     if lanes == 8 and mr == 6:
-        wide = min(vectors, (registers - 1) // 5)
+        wide = min(vectors, (registers - 1) // 5, cap)
         if round_up(vectors, wide) < round_up(vectors, nr):
             return 4, wide
     if lanes < 16:

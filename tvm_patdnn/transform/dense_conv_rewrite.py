@@ -14,7 +14,7 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   0.58-0.99x on 10 of the 15 ResNet-50 1x1 layers, e.g. 2048->512 at 7x7 0.59x, 256->512 s2 0.58x;
   the other five 0.77-1.34x across runs);
 * on AVX-512 (measured on Zen 4, which runs 512-bit FMAs on 256-bit units: the same FMA peak as
-  AVX2; 1 thread, interleaved rounds on a shared box) 1x1 convs with at least
+  AVX2; 1 thread, interleaved rounds on a shared box) 1x1 convs with more than
   ``DIRECT_POINTWISE_CHANNELS`` input channels take the direct kernel: its 6 pixels x 4 vectors
   tile beat the GEMM's 14 filters x 2 vectors on 14 of the 15 ResNet-50 1x1 layers (1.0-1.8x: most
   on 7x7 images, where the GEMM's 32-pixel tiles compute 64 pixels for 49, and on stride 2). With
@@ -22,8 +22,14 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   (MobileNetV2 16->96 at 112x112 0.41x ORT, 24->144 at 56x56 0.78x) and the GEMM stays, with
   AVX2's tile of 6 filters x 2 vectors of 8 lanes (``gemm_vectors``): 1.02-1.42x over its 14 x 2
   zmm tile on the 9 such layers of ResNet-50 and MobileNetV2 in two runs, once 0.97x (32->192 at
-  28x28); 16-pixel tiles waste less, 6 filters divide 24, 96, 144 ... Not measured on an Intel
-  AVX-512 core, whose 512-bit FMAs double the peak: there an 8-lane tile tops out at half of it;
+  28x28); 16-pixel tiles waste less, 6 filters divide 24, 96, 144 ... On Zen 5 (AVX-512 at full
+  width: 268 GFLOP/s per core against 136 for 256-bit code) an 8-lane tile tops out at half the peak,
+  and the GEMM now takes the target's 14 filters x 2 vectors of 16 lanes, up to 128 input channels
+  (1 thread, per-call minima in the dense ResNet-50, 8-lane GEMM or direct -> 16-lane GEMM: 64->64
+  and 64->256 at 56x56 0.24 -> 0.145 and 0.81-0.86 -> 0.49-0.53 ms, 128->512 at 28x28 on the direct
+  kernel 0.63 -> 0.47 ms; the direct kernel stays above 128 channels: the 16-lane GEMM lost 5-50% on
+  256->64 at 56x56, 512->128 at 28x28, 256/512->1024, 2048->512 and the strided 1x1s). MobileNetV2's
+  small 1x1s (16->96, 24->144 ...) follow, not measured on Zen 5;
 * on AVX2, stride-1 1x1 convs of at most ``SMALL_POINTWISE_PIXELS`` output pixels (the 7x7 images
   of ResNet-50's and MobileNetV2's last stages) take the direct kernel with ``POINTWISE_WEIGHT_PANEL``
   (8 KB) weight panels: the GEMM's 16-pixel tiles compute 64 pixels for 49 there. Measured (Zen 3,
@@ -41,17 +47,25 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
 * KxK convs with at least ``lanes`` filters take the direct kernel: no window copy, any stride
   at the same cost, no overlap waste on small images (Zen 3: direct / GEMM 1.01-1.81x on every KxK
   layer: the 7x7 stem 1.43x, 3x3 64 at 56x56 1.54x, 3x3 512 at 14x14 s2 1.81x);
-* except, on AVX2, stride-1 KxK convs whose reduction (input channels x taps) is at most
-  ``FEW_TAPS_REDUCTION``: the first 3x3 conv of an RGB image (27) takes the GEMM, whose window copy
+* except, on AVX2 and AVX-512 (with four vectors of filters), stride-1 KxK convs whose reduction
+  (input channels x taps) is at most ``FEW_TAPS_REDUCTION``: the first 3x3 conv of an RGB image (27)
+  takes the GEMM, whose window copy
   is then small and whose pixel tiles fill every lane, where the direct kernel's reduction blocks are
   27 FMAs long (Zen 3, 1 thread, interleaved, 3->64: direct / GEMM 1.56x at 32x32, 1.16x at
   224x224 alone, 0.99x within the VGG-16 224 trunk; ``patdnn tune``'s choice on VGG-16 CIFAR, 1.2-1.5x
-  in the model, in session 11). The 7x7 stem (147) stays direct;
+  in the model, in session 11; Zen 5, in the dense VGG-16 CIFAR: 0.107 -> 0.030 ms on the 16-lane
+  GEMM, 0.035 on the 8-lane one). The 7x7 stem (147) stays direct;
 * KxK convs on AVX-512 (Zen 4) run the direct kernel with 6 pixels x 4 vectors of 8 lanes
   (``direct_vectors``) rather than 4 of 16: vs ORT 0.81 -> 1.03x on the 7x7 stem (its 3 x 49 taps x
   64 filters of weights overflowed the 32 KB panel into two reduction blocks), 0.95 -> 1.01x on
   3x3 256 at 28x28 s2, ties to +0.03x on the other stride-2 / 7x7 layers of ResNet-50 and the
-  MobileNetV2 stem, one loss (3x3 512 at 14x14 s2 0.97 -> 0.93x).
+  MobileNetV2 stem, one loss (3x3 512 at 14x14 s2 0.97 -> 0.93x). On Zen 5 the same held for the 3x3s
+  (16-lane tiles 0.95-1.0x on ResNet-50's), but not for an RGB stem (at most ``STEM_CHANNELS`` input
+  channels): it runs 6 pixels x ``STEM_VECTORS`` (2) vectors of 16 lanes, one reduction block for
+  its 3 channels (1 thread, alone, vs ORT: 6 x 4 of 8 lanes 0.52x, 6 x 4 of 16 0.50x, 10-14 x 2 of 16
+  0.87-0.92x, 6 x 2 of 16 0.99x; in the dense ResNet-50 1.91 -> 1.07 ms). Its 8-lane tiles keep at
+  most 4 vectors (:func:`~tvm_patdnn.ops.direct_conv.direct_register_tile`: a 2x2 image's 4 x 6 tile
+  ran 3.5x slower than 4 x 4).
 Left on the legalized conv2d and the :class:`~tvm_patdnn.schedule_rules.DenseConv2dCPU` schedule
 (and in the tuning space): grouped/depthwise and dilated convs, non-constant weights, KxK convs
 with fewer filters than a vector has lanes (most lanes of the direct kernel would be padding)."""
@@ -75,9 +89,13 @@ from .kernel_choice import KernelChoices, KernelSpec, kernel_function, pack_for_
 
 __all__ = ["DenseConvRewrite", "DenseConvRewriter"]
 
-# On AVX-512, 1x1 convs with at least this many input channels run on the direct kernel: it writes
+# On AVX-512, 1x1 convs with more than this many input channels run on the direct kernel: it writes
 # its 6 pixels x 64 filters tile to NCHW as scalars, which fewer channels' FMAs do not amortise.
 DIRECT_POINTWISE_CHANNELS = 128
+# On AVX-512, KxK convs with at most this many input channels (an RGB image's stem) run the direct
+# kernel on 16-lane vectors, STEM_VECTORS of them a tile.
+STEM_CHANNELS = 4
+STEM_VECTORS = 2
 # On AVX2, stride-1 KxK convs with at most this many input channels x taps (an RGB image's 3x3: 27) run on the GEMM.
 FEW_TAPS_REDUCTION = 32
 # On AVX2, stride-1 1x1 convs with at most this many output pixels (7x7, 8x8) run on the direct
@@ -211,14 +229,20 @@ class DenseConvRewriter:
         if activation is None:
             return None
         n, c, h, w = static_shape(conv.args[0])
-        spec = DenseConvSpec.for_target(
-            *self.gemm_vectors(), self.vectors, batch=n, in_channels=c, height=h, width=w,
-            out_channels=out_shape[1], kernel=static_shape(weight)[2:],
+        spec = self.gemm_tile(DenseConvSpec(
+            batch=n, in_channels=c, height=h, width=w, out_channels=out_shape[1], kernel=static_shape(weight)[2:],
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
-            has_bias=bias is not None, residual=residual is not None, **activation,
-        )
+            has_bias=bias is not None, residual=residual is not None, lanes=1, filter_tile=1, vectors=1, **activation,
+        ))
         if self.kernel_for(spec) is None:
             return None
+        return conv, spec, bias, residual
+
+    def gemm_tile(self, layer: DenseConvSpec) -> DenseConvSpec:
+        """The GEMM spec of ``layer`` (its layer fields; whatever tile it has): the register tile of
+        :meth:`gemm_vectors`, with this pass's ``vectors``, ``pack_panel``, ``filters_outer``,
+        ``prefetch_output`` and ``narrow_tail``."""
+        spec = DenseConvSpec.for_target(*self.gemm_vectors(), self.vectors, **layer.layer_fields())
         if not self.pack_panel and spec.pointwise:
             spec = dataclasses.replace(spec, pack_panel=False, filters_outer=False)
         elif self.filters_outer is not None:
@@ -227,12 +251,12 @@ class DenseConvRewriter:
             spec = dataclasses.replace(spec, prefetch_output=False)
         if not self.narrow_tail:
             spec = dataclasses.replace(spec, narrow_tail=False)
-        return conv, spec, bias, residual
+        return spec
 
     def gemm_vectors(self) -> tuple[int, int]:
-        """(registers, lanes) the GEMM's register tile is sized from: the target's, except on AVX-512,
-        where it is AVX2's 6 filters x 2 vectors of 8 lanes (see the module docstring)."""
-        return (16, 8) if self.lanes >= 16 else (self.registers, self.lanes)
+        """(registers, lanes) the GEMM's register tile is sized from: the target's (AVX-512: 14 filters x
+        2 vectors of 16 lanes, see the module docstring)."""
+        return self.registers, self.lanes
 
     def direct_vectors(self, spec: DenseConvSpec) -> tuple[int, int]:
         """(registers, lanes) the direct kernel's register tile is sized from: the target's, except for
@@ -245,16 +269,17 @@ class DenseConvRewriter:
         if spec.kernel == (1, 1):
             if self.kernel != "auto":
                 return self.kernel
-            if self.lanes >= 16 and spec.in_channels >= DIRECT_POINTWISE_CHANNELS:
+            if self.lanes >= 16 and spec.in_channels > DIRECT_POINTWISE_CHANNELS:
                 return "direct"
             few_filters = spec.out_channels <= FEW_POINTWISE_FILTERS and self._direct_pads_no_filter(spec)
             small_image = spec.pixels <= SMALL_POINTWISE_PIXELS
             return "direct" if self.lanes == 8 and spec.pointwise and (small_image or few_filters) else "gemm"
         if self.kernel == "gemm":
-            # fewer than four of the GEMM's vectors of filters (8 lanes on AVX-512 too: gemm_vectors):
-            # the window copy would cost more than half the multiply-adds it feeds
-            return "gemm" if spec.out_channels >= 4 * self.gemm_vectors()[1] else None
-        if (self.kernel == "auto" and self.lanes == 8 and spec.strides == (1, 1) and spec.out_channels >= 4 * self.lanes
+            # fewer than four vectors of 8 filters (4 on NEON; 8 on AVX-512 too, as before its GEMM took
+            # 16-lane tiles): the window copy would cost more than half the multiply-adds it feeds
+            return "gemm" if spec.out_channels >= 4 * min(8, self.lanes) else None
+        if (self.kernel == "auto" and self.lanes in (8, 16) and spec.strides == (1, 1)
+                and spec.out_channels >= 4 * self.lanes
                 and spec.in_channels * spec.kernel[0] * spec.kernel[1] <= FEW_TAPS_REDUCTION):
             return "gemm"
         return "direct" if spec.out_channels >= self.lanes or self.kernel == "direct" else None
@@ -267,10 +292,13 @@ class DenseConvRewriter:
         """The kernel spec the rules give a conv :meth:`kernel_for` takes."""
         if self.kernel_for(spec) == "direct":
             kernel = DirectConvSpec.for_target(spec, *self.direct_vectors(spec))
+            if self.lanes >= 16 and spec.kernel != (1, 1) and spec.in_channels <= STEM_CHANNELS:
+                kernel = dataclasses.replace(DirectConvSpec.for_target(spec, self.registers, self.lanes),
+                                             vectors=min(STEM_VECTORS, ceil_div(spec.out_channels, self.lanes)))
             if self.lanes == 8 and spec.kernel == (1, 1) and spec.pixels <= SMALL_POINTWISE_PIXELS:
                 kernel = dataclasses.replace(kernel, weight_panel=POINTWISE_WEIGHT_PANEL)
             return kernel
-        return spec
+        return self.gemm_tile(spec)
 
     def kernel_spec(self, spec: DenseConvSpec) -> KernelSpec:
         """The recorded choice for this layer if there is one, else :meth:`default_kernel`."""
@@ -290,7 +318,7 @@ class DenseConvRewriter:
         gemm = spec.kernel == (1, 1) or spec.out_channels >= 4 * self.lanes
         direct = spec.out_channels >= min(8, self.lanes)
         wide = self.lanes >= 16
-        for registers, lanes in [(self.registers, self.lanes)] + [self.gemm_vectors()] * wide if gemm else []:
+        for registers, lanes in [(self.registers, self.lanes)] + [(16, 8)] * wide if gemm else []:
             tiles = [DenseConvSpec.for_target(registers, lanes, count, **shape) for count in (1, 2, 3)]
             if spec.weight_bytes >= BOTH_ORDERS_WEIGHT_BYTES:
                 tiles += [dataclasses.replace(tile, filters_outer=not tile.filters_outer) for tile in tiles]
