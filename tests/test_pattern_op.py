@@ -175,25 +175,30 @@ def test_avx512_cost_model_picks_the_vector_width_per_image_size():
     assert [layout(size) for size in (16, 32)] == [(16, "rows"), (16, "rows")]
 
 
-def test_avx512_wide_rows_take_the_tall_fused_tile_and_strided_or_14_and_56_column_rows_aligned_ones():
-    """AVX-512 (measured on Zen 5): rows of 112 columns and more take AVX2's tall 4x2 tile with fused
-    stages, rows of 56-111 and 14 columns and every strided layer 512-bit aligned rows with the rule's
-    tile; the rest keep the cost model's layout."""
-    weight = pattern_weight(np.random.default_rng(4), 64, 64, n_patterns=8, connectivity=3.6)
-    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+def test_avx512_rows_layouts_follow_the_zen5_measurements():
+    """AVX-512 (measured on Zen 5), stride 1: rows of 112 columns and more at up to 64 input channels
+    take AVX2's tall 4x2 tile with fused stages; lifted rows from 128 input channels at 56+ columns
+    and 256 at 28-55; aligned rows where the aligned pitch adds at most an eighth (14, 28, 56 columns,
+    not 16 or 32); both with 7-row x 2-vector tiles (14x1 at 14 columns). Strided layers take aligned
+    rows; the rest keep the cost model's layout."""
+    rng = np.random.default_rng(4)
 
-    def layout(size, stride=1, **kwargs):
-        spec = PatternConvSpec.from_fkw(fkw, (1, 64, size, size), (stride, stride), (1, 1, 1, 1), True, True, 16)
+    def layout(channels, size, stride=1, **kwargs):
+        weight = pattern_weight(rng, 8, channels, n_patterns=8, connectivity=3.6)
+        spec = PatternConvSpec.from_fkw(pack_fkw(weight, analyze_conv_weight(weight)), (1, channels, size, size),
+                                        (stride, stride), (1, 1, 1, 1), True, True, 16)
         spec = target_layout(spec, 16, **kwargs)
         kind = "fused" if spec.fused else "aligned" if spec.aligned else "lifted" if spec.lifted else "model"
         return kind, spec.vector_width, spec.row_tile, spec.column_tile
 
-    assert [layout(size) for size in (224, 112)] == [("fused", 16, 4, 2)] * 2
-    assert layout(112, fused=False) == ("model", 16, 4, 2)  # the tall tile without fused stages
-    assert [layout(size) for size in (56, 14)] == [("aligned", 16, 4, 4), ("aligned", 16, 14, 1)]
-    assert [layout(size, stride=2)[0] for size in (56, 28, 14)] == ["aligned"] * 3
-    assert layout(56, aligned=False)[0] == layout(28)[0] == layout(16)[0] == "model"
-    assert layout(32, tall_tile=False) == layout(32)
+    assert [layout(64, size) for size in (224, 112)] == [("fused", 16, 4, 2)] * 2
+    assert layout(64, 112, fused=False) == ("model", 16, 4, 2)  # the tall tile without fused stages
+    assert [layout(128, size) for size in (112, 56)] == [("lifted", 16, 7, 2)] * 2
+    assert [layout(channels, 28) for channels in (128, 256)] == [("aligned", 16, 7, 2), ("lifted", 16, 7, 2)]
+    assert [layout(64, size) for size in (56, 14)] == [("aligned", 16, 7, 2), ("aligned", 16, 14, 1)]
+    assert layout(256, 28, lifted=False) == ("aligned", 16, 7, 2)
+    assert [layout(64, size, stride=2)[0] for size in (56, 28, 14)] == ["aligned"] * 3
+    assert layout(64, 56, aligned=False)[0] == layout(64, 32)[0] == layout(64, 16)[0] == "model"
 
 
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
@@ -249,34 +254,36 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
 
 
 @pytest.mark.parametrize(
-    "size, stride, batch, bias, relu",
+    "size, stride, batch, bias, relu, channels",
     [
-        (2, 1, 1, True, True),  # the (pixel x tap) kernel
-        (2, 1, 2, False, False),  # the same, batch 2, no bias, no ReLU
-        (3, 1, 1, True, True),  # windows (9 pixels)
-        (4, 1, 2, True, True),  # windows, one full 512-bit vector, batch 2
-        (6, 1, 1, True, True),  # flat or rows, 256-bit
-        (8, 1, 1, True, True),  # 256-bit rows
-        (16, 1, 1, True, True),  # 512-bit rows
-        (14, 1, 1, True, True),  # 512-bit aligned rows, pitch 16
-        (58, 1, 2, True, False),  # aligned rows, 4 vectors, rows padded to the 4x4 tile
-        (112, 1, 1, True, True),  # wide rows: the tall tile, fused stages
-        (9, 2, 1, True, True),  # strided: aligned column phases
-        (28, 2, 1, False, True),
+        (2, 1, 1, True, True, 8),  # the (pixel x tap) kernel
+        (2, 1, 2, False, False, 8),  # the same, batch 2, no bias, no ReLU
+        (3, 1, 1, True, True, 8),  # windows (9 pixels)
+        (4, 1, 2, True, True, 8),  # windows, one full 512-bit vector, batch 2
+        (6, 1, 1, True, True, 8),  # flat or rows, 256-bit
+        (8, 1, 1, True, True, 8),  # 256-bit rows
+        (16, 1, 1, True, True, 8),  # 512-bit rows
+        (14, 1, 1, True, True, 8),  # 512-bit aligned rows, pitch 16
+        (58, 1, 2, True, False, 8),  # aligned rows, 4 vectors, rows padded to the 7x2 tile
+        (30, 1, 1, True, True, 256),  # lifted rows (256 input channels)
+        (60, 1, 1, True, False, 128),  # lifted rows (128 input channels)
+        (112, 1, 1, True, True, 8),  # wide rows: the tall tile, fused stages
+        (9, 2, 1, True, True, 8),  # strided: aligned column phases
+        (28, 2, 1, False, True, 8),
     ],
 )
-def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu):
+def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu, channels):
     """Every AVX-512 kernel class (the 2x2 (pixel x tap) kernel, the cost model's windows, 256-bit
     rows and 512-bit rows, and the measured rules' fused wide rows and aligned rows, strided ones
-    included) builds, and where the host has AVX-512 it matches onnx.reference."""
+    included, lifted rows of many channels) builds, and where the host has AVX-512 it matches onnx.reference."""
     rng = np.random.default_rng(size)
     conv = ConvSpec(16, stride=stride, connectivity=2.0, bias=bias, relu=relu)
-    model = build_cnn(rng, (batch, 8, size, size), [conv])
+    model = build_cnn(rng, (batch, channels, size, size), [conv])
     compiled = tvm_patdnn.compile(model, AVX512)
     assert [r.kind for r in compiled.report] == ["pattern"]
     if vector_lanes(resolve_target("x86")) != 16:
         pytest.skip("host CPU: no AVX-512 to run the code on (it was built)")
-    x = rng.standard_normal((batch, 8, size, size)).astype(np.float32)
+    x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
     expected = reference_outputs(model, {"input": x})[0]
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
 

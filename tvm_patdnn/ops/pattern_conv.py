@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from ..arith import largest_divisor, round_up
+from ..arith import ceil_div, largest_divisor, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS",
@@ -242,7 +242,8 @@ TALL_TILE = (4, 2)  # (rows, columns) of output vectors of the AVX2 tile for wid
 LIFTED_WIDTHS = range(28, 112)  # AVX2 layers with output rows this wide take lifted rows (any stride)
 LIFTED_TALL_VECTORS = 7  # lifted rows of at least this many vectors take the TALL_TILE
 WIDE_ROW_COLUMNS = 112  # AVX-512 rows at least this wide take the TALL_TILE and fused stages
-AVX512_ALIGNED_WIDTHS = (*range(56, 112), 14)  # AVX-512 layers with rows this wide take aligned rows
+NARROW_ROWS_CHANNELS = 64  # ... up to this many input channels
+AVX512_LIFTED_CHANNELS = 128  # AVX-512 rows of 56+ columns take lifted rows from this many input channels
 
 
 def _input_vectors(spec: PatternConvSpec, taps) -> int:
@@ -377,7 +378,7 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     output stage took 0.6 ms of 7-16. ``fused=False`` keeps the three passes.
     """
     if spec.vector_width == 16:
-        return _avx512_layout(spec, accumulators, flat, tall_tile, aligned, fused)
+        return _avx512_layout(spec, accumulators, flat, tall_tile, lifted, aligned, fused)
     layout = choose_layout(spec, accumulators, flat, windows=spec.vector_width == 8)
     if tall_tile and spec.vector_width == 8 and _is_wide(layout) and accumulators >= TALL_TILE[0] * TALL_TILE[1]:
         layout = dataclasses.replace(layout, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
@@ -395,28 +396,43 @@ def target_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     return layout
 
 
-def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, tall_tile: bool, aligned: bool,
-                   fused: bool) -> PatternConvSpec:
-    """AVX-512: rows of at least :data:`WIDE_ROW_COLUMNS` columns take AVX2's wide-row layout at 16
-    lanes (the :data:`TALL_TILE`, fused stages), strided layers and rows of :data:`AVX512_ALIGNED_WIDTHS`
-    columns aligned rows with :func:`choose_layout`'s tile, the rest :func:`cheapest_layout`'s layout
-    (fitted on Zen 4, whose 512-bit ops run as two halves).
+def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, tall_tile: bool, lifted: bool,
+                   aligned: bool, fused: bool) -> PatternConvSpec:
+    """AVX-512, stride 1: layers of at most :data:`NARROW_ROWS_CHANNELS` input channels with rows of at
+    least :data:`WIDE_ROW_COLUMNS` columns take AVX2's wide-row layout at 16 lanes (the
+    :data:`TALL_TILE`, fused stages); layers of at least :data:`AVX512_LIFTED_CHANNELS` input channels
+    with rows of at least 28 columns (56 from 128 channels) lifted rows; other rows whose aligned
+    pitch adds at most an eighth to the plain one (14, 28 and 56 columns, not CIFAR's 32, 16 or 8)
+    aligned rows; both with a tile of up to 7 rows (dividing the output's) x 2 vectors; strided layers
+    aligned rows with :func:`choose_layout`'s tile; the rest :func:`cheapest_layout`'s layout (fitted on
+    Zen 4, whose 512-bit ops run as two halves).
 
     Zen 5 (full-rate 512-bit FMAs; a 512-bit load that splits a cache line runs at half rate), 1 thread,
-    one interleaved run per layer against the cost model's layout (session 14): VGG-16 224's 224x224
-    64x64 2.52x, 112x112 128x64 2.25x and 128x128 1.36x (fused, the tall tile; without fused stages
-    1.83x, 1.70x, 1.24x; a 4x4 tile 2.25x, 1.79x, 1.20x); 56x56 aligned rows with the rule's 4x4 tile
-    2.06x (256x128), 1.21x (256x256), ResNet-50's 64x64 1.04x (lifted rows 1.88x, 1.27x, 0.93x); 14x14
-    aligned rows (pitch 16: no larger than plain rows) 1.13-1.14x; ResNet-50's stride-2 layers aligned
-    rows 1.46x (56 -> 28), 1.34x (28 -> 14), 1.38x (14 -> 7; lifted rows 1.39x at 56 -> 28). Not taken:
-    aligned rows at CIFAR's 16x16 0.83-0.89x, 8x8 0.94-0.95x, 4x4 0.35x; lifted rows at 28x28 0.89-1.12x.
+    per layer against the cost model's layout, interleaved (session 14, one to three runs a layer):
+    VGG-16 224's 224x224 64x64 2.52x, 112x112 128x64 2.25x (fused, the tall tile, which the schedule
+    narrows to 8x1 at 64 channels; without fused stages 1.83x, 1.70x); its 128x128 112x112 lifted 7x2
+    1.23x over fused (fused 1.36x over the cost model); 56x56 lifted 7x2 1.07-1.17x over aligned 4x4
+    (which was 1.21-2.06x); 512-channel 28x28 lifted 7x2 1.15x (8x2, rows padded to 32: 0.85x);
+    ResNet-50's 64x64 56x56 aligned 7x2 1.04x (lifted 0.88-0.91x), 128x128 28x28 aligned 7x2 1.11x
+    (lifted 1.00x); 14x14 aligned 14x1 0.99-1.14x; stride 2 aligned rows 1.46x (56 -> 28), 1.34x
+    (28 -> 14), 1.38x (14 -> 7; lifted rows 1.39x at 56 -> 28). Not taken: aligned rows at CIFAR's
+    16x16 0.83-0.89x, 8x8 0.94-0.95x, 4x4 0.35x; lifted rows at its 32x32 (64 channels) 0.89x.
     """
     model = cheapest_layout(spec, accumulators, (16, 8), flat)
     rows = choose_layout(spec, accumulators, flat=False)
-    if tall_tile and spec.out_width >= WIDE_ROW_COLUMNS and accumulators >= TALL_TILE[0] * TALL_TILE[1]:
+    if spec.strides != (1, 1):
+        return dataclasses.replace(rows, aligned=True) if aligned else model
+    if (tall_tile and spec.out_width >= WIDE_ROW_COLUMNS and spec.in_channels <= NARROW_ROWS_CHANNELS
+            and accumulators >= TALL_TILE[0] * TALL_TILE[1]):
         return dataclasses.replace(rows, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1, fused=fused)
-    if aligned and (spec.strides != (1, 1) or spec.out_width in AVX512_ALIGNED_WIDTHS):
-        return dataclasses.replace(rows, aligned=True)
+    column_tile = min(2, ceil_div(spec.out_width, spec.vector_width))
+    tile = dataclasses.replace(rows, row_tile=largest_divisor(spec.out_height, 14 // column_tile),
+                               column_tile=column_tile, partials=1)
+    many = spec.in_channels >= AVX512_LIFTED_CHANNELS * (1 if spec.out_width >= 56 else 2)
+    if lifted and spec.out_width >= 28 and many:
+        return dataclasses.replace(tile, lifted=True)
+    if aligned and 8 * dataclasses.replace(tile, aligned=True).input_pitch <= 9 * (spec.out_width + 2):
+        return dataclasses.replace(tile, aligned=True)
     return model
 
 
