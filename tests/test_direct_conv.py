@@ -209,6 +209,11 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
                           padding=(1, 1, 1, 1))
     assert avx512.kernel_for(first) == "gemm" and rewrite.kernel_for(first) == "gemm"
     assert avx512.kernel_for(dataclasses.replace(first, out_channels=48)) == "direct"  # < 4 vectors of 16
+    # AVX-512 1x1s on the direct kernel: 12 pixels x 2 vectors from 28x28 output pixels, 6 x 4 below
+    wide = DenseConvSpec(batch=1, in_channels=256, height=28, width=28, out_channels=64)
+    assert (avx512.default_kernel(wide).pixel_tile, avx512.default_kernel(wide).vectors) == (12, 2)
+    narrow = dataclasses.replace(wide, height=27)
+    assert (avx512.default_kernel(narrow).pixel_tile, avx512.default_kernel(narrow).vectors) == (6, 4)
     assert rewrite.kernel_for(DenseConvSpec(**shape, kernel=(3, 3), padding=(1, 1, 1, 1))) == "direct"
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 7}, kernel=(3, 3))) is None  # < lanes
     assert DenseConvRewrite(16, 8, kernel="gemm").kernel_for(DenseConvSpec(**shape, kernel=(3, 3))) == "gemm"

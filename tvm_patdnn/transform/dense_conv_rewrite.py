@@ -29,7 +29,11 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   and 64->256 at 56x56 0.24 -> 0.145 and 0.81-0.86 -> 0.49-0.53 ms, 128->512 at 28x28 on the direct
   kernel 0.63 -> 0.47 ms; the direct kernel stays above 128 channels: the 16-lane GEMM lost 5-50% on
   256->64 at 56x56, 512->128 at 28x28, 256/512->1024, 2048->512 and the strided 1x1s). MobileNetV2's
-  small 1x1s (16->96, 24->144 ...) follow, not measured on Zen 5;
+  small 1x1s (16->96, 24->144 ...) follow, not measured on Zen 5. There the direct kernel's 1x1 tile
+  is ``WIDE_POINTWISE_TILE`` (12) pixels x 2 vectors of 16 lanes from ``WIDE_POINTWISE_PIXELS`` (28x28)
+  output pixels (in the dense ResNet-50, per-call minima: 256->64 at 56x56 0.58 -> 0.52 ms, 256->128
+  0.99 -> 0.94, 256->512 s2 1.03 -> 0.98, ties at 28x28 and 14x14; at 7x7, 49 = 4 x 12 + 1 pixels,
+  it lost 0.61 -> 0.73);
 * on AVX2, stride-1 1x1 convs of at most ``SMALL_POINTWISE_PIXELS`` output pixels (the 7x7 images
   of ResNet-50's and MobileNetV2's last stages) take the direct kernel with ``POINTWISE_WEIGHT_PANEL``
   (8 KB) weight panels: the GEMM's 16-pixel tiles compute 64 pixels for 49 there. Measured (Zen 3,
@@ -96,6 +100,10 @@ DIRECT_POINTWISE_CHANNELS = 128
 # kernel on 16-lane vectors, STEM_VECTORS of them a tile.
 STEM_CHANNELS = 4
 STEM_VECTORS = 2
+# On AVX-512, 1x1 convs on the direct kernel with at least this many output pixels (28x28) take tiles of
+# WIDE_POINTWISE_TILE pixels x 2 vectors of 16 lanes instead of 6 x 4.
+WIDE_POINTWISE_PIXELS = 784
+WIDE_POINTWISE_TILE = 12
 # On AVX2, stride-1 KxK convs with at most this many input channels x taps (an RGB image's 3x3: 27) run on the GEMM.
 FEW_TAPS_REDUCTION = 32
 # On AVX2, stride-1 1x1 convs with at most this many output pixels (7x7, 8x8) run on the direct
@@ -297,6 +305,8 @@ class DenseConvRewriter:
                                              vectors=min(STEM_VECTORS, ceil_div(spec.out_channels, self.lanes)))
             if self.lanes == 8 and spec.kernel == (1, 1) and spec.pixels <= SMALL_POINTWISE_PIXELS:
                 kernel = dataclasses.replace(kernel, weight_panel=POINTWISE_WEIGHT_PANEL)
+            if self.lanes >= 16 and spec.kernel == (1, 1) and spec.pixels >= WIDE_POINTWISE_PIXELS:
+                kernel = dataclasses.replace(kernel, pixel_tile=WIDE_POINTWISE_TILE, vectors=min(2, kernel.vectors))
             return kernel
         return self.gemm_tile(spec)
 
