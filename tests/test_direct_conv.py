@@ -214,6 +214,12 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     assert (avx512.default_kernel(wide).pixel_tile, avx512.default_kernel(wide).vectors) == (12, 2)
     narrow = dataclasses.replace(wide, height=27)
     assert (avx512.default_kernel(narrow).pixel_tile, avx512.default_kernel(narrow).vectors) == (6, 4)
+    few = dataclasses.replace(wide, out_channels=32)  # fewer than 4 vectors of filters: 6 pixels
+    assert avx512.default_kernel(few).pixel_tile == 6
+    # AVX-512 GEMM tiles balanced over the filters (AVX2's 6 x 2 unchanged)
+    gemm16 = DenseConvSpec(batch=1, in_channels=32, height=56, width=56, out_channels=16)
+    assert avx512.default_kernel(gemm16).filter_tile == 8 and rewrite.gemm_tile(gemm16).filter_tile == 6
+    assert avx512.default_kernel(dataclasses.replace(gemm16, out_channels=256)).filter_tile == 14
     assert rewrite.kernel_for(DenseConvSpec(**shape, kernel=(3, 3), padding=(1, 1, 1, 1))) == "direct"
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 7}, kernel=(3, 3))) is None  # < lanes
     assert DenseConvRewrite(16, 8, kernel="gemm").kernel_for(DenseConvSpec(**shape, kernel=(3, 3))) == "gemm"

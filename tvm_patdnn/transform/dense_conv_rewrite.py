@@ -33,7 +33,10 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   is ``WIDE_POINTWISE_TILE`` (12) pixels x 2 vectors of 16 lanes from ``WIDE_POINTWISE_PIXELS`` (28x28)
   output pixels (in the dense ResNet-50, per-call minima: 256->64 at 56x56 0.58 -> 0.52 ms, 256->128
   0.99 -> 0.94, 256->512 s2 1.03 -> 0.98, ties at 28x28 and 14x14; at 7x7, 49 = 4 x 12 + 1 pixels,
-  it lost 0.61 -> 0.73);
+  it lost 0.61 -> 0.73; with fewer than 64 filters, MobileNetV2's 144->24 at 56x56 and 192->32 at
+  28x28, it lost 1.13-1.22x), and the GEMM's filter tiles are balanced (at most 14 filters, as equal
+  as the count allows: MobileNetV2's 32->16 at 112x112 as 2 x 8 filters, not 14 + 2 padded to 28:
+  0.144 -> 0.091 ms; whole MobileNetV2 1.04x with both);
 * on AVX2, stride-1 1x1 convs of at most ``SMALL_POINTWISE_PIXELS`` output pixels (the 7x7 images
   of ResNet-50's and MobileNetV2's last stages) take the direct kernel with ``POINTWISE_WEIGHT_PANEL``
   (8 KB) weight panels: the GEMM's 16-pixel tiles compute 64 pixels for 49 there. Measured (Zen 3,
@@ -100,8 +103,8 @@ DIRECT_POINTWISE_CHANNELS = 128
 # kernel on 16-lane vectors, STEM_VECTORS of them a tile.
 STEM_CHANNELS = 4
 STEM_VECTORS = 2
-# On AVX-512, 1x1 convs on the direct kernel with at least this many output pixels (28x28) take tiles of
-# WIDE_POINTWISE_TILE pixels x 2 vectors of 16 lanes instead of 6 x 4.
+# On AVX-512, 1x1 convs on the direct kernel with at least this many output pixels (28x28) and four
+# vectors of filters take tiles of WIDE_POINTWISE_TILE pixels x 2 vectors of 16 lanes instead of 6 x 4.
 WIDE_POINTWISE_PIXELS = 784
 WIDE_POINTWISE_TILE = 12
 # On AVX2, stride-1 KxK convs with at most this many input channels x taps (an RGB image's 3x3: 27) run on the GEMM.
@@ -251,6 +254,9 @@ class DenseConvRewriter:
         :meth:`gemm_vectors`, with this pass's ``vectors``, ``pack_panel``, ``filters_outer``,
         ``prefetch_output`` and ``narrow_tail``."""
         spec = DenseConvSpec.for_target(*self.gemm_vectors(), self.vectors, **layer.layer_fields())
+        if self.lanes >= 16:  # the filter tiles balanced: 16 filters as 2 x 8, not 14 + 2 in a 2 x 14 tile
+            tiles = ceil_div(spec.out_channels, spec.filter_tile)
+            spec = dataclasses.replace(spec, filter_tile=ceil_div(spec.out_channels, tiles))
         if not self.pack_panel and spec.pointwise:
             spec = dataclasses.replace(spec, pack_panel=False, filters_outer=False)
         elif self.filters_outer is not None:
@@ -305,7 +311,8 @@ class DenseConvRewriter:
                                              vectors=min(STEM_VECTORS, ceil_div(spec.out_channels, self.lanes)))
             if self.lanes == 8 and spec.kernel == (1, 1) and spec.pixels <= SMALL_POINTWISE_PIXELS:
                 kernel = dataclasses.replace(kernel, weight_panel=POINTWISE_WEIGHT_PANEL)
-            if self.lanes >= 16 and spec.kernel == (1, 1) and spec.pixels >= WIDE_POINTWISE_PIXELS:
+            if (self.lanes >= 16 and spec.kernel == (1, 1) and spec.pixels >= WIDE_POINTWISE_PIXELS
+                    and spec.out_channels >= 4 * self.lanes):
                 kernel = dataclasses.replace(kernel, pixel_tile=WIDE_POINTWISE_TILE, vectors=min(2, kernel.vectors))
             return kernel
         return self.gemm_tile(spec)
