@@ -220,6 +220,9 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     gemm16 = DenseConvSpec(batch=1, in_channels=32, height=56, width=56, out_channels=16)
     assert avx512.default_kernel(gemm16).filter_tile == 8 and rewrite.gemm_tile(gemm16).filter_tile == 6
     assert avx512.default_kernel(dataclasses.replace(gemm16, out_channels=256)).filter_tile == 14
+    # ... and reading a 1x1's input in place from 28x28 output pixels (AVX2 copies its panels)
+    assert not avx512.default_kernel(gemm16).pack_panel and rewrite.gemm_tile(gemm16).pack_panel
+    assert avx512.default_kernel(dataclasses.replace(gemm16, height=14, width=14)).pack_panel
     assert rewrite.kernel_for(DenseConvSpec(**shape, kernel=(3, 3), padding=(1, 1, 1, 1))) == "direct"
     assert rewrite.kernel_for(DenseConvSpec(**{**shape, "out_channels": 7}, kernel=(3, 3))) is None  # < lanes
     assert DenseConvRewrite(16, 8, kernel="gemm").kernel_for(DenseConvSpec(**shape, kernel=(3, 3))) == "gemm"

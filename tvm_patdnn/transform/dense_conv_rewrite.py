@@ -36,7 +36,10 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   it lost 0.61 -> 0.73; with fewer than 64 filters, MobileNetV2's 144->24 at 56x56 and 192->32 at
   28x28, it lost 1.13-1.22x), and the GEMM's filter tiles are balanced (at most 14 filters, as equal
   as the count allows: MobileNetV2's 32->16 at 112x112 as 2 x 8 filters, not 14 + 2 padded to 28:
-  0.144 -> 0.091 ms; whole MobileNetV2 1.04x with both);
+  0.144 -> 0.091 ms; whole MobileNetV2 1.04x with both). The GEMM reads a stride-1 1x1's input in
+  place, without the panel copy, from ``WIDE_POINTWISE_PIXELS`` output pixels (per-call minima in the
+  dense models: ResNet-50's 64->64 and 64->256 at 56x56, 128->512 at 28x28 1.02-1.11x; MobileNetV2's
+  1x1s at 112x112 1.10-1.20x, 56x56 1.03x; at 14x14 it lost 2-7%, so the copy stays there);
 * on AVX2, stride-1 1x1 convs of at most ``SMALL_POINTWISE_PIXELS`` output pixels (the 7x7 images
   of ResNet-50's and MobileNetV2's last stages) take the direct kernel with ``POINTWISE_WEIGHT_PANEL``
   (8 KB) weight panels: the GEMM's 16-pixel tiles compute 64 pixels for 49 there. Measured (Zen 3,
@@ -259,6 +262,8 @@ class DenseConvRewriter:
             spec = dataclasses.replace(spec, filter_tile=ceil_div(spec.out_channels, tiles))
         if not self.pack_panel and spec.pointwise:
             spec = dataclasses.replace(spec, pack_panel=False, filters_outer=False)
+        elif self.lanes >= 16 and spec.pointwise and spec.pixels >= WIDE_POINTWISE_PIXELS and not self.filters_outer:
+            spec = dataclasses.replace(spec, pack_panel=False, filters_outer=False)  # reads the input in place
         elif self.filters_outer is not None:
             spec = dataclasses.replace(spec, filters_outer=self.filters_outer)
         if not self.prefetch_output:
