@@ -161,7 +161,7 @@ def test_layout_fills_vectors_and_registers_per_target():
 def test_avx512_cost_model_picks_the_vector_width_per_image_size():
     """16-lane targets choose among 512- and 256-bit row, flat and windows layouts by modelled
     cycles where no measured rule says otherwise: 4x4 outputs as one 16-lane window vector per tap,
-    8x8 and 7x7 in 256-bit rows, 512-bit rows at 16x16 and 32x32."""
+    8x8 in 256-bit rows, 512-bit rows at 16x16 and 32x32."""
     weight = pattern_weight(np.random.default_rng(4), 64, 64, n_patterns=8, connectivity=3.6)
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
 
@@ -171,7 +171,7 @@ def test_avx512_cost_model_picks_the_vector_width_per_image_size():
         assert spec == cheapest_layout(dataclasses.replace(spec, vector_width=16), 16, (16, 8))
         return spec.vector_width, "flat" if spec.flat else "windows" if spec.windows else "rows"
 
-    assert [layout(size) for size in (4, 7, 8)] == [(16, "windows"), (8, "rows"), (8, "rows")]
+    assert [layout(size) for size in (4, 8)] == [(16, "windows"), (8, "rows")]  # 7x7: aligned 8-lane rows
     assert [layout(size) for size in (16, 32)] == [(16, "rows"), (16, "rows")]
 
 
@@ -180,7 +180,8 @@ def test_avx512_rows_layouts_follow_the_zen5_measurements():
     take AVX2's tall 4x2 tile with fused stages; lifted rows from 128 input channels at 56+ columns
     and 256 at 28-55; aligned rows where the aligned pitch adds at most an eighth (14, 28, 56 columns,
     not 16 or 32); both with 7-row x 2-vector tiles (14x1 at 14 columns). Strided layers take aligned
-    rows; the rest keep the cost model's layout."""
+    rows in the cost model's vector width (8 lanes to 7 columns), as do 7x7 layers; the rest keep the
+    cost model's layout."""
     rng = np.random.default_rng(4)
 
     def layout(channels, size, stride=1, **kwargs):
@@ -197,7 +198,8 @@ def test_avx512_rows_layouts_follow_the_zen5_measurements():
     assert [layout(channels, 28) for channels in (128, 256)] == [("aligned", 16, 7, 2), ("lifted", 16, 7, 2)]
     assert [layout(64, size) for size in (56, 14)] == [("aligned", 16, 7, 2), ("aligned", 16, 14, 1)]
     assert layout(256, 28, lifted=False) == ("aligned", 16, 7, 2)
-    assert [layout(64, size, stride=2)[0] for size in (56, 28, 14)] == ["aligned"] * 3
+    assert [layout(64, size, stride=2)[:2] for size in (56, 28, 14)] == [("aligned", 16)] * 2 + [("aligned", 8)]
+    assert layout(64, 7)[:2] == ("aligned", 8)  # the cost model's 8-lane rows, aligned where that does not grow
     assert layout(64, 56, aligned=False)[0] == layout(64, 32)[0] == layout(64, 16)[0] == "model"
 
 
@@ -268,7 +270,9 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
         (30, 1, 1, True, True, 256),  # lifted rows (256 input channels)
         (60, 1, 1, True, False, 128),  # lifted rows (128 input channels)
         (112, 1, 1, True, True, 8),  # wide rows: the tall tile, fused stages
+        (7, 1, 1, True, True, 8),  # 8-lane aligned rows
         (9, 2, 1, True, True, 8),  # strided: aligned column phases
+        (14, 2, 2, True, True, 8),  # strided to 7 columns: 8-lane aligned column phases
         (28, 2, 1, False, True, 8),
     ],
 )

@@ -404,8 +404,9 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     with rows of at least 28 columns (56 from 128 channels) lifted rows; other rows whose aligned
     pitch adds at most an eighth to the plain one (14, 28 and 56 columns, not CIFAR's 32, 16 or 8)
     aligned rows; both with a tile of up to 7 rows (dividing the output's) x 2 vectors; strided layers
-    aligned rows with :func:`choose_layout`'s tile; the rest :func:`cheapest_layout`'s layout (fitted on
-    Zen 4, whose 512-bit ops run as two halves).
+    aligned rows with :func:`choose_layout`'s tile in the vector width the cost model picks for them, as do
+    stride-1 layers it gives 8-lane rows where aligned rows do not grow the input (7x7, as on AVX2);
+    the rest :func:`cheapest_layout`'s layout (fitted on Zen 4, whose 512-bit ops run as two halves).
 
     Zen 5 (full-rate 512-bit FMAs; a 512-bit load that splits a cache line runs at half rate), 1 thread,
     per layer against the cost model's layout, interleaved (session 14, one to three runs a layer):
@@ -414,14 +415,20 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     1.23x over fused (fused 1.36x over the cost model); 56x56 lifted 7x2 1.07-1.17x over aligned 4x4
     (which was 1.21-2.06x); 512-channel 28x28 lifted 7x2 1.15x (8x2, rows padded to 32: 0.85x);
     ResNet-50's 64x64 56x56 aligned 7x2 1.04x (lifted 0.88-0.91x), 128x128 28x28 aligned 7x2 1.11x
-    (lifted 1.00x); 14x14 aligned 14x1 0.99-1.14x; stride 2 aligned rows 1.46x (56 -> 28), 1.34x
-    (28 -> 14), 1.38x (14 -> 7; lifted rows 1.39x at 56 -> 28). Not taken: aligned rows at CIFAR's
+    (lifted 1.00x); 14x14 aligned 14x1 0.99-1.14x; stride 2 aligned rows 1.46x (56 -> 28; lifted rows
+    1.39x), 1.34x (28 -> 14), 1.41x (14 -> 7 in 8 lanes; in 16 lanes 0.81x); 7x7 aligned 8-lane rows 1.07x. Not taken: aligned rows at CIFAR's
     16x16 0.83-0.89x, 8x8 0.94-0.95x, 4x4 0.35x; lifted rows at its 32x32 (64 channels) 0.89x.
     """
     model = cheapest_layout(spec, accumulators, (16, 8), flat)
     rows = choose_layout(spec, accumulators, flat=False)
+    if aligned and (spec.strides != (1, 1) or model.vector_width == 8 and not (model.flat or model.windows)):
+        # in the model's vector width: at 7 output columns 8 lanes (stride 1 where it does not grow the input)
+        narrow = choose_layout(dataclasses.replace(spec, vector_width=model.vector_width), accumulators, flat=False)
+        candidate = dataclasses.replace(narrow, aligned=True)
+        if spec.strides != (1, 1) or math.prod(candidate.rows_input_shape) <= math.prod(narrow.rows_input_shape):
+            return candidate
     if spec.strides != (1, 1):
-        return dataclasses.replace(rows, aligned=True) if aligned else model
+        return model
     if (tall_tile and spec.out_width >= WIDE_ROW_COLUMNS and spec.in_channels <= NARROW_ROWS_CHANNELS
             and accumulators >= TALL_TILE[0] * TALL_TILE[1]):
         return dataclasses.replace(rows, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1, fused=fused)
