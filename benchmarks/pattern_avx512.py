@@ -7,21 +7,26 @@ vectors (``choose_layout``), scheduled by the default rule — for the host CPU 
 AVX2 build of the same code on the same host (``mcpu=znver3``), checked against numpy and timed
 in interleaved rounds. "rule" is the layout :class:`~tvm_patdnn.transform.PatternConvRewrite`
 picks for the host target (on AVX-512: the (pixel x tap) kernel for 2x2 images, else
-``cheapest_layout``'s cycle model over 16- and 8-lane layouts); "N lanes xA" is ``choose_layout``'s rule (lane fill, then the largest tile) for
-N-lane vectors and A accumulators (the AVX-512 default before the cycle model: 16 lanes x16).
-Ratios are time of the AVX2 build / time of the layout (above 1: faster than AVX2). Both targets get the host's core count, so the default knobs are the same. Times
-are process CPU time per call (1 thread: the calls run on this thread), which a second process
-sharing the core disturbs far less than wall time.
+``target_layout``'s AVX-512 rules: fused wide rows, lifted and aligned rows, measured on Zen 5, and
+``cheapest_layout``'s cycle model over 16- and 8-lane layouts for the rest); "N lanes xA" is
+``choose_layout``'s rule (lane fill, then the largest tile) for N-lane vectors and A accumulators
+(the AVX-512 default before the cycle model: 16 lanes x16). ``--variants`` adds layouts by kind,
+register tile, lanes and tap partial sums (``lifted:7x2``, ``aligned:7x1:8``, ``windows:1x1:p4``),
+timed on the layers they build for. Ratios are the first layout's time / each layout's (above 1:
+faster than the first: by default the AVX2 build). Both targets get the host's core count, so the
+default knobs are the same. Times are process CPU time per call (1 thread: the calls run on this
+thread), which a second process sharing the core disturbs far less than wall time.
 
-    taskset -c 0 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_avx512 [--rounds 5] [--sets cifar vgg224 resnet50]
-    taskset -c 0 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_avx512 --whole [--rounds 9]
+    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_avx512 [--rounds 5] \\
+        [--sets cifar vgg224 resnet50] [--layouts "avx2 8x8" rule] [--variants lifted:7x2 aligned:7x2]
+    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_avx512 --whole \\
+        [--models vgg16_cifar vgg16_trunk resnet50] [--rounds 9]
 
-``--whole`` times the whole pruned VGG-16 CIFAR (``tvm_patdnn.compile``) for the host and the AVX2
-target instead, untuned (no tuning database) and, for AVX2, also with the records shipped for it.
-On an AVX2 host it compares the AVX2 rule with and without the windows layout for 4x4 outputs
-(untuned and with the shipped records) and ONNX Runtime instead:
-
-    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.pattern_avx512 --whole --rounds 9
+``--whole`` times whole pruned models (``tvm_patdnn.compile``; VGG-16 CIFAR unless ``--models``)
+for the host and the AVX2 target instead, untuned (no tuning database) and, for VGG-16 CIFAR's
+AVX2 build, also with the records shipped for it, and ONNX Runtime. On an AVX2 host it compares
+the AVX2 rule with and without the windows layout for 4x4 outputs (untuned and with the shipped
+records) and ONNX Runtime instead (VGG-16 CIFAR only).
 """
 
 from __future__ import annotations
@@ -86,16 +91,51 @@ def layer_sets(names: list[str]) -> list[tuple[str, str, np.ndarray, np.ndarray,
     return layers
 
 
-def build(fkw: FKWWeight, bias, shape, stride: int, target, lanes: int | None, accumulators: int | None):
-    """The layer compiled with the target's layout (``lanes`` None), or with ``choose_layout``'s
-    register tile for ``lanes``-wide vectors and ``accumulators`` registers; default schedule."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A layout given on the command line, ``KIND:ROWSxCOLUMNS[:LANES][:pQ]``: KIND one of rows,
+    aligned, lifted, fused (rows layouts), flat, windows; the register tile, vector lanes (16 unless
+    given) and tap partial sums (1 unless given)."""
+
+    kind: str
+    rows: int
+    columns: int
+    lanes: int = 16
+    partials: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        kind, tile, *rest = text.split(":")
+        if kind not in ("rows", "aligned", "lifted", "fused", "flat", "windows"):
+            raise argparse.ArgumentTypeError(f"unknown layout kind {kind!r} in {text!r}")
+        rows, columns = (int(v) for v in tile.split("x"))
+        lanes = next((int(r) for r in rest if not r.startswith("p")), 16)
+        partials = next((int(r[1:]) for r in rest if r.startswith("p")), 1)
+        return cls(kind, rows, columns, lanes, partials)
+
+    def layout(self, spec: PatternConvSpec) -> PatternConvSpec:
+        base = dataclasses.replace(spec, vector_width=self.lanes, row_tile=1, column_tile=1, partials=1,
+                                   flat=self.kind == "flat", windows=self.kind == "windows", lifted=False,
+                                   aligned=False, fused=False)
+        return dataclasses.replace(base, row_tile=self.rows, column_tile=self.columns, partials=self.partials,
+                                   lifted=self.kind == "lifted", aligned=self.kind == "aligned",
+                                   fused=self.kind == "fused")
+
+
+def build(fkw: FKWWeight, bias, shape, stride: int, target, lanes: int | None, accumulators: int | None,
+          variant: Variant | None = None):
+    """The layer compiled with the target's layout (``lanes`` and ``variant`` None), with
+    ``choose_layout``'s register tile for ``lanes``-wide vectors and ``accumulators`` registers, or
+    with ``variant``'s layout; default schedule."""
     spec = PatternConvSpec.from_fkw(fkw, shape, (stride, stride), (1, 1, 1, 1), True, True,
                                     vector_lanes(target), accumulator_registers(target))
     order = np.argsort(fkw.order).astype(np.int32)
-    if lanes is None and tap_lanes_apply(spec, vector_lanes(target)):  # as PatternConvRewrite does
+    if lanes is None and variant is None and tap_lanes_apply(spec, vector_lanes(target)):  # as PatternConvRewrite
         func, order, layout = pattern_conv_2x2_primfunc(spec), fkw.order, "2x2 tap lanes"
     else:
-        if lanes is not None:
+        if variant is not None:
+            spec = variant.layout(spec)
+        elif lanes is not None:
             spec = choose_layout(dataclasses.replace(spec, vector_width=lanes), accumulators)
         func = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
         kind = (" flat" if spec.flat else " windows" if spec.windows else " lifted" if spec.lifted
@@ -113,10 +153,12 @@ def _without_windows(spec: PatternConvSpec, accumulators: int, flat: bool | None
     return choose_layout(spec, accumulators, flat)
 
 
-def whole_model(rounds: int, host, avx2) -> None:
-    """VGG-16 CIFAR 8x whole, per build: median process CPU ms per inference, interleaved rounds.
+def whole_model(rounds: int, host, avx2, name: str = "vgg16_cifar") -> None:
+    """A pruned model of ``benchmarks/models.py`` whole (VGG-16 CIFAR 8x by default), per build: median
+    process CPU ms per inference, interleaved rounds.
 
-    On an AVX-512 host: the host build against the AVX2 build. On an AVX2 host: the AVX2 rule with
+    On an AVX-512 host: the host build against the AVX2 build (and, for VGG-16 CIFAR, the AVX2 build
+    with the records shipped for it). On an AVX2 host (VGG-16 CIFAR only): the AVX2 rule with
     and without the windows layout for 4x4 outputs (the layout before session 6), each untuned and
     with the shipped records (which cover the flat 4x4 workloads, not the windows ones), and ONNX
     Runtime (1 intra-op thread; sparsity does not change its work) as the yardstick."""
@@ -124,12 +166,16 @@ def whole_model(rounds: int, host, avx2) -> None:
 
     import tvm_patdnn
 
-    model = twins("vgg16_cifar").pruned
-    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    model = twins(name).pruned
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     before = mock.patch("tvm_patdnn.ops.pattern_conv.target_layout", _without_windows)
     if vector_lanes(host) == 16:
-        builds = {"AVX-512 (host), untuned": (host, False, None), "AVX2 (znver3), untuned": (avx2, False, None),
-                  "AVX2 (znver3), shipped records": (avx2, None, None)}
+        builds = {"AVX-512 (host), untuned": (host, False, None), "AVX2 (znver3), untuned": (avx2, False, None)}
+        if name == "vgg16_cifar":
+            builds["AVX2 (znver3), shipped records"] = (avx2, None, None)
+    elif name != "vgg16_cifar":
+        raise SystemExit("on an AVX2 host --whole compares VGG-16 CIFAR builds only")
     else:
         builds = {"AVX2 no windows (before), untuned": (avx2, False, before),
                   "AVX2 rule (windows at 4x4), untuned": (avx2, False, None),
@@ -159,7 +205,7 @@ def whole_model(rounds: int, host, avx2) -> None:
     for label, values in samples.items():
         ms = statistics.median(values)
         per_round = [o / v for o, v in zip(samples["ONNX Runtime"], values)]
-        print(f"| VGG-16 CIFAR 8x, whole | {label} | {ms:.3f} ms | {order[0]} / this: {base / ms:.2f}x | "
+        print(f"| {name} 8x, whole | {label} | {ms:.3f} ms | {order[0]} / this: {base / ms:.2f}x | "
               f"ORT / this: {ort_ms / ms:.2f}x (rounds {min(per_round):.2f}-{max(per_round):.2f}x) |")
 
 
@@ -168,15 +214,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sets", nargs="+", default=["cifar", "vgg224", "resnet50"])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
+    parser.add_argument("--variants", nargs="+", default=[], type=Variant.parse, metavar="KIND:RxC[:LANES][:pQ]",
+                        help="more layouts, timed on the layers they build for (e.g. lifted:7x2 aligned:7x1:8 "
+                             "windows:1x1:p4); a layout that does not apply to a layer is left out there")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/pattern_avx512.1t.json"))
-    parser.add_argument("--whole", action="store_true", help="time the whole VGG-16 CIFAR model instead")
+    parser.add_argument("--whole", action="store_true", help="time whole models instead (--models)")
+    parser.add_argument("--models", nargs="+", default=["vgg16_cifar"],
+                        choices=["vgg16_cifar", "vgg16_trunk", "resnet50"], help="with --whole (AVX-512 hosts: any)")
     args = parser.parse_args()
 
     cores = os.cpu_count() or 1
     host = resolve_target("x86")
     avx2 = resolve_target({**AVX2, "num-cores": cores})
     if args.whole:
-        whole_model(args.rounds, host, avx2)
+        for name in args.models:
+            whole_model(args.rounds, host, avx2, name)
         return
     threads = tvm_threads()
     peak = cpu_peak_gflops()
@@ -195,6 +247,17 @@ def main() -> None:
             fn["main"](*call_args)
             np.testing.assert_allclose(out.numpy(), expected, rtol=1e-3, atol=1e-3, err_msg=f"{name}, {label}")
             timers[label] = (fn["main"], call_args)
+        for variant in args.variants:
+            label = f"{variant.kind}:{variant.rows}x{variant.columns}:{variant.lanes}:p{variant.partials}"
+            try:
+                fn, weights, layouts[label] = build(fkw, bias, shape, stride, host, None, None, variant)
+            except (ValueError, tvm.error.InternalError) as err:  # the layout does not apply to this layer
+                print(f"{set_name} {name}: {label} left out ({type(err).__name__}: {str(err)[:120]})", flush=True)
+                continue
+            call_args = [tvm.runtime.tensor(x), *weights, out]
+            fn["main"](*call_args)
+            np.testing.assert_allclose(out.numpy(), expected, rtol=1e-3, atol=1e-3, err_msg=f"{name}, {label}")
+            timers[label] = (fn["main"], call_args)
         samples = rotated_rounds({label: lambda call=call: cpu_ms(*call) for label, call in timers.items()}, args.rounds)
         median = {label: statistics.median(values) for label, values in samples.items()}
         flops = 2 * np.count_nonzero(weight) * expected.shape[2] * expected.shape[3]
@@ -207,7 +270,7 @@ def main() -> None:
     peak = max(peak, cpu_peak_gflops())
     for row in rows:
         row["nonzero_peak_percent"] = 100 * row["nonzero_gflops"] / peak
-    labels = list(args.layouts)
+    labels = list(args.layouts) + list(dict.fromkeys(label for r in rows for label in r["ms"] if label not in LAYOUTS))
     base = labels[0]
     print("\n| set | layer | " + " | ".join(f"{label} ms" for label in labels) + " | "
           + " | ".join(f"{label} GFLOP/s (% peak)" for label in labels) + f" | {base} / layout |")
@@ -217,13 +280,20 @@ def main() -> None:
         groups.setdefault(r["set"], []).append(r)
     summary = []
     for set_name, group in groups.items():
-        summary.append({"set": set_name, "layer": "**all**", "ms": {lab: sum(r["ms"][lab] for r in group) for lab in labels},
-                        "nonzero_mflop": sum(r["nonzero_mflop"] for r in group)})
+        summary.append({"set": set_name, "layer": "**all**", "nonzero_mflop": sum(r["nonzero_mflop"] for r in group),
+                        "ms": {lab: sum(r["ms"][lab] for r in group) for lab in labels
+                               if all(lab in r["ms"] for r in group)}})
+
+    def cell(r: dict, lab: str, text) -> str:
+        return text(r["ms"][lab]) if lab in r["ms"] else "-"
+
     for r in rows + summary:
-        gflops = " | ".join(f"{r['nonzero_mflop'] / r['ms'][lab]:.1f} ({100 * r['nonzero_mflop'] / r['ms'][lab] / peak:.0f}%)"
-                            for lab in labels)
-        ratios = " ".join(f"{r['ms'][base] / r['ms'][lab]:.2f}" for lab in labels[1:])
-        print(f"| {r['set']} | {r['layer']} | " + " | ".join(f"{r['ms'][lab]:.3f}" for lab in labels)
+        def rate(ms: float, r: dict = r) -> str:
+            return f"{r['nonzero_mflop'] / ms:.1f} ({100 * r['nonzero_mflop'] / ms / peak:.0f}%)"
+
+        gflops = " | ".join(cell(r, lab, rate) for lab in labels)
+        ratios = " ".join(cell(r, lab, lambda ms: f"{r['ms'][base] / ms:.2f}") for lab in labels[1:])
+        print(f"| {r['set']} | {r['layer']} | " + " | ".join(cell(r, lab, lambda ms: f"{ms:.3f}") for lab in labels)
               + f" | {gflops} | {ratios} |")
     print(f"\nFMA peak ({widest_isa()}, 1 thread, CPU time): {peak:.1f} GFLOP/s; last column: {base} time / each "
           f"other layout's time ({', '.join(labels[1:])}).")
