@@ -9,13 +9,15 @@ weight load repeated to 512 bits (``vbroadcastf32x4``) and one FMA do a whole ke
 lane useful. The row and flat layouts of :mod:`.pattern_conv` fill a quarter (16 lanes) or half
 (8 lanes) of each vector at 2x2 and need 4 FMAs per kernel.
 
-Each (filter, pattern) run alternates its kernels between two accumulators, so consecutive FMAs do
-not wait for each other (one chain would be FMA-latency bound); the end sums the accumulators and
+Each (filter, pattern) run alternates its kernels between accumulators (two on AVX2, four on
+AVX-512), so consecutive FMAs do not wait for each other (one chain would be FMA-latency bound); the end sums the accumulators and
 each pixel's 4 tap lanes, adds the bias and applies ReLU.
 
 Measured on Zen 4 (1 thread, VGG-16 CIFAR 8x, the three 512-channel 2x2 layers): 1.9-2.0x faster than
 the cheapest row/flat layout (0.08 against 0.15-0.17 ms a layer); with one accumulator 1.4x, with
-four 1.8x.
+four 1.8x. On Zen 5 (512-bit FMAs at full rate, session 14) four accumulators are 1.14-1.17x faster
+than two (40 -> 35 µs a layer), so AVX-512 takes four; one run per filter with the ``vpermps`` index
+looked up per kernel (as AVX2 does with its shuffle table) was 0.64-0.69x.
 
 On AVX2 (8 lanes) a ymm permutes only 8 floats, but a kernel's 16 lanes take only 5 values: the
 channel's 4 and zero. Each 128-bit half of the two ymm is one pixel's 4 taps, so one ``vpshufb`` of
@@ -48,7 +50,9 @@ __all__ = ["LANES", "TARGET_LANES", "arranged_rows", "tap_lanes_apply", "thread_
 
 LANES = 16  # 4 output pixels x 4 taps: one 512-bit vector, or two 256-bit ones
 TARGET_LANES = (8, 16)  # AVX2 (vpshufb per kernel), AVX-512 (vpermps per kernel)
-_CHAINS = 2  # accumulators (of a kernel's 16 lanes) a run alternates between (AVX2: 4 measured 0.8x)
+# accumulators (of a kernel's 16 lanes) a run alternates between, by target lanes: AVX2 2 (4 measured 0.8x),
+# AVX-512 4 (Zen 5: 1.14-1.17x over 2; 3 and 6 1.01-1.02x, 8 1.17-1.18x)
+_CHAINS = {8: 2, 16: 4}
 
 
 def tap_lanes_apply(spec: PatternConvSpec, target_lanes: int) -> bool:
@@ -116,7 +120,7 @@ def pattern_conv_2x2_primfunc(spec: PatternConvSpec, lanes: int = LANES, threads
                          f"{' or '.join(map(str, TARGET_LANES))} lanes")
     halves = LANES // lanes  # vectors per kernel
     in_registers = halves > 1  # AVX2: the pattern's shuffle is looked up per kernel
-    chains = _CHAINS
+    chains = _CHAINS[lanes]
     n_, c_, f_, p_ = spec.batch, spec.in_channels, spec.out_channels, len(spec.patterns)
     kernels = max(1, spec.n_kernels)
     zero = tirx.const(0.0, "float32")
