@@ -1,7 +1,8 @@
-"""The small-image pattern kernels against the TE operator, per layer and on the whole model (AVX2).
+"""The small-image pattern kernels against the TE operator, per layer and on the whole model.
 
 VGG-16 CIFAR 8x's pattern layers with 2x2 and 4x4 outputs are built twice for the AVX2 target
-(``mcpu=znver3``, the host's cores): with the hand-built kernel :class:`PatternConvRewrite` routes
+(``mcpu=znver3``, the host's cores; ``--host``: the host CPU, AVX-512 where it has it): with the
+hand-built kernel :class:`PatternConvRewrite` routes
 them to (2x2: :mod:`tvm_patdnn.ops.pattern_conv_2x2`, 4x4: :mod:`tvm_patdnn.ops.pattern_conv_4x4`)
 and with the TE operator and the default schedule rule (2x2: flat, 4x4: windows). Each build is
 checked against numpy, then timed in interleaved rounds: at 1 thread in process CPU time, at more
@@ -16,6 +17,7 @@ default build, the build with these layers on the TE operator, and ONNX Runtime 
 threads as TVM has):
 
     taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.small_images --whole --rounds 15
+    taskset -c 1 env TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.small_images --host [--whole]
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def build(weight: np.ndarray, bias: np.ndarray, shape: tuple, target, kernel: bo
         func = pattern_conv_2x2_primfunc(spec, lanes, threads)
         channels = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns)) if lanes == 8 else channels
     elif kernel and shifted_rows_apply(spec, lanes):
-        func = pattern_conv_4x4_primfunc(spec, threads)
+        func = pattern_conv_4x4_primfunc(spec, threads, lanes)
     else:
         func = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
         order = np.argsort(fkw.order).astype(np.int32)
@@ -162,9 +164,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--whole", action="store_true", help="time the whole VGG-16 CIFAR model instead")
     parser.add_argument("--json", type=Path, help="write the per-layer rows here")
+    parser.add_argument("--host", action="store_true",
+                        help="build for the host CPU (AVX-512 kernels on an AVX-512 host) instead of AVX2")
     args = parser.parse_args()
     threads = tvm_threads()
-    target = resolve_target({**AVX2, "num-cores": threads})
+    target = resolve_target({**(AVX2 if not args.host else {"kind": "llvm", "mcpu": resolve_target("x86").mcpu}),
+                             "num-cores": threads})
     if args.whole:
         whole_model(args.rounds, target, threads)
         return

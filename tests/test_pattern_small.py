@@ -79,11 +79,27 @@ def test_avx2_4x4_kernel_matches_the_onnx_reference(batch, channels, connectivit
     _check({**AVX2, "num-cores": cores}, 8, batch, channels, 4, conv, seed=patterns * 3 + batch)
 
 
+@pytest.mark.parametrize(
+    "batch, channels, bias, relu, patterns, cores",
+    [
+        (1, 48, True, True, 8, 1),  # VGG's 4x4 layers: two accumulator sets over even and odd runs
+        (2, 48, False, False, 8, 2),  # batch 2, no bias, no ReLU, two threads
+        (1, 1, True, False, 3, 1),  # one input channel: runs of one kernel (the odd tail alone)
+        (2, 20, False, True, 12, 3),  # three threads
+    ],
+)
+def test_avx512_4x4_kernel_matches_the_onnx_reference(batch, channels, bias, relu, patterns, cores):
+    """AVX-512: each tap's 16 pixels permuted in registers from the channel's one vector; each run
+    alternates its kernels between two sets of tap accumulators."""
+    conv = ConvSpec(40, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu, n_patterns=patterns)
+    _check({**AVX512, "num-cores": cores}, 16, batch, channels, 4, conv, seed=patterns * 5 + batch)
+
+
 @pytest.mark.parametrize("size, lanes, kernel", [(2, 8, "tap_lanes"), (2, 16, "tap_lanes"), (4, 8, "shifted_rows"),
-                                                 (4, 16, None), (4, 4, None), (3, 8, None)])
+                                                 (4, 16, "shifted_rows"), (4, 4, None), (3, 8, None)])
 def test_small_images_take_their_kernel_per_target(size, lanes, kernel):
-    """2x2 images take the (pixel x tap) kernel on AVX2 and AVX-512, 4x4 the shifted-rows kernel on
-    AVX2 only (AVX-512 keeps the cost model's layouts, NEON the TE operator's)."""
+    """2x2 images take the (pixel x tap) kernel and 4x4 the shifted-rows kernel on AVX2 and AVX-512
+    (NEON keeps the TE operator's layouts)."""
     model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [ConvSpec(16, connectivity=2.0)])
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)

@@ -1,5 +1,5 @@
-"""The pattern convolution of 4x4 outputs on AVX2: each tap's 16 pixels shuffled in registers from
-the channel itself.
+"""The pattern convolution of 4x4 outputs on AVX2 and AVX-512: each tap's 16 pixels shuffled in
+registers from the channel itself.
 
 A 4x4 channel is 16 floats (64 bytes, one cache line): two 256-bit vectors of two rows each, and
 so is its output. The pixels a tap (dy, dx) needs for output rows r and r + 1 are image rows
@@ -20,6 +20,14 @@ rows instead (a masked load at the top edge, a 128-bit one at the bottom: 4-6 lo
 shuffles) 1.03-1.23x; rows 3-4 from a 128-bit load and the rest from the two vectors (LLVM puts a
 lane-crossing ``vpermps`` there otherwise) the same as this (0.98-1.05x), with rows -1-0 from a
 masked load too 0.96-0.98x: loads, not the two ``vpermps``, bound the loop.
+
+On AVX-512 the channel and the output are one 512-bit vector each: per kernel 1 load, 4 lane
+permutations with zeros (``vpermt2ps``), 4 broadcasts and 4 FMAs into the 4 tap accumulators. With
+one FMA per accumulator per kernel the loop would wait on the FMA latency (4 cycles a kernel), so
+each (filter, pattern) run alternates its kernels between two sets of the 4 (8 accumulators).
+Measured on Zen 5 (1 thread, VGG-16 CIFAR 8x's three 4x4 layers, interleaved with the windows layout
+the cost model picks there, session 14): 1.51-1.57x with one set, 1.53-1.74x with two (four:
+1.14-1.41x); the AVX2 build of this kernel on the same core 1.20-1.26x.
 """
 
 from __future__ import annotations
@@ -34,39 +42,42 @@ from .pattern_conv_2x2 import thread_filters
 
 __all__ = ["shifted_rows_apply", "pattern_conv_4x4_primfunc"]
 
-_LANES = 8  # AVX2: two output rows of 4 pixels
+# fp32 lanes of the targets it is built for (AVX2: two output rows of 4 pixels; AVX-512: all four) -> the
+# accumulator sets a run alternates its kernels between (AVX-512, Zen 5: two 0.99-1.11x over one, four 0.72-0.80x)
+_SETS = {8: 1, 16: 2}
 _SIZE = 4
 
 
 def shifted_rows_apply(spec: PatternConvSpec, target_lanes: int) -> bool:
-    """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: AVX2 (8), a
-    4x4 image with stride 1 and padding 1 on every side, 4-tap patterns."""
-    return (target_lanes == _LANES and (spec.height, spec.width) == (_SIZE, _SIZE) and spec.strides == (1, 1)
+    """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: AVX2 (8) or
+    AVX-512 (16), a 4x4 image with stride 1 and padding 1 on every side, 4-tap patterns."""
+    return (target_lanes in _SETS and (spec.height, spec.width) == (_SIZE, _SIZE) and spec.strides == (1, 1)
             and spec.padding == (1, 1, 1, 1) and spec.taps == 4)
 
 
-def _tap_rows(images, base, top: int, shift: int):
-    """Image rows ``top`` and ``top + 1`` of the channel at ``base``, shifted by ``shift`` columns:
-    lane i is pixel (top + i // 4, i % 4 + shift), zero outside the image; from the channel's two
-    256-bit halves (rows 0-1, rows 2-3)."""
-    halves = [images[tirx.Ramp(base, 1, _LANES)], images[tirx.Ramp(base + _LANES, 1, _LANES)]]
-    lanes = []
-    for i in range(_LANES):
+def _tap_rows(images, base, top: int, shift: int, lanes: int):
+    """Image rows ``top`` to ``top + lanes // 4 - 1`` of the channel at ``base``, shifted by ``shift``
+    columns: lane i is pixel (top + i // 4, i % 4 + shift), zero outside the image; from the channel's
+    ``16 // lanes`` vectors (AVX2: rows 0-1, rows 2-3)."""
+    parts = [images[tirx.Ramp(base + h * lanes, 1, lanes)] for h in range(_SIZE * _SIZE // lanes)]
+    index = []
+    for i in range(lanes):
         y, x = top + i // _SIZE, i % _SIZE + shift
-        lanes.append(y * _SIZE + x if 0 <= y < _SIZE and 0 <= x < _SIZE else 2 * _LANES)
-    return tirx.Shuffle(halves + [tirx.Broadcast(tirx.const(0.0, "float32"), _LANES)], lanes)
+        index.append(y * _SIZE + x if 0 <= y < _SIZE and 0 <= x < _SIZE else _SIZE * _SIZE)
+    return tirx.Shuffle(parts + [tirx.Broadcast(tirx.const(0.0, "float32"), lanes)], index)
 
 
-def pattern_conv_4x4_primfunc(spec: PatternConvSpec, threads: int = 1) -> tirx.PrimFunc:
-    """The scheduled PrimFunc of one 4x4 pattern conv on AVX2 (see the module docstring); the
-    arguments of :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc` on AVX-512: data,
-    values, channels, offsets, order (FKW's: stored filter -> output channel), [bias], out. Each
-    thread takes a contiguous run of filters holding its share of the kernels
+def pattern_conv_4x4_primfunc(spec: PatternConvSpec, threads: int = 1, lanes: int = 8) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of one 4x4 pattern conv for a target of ``lanes`` fp32 lanes (see the
+    module docstring); the arguments of :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc`
+    on AVX-512: data, values, channels, offsets, order (FKW's: stored filter -> output channel), [bias],
+    out. Each thread takes a contiguous run of filters holding its share of the kernels
     (:func:`~tvm_patdnn.ops.pattern_conv_2x2.thread_filters`)."""
-    if not shifted_rows_apply(spec, _LANES):
-        raise ValueError("the shifted-rows kernel takes 4x4 images, stride 1, padding 1, 4 taps, 8 lanes")
+    if not shifted_rows_apply(spec, lanes):
+        raise ValueError("the shifted-rows kernel takes 4x4 images, stride 1, padding 1, 4 taps, 8 or 16 lanes")
+    sets = _SETS[lanes]
     n_, c_, f_, p_ = spec.batch, spec.in_channels, spec.out_channels, len(spec.patterns)
-    taps, pixels, halves = spec.taps, _SIZE * _SIZE, _SIZE * _SIZE // _LANES
+    taps, pixels, halves = spec.taps, _SIZE * _SIZE, _SIZE * _SIZE // lanes
     kernels = max(1, spec.n_kernels)
     zero = tirx.const(0.0, "float32")
     with IRBuilder() as builder:
@@ -85,26 +96,36 @@ def pattern_conv_4x4_primfunc(spec: PatternConvSpec, threads: int = 1) -> tirx.P
 
             def filter_task(task) -> None:
                 n, f = task // f_, task % f_
-                acc = T.decl_buffer((halves * taps * _LANES,), "float32", scope="local")  # (half, tap) vectors
-                for q in range(halves * taps):
-                    T.buffer_store(acc, tirx.Broadcast(zero, _LANES), [tirx.Ramp(q * _LANES, 1, _LANES)])
+                chains = sets * halves * taps  # (set, half, tap) vectors
+                acc = T.decl_buffer((chains * lanes,), "float32", scope="local")
+                for q in range(chains):
+                    T.buffer_store(acc, tirx.Broadcast(zero, lanes), [tirx.Ramp(q * lanes, 1, lanes)])
+
+                def accumulate(pattern, k, a: int) -> None:
+                    base = (n * c_ + channels[k]) * pixels
+                    for t, (dy, dx) in enumerate(pattern):
+                        weight = tirx.Broadcast(values[k, t], lanes)
+                        for h in range(halves):
+                            slots = tirx.Ramp(((a * halves + h) * taps + t) * lanes, 1, lanes)
+                            rows = _tap_rows(images, base, h * lanes // _SIZE + dy - 1, dx - 1, lanes)
+                            T.buffer_store(acc, acc[slots] + rows * weight, [slots])
+
                 for p, pattern in enumerate(spec.patterns):
                     start = offsets[f * p_ + p]
-                    with T.serial(0, offsets[f * p_ + p + 1] - start) as j:
-                        k = start + j
-                        base = (n * c_ + channels[k]) * pixels
-                        for t, (dy, dx) in enumerate(pattern):
-                            weight = tirx.Broadcast(values[k, t], _LANES)
-                            for h in range(halves):
-                                slots = tirx.Ramp((h * taps + t) * _LANES, 1, _LANES)
-                                rows = _tap_rows(images, base, h * 2 + dy - 1, dx - 1)
-                                T.buffer_store(acc, acc[slots] + rows * weight, [slots])
+                    length = offsets[f * p_ + p + 1] - start
+                    with T.serial(0, length // sets) as j:
+                        for a in range(sets):
+                            accumulate(pattern, start + j * sets + a, a)
+                    if sets > 1:
+                        with T.serial(0, length % sets) as j:
+                            accumulate(pattern, start + length // sets * sets + j, 0)
                 fo = order[f]
                 for h in range(halves):
-                    value = sum((acc[tirx.Ramp((h * taps + t) * _LANES, 1, _LANES)] for t in range(1, taps)),
-                                acc[tirx.Ramp(h * taps * _LANES, 1, _LANES)])
-                    value = bias_relu(value, None if bias is None else bias[fo], spec.relu, _LANES)
-                    T.buffer_store(outputs, value, [tirx.Ramp((n * f_ + fo) * pixels + h * _LANES, 1, _LANES)])
+                    value = sum((acc[tirx.Ramp(((a * halves + h) * taps + t) * lanes, 1, lanes)]
+                                 for a in range(sets) for t in range(taps) if a or t),
+                                acc[tirx.Ramp(h * taps * lanes, 1, lanes)])
+                    value = bias_relu(value, None if bias is None else bias[fo], spec.relu, lanes)
+                    T.buffer_store(outputs, value, [tirx.Ramp((n * f_ + fo) * pixels + h * lanes, 1, lanes)])
 
             with T.parallel(0, threads) as t:
                 first, last = thread_filters(offsets, f_, p_, threads, t)
