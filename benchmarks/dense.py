@@ -11,7 +11,7 @@ interleaved rounds (the box is shared), medians reported:
 - ``1x1 on gemm`` / ``1x1 on direct`` (whole model only): the default pipeline with every 1x1 conv
   on that kernel (what ``kernel_for``'s 1x1 choice is worth in the whole model);
 - ``gemm`` / ``direct``: every dense conv forced onto the packed-GEMM kernel of
-  ``tvm_patdnn/ops/dense_conv.py`` (KxK only with >= 4 x lanes filters) or onto the direct kernel
+  ``tvm_patdnn/ops/dense_conv.py`` (KxK only with >= 4 x 8 filters, 4 x 4 on NEON) or onto the direct kernel
   of ``tvm_patdnn/ops/direct_conv.py`` (``DenseConvRewrite(kernel=...)``);
 - ``tuned``: the default pipeline with each dense layer on the kernel ``tvm_patdnn.tune`` measured
   fastest among its candidates (``tune(model, trials=0, database=--db)``: the dense kernel choices
