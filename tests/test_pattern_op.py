@@ -161,7 +161,7 @@ def test_layout_fills_vectors_and_registers_per_target():
 def test_avx512_cost_model_picks_the_vector_width_per_image_size():
     """16-lane targets choose among 512- and 256-bit row, flat and windows layouts by modelled
     cycles where no measured rule says otherwise: 4x4 outputs as one 16-lane window vector per tap,
-    8x8 in 256-bit rows, 512-bit rows at 16x16 and 32x32."""
+    8x8 in 256-bit rows, 512-bit rows at 16x16."""
     weight = pattern_weight(np.random.default_rng(4), 64, 64, n_patterns=8, connectivity=3.6)
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
 
@@ -172,7 +172,7 @@ def test_avx512_cost_model_picks_the_vector_width_per_image_size():
         return spec.vector_width, "flat" if spec.flat else "windows" if spec.windows else "rows"
 
     assert [layout(size) for size in (4, 8)] == [(16, "windows"), (8, "rows")]  # 7x7: aligned 8-lane rows
-    assert [layout(size) for size in (16, 32)] == [(16, "rows"), (16, "rows")]
+    assert layout(16) == (16, "rows")  # 32x32: the model's 512-bit rows with the tall tile (below)
 
 
 def test_avx512_rows_layouts_follow_the_zen5_measurements():
@@ -181,7 +181,7 @@ def test_avx512_rows_layouts_follow_the_zen5_measurements():
     and 256 at 28-55; aligned rows where the aligned pitch adds at most an eighth (14, 28, 56 columns,
     not 16 or 32); both with 7-row x 2-vector tiles (14x1 at 14 columns). Strided layers take aligned
     rows in the cost model's vector width (8 lanes to 7 columns), as do 7x7 layers; the rest keep the
-    cost model's layout."""
+    cost model's layout, 32x32 in the tall 4x2 tile."""
     rng = np.random.default_rng(4)
 
     def layout(channels, size, stride=1, **kwargs):
@@ -200,7 +200,9 @@ def test_avx512_rows_layouts_follow_the_zen5_measurements():
     assert layout(256, 28, lifted=False) == ("aligned", 16, 7, 2)
     assert [layout(64, size, stride=2)[:2] for size in (56, 28, 14)] == [("aligned", 16)] * 2 + [("aligned", 8)]
     assert layout(64, 7)[:2] == ("aligned", 8)  # the cost model's 8-lane rows, aligned where that does not grow
-    assert layout(64, 56, aligned=False)[0] == layout(64, 32)[0] == layout(64, 16)[0] == "model"
+    assert layout(64, 56, aligned=False)[0] == layout(64, 16)[0] == "model"
+    assert layout(64, 32) == ("model", 16, 4, 2)  # the model's rows of two vectors, in the tall tile
+    assert layout(64, 32, tall_tile=False)[2:] == (11, 1)
 
 
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
@@ -265,6 +267,7 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
         (6, 1, 1, True, True, 8),  # flat or rows, 256-bit
         (8, 1, 1, True, True, 8),  # 256-bit rows
         (16, 1, 1, True, True, 8),  # 512-bit rows
+        (32, 1, 1, True, True, 8),  # 512-bit rows of two vectors: the tall 4x2 tile
         (14, 1, 1, True, True, 8),  # 512-bit aligned rows, pitch 16
         (58, 1, 2, True, False, 8),  # aligned rows, 4 vectors, rows padded to the 7x2 tile
         (30, 1, 1, True, True, 256),  # lifted rows (256 input channels)

@@ -406,7 +406,8 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     aligned rows; both with a tile of up to 7 rows (dividing the output's) x 2 vectors; strided layers
     aligned rows with :func:`choose_layout`'s tile in the vector width the cost model picks for them, as do
     stride-1 layers it gives 8-lane rows where aligned rows do not grow the input (7x7, as on AVX2);
-    the rest :func:`cheapest_layout`'s layout (fitted on Zen 4, whose 512-bit ops run as two halves).
+    the rest :func:`cheapest_layout`'s layout (fitted on Zen 4, whose 512-bit ops run as two halves),
+    with the :data:`TALL_TILE` where its 512-bit rows are two vectors wide.
 
     Zen 5 (full-rate 512-bit FMAs; a 512-bit load that splits a cache line runs at half rate), 1 thread,
     per layer against the cost model's layout, interleaved (session 14, one to three runs a layer):
@@ -417,7 +418,9 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     ResNet-50's 64x64 56x56 aligned 7x2 1.04x (lifted 0.88-0.91x), 128x128 28x28 aligned 7x2 1.11x
     (lifted 1.00x); 14x14 aligned 14x1 0.99-1.14x; stride 2 aligned rows 1.46x (56 -> 28; lifted rows
     1.39x), 1.34x (28 -> 14), 1.41x (14 -> 7 in 8 lanes; in 16 lanes 0.81x); 7x7 aligned 8-lane rows 1.07x. Not taken: aligned rows at CIFAR's
-    16x16 0.83-0.89x, 8x8 0.94-0.95x, 4x4 0.35x; lifted rows at its 32x32 (64 channels) 0.89x.
+    16x16 0.83-0.89x, 8x8 0.94-0.95x, 4x4 0.35x; lifted rows at its 32x32 (64 channels) 0.89x. Rows of
+    two 16-lane vectors left to the cost model (CIFAR's 32x32) take the tall 4x2 tile instead of its
+    11x1: 1.11x (two runs; 8x1 1.06-1.07x, 6x2 1.01x, 8x2 0.95x).
     """
     model = cheapest_layout(spec, accumulators, (16, 8), flat)
     rows = choose_layout(spec, accumulators, flat=False)
@@ -440,6 +443,9 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
         return dataclasses.replace(tile, lifted=True)
     if aligned and 8 * dataclasses.replace(tile, aligned=True).input_pitch <= 9 * (spec.out_width + 2):
         return dataclasses.replace(tile, aligned=True)
+    if (tall_tile and model.vector_width == 16 and not (model.flat or model.windows)
+            and model.acc_columns == TALL_TILE[1] * model.vector_width):  # rows of two vectors: 4 of them
+        return dataclasses.replace(model, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1)
     return model
 
 
