@@ -19,17 +19,18 @@ operator and schedule for this machine, and again with one optimisation taken aw
 * threads over filters: when an image has few row blocks, threads share its filters too
   (without: row blocks only, so a small image with a single row block runs on one thread);
   "threads always over filters" adds the filters for every layer instead;
-* large images (AVX2; ``--model vgg16_trunk`` has the layers they apply to): the tall 4x2
-  register tile on rows of 112 pixels and more (without: the rule's 1x7), column blocks outside
+* large images (AVX2, and AVX-512 where ``target_layout``'s Zen 5 rules take them; ``--model
+  vgg16_trunk`` has the layers they apply to): the tall 4x2 register tile on rows of 112 pixels and more (without: the rule's 1x7), column blocks outside
   the filters with it (without: inside), and the kernel loop's prefetch of the kernel ahead's
   input rows on layers of 256+ channels (without: none);
-* lifted rows (AVX2, output rows of 28-111 columns, the tall tile from 56): each padded row stored
-  transposed in 8 lane segments so every tap is one aligned vector (without: plain rows, or flat
+* lifted rows (AVX2, output rows of 28-111 columns, the tall tile from 56; AVX-512 from 128-256
+  input channels, 7x2 tiles): each padded row stored transposed in lane segments so every tap is one aligned vector (without: plain rows, or flat
   where the rule takes it);
 * aligned rows (AVX2 rows layouts whose padded input does not grow: ResNet-50's 14x14, 7x7 and
-  stride-2 layers to 14 and 7 columns): row and phase pitches of whole vectors, so the centre tap
+  stride-2 layers to 14 and 7 columns; on AVX-512 also 28 and 56 columns): row and phase pitches of whole vectors, so the centre tap
   (stride 1) or the taps with dx = 0 and 1 (stride 2) are aligned vectors (without: plain rows);
-* fused stages (AVX2 wide rows: VGG-16 224's 224- and 112-pixel layers): the pad computed per
+* fused stages (wide rows: VGG-16 224's 224- and 112-pixel layers; on AVX-512 those of at most 64
+  input channels): the pad computed per
   column block (all channels, stored compactly, read by every filter from L1) and the output stage
   in the register tile (without: three passes, a padded copy of the whole input and an accumulator
   written and read back); "pad per column block" builds it per row block instead, "pad per block"

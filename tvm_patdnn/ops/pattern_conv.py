@@ -420,7 +420,10 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     1.39x), 1.34x (28 -> 14), 1.41x (14 -> 7 in 8 lanes; in 16 lanes 0.81x); 7x7 aligned 8-lane rows 1.07x. Not taken: aligned rows at CIFAR's
     16x16 0.83-0.89x, 8x8 0.94-0.95x, 4x4 0.35x; lifted rows at its 32x32 (64 channels) 0.89x. Rows of
     two 16-lane vectors left to the cost model (CIFAR's 32x32) take the tall 4x2 tile instead of its
-    11x1: 1.11x (two runs; 8x1 1.06-1.07x, 6x2 1.01x, 8x2 0.95x).
+    11x1: 1.11x (two runs; 8x1 1.06-1.07x, 6x2 1.01x, 8x2 0.95x). Lifted against aligned rows at 28-112
+    columns is unresolved: later runs on a slower, contended host had aligned 7x2 ahead by 1.06-1.48x
+    (lifted rows read twice the bytes at 28 columns) or behind (docs/performance.md, "The pattern conv
+    on a Zen 5 host").
     """
     model = cheapest_layout(spec, accumulators, (16, 8), flat)
     rows = choose_layout(spec, accumulators, flat=False)
