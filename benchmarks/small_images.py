@@ -3,7 +3,7 @@
 VGG-16 CIFAR 8x's pattern layers with 2x2 and 4x4 outputs are built twice for the AVX2 target
 (``mcpu=znver3``, the host's cores; ``--host``: the host CPU, AVX-512 where it has it): with the
 hand-built kernel :class:`PatternConvRewrite` routes
-them to (2x2: :mod:`tvm_patdnn.ops.pattern_conv_2x2`, 4x4: :mod:`tvm_patdnn.ops.pattern_conv_4x4`)
+them to (2x2: :mod:`tvm_patdnn.ops.pattern_conv_2x2`, 4x4: :mod:`tvm_patdnn.ops.pattern_conv_shifted_rows`)
 and with the TE operator and the default schedule rule (2x2: flat, 4x4: windows). Each build is
 checked against numpy, then timed in interleaved rounds: at 1 thread in process CPU time, at more
 in wall time; "% peak" is the nonzero GFLOP/s against the FMA peak measured in the same run. TVM's
@@ -35,7 +35,7 @@ from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
 from tvm_patdnn.ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
-from tvm_patdnn.ops.pattern_conv_4x4 import pattern_conv_4x4_primfunc, shifted_rows_apply
+from tvm_patdnn.ops.pattern_conv_shifted_rows import pattern_conv_shifted_rows_primfunc, shifted_rows_apply
 from tvm_patdnn.schedule_rules import PatternConvCPU
 from tvm_patdnn.targets import accumulator_registers, resolve_target, vector_lanes
 
@@ -46,7 +46,7 @@ from .optimisations import pattern_layers, reference_conv
 from .runtimes import cpu_ms, rotated_rounds
 
 AVX2 = {"kind": "llvm", "mcpu": "znver3"}
-SIZES = (2, 4)  # output sizes of the layers measured
+SIZES = (2, 4, 8)  # output sizes of the layers measured (8x8: the AVX-512 build takes a kernel there)
 
 
 def build(weight: np.ndarray, bias: np.ndarray, shape: tuple, target, kernel: bool):
@@ -60,7 +60,7 @@ def build(weight: np.ndarray, bias: np.ndarray, shape: tuple, target, kernel: bo
         func = pattern_conv_2x2_primfunc(spec, lanes, threads)
         channels = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns)) if lanes == 8 else channels
     elif kernel and shifted_rows_apply(spec, lanes):
-        func = pattern_conv_4x4_primfunc(spec, threads, lanes)
+        func = pattern_conv_shifted_rows_primfunc(spec, threads, lanes)
     else:
         func = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
         order = np.argsort(fkw.order).astype(np.int32)

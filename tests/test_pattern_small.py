@@ -95,11 +95,21 @@ def test_avx512_4x4_kernel_matches_the_onnx_reference(batch, channels, bias, rel
     _check({**AVX512, "num-cores": cores}, 16, batch, channels, 4, conv, seed=patterns * 5 + batch)
 
 
+@pytest.mark.parametrize("batch, channels, bias, relu, patterns, cores",
+                         [(1, 48, True, True, 8, 1), (2, 20, False, False, 12, 2), (1, 1, True, False, 3, 3)])
+def test_avx512_8x8_kernel_matches_the_onnx_reference(batch, channels, bias, relu, patterns, cores):
+    """AVX-512: each output vector (two rows) of each tap permuted in registers from the two channel
+    vectors holding its input rows, zeros past the border."""
+    conv = ConvSpec(24, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu, n_patterns=patterns)
+    _check({**AVX512, "num-cores": cores}, 16, batch, channels, 8, conv, seed=patterns * 7 + batch)
+
+
 @pytest.mark.parametrize("size, lanes, kernel", [(2, 8, "tap_lanes"), (2, 16, "tap_lanes"), (4, 8, "shifted_rows"),
-                                                 (4, 16, "shifted_rows"), (4, 4, None), (3, 8, None)])
+                                                 (4, 16, "shifted_rows"), (8, 16, "shifted_rows"), (8, 8, None),
+                                                 (4, 4, None), (3, 8, None), (16, 16, None)])
 def test_small_images_take_their_kernel_per_target(size, lanes, kernel):
-    """2x2 images take the (pixel x tap) kernel and 4x4 the shifted-rows kernel on AVX2 and AVX-512
-    (NEON keeps the TE operator's layouts)."""
+    """2x2 images take the (pixel x tap) kernel and 4x4 the shifted-rows kernel on AVX2 and AVX-512,
+    8x8 the shifted-rows kernel on AVX-512 only (NEON keeps the TE operator's layouts)."""
     model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [ConvSpec(16, connectivity=2.0)])
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)

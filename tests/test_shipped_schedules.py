@@ -102,7 +102,7 @@ def test_the_shipped_records_cover_every_kernel_of_the_model_they_were_tuned_for
     on the device of the key, into an emptied directory) with the change."""
     compiled = tvm_patdnn.compile(twins("vgg16_cifar").pruned, resolve_target('{"kind":"llvm","mcpu":"znver3"}'))
     # 6 pattern convs are tuning tasks (the three 2x2 and, since session 11, the three 4x4 ones run
-    # scheduled kernels: pattern_conv_2x2, pattern_conv_4x4); session 12 re-tuned them with the
+    # scheduled kernels: pattern_conv_2x2, pattern_conv_shifted_rows); session 12 re-tuned them with the
     # verifying tuner (the old records replayed the register tile's "local" scope and lost to the
     # default): every verdict kept the default, so all 6 apply their verdict's record, the default's trace
     assert compiled.schedules.kernels == 6 and compiled.schedules.applied == 6, str(compiled.schedules)

@@ -22,7 +22,7 @@ from ..fkw import pack_fkw
 from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
 from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
 from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
-from ..ops.pattern_conv_4x4 import pattern_conv_4x4_primfunc, shifted_rows_apply
+from ..ops.pattern_conv_shifted_rows import pattern_conv_shifted_rows_primfunc, shifted_rows_apply
 from ..ops.pattern_conv_blocked import blocked_applies, blocked_layout, blocked_weights, pattern_conv_blocked_primfunc
 from ..report import ConvRecord
 from .exprs import add_kernel, constant_array, per_channel_bias, single_use_values, static_shape
@@ -54,7 +54,8 @@ class PatternConvRewrite:
         (:func:`tvm_patdnn.targets.accumulator_registers`): the operator's layout
         (:func:`~tvm_patdnn.ops.pattern_conv.target_layout`); on AVX-512 and AVX2 targets 2x2
         images take the (pixel x tap) kernel of :mod:`tvm_patdnn.ops.pattern_conv_2x2` and 4x4 images
-        the shifted-rows one of :mod:`tvm_patdnn.ops.pattern_conv_4x4`, on AVX2 many-channel layers
+        (8x8 on AVX-512) the shifted-rows one of :mod:`tvm_patdnn.ops.pattern_conv_shifted_rows`, on AVX2
+        many-channel layers
         the channel-blocked one of :mod:`tvm_patdnn.ops.pattern_conv_blocked`.
     on_conv:
         Called with a :class:`ConvRecord` for every conv2d met, rewritten or not.
@@ -215,8 +216,8 @@ class PatternConvRewrite:
             fkw, fields["data_shape"], fields["stride"], fields["padding"], bias is not None, relu, self.vector_width,
             self.accumulators,
         )
-        # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, 4x4 images the shifted-rows one,
-        # and many-channel layers on AVX2 the channel-blocked one, which take FKW's filter order itself;
+        # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, 4x4 images (and 8x8 on AVX-512) the
+        # shifted-rows one, and many-channel layers on AVX2 the channel-blocked one, which take FKW's filter order;
         # otherwise the compute the rules schedule, which takes its inverse.
         tap_lanes = tap_lanes_apply(spec, self.vector_width)
         shifted_rows = shifted_rows_apply(spec, self.vector_width)
@@ -227,7 +228,7 @@ class PatternConvRewrite:
             if self.vector_width < TAP_LANES:  # AVX2: each kernel's channel * patterns + pattern
                 weights[1] = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))
         elif shifted_rows:
-            func = pattern_conv_4x4_primfunc(spec, self.threads, self.vector_width)
+            func = pattern_conv_shifted_rows_primfunc(spec, self.threads, self.vector_width)
         elif blocked:  # many input channels on AVX2: the channel-blocked kernel
             layout = blocked_layout(spec)
             func, weights = pattern_conv_blocked_primfunc(layout, self.threads), blocked_weights(fkw, layout)

@@ -1,5 +1,5 @@
-"""The pattern convolution of 4x4 outputs on AVX2 and AVX-512: each tap's 16 pixels shuffled in
-registers from the channel itself.
+"""The pattern convolution of small images in registers (4x4 on AVX2 and AVX-512, 8x8 on AVX-512):
+each tap's pixels shuffled in registers from the channel itself.
 
 A 4x4 channel is 16 floats (64 bytes, one cache line): two 256-bit vectors of two rows each, and
 so is its output. The pixels a tap (dy, dx) needs for output rows r and r + 1 are image rows
@@ -21,13 +21,17 @@ shuffles) 1.03-1.23x; rows 3-4 from a 128-bit load and the rest from the two vec
 lane-crossing ``vpermps`` there otherwise) the same as this (0.98-1.05x), with rows -1-0 from a
 masked load too 0.96-0.98x: loads, not the two ``vpermps``, bound the loop.
 
-On AVX-512 the channel and the output are one 512-bit vector each: per kernel 1 load, 4 lane
+On AVX-512 a 4x4 channel and its output are one 512-bit vector each: per kernel 1 load, 4 lane
 permutations with zeros (``vpermt2ps``), 4 broadcasts and 4 FMAs into the 4 tap accumulators. With
 one FMA per accumulator per kernel the loop would wait on the FMA latency (4 cycles a kernel), so
 each (filter, pattern) run alternates its kernels between two sets of the 4 (8 accumulators).
 Measured on Zen 5 (1 thread, VGG-16 CIFAR 8x's three 4x4 layers, interleaved with the windows layout
 the cost model picks there, session 14): 1.51-1.57x with one set, 1.53-1.74x with two (four:
-1.14-1.41x); the AVX2 build of this kernel on the same core 1.20-1.26x.
+1.14-1.41x); the AVX2 build of this kernel on the same core 1.20-1.26x. An 8x8 channel is 4 vectors
+of two rows: each output vector's tap is a permutation of the two channel vectors holding its rows
+(16 accumulators, one set): 1.39x and 1.66x over the 8-lane rows layout the cost model picks for
+CIFAR's 128x256 and 256x256 8x8 layers (the 8-lane build of it 0.66-0.75x, so AVX2 keeps the TE
+operator there).
 """
 
 from __future__ import annotations
@@ -40,56 +44,61 @@ from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 from .pattern_conv_2x2 import thread_filters
 
-__all__ = ["shifted_rows_apply", "pattern_conv_4x4_primfunc"]
+__all__ = ["shifted_rows_apply", "pattern_conv_shifted_rows_primfunc"]
 
-# fp32 lanes of the targets it is built for (AVX2: two output rows of 4 pixels; AVX-512: all four) -> the
-# accumulator sets a run alternates its kernels between (AVX-512, Zen 5: two 0.99-1.11x over one, four 0.72-0.80x)
-_SETS = {8: 1, 16: 2}
-_SIZE = 4
+# (fp32 lanes of the target, image size) it is built for -> the accumulator sets a run alternates its kernels
+# between (AVX-512 4x4, Zen 5: two 0.99-1.11x over one, four 0.72-0.80x; 8x8: 16 accumulators, one set)
+_SETS = {(8, 4): 1, (16, 4): 2, (16, 8): 1}
 
 
 def shifted_rows_apply(spec: PatternConvSpec, target_lanes: int) -> bool:
-    """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: AVX2 (8) or
-    AVX-512 (16), a 4x4 image with stride 1 and padding 1 on every side, 4-tap patterns."""
-    return (target_lanes in _SETS and (spec.height, spec.width) == (_SIZE, _SIZE) and spec.strides == (1, 1)
+    """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: 4x4 images on
+    AVX2 (8) and AVX-512 (16), 8x8 on AVX-512; stride 1, padding 1 on every side, 4-tap patterns."""
+    return ((target_lanes, spec.height) in _SETS and spec.width == spec.height and spec.strides == (1, 1)
             and spec.padding == (1, 1, 1, 1) and spec.taps == 4)
 
 
-def _tap_rows(images, base, top: int, shift: int, lanes: int):
-    """Image rows ``top`` to ``top + lanes // 4 - 1`` of the channel at ``base``, shifted by ``shift``
-    columns: lane i is pixel (top + i // 4, i % 4 + shift), zero outside the image; from the channel's
-    ``16 // lanes`` vectors (AVX2: rows 0-1, rows 2-3)."""
-    parts = [images[tirx.Ramp(base + h * lanes, 1, lanes)] for h in range(_SIZE * _SIZE // lanes)]
+def _tap_rows(images, base, size: int, top: int, shift: int, lanes: int):
+    """Image rows ``top`` to ``top + lanes // size - 1`` of the ``size`` x ``size`` channel at ``base``,
+    shifted by ``shift`` columns: lane i is pixel (top + i // size, i % size + shift), zero outside the
+    image; a permutation of the channel's vectors that hold those rows (AVX2 4x4: rows 0-1, rows 2-3)."""
+    rows = lanes // size  # image rows per vector
+    vectors = list(range(max(0, top) // rows, min(size - 1, top + rows - 1) // rows + 1))
     index = []
     for i in range(lanes):
-        y, x = top + i // _SIZE, i % _SIZE + shift
-        index.append(y * _SIZE + x if 0 <= y < _SIZE and 0 <= x < _SIZE else _SIZE * _SIZE)
+        y, x = top + i // size, i % size + shift
+        pixel = y * size + x
+        inside = 0 <= y < size and 0 <= x < size
+        index.append(vectors.index(pixel // lanes) * lanes + pixel % lanes if inside else len(vectors) * lanes)
+    parts = [images[tirx.Ramp(base + v * lanes, 1, lanes)] for v in vectors]
     return tirx.Shuffle(parts + [tirx.Broadcast(tirx.const(0.0, "float32"), lanes)], index)
 
 
-def pattern_conv_4x4_primfunc(spec: PatternConvSpec, threads: int = 1, lanes: int = 8) -> tirx.PrimFunc:
-    """The scheduled PrimFunc of one 4x4 pattern conv for a target of ``lanes`` fp32 lanes (see the
-    module docstring); the arguments of :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc`
+def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, lanes: int = 8) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of one 4x4 or 8x8 pattern conv for a target of ``lanes`` fp32 lanes (see
+    the module docstring); the arguments of :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc`
     on AVX-512: data, values, channels, offsets, order (FKW's: stored filter -> output channel), [bias],
     out. Each thread takes a contiguous run of filters holding its share of the kernels
     (:func:`~tvm_patdnn.ops.pattern_conv_2x2.thread_filters`)."""
     if not shifted_rows_apply(spec, lanes):
-        raise ValueError("the shifted-rows kernel takes 4x4 images, stride 1, padding 1, 4 taps, 8 or 16 lanes")
-    sets = _SETS[lanes]
+        raise ValueError("the shifted-rows kernel takes 4x4 images (8 or 16 lanes) or 8x8 ones (16 lanes), "
+                         "stride 1, padding 1, 4 taps")
+    size = spec.height
+    sets = _SETS[lanes, size]
     n_, c_, f_, p_ = spec.batch, spec.in_channels, spec.out_channels, len(spec.patterns)
-    taps, pixels, halves = spec.taps, _SIZE * _SIZE, _SIZE * _SIZE // lanes
+    taps, pixels, halves = spec.taps, size * size, size * size // lanes
     kernels = max(1, spec.n_kernels)
     zero = tirx.const(0.0, "float32")
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
-            data = T.arg("data", T.buffer((n_, c_, _SIZE, _SIZE), "float32"))
+            data = T.arg("data", T.buffer((n_, c_, size, size), "float32"))
             values = T.arg("values", T.buffer((kernels, taps), "float32"))
             channels = T.arg("channels", T.buffer((kernels,), "int32"))
             offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
             order = T.arg("order", T.buffer((f_,), "int32"))
             bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
-            out = T.arg("out", T.buffer((n_, f_, _SIZE, _SIZE), "float32"))
+            out = T.arg("out", T.buffer((n_, f_, size, size), "float32"))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             images = T.decl_buffer((n_ * c_ * pixels,), "float32", data=data.data)
             outputs = T.decl_buffer((n_ * f_ * pixels,), "float32", data=out.data)
@@ -107,7 +116,7 @@ def pattern_conv_4x4_primfunc(spec: PatternConvSpec, threads: int = 1, lanes: in
                         weight = tirx.Broadcast(values[k, t], lanes)
                         for h in range(halves):
                             slots = tirx.Ramp(((a * halves + h) * taps + t) * lanes, 1, lanes)
-                            rows = _tap_rows(images, base, h * lanes // _SIZE + dy - 1, dx - 1, lanes)
+                            rows = _tap_rows(images, base, size, h * lanes // size + dy - 1, dx - 1, lanes)
                             T.buffer_store(acc, acc[slots] + rows * weight, [slots])
 
                 for p, pattern in enumerate(spec.patterns):
