@@ -417,8 +417,9 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     (which was 1.21-2.06x); 512-channel 28x28 lifted 7x2 1.15x (8x2, rows padded to 32: 0.85x);
     ResNet-50's 64x64 56x56 aligned 7x2 1.04x (lifted 0.88-0.91x), 128x128 28x28 aligned 7x2 1.11x
     (lifted 1.00x); 14x14 aligned 14x1 0.99-1.14x; stride 2 aligned rows 1.46x (56 -> 28; lifted rows
-    1.39x), 1.34x (28 -> 14), 1.41x (14 -> 7 in 8 lanes; in 16 lanes 0.81x); 7x7 aligned 8-lane rows 1.07x. Not taken: aligned rows at CIFAR's
-    16x16 0.83-0.89x, 8x8 0.94-0.95x, 4x4 0.35x; lifted rows at its 32x32 (64 channels) 0.89x. Rows of
+    1.39x), 1.34x (28 -> 14), 1.41x (14 -> 7 in 8 lanes; in 16 lanes 0.81x); 7x7 aligned 8-lane rows
+    1.07x. Not taken: aligned rows at CIFAR's 16x16 0.83-0.89x, 8x8 0.94-0.95x, 4x4 0.35x; lifted rows
+    at its 32x32 (64 channels) 0.89x. Rows of
     two 16-lane vectors left to the cost model (CIFAR's 32x32) take the tall 4x2 tile instead of its
     11x1: 1.11x (two runs; 8x1 1.06-1.07x, 6x2 1.01x, 8x2 0.95x). Lifted against aligned rows at 28-112
     columns is unresolved: later runs on a slower, contended host had aligned 7x2 ahead by 1.06-1.48x
@@ -439,8 +440,8 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
             and accumulators >= TALL_TILE[0] * TALL_TILE[1]):
         return dataclasses.replace(rows, row_tile=TALL_TILE[0], column_tile=TALL_TILE[1], partials=1, fused=fused)
     column_tile = min(2, ceil_div(spec.out_width, spec.vector_width))
-    tile = dataclasses.replace(rows, row_tile=largest_divisor(spec.out_height, 14 // column_tile),
-                               column_tile=column_tile, partials=1)
+    row_tile = largest_divisor(spec.out_height, max(1, accumulators - _TILE_RESERVE) // column_tile)
+    tile = dataclasses.replace(rows, row_tile=row_tile, column_tile=column_tile, partials=1)
     many = spec.in_channels >= AVX512_LIFTED_CHANNELS * (1 if spec.out_width >= 56 else 2)
     if lifted and spec.out_width >= 28 and many:
         return dataclasses.replace(tile, lifted=True)

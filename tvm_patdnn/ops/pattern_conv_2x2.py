@@ -10,8 +10,8 @@ lane useful. The row and flat layouts of :mod:`.pattern_conv` fill a quarter (16
 (8 lanes) of each vector at 2x2 and need 4 FMAs per kernel.
 
 Each (filter, pattern) run alternates its kernels between accumulators (two on AVX2, four on
-AVX-512), so consecutive FMAs do not wait for each other (one chain would be FMA-latency bound); the end sums the accumulators and
-each pixel's 4 tap lanes, adds the bias and applies ReLU.
+AVX-512), so consecutive FMAs do not wait for each other (one chain would be FMA-latency bound); the
+end sums the accumulators and each pixel's 4 tap lanes, adds the bias and applies ReLU.
 
 Measured on Zen 4 (1 thread, VGG-16 CIFAR 8x, the three 512-channel 2x2 layers): 1.9-2.0x faster than
 the cheapest row/flat layout (0.08 against 0.15-0.17 ms a layer); with one accumulator 1.4x, with

@@ -179,7 +179,8 @@ def blocked_weights(fkw: FKWWeight, layout: BlockedLayout) -> tuple[np.ndarray, 
     filters = np.repeat(np.arange(len(counts)) // n_patterns, counts)
     block_of = fkw.channels // layout.block
     kernels = np.lexsort((np.arange(len(filters)), filters, block_of))  # stable: block, filter, FKW order
-    shift = np.array([[dy * layout.row_pitch + dx * layout.lanes for dy, dx in taps] for taps in fkw.patterns], np.int64)
+    shift = np.array([[dy * layout.row_pitch + dx * layout.lanes for dy, dx in taps] for taps in fkw.patterns],
+                     np.int64)
     taps = fkw.channels[kernels, None].astype(np.int64) * layout.channel_pitch + shift[pattern[kernels]]
     runs = block_of[kernels] * fkw.out_channels + filters[kernels]
     starts = np.searchsorted(runs, np.arange(layout.blocks * fkw.out_channels + 1)).astype(np.int32)
