@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 
 import numpy as np
@@ -74,19 +75,21 @@ class _Progress(io.StringIO):
 
 
 def test_phone_switched_off_mid_tune(start_phone, tmp_path) -> None:
-    """The phone dies (emulator and its live qemu session, SIGKILL) while a search candidate is
-    on it: the tune ends on its own, reports the failed trials, and leaves a database that loads,
-    resumes once the phone is back, and compiles a model that matches the ONNX reference."""
+    """The phone dies (emulator and its live qemu session, SIGKILL) while a candidate is on it
+    (of the search, or of the verification when the search is over): the tune ends on its own,
+    reports the lost try in that phase, and leaves a database that loads, resumes once the phone
+    is back, and compiles a model that matches the ONNX reference."""
     phone = start_phone("android-off")
     # dilated: a dense conv TVM schedules (a tuning task); other dense convs run on our untuned kernels
     model = build_cnn(np.random.default_rng(5), (1, 4, 8, 8), [ConvSpec(8, kind="dilated")])
     database = tmp_path / "db"
     progress = _Progress()
     outcome: dict = {}
+    trials = 6
 
     def run_tune() -> None:
         try:
-            outcome["results"] = tvm_patdnn.tune(model, TARGET, trials=6, trials_per_iter=2, database=database,
+            outcome["results"] = tvm_patdnn.tune(model, TARGET, trials=trials, trials_per_iter=2, database=database,
                                                  rpc=phone.rpc, timeout=10, progress=progress)
         except BaseException as err:  # noqa: BLE001 (re-raised in the test's thread)
             outcome["error"] = err
@@ -101,9 +104,12 @@ def test_phone_switched_off_mid_tune(start_phone, tmp_path) -> None:
     assert progress.batch.is_set(), f"the tune ended before its first batch\n{progress.getvalue()}"
     written = (database / RECORDS).read_text()
     before_kill = written[:written.rfind("\n") + 1].splitlines()  # complete lines only
-    wait_until(lambda: phone.uploaded() or not tune_thread.is_alive(), 300, "a candidate uploaded to the phone",
-               period=0.05)
+    # Frozen holding a candidate: a measurement in flight, lost for certain by the kill (a kill
+    # after a mere upload raced the run on a fast host and landed in the verification).
+    wait_until(lambda: phone.hold() or not tune_thread.is_alive(), 300, "a candidate on the phone", period=0.02)
     assert tune_thread.is_alive(), f"the tune ended before the phone could be killed\n{progress.getvalue()}"
+    # The search reports its last batch once every candidate of it is measured.
+    verifying = re.search(rf"^\[\s*{trials}/{trials}\]", progress.getvalue(), re.MULTILINE) is not None
     live = phone.sessions()
     killed = phone.kill()
     assert live and {p.pid for p in live} <= {p.pid for p in killed}  # the live qemu session went too
@@ -119,12 +125,17 @@ def test_phone_switched_off_mid_tune(start_phone, tmp_path) -> None:
     # Failures are reported: in the results, the progress output and the CLI's summary.
     (task,) = results
     assert results.stopped is not None and "device unavailable" in results.stopped
-    assert results.failed == task.failed >= 1 and task.error
-    assert "failed (" in text and f"tuning stopped early: {results.stopped}" in text
-    assert f"{results.failed} trial(s) failed" in text
+    dead = results.devices[f"127.0.0.1:{phone.port}"]
     summary = format_results(results)
-    assert f"{results.failed} trial(s) failed" in summary and "tuning stopped early" in summary
-    assert f"last error: {task.error}" in summary
+    assert f"tuning stopped early: {results.stopped}" in text and "tuning stopped early" in summary
+    assert f"{results.failed} trial(s) failed" in text
+    if verifying:
+        assert dead.verification_failed >= 1 and task.kept is None
+        assert f"{dead.verification_failed} failed" in summary
+    else:
+        assert results.failed == task.failed >= 1 and dead.failed >= 1 and task.error
+        assert "failed (" in text
+        assert f"{results.failed} trial(s) failed" in summary and f"last error: {task.error}" in summary
 
     # The database: every line a complete record, all written before the kill still there.
     lines = (database / RECORDS).read_text().splitlines()

@@ -117,15 +117,22 @@ class DeviceFarm:
     def measure(self, inputs: list[ms.runner.RunnerInput]) -> list[ms.runner.RunnerResult]:
         """Run ``inputs`` on the farm's devices at once; a candidate whose device was lost is
         measured again (up to ``RETRIES`` times: the tracker may still hand out a device that just
-        died). Results in input order; ``stats`` counts every try per device."""
+        died). A candidate lost with the last device is a device-unavailable result, as when no
+        device was left to start with. Results in input order; ``stats`` counts every try per device."""
+        unavailable = ms.runner.RunnerResult(None, f"{DEVICE_UNAVAILABLE}: no device is left under "
+                                                   f"{self.config.tracker_key!r}")
         if not self.refresh():
-            return [ms.runner.RunnerResult(None, f"{DEVICE_UNAVAILABLE}: no device is left under "
-                                                 f"{self.config.tracker_key!r}") for _ in inputs]
+            return [unavailable for _ in inputs]
         results, devices = self._run(inputs)
-        for _retry in range(RETRIES):
+        for retry in range(RETRIES + 1):
             lost = [i for i, (result, device) in enumerate(zip(results, devices))
                     if result.error_msg is not None and device is not None and _lost(result.error_msg)]
-            if not lost or not self.refresh():
+            if not lost or retry == RETRIES:
+                break
+            if not self.refresh():
+                for i in lost:
+                    self._count(devices[i], failed=True)
+                    results[i], devices[i] = unavailable, None
                 break
             again, again_devices = self._run([inputs[i] for i in lost])
             for i, result, device in zip(lost, again, again_devices):
