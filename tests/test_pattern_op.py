@@ -272,7 +272,9 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
         (58, 1, 2, True, False, 8),  # aligned rows, 4 vectors, rows padded to the 7x2 tile
         (30, 1, 1, True, True, 256),  # lifted rows (256 input channels)
         (60, 1, 1, True, False, 128),  # lifted rows (128 input channels)
-        (112, 1, 1, True, True, 8),  # wide rows: the tall tile, fused stages
+        (56, 1, 1, True, True, 256),  # lifted rows, row blocks of 884 KB: column blocks outside the filters
+        (112, 1, 1, True, True, 8),  # wide rows: the tall tile, fused stages (7 x 1 tiles)
+        (128, 1, 1, True, True, 8),  # the same, 8 x 1 tiles (7 does not divide 128 rows)
         (7, 1, 1, True, True, 8),  # 8-lane aligned rows
         (9, 2, 1, True, True, 8),  # strided: aligned column phases
         (14, 2, 2, True, True, 8),  # strided to 7 columns: 8-lane aligned column phases

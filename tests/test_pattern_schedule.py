@@ -13,7 +13,8 @@ from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
 from tvm_patdnn.schedule_rules import PatternConvCPU
-from tvm_patdnn.schedule_rules.pattern_conv_cpu import NARROW_TILE, apply_default_schedule, default_knobs
+from tvm_patdnn.schedule_rules.pattern_conv_cpu import (NARROW_TILE, NARROW_TILE_AVX512, apply_default_schedule,
+                                                        default_knobs)
 from tvm_patdnn.tuning.space import pattern_conv_space
 
 SAMPLERS = ("SamplePerfectTile", "SampleCategorical", "SampleComputeLocation")
@@ -50,6 +51,9 @@ LAYERS = {
     "AVX-512 cost model, 8 lanes": dict(filters=8, channels=4, size=8, lanes=16, accumulators=16),
     "AVX-512 cost model, 8 lanes flat": dict(filters=8, channels=4, size=2, lanes=16, accumulators=16),
     "AVX-512 cost model, windows": dict(filters=8, channels=8, size=4, lanes=16, accumulators=16),
+    "16 lanes fused, 7-row narrow tile": dict(filters=8, channels=64, size=112, lanes=16, accumulators=16),
+    "16 lanes lifted, column blocks outside the filters": dict(filters=8, channels=256, size=56, lanes=16,
+                                                              accumulators=16),
 }
 
 
@@ -126,3 +130,19 @@ def test_fused_layers_of_few_channels_take_the_narrow_tile():
     assert (default_knobs(many, 1).rows[1], default_knobs(many, 1).columns[2]) == (4, 2)
     assert default_knobs(few, 1).pad == default_knobs(many, 1).pad == 1
     assert default_knobs(pattern_conv(filters=8, channels=64, size=56), 1).pad is None  # lifted: not fused
+
+
+def test_avx512_fused_narrow_tile_and_lifted_column_blocks():
+    """16 lanes: fused layers of at most 64 channels take 7 x 1 tiles where 7 divides the rows (8 x 1
+    otherwise, and on 8 lanes); lifted rows whose row block's input (every channel) exceeds
+    LIFTED_BLOCK_BYTES run the column blocks outside the filters, smaller ones inside."""
+    fused = default_knobs(pattern_conv(filters=8, channels=64, size=224, lanes=16, accumulators=16), 1)
+    assert (fused.rows[1], fused.columns[2]) == NARROW_TILE_AVX512 and fused.pad == 1
+    eight = default_knobs(pattern_conv(filters=8, channels=64, size=128, lanes=16, accumulators=16), 1)
+    assert (eight.rows[1], eight.columns[2]) == NARROW_TILE  # 128 rows: 7 does not divide them
+    avx2 = default_knobs(pattern_conv(filters=8, channels=64, size=224), 1)
+    assert (avx2.rows[1], avx2.columns[2]) == NARROW_TILE
+    big = default_knobs(pattern_conv(filters=8, channels=256, size=56, lanes=16, accumulators=16), 1)  # 884 KB
+    small = default_knobs(pattern_conv(filters=8, channels=128, size=56, lanes=16, accumulators=16), 1)  # 442 KB
+    assert big.columns == (2, 1, 2) and small.columns == (1, 2, 2)
+    assert big.rows == small.rows == (8, 7)

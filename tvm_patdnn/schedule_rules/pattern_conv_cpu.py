@@ -28,14 +28,19 @@ from ..arith import largest_divisor
 from ..ops.pattern_conv import PATTERN_CONV_ATTR, TALL_TILE, is_lifted, is_pattern_conv
 from .kernel_runs import bound_kernel_runs
 
-__all__ = ["ACCUMULATOR_SCOPE", "NARROW_TILE", "NARROW_TILE_CHANNELS", "UNROLL_STEPS", "Knobs", "PatternConvCPU",
-           "apply_default_schedule", "default_knobs", "schedule_pattern_conv_cpu"]
+__all__ = ["ACCUMULATOR_SCOPE", "LIFTED_BLOCK_BYTES", "NARROW_TILE", "NARROW_TILE_AVX512", "NARROW_TILE_CHANNELS",
+           "UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
+           "schedule_pattern_conv_cpu"]
 
 # LLVM unroll depth of the nest (meta_schedule's "unroll_explicit" annotation, MutateUnroll).
 UNROLL_STEPS = (0, 16, 64, 512)
 _MAX_TILE = 8  # accumulator vectors per tile dimension sampled at least; their product is left to the cost model
 NARROW_TILE = (8, 1)  # (rows, vectors) of the register tile of fused layouts with few input channels
 NARROW_TILE_CHANNELS = 64  # input channels, at most, for the NARROW_TILE
+NARROW_TILE_AVX512 = (7, 1)  # the NARROW_TILE at 16 lanes (where it divides the rows)
+# 16-lane lifted rows: a row block whose input (every channel's rows, halo included) takes more bytes than
+# this (half of Zen 5's 1 MB L2) runs its column blocks outside the filters
+LIFTED_BLOCK_BYTES = 512 * 1024
 # Storage scope of the register tile's buffer. TVM 0.27 (LowerTVMBuiltin) keeps a small CPU buffer
 # on the stack only in "global" scope; a "local" one is heap workspace (TVMBackendAllocWorkspace),
 # whose pointer LLVM cannot promote to registers, so it stored all the tile's accumulators after
@@ -96,17 +101,35 @@ def default_knobs(func: tirx.PrimFunc, threads: int, parallel_filters: bool | No
     :data:`NARROW_TILE` (8 rows x 1 vector, its pad block 64 x 10 rows x 10 columns: 26 KB):
     1.08-1.18x at 224x224 and 1.01-1.08x at 112x112 with 64 channels over the layout's 4 x 2
     (Zen 3, 1 thread, three interleaved runs of 11 rounds); at 128 channels 0.99x, so those keep
-    4 x 2 (``narrow_tile=False`` keeps it everywhere)."""
+    4 x 2 (``narrow_tile=False`` keeps it everywhere).
+
+    At 16 lanes (AVX-512) the narrow tile is :data:`NARROW_TILE_AVX512`, 7 rows x 1 vector (its pad
+    block 64 x 9 rows x 18 columns, 41 KB, in Zen 5's 48 KB L1; 8 rows' is 46 KB): Zen 5, 1 thread,
+    interleaved, 1.09-1.13x at 224x224 (three runs) and 1.02-1.04x at 112x112 with 64 channels over 8 x 1.
+    16-lane lifted rows whose row block's input exceeds :data:`LIFTED_BLOCK_BYTES` run their column
+    blocks outside the filters, so a column block's input, not the whole row block's, is what every
+    filter re-reads from L2: VGG-16 224's 256-channel 56x56 (9 rows x 96 floats x 256 channels, 884 KB,
+    beside 364 KB of weights in Zen 5's 1 MB L2; a column block's 442 KB) 1.04-1.16x in three
+    interleaved runs, its 128x128 112x112 (9 x 160 floats x 128 channels, 737 KB) 1.00-1.12x in three;
+    at 56x56 with 128 channels (442 KB) 0.95-1.00x in three, so it stays inside."""
     layout = func.attrs[PATTERN_CONV_ATTR]
     batch, filters, rows, _partials, columns = _acc_shape(func)
     row_tile, column_tile = int(layout["row_tile"]), int(layout["column_tile"])
-    vectors = columns // int(layout["vector_width"])
+    lanes = int(layout["vector_width"])
+    vectors = columns // lanes
+    pad_extents = _extents(func, "pad")
+    in_channels = pad_extents[1]
     if columns_outside is None:
-        columns_outside = (int(layout["vector_width"]) in (8, 16) and (row_tile, column_tile) == TALL_TILE
+        columns_outside = (lanes in (8, 16) and (row_tile, column_tile) == TALL_TILE
                            and not int(layout["flat"]) and not int(layout["windows"]) and vectors > column_tile)
-    in_channels = _extents(func, "pad")[1]
-    if narrow_tile and "fused" in layout and in_channels <= NARROW_TILE_CHANNELS and rows % NARROW_TILE[0] == 0:
-        row_tile, column_tile = NARROW_TILE
+        if lanes == 16 and is_lifted(layout) and vectors > column_tile:
+            block_rows = (row_tile - 1) * int(layout["strides"][0]) + 3
+            block_bytes = 4 * in_channels * block_rows * pad_extents[3] * pad_extents[4]
+            columns_outside = block_bytes > LIFTED_BLOCK_BYTES
+    if narrow_tile and "fused" in layout and in_channels <= NARROW_TILE_CHANNELS:
+        narrow = NARROW_TILE_AVX512 if lanes == 16 and rows % NARROW_TILE_AVX512[0] == 0 else NARROW_TILE
+        if rows % narrow[0] == 0:
+            row_tile, column_tile = narrow
     if parallel_filters is None:
         parallel_filters = batch * (rows // row_tile) < 2 * threads
     if threads == 1 or not parallel_filters:
