@@ -167,6 +167,37 @@ def test_both_loop_orders_match_reference(filters_inner):
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("shape, out_c, kernel, strides, pads, residual, tile, vectors", [
+    ((2, 40, 13, 13), 40, (1, 1), (1, 1), (0, 0, 0, 0), True, 12, 2),  # 169 = 14 x 12 + 1: a 1-pixel tail, ragged
+    ((1, 24, 10, 10), 48, (1, 1), (2, 2), (0, 0, 0, 0), False, 12, 2),  # 25 = 2 x 12 + 1, stride 2
+    ((1, 20, 10, 10), 70, (1, 1), (1, 1), (0, 0, 0, 0), False, 16, 1),  # a whole 16-pixel tile; 100 = 6 x 16 + 4
+    ((2, 7, 9, 11), 33, (3, 3), (2, 1), (1, 1, 1, 1), False, 6, 3),  # KxK, 45 pixels = 7 x 6 + 3
+])
+def test_transposed_store_matches_reference(transposed, shape, out_c, kernel, strides, pads, residual, tile, vectors):
+    """16-lane tiles: the epilogue that transposes each filter vector's pixel rows in registers
+    (one vector store per filter) and the scalar one, with residual, clip, ragged filter blocks,
+    remainder tiles of 1 to 4 pixels and batch 2, against onnx.reference."""
+    target = resolve_target("x86")
+    if vector_lanes(target) < 16:
+        pytest.skip("host CPU: no AVX-512 to run the 16-lane code on")
+    model = conv_model(shape, out_c, kernel, strides, pads, residual=residual, activation="clip", seed=3)
+    n, c, h, w = shape
+    conv = DenseConvSpec(batch=n, in_channels=c, height=h, width=w, out_channels=out_c, kernel=kernel,
+                         strides=strides, padding=pads, has_bias=True, residual=residual, activation="clip",
+                         clip_min=-0.5, clip_max=0.75)
+    spec = DirectConvSpec(conv, tile, vectors, 16, transposed_store=transposed)
+    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
+    func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
+    kernel_fn = tvm.compile(tvm.IRModule({"main": func}), target)["main"]
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    out = tvm.runtime.empty((n, out_c, conv.out_height, conv.out_width), "float32")
+    args = [tvm.runtime.tensor(x), tvm.runtime.tensor(pack_dense_conv_weight(weight, spec.filter_block)),
+            tvm.runtime.tensor(pack_direct_conv_bias(bias, spec.filter_block))]
+    kernel_fn(*args, *([tvm.runtime.tensor(x)] if residual else []), out)
+    assert_close(out.numpy(), reference_outputs(model, {"x": x})[0])
+
+
 def test_loop_order_puts_filters_inside_for_large_inputs():
     def spec(c, f, size, stride, kernel):
         conv = DenseConvSpec(batch=1, in_channels=c, height=size, width=size, out_channels=f, kernel=(kernel, kernel),

@@ -113,6 +113,7 @@ class DirectConvSpec:
     weight_panel: int = WEIGHT_PANEL_BYTES  # bytes of a filter block's weights per reduction block
     filters_inner: bool = False  # tasks are pixel groups, each sweeping every filter block
     exact_tail: bool = True  # the last tile covers the pixels left (False: it overlaps the one before, to measure)
+    transposed_store: bool = True  # 16 lanes: the epilogue transposes the tile in registers (see _store_transposed)
 
     def __post_init__(self):
         if not 1 <= self.pixel_tile <= self.conv.pixels:
@@ -211,6 +212,51 @@ def _store_output(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb,
                 store()
 
 
+def _transpose16(rows: list) -> list:
+    """The 16x16 transpose of ``rows`` (16 vectors of 16 lanes; None: a row of zeros) in four rounds
+    of two-vector shuffles: round ``b`` (8, 4, 2, 1) swaps the off-diagonal ``b x b`` blocks of every
+    ``2b x 2b`` block (each shuffle one ``vshuff32x4`` / ``vpermt2ps`` / ``vunpck*``)."""
+    zero = tirx.Broadcast(tirx.const(0.0, "float32"), 16)
+    rows = [zero if r is None else r for r in rows]
+    for b in (8, 4, 2, 1):
+        new = list(rows)
+        for i in range(16):
+            if i & b:
+                continue
+            low, high = rows[i], rows[i + b]
+            new[i] = tirx.Shuffle([low, high], [l if not l & b else 16 + l - b for l in range(16)])
+            new[i + b] = tirx.Shuffle([low, high], [l + b if not l & b else 16 + l for l in range(16)])
+        rows = new
+    return rows
+
+
+def _store_transposed(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb, base) -> None:
+    """The epilogue of 16-lane tiles: each filter vector's ``mr`` (<= 16) pixel rows transposed in
+    registers (:func:`_transpose16`), so that every filter's ``mr`` consecutive output pixels (and
+    residual) are one ``mr``-wide vector store (load) instead of ``mr`` scalar ones."""
+    conv, block, lanes = spec.conv, spec.filter_block, spec.lanes
+    ragged = conv.out_channels % block != 0
+    for v in range(spec.vectors):
+        rows = [acc[tirx.Ramp(m * block + v * lanes, 1, lanes)] for m in range(mr)] + [None] * (16 - mr)
+        columns = _transpose16(rows)
+        for j in range(lanes):
+            f = fb * block + v * lanes + j
+            pixels = tirx.Ramp(base, 1, mr)
+
+            def store(column=columns[j], f=f, pixels=pixels) -> None:
+                value = column if mr == lanes else tirx.Shuffle([column], list(range(mr)))
+                if flat_res is not None:
+                    value = value + flat_res[n, f, pixels]
+                T.buffer_store(flat_out, activate(value, conv), [n, f, pixels])
+
+            if ragged:
+                with T.If(f < conv.out_channels):
+                    with T.Then():
+                        store()
+            else:
+                store()
+
+
 def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs, n, fb, kb, t, base, first,
           count) -> None:
     """One register tile (``MR`` pixels from ``base`` x one filter block) over one reduction block
@@ -246,8 +292,9 @@ def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs,
                             T.buffer_store(acc, acc[slot] + x * w, [slot])
     # Saved as one block-wide vector per pixel (8-lane pieces, as the GEMM's tile_vectors: ties on Zen 3,
     # and the AVX-512 7x7 stem's reduction loop lost its whole-tile FMAs).
+    epilogue = _store_transposed if spec.transposed_store and lanes == 16 and 1 < mr <= 16 else _store_output
     _keep_or_finish(acc, partial, mr, block, block, lambda m, j: (t * spec.pixel_tile + m) * block + j, kb,
-                    spec.channel_blocks, lambda: _store_output(spec, mr, acc, *outputs, n, fb, base))
+                    spec.channel_blocks, lambda: epilogue(spec, mr, acc, *outputs, n, fb, base))
 
 
 def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
