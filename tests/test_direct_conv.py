@@ -198,6 +198,20 @@ def test_transposed_store_matches_reference(transposed, shape, out_c, kernel, st
     assert_close(out.numpy(), reference_outputs(model, {"x": x})[0])
 
 
+@pytest.mark.parametrize("shape, out_c, residual", [
+    ((2, 48, 11, 13), 80, False),  # 143 pixels: two 64-pixel tiles and a one-vector tail; 80 filters in 6s
+    ((1, 64, 9, 9), 64, True),  # 81 pixels: the last 64-pixel tile overlaps the first
+])
+def test_short_reduction_gemm_matches_reference(shape, out_c, residual):
+    """1x1 convs of at most 64 input channels and 64+ filters through the default pipeline: on AVX-512
+    the GEMM's 6 filters x 4 vectors tile (elsewhere the target's usual one), against onnx.reference."""
+    model = conv_model(shape, out_c, (1, 1), residual=residual, activation="clip", seed=6)
+    compiled = tvm_patdnn.compile(model, "x86")
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    assert_close(compiled.run({"x": x})[0], reference_outputs(model, {"x": x})[0])
+    assert dense_kernel_calls(compiled, ("dense_conv",)) == 1
+
+
 def test_loop_order_puts_filters_inside_for_large_inputs():
     def spec(c, f, size, stride, kernel):
         conv = DenseConvSpec(batch=1, in_channels=c, height=size, width=size, out_channels=f, kernel=(kernel, kernel),
@@ -250,7 +264,12 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     # AVX-512 GEMM tiles balanced over the filters (AVX2's 6 x 2 unchanged)
     gemm16 = DenseConvSpec(batch=1, in_channels=32, height=56, width=56, out_channels=16)
     assert avx512.default_kernel(gemm16).filter_tile == 8 and rewrite.gemm_tile(gemm16).filter_tile == 6
-    assert avx512.default_kernel(dataclasses.replace(gemm16, out_channels=256)).filter_tile == 14
+    # up to 64 input channels and at least 64 filters: 6 filters x 4 vectors (a short reduction); else 14 x 2
+    short = avx512.default_kernel(dataclasses.replace(gemm16, out_channels=256))
+    assert (short.filter_tile, short.vectors) == (6, 4)
+    assert (rewrite.gemm_tile(dataclasses.replace(gemm16, out_channels=256)).vectors) == 2  # AVX2 as before
+    wide = avx512.default_kernel(dataclasses.replace(gemm16, in_channels=96, out_channels=256))
+    assert (wide.filter_tile, wide.vectors) == (14, 2)
     # ... and reading a 1x1's input in place from 28x28 output pixels (AVX2 copies its panels)
     assert not avx512.default_kernel(gemm16).pack_panel and rewrite.gemm_tile(gemm16).pack_panel
     assert avx512.default_kernel(dataclasses.replace(gemm16, height=14, width=14)).pack_panel

@@ -40,6 +40,12 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   place, without the panel copy, from ``WIDE_POINTWISE_PIXELS`` output pixels (per-call minima in the
   dense models: ResNet-50's 64->64 and 64->256 at 56x56, 128->512 at 28x28 1.02-1.11x; MobileNetV2's
   1x1s at 112x112 1.10-1.20x, 56x56 1.03x; at 14x14 it lost 2-7%, so the copy stays there);
+  1x1s with at most ``SHORT_REDUCTION_CHANNELS`` (64) input channels and at least 64 filters take 6
+  filters x 4 vectors (``SHORT_REDUCTION_VECTORS``; 10 loads per 24 FMAs, 64-pixel tiles) instead of
+  14 x 2: their reduction is too short for the 28-accumulator tile's epilogue (Zen 5, 1 thread,
+  per-call minima in the dense models, two interleaved runs: MobileNetV2's 16->96 at 112x112, 24->144
+  at 56x56, 32->192 at 28x28 and 64->384 at 14x14 1.06-1.18x, ResNet-50's 64->256 at 56x56 0.90-1.08x
+  (kernel sums 1.00x), 32->16 left as it was: 6-filter tiles would pad 16 to 18);
 * on AVX2, stride-1 1x1 convs of at most ``SMALL_POINTWISE_PIXELS`` output pixels (the 7x7 images
   of ResNet-50's and MobileNetV2's last stages) take the direct kernel with ``POINTWISE_WEIGHT_PANEL``
   (8 KB) weight panels: the GEMM's 16-pixel tiles compute 64 pixels for 49 there. Measured (Zen 3,
@@ -110,6 +116,11 @@ STEM_VECTORS = 2
 # vectors of filters take tiles of WIDE_POINTWISE_TILE pixels x 2 vectors of 16 lanes instead of 6 x 4.
 WIDE_POINTWISE_PIXELS = 784
 WIDE_POINTWISE_TILE = 12
+# On AVX-512, 1x1 convs on the GEMM with at most this many input channels (a short reduction) take
+# SHORT_REDUCTION_VECTORS pixel vectors a tile (6 filters x 4 vectors of 16 lanes) instead of 2, when they
+# have at least four vectors of filters (6-filter tiles would pad 16 filters to 18).
+SHORT_REDUCTION_CHANNELS = 64
+SHORT_REDUCTION_VECTORS = 4
 # On AVX2, stride-1 KxK convs with at most this many input channels x taps (an RGB image's 3x3: 27) run on the GEMM.
 FEW_TAPS_REDUCTION = 32
 # On AVX2, stride-1 1x1 convs with at most this many output pixels (7x7, 8x8) run on the direct
@@ -256,7 +267,11 @@ class DenseConvRewriter:
         """The GEMM spec of ``layer`` (its layer fields; whatever tile it has): the register tile of
         :meth:`gemm_vectors`, with this pass's ``vectors``, ``pack_panel``, ``filters_outer``,
         ``prefetch_output`` and ``narrow_tail``."""
-        spec = DenseConvSpec.for_target(*self.gemm_vectors(), self.vectors, **layer.layer_fields())
+        vectors = self.vectors
+        if (self.lanes >= 16 and vectors == 2 and layer.kernel == (1, 1)
+                and layer.in_channels <= SHORT_REDUCTION_CHANNELS and layer.out_channels >= 4 * self.lanes):
+            vectors = SHORT_REDUCTION_VECTORS
+        spec = DenseConvSpec.for_target(*self.gemm_vectors(), vectors, **layer.layer_fields())
         if self.lanes >= 16:  # the filter tiles balanced: 16 filters as 2 x 8, not 14 + 2 in a 2 x 14 tile
             tiles = ceil_div(spec.out_channels, spec.filter_tile)
             spec = dataclasses.replace(spec, filter_tile=ceil_div(spec.out_channels, tiles))
