@@ -45,6 +45,8 @@ DEPTHWISE_CONV_ATTR = "patdnn.depthwise_conv"
 # serial 6.6 / 6.3; 128ch 16x16 (66K) parallel 5.1 / 3.5, serial 3.4 / 3.4; 256ch 8x8 parallel
 # 1.8 / 2.8, serial 1.7 / 1.7; 512ch 4x4 and 2x2 parallel 1.0-1.5 / 2.5, serial 0.8-1.2 at both.
 PARALLEL_FLOPS = 1 << 17
+# At most this many accumulator vectors in a flat tile (a whole channel at once).
+FLAT_VECTORS = 16
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class DepthwiseConvSpec:
     rows: int = 4  # output rows per register tile
     vectors: int = 1  # row vectors per register tile
     reduction: str = "conv"  # "conv": sum of weight x input; "max": max pooling (no weight)
+    flat: bool = False  # stride 1: vectors along the flattened padded plane (see _flat_channel)
 
     def __post_init__(self):
         check_activation(self.activation)
@@ -73,7 +76,9 @@ class DepthwiseConvSpec:
             raise ValueError(f"reduction {self.reduction!r} is not 'conv' or 'max'")
         if self.out_height < 1 or self.out_width < 1:
             raise ValueError("the kernel is larger than the padded input")
-        if self.lanes > self.out_width or self.rows > self.out_height:
+        if self.flat and (self.strides != (1, 1) or self.flat_vectors > FLAT_VECTORS):
+            raise ValueError(f"a flat tile takes stride 1 and at most {FLAT_VECTORS} vectors")
+        if (self.lanes > self.out_width and not self.flat) or self.rows > self.out_height:
             raise ValueError(f"a {self.rows}-row tile of {self.lanes} lanes exceeds the "
                              f"{self.out_height}x{self.out_width} output")
 
@@ -115,6 +120,21 @@ class DepthwiseConvSpec:
         return max(1, min(ceil_div(16384, per_plane), planes // 8))
 
     @property
+    def flat_vectors(self) -> int:
+        """Vectors of ``lanes`` over the flattened outputs of a flat tile: ``out_height`` rows of
+        ``phase_width`` (the padded row pitch; the last ``kw - 1`` columns of each are discarded)."""
+        return ceil_div(self.out_height * self.phase_width, self.lanes)
+
+    @property
+    def plane_size(self) -> int:
+        """Floats of the per-task plane buffer: the padded plane, and for a flat tile what its last
+        vector's last tap reads past it (values only discarded lanes see)."""
+        size = self.padded_height * self.strides[1] * self.phase_width
+        if self.flat:
+            size = max(size, self.flat_vectors * self.lanes + (self.kernel[0] - 1) * self.phase_width + self.kernel[1] - 1)
+        return size
+
+    @property
     def flops(self) -> int:
         return 2 * self.batch * self.channels * self.out_height * self.out_width * self.kernel[0] * self.kernel[1]
 
@@ -132,6 +152,10 @@ def _vector_loop(start: int, stop: int):
 def _pad_plane(spec: DepthwiseConvSpec, plane) -> None:
     """Fill the whole plane buffer with the padding value: its padding is never written again,
     so every channel a task copies in afterwards only writes the input's own elements."""
+    if spec.flat:
+        with _vector_loop(0, spec.plane_size) as k:
+            T.buffer_store(plane, _padding_value(spec), [k])
+        return
     row = spec.strides[1] * spec.phase_width
     with T.serial(0, spec.padded_height) as y:
         with _vector_loop(0, row) as k:
@@ -218,6 +242,35 @@ def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> No
             T.buffer_store(out, activate(acc[r * width + j], spec), [n, c, y0 + r, x0 + j])
 
 
+def _flat_channel(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c) -> None:
+    """A whole channel of a stride-1 conv whose output rows are narrower than a vector (7x7 on 16
+    lanes): the outputs are computed along the flattened padded plane, ``phase_width`` per row (the
+    tap ``dy, dx`` of flattened output ``o`` is plane element ``o + dy * phase_width + dx``), in
+    :attr:`~DepthwiseConvSpec.flat_vectors` full vectors accumulated in registers, then each row's
+    ``out_width`` valid outputs are copied out (a 7x7 channel: 4 vectors of 16 lanes for 63 positions,
+    against 7 rows of 7-lane vectors, which LLVM splits into 4 + 2 + 1)."""
+    kh, kw = spec.kernel
+    q_, lanes, count = spec.phase_width, spec.lanes, spec.flat_vectors
+    acc = T.decl_buffer((count * lanes,), "float32", scope="global")
+    with T.unroll(0, count) as v:
+        with T.vectorized(0, lanes) as j:
+            T.buffer_store(acc, bias[c] if bias is not None else _padding_value(spec), [v * lanes + j])
+    with T.unroll(0, kh) as dy:
+        with T.unroll(0, kw) as dx:
+            with T.unroll(0, count) as v:
+                with T.vectorized(0, lanes) as j:
+                    x = plane[v * lanes + j + dy * q_ + dx]
+                    slot = v * lanes + j
+                    value = acc[slot] + weight[c, 0, dy, dx] * x if weight is not None else T.max(acc[slot], x)
+                    T.buffer_store(acc, value, [slot])
+    with T.unroll(0, count) as v:
+        with T.vectorized(0, lanes) as j:
+            T.buffer_store(acc, activate(acc[v * lanes + j], spec), [v * lanes + j])
+    with T.unroll(0, spec.out_height) as y:
+        with _vector_loop(0, spec.out_width) as x:
+            T.buffer_store(out, acc[y * q_ + x], [n, c, y, x])
+
+
 def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
     """The scheduled PrimFunc of one depthwise conv.
 
@@ -241,15 +294,19 @@ def depthwise_conv_primfunc(spec: DepthwiseConvSpec) -> tirx.PrimFunc:
             # Small layers run on one thread (PARALLEL_FLOPS).
             loop = T.parallel if spec.flops >= PARALLEL_FLOPS else T.serial
             with T.sblock("root"), loop(0, ceil_div(n_ * c_, group)) as task:
-                plane = T.decl_buffer((spec.padded_height * spec.strides[1] * spec.phase_width,), "float32")
+                plane = T.decl_buffer((spec.plane_size,), "float32")
                 _pad_plane(spec, plane)
                 with T.serial(task * group, T.min(task * group + group, n_ * c_)) as nc:
                     n, c = nc // c_, nc % c_
                     _copy_padded_plane(spec, data, plane, n, c)
-                    with T.serial(0, row_tiles) as rt:
-                        with T.serial(0, col_tiles) as ct:
-                            _tile(spec, plane, weight, bias, out, n, c,
-                                  T.min(rt * spec.rows, oh - spec.rows), T.min(ct * width, ow - width))
+                    if spec.flat:
+                        _flat_channel(spec, plane, weight, bias, out, n, c)
+                    else:
+                        with T.serial(0, row_tiles) as rt:
+                            with T.serial(0, col_tiles) as ct:
+                                _tile(spec, plane, weight, bias, out, n, c,
+                                      T.min(rt * spec.rows, oh - spec.rows), T.min(ct * width, ow - width))
     func = builder.get().without_attr("global_symbol")  # the module names it when it is added
     return func.with_attr(DEPTHWISE_CONV_ATTR, {"lanes": spec.lanes, "rows": spec.rows, "vectors": spec.vectors,
-                                                "kernel": list(spec.kernel), "reduction": spec.reduction})
+                                                "kernel": list(spec.kernel), "reduction": spec.reduction,
+                                                "flat": spec.flat})
