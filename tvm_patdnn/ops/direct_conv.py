@@ -30,7 +30,10 @@ channels instead, so nothing is copied:
   (:meth:`DirectConvSpec.for_target` compares the two re-reads);
 * the bias is the accumulators' initial value; residual add and ReLU / clip are applied to the
   accumulators, which are written to NCHW once (``MR * NR * lanes`` scalar stores per
-  ``C * KH * KW * MR * NR`` FMAs).
+  ``C * KH * KW * MR * NR`` FMAs); 16-lane tiles first transpose each filter vector's ``MR`` pixel rows
+  in registers (``transposed_store``), so every filter's ``MR`` consecutive output pixels (and residual)
+  are one vector store (load): Zen 5, 1 thread, ResNet-50's direct 1x1s 1.00-1.10x alone and
+  1.03-1.15x in the dense model (256->1024 at 14x14 with its residual 0.53-0.55 -> 0.49-0.51 ms).
 
 The function is written directly as (scheduled) TIR, so no schedule rule or tuning touches it.
 """
