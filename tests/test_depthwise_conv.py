@@ -207,6 +207,27 @@ def test_flat_tile_is_chosen_on_16_lanes_only():
         assert len(flats) == 1 and bool(flats[0].get("flat", False)) == expected
 
 
+def test_tasks_take_several_planes_on_16_lanes():
+    """On 16-lane targets every task pads its plane buffer once for at least 8 planes (at most 1/8 of
+    them); other targets keep the old grouping; a grouping with a partial last task (50 planes in
+    tasks of 6) matches onnx.reference on the host."""
+    from tvm_patdnn.transform.depthwise_conv_rewrite import MIN_GROUP, DepthwiseConvRewrite
+
+    shape = dict(batch=2, channels=25, height=40, width=40)
+    assert DepthwiseConvSpec.for_target(32, 16, **shape).channel_group == 2  # 16384 / (40 * 40 * 9): 2
+    assert DepthwiseConvSpec(**shape, lanes=16, rows=8, min_group=MIN_GROUP).channel_group == 6  # 50 // 8
+    model = depthwise_layer(np.random.default_rng(2), (2, 25, 40, 40))
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    for registers, lanes, group in ((32, 16, 6), (16, 8, 2)):
+        rewritten = DepthwiseConvRewrite(registers, lanes)(mod)
+        attrs = [func.attrs[DEPTHWISE_CONV_ATTR] for _, func in rewritten.functions_items()
+                 if func.attrs and DEPTHWISE_CONV_ATTR in func.attrs]
+        assert len(attrs) == 1 and int(attrs[0]["channel_group"]) == group
+    compiled = tvm_patdnn.compile(model, "x86")
+    x = np.random.default_rng(3).standard_normal((2, 25, 40, 40)).astype(np.float32)
+    assert_close(compiled.run({"x": x})[0], reference_outputs(model, {"x": x})[0])
+
+
 def _asm(target: str, **shape) -> str:
     import tvm
 

@@ -35,6 +35,9 @@ __all__ = ["DepthwiseConvRewrite", "DepthwiseConvRewriter"]
 
 # On 16-lane targets, stride-1 depthwise convs with output rows narrower than this run the flat tile.
 FLAT_WIDTH = 8
+# On 16-lane targets, each task of the kernel (conv and max pool) takes at least this many planes
+# (DepthwiseConvSpec.min_group).
+MIN_GROUP = 8
 
 
 def _is_depthwise_conv(conv: relax.Call, weight: relax.Expr) -> bool:
@@ -74,6 +77,8 @@ class DepthwiseConvRewriter(DenseConvRewriter):
             kernel=tuple(int(k) for k in attrs.pool_size), strides=tuple(int(s) for s in attrs.strides),
             padding=tuple(int(p) for p in attrs.padding), reduction="max",
         )
+        if self.lanes >= 16:
+            spec = dataclasses.replace(spec, min_group=MIN_GROUP)
         if (spec.out_height, spec.out_width) != out_shape[2:]:
             return expr
         if spec not in self._kernels:
@@ -99,6 +104,8 @@ class DepthwiseConvRewriter(DenseConvRewriter):
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
             has_bias=bias is not None, **activation,
         )
+        if self.lanes >= 16:
+            spec = dataclasses.replace(spec, min_group=MIN_GROUP)
         if self.lanes >= 16 and spec.strides == (1, 1) and spec.out_width < FLAT_WIDTH:
             flat = dataclasses.replace(spec, flat=True, lanes=self.lanes)
             if flat.flat_vectors <= FLAT_VECTORS:
