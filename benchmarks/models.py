@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from tvm_patdnn.errors import PatDNNError
 from tvm_patdnn.pruning import prune_onnx
 
 # Input shape (batch 1, NCHW) of each benchmark model, by name.
@@ -41,13 +42,21 @@ class Twins(NamedTuple):
 
     dense: onnx.ModelProto
     pruned: onnx.ModelProto
+    # Why ``pruned`` is the dense model itself ("" when it is pruned): MobileNetV2 has no conv to
+    # pattern-prune (its 3x3s are depthwise, its first conv stays dense) unless ``pointwise`` is given.
+    note: str = ""
 
 
 def twins(name: str, pointwise: float | None = None) -> Twins:
     """The dense and pruned ONNX of model ``name`` (a key of :data:`INPUT_SHAPES`); ``pointwise``
     also prunes its 1x1 convs (1 (4, 1) block in ``pointwise`` kept)."""
     dense = dense_model(name)
-    return Twins(dense, prune(dense, pointwise))
+    try:
+        return Twins(dense, prune(dense, pointwise))
+    except PatDNNError as err:
+        if "no prunable convolution" not in str(err):
+            raise
+        return Twins(dense, dense, f"nothing to prune without --pointwise ({err}): its pruned twin is the dense model")
 
 
 def prune(dense: onnx.ModelProto, pointwise: float | None = None) -> onnx.ModelProto:

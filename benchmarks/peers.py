@@ -7,6 +7,8 @@ seed (no pretrained weights can be downloaded here), and MobileNetV2 with its re
 Each is pruned one-shot by the project's pruning core (``prune_onnx(model, n_patterns=8,
 connectivity=3.6)``: 8 magnitude-chosen patterns, 3.6x connectivity, first conv dense; with
 ``--pointwise RATE`` the 1x1 convs too, in (4, 1) blocks) and run, on the same pruned weights, by
+(MobileNetV2 without ``--pointwise`` has nothing to prune, its 3x3s being depthwise: every column runs
+the unpruned model, its rows say so, and tvm_patdnn is then our dense path against the peers)
 
 - tvm_patdnn with the shipped schedules (``compile(pruned, "x86")``) and with default schedules only
   (``tuning_db=False``); with ``--tune-trials N`` also tuned for N trials (``--tune-trials 0``:
@@ -31,7 +33,7 @@ Per-layer table: every conv of VGG-16 CIFAR compiled alone (``models.conv3x3_mod
 FMA peak measured at run time with the widest FMA the host has (``machine.py``: 512-bit on
 AVX-512 hosts, 256-bit on AVX2, NEON on aarch64); the ISA is named in the output.
 
-    .venv/bin/python -m benchmarks.peers [--models vgg16_cifar vgg16 vgg16_trunk resnet50] [--threads 1 2]
+    .venv/bin/python -m benchmarks.peers [--models vgg16_cifar vgg16 vgg16_trunk resnet50 mobilenet_v2] [--threads 1 2]
         [--rounds 5] [--tune-trials 0] [--pointwise RATE] [--json benchmarks/results/peers.json]
 """
 
@@ -193,7 +195,8 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         m = row["median_ms"]
         ours = m["tvm_patdnn"]
-        cells = [TITLES[row["model"]], str(row["threads"]), f"{ours:.2f}", f"{m['tvm_patdnn untuned']:.2f}"]
+        title = TITLES[row["model"]] + (" (unpruned: nothing to prune)" if row["model"] in result.get("notes", {}) else "")
+        cells = [title, str(row["threads"]), f"{ours:.2f}", f"{m['tvm_patdnn untuned']:.2f}"]
         cells += [f"{m[peer]:.2f}" for peer in PEERS] + [f"{m[peer] / ours:.2f}x" for peer in PEERS]
         if tuned:
             cells += [f"{m['tvm_patdnn tuned']:.2f}", f"{m['TVM dense tuned']:.2f}", f"{m['TVM dense tuned'] / m['tvm_patdnn tuned']:.2f}x"]
@@ -226,7 +229,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(rows)), [f"{row['threads']} thread(s)" for row in rows])
         ax.set_yscale("log")
         ax.set_ylabel("ms (median, log scale)")
-        ax.set_title(f"{TITLES[model]}, 8x pattern-pruned")
+        ax.set_title(f"{TITLES[model]}, " + ("unpruned (nothing to prune)" if model in result.get("notes", {}) else "8x pattern-pruned"))
     handles, labels = axes[0][0].get_legend_handles_labels()
     columns = min(len(runtimes), 4 * len(models))  # legend rows that fit the figure's width
     legend_rows = -(-len(runtimes) // columns)
@@ -272,16 +275,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="peers_") as tmp:
         workdir = Path(tmp)
         dbs: dict[str, dict[str, str]] = {}
-        build_errors, models = [], []
+        build_errors, models, notes = [], [], {}
         for name in args.models:
             print(f"building {name} ...", file=sys.stderr, flush=True)
             try:
-                dense, pruned = twins(name, args.pointwise)
+                dense, pruned, note = twins(name, args.pointwise)
             except Exception as err:  # measure the others
                 print(f"{name} failed to build: {err!r}", file=sys.stderr, flush=True)
                 build_errors.append({"model": name, "threads": "any", "error": repr(err)})
                 continue
             models.append(name)
+            if note:
+                notes[name] = note
+                print(f"{name}: {note}", file=sys.stderr, flush=True)
             save_model_atomic(dense, workdir / f"{name}.dense.onnx")
             save_model_atomic(pruned, workdir / f"{name}.pruned.onnx")
             mnn_convert(workdir / f"{name}.pruned.onnx", workdir / f"{name}.pruned.mnn")
@@ -308,6 +314,7 @@ def main() -> None:
                  "weights": "random He-normal from a fixed seed (no pretrained weights are available offline); "
                             f"pruned with prune_onnx(n_patterns=8, connectivity=3.6, pointwise={args.pointwise}), "
                             "first conv dense" + ("; MobileNetV2: its real ImageNet weights" if "mobilenet_v2" in models else "")},
+        "notes": notes,
         "fma_peak_gflops": {str(w["threads"]): w["fma_peak_gflops"] for w in workers},
         "fma_peak_gflops_after": {str(w["threads"]): w["fma_peak_gflops_after"] for w in workers},
         "rows": [row for w in workers for row in w["models"]],
@@ -340,6 +347,8 @@ def render(result: dict, md: Path, png: Path) -> None:
             f"`.venv/bin/python {result['meta']['command']}`; FMA peak (GFLOP/s, {result['meta'].get('fma_isa', 'avx2')} loop): {peaks}. "
             f"Weights: {result['meta']['weights']}.\n")
     text += "".join(f"\n{disturbance(row)}\n" for row in result["rows"] if "others_cores" in row)
+    text += "".join(f"\n{TITLES[model]}: {note}; tvm_patdnn, ORT, MNN and PyTorch run the unpruned model, so "
+                    f"tvm_patdnn is our dense path (as TVM dense) against the peers.\n" for model, note in result.get("notes", {}).items())
     text += "".join(f"\nNot measured: {e['model']} at {e['threads']} thread(s): {e['error']}\n" for e in result["errors"])
     write_bytes_atomic(md, text.encode())
     plot(result, png)
