@@ -201,11 +201,12 @@ def test_weights_past_l2_run_filter_tiles_outside_pixel_tiles_and_match_referenc
     assert dense_kernel_calls(compiled, ("dense_conv",)) == 3
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("prefetch", [True, False, None])
 def test_epilogue_prefetch_matches_reference(prefetch):
     """The GEMM prefetches each tile's residual and output lines before its multiply-adds (in the
-    reduction block that stores; ``prefetch_output``, the default) and writes the same outputs
-    without it: several reduction blocks, a residual, stride 2, ragged filter and pixel tiles, batch 2."""
+    reduction block that stores; ``prefetch_output``) and writes the same outputs without it: several
+    reduction blocks, a residual, stride 2, ragged filter and pixel tiles, batch 2. By default (None)
+    it prefetches on 8 and 4 lanes, and on 16 lanes only where the epilogue reads a residual."""
     no_pad = (0, 0, 0, 0)
     convs = [ConvSpec(300, kind="1x1", pads=no_pad), ConvSpec(300, kind="1x1", pads=no_pad, residual=True),
              ConvSpec(37, kind="1x1", pads=no_pad, stride=2), ConvSpec(40, kind="1x1", pads=no_pad, bias=False)]
@@ -214,7 +215,10 @@ def test_epilogue_prefetch_matches_reference(prefetch):
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     mod = DenseConvRewrite(vector_registers(target), vector_lanes(target), kernel="gemm", prefetch_output=prefetch)(mod)
     kernels = [f for f in mod.functions.values() if f.attrs is not None and DENSE_CONV_ATTR in f.attrs]
-    assert len(kernels) == 4 and all(("T.prefetch(" in f.script()) == prefetch for f in kernels)
+    residual = [any(param.name == "residual" for param in f.params) for f in kernels]
+    expected = [prefetch if prefetch is not None else vector_lanes(target) < 16 or r for r in residual]
+    assert len(kernels) == 4 and sum(residual) == 1
+    assert [("T.prefetch(" in f.script()) for f in kernels] == expected
     executable = tvm.compile(mod, target, relax_pipeline=get_pipeline(target, dense_kernels=False))
     x = np.random.default_rng(9).standard_normal((2, 13, 23, 11)).astype(np.float32)
     actual = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()

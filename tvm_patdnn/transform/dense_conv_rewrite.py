@@ -45,7 +45,13 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   14 x 2: their reduction is too short for the 28-accumulator tile's epilogue (Zen 5, 1 thread,
   per-call minima in the dense models, two interleaved runs: MobileNetV2's 16->96 at 112x112, 24->144
   at 56x56, 32->192 at 28x28 and 64->384 at 14x14 1.06-1.18x, ResNet-50's 64->256 at 56x56 0.90-1.08x
-  (kernel sums 1.00x), 32->16 left as it was: 6-filter tiles would pad 16 to 18);
+  (kernel sums 1.00x), 32->16 left as it was: 6-filter tiles would pad 16 to 18); the GEMM prefetches
+  its epilogue's lines (``DenseConvSpec.prefetch_output``) only when the epilogue reads a residual:
+  prefetching the output lines alone made every 16-lane GEMM layer of MobileNetV2 slower in the model
+  (Zen 5, 1 thread, per-call minima, two interleaved runs: 16->96 at 112x112 0.263 -> 0.214 and
+  0.491 -> 0.325 ms, 24->144 at 56x56 1.11-1.27x, 32->192 at 28x28 1.22-1.26x, 64->384 and 96->576
+  at 14x14 1.13-1.28x; whole MobileNetV2 1.059-1.061x per round); ResNet-50's residual 1x1s keep it
+  (without it 64->256 + residual at 56x56 lost 0.585 -> 0.643 ms; whole model 1.011x either way);
 * on AVX2, stride-1 1x1 convs of at most ``SMALL_POINTWISE_PIXELS`` output pixels (the 7x7 images
   of ResNet-50's and MobileNetV2's last stages) take the direct kernel with ``POINTWISE_WEIGHT_PANEL``
   (8 KB) weight panels: the GEMM's 16-pixel tiles compute 64 pixels for 49 there. Measured (Zen 3,
@@ -150,7 +156,8 @@ class DenseConvRewriter:
     ``vectors`` (pixel vectors per GEMM register tile), ``pack_panel`` (copy each input panel
     before the filters sweep it; strided convs always do), ``filters_outer`` (the GEMM's loop
     order where it packs panels; None: the rule's, :attr:`DenseConvSpec.default_filters_outer`),
-    ``prefetch_output`` (the GEMM prefetches its epilogue's lines, :attr:`DenseConvSpec.prefetch_output`),
+    ``prefetch_output`` (the GEMM prefetches its epilogue's lines, :attr:`DenseConvSpec.prefetch_output`;
+    None: the rule's, on 16 lanes only for epilogues that read a residual, always on fewer),
     ``narrow_tail`` (the GEMM's last pixel tile one vector wide when that covers it, :attr:`DenseConvSpec.tail`)
     and ``kernel`` (``"auto"``: the rule of :meth:`kernel_for`; ``"gemm"`` or ``"direct"``: that
     kernel wherever it applies) exist to measure what they are worth. ``choices``
@@ -162,7 +169,7 @@ class DenseConvRewriter:
 
     def __init__(self, registers: int = 16, lanes: int = 8, vectors: int = 2, pack_panel: bool = True,
                  kernel: str = "auto", choices: KernelChoices | None = None, filters_outer: bool | None = None,
-                 prefetch_output: bool = True, narrow_tail: bool = True):
+                 prefetch_output: bool | None = None, narrow_tail: bool = True):
         if kernel not in self.KERNELS:
             raise ValueError(f"kernel {kernel!r} is not one of {self.KERNELS}")
         self.registers, self.lanes, self.vectors, self.pack_panel = registers, lanes, vectors, pack_panel
@@ -281,7 +288,10 @@ class DenseConvRewriter:
             spec = dataclasses.replace(spec, pack_panel=False, filters_outer=False)  # reads the input in place
         elif self.filters_outer is not None:
             spec = dataclasses.replace(spec, filters_outer=self.filters_outer)
-        if not self.prefetch_output:
+        prefetch = self.prefetch_output
+        if prefetch is None:  # 16 lanes: only a residual's lines (module docstring)
+            prefetch = self.lanes < 16 or spec.residual
+        if not prefetch:
             spec = dataclasses.replace(spec, prefetch_output=False)
         if not self.narrow_tail:
             spec = dataclasses.replace(spec, narrow_tail=False)
