@@ -78,7 +78,7 @@ def pattern_layouts(mod: tvm.IRModule) -> list:
 
 
 def _run_op(spec: PatternConvSpec, fkw, x: np.ndarray, bias: np.ndarray, target) -> np.ndarray:
-    scheduled = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
+    scheduled = PatternConvCPU().apply(pattern_conv2d_primfunc(spec, hand_kernels=False), target, False).mod["main"]
     lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target)
     out = tvm.runtime.tensor(np.zeros((spec.batch, spec.out_channels, spec.out_height, spec.out_width), np.float32))
     args = [x, fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]
@@ -431,3 +431,40 @@ def test_avx2_rows_are_aligned_where_that_takes_no_more_memory():
     assert [aligned(size) for size in (7, 8, 14, 16, 112, 224)] == [True, False, True, False, False, False]
     assert aligned(28, stride=2) and aligned(14, stride=2) and not aligned(56, stride=2)  # 56 -> 28: lifted
     assert not aligned(14, lanes=4, accumulators=16)  # NEON (AVX-512 has its own rule)
+
+
+@pytest.mark.parametrize(
+    "channels, size, batch, bias, relu, n_patterns",
+    [
+        (8, 112, 1, True, True, 8),  # VGG-16 224's 112-pixel rows: 7 column blocks, 16 row blocks
+        (3, 112, 2, False, False, 4),  # batch 2, no bias, no ReLU
+        (64, 224, 1, True, False, 12),  # VGG-16 224's 64-channel 224x224 layer (the block's 64 channels)
+    ],
+)
+def test_avx512_wide_rows_kernel_matches_the_onnx_reference(channels, size, batch, bias, relu, n_patterns):
+    """AVX-512 layers of at most 64 channels with rows of at least 112 columns take the hand-scheduled
+    wide-rows kernel (centre vectors aligned, borders shuffled in: no split loads); AVX2 and NEON keep the
+    TE operator, as do rows of fewer columns or more channels; it matches onnx.reference (border column
+    and row blocks, every pattern, batch)."""
+    from tvm_patdnn.ops.pattern_conv_wide import wide_rows_apply
+
+    rng = np.random.default_rng(size + channels)
+    conv = ConvSpec(16, n_patterns=n_patterns, connectivity=2.0, bias=bias, relu=relu)
+    model = build_cnn(rng, (batch, channels, size, size), [conv])
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    for lanes, accumulators, wide in ((16, 32, True), (8, 16, False), (4, 32, False)):
+        layouts = pattern_layouts(PatternConvRewrite(vector_width=lanes, accumulators=accumulators)(mod))
+        assert [bool(layout.get("wide_rows", 0)) for layout in layouts] == [wide]
+    weight = pattern_weight(np.random.default_rng(1), 8, 64, n_patterns=4)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    spec = PatternConvSpec.from_fkw(fkw, (1, 64, 112, 112), (1, 1), (1, 1, 1, 1), True, True, 16, 32)
+    assert wide_rows_apply(spec)
+    assert not wide_rows_apply(dataclasses.replace(spec, in_channels=128, width=112, height=112))
+    assert not wide_rows_apply(dataclasses.replace(spec, height=56, width=56))  # 56 columns: the TE operator
+    assert not wide_rows_apply(dataclasses.replace(spec, height=128, width=128))  # 128 rows: 7 does not divide
+    compiled = tvm_patdnn.compile(model, AVX512)
+    if vector_lanes(resolve_target("x86")) != 16:
+        pytest.skip("host CPU: no AVX-512 to run the code on (it was built)")
+    x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)

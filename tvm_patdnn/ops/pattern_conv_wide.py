@@ -1,0 +1,129 @@
+"""The pattern convolution of wide rows with few channels on AVX-512, without split loads.
+
+The TE operator's fused layout (:mod:`.pattern_conv`) builds, per block of 7 output rows x 16 columns,
+every channel's 9 padded rows x 18 columns (41 KB at 64 channels, in Zen 5's 48 KB L1) and reads a
+tap (dy, dx) of an output vector as the 16 floats at column dx of row r + dy: with a pitch of 18
+floats nearly every one of those 512-bit loads splits a cache line, and a split load costs two load
+slots, so the kernel loop (~22 input loads per 28 FMAs) is load-bound.
+
+Here the block keeps each padded row's 16 centre columns as one aligned vector and its two border
+columns apart (36 + 4.6 KB at 64 channels): the centre tap (dx = 1) is the aligned vector, dx = 0
+and dx = 2 are that vector shifted by one lane with the left or right border column broadcast into
+the free lane (``valignd``): per kernel ~9 aligned loads, ~14 border broadcasts and ~14 shuffles
+instead of ~22 split loads. A C loop of the kernel's shape from L1 (7 rows, 4 taps, Zen 5):
+105 GFLOP/s with the split loads, 184 with the shifted vectors.
+
+Everything else is the fused layout's: row blocks of 7 rows share the threads, column blocks of
+16 run inside them, the block's pad is built just before every filter sweeps it, each filter's
+(filter, pattern) runs are found through FKW's permutation (``inverse_order``), the register tile
+(7 vectors) is stored once with bias and ReLU.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .activation import bias_relu
+from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+
+__all__ = ["WIDE_ROWS", "wide_rows_apply", "pattern_conv_wide_primfunc"]
+
+WIDE_ROWS = 7  # output rows of the register tile (one 16-lane vector each)
+_LANES = 16
+_MAX_CHANNELS = 64  # the block (channels x 9 rows x 18 floats) must stay in L1
+_PAD_PREFETCH = 2  # column blocks ahead whose first line of every row the pad prefetches (0: none)
+_PAD_HINT = 3  # into L1 (prefetcht0)
+
+
+def wide_rows_apply(spec: PatternConvSpec) -> bool:
+    """Whether this kernel computes ``spec``: 16 lanes, stride 1, padding 1, 4-tap patterns, at most 64 input
+    channels, output rows a multiple of 7 and columns a multiple of 16 wide, at least 112 columns."""
+    return (spec.vector_width == _LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
+            and spec.taps == 4 and spec.in_channels <= _MAX_CHANNELS and spec.out_height % WIDE_ROWS == 0
+            and spec.out_width % _LANES == 0 and spec.out_width >= 112 and spec.n_kernels > 0)
+
+
+def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of one wide-row pattern conv (see the module docstring); the arguments of
+    :func:`~tvm_patdnn.ops.pattern_conv.pattern_conv2d_primfunc`: data, values, channels, offsets,
+    inverse_order (user filter -> FKW's stored filter), [bias], out."""
+    if not wide_rows_apply(spec):
+        raise ValueError("the wide-rows kernel takes 16 lanes, stride 1, padding 1, 4 taps, at most 64 channels, "
+                         "rows a multiple of 7 and at least 112 columns, a multiple of 16")
+    n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
+    f_, p_, taps, lanes, rows = spec.out_channels, len(spec.patterns), spec.taps, _LANES, WIDE_ROWS
+    block_rows = rows + 2
+    zero = tirx.const(0.0, "float32")
+    zeros = tirx.Broadcast(zero, lanes)
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name("main")
+            data = T.arg("data", T.buffer((n_, c_, h_, w_), "float32"))
+            values = T.arg("values", T.buffer((spec.n_kernels, taps), "float32"))
+            channels = T.arg("channels", T.buffer((spec.n_kernels,), "int32"))
+            offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
+            inverse_order = T.arg("inverse_order", T.buffer((f_,), "int32"))
+            bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
+            out = T.arg("out", T.buffer((n_, f_, h_, w_), "float32"))
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            image = T.decl_buffer((n_ * c_ * h_ * w_,), "float32", data=data.data)
+            outputs = T.decl_buffer((n_ * f_ * h_ * w_,), "float32", data=out.data)
+            with T.parallel(0, n_ * (h_ // rows)) as task:
+                n, y0 = task // (h_ // rows), task % (h_ // rows) * rows
+                centre = T.decl_buffer((c_ * block_rows * lanes,), "float32")
+                border = T.decl_buffer((c_ * block_rows * 2,), "float32")
+                with T.serial(0, w_ // lanes) as b:
+                    x0 = b * lanes
+                    with T.serial(0, c_) as c:
+                        for r in range(block_rows):
+                            row = y0 + r - 1
+                            inside = tirx.all(row >= 0, row < h_)
+                            base = ((n * c_ + c) * h_ + tirx.min(tirx.max(row, 0), h_ - 1)) * w_
+                            slot = c * block_rows + r
+                            if _PAD_PREFETCH:  # the line the column block _PAD_PREFETCH ahead reads
+                                ahead = tirx.min(x0 + _PAD_PREFETCH * lanes, w_ - lanes)
+                                T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
+                                    image[base + ahead]), 0, _PAD_HINT, 1))
+                            T.buffer_store(centre, tirx.Select(inside, image[tirx.Ramp(base + x0, 1, lanes)], zeros),
+                                           [tirx.Ramp(slot * lanes, 1, lanes)])
+                            T.buffer_store(border, tirx.Select(tirx.all(inside, x0 > 0),
+                                                               image[base + tirx.max(x0 - 1, 0)], zero), [slot * 2])
+                            T.buffer_store(border, tirx.Select(tirx.all(inside, x0 + lanes < w_),
+                                                               image[base + tirx.min(x0 + lanes, w_ - 1)], zero),
+                                           [slot * 2 + 1])
+                    with T.serial(0, f_) as f:
+                        stored = inverse_order[f]
+                        acc = T.decl_buffer((rows * lanes,), "float32")  # on the stack: in registers across the runs
+                        for r in range(rows):
+                            T.buffer_store(acc, zeros, [tirx.Ramp(r * lanes, 1, lanes)])
+                        for p, pattern in enumerate(spec.patterns):
+                            start = offsets[stored * p_ + p]
+                            with T.serial(0, offsets[stored * p_ + p + 1] - start) as j:
+                                k = start + j
+                                channel = channels[k]
+
+                                def tap(r: int, dx: int, channel=channel):
+                                    slot = channel * block_rows + r
+                                    vector = centre[tirx.Ramp(slot * lanes, 1, lanes)]
+                                    if dx == 1:
+                                        return vector
+                                    if dx == 0:  # lane 0 the left border, lanes 1-15 centre lanes 0-14
+                                        return tirx.Shuffle([tirx.Broadcast(border[slot * 2], lanes), vector],
+                                                            [0] + list(range(lanes, 2 * lanes - 1)))
+                                    return tirx.Shuffle([vector, tirx.Broadcast(border[slot * 2 + 1], lanes)],
+                                                        list(range(1, lanes + 1)))
+
+                                for t, (dy, dx) in enumerate(pattern):
+                                    weight = tirx.Broadcast(values[k, t], lanes)
+                                    for r in range(rows):
+                                        slots = tirx.Ramp(r * lanes, 1, lanes)
+                                        T.buffer_store(acc, acc[slots] + tap(r + dy, dx) * weight, [slots])
+                        for r in range(rows):
+                            value = bias_relu(acc[tirx.Ramp(r * lanes, 1, lanes)], None if bias is None else bias[f],
+                                              spec.relu, lanes)
+                            T.buffer_store(outputs, value,
+                                           [tirx.Ramp(((n * f_ + f) * h_ + y0 + r) * w_ + x0, 1, lanes)])
+    func = builder.get().without_attr("global_symbol")
+    return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "wide_rows": 1})
