@@ -171,19 +171,30 @@ def test_register_tile_follows_the_target():
         DepthwiseConvSpec(1, 8, 9, 9, activation="gelu")
 
 
-@pytest.mark.parametrize("shape, kernel, pads, activation", [
-    ((2, 40, 7, 7), (3, 3), (1, 1, 1, 1), "clip"),  # MobileNetV2's 7x7, batch 2
-    ((1, 17, 5, 6), (3, 3), (1, 1, 1, 1), "relu"),  # non-square, 17 planes
-    ((1, 9, 4, 3), (3, 2), (2, 0, 0, 1), "none"),  # asymmetric kernel and padding, rows of 2
+@pytest.mark.parametrize("shape, kernel, pads, activation, stride", [
+    ((2, 40, 7, 7), (3, 3), (1, 1, 1, 1), "clip", 1),  # MobileNetV2's 7x7, batch 2
+    ((1, 17, 5, 6), (3, 3), (1, 1, 1, 1), "relu", 1),  # non-square, 17 planes
+    ((1, 9, 4, 3), (3, 2), (2, 0, 0, 1), "none", 1),  # asymmetric kernel and padding, rows of 2
+    ((2, 24, 14, 14), (3, 3), (1, 1, 1, 1), "clip", 2),  # MobileNetV2's 576@14x14 -> 7x7, batch 2
+    ((1, 19, 28, 27), (3, 3), (1, 1, 1, 1), "relu", 2),  # 28x27 -> 14x14: 14 vectors, odd width
+    ((1, 9, 11, 9), (3, 2), (2, 0, 1, 1), "none", 2),  # asymmetric kernel and padding, odd rows
 ])
-def test_flat_tile_matches_reference(shape, kernel, pads, activation):
-    """On AVX-512 hosts, stride-1 depthwise convs with output rows narrower than 8 take the flat tile
-    (vectors along the flattened padded plane); against onnx.reference."""
+def test_flat_tile_matches_reference(shape, kernel, pads, activation, stride):
+    """On AVX-512 hosts, stride-1 depthwise convs with output rows narrower than 8 and stride-2 ones
+    with rows narrower than 16 take the flat tile (vectors along the flattened padded plane, at
+    stride 2 split into phase planes); against onnx.reference."""
     from tvm_patdnn.targets import vector_lanes
 
     if vector_lanes(resolve_target("x86")) < 16:
         pytest.skip("host CPU: no AVX-512 to run the flat 16-lane tile on")
-    model = depthwise_layer(np.random.default_rng(8), shape, kernel=kernel, pads=pads, activation=activation)
+    model = depthwise_layer(np.random.default_rng(8), shape, kernel=kernel, strides=(stride, stride), pads=pads,
+                            activation=activation)
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    from tvm_patdnn.transform.depthwise_conv_rewrite import DepthwiseConvRewrite
+
+    rewritten = DepthwiseConvRewrite(32, 16)(mod)
+    assert [bool(func.attrs[DEPTHWISE_CONV_ATTR]["flat"]) for _, func in rewritten.functions_items()
+            if func.attrs and DEPTHWISE_CONV_ATTR in func.attrs] == [True]
     compiled = tvm_patdnn.compile(model, "x86")
     assert "depthwise_conv" in compiled.executable.as_text()
     x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
@@ -196,8 +207,8 @@ def test_flat_tile_is_chosen_on_16_lanes_only():
     spec = DepthwiseConvSpec.for_target(32, 16, batch=1, channels=960, height=7, width=7)
     flat = DepthwiseConvSpec(**{**spec.__dict__, "flat": True, "lanes": 16})
     assert flat.flat_vectors == 4 and flat.plane_size >= 4 * 16 + 2 * 9 + 2  # 63 positions, the taps past them
-    with pytest.raises(ValueError, match="stride 1"):
-        DepthwiseConvSpec(**{**flat.__dict__, "strides": (2, 2)})
+    with pytest.raises(ValueError, match="equal strides"):
+        DepthwiseConvSpec(**{**flat.__dict__, "strides": (2, 1)})
     model = depthwise_layer(np.random.default_rng(1), (1, 24, 7, 7))
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     for lanes, expected in ((16, True), (8, False)):

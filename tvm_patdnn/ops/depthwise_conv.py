@@ -68,7 +68,7 @@ class DepthwiseConvSpec:
     rows: int = 4  # output rows per register tile
     vectors: int = 1  # row vectors per register tile
     reduction: str = "conv"  # "conv": sum of weight x input; "max": max pooling (no weight)
-    flat: bool = False  # stride 1: vectors along the flattened padded plane (see _flat_channel)
+    flat: bool = False  # vectors along the flattened padded plane (see _flat_channel; equal strides)
     min_group: int = 1  # planes per task at least this many (up to 1/8 of the planes): see channel_group
 
     def __post_init__(self):
@@ -77,8 +77,8 @@ class DepthwiseConvSpec:
             raise ValueError(f"reduction {self.reduction!r} is not 'conv' or 'max'")
         if self.out_height < 1 or self.out_width < 1:
             raise ValueError("the kernel is larger than the padded input")
-        if self.flat and (self.strides != (1, 1) or self.flat_vectors > FLAT_VECTORS):
-            raise ValueError(f"a flat tile takes stride 1 and at most {FLAT_VECTORS} vectors")
+        if self.flat and (self.strides[0] != self.strides[1] or self.flat_vectors > FLAT_VECTORS):
+            raise ValueError(f"a flat tile takes equal strides and at most {FLAT_VECTORS} vectors")
         if (self.lanes > self.out_width and not self.flat) or self.rows > self.out_height:
             raise ValueError(f"a {self.rows}-row tile of {self.lanes} lanes exceeds the "
                              f"{self.out_height}x{self.out_width} output")
@@ -130,12 +130,31 @@ class DepthwiseConvSpec:
         return ceil_div(self.out_height * self.phase_width, self.lanes)
 
     @property
+    def phase_rows(self) -> int:
+        """Rows of each phase plane of a strided flat tile (padded rows ``r * s + py`` of phase ``py``)."""
+        return ceil_div(self.padded_height, self.strides[0])
+
+    def flat_offset(self, dy: int, dx: int) -> int:
+        """Where the tap ``dy, dx`` of flattened output 0 is in a flat tile's plane buffer: at stride 1
+        the padded plane itself (``dy * phase_width + dx``); at stride ``s`` the plane is split into
+        ``s x s`` phase planes (row ``y``, column ``x`` in phase ``(y % s, x % s)`` at ``(y // s, x // s)``),
+        so the tap of output ``(oy, ox)`` is phase ``(dy % s, dx % s)``'s element ``(oy + dy // s,
+        ox + dx // s)``: a constant offset from flattened output ``oy * phase_width + ox`` again."""
+        s, q_ = self.strides[0], self.phase_width
+        if s == 1:
+            return dy * q_ + dx
+        return ((dy % s) * s + dx % s) * self.phase_rows * q_ + (dy // s) * q_ + dx // s
+
+    @property
     def plane_size(self) -> int:
         """Floats of the per-task plane buffer: the padded plane, and for a flat tile what its last
         vector's last tap reads past it (values only discarded lanes see)."""
         size = self.padded_height * self.strides[1] * self.phase_width
         if self.flat:
-            size = max(size, self.flat_vectors * self.lanes + (self.kernel[0] - 1) * self.phase_width + self.kernel[1] - 1)
+            s = self.strides[0]
+            size = max(size, s * s * self.phase_rows * self.phase_width,
+                       self.flat_vectors * self.lanes + max(self.flat_offset(dy, dx) for dy in range(self.kernel[0])
+                                                            for dx in range(self.kernel[1])))
         return size
 
     @property
@@ -173,6 +192,11 @@ def _copy_padded_plane(spec: DepthwiseConvSpec, data, plane, n, c) -> None:
     sx, q_, top = spec.strides[1], spec.phase_width, spec.padding[0]
     first_row, last_row = min(top, spec.padded_height), min(top + spec.height, spec.padded_height)
     if last_row <= first_row:
+        return
+    if spec.flat and sx > 1:  # phase planes (DepthwiseConvSpec.flat_offset)
+        rows = spec.phase_rows
+        with T.serial(first_row, last_row) as y:
+            copy_padded_row(spec, data, plane, n, c, y - top, lambda p, q: (((y % sx) * sx + p) * rows + y // sx) * q_ + q)
         return
     with T.serial(first_row, last_row) as y:
         copy_padded_row(spec, data, plane, n, c, y - top, lambda p, q: (y * sx + p) * q_ + q)
@@ -247,9 +271,10 @@ def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> No
 
 
 def _flat_channel(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c) -> None:
-    """A whole channel of a stride-1 conv whose output rows are narrower than a vector (7x7 on 16
-    lanes): the outputs are computed along the flattened padded plane, ``phase_width`` per row (the
-    tap ``dy, dx`` of flattened output ``o`` is plane element ``o + dy * phase_width + dx``), in
+    """A whole channel of a conv whose output rows are narrower than a vector (7x7 on 16 lanes): the
+    outputs are computed along the flattened padded plane, ``phase_width`` per row (the tap ``dy, dx``
+    of flattened output ``o`` is plane element ``o + dy * phase_width + dx``; at stride ``s`` the plane
+    is split into ``s x s`` phase planes, :meth:`~DepthwiseConvSpec.flat_offset`), in
     :attr:`~DepthwiseConvSpec.flat_vectors` full vectors accumulated in registers, then each row's
     ``out_width`` valid outputs are copied out (a 7x7 channel: 4 vectors of 16 lanes for 63 positions,
     against 7 rows of 7-lane vectors, which LLVM splits into 4 + 2 + 1)."""
@@ -263,7 +288,7 @@ def _flat_channel(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c) -> No
         with T.unroll(0, kw) as dx:
             with T.unroll(0, count) as v:
                 with T.vectorized(0, lanes) as j:
-                    x = plane[v * lanes + j + dy * q_ + dx]
+                    x = plane[v * lanes + j + spec.flat_offset(dy, dx)]
                     slot = v * lanes + j
                     value = acc[slot] + weight[c, 0, dy, dx] * x if weight is not None else T.max(acc[slot], x)
                     T.buffer_store(acc, value, [slot])

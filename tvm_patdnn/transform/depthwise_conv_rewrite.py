@@ -15,7 +15,12 @@ at 0.6x ONNX Runtime (its rows of 56 outputs make 7-lane vectors and every padde
 On AVX-512 (16 lanes), stride-1 depthwise convs whose output rows are narrower than
 ``FLAT_WIDTH`` (MobileNetV2's 7x7 layers) run the kernel's flat tile (``DepthwiseConvSpec.flat``:
 vectors along the flattened padded plane instead of 7-lane row vectors): Zen 5, 1 thread, kernel
-alone, interleaved: 960, 576 and 384 channels at 7x7 1.29-1.33x (960: 35 -> 27 µs).
+alone, interleaved: 960, 576 and 384 channels at 7x7 1.29-1.33x (960: 35 -> 27 µs). Stride-2 ones
+whose output rows are narrower than ``FLAT_STRIDED_WIDTH`` do too, on the plane split into 2 x 2
+phase planes (``DepthwiseConvSpec.flat_offset``: every tap is a constant offset again) instead of
+7- or 14-lane row vectors: Zen 5, 1 thread, per-call minima in the dense MobileNetV2, two interleaved
+runs: 576@14x14 -> 7x7 0.028-0.029 -> 0.022-0.023 ms (1.25-1.34x; ORT 0.014), 192@28x28 -> 14x14
+0.025-0.027 -> 0.020-0.022 ms (1.21-1.23x; ORT 0.015); whole model within noise (1.001x, 1.023x).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ __all__ = ["DepthwiseConvRewrite", "DepthwiseConvRewriter"]
 
 # On 16-lane targets, stride-1 depthwise convs with output rows narrower than this run the flat tile.
 FLAT_WIDTH = 8
+# On 16-lane targets, stride-2 depthwise convs with output rows narrower than this run the flat tile
+# on phase planes (DepthwiseConvSpec.flat_offset).
+FLAT_STRIDED_WIDTH = 16
 # On 16-lane targets, each task of the kernel (conv and max pool) takes at least this many planes
 # (DepthwiseConvSpec.min_group).
 MIN_GROUP = 8
@@ -106,7 +114,8 @@ class DepthwiseConvRewriter(DenseConvRewriter):
         )
         if self.lanes >= 16:
             spec = dataclasses.replace(spec, min_group=MIN_GROUP)
-        if self.lanes >= 16 and spec.strides == (1, 1) and spec.out_width < FLAT_WIDTH:
+        if self.lanes >= 16 and ((spec.strides == (1, 1) and spec.out_width < FLAT_WIDTH)
+                                 or (spec.strides == (2, 2) and spec.out_width < FLAT_STRIDED_WIDTH)):
             flat = dataclasses.replace(spec, flat=True, lanes=self.lanes)
             if flat.flat_vectors <= FLAT_VECTORS:
                 spec = flat
