@@ -439,10 +439,11 @@ def test_avx2_rows_are_aligned_where_that_takes_no_more_memory():
         (8, 112, 1, True, True, 8),  # VGG-16 224's 112-pixel rows: 7 column blocks, 16 row blocks
         (3, 112, 2, False, False, 4),  # batch 2, no bias, no ReLU
         (64, 224, 1, True, False, 12),  # VGG-16 224's 64-channel 224x224 layer (the block's 64 channels)
+        (128, 112, 1, True, True, 8),  # 128 channels (VGG-16 224's 128x128 112x112: the block in L2)
     ],
 )
 def test_avx512_wide_rows_kernel_matches_the_onnx_reference(channels, size, batch, bias, relu, n_patterns):
-    """AVX-512 layers of at most 64 channels with rows of at least 112 columns take the hand-scheduled
+    """AVX-512 layers of at most 128 channels with rows of at least 112 columns take the hand-scheduled
     wide-rows kernel (centre vectors aligned, borders shuffled in: no split loads); AVX2 and NEON keep the
     TE operator, as do rows of fewer columns or more channels; it matches onnx.reference (border column
     and row blocks, every pattern, batch)."""
@@ -459,7 +460,7 @@ def test_avx512_wide_rows_kernel_matches_the_onnx_reference(channels, size, batc
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
     spec = PatternConvSpec.from_fkw(fkw, (1, 64, 112, 112), (1, 1), (1, 1, 1, 1), True, True, 16, 32)
     assert wide_rows_apply(spec)
-    assert not wide_rows_apply(dataclasses.replace(spec, in_channels=128, width=112, height=112))
+    assert not wide_rows_apply(dataclasses.replace(spec, in_channels=256))
     assert not wide_rows_apply(dataclasses.replace(spec, height=56, width=56))  # 56 columns: the TE operator
     assert not wide_rows_apply(dataclasses.replace(spec, height=128, width=128))  # 128 rows: 7 does not divide
     compiled = tvm_patdnn.compile(model, AVX512)

@@ -8,15 +8,24 @@ slots, so the kernel loop (~22 input loads per 28 FMAs) is load-bound.
 
 Here the block keeps each padded row's 16 centre columns as one aligned vector and its two border
 columns apart (36 + 4.6 KB at 64 channels): the centre tap (dx = 1) is the aligned vector, dx = 0
-and dx = 2 are that vector shifted by one lane with the left or right border column broadcast into
-the free lane (``valignd``): per kernel ~9 aligned loads, ~14 border broadcasts and ~14 shuffles
-instead of ~22 split loads. A C loop of the kernel's shape from L1 (7 rows, 4 taps, Zen 5):
-105 GFLOP/s with the split loads, 184 with the shifted vectors.
+and dx = 2 are that vector shifted by one lane with the left or right border column in the free lane
+(one ``vpermt2ps`` each): per kernel ~9 aligned loads, ~14 border scalars and ~14 shuffles instead of
+~22 split loads. A C loop of the kernel's shape from L1 (7 rows, 4 taps, Zen 5): 105 GFLOP/s with
+the split loads, 184 with the shuffles. The pad prefetches, for every row it copies, the line the
+column block :data:`_PAD_PREFETCH` ahead reads (its input comes from L3 in 64-byte pieces of 576
+rows: without it the pad took a third of the 224x224 layer's time).
 
 Everything else is the fused layout's: row blocks of 7 rows share the threads, column blocks of
 16 run inside them, the block's pad is built just before every filter sweeps it, each filter's
 (filter, pattern) runs are found through FKW's permutation (``inverse_order``), the register tile
-(7 vectors) is stored once with bias and ReLU.
+(7 vectors, on the stack so that it stays in registers across the runs) is stored once with bias
+and ReLU.
+
+Zen 5, 1 thread, interleaved against the TE operator's layouts, VGG-16 224 8x layers: alone 64x64
+224x224 1.18-1.24x (1.09x without the pad prefetch), 128x64 112x112 1.45-1.47x, 128x128 112x112
+1.29-1.31x (128 channels: the block, 81 KB, is in L2; the TE operator's lifted rows there); in the
+trunk (per-call minima) 1.24x, 1.45x, 1.27x. Not taken: 56x56 (256x128 1.02x, 256x256 0.96x, the
+last of 4 blocks half empty), 28x28 at 512 channels 1.04-1.05x, 14x14 0.91x (14 rows a tile; 7: 0.97x).
 """
 
 from __future__ import annotations
@@ -32,29 +41,34 @@ __all__ = ["WIDE_ROWS", "wide_rows_apply", "pattern_conv_wide_primfunc"]
 
 WIDE_ROWS = 7  # output rows of the register tile (one 16-lane vector each)
 _LANES = 16
-_MAX_CHANNELS = 64  # the block (channels x 9 rows x 18 floats) must stay in L1
+_MAX_CHANNELS = 128  # input channels, at most (64: the block in L1; 128: 81 KB, in L2, still 1.3x)
 _PAD_PREFETCH = 2  # column blocks ahead whose first line of every row the pad prefetches (0: none)
 _PAD_HINT = 3  # into L1 (prefetcht0)
+_EXPERIMENT = False
 
 
 def wide_rows_apply(spec: PatternConvSpec) -> bool:
-    """Whether this kernel computes ``spec``: 16 lanes, stride 1, padding 1, 4-tap patterns, at most 64 input
+    """Whether this kernel computes ``spec``: 16 lanes, stride 1, padding 1, 4-tap patterns, at most 128 input
     channels, output rows a multiple of 7 and columns a multiple of 16 wide, at least 112 columns."""
     return (spec.vector_width == _LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
             and spec.taps == 4 and spec.in_channels <= _MAX_CHANNELS and spec.out_height % WIDE_ROWS == 0
             and spec.out_width % _LANES == 0 and spec.out_width >= 112 and spec.n_kernels > 0)
 
 
-def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
+def pattern_conv_wide_primfunc(spec: PatternConvSpec, rows: int | None = None,
+                               groups: int | None = None) -> tirx.PrimFunc:
     """The scheduled PrimFunc of one wide-row pattern conv (see the module docstring); the arguments of
     :func:`~tvm_patdnn.ops.pattern_conv.pattern_conv2d_primfunc`: data, values, channels, offsets,
-    inverse_order (user filter -> FKW's stored filter), [bias], out."""
-    if not wide_rows_apply(spec):
-        raise ValueError("the wide-rows kernel takes 16 lanes, stride 1, padding 1, 4 taps, at most 64 channels, "
+    inverse_order (user filter -> FKW's stored filter), [bias], out. ``rows``: output rows of the register
+    tile; ``groups``: filter groups a row block's filters are split into (its block built for each)."""
+    if not (wide_rows_apply(spec) or _EXPERIMENT):
+        raise ValueError("the wide-rows kernel takes 16 lanes, stride 1, padding 1, 4 taps, at most 128 channels, "
                          "rows a multiple of 7 and at least 112 columns, a multiple of 16")
     n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
-    f_, p_, taps, lanes, rows = spec.out_channels, len(spec.patterns), spec.taps, _LANES, WIDE_ROWS
-    block_rows = rows + 2
+    rows = rows or WIDE_ROWS
+    f_, p_, taps, lanes = spec.out_channels, len(spec.patterns), spec.taps, _LANES
+    groups = groups or 1
+    block_rows, blocks, row_blocks = rows + 2, (w_ + _LANES - 1) // _LANES, h_ // rows
     zero = tirx.const(0.0, "float32")
     zeros = tirx.Broadcast(zero, lanes)
     with IRBuilder() as builder:
@@ -70,11 +84,11 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             image = T.decl_buffer((n_ * c_ * h_ * w_,), "float32", data=data.data)
             outputs = T.decl_buffer((n_ * f_ * h_ * w_,), "float32", data=out.data)
-            with T.parallel(0, n_ * (h_ // rows)) as task:
-                n, y0 = task // (h_ // rows), task % (h_ // rows) * rows
+            with T.parallel(0, n_ * row_blocks * groups) as task:
+                n, y0, group = task // (row_blocks * groups), task // groups % row_blocks * rows, task % groups
                 centre = T.decl_buffer((c_ * block_rows * lanes,), "float32")
                 border = T.decl_buffer((c_ * block_rows * 2,), "float32")
-                with T.serial(0, w_ // lanes) as b:
+                with T.serial(0, blocks) as b:
                     x0 = b * lanes
                     with T.serial(0, c_) as c:
                         for r in range(block_rows):
@@ -82,48 +96,70 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
                             inside = tirx.all(row >= 0, row < h_)
                             base = ((n * c_ + c) * h_ + tirx.min(tirx.max(row, 0), h_ - 1)) * w_
                             slot = c * block_rows + r
-                            if _PAD_PREFETCH:  # the line the column block _PAD_PREFETCH ahead reads
+                            if _PAD_PREFETCH and blocks > _PAD_PREFETCH:  # the line the block _PAD_PREFETCH ahead reads
                                 ahead = tirx.min(x0 + _PAD_PREFETCH * lanes, w_ - lanes)
                                 T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
                                     image[base + ahead]), 0, _PAD_HINT, 1))
-                            T.buffer_store(centre, tirx.Select(inside, image[tirx.Ramp(base + x0, 1, lanes)], zeros),
-                                           [tirx.Ramp(slot * lanes, 1, lanes)])
+                            if w_ % lanes == 0:
+                                T.buffer_store(centre, tirx.Select(inside, image[tirx.Ramp(base + x0, 1, lanes)],
+                                                                   zeros), [tirx.Ramp(slot * lanes, 1, lanes)])
+                            else:  # a partial last vector: lane by lane, zeros past the row
+                                for i in range(lanes):
+                                    T.buffer_store(centre, tirx.Select(
+                                        tirx.all(inside, x0 + i < w_), image[base + tirx.min(x0 + i, w_ - 1)], zero),
+                                        [slot * lanes + i])
                             T.buffer_store(border, tirx.Select(tirx.all(inside, x0 > 0),
                                                                image[base + tirx.max(x0 - 1, 0)], zero), [slot * 2])
                             T.buffer_store(border, tirx.Select(tirx.all(inside, x0 + lanes < w_),
                                                                image[base + tirx.min(x0 + lanes, w_ - 1)], zero),
                                            [slot * 2 + 1])
-                    with T.serial(0, f_) as f:
-                        stored = inverse_order[f]
-                        acc = T.decl_buffer((rows * lanes,), "float32")  # on the stack: in registers across the runs
-                        for r in range(rows):
-                            T.buffer_store(acc, zeros, [tirx.Ramp(r * lanes, 1, lanes)])
-                        for p, pattern in enumerate(spec.patterns):
-                            start = offsets[stored * p_ + p]
-                            with T.serial(0, offsets[stored * p_ + p + 1] - start) as j:
-                                k = start + j
-                                channel = channels[k]
-
-                                def tap(r: int, dx: int, channel=channel):
-                                    slot = channel * block_rows + r
-                                    vector = centre[tirx.Ramp(slot * lanes, 1, lanes)]
-                                    if dx == 1:
-                                        return vector
-                                    if dx == 0:  # lane 0 the left border, lanes 1-15 centre lanes 0-14
-                                        return tirx.Shuffle([tirx.Broadcast(border[slot * 2], lanes), vector],
-                                                            [0] + list(range(lanes, 2 * lanes - 1)))
-                                    return tirx.Shuffle([vector, tirx.Broadcast(border[slot * 2 + 1], lanes)],
-                                                        list(range(1, lanes + 1)))
-
-                                for t, (dy, dx) in enumerate(pattern):
-                                    weight = tirx.Broadcast(values[k, t], lanes)
-                                    for r in range(rows):
-                                        slots = tirx.Ramp(r * lanes, 1, lanes)
-                                        T.buffer_store(acc, acc[slots] + tap(r + dy, dx) * weight, [slots])
-                        for r in range(rows):
-                            value = bias_relu(acc[tirx.Ramp(r * lanes, 1, lanes)], None if bias is None else bias[f],
-                                              spec.relu, lanes)
-                            T.buffer_store(outputs, value,
-                                           [tirx.Ramp(((n * f_ + f) * h_ + y0 + r) * w_ + x0, 1, lanes)])
+                    with T.serial(0, (f_ + groups - 1) // groups) as fi:
+                        f = group * ((f_ + groups - 1) // groups) + fi
+                        with T.If(f < f_):
+                            with T.Then():
+                                _filter(spec, f, n, y0, x0, rows, block_rows, centre, border, values, channels,
+                                        offsets, inverse_order, bias, outputs)
     func = builder.get().without_attr("global_symbol")
     return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "wide_rows": 1})
+
+
+def _filter(spec, f, n, y0, x0, rows, block_rows, centre, border, values, channels, offsets, inverse_order, bias,
+            outputs) -> None:
+    """One filter over one block: its runs into ``rows`` accumulators, stored with bias and ReLU."""
+    f_, p_, h_, w_, lanes = spec.out_channels, len(spec.patterns), spec.height, spec.width, _LANES
+    zeros = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
+    stored = inverse_order[f]
+    acc = T.decl_buffer((rows * lanes,), "float32")  # on the stack: in registers across the runs
+    for r in range(rows):
+        T.buffer_store(acc, zeros, [tirx.Ramp(r * lanes, 1, lanes)])
+    for p, pattern in enumerate(spec.patterns):
+        start = offsets[stored * p_ + p]
+        with T.serial(0, offsets[stored * p_ + p + 1] - start) as j:
+            k = start + j
+            channel = channels[k]
+
+            def tap(r: int, dx: int, channel=channel):
+                slot = channel * block_rows + r
+                vector = centre[tirx.Ramp(slot * lanes, 1, lanes)]
+                if dx == 1:
+                    return vector
+                if dx == 0:  # lane 0 the left border, lanes 1-15 centre lanes 0-14
+                    return tirx.Shuffle([tirx.Broadcast(border[slot * 2], lanes), vector],
+                                        [0] + list(range(lanes, 2 * lanes - 1)))
+                return tirx.Shuffle([vector, tirx.Broadcast(border[slot * 2 + 1], lanes)], list(range(1, lanes + 1)))
+
+            for t, (dy, dx) in enumerate(pattern):
+                weight = tirx.Broadcast(values[k, t], lanes)
+                for r in range(rows):
+                    slots = tirx.Ramp(r * lanes, 1, lanes)
+                    T.buffer_store(acc, acc[slots] + tap(r + dy, dx) * weight, [slots])
+    for r in range(rows):
+        value = bias_relu(acc[tirx.Ramp(r * lanes, 1, lanes)], None if bias is None else bias[f], spec.relu, lanes)
+        first = ((n * f_ + f) * h_ + y0 + r) * w_ + x0
+        if w_ % lanes == 0:
+            T.buffer_store(outputs, value, [tirx.Ramp(first, 1, lanes)])
+        else:  # rows not a multiple of the vector: the last block's valid lanes
+            for i in range(lanes):
+                with T.If(x0 + i < w_):
+                    with T.Then():
+                        T.buffer_store(outputs, tirx.Shuffle([value], [i]), [first + i])
