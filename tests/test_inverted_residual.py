@@ -1,10 +1,11 @@
 """The inverted residual kernel (expansion 1x1 -> depthwise -> optional projection 1x1, one kernel):
 models against onnx.reference, which blocks the rewrite takes, and the kernel with row bands.
 
-The rewrite takes blocks on AVX2 targets only (8 lanes, where its rule was measured: the module
-docstring of ``inverted_residual_rewrite``), so the tests of the kernel compile for one (``AVX2``,
-which any AVX2 host runs, AVX-512 ones too) rather than for the host; on AVX-512 targets the blocks
-stay separate kernels (``test_avx512_targets_keep_the_blocks_separate_kernels``)."""
+The rewrite takes blocks on AVX2 and AVX-512 targets (8 and 16 lanes, where its rule was measured:
+the module docstring of ``inverted_residual_rewrite``), so the tests of the kernel compile for one of
+them (``AVX2``, which any AVX2 host runs, AVX-512 ones too; ``AVX512``, run where the host has it)
+rather than for the host; on NEON targets the blocks stay separate kernels
+(``test_neon_targets_keep_the_blocks_separate_kernels``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tvm_patdnn.transform import inverted_residual_rewrite
 # The host's cores as "x86" has them (the kernel's row bands follow num-cores), AVX2's vectors.
 AVX2 = {"kind": "llvm", "mcpu": "znver3", "num-cores": runtime_threads()}
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": runtime_threads()}
+NEON = {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon", "+v8.2a", "+dotprod"]}
 
 
 def check_on(target: dict, model: onnx.ModelProto, seed: int) -> tvm_patdnn.CompiledModel:
@@ -120,11 +122,11 @@ def blocks(draw):
 
 @settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(blocks(), st.booleans())
-def test_random_blocks_match_reference_on_one_kernel(every_block, monkeypatch, case, fuse_projection):
+@given(blocks(), st.booleans(), st.sampled_from([AVX2, AVX512]))
+def test_random_blocks_match_reference_on_one_kernel(every_block, monkeypatch, case, fuse_projection, target):
     model, seed, projected, expanded = case
     monkeypatch.setattr(inverted_residual_rewrite, "FUSE_PROJECTION", fuse_projection)
-    compiled = check_on(AVX2, model, seed)
+    compiled = check_on(target, model, seed)
     fused = expanded or fuse_projection
     assert kernel_calls(compiled, "inverted_residual") == fused
     separate = 1 if projected and not fuse_projection else 0
@@ -132,23 +134,34 @@ def test_random_blocks_match_reference_on_one_kernel(every_block, monkeypatch, c
     assert kernel_calls(compiled, "depthwise_conv") == (not fused)
 
 
+@pytest.mark.parametrize("target", [AVX2, AVX512], ids=["avx2", "avx512"])
 @pytest.mark.parametrize("channels, expanded, size, stride, projected", [
     (16, 96, 112, 2, None), (24, 144, 56, 1, 24), (24, 144, 56, 2, 32), (32, None, 112, 1, 16)])
-def test_mobilenet_v2_blocks_the_rule_fuses_match_reference(channels, expanded, size, stride, projected):
+def test_mobilenet_v2_blocks_the_rule_fuses_match_reference(channels, expanded, size, stride, projected, target):
     """The rule's blocks (expanded tensors of at least MIN_EXPANDED_BYTES), residual where the model has one."""
     model = block_model(np.random.default_rng(size), (1, channels, size, size), expanded, (stride, stride),
                         projected=projected, residual=projected == channels and stride == 1)
-    assert kernel_calls(check_on(AVX2, model, 2), "inverted_residual") == 1
+    assert kernel_calls(check_on(target, model, 2), "inverted_residual") == 1
 
 
-def test_avx512_targets_keep_the_blocks_separate_kernels():
-    """The rule was measured on AVX2 only: on AVX-512 a block the AVX2 rule fuses stays the 1x1 and
-    depthwise kernels (against onnx.reference where the host has AVX-512)."""
+def test_neon_targets_keep_the_blocks_separate_kernels():
+    """The rule was measured on AVX2 and AVX-512 only: a block it fuses there stays the 1x1 and
+    depthwise kernels on a 4-lane (NEON) target."""
+    import tvm
+    from tvm import relax
+
+    from tvm_patdnn.frontend import import_onnx
+    from tvm_patdnn.ops.inverted_residual import INVERTED_RESIDUAL_ATTR
+    from tvm_patdnn.targets import vector_registers
+
     model = block_model(np.random.default_rng(56), (1, 24, 56, 56), 144, projected=24, residual=True)
-    compiled = check_on(AVX512, model, 2)
-    assert kernel_calls(compiled, "inverted_residual") == 0
-    assert kernel_calls(compiled, "depthwise_conv") == 1
-    assert kernel_calls(compiled, "dense_conv") + kernel_calls(compiled, "direct_conv") == 2
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    for target, fused in ((AVX2, True), (AVX512, True), (NEON, False)):
+        resolved = tvm.target.Target(target)
+        rewritten = inverted_residual_rewrite.InvertedResidualRewrite(vector_registers(resolved),
+                                                                       vector_lanes(resolved))(mod)
+        kernels = [f for _, f in rewritten.functions_items() if f.attrs and INVERTED_RESIDUAL_ATTR in f.attrs]
+        assert len(kernels) == fused, target
 
 
 @pytest.mark.parametrize("size, stride", [(14, 1), (28, 2), (14, 2)])

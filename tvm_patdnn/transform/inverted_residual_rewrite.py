@@ -22,8 +22,12 @@ expanded tensor saved. The projection joins them (``FUSE_PROJECTION``): the dept
 of a block then go to a buffer in cache instead of memory. A depthwise conv without expansion
 before it but with a projection after it (MobileNetV2's first block, 32 channels at 112x112) is
 taken too: kernel alone 1.21-1.27x over the depthwise and projection kernels, the whole model
-within noise (1.059x ORT against 1.057x). Measured on AVX2 only, so only AVX2 targets (8 lanes)
-take it.
+within noise (1.059x ORT against 1.057x). Measured on AVX2 (8 lanes) and AVX-512 (16 lanes), so
+only those targets take it (``FUSED_LANES``): on Zen 5 (1 thread, MobileNetV2 with the same rule,
+interleaved against the kernels one by one, two runs of 11 and 15 rounds) the whole model ran 1.079x,
+1.065x per round (ORT/ours 1.000 -> 1.084x, 1.028 -> 1.071x); with only the 112x112 blocks
+(``MIN_EXPANDED_BYTES`` 4 MB) 1.053x, 1.061x. Session 14 had measured 0.97x, before the separate
+16-lane GEMM, depthwise and direct kernels changed.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ MIN_EXPANDED_BYTES = 1000000
 # at 112x112 s2 1.16-1.21x, 24->144->24 (+ residual) at 56x56 1.08-1.09x, 24->144->32 s2 1.10x over the
 # two-conv kernel + the projection's own kernel (Zen 3, 1 thread); the whole MobileNetV2 1.025x.
 FUSE_PROJECTION = True
+# Lane counts whose targets take the fused kernel (AVX2 and AVX-512, where the rule was measured).
+FUSED_LANES = (8, 16)
 _EXPANSION_FIELDS = ("batch", "in_channels", "height", "width", "out_channels", "has_bias", "activation", "clip_min",
                      "clip_max")
 _PROJECTION_FIELDS = _EXPANSION_FIELDS + ("residual",)
@@ -103,7 +109,7 @@ class InvertedResidualRewriter(DepthwiseConvRewriter):
         """(spec, expansion, depthwise, projection) of a block the kernel takes, else None: a depthwise
         conv with an expansion before it, a projection after it or both (the ones that fit)."""
         dspec = depthwise[1]
-        if self.lanes != 8 or dspec.kernel[0] < dspec.strides[0]:
+        if self.lanes not in FUSED_LANES or dspec.kernel[0] < dspec.strides[0]:
             return None
         if expansion is not None and (expansion[3] is not None or not expansion[1].pointwise):
             expansion = None
