@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import statistics
 from pathlib import Path
 from unittest import mock
@@ -223,9 +222,8 @@ def main() -> None:
                         choices=["vgg16_cifar", "vgg16_trunk", "resnet50"], help="with --whole (AVX-512 hosts: any)")
     args = parser.parse_args()
 
-    cores = os.cpu_count() or 1
-    host = resolve_target("x86")
-    avx2 = resolve_target({**AVX2, "num-cores": cores})
+    host = resolve_target("x86")  # as many cores as the runtime's threads (TVM_NUM_THREADS)
+    avx2 = resolve_target({**AVX2, "num-cores": int(host.attrs["num-cores"])})  # the same count
     if args.whole:
         for name in args.models:
             whole_model(args.rounds, host, avx2, name)
