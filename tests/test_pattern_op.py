@@ -440,14 +440,19 @@ def test_avx2_rows_are_aligned_where_that_takes_no_more_memory():
         (3, 112, 2, False, False, 4),  # batch 2, no bias, no ReLU
         (64, 224, 1, True, False, 12),  # VGG-16 224's 64-channel 224x224 layer (the block's 64 channels)
         (128, 112, 1, True, True, 8),  # 128 channels (VGG-16 224's 128x128 112x112: the block in L2)
+        (64, 32, 1, True, True, 8),  # VGG-16 CIFAR's 32x32 rows: 8-row tiles, 2 column blocks
+        (128, 16, 2, False, True, 4),  # its 16x16 rows: one column block, batch 2
+        (8, 56, 1, True, False, 12),  # ResNet-50's 56 columns: the last column block overlaps the third
     ],
 )
 def test_avx512_wide_rows_kernel_matches_the_onnx_reference(channels, size, batch, bias, relu, n_patterns):
-    """AVX-512 layers of at most 128 channels with rows of at least 112 columns take the hand-scheduled
-    wide-rows kernel (centre vectors aligned, borders shuffled in: no split loads); AVX2 and NEON keep the
-    TE operator, as do rows of fewer columns or more channels; it matches onnx.reference (border column
-    and row blocks, every pattern, batch)."""
-    from tvm_patdnn.ops.pattern_conv_wide import wide_rows_apply
+    """AVX-512 layers of at most 128 channels with rows of at least 112 columns (7-row tiles) or of 16, 32
+    or 56 columns (8-row tiles) take the hand-scheduled wide-rows kernel (centre vectors aligned, borders
+    shuffled in: no split loads); AVX2 and NEON keep the TE operator, as do other rows or more channels; it
+    matches onnx.reference (border column and row blocks, an overlapping last column block, every pattern,
+    batch)."""
+    from tvm_patdnn.errors import PatDNNError
+    from tvm_patdnn.ops.pattern_conv_wide import pattern_conv_wide_primfunc, wide_rows_apply, wide_rows_tile
 
     rng = np.random.default_rng(size + channels)
     conv = ConvSpec(16, n_patterns=n_patterns, connectivity=2.0, bias=bias, relu=relu)
@@ -459,10 +464,17 @@ def test_avx512_wide_rows_kernel_matches_the_onnx_reference(channels, size, batc
     weight = pattern_weight(np.random.default_rng(1), 8, 64, n_patterns=4)
     fkw = pack_fkw(weight, analyze_conv_weight(weight))
     spec = PatternConvSpec.from_fkw(fkw, (1, 64, 112, 112), (1, 1), (1, 1, 1, 1), True, True, 16, 32)
-    assert wide_rows_apply(spec)
+    assert wide_rows_apply(spec) and wide_rows_tile(spec) == 7
     assert not wide_rows_apply(dataclasses.replace(spec, in_channels=256))
-    assert not wide_rows_apply(dataclasses.replace(spec, height=56, width=56))  # 56 columns: the TE operator
     assert not wide_rows_apply(dataclasses.replace(spec, height=128, width=128))  # 128 rows: 7 does not divide
+
+    def tile(height, width):
+        return wide_rows_tile(dataclasses.replace(spec, height=height, width=width))
+
+    assert [tile(size, size) for size in (224, 56, 32, 16, 28, 14, 8, 64)] == [7, 8, 8, 8, 0, 0, 0, 0]
+    assert tile(24, 32) == 8 and tile(30, 32) == 0 and tile(14, 112) == 7 and tile(16, 120) == 0
+    with pytest.raises(PatDNNError, match="wide-rows kernel"):
+        pattern_conv_wide_primfunc(dataclasses.replace(spec, height=28, width=28))
     compiled = tvm_patdnn.compile(model, AVX512)
     if vector_lanes(resolve_target("x86")) != 16:
         pytest.skip("host CPU: no AVX-512 to run the code on (it was built)")

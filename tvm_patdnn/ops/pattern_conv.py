@@ -566,7 +566,8 @@ def pattern_conv2d_primfunc(spec: PatternConvSpec, hand_kernels: bool = True) ->
     Arguments, in order: data, values, channels, offsets, inverse_order, [bias], out.
     With ``hand_kernels``, a layer a hand-scheduled kernel of the same arguments takes gets that
     kernel instead (``tirx.is_scheduled``: no schedule rule and no tuning task):
-    :mod:`.pattern_conv_wide`'s for AVX-512 wide rows of at most 64 channels.
+    :mod:`.pattern_conv_wide`'s for AVX-512 layers of at most 128 channels with rows of at least 112
+    columns or of 16, 32 or 56 (:func:`~.pattern_conv_wide.wide_rows_tile`).
     """
     if hand_kernels:
         from .pattern_conv_wide import pattern_conv_wide_primfunc, wide_rows_apply

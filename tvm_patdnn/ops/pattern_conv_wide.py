@@ -15,17 +15,23 @@ the split loads, 184 with the shuffles. The pad prefetches, for every row it cop
 column block :data:`_PAD_PREFETCH` ahead reads (its input comes from L3 in 64-byte pieces of 576
 rows: without it the pad took a third of the 224x224 layer's time).
 
-Everything else is the fused layout's: row blocks of 7 rows share the threads, column blocks of
-16 run inside them, the block's pad is built just before every filter sweeps it, each filter's
-(filter, pattern) runs are found through FKW's permutation (``inverse_order``), the register tile
-(7 vectors, on the stack so that it stays in registers across the runs) is stored once with bias
-and ReLU.
+Everything else is the fused layout's: row blocks of 7 rows (8 for rows of 16, 32 or 56 columns)
+share the threads, column blocks of 16 run inside them (where the row is not a multiple of 16 the
+last block overlaps the one before it: every load and store a whole vector), the block's pad is
+built just before every filter sweeps it, each filter's (filter, pattern) runs are found through
+FKW's permutation (``inverse_order``), the register tile (7 or 8 vectors, on the stack so that it stays
+in registers across the runs) is stored once with bias and ReLU.
 
 Zen 5, 1 thread, interleaved against the TE operator's layouts, VGG-16 224 8x layers: alone 64x64
 224x224 1.18-1.24x (1.09x without the pad prefetch), 128x64 112x112 1.45-1.47x, 128x128 112x112
 1.29-1.31x (128 channels: the block, 81 KB, is in L2; the TE operator's lifted rows there); in the
-trunk (per-call minima) 1.24x, 1.45x, 1.27x. Not taken: 56x56 (256x128 1.02x, 256x256 0.96x, the
-last of 4 blocks half empty), 28x28 at 512 channels 1.04-1.05x, 14x14 0.91x (14 rows a tile; 7: 0.97x).
+trunk (per-call minima) 1.24x, 1.45x, 1.27x. Rows of 16, 32 and 56 columns with 8-row tiles (16 rows:
+0.60-0.68x, spilled; 4 rows 0.87x), alone: VGG-16 CIFAR's 64x64 32x32 1.28-1.29x, 128x64 and 128x128
+16x16 1.20x, ResNet-50's 64x64 56x56 1.20x (1.08-1.09x with the last block built and stored lane by
+lane); in VGG-16 CIFAR (per-call minima of 61 inferences) 0.091 -> 0.067 ms (38 -> 52% of 268 GFLOP/s),
+0.040 -> 0.037, 0.078 -> 0.067 ms, whole model 1.068x per round. Not taken: 56x56 above 128 channels
+(256x128 1.02x, 256x256 0.96x), 28x28 at 128 channels 1.06-1.09x, at 512 1.04-1.05x, 14x14 0.91x (14
+rows a tile; 7: 0.97x, 1.03x at 256 channels).
 """
 
 from __future__ import annotations
@@ -34,12 +40,16 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..errors import PatDNNError
 from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 
-__all__ = ["WIDE_ROWS", "wide_rows_apply", "pattern_conv_wide_primfunc"]
+__all__ = ["WIDE_ROWS", "NARROW_ROWS", "NARROW_WIDTHS", "wide_rows_tile", "wide_rows_apply",
+           "pattern_conv_wide_primfunc"]
 
-WIDE_ROWS = 7  # output rows of the register tile (one 16-lane vector each)
+WIDE_ROWS = 7  # output rows of the register tile (one 16-lane vector each) for rows of >= 112 columns
+NARROW_ROWS = 8  # ... for rows of NARROW_WIDTHS columns (16 rows: 0.6-0.7x, 4 rows: 0.87-0.9x of 8)
+NARROW_WIDTHS = (16, 32, 56)  # VGG-16 CIFAR's 16x16 and 32x32 layers, ResNet-50's 56x56
 _LANES = 16
 _MAX_CHANNELS = 128  # input channels, at most (64: the block in L1; 128: 81 KB, in L2, still 1.3x)
 _PAD_PREFETCH = 2  # column blocks ahead whose first line of every row the pad prefetches (0: none)
@@ -47,12 +57,24 @@ _PAD_HINT = 3  # into L1 (prefetcht0)
 _EXPERIMENT = False
 
 
+def wide_rows_tile(spec: PatternConvSpec) -> int:
+    """The output rows of this kernel's register tile for ``spec``, 0 where it does not take ``spec``: 16 lanes,
+    stride 1, padding 1, 4-tap patterns, at most 128 input channels, and either rows of at least 112 columns, a
+    multiple of 16, and a multiple of :data:`WIDE_ROWS` rows (:data:`WIDE_ROWS`), or rows of one of
+    :data:`NARROW_WIDTHS` columns and a multiple of :data:`NARROW_ROWS` rows (:data:`NARROW_ROWS`)."""
+    if not (spec.vector_width == _LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
+            and spec.taps == 4 and spec.in_channels <= _MAX_CHANNELS and spec.n_kernels > 0):
+        return 0
+    if spec.out_width >= 112 and spec.out_width % _LANES == 0 and spec.out_height % WIDE_ROWS == 0:
+        return WIDE_ROWS
+    if spec.out_width in NARROW_WIDTHS and spec.out_height % NARROW_ROWS == 0:
+        return NARROW_ROWS
+    return 0
+
+
 def wide_rows_apply(spec: PatternConvSpec) -> bool:
-    """Whether this kernel computes ``spec``: 16 lanes, stride 1, padding 1, 4-tap patterns, at most 128 input
-    channels, output rows a multiple of 7 and columns a multiple of 16 wide, at least 112 columns."""
-    return (spec.vector_width == _LANES and spec.strides == (1, 1) and spec.padding == (1, 1, 1, 1)
-            and spec.taps == 4 and spec.in_channels <= _MAX_CHANNELS and spec.out_height % WIDE_ROWS == 0
-            and spec.out_width % _LANES == 0 and spec.out_width >= 112 and spec.n_kernels > 0)
+    """Whether this kernel computes ``spec`` (:func:`wide_rows_tile`)."""
+    return wide_rows_tile(spec) > 0
 
 
 def pattern_conv_wide_primfunc(spec: PatternConvSpec, rows: int | None = None,
@@ -62,10 +84,11 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec, rows: int | None = None,
     inverse_order (user filter -> FKW's stored filter), [bias], out. ``rows``: output rows of the register
     tile; ``groups``: filter groups a row block's filters are split into (its block built for each)."""
     if not (wide_rows_apply(spec) or _EXPERIMENT):
-        raise ValueError("the wide-rows kernel takes 16 lanes, stride 1, padding 1, 4 taps, at most 128 channels, "
-                         "rows a multiple of 7 and at least 112 columns, a multiple of 16")
+        raise PatDNNError("the wide-rows kernel takes 16 lanes, stride 1, padding 1, 4 taps, at most 128 channels, "
+                          "rows of >= 112 columns (a multiple of 16) in blocks of 7 or rows of 16, 32 or 56 "
+                          "columns in blocks of 8")
     n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
-    rows = rows or WIDE_ROWS
+    rows = rows or wide_rows_tile(spec) or WIDE_ROWS
     f_, p_, taps, lanes = spec.out_channels, len(spec.patterns), spec.taps, _LANES
     groups = groups or 1
     block_rows, blocks, row_blocks = rows + 2, (w_ + _LANES - 1) // _LANES, h_ // rows
@@ -89,7 +112,7 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec, rows: int | None = None,
                 centre = T.decl_buffer((c_ * block_rows * lanes,), "float32")
                 border = T.decl_buffer((c_ * block_rows * 2,), "float32")
                 with T.serial(0, blocks) as b:
-                    x0 = b * lanes
+                    x0 = b * lanes if w_ % lanes == 0 else tirx.min(b * lanes, w_ - lanes)  # the last overlaps
                     with T.serial(0, c_) as c:
                         for r in range(block_rows):
                             row = y0 + r - 1
@@ -100,14 +123,8 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec, rows: int | None = None,
                                 ahead = tirx.min(x0 + _PAD_PREFETCH * lanes, w_ - lanes)
                                 T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
                                     image[base + ahead]), 0, _PAD_HINT, 1))
-                            if w_ % lanes == 0:
-                                T.buffer_store(centre, tirx.Select(inside, image[tirx.Ramp(base + x0, 1, lanes)],
-                                                                   zeros), [tirx.Ramp(slot * lanes, 1, lanes)])
-                            else:  # a partial last vector: lane by lane, zeros past the row
-                                for i in range(lanes):
-                                    T.buffer_store(centre, tirx.Select(
-                                        tirx.all(inside, x0 + i < w_), image[base + tirx.min(x0 + i, w_ - 1)], zero),
-                                        [slot * lanes + i])
+                            T.buffer_store(centre, tirx.Select(inside, image[tirx.Ramp(base + x0, 1, lanes)], zeros),
+                                           [tirx.Ramp(slot * lanes, 1, lanes)])
                             T.buffer_store(border, tirx.Select(tirx.all(inside, x0 > 0),
                                                                image[base + tirx.max(x0 - 1, 0)], zero), [slot * 2])
                             T.buffer_store(border, tirx.Select(tirx.all(inside, x0 + lanes < w_),
@@ -156,10 +173,4 @@ def _filter(spec, f, n, y0, x0, rows, block_rows, centre, border, values, channe
     for r in range(rows):
         value = bias_relu(acc[tirx.Ramp(r * lanes, 1, lanes)], None if bias is None else bias[f], spec.relu, lanes)
         first = ((n * f_ + f) * h_ + y0 + r) * w_ + x0
-        if w_ % lanes == 0:
-            T.buffer_store(outputs, value, [tirx.Ramp(first, 1, lanes)])
-        else:  # rows not a multiple of the vector: the last block's valid lanes
-            for i in range(lanes):
-                with T.If(x0 + i < w_):
-                    with T.Then():
-                        T.buffer_store(outputs, tirx.Shuffle([value], [i]), [first + i])
+        T.buffer_store(outputs, value, [tirx.Ramp(first, 1, lanes)])
