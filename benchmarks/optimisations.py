@@ -183,7 +183,7 @@ def build(fkw: FKWWeight, bias: np.ndarray, data_shape, target, variant: Variant
         spec = dataclasses.replace(spec, vector_width=lanes, flat=False, windows=True, aligned=False, row_tile=1,
                                    column_tile=1, partials=partials)
         spec = dataclasses.replace(spec, column_tile=min(column_tile, spec.acc_columns // lanes))
-    sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec, hand_kernels=False))
+    sch = tvm.s_tir.Schedule(pattern_conv2d_primfunc(spec))
     knobs = default_knobs(sch.mod["main"], int(target.attrs.get("num-cores", 8)), variant.parallel_filters,
                           variant.columns_outside, variant.narrow_tile)
     if knobs.pad is not None and variant.pad is not None:

@@ -136,7 +136,7 @@ def build(fkw: FKWWeight, bias, shape, stride: int, target, lanes: int | None, a
             spec = variant.layout(spec)
         elif lanes is not None:
             spec = choose_layout(dataclasses.replace(spec, vector_width=lanes), accumulators)
-        func = PatternConvCPU().apply(pattern_conv2d_primfunc(spec, hand_kernels=False), target, False).mod["main"]
+        func = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
         kind = (" flat" if spec.flat else " windows" if spec.windows else " lifted" if spec.lifted
                 else " aligned" if spec.aligned else "")
         layout = f"{spec.vector_width}l r{spec.row_tile} c{spec.column_tile} q{spec.partials}{kind}"

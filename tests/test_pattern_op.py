@@ -78,7 +78,7 @@ def pattern_layouts(mod: tvm.IRModule) -> list:
 
 
 def _run_op(spec: PatternConvSpec, fkw, x: np.ndarray, bias: np.ndarray, target) -> np.ndarray:
-    scheduled = PatternConvCPU().apply(pattern_conv2d_primfunc(spec, hand_kernels=False), target, False).mod["main"]
+    scheduled = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
     lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target)
     out = tvm.runtime.tensor(np.zeros((spec.batch, spec.out_channels, spec.out_height, spec.out_width), np.float32))
     args = [x, fkw.values, fkw.channels, fkw.offsets, np.argsort(fkw.order).astype(np.int32), bias]

@@ -25,7 +25,7 @@ def pattern_conv(filters: int, channels: int, size: int, stride: int = 1, batch:
     weight = pattern_weight(np.random.default_rng(size), filters, channels, n_patterns=4, connectivity=2.0)
     spec = PatternConvSpec.from_fkw(pack_fkw(weight, analyze_conv_weight(weight)), (batch, channels, size, size),
                                     (stride, stride), (1, 1, 1, 1), True, True, lanes, accumulators)
-    return pattern_conv2d_primfunc(spec, hand_kernels=False)
+    return pattern_conv2d_primfunc(spec)
 
 
 def cpu(cores: int) -> tvm.target.Target:

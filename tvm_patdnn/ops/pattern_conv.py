@@ -560,20 +560,11 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
     return te.compute((spec.batch, spec.out_channels, spec.out_height, spec.out_width), epilogue, name="out")
 
 
-def pattern_conv2d_primfunc(spec: PatternConvSpec, hand_kernels: bool = True) -> tirx.PrimFunc:
+def pattern_conv2d_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
     """The unscheduled PrimFunc of one pattern convolution, tagged for the schedule rules.
 
     Arguments, in order: data, values, channels, offsets, inverse_order, [bias], out.
-    With ``hand_kernels``, a layer a hand-scheduled kernel of the same arguments takes gets that
-    kernel instead (``tirx.is_scheduled``: no schedule rule and no tuning task):
-    :mod:`.pattern_conv_wide`'s for AVX-512 layers of at most 128 channels with rows of at least 112
-    columns or of 16, 32 or 56 (:func:`~.pattern_conv_wide.wide_rows_tile`).
     """
-    if hand_kernels:
-        from .pattern_conv_wide import pattern_conv_wide_primfunc, wide_rows_apply
-
-        if wide_rows_apply(spec):
-            return pattern_conv_wide_primfunc(spec)
     data = te.placeholder((spec.batch, spec.in_channels, spec.height, spec.width), "float32", "data")
     values = te.placeholder((max(1, spec.n_kernels), spec.taps), "float32", "values")
     channels = te.placeholder((max(1, spec.n_kernels),), "int32", "channels")

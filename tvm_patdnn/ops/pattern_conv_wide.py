@@ -54,7 +54,6 @@ _LANES = 16
 _MAX_CHANNELS = 128  # input channels, at most (64: the block in L1; 128: 81 KB, in L2, still 1.3x)
 _PAD_PREFETCH = 2  # column blocks ahead whose first line of every row the pad prefetches (0: none)
 _PAD_HINT = 3  # into L1 (prefetcht0)
-_EXPERIMENT = False
 
 
 def wide_rows_tile(spec: PatternConvSpec) -> int:
@@ -77,20 +76,18 @@ def wide_rows_apply(spec: PatternConvSpec) -> bool:
     return wide_rows_tile(spec) > 0
 
 
-def pattern_conv_wide_primfunc(spec: PatternConvSpec, rows: int | None = None,
-                               groups: int | None = None) -> tirx.PrimFunc:
+def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
     """The scheduled PrimFunc of one wide-row pattern conv (see the module docstring); the arguments of
     :func:`~tvm_patdnn.ops.pattern_conv.pattern_conv2d_primfunc`: data, values, channels, offsets,
-    inverse_order (user filter -> FKW's stored filter), [bias], out. ``rows``: output rows of the register
-    tile; ``groups``: filter groups a row block's filters are split into (its block built for each)."""
-    if not (wide_rows_apply(spec) or _EXPERIMENT):
+    inverse_order (user filter -> FKW's stored filter), [bias], out; its register tile has
+    :func:`wide_rows_tile` output rows."""
+    if not wide_rows_apply(spec):
         raise PatDNNError("the wide-rows kernel takes 16 lanes, stride 1, padding 1, 4 taps, at most 128 channels, "
                           "rows of >= 112 columns (a multiple of 16) in blocks of 7 or rows of 16, 32 or 56 "
                           "columns in blocks of 8")
     n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
-    rows = rows or wide_rows_tile(spec) or WIDE_ROWS
+    rows = wide_rows_tile(spec)
     f_, p_, taps, lanes = spec.out_channels, len(spec.patterns), spec.taps, _LANES
-    groups = groups or 1
     block_rows, blocks, row_blocks = rows + 2, (w_ + _LANES - 1) // _LANES, h_ // rows
     zero = tirx.const(0.0, "float32")
     zeros = tirx.Broadcast(zero, lanes)
@@ -107,8 +104,8 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec, rows: int | None = None,
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             image = T.decl_buffer((n_ * c_ * h_ * w_,), "float32", data=data.data)
             outputs = T.decl_buffer((n_ * f_ * h_ * w_,), "float32", data=out.data)
-            with T.parallel(0, n_ * row_blocks * groups) as task:
-                n, y0, group = task // (row_blocks * groups), task // groups % row_blocks * rows, task % groups
+            with T.parallel(0, n_ * row_blocks) as task:
+                n, y0 = task // row_blocks, task % row_blocks * rows
                 centre = T.decl_buffer((c_ * block_rows * lanes,), "float32")
                 border = T.decl_buffer((c_ * block_rows * 2,), "float32")
                 with T.serial(0, blocks) as b:
@@ -130,12 +127,9 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec, rows: int | None = None,
                             T.buffer_store(border, tirx.Select(tirx.all(inside, x0 + lanes < w_),
                                                                image[base + tirx.min(x0 + lanes, w_ - 1)], zero),
                                            [slot * 2 + 1])
-                    with T.serial(0, (f_ + groups - 1) // groups) as fi:
-                        f = group * ((f_ + groups - 1) // groups) + fi
-                        with T.If(f < f_):
-                            with T.Then():
-                                _filter(spec, f, n, y0, x0, rows, block_rows, centre, border, values, channels,
-                                        offsets, inverse_order, bias, outputs)
+                    with T.serial(0, f_) as f:
+                        _filter(spec, f, n, y0, x0, rows, block_rows, centre, border, values, channels, offsets,
+                                inverse_order, bias, outputs)
     func = builder.get().without_attr("global_symbol")
     return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "wide_rows": 1})
 

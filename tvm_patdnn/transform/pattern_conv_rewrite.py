@@ -24,6 +24,7 @@ from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
 from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
 from ..ops.pattern_conv_shifted_rows import pattern_conv_shifted_rows_primfunc, shifted_rows_apply
 from ..ops.pattern_conv_blocked import blocked_applies, blocked_layout, blocked_weights, pattern_conv_blocked_primfunc
+from ..ops.pattern_conv_wide import pattern_conv_wide_primfunc, wide_rows_apply
 from ..report import ConvRecord
 from .exprs import add_kernel, constant_array, per_channel_bias, single_use_values, static_shape
 from .sparse_pointwise_rewrite import runs_sparse
@@ -218,7 +219,8 @@ class PatternConvRewrite:
         )
         # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, 4x4 images (and 8x8 on AVX-512) the
         # shifted-rows one, and many-channel layers on AVX2 the channel-blocked one, which take FKW's filter order;
-        # otherwise the compute the rules schedule, which takes its inverse.
+        # otherwise the compute the rules schedule, or on AVX-512 for rows of whole vectors and at most 128
+        # channels the wide-rows kernel, which take its inverse.
         tap_lanes = tap_lanes_apply(spec, self.vector_width)
         shifted_rows = shifted_rows_apply(spec, self.vector_width)
         blocked = not tap_lanes and blocked_applies(spec)
@@ -232,6 +234,8 @@ class PatternConvRewrite:
         elif blocked:  # many input channels on AVX2: the channel-blocked kernel
             layout = blocked_layout(spec)
             func, weights = pattern_conv_blocked_primfunc(layout, self.threads), blocked_weights(fkw, layout)
+        elif wide_rows_apply(spec):
+            func = pattern_conv_wide_primfunc(spec)
         else:
             func = pattern_conv2d_primfunc(spec)
         name = "pattern_conv2d_" + "".join(ch if ch.isalnum() else "_" for ch in fields["name"])
