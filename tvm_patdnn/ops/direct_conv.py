@@ -41,6 +41,7 @@ The function is written directly as (scheduled) TIR, so no schedule rule or tuni
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,12 +208,17 @@ def _store_output(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb,
                     value = value + flat_res[n, f, base + m]
                 T.buffer_store(flat_out, activate(value, conv), [n, f, base + m])
 
-            if ragged:
-                with T.If(f < conv.out_channels):
-                    with T.Then():
-                        store()
-            else:
+            _store_real_filter(ragged, f < conv.out_channels, store)
+
+
+def _store_real_filter(ragged: bool, real, store: Callable[[], None]) -> None:
+    """``store()``, guarded by ``real`` (the filter exists) when the last filter block is ragged."""
+    if ragged:
+        with T.If(real):
+            with T.Then():
                 store()
+    else:
+        store()
 
 
 def _transpose16(rows: list) -> list:
@@ -252,12 +258,7 @@ def _store_transposed(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n,
                     value = value + flat_res[n, f, pixels]
                 T.buffer_store(flat_out, activate(value, conv), [n, f, pixels])
 
-            if ragged:
-                with T.If(f < conv.out_channels):
-                    with T.Then():
-                        store()
-            else:
-                store()
+            _store_real_filter(ragged, f < conv.out_channels, store)
 
 
 def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs, n, fb, kb, t, base, first,
