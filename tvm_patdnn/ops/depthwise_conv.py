@@ -247,6 +247,11 @@ def copy_padded_row(spec: DepthwiseConvSpec, data, dest, n, c, iy, at) -> None:
                 T.buffer_store(dest, data[n, c, iy, q * sx + p - left], [at(p, q)])
 
 
+def _reduce(acc, x, weight, c, dy, dx):
+    """One tap into an accumulator: weight x input for a conv, the max for a pool (``weight`` None)."""
+    return acc + weight[c, 0, dy, dx] * x if weight is not None else T.max(acc, x)
+
+
 def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> None:
     """``rows x vectors`` output vectors from ``(y0, x0)``, accumulated in registers, stored once."""
     kh, kw = spec.kernel
@@ -263,8 +268,7 @@ def _tile(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c, y0, x0) -> No
                 with T.vectorized(0, width) as j:
                     y = (y0 + r) * sy + dy
                     x = plane[(y * sx + dx % sx) * q_ + x0 + j + dx // sx]
-                    value = acc[r * width + j] + weight[c, 0, dy, dx] * x if weight is not None else T.max(acc[r * width + j], x)
-                    T.buffer_store(acc, value, [r * width + j])
+                    T.buffer_store(acc, _reduce(acc[r * width + j], x, weight, c, dy, dx), [r * width + j])
     with T.unroll(0, rows) as r:
         with T.vectorized(0, width) as j:
             T.buffer_store(out, activate(acc[r * width + j], spec), [n, c, y0 + r, x0 + j])
@@ -290,8 +294,7 @@ def _flat_channel(spec: DepthwiseConvSpec, plane, weight, bias, out, n, c) -> No
                 with T.vectorized(0, lanes) as j:
                     x = plane[v * lanes + j + spec.flat_offset(dy, dx)]
                     slot = v * lanes + j
-                    value = acc[slot] + weight[c, 0, dy, dx] * x if weight is not None else T.max(acc[slot], x)
-                    T.buffer_store(acc, value, [slot])
+                    T.buffer_store(acc, _reduce(acc[slot], x, weight, c, dy, dx), [slot])
     with T.unroll(0, count) as v:
         with T.vectorized(0, lanes) as j:
             T.buffer_store(acc, activate(acc[v * lanes + j], spec), [v * lanes + j])
