@@ -274,12 +274,19 @@ def prunable_reason(
     layer (at most 3 input channels, e.g. RGB) holds few weights but is very sensitive, so
     PatDNN keeps it dense.
     """
+    return _plain_conv_reason(weight_shape, (3, 3), groups, dilations, first_layer_dense)
+
+
+def _plain_conv_reason(weight_shape: Sequence[int], kernel: tuple[int, int], groups: int,
+                       dilations: Sequence[int], first_layer_dense: bool) -> str | None:
+    """Why a conv is not a plain (ungrouped, undilated) ``kernel`` conv past the first layer: the
+    checks the 3x3 pattern and the 1x1 pointwise pruning share, or ``None``."""
     shape = tuple(int(d) for d in weight_shape)
     if len(shape) != 4:
         return f"weight of rank {len(shape)} is not a 2-D convolution (OIHW)"
-    o, i_per_group, kh, kw = shape
-    if (kh, kw) != (3, 3):
-        return f"kernel {kh}x{kw} is not 3x3"
+    _, i_per_group, kh, kw = shape
+    if (kh, kw) != kernel:
+        return f"kernel {kh}x{kw} is not {kernel[0]}x{kernel[1]}"
     if groups != 1:
         kind = "depthwise" if i_per_group == 1 else "grouped"
         return f"{kind} (group={groups})"
@@ -387,16 +394,4 @@ def pointwise_reason(weight_shape: Sequence[int], groups: int = 1, first_layer_d
     Grouped/depthwise 1x1 convs have no channel matrix to sparsify; a first layer (at most 3
     input channels) is kept dense for the same reason as with 3x3 kernels.
     """
-    shape = tuple(int(d) for d in weight_shape)
-    if len(shape) != 4:
-        return f"weight of rank {len(shape)} is not a 2-D convolution (OIHW)"
-    o, i_per_group, kh, kw = shape
-    if (kh, kw) != (1, 1):
-        return f"kernel {kh}x{kw} is not 1x1"
-    if groups != 1:
-        kind = "depthwise" if i_per_group == 1 else "grouped"
-        return f"{kind} (group={groups})"
-    if first_layer_dense and i_per_group <= 3:
-        plural = "s" if i_per_group != 1 else ""
-        return f"first layer ({i_per_group} input channel{plural}) kept dense"
-    return None
+    return _plain_conv_reason(weight_shape, (1, 1), groups, (1, 1), first_layer_dense)
