@@ -19,7 +19,7 @@ from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.ops.dense_conv import DENSE_CONV_ATTR, DenseConvSpec, register_tile
 from tvm_patdnn.pipeline import get_pipeline
 from tvm_patdnn.targets import resolve_target, vector_lanes, vector_registers
-from tvm_patdnn.transform import DenseConvRewrite
+from tvm_patdnn.transform import DenseConvRewrite, dense_conv_rewrite
 
 
 def dense_kernel_calls(compiled: tvm_patdnn.CompiledModel,
@@ -167,6 +167,24 @@ def test_kxk_convs_match_reference_on_the_direct_kernel(in_c, out_c, size, kerne
                          kernel=(kernel, kernel), strides=(stride, stride), padding=tuple(attrs.get("pads", [0] * 4)))
     chosen = DenseConvRewrite(vector_registers(target), vector_lanes(target)).kernel_for(spec)
     assert dense_kernel_calls(compiled, ({"gemm": "dense_conv", "direct": "direct_conv"}[chosen],)) == 1
+
+
+@pytest.mark.parametrize("in_c, out_c, size, attrs", [
+    (3, 64, 16, {"pads": [1, 1, 1, 1]}),  # 256 pixels: 2 whole 112-pixel tiles and an overlapping last one
+    (3, 65, 13, {"pads": [0, 1, 2, 1]}),  # a ragged last filter tile, tiles across rows, asymmetric padding
+    (2, 70, 11, {}),  # 81 pixels: fewer than the tile, keeps the 14 x 2 tile
+])
+def test_streamed_output_tile_matches_reference(in_c, out_c, size, attrs, monkeypatch):
+    """AVX-512: an RGB stride-1 3x3 whose output outgrows L2 takes the GEMM's 3 filters x 7 vectors tile
+    (threshold lowered here so that small batch-2 images take it)."""
+    monkeypatch.setattr(dense_conv_rewrite, "STREAMED_OUTPUT_BYTES", 1)
+    compiled = check_against_reference(_single_conv(in_c, out_c, size, 3, **attrs), size)
+    assert dense_kernel_calls(compiled, ("dense_conv",)) == 1
+    if vector_lanes(resolve_target("x86")) >= 16:
+        spec = DenseConvSpec(batch=2, in_channels=in_c, height=size, width=size, out_channels=out_c, lanes=1,
+                             kernel=(3, 3), padding=tuple(attrs.get("pads", [0] * 4)))
+        tile = DenseConvRewrite(32, 16).gemm_tile(spec)
+        assert (tile.filter_tile, tile.vectors) == ((3, 7) if tile.pixels >= 112 else (14, 2))
 
 
 @pytest.mark.parametrize("in_c, out_c, kernel, attrs", [

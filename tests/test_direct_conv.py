@@ -254,6 +254,11 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
                           padding=(1, 1, 1, 1))
     assert avx512.kernel_for(first) == "gemm" and rewrite.kernel_for(first) == "gemm"
     assert avx512.kernel_for(dataclasses.replace(first, out_channels=48)) == "direct"  # < 4 vectors of 16
+    # ... with 14 filters x 2 vectors, or 3 x 7 when its output outgrows L2 (VGG-16 224's first conv)
+    assert (avx512.gemm_tile(first).filter_tile, avx512.gemm_tile(first).vectors) == (13, 2)
+    large = dataclasses.replace(first, height=224, width=224)
+    assert (avx512.default_kernel(large).filter_tile, avx512.default_kernel(large).vectors) == (3, 7)
+    assert (rewrite.gemm_tile(large).filter_tile, rewrite.gemm_tile(large).lanes) == (6, 8)  # AVX2 unchanged
     # AVX-512 1x1s on the direct kernel: 12 pixels x 2 vectors from 28x28 output pixels, 6 x 4 below
     wide = DenseConvSpec(batch=1, in_channels=256, height=28, width=28, out_channels=64)
     assert (avx512.default_kernel(wide).pixel_tile, avx512.default_kernel(wide).vectors) == (12, 2)

@@ -76,7 +76,15 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   27 FMAs long (Zen 3, 1 thread, interleaved, 3->64: direct / GEMM 1.56x at 32x32, 1.16x at
   224x224 alone, 0.99x within the VGG-16 224 trunk; ``patdnn tune``'s choice on VGG-16 CIFAR, 1.2-1.5x
   in the model, in session 11; Zen 5, in the dense VGG-16 CIFAR: 0.107 -> 0.030 ms on the 16-lane
-  GEMM, 0.035 on the 8-lane one). The 7x7 stem (147) stays direct;
+  GEMM, 0.035 on the 8-lane one). On AVX-512, when such a conv's output reaches ``STREAMED_OUTPUT_BYTES``
+  (2 MB: it outgrows L2 and is written to L3), the GEMM tile is ``STREAMED_OUTPUT_TILE``, 3 filters x 7
+  vectors of 16 lanes (a 112-pixel half row of VGG-16 224), instead of 13-14 x 2: the write of the output,
+  not the FMAs, bounds it (with its stores redirected into L1 the 13 x 2 tile ran 1.33 -> 0.89 ms), and
+  7-line runs per filter write it faster than 2-line runs of 13 filters (Zen 5, 1 thread, alone: 3->64 at
+  224x224 1.29-1.31 -> 0.89-0.92 ms, 4 x 6, 5 x 4, 8 x 3 0.96-1.08, 3 x 8 and wider tiles spill; at 112x112
+  0.255 -> 0.218; at 64x64 (1 MB) 0.092 -> 0.107 and at 32x32 0.020 -> 0.023, so smaller outputs keep 14 x 2;
+  in the VGG-16 224 trunk, per-call minima, interleaved: 1.69 -> 1.01 ms, 64% of 268 GFLOP/s, trunk 1.05x
+  per round). The 7x7 stem (147) stays direct;
 * KxK convs on AVX-512 (Zen 4) run the direct kernel with 6 pixels x 4 vectors of 8 lanes
   (``direct_vectors``) rather than 4 of 16: vs ORT 0.81 -> 1.03x on the 7x7 stem (its 3 x 49 taps x
   64 filters of weights overflowed the 32 KB panel into two reduction blocks), 0.95 -> 1.01x on
@@ -129,6 +137,11 @@ SHORT_REDUCTION_CHANNELS = 64
 SHORT_REDUCTION_VECTORS = 4
 # On AVX2, stride-1 KxK convs with at most this many input channels x taps (an RGB image's 3x3: 27) run on the GEMM.
 FEW_TAPS_REDUCTION = 32
+# On AVX-512, such a conv whose output reaches this many bytes (twice the 1 MB L2: it is written to L3)
+# takes the GEMM tile of STREAMED_OUTPUT_TILE (filters, pixel vectors of 16 lanes) instead of 14 x 2:
+# each filter's output is written as runs of 7 whole lines rather than of 2.
+STREAMED_OUTPUT_BYTES = 2 * 1024 * 1024
+STREAMED_OUTPUT_TILE = (3, 7)
 # On AVX2, stride-1 1x1 convs with at most this many output pixels (7x7, 8x8) run on the direct
 # kernel, with filter-block weights of POINTWISE_WEIGHT_PANEL bytes per reduction block (a quarter
 # of L1: the 6 pixels' input lines, one per channel, need the rest).
@@ -282,6 +295,11 @@ class DenseConvRewriter:
         if self.lanes >= 16:  # the filter tiles balanced: 16 filters as 2 x 8, not 14 + 2 in a 2 x 14 tile
             tiles = ceil_div(spec.out_channels, spec.filter_tile)
             spec = dataclasses.replace(spec, filter_tile=ceil_div(spec.out_channels, tiles))
+        filters, pixel_vectors = STREAMED_OUTPUT_TILE
+        if (self.lanes >= 16 and vectors == 2 and spec.lanes == self.lanes and layer.kernel != (1, 1)
+                and layer.taps <= FEW_TAPS_REDUCTION and spec.pixels >= pixel_vectors * self.lanes
+                and 4 * spec.batch * spec.out_channels * spec.pixels >= STREAMED_OUTPUT_BYTES):
+            spec = dataclasses.replace(spec, filter_tile=filters, vectors=pixel_vectors)
         if not self.pack_panel and spec.pointwise:
             spec = dataclasses.replace(spec, pack_panel=False, filters_outer=False)
         elif self.lanes >= 16 and spec.pointwise and spec.pixels >= WIDE_POINTWISE_PIXELS and not self.filters_outer:
