@@ -21,6 +21,14 @@ phase planes (``DepthwiseConvSpec.flat_offset``: every tap is a constant offset 
 7- or 14-lane row vectors: Zen 5, 1 thread, per-call minima in the dense MobileNetV2, two interleaved
 runs: 576@14x14 -> 7x7 0.028-0.029 -> 0.022-0.023 ms (1.25-1.34x; ORT 0.014), 192@28x28 -> 14x14
 0.025-0.027 -> 0.020-0.022 ms (1.21-1.23x; ORT 0.015); whole model within noise (1.001x, 1.023x).
+
+On 16-lane targets, max pools whose window equals the stride and that have no padding (VGG's 2x2
+stride 2) run :mod:`tvm_patdnn.ops.max_pool` instead, on vectors of ``min(16, output row)`` lanes
+read straight from the input (no padded plane copy) when that is at least ``POOL_MIN_LANES``: Zen 5, 1
+thread, kernel alone, interleaved: 64 at 224x224 0.407 -> 0.152 ms (39 -> 106 GB/s), 128 at 112x112
+0.168 -> 0.072, 256 at 56x56 0.095 -> 0.038, 512 at 28x28 0.028 -> 0.019, 512 at 14x14 4.7 -> 3.6 µs,
+VGG-16 CIFAR's 64 at 32x32 2.7 -> 1.8 µs, 128 at 16x16 1.5 -> 1.0, 256 at 8x8 0.7 -> 0.5, 512 at 4x4
+0.5 -> 0.4; 512 at 2x2 (1-lane rows) 0.18 -> 0.24 µs, so it keeps the depthwise kernel.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from tvm.ir import IRModule
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from ..ops.depthwise_conv import FLAT_VECTORS, DepthwiseConvSpec, depthwise_conv_primfunc
+from ..ops.max_pool import MaxPoolSpec, max_pool_primfunc
 from .dense_conv_rewrite import DenseConvRewriter
 from .exprs import add_kernel, nchw_conv_shapes, per_channel_bias, static_shape
 
@@ -46,6 +55,9 @@ FLAT_STRIDED_WIDTH = 16
 # On 16-lane targets, each task of the kernel (conv and max pool) takes at least this many planes
 # (DepthwiseConvSpec.min_group).
 MIN_GROUP = 8
+# On 16-lane targets, max pools whose window equals the stride, without padding, run the streaming
+# kernel of ops/max_pool.py when their output rows make vectors of at least this many lanes.
+POOL_MIN_LANES = 2
 
 
 def _is_depthwise_conv(conv: relax.Call, weight: relax.Expr) -> bool:
@@ -80,6 +92,16 @@ class DepthwiseConvRewriter(DenseConvRewriter):
                 or any(int(d) != 1 for d in attrs.dilation)):
             return expr
         n, c, h, w = shape
+        kernel, strides = tuple(int(k) for k in attrs.pool_size), tuple(int(s) for s in attrs.strides)
+        padding = tuple(int(p) for p in attrs.padding)
+        lanes = min(self.lanes, int(out_shape[3]))
+        if (self.lanes >= 16 and lanes >= POOL_MIN_LANES
+                and MaxPoolSpec.applies(kernel, strides, padding, int(out_shape[3]), lanes)):
+            pool = MaxPoolSpec(batch=n, channels=c, height=h, width=w, kernel=kernel, lanes=lanes)
+            if (pool.out_height, pool.out_width) == tuple(out_shape[2:]):
+                if pool not in self._kernels:
+                    self._kernels[pool] = add_kernel(self._builder, max_pool_primfunc(pool), "max_pool")
+                return relax.call_tir(self._kernels[pool], [expr.args[0]], relax.TensorType(out_shape, "float32"))
         spec = DepthwiseConvSpec.for_target(
             self.registers, self.lanes, batch=n, channels=c, height=h, width=w,
             kernel=tuple(int(k) for k in attrs.pool_size), strides=tuple(int(s) for s in attrs.strides),
