@@ -192,10 +192,18 @@ def test_avx512_rows_layouts_follow_the_zen5_measurements():
         kind = "fused" if spec.fused else "aligned" if spec.aligned else "lifted" if spec.lifted else "model"
         return kind, spec.vector_width, spec.row_tile, spec.column_tile
 
+    def halo(channels, size):
+        weight = pattern_weight(rng, 8, channels, n_patterns=8, connectivity=3.6)
+        spec = PatternConvSpec.from_fkw(pack_fkw(weight, analyze_conv_weight(weight)), (1, channels, size, size),
+                                        (1, 1), (1, 1, 1, 1), True, True, 16, 16)
+        assert spec.lifted
+        return spec.lifted_halo
+
     assert [layout(64, size) for size in (224, 112)] == [("fused", 16, 4, 2)] * 2
     assert layout(64, 112, fused=False) == ("model", 16, 4, 2)  # the tall tile without fused stages
     assert [layout(128, size) for size in (112, 56)] == [("lifted", 16, 7, 2)] * 2
     assert [layout(channels, 28) for channels in (128, 256)] == [("aligned", 16, 7, 2), ("lifted", 16, 7, 2)]
+    assert [halo(256, 28), halo(128, 56), halo(128, 112)] == [False, True, True]  # a row of one tile: no halo
     assert [layout(64, size) for size in (56, 14)] == [("aligned", 16, 7, 2), ("aligned", 16, 14, 1)]
     assert layout(256, 28, lifted=False) == ("aligned", 16, 7, 2)
     assert [layout(64, size, stride=2)[:2] for size in (56, 28, 14)] == [("aligned", 16)] * 2 + [("aligned", 8)]
@@ -361,6 +369,39 @@ def test_lifted_rows_match_the_onnx_reference(height, width, stride, batch, pads
     _check_layout(height * 1000 + width, (batch, 6, height, width), stride, pads, lambda spec: dataclasses.replace(
         spec, flat=False, windows=False, lifted=True, aligned=False, fused=False, row_tile=tile[0], column_tile=tile[1],
         partials=1))
+
+
+@pytest.mark.parametrize(
+    "height, width, batch, pads, tile, lanes",
+    [
+        (7, 30, 1, (0, 1, 2, 1), (1, 2), 16),  # uneven padding, M = 2: 32 lanes for 30 columns, one tile a row
+        (28, 28, 2, (1, 1, 1, 1), (7, 2), 16),  # VGG's 28x28 (as the AVX-512 rule lays it out), batch 2
+        (6, 56, 1, (1, 1, 1, 1), (2, 2), 16),  # M = 4 in column tiles of 2: the second tile's halo is shifted
+        (5, 9, 2, (1, 1, 1, 1), (2, 1), 8),  # 8 lanes, M = 2, batch 2
+        (3, 33, 1, (1, 0, 1, 2), (3, 3), 8),  # M = 6, no left pad, odd width
+    ],
+)
+def test_lifted_rows_without_a_stored_halo_match_the_onnx_reference(height, width, batch, pads, tile, lanes):
+    """Lifted rows without their halo vectors (``lifted_halo=False``): halo vector M + i, lane j's column
+    (j + 1) * M + i, is read as vector i one float further on (the last row's overreach lands in an extra
+    zero row); any width, padding, batch and lane count, against onnx.reference."""
+    _check_layout(height * 1000 + width + 7, (batch, 6, height, width), 1, pads, lambda spec: dataclasses.replace(
+        spec, vector_width=lanes, flat=False, windows=False, lifted=True, lifted_halo=False, aligned=False,
+        fused=False, row_tile=tile[0], column_tile=tile[1], partials=1))
+
+
+def test_lifted_rows_without_a_halo_need_two_vectors_at_stride_1():
+    weight = pattern_weight(np.random.default_rng(3), 8, 8, n_patterns=4)
+    spec = PatternConvSpec.from_fkw(pack_fkw(weight, analyze_conv_weight(weight)), (1, 8, 14, 14), (1, 1),
+                                    (1, 1, 1, 1), True, True, 16, 16)
+    lifted = dataclasses.replace(spec, flat=False, windows=False, aligned=False, fused=False, partials=1, lifted=True,
+                                 row_tile=2, column_tile=1)
+    with pytest.raises(ValueError, match="without a stored halo"):  # M = 1: the halo would be two vectors on
+        dataclasses.replace(lifted, lifted_halo=False)
+    with pytest.raises(ValueError, match="without a stored halo"):
+        dataclasses.replace(lifted, lifted_halo=False, strides=(2, 2))
+    with pytest.raises(ValueError, match="without a stored halo"):
+        dataclasses.replace(lifted, lifted=False, aligned=True, lifted_halo=False)
 
 
 @pytest.mark.parametrize(

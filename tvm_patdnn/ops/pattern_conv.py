@@ -31,7 +31,10 @@ and register count, because the compute pads its output to it:
   output column ``j * M + i`` is lane j of vector i, so every tap of every output vector is one
   whole, aligned input vector (a shift of ``dx * lanes`` floats) and a tile of C vectors reads
   C + 2 input vectors per row instead of 3C unaligned ones (on Zen 3 a 256-bit load that splits a
-  cache line costs two). The pad gathers and the epilogue scatters the lanes;
+  cache line costs two). The pad gathers and the epilogue scatters the lanes. Without a stored halo
+  (``lifted_halo=False``, AVX-512 rows of one register tile: 28 columns) a row keeps its M vectors
+  only and halo vector M + i (lane j: column (j + 1) * M + i) is read as vector i one float on, a
+  load that splits a cache line but halves the lines a kernel brings from L2 at M = 2;
 * ``aligned`` rows (plain rows otherwise) give each padded row (each column phase when strided) a
   pitch of whole vectors: strided, the taps with dx = 0 and 1 of an output vector are then whole
   vectors; at stride 1 a row stores padded column p at p - 1 (:attr:`PatternConvSpec.input_lead`),
@@ -105,6 +108,7 @@ class PatternConvSpec:
     lifted: bool = False
     aligned: bool = False
     fused: bool = False
+    lifted_halo: bool = True
 
     def __post_init__(self):
         if (self.flat or self.windows) and self.strides != (1, 1):
@@ -117,6 +121,8 @@ class PatternConvSpec:
             raise ValueError("aligned input rows are a plain rows layout")
         if self.fused and (self.flat or self.windows or self.lifted or self.partials > 1):
             raise ValueError("fused stages need a rows layout (plain or aligned) without tap partial sums")
+        if not self.lifted_halo and not (self.lifted and self.strides[1] == 1 and self.lifted_vectors >= 2):
+            raise ValueError("lifted rows without a stored halo need lifted rows of at least 2 vectors at stride 1")
 
     @property
     def taps(self) -> int:
@@ -156,8 +162,9 @@ class PatternConvSpec:
         """(rows, column phases, columns) of the padded input of a rows layout (plain, aligned or lifted)."""
         sh, sw = self.strides
         rows = (self.acc_rows - 1) * sh + 3
-        if self.lifted:
-            return rows, sw, self.acc_columns + 2 // sw * self.vector_width
+        if self.lifted:  # without a stored halo: one more (zero) row, for the last row's one-float overreach
+            return ((rows, sw, self.acc_columns + 2 // sw * self.vector_width) if self.lifted_halo
+                    else (rows + 1, sw, self.acc_columns))
         if self.aligned:  # a leading zero row for the lead, a trailing one for the junk lanes' reads
             return rows + self.input_lead + 1, sw, self.input_pitch
         return rows, sw, self.acc_columns + 2 // sw
@@ -211,7 +218,7 @@ def choose_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None = 
     """
     def untiled(flat: bool, windows: bool = False) -> PatternConvSpec:
         return dataclasses.replace(spec, row_tile=1, column_tile=1, partials=1, flat=flat, windows=windows,
-                                   lifted=False, aligned=False, fused=False)
+                                   lifted=False, aligned=False, fused=False, lifted_halo=True)
 
     def lane_fill(layout: PatternConvSpec) -> float:
         return layout.out_height * layout.out_width / (layout.acc_rows * layout.acc_columns)
@@ -315,7 +322,7 @@ def cheapest_layout(spec: PatternConvSpec, accumulators: int, vector_widths: tup
     for width in vector_widths:
         for is_flat, windows in kinds:
             base = dataclasses.replace(spec, vector_width=width, row_tile=1, column_tile=1, partials=1, flat=is_flat,
-                                       windows=windows, lifted=False, aligned=False, fused=False)
+                                       windows=windows, lifted=False, aligned=False, fused=False, lifted_halo=True)
             for row_tile in range(1, (1 if is_flat or windows else min(tile_limit, base.out_height)) + 1):
                 for column_tile in range(1, min(base.acc_columns // width, tile_limit // row_tile) + 1):
                     partials = _partials(base, row_tile * column_tile, accumulators)
@@ -425,6 +432,15 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     columns is unresolved: later runs on a slower, contended host had aligned 7x2 ahead by 1.06-1.48x
     (lifted rows read twice the bytes at 28 columns) or behind (docs/performance.md, "The pattern conv
     on a Zen 5 host").
+
+    Lifted rows of one register tile (28 columns: M = 2 vectors, the 7 x 2 tile) store no halo
+    (``lifted_halo=False``): each row is 2 cache lines instead of 4, and the halo taps are loads one
+    float on that split a line. Zen 5, 1 thread, core 1, interleaved (session 16): VGG-16 224's 512x512
+    28x28 1.27-1.28x (3.35 -> 2.63 ms, 51 -> 65% of 268 GFLOP/s; its input is no longer the bound:
+    channels mapped mod 128 ran only 1.06x faster, against 1.19x with the halo), 512x256 28x28
+    1.05-1.06x; the whole trunk 1.068-1.070x per round. Wider lifted rows keep the halo: without it 56
+    columns (M = 4 in column tiles of 2) lost 0.69-0.86x, 0.83-0.91x with the column tiles unrolled,
+    and 112 columns 0.73x.
     """
     model = cheapest_layout(spec, accumulators, (16, 8), flat)
     rows = choose_layout(spec, accumulators, flat=False)
@@ -443,8 +459,9 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     row_tile = largest_divisor(spec.out_height, max(1, accumulators - _TILE_RESERVE) // column_tile)
     tile = dataclasses.replace(rows, row_tile=row_tile, column_tile=column_tile, partials=1)
     many = spec.in_channels >= AVX512_LIFTED_CHANNELS * (1 if spec.out_width >= 56 else 2)
-    if lifted and spec.out_width >= 28 and many:
-        return dataclasses.replace(tile, lifted=True)
+    if lifted and spec.out_width >= 28 and many:  # a row of one register tile (28 columns): no stored halo
+        layout = dataclasses.replace(tile, lifted=True)
+        return dataclasses.replace(layout, lifted_halo=not layout.lifted_vectors == column_tile >= 2)
     if aligned and 8 * dataclasses.replace(tile, aligned=True).input_pitch <= 9 * (spec.out_width + 2):
         return dataclasses.replace(tile, aligned=True)
     if (tall_tile and model.vector_width == 16 and not (model.flat or model.windows)
@@ -533,6 +550,11 @@ def pattern_conv2d(spec: PatternConvSpec, data, values, channels, offsets, inver
             lead = spec.input_lead  # aligned rows: a column of -1 or past the pitch is the previous or next row's
             # fused: a bounded channel, so a schedule can compute the pad per block of the rows it reads
             channel = tirx.min(tirx.max(channels[k], 0), spec.in_channels - 1) if spec.fused else channels[k]
+            if spec.lifted and not spec.lifted_halo:  # halo vector M + i: vector i one float on
+                m = spec.lifted_vectors
+                dx = _tap_table(spec.patterns, rp, t, lambda tap: tap[1])
+                back = tirx.Select(x // lanes + dx < m, tirx.const(0, "int64"), tirx.const(m * lanes - 1, "int64"))
+                shift = shift - back
             tap_input = xpad[n, channel, y * sh + dy + lead, phase, x + shift - lead]
         # The run-length guard is part of the body because te.create_prim_func drops a
         # reduction's `where`; if_then_else is lazy, so skipped slots load nothing.
@@ -580,8 +602,8 @@ def pattern_conv2d_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
 
 def _spec_attr(spec: PatternConvSpec) -> dict:
     """The layout as a plain dict of ints so it survives in PrimFunc attributes ("lifted", "aligned"
-    and "fused" only when set: the functions of other layouts stay those the shipped tuning records
-    were made for)."""
+    and "fused" only when set, "lifted_halo" only when 0: the functions of other layouts stay those the
+    shipped tuning records were made for)."""
     return {
         "strides": list(spec.strides),
         "n_patterns": len(spec.patterns),
@@ -594,4 +616,5 @@ def _spec_attr(spec: PatternConvSpec) -> dict:
         "windows": int(spec.windows),
         "relu": int(spec.relu),
     } | ({"lifted": 1} if spec.lifted else {}) | ({"aligned": 1, "input_lead": spec.input_lead} if spec.aligned else {}) \
-        | ({"fused": 1} if spec.fused else {})
+        | ({"fused": 1} if spec.fused else {}) \
+        | ({"lifted_halo": 0} if spec.lifted and not spec.lifted_halo else {})

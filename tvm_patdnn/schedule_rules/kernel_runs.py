@@ -103,7 +103,9 @@ def _prefetch_next_kernel(realize, inner_loops: list, layout) -> list:
     flat = bool(int(layout["flat"]))
     # flat: columns = accumulator columns + 2 row pitches + 2, a pitch = output width + 2
     pitch = (columns - int(block.iter_vars[4].dom.extent) - 2) // 2 if flat else 0
-    lanes = int(layout["vector_width"]) if is_lifted(layout) else 1  # lifted: 2 halo vectors, not columns
+    # lifted: 2 halo vectors, not columns (none stored with lifted_halo 0)
+    halo = int(layout["lifted_halo"]) if "lifted_halo" in layout else 1
+    lanes = int(layout["vector_width"]) * halo if is_lifted(layout) else 1
     width = pitch - 2 if flat else columns - 2 // sw * lanes
     if (channels < PREFETCH_CHANNELS or width < _PREFETCH_MIN_WIDTH or sw > 1
             or channels * rows * phases * columns * 4 <= PREFETCH_MIN_BYTES):
