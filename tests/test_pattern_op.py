@@ -178,7 +178,7 @@ def test_avx512_cost_model_picks_the_vector_width_per_image_size():
 def test_avx512_rows_layouts_follow_the_zen5_measurements():
     """AVX-512 (measured on Zen 5), stride 1: rows of 112 columns and more at up to 64 input channels
     take AVX2's tall 4x2 tile with fused stages; lifted rows from 128 input channels at 56+ columns
-    and 256 at 28-55; aligned rows where the aligned pitch adds at most an eighth (14, 28, 56 columns,
+    and 256 at 31-55, without a stored halo from 64 at 17-30 (rows of one 2-vector tile); aligned rows where the aligned pitch adds at most an eighth (14, 28, 56 columns,
     not 16 or 32); both with 7-row x 2-vector tiles (14x1 at 14 columns). Strided layers take aligned
     rows in the cost model's vector width (8 lanes to 7 columns), as do 7x7 layers; the rest keep the
     cost model's layout, 32x32 in the tall 4x2 tile."""
@@ -202,8 +202,9 @@ def test_avx512_rows_layouts_follow_the_zen5_measurements():
     assert [layout(64, size) for size in (224, 112)] == [("fused", 16, 4, 2)] * 2
     assert layout(64, 112, fused=False) == ("model", 16, 4, 2)  # the tall tile without fused stages
     assert [layout(128, size) for size in (112, 56)] == [("lifted", 16, 7, 2)] * 2
-    assert [layout(channels, 28) for channels in (128, 256)] == [("aligned", 16, 7, 2), ("lifted", 16, 7, 2)]
-    assert [halo(256, 28), halo(128, 56), halo(128, 112)] == [False, True, True]  # a row of one tile: no halo
+    assert [layout(channels, 28) for channels in (32, 64, 256)] == [("aligned", 16, 7, 2)] + [("lifted", 16, 7, 2)] * 2
+    assert [halo(64, 28), halo(256, 28), halo(128, 56), halo(128, 112)] == [False, False, True, True]  # one tile a row
+    assert layout(64, 30)[0] == "lifted" and layout(64, 31)[0] == "aligned"  # a lane of padding for the halo reads
     assert [layout(64, size) for size in (56, 14)] == [("aligned", 16, 7, 2), ("aligned", 16, 14, 1)]
     assert layout(256, 28, lifted=False) == ("aligned", 16, 7, 2)
     assert [layout(64, size, stride=2)[:2] for size in (56, 28, 14)] == [("aligned", 16)] * 2 + [("aligned", 8)]
@@ -278,7 +279,8 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
         (32, 1, 1, True, True, 8),  # 512-bit rows of two vectors: the tall 4x2 tile
         (14, 1, 1, True, True, 8),  # 512-bit aligned rows, pitch 16
         (58, 1, 2, True, False, 8),  # aligned rows, 4 vectors, rows padded to the 7x2 tile
-        (30, 1, 1, True, True, 256),  # lifted rows (256 input channels)
+        (30, 1, 1, True, True, 256),  # lifted rows (256 input channels), one tile a row: no stored halo
+        (28, 1, 2, True, False, 64),  # the same from 64 channels, batch 2 (ResNet-50's 28x28 layers have 128)
         (60, 1, 1, True, False, 128),  # lifted rows (128 input channels)
         (56, 1, 1, True, True, 256),  # lifted rows, row blocks of 884 KB: column blocks outside the filters
         (112, 1, 1, True, True, 8),  # wide rows: the tall tile, fused stages (7 x 1 tiles)

@@ -121,8 +121,10 @@ class PatternConvSpec:
             raise ValueError("aligned input rows are a plain rows layout")
         if self.fused and (self.flat or self.windows or self.lifted or self.partials > 1):
             raise ValueError("fused stages need a rows layout (plain or aligned) without tap partial sums")
-        if not self.lifted_halo and not (self.lifted and self.strides[1] == 1 and self.lifted_vectors >= 2):
-            raise ValueError("lifted rows without a stored halo need lifted rows of at least 2 vectors at stride 1")
+        if not self.lifted_halo and not (self.lifted and self.strides[1] == 1 and self.lifted_vectors >= 2
+                                         and self.out_width <= (self.vector_width - 1) * self.lifted_vectors):
+            raise ValueError("lifted rows without a stored halo need lifted rows of at least 2 vectors at stride 1 "
+                             "whose last lane holds no output column")
 
     @property
     def taps(self) -> int:
@@ -251,6 +253,7 @@ LIFTED_TALL_VECTORS = 7  # lifted rows of at least this many vectors take the TA
 WIDE_ROW_COLUMNS = 112  # AVX-512 rows at least this wide take the TALL_TILE and fused stages
 NARROW_ROWS_CHANNELS = 64  # ... up to this many input channels
 AVX512_LIFTED_CHANNELS = 128  # AVX-512 rows of 56+ columns take lifted rows from this many input channels
+AVX512_LIFTED_TILE_CHANNELS = 64  # ... and rows of one 2-vector tile (17-30 columns), without a halo, from this many
 
 
 def _input_vectors(spec: PatternConvSpec, taps) -> int:
@@ -440,7 +443,11 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     channels mapped mod 128 ran only 1.06x faster, against 1.19x with the halo), 512x256 28x28
     1.05-1.06x; the whole trunk 1.068-1.070x per round. Wider lifted rows keep the halo: without it 56
     columns (M = 4 in column tiles of 2) lost 0.69-0.86x, 0.83-0.91x with the column tiles unrolled,
-    and 112 columns 0.73x.
+    and 112 columns 0.73x; 56 columns as two lifted groups of 28 (each one tile, no halo) 1.00x at 256
+    channels and 0.87x at 128. With fewer channels such rows (17-30 columns: the halo reads need the last
+    lane free) take it too, from :data:`AVX512_LIFTED_TILE_CHANNELS`, where they took aligned rows:
+    ResNet-50's 128x128 28x28 1.10-1.14x over aligned 7x2 (lifted with the halo 1.00-1.05x), 64x64 28x28
+    1.13x (whole ResNet-50 0.999-1.008x per round, 9 rounds: its three such layers take ~0.25 ms each).
     """
     model = cheapest_layout(spec, accumulators, (16, 8), flat)
     rows = choose_layout(spec, accumulators, flat=False)
@@ -459,9 +466,12 @@ def _avx512_layout(spec: PatternConvSpec, accumulators: int, flat: bool | None, 
     row_tile = largest_divisor(spec.out_height, max(1, accumulators - _TILE_RESERVE) // column_tile)
     tile = dataclasses.replace(rows, row_tile=row_tile, column_tile=column_tile, partials=1)
     many = spec.in_channels >= AVX512_LIFTED_CHANNELS * (1 if spec.out_width >= 56 else 2)
-    if lifted and spec.out_width >= 28 and many:  # a row of one register tile (28 columns): no stored halo
-        layout = dataclasses.replace(tile, lifted=True)
-        return dataclasses.replace(layout, lifted_halo=not layout.lifted_vectors == column_tile >= 2)
+    # a row of one register tile of 2 vectors whose last lane is padding (17-30 columns): lifted, no stored halo
+    if (lifted and column_tile == 2 and spec.out_width <= 2 * (spec.vector_width - 1)
+            and spec.in_channels >= AVX512_LIFTED_TILE_CHANNELS):
+        return dataclasses.replace(tile, lifted=True, lifted_halo=False)
+    if lifted and spec.out_width >= 28 and many:
+        return dataclasses.replace(tile, lifted=True)
     if aligned and 8 * dataclasses.replace(tile, aligned=True).input_pitch <= 9 * (spec.out_width + 2):
         return dataclasses.replace(tile, aligned=True)
     if (tall_tile and model.vector_width == 16 and not (model.flat or model.windows)
