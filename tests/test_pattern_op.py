@@ -392,6 +392,17 @@ def test_lifted_rows_without_a_stored_halo_match_the_onnx_reference(height, widt
         fused=False, row_tile=tile[0], column_tile=tile[1], partials=1))
 
 
+def test_lifted_rows_without_a_halo_prefetch_the_kernel_ahead():
+    """VGG-16 224's 512-channel 28x28 layer on AVX-512 (lifted, no stored halo: rows of 32 floats) keeps the
+    kernel loop's prefetch (rows of the accumulator's columns plus one zero row, no halo vectors)."""
+    weight = pattern_weight(np.random.default_rng(6), 8, 512, n_patterns=8, connectivity=3.6)
+    spec = PatternConvSpec.from_fkw(pack_fkw(weight, analyze_conv_weight(weight)), (1, 512, 28, 28), (1, 1),
+                                    (1, 1, 1, 1), True, True, 16, 16)
+    assert spec.lifted and not spec.lifted_halo and spec.rows_input_shape == (31, 1, 32)
+    scheduled = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), tvm.target.Target(AVX512), False).mod["main"]
+    assert "T.prefetch(" in scheduled.script()
+
+
 def test_lifted_rows_without_a_halo_need_two_vectors_at_stride_1():
     weight = pattern_weight(np.random.default_rng(3), 8, 8, n_patterns=4)
     spec = PatternConvSpec.from_fkw(pack_fkw(weight, analyze_conv_weight(weight)), (1, 8, 14, 14), (1, 1),
