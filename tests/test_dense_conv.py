@@ -152,6 +152,7 @@ def _single_conv(in_c, out_c, size, kernel=1, **attrs) -> onnx.ModelProto:
     (128, 50, 9, 1, {}),  # AVX-512: 128 input channels, a 1x1 on the GEMM's 16-lane tile
     (32, 16, 9, 1, {}),  # AVX-512: 16 filters, the GEMM's balanced 8-filter tiles
     (40, 24, 28, 1, {}),  # AVX-512: 784 pixels, the GEMM reads the input in place (no panel copy)
+    (40, 70, 57, 1, {}),  # AVX-512: 3249 pixels, <= 64 channels: the GEMM's 8 x 3 tile, ragged filters
     (130, 40, 28, 1, {}),  # AVX-512: 784 pixels, the direct kernel's 12 pixels x 2 vectors, a ragged block
     (3, 64, 12, 3, {"pads": [1, 1, 1, 1]}),  # an RGB image's first 3x3: the GEMM (AVX2 and AVX-512)
     (20, 70, 2, 3, {"pads": [1, 1, 1, 1]}),  # 2x2 output: AVX-512's 4 pixels x 4 vectors of 8 lanes

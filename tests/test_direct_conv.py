@@ -270,11 +270,17 @@ def test_choice_is_gemm_for_1x1_and_direct_for_kxk():
     gemm16 = DenseConvSpec(batch=1, in_channels=32, height=56, width=56, out_channels=16)
     assert avx512.default_kernel(gemm16).filter_tile == 8 and rewrite.gemm_tile(gemm16).filter_tile == 6
     # up to 64 input channels and at least 64 filters: 6 filters x 4 vectors (a short reduction); else 14 x 2
-    short = avx512.default_kernel(dataclasses.replace(gemm16, out_channels=256))
+    short = avx512.default_kernel(dataclasses.replace(gemm16, out_channels=256, height=28, width=28))
     assert (short.filter_tile, short.vectors) == (6, 4)
     assert (rewrite.gemm_tile(dataclasses.replace(gemm16, out_channels=256)).vectors) == 2  # AVX2 as before
     wide = avx512.default_kernel(dataclasses.replace(gemm16, in_channels=96, out_channels=256))
     assert (wide.filter_tile, wide.vectors) == (14, 2)
+    # ... and 8 x 3 from 56x56 output pixels (ResNet-50's 64->64 and 64->256)
+    resnet = avx512.default_kernel(dataclasses.replace(gemm16, in_channels=64, out_channels=256))
+    assert (resnet.filter_tile, resnet.vectors) == (8, 3)
+    assert (rewrite.gemm_tile(dataclasses.replace(gemm16, in_channels=64, out_channels=256)).vectors) == 2  # AVX2
+    small = avx512.default_kernel(dataclasses.replace(gemm16, height=28, width=28, out_channels=192))
+    assert (small.filter_tile, small.vectors) == (6, 4)  # MobileNetV2's 32->192 at 28x28
     # ... and reading a 1x1's input in place from 28x28 output pixels (AVX2 copies its panels)
     assert not avx512.default_kernel(gemm16).pack_panel and rewrite.gemm_tile(gemm16).pack_panel
     assert avx512.default_kernel(dataclasses.replace(gemm16, height=14, width=14)).pack_panel

@@ -45,7 +45,12 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   14 x 2: their reduction is too short for the 28-accumulator tile's epilogue (Zen 5, 1 thread,
   per-call minima in the dense models, two interleaved runs: MobileNetV2's 16->96 at 112x112, 24->144
   at 56x56, 32->192 at 28x28 and 64->384 at 14x14 1.06-1.18x, ResNet-50's 64->256 at 56x56 0.90-1.08x
-  (kernel sums 1.00x), 32->16 left as it was: 6-filter tiles would pad 16 to 18); the GEMM prefetches
+  (kernel sums 1.00x), 32->16 left as it was: 6-filter tiles would pad 16 to 18); from
+  ``SHORT_REDUCTION_WIDE_PIXELS`` (56x56) output pixels 8 filters x 3 vectors (``SHORT_REDUCTION_WIDE_TILE``:
+  11 loads per 24 FMAs, 48-pixel tiles; Zen 5, 1 thread, per-call minima in the dense ResNet-50, two
+  interleaved runs of 11 and 15 rounds: 64->256 + residual at 56x56 0.525 -> 0.499 and 0.488 -> 0.468 ms,
+  64->64 0.126 -> 0.118 and 0.115 -> 0.112, whole model 1.013x and 1.019x per round; alone 0.449 -> 0.434;
+  MobileNetV2's 6 x 4 layers at 28x28 and 14x14 lost 1-4% with it, so smaller images keep 6 x 4); the GEMM prefetches
   its epilogue's lines (``DenseConvSpec.prefetch_output``) only when the epilogue reads a residual:
   prefetching the output lines alone made every 16-lane GEMM layer of MobileNetV2 slower in the model
   (Zen 5, 1 thread, per-call minima, two interleaved runs: 16->96 at 112x112 0.263 -> 0.214 and
@@ -135,6 +140,9 @@ WIDE_POINTWISE_TILE = 12
 # have at least four vectors of filters (6-filter tiles would pad 16 filters to 18).
 SHORT_REDUCTION_CHANNELS = 64
 SHORT_REDUCTION_VECTORS = 4
+# ... and from this many output pixels (56x56) SHORT_REDUCTION_WIDE_TILE (8 filters x 3 vectors) instead.
+SHORT_REDUCTION_WIDE_PIXELS = 3136
+SHORT_REDUCTION_WIDE_TILE = (8, 3)
 # On AVX2, stride-1 KxK convs with at most this many input channels x taps (an RGB image's 3x3: 27) run on the GEMM.
 FEW_TAPS_REDUCTION = 32
 # On AVX-512, such a conv whose output reaches this many bytes (twice the 1 MB L2: it is written to L3)
@@ -288,10 +296,14 @@ class DenseConvRewriter:
         :meth:`gemm_vectors`, with this pass's ``vectors``, ``pack_panel``, ``filters_outer``,
         ``prefetch_output`` and ``narrow_tail``."""
         vectors = self.vectors
-        if (self.lanes >= 16 and vectors == 2 and layer.kernel == (1, 1)
-                and layer.in_channels <= SHORT_REDUCTION_CHANNELS and layer.out_channels >= 4 * self.lanes):
+        short = (self.lanes >= 16 and vectors == 2 and layer.kernel == (1, 1)
+                 and layer.in_channels <= SHORT_REDUCTION_CHANNELS and layer.out_channels >= 4 * self.lanes)
+        if short:
             vectors = SHORT_REDUCTION_VECTORS
         spec = DenseConvSpec.for_target(*self.gemm_vectors(), vectors, **layer.layer_fields())
+        if short and spec.lanes == self.lanes and spec.pixels >= SHORT_REDUCTION_WIDE_PIXELS:
+            filters, pixel_vectors = SHORT_REDUCTION_WIDE_TILE
+            spec = dataclasses.replace(spec, filter_tile=filters, vectors=pixel_vectors)
         if self.lanes >= 16:  # the filter tiles balanced: 16 filters as 2 x 8, not 14 + 2 in a 2 x 14 tile
             tiles = ceil_div(spec.out_channels, spec.filter_tile)
             spec = dataclasses.replace(spec, filter_tile=ceil_div(spec.out_channels, tiles))
