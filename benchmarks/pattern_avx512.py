@@ -93,8 +93,8 @@ def layer_sets(names: list[str]) -> list[tuple[str, str, np.ndarray, np.ndarray,
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A layout given on the command line, ``KIND:ROWSxCOLUMNS[:LANES][:pQ]``: KIND one of rows,
-    aligned, lifted, fused (rows layouts), flat, windows; the register tile, vector lanes (16 unless
-    given) and tap partial sums (1 unless given)."""
+    aligned, lifted, haloless (lifted rows without a stored halo), fused (rows layouts), flat, windows;
+    the register tile, vector lanes (16 unless given) and tap partial sums (1 unless given)."""
 
     kind: str
     rows: int
@@ -105,7 +105,7 @@ class Variant:
     @classmethod
     def parse(cls, text: str) -> Variant:
         kind, tile, *rest = text.split(":")
-        if kind not in ("rows", "aligned", "lifted", "fused", "flat", "windows"):
+        if kind not in ("rows", "aligned", "lifted", "haloless", "fused", "flat", "windows"):
             raise argparse.ArgumentTypeError(f"unknown layout kind {kind!r} in {text!r}")
         rows, columns = (int(v) for v in tile.split("x"))
         lanes = next((int(r) for r in rest if not r.startswith("p")), 16)
@@ -115,10 +115,10 @@ class Variant:
     def layout(self, spec: PatternConvSpec) -> PatternConvSpec:
         base = dataclasses.replace(spec, vector_width=self.lanes, row_tile=1, column_tile=1, partials=1,
                                    flat=self.kind == "flat", windows=self.kind == "windows", lifted=False,
-                                   aligned=False, fused=False)
+                                   aligned=False, fused=False, lifted_halo=True)
         return dataclasses.replace(base, row_tile=self.rows, column_tile=self.columns, partials=self.partials,
-                                   lifted=self.kind == "lifted", aligned=self.kind == "aligned",
-                                   fused=self.kind == "fused")
+                                   lifted=self.kind in ("lifted", "haloless"), aligned=self.kind == "aligned",
+                                   fused=self.kind == "fused", lifted_halo=self.kind != "haloless")
 
 
 def build(fkw: FKWWeight, bias, shape, stride: int, target, lanes: int | None, accumulators: int | None,
@@ -137,8 +137,8 @@ def build(fkw: FKWWeight, bias, shape, stride: int, target, lanes: int | None, a
         elif lanes is not None:
             spec = choose_layout(dataclasses.replace(spec, vector_width=lanes), accumulators)
         func = PatternConvCPU().apply(pattern_conv2d_primfunc(spec), target, False).mod["main"]
-        kind = (" flat" if spec.flat else " windows" if spec.windows else " lifted" if spec.lifted
-                else " aligned" if spec.aligned else "")
+        kind = (" flat" if spec.flat else " windows" if spec.windows else " lifted" if spec.lifted and spec.lifted_halo
+                else " lifted, no halo" if spec.lifted else " aligned" if spec.aligned else "")
         layout = f"{spec.vector_width}l r{spec.row_tile} c{spec.column_tile} q{spec.partials}{kind}"
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     args = [fkw.values, fkw.channels, fkw.offsets, order, bias]

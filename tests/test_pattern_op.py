@@ -180,7 +180,8 @@ def test_avx512_rows_layouts_follow_the_zen5_measurements():
     take AVX2's tall 4x2 tile with fused stages; lifted rows from 128 input channels at 56+ columns
     and 256 at 31-55, without a stored halo from 64 at 17-30 (rows of one 2-vector tile); aligned rows where the aligned pitch adds at most an eighth (14, 28, 56 columns,
     not 16 or 32); both with 7-row x 2-vector tiles (14x1 at 14 columns). Strided layers take aligned
-    rows in the cost model's vector width (8 lanes to 7 columns), as do 7x7 layers; the rest keep the
+    rows in the cost model's vector width (8 lanes to 7 columns; 16-lane tiles of rows that divide the
+    output's, 7 x 2 at 28 rows), as do 7x7 layers; the rest keep the
     cost model's layout, 32x32 in the tall 4x2 tile."""
     rng = np.random.default_rng(4)
 
@@ -208,6 +209,7 @@ def test_avx512_rows_layouts_follow_the_zen5_measurements():
     assert [layout(64, size) for size in (56, 14)] == [("aligned", 16, 7, 2), ("aligned", 16, 14, 1)]
     assert layout(256, 28, lifted=False) == ("aligned", 16, 7, 2)
     assert [layout(64, size, stride=2)[:2] for size in (56, 28, 14)] == [("aligned", 16)] * 2 + [("aligned", 8)]
+    assert [layout(128, size, stride=2) for size in (56, 28)] == [("aligned", 16, 7, 2), ("aligned", 16, 14, 1)]
     assert layout(64, 7)[:2] == ("aligned", 8)  # the cost model's 8-lane rows, aligned where that does not grow
     assert layout(64, 56, aligned=False)[0] == layout(64, 16)[0] == "model"
     assert layout(64, 32) == ("model", 16, 4, 2)  # the model's rows of two vectors, in the tall tile
@@ -289,6 +291,7 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
         (9, 2, 1, True, True, 8),  # strided: aligned column phases
         (14, 2, 2, True, True, 8),  # strided to 7 columns: 8-lane aligned column phases
         (28, 2, 1, False, True, 8),
+        (56, 2, 2, True, True, 8),  # strided to 28 rows: aligned column phases, a 7 x 2 tile (8 x 2 padded to 32)
     ],
 )
 def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu, channels):
