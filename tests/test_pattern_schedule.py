@@ -11,7 +11,7 @@ from tvm import s_tir
 
 from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import pack_fkw
-from tvm_patdnn.ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
+from tvm_patdnn.ops.pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, pattern_conv2d_primfunc
 from tvm_patdnn.schedule_rules import PatternConvCPU
 from tvm_patdnn.schedule_rules.pattern_conv_cpu import (NARROW_TILE, NARROW_TILE_AVX512, apply_default_schedule,
                                                         default_knobs)
@@ -54,6 +54,8 @@ LAYERS = {
     "16 lanes fused, 7-row narrow tile": dict(filters=8, channels=64, size=112, lanes=16, accumulators=16),
     "16 lanes lifted, column blocks outside the filters": dict(filters=8, channels=256, size=56, lanes=16,
                                                               accumulators=16),
+    "16 lanes strided aligned rows, vectorised pad": dict(filters=8, channels=16, size=56, stride=2, lanes=16,
+                                                          accumulators=16),
 }
 
 
@@ -130,6 +132,27 @@ def test_fused_layers_of_few_channels_take_the_narrow_tile():
     assert (default_knobs(many, 1).rows[1], default_knobs(many, 1).columns[2]) == (4, 2)
     assert default_knobs(few, 1).pad == default_knobs(many, 1).pad == 1
     assert default_knobs(pattern_conv(filters=8, channels=64, size=56), 1).pad is None  # lifted: not fused
+
+
+def test_avx512_strided_aligned_rows_vectorise_their_pad():
+    """16-lane strided aligned rows build each column phase row of their pad in 16-lane vectors; 8-lane
+    ones (AVX2, and AVX-512's 7-column layers) and stride 1 keep the scalar column loop."""
+
+    def pad_columns(func, cores=1):
+        sch = s_tir.Schedule(func)
+        apply_default_schedule(sch, cpu(cores))
+        layout = sch.mod["main"].attrs[PATTERN_CONV_ATTR]
+        last = sch.get(sch.get_loops(sch.get_sblock("pad"))[-1])
+        return "aligned" in layout, int(layout["vector_width"]), last.kind == tvm.tirx.ForKind.VECTORIZED
+
+    assert pad_columns(pattern_conv(filters=8, channels=128, size=56, stride=2, lanes=16, accumulators=16)) == (
+        True, 16, True)
+    assert pad_columns(pattern_conv(filters=8, channels=128, size=56, stride=2, lanes=16, accumulators=16),
+                       cores=2) == (True, 16, True)
+    assert pad_columns(pattern_conv(filters=8, channels=512, size=14, stride=2, lanes=16, accumulators=16)) == (
+        True, 8, False)
+    assert pad_columns(pattern_conv(filters=8, channels=128, size=9, stride=2)) == (True, 8, False)
+    assert pad_columns(pattern_conv(filters=8, channels=128, size=14, lanes=16, accumulators=16))[2] is False
 
 
 def test_avx512_fused_narrow_tile_and_lifted_column_blocks():
