@@ -24,6 +24,7 @@ from tvm import relax
 import tvm_patdnn
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.ops.dense_conv import DenseConvSpec, pack_dense_conv_weight
+from tvm_patdnn.ops import direct_conv
 from tvm_patdnn.ops.direct_conv import (
     DIRECT_CONV_ATTR,
     DirectConvSpec,
@@ -196,6 +197,54 @@ def test_transposed_store_matches_reference(transposed, shape, out_c, kernel, st
             tvm.runtime.tensor(pack_direct_conv_bias(bias, spec.filter_block))]
     kernel_fn(*args, *([tvm.runtime.tensor(x)] if residual else []), out)
     assert_close(out.numpy(), reference_outputs(model, {"x": x})[0])
+
+
+@pytest.mark.parametrize("filters_inner", [False, True])
+@pytest.mark.parametrize("shape, out_c, strides, tile, vectors", [
+    ((2, 136, 15, 13), 70, (2, 2), 6, 4),  # 8 x 7 = 56 pixels: 9 x 6 + 2, a ragged filter block, batch 2
+    ((1, 40, 11, 16), 48, (3, 2), 12, 2),  # unequal strides, 4 x 8 = 32 pixels: 2 x 12 + 8
+])
+def test_strided_pointwise_on_a_compact_input_matches_reference(monkeypatch, filters_inner, shape, out_c, strides, tile,
+                                                                vectors):
+    """16-lane strided unpadded 1x1s (here of any input size: COMPACT_INPUT_BYTES 0) first copy the pixels they read
+    into a compact input and run as a stride-1 1x1 on it (COMPACT_STRIDED_LANES); 8-lane tiles read the strided
+    input in place. Both against onnx.reference."""
+    target = resolve_target("x86")
+    if vector_lanes(target) < 16:
+        pytest.skip("host CPU: no AVX-512 to run the 16-lane code on")
+    monkeypatch.setattr(direct_conv, "COMPACT_INPUT_BYTES", 0)
+    model = conv_model(shape, out_c, (1, 1), strides, activation="relu", seed=8)
+    n, c, h, w = shape
+    conv = DenseConvSpec(batch=n, in_channels=c, height=h, width=w, out_channels=out_c, strides=strides,
+                         has_bias=True, activation="relu")
+    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
+    x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    expected = reference_outputs(model, {"x": x})[0]
+    for spec in (DirectConvSpec(conv, tile, vectors, 16, filters_inner=filters_inner),
+                 DirectConvSpec(conv, 6, 2, 8, filters_inner=filters_inner)):
+        func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
+        assert func.script().count("T.parallel(") == (2 if spec.lanes == 16 else 1)  # the copy's loop, the tiles'
+        assert direct_conv._compacts(spec) == (spec.lanes == 16)
+        kernel_fn = tvm.compile(tvm.IRModule({"main": func}), target)["main"]
+        out = tvm.runtime.empty((n, out_c, conv.out_height, conv.out_width), "float32")
+        kernel_fn(tvm.runtime.tensor(x), tvm.runtime.tensor(pack_dense_conv_weight(weight, spec.filter_block)),
+                  tvm.runtime.tensor(pack_direct_conv_bias(bias, spec.filter_block)), out)
+        assert_close(out.numpy(), expected)
+
+
+def test_compact_input_rule_takes_strided_pointwise_inputs_past_l2():
+    """ResNet-50's strided 1x1s on 16 lanes: 256->512 at 56x56 (3.2 MB input) and 512->1024 at 28x28 (1.6 MB) run
+    on a compact input; 1024->2048 at 14x14 (800 KB), 8-lane tiles and padded or KxK convs read in place."""
+    def spec(c, hw, f, lanes, kernel=(1, 1), padding=(0, 0, 0, 0)):
+        conv = DenseConvSpec(batch=1, in_channels=c, height=hw, width=hw, out_channels=f, kernel=kernel,
+                             strides=(2, 2), padding=padding)
+        return DirectConvSpec.for_target(conv, 32, lanes)
+
+    assert direct_conv._compacts(spec(256, 56, 512, 16)) and direct_conv._compacts(spec(512, 28, 1024, 16))
+    assert not direct_conv._compacts(spec(1024, 14, 2048, 16))
+    assert not direct_conv._compacts(spec(512, 28, 1024, 8))
+    assert not direct_conv._compacts(spec(512, 28, 1024, 16, padding=(1, 1, 1, 1)))
+    assert not direct_conv._compacts(spec(512, 28, 1024, 16, kernel=(3, 3)))
 
 
 @pytest.mark.parametrize("shape, out_c, residual", [
