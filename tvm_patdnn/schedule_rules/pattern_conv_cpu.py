@@ -29,7 +29,7 @@ from ..ops.pattern_conv import PATTERN_CONV_ATTR, TALL_TILE, is_lifted, is_patte
 from .kernel_runs import bound_kernel_runs
 
 __all__ = ["ACCUMULATOR_SCOPE", "LIFTED_BLOCK_BYTES", "NARROW_TILE", "NARROW_TILE_AVX512", "NARROW_TILE_CHANNELS",
-           "STRIDED_PAD_VECTORS", "UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
+           "UNROLL_STEPS", "Knobs", "PatternConvCPU", "apply_default_schedule", "default_knobs",
            "schedule_pattern_conv_cpu"]
 
 # LLVM unroll depth of the nest (meta_schedule's "unroll_explicit" annotation, MutateUnroll).
@@ -37,7 +37,6 @@ UNROLL_STEPS = (0, 16, 64, 512)
 _MAX_TILE = 8  # accumulator vectors per tile dimension sampled at least; their product is left to the cost model
 NARROW_TILE = (8, 1)  # (rows, vectors) of the register tile of fused layouts with few input channels
 NARROW_TILE_CHANNELS = 64  # input channels, at most, for the NARROW_TILE
-STRIDED_PAD_VECTORS = True  # 16-lane strided aligned rows build their pad rows in vectors (see schedule_pattern_conv_cpu)
 NARROW_TILE_AVX512 = (7, 1)  # the NARROW_TILE at 16 lanes (where it divides the rows)
 # 16-lane lifted rows: a row block whose input (every channel's rows, halo included) takes more bytes than
 # this (half of Zen 5's 1 MB L2) runs its column blocks outside the filters
@@ -200,7 +199,7 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     a gather of M accumulator lanes 64 bytes apart per M contiguous outputs, which took a quarter of
     a lifted layer's time; Zen 5, 1 thread, interleaved, per VGG-16 224 layer 1.20-1.39x at 112x112
     (128 channels), 1.27-1.28x (256) and 1.44x (128) at 56x56, 1.14-1.15x at 28x28.
-    16-lane strided aligned rows (:data:`STRIDED_PAD_VECTORS`) build each column phase row of their pad in
+    16-lane strided aligned rows build each column phase row of their pad in
     16-lane vectors (LLVM still moves the strided columns float by float, with less loop overhead): the
     scalar pad took 0.127 of ResNet-50's 128x128 56 -> 28 layer's 0.45 ms (Zen 5, 1 thread, kernel loop
     emptied), vectorised 0.080; the layer 1.125x alone and 1.11x in the model (0.485 -> 0.437 ms, per-call
@@ -230,7 +229,7 @@ def schedule_pattern_conv_cpu(sch: s_tir.Schedule, knobs: Knobs | None = None, *
     lifted = is_lifted(layout)
     if lifted:  # each vector of a lifted row gathers one column from each of its 8 segments
         sch.vectorize(sch.split(column, [None, vector_width])[1])
-    elif (STRIDED_PAD_VECTORS and vector_width == 16 and "aligned" in layout
+    elif (vector_width == 16 and "aligned" in layout
           and any(int(s) > 1 for s in layout["strides"])):  # a phase row of 16-lane vectors from strided loads
         sch.vectorize(sch.split(column, [None, vector_width])[1])
 
