@@ -1,4 +1,4 @@
-"""The small-image pattern kernels (2x2 and 4x4 outputs) against onnx.reference: every pattern of the
+"""The small-image pattern kernels (2x2, 4x4, 7x7 and 8x8 outputs) against onnx.reference: every pattern of the
 layer, batch 2, bias and ReLU on and off, 1 to 3 threads, on AVX2 and AVX-512 builds."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from tvm_patdnn.analysis import analyze_conv_weight
 from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.ops.pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec
+from tvm_patdnn.errors import PatDNNError
 from tvm_patdnn.ops.pattern_conv_2x2 import pattern_conv_2x2_primfunc
+from tvm_patdnn.ops.pattern_conv_shifted_rows import pattern_conv_shifted_rows_primfunc
 from tvm_patdnn.targets import resolve_target, vector_lanes
 from tvm_patdnn.transform import PatternConvRewrite
 
@@ -104,13 +106,60 @@ def test_avx512_8x8_kernel_matches_the_onnx_reference(batch, channels, bias, rel
     _check({**AVX512, "num-cores": cores}, 16, batch, channels, 8, conv, seed=patterns * 7 + batch)
 
 
+@pytest.mark.parametrize(
+    "size, stride, batch, channels, bias, relu, patterns, cores",
+    [
+        (7, 1, 1, 48, True, True, 8, 1),  # ResNet-50's 7x7 layers: computed in 8x8 zero-padded copies
+        (7, 1, 2, 21, False, False, 12, 2),  # batch 2, an odd channel count, no bias, no ReLU, two threads
+        (7, 1, 1, 1, True, False, 3, 3),  # one input channel, three threads
+        (14, 2, 1, 48, True, True, 8, 1),  # ResNet-50's 14 -> 7 stride 2: four phase planes a channel
+        (14, 2, 2, 21, False, True, 12, 2),
+        (14, 2, 2, 5, True, False, 3, 3),
+    ],
+)
+def test_avx512_7x7_kernel_matches_the_onnx_reference(size, stride, batch, channels, bias, relu, patterns, cores):
+    """AVX-512: 7x7 outputs computed as 8x8 ones (the channel, or each of a stride-2 input's phase planes,
+    copied into an 8x8 square with a zero column and row), 7x7 of them stored, in whole vectors."""
+    conv = ConvSpec(23, stride=stride, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu,
+                    n_patterns=patterns)
+    _check({**AVX512, "num-cores": cores}, 16, batch, channels, size, conv, seed=patterns * 11 + batch + size)
+
+
+def test_the_shifted_rows_kernel_refuses_other_layers():
+    rng = np.random.default_rng(0)
+    weight = pattern_weight(rng, 8, 8, 4, 1.5)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    for shape, stride in [((1, 8, 9, 9), 1), ((1, 8, 12, 12), 2), ((1, 8, 7, 7), 2)]:
+        spec = PatternConvSpec.from_fkw(fkw, shape, (stride, stride), (1, 1, 1, 1), False, False, 16, 16)
+        with pytest.raises(PatDNNError, match="shifted-rows kernel takes"):
+            pattern_conv_shifted_rows_primfunc(spec, 1, 16)
+    spec = PatternConvSpec.from_fkw(fkw, (1, 8, 7, 7), (1, 1), (1, 1, 1, 1), False, False, 8, 16)
+    with pytest.raises(PatDNNError, match="7x7 at 8 lanes|at 8 lanes"):
+        pattern_conv_shifted_rows_primfunc(spec, 1, 8)
+
+
 @pytest.mark.parametrize("size, lanes, kernel", [(2, 8, "tap_lanes"), (2, 16, "tap_lanes"), (4, 8, "shifted_rows"),
                                                  (4, 16, "shifted_rows"), (8, 16, "shifted_rows"), (8, 8, None),
-                                                 (4, 4, None), (3, 8, None), (16, 16, None)])
+                                                 (7, 16, "shifted_rows"), (7, 8, None), (4, 4, None), (7, 4, None),
+                                                 (3, 8, None), (16, 16, None)])
 def test_small_images_take_their_kernel_per_target(size, lanes, kernel):
     """2x2 images take the (pixel x tap) kernel and 4x4 the shifted-rows kernel on AVX2 and AVX-512,
-    8x8 the shifted-rows kernel on AVX-512 only (NEON keeps the TE operator's layouts)."""
+    8x8 and 7x7 the shifted-rows kernel on AVX-512 only (NEON keeps the TE operator's layouts)."""
     model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [ConvSpec(16, connectivity=2.0)])
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
+    layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
+               if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs]
+    assert [[name for name in ("tap_lanes", "shifted_rows") if int(layout.get(name, 0))] for layout in layouts] == [
+        [kernel] if kernel else []]
+
+
+@pytest.mark.parametrize("size, stride, lanes, kernel", [(14, 2, 16, "shifted_rows"), (14, 2, 8, None), (14, 2, 4, None),
+                                                         (12, 2, 16, None), (16, 2, 16, None), (14, 1, 16, None)])
+def test_strided_small_images_take_their_kernel_per_target(size, stride, lanes, kernel):
+    """AVX-512 takes the shifted-rows kernel for 14x14 -> 7x7 at stride 2 (ResNet-50's last stage), no
+    other strided layer; AVX2 and NEON keep the TE operator's layouts."""
+    model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [ConvSpec(16, stride=stride, connectivity=2.0)])
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
     layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()

@@ -32,6 +32,21 @@ of two rows: each output vector's tap is a permutation of the two channel vector
 (16 accumulators, one set): 1.39x and 1.66x over the 8-lane rows layout the cost model picks for
 CIFAR's 128x256 and 256x256 8x8 layers (the 8-lane build of it 0.66-0.75x, so AVX2 keeps the TE
 operator there).
+
+A 7x7 image (ResNet-50's last stage) is first copied into an 8x8 square whose last column and row are
+zeros (per channel 4 loads, 4 permutations with zeros, 4 aligned stores; 128 KB for 512 channels) and
+computed as 8x8 (77% of the lanes useful, against 7 of 8 lanes of 8-lane FMAs in the TE operator's
+rows); 7x7 outputs are stored, as whole vectors of consecutive output floats permuted from two result
+vectors (the last one overlapping). In such a square each tap's 16 pixels are 16 consecutive floats from
+(row offset, column offset): the zero column is both the column left of the first and right of the last,
+so a tap is a window of two adjacent channel vectors (one ``valignd``; zeros above the first row and
+below the last), no masking. A stride-2 14x14 -> 7x7 layer's channels are split into their four (row,
+column) phase planes, each copied into such a square: a tap reads one plane at row and column offset 0
+or -1. Zen 5, 1 thread, ResNet-50's 512x512 layers with the pruned model's weights, interleaved against
+the TE operator's 8-lane aligned rows: alone 0.355-0.360 -> 0.208-0.210 ms (30 -> 51% of 268 GFLOP/s;
+with masked ``vpermt2ps`` permutations 0.236, 45%), 14 -> 7 stride 2 0.40-0.42 -> 0.32-0.33 ms (26 ->
+32%); in the pruned ResNet-50 (weights from DRAM, per-call minima) 0.40-0.42 -> 0.29-0.32 ms and
+0.43-0.46 -> 0.40-0.42 ms.
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..errors import PatDNNError
 from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 from .pattern_conv_2x2 import thread_filters
@@ -48,14 +64,49 @@ __all__ = ["shifted_rows_apply", "pattern_conv_shifted_rows_primfunc"]
 
 # (fp32 lanes of the target, image size) it is built for -> the accumulator sets a run alternates its kernels
 # between (AVX-512 4x4, Zen 5: two 0.99-1.11x over one, four 0.72-0.80x; 8x8: 16 accumulators, one set)
-_SETS = {(8, 4): 1, (16, 4): 2, (16, 8): 1}
+_SETS = {(8, 4): 1, (16, 4): 2, (16, 8): 1, (16, 7): 1}  # by (lanes, output size)
+
+# (fp32 lanes, image size) whose channels are first copied into a zero-padded square of this pitch (a 7x7 image into
+# 8x8: every row and the channel whole vectors; the zero column and row are the conv's right and bottom padding)
+_PITCH = {(16, 7): 8}
+
+# The (lanes, input size, stride) routed to this kernel (the rewrite's rule); a stride-2 layer's input is split
+# into its 4 (row, column) phase planes, each copied into the padded square of its output size
+SHIFTED_ROWS_SIZES = frozenset({(8, 4, 1), (16, 4, 1), (16, 8, 1), (16, 7, 1), (16, 14, 2)})
+# Every (lanes, input size, stride) it builds
+BUILT_SIZES = SHIFTED_ROWS_SIZES
 
 
-def shifted_rows_apply(spec: PatternConvSpec, target_lanes: int) -> bool:
+def shifted_rows_apply(spec: PatternConvSpec, target_lanes: int, sizes=None) -> bool:
     """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: 4x4 images on
-    AVX2 (8) and AVX-512 (16), 8x8 on AVX-512; stride 1, padding 1 on every side, 4-tap patterns."""
-    return ((target_lanes, spec.height) in _SETS and spec.width == spec.height and spec.strides == (1, 1)
+    AVX2 (8) and AVX-512 (16), 8x8 and 7x7 on AVX-512 at stride 1, 14x14 to 7x7 at stride 2 on AVX-512
+    (``sizes``: the (lanes, input size, stride) taken, :data:`SHIFTED_ROWS_SIZES` by default); padding 1
+    on every side, 4-tap patterns."""
+    sizes = SHIFTED_ROWS_SIZES if sizes is None else sizes
+    stride = spec.strides[0]
+    return ((target_lanes, spec.height, stride) in sizes and spec.width == spec.height
+            and spec.strides == (stride, stride) and spec.out_height * stride == spec.height
             and spec.padding == (1, 1, 1, 1) and spec.taps == 4)
+
+
+def _tap_window(images, base, size: int, top: int, shift: int, lanes: int, vectors: int):
+    """The same rows as :func:`_tap_rows` for a channel stored in a padded square (its last column and row
+    zeros, the lanes of that column and row discarded): lanes ``lanes`` consecutive floats of the square from
+    pixel (top, shift), the floats before and after the square zeros. A column shift reads the row's
+    neighbour through the zero column (the column left of the first is the row above's last, zero; the
+    column right of the last real one is zero), so the window is two adjacent vectors of the channel
+    concatenated and shifted (``valignd``), or one vector, with no masking."""
+    first = top * size + shift
+    v0, offset = first // lanes, first % lanes
+    used = [v0] if offset == 0 else [v0, v0 + 1]
+    zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
+    parts = [images[tirx.Ramp(base + v * lanes, 1, lanes)] if 0 <= v < vectors else zero for v in used]
+    if offset == 0:
+        return parts[0]
+    # on int32 lanes LLVM lowers the window to one valignd; on float lanes it took a vpermt2ps with an index
+    # register and a register copy (Zen 5, ResNet-50's 512x512 7x7 alone: 1.12x)
+    ints = [tirx.reinterpret(f"int32x{lanes}", part) for part in parts]
+    return tirx.reinterpret(f"float32x{lanes}", tirx.Shuffle(ints, [offset + i for i in range(lanes)]))
 
 
 def _tap_rows(images, base, size: int, top: int, shift: int, lanes: int):
@@ -74,17 +125,84 @@ def _tap_rows(images, base, size: int, top: int, shift: int, lanes: int):
     return tirx.Shuffle(parts + [tirx.Broadcast(tirx.const(0.0, "float32"), lanes)], index)
 
 
+def _window(positions: list[int], total: int, lanes: int) -> int:
+    """The first of ``lanes`` consecutive floats of a ``total``-float plane that hold ``positions``."""
+    start = min(min(positions), total - lanes)
+    if start < 0 or max(positions) >= start + lanes:
+        raise ValueError(f"positions {min(positions)}-{max(positions)} do not fit one {lanes}-float window")
+    return start
+
+
+def _tap_source(dy: int, dx: int, stride: int) -> tuple[int, int, int]:
+    """(phase plane, row offset, column offset) of tap (dy, dx): output pixel (y, x) reads the plane's pixel
+    (y + row offset, x + column offset). Stride 1: the channel itself, offsets dy - 1, dx - 1. Stride 2
+    (padding 1): input row 2y + dy - 1 is row y - 1 of the odd rows' plane for dy = 0, row y of the even
+    rows' for dy = 1 and of the odd rows' for dy = 2 (columns alike); plane 2 * (row phase) + column phase."""
+    if stride == 1:
+        return 0, dy - 1, dx - 1
+    return 2 * (dy != 1) + (dx != 1), -(dy == 0), -(dx == 0)
+
+
+def _pad_channels(source, padded, channels: int, side: int, image: int, size: int, stride: int,
+                  lanes: int) -> None:
+    """Copy ``channels`` ``side`` x ``side`` input channels into stride x stride phase planes each
+    (plane 2a + b holds input pixels (stride y + a, stride x + b)), of ``image`` x ``image`` pixels stored as
+    ``size`` x ``size`` squares, zeros in the extra columns and rows: per padded vector whole-vector loads of
+    the windows of the channel holding its pixels and one permutation of them with zeros."""
+    total, planes = side * side, stride * stride
+    zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
+    with T.parallel(0, channels) as c:
+        for plane in range(planes):
+            a, b = divmod(plane, stride)
+            for h in range(size * size // lanes):
+                wanted = []
+                for i in range(lanes):
+                    y, x = divmod(h * lanes + i, size)
+                    wanted.append((stride * y + a) * side + stride * x + b if y < image and x < image else None)
+                starts = []
+                for q in sorted(q for q in wanted if q is not None):
+                    if not starts or q >= starts[-1] + lanes:
+                        starts.append(_window([q], total, lanes))
+                index = []
+                for q in wanted:
+                    w = None if q is None else max(w for w, start in enumerate(starts) if start <= q)
+                    index.append(len(starts) * lanes if q is None else w * lanes + q - starts[w])
+                parts = [source[tirx.Ramp(c * total + start, 1, lanes)] for start in starts]
+                T.buffer_store(padded, tirx.Shuffle(parts + [zero], index),
+                               [tirx.Ramp((c * planes + plane) * size * size + h * lanes, 1, lanes)])
+
+
+def _output_vectors(results, image: int, size: int, lanes: int):
+    """(first float, vector) of the output channel's stores, from ``results``: the channel's ``size`` x
+    ``size`` output vectors. A square output is stored as it is; a smaller one (computed in a padded
+    square) as whole vectors of consecutive output floats, each a permutation of the two result vectors its
+    pixels come from, the last one overlapping the one before (every store a whole vector in the channel)."""
+    if image == size:
+        return [(h * lanes, value) for h, value in enumerate(results)]
+    total, stores = image * image, []
+    for k in range(-(-total // lanes)):
+        start = min(k * lanes, total - lanes)
+        lanes_of = [divmod(divmod(start + i, image)[0] * size + (start + i) % image, lanes) for i in range(lanes)]
+        used = sorted({h for h, _ in lanes_of})
+        index = [used.index(h) * lanes + lane for h, lane in lanes_of]
+        stores.append((start, tirx.Shuffle([results[h] for h in used], index)))
+    return stores
+
+
 def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, lanes: int = 8) -> tirx.PrimFunc:
-    """The scheduled PrimFunc of one 4x4 or 8x8 pattern conv for a target of ``lanes`` fp32 lanes (see
+    """The scheduled PrimFunc of one 4x4, 8x8 or 7x7 (stride 1 or 2) pattern conv for a target of ``lanes`` fp32 lanes (see
     the module docstring); the arguments of :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc`
     on AVX-512: data, values, channels, offsets, order (FKW's: stored filter -> output channel), [bias],
     out. Each thread takes a contiguous run of filters holding its share of the kernels
     (:func:`~tvm_patdnn.ops.pattern_conv_2x2.thread_filters`)."""
-    if not shifted_rows_apply(spec, lanes):
-        raise ValueError("the shifted-rows kernel takes 4x4 images (8 or 16 lanes) or 8x8 ones (16 lanes), "
-                         "stride 1, padding 1, 4 taps")
-    size = spec.height
-    sets = _SETS[lanes, size]
+    if not shifted_rows_apply(spec, lanes, BUILT_SIZES):
+        raise PatDNNError("the shifted-rows kernel takes 4x4 images (8 or 16 lanes), 8x8 and 7x7 ones (16 lanes), "
+                          "stride 1, or 14x14 ones to 7x7 at stride 2 (16 lanes), padding 1, 4 taps; got "
+                          f"{spec.height}x{spec.width}, strides {spec.strides}, padding {spec.padding}, "
+                          f"{spec.taps} taps at {lanes} lanes")
+    image, stride = spec.out_height, spec.strides[0]  # the output's side; 1 or 2
+    sets = _SETS[lanes, image]
+    size = _PITCH.get((lanes, image), image)  # the square the kernel computes on (the padded copy's pitch)
     n_, c_, f_, p_ = spec.batch, spec.in_channels, spec.out_channels, len(spec.patterns)
     taps, pixels, halves = spec.taps, size * size, size * size // lanes
     kernels = max(1, spec.n_kernels)
@@ -92,16 +210,22 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
-            data = T.arg("data", T.buffer((n_, c_, size, size), "float32"))
+            data = T.arg("data", T.buffer((n_, c_, spec.height, spec.width), "float32"))
             values = T.arg("values", T.buffer((kernels, taps), "float32"))
             channels = T.arg("channels", T.buffer((kernels,), "int32"))
             offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
             order = T.arg("order", T.buffer((f_,), "int32"))
             bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
-            out = T.arg("out", T.buffer((n_, f_, size, size), "float32"))
+            out = T.arg("out", T.buffer((n_, f_, image, image), "float32"))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            images = T.decl_buffer((n_ * c_ * pixels,), "float32", data=data.data)
-            outputs = T.decl_buffer((n_ * f_ * pixels,), "float32", data=out.data)
+            planes = stride * stride  # per channel
+            if size == image and stride == 1:
+                images = T.decl_buffer((n_ * c_ * pixels,), "float32", data=data.data)
+            else:
+                images = T.decl_buffer((n_ * c_ * planes * pixels,), "float32")
+                _pad_channels(T.decl_buffer((n_ * c_ * spec.height * spec.width,), "float32", data=data.data),
+                              images, n_ * c_, spec.height, image, size, stride, lanes)
+            outputs = T.decl_buffer((n_ * f_ * image * image,), "float32", data=out.data)
 
             def filter_task(task) -> None:
                 n, f = task // f_, task % f_
@@ -111,12 +235,18 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
                     T.buffer_store(acc, tirx.Broadcast(zero, lanes), [tirx.Ramp(q * lanes, 1, lanes)])
 
                 def accumulate(pattern, k, a: int) -> None:
-                    base = (n * c_ + channels[k]) * pixels
+                    base = (n * c_ + channels[k]) * planes * pixels
                     for t, (dy, dx) in enumerate(pattern):
                         weight = tirx.Broadcast(values[k, t], lanes)
+                        plane, top, shift = _tap_source(dy, dx, stride)
                         for h in range(halves):
                             slots = tirx.Ramp(((a * halves + h) * taps + t) * lanes, 1, lanes)
-                            rows = _tap_rows(images, base, size, h * lanes // size + dy - 1, dx - 1, lanes)
+                            if size > image:  # a padded square: windows of two vectors
+                                rows = _tap_window(images, base + plane * pixels, size, h * lanes // size + top,
+                                                   shift, lanes, halves)
+                            else:
+                                rows = _tap_rows(images, base + plane * pixels, size, h * lanes // size + top,
+                                                 shift, lanes)
                             T.buffer_store(acc, acc[slots] + rows * weight, [slots])
 
                 for p, pattern in enumerate(spec.patterns):
@@ -129,12 +259,14 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
                         with T.serial(0, length % sets) as j:
                             accumulate(pattern, start + length // sets * sets + j, 0)
                 fo = order[f]
+                results = []
                 for h in range(halves):
                     value = sum((acc[tirx.Ramp(((a * halves + h) * taps + t) * lanes, 1, lanes)]
                                  for a in range(sets) for t in range(taps) if a or t),
                                 acc[tirx.Ramp(h * taps * lanes, 1, lanes)])
-                    value = bias_relu(value, None if bias is None else bias[fo], spec.relu, lanes)
-                    T.buffer_store(outputs, value, [tirx.Ramp((n * f_ + fo) * pixels + h * lanes, 1, lanes)])
+                    results.append(bias_relu(value, None if bias is None else bias[fo], spec.relu, lanes))
+                for start, value in _output_vectors(results, image, size, lanes):
+                    T.buffer_store(outputs, value, [tirx.Ramp((n * f_ + fo) * (image * image) + start, 1, lanes)])
 
             with T.parallel(0, threads) as t:
                 first, last = thread_filters(offsets, f_, p_, threads, t)
