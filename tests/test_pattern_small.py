@@ -154,12 +154,14 @@ def test_small_images_take_their_kernel_per_target(size, lanes, kernel):
         [kernel] if kernel else []]
 
 
-@pytest.mark.parametrize("size, stride, lanes, kernel", [(14, 2, 16, "shifted_rows"), (14, 2, 8, None), (14, 2, 4, None),
-                                                         (12, 2, 16, None), (16, 2, 16, None), (14, 1, 16, None)])
+@pytest.mark.parametrize("size, stride, lanes, kernel", [(14, 2, 16, "shifted_rows"), (14, 2, 8, None),
+                                                         (14, 2, 4, None), (12, 2, 16, None), (16, 2, 16, None),
+                                                         (14, 1, 16, None)])
 def test_strided_small_images_take_their_kernel_per_target(size, stride, lanes, kernel):
     """AVX-512 takes the shifted-rows kernel for 14x14 -> 7x7 at stride 2 (ResNet-50's last stage), no
     other strided layer; AVX2 and NEON keep the TE operator's layouts."""
-    model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [ConvSpec(16, stride=stride, connectivity=2.0)])
+    conv = ConvSpec(16, stride=stride, connectivity=2.0)
+    model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [conv])
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
     layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()

@@ -46,7 +46,8 @@ or -1. Zen 5, 1 thread, ResNet-50's 512x512 layers with the pruned model's weigh
 the TE operator's 8-lane aligned rows: alone 0.355-0.360 -> 0.208-0.210 ms (30 -> 51% of 268 GFLOP/s;
 with masked ``vpermt2ps`` permutations 0.236, 45%), 14 -> 7 stride 2 0.40-0.42 -> 0.32-0.33 ms (26 ->
 32%); in the pruned ResNet-50 (weights from DRAM, per-call minima) 0.40-0.42 -> 0.29-0.32 ms and
-0.43-0.46 -> 0.40-0.42 ms.
+0.43-0.46 -> 0.40-0.42 ms; with the weights prefetched 64 kernels ahead (they stream from DRAM in the
+model) 0.39-0.40 -> 0.235-0.27 ms (40-45%) and 0.43-0.44 -> 0.385-0.39 ms (28%).
 """
 
 from __future__ import annotations
@@ -189,11 +190,18 @@ def _output_vectors(results, image: int, size: int, lanes: int):
     return stores
 
 
+# Padded squares (7x7 layers) prefetch each kernel's weights and channel index this many kernels ahead: ResNet-50's
+# 512x512 7x7 layers stream 1.47 MB of weights from DRAM in the model (its ~70 MB of weights outgrow the L3). Zen 5,
+# 1 thread, in the pruned ResNet-50 (per-call minima, two interleaved runs of 11 rounds): 7x7 1.16-1.33x, 14 -> 7
+# stride 2 1.08-1.15x (256 ahead the same); alone with the weights in cache 0.95-1.00x. 4x4 and 8x8 unmeasured: off.
+_WEIGHT_PREFETCH = 64
+
+
 def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, lanes: int = 8) -> tirx.PrimFunc:
-    """The scheduled PrimFunc of one 4x4, 8x8 or 7x7 (stride 1 or 2) pattern conv for a target of ``lanes`` fp32 lanes (see
-    the module docstring); the arguments of :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc`
-    on AVX-512: data, values, channels, offsets, order (FKW's: stored filter -> output channel), [bias],
-    out. Each thread takes a contiguous run of filters holding its share of the kernels
+    """The scheduled PrimFunc of one 4x4, 8x8 or 7x7 (stride 1 or 2) pattern conv for a target of ``lanes``
+    fp32 lanes (see the module docstring); the arguments of
+    :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc` on AVX-512: data, values, channels,
+    offsets, order (FKW's: stored filter -> output channel), [bias], out. Each thread takes a contiguous run of filters holding its share of the kernels
     (:func:`~tvm_patdnn.ops.pattern_conv_2x2.thread_filters`)."""
     if not shifted_rows_apply(spec, lanes, BUILT_SIZES):
         raise PatDNNError("the shifted-rows kernel takes 4x4 images (8 or 16 lanes), 8x8 and 7x7 ones (16 lanes), "
@@ -236,6 +244,10 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
 
                 def accumulate(pattern, k, a: int) -> None:
                     base = (n * c_ + channels[k]) * planes * pixels
+                    if _WEIGHT_PREFETCH and size > image:
+                        ahead = tirx.min(k + _WEIGHT_PREFETCH, kernels - 1)
+                        for address in (tirx.address_of(values[ahead, 0]), tirx.address_of(channels[ahead])):
+                            T.evaluate(tirx.call_intrin("void", "tirx.prefetch", address, 0, 3, 1))
                     for t, (dy, dx) in enumerate(pattern):
                         weight = tirx.Broadcast(values[k, t], lanes)
                         plane, top, shift = _tap_source(dy, dx, stride)
