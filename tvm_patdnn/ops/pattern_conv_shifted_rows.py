@@ -201,8 +201,8 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
     """The scheduled PrimFunc of one 4x4, 8x8 or 7x7 (stride 1 or 2) pattern conv for a target of ``lanes``
     fp32 lanes (see the module docstring); the arguments of
     :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc` on AVX-512: data, values, channels,
-    offsets, order (FKW's: stored filter -> output channel), [bias], out. Each thread takes a contiguous run of filters holding its share of the kernels
-    (:func:`~tvm_patdnn.ops.pattern_conv_2x2.thread_filters`)."""
+    offsets, order (FKW's: stored filter -> output channel), [bias], out. Each thread takes a contiguous run of
+    filters holding its share of the kernels (:func:`~tvm_patdnn.ops.pattern_conv_2x2.thread_filters`)."""
     if not shifted_rows_apply(spec, lanes, BUILT_SIZES):
         raise PatDNNError("the shifted-rows kernel takes 4x4 images (8 or 16 lanes), 8x8 and 7x7 ones (16 lanes), "
                           "stride 1, or 14x14 ones to 7x7 at stride 2 (16 lanes), padding 1, 4 taps; got "
