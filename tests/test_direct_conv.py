@@ -199,6 +199,52 @@ def test_transposed_store_matches_reference(transposed, shape, out_c, kernel, st
     assert_close(out.numpy(), reference_outputs(model, {"x": x})[0])
 
 
+@pytest.mark.parametrize("shape, out_c, kernel, strides, pads, residual, activation, tile, vectors, lanes, panel", [
+    ((2, 40, 7, 7), 40, (3, 3), (1, 1), (1, 1, 1, 1), True, "relu", 6, 4, 8, 4096),  # 3 reduction blocks, ragged
+    ((1, 48, 9, 9), 40, (3, 3), (2, 2), (1, 1, 1, 1), False, "clip", 6, 4, 8, 8192),  # stride 2, 25 = 4 x 6 + 1
+    ((2, 96, 14, 14), 96, (1, 1), (1, 1), (0, 0, 0, 0), True, "relu", 6, 4, 16, 8192),  # 1x1 + residual, 196 pixels
+])
+def test_weight_prefetch_matches_reference(shape, out_c, kernel, strides, pads, residual, activation, tile, vectors,
+                                           lanes, panel):
+    """The next weight panel prefetched over the tiles (the last filter block's prefetches clamped to the weight's
+    end): several reduction blocks, ragged filter blocks, remainder tiles, residual, ReLU / clip, batch 2."""
+    target = resolve_target("x86")
+    if vector_lanes(target) < lanes:
+        pytest.skip("host CPU: no AVX-512 to run the 16-lane code on")
+    model = conv_model(shape, out_c, kernel, strides, pads, residual=residual, activation=activation, seed=7)
+    n, c, h, w = shape
+    conv = DenseConvSpec(batch=n, in_channels=c, height=h, width=w, out_channels=out_c, kernel=kernel,
+                         strides=strides, padding=pads, has_bias=True, residual=residual, activation=activation,
+                         clip_min=-0.5, clip_max=0.75)
+    spec = DirectConvSpec(conv, tile, vectors, lanes, weight_panel=panel, weight_prefetch=2)
+    assert spec.channel_blocks > 1
+    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
+    func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
+    assert "prefetch" in func.script()
+    kernel_fn = tvm.compile(tvm.IRModule({"main": func}), target)["main"]
+    x = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
+    out = tvm.runtime.empty((n, out_c, conv.out_height, conv.out_width), "float32")
+    args = [tvm.runtime.tensor(x), tvm.runtime.tensor(pack_dense_conv_weight(weight, spec.filter_block)),
+            tvm.runtime.tensor(pack_direct_conv_bias(bias, spec.filter_block))]
+    kernel_fn(*args, *([tvm.runtime.tensor(x)] if residual else []), out)
+    assert_close(out.numpy(), reference_outputs(model, {"x": x})[0])
+
+
+def test_weight_prefetch_rule_takes_avx512_kxk_convs_up_to_14x14():
+    def layer(c, f, size, kernel=1, stride=1, residual=False):
+        return DenseConvSpec(batch=1, in_channels=c, height=size, width=size, out_channels=f, kernel=(kernel, kernel),
+                             strides=(stride, stride), padding=(kernel // 2,) * 4, residual=residual)
+
+    avx512, avx2 = DenseConvRewrite(32, 16), DenseConvRewrite(16, 8)
+    taken = [layer(512, 512, 7, 3), layer(256, 256, 28, 3, 2), layer(512, 512, 14, 3, 2)]
+    left = [layer(256, 1024, 14, residual=True), layer(512, 2048, 7, residual=True), layer(2048, 512, 7), layer(1024, 256, 14), layer(256, 64, 56),
+            layer(128, 128, 56, 3, 2), layer(3, 64, 224, 7, 2), layer(1024, 2048, 14, 1, 2)]
+    assert [avx512.default_kernel(conv).weight_prefetch for conv in taken] == [2, 2, 2]
+    assert [getattr(avx512.default_kernel(conv), "weight_prefetch", 0) for conv in left] == [0] * len(left)
+    assert all(getattr(avx2.default_kernel(conv), "weight_prefetch", 0) == 0 for conv in taken + left)
+    assert avx512.default_kernel(taken[0]) in avx512.candidates(taken[0])
+
+
 @pytest.mark.parametrize("filters_inner", [False, True])
 @pytest.mark.parametrize("shape, out_c, strides, tile, vectors", [
     ((2, 136, 15, 13), 70, (2, 2), 6, 4),  # 8 x 7 = 56 pixels: 9 x 6 + 2, a ragged filter block, batch 2

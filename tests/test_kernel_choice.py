@@ -236,3 +236,15 @@ def test_cli_tune_lists_the_dense_layers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "conv 1x1 8->16 9x9" in out and " dense " in out
     assert (tmp_path / "db" / KERNEL_CHOICES).is_file()
+
+
+def test_a_direct_record_written_before_weight_prefetch_means_none():
+    """A direct-kernel record without ``weight_prefetch`` (before session 16) reads back without the prefetch;
+    one with it keeps it."""
+    layer = DenseConvSpec(batch=1, in_channels=64, height=7, width=7, out_channels=64, kernel=(3, 3),
+                          padding=(1, 1, 1, 1))
+    params = {"pixel_tile": 6, "vectors": 4, "lanes": 8, "filters_inner": False, "weight_panel": 32768}
+    old = KernelChoice.from_json({"kernel": "direct", "params": params}, layer)
+    assert old.spec(layer, 32).weight_prefetch == 0
+    new = KernelChoice.from_json({"kernel": "direct", "params": {**params, "weight_prefetch": 2}}, layer)
+    assert new.spec(layer, 32).weight_prefetch == 2 and KernelChoice.of(new.spec(layer, 32)) == new

@@ -126,6 +126,7 @@ class DirectConvSpec:
     filters_inner: bool = False  # tasks are pixel groups, each sweeping every filter block
     exact_tail: bool = True  # the last tile covers the pixels left (False: it overlaps the one before, to measure)
     transposed_store: bool = True  # 16 lanes: the epilogue transposes the tile in registers (see _store_transposed)
+    weight_prefetch: int = 0  # the next weight panel prefetched into L2 (2) or L3 (1) over the tiles (0: off)
 
     def __post_init__(self):
         if not 1 <= self.pixel_tile <= self.conv.pixels:
@@ -309,6 +310,23 @@ def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs,
                     spec.channel_blocks, lambda: epilogue(spec, mr, acc, *outputs, n, fb, base))
 
 
+def _prefetch_next_panel(spec: DirectConvSpec, weight, fb, first, t) -> None:
+    """Tile ``t`` of a task prefetches its share (1 / ``group_tiles``) of the lines of the weight panel after
+    the current one (the next reduction block's, or the next filter block's first: contiguous in the packed
+    weight) into the cache level ``spec.weight_prefetch`` (tirx.prefetch locality), so that a panel streamed
+    from DRAM arrives while the tiles before it run instead of in a burst under the first tile's FMAs."""
+    conv, block = spec.conv, spec.filter_block
+    taps, window = conv.taps, conv.kernel[0] * conv.kernel[1]
+    panel = spec.channel_block * window * block  # floats
+    per_tile = ceil_div(ceil_div(panel, 16), spec.group_tiles)
+    total = spec.filter_blocks * taps * block
+    start = fb * taps * block + first * window * block + panel
+    with T.serial(0, per_tile) as i:
+        e = T.min(start + (t * per_tile + i) * 16, total - 1)
+        T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
+            weight[e // (taps * block), e // block % taps, e % block]), 0, spec.weight_prefetch, 1))
+
+
 def _compacts(spec: DirectConvSpec) -> bool:
     """Whether the kernel runs on a compact copy of a strided 1x1's input (COMPACT_STRIDED_LANES)."""
     conv = spec.conv
@@ -370,6 +388,8 @@ def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
                             index = group * per_group + t
                             args = (source, weight, bias, partial, (flat_res, flat_out), n, fb, kb, fi * per_group + t)
                             count = T.min(cb, c_ - first)
+                            if spec.weight_prefetch:
+                                _prefetch_next_panel(spec, weight, fb, first, t)
                             if spec.exact_tail and p_ % mr:
                                 with T.If(index < tiles - 1):
                                     with T.Then():

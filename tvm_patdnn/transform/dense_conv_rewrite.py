@@ -135,6 +135,14 @@ STEM_VECTORS = 2
 # vectors of filters take tiles of WIDE_POINTWISE_TILE pixels x 2 vectors of 16 lanes instead of 6 x 4.
 WIDE_POINTWISE_PIXELS = 784
 WIDE_POINTWISE_TILE = 12
+# On AVX-512, direct KxK convs (8-lane tiles, not the RGB stem) with at most this many output pixels (14x14)
+# prefetch their next weight panel into L2 over the tiles (DirectConvSpec.weight_prefetch): their weights
+# stream from DRAM in the model and the first tile of each panel waited for them. Zen 5, 1 thread, core 0,
+# per-call minima in the dense ResNet-50, two interleaved runs (7 rounds): 3x3 512 at 7x7 1.145-1.171x,
+# 3x3 512 s2 14->7 1.099x / 1.114x, 3x3 256 s2 28->14 1.072x / 1.030x; whole model 1.033x / 1.023x per
+# round. Not taken: 1x1s with a residual at 14x14 (256->1024: 1.00-1.03x), the 7x7 1x1s (0.92-1.02x), 1x1s
+# at 28x28 / 56x56 (0.92-0.98x), 1024->2048 s2 (0.87x).
+PREFETCH_WEIGHT_PIXELS = 196
 # On AVX-512, 1x1 convs on the GEMM with at most this many input channels (a short reduction) take
 # SHORT_REDUCTION_VECTORS pixel vectors a tile (6 filters x 4 vectors of 16 lanes) instead of 2, when they
 # have at least four vectors of filters (6-filter tiles would pad 16 filters to 18).
@@ -374,6 +382,9 @@ class DenseConvRewriter:
             if (self.lanes >= 16 and spec.kernel == (1, 1) and spec.pixels >= WIDE_POINTWISE_PIXELS
                     and spec.out_channels >= 4 * self.lanes):
                 kernel = dataclasses.replace(kernel, pixel_tile=WIDE_POINTWISE_TILE, vectors=min(2, kernel.vectors))
+            if (self.lanes >= 16 and spec.kernel != (1, 1) and spec.pixels <= PREFETCH_WEIGHT_PIXELS
+                    and spec.in_channels > STEM_CHANNELS):
+                kernel = dataclasses.replace(kernel, weight_prefetch=2)
             return kernel
         return self.gemm_tile(spec)
 
