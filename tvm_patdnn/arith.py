@@ -4,12 +4,17 @@ it without pulling in another: operators do not import schedule rules to size a 
 
 from __future__ import annotations
 
-__all__ = ["ceil_div", "largest_divisor", "round_up", "work_group_size"]
+__all__ = ["ceil_div", "largest_divisor", "output_size", "round_up", "work_group_size"]
 
 
 def ceil_div(value, divisor):
     """``ceil(value / divisor)`` for ints, and for TIR expressions as the same floor division."""
     return -(-value // divisor)
+
+
+def output_size(size: int, pad_before: int, pad_after: int, kernel: int, stride: int) -> int:
+    """Outputs along one axis of a window slid over ``size`` padded inputs (floor mode, dilation 1)."""
+    return (size + pad_before + pad_after - kernel) // stride + 1
 
 
 def round_up(value: int, multiple: int) -> int:

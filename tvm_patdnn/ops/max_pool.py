@@ -28,7 +28,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..arith import ceil_div
+from ..arith import ceil_div, output_size
 from ..errors import PatDNNError
 from .depthwise_conv import PARALLEL_FLOPS
 
@@ -76,11 +76,11 @@ class MaxPoolSpec:
 
     @property
     def out_height(self) -> int:
-        return (self.height + self.padding[0] + self.padding[2] - self.kernel[0]) // self.strides[0] + 1
+        return output_size(self.height, self.padding[0], self.padding[2], self.kernel[0], self.strides[0])
 
     @property
     def out_width(self) -> int:
-        return (self.width + self.padding[1] + self.padding[3] - self.kernel[1]) // self.strides[1] + 1
+        return output_size(self.width, self.padding[1], self.padding[3], self.kernel[1], self.strides[1])
 
     @property
     def runs(self) -> int:

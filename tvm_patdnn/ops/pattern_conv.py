@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from ..arith import ceil_div, largest_divisor, round_up
+from ..arith import ceil_div, largest_divisor, output_size, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS",
@@ -132,11 +132,11 @@ class PatternConvSpec:
 
     @property
     def out_height(self) -> int:
-        return (self.height + self.padding[0] + self.padding[2] - 3) // self.strides[0] + 1
+        return output_size(self.height, self.padding[0], self.padding[2], 3, self.strides[0])
 
     @property
     def out_width(self) -> int:
-        return (self.width + self.padding[1] + self.padding[3] - 3) // self.strides[1] + 1
+        return output_size(self.width, self.padding[1], self.padding[3], 3, self.strides[1])
 
     @property
     def padded_width(self) -> int:
