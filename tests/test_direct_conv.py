@@ -188,14 +188,22 @@ def test_transposed_store_matches_reference(transposed, shape, out_c, kernel, st
                          strides=strides, padding=pads, has_bias=True, residual=residual, activation="clip",
                          clip_min=-0.5, clip_max=0.75)
     spec = DirectConvSpec(conv, tile, vectors, 16, transposed_store=transposed)
+    _assert_kernel_matches(spec, model, target, seed=4)
+
+
+def _assert_kernel_matches(spec: DirectConvSpec, model, target, seed: int) -> None:
+    """The direct kernel of ``spec`` alone (weights and bias packed, the input as its own residual when the
+    conv has one) against onnx.reference on the one-conv ``model``."""
+    conv = spec.conv
     weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
     func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
     kernel_fn = tvm.compile(tvm.IRModule({"main": func}), target)["main"]
-    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
-    out = tvm.runtime.empty((n, out_c, conv.out_height, conv.out_width), "float32")
+    shape = (conv.batch, conv.in_channels, conv.height, conv.width)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    out = tvm.runtime.empty((conv.batch, conv.out_channels, conv.out_height, conv.out_width), "float32")
     args = [tvm.runtime.tensor(x), tvm.runtime.tensor(pack_dense_conv_weight(weight, spec.filter_block)),
             tvm.runtime.tensor(pack_direct_conv_bias(bias, spec.filter_block))]
-    kernel_fn(*args, *([tvm.runtime.tensor(x)] if residual else []), out)
+    kernel_fn(*args, *([tvm.runtime.tensor(x)] if conv.residual else []), out)
     assert_close(out.numpy(), reference_outputs(model, {"x": x})[0])
 
 
@@ -218,16 +226,8 @@ def test_weight_prefetch_matches_reference(shape, out_c, kernel, strides, pads, 
                          clip_min=-0.5, clip_max=0.75)
     spec = DirectConvSpec(conv, tile, vectors, lanes, weight_panel=panel, weight_prefetch=2)
     assert spec.channel_blocks > 1
-    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
-    func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
-    assert "prefetch" in func.script()
-    kernel_fn = tvm.compile(tvm.IRModule({"main": func}), target)["main"]
-    x = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
-    out = tvm.runtime.empty((n, out_c, conv.out_height, conv.out_width), "float32")
-    args = [tvm.runtime.tensor(x), tvm.runtime.tensor(pack_dense_conv_weight(weight, spec.filter_block)),
-            tvm.runtime.tensor(pack_direct_conv_bias(bias, spec.filter_block))]
-    kernel_fn(*args, *([tvm.runtime.tensor(x)] if residual else []), out)
-    assert_close(out.numpy(), reference_outputs(model, {"x": x})[0])
+    assert "prefetch" in direct_conv_primfunc(spec).script()
+    _assert_kernel_matches(spec, model, target, seed=8)
 
 
 def test_weight_prefetch_rule_takes_avx512_kxk_convs_up_to_14x14():
@@ -263,19 +263,12 @@ def test_strided_pointwise_on_a_compact_input_matches_reference(monkeypatch, fil
     n, c, h, w = shape
     conv = DenseConvSpec(batch=n, in_channels=c, height=h, width=w, out_channels=out_c, strides=strides,
                          has_bias=True, activation="relu")
-    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
-    x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
-    expected = reference_outputs(model, {"x": x})[0]
     for spec in (DirectConvSpec(conv, tile, vectors, 16, filters_inner=filters_inner),
                  DirectConvSpec(conv, 6, 2, 8, filters_inner=filters_inner)):
-        func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
-        assert func.script().count("T.parallel(") == (2 if spec.lanes == 16 else 1)  # the copy's loop, the tiles'
+        script = direct_conv_primfunc(spec).script()
+        assert script.count("T.parallel(") == (2 if spec.lanes == 16 else 1)  # the copy's loop, the tiles'
         assert direct_conv._compacts(spec) == (spec.lanes == 16)
-        kernel_fn = tvm.compile(tvm.IRModule({"main": func}), target)["main"]
-        out = tvm.runtime.empty((n, out_c, conv.out_height, conv.out_width), "float32")
-        kernel_fn(tvm.runtime.tensor(x), tvm.runtime.tensor(pack_dense_conv_weight(weight, spec.filter_block)),
-                  tvm.runtime.tensor(pack_direct_conv_bias(bias, spec.filter_block)), out)
-        assert_close(out.numpy(), expected)
+        _assert_kernel_matches(spec, model, target, seed=9)
 
 
 def test_compact_input_rule_takes_strided_pointwise_inputs_past_l2():
