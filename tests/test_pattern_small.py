@@ -145,13 +145,7 @@ def test_the_shifted_rows_kernel_refuses_other_layers():
 def test_small_images_take_their_kernel_per_target(size, lanes, kernel):
     """2x2 images take the (pixel x tap) kernel and 4x4 the shifted-rows kernel on AVX2 and AVX-512,
     8x8 and 7x7 the shifted-rows kernel on AVX-512 only (NEON keeps the TE operator's layouts)."""
-    model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [ConvSpec(16, connectivity=2.0)])
-    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
-    rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
-    layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
-               if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs]
-    assert [[name for name in ("tap_lanes", "shifted_rows") if int(layout.get(name, 0))] for layout in layouts] == [
-        [kernel] if kernel else []]
+    assert _small_image_kernels(size, ConvSpec(16, connectivity=2.0), lanes) == [[kernel] if kernel else []]
 
 
 @pytest.mark.parametrize("size, stride, lanes, kernel", [(14, 2, 16, "shifted_rows"), (14, 2, 8, None),
@@ -161,13 +155,18 @@ def test_strided_small_images_take_their_kernel_per_target(size, stride, lanes, 
     """AVX-512 takes the shifted-rows kernel for 14x14 -> 7x7 at stride 2 (ResNet-50's last stage), no
     other strided layer; AVX2 and NEON keep the TE operator's layouts."""
     conv = ConvSpec(16, stride=stride, connectivity=2.0)
+    assert _small_image_kernels(size, conv, lanes) == [[kernel] if kernel else []]
+
+
+def _small_image_kernels(size: int, conv: ConvSpec, lanes: int) -> list[list[str]]:
+    """Per pattern conv of a one-conv model on ``size`` x ``size`` images, the small-image kernels the
+    rewrite gives it on a ``lanes``-lane target (none: the TE operator)."""
     model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [conv])
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
     layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
                if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs]
-    assert [[name for name in ("tap_lanes", "shifted_rows") if int(layout.get(name, 0))] for layout in layouts] == [
-        [kernel] if kernel else []]
+    return [[name for name in ("tap_lanes", "shifted_rows") if int(layout.get(name, 0))] for layout in layouts]
 
 
 @pytest.mark.parametrize("batch, bias, relu", [(1, True, True), (2, False, False)])
