@@ -35,7 +35,8 @@ from tvm.script.ir_builder import tirx as T
 from ..arith import ceil_div, output_size
 from .activation import activate, check_activation
 
-__all__ = ["DepthwiseConvSpec", "DEPTHWISE_CONV_ATTR", "copy_padded_row", "depthwise_conv_primfunc", "padding_columns"]
+__all__ = ["DepthwiseConvSpec", "DEPTHWISE_CONV_ATTR", "SlidingWindow", "copy_padded_row", "depthwise_conv_primfunc",
+           "padding_columns"]
 
 # PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
 DEPTHWISE_CONV_ATTR = "patdnn.depthwise_conv"
@@ -49,8 +50,22 @@ PARALLEL_FLOPS = 1 << 17
 FLAT_VECTORS = 16
 
 
+class SlidingWindow:
+    """``out_height`` / ``out_width`` of a spec of a window slid over NCHW rows (floor mode, dilation 1)
+    with ``height``, ``width``, ``kernel``, ``strides`` and ``padding`` (top, left, bottom, right): the
+    depthwise conv's and the max pool's."""
+
+    @property
+    def out_height(self) -> int:
+        return output_size(self.height, self.padding[0], self.padding[2], self.kernel[0], self.strides[0])
+
+    @property
+    def out_width(self) -> int:
+        return output_size(self.width, self.padding[1], self.padding[3], self.kernel[1], self.strides[1])
+
+
 @dataclass(frozen=True)
-class DepthwiseConvSpec:
+class DepthwiseConvSpec(SlidingWindow):
     """Static description of one depthwise conv (dilation 1) and its register tile."""
 
     batch: int
@@ -92,14 +107,6 @@ class DepthwiseConvSpec:
         probe = cls(**shape, lanes=1, rows=1, vectors=1)
         rows = min(probe.out_height, 8 if registers > 16 else 4)
         return cls(**shape, lanes=min(lanes, probe.out_width), rows=rows, vectors=1)
-
-    @property
-    def out_height(self) -> int:
-        return output_size(self.height, self.padding[0], self.padding[2], self.kernel[0], self.strides[0])
-
-    @property
-    def out_width(self) -> int:
-        return output_size(self.width, self.padding[1], self.padding[3], self.kernel[1], self.strides[1])
 
     @property
     def padded_height(self) -> int:

@@ -28,9 +28,9 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..arith import ceil_div, output_size
+from ..arith import ceil_div
 from ..errors import PatDNNError
-from .depthwise_conv import PARALLEL_FLOPS
+from .depthwise_conv import PARALLEL_FLOPS, SlidingWindow
 
 __all__ = ["MAX_POOL_ATTR", "MaxPoolSpec", "max_pool_primfunc"]
 
@@ -41,7 +41,7 @@ MIN_TASK_ELEMENTS = 16384
 
 
 @dataclass(frozen=True)
-class MaxPoolSpec:
+class MaxPoolSpec(SlidingWindow):
     """A max pool over NCHW (dilation 1, floor output size, padding smaller than the window) and its
     output row vectors (``lanes`` wide: at most the output row, ``sw * lanes`` at most the input row)."""
 
@@ -73,14 +73,6 @@ class MaxPoolSpec:
         if not 1 <= self.lanes <= self.out_width or self.strides[1] * self.lanes > self.width:
             raise PatDNNError(f"max pool: {self.lanes}-lane vectors do not fit output rows of {self.out_width} "
                               f"(input rows of {self.width})")
-
-    @property
-    def out_height(self) -> int:
-        return output_size(self.height, self.padding[0], self.padding[2], self.kernel[0], self.strides[0])
-
-    @property
-    def out_width(self) -> int:
-        return output_size(self.width, self.padding[1], self.padding[3], self.kernel[1], self.strides[1])
 
     @property
     def runs(self) -> int:

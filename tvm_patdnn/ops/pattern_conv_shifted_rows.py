@@ -71,21 +71,17 @@ _SETS = {(8, 4): 1, (16, 4): 2, (16, 8): 1, (16, 7): 1}  # by (lanes, output siz
 # 8x8: every row and the channel whole vectors; the zero column and row are the conv's right and bottom padding)
 _PITCH = {(16, 7): 8}
 
-# The (lanes, input size, stride) routed to this kernel (the rewrite's rule); a stride-2 layer's input is split
-# into its 4 (row, column) phase planes, each copied into the padded square of its output size
+# The (lanes, input size, stride) this kernel takes; a stride-2 layer's input is split into its 4 (row, column)
+# phase planes, each copied into the padded square of its output size
 SHIFTED_ROWS_SIZES = frozenset({(8, 4, 1), (16, 4, 1), (16, 8, 1), (16, 7, 1), (16, 14, 2)})
-# Every (lanes, input size, stride) it builds
-BUILT_SIZES = SHIFTED_ROWS_SIZES
 
 
-def shifted_rows_apply(spec: PatternConvSpec, target_lanes: int, sizes=None) -> bool:
+def shifted_rows_apply(spec: PatternConvSpec, target_lanes: int) -> bool:
     """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: 4x4 images on
     AVX2 (8) and AVX-512 (16), 8x8 and 7x7 on AVX-512 at stride 1, 14x14 to 7x7 at stride 2 on AVX-512
-    (``sizes``: the (lanes, input size, stride) taken, :data:`SHIFTED_ROWS_SIZES` by default); padding 1
-    on every side, 4-tap patterns."""
-    sizes = SHIFTED_ROWS_SIZES if sizes is None else sizes
+    (:data:`SHIFTED_ROWS_SIZES`); padding 1 on every side, 4-tap patterns."""
     stride = spec.strides[0]
-    return ((target_lanes, spec.height, stride) in sizes and spec.width == spec.height
+    return ((target_lanes, spec.height, stride) in SHIFTED_ROWS_SIZES and spec.width == spec.height
             and spec.strides == (stride, stride) and spec.out_height * stride == spec.height
             and spec.padding == (1, 1, 1, 1) and spec.taps == 4)
 
@@ -203,7 +199,7 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
     :func:`~tvm_patdnn.ops.pattern_conv_2x2.pattern_conv_2x2_primfunc` on AVX-512: data, values, channels,
     offsets, order (FKW's: stored filter -> output channel), [bias], out. Each thread takes a contiguous run of
     filters holding its share of the kernels (:func:`~tvm_patdnn.ops.pattern_conv_2x2.thread_filters`)."""
-    if not shifted_rows_apply(spec, lanes, BUILT_SIZES):
+    if not shifted_rows_apply(spec, lanes):
         raise PatDNNError("the shifted-rows kernel takes 4x4 images (8 or 16 lanes), 8x8 and 7x7 ones (16 lanes), "
                           "stride 1, or 14x14 ones to 7x7 at stride 2 (16 lanes), padding 1, 4 taps; got "
                           f"{spec.height}x{spec.width}, strides {spec.strides}, padding {spec.padding}, "
