@@ -222,11 +222,11 @@ def test_tasks_take_several_planes_on_16_lanes():
     """On 16-lane targets every task pads its plane buffer once for at least 8 planes (at most 1/8 of
     them); other targets keep the old grouping; a grouping with a partial last task (50 planes in
     tasks of 6) matches onnx.reference on the host."""
-    from tvm_patdnn.transform.depthwise_conv_rewrite import MIN_GROUP, DepthwiseConvRewrite
+    from tvm_patdnn.transform.depthwise_conv_rewrite import DepthwiseConvRewrite
 
     shape = dict(batch=2, channels=25, height=40, width=40)
-    assert DepthwiseConvSpec.for_target(32, 16, **shape).channel_group == 2  # 16384 / (40 * 40 * 9): 2
-    assert DepthwiseConvSpec(**shape, lanes=16, rows=8, min_group=MIN_GROUP).channel_group == 6  # 50 // 8
+    assert DepthwiseConvSpec.for_target(16, 8, **shape).channel_group == 2  # 16384 / (40 * 40 * 9): 2
+    assert DepthwiseConvSpec.for_target(32, 16, **shape).channel_group == 6  # MIN_GROUP 8, at most 50 // 8
     model = depthwise_layer(np.random.default_rng(2), (2, 25, 40, 40))
     mod = relax.transform.FoldConstant()(import_onnx(model).mod)
     for registers, lanes, group in ((32, 16, 6), (16, 8, 2)):

@@ -48,6 +48,8 @@ DEPTHWISE_CONV_ATTR = "patdnn.depthwise_conv"
 PARALLEL_FLOPS = 1 << 17
 # At most this many accumulator vectors in a flat tile (a whole channel at once).
 FLAT_VECTORS = 16
+# On 16-lane targets each task (conv and max pool) takes at least this many planes (min_group).
+MIN_GROUP = 8
 
 
 class SlidingWindow:
@@ -103,10 +105,11 @@ class DepthwiseConvSpec(SlidingWindow):
         """The spec with the register tile of a target with ``registers`` vectors of ``lanes``:
         one row vector (narrower if the output row is) and 4 output rows (AVX2: 4 accumulators,
         9 broadcast weights and the loads fill its 16 registers), 8 with 32 registers, at most
-        the rows there are."""
+        the rows there are; on 16-lane targets a task takes at least ``MIN_GROUP`` planes."""
         probe = cls(**shape, lanes=1, rows=1, vectors=1)
         rows = min(probe.out_height, 8 if registers > 16 else 4)
-        return cls(**shape, lanes=min(lanes, probe.out_width), rows=rows, vectors=1)
+        min_group = MIN_GROUP if lanes >= 16 else 1
+        return cls(**shape, lanes=min(lanes, probe.out_width), rows=rows, vectors=1, min_group=min_group)
 
     @property
     def padded_height(self) -> int:

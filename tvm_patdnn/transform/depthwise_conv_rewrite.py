@@ -56,9 +56,6 @@ FLAT_WIDTH = 8
 # On 16-lane targets, stride-2 depthwise convs with output rows narrower than this run the flat tile
 # on phase planes (DepthwiseConvSpec.flat_offset).
 FLAT_STRIDED_WIDTH = 16
-# On 16-lane targets, each task of the kernel (conv and max pool) takes at least this many planes
-# (DepthwiseConvSpec.min_group).
-MIN_GROUP = 8
 # On 16-lane targets, max pools whose window equals the stride, without padding, run the streaming
 # kernel of ops/max_pool.py when their output rows make vectors of at least this many lanes.
 POOL_MIN_LANES = 2
@@ -114,8 +111,6 @@ class DepthwiseConvRewriter(DenseConvRewriter):
             kernel=tuple(int(k) for k in attrs.pool_size), strides=tuple(int(s) for s in attrs.strides),
             padding=tuple(int(p) for p in attrs.padding), reduction="max",
         )
-        if self.lanes >= 16:
-            spec = dataclasses.replace(spec, min_group=MIN_GROUP)
         if (spec.out_height, spec.out_width) != out_shape[2:]:
             return expr
         if spec not in self._kernels:
@@ -141,8 +136,6 @@ class DepthwiseConvRewriter(DenseConvRewriter):
             strides=tuple(int(s) for s in conv.attrs.strides), padding=tuple(int(p) for p in conv.attrs.padding),
             has_bias=bias is not None, **activation,
         )
-        if self.lanes >= 16:
-            spec = dataclasses.replace(spec, min_group=MIN_GROUP)
         if self.lanes >= 16 and ((spec.strides == (1, 1) and spec.out_width < FLAT_WIDTH)
                                  or (spec.strides == (2, 2) and spec.out_width < FLAT_STRIDED_WIDTH)):
             flat = dataclasses.replace(spec, flat=True, lanes=self.lanes)
