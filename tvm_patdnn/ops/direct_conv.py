@@ -33,7 +33,11 @@ channels instead, so nothing is copied:
   ``C * KH * KW * MR * NR`` FMAs); 16-lane tiles first transpose each filter vector's ``MR`` pixel rows
   in registers (``transposed_store``), so every filter's ``MR`` consecutive output pixels (and residual)
   are one vector store (load): Zen 5, 1 thread, ResNet-50's direct 1x1s 1.00-1.10x alone and
-  1.03-1.15x in the dense model (256->1024 at 14x14 with its residual 0.53-0.55 -> 0.49-0.51 ms).
+  1.03-1.15x in the dense model (256->1024 at 14x14 with its residual 0.53-0.55 -> 0.49-0.51 ms);
+* between 16-lane direct convs the tensors may be blocked, NCHW16c (``blocked_input`` / ``blocked_residual`` /
+  ``blocked_output``, chosen by :mod:`tvm_patdnn.transform.blocked_layout`): a pixel's 16 channels are one vector,
+  so the output and residual are whole-vector stores and loads with no transpose (256->1024 + residual at 14x14
+  in the dense ResNet-50 1.10-1.14x), and the input's broadcasts read 16 channels from one line.
 
 The function is written directly as (scheduled) TIR, so no schedule rule or tuning touches it.
 """
@@ -50,11 +54,12 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div, round_up
+from ..errors import PatDNNError
 from .activation import activate
 from .dense_conv import TILE_SCOPE, DenseConvSpec, _keep_or_finish, _output_args, _padded_input
 
-__all__ = ["DirectConvSpec", "DIRECT_CONV_ATTR", "direct_conv_primfunc", "direct_register_tile",
-           "pack_direct_conv_bias"]
+__all__ = ["BLOCK", "DirectConvSpec", "DIRECT_CONV_ATTR", "blocked_shape", "direct_conv_primfunc",
+           "direct_register_tile", "pack_direct_conv_bias"]
 
 # PrimFunc attribute carrying the kernel's description (benchmarks and tests look for it).
 DIRECT_CONV_ATTR = "patdnn.direct_conv"
@@ -78,6 +83,14 @@ AVX512_YMM_VECTORS = 4
 # 0.982x, 1.010x; below the threshold 1024->2048 s2 at 14x14 (800 KB) measured 1.009x, 1.021x, 0.985x.
 COMPACT_STRIDED_LANES = (16,)
 COMPACT_INPUT_BYTES = 1024 * 1024
+# Channels per block of the blocked layout (NCHW16c: (N, C / BLOCK, H, W, BLOCK)) that 16-lane tiles read and write
+# (DirectConvSpec.blocked_input / blocked_residual / blocked_output).
+BLOCK = 16
+
+
+def blocked_shape(batch: int, channels: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+    """The NCHW16c shape of an NCHW tensor (``channels`` a multiple of :data:`BLOCK`)."""
+    return batch, channels // BLOCK, height, width, BLOCK
 
 
 def direct_register_tile(registers: int, lanes: int, out_channels: int, pixels: int) -> tuple[int, int]:
@@ -127,10 +140,33 @@ class DirectConvSpec:
     exact_tail: bool = True  # the last tile covers the pixels left (False: it overlaps the one before, to measure)
     transposed_store: bool = True  # 16 lanes: the epilogue transposes the tile in registers (see _store_transposed)
     weight_prefetch: int = 0  # the next weight panel prefetched into L2 (2) or L3 (1) over the tiles (0: off)
+    # NCHW16c (blocked_shape) instead of NCHW for the input, the residual and the output (16-lane tiles only; see
+    # tvm_patdnn.transform.blocked_layout): a pixel's 16 channels are one vector, so the epilogue stores (and loads
+    # the residual) as whole vectors without a transpose, and the input's broadcasts read 16 channels a line.
+    blocked_input: bool = False
+    blocked_residual: bool = False
+    blocked_output: bool = False
 
     def __post_init__(self):
         if not 1 <= self.pixel_tile <= self.conv.pixels:
             raise ValueError(f"a tile of {self.pixel_tile} pixels does not fit {self.conv.pixels} output pixels")
+        conv = self.conv
+        if self.blocked_input or self.blocked_residual or self.blocked_output:
+            if self.lanes != BLOCK:
+                raise PatDNNError(f"the blocked layout needs {BLOCK}-lane tiles, not {self.lanes}")
+            if self.blocked_residual and not conv.residual:
+                raise PatDNNError("a blocked residual needs a conv that adds a residual")
+            if conv.residual and self.blocked_residual != self.blocked_output:
+                raise PatDNNError("the residual and the output of a direct conv take the same layout")
+            if (self.blocked_output or self.blocked_residual) and conv.out_channels % BLOCK:
+                raise PatDNNError(f"a blocked output needs a multiple of {BLOCK} filters, not {conv.out_channels}")
+            if self.blocked_input:
+                if conv.in_channels % BLOCK:
+                    raise PatDNNError(f"a blocked input needs a multiple of {BLOCK} channels, not {conv.in_channels}")
+                if any(conv.padding):
+                    raise PatDNNError("a blocked input is read in place: the conv must not pad")
+                if _compacts(self):
+                    raise PatDNNError("a blocked input is read in place: not a strided 1x1 that compacts its input")
 
     @classmethod
     def for_target(cls, conv: DenseConvSpec, registers: int, lanes: int) -> DirectConvSpec:
@@ -171,6 +207,8 @@ class DirectConvSpec:
         ``weight_panel`` bytes (in L1 while every pixel tile sweeps them), blocks of equal size."""
         per_channel = self.conv.kernel[0] * self.conv.kernel[1] * self.filter_block * 4
         blocks = ceil_div(self.conv.in_channels, max(1, self.weight_panel // per_channel))
+        if self.blocked_input:  # whole channel blocks of the layout
+            return round_up(ceil_div(self.conv.in_channels, blocks), BLOCK)
         return ceil_div(self.conv.in_channels, blocks)
 
     @property
@@ -270,6 +308,24 @@ def _store_transposed(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n,
             _store_real_filter(ragged, f < conv.out_channels, store)
 
 
+def _store_blocked(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb, base) -> None:
+    """The epilogue of a blocked (NCHW16c) output: each pixel's filter vector (plus its residual, read the same
+    way) is one whole 64-byte vector store, no transpose; a ragged last filter block stores its real vectors."""
+    conv, block, lanes = spec.conv, spec.filter_block, spec.lanes
+    ragged = conv.out_channels % block != 0
+    for v in range(spec.vectors):
+        c = fb * spec.vectors + v
+        for m in range(mr):
+            def store(m=m, v=v, c=c) -> None:
+                value = acc[tirx.Ramp(m * block + v * lanes, 1, lanes)]
+                lane = tirx.Ramp(0, 1, lanes)
+                if flat_res is not None:
+                    value = value + flat_res[n, c, base + m, lane]
+                T.buffer_store(flat_out, activate(value, conv), [n, c, base + m, lane])
+
+            _store_real_filter(ragged, c < conv.out_channels // lanes, store)
+
+
 def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs, n, fb, kb, t, base, first,
           count) -> None:
     """One register tile (``MR`` pixels from ``base`` x one filter block) over one reduction block
@@ -293,19 +349,32 @@ def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs,
             T.buffer_store(acc, init, [m * block + j])
     # Taps unrolled along a row of at most 3 (a 7-tap row: LLVM hoists the broadcasts shared by
     # stride-2 neighbours across taps and spills them on AVX-512); rows and channels in loops.
-    with T.serial(0, count) as c:
+    def reduce(channel, read) -> None:
         with T.serial(0, kh) as dy:
             with (T.unroll if kw <= 3 else T.serial)(0, kw) as dx:
                 with T.unroll(0, mr) as m:
                     with T.unroll(0, nr) as v:
                         with T.vectorized(0, lanes) as ji:
                             slot = m * block + v * lanes + ji
-                            x = source[n, first + c, start[m] + dy * wp + dx]
-                            w = weight[fb, ((first + c) * kh + dy) * kw + dx, v * lanes + ji]
+                            x = read(start[m] + dy * wp + dx)
+                            w = weight[fb, (channel * kh + dy) * kw + dx, v * lanes + ji]
                             T.buffer_store(acc, acc[slot] + x * w, [slot])
+
+    if spec.blocked_input:  # count and first are whole channel blocks (channel_block)
+        with T.serial(0, count // BLOCK) as co:
+            with T.serial(0, BLOCK) as ci:
+                reduce(first + co * BLOCK + ci, lambda at: source[n, first // BLOCK + co, at, ci])
+    else:
+        with T.serial(0, count) as c:
+            reduce(first + c, lambda at: source[n, first + c, at])
     # Saved as one block-wide vector per pixel (8-lane pieces, as the GEMM's tile_vectors: ties on Zen 3,
     # and the AVX-512 7x7 stem's reduction loop lost its whole-tile FMAs).
-    epilogue = _store_transposed if spec.transposed_store and lanes == 16 and 1 < mr <= 16 else _store_output
+    if spec.blocked_output:
+        epilogue = _store_blocked
+    elif spec.transposed_store and lanes == 16 and 1 < mr <= 16:
+        epilogue = _store_transposed
+    else:
+        epilogue = _store_output
     _keep_or_finish(acc, partial, mr, block, block, lambda m, j: (t * spec.pixel_tile + m) * block + j, kb,
                     spec.channel_blocks, lambda: epilogue(spec, mr, acc, *outputs, n, fb, base))
 
@@ -348,11 +417,30 @@ def _compact_input(conv: DenseConvSpec, data):
     return compact
 
 
+def _nchw(*shape: int) -> tuple[int, ...]:
+    return shape
+
+
+def _blocked_output_args(spec: DirectConvSpec) -> tuple:
+    """Declare [residual] and out in the blocked layout (NCHW16c) and the function's attributes; returns their
+    (N, F / 16, OH * OW, 16) views (residual or None, out)."""
+    conv = spec.conv
+    shape = blocked_shape(conv.batch, conv.out_channels, conv.out_height, conv.out_width)
+    residual = T.arg("residual", T.buffer(shape, "float32")) if conv.residual else None
+    out = T.arg("out", T.buffer(shape, "float32"))
+    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    view = (shape[0], shape[1], conv.pixels, BLOCK)
+    flat_out = T.decl_buffer(view, "float32", data=out.data)
+    flat_res = T.decl_buffer(view, "float32", data=residual.data) if residual is not None else None
+    return flat_res, flat_out
+
+
 def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
     """The scheduled PrimFunc of one dense conv on the direct kernel.
 
     Arguments, in order: data (N, C, H, W), packed weight, [padded bias (blocks * B,)],
-    [residual (N, F, OH, OW)], out.
+    [residual (N, F, OH, OW)], out; data, residual and out in the blocked layout (N, C / 16, H, W, 16) when the
+    spec says so.
     """
     conv = spec.conv
     n_, c_, p_ = conv.batch, conv.in_channels, conv.pixels
@@ -361,11 +449,14 @@ def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
-            data = T.arg("data", T.buffer((n_, c_, conv.height, conv.width), "float32"))
+            in_shape = (blocked_shape if spec.blocked_input else _nchw)(n_, c_, conv.height, conv.width)
+            data = T.arg("data", T.buffer(in_shape, "float32"))
             weight = T.arg("weight", T.buffer((blocks, conv.taps, block), "float32"))
             bias = T.arg("bias", T.buffer((blocks * block,), "float32")) if conv.has_bias else None
-            flat_res, flat_out = _output_args(conv)
-            if _compacts(spec):
+            flat_res, flat_out = _blocked_output_args(spec) if spec.blocked_output else _output_args(conv)
+            if spec.blocked_input:  # read in place (unpadded, never compacted: __post_init__)
+                source = T.decl_buffer((n_, c_ // BLOCK, conv.height * conv.width, BLOCK), "float32", data=data.data)
+            elif _compacts(spec):
                 source = _compact_input(conv, data)
                 conv = dataclasses.replace(conv, height=conv.out_height, width=conv.out_width, strides=(1, 1))
                 spec = dataclasses.replace(spec, conv=conv)
@@ -399,5 +490,8 @@ def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
                             else:
                                 _tile(spec, mr, *args, T.min(index * mr, p_ - mr), first, count)
     func = builder.get().without_attr("global_symbol")  # the module names it when it is added
-    return func.with_attr(DIRECT_CONV_ATTR, {"pixel_tile": mr, "vectors": nr, "lanes": lanes,
-                                             "kernel": list(conv.kernel)})
+    attr = {"pixel_tile": mr, "vectors": nr, "lanes": lanes, "kernel": list(conv.kernel)}
+    blocked = [spec.blocked_input, spec.blocked_residual, spec.blocked_output]
+    if any(blocked):
+        attr["blocked"] = blocked
+    return func.with_attr(DIRECT_CONV_ATTR, attr)

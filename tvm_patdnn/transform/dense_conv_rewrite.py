@@ -101,6 +101,8 @@ the whole chain becomes one ``call_tir`` writing each output once from registers
   0.87-0.92x, 6 x 2 of 16 0.99x; in the dense ResNet-50 1.91 -> 1.07 ms). Its 8-lane tiles keep at
   most 4 vectors (:func:`~tvm_patdnn.ops.direct_conv.direct_register_tile`: a 2x2 image's 4 x 6 tile
   ran 3.5x slower than 4 x 4).
+After the rewrite, tensors whose producer and every reader are 16-lane direct-kernel calls pass between them in
+NCHW16c (:mod:`~tvm_patdnn.transform.blocked_layout`; AVX-512 only, every other tensor and target stays NCHW).
 Left on the legalized conv2d and the :class:`~tvm_patdnn.schedule_rules.DenseConv2dCPU` schedule
 (and in the tuning space): grouped/depthwise and dilated convs, non-constant weights, KxK convs
 with fewer filters than a vector has lanes (most lanes of the direct kernel would be padding)."""
@@ -117,6 +119,7 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from ..arith import ceil_div
 from ..ops.dense_conv import FILTERS_OUTER_WEIGHT_BYTES, DenseConvSpec
 from ..ops.direct_conv import DirectConvSpec, direct_register_tile
+from .blocked_layout import apply_blocked_layout
 from .exprs import (
     add_kernel, constant_array, float_value, nchw_conv_shapes, per_channel_bias, single_use_values, static_shape,
 )
@@ -239,6 +242,10 @@ class DenseConvRewriter:
                 continue
             self._fusions = self._plan(func)
             self._builder.update_func(gvar, rewrite_call(self.pattern, self._rewrite, func))
+            direct = {kernel_gvar: kernel for kernel, kernel_gvar in self._kernels.items()
+                      if isinstance(kernel, DirectConvSpec)}
+            if direct:  # NCHW16c between 16-lane direct kernels (blocked_layout)
+                apply_blocked_layout(self._builder, gvar, direct, self._kernel)
         return relax.transform.DeadCodeElimination()(self._builder.get())
 
     def _plan(self, func: relax.Function) -> dict[relax.Expr, tuple]:
@@ -437,13 +444,17 @@ class DenseConvRewriter:
         packed = self._packed_weight(conv.args[1], pack, layout)
         if bias is not None and pack_bias is not None:
             bias = pack_bias(bias)
-        if kernel not in self._kernels:
-            func, name = kernel_function(kernel)
-            self._kernels[kernel] = add_kernel(self._builder, func, name)
         args = [conv.args[0], packed]
         args += [relax.const(bias)] if bias is not None else []
         args += [residual] if residual is not None else []
-        return relax.call_tir(self._kernels[kernel], args, relax.TensorType(static_shape(conv), "float32"))
+        return relax.call_tir(self._kernel(kernel), args, relax.TensorType(static_shape(conv), "float32"))
+
+    def _kernel(self, kernel: KernelSpec) -> relax.GlobalVar:
+        """The module's function of ``kernel``, added on first use."""
+        if kernel not in self._kernels:
+            func, name = kernel_function(kernel)
+            self._kernels[kernel] = add_kernel(self._builder, func, name)
+        return self._kernels[kernel]
 
     def _packed_weight(self, weight: relax.Expr, pack, layout: tuple) -> relax.Expr:
         """The weight packed once per kernel layout, shared by the convs that use it."""
