@@ -18,6 +18,7 @@ from tvm_patdnn.analysis import analyze_conv_weight, cover_masks
 from tvm_patdnn.fkw import pack_fkw
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.kernel_patterns import kernel_masks, popcount
+from tvm_patdnn.ops import pattern_conv_phases
 from tvm_patdnn.ops.pattern_conv import (PATTERN_CONV_ATTR, PatternConvSpec, cheapest_layout, choose_layout,
                                          is_pattern_conv, pattern_conv2d_primfunc, target_layout)
 from tvm_patdnn.schedule_rules import PatternConvCPU
@@ -294,10 +295,13 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
         (56, 2, 2, True, True, 8),  # strided to 28 rows: aligned column phases, a 7 x 2 tile (8 x 2 padded to 32)
     ],
 )
-def test_avx512_layouts_match_the_onnx_reference(size, stride, batch, bias, relu, channels):
+def test_avx512_layouts_match_the_onnx_reference(monkeypatch, size, stride, batch, bias, relu, channels):
     """Every AVX-512 kernel class (the 2x2 (pixel x tap) kernel, the cost model's windows, 256-bit
     rows and 512-bit rows, and the measured rules' fused wide rows and aligned rows, strided ones
-    included, lifted rows of many channels) builds, and where the host has AVX-512 it matches onnx.reference."""
+    included, lifted rows of many channels) builds, and where the host has AVX-512 it matches onnx.reference.
+    The 56 -> 28 and 28 -> 14 stride-2 layers are kept on the TE operator's strided aligned rows here (the
+    rewrite routes them to the phase-plane kernel, tests/test_pattern_phases.py)."""
+    monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", frozenset())
     rng = np.random.default_rng(size)
     conv = ConvSpec(16, stride=stride, connectivity=2.0, bias=bias, relu=relu)
     model = build_cnn(rng, (batch, channels, size, size), [conv])

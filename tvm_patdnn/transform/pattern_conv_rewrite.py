@@ -22,6 +22,7 @@ from ..fkw import pack_fkw
 from ..ops.pattern_conv import PatternConvSpec, pattern_conv2d_primfunc
 from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
 from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
+from ..ops.pattern_conv_phases import pattern_conv_phases_primfunc, phase_planes_apply
 from ..ops.pattern_conv_shifted_rows import pattern_conv_shifted_rows_primfunc, shifted_rows_apply
 from ..ops.pattern_conv_blocked import blocked_applies, blocked_layout, blocked_weights, pattern_conv_blocked_primfunc
 from ..ops.pattern_conv_wide import pattern_conv_wide_primfunc, wide_rows_apply
@@ -218,11 +219,13 @@ class PatternConvRewrite:
             self.accumulators,
         )
         # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, 4x4 images (and 8x8 on AVX-512) the
-        # shifted-rows one, and many-channel layers on AVX2 the channel-blocked one, which take FKW's filter order;
+        # shifted-rows one, AVX-512 stride-2 layers of PHASE_PLANE_SIZES the phase-plane one, and many-channel layers
+        # on AVX2 the channel-blocked one, which take FKW's filter order;
         # otherwise the compute the rules schedule, or on AVX-512 for rows of whole vectors and at most 128
         # channels the wide-rows kernel, which take its inverse.
         tap_lanes = tap_lanes_apply(spec, self.vector_width)
         shifted_rows = shifted_rows_apply(spec, self.vector_width)
+        phases = not shifted_rows and phase_planes_apply(spec, self.vector_width)
         blocked = not tap_lanes and blocked_applies(spec)
         weights = [fkw.values, fkw.channels, fkw.offsets]
         if tap_lanes:
@@ -231,6 +234,8 @@ class PatternConvRewrite:
                 weights[1] = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))
         elif shifted_rows:
             func = pattern_conv_shifted_rows_primfunc(spec, self.threads, self.vector_width)
+        elif phases:  # AVX-512 stride 2 (ResNet-50's 56 -> 28 and 28 -> 14): phase planes
+            func = pattern_conv_phases_primfunc(spec, self.threads, self.vector_width)
         elif blocked:  # many input channels on AVX2: the channel-blocked kernel
             layout = blocked_layout(spec)
             func, weights = pattern_conv_blocked_primfunc(layout, self.threads), blocked_weights(fkw, layout)
@@ -243,7 +248,7 @@ class PatternConvRewrite:
         args = [
             conv.args[0],
             *(relax.const(w) for w in weights),
-            relax.const(fkw.order if tap_lanes or shifted_rows or blocked else np.argsort(fkw.order).astype(np.int32)),
+            relax.const(fkw.order if tap_lanes or shifted_rows or phases or blocked else np.argsort(fkw.order).astype(np.int32)),
         ] + ([relax.const(bias)] if bias is not None else [])
         return gvar, args
 

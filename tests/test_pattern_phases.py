@@ -1,0 +1,124 @@
+"""The AVX-512 stride-2 pattern conv on phase planes (ops/pattern_conv_phases.py) against onnx.reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from model_factory import ConvSpec, build_cnn, pattern_weight, reference_outputs
+from tvm import relax
+
+import tvm_patdnn
+from tvm_patdnn.analysis import analyze_conv_weight
+from tvm_patdnn.errors import PatDNNError
+from tvm_patdnn.fkw import pack_fkw
+from tvm_patdnn.frontend import import_onnx
+from tvm_patdnn.ops import pattern_conv_phases
+from tvm_patdnn.ops.pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec
+from tvm_patdnn.ops.pattern_conv_phases import pattern_conv_phases_primfunc, phase_planes_tile
+from tvm_patdnn.targets import resolve_target, vector_lanes
+from tvm_patdnn.transform import PatternConvRewrite
+
+AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
+
+
+def _check(batch: int, channels: int, height: int, width: int, conv: ConvSpec, cores: int, seed: int) -> None:
+    """Compile a one-conv model for AVX-512 (it must take the phase-plane kernel) and, where the host has
+    16 lanes, run it against onnx.reference."""
+    rng = np.random.default_rng(seed)
+    model = build_cnn(rng, (batch, channels, height, width), [conv])
+    compiled = tvm_patdnn.compile(model, {**AVX512, "num-cores": cores})
+    assert [r.kind for r in compiled.report] == ["pattern"]
+    assert _kernels(model, 16) == [["phase_planes"]]
+    if vector_lanes(resolve_target("x86")) < 16:
+        pytest.skip("host CPU: no 16-lane vectors to run the code on (it was built)")
+    x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def _kernels(model, lanes: int) -> list[list[str]]:
+    """Per pattern conv of ``model``, the hand-built kernels the rewrite gives it on a ``lanes``-lane target."""
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16 if lanes == 16 else 32 // lanes * 4)(mod)
+    layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
+               if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs]
+    return [[name for name in ("tap_lanes", "shifted_rows", "phase_planes", "wide_rows") if int(layout.get(name, 0))]
+            for layout in layouts]
+
+
+@pytest.mark.parametrize(
+    "size, batch, channels, filters, bias, relu, patterns, cores",
+    [
+        (56, 1, 16, 24, True, True, 8, 1),  # ResNet-50's 56 -> 28: 2-vector rows, 4 rows a tile
+        (56, 2, 7, 13, False, False, 12, 2),  # batch 2, odd channel and filter counts, no bias, no ReLU, 2 threads
+        (28, 1, 24, 23, True, True, 8, 1),  # ResNet-50's 28 -> 14: 1-vector rows, 7 rows a tile
+        (28, 2, 5, 9, True, False, 3, 3),  # three threads for 9 filters
+        (28, 2, 1, 16, False, True, 4, 1),  # one input channel
+    ],
+)
+def test_phase_plane_kernel_matches_the_onnx_reference(size, batch, channels, filters, bias, relu, patterns, cores):
+    """Every tap a stride-1 read of one of the input's 4 phase planes (the shifted ones one valignd), whole
+    output rows a register tile, stored as whole vectors of consecutive floats."""
+    conv = ConvSpec(filters, stride=2, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu,
+                    n_patterns=patterns)
+    _check(batch, channels, size, size, conv, cores, seed=size + batch * 3 + patterns)
+
+
+@pytest.mark.parametrize(
+    "height, width, batch, channels",
+    [
+        (27, 27, 1, 9),  # odd input: the last plane row and column hold the bottom and right zeros
+        (30, 30, 2, 6),  # 15 output columns: the shifted taps read column 15, the last lane of one vector
+        (31, 31, 1, 5),  # 16 output columns: two vectors a row
+        (20, 34, 2, 3),  # not square: 10 x 17 outputs (2 vectors a row, 2 rows a tile)
+        (16, 16, 1, 8),  # the narrowest input rows (one whole vector)
+        (61, 61, 1, 4),  # 31 output columns, the most two vectors take
+    ],
+)
+def test_phase_plane_kernel_on_other_sizes(monkeypatch, height, width, batch, channels):
+    """Sizes the rewrite does not route (``PHASE_PLANE_SIZES``) computed by the kernel all the same."""
+    monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", "any")
+    conv = ConvSpec(11, stride=2, connectivity=1.5, n_patterns=8)
+    _check(batch, channels, height, width, conv, 1, seed=height * width)
+
+
+@pytest.mark.parametrize("size, stride, lanes, kernel", [
+    (56, 2, 16, "phase_planes"), (28, 2, 16, "phase_planes"), (14, 2, 16, "shifted_rows"), (30, 2, 16, None),
+    (56, 2, 8, None), (28, 2, 8, None), (28, 2, 4, None), (28, 1, 16, None)])
+def test_strided_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, lanes, kernel):
+    """AVX-512 routes ResNet-50's 56 -> 28 and 28 -> 14 stride-2 sizes to this kernel (14 -> 7 keeps the
+    shifted-rows kernel, other sizes the TE operator); AVX2 and NEON keep the TE operator's layouts."""
+    model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [ConvSpec(16, stride=stride, connectivity=2.0)])
+    assert _kernels(model, lanes) == [[kernel] if kernel else []]
+
+
+def test_the_phase_plane_tile():
+    spec = _spec((1, 8, 56, 56))
+    assert phase_planes_tile(spec) == (4, 2)  # 28 output columns (+ the shifted taps' 29th): 2 vectors
+    assert phase_planes_tile(_spec((1, 8, 28, 28))) == (7, 1)
+    assert phase_planes_tile(_spec((1, 8, 34, 34))) == (1, 2)  # 17 output rows: a prime
+
+
+def _spec(shape, stride=2, padding=(1, 1, 1, 1), lanes=16, taps=4):
+    rng = np.random.default_rng(0)
+    weight = pattern_weight(rng, 8, shape[1], 4, 1.5, taps=taps)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    return PatternConvSpec.from_fkw(fkw, shape, (stride, stride), padding, False, False, lanes, 16)
+
+
+@pytest.mark.parametrize("shape, stride, padding, lanes", [
+    ((1, 8, 28, 28), 1, (1, 1, 1, 1), 16),  # stride 1
+    ((1, 8, 28, 28), 2, (0, 0, 0, 0), 16),  # no padding
+    ((1, 8, 28, 28), 2, (1, 1, 1, 1), 8),  # AVX2 (8 lanes)
+    ((1, 8, 14, 14), 2, (1, 1, 1, 1), 16),  # rows narrower than a vector
+    ((1, 8, 64, 64), 2, (1, 1, 1, 1), 16),  # 32 output columns: more than 2 vectors with the shifted column
+])
+def test_the_phase_plane_kernel_refuses_other_layers(monkeypatch, shape, stride, padding, lanes):
+    monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", "any")
+    with pytest.raises(PatDNNError, match="phase-plane kernel takes"):
+        pattern_conv_phases_primfunc(_spec(shape, stride, padding, lanes), 1, lanes)
+
+
+def test_the_phase_plane_kernel_refuses_unrouted_sizes():
+    with pytest.raises(PatDNNError, match="phase-plane kernel takes"):
+        pattern_conv_phases_primfunc(_spec((1, 8, 30, 30)))

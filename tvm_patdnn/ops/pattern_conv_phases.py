@@ -1,0 +1,210 @@
+"""The stride-2 pattern convolution on phase planes, without split loads (AVX-512).
+
+A 3x3 stride-2 layer with padding 1 reads output pixel (y, x)'s tap (dy, dx) at padded input pixel
+(2y + dy, 2x + dx). Each input channel is first split into its 2 x 2 row/column phase planes: plane
+(a, b) holds padded pixel (2y + a, 2x + b), i.e. input pixel (2y + a - 1, 2x + b - 1), zero outside, for
+y = 0..OH and x = 0..OW. Tap (dy, dx) then reads plane (dy % 2, dx % 2) at row offset dy // 2 and column
+offset dx // 2: a stride-1 read. Every plane row is stored as V = ceil((OW + 1) / 16) aligned 16-lane
+vectors (column OW is the last one a shifted tap reads, lanes past it are zeros), so a tap with column
+offset 0 is one aligned vector and one with offset 1 is that vector and the next (or zeros) shifted by
+one lane (one ``valignd``): no load splits a cache line. The TE operator's strided aligned rows read
+the dx = 2 taps as vectors one float on (a split load, two load slots, for about a third of the taps).
+
+The register tile is R whole output rows (R x V vectors; R divides the output's rows), kept on the
+stack so that it stays in registers across the (filter, pattern) runs, stored once with bias and
+ReLU as whole vectors of consecutive output floats (each permuted from the result vectors its pixels
+come from, the last overlapping the one before: no masked or partial store). Filters run in FKW's
+stored order, each thread a contiguous run of them (:func:`~.pattern_conv_2x2.thread_filters`), row
+blocks outside the filters, so a block's plane rows (every channel) are what the filters re-read from L2.
+Per kernel, the first line of the block of each plane its pattern reads is prefetched for the kernel
+:data:`PHASE_PREFETCH` ahead (the channel is gathered; the hardware prefetchers follow the rest of the block).
+
+Zen 5, 1 thread, ResNet-50's layers with the pruned model's weights, interleaved against the TE operator's
+strided aligned rows (session 17): alone 128x128 56 -> 28 0.37 -> 0.31 ms (29 -> 35% of 268 GFLOP/s; 1.16x
+before the prefetch, which added 1.05-1.10x), 256x256 28 -> 14 0.36 -> 0.28 ms (30 -> 38%; 1.24x with 7-row
+tiles, 1.19x with 14, the prefetch 1.05-1.07x); in the pruned ResNet-50 (per-call minima, two runs of 9 rounds)
+0.415-0.438 -> 0.353-0.379 ms and 0.391-0.401 -> 0.309-0.314 ms. The pad takes 0.039 and 0.022 ms of that (the TE
+operator's 0.078 and 0.056). The rest is the kernel loop reading the planes from L2: with the channel indices
+mapped mod 16 (the planes in L1) the layers run 1.57-1.65x faster. A stride-2 kernel reads ~1 input vector per
+FMA (only taps of one plane share rows), so its planes' bytes per FMA are twice a stride-1 layer's.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from ..errors import PatDNNError
+from .activation import bias_relu
+from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+from .pattern_conv_2x2 import thread_filters
+
+__all__ = ["PHASE_PLANE_SIZES", "PHASE_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply", "phase_planes_tile",
+           "pattern_conv_phases_primfunc"]
+
+_LANES = 16
+# Each kernel prefetches, for the kernel this many ahead (its channel is gathered: the hardware prefetcher cannot
+# follow), the first line of the row block of each phase plane its pattern reads (0: none)
+PHASE_PREFETCH = 4
+PHASE_TILE_VECTORS = 8  # accumulator vectors of the register tile, at most
+# (input height, input width) this kernel is routed for (ResNet-50's 56 -> 28 and 28 -> 14 layers)
+PHASE_PLANE_SIZES = frozenset({(56, 56), (28, 28)})
+
+
+def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
+    """(R output rows, V vectors a row) of the register tile: V = ceil((OW + 1) / 16), R the largest divisor
+    of the output's rows with R x V <= :data:`PHASE_TILE_VECTORS`."""
+    vectors = -(-(spec.out_width + 1) // _LANES)
+    rows = max(r for r in range(1, spec.out_height + 1)
+               if spec.out_height % r == 0 and r * vectors <= max(PHASE_TILE_VECTORS, vectors))
+    return rows, vectors
+
+
+def phase_planes_apply(spec: PatternConvSpec, target_lanes: int, sizes=None) -> bool:
+    """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: 16 (AVX-512), stride
+    2, padding 1 on every side, 4-tap patterns, input rows of at least 16 columns, output rows of at most 31
+    (2 vectors with the shifted taps' last column), and (``sizes`` None) an input size of
+    :data:`PHASE_PLANE_SIZES` (``"any"``: any other)."""
+    sizes = PHASE_PLANE_SIZES if sizes is None else sizes
+    return (target_lanes == _LANES and spec.strides == (2, 2) and spec.padding == (1, 1, 1, 1)
+            and spec.taps == 4 and spec.n_kernels > 0 and spec.width >= _LANES and spec.out_width + 1 <= 2 * _LANES
+            and (sizes == "any" or (spec.height, spec.width) in sizes))
+
+
+def _pad_planes(source, planes, n_, c_, h_, w_, rows: int, pitch: int, vectors: int, out_width: int) -> None:
+    """Split every input channel into its 4 phase planes of ``rows`` rows x ``pitch`` floats (see the module
+    docstring): per plane vector whole-vector loads of the input row's windows holding its pixels and one
+    permutation of them with zeros; rows outside the input zeros."""
+    lanes = _LANES
+    zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
+    starts_of = {}
+    for b in range(2):
+        for v in range(vectors):
+            wanted = [2 * (v * lanes + i) + b - 1 for i in range(lanes)]
+            wanted = [q if 0 <= q < w_ and v * lanes + i <= out_width else None for i, q in enumerate(wanted)]
+            windows = []
+            for q in sorted(q for q in wanted if q is not None):
+                if not windows or q >= windows[-1] + lanes:
+                    windows.append(max(0, min(q, w_ - lanes)))
+            index = []
+            for q in wanted:
+                if q is None:
+                    index.append(len(windows) * lanes)
+                else:
+                    w = max(i for i, start in enumerate(windows) if start <= q)
+                    index.append(w * lanes + q - windows[w])
+            starts_of[b, v] = (windows, index)
+    with T.parallel(0, n_ * c_) as c:
+        with T.serial(0, rows) as y:
+            for a in range(2):
+                row = 2 * y + a - 1
+                inside = tirx.all(row >= 0, row < h_)
+                base = (c * h_ + tirx.min(tirx.max(row, 0), h_ - 1)) * w_
+                for b in range(2):
+                    for v in range(vectors):
+                        windows, index = starts_of[b, v]
+                        parts = [source[tirx.Ramp(base + start, 1, lanes)] for start in windows]
+                        value = tirx.Select(inside, tirx.Shuffle(parts + [zero], index), zero)
+                        T.buffer_store(planes, value, [tirx.Ramp(((c * 4 + 2 * a + b) * rows + y) * pitch + v * lanes,
+                                                                 1, lanes)])
+
+
+def _output_stores(results, rows: int, width: int, vectors: int):
+    """(first float, vector) of one tile's stores: ``rows`` whole output rows of ``width`` floats, contiguous
+    in the output channel, from ``results[r * vectors + v]`` (lane i: column v * 16 + i of row r); whole
+    vectors of consecutive floats, the last overlapping the one before."""
+    lanes, total, stores = _LANES, rows * width, []
+    for k in range(-(-total // lanes)):
+        start = min(k * lanes, total - lanes)
+        sources = [divmod(start + i, width) for i in range(lanes)]  # (row, column)
+        slots = [(r * vectors + x // lanes, x % lanes) for r, x in sources]
+        used = sorted({s for s, _ in slots})
+        index = [used.index(s) * lanes + lane for s, lane in slots]
+        value = results[used[0]] if index == list(range(lanes)) else tirx.Shuffle([results[s] for s in used], index)
+        stores.append((start, value))
+    return stores
+
+
+def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes: int = _LANES,
+                                 sizes=None) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of one stride-2 pattern conv on phase planes (see the module docstring); the
+    arguments of the shifted-rows kernel: data, values, channels, offsets, order (FKW's: stored filter ->
+    output channel), [bias], out."""
+    if not phase_planes_apply(spec, lanes, sizes):
+        raise PatDNNError("the phase-plane kernel takes 16 lanes, stride 2, padding 1, 4 taps, input rows of at "
+                          f"least 16 columns and output rows of at most 31; got {spec.height}x{spec.width}, strides {spec.strides}, padding "
+                          f"{spec.padding}, {spec.taps} taps at {lanes} lanes")
+    n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
+    oh, ow = spec.out_height, spec.out_width
+    f_, p_, taps = spec.out_channels, len(spec.patterns), spec.taps
+    tile_rows, vectors = phase_planes_tile(spec)
+    pitch, plane_rows = vectors * lanes, oh + 1
+    plane = plane_rows * pitch
+    zero = tirx.const(0.0, "float32")
+    zeros = tirx.Broadcast(zero, lanes)
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name("main")
+            data = T.arg("data", T.buffer((n_, c_, h_, w_), "float32"))
+            values = T.arg("values", T.buffer((spec.n_kernels, taps), "float32"))
+            channels = T.arg("channels", T.buffer((spec.n_kernels,), "int32"))
+            offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
+            order = T.arg("order", T.buffer((f_,), "int32"))
+            bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
+            out = T.arg("out", T.buffer((n_, f_, oh, ow), "float32"))
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            planes = T.decl_buffer((n_ * c_ * 4 * plane,), "float32")
+            _pad_planes(T.decl_buffer((n_ * c_ * h_ * w_,), "float32", data=data.data), planes, n_, c_, h_, w_,
+                        plane_rows, pitch, vectors, ow)
+            outputs = T.decl_buffer((n_ * f_ * oh * ow,), "float32", data=out.data)
+
+            def tile(n, f, y0) -> None:
+                acc = T.decl_buffer((tile_rows * vectors * lanes,), "float32")  # on the stack: in registers
+                for s in range(tile_rows * vectors):
+                    T.buffer_store(acc, zeros, [tirx.Ramp(s * lanes, 1, lanes)])
+                for p, pattern in enumerate(spec.patterns):
+                    start = offsets[f * p_ + p]
+                    with T.serial(0, offsets[f * p_ + p + 1] - start) as j:
+                        k = start + j
+                        base = (n * c_ + channels[k]) * 4 * plane + y0 * pitch
+
+                        def row_vector(source: int, row: int, v: int):
+                            if v >= vectors:
+                                return zeros
+                            return planes[tirx.Ramp(base + source * plane + row * pitch + v * lanes, 1, lanes)]
+
+                        if PHASE_PREFETCH:  # the first line of the block of each plane this pattern reads, ahead
+                            ahead = tirx.min(k + PHASE_PREFETCH, spec.n_kernels - 1)
+                            later = (n * c_ + channels[ahead]) * 4 * plane + y0 * pitch
+                            for source in sorted({2 * (dy % 2) + dx % 2 for dy, dx in pattern}):
+                                T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
+                                    planes[later + source * plane]), 0, 3, 1))
+                        for t, (dy, dx) in enumerate(pattern):
+                            weight = tirx.Broadcast(values[k, t], lanes)
+                            source, oy, sx = 2 * (dy % 2) + dx % 2, dy // 2, dx // 2
+                            for r in range(tile_rows):
+                                for v in range(vectors):
+                                    vector = row_vector(source, r + oy, v)
+                                    if sx:  # lanes 1..16 of this vector and the next: one valignd on int32 lanes
+                                        ints = [tirx.reinterpret(f"int32x{lanes}", part)
+                                                for part in (vector, row_vector(source, r + oy, v + 1))]
+                                        vector = tirx.reinterpret(f"float32x{lanes}",
+                                                                  tirx.Shuffle(ints, list(range(1, lanes + 1))))
+                                    slots = tirx.Ramp((r * vectors + v) * lanes, 1, lanes)
+                                    T.buffer_store(acc, acc[slots] + vector * weight, [slots])
+                fo = order[f]
+                results = [bias_relu(acc[tirx.Ramp(s * lanes, 1, lanes)], None if bias is None else bias[fo],
+                                     spec.relu, lanes) for s in range(tile_rows * vectors)]
+                first = (n * f_ + fo) * oh * ow + y0 * ow
+                for offset, value in _output_stores(results, tile_rows, ow, vectors):
+                    T.buffer_store(outputs, value, [tirx.Ramp(first + offset, 1, lanes)])
+
+            with T.parallel(0, threads) as t:
+                first_filter, last_filter = thread_filters(offsets, f_, p_, threads, t)
+                with T.serial(0, n_) as n:
+                    with T.serial(0, oh // tile_rows) as block:
+                        with T.serial(first_filter, last_filter) as f:
+                            tile(n, f, block * tile_rows)
+    func = builder.get().without_attr("global_symbol")
+    return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "phase_planes": 1})
