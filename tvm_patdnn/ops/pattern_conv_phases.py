@@ -133,8 +133,8 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
     output channel), [bias], out."""
     if not phase_planes_apply(spec, lanes, sizes):
         raise PatDNNError("the phase-plane kernel takes 16 lanes, stride 2, padding 1, 4 taps, input rows of at "
-                          f"least 16 columns and output rows of at most 31; got {spec.height}x{spec.width}, strides {spec.strides}, padding "
-                          f"{spec.padding}, {spec.taps} taps at {lanes} lanes")
+                          f"least 16 columns and output rows of at most 31; got {spec.height}x{spec.width}, strides "
+                          f"{spec.strides}, padding {spec.padding}, {spec.taps} taps at {lanes} lanes")
     n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
     oh, ow = spec.out_height, spec.out_width
     f_, p_, taps = spec.out_channels, len(spec.patterns), spec.taps

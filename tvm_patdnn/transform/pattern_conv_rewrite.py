@@ -248,7 +248,8 @@ class PatternConvRewrite:
         args = [
             conv.args[0],
             *(relax.const(w) for w in weights),
-            relax.const(fkw.order if tap_lanes or shifted_rows or phases or blocked else np.argsort(fkw.order).astype(np.int32)),
+            relax.const(fkw.order if tap_lanes or shifted_rows or phases or blocked
+                        else np.argsort(fkw.order).astype(np.int32)),
         ] + ([relax.const(bias)] if bias is not None else [])
         return gvar, args
 
