@@ -19,6 +19,7 @@ import tvm_patdnn
 from tvm_patdnn.errors import PatDNNError
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.ops.dense_conv import DenseConvSpec, pack_dense_conv_weight
+from tvm_patdnn.ops import direct_conv
 from tvm_patdnn.ops.direct_conv import DIRECT_CONV_ATTR, DirectConvSpec, direct_conv_primfunc, pack_direct_conv_bias
 from tvm_patdnn.pipeline import pattern_passes
 from tvm_patdnn.targets import resolve_target, vector_lanes
@@ -52,40 +53,67 @@ def layer(shape, out_c, kernel=(1, 1), strides=(1, 1), residual=False, activatio
                          clip_min=-0.5 if activation == "clip" else 0.0, clip_max=0.75 if activation == "clip" else 0.0)
 
 
-@pytest.mark.parametrize("blocked_input, blocked_output", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("blocked_input, blocked_residual, blocked_output", [
+    (True, True, True), (True, False, False), (False, False, True), (False, True, False), (True, True, False),
+])
 @pytest.mark.parametrize("shape, out_c, kernel, strides, residual, activation, tile, vectors, panel", [
     ((2, 48, 7, 9), 48, (1, 1), (1, 1), True, "relu", 6, 4, 32768),  # batch 2, residual, 63 = 10 x 6 + 3, ragged block
     ((1, 64, 14, 14), 80, (1, 1), (1, 1), False, "clip", 6, 4, 4096),  # 4 reduction blocks of 16, ragged 80 = 64 + 16
     ((2, 32, 9, 9), 32, (1, 1), (2, 2), False, "none", 6, 2, 32768),  # strided 1x1 read in place, 25 = 4 x 6 + 1
     ((1, 32, 8, 8), 48, (3, 3), (1, 1), False, "relu", 6, 3, 8192),  # unpadded 3x3, several reduction blocks
     ((2, 96, 14, 14), 96, (1, 1), (1, 1), True, "relu", 12, 2, 16384),  # the wide 12 x 2 tile + residual
+    ((1, 48, 7, 7), 48, (1, 1), (1, 1), True, "clip", 1, 3, 32768),  # 1-pixel tiles: the scalar epilogue
 ])
-def test_blocked_kernel_matches_reference(blocked_input, blocked_output, shape, out_c, kernel, strides, residual,
-                                          activation, tile, vectors, panel):
-    """The direct kernel reading its input and / or writing its output (and residual) in NCHW16c, against
-    onnx.reference on the NCHW model (arguments converted around the kernel)."""
+def test_blocked_kernel_matches_reference(blocked_input, blocked_residual, blocked_output, shape, out_c, kernel,
+                                          strides, residual, activation, tile, vectors, panel):
+    """The direct kernel reading its input and / or residual, writing its output in NCHW16c (a blocked residual
+    with an NCHW output too: added to the rows before the transpose), against onnx.reference on the NCHW model
+    (arguments converted around the kernel)."""
     target = needs_avx512()
+    # without a residual its layout means nothing; with one, a blocked output reads a blocked residual
+    blocked_residual = residual and (blocked_residual or blocked_output)
     model = conv_model(shape, out_c, kernel, strides, residual=residual, activation=activation, seed=5)
     conv = layer(shape, out_c, kernel, strides, residual, activation)
     spec = DirectConvSpec(conv, tile, vectors, 16, weight_panel=panel, blocked_input=blocked_input,
-                          blocked_residual=residual and blocked_output, blocked_output=blocked_output)
-    assert spec.channel_block % 16 == 0 or not blocked_input
+                          blocked_residual=blocked_residual, blocked_output=blocked_output)
+    _assert_blocked_kernel_matches(spec, model, target)
+    script = direct_conv_primfunc(spec).script()
+    if blocked_output:
+        assert "T.Shuffle" not in script  # whole-vector stores, no transpose
+
+
+def _assert_blocked_kernel_matches(spec: DirectConvSpec, model, target) -> None:
+    conv = spec.conv
     weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
     func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
     kernel_fn = tvm.compile(tvm.IRModule({"main": func}), target)["main"]
-    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
-    data = to_blocked(x) if blocked_input else x
-    out_shape = (conv.batch, out_c, conv.out_height, conv.out_width)
-    out = tvm.runtime.empty(to_blocked(np.zeros(out_shape, np.float32)).shape if blocked_output else out_shape, "float32")
-    args = [tvm.runtime.tensor(data), tvm.runtime.tensor(pack_dense_conv_weight(weight, spec.filter_block)),
+    x = np.random.default_rng(6).standard_normal((conv.batch, conv.in_channels, conv.height, conv.width))
+    x = x.astype(np.float32)
+    out_shape = (conv.batch, conv.out_channels, conv.out_height, conv.out_width)
+    out = tvm.runtime.empty(to_blocked(np.zeros(out_shape, np.float32)).shape if spec.blocked_output else out_shape,
+                            "float32")
+    args = [tvm.runtime.tensor(to_blocked(x) if spec.blocked_input else x),
+            tvm.runtime.tensor(pack_dense_conv_weight(weight, spec.filter_block)),
             tvm.runtime.tensor(pack_direct_conv_bias(bias, spec.filter_block))]
-    res = to_blocked(x) if blocked_output else x  # the model adds its input: in the output's layout
-    kernel_fn(*args, *([tvm.runtime.tensor(res)] if residual else []), out)
-    actual = from_blocked(out.numpy()) if blocked_output else out.numpy()
+    if conv.residual:  # the model adds its input
+        args.append(tvm.runtime.tensor(to_blocked(x) if spec.blocked_residual else x))
+    kernel_fn(*args, out)
+    actual = from_blocked(out.numpy()) if spec.blocked_output else out.numpy()
     assert_close(actual, reference_outputs(model, {"x": x})[0])
-    script = func.script()
-    if blocked_output:
-        assert "_transpose" not in script and "T.Shuffle" not in script  # whole-vector stores, no transpose
+
+
+@pytest.mark.parametrize("shape, out_c, tile, vectors", [
+    ((1, 336, 28, 28), 64, 6, 4),  # 1.05 MB: past COMPACT_INPUT_BYTES, 196 = 32 x 6 + 4
+    ((2, 352, 27, 29), 48, 12, 2),  # batch 2, odd sides (14 x 15 outputs), 210 = 17 x 12 + 6
+])
+def test_strided_pointwise_compacts_a_blocked_input(shape, out_c, tile, vectors):
+    """A strided 1x1 whose blocked input reaches the compact threshold copies the 16-channel vectors it reads."""
+    target = needs_avx512()
+    model = conv_model(shape, out_c, (1, 1), (2, 2), activation="relu", seed=9)
+    spec = DirectConvSpec(layer(shape, out_c, strides=(2, 2)), tile, vectors, 16, blocked_input=True,
+                          blocked_output=True)
+    assert direct_conv._compacts(spec)
+    _assert_blocked_kernel_matches(spec, model, target)
 
 
 def _conv(name, x, c, f, out, inits, rng, kernel=1, pads=0, stride=1):
@@ -154,10 +182,16 @@ def test_pass_blocks_tensors_between_direct_kernels_only():
 
 
 def test_a_non_direct_reader_keeps_a_tensor_nchw():
-    """b1 is also read by a max pool: it stays NCHW; so does block 2's 1x1 that adds it (a residual and its conv's
-    output share a layout), hence b2, and d, the residual of block 1's 1x1: the residual chain is one layout."""
+    """b1 is also read by a max pool: it stays NCHW, and so does b2, which block 2's 1x1 writes adding b1 (an NCHW
+    residual and a blocked output would need a transpose); d stays blocked: block 1's 1x1 adds it to its rows
+    before transposing them to b1's NCHW."""
     kernels = blocked_kernels(rewritten(bottlenecks(pool=True), AVX512))
-    assert len(kernels) == 8 and not any(any(k) for k in kernels)
+    assert kernels == [
+        [False, False, True],  # -> d
+        [True, False, False], [False, False, False], [False, True, False],  # b1 = 1x1 + d: blocked residual, NCHW
+        [False, False, False], [False, False, False], [False, False, False],  # b2 = 1x1 + b1: NCHW
+        [False, False, False],
+    ]
 
 
 @pytest.mark.parametrize("target", [AVX2, "galaxy-s10"])
@@ -191,7 +225,7 @@ def test_blocked_spec_rejects_what_the_kernel_cannot_run():
     base = DirectConvSpec(conv, 6, 3, 16)
     with pytest.raises(PatDNNError, match="16-lane"):
         DirectConvSpec(conv, 6, 3, 8, blocked_output=True, blocked_residual=True)
-    with pytest.raises(PatDNNError, match="same layout"):
+    with pytest.raises(PatDNNError, match="needs a blocked residual"):
         dataclasses.replace(base, blocked_output=True)
     with pytest.raises(PatDNNError, match="residual"):
         DirectConvSpec(layer((1, 48, 7, 7), 48), 6, 3, 16, blocked_residual=True)
@@ -202,5 +236,3 @@ def test_blocked_spec_rejects_what_the_kernel_cannot_run():
     with pytest.raises(PatDNNError, match="must not pad"):
         DirectConvSpec(dataclasses.replace(layer((1, 48, 7, 7), 48, (3, 3)), padding=(1, 1, 1, 1)), 6, 3, 16,
                        blocked_input=True)
-    with pytest.raises(PatDNNError, match="compacts"):  # a strided 1x1 whose input reaches the 1 MB threshold
-        DirectConvSpec(layer((1, 512, 28, 28), 64, strides=(2, 2)), 6, 4, 16, blocked_input=True)

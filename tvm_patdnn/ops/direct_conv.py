@@ -156,17 +156,15 @@ class DirectConvSpec:
                 raise PatDNNError(f"the blocked layout needs {BLOCK}-lane tiles, not {self.lanes}")
             if self.blocked_residual and not conv.residual:
                 raise PatDNNError("a blocked residual needs a conv that adds a residual")
-            if conv.residual and self.blocked_residual != self.blocked_output:
-                raise PatDNNError("the residual and the output of a direct conv take the same layout")
+            if conv.residual and self.blocked_output and not self.blocked_residual:
+                raise PatDNNError("a blocked output needs a blocked residual (an NCHW one would need a transpose)")
             if (self.blocked_output or self.blocked_residual) and conv.out_channels % BLOCK:
                 raise PatDNNError(f"a blocked output needs a multiple of {BLOCK} filters, not {conv.out_channels}")
             if self.blocked_input:
                 if conv.in_channels % BLOCK:
                     raise PatDNNError(f"a blocked input needs a multiple of {BLOCK} channels, not {conv.in_channels}")
                 if any(conv.padding):
-                    raise PatDNNError("a blocked input is read in place: the conv must not pad")
-                if _compacts(self):
-                    raise PatDNNError("a blocked input is read in place: not a strided 1x1 that compacts its input")
+                    raise PatDNNError("a blocked input is read in place (or compacted): the conv must not pad")
 
     @classmethod
     def for_target(cls, conv: DenseConvSpec, registers: int, lanes: int) -> DirectConvSpec:
@@ -251,7 +249,9 @@ def _store_output(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb,
 
             def store() -> None:
                 value = acc[m * block + j]
-                if flat_res is not None:
+                if flat_res is not None and spec.blocked_residual:
+                    value = value + flat_res[n, f // BLOCK, base + m, f % BLOCK]
+                elif flat_res is not None:
                     value = value + flat_res[n, f, base + m]
                 T.buffer_store(flat_out, activate(value, conv), [n, f, base + m])
 
@@ -293,19 +293,28 @@ def _store_transposed(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n,
     conv, block, lanes = spec.conv, spec.filter_block, spec.lanes
     ragged = conv.out_channels % block != 0
     for v in range(spec.vectors):
-        rows = [acc[tirx.Ramp(m * block + v * lanes, 1, lanes)] for m in range(mr)] + [None] * (16 - mr)
-        columns = _transpose16(rows)
+        rows = [acc[tirx.Ramp(m * block + v * lanes, 1, lanes)] for m in range(mr)]
+        if flat_res is not None and spec.blocked_residual:  # a blocked residual is added to the rows, untransposed
+            c = fb * spec.vectors + v
+            rows = [row + _real_vector(ragged, c < conv.out_channels // lanes,
+                                       flat_res[n, c, base + m, tirx.Ramp(0, 1, lanes)]) for m, row in enumerate(rows)]
+        columns = _transpose16(rows + [None] * (16 - mr))
         for j in range(lanes):
             f = fb * block + v * lanes + j
             pixels = tirx.Ramp(base, 1, mr)
 
             def store(column=columns[j], f=f, pixels=pixels) -> None:
                 value = column if mr == lanes else tirx.Shuffle([column], list(range(mr)))
-                if flat_res is not None:
+                if flat_res is not None and not spec.blocked_residual:
                     value = value + flat_res[n, f, pixels]
                 T.buffer_store(flat_out, activate(value, conv), [n, f, pixels])
 
             _store_real_filter(ragged, f < conv.out_channels, store)
+
+
+def _real_vector(ragged: bool, real, value):
+    """``value``, or zeros where ``real`` (the filter vector exists) is false when the last filter block is ragged."""
+    return tirx.if_then_else(real, value, tirx.Broadcast(tirx.const(0.0, "float32"), 16)) if ragged else value
 
 
 def _store_blocked(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb, base) -> None:
@@ -422,17 +431,38 @@ def _nchw(*shape: int) -> tuple[int, ...]:
 
 
 def _blocked_output_args(spec: DirectConvSpec) -> tuple:
-    """Declare [residual] and out in the blocked layout (NCHW16c) and the function's attributes; returns their
-    (N, F / 16, OH * OW, 16) views (residual or None, out)."""
+    """Declare [residual] and out, each in its layout (NCHW16c when blocked), and the function's attributes;
+    returns their views (residual or None, out): (N, F / 16, OH * OW, 16) when blocked, else (N, F, OH * OW)."""
     conv = spec.conv
-    shape = blocked_shape(conv.batch, conv.out_channels, conv.out_height, conv.out_width)
-    residual = T.arg("residual", T.buffer(shape, "float32")) if conv.residual else None
-    out = T.arg("out", T.buffer(shape, "float32"))
+    nchw = (conv.batch, conv.out_channels, conv.out_height, conv.out_width)
+    blocked = blocked_shape(*nchw)
+
+    def declare(name: str, is_blocked: bool):
+        arg = T.arg(name, T.buffer(blocked if is_blocked else nchw, "float32"))
+        view = (blocked[0], blocked[1], conv.pixels, BLOCK) if is_blocked else (nchw[0], nchw[1], conv.pixels)
+        return arg, view
+
+    residual, res_view = declare("residual", spec.blocked_residual) if conv.residual else (None, None)
+    out, out_view = declare("out", spec.blocked_output)
     T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-    view = (shape[0], shape[1], conv.pixels, BLOCK)
-    flat_out = T.decl_buffer(view, "float32", data=out.data)
-    flat_res = T.decl_buffer(view, "float32", data=residual.data) if residual is not None else None
+    flat_out = T.decl_buffer(out_view, "float32", data=out.data)
+    flat_res = T.decl_buffer(res_view, "float32", data=residual.data) if residual is not None else None
     return flat_res, flat_out
+
+
+def _compact_blocked_input(conv: DenseConvSpec, data):
+    """:func:`_compact_input` of a blocked input: each pixel read is one 16-channel vector, copied whole into a
+    compact (N, C / 16, OH * OW, 16) workspace."""
+    n_, cb_, oh, ow = conv.batch, conv.in_channels // BLOCK, conv.out_height, conv.out_width
+    sy, sx = conv.strides
+    compact = T.decl_buffer((n_, cb_, oh * ow, BLOCK), "float32")
+    with T.parallel(0, n_ * cb_) as nc:
+        with T.serial(0, oh) as y:
+            with T.serial(0, ow) as x:
+                with T.vectorized(0, BLOCK) as j:
+                    T.buffer_store(compact, data[nc // cb_, nc % cb_, y * sy, x * sx, j],
+                                   [nc // cb_, nc % cb_, y * ow + x, j])
+    return compact
 
 
 def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
@@ -453,8 +483,13 @@ def direct_conv_primfunc(spec: DirectConvSpec) -> tirx.PrimFunc:
             data = T.arg("data", T.buffer(in_shape, "float32"))
             weight = T.arg("weight", T.buffer((blocks, conv.taps, block), "float32"))
             bias = T.arg("bias", T.buffer((blocks * block,), "float32")) if conv.has_bias else None
-            flat_res, flat_out = _blocked_output_args(spec) if spec.blocked_output else _output_args(conv)
-            if spec.blocked_input:  # read in place (unpadded, never compacted: __post_init__)
+            blocked_out = spec.blocked_output or spec.blocked_residual
+            flat_res, flat_out = _blocked_output_args(spec) if blocked_out else _output_args(conv)
+            if spec.blocked_input and _compacts(spec):
+                source = _compact_blocked_input(conv, data)
+                conv = dataclasses.replace(conv, height=conv.out_height, width=conv.out_width, strides=(1, 1))
+                spec = dataclasses.replace(spec, conv=conv)
+            elif spec.blocked_input:  # read in place (unpadded: __post_init__)
                 source = T.decl_buffer((n_, c_ // BLOCK, conv.height * conv.width, BLOCK), "float32", data=data.data)
             elif _compacts(spec):
                 source = _compact_input(conv, data)

@@ -8,20 +8,27 @@ the input's per-pixel broadcasts read 16 channels from one line. This is ORT's l
 convs; here a tensor takes it only where nothing else sees it:
 
 a tensor is blocked when its producer is a 16-lane direct-kernel call with a multiple of 16 filters and
-every user is one too, reading it as its input (a multiple of 16 channels, no padding, read in place: not a
-strided 1x1 that compacts its input) or as its residual; and a conv's residual and output take the same
-layout (the kernel has no epilogue mixing them), so the set is narrowed until that holds. Everything else
+every user is one too, reading it as its input (a multiple of 16 channels, no padding; a strided 1x1 may compact
+it) or as its residual; and a conv writing a blocked output reads a blocked residual (an NCHW residual would need
+the transpose; an NCHW output adds a blocked residual to its rows before transposing them), so the set is narrowed
+until that holds. Everything else
 (the model's outputs, tensors read by Winograd, GEMM, pattern, pooling or any other op) stays NCHW, so other
 targets and models are untouched: on 8-lane (AVX2) and 4-lane (NEON) targets no call qualifies and the
 function is returned as it was.
 
 In ResNet-50 these are the 14x14 and 7x7 stages' block outputs and downsample outputs (the chain of residual
-adds), except the last block's output, which the global pool reads. Zen 5, 1 thread, core 0, per-call minima in
-the dense ResNet-50, NCHW against blocked interleaved in one process (7 and 9 rounds): 1x1 256->1024 + residual at
-14x14 (x6) 0.490-0.500 -> 0.438-0.442 ms and 0.504-0.518 -> 0.454-0.462 ms (1.10-1.14x, 78 -> 87% of 268 GFLOP/s;
-ORT 0.434-0.442 in its graph), the downsample 1024->2048 s2 1.029x / 1.042x, 1024->256 at 14x14 (blocked input)
-1.00-1.02x; the 7x7 1x1s 0.97-1.01x (not bound by their epilogue); whole model 1.031x / 1.006x per round (sums of
-minima 33.43 -> 32.80, 34.81 -> 34.44 ms).
+adds; the last block adds a blocked residual and writes NCHW for the global pool); the 28x28 stage's outputs are
+read by the GEMM (128->512 + residual) and stay NCHW. Zen 5, 1 thread, core 0, per-call minima in the dense
+ResNet-50, NCHW against blocked interleaved in one process (7, 9, 11 rounds): 1x1 256->1024 + residual at 14x14
+(x6) 1.08-1.14x (0.478-0.518 -> 0.434-0.462 ms; 75-80 -> 83-88% of 268 GFLOP/s, ORT 0.434-0.442 in its graph),
+512->2048 + residual at 7x7 (x2) 1.018-1.046x, 2048->512 at 7x7 (x2) 1.028-1.037x, 1024->2048 s2 1.029-1.042x,
+1024->256 at 14x14 (blocked input only) 0.98-1.02x; whole model 1.031x, 1.006x (the 14x14 stage alone), 1.003x,
+1.011x per round. MobileNetV2's 7x7 stage (960->160 + residual, 160->960, 960->320, 320->1280) 1.00-1.06x, whole
+1.003x. Measured and not kept: 128->512 + residual at 28x28 on the direct kernel with a blocked output (6 x 4) so
+that the 28x28 stage is blocked too, 1.035-1.058x over the GEMM per layer but whole model 1.01x (it would also need
+the GEMM back where the chain cannot be blocked: the direct kernel with an NCHW output is 0.84x of the GEMM there);
+a prefetch of the next weight panel inside the reduction loop of the 7x7 1x1s (one or eight lines per 16 channels:
+0.41x / 0.83x alone).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from collections.abc import Callable
 import tvm
 from tvm import relax
 
-from ..ops.direct_conv import BLOCK, DirectConvSpec, _compacts, blocked_shape
+from ..ops.direct_conv import BLOCK, DirectConvSpec, blocked_shape
 
 __all__ = ["BLOCKED_LAYOUT_LANES", "blocked_specs", "apply_blocked_layout"]
 
@@ -53,7 +60,7 @@ def _direct_calls(func: relax.Function, kernels: dict) -> dict:
 
 def _reads_blocked_input(spec: DirectConvSpec) -> bool:
     conv = spec.conv
-    return conv.in_channels % BLOCK == 0 and not any(conv.padding) and not _compacts(spec)
+    return conv.in_channels % BLOCK == 0 and not any(conv.padding)
 
 
 def blocked_specs(func: relax.Function, kernels: dict) -> dict:
@@ -89,20 +96,20 @@ def blocked_specs(func: relax.Function, kernels: dict) -> dict:
                if spec.lanes in BLOCKED_LAYOUT_LANES and spec.lanes == BLOCK and spec.conv.out_channels % BLOCK == 0
                and uses.get(var) and all(accepts(consumer, role) for consumer, role in uses[var])}
     changed = True
-    while changed:  # a conv's residual and output in the same layout
+    while changed:  # a blocked output needs a blocked residual (an NCHW output may read a blocked one)
         changed = False
         for var in list(blocked):
             call, spec = calls[var]
             residual = call.args[1].fields[-1] if spec.conv.residual else None
-            readers_apart = any(role == "residual" and consumer not in blocked for consumer, role in uses[var])
-            if readers_apart or (residual is not None and residual not in blocked):
+            if residual is not None and residual not in blocked:
                 blocked.discard(var)
                 changed = True
     found = {}
     for var, (call, spec) in calls.items():
         data = call.args[1].fields[0]
+        residual = call.args[1].fields[-1] if spec.conv.residual else None
         new = dataclasses.replace(spec, blocked_input=data in blocked, blocked_output=var in blocked,
-                                  blocked_residual=spec.conv.residual and var in blocked)
+                                  blocked_residual=residual is not None and residual in blocked)
         if new != spec:
             found[call] = new
     return found
