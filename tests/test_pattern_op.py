@@ -504,6 +504,8 @@ def test_avx2_rows_are_aligned_where_that_takes_no_more_memory():
         (64, 32, 1, True, True, 8),  # VGG-16 CIFAR's 32x32 rows: 8-row tiles, 2 column blocks
         (128, 16, 2, False, True, 4),  # its 16x16 rows: one column block, batch 2
         (8, 56, 1, True, False, 12),  # ResNet-50's 56 columns: the last column block overlaps the third
+        (5, 56, 2, True, True, 3),  # side taps from border vectors (<= 64 channels), batch 2, odd channels
+        (65, 16, 1, False, True, 8),  # the most channels above: border floats broadcast
     ],
 )
 def test_avx512_wide_rows_kernel_matches_the_onnx_reference(channels, size, batch, bias, relu, n_patterns):

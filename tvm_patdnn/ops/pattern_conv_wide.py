@@ -44,8 +44,8 @@ from ..errors import PatDNNError
 from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 
-__all__ = ["WIDE_ROWS", "NARROW_ROWS", "NARROW_WIDTHS", "wide_rows_tile", "wide_rows_apply",
-           "pattern_conv_wide_primfunc"]
+__all__ = ["BORDER_VECTOR_CHANNELS", "WIDE_ROWS", "NARROW_ROWS", "NARROW_WIDTHS", "wide_rows_tile",
+           "wide_rows_apply", "pattern_conv_wide_primfunc"]
 
 WIDE_ROWS = 7  # output rows of the register tile (one 16-lane vector each) for rows of >= 112 columns
 NARROW_ROWS = 8  # ... for rows of NARROW_WIDTHS columns (16 rows: 0.6-0.7x, 4 rows: 0.87-0.9x of 8)
@@ -54,6 +54,14 @@ _LANES = 16
 _MAX_CHANNELS = 128  # input channels, at most (64: the block in L1; 128: 81 KB, in L2, still 1.3x)
 _PAD_PREFETCH = 2  # column blocks ahead whose first line of every row the pad prefetches (0: none)
 _PAD_HINT = 3  # into L1 (prefetcht0)
+# Layers of at most this many input channels read a row's side taps as one valignd of its centre vector and a
+# border vector (16 floats from 2 x the row's slot in the compact border array: lane 0 the right border, lane 15
+# the left one; a load that mostly splits a line, one for both sides). Zen 5, 1 thread, session 17, interleaved,
+# two runs: ResNet-50's 64x64 56x56 1.10x / 1.10x (0.25 -> 0.23 ms, 43 -> 47% of 268 GFLOP/s), VGG-16 224's 64x64
+# 224x224 1.05x, 128x64 112x112 1.02x, CIFAR's 64-channel 32x32 and 16x16 1.00-1.02x. With 128 channels 0.97-0.98x
+# (CIFAR 128x128 16x16) and 1.00x (128x128 112x112): they keep a vpermt2ps with each border float broadcast. Border
+# vectors of 16 floats a row (aligned, 64 bytes) 1.04-1.05x at 56x56: the block outgrew the L1.
+BORDER_VECTOR_CHANNELS = 64
 
 
 def wide_rows_tile(spec: PatternConvSpec) -> int:
@@ -89,6 +97,7 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
     rows = wide_rows_tile(spec)
     f_, p_, taps, lanes = spec.out_channels, len(spec.patterns), spec.taps, _LANES
     block_rows, blocks, row_blocks = rows + 2, (w_ + _LANES - 1) // _LANES, h_ // rows
+    border_vectors = c_ <= BORDER_VECTOR_CHANNELS  # the side taps from border vectors (valignd)
     zero = tirx.const(0.0, "float32")
     zeros = tirx.Broadcast(zero, lanes)
     with IRBuilder() as builder:
@@ -107,7 +116,7 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
             with T.parallel(0, n_ * row_blocks) as task:
                 n, y0 = task // row_blocks, task % row_blocks * rows
                 centre = T.decl_buffer((c_ * block_rows * lanes,), "float32")
-                border = T.decl_buffer((c_ * block_rows * 2,), "float32")
+                border = T.decl_buffer((c_ * block_rows * 2 + (lanes if border_vectors else 0),), "float32")
                 with T.serial(0, blocks) as b:
                     x0 = b * lanes if w_ % lanes == 0 else tirx.min(b * lanes, w_ - lanes)  # the last overlaps
                     with T.serial(0, c_) as c:
@@ -122,21 +131,27 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
                                     image[base + ahead]), 0, _PAD_HINT, 1))
                             T.buffer_store(centre, tirx.Select(inside, image[tirx.Ramp(base + x0, 1, lanes)], zeros),
                                            [tirx.Ramp(slot * lanes, 1, lanes)])
-                            T.buffer_store(border, tirx.Select(tirx.all(inside, x0 > 0),
-                                                               image[base + tirx.max(x0 - 1, 0)], zero), [slot * 2])
-                            T.buffer_store(border, tirx.Select(tirx.all(inside, x0 + lanes < w_),
-                                                               image[base + tirx.min(x0 + lanes, w_ - 1)], zero),
-                                           [slot * 2 + 1])
+                            left = tirx.Select(tirx.all(inside, x0 > 0), image[base + tirx.max(x0 - 1, 0)], zero)
+                            right = tirx.Select(tirx.all(inside, x0 + lanes < w_),
+                                                image[base + tirx.min(x0 + lanes, w_ - 1)], zero)
+                            if border_vectors:  # the 16 floats from 2 * slot: lane 0 this row's right border,
+                                T.buffer_store(border, right, [slot * 2])  # lane 15 its left one (odd floats:
+                                T.buffer_store(border, left, [slot * 2 + lanes - 1])  # the left borders 7 rows back)
+                            else:
+                                T.buffer_store(border, left, [slot * 2])
+                                T.buffer_store(border, right, [slot * 2 + 1])
                     with T.serial(0, f_) as f:
                         _filter(spec, f, n, y0, x0, rows, block_rows, centre, border, values, channels, offsets,
-                                inverse_order, bias, outputs)
+                                inverse_order, bias, outputs, border_vectors)
     func = builder.get().without_attr("global_symbol")
     return func.with_attr(PATTERN_CONV_ATTR, {**_spec_attr(spec), "wide_rows": 1})
 
 
 def _filter(spec, f, n, y0, x0, rows, block_rows, centre, border, values, channels, offsets, inverse_order, bias,
-            outputs) -> None:
-    """One filter over one block: its runs into ``rows`` accumulators, stored with bias and ReLU."""
+            outputs, border_vectors: bool = False) -> None:
+    """One filter over one block: its runs into ``rows`` accumulators, stored with bias and ReLU; the side taps
+    one ``valignd`` of the centre vector and the row's border vector (``border_vectors``), else a ``vpermt2ps``
+    with the border float broadcast."""
     f_, p_, h_, w_, lanes = spec.out_channels, len(spec.patterns), spec.height, spec.width, _LANES
     zeros = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
     stored = inverse_order[f]
@@ -154,6 +169,12 @@ def _filter(spec, f, n, y0, x0, rows, block_rows, centre, border, values, channe
                 vector = centre[tirx.Ramp(slot * lanes, 1, lanes)]
                 if dx == 1:
                     return vector
+                if border_vectors:  # dx 0: lane 15 of the border vector, centre lanes 0-14; dx 2: lanes 1-15, lane 0
+                    side = border[tirx.Ramp(slot * 2, 1, lanes)]
+                    parts = [tirx.reinterpret(f"int32x{lanes}", part) for part in
+                             ((side, vector) if dx == 0 else (vector, side))]
+                    start = lanes - 1 if dx == 0 else 1  # a window of the two: on int32 lanes one valignd
+                    return tirx.reinterpret(f"float32x{lanes}", tirx.Shuffle(parts, list(range(start, start + lanes))))
                 if dx == 0:  # lane 0 the left border, lanes 1-15 centre lanes 0-14
                     return tirx.Shuffle([tirx.Broadcast(border[slot * 2], lanes), vector],
                                         [0] + list(range(lanes, 2 * lanes - 1)))
