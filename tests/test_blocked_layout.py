@@ -206,12 +206,38 @@ def test_rule_can_be_switched_off(monkeypatch):
     assert not any(any(k) for k in blocked_kernels(rewritten(bottlenecks(), AVX512)))
 
 
+def kernel_names(mod: tvm.IRModule) -> list[str]:
+    return [line.split("R.call_tir(")[1].split(",")[0].rstrip("0123456789")
+            for line in mod["main"].script().splitlines() if "R.call_tir(" in line]
+
+
 @pytest.mark.parametrize("pool", [False, True])
-def test_blocked_chain_matches_reference(pool):
+def test_residual_pointwise_takes_the_direct_kernel_only_when_blocked(pool):
+    """128 -> 576 + residual: the GEMM by the rules (at most 128 input channels); the direct kernel when its output
+    is blocked (the chain without the pool), the GEMM when it is not (the pool reads b1: both blocks' expansions)."""
+    mod = rewritten(bottlenecks(width=128), AVX512)
+    if pool:
+        mod = rewritten(bottlenecks(width=128, pool=True), AVX512)
+        blocks = ["direct_conv", "direct_conv", "dense_conv"] * 2  # 1x1, 3x3, expansion on the GEMM
+        assert kernel_names(mod) == ["direct_conv"] + blocks + ["direct_conv", "max_pool"]
+        assert not any(any(k) for k in blocked_kernels(mod))
+    else:
+        assert kernel_names(mod) == ["direct_conv"] * 8
+        assert blocked_kernels(mod) == [
+            [False, False, True],
+            [True, False, False], [False, False, False], [False, True, True],
+            [True, False, False], [False, False, False], [False, True, True],
+            [True, False, False],
+        ]
+
+
+@pytest.mark.parametrize("width", [144, 128])
+@pytest.mark.parametrize("pool", [False, True])
+def test_blocked_chain_matches_reference(pool, width):
     """The whole chain (batch 2, residuals, ReLU, blocked tensors ending in an NCHW output; with the pool a tensor
     with a non-direct reader) through tvm_patdnn.compile against onnx.reference; outputs are NCHW."""
     needs_avx512()
-    model = bottlenecks(pool=pool)
+    model = bottlenecks(width=width, pool=pool)
     x = np.random.default_rng(12).standard_normal((2, 160, 7, 7)).astype(np.float32)
     compiled = tvm_patdnn.compile(model, "x86", tuning_db=False)
     actual, expected = compiled.run({"x": x}), reference_outputs(model, {"x": x})

@@ -16,19 +16,23 @@ until that holds. Everything else
 targets and models are untouched: on 8-lane (AVX2) and 4-lane (NEON) targets no call qualifies and the
 function is returned as it was.
 
-In ResNet-50 these are the 14x14 and 7x7 stages' block outputs and downsample outputs (the chain of residual
-adds; the last block adds a blocked residual and writes NCHW for the global pool); the 28x28 stage's outputs are
-read by the GEMM (128->512 + residual) and stay NCHW. Zen 5, 1 thread, core 0, per-call minima in the dense
-ResNet-50, NCHW against blocked interleaved in one process (7, 9, 11 rounds): 1x1 256->1024 + residual at 14x14
-(x6) 1.08-1.14x (0.478-0.518 -> 0.434-0.462 ms; 75-80 -> 83-88% of 268 GFLOP/s, ORT 0.434-0.442 in its graph),
-512->2048 + residual at 7x7 (x2) 1.018-1.046x, 2048->512 at 7x7 (x2) 1.028-1.037x, 1024->2048 s2 1.029-1.042x,
-1024->256 at 14x14 (blocked input only) 0.98-1.02x; whole model 1.031x, 1.006x (the 14x14 stage alone), 1.003x,
-1.011x per round. MobileNetV2's 7x7 stage (960->160 + residual, 160->960, 960->320, 320->1280) 1.00-1.06x, whole
-1.003x. Measured and not kept: 128->512 + residual at 28x28 on the direct kernel with a blocked output (6 x 4) so
-that the 28x28 stage is blocked too, 1.035-1.058x over the GEMM per layer but whole model 1.01x (it would also need
-the GEMM back where the chain cannot be blocked: the direct kernel with an NCHW output is 0.84x of the GEMM there);
-a prefetch of the next weight panel inside the reduction loop of the 7x7 1x1s (one or eight lines per 16 channels:
-0.41x / 0.83x alone).
+In ResNet-50 these are the 28x28, 14x14 and 7x7 stages' block outputs and downsample outputs (the chains of
+residual adds; the last block adds a blocked residual and writes NCHW for the global pool). The 28x28 stage's 1x1
+128->512 + residual runs on the GEMM by the rules; :class:`~.dense_conv_rewrite.DenseConvRewriter` offers it on the
+direct kernel as a *tentative* call, kept only if its output is blocked here (else the GEMM call replaces it and
+the plan is made again). Zen 5, 1 thread, core 0, per-call minima in the dense ResNet-50, NCHW against blocked
+interleaved in one process (7, 9, 11 rounds): 1x1 256->1024 + residual at 14x14 (x6) 1.08-1.14x (0.478-0.518 ->
+0.434-0.462 ms; 75-80 -> 83-88% of 268 GFLOP/s, ORT 0.434-0.442 in its graph), 512->2048 + residual at 7x7 (x2)
+1.018-1.046x, 2048->512 at 7x7 (x2) 1.028-1.037x, 1024->2048 s2 1.029-1.042x, 1024->256 at 14x14 (blocked input
+only) 0.98-1.02x; whole model 1.031x, 1.006x (the 14x14 stage alone), 1.003x, 1.011x per round. The 28x28 stage
+(two runs of 9 and 11 rounds, the second with another job on the core): 128->512 + residual (x4) on the direct kernel
+0.438-0.450 -> 0.414-0.436 ms (1.011-1.079x; 85 -> 89-91%, ORT 0.425), 256->512 s2 1.028-1.041x, 512->256 1.016-1.037x,
+512->128 (x3) 1.01-1.05x; sums of minima 1.002x both runs, whole model 0.993x / 0.997x per round (noise: a few
+0.02 ms gains in a 33 ms model). MobileNetV2's 7x7 stage (960->160 + residual, 160->960, 960->320, 320->1280)
+1.00-1.06x, whole 1.003x. Measured and not kept: the 56x56 stage the same way (64->256 + residual and the downsample
+64->256 on the direct kernel: 0.98-1.02x, and the stage's 256->64 1x1s reading blocked inputs 0.92-0.93x); a
+prefetch of the next weight panel inside the reduction loop of the 7x7 1x1s (one line per 16 channels two pages
+ahead up to eight lines per 16 channels: 0.41-0.86x alone, the tile's accumulators stored after every 16 channels).
 """
 
 from __future__ import annotations
@@ -63,10 +67,35 @@ def _reads_blocked_input(spec: DirectConvSpec) -> bool:
     return conv.in_channels % BLOCK == 0 and not any(conv.padding)
 
 
-def blocked_specs(func: relax.Function, kernels: dict) -> dict:
+def blocked_specs(func: relax.Function, kernels: dict, tentative=()) -> tuple[dict, set]:
     """The direct-kernel calls of ``func`` whose layouts change: call -> spec with its blocked fields set
-    (``kernels``: GlobalVar -> :class:`DirectConvSpec` of the direct kernels in the module)."""
+    (``kernels``: GlobalVar -> :class:`DirectConvSpec` of the direct kernels in the module), and the calls of
+    ``tentative`` (direct only if their output is blocked) whose output is not: they are taken as other ops' calls
+    (their readers and arguments NCHW) and the plan is made again until none is left."""
     calls = _direct_calls(func, kernels)
+    dropped: set = set()
+    while True:
+        blocked = _blocked_tensors(func, {var: value for var, value in calls.items() if var not in dropped})
+        left = {var for var, (call, _spec) in calls.items()
+                if call in tentative and var not in blocked and var not in dropped}
+        if not left:
+            break
+        dropped |= left
+    found = {}
+    for var, (call, spec) in calls.items():
+        if var in dropped:
+            continue
+        data = call.args[1].fields[0]
+        residual = call.args[1].fields[-1] if spec.conv.residual else None
+        new = dataclasses.replace(spec, blocked_input=data in blocked, blocked_output=var in blocked,
+                                  blocked_residual=residual is not None and residual in blocked)
+        if new != spec:
+            found[call] = new
+    return found, {calls[var][0] for var in dropped}
+
+
+def _blocked_tensors(func: relax.Function, calls: dict) -> set:
+    """The variables bound to ``calls`` (direct-kernel calls: var -> (call, spec)) that take the blocked layout."""
     uses: dict = {}
 
     def use(var, consumer, role) -> None:
@@ -84,7 +113,8 @@ def blocked_specs(func: relax.Function, kernels: dict) -> dict:
             else:
                 relax.analysis.post_order_visit(
                     binding.value, lambda e: use(e, None, "other") if isinstance(e, relax.Var) else None)
-    relax.analysis.post_order_visit(func.body.body, lambda e: use(e, None, "other") if isinstance(e, relax.Var) else None)
+    relax.analysis.post_order_visit(func.body.body,
+                                    lambda e: use(e, None, "other") if isinstance(e, relax.Var) else None)
 
     def accepts(consumer, role) -> bool:
         if consumer is None or role == "other":
@@ -104,40 +134,40 @@ def blocked_specs(func: relax.Function, kernels: dict) -> dict:
             if residual is not None and residual not in blocked:
                 blocked.discard(var)
                 changed = True
-    found = {}
-    for var, (call, spec) in calls.items():
-        data = call.args[1].fields[0]
-        residual = call.args[1].fields[-1] if spec.conv.residual else None
-        new = dataclasses.replace(spec, blocked_input=data in blocked, blocked_output=var in blocked,
-                                  blocked_residual=residual is not None and residual in blocked)
-        if new != spec:
-            found[call] = new
-    return found
+    return blocked
 
 
 @relax.expr_functor.mutator
 class _Relayout(relax.PyExprMutator):
     """Replace the planned calls by calls of their blocked kernels (the variables they bind get the new types)."""
 
-    def __init__(self, mod, calls: dict):
+    def __init__(self, mod, calls: dict, fallbacks: dict):
         super().__init__(mod)
-        self.calls = calls
+        self.calls, self.fallbacks = calls, fallbacks
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         if call in self.calls:
             gvar, ty = self.calls[call]
             return relax.call_tir(gvar, [self.visit_expr(a) for a in call.args[1].fields], ty)
+        if call in self.fallbacks:  # the same data and residual, the other kernel's weight and bias
+            other = self.fallbacks[call]
+            args = list(other.args[1].fields)
+            args[0] = self.visit_expr(call.args[1].fields[0])
+            args[-1] = self.visit_expr(call.args[1].fields[-1])  # tentative calls add a residual
+            return relax.call_tir(other.args[0], args, other.ty_args[0])
         return super().visit_call_(call)
 
 
 def apply_blocked_layout(builder: relax.BlockBuilder, gvar: relax.GlobalVar, kernels: dict,
-                         add: Callable[[DirectConvSpec], relax.GlobalVar]) -> None:
+                         add: Callable[[DirectConvSpec], relax.GlobalVar], tentative: dict | None = None) -> None:
     """Switch the tensors :func:`blocked_specs` finds in function ``gvar`` of ``builder``'s module to NCHW16c:
-    each affected call runs the kernel ``add(spec)`` returns for its new spec."""
+    each affected call runs the kernel ``add(spec)`` returns for its new spec. ``tentative`` maps direct calls that
+    run only if their output is blocked to the call replacing them otherwise (same data and residual)."""
+    tentative = tentative or {}
     mod = builder.get()
     func = mod[gvar]
-    plan = blocked_specs(func, kernels)
-    if not plan:
+    plan, dropped = blocked_specs(func, kernels, tentative)
+    if not plan and not dropped:
         return
     calls = {}
     for call, spec in plan.items():
@@ -145,5 +175,5 @@ def apply_blocked_layout(builder: relax.BlockBuilder, gvar: relax.GlobalVar, ker
         out = (blocked_shape if spec.blocked_output else (lambda *s: s))(
             conv.batch, conv.out_channels, conv.out_height, conv.out_width)
         calls[call] = (add(spec), relax.TensorType(out, "float32"))
-    new = _Relayout(builder.get(), calls).visit_expr(func)
+    new = _Relayout(builder.get(), calls, {call: tentative[call] for call in dropped}).visit_expr(func)
     builder.update_func(gvar, new)
