@@ -58,7 +58,8 @@ def _kernels(model, lanes: int) -> list[list[str]]:
 )
 def test_phase_plane_kernel_matches_the_onnx_reference(size, batch, channels, filters, bias, relu, patterns, cores):
     """Every tap a stride-1 read of one of the input's 4 phase planes (the shifted ones one valignd), whole
-    output rows a register tile, stored as whole vectors of consecutive floats."""
+    output rows a register tile, stored as whole vectors of consecutive floats; one thread builds the planes per
+    row block, more threads all of them first."""
     conv = ConvSpec(filters, stride=2, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu,
                     n_patterns=patterns)
     _check(batch, channels, size, size, conv, cores, seed=size + batch * 3 + patterns)

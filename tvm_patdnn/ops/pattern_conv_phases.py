@@ -15,7 +15,8 @@ stack so that it stays in registers across the (filter, pattern) runs, stored on
 ReLU as whole vectors of consecutive output floats (each permuted from the result vectors its pixels
 come from, the last overlapping the one before: no masked or partial store). Filters run in FKW's
 stored order, each thread a contiguous run of them (:func:`~.pattern_conv_2x2.thread_filters`), row
-blocks outside the filters, so a block's plane rows (every channel) are what the filters re-read from L2.
+blocks outside the filters, so a block's plane rows (every channel) are what the filters re-read from L2; with one
+thread they are built per row block, just before the filters read them (:data:`PHASE_FUSED_PAD`).
 Per kernel, the first line of the block of each plane its pattern reads is prefetched for the kernel
 :data:`PHASE_PREFETCH` ahead (the channel is gathered; the hardware prefetchers follow the rest of the block).
 
@@ -40,13 +41,19 @@ from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 from .pattern_conv_2x2 import thread_filters
 
-__all__ = ["PHASE_PLANE_SIZES", "PHASE_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply", "phase_planes_tile",
-           "pattern_conv_phases_primfunc"]
+__all__ = ["PHASE_FUSED_PAD", "PHASE_PLANE_SIZES", "PHASE_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply",
+           "phase_planes_tile", "pattern_conv_phases_primfunc"]
 
 _LANES = 16
 # Each kernel prefetches, for the kernel this many ahead (its channel is gathered: the hardware prefetcher cannot
 # follow), the first line of the row block of each phase plane its pattern reads (0: none)
 PHASE_PREFETCH = 4
+# One thread builds each row block's plane rows (every channel, R + 1 rows a plane) just before its filters read
+# them, into a buffer of one block, instead of all planes first: in the model the planes then come from L2, not
+# back from L3 (ResNet-50's 56 -> 28 layer's planes are 1.9 MB). Zen 5, 1 thread, in the pruned ResNet-50 (per-call
+# minima, two interleaved runs of 9 rounds): 56 -> 28 1.089x / 1.093x, 28 -> 14 1.023x / 1.039x; alone 0.98x and
+# 1.03x. More threads keep the whole pad first (split over the channels).
+PHASE_FUSED_PAD = True
 PHASE_TILE_VECTORS = 8  # accumulator vectors of the register tile, at most
 # (input height, input width) this kernel is routed for (ResNet-50's 56 -> 28 and 28 -> 14 layers)
 PHASE_PLANE_SIZES = frozenset({(56, 56), (28, 28)})
@@ -72,12 +79,9 @@ def phase_planes_apply(spec: PatternConvSpec, target_lanes: int, sizes=None) -> 
             and (sizes == "any" or (spec.height, spec.width) in sizes))
 
 
-def _pad_planes(source, planes, n_, c_, h_, w_, rows: int, pitch: int, vectors: int, out_width: int) -> None:
-    """Split every input channel into its 4 phase planes of ``rows`` rows x ``pitch`` floats (see the module
-    docstring): per plane vector whole-vector loads of the input row's windows holding its pixels and one
-    permutation of them with zeros; rows outside the input zeros."""
+def _windows(w_: int, vectors: int, out_width: int) -> dict:
+    """(b, v) -> (input windows, permutation index) of plane vector v of column phase b."""
     lanes = _LANES
-    zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
     starts_of = {}
     for b in range(2):
         for v in range(vectors):
@@ -95,6 +99,36 @@ def _pad_planes(source, planes, n_, c_, h_, w_, rows: int, pitch: int, vectors: 
                     w = max(i for i, start in enumerate(windows) if start <= q)
                     index.append(w * lanes + q - windows[w])
             starts_of[b, v] = (windows, index)
+    return starts_of
+
+
+def _pad_block(source, planes, n, c_, h_, w_, y0, rows: int, pitch: int, vectors: int, out_width: int) -> None:
+    """The plane rows y0 .. y0 + rows - 1 of every channel of image n, into planes [c][plane][rows][pitch]."""
+    lanes = _LANES
+    zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
+    starts_of = _windows(w_, vectors, out_width)
+    with T.serial(0, c_) as c:
+        for yy in range(rows):
+            for a in range(2):
+                row = 2 * (y0 + yy) + a - 1
+                inside = tirx.all(row >= 0, row < h_)
+                base = ((n * c_ + c) * h_ + tirx.min(tirx.max(row, 0), h_ - 1)) * w_
+                for b in range(2):
+                    for v in range(vectors):
+                        windows, index = starts_of[b, v]
+                        parts = [source[tirx.Ramp(base + start, 1, lanes)] for start in windows]
+                        value = tirx.Select(inside, tirx.Shuffle(parts + [zero], index), zero)
+                        T.buffer_store(planes, value, [tirx.Ramp(((c * 4 + 2 * a + b) * rows + yy) * pitch + v * lanes,
+                                                                 1, lanes)])
+
+
+def _pad_planes(source, planes, n_, c_, h_, w_, rows: int, pitch: int, vectors: int, out_width: int) -> None:
+    """Split every input channel into its 4 phase planes of ``rows`` rows x ``pitch`` floats (see the module
+    docstring): per plane vector whole-vector loads of the input row's windows holding its pixels and one
+    permutation of them with zeros; rows outside the input zeros."""
+    lanes = _LANES
+    zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
+    starts_of = _windows(w_, vectors, out_width)
     with T.parallel(0, n_ * c_) as c:
         with T.serial(0, rows) as y:
             for a in range(2):
@@ -139,7 +173,8 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
     oh, ow = spec.out_height, spec.out_width
     f_, p_, taps = spec.out_channels, len(spec.patterns), spec.taps
     tile_rows, vectors = phase_planes_tile(spec)
-    pitch, plane_rows = vectors * lanes, oh + 1
+    fused = PHASE_FUSED_PAD and threads == 1
+    pitch, plane_rows = vectors * lanes, (tile_rows + 1 if fused else oh + 1)
     plane = plane_rows * pitch
     zero = tirx.const(0.0, "float32")
     zeros = tirx.Broadcast(zero, lanes)
@@ -154,9 +189,10 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
             bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
             out = T.arg("out", T.buffer((n_, f_, oh, ow), "float32"))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            planes = T.decl_buffer((n_ * c_ * 4 * plane,), "float32")
-            _pad_planes(T.decl_buffer((n_ * c_ * h_ * w_,), "float32", data=data.data), planes, n_, c_, h_, w_,
-                        plane_rows, pitch, vectors, ow)
+            source = T.decl_buffer((n_ * c_ * h_ * w_,), "float32", data=data.data)
+            planes = T.decl_buffer(((1 if fused else n_) * c_ * 4 * plane,), "float32")
+            if not fused:
+                _pad_planes(source, planes, n_, c_, h_, w_, plane_rows, pitch, vectors, ow)
             outputs = T.decl_buffer((n_ * f_ * oh * ow,), "float32", data=out.data)
 
             def tile(n, f, y0) -> None:
@@ -167,7 +203,7 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
                     start = offsets[f * p_ + p]
                     with T.serial(0, offsets[f * p_ + p + 1] - start) as j:
                         k = start + j
-                        base = (n * c_ + channels[k]) * 4 * plane + y0 * pitch
+                        base = channels[k] * 4 * plane if fused else (n * c_ + channels[k]) * 4 * plane + y0 * pitch
 
                         def row_vector(source: int, row: int, v: int):
                             if v >= vectors:
@@ -176,7 +212,8 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
 
                         if PHASE_PREFETCH:  # the first line of the block of each plane this pattern reads, ahead
                             ahead = tirx.min(k + PHASE_PREFETCH, spec.n_kernels - 1)
-                            later = (n * c_ + channels[ahead]) * 4 * plane + y0 * pitch
+                            later = (channels[ahead] * 4 * plane if fused
+                                     else (n * c_ + channels[ahead]) * 4 * plane + y0 * pitch)
                             for source in sorted({2 * (dy % 2) + dx % 2 for dy, dx in pattern}):
                                 T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
                                     planes[later + source * plane]), 0, 3, 1))
@@ -204,6 +241,8 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
                 first_filter, last_filter = thread_filters(offsets, f_, p_, threads, t)
                 with T.serial(0, n_) as n:
                     with T.serial(0, oh // tile_rows) as block:
+                        if fused:
+                            _pad_block(source, planes, n, c_, h_, w_, block * tile_rows, plane_rows, pitch, vectors, ow)
                         with T.serial(first_filter, last_filter) as f:
                             tile(n, f, block * tile_rows)
     func = builder.get().without_attr("global_symbol")
