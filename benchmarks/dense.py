@@ -243,13 +243,20 @@ def in_graph_profile(model: onnx.ModelProto, executable, runs: int) -> list[dict
     our_convs = [row for row in ours if row[0].startswith(CONV_KERNELS)]
     if len(their_convs) != len(our_convs):
         raise RuntimeError(f"ORT runs {len(their_convs)} convs, tvm_patdnn {len(our_convs)}: they do not pair")
-    rows = [{"layer": f"{kernel} {'x'.join(map(str, out))}", "ort_node": node, "ORT": ort_ms, "tvm_patdnn": our_ms}
+    rows = [{"layer": f"{kernel} {_nchw_label(out)}", "ort_node": node, "ORT": ort_ms, "tvm_patdnn": our_ms}
             for (node, _, ort_ms), (kernel, out, our_ms) in zip(their_convs, our_convs)]
     rows += [{"layer": f"ORT {op} (unpaired)", "ort_node": node, "ORT": ms, "tvm_patdnn": 0.0}
              for node, op, ms in theirs if op not in ("Conv", "FusedConv")]
     rows += [{"layer": f"{kernel} (unpaired)", "ort_node": "", "ORT": 0.0, "tvm_patdnn": ms}
              for kernel, _, ms in ours if not kernel.startswith(CONV_KERNELS)]
     return rows
+
+
+def _nchw_label(out: tuple) -> str:
+    """An output shape as NxCxHxW; a blocked one (N, C / 16, H, W, 16) as its NCHW shape and "(16c)"."""
+    if len(out) == 5:
+        return f"{out[0]}x{out[1] * out[4]}x{out[2]}x{out[3]} (16c)"
+    return "x".join(map(str, out))
 
 
 def in_graph_table(rows: list[dict]) -> str:
