@@ -301,7 +301,7 @@ def test_avx512_layouts_match_the_onnx_reference(monkeypatch, size, stride, batc
     included, lifted rows of many channels) builds, and where the host has AVX-512 it matches onnx.reference.
     The 56 -> 28 and 28 -> 14 stride-2 layers are kept on the TE operator's strided aligned rows here (the
     rewrite routes them to the phase-plane kernel, tests/test_pattern_phases.py)."""
-    monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", frozenset())
+    monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", {})
     rng = np.random.default_rng(size)
     conv = ConvSpec(16, stride=stride, connectivity=2.0, bias=bias, relu=relu)
     model = build_cnn(rng, (batch, channels, size, size), [conv])

@@ -83,14 +83,41 @@ def test_phase_plane_kernel_on_other_sizes(monkeypatch, height, width, batch, ch
     _check(batch, channels, height, width, conv, 1, seed=height * width)
 
 
-@pytest.mark.parametrize("size, stride, lanes, kernel", [
-    (56, 2, 16, "phase_planes"), (28, 2, 16, "phase_planes"), (14, 2, 16, "shifted_rows"), (30, 2, 16, None),
-    (56, 2, 8, None), (28, 2, 8, None), (28, 2, 4, None), (28, 1, 16, None)])
-def test_strided_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, lanes, kernel):
+@pytest.mark.parametrize("size, stride, channels, lanes, kernel", [
+    (56, 2, 8, 16, "phase_planes"), (28, 2, 8, 16, "phase_planes"), (14, 2, 8, 16, "shifted_rows"),
+    (30, 2, 8, 16, None), (56, 2, 8, 8, None), (28, 2, 8, 8, None), (28, 2, 8, 4, None),
+    (14, 1, 256, 16, "phase_planes"), (14, 1, 128, 16, None), (14, 1, 256, 8, None), (14, 1, 256, 4, None),
+    (28, 1, 128, 16, "phase_planes"), (28, 1, 256, 16, None), (28, 1, 8, 16, None), (28, 1, 128, 8, None)])
+def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channels, lanes, kernel):
     """AVX-512 routes ResNet-50's 56 -> 28 and 28 -> 14 stride-2 sizes to this kernel (14 -> 7 keeps the
-    shifted-rows kernel, other sizes the TE operator); AVX2 and NEON keep the TE operator's layouts."""
-    model = build_cnn(np.random.default_rng(size), (1, 8, size, size), [ConvSpec(16, stride=stride, connectivity=2.0)])
+    shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels and 28x28 ones of 128; other sizes and
+    channel counts keep the TE operator, as do AVX2 and NEON."""
+    model = build_cnn(np.random.default_rng(size), (1, channels, size, size),
+                      [ConvSpec(16, stride=stride, connectivity=2.0)])
     assert _kernels(model, lanes) == [[kernel] if kernel else []]
+
+
+@pytest.mark.parametrize(
+    "height, width, batch, channels, cores, routed",
+    [
+        (14, 14, 1, 256, 1, True),  # ResNet-50's 14x14 layers: 1-vector rows (14 columns, 2 zero lanes), 7-row tiles
+        (14, 14, 2, 5, 2, False),  # rows narrower than a vector: the input's last row loads the 16 floats ending it
+        (28, 28, 1, 128, 1, True),  # ResNet-50's 128-channel 28x28 layers: 2-vector rows, 4-row tiles
+        (28, 28, 2, 7, 3, False),
+        (9, 9, 2, 3, 1, False),  # 9 columns, 9 rows (3-row tiles)
+        (17, 20, 1, 4, 1, False),  # not square: 17 x 20 (2 vectors a row, 17 rows: 1-row tiles)
+        (31, 31, 1, 2, 2, False),  # 31 columns, the most two vectors take (the shifted taps read column 31: zeros)
+    ],
+)
+def test_stride_1_phase_plane_kernel_matches_the_onnx_reference(monkeypatch, height, width, batch, channels, cores,
+                                                                routed):
+    """At stride 1 the kernel takes one plane (the input, rows of whole vectors, a zero row above and below and
+    zero lanes right of the last column): a tap is row offset dy, and a side tap one valignd of two adjacent
+    vectors of a row (zeros left of the first)."""
+    if not routed:
+        monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", "any")
+    conv = ConvSpec(11, connectivity=1.5 if channels > 1 else 1.0, n_patterns=8, bias=batch == 1, relu=cores != 2)
+    _check(batch, channels, height, width, conv, cores, seed=height * width + channels)
 
 
 def test_the_phase_plane_tile():
@@ -108,11 +135,13 @@ def _spec(shape, stride=2, padding=(1, 1, 1, 1), lanes=16, taps=4):
 
 
 @pytest.mark.parametrize("shape, stride, padding, lanes", [
-    ((1, 8, 28, 28), 1, (1, 1, 1, 1), 16),  # stride 1
+    ((1, 8, 28, 28), 3, (1, 1, 1, 1), 16),  # stride 3
     ((1, 8, 28, 28), 2, (0, 0, 0, 0), 16),  # no padding
+    ((1, 8, 28, 28), 1, (0, 0, 0, 0), 16),
     ((1, 8, 28, 28), 2, (1, 1, 1, 1), 8),  # AVX2 (8 lanes)
     ((1, 8, 14, 14), 2, (1, 1, 1, 1), 16),  # rows narrower than a vector
     ((1, 8, 64, 64), 2, (1, 1, 1, 1), 16),  # 32 output columns: more than 2 vectors with the shifted column
+    ((1, 8, 32, 32), 1, (1, 1, 1, 1), 16),  # the same at stride 1
 ])
 def test_the_phase_plane_kernel_refuses_other_layers(monkeypatch, shape, stride, padding, lanes):
     monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", "any")

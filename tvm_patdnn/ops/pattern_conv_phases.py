@@ -1,4 +1,5 @@
-"""The stride-2 pattern convolution on phase planes, without split loads (AVX-512).
+"""The pattern convolution on phase planes of whole aligned rows, without split loads (AVX-512): stride 2
+(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14 and 128-channel 28x28 layers).
 
 A 3x3 stride-2 layer with padding 1 reads output pixel (y, x)'s tap (dy, dx) at padded input pixel
 (2y + dy, 2x + dx). Each input channel is first split into its 2 x 2 row/column phase planes: plane
@@ -9,6 +10,11 @@ vectors (column OW is the last one a shifted tap reads, lanes past it are zeros)
 offset 0 is one aligned vector and one with offset 1 is that vector and the next (or zeros) shifted by
 one lane (one ``valignd``): no load splits a cache line. The TE operator's strided aligned rows read
 the dx = 2 taps as vectors one float on (a split load, two load slots, for about a third of the taps).
+At stride 1 a channel is one plane: plane row y holds input row y - 1 (zero rows above and below), column x
+input column x (zero lanes from column W on), and tap (dy, dx) reads row offset dy, column shift dx - 1: the
+centre column an aligned vector, the side ones a ``valignd`` of two adjacent vectors of the row (zeros left of
+the first, the zero lanes right of the last column). The TE operator's aligned rows read the side taps of
+their 16-float rows as loads one float off (every one splits a line).
 
 The register tile is R whole output rows (R x V vectors; R divides the output's rows), kept on the
 stack so that it stays in registers across the (filter, pattern) runs, stored once with bias and
@@ -27,7 +33,17 @@ tiles, 1.19x with 14, the prefetch 1.05-1.07x); in the pruned ResNet-50 (per-cal
 0.415-0.438 -> 0.353-0.379 ms and 0.391-0.401 -> 0.309-0.314 ms. The pad takes 0.039 and 0.022 ms of that (the TE
 operator's 0.078 and 0.056). The rest is the kernel loop reading the planes from L2: with the channel indices
 mapped mod 16 (the planes in L1) the layers run 1.57-1.65x faster. A stride-2 kernel reads ~1 input vector per
-FMA (only taps of one plane share rows), so its planes' bytes per FMA are twice a stride-1 layer's.
+FMA (only taps of one plane share rows), so its planes' bytes per FMA are twice a stride-1 layer's. Stride 1
+against the TE operator's aligned rows (14x14) and halo-less lifted rows (28x28): alone ResNet-50's 256x256 14x14
+1.19-1.25x (7-row tiles; 14 rows 1.19x), 128x128 28x28 1.19x (4 x 2 vectors; 7 x 1 0.78x), VGG-16 224's 512x512
+14x14 1.11x; in the models (per-call minima) ResNet-50's five 14x14 layers 0.230-0.233 -> 0.183-0.187 ms (46 ->
+57-58%), its three 28x28 0.205-0.213 -> 0.172-0.176 ms (50-52 -> 61-62%), VGG-16 224's three 14x14 0.818-0.834 ->
+0.730-0.759 ms (1.09-1.12x). VGG-16 224's 256- and 512-channel 28x28 layers tie (1.00-1.02x): not routed.
+
+Measured and not kept: channel blocks of 16-20 channels (the kernels ordered by block, each filter's tile sums kept
+in memory between blocks) 1.06-1.11x alone but 0.68-0.75x (28 -> 14) and 0.96-1.02x (56 -> 28) in the model; plane
+rows stored per row block and channel contiguously (0.92x at 56 -> 28, 1.00x at 28 -> 14); prefetching more lines of
+a plane (every 1-4 lines: 0.89-1.05x).
 """
 
 from __future__ import annotations
@@ -55,8 +71,12 @@ PHASE_PREFETCH = 4
 # 1.03x. More threads keep the whole pad first (split over the channels).
 PHASE_FUSED_PAD = True
 PHASE_TILE_VECTORS = 8  # accumulator vectors of the register tile, at most
-# (input height, input width) this kernel is routed for (ResNet-50's 56 -> 28 and 28 -> 14 layers)
-PHASE_PLANE_SIZES = frozenset({(56, 56), (28, 28)})
+# (input height, input width, stride) this kernel is routed for -> (fewest, most) input channels it takes there
+# (None: no bound): ResNet-50's 56 -> 28 and 28 -> 14 stride-2 layers, the 14x14 layers of ResNet-50 (256 channels)
+# and VGG-16 224 (512), ResNet-50's 128-channel 28x28 layers; VGG-16 224's 256- and 512-channel 28x28 layers measured
+# a tie (1.00-1.02x) and keep the TE operator, as do fewer channels (unmeasured)
+PHASE_PLANE_SIZES = {(56, 56, 2): (None, None), (28, 28, 2): (None, None), (14, 14, 1): (256, None),
+                     (28, 28, 1): (128, 128)}
 
 
 def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
@@ -70,23 +90,33 @@ def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
 
 def phase_planes_apply(spec: PatternConvSpec, target_lanes: int, sizes=None) -> bool:
     """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: 16 (AVX-512), stride
-    2, padding 1 on every side, 4-tap patterns, input rows of at least 16 columns, output rows of at most 31
-    (2 vectors with the shifted taps' last column), and (``sizes`` None) an input size of
-    :data:`PHASE_PLANE_SIZES` (``"any"``: any other)."""
+    1 or 2, padding 1 on every side, 4-tap patterns, output rows of at most 31 columns (2 vectors with the
+    shifted taps' extra column), at stride 2 input rows of at least 16 columns, and (``sizes`` None) a size and
+    channel count of :data:`PHASE_PLANE_SIZES` (``"any"``: any other)."""
     sizes = PHASE_PLANE_SIZES if sizes is None else sizes
-    return (target_lanes == _LANES and spec.strides == (2, 2) and spec.padding == (1, 1, 1, 1)
-            and spec.taps == 4 and spec.n_kernels > 0 and spec.width >= _LANES and spec.out_width + 1 <= 2 * _LANES
-            and (sizes == "any" or (spec.height, spec.width) in sizes))
+    stride = spec.strides[0]
+    if not (target_lanes == _LANES and spec.strides in ((1, 1), (2, 2)) and spec.padding == (1, 1, 1, 1)
+            and spec.taps == 4 and spec.n_kernels > 0 and spec.out_width + 1 <= 2 * _LANES
+            and (stride == 1 or spec.width >= _LANES) and spec.batch * spec.in_channels * spec.height * spec.width
+            >= _LANES):
+        return False
+    if sizes == "any":
+        return True
+    fewest, most = sizes.get((spec.height, spec.width, stride), (0, 0))
+    return (fewest is None or spec.in_channels >= fewest) and (most is None or spec.in_channels <= most)
 
 
-def _windows(w_: int, vectors: int, out_width: int) -> dict:
-    """(b, v) -> (input windows, permutation index) of plane vector v of column phase b."""
+def _windows(w_: int, vectors: int, out_width: int, stride: int) -> dict:
+    """(b, v) -> (input windows, permutation index) of plane vector v of column phase b: at stride 2 lane i is
+    input column 2 (16 v + i) + b - 1 for plane columns up to ``out_width``, at stride 1 column 16 v + i for
+    columns before ``w_``; zero elsewhere (index 16 x the windows)."""
     lanes = _LANES
     starts_of = {}
-    for b in range(2):
+    for b in range(stride):
         for v in range(vectors):
-            wanted = [2 * (v * lanes + i) + b - 1 for i in range(lanes)]
-            wanted = [q if 0 <= q < w_ and v * lanes + i <= out_width else None for i, q in enumerate(wanted)]
+            columns = [v * lanes + i for i in range(lanes)]
+            wanted = ([q if 0 <= q < w_ and x <= out_width else None for x, q in ((x, 2 * x + b - 1) for x in columns)]
+                      if stride == 2 else [x if x < w_ else None for x in columns])
             windows = []
             for q in sorted(q for q in wanted if q is not None):
                 if not windows or q >= windows[-1] + lanes:
@@ -102,46 +132,64 @@ def _windows(w_: int, vectors: int, out_width: int) -> dict:
     return starts_of
 
 
-def _pad_block(source, planes, n, c_, h_, w_, y0, rows: int, pitch: int, vectors: int, out_width: int) -> None:
-    """The plane rows y0 .. y0 + rows - 1 of every channel of image n, into planes [c][plane][rows][pitch]."""
+def _pad_row(source, planes, channel, y, destination, h_, w_, total: int, vectors: int, starts_of, stride: int):
+    """Plane row ``y`` of every phase plane of input channel ``channel`` (of all images' channels), stored at
+    ``destination(plane) + v * 16``: per plane vector whole-vector loads of the input row's windows and one
+    permutation of them with zeros; rows outside the input zeros. Rows narrower than a vector load the 16 floats
+    from the row's start, or (the input's last row, where those would run past its end) the 16 ending with it."""
     lanes = _LANES
     zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
-    starts_of = _windows(w_, vectors, out_width)
+    for a in range(stride):
+        row = stride * y + a - 1
+        inside = tirx.all(row >= 0, row < h_)
+        base = (channel * h_ + tirx.min(tirx.max(row, 0), h_ - 1)) * w_
+        for b in range(stride):
+            for v in range(vectors):
+                windows, index = starts_of[b, v]
+                at = tirx.Ramp(destination(stride * a + b) + v * lanes, 1, lanes)
+
+                def value(back: int = 0, windows=windows, index=index):
+                    parts = [source[tirx.Ramp(base + start - back, 1, lanes)] for start in windows]
+                    moved = [i + back if i < len(windows) * lanes else i for i in index]
+                    return tirx.Select(inside, tirx.Shuffle(parts + [zero], moved), zero)
+
+                if w_ >= lanes:
+                    T.buffer_store(planes, value(), [at])
+                    continue
+                with T.If(base + lanes <= total):
+                    with T.Then():
+                        T.buffer_store(planes, value(), [at])
+                    with T.Else():
+                        T.buffer_store(planes, value(lanes - w_), [at])
+
+
+def _pad_block(source, planes, n, c_, h_, w_, y0, rows: int, pitch: int, vectors: int, out_width: int,
+               stride: int) -> None:
+    """Plane rows y0 .. y0 + rows - 1 of every channel of image n, into planes [c][plane][rows][pitch]."""
+    starts_of, count = _windows(w_, vectors, out_width, stride), stride * stride
     with T.serial(0, c_) as c:
         for yy in range(rows):
-            for a in range(2):
-                row = 2 * (y0 + yy) + a - 1
-                inside = tirx.all(row >= 0, row < h_)
-                base = ((n * c_ + c) * h_ + tirx.min(tirx.max(row, 0), h_ - 1)) * w_
-                for b in range(2):
-                    for v in range(vectors):
-                        windows, index = starts_of[b, v]
-                        parts = [source[tirx.Ramp(base + start, 1, lanes)] for start in windows]
-                        value = tirx.Select(inside, tirx.Shuffle(parts + [zero], index), zero)
-                        T.buffer_store(planes, value, [tirx.Ramp(((c * 4 + 2 * a + b) * rows + yy) * pitch + v * lanes,
-                                                                 1, lanes)])
+            _pad_row(source, planes, n * c_ + c, y0 + yy,
+                     lambda plane, yy=yy: ((c * count + plane) * rows + yy) * pitch, h_, w_, source.shape[0], vectors,
+                     starts_of, stride)
 
 
-def _pad_planes(source, planes, n_, c_, h_, w_, rows: int, pitch: int, vectors: int, out_width: int) -> None:
-    """Split every input channel into its 4 phase planes of ``rows`` rows x ``pitch`` floats (see the module
-    docstring): per plane vector whole-vector loads of the input row's windows holding its pixels and one
-    permutation of them with zeros; rows outside the input zeros."""
-    lanes = _LANES
-    zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
-    starts_of = _windows(w_, vectors, out_width)
+def _pad_planes(source, planes, n_, c_, h_, w_, rows: int, pitch: int, vectors: int, out_width: int,
+                stride: int) -> None:
+    """Split every input channel into its stride x stride phase planes of ``rows`` rows x ``pitch`` floats (see
+    the module docstring)."""
+    starts_of, count = _windows(w_, vectors, out_width, stride), stride * stride
     with T.parallel(0, n_ * c_) as c:
         with T.serial(0, rows) as y:
-            for a in range(2):
-                row = 2 * y + a - 1
-                inside = tirx.all(row >= 0, row < h_)
-                base = (c * h_ + tirx.min(tirx.max(row, 0), h_ - 1)) * w_
-                for b in range(2):
-                    for v in range(vectors):
-                        windows, index = starts_of[b, v]
-                        parts = [source[tirx.Ramp(base + start, 1, lanes)] for start in windows]
-                        value = tirx.Select(inside, tirx.Shuffle(parts + [zero], index), zero)
-                        T.buffer_store(planes, value, [tirx.Ramp(((c * 4 + 2 * a + b) * rows + y) * pitch + v * lanes,
-                                                                 1, lanes)])
+            _pad_row(source, planes, c, y, lambda plane: ((c * count + plane) * rows + y) * pitch, h_, w_,
+                     source.shape[0], vectors, starts_of, stride)
+
+
+def _tap_source(dy: int, dx: int, stride: int) -> tuple[int, int, int]:
+    """(plane, row offset, column shift) of tap (dy, dx): output pixel (y, x) reads plane row y + row offset,
+    column x + column shift. Stride 2: plane (dy % 2, dx % 2), offsets dy // 2 and dx // 2; stride 1: the one
+    plane (row y holds input row y - 1, column x input column x), offsets dy and dx - 1."""
+    return (2 * (dy % 2) + dx % 2, dy // 2, dx // 2) if stride == 2 else (0, dy, dx - 1)
 
 
 def _output_stores(results, rows: int, width: int, vectors: int):
@@ -166,15 +214,18 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
     arguments of the shifted-rows kernel: data, values, channels, offsets, order (FKW's: stored filter ->
     output channel), [bias], out."""
     if not phase_planes_apply(spec, lanes, sizes):
-        raise PatDNNError("the phase-plane kernel takes 16 lanes, stride 2, padding 1, 4 taps, input rows of at "
-                          f"least 16 columns and output rows of at most 31; got {spec.height}x{spec.width}, strides "
-                          f"{spec.strides}, padding {spec.padding}, {spec.taps} taps at {lanes} lanes")
+        raise PatDNNError("the phase-plane kernel takes 16 lanes, stride 1 or 2 (input rows of at least 16 columns), "
+                          "padding 1, 4 taps and output rows of at most 31 columns; got "
+                          f"{spec.height}x{spec.width}, strides {spec.strides}, padding {spec.padding}, {spec.taps} "
+                          f"taps at {lanes} lanes")
     n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
     oh, ow = spec.out_height, spec.out_width
     f_, p_, taps = spec.out_channels, len(spec.patterns), spec.taps
     tile_rows, vectors = phase_planes_tile(spec)
+    stride = spec.strides[0]
+    count, halo = stride * stride, 3 - stride  # planes a channel; plane rows past a block's output rows
     fused = PHASE_FUSED_PAD and threads == 1
-    pitch, plane_rows = vectors * lanes, (tile_rows + 1 if fused else oh + 1)
+    pitch, plane_rows = vectors * lanes, (tile_rows if fused else oh) + halo
     plane = plane_rows * pitch
     zero = tirx.const(0.0, "float32")
     zeros = tirx.Broadcast(zero, lanes)
@@ -190,9 +241,9 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
             out = T.arg("out", T.buffer((n_, f_, oh, ow), "float32"))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             source = T.decl_buffer((n_ * c_ * h_ * w_,), "float32", data=data.data)
-            planes = T.decl_buffer(((1 if fused else n_) * c_ * 4 * plane,), "float32")
+            planes = T.decl_buffer(((1 if fused else n_) * c_ * count * plane,), "float32")
             if not fused:
-                _pad_planes(source, planes, n_, c_, h_, w_, plane_rows, pitch, vectors, ow)
+                _pad_planes(source, planes, n_, c_, h_, w_, plane_rows, pitch, vectors, ow, stride)
             outputs = T.decl_buffer((n_ * f_ * oh * ow,), "float32", data=out.data)
 
             def tile(n, f, y0) -> None:
@@ -203,31 +254,34 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
                     start = offsets[f * p_ + p]
                     with T.serial(0, offsets[f * p_ + p + 1] - start) as j:
                         k = start + j
-                        base = channels[k] * 4 * plane if fused else (n * c_ + channels[k]) * 4 * plane + y0 * pitch
+                        base = (channels[k] * count * plane if fused
+                                else (n * c_ + channels[k]) * count * plane + y0 * pitch)
 
                         def row_vector(source: int, row: int, v: int):
-                            if v >= vectors:
+                            if not 0 <= v < vectors:
                                 return zeros
                             return planes[tirx.Ramp(base + source * plane + row * pitch + v * lanes, 1, lanes)]
 
                         if PHASE_PREFETCH:  # the first line of the block of each plane this pattern reads, ahead
                             ahead = tirx.min(k + PHASE_PREFETCH, spec.n_kernels - 1)
-                            later = (channels[ahead] * 4 * plane if fused
-                                     else (n * c_ + channels[ahead]) * 4 * plane + y0 * pitch)
-                            for source in sorted({2 * (dy % 2) + dx % 2 for dy, dx in pattern}):
+                            later = (channels[ahead] * count * plane if fused
+                                     else (n * c_ + channels[ahead]) * count * plane + y0 * pitch)
+                            for source in sorted({_tap_source(dy, dx, stride)[0] for dy, dx in pattern}):
                                 T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
                                     planes[later + source * plane]), 0, 3, 1))
                         for t, (dy, dx) in enumerate(pattern):
                             weight = tirx.Broadcast(values[k, t], lanes)
-                            source, oy, sx = 2 * (dy % 2) + dx % 2, dy // 2, dx // 2
+                            source, oy, sx = _tap_source(dy, dx, stride)
                             for r in range(tile_rows):
                                 for v in range(vectors):
                                     vector = row_vector(source, r + oy, v)
-                                    if sx:  # lanes 1..16 of this vector and the next: one valignd on int32 lanes
-                                        ints = [tirx.reinterpret(f"int32x{lanes}", part)
-                                                for part in (vector, row_vector(source, r + oy, v + 1))]
+                                    if sx:  # a window of this vector and the next (previous): on int32 lanes valignd
+                                        pair = (vector, row_vector(source, r + oy, v + 1)) if sx > 0 else (
+                                            row_vector(source, r + oy, v - 1), vector)
+                                        first = 1 if sx > 0 else lanes - 1
+                                        ints = [tirx.reinterpret(f"int32x{lanes}", part) for part in pair]
                                         vector = tirx.reinterpret(f"float32x{lanes}",
-                                                                  tirx.Shuffle(ints, list(range(1, lanes + 1))))
+                                                                  tirx.Shuffle(ints, list(range(first, first + lanes))))
                                     slots = tirx.Ramp((r * vectors + v) * lanes, 1, lanes)
                                     T.buffer_store(acc, acc[slots] + vector * weight, [slots])
                 fo = order[f]
@@ -242,7 +296,8 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
                 with T.serial(0, n_) as n:
                     with T.serial(0, oh // tile_rows) as block:
                         if fused:
-                            _pad_block(source, planes, n, c_, h_, w_, block * tile_rows, plane_rows, pitch, vectors, ow)
+                            _pad_block(source, planes, n, c_, h_, w_, block * tile_rows, plane_rows, pitch, vectors, ow,
+                                       stride)
                         with T.serial(first_filter, last_filter) as f:
                             tile(n, f, block * tile_rows)
     func = builder.get().without_attr("global_symbol")

@@ -219,7 +219,7 @@ class PatternConvRewrite:
             self.accumulators,
         )
         # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, 4x4 images (and 8x8 on AVX-512) the
-        # shifted-rows one, AVX-512 stride-2 layers of PHASE_PLANE_SIZES the phase-plane one, and many-channel layers
+        # shifted-rows one, AVX-512 layers of PHASE_PLANE_SIZES the phase-plane one, and many-channel layers
         # on AVX2 the channel-blocked one, which take FKW's filter order;
         # otherwise the compute the rules schedule, or on AVX-512 for rows of whole vectors and at most 128
         # channels the wide-rows kernel, which take its inverse.
@@ -234,7 +234,7 @@ class PatternConvRewrite:
                 weights[1] = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))
         elif shifted_rows:
             func = pattern_conv_shifted_rows_primfunc(spec, self.threads, self.vector_width)
-        elif phases:  # AVX-512 stride 2 (ResNet-50's 56 -> 28 and 28 -> 14): phase planes
+        elif phases:  # AVX-512 sizes of PHASE_PLANE_SIZES (ResNet-50's stride-2, 14x14 and 28x28): phase planes
             func = pattern_conv_phases_primfunc(spec, self.threads, self.vector_width)
         elif blocked:  # many input channels on AVX2: the channel-blocked kernel
             layout = blocked_layout(spec)
