@@ -508,12 +508,14 @@ def test_avx2_rows_are_aligned_where_that_takes_no_more_memory():
         (65, 16, 1, False, True, 8),  # the most channels above: border floats broadcast
     ],
 )
-def test_avx512_wide_rows_kernel_matches_the_onnx_reference(channels, size, batch, bias, relu, n_patterns):
+def test_avx512_wide_rows_kernel_matches_the_onnx_reference(monkeypatch, channels, size, batch, bias, relu,
+                                                             n_patterns):
     """AVX-512 layers of at most 128 channels with rows of at least 112 columns (7-row tiles) or of 16, 32
     or 56 columns (8-row tiles) take the hand-scheduled wide-rows kernel (centre vectors aligned, borders
     shuffled in: no split loads); AVX2 and NEON keep the TE operator, as do other rows or more channels; it
     matches onnx.reference (border column and row blocks, an overlapping last column block, every pattern,
     batch)."""
+    monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", {})  # 56x56 <= 64 channels: the phase-plane kernel
     from tvm_patdnn.errors import PatDNNError
     from tvm_patdnn.ops.pattern_conv_wide import pattern_conv_wide_primfunc, wide_rows_apply, wide_rows_tile
 

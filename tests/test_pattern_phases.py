@@ -87,11 +87,13 @@ def test_phase_plane_kernel_on_other_sizes(monkeypatch, height, width, batch, ch
     (56, 2, 8, 16, "phase_planes"), (28, 2, 8, 16, "phase_planes"), (14, 2, 8, 16, "shifted_rows"),
     (30, 2, 8, 16, None), (56, 2, 8, 8, None), (28, 2, 8, 8, None), (28, 2, 8, 4, None),
     (14, 1, 256, 16, "phase_planes"), (14, 1, 128, 16, None), (14, 1, 256, 8, None), (14, 1, 256, 4, None),
-    (28, 1, 128, 16, "phase_planes"), (28, 1, 256, 16, None), (28, 1, 8, 16, None), (28, 1, 128, 8, None)])
+    (28, 1, 128, 16, "phase_planes"), (28, 1, 256, 16, None), (28, 1, 8, 16, None), (28, 1, 128, 8, None),
+    (56, 1, 64, 16, "phase_planes"), (56, 1, 128, 16, "wide_rows"), (56, 1, 64, 8, None), (112, 1, 8, 16, "wide_rows")])
 def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channels, lanes, kernel):
     """AVX-512 routes ResNet-50's 56 -> 28 and 28 -> 14 stride-2 sizes to this kernel (14 -> 7 keeps the
-    shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels and 28x28 ones of 128; other sizes and
-    channel counts keep the TE operator, as do AVX2 and NEON."""
+    shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels, 28x28 ones of 128 and 56x56 ones of at
+    most 64 (more: the wide-rows kernel); other sizes and channel counts keep the TE operator or the wide-rows
+    kernel, AVX2 and NEON the TE operator."""
     model = build_cnn(np.random.default_rng(size), (1, channels, size, size),
                       [ConvSpec(16, stride=stride, connectivity=2.0)])
     assert _kernels(model, lanes) == [[kernel] if kernel else []]
@@ -107,6 +109,8 @@ def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channel
         (9, 9, 2, 3, 1, False),  # 9 columns, 9 rows (3-row tiles)
         (17, 20, 1, 4, 1, False),  # not square: 17 x 20 (2 vectors a row, 17 rows: 1-row tiles)
         (31, 31, 1, 2, 2, False),  # 31 columns, the most two vectors take (the shifted taps read column 31: zeros)
+        (56, 56, 1, 64, 1, True),  # ResNet-50's 64-channel 56x56 layers: 4-vector rows, 2-row tiles
+        (12, 63, 2, 3, 2, False),  # 63 columns, the most four vectors take
     ],
 )
 def test_stride_1_phase_plane_kernel_matches_the_onnx_reference(monkeypatch, height, width, batch, channels, cores,
@@ -140,8 +144,8 @@ def _spec(shape, stride=2, padding=(1, 1, 1, 1), lanes=16, taps=4):
     ((1, 8, 28, 28), 1, (0, 0, 0, 0), 16),
     ((1, 8, 28, 28), 2, (1, 1, 1, 1), 8),  # AVX2 (8 lanes)
     ((1, 8, 14, 14), 2, (1, 1, 1, 1), 16),  # rows narrower than a vector
-    ((1, 8, 64, 64), 2, (1, 1, 1, 1), 16),  # 32 output columns: more than 2 vectors with the shifted column
-    ((1, 8, 32, 32), 1, (1, 1, 1, 1), 16),  # the same at stride 1
+    ((1, 8, 128, 128), 2, (1, 1, 1, 1), 16),  # 64 output columns: more than 4 vectors with the shifted column
+    ((1, 8, 64, 64), 1, (1, 1, 1, 1), 16),  # the same at stride 1
 ])
 def test_the_phase_plane_kernel_refuses_other_layers(monkeypatch, shape, stride, padding, lanes):
     monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", "any")

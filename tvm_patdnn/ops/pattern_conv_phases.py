@@ -1,5 +1,5 @@
 """The pattern convolution on phase planes of whole aligned rows, without split loads (AVX-512): stride 2
-(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14 and 128-channel 28x28 layers).
+(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14, 128-channel 28x28, 64-channel 56x56 layers).
 
 A 3x3 stride-2 layer with padding 1 reads output pixel (y, x)'s tap (dy, dx) at padded input pixel
 (2y + dy, 2x + dx). Each input channel is first split into its 2 x 2 row/column phase planes: plane
@@ -39,6 +39,8 @@ against the TE operator's aligned rows (14x14) and halo-less lifted rows (28x28)
 14x14 1.11x; in the models (per-call minima) ResNet-50's five 14x14 layers 0.230-0.233 -> 0.183-0.187 ms (46 ->
 57-58%), its three 28x28 0.205-0.213 -> 0.172-0.176 ms (50-52 -> 61-62%), VGG-16 224's three 14x14 0.818-0.834 ->
 0.730-0.759 ms (1.09-1.12x). VGG-16 224's 256- and 512-channel 28x28 layers tie (1.00-1.02x): not routed.
+ResNet-50's 64-channel 56x56 layers (4-vector rows, 2 x 4 tiles), against the wide-rows kernel: alone 1.19-1.21x
+(0.23 -> 0.19 ms, 46 -> 55%), in the model 0.232-0.257 -> 0.198-0.219 ms (1.14-1.19x, two runs; 41-46 -> 49-54%).
 
 Measured and not kept: channel blocks of 16-20 channels (the kernels ordered by block, each filter's tile sums kept
 in memory between blocks) 1.06-1.11x alone but 0.68-0.75x (28 -> 14) and 0.96-1.02x (56 -> 28) in the model; plane
@@ -61,6 +63,7 @@ __all__ = ["PHASE_FUSED_PAD", "PHASE_PLANE_SIZES", "PHASE_PREFETCH", "PHASE_TILE
            "phase_planes_tile", "pattern_conv_phases_primfunc"]
 
 _LANES = 16
+_MAX_VECTORS = 4  # vectors a plane row, at most (wider rows measured 0.66-0.89x of the wide-rows kernel)
 # Each kernel prefetches, for the kernel this many ahead (its channel is gathered: the hardware prefetcher cannot
 # follow), the first line of the row block of each phase plane its pattern reads (0: none)
 PHASE_PREFETCH = 4
@@ -73,10 +76,12 @@ PHASE_FUSED_PAD = True
 PHASE_TILE_VECTORS = 8  # accumulator vectors of the register tile, at most
 # (input height, input width, stride) this kernel is routed for -> (fewest, most) input channels it takes there
 # (None: no bound): ResNet-50's 56 -> 28 and 28 -> 14 stride-2 layers, the 14x14 layers of ResNet-50 (256 channels)
-# and VGG-16 224 (512), ResNet-50's 128-channel 28x28 layers; VGG-16 224's 256- and 512-channel 28x28 layers measured
-# a tie (1.00-1.02x) and keep the TE operator, as do fewer channels (unmeasured)
+# and VGG-16 224 (512), ResNet-50's 128-channel 28x28 and 64-channel 56x56 layers; VGG-16 224's 256- and 512-channel
+# 28x28 layers measured a tie (1.00-1.02x) and keep the TE operator, as do fewer channels (unmeasured); rows of 112
+# and 224 columns (8 and 15 vectors) 0.66-0.89x of the wide-rows kernel, CIFAR's 32 columns (3 vectors for 32) 1.08x
+# in one run: not routed
 PHASE_PLANE_SIZES = {(56, 56, 2): (None, None), (28, 28, 2): (None, None), (14, 14, 1): (256, None),
-                     (28, 28, 1): (128, 128)}
+                     (28, 28, 1): (128, 128), (56, 56, 1): (None, 64)}
 
 
 def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
@@ -90,13 +95,13 @@ def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
 
 def phase_planes_apply(spec: PatternConvSpec, target_lanes: int, sizes=None) -> bool:
     """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: 16 (AVX-512), stride
-    1 or 2, padding 1 on every side, 4-tap patterns, output rows of at most 31 columns (2 vectors with the
+    1 or 2, padding 1 on every side, 4-tap patterns, output rows of at most 63 columns (4 vectors with the
     shifted taps' extra column), at stride 2 input rows of at least 16 columns, and (``sizes`` None) a size and
     channel count of :data:`PHASE_PLANE_SIZES` (``"any"``: any other)."""
     sizes = PHASE_PLANE_SIZES if sizes is None else sizes
     stride = spec.strides[0]
     if not (target_lanes == _LANES and spec.strides in ((1, 1), (2, 2)) and spec.padding == (1, 1, 1, 1)
-            and spec.taps == 4 and spec.n_kernels > 0 and spec.out_width + 1 <= 2 * _LANES
+            and spec.taps == 4 and spec.n_kernels > 0 and spec.out_width + 1 <= _MAX_VECTORS * _LANES
             and (stride == 1 or spec.width >= _LANES) and spec.batch * spec.in_channels * spec.height * spec.width
             >= _LANES):
         return False
@@ -215,7 +220,7 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
     output channel), [bias], out."""
     if not phase_planes_apply(spec, lanes, sizes):
         raise PatDNNError("the phase-plane kernel takes 16 lanes, stride 1 or 2 (input rows of at least 16 columns), "
-                          "padding 1, 4 taps and output rows of at most 31 columns; got "
+                          "padding 1, 4 taps and output rows of at most 63 columns; got "
                           f"{spec.height}x{spec.width}, strides {spec.strides}, padding {spec.padding}, {spec.taps} "
                           f"taps at {lanes} lanes")
     n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
