@@ -246,6 +246,26 @@ def test_blocked_chain_matches_reference(pool, width):
         assert_close(a, e)
 
 
+@pytest.mark.parametrize("blocked_input, blocked_residual, blocked_output", [
+    (True, True, True), (True, True, False), (False, False, True),
+])
+@pytest.mark.parametrize("shape, out_c, residual, tile, vectors, panel", [
+    ((2, 128, 7, 7), 128, True, 6, 4, 8192),  # batch 2, residual, 49 = 8 x 6 + 1, 4 reduction blocks
+    ((1, 96, 7, 9), 80, False, 6, 4, 16384),  # ragged filter block, 63 = 10 x 6 + 3
+])
+def test_weight_stream_matches_reference_in_the_blocked_layouts(blocked_input, blocked_residual, blocked_output, shape,
+                                                               out_c, residual, tile, vectors, panel):
+    """The streamed next weight panel (split accumulators) with a blocked input, residual and / or output."""
+    target = needs_avx512()
+    blocked_residual = residual and (blocked_residual or blocked_output)
+    model = conv_model(shape, out_c, (1, 1), (1, 1), residual=residual, activation="relu", seed=13)
+    spec = DirectConvSpec(layer(shape, out_c, residual=residual), tile, vectors, 16, weight_panel=panel,
+                          weight_stream=2, blocked_input=blocked_input, blocked_residual=blocked_residual,
+                          blocked_output=blocked_output)
+    assert "prefetch" in direct_conv_primfunc(spec).script()
+    _assert_blocked_kernel_matches(spec, model, target)
+
+
 def test_blocked_spec_rejects_what_the_kernel_cannot_run():
     conv = layer((1, 48, 7, 7), 48, residual=True)
     base = DirectConvSpec(conv, 6, 3, 16)

@@ -22,6 +22,7 @@ from test_dense_conv import dense_kernel_calls
 from tvm import relax
 
 import tvm_patdnn
+from tvm_patdnn.errors import PatDNNError
 from tvm_patdnn.frontend import import_onnx
 from tvm_patdnn.ops.dense_conv import DenseConvSpec, pack_dense_conv_weight
 from tvm_patdnn.ops import direct_conv
@@ -243,6 +244,82 @@ def test_weight_prefetch_rule_takes_avx512_kxk_convs_up_to_14x14():
     assert [getattr(avx512.default_kernel(conv), "weight_prefetch", 0) for conv in left] == [0] * len(left)
     assert all(getattr(avx2.default_kernel(conv), "weight_prefetch", 0) == 0 for conv in taken + left)
     assert avx512.default_kernel(taken[0]) in avx512.candidates(taken[0])
+
+
+@pytest.mark.parametrize("shape, out_c, kernel, strides, pads, residual, activation, tile, vectors, panel, lines", [
+    ((2, 96, 7, 7), 160, (1, 1), (1, 1), (0, 0, 0, 0), False, "relu", 6, 4, 8192, 2),  # 49 = 8 x 6 + 1, ragged, batch 2
+    ((1, 64, 14, 14), 64, (1, 1), (1, 1), (0, 0, 0, 0), True, "clip", 6, 4, 4096, 1),  # residual, 4 reduction blocks
+    ((2, 48, 9, 11), 40, (3, 3), (2, 2), (1, 1, 1, 1), False, "relu", 6, 3, 8192, 3),  # padded strided 3x3, 30 pixels
+    ((1, 96, 7, 7), 96, (1, 1), (1, 1), (0, 0, 0, 0), True, "none", 12, 2, 32768, 2),  # the 12 x 2 tile, one block
+])
+def test_weight_stream_matches_reference(shape, out_c, kernel, strides, pads, residual, activation, tile, vectors,
+                                         panel, lines):
+    """The next weight panel streamed inside the reduction (16 lanes; the tile's accumulators split into one buffer
+    per vector): several reduction blocks, ragged filter blocks, remainder tiles, residual, ReLU / clip, batch 2, the
+    last panel's prefetches clamped to the weight's end."""
+    target = resolve_target("x86")
+    if vector_lanes(target) < 16:
+        pytest.skip("host CPU: no AVX-512 to run the 16-lane code on")
+    model = conv_model(shape, out_c, kernel, strides, pads, residual=residual, activation=activation, seed=11)
+    n, c, h, w = shape
+    conv = DenseConvSpec(batch=n, in_channels=c, height=h, width=w, out_channels=out_c, kernel=kernel,
+                         strides=strides, padding=pads, has_bias=True, residual=residual, activation=activation,
+                         clip_min=-0.5, clip_max=0.75)
+    spec = DirectConvSpec(conv, tile, vectors, 16, weight_panel=panel, weight_stream=lines)
+    assert spec.channel_blocks > 1 or spec.filter_blocks > 1
+    tiles = 1 + bool(spec.conv.pixels % tile)  # the main tile's code and the remainder tile's
+    assert direct_conv_primfunc(spec).script().count("prefetch") == lines * tiles
+    _assert_kernel_matches(spec, model, target, seed=12)
+
+
+def test_weight_stream_keeps_the_register_tile_in_registers():
+    """Code generation: the main tile's reduction loop (ResNet-50's 512->2048 + residual at 7x7, blocked) holds its
+    6 x 4 FMAs per channel, the prefetch, and no store (a 1.5 KB tile on the heap was stored every channel)."""
+    conv = DenseConvSpec(batch=1, in_channels=512, height=7, width=7, out_channels=2048, kernel=(1, 1),
+                         residual=True, activation="relu")
+    spec = DenseConvRewrite(32, 16).default_kernel(conv)
+    assert spec.weight_stream == 2
+    spec = dataclasses.replace(spec, blocked_input=True, blocked_residual=True, blocked_output=True)
+    func = direct_conv_primfunc(spec).with_attr("global_symbol", "main")
+    executable = tvm.compile(tvm.IRModule({"main": func}), resolve_target({"kind": "llvm", "mcpu": "znver5"}))
+    lines = executable.mod.inspect_source("asm").splitlines()
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\.LBB\S+:$", line)}
+    loops = []
+    for i, line in enumerate(lines):
+        branch = re.match(r"\s+j\w+\s+(\.LBB\S+)", line)
+        if branch and labels.get(branch.group(1), i) < i:
+            loops.append([b for b in lines[labels[branch.group(1)]:i] if b.startswith("\t")])
+    fmas = [sum("vfmadd" in b for b in body) for body in loops]
+    main = min((body for body, count in zip(loops, fmas) if count and count % 24 == 0), key=len)  # the innermost
+    assert any("prefetch" in b for b in main)
+    assert not [b for b in main if re.match(r"\s+vmov\w+\s+%zmm\d+, .*\(", b)]
+
+
+def test_weight_stream_rule_takes_avx512_pointwise_convs_up_to_14x14():
+    def layer(c, f, size, kernel=1, stride=1, residual=False):
+        return DenseConvSpec(batch=1, in_channels=c, height=size, width=size, out_channels=f, kernel=(kernel, kernel),
+                             strides=(stride, stride), padding=(kernel // 2,) * 4, residual=residual)
+
+    avx512, avx2, neon = DenseConvRewrite(32, 16), DenseConvRewrite(16, 8), DenseConvRewrite(32, 4)
+    taken = [layer(512, 2048, 7, residual=True), layer(2048, 512, 7), layer(256, 1024, 14, residual=True),
+             layer(1024, 256, 14), layer(1024, 2048, 14, 1, 2), layer(512, 1024, 28, 1, 2)]
+    left = [layer(128, 512, 28, residual=True), layer(512, 128, 28), layer(256, 64, 56), layer(128, 1024, 14),
+            layer(512, 512, 7, 3), layer(3, 64, 224, 7, 2)]
+    assert [avx512.default_kernel(conv).weight_stream for conv in taken] == [2] * len(taken)
+    assert [getattr(avx512.default_kernel(conv), "weight_stream", 0) for conv in left] == [0] * len(left)
+    assert all(getattr(other.default_kernel(conv), "weight_stream", 0) == 0
+               for other in (avx2, neon) for conv in taken + left)
+    assert all(avx512.default_kernel(conv) in avx512.candidates(conv) for conv in taken)
+
+
+def test_weight_stream_rejects_what_the_kernel_cannot_run():
+    conv = DenseConvSpec(batch=1, in_channels=64, height=7, width=7, out_channels=64, kernel=(1, 1))
+    with pytest.raises(PatDNNError, match="per channel step"):
+        DirectConvSpec(conv, 6, 4, 16, weight_stream=-1)
+    with pytest.raises(PatDNNError, match="16-lane"):
+        DirectConvSpec(conv, 6, 4, 8, weight_stream=2)
+    with pytest.raises(PatDNNError, match="one way"):
+        DirectConvSpec(conv, 6, 4, 16, weight_stream=2, weight_prefetch=2)
 
 
 @pytest.mark.parametrize("filters_inner", [False, True])

@@ -248,3 +248,15 @@ def test_a_direct_record_written_before_weight_prefetch_means_none():
     assert old.spec(layer, 32).weight_prefetch == 0
     new = KernelChoice.from_json({"kernel": "direct", "params": {**params, "weight_prefetch": 2}}, layer)
     assert new.spec(layer, 32).weight_prefetch == 2 and KernelChoice.of(new.spec(layer, 32)) == new
+
+
+def test_a_direct_record_written_before_weight_stream_means_none():
+    """A direct-kernel record without ``weight_stream`` (before session 17) reads back without the stream; one with
+    it keeps it."""
+    layer = DenseConvSpec(batch=1, in_channels=512, height=7, width=7, out_channels=2048, kernel=(1, 1))
+    params = {"pixel_tile": 6, "vectors": 4, "lanes": 16, "filters_inner": False, "weight_panel": 32768,
+              "weight_prefetch": 0}
+    old = KernelChoice.from_json({"kernel": "direct", "params": params}, layer)
+    assert old.spec(layer, 32).weight_stream == 0
+    new = KernelChoice.from_json({"kernel": "direct", "params": {**params, "weight_stream": 2}}, layer)
+    assert new.spec(layer, 32).weight_stream == 2 and KernelChoice.of(new.spec(layer, 32)) == new

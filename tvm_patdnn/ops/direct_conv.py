@@ -37,7 +37,12 @@ channels instead, so nothing is copied:
 * between 16-lane direct convs the tensors may be blocked, NCHW16c (``blocked_input`` / ``blocked_residual`` /
   ``blocked_output``, chosen by :mod:`tvm_patdnn.transform.blocked_layout`): a pixel's 16 channels are one vector,
   so the output and residual are whole-vector stores and loads with no transpose (256->1024 + residual at 14x14
-  in the dense ResNet-50 1.10-1.14x), and the input's broadcasts read 16 channels from one line.
+  in the dense ResNet-50 1.10-1.14x), and the input's broadcasts read 16 channels from one line;
+* weights that stream from DRAM (AVX-512 1x1s at 14x14 and 7x7 in ResNet-50: 1-4 MB a layer) come in a burst per
+  panel under its first tile; ``weight_stream`` prefetches the next panel into L2 one or two lines per channel step
+  inside the reduction, evenly over the panel's tiles (the tile's accumulators then split into one stack buffer
+  per vector, so the prefetch cannot push them to memory): 512->2048 + residual at 7x7 in the dense ResNet-50
+  1.20-1.27x (69-70 -> 84-88% of the 268 GFLOP/s peak).
 
 The function is written directly as (scheduled) TIR, so no schedule rule or tuning touches it.
 """
@@ -140,6 +145,10 @@ class DirectConvSpec:
     exact_tail: bool = True  # the last tile covers the pixels left (False: it overlaps the one before, to measure)
     transposed_store: bool = True  # 16 lanes: the epilogue transposes the tile in registers (see _store_transposed)
     weight_prefetch: int = 0  # the next weight panel prefetched into L2 (2) or L3 (1) over the tiles (0: off)
+    # 16 lanes: the next weight panel streamed into L2 inside the reduction, ``weight_stream`` prefetches per channel
+    # step spread evenly over the panel's tiles, so that it has arrived after 1 / weight_stream of them (0: off; see
+    # _stream_next_panel). The tile's accumulators are then one stack buffer each, which LLVM keeps in registers.
+    weight_stream: int = 0
     # NCHW16c (blocked_shape) instead of NCHW for the input, the residual and the output (16-lane tiles only; see
     # tvm_patdnn.transform.blocked_layout): a pixel's 16 channels are one vector, so the epilogue stores (and loads
     # the residual) as whole vectors without a transpose, and the input's broadcasts read 16 channels a line.
@@ -151,6 +160,14 @@ class DirectConvSpec:
         if not 1 <= self.pixel_tile <= self.conv.pixels:
             raise ValueError(f"a tile of {self.pixel_tile} pixels does not fit {self.conv.pixels} output pixels")
         conv = self.conv
+        if self.weight_stream:
+            if self.weight_stream < 0:
+                raise PatDNNError(f"weight_stream counts prefetches per channel step, not {self.weight_stream}")
+            if self.lanes != 16:
+                raise PatDNNError(f"the weight stream is built for 16-lane tiles, not {self.lanes}")
+            if self.weight_prefetch:
+                raise PatDNNError("a direct conv prefetches its next weight panel one way: weight_prefetch or "
+                                  "weight_stream, not both")
         if self.blocked_input or self.blocked_residual or self.blocked_output:
             if self.lanes != BLOCK:
                 raise PatDNNError(f"the blocked layout needs {BLOCK}-lane tiles, not {self.lanes}")
@@ -243,6 +260,13 @@ def _store_output(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb,
     once to NCHW."""
     conv, block = spec.conv, spec.filter_block
     ragged = conv.out_channels % block != 0
+    if isinstance(acc, list):  # split accumulators (Python loops over the pixels and vectors)
+        for m in range(mr):
+            for v in range(spec.vectors):
+                with T.unroll(0, spec.lanes) as ji:
+                    _store_one(spec, ragged, acc[m][v][ji], fb * block + v * spec.lanes + ji, m, flat_res, flat_out,
+                               n, base)
+        return
     with T.unroll(0, mr) as m:
         with T.unroll(0, block) as j:
             f = fb * block + j
@@ -256,6 +280,28 @@ def _store_output(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb,
                 T.buffer_store(flat_out, activate(value, conv), [n, f, base + m])
 
             _store_real_filter(ragged, f < conv.out_channels, store)
+
+
+def _store_one(spec, ragged, value, f, m, flat_res, flat_out, n, base) -> None:
+    """:func:`_store_output` of one accumulator lane (filter ``f``, pixel ``m``) of a split tile."""
+    conv = spec.conv
+
+    def store() -> None:
+        v = value
+        if flat_res is not None and spec.blocked_residual:
+            v = v + flat_res[n, f // BLOCK, base + m, f % BLOCK]
+        elif flat_res is not None:
+            v = v + flat_res[n, f, base + m]
+        T.buffer_store(flat_out, activate(v, conv), [n, f, base + m])
+
+    _store_real_filter(ragged, f < conv.out_channels, store)
+
+
+def _acc_vector(acc, m: int, v: int, block: int, lanes: int):
+    """Filter vector ``v`` of pixel ``m`` of the tile (one buffer, or split: ``acc[m][v]``)."""
+    if isinstance(acc, list):
+        return acc[m][v][tirx.Ramp(0, 1, lanes)]
+    return acc[tirx.Ramp(m * block + v * lanes, 1, lanes)]
 
 
 def _store_real_filter(ragged: bool, real, store: Callable[[], None]) -> None:
@@ -293,7 +339,7 @@ def _store_transposed(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n,
     conv, block, lanes = spec.conv, spec.filter_block, spec.lanes
     ragged = conv.out_channels % block != 0
     for v in range(spec.vectors):
-        rows = [acc[tirx.Ramp(m * block + v * lanes, 1, lanes)] for m in range(mr)]
+        rows = [_acc_vector(acc, m, v, block, lanes) for m in range(mr)]
         if flat_res is not None and spec.blocked_residual:  # a blocked residual is added to the rows, untransposed
             c = fb * spec.vectors + v
             rows = [row + _real_vector(ragged, c < conv.out_channels // lanes,
@@ -326,7 +372,7 @@ def _store_blocked(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb
         c = fb * spec.vectors + v
         for m in range(mr):
             def store(m=m, v=v, c=c) -> None:
-                value = acc[tirx.Ramp(m * block + v * lanes, 1, lanes)]
+                value = _acc_vector(acc, m, v, block, lanes)
                 lane = tirx.Ramp(0, 1, lanes)
                 if flat_res is not None:
                     value = value + flat_res[n, c, base + m, lane]
@@ -348,17 +394,42 @@ def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs,
         pixel = base + m
         T.buffer_store(start, pixel // conv.out_width * conv.strides[0] * wp + pixel % conv.out_width * conv.strides[1],
                        [m])
-    acc = T.decl_buffer((mr * block,), "float32", scope=TILE_SCOPE if lanes >= 8 else "local")
     zero = tirx.const(0.0, "float32")
-    with T.unroll(0, mr) as m:
-        with T.vectorized(0, block) as j:
-            init = bias[fb * block + j] if bias is not None else zero
-            if partial is not None:
-                init = T.if_then_else(kb == 0, init, partial[(t * spec.pixel_tile + m) * block + j])
-            T.buffer_store(acc, init, [m * block + j])
+    # With the weight stream, one stack buffer per accumulator vector: the whole tile (1.5 KB at 6 x 4 vectors) is a
+    # heap workspace past TVM's 1 KB stack limit (kMaxStackAlloca), which LLVM keeps in registers only while nothing
+    # in the loop may alias it; a prefetch (untyped, unlike the loads) may, and the tile was stored every channel.
+    split = spec.weight_stream > 0
+    if split:
+        acc = [[T.decl_buffer((lanes,), "float32", scope=TILE_SCOPE) for _ in range(nr)] for _ in range(mr)]
+        for m in range(mr):
+            for v in range(nr):
+                with T.vectorized(0, lanes) as ji:
+                    j = v * lanes + ji
+                    init = bias[fb * block + j] if bias is not None else zero
+                    if partial is not None:
+                        init = T.if_then_else(kb == 0, init, partial[(t * spec.pixel_tile + m) * block + j])
+                    T.buffer_store(acc[m][v], init, [ji])
+    else:
+        acc = T.decl_buffer((mr * block,), "float32", scope=TILE_SCOPE if lanes >= 8 else "local")
+        with T.unroll(0, mr) as m:
+            with T.vectorized(0, block) as j:
+                init = bias[fb * block + j] if bias is not None else zero
+                if partial is not None:
+                    init = T.if_then_else(kb == 0, init, partial[(t * spec.pixel_tile + m) * block + j])
+                T.buffer_store(acc, init, [m * block + j])
     # Taps unrolled along a row of at most 3 (a 7-tap row: LLVM hoists the broadcasts shared by
     # stride-2 neighbours across taps and spills them on AVX-512); rows and channels in loops.
     def reduce(channel, read) -> None:
+        if split:
+            with T.serial(0, kh) as dy:
+                with (T.unroll if kw <= 3 else T.serial)(0, kw) as dx:
+                    for m in range(mr):
+                        for v in range(nr):
+                            with T.vectorized(0, lanes) as ji:
+                                x = read(start[m] + dy * wp + dx)
+                                w = weight[fb, (channel * kh + dy) * kw + dx, v * lanes + ji]
+                                T.buffer_store(acc[m][v], acc[m][v][ji] + x * w, [ji])
+            return
         with T.serial(0, kh) as dy:
             with (T.unroll if kw <= 3 else T.serial)(0, kw) as dx:
                 with T.unroll(0, mr) as m:
@@ -373,9 +444,13 @@ def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs,
         with T.serial(0, count // BLOCK) as co:
             with T.serial(0, BLOCK) as ci:
                 reduce(first + co * BLOCK + ci, lambda at: source[n, first // BLOCK + co, at, ci])
+                if spec.weight_stream > 0:
+                    _stream_next_panel(spec, weight, fb, first, t, co * BLOCK + ci)
     else:
         with T.serial(0, count) as c:
             reduce(first + c, lambda at: source[n, first + c, at])
+            if spec.weight_stream > 0:
+                _stream_next_panel(spec, weight, fb, first, t, c)
     # Saved as one block-wide vector per pixel (8-lane pieces, as the GEMM's tile_vectors: ties on Zen 3,
     # and the AVX-512 7x7 stem's reduction loop lost its whole-tile FMAs).
     if spec.blocked_output:
@@ -384,8 +459,43 @@ def _tile(spec: DirectConvSpec, mr: int, source, weight, bias, partial, outputs,
         epilogue = _store_transposed
     else:
         epilogue = _store_output
+    finish = lambda: epilogue(spec, mr, acc, *outputs, n, fb, base)  # noqa: E731
+    if split:
+        if partial is None:
+            finish()
+            return
+        with T.If(kb < spec.channel_blocks - 1):
+            with T.Then():
+                for m in range(mr):
+                    for v in range(nr):
+                        with T.vectorized(0, lanes) as ji:
+                            T.buffer_store(partial, acc[m][v][ji], [(t * spec.pixel_tile + m) * block + v * lanes + ji])
+            with T.Else():
+                finish()
+        return
     _keep_or_finish(acc, partial, mr, block, block, lambda m, j: (t * spec.pixel_tile + m) * block + j, kb,
-                    spec.channel_blocks, lambda: epilogue(spec, mr, acc, *outputs, n, fb, base))
+                    spec.channel_blocks, finish)
+
+
+def _stream_next_panel(spec: DirectConvSpec, weight, fb, first, t, step) -> None:
+    """Channel step ``step`` of tile ``t`` prefetches ``spec.weight_stream`` lines of the weight panel after the
+    current one (as :func:`_prefetch_next_panel`) into L2: line ``(g * weight_stream + i) * lines // steps`` of
+    its ``lines`` for the ``g``-th of the panel's ``steps`` channel steps (every tile's), the last line again past
+    the end. One or two prefetches between FMAs never queue up like a tile's share at its start did, and the
+    panel a DRAM stream brings in a burst arrives evenly while the tiles before it run."""
+    conv, block = spec.conv, spec.filter_block
+    taps, window = conv.taps, conv.kernel[0] * conv.kernel[1]
+    panel = spec.channel_block * window * block  # floats
+    lines = ceil_div(panel, 16)
+    steps = spec.group_tiles * spec.channel_block
+    total = spec.filter_blocks * taps * block
+    start = fb * taps * block + first * window * block + panel
+    g = t * spec.channel_block + step
+    for i in range(spec.weight_stream):
+        line = T.min((g * spec.weight_stream + i) * lines // steps, lines - 1)
+        e = T.min(start + line * 16, total - 1)
+        T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
+            weight[e // (taps * block), e // block % taps, e % block]), 0, 2, 1))
 
 
 def _prefetch_next_panel(spec: DirectConvSpec, weight, fb, first, t) -> None:

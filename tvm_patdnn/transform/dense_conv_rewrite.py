@@ -154,6 +154,18 @@ BLOCKED_DIRECT_CHANNELS = 64
 # round. Not taken: 1x1s with a residual at 14x14 (256->1024: 1.00-1.03x), the 7x7 1x1s (0.92-1.02x), 1x1s
 # at 28x28 / 56x56 (0.92-0.98x), 1024->2048 s2 (0.87x).
 PREFETCH_WEIGHT_PIXELS = 196
+# On AVX-512, direct 1x1 convs with at most STREAM_WEIGHT_PIXELS output pixels (14x14) and at least
+# STREAM_WEIGHT_CHANNELS input channels stream their next weight panel into L2 inside the reduction
+# (DirectConvSpec.weight_stream = STREAM_WEIGHT_LINES prefetches per channel step): their weights (1-4 MB a layer)
+# come from DRAM in the model, a 32 KB panel in a burst under its first tile (ResNet-50's 512->2048 + residual at
+# 7x7 at 69-70% of the 268 GFLOP/s peak; 86% with the weights in L2). Zen 5, 1 thread, core 0, per-call minima in
+# the dense ResNet-50, interleaved (7 rounds, three runs): 512->2048 + residual at 7x7 (x3) 0.550-0.582 -> 0.434-0.477
+# ms (1.20-1.27x, 87-88% of peak), 2048->512 at 7x7 (x2) 1.21-1.25x, 1024->2048 s2 1.22-1.24x, 256->1024 +
+# residual at 14x14 (x6) 1.05-1.07x, 1024->256 at 14x14 (x5) 1.05-1.08x, 512->1024 s2 1.03-1.04x. Not taken: 1x1s at
+# 28x28 with >= 128 channels (1.00-1.02x), the 8-lane KxK convs in place of weight_prefetch (0.55-0.61x).
+STREAM_WEIGHT_PIXELS = 196
+STREAM_WEIGHT_CHANNELS = 256
+STREAM_WEIGHT_LINES = 2
 # On AVX-512, 1x1 convs on the GEMM with at most this many input channels (a short reduction) take
 # SHORT_REDUCTION_VECTORS pixel vectors a tile (6 filters x 4 vectors of 16 lanes) instead of 2, when they
 # have at least four vectors of filters (6-filter tiles would pad 16 filters to 18).
@@ -401,6 +413,9 @@ class DenseConvRewriter:
             if (self.lanes >= 16 and spec.kernel != (1, 1) and spec.pixels <= PREFETCH_WEIGHT_PIXELS
                     and spec.in_channels > STEM_CHANNELS):
                 kernel = dataclasses.replace(kernel, weight_prefetch=2)
+            if (kernel.lanes >= 16 and spec.kernel == (1, 1) and spec.pixels <= STREAM_WEIGHT_PIXELS
+                    and spec.in_channels >= STREAM_WEIGHT_CHANNELS):
+                kernel = dataclasses.replace(kernel, weight_stream=STREAM_WEIGHT_LINES)
             return kernel
         return self.gemm_tile(spec)
 

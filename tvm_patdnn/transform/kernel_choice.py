@@ -35,7 +35,8 @@ KernelSpec = DenseConvSpec | DirectConvSpec | WinogradConvSpec
 # Per kernel: the spec's class, its name in records and the fields a choice records.
 _KERNELS = {
     "gemm": (DenseConvSpec, ("filter_tile", "vectors", "lanes", "pack_panel", "filters_outer")),
-    "direct": (DirectConvSpec, ("pixel_tile", "vectors", "lanes", "filters_inner", "weight_panel", "weight_prefetch")),
+    "direct": (DirectConvSpec, ("pixel_tile", "vectors", "lanes", "filters_inner", "weight_panel", "weight_prefetch",
+                                 "weight_stream")),
     "winograd": (WinogradConvSpec, ("tile", "vectors", "lanes")),
 }
 
@@ -70,12 +71,13 @@ class KernelChoice:
     @classmethod
     def from_json(cls, entry: Mapping, layer: DenseConvSpec) -> KernelChoice:
         """The choice ``entry`` records for ``layer`` (a GEMM record without its loop order: the rule's; a direct
-        record without ``weight_prefetch``, written before it existed: none)."""
+        record without ``weight_prefetch`` or ``weight_stream``, written before they existed: none)."""
         kernel, params = entry["kernel"], dict(entry["params"])
         if kernel == "gemm" and "filters_outer" not in params:
             params["filters_outer"] = dataclasses.replace(layer, **params, filters_outer=False).default_filters_outer
-        if kernel == "direct" and "weight_prefetch" not in params:
-            params["weight_prefetch"] = 0
+        if kernel == "direct":
+            params.setdefault("weight_prefetch", 0)
+            params.setdefault("weight_stream", 0)
         if kernel not in _KERNELS or sorted(params) != sorted(_KERNELS[kernel][1]):
             raise ValueError(f"not a dense kernel choice: {entry!r}")
         return cls(kernel, tuple((name, params[name]) for name in _KERNELS[kernel][1]))
