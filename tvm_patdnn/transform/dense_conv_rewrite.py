@@ -160,9 +160,10 @@ PREFETCH_WEIGHT_PIXELS = 196
 # come from DRAM in the model, a 32 KB panel in a burst under its first tile (ResNet-50's 512->2048 + residual at
 # 7x7 at 69-70% of the 268 GFLOP/s peak; 86% with the weights in L2). Zen 5, 1 thread, core 0, per-call minima in
 # the dense ResNet-50, interleaved (7 rounds, three runs): 512->2048 + residual at 7x7 (x3) 0.550-0.582 -> 0.434-0.477
-# ms (1.20-1.27x, 87-88% of peak), 2048->512 at 7x7 (x2) 1.21-1.25x, 1024->2048 s2 1.22-1.24x, 256->1024 +
+# ms (1.20-1.27x, 65-70 -> 81-88% of peak), 2048->512 at 7x7 (x2) 1.21-1.25x, 1024->2048 s2 1.22-1.24x, 256->1024 +
 # residual at 14x14 (x6) 1.05-1.07x, 1024->256 at 14x14 (x5) 1.05-1.08x, 512->1024 s2 1.03-1.04x. Not taken: 1x1s at
-# 28x28 with >= 128 channels (1.00-1.02x), the 8-lane KxK convs in place of weight_prefetch (0.55-0.61x).
+# 28x28 with >= 128 channels (1.00-1.02x), the 8-lane KxK convs in place of weight_prefetch (3x3 512 at 7x7
+# 0.55-0.61x with split accumulators, 0.84-0.90x with their 768-byte tile on the stack as it is).
 STREAM_WEIGHT_PIXELS = 196
 STREAM_WEIGHT_CHANNELS = 256
 STREAM_WEIGHT_LINES = 2
