@@ -60,13 +60,14 @@ import math
 from dataclasses import dataclass
 
 from tvm import te, tirx
+from tvm.script.ir_builder import tirx as T
 
 from ..arith import ceil_div, largest_divisor, output_size, round_up
 from ..fkw import FKWWeight
 
 __all__ = ["PatternConvSpec", "pattern_conv2d", "pattern_conv2d_primfunc", "PATTERN_CONV_ATTR", "WINDOW_PIXELS",
            "TALL_TILE", "WIDE_ROW_VECTORS", "LIFTED_WIDTHS", "LIFTED_TALL_VECTORS", "choose_layout", "cheapest_layout",
-           "is_lifted", "is_pattern_conv", "layout_cycles", "target_layout"]
+           "fkw_arguments", "is_lifted", "is_pattern_conv", "layout_cycles", "target_layout"]
 
 # PrimFunc attribute carrying the operator's static description; schedule rules key on it.
 PATTERN_CONV_ATTR = "patdnn.pattern_conv"
@@ -616,6 +617,24 @@ def pattern_conv2d_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
     func = te.create_prim_func(args, index_dtype_override="int64")
     func = func.without_attr("global_symbol")
     return func.with_attr(PATTERN_CONV_ATTR, _spec_attr(spec))
+
+
+def fkw_arguments(spec: PatternConvSpec, kernels: int, in_shape: tuple, out_shape: tuple, order: str = "order"):
+    """Declare the arguments of a hand-built pattern-conv PrimFunc inside its ``T.prim_func()`` frame, those of
+    :func:`pattern_conv2d_primfunc` with ``kernels`` rows of FKW weights: data, values, channels, offsets, the
+    filter permutation named ``order`` (FKW's ``order``, or ``inverse_order`` for kernels that take the TE
+    operator's), [bias], out; the function is marked scheduled and its buffers unaliased.
+    Returns (data, values, channels, offsets, order, bias or None, out)."""
+    f_, p_ = spec.out_channels, len(spec.patterns)
+    data = T.arg("data", T.buffer(in_shape, "float32"))
+    values = T.arg("values", T.buffer((kernels, spec.taps), "float32"))
+    channels = T.arg("channels", T.buffer((kernels,), "int32"))
+    offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
+    permutation = T.arg(order, T.buffer((f_,), "int32"))
+    bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
+    out = T.arg("out", T.buffer(out_shape, "float32"))
+    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    return data, values, channels, offsets, permutation, bias, out
 
 
 def _spec_attr(spec: PatternConvSpec) -> dict:

@@ -44,7 +44,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .activation import bias_relu
-from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr, fkw_arguments
 
 __all__ = ["LANES", "TARGET_LANES", "arranged_rows", "tap_lanes_apply", "thread_filters", "pattern_conv_2x2_primfunc"]
 
@@ -127,14 +127,8 @@ def pattern_conv_2x2_primfunc(spec: PatternConvSpec, lanes: int = LANES, threads
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
-            data = T.arg("data", T.buffer((n_, c_, 2, 2), "float32"))
-            values = T.arg("values", T.buffer((kernels, 4), "float32"))
-            channels = T.arg("channels", T.buffer((kernels,), "int32"))
-            offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
-            order = T.arg("order", T.buffer((f_,), "int32"))
-            bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
-            out = T.arg("out", T.buffer((n_, f_, 2, 2), "float32"))
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            data, values, channels, offsets, order, bias, out = fkw_arguments(
+                spec, kernels, (n_, c_, 2, 2), (n_, f_, 2, 2))
             images = T.decl_buffer((n_ * c_ * 4,), "float32", data=data.data)  # a channel's 2x2: 4 floats
             outputs = T.decl_buffer((n_ * f_ * 4,), "float32", data=out.data)
 

@@ -58,7 +58,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ..errors import PatDNNError
 from .activation import bias_relu
-from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr, fkw_arguments
 from .pattern_conv_2x2 import thread_filters
 
 __all__ = ["shifted_rows_apply", "pattern_conv_shifted_rows_primfunc"]
@@ -214,14 +214,8 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
-            data = T.arg("data", T.buffer((n_, c_, spec.height, spec.width), "float32"))
-            values = T.arg("values", T.buffer((kernels, taps), "float32"))
-            channels = T.arg("channels", T.buffer((kernels,), "int32"))
-            offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
-            order = T.arg("order", T.buffer((f_,), "int32"))
-            bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
-            out = T.arg("out", T.buffer((n_, f_, image, image), "float32"))
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            data, values, channels, offsets, order, bias, out = fkw_arguments(
+                spec, kernels, (n_, c_, spec.height, spec.width), (n_, f_, image, image))
             planes = stride * stride  # per channel
             if size == image and stride == 1:
                 images = T.decl_buffer((n_ * c_ * pixels,), "float32", data=data.data)

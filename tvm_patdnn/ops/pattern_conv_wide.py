@@ -42,7 +42,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ..errors import PatDNNError
 from .activation import bias_relu
-from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr, fkw_arguments
 
 __all__ = ["BORDER_VECTOR_CHANNELS", "WIDE_ROWS", "NARROW_ROWS", "NARROW_WIDTHS", "wide_rows_tile",
            "wide_rows_apply", "pattern_conv_wide_primfunc"]
@@ -95,7 +95,7 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
                           "columns in blocks of 8")
     n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
     rows = wide_rows_tile(spec)
-    f_, p_, taps, lanes = spec.out_channels, len(spec.patterns), spec.taps, _LANES
+    f_, lanes = spec.out_channels, _LANES
     block_rows, blocks, row_blocks = rows + 2, (w_ + _LANES - 1) // _LANES, h_ // rows
     border_vectors = c_ <= BORDER_VECTOR_CHANNELS  # the side taps from border vectors (valignd)
     zero = tirx.const(0.0, "float32")
@@ -103,14 +103,8 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
-            data = T.arg("data", T.buffer((n_, c_, h_, w_), "float32"))
-            values = T.arg("values", T.buffer((spec.n_kernels, taps), "float32"))
-            channels = T.arg("channels", T.buffer((spec.n_kernels,), "int32"))
-            offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
-            inverse_order = T.arg("inverse_order", T.buffer((f_,), "int32"))
-            bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
-            out = T.arg("out", T.buffer((n_, f_, h_, w_), "float32"))
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            data, values, channels, offsets, inverse_order, bias, out = fkw_arguments(
+                spec, spec.n_kernels, (n_, c_, h_, w_), (n_, f_, h_, w_), order="inverse_order")
             image = T.decl_buffer((n_ * c_ * h_ * w_,), "float32", data=data.data)
             outputs = T.decl_buffer((n_ * f_ * h_ * w_,), "float32", data=out.data)
             with T.parallel(0, n_ * row_blocks) as task:
