@@ -88,11 +88,12 @@ def test_phase_plane_kernel_on_other_sizes(monkeypatch, height, width, batch, ch
     (30, 2, 8, 16, None), (56, 2, 8, 8, None), (28, 2, 8, 8, None), (28, 2, 8, 4, None),
     (14, 1, 256, 16, "phase_planes"), (14, 1, 128, 16, None), (14, 1, 256, 8, None), (14, 1, 256, 4, None),
     (28, 1, 128, 16, "phase_planes"), (28, 1, 256, 16, None), (28, 1, 8, 16, None), (28, 1, 128, 8, None),
-    (56, 1, 64, 16, "phase_planes"), (56, 1, 128, 16, "wide_rows"), (56, 1, 64, 8, None), (112, 1, 8, 16, "wide_rows")])
+    (56, 1, 64, 16, "phase_planes"), (56, 1, 128, 16, "phase_planes"), (56, 1, 256, 16, "phase_planes"),
+    (56, 1, 64, 8, None), (56, 1, 256, 8, None), (56, 1, 128, 4, None), (112, 1, 8, 16, "wide_rows")])
 def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channels, lanes, kernel):
     """AVX-512 routes ResNet-50's 56 -> 28 and 28 -> 14 stride-2 sizes to this kernel (14 -> 7 keeps the
-    shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels, 28x28 ones of 128 and 56x56 ones of at
-    most 64 (more: the wide-rows kernel); other sizes and channel counts keep the TE operator or the wide-rows
+    shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels, 28x28 ones of 128 and every 56x56 one
+    (VGG-16 224's 128 and 256 channels too); other sizes and channel counts keep the TE operator or the wide-rows
     kernel, AVX2 and NEON the TE operator."""
     model = build_cnn(np.random.default_rng(size), (1, channels, size, size),
                       [ConvSpec(16, stride=stride, connectivity=2.0)])
@@ -109,19 +110,29 @@ def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channel
         (9, 9, 2, 3, 1, False),  # 9 columns, 9 rows (3-row tiles)
         (17, 20, 1, 4, 1, False),  # not square: 17 x 20 (2 vectors a row, 17 rows: 1-row tiles)
         (31, 31, 1, 2, 2, False),  # 31 columns, the most two vectors take (the shifted taps read column 31: zeros)
-        (56, 56, 1, 64, 1, True),  # ResNet-50's 64-channel 56x56 layers: 4-vector rows, 2-row tiles
+        (56, 56, 1, 64, 1, True),  # ResNet-50's 64-channel 56x56 layers: 4-vector lifted rows, 2-row tiles
+        (56, 56, 2, 67, 1, True),  # VGG-16 224's 56x56 layers have 128-256 channels: batch 2, odd channels
         (12, 63, 2, 3, 2, False),  # 63 columns, the most four vectors take
     ],
 )
 def test_stride_1_phase_plane_kernel_matches_the_onnx_reference(monkeypatch, height, width, batch, channels, cores,
                                                                 routed):
     """At stride 1 the kernel takes one plane (the input, rows of whole vectors, a zero row above and below and
-    zero lanes right of the last column): a tap is row offset dy, and a side tap one valignd of two adjacent
-    vectors of a row (zeros left of the first)."""
+    zero lanes right of the last column): a tap is row offset dy; rows of one vector read a side tap as one
+    valignd with zeros, rows of more are lifted (lane j of vector i: column V j + i), a side tap the neighbouring
+    vector or at the ends the other end's vector one lane on."""
     if not routed:
         monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", "any")
     conv = ConvSpec(11, connectivity=1.5 if channels > 1 else 1.0, n_patterns=8, bias=batch == 1, relu=cores != 2)
     _check(batch, channels, height, width, conv, cores, seed=height * width + channels)
+
+
+@pytest.mark.parametrize("height, width, channels", [(17, 20, 4), (12, 63, 3)])
+def test_stride_1_rows_unlifted_still_match_the_onnx_reference(monkeypatch, height, width, channels):
+    """With PHASE_LIFTED off, rows of several vectors read every side tap as a valignd of two adjacent vectors."""
+    monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", "any")
+    monkeypatch.setattr(pattern_conv_phases, "PHASE_LIFTED", False)
+    _check(2, channels, height, width, ConvSpec(9, connectivity=1.5, n_patterns=8), 1, seed=height + width)
 
 
 def test_the_phase_plane_tile():

@@ -1,5 +1,5 @@
 """The pattern convolution on phase planes of whole aligned rows, without split loads (AVX-512): stride 2
-(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14, 128-channel 28x28, 64-channel 56x56 layers).
+(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14, 128-channel 28x28 and all 56x56 layers).
 
 A 3x3 stride-2 layer with padding 1 reads output pixel (y, x)'s tap (dy, dx) at padded input pixel
 (2y + dy, 2x + dx). Each input channel is first split into its 2 x 2 row/column phase planes: plane
@@ -11,10 +11,15 @@ offset 0 is one aligned vector and one with offset 1 is that vector and the next
 one lane (one ``valignd``): no load splits a cache line. The TE operator's strided aligned rows read
 the dx = 2 taps as vectors one float on (a split load, two load slots, for about a third of the taps).
 At stride 1 a channel is one plane: plane row y holds input row y - 1 (zero rows above and below), column x
-input column x (zero lanes from column W on), and tap (dy, dx) reads row offset dy, column shift dx - 1: the
-centre column an aligned vector, the side ones a ``valignd`` of two adjacent vectors of the row (zeros left of
-the first, the zero lanes right of the last column). The TE operator's aligned rows read the side taps of
-their 16-float rows as loads one float off (every one splits a line).
+input column x (zero lanes from column W on), and tap (dy, dx) reads row offset dy, column shift dx - 1. Rows of
+one vector (14x14): the centre column an aligned vector, the side ones a ``valignd`` of it with zeros. Rows of V >= 2
+vectors are lifted (:data:`PHASE_LIFTED`): lane j of vector i holds column V j + i, so the side taps of vector i
+are vectors i - 1 and i + 1 of the same row (aligned loads), and only vector 0's left one (vector V - 1 one lane
+up, a zero in lane 0) and vector V - 1's right one (vector 0 one lane down) a ``valignd`` with zeros; the output
+stage interleaves the tile's vectors back into consecutive floats. Unlifted, every side tap of every vector was a
+``valignd`` of two adjacent vectors (LLVM turned about half into a ``vpermt2ps`` plus a register copy: ~16 shuffles
+per 32 FMAs at 56x56). The TE operator's aligned rows read the side taps of their 16-float rows as loads one float
+off (every one splits a line).
 
 The register tile is R whole output rows (R x V vectors; R divides the output's rows), kept on the
 stack so that it stays in registers across the (filter, pattern) runs, stored once with bias and
@@ -41,6 +46,15 @@ against the TE operator's aligned rows (14x14) and halo-less lifted rows (28x28)
 0.730-0.759 ms (1.09-1.12x). VGG-16 224's 256- and 512-channel 28x28 layers tie (1.00-1.02x): not routed.
 ResNet-50's 64-channel 56x56 layers (4-vector rows, 2 x 4 tiles), against the wide-rows kernel: alone 1.19-1.21x
 (0.23 -> 0.19 ms, 46 -> 55%), in the model 0.232-0.257 -> 0.198-0.219 ms (1.14-1.19x, two runs; 41-46 -> 49-54%).
+
+VGG-16 224's 56x56 layers (session 17, h4; 4-vector rows, 2 x 4 tiles), alone against the kernels they ran before
+(interleaved, CPU time): 128 -> 256 1.23x over the wide-rows kernel (1.73 -> 1.41 ms, 49 -> 60%), 256 -> 256 1.02-1.03x
+over the TE operator's lifted rows; lifted planes then 1.045x and 1.065x more (1.32 and 2.81 ms, 65% and 61%),
+ResNet-50's 128-channel 28x28 1.054x (in the model 1.06x), its 64-channel 56x56 1.02x, 14x14 unchanged (one vector).
+With the channel indices mapped mod 16 (the planes in L1) the 256-channel layer runs only 1.13x (unlifted) / 1.18x
+(lifted) faster: it is bound by instructions more than by the L2. Not kept there: 4 x 4 tiles (16 accumulators,
+lifted or not: spills, 0.48-0.52x), 1 x 4 (0.69-0.71x), half rows 4 x 2 (0.97-0.98x of 2 x 4), 7 x 2 (0.96x), the
+whole pad first instead of per row block (0.98x).
 
 Measured and not kept: channel blocks of 16-20 channels (the kernels ordered by block, each filter's tile sums kept
 in memory between blocks) 1.06-1.11x alone but 0.68-0.75x (28 -> 14) and 0.96-1.02x (56 -> 28) in the model; plane
@@ -73,15 +87,22 @@ PHASE_PREFETCH = 4
 # minima, two interleaved runs of 9 rounds): 56 -> 28 1.089x / 1.093x, 28 -> 14 1.023x / 1.039x; alone 0.98x and
 # 1.03x. More threads keep the whole pad first (split over the channels).
 PHASE_FUSED_PAD = True
+# Stride-1 plane rows of at least 2 vectors are stored lifted: lane j of vector i is column vectors * j + i, so a
+# side tap of vector i is vector i -+ 1 of the row (an aligned load) and only the first (last) vector's one valignd of
+# the last (first) vector with zeros, instead of one valignd of two adjacent vectors for every vector (LLVM made half
+# of them vpermt2ps plus a register copy); the output stage interleaves the tile's vectors back into rows.
+PHASE_LIFTED = True
 PHASE_TILE_VECTORS = 8  # accumulator vectors of the register tile, at most
 # (input height, input width, stride) this kernel is routed for -> (fewest, most) input channels it takes there
 # (None: no bound): ResNet-50's 56 -> 28 and 28 -> 14 stride-2 layers, the 14x14 layers of ResNet-50 (256 channels)
-# and VGG-16 224 (512), ResNet-50's 128-channel 28x28 and 64-channel 56x56 layers; VGG-16 224's 256- and 512-channel
-# 28x28 layers measured a tie (1.00-1.02x) and keep the TE operator, as do fewer channels (unmeasured); rows of 112
-# and 224 columns (8 and 15 vectors) 0.66-0.89x of the wide-rows kernel, CIFAR's 32 columns (3 vectors for 32) 1.08x
-# in one run: not routed
+# and VGG-16 224 (512), ResNet-50's 128-channel 28x28 layers and every 56x56 layer (ResNet-50's 64 channels, VGG-16
+# 224's 128 -> 256 and 256 -> 256: in the trunk 1.24x / 1.12-1.15x / 1.05-1.08x over the wide-rows kernel and the
+# TE operator's lifted rows before lifted planes, 1.32x / 1.19x / 1.12x with them); VGG-16 224's 256- and
+# 512-channel 28x28 layers measured a tie (1.00-1.02x) and keep the TE operator, as do fewer channels (unmeasured);
+# rows of 112 and 224 columns (8 and 15 vectors) 0.66-0.89x of the wide-rows kernel, CIFAR's 32 columns (3 vectors
+# for 32) 1.08x in one run: not routed
 PHASE_PLANE_SIZES = {(56, 56, 2): (None, None), (28, 28, 2): (None, None), (14, 14, 1): (256, None),
-                     (28, 28, 1): (128, 128), (56, 56, 1): (None, 64)}
+                     (28, 28, 1): (128, 128), (56, 56, 1): (None, None)}
 
 
 def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
@@ -111,6 +132,11 @@ def phase_planes_apply(spec: PatternConvSpec, target_lanes: int, sizes=None) -> 
     return (fewest is None or spec.in_channels >= fewest) and (most is None or spec.in_channels <= most)
 
 
+def _lifted(stride: int, vectors: int) -> bool:
+    """Whether plane rows are stored lifted (:data:`PHASE_LIFTED`)."""
+    return PHASE_LIFTED and stride == 1 and vectors > 1
+
+
 def _windows(w_: int, vectors: int, out_width: int, stride: int) -> dict:
     """(b, v) -> (input windows, permutation index) of plane vector v of column phase b: at stride 2 lane i is
     input column 2 (16 v + i) + b - 1 for plane columns up to ``out_width``, at stride 1 column 16 v + i for
@@ -119,7 +145,8 @@ def _windows(w_: int, vectors: int, out_width: int, stride: int) -> dict:
     starts_of = {}
     for b in range(stride):
         for v in range(vectors):
-            columns = [v * lanes + i for i in range(lanes)]
+            columns = ([vectors * i + v for i in range(lanes)] if _lifted(stride, vectors)
+                       else [v * lanes + i for i in range(lanes)])
             wanted = ([q if 0 <= q < w_ and x <= out_width else None for x, q in ((x, 2 * x + b - 1) for x in columns)]
                       if stride == 2 else [x if x < w_ else None for x in columns])
             windows = []
@@ -197,15 +224,16 @@ def _tap_source(dy: int, dx: int, stride: int) -> tuple[int, int, int]:
     return (2 * (dy % 2) + dx % 2, dy // 2, dx // 2) if stride == 2 else (0, dy, dx - 1)
 
 
-def _output_stores(results, rows: int, width: int, vectors: int):
+def _output_stores(results, rows: int, width: int, vectors: int, lifted: bool = False):
     """(first float, vector) of one tile's stores: ``rows`` whole output rows of ``width`` floats, contiguous
-    in the output channel, from ``results[r * vectors + v]`` (lane i: column v * 16 + i of row r); whole
-    vectors of consecutive floats, the last overlapping the one before."""
+    in the output channel, from ``results[r * vectors + v]`` (lane i: column v * 16 + i of row r, lifted column
+    vectors * i + v); whole vectors of consecutive floats, the last overlapping the one before."""
     lanes, total, stores = _LANES, rows * width, []
     for k in range(-(-total // lanes)):
         start = min(k * lanes, total - lanes)
         sources = [divmod(start + i, width) for i in range(lanes)]  # (row, column)
-        slots = [(r * vectors + x // lanes, x % lanes) for r, x in sources]
+        slots = [(r * vectors + x % vectors, x // vectors) if lifted else (r * vectors + x // lanes, x % lanes)
+                 for r, x in sources]
         used = sorted({s for s, _ in slots})
         index = [used.index(s) * lanes + lane for s, lane in slots]
         value = results[used[0]] if index == list(range(lanes)) else tirx.Shuffle([results[s] for s in used], index)
@@ -228,6 +256,7 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
     f_, p_, taps = spec.out_channels, len(spec.patterns), spec.taps
     tile_rows, vectors = phase_planes_tile(spec)
     stride = spec.strides[0]
+    lifted = _lifted(stride, vectors)
     count, halo = stride * stride, 3 - stride  # planes a channel; plane rows past a block's output rows
     fused = PHASE_FUSED_PAD and threads == 1
     pitch, plane_rows = vectors * lanes, (tile_rows if fused else oh) + halo
@@ -280,7 +309,15 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
                             for r in range(tile_rows):
                                 for v in range(vectors):
                                     vector = row_vector(source, r + oy, v)
-                                    if sx:  # a window of this vector and the next (previous): on int32 lanes valignd
+                                    if lifted and sx and 0 <= v + sx < vectors:  # the neighbour column's vector
+                                        vector = row_vector(source, r + oy, v + sx)
+                                    elif lifted and sx:  # the other end's vector one lane on, zeros shifted in
+                                        edge = row_vector(source, r + oy, vectors - 1 if sx < 0 else 0)
+                                        pair, first = ((zeros, edge), lanes - 1) if sx < 0 else ((edge, zeros), 1)
+                                        ints = [tirx.reinterpret(f"int32x{lanes}", part) for part in pair]
+                                        vector = tirx.reinterpret(f"float32x{lanes}",
+                                                                  tirx.Shuffle(ints, list(range(first, first + lanes))))
+                                    elif sx:  # a window of this vector and the next (previous): on int32 lanes valignd
                                         pair = (vector, row_vector(source, r + oy, v + 1)) if sx > 0 else (
                                             row_vector(source, r + oy, v - 1), vector)
                                         first = 1 if sx > 0 else lanes - 1
@@ -293,7 +330,7 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
                 results = [bias_relu(acc[tirx.Ramp(s * lanes, 1, lanes)], None if bias is None else bias[fo],
                                      spec.relu, lanes) for s in range(tile_rows * vectors)]
                 first = (n * f_ + fo) * oh * ow + y0 * ow
-                for offset, value in _output_stores(results, tile_rows, ow, vectors):
+                for offset, value in _output_stores(results, tile_rows, ow, vectors, lifted):
                     T.buffer_store(outputs, value, [tirx.Ramp(first + offset, 1, lanes)])
 
             with T.parallel(0, threads) as t:

@@ -234,7 +234,7 @@ class PatternConvRewrite:
                 weights[1] = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))
         elif shifted_rows:
             func = pattern_conv_shifted_rows_primfunc(spec, self.threads, self.vector_width)
-        elif phases:  # AVX-512 sizes of PHASE_PLANE_SIZES (ResNet-50's stride-2, 14x14 and 28x28): phase planes
+        elif phases:  # AVX-512 sizes of PHASE_PLANE_SIZES (stride 2, 14x14, 28x28, 56x56): phase planes
             func = pattern_conv_phases_primfunc(spec, self.threads, self.vector_width)
         elif blocked:  # many input channels on AVX2: the channel-blocked kernel
             layout = blocked_layout(spec)
