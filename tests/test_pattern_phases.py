@@ -87,12 +87,13 @@ def test_phase_plane_kernel_on_other_sizes(monkeypatch, height, width, batch, ch
     (56, 2, 8, 16, "phase_planes"), (28, 2, 8, 16, "phase_planes"), (14, 2, 8, 16, "shifted_rows"),
     (30, 2, 8, 16, None), (56, 2, 8, 8, None), (28, 2, 8, 8, None), (28, 2, 8, 4, None),
     (14, 1, 256, 16, "phase_planes"), (14, 1, 128, 16, None), (14, 1, 256, 8, None), (14, 1, 256, 4, None),
-    (28, 1, 128, 16, "phase_planes"), (28, 1, 256, 16, None), (28, 1, 8, 16, None), (28, 1, 128, 8, None),
+    (28, 1, 128, 16, "phase_planes"), (28, 1, 512, 16, "phase_planes"), (28, 1, 64, 16, None), (28, 1, 8, 16, None),
+    (28, 1, 128, 8, None), (28, 1, 512, 4, None),
     (56, 1, 64, 16, "phase_planes"), (56, 1, 128, 16, "phase_planes"), (56, 1, 256, 16, "phase_planes"),
     (56, 1, 64, 8, None), (56, 1, 256, 8, None), (56, 1, 128, 4, None), (112, 1, 8, 16, "wide_rows")])
 def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channels, lanes, kernel):
     """AVX-512 routes ResNet-50's 56 -> 28 and 28 -> 14 stride-2 sizes to this kernel (14 -> 7 keeps the
-    shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels, 28x28 ones of 128 and every 56x56 one
+    shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels, 28x28 ones of >= 128 and every 56x56 one
     (VGG-16 224's 128 and 256 channels too); other sizes and channel counts keep the TE operator or the wide-rows
     kernel, AVX2 and NEON the TE operator."""
     model = build_cnn(np.random.default_rng(size), (1, channels, size, size),
@@ -105,7 +106,8 @@ def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channel
     [
         (14, 14, 1, 256, 1, True),  # ResNet-50's 14x14 layers: 1-vector rows (14 columns, 2 zero lanes), 7-row tiles
         (14, 14, 2, 5, 2, False),  # rows narrower than a vector: the input's last row loads the 16 floats ending it
-        (28, 28, 1, 128, 1, True),  # ResNet-50's 128-channel 28x28 layers: 2-vector rows, 4-row tiles
+        (28, 28, 1, 128, 1, True),  # ResNet-50's 128-channel 28x28 layers: 2-vector lifted rows, 7-row tiles
+        (28, 28, 2, 131, 1, True),  # VGG-16 224's 28x28 layers have 256-512 channels: batch 2, odd channels
         (28, 28, 2, 7, 3, False),
         (9, 9, 2, 3, 1, False),  # 9 columns, 9 rows (3-row tiles)
         (17, 20, 1, 4, 1, False),  # not square: 17 x 20 (2 vectors a row, 17 rows: 1-row tiles)
@@ -140,6 +142,9 @@ def test_the_phase_plane_tile():
     assert phase_planes_tile(spec) == (4, 2)  # 28 output columns (+ the shifted taps' 29th): 2 vectors
     assert phase_planes_tile(_spec((1, 8, 28, 28))) == (7, 1)
     assert phase_planes_tile(_spec((1, 8, 34, 34))) == (1, 2)  # 17 output rows: a prime
+    # stride 1: lifted rows of >= 2 vectors take up to 14 accumulators, one-vector rows 8
+    assert [phase_planes_tile(_spec((1, 8, size, size), stride=1)) for size in (56, 28, 14)] == [(2, 4), (7, 2), (7, 1)]
+    assert phase_planes_tile(_spec((1, 8, 12, 63), stride=1)) == (3, 4)
 
 
 def _spec(shape, stride=2, padding=(1, 1, 1, 1), lanes=16, taps=4):

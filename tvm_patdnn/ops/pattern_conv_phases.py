@@ -1,5 +1,5 @@
 """The pattern convolution on phase planes of whole aligned rows, without split loads (AVX-512): stride 2
-(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14, 128-channel 28x28 and all 56x56 layers).
+(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14 and 28x28 layers of >= 128 channels, all 56x56 ones).
 
 A 3x3 stride-2 layer with padding 1 reads output pixel (y, x)'s tap (dy, dx) at padded input pixel
 (2y + dy, 2x + dx). Each input channel is first split into its 2 x 2 row/column phase planes: plane
@@ -73,7 +73,7 @@ from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 from .pattern_conv_2x2 import thread_filters
 
-__all__ = ["PHASE_FUSED_PAD", "PHASE_PLANE_SIZES", "PHASE_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply",
+__all__ = ["PHASE_FUSED_PAD", "PHASE_LIFTED", "PHASE_LIFTED_TILE_VECTORS", "PHASE_PLANE_SIZES", "PHASE_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply",
            "phase_planes_tile", "pattern_conv_phases_primfunc"]
 
 _LANES = 16
@@ -93,24 +93,29 @@ PHASE_FUSED_PAD = True
 # of them vpermt2ps plus a register copy); the output stage interleaves the tile's vectors back into rows.
 PHASE_LIFTED = True
 PHASE_TILE_VECTORS = 8  # accumulator vectors of the register tile, at most
+# ... with lifted rows (fewer shuffle temporaries): VGG-16 224's 28x28 layers 7 x 2 tiles against 4 x 2 1.08-1.10x,
+# ResNet-50's 128-channel 28x28 1.095x; at 56x56 still 2 x 4 (3 rows do not divide 56; 4 x 4 spills: 0.5x)
+PHASE_LIFTED_TILE_VECTORS = 14
 # (input height, input width, stride) this kernel is routed for -> (fewest, most) input channels it takes there
 # (None: no bound): ResNet-50's 56 -> 28 and 28 -> 14 stride-2 layers, the 14x14 layers of ResNet-50 (256 channels)
-# and VGG-16 224 (512), ResNet-50's 128-channel 28x28 layers and every 56x56 layer (ResNet-50's 64 channels, VGG-16
-# 224's 128 -> 256 and 256 -> 256: in the trunk 1.24x / 1.12-1.15x / 1.05-1.08x over the wide-rows kernel and the
-# TE operator's lifted rows before lifted planes, 1.32x / 1.19x / 1.12x with them); VGG-16 224's 256- and
-# 512-channel 28x28 layers measured a tie (1.00-1.02x) and keep the TE operator, as do fewer channels (unmeasured);
-# rows of 112 and 224 columns (8 and 15 vectors) 0.66-0.89x of the wide-rows kernel, CIFAR's 32 columns (3 vectors
-# for 32) 1.08x in one run: not routed
+# and VGG-16 224 (512), 28x28 layers of >= 128 channels (ResNet-50's 128, VGG-16 224's 256 -> 512 and 512 -> 512:
+# unlifted a tie with the TE operator's halo-less lifted rows, 1.00-1.02x; lifted with 7 x 2 tiles 1.17-1.18x in the
+# trunk) and every 56x56 layer (ResNet-50's 64 channels, VGG-16 224's 128 -> 256 and 256 -> 256: in the trunk
+# 1.24x / 1.12-1.15x / 1.05-1.08x over the wide-rows kernel and the TE operator's lifted rows before lifted planes,
+# 1.30-1.32x / 1.18-1.19x / 1.10-1.12x with them); fewer channels keep the TE operator (unmeasured); rows of 112 and
+# 224 columns (8 and 15 vectors) 0.66-0.89x of the wide-rows kernel; CIFAR's 64-channel 32x32 (3 lifted vectors for
+# 32 columns) 0.90x of it: not routed
 PHASE_PLANE_SIZES = {(56, 56, 2): (None, None), (28, 28, 2): (None, None), (14, 14, 1): (256, None),
-                     (28, 28, 1): (128, 128), (56, 56, 1): (None, None)}
+                     (28, 28, 1): (128, None), (56, 56, 1): (None, None)}
 
 
 def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
     """(R output rows, V vectors a row) of the register tile: V = ceil((OW + 1) / 16), R the largest divisor
-    of the output's rows with R x V <= :data:`PHASE_TILE_VECTORS`."""
+    of the output's rows with R x V <= :data:`PHASE_TILE_VECTORS` (lifted rows :data:`PHASE_LIFTED_TILE_VECTORS`)."""
     vectors = -(-(spec.out_width + 1) // _LANES)
+    most = PHASE_LIFTED_TILE_VECTORS if _lifted(spec.strides[0], vectors) else PHASE_TILE_VECTORS
     rows = max(r for r in range(1, spec.out_height + 1)
-               if spec.out_height % r == 0 and r * vectors <= max(PHASE_TILE_VECTORS, vectors))
+               if spec.out_height % r == 0 and r * vectors <= max(most, vectors))
     return rows, vectors
 
 
