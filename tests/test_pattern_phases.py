@@ -90,7 +90,8 @@ def test_phase_plane_kernel_on_other_sizes(monkeypatch, height, width, batch, ch
     (28, 1, 128, 16, "phase_planes"), (28, 1, 512, 16, "phase_planes"), (28, 1, 64, 16, None), (28, 1, 8, 16, None),
     (28, 1, 128, 8, None), (28, 1, 512, 4, None),
     (56, 1, 64, 16, "phase_planes"), (56, 1, 128, 16, "phase_planes"), (56, 1, 256, 16, "phase_planes"),
-    (56, 1, 64, 8, None), (56, 1, 256, 8, None), (56, 1, 128, 4, None), (112, 1, 8, 16, "wide_rows")])
+    (56, 1, 64, 8, None), (56, 1, 256, 8, None), (56, 1, 128, 4, None), (112, 1, 8, 16, "wide_rows"),
+    (32, 1, 64, 16, "phase_planes"), (32, 1, 128, 16, "wide_rows"), (32, 1, 64, 8, None)])
 def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channels, lanes, kernel):
     """AVX-512 routes ResNet-50's 56 -> 28 and 28 -> 14 stride-2 sizes to this kernel (14 -> 7 keeps the
     shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels, 28x28 ones of >= 128 and every 56x56 one
@@ -114,6 +115,9 @@ def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channel
         (31, 31, 1, 2, 2, False),  # 31 columns, the most two vectors take (the shifted taps read column 31: zeros)
         (56, 56, 1, 64, 1, True),  # ResNet-50's 64-channel 56x56 layers: 4-vector lifted rows, 2-row tiles
         (56, 56, 2, 67, 1, True),  # VGG-16 224's 56x56 layers have 128-256 channels: batch 2, odd channels
+        (32, 32, 2, 63, 1, True),  # VGG-16 CIFAR's 32x32 (64 channels): 2 lifted vectors (not 3), 4-row tiles
+        (10, 48, 1, 3, 2, False),  # 48 columns: 3 lifted vectors, lane 15 of the last one column 47
+        (6, 224, 1, 2, 1, False),  # 224 columns: 14 lifted vectors, 1-row tiles
         (12, 63, 2, 3, 2, False),  # 63 columns, the most four vectors take
     ],
 )
@@ -145,6 +149,7 @@ def test_the_phase_plane_tile():
     # stride 1: lifted rows of >= 2 vectors take up to 14 accumulators, one-vector rows 8
     assert [phase_planes_tile(_spec((1, 8, size, size), stride=1)) for size in (56, 28, 14)] == [(2, 4), (7, 2), (7, 1)]
     assert phase_planes_tile(_spec((1, 8, 12, 63), stride=1)) == (3, 4)
+    assert phase_planes_tile(_spec((1, 8, 32, 32), stride=1)) == (4, 2)  # 32 columns: 2 lifted vectors, not 3
 
 
 def _spec(shape, stride=2, padding=(1, 1, 1, 1), lanes=16, taps=4):
@@ -161,10 +166,12 @@ def _spec(shape, stride=2, padding=(1, 1, 1, 1), lanes=16, taps=4):
     ((1, 8, 28, 28), 2, (1, 1, 1, 1), 8),  # AVX2 (8 lanes)
     ((1, 8, 14, 14), 2, (1, 1, 1, 1), 16),  # rows narrower than a vector
     ((1, 8, 128, 128), 2, (1, 1, 1, 1), 16),  # 64 output columns: more than 4 vectors with the shifted column
-    ((1, 8, 64, 64), 1, (1, 1, 1, 1), 16),  # the same at stride 1
+    ((1, 8, 64, 64), 1, (1, 1, 1, 1), 16),  # the same at stride 1 unlifted (below)
+    ((1, 8, 4, 240), 1, (1, 1, 1, 1), 16),  # lifted stride-1 rows: more than 14 vectors
 ])
 def test_the_phase_plane_kernel_refuses_other_layers(monkeypatch, shape, stride, padding, lanes):
     monkeypatch.setattr(pattern_conv_phases, "PHASE_PLANE_SIZES", "any")
+    monkeypatch.setattr(pattern_conv_phases, "PHASE_LIFTED", shape[3] != 64)
     with pytest.raises(PatDNNError, match="phase-plane kernel takes"):
         pattern_conv_phases_primfunc(_spec(shape, stride, padding, lanes), 1, lanes)
 

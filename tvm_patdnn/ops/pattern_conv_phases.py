@@ -1,5 +1,6 @@
 """The pattern convolution on phase planes of whole aligned rows, without split loads (AVX-512): stride 2
-(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14 and 28x28 layers of >= 128 channels, all 56x56 ones).
+(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14 and 28x28 layers of >= 128 channels, all 56x56 ones,
+32x32 ones of <= 64 channels).
 
 A 3x3 stride-2 layer with padding 1 reads output pixel (y, x)'s tap (dy, dx) at padded input pixel
 (2y + dy, 2x + dx). Each input channel is first split into its 2 x 2 row/column phase planes: plane
@@ -73,11 +74,18 @@ from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
 from .pattern_conv_2x2 import thread_filters
 
-__all__ = ["PHASE_FUSED_PAD", "PHASE_LIFTED", "PHASE_LIFTED_TILE_VECTORS", "PHASE_PLANE_SIZES", "PHASE_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply",
-           "phase_planes_tile", "pattern_conv_phases_primfunc"]
+__all__ = ["PHASE_FUSED_PAD", "PHASE_LIFTED", "PHASE_LIFTED_EXACT", "PHASE_LIFTED_TILE_VECTORS", "PHASE_PLANE_SIZES",
+           "PHASE_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply", "phase_planes_tile",
+           "pattern_conv_phases_primfunc"]
 
 _LANES = 16
 _MAX_VECTORS = 4  # vectors a plane row, at most (wider rows measured 0.66-0.89x of the wide-rows kernel)
+_MAX_LIFTED_VECTORS = 14  # ... lifted rows of exactly ceil(W / 16) vectors (PHASE_LIFTED_EXACT)
+# Lifted stride-1 rows of more than 16 columns take ceil(W / 16) vectors, not ceil((W + 1) / 16): a lifted side tap
+# reads column W only as the zero shifted in at an end vector, so rows of 32 columns fill 2 vectors (not 3 at 67% of
+# the lanes). VGG-16 CIFAR's 64-channel 32x32: 1.21-1.23x over the wide-rows kernel alone (77-82% of 268 GFLOP/s),
+# 1.28x in the model (0.061 -> 0.047 ms); 224 columns in 14 lifted vectors (1 x 14 tiles) 0.69x of it.
+PHASE_LIFTED_EXACT = True
 # Each kernel prefetches, for the kernel this many ahead (its channel is gathered: the hardware prefetcher cannot
 # follow), the first line of the row block of each phase plane its pattern reads (0: none)
 PHASE_PREFETCH = 4
@@ -103,16 +111,19 @@ PHASE_LIFTED_TILE_VECTORS = 14
 # trunk) and every 56x56 layer (ResNet-50's 64 channels, VGG-16 224's 128 -> 256 and 256 -> 256: in the trunk
 # 1.24x / 1.12-1.15x / 1.05-1.08x over the wide-rows kernel and the TE operator's lifted rows before lifted planes,
 # 1.30-1.32x / 1.18-1.19x / 1.10-1.12x with them); fewer channels keep the TE operator (unmeasured); rows of 112 and
-# 224 columns (8 and 15 vectors) 0.66-0.89x of the wide-rows kernel; CIFAR's 64-channel 32x32 (3 lifted vectors for
-# 32 columns) 0.90x of it: not routed
+# 224 columns (8 and 15 vectors) 0.66-0.89x of the wide-rows kernel: not routed; CIFAR's 64-channel 32x32 layer 1.28x
+# over it in 2 lifted vectors (PHASE_LIFTED_EXACT; 0.90x in 3): routed up to 64 channels (more: unmeasured)
 PHASE_PLANE_SIZES = {(56, 56, 2): (None, None), (28, 28, 2): (None, None), (14, 14, 1): (256, None),
-                     (28, 28, 1): (128, None), (56, 56, 1): (None, None)}
+                     (28, 28, 1): (128, None), (56, 56, 1): (None, None), (32, 32, 1): (None, 64)}
 
 
 def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
-    """(R output rows, V vectors a row) of the register tile: V = ceil((OW + 1) / 16), R the largest divisor
+    """(R output rows, V vectors a row) of the register tile: V = ceil((OW + 1) / 16) (lifted rows of more than
+    16 columns ceil(OW / 16), :data:`PHASE_LIFTED_EXACT`), R the largest divisor
     of the output's rows with R x V <= :data:`PHASE_TILE_VECTORS` (lifted rows :data:`PHASE_LIFTED_TILE_VECTORS`)."""
     vectors = -(-(spec.out_width + 1) // _LANES)
+    if PHASE_LIFTED_EXACT and PHASE_LIFTED and spec.strides[0] == 1 and spec.out_width > _LANES:
+        vectors = -(-spec.out_width // _LANES)
     most = PHASE_LIFTED_TILE_VECTORS if _lifted(spec.strides[0], vectors) else PHASE_TILE_VECTORS
     rows = max(r for r in range(1, spec.out_height + 1)
                if spec.out_height % r == 0 and r * vectors <= max(most, vectors))
@@ -122,12 +133,13 @@ def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
 def phase_planes_apply(spec: PatternConvSpec, target_lanes: int, sizes=None) -> bool:
     """Whether this kernel computes ``spec`` on a target of ``target_lanes`` fp32 lanes: 16 (AVX-512), stride
     1 or 2, padding 1 on every side, 4-tap patterns, output rows of at most 63 columns (4 vectors with the
-    shifted taps' extra column), at stride 2 input rows of at least 16 columns, and (``sizes`` None) a size and
-    channel count of :data:`PHASE_PLANE_SIZES` (``"any"``: any other)."""
+    shifted taps' extra column; lifted stride-1 rows up to 224 columns), at stride 2 input rows of at least 16
+    columns, and (``sizes`` None) a size and channel count of :data:`PHASE_PLANE_SIZES` (``"any"``: any other)."""
     sizes = PHASE_PLANE_SIZES if sizes is None else sizes
     stride = spec.strides[0]
     if not (target_lanes == _LANES and spec.strides in ((1, 1), (2, 2)) and spec.padding == (1, 1, 1, 1)
-            and spec.taps == 4 and spec.n_kernels > 0 and spec.out_width + 1 <= _MAX_VECTORS * _LANES
+            and spec.taps == 4 and spec.n_kernels > 0 and (spec.out_width + 1 <= _MAX_VECTORS * _LANES or (
+                PHASE_LIFTED_EXACT and PHASE_LIFTED and stride == 1 and spec.out_width <= _MAX_LIFTED_VECTORS * _LANES))
             and (stride == 1 or spec.width >= _LANES) and spec.batch * spec.in_channels * spec.height * spec.width
             >= _LANES):
         return False
@@ -253,7 +265,7 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
     output channel), [bias], out."""
     if not phase_planes_apply(spec, lanes, sizes):
         raise PatDNNError("the phase-plane kernel takes 16 lanes, stride 1 or 2 (input rows of at least 16 columns), "
-                          "padding 1, 4 taps and output rows of at most 63 columns; got "
+                          "padding 1, 4 taps and output rows of at most 63 columns (lifted stride-1 rows 224); got "
                           f"{spec.height}x{spec.width}, strides {spec.strides}, padding {spec.padding}, {spec.taps} "
                           f"taps at {lanes} lanes")
     n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
