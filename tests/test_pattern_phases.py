@@ -91,7 +91,8 @@ def test_phase_plane_kernel_on_other_sizes(monkeypatch, height, width, batch, ch
     (28, 1, 128, 8, None), (28, 1, 512, 4, None),
     (56, 1, 64, 16, "phase_planes"), (56, 1, 128, 16, "phase_planes"), (56, 1, 256, 16, "phase_planes"),
     (56, 1, 64, 8, None), (56, 1, 256, 8, None), (56, 1, 128, 4, None), (112, 1, 8, 16, "wide_rows"),
-    (32, 1, 64, 16, "phase_planes"), (32, 1, 128, 16, "wide_rows"), (32, 1, 64, 8, None)])
+    (32, 1, 64, 16, "phase_planes"), (32, 1, 128, 16, "wide_rows"), (32, 1, 64, 8, None),
+    (112, 1, 128, 16, "phase_planes"), (112, 1, 64, 16, "wide_rows"), (112, 1, 128, 8, None)])
 def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channels, lanes, kernel):
     """AVX-512 routes ResNet-50's 56 -> 28 and 28 -> 14 stride-2 sizes to this kernel (14 -> 7 keeps the
     shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels, 28x28 ones of >= 128 and every 56x56 one
@@ -118,6 +119,7 @@ def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channel
         (32, 32, 2, 63, 1, True),  # VGG-16 CIFAR's 32x32 (64 channels): 2 lifted vectors (not 3), 4-row tiles
         (10, 48, 1, 3, 2, False),  # 48 columns: 3 lifted vectors, lane 15 of the last one column 47
         (6, 224, 1, 2, 1, False),  # 224 columns: 14 lifted vectors, 1-row tiles
+        (112, 112, 1, 129, 1, True),  # VGG-16 224's 128x128 112x112: 7 lifted vectors, 2-row tiles
         (12, 63, 2, 3, 2, False),  # 63 columns, the most four vectors take
     ],
 )

@@ -1,6 +1,6 @@
 """The pattern convolution on phase planes of whole aligned rows, without split loads (AVX-512): stride 2
-(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14 and 28x28 layers of >= 128 channels, all 56x56 ones,
-32x32 ones of <= 64 channels).
+(ResNet-50's 56 -> 28 and 28 -> 14 layers) and stride 1 (14x14, 28x28 and 112x112 layers of >= 128 channels, all 56x56
+ones, 32x32 ones of <= 64 channels).
 
 A 3x3 stride-2 layer with padding 1 reads output pixel (y, x)'s tap (dy, dx) at padded input pixel
 (2y + dy, 2x + dx). Each input channel is first split into its 2 x 2 row/column phase planes: plane
@@ -112,9 +112,12 @@ PHASE_LIFTED_TILE_VECTORS = 14
 # 1.24x / 1.12-1.15x / 1.05-1.08x over the wide-rows kernel and the TE operator's lifted rows before lifted planes,
 # 1.30-1.32x / 1.18-1.19x / 1.10-1.12x with them); fewer channels keep the TE operator (unmeasured); rows of 112 and
 # 224 columns (8 and 15 vectors) 0.66-0.89x of the wide-rows kernel: not routed; CIFAR's 64-channel 32x32 layer 1.28x
-# over it in 2 lifted vectors (PHASE_LIFTED_EXACT; 0.90x in 3): routed up to 64 channels (more: unmeasured)
+# over it in 2 lifted vectors (PHASE_LIFTED_EXACT; 0.90x in 3): routed up to 64 channels (more: unmeasured); VGG-16
+# 224's 128x128 112x112 in 7 lifted vectors (2 x 7 tiles) 1.12x alone and 1.155x in the trunk over the wide-rows
+# kernel, its 64 -> 128 0.99x (not routed below 128 channels), 4 x 7 tiles 0.53x (spills)
 PHASE_PLANE_SIZES = {(56, 56, 2): (None, None), (28, 28, 2): (None, None), (14, 14, 1): (256, None),
-                     (28, 28, 1): (128, None), (56, 56, 1): (None, None), (32, 32, 1): (None, 64)}
+                     (28, 28, 1): (128, None), (56, 56, 1): (None, None), (32, 32, 1): (None, 64),
+                     (112, 112, 1): (128, None)}
 
 
 def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
