@@ -28,7 +28,11 @@ ReLU as whole vectors of consecutive output floats (each permuted from the resul
 come from, the last overlapping the one before: no masked or partial store). Filters run in FKW's
 stored order, each thread a contiguous run of them (:func:`~.pattern_conv_2x2.thread_filters`), row
 blocks outside the filters, so a block's plane rows (every channel) are what the filters re-read from L2; with one
-thread they are built per row block, just before the filters read them (:data:`PHASE_FUSED_PAD`).
+thread they are built per row block, just before the filters read them, into a buffer of one block, instead of all
+planes first: in the model the planes then come from L2, not back from L3 (ResNet-50's 56 -> 28 layer's planes are
+1.9 MB; Zen 5, 1 thread, in the pruned ResNet-50, per-call minima, two interleaved runs of 9 rounds: 56 -> 28
+1.089x / 1.093x, 28 -> 14 1.023x / 1.039x; alone 0.98x and 1.03x); more threads pad everything first (split over
+the channels).
 Per kernel, the first line of the block of each plane its pattern reads is prefetched for the kernel
 :data:`PHASE_PREFETCH` ahead (the channel is gathered; the hardware prefetchers follow the rest of the block).
 
@@ -71,30 +75,19 @@ from tvm.script.ir_builder import tirx as T
 
 from ..errors import PatDNNError
 from .activation import bias_relu
-from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr, fkw_arguments
 from .pattern_conv_2x2 import thread_filters
 
-__all__ = ["PHASE_FUSED_PAD", "PHASE_LIFTED", "PHASE_LIFTED_EXACT", "PHASE_LIFTED_TILE_VECTORS", "PHASE_PLANE_SIZES",
+__all__ = ["PHASE_LIFTED", "PHASE_LIFTED_TILE_VECTORS", "PHASE_PLANE_SIZES",
            "PHASE_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply", "phase_planes_tile",
            "pattern_conv_phases_primfunc"]
 
 _LANES = 16
 _MAX_VECTORS = 4  # vectors a plane row, at most (wider rows measured 0.66-0.89x of the wide-rows kernel)
-_MAX_LIFTED_VECTORS = 14  # ... lifted rows of exactly ceil(W / 16) vectors (PHASE_LIFTED_EXACT)
-# Lifted stride-1 rows of more than 16 columns take ceil(W / 16) vectors, not ceil((W + 1) / 16): a lifted side tap
-# reads column W only as the zero shifted in at an end vector, so rows of 32 columns fill 2 vectors (not 3 at 67% of
-# the lanes). VGG-16 CIFAR's 64-channel 32x32: 1.21-1.23x over the wide-rows kernel alone (77-82% of 268 GFLOP/s),
-# 1.28x in the model (0.061 -> 0.047 ms); 224 columns in 14 lifted vectors (1 x 14 tiles) 0.69x of it.
-PHASE_LIFTED_EXACT = True
+_MAX_LIFTED_VECTORS = 14  # ... lifted rows of exactly ceil(W / 16) vectors (see phase_planes_tile)
 # Each kernel prefetches, for the kernel this many ahead (its channel is gathered: the hardware prefetcher cannot
 # follow), the first line of the row block of each phase plane its pattern reads (0: none)
 PHASE_PREFETCH = 4
-# One thread builds each row block's plane rows (every channel, R + 1 rows a plane) just before its filters read
-# them, into a buffer of one block, instead of all planes first: in the model the planes then come from L2, not
-# back from L3 (ResNet-50's 56 -> 28 layer's planes are 1.9 MB). Zen 5, 1 thread, in the pruned ResNet-50 (per-call
-# minima, two interleaved runs of 9 rounds): 56 -> 28 1.089x / 1.093x, 28 -> 14 1.023x / 1.039x; alone 0.98x and
-# 1.03x. More threads keep the whole pad first (split over the channels).
-PHASE_FUSED_PAD = True
 # Stride-1 plane rows of at least 2 vectors are stored lifted: lane j of vector i is column vectors * j + i, so a
 # side tap of vector i is vector i -+ 1 of the row (an aligned load) and only the first (last) vector's one valignd of
 # the last (first) vector with zeros, instead of one valignd of two adjacent vectors for every vector (LLVM made half
@@ -112,7 +105,7 @@ PHASE_LIFTED_TILE_VECTORS = 14
 # 1.24x / 1.12-1.15x / 1.05-1.08x over the wide-rows kernel and the TE operator's lifted rows before lifted planes,
 # 1.30-1.32x / 1.18-1.19x / 1.10-1.12x with them); fewer channels keep the TE operator (unmeasured); rows of 112 and
 # 224 columns (8 and 15 vectors) 0.66-0.89x of the wide-rows kernel: not routed; CIFAR's 64-channel 32x32 layer 1.28x
-# over it in 2 lifted vectors (PHASE_LIFTED_EXACT; 0.90x in 3): routed up to 64 channels (more: unmeasured); VGG-16
+# over it in 2 lifted vectors (phase_planes_tile; 0.90x in 3): routed up to 64 channels (more: unmeasured); VGG-16
 # 224's 128x128 112x112 in 7 lifted vectors (2 x 7 tiles) 1.12x alone and 1.155x in the trunk over the wide-rows
 # kernel, its 64 -> 128 0.99x (not routed below 128 channels), 4 x 7 tiles 0.53x (spills)
 PHASE_PLANE_SIZES = {(56, 56, 2): (None, None), (28, 28, 2): (None, None), (14, 14, 1): (256, None),
@@ -121,11 +114,14 @@ PHASE_PLANE_SIZES = {(56, 56, 2): (None, None), (28, 28, 2): (None, None), (14, 
 
 
 def phase_planes_tile(spec: PatternConvSpec) -> tuple[int, int]:
-    """(R output rows, V vectors a row) of the register tile: V = ceil((OW + 1) / 16) (lifted rows of more than
-    16 columns ceil(OW / 16), :data:`PHASE_LIFTED_EXACT`), R the largest divisor
-    of the output's rows with R x V <= :data:`PHASE_TILE_VECTORS` (lifted rows :data:`PHASE_LIFTED_TILE_VECTORS`)."""
+    """(R output rows, V vectors a row) of the register tile: V = ceil((OW + 1) / 16), R the largest divisor
+    of the output's rows with R x V <= :data:`PHASE_TILE_VECTORS` (lifted rows :data:`PHASE_LIFTED_TILE_VECTORS`).
+    Lifted stride-1 rows of more than 16 columns take ceil(OW / 16) vectors: a lifted side tap reads column OW only
+    as the zero shifted in at an end vector, so rows of 32 columns fill 2 vectors (not 3 at 67% of the lanes; VGG-16
+    CIFAR's 64-channel 32x32: 1.21-1.23x over the wide-rows kernel alone, 77-82% of 268 GFLOP/s, 1.28x in the model,
+    0.061 -> 0.047 ms; 224 columns in 14 lifted vectors, 1 x 14 tiles, 0.69x of it)."""
     vectors = -(-(spec.out_width + 1) // _LANES)
-    if PHASE_LIFTED_EXACT and PHASE_LIFTED and spec.strides[0] == 1 and spec.out_width > _LANES:
+    if PHASE_LIFTED and spec.strides[0] == 1 and spec.out_width > _LANES:
         vectors = -(-spec.out_width // _LANES)
     most = PHASE_LIFTED_TILE_VECTORS if _lifted(spec.strides[0], vectors) else PHASE_TILE_VECTORS
     rows = max(r for r in range(1, spec.out_height + 1)
@@ -142,7 +138,7 @@ def phase_planes_apply(spec: PatternConvSpec, target_lanes: int, sizes=None) -> 
     stride = spec.strides[0]
     if not (target_lanes == _LANES and spec.strides in ((1, 1), (2, 2)) and spec.padding == (1, 1, 1, 1)
             and spec.taps == 4 and spec.n_kernels > 0 and (spec.out_width + 1 <= _MAX_VECTORS * _LANES or (
-                PHASE_LIFTED_EXACT and PHASE_LIFTED and stride == 1 and spec.out_width <= _MAX_LIFTED_VECTORS * _LANES))
+                PHASE_LIFTED and stride == 1 and spec.out_width <= _MAX_LIFTED_VECTORS * _LANES))
             and (stride == 1 or spec.width >= _LANES) and spec.batch * spec.in_channels * spec.height * spec.width
             >= _LANES):
         return False
@@ -273,12 +269,12 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
                           f"taps at {lanes} lanes")
     n_, c_, h_, w_ = spec.batch, spec.in_channels, spec.height, spec.width
     oh, ow = spec.out_height, spec.out_width
-    f_, p_, taps = spec.out_channels, len(spec.patterns), spec.taps
+    f_, p_ = spec.out_channels, len(spec.patterns)
     tile_rows, vectors = phase_planes_tile(spec)
     stride = spec.strides[0]
     lifted = _lifted(stride, vectors)
     count, halo = stride * stride, 3 - stride  # planes a channel; plane rows past a block's output rows
-    fused = PHASE_FUSED_PAD and threads == 1
+    fused = threads == 1  # plane rows built per row block (the module docstring)
     pitch, plane_rows = vectors * lanes, (tile_rows if fused else oh) + halo
     plane = plane_rows * pitch
     zero = tirx.const(0.0, "float32")
@@ -286,14 +282,8 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("main")
-            data = T.arg("data", T.buffer((n_, c_, h_, w_), "float32"))
-            values = T.arg("values", T.buffer((spec.n_kernels, taps), "float32"))
-            channels = T.arg("channels", T.buffer((spec.n_kernels,), "int32"))
-            offsets = T.arg("offsets", T.buffer((f_ * p_ + 1,), "int32"))
-            order = T.arg("order", T.buffer((f_,), "int32"))
-            bias = T.arg("bias", T.buffer((f_,), "float32")) if spec.has_bias else None
-            out = T.arg("out", T.buffer((n_, f_, oh, ow), "float32"))
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            data, values, channels, offsets, order, bias, out = fkw_arguments(
+                spec, spec.n_kernels, (n_, c_, h_, w_), (n_, f_, oh, ow))
             source = T.decl_buffer((n_ * c_ * h_ * w_,), "float32", data=data.data)
             planes = T.decl_buffer(((1 if fused else n_) * c_ * count * plane,), "float32")
             if not fused:
