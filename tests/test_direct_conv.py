@@ -183,13 +183,19 @@ def test_transposed_store_matches_reference(transposed, shape, out_c, kernel, st
     target = resolve_target("x86")
     if vector_lanes(target) < 16:
         pytest.skip("host CPU: no AVX-512 to run the 16-lane code on")
-    model = conv_model(shape, out_c, kernel, strides, pads, residual=residual, activation="clip", seed=3)
-    n, c, h, w = shape
-    conv = DenseConvSpec(batch=n, in_channels=c, height=h, width=w, out_channels=out_c, kernel=kernel,
-                         strides=strides, padding=pads, has_bias=True, residual=residual, activation="clip",
-                         clip_min=-0.5, clip_max=0.75)
+    model, conv = _layer(shape, out_c, kernel, strides, pads, residual, "clip", seed=3)
     spec = DirectConvSpec(conv, tile, vectors, 16, transposed_store=transposed)
     _assert_kernel_matches(spec, model, target, seed=4)
+
+
+def _layer(shape, out_c, kernel, strides, pads, residual, activation, seed):
+    """A one-conv model with bias (clip bounds -0.5 / 0.75) and its DenseConvSpec."""
+    model = conv_model(shape, out_c, kernel, strides, pads, residual=residual, activation=activation, seed=seed)
+    n, c, h, w = shape
+    conv = DenseConvSpec(batch=n, in_channels=c, height=h, width=w, out_channels=out_c, kernel=kernel,
+                         strides=strides, padding=pads, has_bias=True, residual=residual, activation=activation,
+                         clip_min=-0.5, clip_max=0.75)
+    return model, conv
 
 
 def _assert_kernel_matches(spec: DirectConvSpec, model, target, seed: int) -> None:
@@ -220,11 +226,7 @@ def test_weight_prefetch_matches_reference(shape, out_c, kernel, strides, pads, 
     target = resolve_target("x86")
     if vector_lanes(target) < lanes:
         pytest.skip("host CPU: no AVX-512 to run the 16-lane code on")
-    model = conv_model(shape, out_c, kernel, strides, pads, residual=residual, activation=activation, seed=7)
-    n, c, h, w = shape
-    conv = DenseConvSpec(batch=n, in_channels=c, height=h, width=w, out_channels=out_c, kernel=kernel,
-                         strides=strides, padding=pads, has_bias=True, residual=residual, activation=activation,
-                         clip_min=-0.5, clip_max=0.75)
+    model, conv = _layer(shape, out_c, kernel, strides, pads, residual, activation, seed=7)
     spec = DirectConvSpec(conv, tile, vectors, lanes, weight_panel=panel, weight_prefetch=2)
     assert spec.channel_blocks > 1
     assert "prefetch" in direct_conv_primfunc(spec).script()
@@ -260,11 +262,7 @@ def test_weight_stream_matches_reference(shape, out_c, kernel, strides, pads, re
     target = resolve_target("x86")
     if vector_lanes(target) < 16:
         pytest.skip("host CPU: no AVX-512 to run the 16-lane code on")
-    model = conv_model(shape, out_c, kernel, strides, pads, residual=residual, activation=activation, seed=11)
-    n, c, h, w = shape
-    conv = DenseConvSpec(batch=n, in_channels=c, height=h, width=w, out_channels=out_c, kernel=kernel,
-                         strides=strides, padding=pads, has_bias=True, residual=residual, activation=activation,
-                         clip_min=-0.5, clip_max=0.75)
+    model, conv = _layer(shape, out_c, kernel, strides, pads, residual, activation, seed=11)
     spec = DirectConvSpec(conv, tile, vectors, 16, weight_panel=panel, weight_stream=lines)
     assert spec.channel_blocks > 1 or spec.filter_blocks > 1
     tiles = 1 + bool(spec.conv.pixels % tile)  # the main tile's code and the remainder tile's

@@ -272,11 +272,7 @@ def _store_output(spec: DirectConvSpec, mr: int, acc, flat_res, flat_out, n, fb,
             f = fb * block + j
 
             def store() -> None:
-                value = acc[m * block + j]
-                if flat_res is not None and spec.blocked_residual:
-                    value = value + flat_res[n, f // BLOCK, base + m, f % BLOCK]
-                elif flat_res is not None:
-                    value = value + flat_res[n, f, base + m]
+                value = _add_residual(spec, acc[m * block + j], flat_res, n, f, base + m)
                 T.buffer_store(flat_out, activate(value, conv), [n, f, base + m])
 
             _store_real_filter(ragged, f < conv.out_channels, store)
@@ -287,14 +283,18 @@ def _store_one(spec, ragged, value, f, m, flat_res, flat_out, n, base) -> None:
     conv = spec.conv
 
     def store() -> None:
-        v = value
-        if flat_res is not None and spec.blocked_residual:
-            v = v + flat_res[n, f // BLOCK, base + m, f % BLOCK]
-        elif flat_res is not None:
-            v = v + flat_res[n, f, base + m]
-        T.buffer_store(flat_out, activate(v, conv), [n, f, base + m])
+        T.buffer_store(flat_out, activate(_add_residual(spec, value, flat_res, n, f, base + m), conv), [n, f, base + m])
 
     _store_real_filter(ragged, f < conv.out_channels, store)
+
+
+def _add_residual(spec, value, flat_res, n, f, pixel):
+    """``value`` plus filter ``f``'s residual at ``pixel`` (NCHW or NCHW16c), if the conv has one."""
+    if flat_res is None:
+        return value
+    if spec.blocked_residual:
+        return value + flat_res[n, f // BLOCK, pixel, f % BLOCK]
+    return value + flat_res[n, f, pixel]
 
 
 def _acc_vector(acc, m: int, v: int, block: int, lanes: int):
