@@ -64,6 +64,21 @@ def test_avx512_2x2_kernel_matches_the_onnx_reference(batch, bias, relu):
 
 
 @pytest.mark.parametrize(
+    "batch, channels, bias, relu, patterns, cores",
+    [
+        (2, 97, True, True, 4, 2),  # runs of ~24 kernels: the 8-accumulator loop and its remainders; odd channels
+        (1, 131, False, False, 3, 1),  # runs of ~44 kernels, no bias, no ReLU, one thread
+        (2, 75, True, False, 12, 3),  # runs of ~6 kernels (the remainder alone), three threads
+    ],
+)
+def test_avx512_2x2_kernel_with_long_runs_matches_the_onnx_reference(batch, channels, bias, relu, patterns, cores):
+    """AVX-512: each (filter, pattern) run alternates its kernels between 8 accumulators, the last
+    ``length % 8`` kernels into the first; every kept kernel's channel (connectivity 1)."""
+    conv = ConvSpec(21, connectivity=1.0, bias=bias, relu=relu, n_patterns=patterns)
+    _check({**AVX512, "num-cores": cores}, 16, batch, channels, 2, conv, seed=channels + batch)
+
+
+@pytest.mark.parametrize(
     "batch, channels, connectivity, bias, relu, patterns, cores",
     [
         (1, 48, 1.5, True, True, 8, 1),  # VGG's 4x4 layers: 8 patterns, one thread

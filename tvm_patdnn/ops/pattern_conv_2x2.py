@@ -16,8 +16,27 @@ end sums the accumulators and each pixel's 4 tap lanes, adds the bias and applie
 Measured on Zen 4 (1 thread, VGG-16 CIFAR 8x, the three 512-channel 2x2 layers): 1.9-2.0x faster than
 the cheapest row/flat layout (0.08 against 0.15-0.17 ms a layer); with one accumulator 1.4x, with
 four 1.8x. On Zen 5 (512-bit FMAs at full rate, session 14) four accumulators are 1.14-1.17x faster
-than two (40 -> 35 µs a layer), so AVX-512 takes four; one run per filter with the ``vpermps`` index
-looked up per kernel (as AVX2 does with its shuffle table) was 0.64-0.69x.
+than two (40 -> 35 µs a layer); one run per filter with the ``vpermps`` index looked up per kernel (as
+AVX2 does with its shuffle table) was 0.64-0.69x. Session 18 (Zen 5): eight accumulators, 1.12-1.14x
+over four inside the model (57-59 -> 50-52 µs a layer; alone, weights in L2/L3, 1.01x), so AVX-512 takes
+eight.
+
+Where the AVX-512 kernel stands (Zen 5, session 18): alone ~30 µs a layer (29% of 268 GFLOP/s), 1.5-1.75
+cycles a kernel: the loop is load-bound (a channel index, the ``vpermps`` memory operand and the
+``vbroadcastf32x4``: 3 loads a kernel at ~2 a cycle), not FMA- or decode-bound; a C model of the loop with
+the layer's real runs gives the same 1.77 cycles, 1.50 with the whole filter one run. Inside the model the
+layer takes 50-59 µs: its 1.45 MB of weights and indices come from beyond the L2 (alone after a 64 MB
+eviction ~65 µs). Measured and not kept (interleaved A/B in one process, the layer alone unless said):
+channel indices pre-scaled (no shift; needs the rewrite to pass ``16 * channel``) 1.01-1.04x; a per-call
+table of every (channel, pattern)'s permuted vector (256 KB at 8 patterns), read as the FMA's memory
+operand: per pattern run 0.70-0.76x, one run per filter (``arranged_rows``) 0.70-0.74x, both bound by the
+table's L2 -> L1 traffic (64 bytes a kernel; with the table forced into L1 by channel indices mod 8 they
+tie or reach 1.05-1.13x); the table built per 64-channel block (32 KB, L1) with each filter's kernels
+grouped by block, 4 kernels' weights one vector shuffled in registers: 0.69x (16 KB blocks 0.61x: a run
+per (filter, block) instead of per (filter, pattern), and the loop at ~2 cycles a kernel in the model's
+runs against 1.0 in a long C loop); the lanes flipped to (image value x pixel) with a zero-masked
+``vpermps`` of the weights (C model) 0.89x; software prefetch of the weights 128-512 kernels ahead (a line per 4
+kernels), in the model 0.90-0.98x (per kernel, 64 ahead: 0.73x).
 
 On AVX2 (8 lanes) a ymm permutes only 8 floats, but a kernel's 16 lanes take only 5 values: the
 channel's 4 and zero. Each 128-bit half of the two ymm is one pixel's 4 taps, so one ``vpshufb`` of
@@ -51,8 +70,10 @@ __all__ = ["LANES", "TARGET_LANES", "arranged_rows", "tap_lanes_apply", "thread_
 LANES = 16  # 4 output pixels x 4 taps: one 512-bit vector, or two 256-bit ones
 TARGET_LANES = (8, 16)  # AVX2 (vpshufb per kernel), AVX-512 (vpermps per kernel)
 # accumulators (of a kernel's 16 lanes) a run alternates between, by target lanes: AVX2 2 (4 measured 0.8x),
-# AVX-512 4 (Zen 5: 1.14-1.17x over 2; 3 and 6 1.01-1.02x, 8 1.17-1.18x)
-_CHAINS = {8: 2, 16: 4}
+# AVX-512 8 (Zen 5, session 14: 4 1.14-1.17x over 2, 8 1.17-1.18x, 3 and 6 1.01-1.02x; session 18, 1 thread,
+# VGG-16 CIFAR's three 512-channel 2x2 layers inside the model, per-call minima, three interleaved runs of 9-11
+# rounds: 8 over 4 1.12-1.14x (57-59 -> 50-52 us), 6 0.93-0.95x, 12 0.96-0.98x, 16 0.68-0.69x; alone 1.01x)
+_CHAINS = {8: 2, 16: 8}
 
 
 def tap_lanes_apply(spec: PatternConvSpec, target_lanes: int) -> bool:
