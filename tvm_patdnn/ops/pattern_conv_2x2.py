@@ -35,8 +35,9 @@ tie or reach 1.05-1.13x); the table built per 64-channel block (32 KB, L1) with 
 grouped by block, 4 kernels' weights one vector shuffled in registers: 0.69x (16 KB blocks 0.61x: a run
 per (filter, block) instead of per (filter, pattern), and the loop at ~2 cycles a kernel in the model's
 runs against 1.0 in a long C loop); the lanes flipped to (image value x pixel) with a zero-masked
-``vpermps`` of the weights (C model) 0.89x; software prefetch of the weights 128-512 kernels ahead (a line per 4
-kernels), in the model 0.90-0.98x (per kernel, 64 ahead: 0.73x).
+``vpermps`` of the weights (C model) 0.89x; software prefetch of the weights, in the model, per layer: a line per 4
+kernels 128-2048 kernels ahead (into L1, L2 or L3) 0.81-0.90x, per kernel 64 ahead 0.73x, the next 1-4
+filters' lines at each filter's start 0.84-0.92x.
 
 On AVX2 (8 lanes) a ymm permutes only 8 floats, but a kernel's 16 lanes take only 5 values: the
 channel's 4 and zero. Each 128-bit half of the two ymm is one pixel's 4 taps, so one ``vpshufb`` of
