@@ -42,7 +42,8 @@ def _kernels(model, lanes: int) -> list[list[str]]:
     rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16 if lanes == 16 else 32 // lanes * 4)(mod)
     layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
                if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs]
-    return [[name for name in ("tap_lanes", "shifted_rows", "phase_planes", "wide_rows") if int(layout.get(name, 0))]
+    return [[name for name in ("tap_lanes", "shifted_rows", "tap_windows", "phase_planes", "wide_rows")
+             if int(layout.get(name, 0))]
             for layout in layouts]
 
 
@@ -84,7 +85,7 @@ def test_phase_plane_kernel_on_other_sizes(monkeypatch, height, width, batch, ch
 
 
 @pytest.mark.parametrize("size, stride, channels, lanes, kernel", [
-    (56, 2, 8, 16, "phase_planes"), (28, 2, 8, 16, "phase_planes"), (14, 2, 8, 16, "shifted_rows"),
+    (56, 2, 8, 16, "phase_planes"), (28, 2, 8, 16, "phase_planes"), (14, 2, 8, 16, "tap_windows"),
     (30, 2, 8, 16, None), (56, 2, 8, 8, None), (28, 2, 8, 8, None), (28, 2, 8, 4, None),
     (14, 1, 256, 16, "phase_planes"), (14, 1, 128, 16, None), (14, 1, 256, 8, None), (14, 1, 256, 4, None),
     (28, 1, 128, 16, "phase_planes"), (28, 1, 512, 16, "phase_planes"), (28, 1, 64, 16, None), (28, 1, 8, 16, None),
@@ -94,8 +95,8 @@ def test_phase_plane_kernel_on_other_sizes(monkeypatch, height, width, batch, ch
     (32, 1, 64, 16, "phase_planes"), (32, 1, 128, 16, "wide_rows"), (32, 1, 64, 8, None),
     (112, 1, 128, 16, "phase_planes"), (112, 1, 64, 16, "wide_rows"), (112, 1, 128, 8, None)])
 def test_layers_take_the_phase_plane_kernel_on_avx512_only(size, stride, channels, lanes, kernel):
-    """AVX-512 routes ResNet-50's 56 -> 28 and 28 -> 14 stride-2 sizes to this kernel (14 -> 7 keeps the
-    shifted-rows kernel), and at stride 1 14x14 layers of >= 256 channels, 28x28 ones of >= 128 and every 56x56 one
+    """AVX-512 routes ResNet-50's 56 -> 28 and 28 -> 14 stride-2 sizes to this kernel (14 -> 7 takes the
+    tap-window kernel), and at stride 1 14x14 layers of >= 256 channels, 28x28 ones of >= 128 and every 56x56 one
     (VGG-16 224's 128 and 256 channels too); other sizes and channel counts keep the TE operator or the wide-rows
     kernel, AVX2 and NEON the TE operator."""
     model = build_cnn(np.random.default_rng(size), (1, channels, size, size),

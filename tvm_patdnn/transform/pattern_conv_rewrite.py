@@ -24,6 +24,7 @@ from ..ops.pattern_conv_2x2 import LANES as TAP_LANES
 from ..ops.pattern_conv_2x2 import arranged_rows, pattern_conv_2x2_primfunc, tap_lanes_apply
 from ..ops.pattern_conv_phases import pattern_conv_phases_primfunc, phase_planes_apply
 from ..ops.pattern_conv_shifted_rows import pattern_conv_shifted_rows_primfunc, shifted_rows_apply
+from ..ops.pattern_conv_tap_windows import pattern_conv_tap_windows_primfunc, tap_windows_apply, tap_windows_weights
 from ..ops.pattern_conv_blocked import blocked_applies, blocked_layout, blocked_weights, pattern_conv_blocked_primfunc
 from ..ops.pattern_conv_wide import pattern_conv_wide_primfunc, wide_rows_apply
 from ..report import ConvRecord
@@ -219,19 +220,24 @@ class PatternConvRewrite:
             self.accumulators,
         )
         # 2x2 images on AVX-512 and AVX2: the scheduled (pixel x tap) kernel, 4x4 images (and 8x8 on AVX-512) the
-        # shifted-rows one, AVX-512 layers of PHASE_PLANE_SIZES the phase-plane one, and many-channel layers
+        # shifted-rows one, 14x14 -> 7x7 at stride 2 on AVX-512 the tap-window one (its own filter order), AVX-512
+        # layers of PHASE_PLANE_SIZES the phase-plane one, and many-channel layers
         # on AVX2 the channel-blocked one, which take FKW's filter order;
         # otherwise the compute the rules schedule, or on AVX-512 for rows of whole vectors and at most 128
         # channels the wide-rows kernel, which take its inverse.
         tap_lanes = tap_lanes_apply(spec, self.vector_width)
-        shifted_rows = shifted_rows_apply(spec, self.vector_width)
-        phases = not shifted_rows and phase_planes_apply(spec, self.vector_width)
+        tap_windows = tap_windows_apply(spec, self.vector_width)
+        shifted_rows = not tap_windows and shifted_rows_apply(spec, self.vector_width)
+        phases = not shifted_rows and not tap_windows and phase_planes_apply(spec, self.vector_width)
         blocked = not tap_lanes and blocked_applies(spec)
-        weights = [fkw.values, fkw.channels, fkw.offsets]
+        weights, stored_order = [fkw.values, fkw.channels, fkw.offsets], fkw.order
         if tap_lanes:
             func = pattern_conv_2x2_primfunc(spec, self.vector_width, self.threads)
             if self.vector_width < TAP_LANES:  # AVX2: each kernel's channel * patterns + pattern
                 weights[1] = arranged_rows(fkw.channels, fkw.offsets, len(spec.patterns))
+        elif tap_windows:  # AVX-512 7x7 outputs of TAP_WINDOW_SIZES: per-channel tap windows in channel blocks
+            func = pattern_conv_tap_windows_primfunc(spec, self.threads, self.vector_width)
+            *weights, stored_order = tap_windows_weights(fkw, spec, self.threads)
         elif shifted_rows:
             func = pattern_conv_shifted_rows_primfunc(spec, self.threads, self.vector_width)
         elif phases:  # AVX-512 sizes of PHASE_PLANE_SIZES (stride 2, 14x14, 28x28, 56x56): phase planes
@@ -248,7 +254,7 @@ class PatternConvRewrite:
         args = [
             conv.args[0],
             *(relax.const(w) for w in weights),
-            relax.const(fkw.order if tap_lanes or shifted_rows or phases or blocked
+            relax.const(stored_order if tap_lanes or shifted_rows or tap_windows or phases or blocked
                         else np.argsort(fkw.order).astype(np.int32)),
         ] + ([relax.const(bias)] if bias is not None else [])
         return gvar, args
