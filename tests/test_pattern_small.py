@@ -163,12 +163,13 @@ def test_small_images_take_their_kernel_per_target(size, lanes, kernel):
     assert _small_image_kernels(size, ConvSpec(16, connectivity=2.0), lanes) == [[kernel] if kernel else []]
 
 
-@pytest.mark.parametrize("size, stride, lanes, kernel", [(14, 2, 16, "shifted_rows"), (14, 2, 8, None),
+@pytest.mark.parametrize("size, stride, lanes, kernel", [(14, 2, 16, "tap_windows"), (14, 2, 8, None),
                                                          (14, 2, 4, None), (12, 2, 16, None), (16, 2, 16, None),
                                                          (14, 1, 16, None)])
 def test_strided_small_images_take_their_kernel_per_target(size, stride, lanes, kernel):
-    """AVX-512 takes the shifted-rows kernel for 14x14 -> 7x7 at stride 2 (ResNet-50's last stage), no
-    other strided layer; AVX2 and NEON keep the TE operator's layouts."""
+    """AVX-512 takes the tap-window kernel for 14x14 -> 7x7 at stride 2 (ResNet-50's last stage; the shifted-rows
+    kernel's stride-2 path is covered in tests/test_pattern_tap_windows.py), no other strided layer; AVX2 and NEON
+    keep the TE operator's layouts."""
     conv = ConvSpec(16, stride=stride, connectivity=2.0)
     assert _small_image_kernels(size, conv, lanes) == [[kernel] if kernel else []]
 
@@ -181,7 +182,8 @@ def _small_image_kernels(size: int, conv: ConvSpec, lanes: int) -> list[list[str
     rewritten = PatternConvRewrite(vector_width=lanes, accumulators=16)(mod)
     layouts = [func.attrs[PATTERN_CONV_ATTR] for _, func in rewritten.functions_items()
                if func.attrs is not None and PATTERN_CONV_ATTR in func.attrs]
-    return [[name for name in ("tap_lanes", "shifted_rows") if int(layout.get(name, 0))] for layout in layouts]
+    return [[name for name in ("tap_lanes", "shifted_rows", "tap_windows") if int(layout.get(name, 0))]
+            for layout in layouts]
 
 
 @pytest.mark.parametrize("batch, bias, relu", [(1, True, True), (2, False, False)])
