@@ -546,3 +546,62 @@ def test_avx512_wide_rows_kernel_matches_the_onnx_reference(monkeypatch, channel
     x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
     expected = reference_outputs(model, {"input": x})[0]
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+_WIDE_TWO_THREADS = """
+import sys, numpy as np, onnx, tvm_patdnn
+compiled = tvm_patdnn.compile(onnx.load(sys.argv[1]), {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+np.save(sys.argv[3], compiled.run({"input": np.load(sys.argv[2])})[0])
+"""
+
+
+@pytest.mark.parametrize(
+    "channels, filters, size, batch, bias, relu",
+    [
+        (1, 13, 112, 2, True, True),  # 9 (channel, pad row) slots for 13 filters: some filters prefetch none
+        (5, 7, 224, 1, False, True),  # 45 slots for 7 filters, 14 column blocks, no bias
+        (21, 16, 112, 2, True, False),  # odd channels, batch 2, no ReLU
+    ],
+)
+def test_avx512_wide_rows_sweep_prefetch_with_two_threads(tmp_path, channels, filters, size, batch, bias, relu):
+    """Rows of more than SWEEP_PREFETCH column blocks: each filter of a block's sweep prefetches its share of
+    the (channel, pad row) slots of the block SWEEP_PREFETCH ahead (narrower rows none); the two threads of a
+    fresh process (TVM_NUM_THREADS=2) split the row blocks, and the output matches onnx.reference."""
+    import os
+    import subprocess
+    import sys
+
+    from tvm_patdnn.ops import pattern_conv_wide
+
+    rng = np.random.default_rng(channels * 31 + size)
+    model = build_cnn(rng, (batch, channels, size, size), [ConvSpec(filters, connectivity=1.5, bias=bias, relu=relu)])
+    weight = pattern_weight(np.random.default_rng(2), 8, channels, n_patterns=4)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+
+    def prefetches(width):
+        spec = PatternConvSpec.from_fkw(fkw, (1, channels, 56, width), (1, 1), (1, 1, 1, 1), True, True, 16, 32)
+        return pattern_conv_wide_primfunc_script(spec).count("T.prefetch(")
+
+    mod = relax.transform.FoldConstant()(import_onnx(model).mod)
+    layouts = pattern_layouts(PatternConvRewrite(vector_width=16, accumulators=32)(mod))
+    assert [int(layout.get("wide_rows", 0)) for layout in layouts] == [1]
+    assert pattern_conv_wide.SWEEP_PREFETCH == 2
+    assert prefetches(size) == 1 and prefetches(32) == 0  # 2 column blocks: nothing ahead
+    if vector_lanes(resolve_target("x86")) != 16:
+        pytest.skip("host CPU: no AVX-512 to run the code on")
+    x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
+    import onnx
+
+    onnx.save(model, tmp_path / "model.onnx")
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "TVM_NUM_THREADS": "2", "TVM_BIND_THREADS": "0"}
+    subprocess.run([sys.executable, "-c", _WIDE_TWO_THREADS, str(tmp_path / "model.onnx"), str(tmp_path / "x.npy"),
+                    str(tmp_path / "out.npy")], env=env, check=True)
+    expected = reference_outputs(model, {"input": x})[0]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-4, atol=1e-4)
+
+
+def pattern_conv_wide_primfunc_script(spec: PatternConvSpec) -> str:
+    from tvm_patdnn.ops.pattern_conv_wide import pattern_conv_wide_primfunc
+
+    return pattern_conv_wide_primfunc(spec).script()

@@ -11,9 +11,9 @@ columns apart (36 + 4.6 KB at 64 channels): the centre tap (dx = 1) is the align
 and dx = 2 are that vector shifted by one lane with the left or right border column in the free lane
 (one ``vpermt2ps`` each): per kernel ~9 aligned loads, ~14 border scalars and ~14 shuffles instead of
 ~22 split loads. A C loop of the kernel's shape from L1 (7 rows, 4 taps, Zen 5): 105 GFLOP/s with
-the split loads, 184 with the shuffles. The pad prefetches, for every row it copies, the line the
-column block :data:`_PAD_PREFETCH` ahead reads (its input comes from L3 in 64-byte pieces of 576
-rows: without it the pad took a third of the 224x224 layer's time).
+the split loads, 184 with the shuffles. The block's input comes from L3 in 64-byte pieces of 576
+rows: the filter sweep of each block prefetches the lines of the column block :data:`SWEEP_PREFETCH`
+ahead, a few per filter (without a prefetch the pad took a third of the 224x224 layer's time).
 
 Everything else is the fused layout's: row blocks of 7 rows (8 for rows of 16, 32 or 56 columns)
 share the threads, column blocks of 16 run inside them (where the row is not a multiple of 16 the
@@ -52,8 +52,19 @@ NARROW_ROWS = 8  # ... for rows of NARROW_WIDTHS columns (16 rows: 0.6-0.7x, 4 r
 NARROW_WIDTHS = (16, 32, 56)  # VGG-16 CIFAR's 16x16 and 32x32 layers, ResNet-50's 56x56
 _LANES = 16
 _MAX_CHANNELS = 128  # input channels, at most (64: the block in L1; 128: 81 KB, in L2, still 1.3x)
-_PAD_PREFETCH = 2  # column blocks ahead whose first line of every row the pad prefetches (0: none)
-_PAD_HINT = 3  # into L1 (prefetcht0)
+# The input lines of the column block SWEEP_PREFETCH ahead (the first line of each of its pad rows) are prefetched
+# during the filter sweep of this block, the block's channels x rows spread evenly over its filters (9 lines a filter
+# at 64 channels), into L1 (prefetcht0). Before (session 15-17) the pad prefetched the same lines two blocks ahead
+# while it copied, 576 prefetches in a burst: that burst found the lines no sooner than the loads did (alone, the
+# pad's prefetch off 0.97x). Zen 5, 1 thread, VGG-16 224's 64x64 224x224: with its pad skipped (a measurement
+# variant, wrong results) the layer runs 1.30-1.39x faster, with the pad reading one column block's lines every time
+# (in cache) 1.16-1.28x: most of the pad is the input's lines arriving from L3. Spread over the sweep, distance 2:
+# alone 1.06-1.16x (three runs), in the trunk 1.13x; distance 1 0.96x (the right border's line arrives late), 1 with
+# the next two lines 1.07-1.14x, 3 1.05x, prefetcht1/t2 1.05-1.15x, the sweep and the pad's burst 1.06x, the
+# prefetches over the last half or quarter of the filters only 0.97-1.01x. Not kept: the next block's pad built
+# during this sweep (two pad buffers, 82 KB) 0.83-0.86x; the three column-shifted copies of every pad row (each tap
+# one aligned load, no shuffle; 110 KB, in L2) 0.84x.
+SWEEP_PREFETCH = 2
 # Layers of at most this many input channels read a row's side taps as one valignd of its centre vector and a
 # border vector (16 floats from 2 x the row's slot in the compact border array: lane 0 the right border, lane 15
 # the left one; a load that mostly splits a line, one for both sides). Zen 5, 1 thread, session 17, interleaved,
@@ -119,10 +130,6 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
                             inside = tirx.all(row >= 0, row < h_)
                             base = ((n * c_ + c) * h_ + tirx.min(tirx.max(row, 0), h_ - 1)) * w_
                             slot = c * block_rows + r
-                            if _PAD_PREFETCH and blocks > _PAD_PREFETCH:  # the line the block _PAD_PREFETCH ahead reads
-                                ahead = tirx.min(x0 + _PAD_PREFETCH * lanes, w_ - lanes)
-                                T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
-                                    image[base + ahead]), 0, _PAD_HINT, 1))
                             T.buffer_store(centre, tirx.Select(inside, image[tirx.Ramp(base + x0, 1, lanes)], zeros),
                                            [tirx.Ramp(slot * lanes, 1, lanes)])
                             left = tirx.Select(tirx.all(inside, x0 > 0), image[base + tirx.max(x0 - 1, 0)], zero)
@@ -135,6 +142,14 @@ def pattern_conv_wide_primfunc(spec: PatternConvSpec) -> tirx.PrimFunc:
                                 T.buffer_store(border, left, [slot * 2])
                                 T.buffer_store(border, right, [slot * 2 + 1])
                     with T.serial(0, f_) as f:
+                        if SWEEP_PREFETCH and blocks > SWEEP_PREFETCH:  # filter f's share of the slots
+                            slots = c_ * block_rows
+                            with T.serial(f * slots // f_, (f + 1) * slots // f_) as i:
+                                row = tirx.min(tirx.max(y0 + i % block_rows - 1, 0), h_ - 1)
+                                base = ((n * c_ + i // block_rows) * h_ + row) * w_
+                                ahead = tirx.min(x0 + SWEEP_PREFETCH * lanes, w_ - lanes)
+                                T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
+                                    image[base + ahead]), 0, 3, 1))
                         _filter(spec, f, n, y0, x0, rows, block_rows, centre, border, values, channels, offsets,
                                 inverse_order, bias, outputs, border_vectors)
     func = builder.get().without_attr("global_symbol")
