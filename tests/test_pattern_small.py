@@ -206,3 +206,16 @@ def test_the_16_lane_2x2_kernel_is_right_on_any_x86_host(batch, bias, relu):
                    for dy in range(3) for dx in range(3))
     expected = expected + (bias_values[None, :, None, None] if bias else 0)
     np.testing.assert_allclose(out.numpy(), np.maximum(expected, 0) if relu else expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, channels, bias, relu, patterns, cores",
+                         [(1, 48, True, True, 8, 1), (2, 21, False, False, 12, 2), (1, 1, True, False, 3, 3)])
+def test_avx512_4x4_kernel_with_two_accumulator_sets_matches_the_onnx_reference(
+        monkeypatch, batch, channels, bias, relu, patterns, cores):
+    """The AVX-512 4x4 build runs one set of tap accumulators (session 18); the two-set code (each run alternating
+    its kernels between two sets, the odd tail into the first) stays right."""
+    from tvm_patdnn.ops import pattern_conv_shifted_rows as shifted_rows
+
+    monkeypatch.setitem(shifted_rows._SETS, (16, 4), 2)
+    conv = ConvSpec(40, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu, n_patterns=patterns)
+    _check({**AVX512, "num-cores": cores}, 16, batch, channels, 4, conv, seed=patterns * 5 + batch + 1)

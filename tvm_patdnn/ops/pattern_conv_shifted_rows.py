@@ -27,7 +27,9 @@ one FMA per accumulator per kernel the loop would wait on the FMA latency (4 cyc
 each (filter, pattern) run alternates its kernels between two sets of the 4 (8 accumulators).
 Measured on Zen 5 (1 thread, VGG-16 CIFAR 8x's three 4x4 layers, interleaved with the windows layout
 the cost model picks there, session 14): 1.51-1.57x with one set, 1.53-1.74x with two (four:
-1.14-1.41x); the AVX2 build of this kernel on the same core 1.20-1.26x. An 8x8 channel is 4 vectors
+1.14-1.41x); the AVX2 build of this kernel on the same core 1.20-1.26x. Inside the pruned VGG-16 CIFAR, where
+the layers' weights come from L3, one set is faster (session 18: 1.085-1.09x on the 256 -> 512 layer, 1.02-1.03x on
+the 512 -> 512 ones), so the AVX-512 build runs one set (:data:`_SETS`; the two-set code stays, tested). An 8x8 channel is 4 vectors
 of two rows: each output vector's tap is a permutation of the two channel vectors holding its rows
 (16 accumulators, one set): 1.39x and 1.66x over the 8-lane rows layout the cost model picks for
 CIFAR's 128x256 and 256x256 8x8 layers (the 8-lane build of it 0.66-0.75x, so AVX2 keeps the TE
@@ -64,8 +66,11 @@ from .pattern_conv_2x2 import thread_filters
 __all__ = ["shifted_rows_apply", "pattern_conv_shifted_rows_primfunc"]
 
 # (fp32 lanes of the target, image size) it is built for -> the accumulator sets a run alternates its kernels
-# between (AVX-512 4x4, Zen 5: two 0.99-1.11x over one, four 0.72-0.80x; 8x8: 16 accumulators, one set)
-_SETS = {(8, 4): 1, (16, 4): 2, (16, 8): 1, (16, 7): 1}  # by (lanes, output size)
+# between (AVX-512 4x4, Zen 5: two 0.99-1.11x over one alone in session 14, four 0.72-0.80x; but inside the pruned
+# VGG-16 CIFAR, session 18, per-call minima of two interleaved 11-round runs, one set over two: 256 -> 512 4x4
+# 58.5-58.6 -> 53.7-54.0 us (1.085-1.09x; 30 -> 32% of 268 GFLOP/s), 512 -> 512 (x2) 83.9-85.6 -> 82.5-83.0 us
+# (1.02-1.03x): one set; 8x8: 16 accumulators, one set)
+_SETS = {(8, 4): 1, (16, 4): 1, (16, 8): 1, (16, 7): 1}  # by (lanes, output size)
 
 # (fp32 lanes, image size) whose channels are first copied into a zero-padded square of this pitch (a 7x7 image into
 # 8x8: every row and the channel whole vectors; the zero column and row are the conv's right and bottom padding)
