@@ -32,6 +32,16 @@ lane); in VGG-16 CIFAR (per-call minima of 61 inferences) 0.091 -> 0.067 ms (38 
 0.040 -> 0.037, 0.078 -> 0.067 ms, whole model 1.068x per round. Not taken: 56x56 above 128 channels
 (256x128 1.02x, 256x256 0.96x), 28x28 at 128 channels 1.06-1.09x, at 512 1.04-1.05x, 14x14 0.91x (14
 rows a tile; 7: 0.97x, 1.03x at 256 channels).
+
+Session 18 (Zen 5, 1 thread, VGG-16 224's 64x64 224x224 in the pruned trunk, per-call minima, quiet box):
+with the sweep's prefetch (:data:`SWEEP_PREFETCH`) and the left border from the pad 3.34-3.37 -> 3.05-3.09 ms
+(1.08-1.105x; 51 -> 55-56% of 268 GFLOP/s). Synthetic weights with runs of 1, 2, 3 kernels a (filter,
+pattern) fit ~18 cycles a kernel (28 FMAs: 14 at peak) plus ~0.85 ms fixed; the real irregular runs cost
+within 1% of that fit (their data-dependent exits are not the limit). The output stores (12.8 MB, read for
+ownership) are ~7% (all stores to 7 fixed lines: 1.07x, a measurement variant). Not kept: 8-row tiles
+(0.97x), a write prefetch of the output lines a block ahead (0.99-1.01x), a row's two border floats as an
+8-byte pair (no split border loads, every side tap a vpermt2ps: 0.95-0.98x), side taps reading the centre
+vector again as integers (to get valignd instead of vpermt2ps + a copy: 0.85x).
 """
 
 from __future__ import annotations
