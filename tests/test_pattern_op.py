@@ -290,7 +290,7 @@ def test_avx2_2x2_kernel_matches_the_onnx_reference(batch, bias, relu, patterns)
         (128, 1, 1, True, True, 8),  # the same, 8 x 1 tiles (7 does not divide 128 rows)
         (7, 1, 1, True, True, 8),  # the shifted-rows kernel in an 8x8 padded copy (was 8-lane aligned rows)
         (9, 2, 1, True, True, 8),  # strided: aligned column phases
-        (14, 2, 2, True, True, 8),  # strided to 7 columns: the shifted-rows kernel on 4 phase planes
+        (14, 2, 2, True, True, 8),  # strided to 7 columns: the tap-window kernel (session 18; was shifted rows on 4 phase planes)
         (28, 2, 1, False, True, 8),
         (56, 2, 2, True, True, 8),  # strided to 28 rows: aligned column phases, a 7 x 2 tile (8 x 2 padded to 32)
     ],
