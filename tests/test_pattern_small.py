@@ -219,3 +219,12 @@ def test_avx512_4x4_kernel_with_two_accumulator_sets_matches_the_onnx_reference(
     monkeypatch.setitem(shifted_rows._SETS, (16, 4), 2)
     conv = ConvSpec(40, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu, n_patterns=patterns)
     _check({**AVX512, "num-cores": cores}, 16, batch, channels, 4, conv, seed=patterns * 5 + batch + 1)
+
+
+@pytest.mark.parametrize("batch, channels, bias, relu, patterns, cores",
+                         [(2, 37, True, True, 12, 2), (2, 5, False, False, 9, 1), (1, 64, True, False, 8, 3)])
+def test_avx512_4x4_lane_shifts_match_the_onnx_reference(batch, channels, bias, relu, patterns, cores):
+    """AVX-512 4x4 taps as lane shifts of the channel's vector with zeros and a column mask (session 18): every
+    tap of up to 12 patterns, odd channel counts, batch 2, 1-3 threads."""
+    conv = ConvSpec(33, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu, n_patterns=patterns)
+    _check({**AVX512, "num-cores": cores}, 16, batch, channels, 4, conv, seed=patterns * 3 + batch + channels)

@@ -22,7 +22,8 @@ lane-crossing ``vpermps`` there otherwise) the same as this (0.98-1.05x), with r
 masked load too 0.96-0.98x: loads, not the two ``vpermps``, bound the loop.
 
 On AVX-512 a 4x4 channel and its output are one 512-bit vector each: per kernel 1 load, 4 lane
-permutations with zeros (``vpermt2ps``), 4 broadcasts and 4 FMAs into the 4 tap accumulators. With
+permutations with zeros (``vpermt2ps``; since session 18 lane shifts with zeros and a constant mask,
+:func:`_tap_rows_aligned`), 4 broadcasts and 4 FMAs into the 4 tap accumulators. With
 one FMA per accumulator per kernel the loop would wait on the FMA latency (4 cycles a kernel), so
 each (filter, pattern) run alternates its kernels between two sets of the 4 (8 accumulators).
 Measured on Zen 5 (1 thread, VGG-16 CIFAR 8x's three 4x4 layers, interleaved with the windows layout
@@ -109,6 +110,28 @@ def _tap_window(images, base, size: int, top: int, shift: int, lanes: int, vecto
     # register and a register copy (Zen 5, ResNet-50's 512x512 7x7 alone: 1.12x)
     ints = [tirx.reinterpret(f"int32x{lanes}", part) for part in parts]
     return tirx.reinterpret(f"float32x{lanes}", tirx.Shuffle(ints, [offset + i for i in range(lanes)]))
+
+
+def _tap_rows_aligned(images, base, size: int, top: int, shift: int, lanes: int):
+    """As :func:`_tap_rows` for a channel that is one vector (AVX-512 4x4): the vector shifted by
+    ``top * size + shift`` lanes with zeros on int32 lanes, the lanes whose column wrapped and-ed with a constant
+    mask (LLVM: ``valignq`` / ``vpslldq`` / ``vpermt2d``, no register copy). As permutations of the vector and
+    zeros LLVM emitted a ``vpermt2ps`` and a register copy per tap. Zen 5, 1 thread, VGG-16 CIFAR's 4x4 layers with
+    the pruned model's weights, interleaved: alone 1.06-1.11x (256 -> 512 36.0 -> 32.5 us, 48 -> 54% of 268
+    GFLOP/s; 512 -> 512 72.9 -> 68.5 us, 48 -> 51%); inside the model (per-call minima, two runs of 11 rounds)
+    53.1-53.4 -> 50.2-52.2 us (1.02-1.06x) and 81.6-83.1 -> 76.7-79.7 us (1.04-1.06x; 42-43 -> 44-45%)."""
+    offset = top * size + shift
+    vector = tirx.reinterpret(f"int32x{lanes}", images[tirx.Ramp(base, 1, lanes)])
+    if offset == 0:
+        return tirx.reinterpret(f"float32x{lanes}", vector)
+    zero = tirx.Broadcast(tirx.const(0, "int32"), lanes)
+    parts, first = ([vector, zero], offset) if offset > 0 else ([zero, vector], lanes + offset)
+    value = tirx.Shuffle(parts, [first + i for i in range(lanes)])
+    if shift:
+        ones = tirx.Broadcast(tirx.const(-1, "int32"), lanes)
+        keep = [0 <= i % size + shift < size for i in range(lanes)]
+        value = value & tirx.Shuffle([ones, zero], [0 if k else lanes for k in keep])
+    return tirx.reinterpret(f"float32x{lanes}", value)
 
 
 def _tap_rows(images, base, size: int, top: int, shift: int, lanes: int):
@@ -252,7 +275,8 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
                                 rows = _tap_window(images, base + plane * pixels, size, h * lanes // size + top,
                                                    shift, lanes, halves)
                             else:
-                                rows = _tap_rows(images, base + plane * pixels, size, h * lanes // size + top,
+                                tap_rows = _tap_rows_aligned if pixels == lanes else _tap_rows  # AVX-512 4x4
+                                rows = tap_rows(images, base + plane * pixels, size, h * lanes // size + top,
                                                  shift, lanes)
                             T.buffer_store(acc, acc[slots] + rows * weight, [slots])
 
