@@ -228,3 +228,17 @@ def test_avx512_4x4_lane_shifts_match_the_onnx_reference(batch, channels, bias, 
     tap of up to 12 patterns, odd channel counts, batch 2, 1-3 threads."""
     conv = ConvSpec(33, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu, n_patterns=patterns)
     _check({**AVX512, "num-cores": cores}, 16, batch, channels, 4, conv, seed=patterns * 3 + batch + channels)
+
+
+def test_avx512_7x7_layers_prefetch_their_next_output_channels():
+    """The 16-lane 7x7 kernel prefetches (for writing) the output channel of a filter 2 ahead, every line of its 49
+    floats; the 8-lane 4x4 build does not (AVX2 unchanged). Its results are checked by the 7x7 tests above."""
+    rng = np.random.default_rng(1)
+    weight = pattern_weight(rng, 8, 8, 4, 1.5)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    spec = PatternConvSpec.from_fkw(fkw, (1, 8, 7, 7), (1, 1), (1, 1, 1, 1), False, False, 16, 16)
+    text = pattern_conv_shifted_rows_primfunc(spec, 1, 16).script()
+    writes = [line for line in text.splitlines() if "T.prefetch" in line and line.endswith(", 1, 3, 1)")]
+    assert len(writes) == 4 and all("+ 2, 7)]) * 49" in line for line in writes)
+    spec4 = PatternConvSpec.from_fkw(fkw, (1, 8, 4, 4), (1, 1), (1, 1, 1, 1), False, False, 8, 16)
+    assert "prefetch" not in pattern_conv_shifted_rows_primfunc(spec4, 1, 8).script()

@@ -220,6 +220,15 @@ def _output_vectors(results, image: int, size: int, lanes: int):
 # stride 2 1.08-1.15x (256 ahead the same); alone with the weights in cache 0.95-1.00x. 4x4 and 8x8 unmeasured: off.
 _WEIGHT_PREFETCH = 64
 
+# (lanes, output size) -> each filter prefetches, for writing, the output channel of the filter this many ahead (its
+# lines, ``order`` scatters the output channels so the hardware prefetcher does not see them). ResNet-50's 512x512
+# 7x7 layers alone after a 64 MB eviction: 0.244-0.247 ms, 0.222 with the output in cache, 0.219 with input and
+# output (the output's 100 KB came from DRAM one line at a time); with this prefetch 0.225-0.226 (1 or 2 ahead),
+# hot 1.00x. In the pruned ResNet-50 (Zen 5, 1 thread, per-call minima, two interleaved runs of 11 rounds, session
+# 18): first 7x7 layer 238.4-238.6 -> 211.2-214.7 us (1.11-1.13x; 45 -> 50% of 268 GFLOP/s), second 214.9-215.2 ->
+# 211.4-211.9 us (1.02x; 50%); one filter ahead 212.9-216.9 us.
+_OUTPUT_PREFETCH = {(16, 7): 2}
+
 
 def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, lanes: int = 8) -> tirx.PrimFunc:
     """The scheduled PrimFunc of one 4x4, 8x8 or 7x7 (stride 1 or 2) pattern conv for a target of ``lanes``
@@ -259,6 +268,12 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
                 acc = T.decl_buffer((chains * lanes,), "float32", scope="local")
                 for q in range(chains):
                     T.buffer_store(acc, tirx.Broadcast(zero, lanes), [tirx.Ramp(q * lanes, 1, lanes)])
+                ahead = _OUTPUT_PREFETCH.get((lanes, image), 0)
+                if ahead:  # the output channel of the filter this many ahead, for writing
+                    later = (n * f_ + order[tirx.min(f + ahead, f_ - 1)]) * (image * image)
+                    for byte in range(0, image * image * 4, 64):  # 64 bytes apart: every line of the channel
+                        point = later + min(byte // 4, image * image - 1)
+                        T.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(outputs[point]), 1, 3, 1))
 
                 def accumulate(pattern, k, a: int) -> None:
                     base = (n * c_ + channels[k]) * planes * pixels
