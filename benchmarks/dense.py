@@ -43,7 +43,7 @@ rule. Every
 variant's output is checked against ORT (relative 1e-3) before anything is timed.
 
     TVM_NUM_THREADS=1 .venv/bin/python -m benchmarks.dense [--rounds 5] [--resnet50] [--ablations] [--cold]
-        [--in-graph] [--layers 0 1 ...] [--variants gemm direct tuned ...] [--db DIR] [--target '{"kind":"llvm","mcpu":"znver3"}']
+        [--in-graph [--model M]] [--peak GFLOP/s] [--layers 0 1 ...] [--variants gemm direct tuned ...] [--db DIR] [--target '{"kind":"llvm","mcpu":"znver3"}']
         [--json benchmarks/results/dense.1t.json]
 
 ``--in-graph`` compares the whole dense ResNet-50's convs inside their graphs, one by one in
@@ -52,6 +52,14 @@ execution order: the minimum over many inferences of ORT's node time (its own pr
 (the VM's instrument hook). A layer alone says less: ORT's one-conv model pays its NCHW <-> NCHWc
 reorders at every layer instead of at the graph's ends, and each kernel reads its data from where
 the previous layer left them. The minimum, because both are wall-clock times on a shared box.
+``--model {resnet50,mobilenet_v2,vgg16_trunk,vgg16_cifar}`` does this for another dense model of
+``models.dense_model`` (and no single layers unless ``--layers`` names some). Each row also gives
+the layer's MFLOP (from the ONNX model: 2 x multiply-adds of the direct conv, so a Winograd layer
+can read above 100%), our GFLOP/s and % of the peak (``--peak GFLOP/s`` rates against a given
+peak instead of the measured one); a ``*`` marks a layer of issue #10's per-layer goal (dense 1x1 /
+3x3, >= 64 input and output channels) under 70%. A MobileNetV2 inverted-residual call is one row
+with the 2-3 ORT convs of its block (ORT's times summed). ORT runs all its inferences first, and
+its profiler is ended before ours run (while it stayed open our kernels ran up to 2x slower).
 
 ``--target`` builds every tvm_patdnn variant for another CPU than the host's (e.g. the AVX2 build of the
 same kernels on an AVX-512 host); ORT is ORT either way.
@@ -192,14 +200,68 @@ def measure(model: onnx.ModelProto, variants: list[str], target, threads: int, r
     return times
 
 
-# Our kernels that compute a conv (ORT's Conv / FusedConv nodes pair with them in execution order).
-CONV_KERNELS = ("dense_conv", "direct_conv", "winograd_conv", "pattern_conv")
+# Our kernels that compute a conv (ORT's Conv / FusedConv nodes pair with them in execution order; an
+# inverted-residual call pairs with the 2-3 ORT convs of its block).
+CONV_KERNELS = ("dense_conv", "direct_conv", "winograd_conv", "pattern_conv", "depthwise_conv", "inverted_residual")
+# --model: the dense models whose convs --in-graph profiles (``models.dense_model``).
+IN_GRAPH_MODELS = ("resnet50", "mobilenet_v2", "vgg16_trunk", "vgg16_cifar")
+# Issue #10's per-layer goal: dense (groups 1) 1x1 and 3x3 convs with >= GOAL_CHANNELS input and output
+# channels at >= GOAL_SHARE of the FMA peak.
+GOAL_CHANNELS, GOAL_SHARE = 64, 0.70
+
+
+def onnx_convs(model: onnx.ModelProto) -> list[dict]:
+    """Every Conv of ``model`` in graph order: channels, kernel, groups, stride, output shape (NCHW)
+    and MFLOP (2 x multiply-adds), from its weight initializer and ONNX shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+              for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    weights = {w.name: tuple(w.dims) for w in model.graph.initializer}
+    convs = []
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        out_c, group_c, kh, kw = weights[node.input[1]]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        out = shapes[node.output[0]]
+        convs.append({"in_c": group_c * attrs.get("group", 1), "out_c": out_c, "kernel": (kh, kw),
+                      "groups": attrs.get("group", 1), "stride": tuple(attrs.get("strides", (1, 1)))[0], "out": out,
+                      "mflop": 2 * out[0] * out_c * out[2] * out[3] * group_c * kh * kw / 1e6})
+    return convs
+
+
+def _same_conv(ort_args: dict, conv: dict) -> bool:
+    """Whether ORT's conv node (its profiler event's shapes: NCHWc nodes report channels padded to
+    the block) computes ONNX conv ``conv``."""
+    out = next(iter(ort_args["output_type_shape"][0].values()))
+    x, weight = [next(iter(t.values())) for t in ort_args["input_type_shape"][:2]]
+    return (tuple(out[2:]) == tuple(conv["out"][2:]) and conv["out_c"] <= out[1] < conv["out_c"] + 16
+            and conv["in_c"] <= x[1] < conv["in_c"] + 16 and tuple(weight[2:]) == conv["kernel"]
+            and out[2] <= -(-x[2] // conv["stride"]) <= out[2] + conv["kernel"][0])
+
+
+def _conv_label(conv: dict) -> str:
+    kind = "dw " if conv["groups"] > 1 and conv["groups"] == conv["in_c"] else ""
+    stride = f" s{conv['stride']}" if conv["stride"] != 1 else ""
+    return (f"{kind}{conv['kernel'][0]}x{conv['kernel'][1]} {conv['in_c']}->{conv['out_c']} "
+            f"{conv['out'][2]}x{conv['out'][3]}{stride}")
+
+
+def in_goal(conv: dict) -> bool:
+    """Whether issue #10's per-layer goal covers ``conv`` (dense 1x1 / 3x3, >= 64 channels each side)."""
+    return (conv["groups"] == 1 and conv["kernel"] in ((1, 1), (3, 3))
+            and min(conv["in_c"], conv["out_c"]) >= GOAL_CHANNELS)
+
+
+def _nchw(out: tuple) -> tuple:
+    return (out[0], out[1] * out[4], out[2], out[3]) if len(out) == 5 else tuple(out)
 
 
 def in_graph_profile(model: onnx.ModelProto, executable, runs: int) -> list[dict]:
-    """Per conv of ``model`` in execution order: its output shape and the minimum over ``runs``
-    inferences of ORT's node time and of our kernel call's, ms (module docstring, ``--in-graph``);
-    then one row each for the rest of either graph (pools, FC, reorders), unpaired."""
+    """Per conv call of ``executable`` (``model`` compiled) in execution order: the ORT conv nodes it
+    computes (one, or an inverted-residual block's 2-3), their MFLOP, and the minimum over ``runs``
+    inferences of ORT's node times (summed) and of our kernel call's, ms (module docstring,
+    ``--in-graph``); then one row each for the rest of either graph (pools, FC, reorders), unpaired."""
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     with tempfile.TemporaryDirectory() as scratch:
@@ -218,35 +280,60 @@ def in_graph_profile(model: onnx.ModelProto, executable, runs: int) -> list[dict
                 started.pop()
             return 0
 
+        # ORT's inferences first, its profiler ended before ours: after a profiled ORT run our
+        # kernels ran up to 2x slower while the profiling session stayed open (VGG-16 224's layers,
+        # Zen 5, session 18; 1 core).
         warmup = 2
-        for _ in range(warmup):
+        for _ in range(warmup + runs):
             session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        for _ in range(warmup):
             vm["main"](tx)
         vm.set_instrument(clock)
         try:
             for _ in range(runs):
-                session.run(None, feed)
                 vm["main"](tx)
         finally:
             vm.set_instrument(lambda *_: 0)
-        events = json.loads(Path(session.end_profiling()).read_text())
     nodes: dict[str, list] = {}
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            node = nodes.setdefault(event["name"].removesuffix("_kernel_time"), [event["args"]["op_name"], []])
+            node = nodes.setdefault(event["name"].removesuffix("_kernel_time"), [event["args"], []])
             node[1].append(event["dur"] / 1e3)
-    theirs = [(name, op, min(times[warmup:])) for name, (op, times) in nodes.items()]
+    theirs = [(name, args["op_name"], args, min(times[warmup:])) for name, (args, times) in nodes.items()]
     per_run = len(calls) // runs
     ours = [(name, out, min(calls[i + r * per_run][2] for r in range(runs)) * 1e3)
             for i, (name, out, _) in enumerate(calls[:per_run])]
-    their_convs = [row for row in theirs if row[1] in ("Conv", "FusedConv")]
+    # ORT's conv nodes with the ONNX convs they compute (the first unused one of the same geometry).
+    unused, their_convs = onnx_convs(model), []
+    for node, op, args, ms in theirs:
+        if op in ("Conv", "FusedConv"):
+            match = next((conv for conv in unused if _same_conv(args, conv)), None)
+            if match is None:
+                raise RuntimeError(f"ORT's conv {node} matches no conv of the ONNX model")
+            unused.remove(match)
+            their_convs.append((node, match, ms))
     our_convs = [row for row in ours if row[0].startswith(CONV_KERNELS)]
-    if len(their_convs) != len(our_convs):
+    rows, next_conv = [], 0
+    for kernel, out, our_ms in our_convs:
+        # The ORT convs this call computes: up to the next one with the call's output shape.
+        group = []
+        while next_conv < len(their_convs):
+            group.append(their_convs[next_conv])
+            next_conv += 1
+            if group[-1][1]["out"] == _nchw(out):
+                break
+        if not group or group[-1][1]["out"] != _nchw(out) or (len(group) > 1 and not kernel.startswith("inverted_residual")):
+            raise RuntimeError(f"ORT runs {len(their_convs)} convs, tvm_patdnn {len(our_convs)}: "
+                               f"{kernel} {_nchw_label(out)} pairs with none")
+        convs = [conv for _, conv, _ in group]
+        rows.append({"layer": f"{kernel} {_nchw_label(out)}", "convs": " + ".join(map(_conv_label, convs)),
+                     "ort_node": group[-1][0], "ORT": sum(ms for *_, ms in group), "tvm_patdnn": our_ms,
+                     "mflop": sum(conv["mflop"] for conv in convs), "goal": all(map(in_goal, convs))})
+    if next_conv != len(their_convs):
         raise RuntimeError(f"ORT runs {len(their_convs)} convs, tvm_patdnn {len(our_convs)}: they do not pair")
-    rows = [{"layer": f"{kernel} {_nchw_label(out)}", "ort_node": node, "ORT": ort_ms, "tvm_patdnn": our_ms}
-            for (node, _, ort_ms), (kernel, out, our_ms) in zip(their_convs, our_convs)]
     rows += [{"layer": f"ORT {op} (unpaired)", "ort_node": node, "ORT": ms, "tvm_patdnn": 0.0}
-             for node, op, ms in theirs if op not in ("Conv", "FusedConv")]
+             for node, op, _, ms in theirs if op not in ("Conv", "FusedConv")]
     rows += [{"layer": f"{kernel} (unpaired)", "ort_node": "", "ORT": 0.0, "tvm_patdnn": ms}
              for kernel, _, ms in ours if not kernel.startswith(CONV_KERNELS)]
     return rows
@@ -259,14 +346,24 @@ def _nchw_label(out: tuple) -> str:
     return "x".join(map(str, out))
 
 
-def in_graph_table(rows: list[dict]) -> str:
-    """The paired convs with each side's ms and ORT / ours, the unpaired rest, the totals."""
-    lines = ["| layer (our kernel, output) | ORT node | ORT ms | ours ms | ORT / ours |", "|---|---|---|---|---|"]
+def in_graph_table(rows: list[dict], peak: float | None = None) -> str:
+    """The paired convs with each side's ms, ORT / ours, the conv(s) and, given the FMA ``peak``
+    (GFLOP/s), our GFLOP/s and % of it (a * marks a layer of issue #10's per-layer goal under 70%);
+    the unpaired rest; the totals."""
+    lines = ["| layer (our kernel, output) | conv(s) | ORT node | ORT ms | ours ms | ORT / ours | MFLOP | ours GFLOP/s (% peak) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = f"{row['ORT'] / row['tvm_patdnn']:.2f}x" if row["ORT"] and row["tvm_patdnn"] else ""
-        lines.append(f"| {row['layer']} | {row['ort_node']} | {row['ORT']:.3f} | {row['tvm_patdnn']:.3f} | {ratio} |")
+        rate = ""
+        if peak and row.get("mflop") and row["tvm_patdnn"]:
+            gflops = row["mflop"] / row["tvm_patdnn"]
+            missed = " *" if row["goal"] and gflops < GOAL_SHARE * peak else ""
+            rate = f"{gflops:.1f} ({100 * gflops / peak:.0f}%){missed}"
+        mflop = f"{row['mflop']:.1f}" if row.get("mflop") else ""
+        lines.append(f"| {row['layer']} | {row.get('convs', '')} | {row['ort_node']} | {row['ORT']:.3f} | "
+                     f"{row['tvm_patdnn']:.3f} | {ratio} | {mflop} | {rate} |")
     ort_total, our_total = sum(r["ORT"] for r in rows), sum(r["tvm_patdnn"] for r in rows)
-    lines.append(f"| all (sum of minima) | | {ort_total:.2f} | {our_total:.2f} | {ort_total / our_total:.2f}x |")
+    lines.append(f"| all (sum of minima) | | | {ort_total:.2f} | {our_total:.2f} | {ort_total / our_total:.2f}x | | |")
     return "\n".join(lines)
 
 
@@ -316,7 +413,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="*", help="indices into RESNET50_CONVS (default: all)")
     parser.add_argument("--ablations", action="store_true", help="also the GEMM kernel's ablations")
     parser.add_argument("--in-graph", action="store_true",
-                        help="the whole dense ResNet-50's convs side by side with ORT's, inside both graphs (1 thread)")
+                        help="the whole dense model's convs side by side with ORT's, inside both graphs (1 thread)")
+    parser.add_argument("--model", choices=IN_GRAPH_MODELS,
+                        help="--in-graph on this dense model (default resnet50); given, no single layers unless --layers")
     parser.add_argument("--cold", action="store_true",
                         help="time each layer's single calls after a cache flush (1 thread): its weights come from memory")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=VARIANTS[1:4],
@@ -326,10 +425,16 @@ def main() -> None:
     parser.add_argument("--target", default="x86",
                         help='x86 (the host CPU) or target JSON, e.g. \'{"kind":"llvm","mcpu":"znver3"}\' for AVX2')
     parser.add_argument("--db", type=Path, help="the tuning database of the tuned variant (default: a fresh one)")
+    parser.add_argument("--peak", type=float,
+                        help="the FMA peak (GFLOP/s) the %% columns are of (default: machine.py's measurement)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not {"gemm", "old rule"} <= set(args.variants):
         parser.error("--variants must include gemm and 'old rule': the layer table's ratios are against them")
+    if args.model and not args.in_graph:
+        parser.error("--model goes with --in-graph")
+    if args.model and args.layers is None:
+        args.layers = []
     threads = tvm_threads()
     if (args.cold or args.in_graph) and threads != 1:
         parser.error("--cold and --in-graph time 1 thread: run them with TVM_NUM_THREADS=1")
@@ -338,7 +443,9 @@ def main() -> None:
         machine = machine_summary([threads], Path(scratch))
     database = args.db or Path(tempfile.mkdtemp(prefix="dense-db-"))
     peak = machine["fma_peak_gflops"][str(threads)]
-    print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s", flush=True)
+    print(f"{machine['cpu']}, {threads} thread(s), {machine['fma_isa']} FMA peak {peak:.1f} GFLOP/s"
+          + (f" (rated against --peak {args.peak:.1f})" if args.peak else ""), flush=True)
+    peak = args.peak or peak
 
     variants = ["tvm_patdnn", *args.variants]
     variants += ABLATIONS if args.ablations else []
@@ -375,14 +482,17 @@ def main() -> None:
 
     in_graph = []
     if args.in_graph:
-        model = dense_model("resnet50")
+        name = args.model or "resnet50"
+        model = dense_model(name)
         in_graph = in_graph_profile(model, compile_variant(model, "tvm_patdnn", target), max(10, 4 * args.rounds))
-        print("\nResNet-50 dense, convs inside the graphs (minimum over inferences):\n" + in_graph_table(in_graph))
+        print(f"\n{name} dense, convs inside the graphs (minimum over inferences; * = a dense 1x1 / 3x3 of >= "
+              f"{GOAL_CHANNELS} channels under {100 * GOAL_SHARE:.0f}% of the peak):\n" + in_graph_table(in_graph, peak))
 
     if args.json:
         result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": threads,
                   "target": str(target), "rounds": args.rounds, "cold": args.cold, "layers": rows, "models": models, "table": table,
-                  "in_graph": in_graph}
+                  "in_graph": in_graph, "in_graph_model": (args.model or "resnet50") if args.in_graph else None,
+                  "peak": peak}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(args.json, json.dumps(result, indent=2, allow_nan=True).encode())
         print(f"results in {args.json}")
