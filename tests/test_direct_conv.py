@@ -248,6 +248,34 @@ def test_weight_prefetch_rule_takes_avx512_kxk_convs_up_to_14x14():
     assert avx512.default_kernel(taken[0]) in avx512.candidates(taken[0])
 
 
+def test_weight_prefetch_rule_small_images():
+    """AVX-512 KxK convs with at most 4x4 output pixels prefetch into L1 (locality 3), at most 2x2 not at all (their
+    weights are a stream from DRAM); 8x8 keeps L2; AVX2 none of it."""
+    def layer(c, f, size, lanes=8):
+        return DenseConvSpec(batch=1, in_channels=c, height=size, width=size, out_channels=f, kernel=(3, 3),
+                             strides=(1, 1), padding=(1, 1, 1, 1), lanes=lanes)
+
+    avx512, avx2 = DenseConvRewrite(32, 16), DenseConvRewrite(16, 8)
+    convs = [layer(512, 512, 4), layer(256, 512, 4), layer(512, 512, 2, lanes=4), layer(256, 256, 8), layer(512, 512, 3)]
+    assert [avx512.default_kernel(conv).weight_prefetch for conv in convs] == [3, 3, 0, 2, 3]
+    assert all(getattr(avx2.default_kernel(conv), "weight_prefetch", 0) == 0 for conv in convs)
+    assert all(avx512.default_kernel(conv) in avx512.candidates(conv) for conv in convs)
+
+
+@pytest.mark.parametrize("shape, residual, activation", [
+    ((2, 40, 4, 4), True, "relu"),  # 16 pixels: 6 + 6 + 4, ragged reduction blocks, batch 2
+    ((1, 24, 3, 3), False, "clip"),
+])
+def test_l1_weight_prefetch_matches_reference(shape, residual, activation):
+    """The next weight panel prefetched into L1 (locality 3, the 4x4 rule) computes the same conv."""
+    target = resolve_target("x86")
+    model, conv = _layer(shape, 40, (3, 3), (1, 1), (1, 1, 1, 1), residual, activation, seed=9)
+    spec = DirectConvSpec(conv, 6, 4, 8, weight_panel=4096, weight_prefetch=3)
+    assert spec.channel_blocks > 1 or shape[1] < 40
+    assert "prefetch" in direct_conv_primfunc(spec).script()
+    _assert_kernel_matches(spec, model, target, seed=10)
+
+
 @pytest.mark.parametrize("shape, out_c, kernel, strides, pads, residual, activation, tile, vectors, panel, lines", [
     ((2, 96, 7, 7), 160, (1, 1), (1, 1), (0, 0, 0, 0), False, "relu", 6, 4, 8192, 2),  # 49 = 8 x 6 + 1, ragged, batch 2
     ((1, 64, 14, 14), 64, (1, 1), (1, 1), (0, 0, 0, 0), True, "clip", 6, 4, 4096, 1),  # residual, 4 reduction blocks

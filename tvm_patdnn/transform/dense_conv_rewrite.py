@@ -154,6 +154,17 @@ BLOCKED_DIRECT_CHANNELS = 64
 # round. Not taken: 1x1s with a residual at 14x14 (256->1024: 1.00-1.03x), the 7x7 1x1s (0.92-1.02x), 1x1s
 # at 28x28 / 56x56 (0.92-0.98x), 1024->2048 s2 (0.87x).
 PREFETCH_WEIGHT_PIXELS = 196
+# ... except the smallest images, whose weights are read by so few pixels that the layer is a stream of weights from
+# DRAM (VGG-16 CIFAR's 512-channel 3x3s: 9.4 MB a layer, ~60 MB in the model, past the 32 MB L3): at most
+# NO_PREFETCH_WEIGHT_PIXELS output pixels (2x2) no prefetch (the hardware's sequential prefetch streams them), at most
+# L1_PREFETCH_WEIGHT_PIXELS (4x4) into L1 (locality 3) instead of L2. Zen 5, 1 thread, core 0, per-call minima in the
+# dense VGG-16 CIFAR, interleaved (9 rounds, two runs): 512->512 2x2 (x3) 0.32-0.37 -> 0.25-0.28 ms (1.24-1.36x; 19-22
+# -> 26-28% of 268 GFLOP/s, 9.4 MB in 0.26 ms = 36 GB/s: the weight stream is the bound, not the FMAs), 512->512 4x4
+# (x2) 0.49-0.54 -> 0.43-0.47 ms (1.13-1.17x, 57 -> 61-66%), 256->512 4x4 1.10-1.15x. Not taken: L1 at 2x2 (1.07-1.12x),
+# no prefetch at 4x4 (0.98-1.04x), L1 at 8x8 (CIFAR's 256 channels 1.02x) and at ResNet-50's 7x7 / 14x14 s2 (1.00-1.04x),
+# 16-lane tiles at 4x4 / 2x2 (0.94-1.03x), the 16-lane weight stream there (0.86-0.98x).
+NO_PREFETCH_WEIGHT_PIXELS = 4
+L1_PREFETCH_WEIGHT_PIXELS = 16
 # On AVX-512, direct 1x1 convs with at most STREAM_WEIGHT_PIXELS output pixels (14x14) and at least
 # STREAM_WEIGHT_CHANNELS input channels stream their next weight panel into L2 inside the reduction
 # (DirectConvSpec.weight_stream = STREAM_WEIGHT_LINES prefetches per channel step): their weights (1-4 MB a layer)
@@ -413,7 +424,9 @@ class DenseConvRewriter:
                 kernel = dataclasses.replace(kernel, pixel_tile=WIDE_POINTWISE_TILE, vectors=min(2, kernel.vectors))
             if (self.lanes >= 16 and spec.kernel != (1, 1) and spec.pixels <= PREFETCH_WEIGHT_PIXELS
                     and spec.in_channels > STEM_CHANNELS):
-                kernel = dataclasses.replace(kernel, weight_prefetch=2)
+                level = 2 if spec.pixels > L1_PREFETCH_WEIGHT_PIXELS else 3
+                kernel = dataclasses.replace(kernel, weight_prefetch=0 if spec.pixels <= NO_PREFETCH_WEIGHT_PIXELS
+                                             else level)
             if (kernel.lanes >= 16 and spec.kernel == (1, 1) and spec.pixels <= STREAM_WEIGHT_PIXELS
                     and spec.in_channels >= STREAM_WEIGHT_CHANNELS):
                 kernel = dataclasses.replace(kernel, weight_stream=STREAM_WEIGHT_LINES)
