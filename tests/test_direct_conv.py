@@ -328,7 +328,8 @@ def test_weight_stream_rule_takes_avx512_pointwise_convs_up_to_14x14():
 
     avx512, avx2, neon = DenseConvRewrite(32, 16), DenseConvRewrite(16, 8), DenseConvRewrite(32, 4)
     taken = [layer(512, 2048, 7, residual=True), layer(2048, 512, 7), layer(256, 1024, 14, residual=True),
-             layer(1024, 256, 14), layer(1024, 2048, 14, 1, 2), layer(512, 1024, 28, 1, 2)]
+             layer(1024, 256, 14), layer(1024, 2048, 14, 1, 2), layer(512, 1024, 28, 1, 2), layer(160, 960, 7),
+             layer(192, 64, 14)]
     left = [layer(128, 512, 28, residual=True), layer(512, 128, 28), layer(256, 64, 56), layer(128, 1024, 14),
             layer(512, 512, 7, 3), layer(3, 64, 224, 7, 2)]
     assert [avx512.default_kernel(conv).weight_stream for conv in taken] == [2] * len(taken)
@@ -567,3 +568,41 @@ def test_neon_build_runs_on_the_emulated_phone(tmp_path, phone_runtime):
         del remote
         gc.collect()
         assert_close(out, reference_outputs(model, {"x": x})[0])
+
+
+def test_small_wide_pointwise_rule():
+    """AVX-512 1x1s at <= 7x7 with >= 512 input channels and <= 320 filters (MobileNetV2's projections) take the 12 x 2
+    tile; more filters (ResNet-50's 2048->512), fewer channels, or 8 / 4 lanes keep theirs."""
+    def layer(c, f, size):
+        return DenseConvSpec(batch=1, in_channels=c, height=size, width=size, out_channels=f, kernel=(1, 1))
+
+    avx512, avx2 = DenseConvRewrite(32, 16), DenseConvRewrite(16, 8)
+    taken = [layer(576, 160, 7), layer(960, 160, 7), layer(960, 320, 7)]
+    left = [layer(2048, 512, 7), layer(160, 960, 7), layer(320, 1280, 7), layer(576, 160, 14)]
+    assert [(k.pixel_tile, k.vectors) for k in map(avx512.default_kernel, taken)] == [(12, 2)] * 3
+    assert all(avx512.default_kernel(conv).pixel_tile == 6 for conv in left)
+    assert all(avx512.default_kernel(conv) in avx512.candidates(conv) for conv in taken + left)
+    assert all(getattr(avx2.default_kernel(conv), "pixel_tile", 6) != 12 for conv in taken)
+
+
+def test_small_wide_pointwise_in_a_model_matches_reference():
+    """MobileNetV2's 7x7 tail in small: 1x1 512->160 + clip (12 x 2 tile, weight stream), 1x1 160->960 + ReLU (weight
+    stream), 1x1 960->160 + residual (12 x 2, blocked between them where the layout takes it), batch 2."""
+    target = resolve_target("x86")
+    rng = np.random.default_rng(21)
+
+    def weight(name, f, c):
+        return numpy_helper.from_array((rng.standard_normal((f, c, 1, 1)) / np.sqrt(c)).astype(np.float32), name)
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"]), helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+         helper.make_node("Conv", ["r1", "w2"], ["c2"]), helper.make_node("Relu", ["c2"], ["r2"]),
+         helper.make_node("Conv", ["r2", "w3"], ["c3"]), helper.make_node("Add", ["c3", "r1"], ["y"])],
+        "tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 512, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 160, 7, 7])],
+        [weight("w1", 160, 512), weight("w2", 960, 160), weight("w3", 160, 960),
+         numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, 512, 7, 7)).astype(np.float32)
+    compiled = tvm_patdnn.compile(model, target, tuning_db=False)
+    assert_close(compiled.run({"x": x})[0], reference_outputs(model, {"x": x})[0])

@@ -138,6 +138,16 @@ STEM_VECTORS = 2
 # vectors of filters take tiles of WIDE_POINTWISE_TILE pixels x 2 vectors of 16 lanes instead of 6 x 4.
 WIDE_POINTWISE_PIXELS = 784
 WIDE_POINTWISE_TILE = 12
+# ... and so do those at most SMALL_WIDE_POINTWISE_PIXELS (7x7) with at least SMALL_WIDE_POINTWISE_CHANNELS input
+# channels and at most SMALL_WIDE_POINTWISE_FILTERS filters (MobileNetV2's projections at 7x7: 160 filters are 2.5
+# blocks of 4 vectors, 5 of 2; the 12 x 2 tile also reads each weight line for 12 pixels, not 6). Zen 5, 1 thread,
+# core 0, per-call minima in the dense MobileNetV2, interleaved, two runs of 11 rounds: 960->160 (x2) 0.077-0.084 ->
+# 0.067-0.070 ms (1.13-1.20x, 63 -> 80-83% of 268 GFLOP/s), 576->160 0.046-0.050 -> 0.042-0.043 (1.08-1.15x, 62-68 ->
+# 78-79%), 960->320 1.01-1.10x. Not taken: 160->960 and 320->1280 (0.90-0.98x); ResNet-50's 7x7 1x1s (>= 512
+# filters) keep 6 x 4 (7 x 3 / 8 x 3 measured 0.94-0.95x there in session 17).
+SMALL_WIDE_POINTWISE_PIXELS = 49
+SMALL_WIDE_POINTWISE_CHANNELS = 512
+SMALL_WIDE_POINTWISE_FILTERS = 320
 # On AVX-512, 1x1 convs adding a residual that the rules put on the GEMM, with more than this many input channels,
 # run the direct kernel when the blocked layout takes their output (blocked_layout: then the epilogue stores whole
 # vectors), else they stay on the GEMM. Zen 5, 1 thread, core 0, per-call minima in the dense ResNet-50, interleaved
@@ -176,7 +186,10 @@ L1_PREFETCH_WEIGHT_PIXELS = 16
 # 28x28 with >= 128 channels (1.00-1.02x), the 8-lane KxK convs in place of weight_prefetch (3x3 512 at 7x7
 # 0.55-0.61x with split accumulators, 0.84-0.90x with their 768-byte tile on the stack as it is).
 STREAM_WEIGHT_PIXELS = 196
-STREAM_WEIGHT_CHANNELS = 256
+# (256 until session 18; 160 takes MobileNetV2's 160->960 at 7x7 (x3): per-call minima in the dense MobileNetV2,
+# interleaved, two runs of 11 rounds: 0.078-0.083 -> 0.069-0.072 ms, 1.09-1.16x, 65 -> 78-79% of 268 GFLOP/s; its
+# 192->64 at 14x14 1.02-1.03x.)
+STREAM_WEIGHT_CHANNELS = 160
 STREAM_WEIGHT_LINES = 2
 # On AVX-512, 1x1 convs on the GEMM with at most this many input channels (a short reduction) take
 # SHORT_REDUCTION_VECTORS pixel vectors a tile (6 filters x 4 vectors of 16 lanes) instead of 2, when they
@@ -421,6 +434,10 @@ class DenseConvRewriter:
                 kernel = dataclasses.replace(kernel, weight_panel=POINTWISE_WEIGHT_PANEL)
             if (self.lanes >= 16 and spec.kernel == (1, 1) and spec.pixels >= WIDE_POINTWISE_PIXELS
                     and spec.out_channels >= 4 * self.lanes):
+                kernel = dataclasses.replace(kernel, pixel_tile=WIDE_POINTWISE_TILE, vectors=min(2, kernel.vectors))
+            if (self.lanes >= 16 and spec.kernel == (1, 1) and WIDE_POINTWISE_TILE <= spec.pixels
+                    and spec.pixels <= SMALL_WIDE_POINTWISE_PIXELS and spec.in_channels >= SMALL_WIDE_POINTWISE_CHANNELS
+                    and spec.out_channels <= SMALL_WIDE_POINTWISE_FILTERS):
                 kernel = dataclasses.replace(kernel, pixel_tile=WIDE_POINTWISE_TILE, vectors=min(2, kernel.vectors))
             if (self.lanes >= 16 and spec.kernel != (1, 1) and spec.pixels <= PREFETCH_WEIGHT_PIXELS
                     and spec.in_channels > STEM_CHANNELS):
