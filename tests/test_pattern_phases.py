@@ -182,3 +182,18 @@ def test_the_phase_plane_kernel_refuses_other_layers(monkeypatch, shape, stride,
 def test_the_phase_plane_kernel_refuses_unrouted_sizes():
     with pytest.raises(PatDNNError, match="phase-plane kernel takes"):
         pattern_conv_phases_primfunc(_spec((1, 8, 30, 30)))
+
+
+def test_stride_2_kernels_prefetch_later_weights():
+    """At stride 2 each kernel prefetches the weights and channel index of the kernel PHASE_WEIGHT_PREFETCH (64)
+    ahead besides its plane lines; stride-1 kernels only their plane lines. The results are checked by the
+    onnx.reference tests above (batch 2, odd channels, 1-3 threads)."""
+    def prefetches(spec):
+        return [line.strip() for line in pattern_conv_phases_primfunc(spec).script().splitlines() if "T.prefetch" in line]
+
+    spec = _spec((1, 8, 56, 56))
+    stride2, stride1 = prefetches(spec), prefetches(_spec((1, 8, 56, 56), stride=1))
+    weights = [line for line in stride2 if "+ 64" in line]  # one values and one channels line per pattern's loop
+    assert sorted(line.split("[")[0] for line in weights) == sorted(
+        ["T.prefetch(T.address_of(channels", "T.prefetch(T.address_of(values"] * len(spec.patterns))
+    assert stride1 and not [line for line in stride1 if "+ 64" in line or "values" in line]

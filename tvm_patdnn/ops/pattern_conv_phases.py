@@ -65,6 +65,19 @@ Measured and not kept: channel blocks of 16-20 channels (the kernels ordered by 
 in memory between blocks) 1.06-1.11x alone but 0.68-0.75x (28 -> 14) and 0.96-1.02x (56 -> 28) in the model; plane
 rows stored per row block and channel contiguously (0.92x at 56 -> 28, 1.00x at 28 -> 14); prefetching more lines of
 a plane (every 1-4 lines: 0.89-1.05x).
+
+Where the stride-2 layers' time goes (session 18, h6; Zen 5, 1 thread, core 1; alone, real pruned weights, per-call
+minima, medians of 5 rounds): 56 -> 28 hot 0.288-0.292 ms, after a 64 MB eviction 0.348, evicted then only the output
+brought back 0.354-0.359, only the input 0.305-0.316, only the weights 0.342; in the pruned ResNet-50 0.290-0.302: the
+hot time (the input, the layer before's output, is in cache). 28 -> 14 hot 0.245, evicted 0.270-0.282, output back
+0.280-0.283, input 0.270-0.272, weights 0.276; in the model 0.274-0.282, the evicted time with no one part to blame.
+At stride 2 each kernel prefetches the weights and channel index of the kernel :data:`PHASE_WEIGHT_PREFETCH` ahead
+(64; 128 and 256 the same): in the pruned ResNet-50 (per-call minima, three interleaved runs of 9-11 rounds) 56 -> 28
+296.8-301.8 -> 288.6-292.9 us (1.02-1.04x; 35-36 -> 36-37% of 268 GFLOP/s), 28 -> 14 277.5-282.2 -> 263.3-272.7 us
+(1.035-1.054x; 38 -> 39-40%); the stride-1 layers 0.98-1.02x (56x56, 14x14): off there. Not kept: the output lines of
+the filter 1 or 2 ahead prefetched for writing (as the 7x7 shifted-rows kernel does) 56 -> 28 1.01-1.02x, 28 -> 14
+0.97-0.98x, stride 1 0.97-1.00x; the input rows the next row block adds prefetched (prefetcht1) while a block's planes
+are built 0.95x / 0.98x.
 """
 
 from __future__ import annotations
@@ -79,7 +92,7 @@ from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr, fkw_ar
 from .pattern_conv_2x2 import thread_filters
 
 __all__ = ["PHASE_LIFTED", "PHASE_LIFTED_TILE_VECTORS", "PHASE_PLANE_SIZES",
-           "PHASE_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply", "phase_planes_tile",
+           "PHASE_PREFETCH", "PHASE_WEIGHT_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply", "phase_planes_tile",
            "pattern_conv_phases_primfunc"]
 
 _LANES = 16
@@ -88,6 +101,9 @@ _MAX_LIFTED_VECTORS = 14  # ... lifted rows of exactly ceil(W / 16) vectors (see
 # Each kernel prefetches, for the kernel this many ahead (its channel is gathered: the hardware prefetcher cannot
 # follow), the first line of the row block of each phase plane its pattern reads (0: none)
 PHASE_PREFETCH = 4
+# stride -> each kernel prefetches the weights and channel index of the kernel this many ahead (0 or absent: none):
+# inside a model a layer's weights stream from beyond the L3 (ResNet-50's ~70 MB). Measured in the module docstring.
+PHASE_WEIGHT_PREFETCH = {2: 64}
 # Stride-1 plane rows of at least 2 vectors are stored lifted: lane j of vector i is column vectors * j + i, so a
 # side tap of vector i is vector i -+ 1 of the row (an aligned load) and only the first (last) vector's one valignd of
 # the last (first) vector with zeros, instead of one valignd of two adjacent vectors for every vector (LLVM made half
@@ -306,6 +322,10 @@ def pattern_conv_phases_primfunc(spec: PatternConvSpec, threads: int = 1, lanes:
                                 return zeros
                             return planes[tirx.Ramp(base + source * plane + row * pitch + v * lanes, 1, lanes)]
 
+                        if PHASE_WEIGHT_PREFETCH.get(stride, 0):  # a later kernel's weights and channel
+                            later = tirx.min(k + PHASE_WEIGHT_PREFETCH[stride], spec.n_kernels - 1)
+                            for address in (tirx.address_of(values[later, 0]), tirx.address_of(channels[later])):
+                                T.evaluate(tirx.call_intrin("void", "tirx.prefetch", address, 0, 3, 1))
                         if PHASE_PREFETCH:  # the first line of the block of each plane this pattern reads, ahead
                             ahead = tirx.min(k + PHASE_PREFETCH, spec.n_kernels - 1)
                             later = (channels[ahead] * count * plane if fused
