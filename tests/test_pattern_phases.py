@@ -189,7 +189,8 @@ def test_stride_2_kernels_prefetch_later_weights():
     ahead besides its plane lines; stride-1 kernels only their plane lines. The results are checked by the
     onnx.reference tests above (batch 2, odd channels, 1-3 threads)."""
     def prefetches(spec):
-        return [line.strip() for line in pattern_conv_phases_primfunc(spec).script().splitlines() if "T.prefetch" in line]
+        lines = pattern_conv_phases_primfunc(spec).script().splitlines()
+        return [line.strip() for line in lines if "T.prefetch" in line]
 
     spec = _spec((1, 8, 56, 56))
     stride2, stride1 = prefetches(spec), prefetches(_spec((1, 8, 56, 56), stride=1))
