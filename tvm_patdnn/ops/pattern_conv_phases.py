@@ -91,8 +91,8 @@ from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr, fkw_arguments
 from .pattern_conv_2x2 import thread_filters
 
-__all__ = ["PHASE_LIFTED", "PHASE_LIFTED_TILE_VECTORS", "PHASE_PLANE_SIZES",
-           "PHASE_PREFETCH", "PHASE_WEIGHT_PREFETCH", "PHASE_TILE_VECTORS", "phase_planes_apply", "phase_planes_tile",
+__all__ = ["PHASE_LIFTED", "PHASE_LIFTED_TILE_VECTORS", "PHASE_PLANE_SIZES", "PHASE_PREFETCH", "PHASE_WEIGHT_PREFETCH",
+           "PHASE_TILE_VECTORS", "gathered_windows", "phase_planes_apply", "phase_planes_tile",
            "pattern_conv_phases_primfunc"]
 
 _LANES = 16
@@ -181,19 +181,27 @@ def _windows(w_: int, vectors: int, out_width: int, stride: int) -> dict:
                        else [v * lanes + i for i in range(lanes)])
             wanted = ([q if 0 <= q < w_ and x <= out_width else None for x, q in ((x, 2 * x + b - 1) for x in columns)]
                       if stride == 2 else [x if x < w_ else None for x in columns])
-            windows = []
-            for q in sorted(q for q in wanted if q is not None):
-                if not windows or q >= windows[-1] + lanes:
-                    windows.append(max(0, min(q, w_ - lanes)))
-            index = []
-            for q in wanted:
-                if q is None:
-                    index.append(len(windows) * lanes)
-                else:
-                    w = max(i for i, start in enumerate(windows) if start <= q)
-                    index.append(w * lanes + q - windows[w])
-            starts_of[b, v] = (windows, index)
+            starts_of[b, v] = gathered_windows(wanted, w_, lanes)
     return starts_of
+
+
+def gathered_windows(wanted: list, total: int, lanes: int) -> tuple[list[int], list[int]]:
+    """How one vector gathers its ``lanes`` values from a row of ``total`` floats: ``wanted[i]`` is the position
+    lane i takes (None: zero). Returns the starts of the fewest whole-vector loads (inside the row) that cover
+    them and each lane's index into those loads followed by a zero vector (index ``lanes`` x the loads: zero),
+    the operands of one shuffle."""
+    windows = []
+    for q in sorted(q for q in wanted if q is not None):
+        if not windows or q >= windows[-1] + lanes:
+            windows.append(max(0, min(q, total - lanes)))
+    index = []
+    for q in wanted:
+        if q is None:
+            index.append(len(windows) * lanes)
+        else:
+            w = max(i for i, start in enumerate(windows) if start <= q)
+            index.append(w * lanes + q - windows[w])
+    return windows, index
 
 
 def _pad_row(source, planes, channel, y, destination, h_, w_, total: int, vectors: int, starts_of, stride: int):

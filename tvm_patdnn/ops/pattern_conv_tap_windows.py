@@ -45,6 +45,7 @@ from tvm.script.ir_builder import tirx as T
 from ..errors import PatDNNError
 from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr
+from .pattern_conv_phases import gathered_windows
 from .pattern_conv_shifted_rows import _output_vectors
 
 __all__ = ["TAP_WINDOW_BLOCK", "TAP_WINDOW_PREFETCH", "TAP_WINDOW_SIZES", "tap_windows_apply", "tap_windows_weights",
@@ -138,18 +139,7 @@ def _window_vectors(side: int, stride: int) -> dict:
                     row, column = stride * y + dy - 1, stride * x + dx - 1
                     inside = y < 7 and x < 7 and 0 <= row < side and 0 <= column < side
                     wanted.append(row * side + column if inside else None)
-                windows = []
-                for at in sorted(at for at in wanted if at is not None):
-                    if not windows or at >= windows[-1] + lanes:
-                        windows.append(max(0, min(at, total - lanes)))
-                index = []
-                for at in wanted:
-                    if at is None:
-                        index.append(len(windows) * lanes)
-                    else:
-                        w = max(i for i, start in enumerate(windows) if start <= at)
-                        index.append(w * lanes + at - windows[w])
-                result[dy * 3 + dx, q] = (windows, index)
+                result[dy * 3 + dx, q] = gathered_windows(wanted, total, lanes)
     return result
 
 
