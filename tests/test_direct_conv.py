@@ -606,3 +606,39 @@ def test_small_wide_pointwise_in_a_model_matches_reference():
     x = rng.standard_normal((2, 512, 7, 7)).astype(np.float32)
     compiled = tvm_patdnn.compile(model, target, tuning_db=False)
     assert_close(compiled.run({"x": x})[0], reference_outputs(model, {"x": x})[0])
+
+
+def test_narrow_pointwise_rule():
+    """AVX-512 1x1s at 14x14 with <= 256 input channels and <= 64 filters (MobileNetV2's 192->64) take the 14 x 2 tile;
+    more channels (its 384->64), more filters, other sizes, or 8 / 4 lanes keep theirs."""
+    def layer(c, f, size):
+        return DenseConvSpec(batch=1, in_channels=c, height=size, width=size, out_channels=f, kernel=(1, 1))
+
+    avx512, avx2, neon = DenseConvRewrite(32, 16), DenseConvRewrite(16, 8), DenseConvRewrite(32, 4)
+    taken = [layer(192, 64, 14), layer(160, 48, 14)]
+    left = [layer(384, 64, 14), layer(192, 96, 14), layer(192, 64, 28), layer(192, 64, 7), layer(1024, 256, 14)]
+    assert [(k.pixel_tile, k.vectors) for k in map(avx512.default_kernel, taken)] == [(14, 2)] * 2
+    assert all(getattr(avx512.default_kernel(conv), "pixel_tile", 6) != 14 for conv in left)
+    assert all(avx512.default_kernel(conv) in avx512.candidates(conv) for conv in taken + left)
+    assert all(getattr(rules.default_kernel(conv), "pixel_tile", 6) != 14 for rules in (avx2, neon) for conv in taken)
+
+
+def test_narrow_pointwise_in_a_model_matches_reference():
+    """MobileNetV2's 192->64 projection at 14x14 (14 x 2 tile, weight stream) with a bias, a residual and a clip,
+    batch 2, against onnx.reference."""
+    target = resolve_target("x86")
+    rng = np.random.default_rng(22)
+    w = numpy_helper.from_array((rng.standard_normal((64, 192, 1, 1)) / np.sqrt(192)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"]), helper.make_node("Add", ["c", "skip"], ["s"]),
+         helper.make_node("Clip", ["s", "lo", "hi"], ["y"])],
+        "projection", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 192, 14, 14]),
+                       helper.make_tensor_value_info("skip", TensorProto.FLOAT, [2, 64, 14, 14])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64, 14, 14])],
+        [w, b, numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": rng.standard_normal((2, 192, 14, 14)).astype(np.float32),
+             "skip": rng.standard_normal((2, 64, 14, 14)).astype(np.float32)}
+    compiled = tvm_patdnn.compile(model, target, tuning_db=False)
+    assert_close(compiled.run(feeds)[0], reference_outputs(model, feeds)[0])

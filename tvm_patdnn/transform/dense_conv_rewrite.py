@@ -148,6 +148,16 @@ WIDE_POINTWISE_TILE = 12
 SMALL_WIDE_POINTWISE_PIXELS = 49
 SMALL_WIDE_POINTWISE_CHANNELS = 512
 SMALL_WIDE_POINTWISE_FILTERS = 320
+# ... and so do those at NARROW_POINTWISE_PIXELS (14x14) with at most NARROW_POINTWISE_CHANNELS input channels and at
+# most NARROW_POINTWISE_FILTERS filters, on NARROW_POINTWISE_TILE pixels x 2 vectors (14 divides 196: no ragged tile;
+# MobileNetV2's 192->64 at 14x14, 4.8 MFLOP: 6 x 4 tiles ran it at 66-67% of 268 GFLOP/s). Zen 5, 1 thread, core 1,
+# per-call minima in the dense MobileNetV2, interleaved, three runs of 8-12 rounds: 0.0219-0.0235 -> 0.0204-0.0209 ms
+# (1.07-1.15x, 73-78% of 268 GFLOP/s); 12 x 2 1.04-1.12x, 8 x 2 1.01-1.14x, 7 x 4 0.88-0.94x, 14 x 2 without the
+# weight stream 0.97-1.03x. Its 384->64 at 14x14 (79-82%) keeps 6 x 4.
+NARROW_POINTWISE_PIXELS = 196
+NARROW_POINTWISE_CHANNELS = 256
+NARROW_POINTWISE_FILTERS = 64
+NARROW_POINTWISE_TILE = 14
 # On AVX-512, 1x1 convs adding a residual that the rules put on the GEMM, with more than this many input channels,
 # run the direct kernel when the blocked layout takes their output (blocked_layout: then the epilogue stores whole
 # vectors), else they stay on the GEMM. Zen 5, 1 thread, core 0, per-call minima in the dense ResNet-50, interleaved
@@ -439,6 +449,9 @@ class DenseConvRewriter:
                     and spec.pixels <= SMALL_WIDE_POINTWISE_PIXELS and spec.in_channels >= SMALL_WIDE_POINTWISE_CHANNELS
                     and spec.out_channels <= SMALL_WIDE_POINTWISE_FILTERS):
                 kernel = dataclasses.replace(kernel, pixel_tile=WIDE_POINTWISE_TILE, vectors=min(2, kernel.vectors))
+            if (self.lanes >= 16 and spec.kernel == (1, 1) and spec.pixels == NARROW_POINTWISE_PIXELS
+                    and spec.in_channels <= NARROW_POINTWISE_CHANNELS and spec.out_channels <= NARROW_POINTWISE_FILTERS):
+                kernel = dataclasses.replace(kernel, pixel_tile=NARROW_POINTWISE_TILE, vectors=min(2, kernel.vectors))
             if (self.lanes >= 16 and spec.kernel != (1, 1) and spec.pixels <= PREFETCH_WEIGHT_PIXELS
                     and spec.in_channels > STEM_CHANNELS):
                 level = 2 if spec.pixels > L1_PREFETCH_WEIGHT_PIXELS else 3
