@@ -3,6 +3,8 @@ layer, batch 2, bias and ReLU on and off, 1 to 3 threads, on AVX2 and AVX-512 bu
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -228,6 +230,29 @@ def test_avx512_4x4_lane_shifts_match_the_onnx_reference(batch, channels, bias, 
     tap of up to 12 patterns, odd channel counts, batch 2, 1-3 threads."""
     conv = ConvSpec(33, connectivity=1.5 if channels > 1 else 1.0, bias=bias, relu=relu, n_patterns=patterns)
     _check({**AVX512, "num-cores": cores}, 16, batch, channels, 4, conv, seed=patterns * 3 + batch + channels)
+
+
+def test_avx512_7x7_threads_keep_the_tile_in_registers():
+    """Code generation only: the 2-thread 16-lane 7x7 build does not prefetch weights inside its kernel loop (in
+    the parallel body its tile is not a stack buffer, and with the prefetch LLVM stored all 16 accumulators every
+    kernel: 2x the 1-thread work), so no innermost FMA loop stores a zmm; the 1-thread build keeps the prefetch."""
+    rng = np.random.default_rng(2)
+    weight = pattern_weight(rng, 16, 16, 4, 1.5)
+    fkw = pack_fkw(weight, analyze_conv_weight(weight))
+    spec = PatternConvSpec.from_fkw(fkw, (1, 16, 7, 7), (1, 1), (1, 1, 1, 1), False, False, 16, 16)
+    weight_prefetches = [line for line in pattern_conv_shifted_rows_primfunc(spec, 1, 16).script().splitlines()
+                         if "T.prefetch" in line and line.endswith(", 0, 3, 1)")]
+    assert weight_prefetches
+    func = pattern_conv_shifted_rows_primfunc(spec, 2, 16).with_attr("global_symbol", "main")
+    assert "0, 3, 1)" not in func.script()
+    executable = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+    asm = (executable.mod.imports[0] if executable.mod.imports else executable.mod).inspect_source("asm").splitlines()
+    labels = {line[:-1]: i for i, line in enumerate(asm) if re.match(r"^\.LBB\S+:$", line)}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(asm)
+             if (m := re.match(r"\s+j\w+\s+(\.LBB\S+)", line)) and labels.get(m.group(1), i) < i]
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    bodies = [asm[a:b] for a, b in inner if any("vfmadd" in line for line in asm[a:b])]
+    assert bodies and not any(re.search(r"vmov\w+\s+%zmm\d+, .*\(", line) for body in bodies for line in body)
 
 
 def test_avx512_7x7_layers_prefetch_their_next_output_channels():

@@ -218,6 +218,9 @@ def _output_vectors(results, image: int, size: int, lanes: int):
 # 512x512 7x7 layers stream 1.47 MB of weights from DRAM in the model (its ~70 MB of weights outgrow the L3). Zen 5,
 # 1 thread, in the pruned ResNet-50 (per-call minima, two interleaved runs of 11 rounds): 7x7 1.16-1.33x, 14 -> 7
 # stride 2 1.08-1.15x (256 ahead the same); alone with the weights in cache 0.95-1.00x. 4x4 and 8x8 unmeasured: off.
+# One thread only: in a parallel body the 1 KB tile is not a stack buffer, and with the prefetch in the kernel loop LLVM
+# stored all 16 accumulators every kernel (the 2-thread build did 2.0-2.2x the 1-thread work on one core; session 18,
+# ResNet-50's 7x7 layers at 2 threads, `patdnn bench --profile`, three pairs of runs: 0.48-0.50 -> 0.33-0.40 ms).
 _WEIGHT_PREFETCH = 64
 
 # (lanes, output size) -> each filter prefetches, for writing, the output channel of the filter this many ahead (its
@@ -277,7 +280,7 @@ def pattern_conv_shifted_rows_primfunc(spec: PatternConvSpec, threads: int = 1, 
 
                 def accumulate(pattern, k, a: int) -> None:
                     base = (n * c_ + channels[k]) * planes * pixels
-                    if _WEIGHT_PREFETCH and size > image:
+                    if _WEIGHT_PREFETCH and size > image and threads == 1:
                         ahead = tirx.min(k + _WEIGHT_PREFETCH, kernels - 1)
                         for address in (tirx.address_of(values[ahead, 0]), tirx.address_of(channels[ahead])):
                             T.evaluate(tirx.call_intrin("void", "tirx.prefetch", address, 0, 3, 1))
