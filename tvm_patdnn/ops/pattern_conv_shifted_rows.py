@@ -63,6 +63,7 @@ from ..errors import PatDNNError
 from .activation import bias_relu
 from .pattern_conv import PATTERN_CONV_ATTR, PatternConvSpec, _spec_attr, fkw_arguments
 from .pattern_conv_2x2 import thread_filters
+from .pattern_conv_phases import gathered_windows
 
 __all__ = ["shifted_rows_apply", "pattern_conv_shifted_rows_primfunc"]
 
@@ -150,14 +151,6 @@ def _tap_rows(images, base, size: int, top: int, shift: int, lanes: int):
     return tirx.Shuffle(parts + [tirx.Broadcast(tirx.const(0.0, "float32"), lanes)], index)
 
 
-def _window(positions: list[int], total: int, lanes: int) -> int:
-    """The first of ``lanes`` consecutive floats of a ``total``-float plane that hold ``positions``."""
-    start = min(min(positions), total - lanes)
-    if start < 0 or max(positions) >= start + lanes:
-        raise ValueError(f"positions {min(positions)}-{max(positions)} do not fit one {lanes}-float window")
-    return start
-
-
 def _tap_source(dy: int, dx: int, stride: int) -> tuple[int, int, int]:
     """(phase plane, row offset, column offset) of tap (dy, dx): output pixel (y, x) reads the plane's pixel
     (y + row offset, x + column offset). Stride 1: the channel itself, offsets dy - 1, dx - 1. Stride 2
@@ -184,14 +177,7 @@ def _pad_channels(source, padded, channels: int, side: int, image: int, size: in
                 for i in range(lanes):
                     y, x = divmod(h * lanes + i, size)
                     wanted.append((stride * y + a) * side + stride * x + b if y < image and x < image else None)
-                starts = []
-                for q in sorted(q for q in wanted if q is not None):
-                    if not starts or q >= starts[-1] + lanes:
-                        starts.append(_window([q], total, lanes))
-                index = []
-                for q in wanted:
-                    w = None if q is None else max(w for w, start in enumerate(starts) if start <= q)
-                    index.append(len(starts) * lanes if q is None else w * lanes + q - starts[w])
+                starts, index = gathered_windows(wanted, total, lanes)
                 parts = [source[tirx.Ramp(c * total + start, 1, lanes)] for start in starts]
                 T.buffer_store(padded, tirx.Shuffle(parts + [zero], index),
                                [tirx.Ramp((c * planes + plane) * size * size + h * lanes, 1, lanes)])
